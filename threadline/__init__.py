@@ -1,0 +1,52 @@
+"""threadline: an audit trail for PostgreSQL apps that run background work on Celery.
+
+PostgreSQL triggers capture every row change; the actor and correlation context set here travels
+into each database transaction (and, through Celery, into workers), so every change knows who
+caused it and which request it belongs to.
+"""
+
+from threadline import ddl
+from threadline.actor import ActorRef
+from threadline.context import AuditContext, context, current, use_context
+from threadline.errors import (
+    InvalidActor,
+    InvalidContext,
+    InvalidTrackOption,
+    NoPrimaryKey,
+    SchemaError,
+    ThreadlineError,
+    TrackingError,
+    UnknownColumn,
+    UnknownTable,
+)
+from threadline.propagation.psycopg import (
+    ThreadlineConnection,
+    ThreadlineCursor,
+    apply_context,
+    transaction,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActorRef",
+    "AuditContext",
+    "InvalidActor",
+    "InvalidContext",
+    "InvalidTrackOption",
+    "NoPrimaryKey",
+    "SchemaError",
+    "ThreadlineConnection",
+    "ThreadlineCursor",
+    "ThreadlineError",
+    "TrackingError",
+    "UnknownColumn",
+    "UnknownTable",
+    "__version__",
+    "apply_context",
+    "context",
+    "current",
+    "ddl",
+    "transaction",
+    "use_context",
+]

@@ -1,0 +1,165 @@
+"""The audit context: who is acting and which request/job the work belongs to.
+
+The current :class:`AuditContext` lives in a :class:`contextvars.ContextVar`, so it follows the
+code through threads started with ``contextvars.copy_context()`` and through asyncio tasks, and
+nested use always restores the previous value exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from functools import cached_property
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
+from typing import Any, TypeVar, cast
+
+from threadline import codec
+from threadline.actor import ActorRef
+from threadline.errors import InvalidContext
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, eq=True)
+class AuditContext:
+    """Immutable audit context. Every field is optional.
+
+    - ``actor``: who acts (:class:`ActorRef`; ``"user:42"`` text is accepted and parsed).
+    - ``correlation_id``: the id shared by everything one request (or root job) caused.
+    - ``request_id``: the id of the web request that is being served.
+    - ``causation_id``: the id of the request or task that directly caused this unit of work.
+    - ``origin``: where the work runs (``web``, ``celery``, ``cli``, ``sql``...).
+    - ``job``: background-job details (task name, id, retries, parent/root ids).
+    - ``meta``: small, JSON-serialisable application data (default cap 4 KiB encoded).
+    """
+
+    actor: ActorRef | None = None
+    correlation_id: str | None = None
+    request_id: str | None = None
+    causation_id: str | None = None
+    origin: str | None = None
+    job: Mapping[str, Any] | None = None
+    meta: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actor", codec.check_actor(self.actor))
+        for name in codec.TEXT_FIELDS:
+            codec.check_text(name, getattr(self, name))
+        for name in codec.MAPPING_FIELDS:
+            plain = codec.check_mapping(name, getattr(self, name))
+            object.__setattr__(self, name, None if plain is None else MappingProxyType(plain))
+
+    def __hash__(self) -> int:
+        return hash(codec.dumps(codec.to_dict(self)))
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no field is set."""
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+    def merged(self, **changes: Any) -> AuditContext:
+        """A copy with ``changes`` layered on top (``None`` clears a field)."""
+        unknown = set(changes) - set(codec.ALL_FIELDS)
+        if unknown:
+            raise InvalidContext(sorted(unknown)[0], "is not an audit context field")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical dict form (see :mod:`threadline.codec`)."""
+        return codec.to_dict(self)
+
+    def to_json(self) -> str:
+        """The canonical JSON text (see :mod:`threadline.codec`)."""
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> str:
+        # Encoded once per context object: it is applied to every transaction opened under it.
+        return codec.encode(self)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> AuditContext:
+        """Parse and validate canonical JSON text."""
+        return codec.decode(text)
+
+
+EMPTY = AuditContext()
+_current: ContextVar[AuditContext] = ContextVar("threadline_context", default=EMPTY)
+
+
+def current() -> AuditContext:
+    """The audit context in force here (an empty context when none was set)."""
+    return _current.get()
+
+
+def set_current(ctx: AuditContext) -> Token[AuditContext]:
+    """Make ``ctx`` current and return the token that :func:`reset_current` takes.
+
+    Low-level: prefer :func:`context` or :func:`use_context`, which always restore.
+    """
+    if not isinstance(ctx, AuditContext):
+        raise TypeError(f"expected an AuditContext, got {type(ctx).__name__}")
+    return _current.set(ctx)
+
+
+def reset_current(token: Token[AuditContext]) -> None:
+    """Restore the context that was current before the matching :func:`set_current`."""
+    _current.reset(token)
+
+
+@contextmanager
+def use_context(ctx: AuditContext | None) -> Iterator[AuditContext]:
+    """Replace the current context with ``ctx`` (``None``: the empty one) for the block."""
+    token = set_current(EMPTY if ctx is None else ctx)
+    try:
+        yield current()
+    finally:
+        _current.reset(token)
+
+
+class context:  # noqa: N801 - used like a function: ``with threadline.context(...)``
+    """Layer fields over the current context, as a context manager or a decorator.
+
+    ``with threadline.context(actor=ActorRef.user("42"), correlation_id="req-1"): ...``
+
+    On exit (also on an exception) the previous context is restored exactly. As a decorator it
+    applies anew on every call, for plain and ``async`` functions alike. Fields are validated when
+    the layer is built, so a bad value fails here, not later at a database or broker boundary.
+    """
+
+    __slots__ = ("_changes", "_tokens")
+
+    def __init__(self, **fields: Any) -> None:
+        EMPTY.merged(**fields)  # validate now: fail where the bad value was written
+        self._changes = fields
+        self._tokens: list[Token[AuditContext]] = []
+
+    def __enter__(self) -> AuditContext:
+        ctx = _current.get().merged(**self._changes) if self._changes else _current.get()
+        self._tokens.append(_current.set(ctx))
+        return ctx
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __call__(self, func: F) -> F:
+        changes = self._changes
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with context(**changes):
+                    return await func(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with context(**changes):
+                return func(*args, **kwargs)
+
+        return cast(F, wrapper)

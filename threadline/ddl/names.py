@@ -1,0 +1,45 @@
+"""Names of the audit schema's objects and validation of user-supplied names."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from threadline.errors import SchemaError
+
+DEFAULT_SCHEMA = "threadline"
+CONTEXT_SETTING = "threadline.context"
+"""The transaction-local setting that carries the canonical context JSON into PostgreSQL."""
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+
+
+def check_schema_name(name: str) -> str:
+    """The audit schema's name must be a plain lowercase identifier (it also names settings)."""
+    if not isinstance(name, str) or not _SCHEMA_RE.match(name):
+        raise SchemaError(
+            f"audit schema name {name!r} is not allowed: use a lowercase identifier of at most "
+            "40 characters ([a-z_][a-z0-9_]*)"
+        )
+    return name
+
+
+def transaction_cache_setting(schema: str) -> str:
+    """Transaction-local setting caching this transaction's ``transactions.id``."""
+    return f"threadline.tx_{check_schema_name(schema)}"
+
+
+def context_cache_setting(schema: str) -> str:
+    """Transaction-local setting holding the context text the transaction row was built from."""
+    return f"threadline.txctx_{check_schema_name(schema)}"
+
+
+def capture_function_name(table_schema: str, table_name: str) -> str:
+    """Deterministic name of the generated capture function for one tracked table."""
+    digest = hashlib.sha256(f"{table_schema}\x00{table_name}".encode()).hexdigest()[:16]
+    return f"capture_{digest}"
+
+
+def trigger_name(audit_schema: str, op: str) -> str:
+    """Name of the capture trigger for one operation on a tracked table."""
+    return f"{check_schema_name(audit_schema)}_capture_{op}"

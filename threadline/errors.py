@@ -1,0 +1,54 @@
+"""Exception hierarchy for threadline.
+
+Every error threadline raises on purpose is a subclass of :class:`ThreadlineError`, so callers can
+catch the whole family with one ``except`` clause or pick out the specific case they handle.
+"""
+
+from __future__ import annotations
+
+
+class ThreadlineError(Exception):
+    """Base class of every error threadline raises on purpose."""
+
+
+class InvalidContext(ThreadlineError, ValueError):
+    """An audit context (or one of its fields) is malformed, too large or not encodable.
+
+    ``field`` names the offending field (``"actor"``, ``"correlation_id"``, ``"meta"``, ...).
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"invalid audit context field {field!r}: {problem}")
+
+
+class InvalidActor(InvalidContext):
+    """An actor reference is malformed (bad type, missing id, unparsable ``type:id`` text)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("actor", problem)
+
+
+class SchemaError(ThreadlineError):
+    """The audit schema is missing, too old, or its name is not acceptable."""
+
+
+class TrackingError(ThreadlineError):
+    """A table cannot be tracked or untracked as asked."""
+
+
+class UnknownTable(TrackingError):
+    """The named table does not exist (or is not a plain or partitioned table)."""
+
+
+class NoPrimaryKey(TrackingError):
+    """The table has no primary key and no key columns were given."""
+
+
+class UnknownColumn(TrackingError):
+    """A column named in an option does not exist on the table."""
+
+
+class InvalidTrackOption(TrackingError):
+    """Tracking options contradict each other or target the audit tables themselves."""

@@ -1,0 +1,1 @@
+"""Carriers that move the audit context across boundaries (database, Celery, web, threads)."""

@@ -1,0 +1,253 @@
+"""The context → PostgreSQL bridge for psycopg 3.
+
+Every transaction that should carry the current :class:`~threadline.context.AuditContext` runs
+``SELECT set_config('threadline.context', <canonical json>, true)``: a transaction-local setting
+that the capture trigger reads once, that vanishes at commit or rollback, and that is therefore
+safe behind PgBouncer's transaction pooling.
+
+Two ways to use it:
+
+- ``with threadline.transaction(conn): ...`` (or ``async with`` for an ``AsyncConnection``)
+  opens a transaction (a savepoint when nested) and applies the current context to it.
+- Automatic mode: connect with :class:`ThreadlineConnection` (``ThreadlineConnection.connect(dsn)``
+  or ``ConnectionPool(dsn, connection_class=ThreadlineConnection)``). Every transaction begun while
+  a context is active carries it, whether it was opened implicitly by ``execute()`` or with
+  ``conn.transaction()``. An implicit transaction's ``BEGIN`` and ``set_config`` travel in one
+  message, so it costs no extra network round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.rows import Row
+
+from threadline.context import AuditContext, current
+from threadline.ddl.names import CONTEXT_SETTING
+
+SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
+_IDLE = pq.TransactionStatus.IDLE
+_INTRANS = pq.TransactionStatus.INTRANS
+
+
+def context_payload(ctx: AuditContext | None = None) -> str:
+    """The setting's value for ``ctx`` (default: the current context); ``""`` when empty."""
+    ctx = current() if ctx is None else ctx
+    return "" if ctx.is_empty else ctx.to_json()
+
+
+def apply_context(conn: psycopg.Connection[Any], ctx: AuditContext | None = None) -> None:
+    """Set ``ctx`` (default: the current context) on the transaction open on ``conn``.
+
+    Must be called inside a transaction; in autocommit mode outside a transaction block the
+    setting would end with its own statement, so that is refused.
+    """
+    if conn.info.transaction_status != _INTRANS:
+        raise psycopg.ProgrammingError(
+            "apply_context() needs an open transaction: use threadline.transaction(conn)"
+        )
+    psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload(ctx)])
+
+
+async def apply_context_async(conn: psycopg.AsyncConnection[Any], ctx: AuditContext | None = None) -> None:
+    """Async twin of :func:`apply_context`."""
+    if conn.info.transaction_status != _INTRANS:
+        raise psycopg.ProgrammingError(
+            "apply_context_async() needs an open transaction: use threadline.transaction(conn)"
+        )
+    await psycopg.AsyncCursor(conn).execute(SET_CONTEXT_SQL, [context_payload(ctx)])
+
+
+class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
+    """Open a transaction (a savepoint when nested) that carries the current audit context.
+
+    ``with threadline.transaction(conn) as tx:`` for a :class:`psycopg.Connection`;
+    ``async with threadline.transaction(aconn) as tx:`` for a :class:`psycopg.AsyncConnection`.
+    Arguments and the yielded object are those of ``conn.transaction()``. On a plain connection
+    the context costs one extra statement; on a :class:`ThreadlineConnection` it is applied by the
+    connection itself.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+        savepoint_name: str | None = None,
+        force_rollback: bool = False,
+    ) -> None:
+        self._conn = conn
+        self._args = (savepoint_name, force_rollback)
+        self._sync: contextlib.AbstractContextManager[Any] | None = None
+        self._async: contextlib.AbstractAsyncContextManager[Any] | None = None
+
+    def __enter__(self) -> psycopg.Transaction:
+        conn = self._conn
+        if not isinstance(conn, psycopg.Connection):
+            raise TypeError("use `async with threadline.transaction(conn)` for an AsyncConnection")
+        self._sync = conn.transaction(*self._args)
+        tx = self._sync.__enter__()
+        if not isinstance(conn, ThreadlineConnection):
+            try:
+                apply_context(conn)
+            except BaseException as exc:
+                self._sync.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+        return tx  # type: ignore[no-any-return]
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._sync is not None
+        return self._sync.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> psycopg.AsyncTransaction:
+        conn = self._conn
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise TypeError("use `with threadline.transaction(conn)` for a synchronous Connection")
+        self._async = conn.transaction(*self._args)
+        tx = await self._async.__aenter__()
+        try:
+            await apply_context_async(conn)
+        except BaseException as exc:
+            await self._async.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return tx  # type: ignore[no-any-return]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._async is not None
+        return await self._async.__aexit__(exc_type, exc, tb)
+
+
+class ThreadlineCursor(psycopg.Cursor[Row]):
+    """Cursor of a :class:`ThreadlineConnection`: applies the context before each statement."""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> ThreadlineCursor[Row]:
+        """Like :meth:`psycopg.Cursor.execute`, with the current context applied first."""
+        conn = self.connection
+        if isinstance(conn, ThreadlineConnection) and conn._needs_pipeline():
+            with conn.pipeline():
+                psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload()])
+                super().execute(query, params, **kwargs)
+            return self
+        if isinstance(conn, ThreadlineConnection):
+            conn._prepare_statement()
+        super().execute(query, params, **kwargs)
+        return self
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        """Like :meth:`psycopg.Cursor.executemany`, with the current context applied first."""
+        conn = self.connection
+        if isinstance(conn, ThreadlineConnection):
+            conn._prepare_statement(allow_autocommit=False)
+        super().executemany(query, params_seq, **kwargs)
+
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Row]:
+        """Like :meth:`psycopg.Cursor.stream`, with the current context applied first."""
+        conn = self.connection
+        if isinstance(conn, ThreadlineConnection):
+            conn._prepare_statement(allow_autocommit=False)
+        return super().stream(query, params, **kwargs)
+
+    @contextlib.contextmanager
+    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[psycopg.Copy]:
+        """Like :meth:`psycopg.Cursor.copy`, with the current context applied first."""
+        conn = self.connection
+        if isinstance(conn, ThreadlineConnection):
+            conn._prepare_statement(allow_autocommit=False)
+        with super().copy(statement, params, **kwargs) as copy:
+            yield copy
+
+
+class ThreadlineConnection(psycopg.Connection[Row]):
+    """A psycopg connection whose every transaction carries the current audit context.
+
+    - An implicit transaction (the first ``execute()`` outside a transaction) starts with one
+      message holding ``BEGIN`` and ``set_config``: no extra round trip.
+    - Inside ``conn.transaction()`` (or when the context changed mid-transaction) the context is
+      set by one ``set_config`` before the next statement, once per transaction.
+    - In autocommit mode the ``set_config`` is pipelined with each statement.
+    - With no context active nothing is sent. Nothing outlives a transaction, so a connection
+      returned to a pool never carries a previous request's context.
+
+    Do not issue ``BEGIN``/``COMMIT``/``ROLLBACK TO`` as SQL text on it: use ``commit()``,
+    ``rollback()`` and ``transaction()``, which the connection watches.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = ThreadlineCursor
+        self._applied: AuditContext | None = None
+
+    # -- transaction boundaries ------------------------------------------------------------
+    def commit(self) -> None:
+        """Commit, forgetting the context applied to the finished transaction."""
+        self._applied = None
+        super().commit()
+
+    def rollback(self) -> None:
+        """Roll back, forgetting the context applied to the finished transaction."""
+        self._applied = None
+        super().rollback()
+
+    @contextlib.contextmanager
+    def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> Iterator[psycopg.Transaction]:
+        """Like :meth:`psycopg.Connection.transaction`; the context is applied on first use."""
+        outer = self.pgconn.transaction_status == _IDLE
+        if outer:
+            self._applied = None
+        tx: psycopg.Transaction | None = None
+        try:
+            with super().transaction(savepoint_name, force_rollback) as tx:
+                yield tx
+        finally:
+            # A rolled-back savepoint also undid any set_config made inside it.
+            rolled_back = tx is None or tx.status not in (
+                psycopg.Transaction.Status.ACTIVE,
+                psycopg.Transaction.Status.COMMITTED,
+            )
+            if outer or rolled_back:
+                self._applied = None
+
+    # -- applying the context ----------------------------------------------------------------
+    def _needs_pipeline(self) -> bool:
+        return self.autocommit and self.pgconn.transaction_status == _IDLE and not current().is_empty
+
+    def _prepare_statement(self, allow_autocommit: bool = True) -> None:
+        """Make sure the transaction the next statement runs in carries the current context."""
+        ctx = current()
+        status = self.pgconn.transaction_status
+        if status == _IDLE:
+            self._applied = None
+            if ctx.is_empty or self.autocommit:
+                return
+            psycopg.ClientCursor(self).execute(self._begin_statement_sql() + "; " + SET_CONTEXT_SQL, [ctx.to_json()])
+            self._applied = ctx
+        elif status == _INTRANS and self._applied != ctx:
+            if ctx.is_empty and self._applied is None:
+                return
+            psycopg.Cursor(self).execute(SET_CONTEXT_SQL, [context_payload(ctx)])
+            self._applied = ctx
+
+    def _begin_statement_sql(self) -> str:
+        parts = ["BEGIN"]
+        if self.isolation_level is not None:
+            parts.append("ISOLATION LEVEL " + self.isolation_level.name.replace("_", " "))
+        if self.read_only is not None:
+            parts.append("READ ONLY" if self.read_only else "READ WRITE")
+        if self.deferrable is not None:
+            parts.append("DEFERRABLE" if self.deferrable else "NOT DEFERRABLE")
+        return " ".join(parts)
