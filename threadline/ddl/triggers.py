@@ -41,6 +41,11 @@ MASK_PLACEHOLDER = "[masked]"
 
 OPS = ("insert", "update", "delete", "truncate")
 _ROW_NUMBER = "threadline rn"
+# Aliases in the generated SQL; they cannot collide with a column because those names are refused.
+_OLD = "threadline old"
+_NEW = "threadline new"
+_ROW = "threadline row"
+_RESERVED = (_ROW_NUMBER, _OLD, _NEW, _ROW)
 _NEW_TABLE = "threadline_new"
 _OLD_TABLE = "threadline_old"
 
@@ -270,8 +275,9 @@ def plan_capture(
         )
     columns = _columns(conn, table_schema, table_name)
     known = {c.name for c in columns}
-    if _ROW_NUMBER in known:
-        raise InvalidTrackOption(f"a column named {_ROW_NUMBER!r} is reserved by threadline")
+    reserved = sorted(known.intersection(_RESERVED))
+    if reserved:
+        raise InvalidTrackOption(f"column name(s) {reserved} are reserved by threadline")
     excl, masked, key_names = _names(exclude), _names(mask), _names(keys)
     for option, names in (("--exclude", excl), ("--mask", masked), ("--keys", key_names)):
         missing = [n for n in names if n not in known]
@@ -319,7 +325,7 @@ def _col(alias: str, name: str) -> sql.Composable:
 def _distinct(plan_col: Column, negate: bool = False) -> sql.Composable:
     """``o.c IS [NOT] DISTINCT FROM n.c`` (compared as text for types without equality)."""
     op = sql.SQL("IS NOT DISTINCT FROM" if negate else "IS DISTINCT FROM")
-    old, new = _col("o", plan_col.name), _col("n", plan_col.name)
+    old, new = _col(_OLD, plan_col.name), _col(_NEW, plan_col.name)
     if not plan_col.comparable:
         old = sql.SQL("{}::text").format(old)
         new = sql.SQL("{}::text").format(new)
@@ -357,24 +363,27 @@ def _update_statement(plan: CapturePlan, head: sql.Composable) -> sql.Composable
             sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c), _lit(c.name)) for c in tracked
         )
     )
-    before: sql.Composable = sql.SQL("(to_jsonb(o) - {}::text[] - {})").format(
-        _lit([_ROW_NUMBER, *plan.exclude]), unchanged
+    before: sql.Composable = sql.SQL("(to_jsonb({}) - {}::text[] - {})").format(
+        sql.Identifier(_OLD), _lit([_ROW_NUMBER, *plan.exclude]), unchanged
     )
     for m in plan.mask:
         col = next(c for c in plan.columns if c.name == m)
         before = sql.SQL("({} || CASE WHEN {} THEN {}::jsonb ELSE '{{}}'::jsonb END)").format(
             before, _distinct(col), _lit(json.dumps({m: MASK_PLACEHOLDER}))
         )
-    side = "SELECT row_number() OVER () AS {rn}, t.* FROM {tbl} AS t"
+    side = "SELECT row_number() OVER () AS {rn}, {row}.* FROM {tbl} AS {row}"
     return sql.SQL(
         "{head}, 'update', {pk}, {after}, {before}, {changed}\n"
-        "      FROM (" + side + ") AS o\n"
-        "      JOIN (" + side.replace("{tbl}", "{tbl2}") + ") AS n ON o.{rn} = n.{rn}\n"
+        "      FROM (" + side + ") AS {old}\n"
+        "      JOIN (" + side.replace("{tbl}", "{tbl2}") + ") AS {new} ON {old}.{rn} = {new}.{rn}\n"
         "     WHERE {any_changed};"
     ).format(
         head=head,
-        pk=_pk(plan, "n"),
-        after=_image(plan, "n", [_ROW_NUMBER]),
+        pk=_pk(plan, _NEW),
+        after=_image(plan, _NEW, [_ROW_NUMBER]),
+        old=sql.Identifier(_OLD),
+        new=sql.Identifier(_NEW),
+        row=sql.Identifier(_ROW),
         before=before,
         changed=changed,
         rn=sql.Identifier(_ROW_NUMBER),
@@ -394,11 +403,11 @@ def _function_body(plan: CapturePlan) -> str:
     body = sql.SQL(
         "\nBEGIN\n"
         "  IF TG_OP = 'INSERT' THEN\n"
-        "    {ins_head}, 'insert', {ins_pk}, {ins_after}\n      FROM {new} AS n;\n"
+        "    {ins_head}, 'insert', {ins_pk}, {ins_after}\n      FROM {new} AS {new_alias};\n"
         "  ELSIF TG_OP = 'UPDATE' THEN\n"
         "    {upd}\n"
         "  ELSIF TG_OP = 'DELETE' THEN\n"
-        "    {del_head}, 'delete', {del_pk}, {del_before}\n      FROM {old} AS o;\n"
+        "    {del_head}, 'delete', {del_pk}, {del_before}\n      FROM {old} AS {old_alias};\n"
         "  ELSIF TG_OP = 'TRUNCATE' THEN\n"
         "    INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op)\n"
         "    VALUES ({audit}.transaction_id(), {s}, {t}, 'truncate');\n"
@@ -407,16 +416,18 @@ def _function_body(plan: CapturePlan) -> str:
         "END\n"
     ).format(
         ins_head=insert_into.format(audit, sql.SQL("after"), audit, *where),
-        ins_pk=_pk(plan, "n"),
-        ins_after=_image(plan, "n"),
+        ins_pk=_pk(plan, _NEW),
+        ins_after=_image(plan, _NEW),
+        new_alias=sql.Identifier(_NEW),
+        old_alias=sql.Identifier(_OLD),
         new=sql.Identifier(_NEW_TABLE),
         upd=_update_statement(
             plan,
             insert_into.format(audit, sql.SQL("after, before, changed_fields"), audit, *where),
         ),
         del_head=insert_into.format(audit, sql.SQL("before"), audit, *where),
-        del_pk=_pk(plan, "o"),
-        del_before=_image(plan, "o"),
+        del_pk=_pk(plan, _OLD),
+        del_before=_image(plan, _OLD),
         old=sql.Identifier(_OLD_TABLE),
         audit=audit,
         s=where[0],

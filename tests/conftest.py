@@ -1,0 +1,88 @@
+"""Shared fixtures: a throw-away PostgreSQL database per test session, with the audit schema."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import threadline
+from threadline import ddl
+
+ADMIN_DSN = os.environ.get("THREADLINE_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _dsn_for(dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[str]:
+    """DSN of a fresh database, created for this session and dropped after it."""
+    name = f"threadline_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(ADMIN_DSN, autocommit=True)
+    except psycopg.OperationalError as exc:  # never skip silently: the core suite needs it
+        pytest.exit(f"PostgreSQL is not reachable at {ADMIN_DSN}: {exc}", returncode=3)
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _dsn_for(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ddl.install(conn)
+    try:
+        yield dsn
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def dsn(database: str) -> Iterator[str]:
+    """The session database, with empty audit tables and a fresh ``app`` schema for the test."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("TRUNCATE threadline.changes, threadline.transactions, threadline.actions")
+        conn.execute("DROP SCHEMA IF EXISTS app CASCADE")
+        conn.execute("CREATE SCHEMA app")
+    yield psycopg.conninfo.make_conninfo(database, options="-c search_path=app,public")
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to the test database (search_path ``app, public``)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+def changes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """All captured changes joined with their transaction, oldest first."""
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(
+        """
+        SELECT c.*, t.actor, t.correlation_id, t.request_id, t.causation_id, t.origin, t.job,
+               t.meta, t.context_error, t.xid
+          FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id
+         ORDER BY c.id
+        """
+    ).fetchall()
+
+
+def transactions(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """All transaction rows, oldest first."""
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute("SELECT * FROM threadline.transactions ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def posts(conn: psycopg.Connection[Any]) -> str:
+    """A tracked table ``app.posts``."""
+    conn.execute(
+        "CREATE TABLE app.posts (id int PRIMARY KEY, title text, body text, secret text, "
+        "views int DEFAULT 0)"
+    )
+    threadline.ddl.track(conn, "app.posts")
+    return "app.posts"

@@ -1,0 +1,287 @@
+"""What the capture triggers record, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+import threadline
+from threadline import ActorRef, ddl
+from threadline.errors import InvalidTrackOption, NoPrimaryKey, UnknownColumn, UnknownTable
+
+from .conftest import changes, transactions
+
+Conn = psycopg.Connection[Any]
+
+
+def test_insert_update_delete_truncate_are_recorded(conn: Conn, posts: str) -> None:
+    with conn.transaction():
+        conn.execute("INSERT INTO app.posts (id, title, body) VALUES (1, 'a', 'b')")
+    with conn.transaction():
+        conn.execute("UPDATE app.posts SET title = 'A' WHERE id = 1")
+    with conn.transaction():
+        conn.execute("DELETE FROM app.posts WHERE id = 1")
+    with conn.transaction():
+        conn.execute("INSERT INTO app.posts (id, title) VALUES (2, 'z')")
+        conn.execute("TRUNCATE app.posts")
+    rows = changes(conn)
+    assert [r["op"] for r in rows] == ["insert", "update", "delete", "insert", "truncate"]
+    ins, upd, dele, _, trunc = rows
+    full = {"id": 1, "title": "a", "body": "b", "secret": None, "views": 0}
+    assert ins["pk"] == {"id": 1} and ins["after"] == full and ins["before"] is None
+    assert upd["after"] == {**full, "title": "A"}
+    assert upd["before"] == {"title": "a"} and upd["changed_fields"] == ["title"]
+    assert dele["before"] == {**full, "title": "A"} and dele["after"] is None
+    assert (trunc["table_schema"], trunc["table_name"], trunc["pk"]) == ("app", "posts", None)
+    assert len(transactions(conn)) == 4
+
+
+def test_update_that_changes_nothing_is_not_recorded(conn: Conn, posts: str) -> None:
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'a')")
+    conn.execute("UPDATE app.posts SET title = 'a' WHERE id = 1")
+    conn.execute("UPDATE app.posts SET title = 'b' WHERE id = 999")
+    assert [r["op"] for r in changes(conn)] == ["insert"]
+    assert len(transactions(conn)) == 1  # no transaction row for transactions without changes
+
+
+def test_excluded_columns_never_appear_and_masked_show_a_placeholder(conn: Conn) -> None:
+    conn.execute("CREATE TABLE app.users (id int PRIMARY KEY, email text, pw text, token text)")
+    ddl.track(conn, "app.users", exclude=["pw"], mask=["token"])
+    conn.execute("INSERT INTO app.users VALUES (1, 'a@x', 'hash1', 'tok1')")
+    conn.execute("UPDATE app.users SET pw = 'hash2'")  # excluded only: not an update
+    conn.execute("UPDATE app.users SET token = 'tok2'")
+    conn.execute("UPDATE app.users SET email = 'b@x'")
+    conn.execute("DELETE FROM app.users")
+    rows = changes(conn)
+    assert [r["op"] for r in rows] == ["insert", "update", "update", "delete"]
+    text = repr(rows)
+    assert "hash" not in text and "tok1" not in text and "tok2" not in text and "pw" not in text
+    ins, tok, email, dele = rows
+    assert ins["after"] == {"id": 1, "email": "a@x", "token": "[masked]"}
+    assert tok["changed_fields"] == ["token"] and tok["before"] == {"token": "[masked]"}
+    assert email["before"] == {"email": "a@x"} and "token" not in email["before"]
+    assert dele["before"] == {"id": 1, "email": "b@x", "token": "[masked]"}
+
+
+def test_one_transaction_row_per_transaction_with_its_context(conn: Conn, posts: str) -> None:
+    with threadline.context(actor=ActorRef.user("42"), correlation_id="req-1", origin="web"):
+        with threadline.transaction(conn):
+            conn.execute("INSERT INTO app.posts (id) SELECT g FROM generate_series(1, 3) g")
+            conn.execute("UPDATE app.posts SET views = views + 1")
+            conn.execute("DELETE FROM app.posts WHERE id = 3")
+    rows = changes(conn)
+    assert len(rows) == 7 and len({r["transaction_id"] for r in rows}) == 1
+    (tx,) = transactions(conn)
+    assert tx["actor"] == {"type": "user", "id": "42"}
+    assert (tx["correlation_id"], tx["origin"], tx["context_error"]) == ("req-1", "web", None)
+
+
+def test_rollback_leaves_nothing_and_savepoint_rollback_removes_only_its_changes(
+    conn: Conn, posts: str
+) -> None:
+    with pytest.raises(ZeroDivisionError), conn.transaction():
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+        raise ZeroDivisionError
+    assert changes(conn) == [] and transactions(conn) == []
+
+    with conn.transaction():
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+            conn.execute("INSERT INTO app.posts (id) VALUES (2)")
+            conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+        conn.execute("INSERT INTO app.posts (id) VALUES (3)")
+    assert [r["pk"]["id"] for r in changes(conn)] == [1, 3]
+    assert len(transactions(conn)) == 1
+
+    # transaction row created inside a rolled-back savepoint: the next write makes a new one
+    with conn.transaction():
+        with pytest.raises(ZeroDivisionError), conn.transaction():
+            conn.execute("INSERT INTO app.posts (id) VALUES (10)")
+            raise ZeroDivisionError
+        conn.execute("INSERT INTO app.posts (id) VALUES (11)")
+    assert [r["pk"]["id"] for r in changes(conn)] == [1, 3, 11]
+    assert len(transactions(conn)) == 2
+
+
+def test_context_set_after_the_first_write_wins(conn: Conn, posts: str) -> None:
+    with conn.transaction():
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+        with threadline.context(actor="user:late", correlation_id="late-1"):
+            threadline.apply_context(conn)
+        conn.execute("INSERT INTO app.posts (id) VALUES (2)")
+    (tx,) = transactions(conn)
+    assert tx["actor"] == {"type": "user", "id": "late"} and tx["correlation_id"] == "late-1"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json at all",
+        '{"v":1,"actor":{"type":"user"}}',
+        '{"v":1,"actor":{"type":"Robert\'); DROP TABLE app.posts;--","id":"1"}}',
+        '{"v":1,"actor":"user:1"}',
+        '{"v":1,"actor":{"type":"user","id":"1","admin":true}}',
+        '{"v":9,"actor":{"type":"user","id":"1"}}',
+        '{"actor":{"type":"user","id":"1"}}',
+        '{"v":1,"correlation_id":"' + "x" * 300 + '"}',
+        '{"v":1,"correlation_id":"a\\u0000b"}',
+        '{"v":1,"meta":[1,2]}',
+        '[{"v":1}]',
+        "x" * 20000,
+    ],
+)
+def test_malformed_context_never_blocks_the_write_and_is_recorded_invalid(
+    conn: Conn, posts: str, raw: str
+) -> None:
+    with conn.transaction():
+        conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+    (tx,) = transactions(conn)
+    assert tx["context_error"], tx
+    assert tx["actor"] is None and tx["correlation_id"] is None
+    assert conn.execute("SELECT count(*) FROM app.posts").fetchone() == (1,)
+
+
+def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:
+    with threadline.context(actor="user:victim"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+    (victim,) = transactions(conn)
+    with conn.transaction():
+        conn.execute("SELECT set_config('threadline.tx_threadline', %s, true)", [str(victim["id"])])
+        conn.execute("INSERT INTO app.posts (id) VALUES (2)")
+    rows = changes(conn)
+    assert rows[1]["transaction_id"] != victim["id"] and rows[1]["actor"] is None
+
+
+def test_composite_keys_and_primary_key_changes(conn: Conn) -> None:
+    conn.execute("CREATE TABLE app.lines (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no) DEFERRABLE)")
+    ddl.track(conn, "lines")
+    conn.execute("INSERT INTO app.lines VALUES (1, 1, 5), (1, 2, 6)")
+    # swap the two keys in one statement: pairing by key would mix the rows up
+    conn.execute("UPDATE app.lines SET line_no = 3 - line_no")
+    rows = [r for r in changes(conn) if r["op"] == "update"]
+    got = sorted(((r["before"], r["after"]) for r in rows), key=repr)
+    assert got == [
+        ({"line_no": 1}, {"order_id": 1, "line_no": 2, "qty": 5}),
+        ({"line_no": 2}, {"order_id": 1, "line_no": 1, "qty": 6}),
+    ]
+    assert all(r["pk"] == {"order_id": 1, "line_no": r["after"]["line_no"]} for r in rows)
+
+
+def test_bulk_statement_pairs_every_row(conn: Conn) -> None:
+    # columns named like the aliases a careless generator would use
+    conn.execute("CREATE TABLE app.big (id int PRIMARY KEY, n int, o int, t int, label text)")
+    conn.execute("INSERT INTO app.big SELECT g, g, 0, 0, 'x' || g FROM generate_series(1, 5000) g")
+    ddl.track(conn, "big")
+    conn.execute("UPDATE app.big SET n = n * 2, id = id + 100000 WHERE id % 2 = 0")
+    rows = changes(conn)
+    assert len(rows) == 2500
+    for r in rows:
+        old_id = r["before"]["id"]
+        assert r["after"]["id"] == old_id + 100000
+        assert r["before"]["n"] == old_id and r["after"]["n"] == old_id * 2
+        assert r["after"]["label"] == f"x{old_id}" and sorted(r["changed_fields"]) == ["id", "n"]
+    with pytest.raises(InvalidTrackOption, match="reserved"):
+        conn.execute('ALTER TABLE app.big ADD COLUMN "threadline rn" int')
+        ddl.track(conn, "big")
+
+
+def test_hostile_identifiers_mixed_case_and_other_schemas(conn: Conn) -> None:
+    conn.execute('CREATE SCHEMA "Odd Schema"')
+    conn.execute(
+        'CREATE TABLE "Odd Schema"."we""ird; drop" ("Id" int PRIMARY KEY, "x$threadline$y" text, '
+        '"it\'s" text, "CamelCol" int)'
+    )
+    try:
+        plan = ddl.track(conn, 'we"ird; drop', schema="Odd Schema", mask=["it's"])
+        sql_text = ddl.track_sql(conn, '"Odd Schema"."we""ird; drop"', mask=["it's"])
+        assert "$threadline1$" in sql_text  # the body contains $threadline$, so the tag moved on
+        conn.execute(
+            'INSERT INTO "Odd Schema"."we""ird; drop" VALUES (1, \'$threadline$\', \'s\', 3)'
+        )
+        conn.execute('UPDATE "Odd Schema"."we""ird; drop" SET "CamelCol" = 4, "x$threadline$y" = \'q\'')
+        ins, upd = changes(conn)
+        assert (ins["table_schema"], ins["table_name"]) == ("Odd Schema", 'we"ird; drop')
+        assert ins["pk"] == {"Id": 1} and ins["after"]["it's"] == "[masked]"
+        assert sorted(upd["changed_fields"]) == ["CamelCol", "x$threadline$y"]
+        assert plan.keys == ("Id",)
+        assert ddl.untrack(conn, '"Odd Schema"."we""ird; drop"')
+    finally:
+        conn.execute('DROP SCHEMA "Odd Schema" CASCADE')
+
+
+def test_types_without_equality_and_partitioned_tables(conn: Conn) -> None:
+    conn.execute("CREATE TABLE app.docs (id int PRIMARY KEY, j json, p point, tags json[], r int4range)")
+    ddl.track(conn, "docs")
+    conn.execute("""INSERT INTO app.docs VALUES (1, '{"a":1}', '(1,2)', ARRAY['{}'::json], '[1,5)')""")
+    conn.execute("""UPDATE app.docs SET j = '{"a":2}'""")
+    conn.execute("""UPDATE app.docs SET p = '(1,2)'""")  # same value: not recorded
+    assert [r["changed_fields"] for r in changes(conn)] == [None, ["j"]]
+
+    conn.execute("CREATE TABLE app.events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE app.events_a PARTITION OF app.events FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')")
+    conn.execute("CREATE TABLE app.events_b PARTITION OF app.events FOR VALUES FROM ('2021-01-01') TO ('2022-01-01')")
+    ddl.track(conn, "events")
+    conn.execute("INSERT INTO app.events VALUES (1, '2020-06-01')")
+    conn.execute("UPDATE app.events SET at = '2021-06-01'")  # moves the row to another partition
+    ev = [r for r in changes(conn) if r["table_name"] == "events"]
+    assert [r["op"] for r in ev] == ["insert", "update"]
+    assert ev[1]["before"] == {"at": "2020-06-01"} and ev[1]["pk"] == {"id": 1, "at": "2021-06-01"}
+
+
+def test_tracking_refuses_bad_requests_with_clear_errors(conn: Conn) -> None:
+    conn.execute("CREATE TABLE app.nokey (a int, b int)")
+    conn.execute("CREATE TABLE app.ok (id int PRIMARY KEY, a int, b int)")
+    conn.execute("CREATE VIEW app.v AS SELECT 1 AS x")
+    with pytest.raises(UnknownTable, match="does not exist"):
+        ddl.track(conn, "app.missing")
+    with pytest.raises(UnknownTable, match="not a table"):
+        ddl.track(conn, "app.v")
+    with pytest.raises(NoPrimaryKey, match="--keys"):
+        ddl.track(conn, "app.nokey")
+    with pytest.raises(InvalidTrackOption, match="audit"):
+        ddl.track(conn, "threadline.changes")
+    with pytest.raises(InvalidTrackOption, match="both --exclude and --mask"):
+        ddl.track(conn, "app.ok", exclude=["a"], mask=["a"])
+    with pytest.raises(UnknownColumn, match="'zz'"):
+        ddl.track(conn, "app.ok", exclude=["zz"])
+    with pytest.raises(UnknownColumn):
+        ddl.track(conn, "app.nokey", keys=["nope"])
+    with pytest.raises(InvalidTrackOption, match="key column"):
+        ddl.track(conn, "app.ok", exclude=["id"])
+    plan = ddl.track(conn, "app.nokey", keys="a")
+    assert plan.keys == ("a",)
+    conn.execute("INSERT INTO app.nokey VALUES (7, 8)")
+    assert changes(conn)[0]["pk"] == {"a": 7}
+
+
+def test_track_is_deterministic_idempotent_and_detects_column_drift(conn: Conn, posts: str) -> None:
+    first = ddl.track_sql(conn, posts)
+    assert ddl.track_sql(conn, posts) == first
+    assert "fingerprint" in first.splitlines()[0]
+    ddl.track(conn, posts)  # again: same triggers, no duplicates
+    n = conn.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.posts'::regclass AND NOT tgisinternal"
+    ).fetchone()
+    assert n == (4,)
+    (tracked,) = ddl.tracked_tables(conn)
+    assert tracked.current and tracked.keys == ("id",)
+    conn.execute("ALTER TABLE app.posts ADD COLUMN extra int")
+    assert not ddl.tracked_tables(conn)[0].current
+    ddl.track(conn, posts)
+    assert ddl.tracked_tables(conn)[0].current
+    conn.execute("UPDATE app.posts SET extra = 1")  # no rows yet: nothing recorded, nothing fails
+    conn.execute("INSERT INTO app.posts (id, extra) VALUES (1, 1)")
+    conn.execute("UPDATE app.posts SET extra = 2")
+    assert changes(conn)[-1]["changed_fields"] == ["extra"]
+
+
+def test_untrack_removes_capture_and_keeps_history(conn: Conn, posts: str) -> None:
+    conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+    assert ddl.untrack(conn, posts)
+    assert not ddl.untrack(conn, posts)
+    conn.execute("INSERT INTO app.posts (id) VALUES (2)")
+    assert len(changes(conn)) == 1
+    assert ddl.tracked_tables(conn) == []

@@ -1,0 +1,202 @@
+"""ActorRef, AuditContext, the context manager/decorator and the canonical codec."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import threading
+
+import pytest
+
+import threadline
+from threadline import ActorRef, AuditContext, InvalidActor, InvalidContext, codec
+from threadline.context import current
+
+DEEP: object = 1
+for _ in range(20):
+    DEEP = [DEEP]
+
+
+def test_actor_constructors_parse_and_round_trip() -> None:
+    assert ActorRef.user(42) == ActorRef("user", "42")
+    assert ActorRef.system().to_dict() == {"type": "system", "id": "system"}
+    assert ActorRef.anonymous().to_dict() == {"type": "anonymous"}
+    assert ActorRef.parse("service_account:billing-api") == ActorRef.service_account("billing-api")
+    assert ActorRef.parse("user:a:b").id == "a:b"
+    assert ActorRef.parse("anonymous") == ActorRef.anonymous()
+    assert ActorRef.parse("tenant_admin:7").type == "tenant_admin"  # app-defined type
+    a = ActorRef.admin("9", display="Ada")
+    assert ActorRef.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    assert str(ActorRef.user("42")) == "user:42"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: ActorRef("User", "1"),
+        lambda: ActorRef("user"),
+        lambda: ActorRef("user", ""),
+        lambda: ActorRef("user", "x" * 257),
+        lambda: ActorRef("user", "a\nb"),
+        lambda: ActorRef("x" * 40, "1"),
+        lambda: ActorRef.parse("nocolon"),
+        lambda: ActorRef.from_dict({"type": "user", "id": "1", "role": "root"}),
+        lambda: ActorRef.from_dict(["user", "1"]),
+    ],
+)
+def test_actor_rejects_bad_input(build) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidActor):
+        build()
+
+
+def test_context_layers_and_restores_exactly() -> None:
+    assert current().is_empty
+    with threadline.context(actor=ActorRef.user("1"), correlation_id="req-1") as outer:
+        assert current() is outer
+        with threadline.context(actor="user:2", meta={"k": 1}):
+            assert current().actor == ActorRef.user("2")
+            assert current().correlation_id == "req-1"
+            assert dict(current().meta or {}) == {"k": 1}
+        assert current() is outer
+        with pytest.raises(RuntimeError), threadline.context(correlation_id="other"):
+            raise RuntimeError("boom")
+        assert current() is outer
+        with threadline.context(actor=None):
+            assert current().actor is None and current().correlation_id == "req-1"
+    assert current().is_empty
+
+
+def test_context_is_a_decorator_for_sync_and_async_functions() -> None:
+    @threadline.context(origin="cli")
+    def sync_fn() -> str | None:
+        return current().origin
+
+    @threadline.context(origin="job")
+    async def async_fn() -> str | None:
+        await asyncio.sleep(0)
+        return current().origin
+
+    assert sync_fn() == "cli" and current().origin is None
+    assert asyncio.run(async_fn()) == "job" and current().origin is None
+
+
+def test_context_recursion_with_the_same_decorator() -> None:
+    seen: list[str | None] = []
+
+    @threadline.context(correlation_id="r")
+    def rec(n: int) -> None:
+        seen.append(current().correlation_id)
+        if n:
+            rec(n - 1)
+
+    rec(3)
+    assert seen == ["r"] * 4 and current().is_empty
+
+
+def test_asyncio_tasks_each_keep_their_own_context() -> None:
+    async def worker(i: int) -> str | None:
+        with threadline.context(actor=ActorRef.user(i)):
+            await asyncio.sleep(0.01 * (5 - i))
+            return current().actor.id if current().actor else None
+
+    async def main() -> list[str | None]:
+        return list(await asyncio.gather(*(worker(i) for i in range(5))))
+
+    assert asyncio.run(main()) == ["0", "1", "2", "3", "4"]
+
+
+def test_threads_see_the_context_only_when_copied() -> None:
+    results: dict[str, object] = {}
+    with threadline.context(actor="user:5"):
+        ctx = contextvars.copy_context()
+        t1 = threading.Thread(target=lambda: results.__setitem__("plain", current().actor))
+        t2 = threading.Thread(target=lambda: ctx.run(lambda: results.__setitem__("copied", current().actor)))
+        t1.start(), t2.start()
+        t1.join(), t2.join()
+    assert results == {"plain": None, "copied": ActorRef.user("5")}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"correlation_id": "x" * 257}, "correlation_id"),
+        ({"request_id": "a\r\nSet-Cookie: x"}, "request_id"),
+        ({"causation_id": 12}, "causation_id"),
+        ({"origin": ""}, "origin"),
+        ({"meta": {"blob": "x" * 5000}}, "meta"),
+        ({"meta": {"f": float("nan")}}, "meta"),
+        ({"meta": {"o": object()}}, "meta"),
+        ({"meta": {1: "non-string key"}}, "meta"),
+        ({"meta": ["not", "a", "mapping"]}, "meta"),
+        ({"job": {"deep": DEEP}}, "job"),
+        ({"actor": 42}, "actor"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_invalid_fields_raise_invalid_context_naming_the_field(fields, field) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidContext) as info:
+        threadline.context(**fields)
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_context_is_immutable_and_meta_is_read_only() -> None:
+    ctx = AuditContext(meta={"a": [1, 2]})
+    with pytest.raises(AttributeError):
+        ctx.origin = "web"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ctx.meta["a"] = 3  # type: ignore[index]
+
+
+def test_codec_round_trip_is_canonical() -> None:
+    ctx = AuditContext(
+        actor=ActorRef.user("42"),
+        correlation_id="req-1",
+        request_id="r",
+        causation_id="c",
+        origin="web",
+        job={"name": "t", "retries": 0},
+        meta={"b": 1, "a": "é"},
+    )
+    text = ctx.to_json()
+    assert text == codec.dumps(json.loads(text))  # sorted keys, compact
+    assert json.loads(text)["v"] == 1
+    assert AuditContext.from_json(text) == ctx
+    assert AuditContext.from_json(text.encode()) == ctx
+    assert AuditContext().to_json() == '{"v":1}'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[1]",
+        '{"v":2}',
+        '{"actor":{"type":"user","id":"1"}}',
+        '{"v":true}',
+        '{"v":1,"actor":{"type":"user"}}',
+        '{"v":1,"correlation_id":5}',
+        '{"v":1,"evil":1}',
+        '{"v":1,"meta":{"x":NaN}}',
+        '{"v":1,"meta":"' + "x" * 9000 + '"}',
+        b"\xff\xfe",
+    ],
+)
+def test_codec_rejects_malformed_input(text) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidContext):
+        codec.decode(text)
+
+
+def test_encoded_size_cap_and_limits_are_configurable() -> None:
+    big = AuditContext(meta={"k" + str(i): "v" * 100 for i in range(30)})  # ~3.5 KiB: fits meta cap
+    assert len(big.to_json()) < 8192
+    old = codec.limits()
+    try:
+        codec.set_limits(max_meta_bytes=100)
+        with pytest.raises(InvalidContext):
+            AuditContext(meta={"x": "y" * 200})
+        with pytest.raises(ValueError):
+            codec.set_limits(max_meta_bytes=0)
+    finally:
+        codec.set_limits(**old.__dict__)
