@@ -31,6 +31,11 @@ from threadline.context import AuditContext, current
 from threadline.ddl.names import CONTEXT_SETTING
 
 SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
+# Sets the context and returns the value it replaced (to restore after a nested block).
+_SWAP_SQL = (
+    "SELECT current_setting('" + CONTEXT_SETTING + "', true), "
+    "set_config('" + CONTEXT_SETTING + "', %s, true)"
+)
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
 
@@ -83,16 +88,20 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         self._args = (savepoint_name, force_rollback)
         self._sync: contextlib.AbstractContextManager[Any] | None = None
         self._async: contextlib.AbstractAsyncContextManager[Any] | None = None
+        self._outer_value: str | None = None
 
     def __enter__(self) -> psycopg.Transaction:
         conn = self._conn
         if not isinstance(conn, psycopg.Connection):
             raise TypeError("use `async with threadline.transaction(conn)` for an AsyncConnection")
+        nested = conn.info.transaction_status == _INTRANS
         self._sync = conn.transaction(*self._args)
         tx = self._sync.__enter__()
         if not isinstance(conn, ThreadlineConnection):
             try:
-                apply_context(conn)
+                row = psycopg.Cursor(conn).execute(_SWAP_SQL, [context_payload()]).fetchone()
+                if nested and row is not None:
+                    self._outer_value = row[0] or ""
             except BaseException as exc:
                 self._sync.__exit__(type(exc), exc, exc.__traceback__)
                 raise
@@ -105,16 +114,25 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._sync is not None
-        return self._sync.__exit__(exc_type, exc, tb)
+        result = self._sync.__exit__(exc_type, exc, tb)
+        conn = self._conn
+        if self._outer_value is not None and conn.info.transaction_status == _INTRANS:
+            # a released savepoint keeps its setting: give the outer transaction its own back
+            psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [self._outer_value])  # type: ignore[arg-type]
+        return result
 
     async def __aenter__(self) -> psycopg.AsyncTransaction:
         conn = self._conn
         if not isinstance(conn, psycopg.AsyncConnection):
             raise TypeError("use `with threadline.transaction(conn)` for a synchronous Connection")
+        nested = conn.info.transaction_status == _INTRANS
         self._async = conn.transaction(*self._args)
         tx = await self._async.__aenter__()
         try:
-            await apply_context_async(conn)
+            cur = await psycopg.AsyncCursor(conn).execute(_SWAP_SQL, [context_payload()])
+            row = await cur.fetchone()
+            if nested and row is not None:
+                self._outer_value = row[0] or ""
         except BaseException as exc:
             await self._async.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -127,7 +145,11 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._async is not None
-        return await self._async.__aexit__(exc_type, exc, tb)
+        result = await self._async.__aexit__(exc_type, exc, tb)
+        conn = self._conn
+        if self._outer_value is not None and conn.info.transaction_status == _INTRANS:
+            await psycopg.AsyncCursor(conn).execute(SET_CONTEXT_SQL, [self._outer_value])  # type: ignore[arg-type]
+        return result
 
 
 class ThreadlineCursor(psycopg.Cursor[Row]):
@@ -147,17 +169,25 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         return self
 
     def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
-        """Like :meth:`psycopg.Cursor.executemany`, with the current context applied first."""
+        """Like :meth:`psycopg.Cursor.executemany`, with the current context applied first.
+
+        In autocommit mode with a context active, the batch runs in one transaction.
+        """
         conn = self.connection
+        if isinstance(conn, ThreadlineConnection) and conn._needs_pipeline():
+            with conn.transaction():
+                conn._prepare_statement()
+                super().executemany(query, params_seq, **kwargs)
+            return
         if isinstance(conn, ThreadlineConnection):
-            conn._prepare_statement(allow_autocommit=False)
+            conn._prepare_statement()
         super().executemany(query, params_seq, **kwargs)
 
     def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Row]:
         """Like :meth:`psycopg.Cursor.stream`, with the current context applied first."""
         conn = self.connection
         if isinstance(conn, ThreadlineConnection):
-            conn._prepare_statement(allow_autocommit=False)
+            conn._prepare_statement()
         return super().stream(query, params, **kwargs)
 
     @contextlib.contextmanager
@@ -165,7 +195,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         """Like :meth:`psycopg.Cursor.copy`, with the current context applied first."""
         conn = self.connection
         if isinstance(conn, ThreadlineConnection):
-            conn._prepare_statement(allow_autocommit=False)
+            conn._prepare_statement()
         with super().copy(statement, params, **kwargs) as copy:
             yield copy
 
@@ -177,7 +207,8 @@ class ThreadlineConnection(psycopg.Connection[Row]):
       message holding ``BEGIN`` and ``set_config``: no extra round trip.
     - Inside ``conn.transaction()`` (or when the context changed mid-transaction) the context is
       set by one ``set_config`` before the next statement, once per transaction.
-    - In autocommit mode the ``set_config`` is pipelined with each statement.
+    - In autocommit mode the ``set_config`` is pipelined with each statement (``executemany``
+      runs its batch in one transaction; use a transaction for ``stream()`` and ``copy()``).
     - With no context active nothing is sent. Nothing outlives a transaction, so a connection
       returned to a pool never carries a previous request's context.
 
@@ -226,7 +257,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     def _needs_pipeline(self) -> bool:
         return self.autocommit and self.pgconn.transaction_status == _IDLE and not current().is_empty
 
-    def _prepare_statement(self, allow_autocommit: bool = True) -> None:
+    def _prepare_statement(self) -> None:
         """Make sure the transaction the next statement runs in carries the current context."""
         ctx = current()
         status = self.pgconn.transaction_status

@@ -1,0 +1,132 @@
+"""The context → PostgreSQL bridge: threadline.transaction() and ThreadlineConnection."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+import threadline
+from threadline import ActorRef, ThreadlineConnection
+
+from .conftest import changes, transactions
+
+SHOW = "SELECT current_setting('threadline.context', true)"
+
+
+def _actor(conn: psycopg.Connection[Any]) -> list[Any]:
+    return [r["actor"] for r in transactions(conn)]
+
+
+def test_transaction_applies_context_and_nests_as_savepoints(dsn: str, conn: Any, posts: str) -> None:
+    with psycopg.connect(dsn) as c:
+        with threadline.context(actor="user:1", correlation_id="r1"), threadline.transaction(c) as tx:
+            assert isinstance(tx, psycopg.Transaction)
+            c.execute("INSERT INTO app.posts (id) VALUES (1)")
+            with threadline.context(actor="user:2"), threadline.transaction(c):
+                assert '"user"' in c.execute(SHOW).fetchone()[0] and '"2"' in c.execute(SHOW).fetchone()[0]
+            with pytest.raises(ZeroDivisionError), threadline.context(actor="user:3"), threadline.transaction(c):
+                raise ZeroDivisionError
+            assert '"1"' in c.execute(SHOW).fetchone()[0]  # savepoint rollback restored it
+        assert c.execute(SHOW).fetchone()[0] in (None, "")  # nothing outlives the transaction
+        c.rollback()
+        with pytest.raises(TypeError):
+            async def wrong() -> None:
+                async with threadline.transaction(c):
+                    pass
+            asyncio.run(wrong())
+    assert _actor(conn) == [{"type": "user", "id": "1"}]
+
+
+def test_async_transaction_twin(dsn: str, conn: Any, posts: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as ac:
+            with threadline.context(actor=ActorRef.user("async"), correlation_id="ra"):
+                async with threadline.transaction(ac):
+                    await ac.execute("INSERT INTO app.posts (id) VALUES (1)")
+
+    asyncio.run(main())
+    assert _actor(conn) == [{"type": "user", "id": "async"}]
+
+
+def test_automatic_mode_covers_implicit_explicit_and_autocommit_transactions(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    with ThreadlineConnection.connect(dsn) as c:
+        with threadline.context(actor="user:implicit"):
+            c.execute("INSERT INTO app.posts (id) VALUES (1)")
+            c.commit()
+        with threadline.context(actor="user:explicit"), c.transaction():
+            c.execute("INSERT INTO app.posts (id) VALUES (2)")
+        with threadline.context(actor="user:explicit2"), c.transaction():  # same shape, new context
+            c.execute("INSERT INTO app.posts (id) VALUES (3)")
+        with threadline.context(actor="user:changed"):
+            c.execute("INSERT INTO app.posts (id) VALUES (4)")
+            with threadline.context(actor="user:later"):
+                c.execute("INSERT INTO app.posts (id) VALUES (5)")  # mid-transaction change: last wins
+            c.commit()
+        c.execute("INSERT INTO app.posts (id) VALUES (6)")  # no context at all
+        c.commit()
+        with threadline.context(actor="user:rolledback"):
+            c.execute("INSERT INTO app.posts (id) VALUES (7)")
+            c.rollback()
+        c.autocommit = True
+        with threadline.context(actor="user:auto"):
+            c.execute("INSERT INTO app.posts (id) VALUES (8)")
+            c.cursor().executemany("INSERT INTO app.posts (id) VALUES (%s)", [(9,), (10,)])
+        c.execute("INSERT INTO app.posts (id) VALUES (11)")
+    got = [(r["pk"]["id"], (r["actor"] or {}).get("id")) for r in changes(conn)]
+    assert got == [
+        (1, "implicit"), (2, "explicit"), (3, "explicit2"), (4, "later"), (5, "later"),
+        (6, None), (8, "auto"), (9, "auto"), (10, "auto"), (11, None),
+    ]
+
+
+def test_executemany_in_a_transaction_carries_context(dsn: str, conn: Any, posts: str) -> None:
+    with ThreadlineConnection.connect(dsn) as c, threadline.context(actor="user:many"):
+        c.cursor().executemany("INSERT INTO app.posts (id) VALUES (%s)", [(1,), (2,)])
+        c.commit()
+    assert {(r["actor"] or {}).get("id") for r in changes(conn)} == {"many"}
+
+
+def test_pool_connections_never_carry_a_previous_context(dsn: str, conn: Any, posts: str) -> None:
+    with ConnectionPool(dsn, min_size=1, max_size=1, connection_class=ThreadlineConnection, open=True) as pool:
+        with pool.connection() as c, threadline.context(actor="user:first"):
+            c.execute("INSERT INTO app.posts (id) VALUES (1)")
+        with pool.connection() as c:
+            assert c.execute(SHOW).fetchone()[0] in (None, "")
+            c.execute("INSERT INTO app.posts (id) VALUES (2)")
+    assert [(r["actor"] or {}).get("id") for r in changes(conn)] == ["first", None]
+
+
+def test_concurrent_writers_never_cross_talk(dsn: str, conn: Any, posts: str) -> None:
+    n_threads, per_thread = 8, 40
+    errors: list[BaseException] = []
+
+    with ConnectionPool(dsn, min_size=4, max_size=4, connection_class=ThreadlineConnection, open=True) as pool:
+
+        def writer(i: int) -> None:
+            try:
+                for k in range(per_thread):
+                    with threadline.context(actor=ActorRef.user(str(i)), correlation_id=f"w{i}-{k}"):
+                        with pool.connection() as c:
+                            c.execute("INSERT INTO app.posts (id, title) VALUES (%s, %s)", (i * 1000 + k, str(i)))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    rows = changes(conn)
+    assert len(rows) == n_threads * per_thread
+    for r in rows:
+        writer_id = r["after"]["title"]
+        assert r["actor"] == {"type": "user", "id": writer_id}
+        assert r["correlation_id"] == f"w{writer_id}-{r['pk']['id'] - int(writer_id) * 1000}"
