@@ -81,8 +81,7 @@ def transactions(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 def posts(conn: psycopg.Connection[Any]) -> str:
     """A tracked table ``app.posts``."""
     conn.execute(
-        "CREATE TABLE app.posts (id int PRIMARY KEY, title text, body text, secret text, "
-        "views int DEFAULT 0)"
+        "CREATE TABLE app.posts (id int PRIMARY KEY, title text, body text, secret text, views int DEFAULT 0)"
     )
     threadline.ddl.track(conn, "app.posts")
     return "app.posts"

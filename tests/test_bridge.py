@@ -29,15 +29,21 @@ def test_transaction_applies_context_and_nests_as_savepoints(dsn: str, conn: Any
             c.execute("INSERT INTO app.posts (id) VALUES (1)")
             with threadline.context(actor="user:2"), threadline.transaction(c):
                 assert '"user"' in c.execute(SHOW).fetchone()[0] and '"2"' in c.execute(SHOW).fetchone()[0]
-            with pytest.raises(ZeroDivisionError), threadline.context(actor="user:3"), threadline.transaction(c):
+            with (
+                pytest.raises(ZeroDivisionError),
+                threadline.context(actor="user:3"),
+                threadline.transaction(c),
+            ):
                 raise ZeroDivisionError
             assert '"1"' in c.execute(SHOW).fetchone()[0]  # savepoint rollback restored it
         assert c.execute(SHOW).fetchone()[0] in (None, "")  # nothing outlives the transaction
         c.rollback()
         with pytest.raises(TypeError):
+
             async def wrong() -> None:
                 async with threadline.transaction(c):
                     pass
+
             asyncio.run(wrong())
     assert _actor(conn) == [{"type": "user", "id": "1"}]
 
@@ -81,8 +87,16 @@ def test_automatic_mode_covers_implicit_explicit_and_autocommit_transactions(
         c.execute("INSERT INTO app.posts (id) VALUES (11)")
     got = [(r["pk"]["id"], (r["actor"] or {}).get("id")) for r in changes(conn)]
     assert got == [
-        (1, "implicit"), (2, "explicit"), (3, "explicit2"), (4, "later"), (5, "later"),
-        (6, None), (8, "auto"), (9, "auto"), (10, "auto"), (11, None),
+        (1, "implicit"),
+        (2, "explicit"),
+        (3, "explicit2"),
+        (4, "later"),
+        (5, "later"),
+        (6, None),
+        (8, "auto"),
+        (9, "auto"),
+        (10, "auto"),
+        (11, None),
     ]
 
 
@@ -94,7 +108,9 @@ def test_executemany_in_a_transaction_carries_context(dsn: str, conn: Any, posts
 
 
 def test_pool_connections_never_carry_a_previous_context(dsn: str, conn: Any, posts: str) -> None:
-    with ConnectionPool(dsn, min_size=1, max_size=1, connection_class=ThreadlineConnection, open=True) as pool:
+    with ConnectionPool(
+        dsn, min_size=1, max_size=1, connection_class=ThreadlineConnection, open=True
+    ) as pool:
         with pool.connection() as c, threadline.context(actor="user:first"):
             c.execute("INSERT INTO app.posts (id) VALUES (1)")
         with pool.connection() as c:
@@ -107,14 +123,18 @@ def test_concurrent_writers_never_cross_talk(dsn: str, conn: Any, posts: str) ->
     n_threads, per_thread = 8, 40
     errors: list[BaseException] = []
 
-    with ConnectionPool(dsn, min_size=4, max_size=4, connection_class=ThreadlineConnection, open=True) as pool:
+    with ConnectionPool(
+        dsn, min_size=4, max_size=4, connection_class=ThreadlineConnection, open=True
+    ) as pool:
 
         def writer(i: int) -> None:
             try:
                 for k in range(per_thread):
-                    with threadline.context(actor=ActorRef.user(str(i)), correlation_id=f"w{i}-{k}"):
-                        with pool.connection() as c:
-                            c.execute("INSERT INTO app.posts (id, title) VALUES (%s, %s)", (i * 1000 + k, str(i)))
+                    with (
+                        threadline.context(actor=ActorRef.user(str(i)), correlation_id=f"w{i}-{k}"),
+                        pool.connection() as c,
+                    ):
+                        c.execute("INSERT INTO app.posts (id, title) VALUES (%s, %s)", (i * 1000 + k, str(i)))
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 

@@ -66,11 +66,13 @@ def test_excluded_columns_never_appear_and_masked_show_a_placeholder(conn: Conn)
 
 
 def test_one_transaction_row_per_transaction_with_its_context(conn: Conn, posts: str) -> None:
-    with threadline.context(actor=ActorRef.user("42"), correlation_id="req-1", origin="web"):
-        with threadline.transaction(conn):
-            conn.execute("INSERT INTO app.posts (id) SELECT g FROM generate_series(1, 3) g")
-            conn.execute("UPDATE app.posts SET views = views + 1")
-            conn.execute("DELETE FROM app.posts WHERE id = 3")
+    with (
+        threadline.context(actor=ActorRef.user("42"), correlation_id="req-1", origin="web"),
+        threadline.transaction(conn),
+    ):
+        conn.execute("INSERT INTO app.posts (id) SELECT g FROM generate_series(1, 3) g")
+        conn.execute("UPDATE app.posts SET views = views + 1")
+        conn.execute("DELETE FROM app.posts WHERE id = 3")
     rows = changes(conn)
     assert len(rows) == 7 and len({r["transaction_id"] for r in rows}) == 1
     (tx,) = transactions(conn)
@@ -156,7 +158,9 @@ def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, post
 
 
 def test_composite_keys_and_primary_key_changes(conn: Conn) -> None:
-    conn.execute("CREATE TABLE app.lines (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no) DEFERRABLE)")
+    conn.execute(
+        "CREATE TABLE app.lines (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no) DEFERRABLE)"
+    )
     ddl.track(conn, "lines")
     conn.execute("INSERT INTO app.lines VALUES (1, 1, 5), (1, 2, 6)")
     # swap the two keys in one statement: pairing by key would mix the rows up
@@ -198,9 +202,7 @@ def test_hostile_identifiers_mixed_case_and_other_schemas(conn: Conn) -> None:
         plan = ddl.track(conn, 'we"ird; drop', schema="Odd Schema", mask=["it's"])
         sql_text = ddl.track_sql(conn, '"Odd Schema"."we""ird; drop"', mask=["it's"])
         assert "$threadline1$" in sql_text  # the body contains $threadline$, so the tag moved on
-        conn.execute(
-            'INSERT INTO "Odd Schema"."we""ird; drop" VALUES (1, \'$threadline$\', \'s\', 3)'
-        )
+        conn.execute('INSERT INTO "Odd Schema"."we""ird; drop" VALUES (1, \'$threadline$\', \'s\', 3)')
         conn.execute('UPDATE "Odd Schema"."we""ird; drop" SET "CamelCol" = 4, "x$threadline$y" = \'q\'')
         ins, upd = changes(conn)
         assert (ins["table_schema"], ins["table_name"]) == ("Odd Schema", 'we"ird; drop')
@@ -221,8 +223,12 @@ def test_types_without_equality_and_partitioned_tables(conn: Conn) -> None:
     assert [r["changed_fields"] for r in changes(conn)] == [None, ["j"]]
 
     conn.execute("CREATE TABLE app.events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
-    conn.execute("CREATE TABLE app.events_a PARTITION OF app.events FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')")
-    conn.execute("CREATE TABLE app.events_b PARTITION OF app.events FOR VALUES FROM ('2021-01-01') TO ('2022-01-01')")
+    conn.execute(
+        "CREATE TABLE app.events_a PARTITION OF app.events FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')"
+    )
+    conn.execute(
+        "CREATE TABLE app.events_b PARTITION OF app.events FOR VALUES FROM ('2021-01-01') TO ('2022-01-01')"
+    )
     ddl.track(conn, "events")
     conn.execute("INSERT INTO app.events VALUES (1, '2020-06-01')")
     conn.execute("UPDATE app.events SET at = '2021-06-01'")  # moves the row to another partition

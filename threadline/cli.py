@@ -135,7 +135,9 @@ def install(dsn: str | None, audit_schema: str, print_sql: bool) -> None:
     elif result.previous_version is None:
         click.echo(f"installed schema {audit_schema} (version {result.version})")
     else:
-        click.echo(f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}")
+        click.echo(
+            f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}"
+        )
 
 
 @cli.command(epilog=EXAMPLES)

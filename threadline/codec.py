@@ -73,9 +73,7 @@ def check_text(field: str, value: Any) -> str | None:
     if value == "":
         raise InvalidContext(field, "must not be empty (leave it unset instead)")
     if len(value) > _limits.max_id_length:
-        raise InvalidContext(
-            field, f"is {len(value)} characters long; the limit is {_limits.max_id_length}"
-        )
+        raise InvalidContext(field, f"is {len(value)} characters long; the limit is {_limits.max_id_length}")
     if _CONTROL_RE.search(value):
         raise InvalidContext(field, "contains control characters")
     return value
@@ -95,7 +93,9 @@ def _check_json_tree(field: str, value: Any, depth: int = 0) -> None:
             if not isinstance(key, str):
                 raise InvalidContext(field, f"has a non-string key {key!r}")
             if len(key) > _limits.max_id_length or _CONTROL_RE.search(key):
-                raise InvalidContext(field, f"has an over-long key or a key with control characters: {key[:40]!r}")
+                raise InvalidContext(
+                    field, f"has an over-long key or a key with control characters: {key[:40]!r}"
+                )
             _check_json_tree(field, item, depth + 1)
         return
     if isinstance(value, (list, tuple)):
@@ -157,9 +157,7 @@ def encode(ctx: AuditContext) -> str:
         raise InvalidContext("context", f"cannot be encoded as JSON: {exc}") from exc
     size = len(text.encode())
     if size > _limits.max_encoded_bytes:
-        raise InvalidContext(
-            "context", f"encodes to {size} bytes; the limit is {_limits.max_encoded_bytes}"
-        )
+        raise InvalidContext("context", f"encodes to {size} bytes; the limit is {_limits.max_encoded_bytes}")
     return text
 
 

@@ -8,12 +8,12 @@ nested use always restores the previous value exactly.
 from __future__ import annotations
 
 import functools
-from functools import cached_property
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 

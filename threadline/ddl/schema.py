@@ -286,9 +286,7 @@ def require_installed(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) ->
     """Raise :class:`SchemaError` unless the audit schema is installed at this release's version."""
     version = installed_version(conn, schema)
     if version is None:
-        raise SchemaError(
-            f"audit schema {schema!r} is not installed: run `threadline install` first"
-        )
+        raise SchemaError(f"audit schema {schema!r} is not installed: run `threadline install` first")
     if version != SCHEMA_VERSION:
         raise SchemaError(
             f"audit schema {schema!r} is at version {version}, this release needs "

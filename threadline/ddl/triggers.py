@@ -151,9 +151,7 @@ def parse_table_name(text: str) -> tuple[str | None, str]:
             raise UnknownTable(f"unexpected text after a quoted name in {text!r}")
         i += 1
     if len(parts) > 2 or not all(parts):
-        raise UnknownTable(
-            f"{text!r} is not of the form [schema.]table (quote names that contain a dot)"
-        )
+        raise UnknownTable(f"{text!r} is not of the form [schema.]table (quote names that contain a dot)")
     return (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 

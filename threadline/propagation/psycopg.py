@@ -33,8 +33,7 @@ from threadline.ddl.names import CONTEXT_SETTING
 SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
 # Sets the context and returns the value it replaced (to restore after a nested block).
 _SWAP_SQL = (
-    "SELECT current_setting('" + CONTEXT_SETTING + "', true), "
-    "set_config('" + CONTEXT_SETTING + "', %s, true)"
+    "SELECT current_setting('" + CONTEXT_SETTING + "', true), set_config('" + CONTEXT_SETTING + "', %s, true)"
 )
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
@@ -105,7 +104,7 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
             except BaseException as exc:
                 self._sync.__exit__(type(exc), exc, exc.__traceback__)
                 raise
-        return tx  # type: ignore[no-any-return]
+        return tx
 
     def __exit__(
         self,
@@ -136,7 +135,7 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         except BaseException as exc:
             await self._async.__aexit__(type(exc), exc, exc.__traceback__)
             raise
-        return tx  # type: ignore[no-any-return]
+        return tx
 
     async def __aexit__(
         self,
@@ -265,7 +264,9 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             self._applied = None
             if ctx.is_empty or self.autocommit:
                 return
-            psycopg.ClientCursor(self).execute(self._begin_statement_sql() + "; " + SET_CONTEXT_SQL, [ctx.to_json()])
+            psycopg.ClientCursor(self).execute(
+                self._begin_statement_sql() + "; " + SET_CONTEXT_SQL, [ctx.to_json()]
+            )
             self._applied = ctx
         elif status == _INTRANS and self._applied != ctx:
             if ctx.is_empty and self._applied is None:

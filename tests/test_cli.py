@@ -1,0 +1,82 @@
+"""The ``threadline`` console script, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+
+from .conftest import changes
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("THREADLINE_DSN", "DATABASE_URL")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "threadline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+    )
+
+
+def test_version_and_help_with_examples() -> None:
+    assert run("--version").stdout.startswith("threadline, version ")
+    out = run("--help").stdout
+    assert "Examples:" in out and "threadline track" in out
+    assert "--print-sql" in run("install", "--help").stdout
+
+
+def test_print_sql_needs_no_database_and_is_idempotent(conn: psycopg.Connection[Any]) -> None:
+    res = run("install", "--print-sql", "--schema", "audit_cli")
+    assert res.returncode == 0 and 'CREATE SCHEMA IF NOT EXISTS "audit_cli"' in res.stdout
+    try:
+        conn.execute(res.stdout.encode())
+        conn.execute(res.stdout.encode())  # applying the printed script twice is harmless
+        assert conn.execute("SELECT version FROM audit_cli.schema_version").fetchall() == [(1,)]
+    finally:
+        conn.execute("DROP SCHEMA audit_cli CASCADE")
+
+
+def test_install_track_untrack_round_trip(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.orders (id int PRIMARY KEY, card text, note text)")
+    res = run("install", "--dsn", dsn)
+    assert res.returncode == 0 and "up to date" in res.stdout
+    res = run("track", "app.orders", "--mask", "card", "--exclude", "note", env={"THREADLINE_DSN": dsn})
+    assert res.returncode == 0, res.stderr
+    assert "tracking app.orders (keys: id; excluded: note; masked: card)" in res.stdout
+    sql_text = run(
+        "track", "app.orders", "--mask", "card", "--exclude", "note", "--print-sql", "--dsn", dsn
+    ).stdout
+    assert sql_text.startswith("-- threadline capture v1 fingerprint")
+    conn.execute("INSERT INTO app.orders VALUES (1, '4111', 'n')")
+    assert changes(conn)[0]["after"] == {"id": 1, "card": "[masked]"}
+    res = run("untrack", "app.orders", env={"DATABASE_URL": dsn})
+    assert res.returncode == 0 and "stopped tracking" in res.stdout
+    assert "was not tracked" in run("untrack", "app.orders", "--dsn", dsn).stdout
+
+
+def test_bad_arguments_exit_2_with_one_line(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.nokey (a int)")
+    for args in (
+        ("install",),  # no DSN anywhere
+        ("track", "app.missing", "--dsn", dsn),
+        ("track", "app.nokey", "--dsn", dsn),
+        ("install", "--schema", "Bad Name", "--dsn", dsn),
+        ("track", "--dsn", dsn),
+        ("frobnicate",),
+    ):
+        res = run(*args)
+        assert res.returncode == 2, (args, res)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (args, res.stderr)
+
+
+def test_database_errors_exit_1_with_message_and_hint() -> None:
+    res = run("install", "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+    assert res.returncode == 1
+    assert res.stderr.startswith("Error: ") and "Hint: " in res.stderr
