@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.rows import Row
 
 from threadline.context import AuditContext, current
@@ -264,15 +264,34 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             self._applied = None
             if ctx.is_empty or self.autocommit:
                 return
-            psycopg.ClientCursor(self).execute(
-                self._begin_statement_sql() + "; " + SET_CONTEXT_SQL, [ctx.to_json()]
-            )
+            self._begin_with(ctx)
             self._applied = ctx
         elif status == _INTRANS and self._applied != ctx:
             if ctx.is_empty and self._applied is None:
                 return
             psycopg.Cursor(self).execute(SET_CONTEXT_SQL, [context_payload(ctx)])
             self._applied = ctx
+
+    def _begin_with(self, ctx: AuditContext) -> None:
+        """Send ``BEGIN`` and ``set_config`` as one simple-protocol message (one round trip).
+
+        The value is quoted by psycopg's own literal adapter for this connection's encoding.
+        """
+        literal = sql.Literal(ctx.to_json()).as_bytes(self)
+        command = (
+            self._begin_statement_sql().encode()
+            + b"; SELECT set_config('"
+            + CONTEXT_SETTING.encode()
+            + b"', "
+            + literal
+            + b", true)"
+        )
+        result = self.pgconn.exec_(command)
+        if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            message = (result.error_message or b"").decode(errors="replace").strip()
+            if self.pgconn.transaction_status != _IDLE:
+                self.pgconn.exec_(b"ROLLBACK")
+            raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
 
     def _begin_statement_sql(self) -> str:
         parts = ["BEGIN"]
