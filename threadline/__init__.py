@@ -23,6 +23,7 @@ from threadline.propagation.psycopg import (
     ThreadlineConnection,
     ThreadlineCursor,
     apply_context,
+    apply_context_async,
     transaction,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "UnknownTable",
     "__version__",
     "apply_context",
+    "apply_context_async",
     "context",
     "current",
     "ddl",

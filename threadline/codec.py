@@ -123,13 +123,10 @@ def check_actor(value: Any) -> ActorRef | None:
     """Accept an :class:`ActorRef`, a ``"type:id"`` string or an actor dict."""
     if value is None or isinstance(value, ActorRef):
         return value
-    try:
-        if isinstance(value, str):
-            return ActorRef.parse(value)
-        if isinstance(value, Mapping):
-            return ActorRef.from_dict(dict(value))
-    except InvalidActor:
-        raise
+    if isinstance(value, str):
+        return ActorRef.parse(value)
+    if isinstance(value, Mapping):
+        return ActorRef.from_dict(dict(value))
     raise InvalidActor(f"expected an ActorRef, 'type:id' text or a dict, got {type(value).__name__}")
 
 
