@@ -4,25 +4,30 @@ The same JSON object travels into PostgreSQL (the ``threadline.context`` setting
 Celery message headers. It is compact, key-sorted JSON with a version field ``v``; fields that are
 not set are left out. Decoding validates every field, so a value that came from outside can never
 turn into a wrong actor.
+
+Signing (:func:`sign`, :func:`verify`) is an HMAC-SHA256 over that canonical text, for carriers
+whose other end should refuse a context it cannot trust.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from threadline.actor import ActorRef
-from threadline.errors import InvalidActor, InvalidContext
+from threadline.errors import ConfigurationError, InvalidActor, InvalidContext
 
 if TYPE_CHECKING:
     from threadline.context import AuditContext
 
 VERSION = 1
-TEXT_FIELDS = ("correlation_id", "request_id", "causation_id", "origin")
+TEXT_FIELDS = ("correlation_id", "request_id", "causation_id", "origin", "incoming_error")
 MAPPING_FIELDS = ("job", "meta")
 ALL_FIELDS = ("actor", *TEXT_FIELDS, *MAPPING_FIELDS)
 
@@ -196,3 +201,33 @@ def decode(text: str | bytes) -> AuditContext:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+SIGNATURE_PREFIX = "hmac-sha256:"
+
+
+def signing_key(key: str | bytes) -> bytes:
+    """Validate one signing key and return its bytes (text keys are UTF-8 encoded)."""
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes):
+        raise ConfigurationError(f"a signing key must be str or bytes, got {type(key).__name__}")
+    if len(key) < 16:
+        raise ConfigurationError(
+            f"a signing key must be at least 16 bytes long, got {len(key)}: "
+            "use e.g. secrets.token_urlsafe(32)"
+        )
+    return key
+
+
+def sign(text: str, key: bytes) -> str:
+    """The signature of canonical ``text`` with ``key``: ``"hmac-sha256:<hex digest>"``."""
+    return SIGNATURE_PREFIX + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def verify(text: str, signature: object, keys: Iterable[bytes]) -> bool:
+    """True when ``signature`` is a valid signature of ``text`` by any of ``keys`` (rotation)."""
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        return False
+    given = signature.encode()
+    return any(hmac.compare_digest(sign(text, key).encode(), given) for key in keys)

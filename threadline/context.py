@@ -35,6 +35,9 @@ class AuditContext:
     - ``origin``: where the work runs (``web``, ``celery``, ``cli``, ``sql``...).
     - ``job``: background-job details (task name, id, retries, parent/root ids).
     - ``meta``: small, JSON-serialisable application data (default cap 4 KiB encoded).
+    - ``incoming_error``: why a context received from outside (a Celery header, a carrier) was
+      refused; set by the receiving side, it marks the database transactions of the work as
+      having had an invalid incoming context (``transactions.context_error``).
     """
 
     actor: ActorRef | None = None
@@ -44,6 +47,7 @@ class AuditContext:
     origin: str | None = None
     job: Mapping[str, Any] | None = None
     meta: Mapping[str, Any] | None = None
+    incoming_error: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actor", codec.check_actor(self.actor))

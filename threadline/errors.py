@@ -52,3 +52,22 @@ class UnknownColumn(TrackingError):
 
 class InvalidTrackOption(TrackingError):
     """Tracking options contradict each other or target the audit tables themselves."""
+
+
+class UntrustedContext(InvalidContext):
+    """An incoming audit context carries no valid signature while signing keys are configured.
+
+    Raised in a Celery task whose signature policy is ``"reject"`` (the task body does not run),
+    and by :func:`threadline.extract` when ``signing_keys`` are given.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("sig", problem)
+        self.args = (problem,)  # rebuilt as UntrustedContext(problem) from a result backend
+
+    def __str__(self) -> str:
+        return f"untrusted audit context: {self.problem}"
+
+
+class ConfigurationError(ThreadlineError, ValueError):
+    """An option passed to a threadline set-up call is not acceptable (the message says which)."""

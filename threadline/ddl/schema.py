@@ -130,10 +130,11 @@ BEGIN
     ELSIF j -> 'v' IS DISTINCT FROM '1'::jsonb THEN
         context_error := 'context version is missing or unsupported';
     ELSIF (j - ARRAY['v', 'actor', 'correlation_id', 'request_id', 'causation_id', 'origin',
-                     'job', 'meta']) <> '{{}}'::jsonb THEN
+                     'job', 'meta', 'incoming_error']) <> '{{}}'::jsonb THEN
         context_error := 'context has unknown fields';
     ELSIF NOT ({schema}.valid_text(j -> 'correlation_id') AND {schema}.valid_text(j -> 'request_id')
-               AND {schema}.valid_text(j -> 'causation_id') AND {schema}.valid_text(j -> 'origin')) THEN
+               AND {schema}.valid_text(j -> 'causation_id') AND {schema}.valid_text(j -> 'origin')
+               AND {schema}.valid_text(j -> 'incoming_error')) THEN
         context_error := 'context has an invalid id or origin';
     ELSIF jsonb_typeof(j -> 'job') IS DISTINCT FROM 'object' AND j ? 'job'
           OR jsonb_typeof(j -> 'meta') IS DISTINCT FROM 'object' AND j ? 'meta' THEN
@@ -157,6 +158,11 @@ BEGIN
         origin := j ->> 'origin';
         job := j -> 'job';
         meta := j -> 'meta';
+        -- The application refused a context it received (a Celery header, another carrier):
+        -- the work ran without it, and its transactions say so.
+        IF j ? 'incoming_error' THEN
+            context_error := 'incoming: ' || (j ->> 'incoming_error');
+        END IF;
     END IF;
 END
 $fn$;
