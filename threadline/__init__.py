@@ -5,10 +5,11 @@ into each database transaction (and, through Celery, into workers), so every cha
 caused it and which request it belongs to.
 """
 
-from threadline import ddl
+from threadline import celery, ddl
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, context, current, use_context
 from threadline.errors import (
+    ConfigurationError,
     InvalidActor,
     InvalidContext,
     InvalidTrackOption,
@@ -18,7 +19,11 @@ from threadline.errors import (
     TrackingError,
     UnknownColumn,
     UnknownTable,
+    UntrustedContext,
 )
+from threadline.propagation.carrier import extract, inject
+from threadline.propagation.celery import task
+from threadline.propagation.executors import submit, wrap
 from threadline.propagation.psycopg import (
     ThreadlineConnection,
     ThreadlineCursor,
@@ -32,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActorRef",
     "AuditContext",
+    "ConfigurationError",
     "InvalidActor",
     "InvalidContext",
     "InvalidTrackOption",
@@ -43,12 +49,19 @@ __all__ = [
     "TrackingError",
     "UnknownColumn",
     "UnknownTable",
+    "UntrustedContext",
     "__version__",
     "apply_context",
     "apply_context_async",
+    "celery",
     "context",
     "current",
     "ddl",
+    "extract",
+    "inject",
+    "submit",
+    "task",
     "transaction",
     "use_context",
+    "wrap",
 ]

@@ -1,0 +1,456 @@
+"""Celery propagation: the audit context travels in every task message and is restored around it.
+
+Set-up::
+
+    app = Celery("shop", broker=..., backend=...)
+    threadline.celery.install(app, default_actor=ActorRef.system("celery"))   # idempotent
+
+    @threadline.task(bind=True, max_retries=3)     # same options as app.task / shared_task
+    def charge(self, order_id): ...
+
+How it works (see ``docs/celery.md``):
+
+- ``before_task_publish`` adds the header ``threadline`` (the canonical context dict, version
+  field ``v``) to **every** message the app publishes: ``delay``/``apply_async``, ``send_task``,
+  chain steps, group and chord members, chord callbacks, links, errbacks, retries, replacements.
+- ``task_prerun`` restores it (from the request attribute, else ``request.headers``) with
+  ``origin="celery"``, ``job`` = {name, id, retries, parent_id, root_id} and ``causation_id`` =
+  the publishing task (Celery's ``parent_id``) or the web request; ``task_postrun`` resets it
+  with its token. Celery publishes follow-on work (chain steps, link and chord callbacks) after
+  the body returns but before ``task_postrun``, so that work still carries the context.
+- A task with no header (beat, a producer without threadline) runs with ``origin="celery"``,
+  the default actor (per task, else per app; may be none) and ``correlation_id`` = the Celery
+  root id. A header that is malformed, unsigned or forged is never trusted: the task runs with
+  no inherited context, its transactions record ``context_error = 'incoming: <reason>'`` and one
+  warning is logged (signature policy ``"reject"`` instead fails the task before its body runs).
+- In eager mode (``Task.apply()``, ``task_always_eager``) nothing is published: a task run with
+  no header keeps the caller's context untouched.
+
+Limits: encoding is checked in the caller. ``install()`` wraps the app's ``send_task`` (every
+publish of the app goes through it) so that a context that cannot be encoded (over
+``max_header_bytes``) raises :class:`~threadline.errors.InvalidContext` where the task is sent;
+Celery itself swallows exceptions raised in ``before_task_publish`` receivers, so a message
+published some other way (``app.amqp.send_task_message`` directly) that cannot carry its context
+gets an error marker instead, which marks the worker's transactions and is logged. Only task
+message protocol 2 (Celery's default) is supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar, cast, get_args
+
+import celery
+from celery import _state as celery_state
+from celery import signals
+
+from threadline import codec
+from threadline.actor import ActorRef
+from threadline.context import AuditContext, _current, current
+from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
+from threadline.propagation import carrier
+from threadline.propagation.carrier import HEADER
+
+__all__ = [
+    "HEADER",
+    "ORIGIN",
+    "SignaturePolicy",
+    "Task",
+    "install",
+    "installed",
+    "task",
+    "uninstall",
+]
+
+SignaturePolicy = Literal["strip", "reject"]
+ORIGIN = "celery"
+"""The ``origin`` of work done inside a Celery task."""
+
+logger = logging.getLogger("threadline.celery")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TOKEN_ATTR = "_threadline_token"
+_REJECTED_ATTR = "_threadline_rejected"
+_MIN_HEADER_BYTES = 256
+_MAX_HEADER_BYTES = 65536
+_CACHE_SIZE = 1024
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(eq=False)
+class _Installation:
+    """What :func:`install` set up on one app: its options and the receivers it connected."""
+
+    app: weakref.ReferenceType[Any]
+    default_actor: ActorRef | None
+    keys: tuple[bytes, ...]
+    policy: SignaturePolicy
+    max_header_bytes: int
+    original_send_task: Callable[..., Any] | None = None
+    receivers: list[tuple[Any, Callable[..., None]]] = field(default_factory=list)
+    # id(ctx) -> (ctx, causation, same task, header); the context object is kept alive with it
+    cache: dict[int, tuple[AuditContext, str | None, bool, dict[str, Any]]] = field(default_factory=dict)
+
+    def header_for(self, ctx: AuditContext, message_id: object, parent_id: object) -> dict[str, Any]:
+        """The header value for a message with these ids, published under ``ctx``.
+
+        ``causation_id`` in the header is what the consumer uses when Celery's ``parent_id`` does
+        not name another task: the running task's own cause when it republishes itself (retry,
+        replace), the publishing task, or else the web request being served.
+        """
+        job = ctx.job
+        same_task = message_id is not None and job is not None and job.get("id") == message_id
+        if same_task:
+            causation = ctx.causation_id
+        else:
+            causation = _safe_id(parent_id) or ctx.request_id or ctx.causation_id
+        hit = self.cache.get(id(ctx))
+        if hit is not None and hit[0] is ctx and hit[1] == causation and hit[2] == same_task:
+            return dict(hit[3])
+        body = carrier.wire_dict(ctx, keep_incoming_error=same_task)
+        if causation is None:
+            body.pop("causation_id", None)
+        else:
+            body["causation_id"] = causation
+        carrier.seal(body, signing_key=self.keys[0] if self.keys else None, max_bytes=self.max_header_bytes)
+        if len(self.cache) >= _CACHE_SIZE:
+            self.cache.clear()
+        self.cache[id(ctx)] = (ctx, causation, same_task, body)
+        return dict(body)
+
+
+_installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
+_publishing: ContextVar[_Installation | None] = ContextVar("threadline_celery_publishing", default=None)
+_lock = threading.RLock()
+_shared_hook_connected = False
+
+
+def install(
+    app: celery.Celery,
+    default_actor: ActorRef | str | None = None,
+    signing_keys: Iterable[str | bytes] | None = None,
+    signature_policy: SignaturePolicy = "strip",
+    max_header_bytes: int = carrier.DEFAULT_MAX_BYTES,
+) -> celery.Celery:
+    """Carry the audit context through every task ``app`` publishes and runs. Idempotent.
+
+    - ``default_actor``: the actor of a task started with no incoming context (beat, a producer
+      without threadline); a task's own ``@threadline.task(default_actor=...)`` wins.
+    - ``signing_keys``: HMAC-SHA256 keys; the first signs every header, all of them verify (list
+      the new key first and keep the old one until no message signed with it is left). With
+      keys, an unsigned or forged header is never trusted.
+    - ``signature_policy``: ``"strip"`` (default: run without the inherited context, mark the
+      transactions, log a warning) or ``"reject"`` (the task fails with
+      :class:`~threadline.errors.UntrustedContext` and its body does not run; this needs tasks
+      built on :class:`Task`, e.g. ``@threadline.task`` or ``Celery(task_cls=threadline.celery.Task)``).
+    - ``max_header_bytes``: cap of the header's encoding (default 8 KiB); a context over it
+      raises :class:`~threadline.errors.InvalidContext` where the task is sent.
+
+    Calling it again updates the options; handlers are connected only once. Returns ``app``.
+    """
+    actor = codec.check_actor(default_actor)
+    keys = carrier.check_signing_keys(signing_keys)
+    policy = _check_policy(signature_policy)
+    if policy == "reject" and not keys:
+        raise ConfigurationError("signature_policy='reject' needs signing_keys: pass the keys to verify with")
+    if (
+        not isinstance(max_header_bytes, int)
+        or isinstance(max_header_bytes, bool)
+        or not _MIN_HEADER_BYTES <= max_header_bytes <= _MAX_HEADER_BYTES
+    ):
+        raise ConfigurationError(
+            f"max_header_bytes must be an integer from {_MIN_HEADER_BYTES} to {_MAX_HEADER_BYTES}, "
+            f"got {max_header_bytes!r}"
+        )
+    with _lock:
+        inst = _installations.get(app)
+        if inst is not None:
+            inst.default_actor, inst.keys, inst.policy = actor, keys, policy
+            inst.max_header_bytes = max_header_bytes
+            inst.cache.clear()
+            return app
+        inst = _Installation(weakref.ref(app), actor, keys, policy, max_header_bytes)
+        _connect(app, inst)
+        _installations[app] = inst
+    return app
+
+
+def uninstall(app: celery.Celery) -> bool:
+    """Undo :func:`install`: disconnect exactly the receivers it connected for ``app``.
+
+    Returns ``False`` when ``app`` was not installed. A task running at that moment keeps its
+    context until it ends; its ``task_postrun`` is no longer handled, so uninstall between tasks.
+    """
+    with _lock:
+        found = _installations.pop(app, None)
+        if found is None:
+            return False
+        inst: _Installation = found
+        for signal, receiver in inst.receivers:
+            signal.disconnect(receiver, dispatch_uid=_uid(signal, inst))
+        wrapper = app.__dict__.get("send_task")
+        if getattr(wrapper, "__threadline_installation__", None) is inst:
+            del app.send_task
+        inst.receivers.clear()
+        inst.cache.clear()
+    return True
+
+
+def installed(app: celery.Celery) -> bool:
+    """True when :func:`install` is in force for ``app``."""
+    return app in _installations
+
+
+def _ensure_installed(app: celery.Celery) -> None:
+    """Install with default options unless the app is already installed (keeps its options)."""
+    with _lock:
+        if app not in _installations:
+            install(app)
+
+
+def _check_policy(policy: object) -> SignaturePolicy:
+    if policy not in get_args(SignaturePolicy):
+        raise ConfigurationError(f"signature_policy must be 'strip' or 'reject', got {policy!r}")
+    return cast(SignaturePolicy, policy)
+
+
+def _uid(signal: Any, inst: _Installation) -> str:
+    return f"threadline.{signal.name}.{id(inst)}"
+
+
+def _connect(app: celery.Celery, inst: _Installation) -> None:
+    original = app.send_task
+
+    @functools.wraps(original)
+    def send_task(*args: Any, **kwargs: Any) -> Any:
+        if inst.original_send_task is None:  # uninstalled while someone else's wrapper kept ours
+            return original(*args, **kwargs)
+        ctx = current()
+        if not ctx.is_empty:
+            # Encode here, in the caller: an error raised in a publish receiver is swallowed.
+            inst.header_for(ctx, kwargs.get("task_id"), kwargs.get("parent_id") or _running_task_id(app))
+        token = _publishing.set(inst)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _publishing.reset(token)
+
+    send_task.__threadline_installation__ = inst  # type: ignore[attr-defined]
+    inst.original_send_task = original
+    app.send_task = send_task
+
+    def on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
+        if _publishing.get() is inst and isinstance(headers, dict):
+            _before_publish(inst, headers)
+
+    def on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
+        if task is not None and getattr(task, "_app", None) is inst.app():
+            _prerun(inst, task)
+
+    def on_postrun(sender: Any = None, task: Any = None, **_: Any) -> None:
+        if task is not None:
+            _postrun(task)
+
+    for signal, receiver in (
+        (signals.before_task_publish, on_publish),
+        (signals.task_prerun, on_prerun),
+        (signals.task_postrun, on_postrun),
+    ):
+        signal.connect(receiver, weak=False, dispatch_uid=_uid(signal, inst))
+        inst.receivers.append((signal, receiver))
+
+
+def _running_task_id(app: celery.Celery) -> str | None:
+    running = app.current_worker_task
+    return None if running is None else cast(str | None, running.request.id)
+
+
+def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
+    ctx = current()
+    if ctx.is_empty:
+        return
+    try:
+        headers[HEADER] = inst.header_for(ctx, headers.get("id"), headers.get("parent_id"))
+    except InvalidContext as exc:
+        # Only reachable when the message bypassed the app's send_task: never publish silently
+        # without the context, mark it so the worker records why.
+        logger.error("task %s[%s] is published without its audit context: %s", headers.get("task"), headers.get("id"), exc)
+        headers[HEADER] = {"v": codec.VERSION, carrier.ERROR_FIELD: _short(str(exc))}
+
+
+def _read_header(request: Any) -> object:
+    raw = request.get(HEADER)
+    if raw is None:
+        nested = request.headers
+        if isinstance(nested, Mapping):
+            raw = nested.get(HEADER)
+    return raw
+
+
+def _prerun(inst: _Installation, task: Any) -> None:
+    request = task.request
+    raw = _read_header(request)
+    if raw is None and request.is_eager:
+        return  # eager, no header: the caller's context stays exactly as it is
+    try:
+        ctx = _incoming_context(inst, task, request, raw)
+    except Exception as exc:  # never leave the previous task's context in force
+        logger.exception("task %s[%s]: could not restore the audit context", task.name, request.id)
+        ctx = AuditContext(origin=ORIGIN, incoming_error=_short(f"could not restore the context: {exc!r}"))
+    setattr(request, _TOKEN_ATTR, _current.set(ctx))
+
+
+def _postrun(task: Any) -> None:
+    request = task.request
+    token: Token[AuditContext] | None = request.__dict__.pop(_TOKEN_ATTR, None)
+    request.__dict__.pop(_REJECTED_ATTR, None)
+    if token is not None:
+        _current.reset(token)
+
+
+def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object) -> AuditContext:
+    task_id = _safe_id(request.id)
+    root_id = _safe_id(request.root_id) or task_id
+    parent_id = _safe_id(request.parent_id)
+    job = {
+        "name": task.name,
+        "id": task_id,
+        "retries": request.retries if isinstance(request.retries, int) else 0,
+        "parent_id": parent_id,
+        "root_id": root_id,
+    }
+    # Celery sets parent_id to the publishing task; a task republishing itself (retry of a root
+    # task, replace) names itself, and then the header says what caused it.
+    cause = parent_id if parent_id is not None and parent_id != task_id else None
+    if raw is None:
+        actor = getattr(task, "threadline_default_actor", None) or inst.default_actor
+        return AuditContext(actor=actor, correlation_id=root_id, causation_id=cause, origin=ORIGIN, job=job)
+    try:
+        fields = carrier.decode_wire(raw, keys=inst.keys, max_bytes=inst.max_header_bytes)
+    except InvalidContext as exc:
+        reason = _short(
+            f"header {exc.problem}" if exc.field == "header" else exc.problem if exc.field == "sig" else str(exc)
+        )
+        policy = getattr(task, "threadline_signature_policy", None) or inst.policy
+        if isinstance(exc, UntrustedContext) and policy == "reject":
+            if isinstance(task, Task):
+                setattr(request, _REJECTED_ATTR, reason)
+                logger.warning("task %s[%s] refused: %s (signature policy 'reject')", task.name, task_id, reason)
+            else:
+                logger.error(
+                    "task %s[%s]: %s; signature policy 'reject' needs tasks built on threadline.celery.Task, "
+                    "so it runs without the inherited audit context instead",
+                    task.name,
+                    task_id,
+                    reason,
+                )
+        else:
+            logger.warning(
+                "task %s[%s]: invalid incoming audit context: %s; it runs without the inherited context",
+                task.name,
+                task_id,
+                reason,
+            )
+        return AuditContext(correlation_id=root_id, causation_id=cause, origin=ORIGIN, job=job, incoming_error=reason)
+    fields["causation_id"] = cause or fields.get("causation_id")
+    fields["correlation_id"] = fields.get("correlation_id") or root_id
+    return AuditContext(**fields, origin=ORIGIN, job=job)
+
+
+def _safe_id(value: object) -> str | None:
+    """A Celery id usable as an audit id (1-256 characters, no control characters), else None."""
+    if isinstance(value, str) and 0 < len(value) <= 256 and not _CONTROL_RE.search(value):
+        return value
+    return None
+
+
+def _short(text: str) -> str:
+    return _CONTROL_RE.sub(" ", text)[:200]
+
+
+class Task(celery.Task):  # type: ignore[misc]
+    """Base class of threadline tasks: enforces the ``"reject"`` signature policy.
+
+    ``@threadline.task`` uses it; ``Celery(..., task_cls=threadline.celery.Task)`` makes it the
+    base of every task of an app. Per-task policy (class attributes, or options of
+    ``@threadline.task``): ``threadline_default_actor`` and ``threadline_signature_policy``.
+    """
+
+    threadline_default_actor: ClassVar[ActorRef | None] = None
+    threadline_signature_policy: ClassVar[SignaturePolicy | None] = None
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Refuse to run the body when the incoming context was rejected by signature policy."""
+        problem = self.request.get(_REJECTED_ATTR)
+        if problem:
+            raise UntrustedContext(
+                f"task {self.name}[{task_id}] was not run: {problem} (signature policy 'reject'); "
+                "publish it from an app installed with the same signing_keys"
+            )
+        super().before_start(task_id, args, kwargs)
+
+
+def task(
+    *args: Any,
+    app: celery.Celery | None = None,
+    default_actor: ActorRef | str | None = None,
+    signature_policy: SignaturePolicy | None = None,
+    **options: Any,
+) -> Any:
+    """Declare a Celery task that runs under the audit context it was sent with.
+
+    Works like ``shared_task`` (no ``app``: the task is registered on every app) or
+    ``app.task`` (``app=...``), with or without parentheses, and takes the same options
+    (``bind``, ``max_retries``, ``autoretry_for``...). It installs threadline on the app(s) with
+    default options unless :func:`install` already configured them, and accepts per-task policy:
+
+    - ``default_actor``: the actor when the task is started with no incoming context (beat);
+    - ``signature_policy``: ``"strip"`` or ``"reject"``, overriding the app's.
+
+    A ``base`` that is not a :class:`Task` is combined with it.
+    """
+    actor = codec.check_actor(default_actor)
+    policy = None if signature_policy is None else _check_policy(signature_policy)
+
+    def decorate(fun: F) -> Any:
+        opts = dict(options)
+        base = opts.get("base")
+        if base is None:
+            opts["base"] = Task
+        elif not (isinstance(base, type) and issubclass(base, Task)):
+            opts["base"] = type(base.__name__, (Task, base), {"__module__": base.__module__})
+        if actor is not None:
+            opts["threadline_default_actor"] = actor
+        if policy is not None:
+            opts["threadline_signature_policy"] = policy
+        if app is not None:
+            _ensure_installed(app)
+            return app.task(**opts)(fun)
+        _install_on_every_app()
+        return celery.shared_task(**opts)(fun)
+
+    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
+        return decorate(args[0])
+    if args:
+        raise TypeError("threadline.task takes options as keywords: @threadline.task(bind=True)")
+    return decorate
+
+
+def _install_on_every_app() -> None:
+    """Make every app (finalized now or later) install threadline, as shared tasks reach them all."""
+    global _shared_hook_connected
+    with _lock:
+        if not _shared_hook_connected:
+            celery_state.connect_on_app_finalize(_ensure_installed)
+            _shared_hook_connected = True
+        for app in list(celery_state._get_active_apps()):
+            if app.finalized:
+                _ensure_installed(app)
