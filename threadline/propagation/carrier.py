@@ -15,6 +15,7 @@ Kafka record headers, an outbox table): the value is the JSON text of that dict.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -33,6 +34,7 @@ DEFAULT_MAX_BYTES = 8192
 
 _LOCAL_FIELDS = ("origin", "job")
 _CARRIED = frozenset({"v", *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_signing_keys(keys: Iterable[str | bytes] | None) -> tuple[bytes, ...]:
@@ -48,13 +50,29 @@ def check_signing_keys(keys: Iterable[str | bytes] | None) -> tuple[bytes, ...]:
 
 
 def wire_dict(ctx: AuditContext, *, keep_incoming_error: bool = False) -> dict[str, Any]:
-    """The carried part of ``ctx`` as its canonical dict (without signature)."""
+    """The carried part of ``ctx`` as its canonical dict (without signature), as is."""
     out = codec.to_dict(ctx)
     for name in _LOCAL_FIELDS:
         out.pop(name, None)
     if not keep_incoming_error:
         out.pop("incoming_error", None)
     return out
+
+
+def sender_id(ctx: AuditContext) -> str | None:
+    """The id of the unit of work ``ctx`` describes: what a message sent from it is caused by.
+
+    The job's id when it runs in a job, else the request id, else its own cause.
+    """
+    job_id = safe_id((ctx.job or {}).get("id"))
+    return job_id or ctx.request_id or ctx.causation_id
+
+
+def safe_id(value: object) -> str | None:
+    """``value`` when it is usable as an audit id (1-256 characters, no control characters)."""
+    if isinstance(value, str) and 0 < len(value) <= codec.limits().max_id_length and not _CONTROL_RE.search(value):
+        return value
+    return None
 
 
 def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> dict[str, Any]:
@@ -143,8 +161,9 @@ def inject(
 ) -> MutableMapping[str, str]:
     """Put ``ctx`` (default: the current context) into ``carrier`` under ``"threadline"``.
 
-    The value is compact JSON text (encode it for byte-valued headers such as Kafka's). Nothing
-    is written when the context is empty. With ``signing_key`` the value carries an
+    The value is compact JSON text (encode it for byte-valued headers such as Kafka's). Its
+    ``causation_id`` is the sender: the current job's id, else the request id. Nothing is written
+    when the context is empty. With ``signing_key`` the value carries an
     HMAC-SHA256 signature that :func:`extract` checks. Raises :class:`InvalidContext` when the
     encoding is larger than ``max_bytes``. Returns ``carrier``.
     """
@@ -152,7 +171,11 @@ def inject(
     if ctx.is_empty:
         return carrier
     key = None if signing_key is None else codec.signing_key(signing_key)
-    body = seal(wire_dict(ctx), signing_key=key, max_bytes=max_bytes)
+    body = wire_dict(ctx)
+    cause = sender_id(ctx)
+    if cause is not None:
+        body["causation_id"] = cause
+    seal(body, signing_key=key, max_bytes=max_bytes)
     carrier[HEADER] = codec.dumps(body)
     return carrier
 

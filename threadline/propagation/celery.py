@@ -108,10 +108,7 @@ class _Installation:
         """
         job = ctx.job
         same_task = message_id is not None and job is not None and job.get("id") == message_id
-        if same_task:
-            causation = ctx.causation_id
-        else:
-            causation = _safe_id(parent_id) or ctx.request_id or ctx.causation_id
+        causation = ctx.causation_id if same_task else (_safe_id(parent_id) or carrier.sender_id(ctx))
         hit = self.cache.get(id(ctx))
         if hit is not None and hit[0] is ctx and hit[1] == causation and hit[2] == same_task:
             return dict(hit[3])
@@ -248,7 +245,13 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
     app.send_task = send_task
 
     def on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
-        if _publishing.get() is inst and isinstance(headers, dict):
+        publishing = _publishing.get()
+        if publishing is None:  # not sent through an installed app's send_task
+            if _current_app() is not inst.app():
+                return
+        elif publishing is not inst:
+            return
+        if isinstance(headers, dict):
             _before_publish(inst, headers)
 
     def on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
@@ -266,6 +269,11 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
     ):
         signal.connect(receiver, weak=False, dispatch_uid=_uid(signal, inst))
         inst.receivers.append((signal, receiver))
+
+
+def _current_app() -> Any:
+    """Celery's current app, without creating a default one as ``current_app`` would."""
+    return getattr(celery_state._tls, "current_app", None) or celery_state.default_app
 
 
 def _running_task_id(app: celery.Celery) -> str | None:
@@ -365,11 +373,7 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
     return AuditContext(**fields, origin=ORIGIN, job=job)
 
 
-def _safe_id(value: object) -> str | None:
-    """A Celery id usable as an audit id (1-256 characters, no control characters), else None."""
-    if isinstance(value, str) and 0 < len(value) <= 256 and not _CONTROL_RE.search(value):
-        return value
-    return None
+_safe_id = carrier.safe_id
 
 
 def _short(text: str) -> str:
@@ -425,7 +429,9 @@ def task(
         base = opts.get("base")
         if base is None:
             opts["base"] = Task
-        elif not (isinstance(base, type) and issubclass(base, Task)):
+        elif not isinstance(base, type):
+            raise TypeError(f"base must be a Task class, got {base!r}")
+        elif not issubclass(base, Task):
             opts["base"] = type(base.__name__, (Task, base), {"__module__": base.__module__})
         if actor is not None:
             opts["threadline_default_actor"] = actor
