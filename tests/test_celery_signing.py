@@ -1,0 +1,137 @@
+"""Signed contexts: a worker with signing keys; forged headers published straight to the broker."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import threadline
+from threadline import ActorRef, UntrustedContext, codec
+
+from .celery_app import tasks
+from .celery_app.harness import Worker, setup_events_table, wait_rows
+
+NEW_KEY = "new-signing-key-0123456789abcdef"
+OLD_KEY = "old-signing-key-0123456789abcdef"
+OTHER_KEY = "someone-elses-key-0123456789abcd"
+USER = {"type": "user", "id": "7"}
+
+
+@pytest.fixture(scope="module")
+def celery_dsn(database: str) -> Iterator[str]:
+    setup_events_table(database)
+    old = os.environ.get(tasks.DSN_ENV)
+    os.environ[tasks.DSN_ENV] = database
+    yield database
+    if old is None:
+        os.environ.pop(tasks.DSN_ENV, None)
+    else:
+        os.environ[tasks.DSN_ENV] = old
+
+
+@pytest.fixture(scope="module", params=[("redis", "prefork"), ("amqp", "threads")], ids=lambda p: "-".join(p))
+def signed(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    broker, pool = request.param
+    worker = Worker(broker, pool, celery_dsn, Path(tmp_path_factory.mktemp("celery")), signing_keys=[NEW_KEY, OLD_KEY])
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def client(worker: Worker, keys: list[str] | None) -> Celery:
+    app = worker.app(signing_keys=keys)
+    app.set_current()
+    return app
+
+
+def forged(body: dict[str, Any], key: str | None) -> dict[str, Any]:
+    """A header as an attacker (or a producer holding ``key``) would build it."""
+    out = dict(body)
+    if key is not None:
+        out["sig"] = codec.sign(codec.dumps(body), key.encode())
+    return out
+
+
+ADMIN = {"v": 1, "actor": {"type": "admin", "id": "1"}, "correlation_id": "forged"}
+
+
+def test_signed_contexts_are_accepted_and_resigned_for_children(signed: Worker, celery_dsn: str) -> None:
+    client(signed, [NEW_KEY, OLD_KEY])
+    p = f"signed-{uuid.uuid4().hex[:8]}"
+    with threadline.context(actor=ActorRef.user("7"), correlation_id=p, request_id=f"req-{p}"):
+        parent = tasks.spawn.delay(f"{p}-spawn")
+        guarded = tasks.guarded.delay(f"{p}-guarded")
+    rows = wait_rows(celery_dsn, p, 3, worker=signed)
+    for row in rows.values():
+        assert (row["actor"], row["correlation_id"], row["context_error"]) == (USER, p, None), row
+    assert rows[f"{p}-spawn:child"]["causation_id"] == parent.id
+    assert guarded.get(timeout=30) == f"{p}-guarded"
+
+
+def test_key_rotation_old_key_still_verifies(signed: Worker, celery_dsn: str) -> None:
+    client(signed, [OLD_KEY])  # a producer not yet rolled over
+    p = f"rotation-{uuid.uuid4().hex[:8]}"
+    with threadline.context(actor=ActorRef.user("7"), correlation_id=p):
+        tasks.record.delay(f"{p}-celery")
+    signed.publish_raw(tasks.NAME + "record", [f"{p}-kombu"], {"threadline": forged({**ADMIN, "correlation_id": p}, OLD_KEY)})
+    rows = wait_rows(celery_dsn, p, 2, worker=signed)
+    assert rows[f"{p}-celery"]["actor"] == USER and rows[f"{p}-celery"]["context_error"] is None
+    assert rows[f"{p}-kombu"]["actor"] == ADMIN["actor"] and rows[f"{p}-kombu"]["context_error"] is None
+
+
+def test_forged_headers_are_stripped_marked_and_logged(signed: Worker, celery_dsn: str) -> None:
+    client(signed, [NEW_KEY])
+    p = f"forged-{uuid.uuid4().hex[:8]}"
+    good = forged(ADMIN, NEW_KEY)
+    headers = {
+        "unsigned": ADMIN,
+        "other-key": forged(ADMIN, OTHER_KEY),
+        "tampered": {**good, "actor": {"type": "admin", "id": "2"}},
+        "bad-sig-type": {**ADMIN, "sig": 12345},
+    }
+    ids = {name: signed.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": h}) for name, h in headers.items()}
+    rows = wait_rows(celery_dsn, p, len(headers), worker=signed)
+    log = signed.log()
+    for name, task_id in ids.items():
+        row = rows[f"{p}-{name}"]
+        assert row["actor"] is None, row  # never the forged admin
+        assert row["correlation_id"] == task_id, row  # nor its correlation id
+        assert row["context_error"].startswith("incoming: header "), row
+        assert sum(task_id in line and "invalid incoming audit context" in line for line in log.splitlines()) == 1
+    assert rows[f"{p}-unsigned"]["context_error"] == "incoming: header is not signed"
+    assert "matches none of the signing keys" in rows[f"{p}-tampered"]["context_error"]
+
+
+def test_unsigned_producer_is_stripped(signed: Worker, celery_dsn: str) -> None:
+    client(signed, None)  # a producer installed without the keys
+    p = f"nokeys-{uuid.uuid4().hex[:8]}"
+    with threadline.context(actor=ActorRef.user("7"), correlation_id=p):
+        tasks.record.delay(p)
+    row = wait_rows(celery_dsn, p, 1, worker=signed)[p]
+    assert (row["actor"], row["context_error"]) == (None, "incoming: header is not signed")
+
+
+def test_reject_policy_fails_the_task_without_running_it(signed: Worker, celery_dsn: str) -> None:
+    app = client(signed, [NEW_KEY])
+    p = f"reject-{uuid.uuid4().hex[:8]}"
+    rejected = signed.publish_raw(tasks.NAME + "guarded", [f"{p}-forged"], {"threadline": ADMIN})
+    no_header = signed.publish_raw(tasks.NAME + "guarded", [f"{p}-beat"])  # no context is not a forgery
+    result = app.AsyncResult(rejected)
+    with pytest.raises(UntrustedContext) as info:
+        result.get(timeout=30)
+    assert result.state == "FAILURE"
+    assert "was not run: header is not signed" in str(info.value)
+    assert "signature policy 'reject'" in str(info.value)
+    assert app.AsyncResult(no_header).get(timeout=30) == f"{p}-beat"
+    rows = wait_rows(celery_dsn, p, 1, worker=signed, settle=0.3)
+    assert set(rows) == {f"{p}-beat"}  # the rejected body never wrote
+    assert rows[f"{p}-beat"]["actor"] == tasks.DEFAULT_ACTOR.to_dict()
+    assert any(rejected in line and "refused" in line for line in signed.log().splitlines())
