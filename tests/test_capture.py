@@ -132,6 +132,17 @@ def test_context_set_after_the_first_write_wins(conn: Conn, posts: str) -> None:
         '{"v":1,"meta":[1,2]}',
         '[{"v":1}]',
         "x" * 20000,
+        '{"v":1,"correlation_id":"' + "x" * 257 + '"}',
+        '{"v":1,"correlation_id":"a\\u0007b"}',
+        '{"v":1,"correlation_id":["a"]}',
+        '{"v":1,"request_id":7}',
+        '{"v":1,"origin":""}',
+        '{"v":1,"actor":{"type":"user","id":["1"]}}',
+        '{"v":1,"actor":{"type":["user"],"id":"1"}}',
+        '{"v":1,"actor":{"type":"user","id":"1","display":"a\\nb"}}',
+        '{"v":1,"actor":null}',
+        '{"v":1,"job":"celery"}',
+        '{"v":1,"incoming_error":5}',
     ],
 )
 def test_malformed_context_never_blocks_the_write_and_is_recorded_invalid(
@@ -146,15 +157,35 @@ def test_malformed_context_never_blocks_the_write_and_is_recorded_invalid(
     assert conn.execute("SELECT count(*) FROM app.posts").fetchone() == (1,)
 
 
+def test_longest_allowed_values_are_accepted(conn: Conn, posts: str) -> None:
+    longest = "é" * 256  # characters, not bytes
+    raw = (
+        '{"v":1,"actor":{"type":"a' + "b" * 31 + '","id":"' + longest + '"},"correlation_id":"'
+        + longest + '","job":{},"meta":{"k":[1]}}'
+    )
+    with conn.transaction():
+        conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+    (tx,) = transactions(conn)
+    assert tx["context_error"] is None
+    assert tx["actor"] == {"type": "a" + "b" * 31, "id": longest} and tx["correlation_id"] == longest
+
+
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:
     with threadline.context(actor="user:victim"), threadline.transaction(conn):
         conn.execute("INSERT INTO app.posts (id) VALUES (1)")
     (victim,) = transactions(conn)
-    with conn.transaction():
-        conn.execute("SELECT set_config('threadline.tx_threadline', %s, true)", [str(victim["id"])])
-        conn.execute("INSERT INTO app.posts (id) VALUES (2)")
+    # the cache holds "id/xid": a bare id, or one naming the victim's own (finished) transaction,
+    # is not trusted
+    for n, forged in enumerate([str(victim["id"]), f"{victim['id']}/{victim['xid']}"], start=2):
+        with conn.transaction():
+            conn.execute("SELECT set_config('threadline.tx_threadline', %s, true)", [forged])
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [n])
+            conn.execute("UPDATE app.posts SET title = 'x' WHERE id = %s", [n])
     rows = changes(conn)
-    assert rows[1]["transaction_id"] != victim["id"] and rows[1]["actor"] is None
+    assert len(rows) == 5 and len(transactions(conn)) == 3
+    for row in rows[1:]:
+        assert row["transaction_id"] != victim["id"] and row["actor"] is None
 
 
 def test_composite_keys_and_primary_key_changes(conn: Conn) -> None:
@@ -188,7 +219,7 @@ def test_bulk_statement_pairs_every_row(conn: Conn) -> None:
         assert r["before"]["n"] == old_id and r["after"]["n"] == old_id * 2
         assert r["after"]["label"] == f"x{old_id}" and sorted(r["changed_fields"]) == ["id", "n"]
     with pytest.raises(InvalidTrackOption, match="reserved"):
-        conn.execute('ALTER TABLE app.big ADD COLUMN "threadline rn" int')
+        conn.execute('ALTER TABLE app.big ADD COLUMN "threadline new" int')
         ddl.track(conn, "big")
 
 

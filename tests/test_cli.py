@@ -9,6 +9,8 @@ from typing import Any
 
 import psycopg
 
+from threadline import ddl
+
 from .conftest import changes
 
 
@@ -37,7 +39,7 @@ def test_print_sql_needs_no_database_and_is_idempotent(conn: psycopg.Connection[
     try:
         conn.execute(res.stdout.encode())
         conn.execute(res.stdout.encode())  # applying the printed script twice is harmless
-        assert conn.execute("SELECT version FROM audit_cli.schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM audit_cli.schema_version").fetchall() == [(ddl.SCHEMA_VERSION,)]
     finally:
         conn.execute("DROP SCHEMA audit_cli CASCADE")
 
@@ -52,7 +54,7 @@ def test_install_track_untrack_round_trip(dsn: str, conn: psycopg.Connection[Any
     sql_text = run(
         "track", "app.orders", "--mask", "card", "--exclude", "note", "--print-sql", "--dsn", dsn
     ).stdout
-    assert sql_text.startswith("-- threadline capture v1 fingerprint")
+    assert sql_text.startswith(f"-- threadline capture v{ddl.triggers.CAPTURE_VERSION} fingerprint")
     conn.execute("INSERT INTO app.orders VALUES (1, '4111', 'n')")
     assert changes(conn)[0]["after"] == {"id": 1, "card": "[masked]"}
     res = run("untrack", "app.orders", env={"DATABASE_URL": dsn})

@@ -20,7 +20,7 @@ from threadline.ddl.names import (
 )
 from threadline.errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the audit schema this release installs."""
 
 _SCRIPT = """\
@@ -94,109 +94,92 @@ CREATE INDEX IF NOT EXISTS changes_captured_at_idx
 CREATE INDEX IF NOT EXISTS actions_correlation_id_idx
     ON {schema}.actions (correlation_id) WHERE correlation_id IS NOT NULL;
 
-CREATE OR REPLACE FUNCTION {schema}.valid_text(v jsonb) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $fn$
-    SELECT v IS NULL OR (jsonb_typeof(v) = 'string'
-        AND length(v #>> ARRAY[]::text[]) BETWEEN 1 AND 256
-        AND (v #>> ARRAY[]::text[]) !~ '[[:cntrl:]]')
-$fn$;
+DROP FUNCTION IF EXISTS {schema}.valid_text(jsonb);
+-- version 1 decoded the context text in one PL/pgSQL function
+DROP FUNCTION IF EXISTS {schema}.decode_context(text);
 
--- Decode and validate the context text. Never raises: a bad value yields NULL fields and a
--- reason in context_error, so it can neither block the write nor become a wrong actor.
-CREATE OR REPLACE FUNCTION {schema}.decode_context(
-    raw text,
-    OUT actor jsonb, OUT correlation_id text, OUT request_id text, OUT causation_id text,
-    OUT origin text, OUT job jsonb, OUT meta jsonb, OUT context_error text)
-LANGUAGE plpgsql STABLE AS $fn$
-DECLARE
-    j jsonb;
-    a jsonb;
+-- Parse the context text. Never raises: a value that is too large or not JSON yields a reason.
+CREATE OR REPLACE FUNCTION {schema}.parse_context(raw text, OUT j jsonb, OUT err text)
+LANGUAGE plpgsql IMMUTABLE AS $fn$
 BEGIN
     IF raw IS NULL OR raw = '' THEN
         RETURN;
-    END IF;
-    IF octet_length(raw) > 16384 THEN
-        context_error := 'context is larger than 16384 bytes';
+    ELSIF octet_length(raw) > 16384 THEN
+        err := 'context is larger than 16384 bytes';
         RETURN;
     END IF;
-    BEGIN
-        j := raw::jsonb;
-    EXCEPTION WHEN others THEN
-        context_error := 'context is not valid JSON';
-        RETURN;
-    END;
-    IF jsonb_typeof(j) <> 'object' THEN
-        context_error := 'context is not a JSON object';
-    ELSIF j -> 'v' IS DISTINCT FROM '1'::jsonb THEN
-        context_error := 'context version is missing or unsupported';
-    ELSIF (j - ARRAY['v', 'actor', 'correlation_id', 'request_id', 'causation_id', 'origin',
-                     'job', 'meta', 'incoming_error']) <> '{{}}'::jsonb THEN
-        context_error := 'context has unknown fields';
-    ELSIF NOT ({schema}.valid_text(j -> 'correlation_id') AND {schema}.valid_text(j -> 'request_id')
-               AND {schema}.valid_text(j -> 'causation_id') AND {schema}.valid_text(j -> 'origin')
-               AND {schema}.valid_text(j -> 'incoming_error')) THEN
-        context_error := 'context has an invalid id or origin';
-    ELSIF jsonb_typeof(j -> 'job') IS DISTINCT FROM 'object' AND j ? 'job'
-          OR jsonb_typeof(j -> 'meta') IS DISTINCT FROM 'object' AND j ? 'meta' THEN
-        context_error := 'context job or meta is not an object';
-    ELSE
-        a := j -> 'actor';
-        IF a IS NOT NULL AND NOT (
-            jsonb_typeof(a) = 'object'
-            AND (a - ARRAY['type', 'id', 'display']) = '{{}}'::jsonb
-            AND jsonb_typeof(a -> 'type') = 'string'
-            AND (a ->> 'type') ~ '^[a-z][a-z0-9_]{{0,31}}$'
-            AND {schema}.valid_text(a -> 'id') AND {schema}.valid_text(a -> 'display')
-            AND (a ? 'id' OR a ->> 'type' = 'anonymous')) THEN
-            context_error := 'context actor is invalid';
-            RETURN;
-        END IF;
-        actor := a;
-        correlation_id := j ->> 'correlation_id';
-        request_id := j ->> 'request_id';
-        causation_id := j ->> 'causation_id';
-        origin := j ->> 'origin';
-        job := j -> 'job';
-        meta := j -> 'meta';
-        -- The application refused a context it received (a Celery header, another carrier):
-        -- the work ran without it, and its transactions say so.
-        IF j ? 'incoming_error' THEN
-            context_error := 'incoming: ' || (j ->> 'incoming_error');
-        END IF;
-    END IF;
+    j := raw::jsonb;
+EXCEPTION WHEN others THEN
+    j := NULL;
+    err := 'context is not valid JSON';
 END
 $fn$;
 
--- The transactions row of the current database transaction, created on first use: the context
--- setting is read once per transaction and the id is cached in a transaction-local setting.
+-- Validate a parsed context and split it into the transaction row's fields. A bad value yields
+-- NULL fields and a reason in context_error, so it can neither block the write nor become a
+-- wrong actor. One SQL statement that PostgreSQL inlines into its caller's cached plan.
+CREATE OR REPLACE FUNCTION {schema}.decode_context(j jsonb, parse_error text)
+RETURNS TABLE (actor jsonb, correlation_id text, request_id text, causation_id text, origin text,
+               job jsonb, meta jsonb, context_error text)
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT CASE WHEN s.err IS NULL THEN s.j -> 'actor' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'correlation_id' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'request_id' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'causation_id' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'origin' END,
+           CASE WHEN s.err IS NULL THEN s.j -> 'job' END,
+           CASE WHEN s.err IS NULL THEN s.j -> 'meta' END,
+           -- the application refused a context it received (a Celery header, another carrier):
+           -- the work ran without it, and its transactions say so
+           CASE WHEN s.err IS NULL AND s.j ? 'incoming_error'
+                THEN 'incoming: ' || (s.j ->> 'incoming_error') ELSE s.err END
+      FROM (SELECT j, CASE
+            WHEN parse_error IS NOT NULL THEN parse_error
+            WHEN j IS NULL THEN NULL
+            WHEN jsonb_typeof(j) <> 'object' THEN 'context is not a JSON object'
+            WHEN j -> 'v' IS DISTINCT FROM '1'::jsonb THEN 'context version is missing or unsupported'
+            WHEN (j - ARRAY['v', 'actor', 'correlation_id', 'request_id', 'causation_id', 'origin',
+                            'job', 'meta', 'incoming_error']) <> '{{}}'::jsonb
+                THEN 'context has unknown fields'
+            WHEN NOT coalesce(jsonb_path_match(j, {ids_path}, '{{}}', true), false) THEN 'context has an invalid id or origin'
+            WHEN NOT coalesce(jsonb_path_match(j, {maps_path}, '{{}}', true), false) THEN 'context job or meta is not an object'
+            WHEN NOT coalesce(jsonb_path_match(j, {actor_path}, '{{}}', true), false)
+                 OR (j ? 'actor' AND ((j -> 'actor') - ARRAY['type', 'id', 'display']) <> '{{}}'::jsonb)
+                THEN 'context actor is invalid'
+            END AS err OFFSET 0) AS s
+$fn$;
+
+-- Create the transactions row of the current database transaction, reading the context setting
+-- once, and cache "id/xid" in a transaction-local setting for the capture functions.
 CREATE OR REPLACE FUNCTION {schema}.transaction_id() RETURNS bigint
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    cached text := current_setting({tx_setting}, true);
-    raw text;
-    c record;
+    raw text := coalesce(current_setting({context_setting}, true), '');
+    p record;
     new_id bigint;
 BEGIN
-    IF cached <> '' THEN
-        -- Trust the cache only if it names this transaction's own row: a forged setting must
-        -- not attach changes to another transaction's context.
-        PERFORM 1 FROM {schema}.transactions t
-         WHERE t.id = cached::bigint AND t.xid = pg_current_xact_id();
-        IF FOUND THEN
-            RETURN cached::bigint;
-        END IF;
-    END IF;
-    raw := coalesce(current_setting({context_setting}, true), '');
-    c := {schema}.decode_context(raw);
+    SELECT * INTO p FROM {schema}.parse_context(raw);
     INSERT INTO {schema}.transactions
         (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
-    VALUES (c.actor, c.correlation_id, c.request_id, c.causation_id, c.origin, c.job, c.meta,
-            c.context_error)
+    SELECT d.actor, d.correlation_id, d.request_id, d.causation_id, d.origin, d.job, d.meta,
+           d.context_error
+      FROM {schema}.decode_context(p.j, p.err) AS d
     RETURNING id INTO new_id;
-    PERFORM set_config({tx_setting}, new_id::text, true);
-    PERFORM set_config({ctx_cache_setting}, raw, true);
+    PERFORM set_config({tx_setting}, new_id::text || '/' || pg_current_xact_id()::text, true),
+            set_config({ctx_cache_setting}, raw, true);
     RETURN new_id;
 END
+$fn$;
+
+-- The transactions row id of the current database transaction, created on first use. The
+-- cache names its own transaction's xid, so a value left over or set by hand for another
+-- transaction is never trusted. Inlined into the capture functions' statements.
+CREATE OR REPLACE FUNCTION {schema}.current_transaction_id() RETURNS bigint
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT CASE WHEN split_part(current_setting({tx_setting}, true), '/', 2)
+                     = pg_current_xact_id()::text
+                THEN split_part(current_setting({tx_setting}, true), '/', 1)::bigint
+                ELSE {schema}.transaction_id() END
 $fn$;
 
 -- At commit: if the context was changed after the transaction row was written, the last value
@@ -205,15 +188,14 @@ CREATE OR REPLACE FUNCTION {schema}.refresh_transaction_context() RETURNS trigge
 LANGUAGE plpgsql AS $fn$
 DECLARE
     raw text := coalesce(current_setting({context_setting}, true), '');
-    c record;
 BEGIN
     IF raw IS DISTINCT FROM current_setting({ctx_cache_setting}, true) THEN
-        c := {schema}.decode_context(raw);
-        UPDATE {schema}.transactions
-           SET actor = c.actor, correlation_id = c.correlation_id, request_id = c.request_id,
-               causation_id = c.causation_id, origin = c.origin, job = c.job, meta = c.meta,
-               context_error = c.context_error
-         WHERE id = NEW.id;
+        UPDATE {schema}.transactions AS t
+           SET actor = d.actor, correlation_id = d.correlation_id, request_id = d.request_id,
+               causation_id = d.causation_id, origin = d.origin, job = d.job, meta = d.meta,
+               context_error = d.context_error
+          FROM {schema}.parse_context(raw) AS p, {schema}.decode_context(p.j, p.err) AS d
+         WHERE t.id = NEW.id;
     END IF;
     RETURN NULL;
 END
@@ -226,6 +208,24 @@ CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON {schema}.transactions
 
 INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
 """
+
+
+# Validation of the decoded context as JSON path predicates: each is one call that PostgreSQL runs
+# in C, which keeps the per-transaction cost of decoding small. A text value is a string of 1 to
+# 256 characters without control characters.
+_TEXT = '($.{0}.type() == "string" && $.{0} like_regex "^[^\\u0001-\\u001f\\u007f][^\\u0001-\\u001f\\u007f]{{0,255}}$")'
+_OPTIONAL_TEXT = "(!exists($.{0}) || " + _TEXT + ")"
+_IDS_PATH = " && ".join(
+    _OPTIONAL_TEXT.format(f)
+    for f in ("correlation_id", "request_id", "causation_id", "origin", "incoming_error")
+)
+_MAPS_PATH = " && ".join(f'(!exists($.{f}) || $.{f}.type() == "object")' for f in ("job", "meta"))
+_ACTOR_PATH = (
+    '!exists($.actor) || ($.actor.type() == "object" && $.actor.type.type() == "string"'
+    ' && $.actor.type like_regex "^[a-z][a-z0-9_]{0,31}$"'
+    f" && {_OPTIONAL_TEXT.format('actor.id')} && {_OPTIONAL_TEXT.format('actor.display')}"
+    ' && (exists($.actor.id) || $.actor.type == "anonymous"))'
+)
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,9 @@ def install_sql(schema: str = DEFAULT_SCHEMA) -> str:
     check_schema_name(schema)
     composed = sql.SQL(_SCRIPT).format(
         schema=sql.Identifier(schema),
+        ids_path=sql.Literal(_IDS_PATH),
+        maps_path=sql.Literal(_MAPS_PATH),
+        actor_path=sql.Literal(_ACTOR_PATH),
         version=sql.Literal(SCHEMA_VERSION),
         tx_setting=sql.Literal(transaction_cache_setting(schema)),
         ctx_cache_setting=sql.Literal(context_cache_setting(schema)),

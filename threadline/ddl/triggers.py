@@ -2,10 +2,13 @@
 
 For every tracked table threadline generates one PL/pgSQL function with the table's key columns,
 tracked columns, exclusions and masks baked in, and four ``AFTER ... FOR EACH STATEMENT``
-triggers (insert, update, delete with transition tables; truncate). Update rows are paired by
-their position in the transition tables, so updates that change the primary key are captured
-correctly. The generated SQL is deterministic and carries a fingerprint of what it was generated
-from, so a table whose columns changed since can be found (:func:`tracked_tables`).
+triggers (insert, update, delete with transition tables; truncate): one ``INSERT ... SELECT``
+captures every row a statement changed. Update rows are paired by their position in the
+transition tables, so updates that change the primary key are captured correctly. The
+transaction row's id comes from a transaction-local cache (see ``current_transaction_id()`` in
+the audit schema), so a statement after the first costs no lookup. The generated SQL is
+deterministic and carries a fingerprint of what it was generated from, so a table whose columns
+changed since can be found (:func:`tracked_tables`).
 """
 
 from __future__ import annotations
@@ -33,19 +36,18 @@ from threadline.errors import (
     UnknownTable,
 )
 
-CAPTURE_VERSION = 1
+CAPTURE_VERSION = 2
 """Version of the generated capture code; part of every fingerprint."""
 
 MASK_PLACEHOLDER = "[masked]"
 """What a masked column's value is replaced with in every audit image."""
 
 OPS = ("insert", "update", "delete", "truncate")
-_ROW_NUMBER = "threadline rn"
-# Aliases in the generated SQL; they cannot collide with a column because those names are refused.
+# Aliases of the transition tables' rows; they cannot collide with a column (``to_jsonb(alias)``
+# would then read the column) because columns with these names are refused.
 _OLD = "threadline old"
 _NEW = "threadline new"
-_ROW = "threadline row"
-_RESERVED = (_ROW_NUMBER, _OLD, _NEW, _ROW)
+_RESERVED = (_OLD, _NEW, "threadline rn", "threadline row")
 _NEW_TABLE = "threadline_new"
 _OLD_TABLE = "threadline_old"
 
@@ -316,23 +318,28 @@ def _lit(value: object) -> sql.Composable:
     return sql.Literal(value)
 
 
-def _col(alias: str, name: str) -> sql.Composable:
-    return sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(name))
+def _col(alias: sql.Composable, name: str) -> sql.Composable:
+    return sql.SQL("{}.{}").format(alias, sql.Identifier(name))
+
+
+_OLD_ROW = sql.Identifier(_OLD)
+_NEW_ROW = sql.Identifier(_NEW)
+_ROW_NUMBER = "threadline rn"
 
 
 def _distinct(plan_col: Column, negate: bool = False) -> sql.Composable:
-    """``o.c IS [NOT] DISTINCT FROM n.c`` (compared as text for types without equality)."""
+    """``old.c IS [NOT] DISTINCT FROM new.c`` (compared as text for types without equality)."""
     op = sql.SQL("IS NOT DISTINCT FROM" if negate else "IS DISTINCT FROM")
-    old, new = _col(_OLD, plan_col.name), _col(_NEW, plan_col.name)
+    old, new = _col(_OLD_ROW, plan_col.name), _col(_NEW_ROW, plan_col.name)
     if not plan_col.comparable:
         old = sql.SQL("{}::text").format(old)
         new = sql.SQL("{}::text").format(new)
     return sql.SQL("{} {} {}").format(old, op, new)
 
 
-def _image(plan: CapturePlan, alias: str, extra_drop: Sequence[str] = ()) -> sql.Composable:
+def _image(plan: CapturePlan, row: sql.Composable, extra_drop: Sequence[str] = ()) -> sql.Composable:
     """``to_jsonb(row)`` with excluded (and helper) keys removed and masked values replaced."""
-    expr: sql.Composable = sql.SQL("to_jsonb({})").format(sql.Identifier(alias))
+    expr: sql.Composable = sql.SQL("to_jsonb({})").format(row)
     drop = [*extra_drop, *plan.exclude]
     if drop:
         expr = sql.SQL("({} - {}::text[])").format(expr, _lit(drop))
@@ -342,14 +349,18 @@ def _image(plan: CapturePlan, alias: str, extra_drop: Sequence[str] = ()) -> sql
     return expr
 
 
-def _pk(plan: CapturePlan, alias: str) -> sql.Composable:
-    parts = [sql.SQL("{}, {}").format(_lit(k), _col(alias, k)) for k in plan.keys]
+def _pk(plan: CapturePlan, row: sql.Composable) -> sql.Composable:
+    parts = [sql.SQL("{}, {}").format(_lit(k), _col(row, k)) for k in plan.keys]
     return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(parts))
 
 
-def _update_statement(plan: CapturePlan, head: sql.Composable) -> sql.Composable:
+def _update_select(plan: CapturePlan) -> sql.Composable:
+    """``SELECT`` of one change per updated row that changed a tracked column.
+
+    Rows of the old and new transition tables are paired by position, which also pairs rows
+    whose primary key changed.
+    """
     tracked = [c for c in plan.columns if c.name not in plan.exclude]
-    any_changed = sql.SQL(" OR ").join(_distinct(c) for c in tracked)
     unchanged = sql.SQL("ARRAY[{}]::text[]").format(
         sql.SQL(", ").join(
             sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c, negate=True), _lit(c.name))
@@ -362,7 +373,7 @@ def _update_statement(plan: CapturePlan, head: sql.Composable) -> sql.Composable
         )
     )
     before: sql.Composable = sql.SQL("(to_jsonb({}) - {}::text[] - {})").format(
-        sql.Identifier(_OLD), _lit([_ROW_NUMBER, *plan.exclude]), unchanged
+        _OLD_ROW, _lit([_ROW_NUMBER, *plan.exclude]), unchanged
     )
     for m in plan.mask:
         col = next(c for c in plan.columns if c.name == m)
@@ -371,65 +382,78 @@ def _update_statement(plan: CapturePlan, head: sql.Composable) -> sql.Composable
         )
     side = "SELECT row_number() OVER () AS {rn}, {row}.* FROM {tbl} AS {row}"
     return sql.SQL(
-        "{head}, 'update', {pk}, {after}, {before}, {changed}\n"
+        "    SELECT (SELECT {audit}.current_transaction_id()), {s}, {t}, 'update',\n"
+        "           {pk}, {after}, {before}, {changed}\n"
         "      FROM (" + side + ") AS {old}\n"
         "      JOIN (" + side.replace("{tbl}", "{tbl2}") + ") AS {new} ON {old}.{rn} = {new}.{rn}\n"
-        "     WHERE {any_changed};"
+        "     WHERE {any_changed};\n"
     ).format(
-        head=head,
-        pk=_pk(plan, _NEW),
-        after=_image(plan, _NEW, [_ROW_NUMBER]),
-        old=sql.Identifier(_OLD),
-        new=sql.Identifier(_NEW),
-        row=sql.Identifier(_ROW),
+        audit=sql.Identifier(plan.audit_schema),
+        s=_lit(plan.table_schema),
+        t=_lit(plan.table_name),
+        pk=_pk(plan, _NEW_ROW),
+        after=_image(plan, _NEW_ROW, [_ROW_NUMBER]),
         before=before,
         changed=changed,
+        old=_OLD_ROW,
+        new=_NEW_ROW,
+        row=sql.Identifier("threadline row"),
         rn=sql.Identifier(_ROW_NUMBER),
         tbl=sql.Identifier(_OLD_TABLE),
         tbl2=sql.Identifier(_NEW_TABLE),
-        any_changed=any_changed,
+        any_changed=sql.SQL(" OR ").join(_distinct(c) for c in tracked),
     )
 
 
 def _function_body(plan: CapturePlan) -> str:
     audit = sql.Identifier(plan.audit_schema)
-    insert_into = sql.SQL(
-        "INSERT INTO {}.changes (transaction_id, table_schema, table_name, op, pk, {})\n"
-        "    SELECT (SELECT {}.transaction_id()), {}, {}"
+    columns = "INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op, pk, {cols})\n"
+    # The scalar subquery runs once per statement, and only when the statement changed a row.
+    from_transition = (
+        columns + "    SELECT (SELECT {audit}.current_transaction_id()), {s}, {t}, {op}, {pk}, {image}\n"
+        "      FROM {table} AS {alias};\n"
     )
-    where = (_lit(plan.table_schema), _lit(plan.table_name))
+    where = {"audit": audit, "s": _lit(plan.table_schema), "t": _lit(plan.table_name)}
+    new_alias, old_alias = _NEW_ROW, _OLD_ROW
     body = sql.SQL(
         "\nBEGIN\n"
-        "  IF TG_OP = 'INSERT' THEN\n"
-        "    {ins_head}, 'insert', {ins_pk}, {ins_after}\n      FROM {new} AS {new_alias};\n"
-        "  ELSIF TG_OP = 'UPDATE' THEN\n"
-        "    {upd}\n"
+        "  IF TG_OP = 'UPDATE' THEN\n"
+        "    {upd}"
+        "  ELSIF TG_OP = 'INSERT' THEN\n"
+        "    {ins}"
         "  ELSIF TG_OP = 'DELETE' THEN\n"
-        "    {del_head}, 'delete', {del_pk}, {del_before}\n      FROM {old} AS {old_alias};\n"
+        "    {dele}"
         "  ELSIF TG_OP = 'TRUNCATE' THEN\n"
         "    INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op)\n"
-        "    VALUES ({audit}.transaction_id(), {s}, {t}, 'truncate');\n"
+        "    VALUES ({audit}.current_transaction_id(), {s}, {t}, 'truncate');\n"
         "  END IF;\n"
         "  RETURN NULL;\n"
         "END\n"
     ).format(
-        ins_head=insert_into.format(audit, sql.SQL("after"), audit, *where),
-        ins_pk=_pk(plan, _NEW),
-        ins_after=_image(plan, _NEW),
-        new_alias=sql.Identifier(_NEW),
-        old_alias=sql.Identifier(_OLD),
-        new=sql.Identifier(_NEW_TABLE),
-        upd=_update_statement(
-            plan,
-            insert_into.format(audit, sql.SQL("after, before, changed_fields"), audit, *where),
+        upd=sql.SQL(columns + "{rest}").format(
+            cols=sql.SQL("after, before, changed_fields"),
+            rest=_update_select(plan),
+            **where,
         ),
-        del_head=insert_into.format(audit, sql.SQL("before"), audit, *where),
-        del_pk=_pk(plan, _OLD),
-        del_before=_image(plan, _OLD),
-        old=sql.Identifier(_OLD_TABLE),
-        audit=audit,
-        s=where[0],
-        t=where[1],
+        ins=sql.SQL(from_transition).format(
+            cols=sql.SQL("after"),
+            op=_lit("insert"),
+            pk=_pk(plan, new_alias),
+            image=_image(plan, new_alias),
+            table=sql.Identifier(_NEW_TABLE),
+            alias=new_alias,
+            **where,
+        ),
+        dele=sql.SQL(from_transition).format(
+            cols=sql.SQL("before"),
+            op=_lit("delete"),
+            pk=_pk(plan, old_alias),
+            image=_image(plan, old_alias),
+            table=sql.Identifier(_OLD_TABLE),
+            alias=old_alias,
+            **where,
+        ),
+        **where,
     )
     return body.as_string(None)
 
@@ -473,7 +497,11 @@ def track_sql_for(plan: CapturePlan) -> str:
         stmts.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trig, table))
         stmts.append(
             sql.SQL("CREATE TRIGGER {} AFTER {} ON {} {} EXECUTE FUNCTION {}()").format(
-                trig, sql.SQL(op.upper()), table, sql.SQL(referencing[op]), fn
+                trig,
+                sql.SQL(op.upper()),
+                table,
+                sql.SQL(referencing[op]),
+                fn,
             )
         )
     return header + "".join(s.as_string(None) + ";\n" for s in stmts)
