@@ -64,9 +64,12 @@ def set_limits(**changes: int) -> Limits:
     return _limits
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> str:
     """Canonical JSON: sorted keys, no whitespace, UTF-8 kept, NaN/Infinity refused."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def check_text(field: str, value: Any) -> str | None:

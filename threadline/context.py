@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
@@ -57,13 +57,26 @@ class AuditContext:
             plain = codec.check_mapping(name, getattr(self, name))
             object.__setattr__(self, name, None if plain is None else MappingProxyType(plain))
 
+    @classmethod
+    def _unchecked(cls, **values: Any) -> AuditContext:
+        """Build from values that are valid already: the fast path for carriers that validated
+        every field themselves (``job``/``meta`` must be plain JSON-compatible dicts)."""
+        ctx = object.__new__(cls)
+        state = ctx.__dict__
+        for name in codec.ALL_FIELDS:
+            state[name] = values.get(name)
+        for name in codec.MAPPING_FIELDS:
+            if state[name] is not None:
+                state[name] = MappingProxyType(state[name])
+        return ctx
+
     def __hash__(self) -> int:
         return hash(codec.dumps(codec.to_dict(self)))
 
-    @property
+    @cached_property
     def is_empty(self) -> bool:
         """True when no field is set."""
-        return all(getattr(self, f.name) is None for f in fields(self))
+        return all(getattr(self, name) is None for name in codec.ALL_FIELDS)
 
     def merged(self, **changes: Any) -> AuditContext:
         """A copy with ``changes`` layered on top (``None`` clears a field)."""

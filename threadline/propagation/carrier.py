@@ -34,6 +34,7 @@ DEFAULT_MAX_BYTES = 8192
 
 _LOCAL_FIELDS = ("origin", "job")
 _CARRIED = frozenset({"v", *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
+_CARRIED_TEXT = ("correlation_id", "request_id", "causation_id")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -51,11 +52,17 @@ def check_signing_keys(keys: Iterable[str | bytes] | None) -> tuple[bytes, ...]:
 
 def wire_dict(ctx: AuditContext, *, keep_incoming_error: bool = False) -> dict[str, Any]:
     """The carried part of ``ctx`` as its canonical dict (without signature), as is."""
-    out = codec.to_dict(ctx)
-    for name in _LOCAL_FIELDS:
-        out.pop(name, None)
-    if not keep_incoming_error:
-        out.pop("incoming_error", None)
+    out: dict[str, Any] = {"v": codec.VERSION}
+    if ctx.actor is not None:
+        out["actor"] = ctx.actor.to_dict()
+    for name in _CARRIED_TEXT:
+        value = getattr(ctx, name)
+        if value is not None:
+            out[name] = value
+    if ctx.meta is not None:
+        out["meta"] = dict(ctx.meta)
+    if keep_incoming_error and ctx.incoming_error is not None:
+        out["incoming_error"] = ctx.incoming_error
     return out
 
 
@@ -70,9 +77,29 @@ def sender_id(ctx: AuditContext) -> str | None:
 
 def safe_id(value: object) -> str | None:
     """``value`` when it is usable as an audit id (1-256 characters, no control characters)."""
-    if isinstance(value, str) and 0 < len(value) <= codec.limits().max_id_length and not _CONTROL_RE.search(value):
+    if not isinstance(value, str) or not 0 < len(value) <= codec.limits().max_id_length:
+        return None
+    if value.isascii() and value.isprintable():  # the common case (uuids), without a regex
         return value
-    return None
+    return None if _CONTROL_RE.search(value) else value
+
+
+def _actor(data: object) -> ActorRef:
+    """``ActorRef.from_dict``, remembering recent actors (the same few act in many messages)."""
+    if isinstance(data, dict) and len(data) <= 3:
+        key = (data.get("type"), data.get("id"), data.get("display"), len(data))
+        found = _actors.get(key)
+        if found is not None:
+            return found
+        actor = ActorRef.from_dict(data)  # validates (and refuses unknown keys)
+        if len(_actors) >= 1024:
+            _actors.clear()
+        _actors[key] = actor
+        return actor
+    return ActorRef.from_dict(data)
+
+
+_actors: dict[tuple[object, ...], ActorRef] = {}
 
 
 def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> dict[str, Any]:
@@ -124,14 +151,13 @@ def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = D
         detail = error[:160] if isinstance(error, str) else "no reason given"
         raise InvalidContext("header", f"was not encoded by its publisher ({detail})")
     body = {key: value for key, value in data.items() if key != SIGNATURE_FIELD}
-    try:
-        text = codec.dumps(body)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidContext("header", "holds values that JSON cannot carry") from exc
-    size = len(text.encode())
-    if size > max_bytes:
-        raise InvalidContext("header", f"is {size} bytes long; the limit is {max_bytes}")
     if keys:
+        try:
+            text = codec.dumps(body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidContext("header", "holds values that JSON cannot carry") from exc
+        if len(text.encode()) > max_bytes:
+            raise InvalidContext("header", f"is {len(text.encode())} bytes long; the limit is {max_bytes}")
         signature = data.get(SIGNATURE_FIELD)
         if signature is None:
             raise UntrustedContext("header is not signed")
@@ -144,11 +170,19 @@ def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = D
     if unknown:
         names = sorted(str(name)[:40] for name in unknown)[:3]
         raise InvalidContext("header", f"has fields that are not carried: {names}")
-    fields: dict[str, Any] = {
-        name: body.get(name) for name in (*codec.TEXT_FIELDS, *codec.MAPPING_FIELDS) if name in body
-    }
+    # Every field is validated and capped on its own (ids 256 characters, meta 4 KiB), which
+    # also bounds the whole: no need to re-encode an unsigned header to measure it.
+    fields: dict[str, Any] = {}
+    for name in codec.TEXT_FIELDS:
+        value = body.get(name)
+        if value is not None:
+            fields[name] = codec.check_text(name, value)
+    meta = body.get("meta")
+    if meta is not None:
+        fields["meta"] = codec.check_mapping("meta", meta)
     actor = body.get("actor")
-    fields["actor"] = None if actor is None else ActorRef.from_dict(actor)
+    if actor is not None:
+        fields["actor"] = _actor(actor)
     return fields
 
 

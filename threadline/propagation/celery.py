@@ -233,7 +233,9 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
         ctx = current()
         if not ctx.is_empty:
             # Encode here, in the caller: an error raised in a publish receiver is swallowed.
-            inst.header_for(ctx, kwargs.get("task_id"), kwargs.get("parent_id") or _running_task_id(app))
+            # Inside a task the sender is the running task (the context's job), as Celery's parent_id
+            # will say: the receiver then finds this very header in the cache.
+            inst.header_for(ctx, kwargs.get("task_id"), kwargs.get("parent_id"))
         token = _publishing.set(inst)
         try:
             return original(*args, **kwargs)
@@ -274,11 +276,6 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
 def _current_app() -> Any:
     """Celery's current app, without creating a default one as ``current_app`` would."""
     return getattr(celery_state._tls, "current_app", None) or celery_state.default_app
-
-
-def _running_task_id(app: celery.Celery) -> str | None:
-    running = app.current_worker_task
-    return None if running is None else cast(str | None, running.request.id)
 
 
 def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
@@ -329,7 +326,7 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
     root_id = _safe_id(request.root_id) or task_id
     parent_id = _safe_id(request.parent_id)
     job = {
-        "name": task.name,
+        "name": _safe_id(task.name),
         "id": task_id,
         "retries": request.retries if isinstance(request.retries, int) else 0,
         "parent_id": parent_id,
@@ -340,7 +337,7 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
     cause = parent_id if parent_id is not None and parent_id != task_id else None
     if raw is None:
         actor = getattr(task, "threadline_default_actor", None) or inst.default_actor
-        return AuditContext(actor=actor, correlation_id=root_id, causation_id=cause, origin=ORIGIN, job=job)
+        return _build(actor=actor, correlation_id=root_id, causation_id=cause, job=job)
     try:
         fields = carrier.decode_wire(raw, keys=inst.keys, max_bytes=inst.max_header_bytes)
     except InvalidContext as exc:
@@ -367,10 +364,16 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
                 task_id,
                 reason,
             )
-        return AuditContext(correlation_id=root_id, causation_id=cause, origin=ORIGIN, job=job, incoming_error=reason)
+        return _build(correlation_id=root_id, causation_id=cause, job=job, incoming_error=reason)
     fields["causation_id"] = cause or fields.get("causation_id")
     fields["correlation_id"] = fields.get("correlation_id") or root_id
-    return AuditContext(**fields, origin=ORIGIN, job=job)
+    return _build(**fields, job=job)
+
+
+def _build(**fields: Any) -> AuditContext:
+    # Every value here is validated already: header fields by the carrier codec, ids by
+    # _safe_id, reasons by _short; skip validating them a second time on every task.
+    return AuditContext._unchecked(origin=ORIGIN, **fields)
 
 
 _safe_id = carrier.safe_id
