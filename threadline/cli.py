@@ -196,5 +196,10 @@ def untrack(tables: tuple[str, ...], dsn: str | None, audit_schema: str, print_s
                 click.echo(f"{table} was not tracked; nothing to do")
 
 
+from threadline.cli_ops import coverage, purge  # noqa: E402 - operations commands
+
+cli.add_command(purge)
+cli.add_command(coverage)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -71,3 +71,17 @@ class UntrustedContext(InvalidContext):
 
 class ConfigurationError(ThreadlineError, ValueError):
     """An option passed to a threadline set-up call is not acceptable (the message says which)."""
+
+
+class RetentionError(ThreadlineError, ValueError):
+    """A purge was asked for with unacceptable arguments (a bad age, batch size or table), or on a
+    connection inside an open transaction (each batch must be its own short transaction)."""
+
+
+class CoverageError(ThreadlineError, ValueError):
+    """A coverage check was asked for with unacceptable arguments (an unparsable table name or
+    window)."""
+
+
+class PrivilegeError(ThreadlineError):
+    """The role named for least-privilege set-up does not exist or cannot be configured."""

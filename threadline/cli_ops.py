@@ -1,0 +1,203 @@
+"""Operations commands of the ``threadline`` command line: ``purge`` and ``coverage``.
+
+Registered on :data:`threadline.cli.cli`; they follow its conventions (``--dsn``, bad arguments
+exit 2, database errors exit 1 with a hint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from threadline import health, retention
+from threadline.ddl import schema as ddl_schema
+from threadline.ddl.names import DEFAULT_SCHEMA
+from threadline.errors import CoverageError, RetentionError, SchemaError
+
+OPS_EXAMPLES = """
+\b
+Examples:
+  threadline purge --older-than 90d --dry-run
+  threadline purge --older-than 90d --batch-size 5000
+  threadline purge --older-than 30d --table public.sessions
+  threadline coverage --expect public.orders,public.line_items
+  threadline coverage --schema public --json
+
+The DSN comes from --dsn, else THREADLINE_DSN, else DATABASE_URL.
+"""
+
+
+def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return retention.parse_age(value)
+    except RetentionError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _audit_schema(value: str) -> str:
+    try:
+        ddl_schema.install_sql(value)
+    except SchemaError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return value
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    if not verbose:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger("threadline")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+
+
+def _dsn_option(func: Any) -> Any:
+    return click.option(
+        "--dsn",
+        metavar="DSN",
+        help="PostgreSQL connection string (default: $THREADLINE_DSN, then $DATABASE_URL).",
+    )(func)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+@click.command(epilog=OPS_EXAMPLES)
+@click.option("--older-than", "older_than", metavar="AGE", required=True, callback=_age,
+              help="Purge changes captured longer ago than this (90d, 12h, 30m, 2w).")
+@click.option("--batch-size", type=click.IntRange(1, retention.MAX_BATCH_SIZE), default=10_000,
+              show_default=True, help="Rows deleted per transaction.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be purged.")
+@click.option("--table", metavar="[SCHEMA.]TABLE", help="Only this table's changes.")
+@click.option("--max-batches", type=click.IntRange(1), help="Stop after this many batches (rerun to continue).")
+@click.option("--pause", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds to sleep between batches.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each batch to stderr.")
+@_dsn_option
+@click.option("--schema", "audit_schema", default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
+              show_default="threadline, or $THREADLINE_SCHEMA", help="Name of the audit schema.")
+def purge(
+    older_than: timedelta,
+    batch_size: int,
+    dry_run: bool,
+    table: str | None,
+    max_batches: int | None,
+    pause: float,
+    as_json: bool,
+    verbose: bool,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Delete old audit changes in small batches, then transactions left with none.
+
+    Each batch is its own short transaction: safe to interrupt and run again.
+    """
+    from threadline.cli import _connect  # threadline.cli registers these commands at its end
+
+    _audit_schema(audit_schema)
+    _log_to_stderr(verbose)
+    with _connect(dsn) as conn:
+        try:
+            result = retention.purge(
+                conn, older_than, batch_size=batch_size, dry_run=dry_run, table=table,
+                schema=audit_schema, max_batches=max_batches, pause=pause,
+            )
+        except RetentionError as exc:
+            raise click.UsageError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    when = result.cutoff.isoformat(timespec="seconds")
+    if result.dry_run:
+        click.echo(f"dry run: would purge {result.changes} changes and {result.transactions} "
+                   f"transactions captured before {when}")
+        return
+    click.echo(f"purged {result.changes} changes and {result.transactions} transactions captured "
+               f"before {when} in {result.batches} batches ({result.seconds:.1f} s)")
+    if not result.complete:
+        click.echo("stopped at --max-batches: run the command again to continue")
+
+
+@click.command(epilog=OPS_EXAMPLES)
+@click.option("--expect", metavar="T1,T2", help="Tables that must be covered: exit 1 if one is not.")
+@click.option("--schema", "schemas", metavar="SCHEMA", multiple=True,
+              help="Only report tables of this schema (repeatable).")
+@click.option("--since", metavar="AGE", default="1d", show_default=True, callback=_age,
+              help="Window of the context coverage (90s, 30m, 24h, 7d).")
+@click.option("--all", "show_all", is_flag=True, help="List untracked tables too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_dsn_option
+@click.option("--audit-schema", "audit_schema", default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
+              show_default="threadline, or $THREADLINE_SCHEMA", help="Name of the audit schema.")
+def coverage(
+    expect: str | None,
+    schemas: tuple[str, ...],
+    since: timedelta,
+    show_all: bool,
+    as_json: bool,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Which tables are captured (installed, enabled, current) and which code paths write
+    without context. With --expect, a CI gate: exit 1 unless every named table is covered."""
+    from threadline.cli import _connect  # threadline.cli registers these commands at its end
+
+    _audit_schema(audit_schema)
+    expected = [p.strip() for p in (expect or "").split(",") if p.strip()]
+    if expect is not None and not expected:
+        raise click.BadParameter("name at least one table", param_hint="--expect")
+    if since <= timedelta(0):
+        raise click.BadParameter("must be positive", param_hint="--since")
+    with _connect(dsn) as conn:
+        try:
+            report = health.coverage(
+                conn, expect=expected, schemas=list(schemas) or None, since=since, audit_schema=audit_schema
+            )
+        except CoverageError as exc:
+            raise click.UsageError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report, show_all)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _print_report(report: health.CoverageReport, show_all: bool) -> None:
+    shown = [t for t in report.tables if show_all or t.triggers]
+    untracked = sum(1 for t in report.tables if not t.triggers)
+    if shown:
+        width = max(len(t.name) for t in shown)
+        click.echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT")
+        for t in shown:
+            click.echo(f"{t.name.ljust(width)}  {t.status.ljust(9)}  {'yes' if t.installed else 'no':<9}  "
+                       f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no'}")
+    else:
+        click.echo("no tracked tables")
+    if untracked and not show_all:
+        click.echo(f"({untracked} untracked table{'s' if untracked != 1 else ''} not listed; --all lists them)")
+    click.echo("")
+    if report.contexts:
+        rows = [(c.origin or "(none)", c.task or "", str(c.transactions), _percent(c.no_actor, c.transactions),
+                 _percent(c.no_correlation_id, c.transactions), _percent(c.invalid, c.transactions))
+                for c in report.contexts]
+        headers = ("ORIGIN", "TASK", "TRANSACTIONS", "NO ACTOR", "NO CORRELATION", "INVALID")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        for r in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    else:
+        click.echo("no transactions recorded in the window")
+    for line in report.problems:
+        click.echo(f"NOT COVERED: {line}", err=True)
