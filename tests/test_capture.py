@@ -322,3 +322,36 @@ def test_untrack_removes_capture_and_keeps_history(conn: Conn, posts: str) -> No
     conn.execute("INSERT INTO app.posts (id) VALUES (2)")
     assert len(changes(conn)) == 1
     assert ddl.tracked_tables(conn) == []
+
+
+def test_install_upgrades_an_older_schema_in_place_keeping_its_rows(conn: Conn) -> None:
+    # what version 2 created: changes keyed by id with a separate transaction_id index
+    conn.execute(
+        """
+        CREATE SCHEMA audit_up;
+        CREATE TABLE audit_up.schema_version (version integer PRIMARY KEY, installed_at timestamptz DEFAULT now());
+        INSERT INTO audit_up.schema_version VALUES (2);
+        CREATE TABLE audit_up.changes (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, transaction_id bigint NOT NULL,
+            table_schema text NOT NULL, table_name text NOT NULL, op text NOT NULL, pk jsonb,
+            after jsonb, before jsonb, changed_fields text[],
+            captured_at timestamptz NOT NULL DEFAULT clock_timestamp());
+        CREATE INDEX changes_transaction_id_idx ON audit_up.changes (transaction_id);
+        INSERT INTO audit_up.changes (transaction_id, table_schema, table_name, op) VALUES (7, 'a', 'b', 'insert');
+        """
+    )
+    try:
+        result = ddl.install(conn, "audit_up")
+        assert (result.previous_version, result.version) == (2, ddl.SCHEMA_VERSION)
+        key = conn.execute(
+            """SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_constraint c
+                CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+                JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+               WHERE c.conrelid = 'audit_up.changes'::regclass AND c.contype = 'p'"""
+        ).fetchone()
+        assert key == (["transaction_id", "id"],)
+        assert conn.execute("SELECT to_regclass('audit_up.changes_transaction_id_idx')").fetchone() == (None,)
+        assert conn.execute("SELECT transaction_id, op FROM audit_up.changes").fetchall() == [(7, "insert")]
+        assert not ddl.install(conn, "audit_up").changed
+    finally:
+        conn.execute("DROP SCHEMA audit_up CASCADE")

@@ -20,7 +20,7 @@ from threadline.ddl.names import (
 )
 from threadline.errors import SchemaError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the audit schema this release installs."""
 
 _SCRIPT = """\
@@ -65,8 +65,11 @@ CREATE TABLE IF NOT EXISTS {schema}.transactions (
 COMMENT ON COLUMN {schema}.transactions.context_error IS
     'Why the context set for this transaction was refused (NULL when it was valid or absent).';
 
+-- Keyed by (transaction_id, id): one btree serves "the changes of a transaction, in order" and
+-- uniqueness, and its keys are distinct (a btree on transaction_id alone pays for deduplicating
+-- the equal keys of a bulk statement's rows).
 CREATE TABLE IF NOT EXISTS {schema}.changes (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id bigint GENERATED ALWAYS AS IDENTITY,
     transaction_id bigint NOT NULL,
     table_schema text NOT NULL,
     table_name text NOT NULL,
@@ -75,8 +78,20 @@ CREATE TABLE IF NOT EXISTS {schema}.changes (
     after jsonb,
     before jsonb,
     changed_fields text[],
-    captured_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    captured_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (transaction_id, id)
 );
+-- versions before 3 keyed changes by id, with a separate index on transaction_id
+DO $upgrade$
+BEGIN
+    IF (SELECT array_length(conkey, 1) FROM pg_constraint
+         WHERE conrelid = '{schema}.changes'::regclass AND contype = 'p') = 1 THEN
+        ALTER TABLE {schema}.changes DROP CONSTRAINT changes_pkey,
+            ADD PRIMARY KEY (transaction_id, id);
+    END IF;
+END
+$upgrade$;
+DROP INDEX IF EXISTS {schema}.changes_transaction_id_idx;
 
 CREATE INDEX IF NOT EXISTS transactions_correlation_id_idx
     ON {schema}.transactions (correlation_id) WHERE correlation_id IS NOT NULL;
@@ -85,8 +100,6 @@ CREATE INDEX IF NOT EXISTS transactions_actor_idx
     WHERE actor IS NOT NULL;
 CREATE INDEX IF NOT EXISTS transactions_occurred_at_idx
     ON {schema}.transactions USING brin (occurred_at);
-CREATE INDEX IF NOT EXISTS changes_transaction_id_idx
-    ON {schema}.changes (transaction_id);
 CREATE INDEX IF NOT EXISTS changes_row_idx
     ON {schema}.changes USING hash (pk);
 CREATE INDEX IF NOT EXISTS changes_captured_at_idx
