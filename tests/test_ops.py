@@ -86,10 +86,14 @@ def test_dry_run_counts_and_deletes_nothing(conn: psycopg.Connection[Any], histo
     assert (only_tags.changes, only_tags.transactions) == (1, 0)  # its transaction keeps a posts change
 
 
-def test_table_filter_keeps_transactions_with_other_changes(conn: psycopg.Connection[Any], history: None) -> None:
+def test_table_filter_keeps_transactions_with_other_changes(
+    conn: psycopg.Connection[Any], history: None
+) -> None:
     result = retention.purge(conn, "90d", table="app.tags")
     assert (result.changes, result.transactions) == (1, 0)
-    assert conn.execute("SELECT count(*) FROM threadline.changes WHERE table_name = 'tags'").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM threadline.changes WHERE table_name = 'tags'").fetchone() == (
+        0,
+    )
     # unqualified names resolve on the search path (app, public)
     assert retention.purge(conn, "90d", table="posts").changes == 11
 
@@ -121,7 +125,11 @@ def test_purge_cli(dsn: str, conn: psycopg.Connection[Any], history: None) -> No
     res = run("purge", "--older-than", "90d", "--batch-size", "5", "--json", "--dsn", dsn)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert (out["changes"], out["transactions"], out["batches"]) == (12, 11, 6)  # 5+5+2 changes, 5+5+1 transactions
+    assert (out["changes"], out["transactions"], out["batches"]) == (
+        12,
+        11,
+        6,
+    )  # 5+5+2 changes, 5+5+1 transactions
     assert _counts(conn) == (2, 2)
     bad = run("purge", "--older-than", "soon", "--dsn", dsn)
     assert bad.returncode == 2 and "not an age" in bad.stderr
@@ -142,7 +150,9 @@ def test_trigger_coverage_installed_enabled_current(conn: psycopg.Connection[Any
     assert by_name["app.posts"].status == "disabled"
     assert by_name["app.posts"].triggers["update"] == "disabled"
     assert by_name["app.later"].status == "outdated" and by_name["app.later"].enabled
-    problems = health.check_expected(conn, list(by_name.values()), ["posts", "app.later", "app.plain", "app.gone"])
+    problems = health.check_expected(
+        conn, list(by_name.values()), ["posts", "app.later", "app.plain", "app.gone"]
+    )
     assert [p.split(":")[0] for p in problems] == ["app.posts", "app.later", "app.plain", "app.gone"]
     with pytest.raises(CoverageError):
         health.check_expected(conn, [], ['"unbalanced'])
@@ -153,16 +163,18 @@ def test_context_coverage_per_origin_and_task(conn: psycopg.Connection[Any], pos
         for i in range(3):
             with threadline.transaction(conn):
                 conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
-    with threadline.context(origin="celery", job={"name": "app.tasks.sync", "id": "t1"}):
-        with threadline.transaction(conn):
-            conn.execute("INSERT INTO app.posts (id) VALUES (10)")
+    with (
+        threadline.context(origin="celery", job={"name": "app.tasks.sync", "id": "t1"}),
+        threadline.transaction(conn),
+    ):
+        conn.execute("INSERT INTO app.posts (id) VALUES (10)")
     conn.execute("INSERT INTO app.posts (id) VALUES (11)")  # no context at all
     found = {(c.origin, c.task): c for c in health.context_coverage(conn)}
     web, task, bare = found[("web", None)], found[("celery", "app.tasks.sync")], found[(None, None)]
     assert (web.transactions, web.no_actor, web.no_correlation_id) == (3, 0, 0)
     assert (task.transactions, task.no_actor, task.no_correlation_share) == (1, 1, 1.0)
     assert bare.no_actor_share == 1.0
-    assert list(found)[0] != ("web", None)  # the groups missing context come first
+    assert next(iter(found)) != ("web", None)  # the groups missing context come first
 
 
 def test_coverage_cli_is_a_ci_gate(dsn: str, conn: psycopg.Connection[Any], posts: str) -> None:

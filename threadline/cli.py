@@ -116,11 +116,12 @@ def main(argv: list[str] | None = None) -> None:
 @_dsn_option
 @_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it (no database needed).")
-def install(dsn: str | None, audit_schema: str, print_sql: bool) -> None:
+@click.option("--app-role", metavar="ROLE", help="Let ROLE read the audit tables but never write them.")
+def install(dsn: str | None, audit_schema: str, print_sql: bool, app_role: str | None = None) -> None:
     """Create or upgrade the audit schema (idempotent)."""
     if print_sql:
         try:
-            click.echo(ddl_schema.install_sql(audit_schema), nl=False)
+            click.echo(ddl_schema.install_sql(audit_schema, app_role=app_role), nl=False)
         except SchemaError as exc:
             raise click.UsageError(str(exc)) from exc
         return
@@ -129,7 +130,7 @@ def install(dsn: str | None, audit_schema: str, print_sql: bool) -> None:
     except SchemaError as exc:
         raise click.UsageError(str(exc)) from exc
     with _connect(dsn) as conn:
-        result = ddl_schema.install(conn, audit_schema)
+        result = ddl_schema.install(conn, audit_schema, app_role=app_role)
     if not result.changed:
         click.echo(f"schema {audit_schema} is up to date (version {result.version})")
     elif result.previous_version is None:

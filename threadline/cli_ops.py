@@ -73,20 +73,43 @@ def _percent(part: int, whole: int) -> str:
 
 
 @click.command(epilog=OPS_EXAMPLES)
-@click.option("--older-than", "older_than", metavar="AGE", required=True, callback=_age,
-              help="Purge changes captured longer ago than this (90d, 12h, 30m, 2w).")
-@click.option("--batch-size", type=click.IntRange(1, retention.MAX_BATCH_SIZE), default=10_000,
-              show_default=True, help="Rows deleted per transaction.")
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="AGE",
+    required=True,
+    callback=_age,
+    help="Purge changes captured longer ago than this (90d, 12h, 30m, 2w).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, retention.MAX_BATCH_SIZE),
+    default=10_000,
+    show_default=True,
+    help="Rows deleted per transaction.",
+)
 @click.option("--dry-run", is_flag=True, help="Only count what would be purged.")
 @click.option("--table", metavar="[SCHEMA.]TABLE", help="Only this table's changes.")
-@click.option("--max-batches", type=click.IntRange(1), help="Stop after this many batches (rerun to continue).")
-@click.option("--pause", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Seconds to sleep between batches.")
+@click.option(
+    "--max-batches", type=click.IntRange(1), help="Stop after this many batches (rerun to continue)."
+)
+@click.option(
+    "--pause",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to sleep between batches.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each batch to stderr.")
 @_dsn_option
-@click.option("--schema", "audit_schema", default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
-              show_default="threadline, or $THREADLINE_SCHEMA", help="Name of the audit schema.")
+@click.option(
+    "--schema",
+    "audit_schema",
+    default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
+    show_default="threadline, or $THREADLINE_SCHEMA",
+    help="Name of the audit schema.",
+)
 def purge(
     older_than: timedelta,
     batch_size: int,
@@ -110,8 +133,14 @@ def purge(
     with _connect(dsn) as conn:
         try:
             result = retention.purge(
-                conn, older_than, batch_size=batch_size, dry_run=dry_run, table=table,
-                schema=audit_schema, max_batches=max_batches, pause=pause,
+                conn,
+                older_than,
+                batch_size=batch_size,
+                dry_run=dry_run,
+                table=table,
+                schema=audit_schema,
+                max_batches=max_batches,
+                pause=pause,
             )
         except RetentionError as exc:
             raise click.UsageError(str(exc)) from exc
@@ -120,26 +149,46 @@ def purge(
         return
     when = result.cutoff.isoformat(timespec="seconds")
     if result.dry_run:
-        click.echo(f"dry run: would purge {result.changes} changes and {result.transactions} "
-                   f"transactions captured before {when}")
+        click.echo(
+            f"dry run: would purge {result.changes} changes and {result.transactions} "
+            f"transactions captured before {when}"
+        )
         return
-    click.echo(f"purged {result.changes} changes and {result.transactions} transactions captured "
-               f"before {when} in {result.batches} batches ({result.seconds:.1f} s)")
+    click.echo(
+        f"purged {result.changes} changes and {result.transactions} transactions captured "
+        f"before {when} in {result.batches} batches ({result.seconds:.1f} s)"
+    )
     if not result.complete:
         click.echo("stopped at --max-batches: run the command again to continue")
 
 
 @click.command(epilog=OPS_EXAMPLES)
 @click.option("--expect", metavar="T1,T2", help="Tables that must be covered: exit 1 if one is not.")
-@click.option("--schema", "schemas", metavar="SCHEMA", multiple=True,
-              help="Only report tables of this schema (repeatable).")
-@click.option("--since", metavar="AGE", default="1d", show_default=True, callback=_age,
-              help="Window of the context coverage (90s, 30m, 24h, 7d).")
+@click.option(
+    "--schema",
+    "schemas",
+    metavar="SCHEMA",
+    multiple=True,
+    help="Only report tables of this schema (repeatable).",
+)
+@click.option(
+    "--since",
+    metavar="AGE",
+    default="1d",
+    show_default=True,
+    callback=_age,
+    help="Window of the context coverage (90s, 30m, 24h, 7d).",
+)
 @click.option("--all", "show_all", is_flag=True, help="List untracked tables too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_dsn_option
-@click.option("--audit-schema", "audit_schema", default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
-              show_default="threadline, or $THREADLINE_SCHEMA", help="Name of the audit schema.")
+@click.option(
+    "--audit-schema",
+    "audit_schema",
+    default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
+    show_default="threadline, or $THREADLINE_SCHEMA",
+    help="Name of the audit schema.",
+)
 def coverage(
     expect: str | None,
     schemas: tuple[str, ...],
@@ -181,17 +230,29 @@ def _print_report(report: health.CoverageReport, show_all: bool) -> None:
         width = max(len(t.name) for t in shown)
         click.echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT")
         for t in shown:
-            click.echo(f"{t.name.ljust(width)}  {t.status.ljust(9)}  {'yes' if t.installed else 'no':<9}  "
-                       f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no'}")
+            click.echo(
+                f"{t.name.ljust(width)}  {t.status.ljust(9)}  {'yes' if t.installed else 'no':<9}  "
+                f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no'}"
+            )
     else:
         click.echo("no tracked tables")
     if untracked and not show_all:
-        click.echo(f"({untracked} untracked table{'s' if untracked != 1 else ''} not listed; --all lists them)")
+        click.echo(
+            f"({untracked} untracked table{'s' if untracked != 1 else ''} not listed; --all lists them)"
+        )
     click.echo("")
     if report.contexts:
-        rows = [(c.origin or "(none)", c.task or "", str(c.transactions), _percent(c.no_actor, c.transactions),
-                 _percent(c.no_correlation_id, c.transactions), _percent(c.invalid, c.transactions))
-                for c in report.contexts]
+        rows = [
+            (
+                c.origin or "(none)",
+                c.task or "",
+                str(c.transactions),
+                _percent(c.no_actor, c.transactions),
+                _percent(c.no_correlation_id, c.transactions),
+                _percent(c.invalid, c.transactions),
+            )
+            for c in report.contexts
+        ]
         headers = ("ORIGIN", "TASK", "TRANSACTIONS", "NO ACTOR", "NO CORRELATION", "INVALID")
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())

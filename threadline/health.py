@@ -214,7 +214,14 @@ def context_coverage(
         [since],
     ).fetchall()
     out = [ContextCoverage(*r) for r in rows]
-    out.sort(key=lambda c: (-(c.no_actor + c.no_correlation_id + c.invalid), -c.transactions, str(c.origin), str(c.task)))
+    out.sort(
+        key=lambda c: (
+            -(c.no_actor + c.no_correlation_id + c.invalid),
+            -c.transactions,
+            str(c.origin),
+            str(c.task),
+        )
+    )
     return out
 
 
@@ -256,6 +263,11 @@ def coverage(
     problems = check_expected(conn, every, expect or [])
     tables = [t for t in every if schemas is None or t.table_schema in schemas]
     contexts = context_coverage(conn, since=since, audit_schema=audit_schema)
-    emit("coverage.checked", tables=len(tables), tracked=sum(1 for t in tables if t.triggers),
-         problems=len(problems), schema=audit_schema)
+    emit(
+        "coverage.checked",
+        tables=len(tables),
+        tracked=sum(1 for t in tables if t.triggers),
+        problems=len(problems),
+        schema=audit_schema,
+    )
     return CoverageReport(tables, contexts, problems)

@@ -82,7 +82,9 @@ def _cutoff(conn: psycopg.Connection[Any], older_than: timedelta | datetime | st
             raise RetentionError("older_than: give a timezone-aware datetime (or a timedelta)")
         return older_than
     if not isinstance(older_than, timedelta):
-        raise RetentionError(f"older_than must be a timedelta, an aware datetime or an age like '90d', not {older_than!r}")
+        raise RetentionError(
+            f"older_than must be a timedelta, an aware datetime or an age like '90d', not {older_than!r}"
+        )
     if older_than < timedelta(0):
         raise RetentionError("older_than must not be negative")
     row = conn.execute("SELECT now() - %s::interval", [older_than]).fetchone()
@@ -133,7 +135,11 @@ def purge(
     that many seconds between batches to leave room for the application's traffic.
     """
     check_schema_name(schema)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAX_BATCH_SIZE
+    ):
         raise RetentionError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, not {batch_size!r}")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise RetentionError(f"max_batches must be a positive integer, not {max_batches!r}")
@@ -161,24 +167,48 @@ def purge(
 
     if dry_run:
         with conn.transaction():
-            changes = _count(conn, sql.SQL(
-                "SELECT count(*) FROM {a}.changes WHERE captured_at < %(cutoff)s{w}"
-            ).format(a=audit, w=where_table), params)
+            changes = _count(
+                conn,
+                sql.SQL("SELECT count(*) FROM {a}.changes WHERE captured_at < %(cutoff)s{w}").format(
+                    a=audit, w=where_table
+                ),
+                params,
+            )
             # transactions that would be left with no changes at all
-            transactions = _count(conn, sql.SQL(
-                "SELECT count(*) FROM {a}.transactions t WHERE t.occurred_at < %(cutoff)s"
-                " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id"
-                " AND NOT (c.captured_at < %(cutoff)s{wc}))"
-            ).format(a=audit, wc=sql.SQL(" AND c.table_schema = %(ts)s AND c.table_name = %(tn)s" if target else "")),
-                params)
+            transactions = _count(
+                conn,
+                sql.SQL(
+                    "SELECT count(*) FROM {a}.transactions t WHERE t.occurred_at < %(cutoff)s"
+                    " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id"
+                    " AND NOT (c.captured_at < %(cutoff)s{wc}))"
+                ).format(
+                    a=audit,
+                    wc=sql.SQL(" AND c.table_schema = %(ts)s AND c.table_name = %(tn)s" if target else ""),
+                ),
+                params,
+            )
         elapsed = time.monotonic() - started
-        logger.info("dry run: would purge %d changes%s and %d transactions captured before %s",
-                    changes, shown, transactions, cutoff.isoformat())
-        emit("purge.done", changes=changes, transactions=transactions, batches=0, seconds=elapsed,
-             dry_run=True, schema=schema)
+        logger.info(
+            "dry run: would purge %d changes%s and %d transactions captured before %s",
+            changes,
+            shown,
+            transactions,
+            cutoff.isoformat(),
+        )
+        emit(
+            "purge.done",
+            changes=changes,
+            transactions=transactions,
+            batches=0,
+            seconds=elapsed,
+            dry_run=True,
+            schema=schema,
+        )
         return PurgeResult(cutoff, changes, transactions, 0, elapsed, True)
 
-    logger.info("purging changes%s captured before %s in batches of %d", shown, cutoff.isoformat(), batch_size)
+    logger.info(
+        "purging changes%s captured before %s in batches of %d", shown, cutoff.isoformat(), batch_size
+    )
     batches = 0
     complete = True
     totals = {"changes": 0, "transactions": 0}
@@ -218,14 +248,26 @@ def purge(
             after = last
             if pause:
                 time.sleep(pause)
-        logger.info("purged %d %s%s in %.1f s", totals[kind], kind, shown if kind == "changes" else "",
-                    time.monotonic() - phase_started)
+        logger.info(
+            "purged %d %s%s in %.1f s",
+            totals[kind],
+            kind,
+            shown if kind == "changes" else "",
+            time.monotonic() - phase_started,
+        )
         if not complete:
             logger.info("stopped after max_batches=%d; run purge again to continue", max_batches)
             break
     elapsed = time.monotonic() - started
-    emit("purge.done", changes=totals["changes"], transactions=totals["transactions"], batches=batches,
-         seconds=elapsed, dry_run=False, schema=schema)
+    emit(
+        "purge.done",
+        changes=totals["changes"],
+        transactions=totals["transactions"],
+        batches=batches,
+        seconds=elapsed,
+        dry_run=False,
+        schema=schema,
+    )
     return PurgeResult(cutoff, totals["changes"], totals["transactions"], batches, elapsed, False, complete)
 
 

@@ -18,7 +18,7 @@ from threadline.ddl.names import (
     context_cache_setting,
     transaction_cache_setting,
 )
-from threadline.errors import SchemaError
+from threadline.errors import PrivilegeError, SchemaError
 
 SCHEMA_VERSION = 3
 """Version of the audit schema this release installs."""
@@ -164,8 +164,10 @@ $fn$;
 
 -- Create the transactions row of the current database transaction, reading the context setting
 -- once, and cache "id/xid" in a transaction-local setting for the capture functions.
+-- Runs as the schema's owner (SECURITY DEFINER, pinned search_path; every name is qualified), so
+-- an application role that may not write the audit tables still gets its transactions recorded.
 CREATE OR REPLACE FUNCTION {schema}.transaction_id() RETURNS bigint
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     raw text := coalesce(current_setting({context_setting}, true), '');
     p record;
@@ -197,8 +199,9 @@ $fn$;
 
 -- At commit: if the context was changed after the transaction row was written, the last value
 -- set wins.
+-- Fires at commit as the committing role: runs as the owner, like transaction_id().
 CREATE OR REPLACE FUNCTION {schema}.refresh_transaction_context() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     raw text := coalesce(current_setting({context_setting}, true), '');
 BEGIN
@@ -211,6 +214,18 @@ BEGIN
          WHERE t.id = NEW.id;
     END IF;
     RETURN NULL;
+END
+$fn$;
+
+-- Link an action to the current transaction's row (only that row, only once): what an
+-- application role without UPDATE on the audit tables calls to record a linked action.
+CREATE OR REPLACE FUNCTION {schema}.link_action(action bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    tx bigint := {schema}.current_transaction_id();
+BEGIN
+    UPDATE {schema}.transactions SET action_id = action WHERE id = tx AND action_id IS NULL;
+    RETURN tx;
 END
 $fn$;
 
@@ -255,12 +270,59 @@ class InstallResult:
         return self.previous_version != self.version
 
 
-def install_sql(schema: str = DEFAULT_SCHEMA) -> str:
+_PRIVILEGES = """\
+-- least privilege for the application role {role}: read the audit tables, record actions,
+-- never change or remove an audit row (capture runs as the owner: SECURITY DEFINER functions)
+REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role};
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
+GRANT INSERT ON {schema}.actions TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.link_action(bigint) TO {role};
+"""
+
+
+def privileges_sql(app_role: str, schema: str = DEFAULT_SCHEMA) -> str:
+    """The grants that let ``app_role`` read the audit tables (and insert actions) but never
+    insert, update, delete or truncate ``transactions`` and ``changes`` (idempotent)."""
+    check_schema_name(schema)
+    if not isinstance(app_role, str) or not app_role or len(app_role) > 63:
+        raise PrivilegeError(f"app role name {app_role!r} is not a role name")
+    return (
+        sql.SQL(_PRIVILEGES)
+        .format(schema=sql.Identifier(schema), role=sql.Identifier(app_role))
+        .as_string(None)
+    )
+
+
+def grant_app_role(conn: psycopg.Connection, app_role: str, schema: str = DEFAULT_SCHEMA) -> None:
+    """Apply :func:`privileges_sql` for an existing role (not a superuser, not the schema's owner)."""
+    text = privileges_sql(app_role, schema)
+    row = conn.execute(
+        "SELECT r.rolsuper, pg_has_role(r.oid, n.nspowner, 'USAGE')"
+        "  FROM pg_roles r LEFT JOIN pg_namespace n ON n.nspname = %s WHERE r.rolname = %s",
+        [schema, app_role],
+    ).fetchone()
+    if row is None:
+        raise PrivilegeError(f"role {app_role!r} does not exist: create it first (CREATE ROLE ... LOGIN)")
+    if row[0]:
+        raise PrivilegeError(f"role {app_role!r} is a superuser: privileges cannot restrict it")
+    if row[1]:
+        raise PrivilegeError(
+            f"role {app_role!r} owns (or is a member of the owner of) schema {schema!r}: an owner can "
+            "always change its tables; install as another role"
+        )
+    conn.execute(text.encode())
+
+
+def install_sql(schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None) -> str:
     """The complete, idempotent DDL of the audit schema named ``schema``, as text.
 
     Needs no database: paste it into an Alembic or Django migration, or pipe it to ``psql``.
+    With ``app_role``, the grants of :func:`privileges_sql` follow.
     """
     check_schema_name(schema)
+    grants = "" if app_role is None else privileges_sql(app_role, schema)
     composed = sql.SQL(_SCRIPT).format(
         schema=sql.Identifier(schema),
         ids_path=sql.Literal(_IDS_PATH),
@@ -271,7 +333,7 @@ def install_sql(schema: str = DEFAULT_SCHEMA) -> str:
         ctx_cache_setting=sql.Literal(context_cache_setting(schema)),
         context_setting=sql.Literal(CONTEXT_SETTING),
     )
-    return composed.as_string(None)
+    return composed.as_string(None) + grants
 
 
 def installed_version(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> int | None:
@@ -288,9 +350,18 @@ def installed_version(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) ->
     return None if found is None else found[0]
 
 
-def install(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> InstallResult:
-    """Create or upgrade the audit schema in one transaction; a no-op when it is current."""
+def install(
+    conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None
+) -> InstallResult:
+    """Create or upgrade the audit schema in one transaction; a no-op when it is current.
+
+    With ``app_role``, that role may then read the audit tables and record actions but never
+    write, change or remove an audit row (:func:`grant_app_role`; applied even when the schema
+    was already current).
+    """
     check_schema_name(schema)
+    if app_role is not None:
+        privileges_sql(app_role, schema)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('threadline install ' || %s))", [schema])
         previous = installed_version(conn, schema)
@@ -301,6 +372,8 @@ def install(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> InstallRe
             )
         if previous != SCHEMA_VERSION:
             conn.execute(install_sql(schema).encode())
+        if app_role is not None:
+            grant_app_role(conn, app_role, schema)
     return InstallResult(schema, previous, SCHEMA_VERSION)
 
 

@@ -36,7 +36,7 @@ from threadline.errors import (
     UnknownTable,
 )
 
-CAPTURE_VERSION = 2
+CAPTURE_VERSION = 3
 """Version of the generated capture code; part of every fingerprint."""
 
 MASK_PLACEHOLDER = "[masked]"
@@ -59,6 +59,8 @@ class Column:
     name: str
     type: str
     comparable: bool
+    type_schema: str = "pg_catalog"
+    """Schema of the type whose equality compares the column (a domain's or array's base type)."""
 
 
 @dataclass(frozen=True)
@@ -215,13 +217,20 @@ def _columns(conn: psycopg.Connection, schema: str, table: str) -> tuple[Column,
                                            OR (ty.typtype = 'e' AND oc.opcintype = 'anyenum'::regtype)))
                   FROM base b JOIN pg_type ty ON ty.oid = b.t
                  WHERE b.attnum = c.attnum
-                 ORDER BY b.depth DESC LIMIT 1) AS comparable
+                 ORDER BY b.depth DESC LIMIT 1) AS comparable,
+               (SELECT tn.nspname
+                  FROM base b JOIN pg_type ty ON ty.oid = b.t JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+                 WHERE b.attnum = c.attnum
+                 ORDER BY b.depth DESC LIMIT 1) AS type_schema
           FROM cols c
          ORDER BY c.attnum
         """,
         [schema, table],
     ).fetchall()
-    return tuple(Column(name, shown, bool(comparable)) for name, shown, comparable in rows)
+    return tuple(
+        Column(name, shown, bool(comparable), type_schema or "pg_catalog")
+        for name, shown, comparable, type_schema in rows
+    )
 
 
 def _primary_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[str, ...]:
@@ -468,6 +477,23 @@ def _dollar_quote(body: str) -> str:
         n += 1
 
 
+def _search_path(plan: CapturePlan) -> sql.Composable:
+    """The capture function's pinned search path.
+
+    The function runs as its owner (SECURITY DEFINER), so it must not resolve names through the
+    caller's search path. Every table and function it names is schema-qualified; what is not are
+    the operators of ``IS DISTINCT FROM`` and ``to_jsonb``'s casts, found with the column types:
+    ``pg_catalog`` first, then the schemas of the tracked columns' (base) types, e.g. an
+    extension's schema, then ``pg_temp`` last.
+    """
+    schemas = ["pg_catalog"]
+    for column in plan.columns:
+        if column.name not in plan.exclude and column.type_schema not in schemas:
+            schemas.append(column.type_schema)
+    schemas.append("pg_temp")
+    return sql.SQL(", ").join(sql.Identifier(n) for n in schemas)
+
+
 def track_sql_for(plan: CapturePlan) -> str:
     """The complete, idempotent DDL that installs capture for one planned table."""
     audit = sql.Identifier(plan.audit_schema)
@@ -478,9 +504,10 @@ def track_sql_for(plan: CapturePlan) -> str:
         f"-- table {json.dumps([plan.table_schema, plan.table_name], ensure_ascii=True)}\n"
     )
     stmts: list[sql.Composable] = [
-        sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
-            fn, sql.SQL(_dollar_quote(_function_body(plan)))
-        ),
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql\n"
+            "SECURITY DEFINER SET search_path = {} AS {}"
+        ).format(fn, _search_path(plan), sql.SQL(_dollar_quote(_function_body(plan)))),
         sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
             fn,
             _lit(json.dumps({**plan.config(), "fingerprint": plan.fingerprint}, sort_keys=True)),

@@ -1,0 +1,176 @@
+"""Least privilege: an application role reads the audit tables but cannot write them; capture,
+running as the owner, still records its writes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import threadline
+from threadline import ActorRef, ddl
+from threadline.errors import PrivilegeError
+
+from .conftest import changes
+from .test_cli import run
+
+AUDIT_TABLES = ("transactions", "changes", "actions")
+
+
+@pytest.fixture
+def app_role(conn: psycopg.Connection[Any], posts: str) -> Iterator[str]:
+    """A LOGIN role with full rights on app.posts and, after install(app_role=...), read-only audit tables."""
+    role = f"tl_app_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier(role)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA app TO {}").format(ident))
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON app.posts TO {}").format(ident))
+    ddl.install(conn, app_role=role)
+    try:
+        yield role
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+@pytest.fixture
+def app(dsn: str, app_role: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=app_role), autocommit=True) as c:
+        yield c
+
+
+@pytest.mark.parametrize("table", AUDIT_TABLES)
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO threadline.{t} DEFAULT VALUES",
+        "UPDATE threadline.{t} SET {c} = {c}",
+        "DELETE FROM threadline.{t}",
+        "TRUNCATE threadline.{t}",
+    ],
+    ids=["insert", "update", "delete", "truncate"],
+)
+def test_app_role_cannot_write_audit_tables(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], table: str, statement: str
+) -> None:
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'x')")  # something to change
+    if table == "actions" and statement.startswith("INSERT"):
+        pytest.skip("recording actions is the application's job: INSERT on actions is granted")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute(
+            statement.format(
+                t=table, c={"transactions": "origin", "changes": "after", "actions": "name"}[table]
+            )
+        )
+    assert app.execute(f"SELECT count(*) FROM threadline.{table}").fetchone() is not None  # reads work
+
+
+def test_app_role_cannot_forge_a_transactions_row(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any]
+) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute(
+            "INSERT INTO threadline.transactions (actor, correlation_id, occurred_at)"
+            ' VALUES (\'{"type": "user", "id": "1"}\', \'forged\', now() - interval \'1 year\')'
+        )
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute(
+            "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op) VALUES (1, 'app', 'posts', 'insert')"
+        )
+    assert conn.execute("SELECT count(*) FROM threadline.transactions").fetchone() == (0,)
+
+
+def test_capture_still_works_for_the_app_role(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any]
+) -> None:
+    with threadline.context(actor=ActorRef.user("42"), correlation_id="req-priv", origin="web"):
+        with threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id, title) VALUES (1, 'a')")
+            app.execute("UPDATE app.posts SET title = 'b' WHERE id = 1")
+        with threadline.transaction(app):
+            app.execute("DELETE FROM app.posts WHERE id = 1")
+    rows = changes(conn)
+    assert [r["op"] for r in rows] == ["insert", "update", "delete"]
+    assert {r["correlation_id"] for r in rows} == {"req-priv"}
+    assert rows[0]["actor"] == {"type": "user", "id": "42"}
+    # a context changed after the first write still wins at commit (the deferred refresh runs as owner)
+    with threadline.transaction(app):
+        app.execute("INSERT INTO app.posts (id) VALUES (2)")
+        app.execute(
+            "SELECT set_config('threadline.context', %s, true)", ['{"v": 1, "correlation_id": "late"}']
+        )
+    assert changes(conn)[-1]["correlation_id"] == "late"
+    # the app may read the trail and record (append) actions, linked through link_action()
+    with app.transaction():
+        app.execute("INSERT INTO app.posts (id) VALUES (3)")
+        action = app.execute(
+            "INSERT INTO threadline.actions (name) VALUES ('publish') RETURNING id"
+        ).fetchone()
+        assert action is not None
+        app.execute("SELECT threadline.link_action(%s)", [action[0]])
+    assert (
+        conn.execute("SELECT action_id FROM threadline.transactions ORDER BY id DESC LIMIT 1").fetchone()
+        == action
+    )
+
+
+def test_capture_ignores_the_callers_search_path(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    conn.execute("CREATE SCHEMA evil")
+    conn.execute(
+        "CREATE FUNCTION evil.to_jsonb(anyelement) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{\"forged\": true}'::jsonb $$"
+    )
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA evil TO {}").format(sql.Identifier(app_role)))
+    try:
+        app.execute("SET search_path = evil, pg_catalog, app")
+        app.execute("INSERT INTO app.posts (id, title) VALUES (7, 'real')")
+        assert changes(conn)[-1]["after"]["title"] == "real"
+    finally:
+        conn.execute("DROP SCHEMA evil CASCADE")
+    definer = conn.execute(
+        "SELECT bool_and(prosecdef), bool_and(proconfig[1] LIKE 'search_path=pg_catalog,%%pg_temp')"
+        "  FROM pg_proc WHERE pronamespace = 'threadline'::regnamespace"
+        "   AND (proname LIKE 'capture\\_%%' OR proname IN ('transaction_id', 'refresh_transaction_context', 'link_action'))"
+    ).fetchone()
+    assert definer == (True, True)
+    inlinable = conn.execute(
+        "SELECT bool_or(prosecdef OR proconfig IS NOT NULL) FROM pg_proc"
+        " WHERE pronamespace = 'threadline'::regnamespace AND proname IN ('decode_context', 'current_transaction_id')"
+    ).fetchone()
+    assert inlinable == (False,)
+
+
+def test_install_refuses_unknown_superuser_and_owner_roles(conn: psycopg.Connection[Any], dsn: str) -> None:
+    with pytest.raises(PrivilegeError, match="does not exist"):
+        ddl.install(conn, app_role="no_such_role_" + uuid.uuid4().hex[:6])
+    with pytest.raises(PrivilegeError, match="superuser"):
+        ddl.install(conn, app_role="postgres")
+    printed = ddl.schema.install_sql(app_role='odd "name"')
+    assert 'GRANT SELECT ON ALL TABLES IN SCHEMA "threadline" TO "odd ""name"""' in printed
+    res = run("install", "--app-role", "no_such_role_x", "--dsn", dsn)
+    assert res.returncode == 1 and "does not exist" in res.stderr
+
+
+def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA threadline FROM {}").format(sql.Identifier(app_role))
+    )
+    res = run("install", "--app-role", app_role, "--dsn", dsn)
+    assert res.returncode == 0, res.stderr
+    granted = conn.execute(
+        "SELECT table_name, string_agg(privilege_type, ',' ORDER BY privilege_type)"
+        "  FROM information_schema.role_table_grants WHERE grantee = %s AND table_schema = 'threadline'"
+        " GROUP BY 1 ORDER BY 1",
+        [app_role],
+    ).fetchall()
+    assert granted == [
+        ("actions", "INSERT,SELECT"),
+        ("changes", "SELECT"),
+        ("schema_version", "SELECT"),
+        ("transactions", "SELECT"),
+    ]
