@@ -273,32 +273,51 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             self._applied = ctx
 
     def _begin_with(self, ctx: AuditContext) -> None:
-        """Send ``BEGIN`` and ``set_config`` as one simple-protocol message (one round trip).
-
-        The value is quoted by psycopg's own literal adapter for this connection's encoding.
-        """
-        literal = sql.Literal(ctx.to_json()).as_bytes(self)
-        command = (
-            self._begin_statement_sql().encode()
-            + b"; SELECT set_config('"
-            + CONTEXT_SETTING.encode()
-            + b"', "
-            + literal
-            + b", true)"
-        )
-        result = self.pgconn.exec_(command)
-        if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
-            message = (result.error_message or b"").decode(errors="replace").strip()
-            if self.pgconn.transaction_status != _IDLE:
-                self.pgconn.exec_(b"ROLLBACK")
-            raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
+        """Send ``BEGIN`` and ``set_config`` as one simple-protocol message (one round trip)."""
+        begin_with_context(self, ctx)
 
     def _begin_statement_sql(self) -> str:
-        parts = ["BEGIN"]
-        if self.isolation_level is not None:
-            parts.append("ISOLATION LEVEL " + self.isolation_level.name.replace("_", " "))
-        if self.read_only is not None:
-            parts.append("READ ONLY" if self.read_only else "READ WRITE")
-        if self.deferrable is not None:
-            parts.append("DEFERRABLE" if self.deferrable else "NOT DEFERRABLE")
-        return " ".join(parts)
+        return _begin_statement_sql(self)
+
+
+def _begin_statement_sql(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    parts = ["BEGIN"]
+    if conn.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + conn.isolation_level.name.replace("_", " "))
+    if conn.read_only is not None:
+        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
+    if conn.deferrable is not None:
+        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
+
+
+def begin_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], ctx: AuditContext) -> bytes:
+    """The one simple-protocol message that opens a transaction on ``conn`` carrying ``ctx``.
+
+    ``BEGIN`` (with the connection's isolation level, read-only and deferrable settings) followed
+    by ``set_config``; the value is quoted by psycopg's own literal adapter for ``conn``'s encoding.
+    For integrations that open transactions themselves (ORM bridges); see :func:`begin_with_context`.
+    """
+    return (
+        _begin_statement_sql(conn).encode()
+        + b"; SELECT set_config('"
+        + CONTEXT_SETTING.encode()
+        + b"', "
+        + sql.Literal(ctx.to_json()).as_bytes(conn)
+        + b", true)"
+    )
+
+
+def begin_with_context(conn: psycopg.Connection[Any], ctx: AuditContext) -> None:
+    """Open a transaction on idle, non-autocommit ``conn`` that carries ``ctx``, in one round trip.
+
+    psycopg then sees the transaction already open and sends no ``BEGIN`` of its own, so the
+    context costs no extra network round trip. Raises :class:`psycopg.OperationalError` (with the
+    connection left idle) when the server refuses the command.
+    """
+    result = conn.pgconn.exec_(begin_command(conn, ctx))
+    if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+        message = (result.error_message or b"").decode(errors="replace").strip()
+        if conn.pgconn.transaction_status != _IDLE:
+            conn.pgconn.exec_(b"ROLLBACK")
+        raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
