@@ -1,0 +1,1 @@
+"""Apps, tasks and helpers for the web-entry and ORM-bridge tests."""

@@ -1,0 +1,364 @@
+"""Web entry: WSGI and ASGI middleware that give every request its audit context.
+
+No framework is needed; Flask, Django, FastAPI/Starlette and any other WSGI or ASGI app work::
+
+    app = WSGIMiddleware(app, actor_resolver=lambda environ: ...)      # WSGI
+    app = ASGIMiddleware(app, actor_resolver=lambda scope: ...)        # ASGI
+
+For each HTTP request the middleware makes an :class:`~threadline.context.AuditContext` current
+with ``origin="web"``, a fresh ``request_id`` (UUID), the ``correlation_id`` taken from the first
+valid incoming header of ``correlation_headers`` (default ``X-Correlation-ID`` then
+``X-Request-ID``) or a generated UUID, the client address in ``meta["client"]``, and the actor
+that ``actor_resolver(environ | scope)`` returns. The correlation id is echoed on the response
+(``response_header``). When the response is over the previous context is restored exactly:
+
+- WSGI: after the body iterable is exhausted or closed (streaming bodies run under the request's
+  context), or at once when the app raises.
+- ASGI ``http``: when the app returns or raises (streaming included: it has sent the body by then).
+- ASGI ``websocket``: the connection gets a context like a request (the id is echoed on
+  ``websocket.accept``) that lasts as long as the connection.
+- ASGI ``lifespan`` and any other scope type pass through untouched, with no context.
+
+Incoming ids are untrusted: an id longer than ``max_id_length`` (default 128), empty, or holding
+any character outside ``A-Z a-z 0-9 . _ : / + = @ -`` (so CR/LF, spaces, quotes and non-printable
+bytes) is replaced by a generated one, and one warning is logged with the bad value escaped
+(``repr``) and truncated. A refused value never reaches a response header or a log line as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from contextvars import Token
+from typing import Any, Protocol
+
+from threadline.actor import ActorRef
+from threadline.context import AuditContext, _current
+from threadline.errors import ConfigurationError, InvalidContext
+
+__all__ = [
+    "DEFAULT_CORRELATION_HEADERS",
+    "DEFAULT_RESPONSE_HEADER",
+    "ASGIMiddleware",
+    "CorrelationPolicy",
+    "WSGIMiddleware",
+    "bind_actor",
+]
+
+logger = logging.getLogger("threadline.web")
+
+DEFAULT_CORRELATION_HEADERS: tuple[str, ...] = ("X-Correlation-ID", "X-Request-ID")
+"""Incoming headers tried in order for the correlation id."""
+DEFAULT_RESPONSE_HEADER = "X-Correlation-ID"
+"""Response header that echoes the request's correlation id."""
+DEFAULT_MAX_ID_LENGTH = 128
+_ID_CHARS = r"A-Za-z0-9._:/+=@-"
+_VALID_ID = re.compile("[" + _ID_CHARS + "]+")
+_VALID_ID_BYTES = re.compile(b"[" + _ID_CHARS.encode() + b"]+")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 token
+_uuid4 = uuid.uuid4
+
+WSGIEnviron = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ActorResolver(Protocol):
+    """``actor_resolver(environ_or_scope) -> ActorRef | None`` (``"type:id"`` text is accepted)."""
+
+    def __call__(self, request: Any, /) -> ActorRef | str | None: ...  # pragma: no cover
+
+
+def bind_actor(actor: ActorRef | str | None) -> AuditContext:
+    """Set the actor of the current request's context for the rest of the request.
+
+    For frameworks that authenticate inside the app, after the middleware ran (a Flask
+    ``before_request`` hook, an ``async`` FastAPI dependency, a Django REST framework view): the
+    middleware's reset at the end of the request undoes it. Returns the new current context.
+    """
+    ctx = _current.get().merged(actor=actor)
+    _current.set(ctx)
+    return ctx
+
+
+class CorrelationPolicy:
+    """Reads, validates and generates correlation ids; shared by the WSGI, ASGI and Django entries.
+
+    ``headers``: incoming header names tried in order; ``response_header``: the echo header
+    (``None``: no echo); ``max_id_length``: longest accepted incoming id.
+    """
+
+    __slots__ = ("_ascii_names", "environ_keys", "headers", "max_id_length", "response_header")
+
+    def __init__(
+        self,
+        headers: Sequence[str] = DEFAULT_CORRELATION_HEADERS,
+        response_header: str | None = DEFAULT_RESPONSE_HEADER,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+    ) -> None:
+        if isinstance(headers, str):
+            headers = (headers,)
+        for name in [*headers, *([response_header] if response_header is not None else [])]:
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                raise ConfigurationError(
+                    f"{name!r} is not a valid HTTP header name: use letters, digits and '-' "
+                    "(for example 'X-Correlation-ID')"
+                )
+        if (
+            not isinstance(max_id_length, int)
+            or isinstance(max_id_length, bool)
+            or not 8 <= max_id_length <= 256
+        ):
+            raise ConfigurationError(f"max_id_length must be an integer from 8 to 256, got {max_id_length!r}")
+        self.headers = tuple(headers)
+        self.response_header = response_header
+        self.max_id_length = max_id_length
+        self.environ_keys = tuple("HTTP_" + h.upper().replace("-", "_") for h in self.headers)
+        self._ascii_names = tuple(h.lower().encode("ascii") for h in self.headers)
+
+    def check(self, header: str, value: str) -> str | None:
+        """``value`` if it is an acceptable correlation id, else ``None`` (and one warning)."""
+        if len(value) <= self.max_id_length and _VALID_ID.fullmatch(value):
+            return value
+        self._refused(header, value)
+        return None
+
+    def from_environ(self, environ: Any) -> str:
+        """The correlation id for a WSGI ``environ`` (or Django ``request.META``)."""
+        get = environ.get
+        for key, header in zip(self.environ_keys, self.headers, strict=True):
+            value = get(key)
+            if value is not None:
+                checked = self.check(header, value)
+                if checked is not None:
+                    return checked
+        return str(_uuid4())
+
+    def from_asgi_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> str:
+        """The correlation id from ASGI ``scope["headers"]`` (lower-case names, raw bytes)."""
+        names = self._ascii_names
+        found: dict[bytes, bytes] | None = None
+        for name, value in raw:
+            if name in names:
+                if found is None:
+                    found = {}
+                found.setdefault(name, value)
+        if found is not None:
+            for name, header in zip(names, self.headers, strict=True):
+                raw_value = found.get(name)
+                if raw_value is None:
+                    continue
+                if len(raw_value) <= self.max_id_length and _VALID_ID_BYTES.fullmatch(raw_value):
+                    return raw_value.decode("ascii")
+                self._refused(header, raw_value)
+        return str(_uuid4())
+
+    def _refused(self, header: str, value: str | bytes) -> None:
+        if not value:
+            reason = "it is empty"
+        elif len(value) > self.max_id_length:
+            reason = f"it is {len(value)} characters long (limit {self.max_id_length})"
+        else:
+            reason = f"it holds characters outside [{_ID_CHARS}]"
+        # %r escapes CR/LF and every non-printable character; the value is truncated as well
+        logger.warning(
+            "threadline: ignored the incoming %s header because %s; a new correlation id is used: %r",
+            header,
+            reason,
+            value[:64],
+        )
+
+
+def _resolve_actor(resolver: ActorResolver | None, request: Any) -> ActorRef | str | None:
+    if resolver is None:
+        return None
+    try:
+        return resolver(request)
+    except Exception:  # an auth hiccup must not break the request: the transaction has no actor
+        logger.exception("threadline: the actor resolver failed; the request runs without an actor")
+        return None
+
+
+def build_context(actor: ActorRef | str | None, correlation_id: str, client: str | None) -> AuditContext:
+    """The context of one web request (``origin="web"``, fresh ``request_id``)."""
+    try:
+        return AuditContext(
+            actor=actor,  # type: ignore[arg-type]  # "type:id" text is parsed and validated
+            correlation_id=correlation_id,
+            request_id=str(_uuid4()),
+            origin="web",
+            meta=None if client is None else {"client": client},
+        )
+    except InvalidContext as exc:  # a resolver returned something that is not an actor
+        logger.error("threadline: the actor resolver returned an invalid actor (%s); ignored", exc.problem)
+        return AuditContext(correlation_id=correlation_id, request_id=str(_uuid4()), origin="web")
+
+
+def _client_from_environ(environ: Any) -> str | None:
+    addr = environ.get("REMOTE_ADDR")
+    return addr if isinstance(addr, str) and 0 < len(addr) <= 64 and _VALID_ID.fullmatch(addr) else None
+
+
+class _ClosingBody:
+    """The WSGI body: runs under the request's context; restores the previous one when done."""
+
+    __slots__ = ("_body", "_iter", "_token")
+
+    def __init__(self, body: Iterable[bytes], token: Token[AuditContext]) -> None:
+        self._body = body
+        self._iter: Iterator[bytes] | None = None
+        self._token: Token[AuditContext] | None = token
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iter is None:
+            self._iter = iter(self._body)
+        try:
+            return next(self._iter)
+        except BaseException:  # exhausted or failed: the context ends with the body
+            self._reset()
+            raise
+
+    def close(self) -> None:
+        """Close the app's body (WSGI ``close()``), then restore the previous context."""
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._reset()
+
+    def _reset(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _reset_token(token)
+
+
+def _reset_token(token: Token[AuditContext]) -> None:
+    with contextlib.suppress(ValueError):  # closed from another Context: nothing of ours is set there
+        _current.reset(token)
+
+
+class WSGIMiddleware:
+    """WSGI middleware: each request runs under its own audit context (see the module docs).
+
+    ``actor_resolver(environ)`` returns the acting :class:`~threadline.actor.ActorRef` (or
+    ``None``); it runs before the wrapped app, so it can only use what the request carries
+    (``REMOTE_USER``, a token header...). When the app authenticates later, call
+    :func:`bind_actor` from inside it. ``client_address=False`` leaves ``meta["client"]`` out.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        actor_resolver: ActorResolver | None = None,
+        *,
+        correlation_headers: Sequence[str] = DEFAULT_CORRELATION_HEADERS,
+        response_header: str | None = DEFAULT_RESPONSE_HEADER,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+        client_address: bool = True,
+    ) -> None:
+        if not callable(app):
+            raise ConfigurationError(f"WSGIMiddleware wraps a WSGI callable, got {type(app).__name__}")
+        if actor_resolver is not None and not callable(actor_resolver):
+            raise ConfigurationError("actor_resolver must be a callable taking the WSGI environ")
+        self.app = app
+        self.actor_resolver = actor_resolver
+        self.policy = CorrelationPolicy(correlation_headers, response_header, max_id_length)
+        self.client_address = client_address
+        self._echo = response_header
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        """Serve one request under its audit context."""
+        correlation_id = self.policy.from_environ(environ)
+        ctx = build_context(
+            _resolve_actor(self.actor_resolver, environ),
+            correlation_id,
+            _client_from_environ(environ) if self.client_address else None,
+        )
+        echo = self._echo
+        if echo is not None:
+            inner = start_response
+
+            def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                headers.append((echo, correlation_id))
+                return inner(status, headers, exc_info) if exc_info is not None else inner(status, headers)
+
+        token = _current.set(ctx)
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            _current.reset(token)
+            raise
+        if type(body) is list:  # already complete: nothing runs after this
+            _current.reset(token)
+            return body
+        return _ClosingBody(body, token)
+
+
+class ASGIMiddleware:
+    """ASGI 3 middleware: each HTTP request and websocket runs under its own audit context.
+
+    ``actor_resolver(scope)`` returns the acting :class:`~threadline.actor.ActorRef` (or
+    ``None``). Lifespan (and unknown) scopes pass through untouched. See the module docs.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        actor_resolver: ActorResolver | None = None,
+        *,
+        correlation_headers: Sequence[str] = DEFAULT_CORRELATION_HEADERS,
+        response_header: str | None = DEFAULT_RESPONSE_HEADER,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+        client_address: bool = True,
+    ) -> None:
+        if not callable(app):
+            raise ConfigurationError(f"ASGIMiddleware wraps an ASGI callable, got {type(app).__name__}")
+        if actor_resolver is not None and not callable(actor_resolver):
+            raise ConfigurationError("actor_resolver must be a callable taking the ASGI scope")
+        self.app = app
+        self.actor_resolver = actor_resolver
+        self.policy = CorrelationPolicy(correlation_headers, response_header, max_id_length)
+        self.client_address = client_address
+        self._echo = None if response_header is None else response_header.lower().encode("ascii")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one connection; ``http`` and ``websocket`` scopes under their audit context."""
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        correlation_id = self.policy.from_asgi_headers(scope.get("headers") or ())
+        client = None
+        if self.client_address:
+            peer = scope.get("client")
+            if peer and isinstance(peer[0], str) and len(peer[0]) <= 64 and _VALID_ID.fullmatch(peer[0]):
+                client = peer[0]
+        ctx = build_context(_resolve_actor(self.actor_resolver, scope), correlation_id, client)
+        echo = self._echo
+        if echo is not None:
+            start = "http.response.start" if kind == "http" else "websocket.accept"
+            value = correlation_id.encode("ascii")
+            inner = send
+
+            async def send(message: Message) -> None:
+                if message["type"] == start:
+                    message["headers"] = [*message.get("headers", ()), (echo, value)]
+                await inner(message)
+
+        token = _current.set(ctx)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _current.reset(token)
