@@ -28,3 +28,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: bench-celery
+bench-celery: venv
+	$(BIN)/python bench/celery.py

@@ -1,0 +1,329 @@
+"""Celery propagation benchmark: run with `make bench-celery` (or `python bench/celery.py`).
+
+Prints a Markdown report. Three parts:
+
+- In-process handler cost (µs per call, median of rounds): what threadline adds to one publish
+  (the caller-side encoding check in ``send_task`` plus the ``before_task_publish`` receiver,
+  measured around a stand-in ``send_task`` that only sends the signal), and to one task run
+  (``task_prerun`` + ``task_postrun`` restoring and resetting the context).
+- End to end: N trivial tasks (one Redis INCR each) published under a request context and run by
+  a real ``celery worker`` (prefork, 2 processes), once with threadline installed on both ends and
+  once without, in interleaved rounds (the order alternates); throughput ratio of the medians.
+- The size of a typical header (user actor, correlation id, request id; with and without a
+  signature).
+
+Brokers: ``$THREADLINE_BENCH_BROKER`` (default Redis at 127.0.0.1:6379, db 15). Knobs:
+``BENCH_ROUNDS`` (default 5), ``BENCH_TASKS`` (default 2000).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the package it measures: keep its folder off the import path.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+import threadline
+from threadline import ActorRef, AuditContext, codec
+from threadline.context import _current, use_context
+from threadline.propagation import celery as tc
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("THREADLINE_BENCH_REDIS", "redis://127.0.0.1:6379/15")
+BROKER_URL = os.environ.get("THREADLINE_BENCH_BROKER", REDIS_URL)
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+TASKS = int(os.environ.get("BENCH_TASKS", "2000"))
+KEY = "benchmark-signing-key-0123456789"
+
+
+def request_context() -> AuditContext:
+    return AuditContext(
+        actor=ActorRef.user("1234567"),
+        correlation_id=str(uuid.uuid4()),
+        request_id=str(uuid.uuid4()),
+        origin="web",
+    )
+
+
+def added_us(with_tl: Callable[[], None], without: Callable[[], None], n: int, rounds: int = 15) -> float:
+    """CPU µs that threadline adds per call: median over interleaved rounds of (with - without) / n.
+
+    Each callable runs its n calls once per round; the order alternates between rounds, so a
+    busy neighbour on the machine weighs on both sides alike.
+    """
+    diffs = []
+    for i in range(rounds):
+        timings = {}
+        for arm in ((with_tl, without) if i % 2 == 0 else (without, with_tl)):
+            start = time.process_time()  # CPU time of this process: neighbours on the machine weigh less
+            arm()
+            timings[arm] = (time.process_time() - start) / n * 1e6
+        diffs.append(timings[with_tl] - timings[without])
+    return statistics.median(diffs)
+
+
+# -- in-process handler cost -----------------------------------------------------------------------
+
+
+def _stand_in_send_task(name: str, args: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """What the real send_task does around the publish signal is left out: only the signal."""
+    headers = {"id": task_id or "6b3c5d1e-0000-4000-8000-000000000000", "task": name, "parent_id": None}
+    signals.before_task_publish.send(sender=name, headers=headers, body=None, exchange="", routing_key="q")
+
+
+def publish_costs(signing_keys: list[str] | None, n: int = 5000) -> dict[str, float]:
+    """µs per publish that threadline adds: caller-side check and publish receiver."""
+    bare = Celery("bare", set_as_current=False)
+    bare.send_task = _stand_in_send_task
+    app = Celery("bench", set_as_current=False)
+    app.send_task = _stand_in_send_task  # install() wraps it like a real app's send_task
+    tc.install(app, signing_keys=signing_keys)
+    contexts = [request_context() for _ in range(n)]
+
+    def loop(target: Celery, fresh: bool) -> Callable[[], None]:
+        def run() -> None:
+            if fresh:
+                tc._installations[app].cache.clear()
+            for ctx in contexts if fresh else contexts[:1] * n:
+                token = _current.set(ctx)
+                target.send_task("t", ())
+                _current.reset(token)
+
+        return run
+
+    try:
+        return {
+            "same context (a request or task publishing several tasks)": added_us(
+                loop(app, False), loop(bare, False), n
+            ),
+            "new context each time (one task per request)": added_us(loop(app, True), loop(bare, True), n),
+        }
+    finally:
+        tc.uninstall(app)
+
+
+@contextmanager
+def worker_request(task: Any, header: Any) -> Iterator[None]:
+    request: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "root_id": str(uuid.uuid4()),
+        "parent_id": str(uuid.uuid4()),
+        "retries": 0,
+        "is_eager": False,
+        "delivery_info": {},
+    }
+    if header is not None:
+        request["threadline"] = header
+    task.push_request(**request)
+    try:
+        yield
+    finally:
+        task.pop_request()
+
+
+def _body() -> None:
+    return None
+
+
+def task_costs(n: int = 5000) -> dict[str, float]:
+    """CPU µs per task run spent in threadline's task_prerun + task_postrun receivers."""
+    return {
+        "unsigned header": _task_cost(None, True, n),
+        "signed header": _task_cost([KEY], True, n),
+        "no header (beat, external producer)": _task_cost(None, False, n),
+    }
+
+
+def _noop_receiver(**_: Any) -> None:
+    return None
+
+
+def _run_signals(task: Any, n: int) -> None:
+    for _ in range(n):
+        signals.task_prerun.send(sender=task, task_id="x", task=task, args=(), kwargs={})
+        signals.task_postrun.send(sender=task, task_id="x", task=task, args=(), kwargs={}, retval=None, state="SUCCESS")
+
+
+@contextmanager
+def _noop_receivers() -> Iterator[None]:
+    """One do-nothing receiver on each signal: Celery's own dispatch cost, paid by any receiver."""
+    for sig in (signals.task_prerun, signals.task_postrun):
+        sig.connect(_noop_receiver, weak=False, dispatch_uid="threadline-bench-noop")
+    try:
+        yield
+    finally:
+        for sig in (signals.task_prerun, signals.task_postrun):
+            sig.disconnect(_noop_receiver, dispatch_uid="threadline-bench-noop")
+
+
+def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> float:
+    app = Celery("bench-worker", set_as_current=False)
+    threadline.task(app=app, name="bench.run")(_body)
+    task = app.tasks["bench.run"]  # the task object itself, as Celery's signals pass it
+    tc.install(app, signing_keys=keys)
+    header = tc._installations[app].header_for(request_context(), "other-task", None) if with_header else None
+
+    def with_tl() -> None:
+        if not tc.installed(app):
+            tc.install(app, signing_keys=keys)
+        _run_signals(task, n)
+
+    def without() -> None:
+        tc.uninstall(app)
+        with _noop_receivers():
+            _run_signals(task, n)
+
+    with worker_request(task, header):
+        cost = added_us(with_tl, without, n)
+    tc.uninstall(app)
+    return cost
+
+
+def signal_dispatch_cost(n: int = 5000) -> float:
+    """CPU µs Celery spends dispatching task_prerun + task_postrun to one receiver each."""
+    app = Celery("bench-dispatch", set_as_current=False)
+    task = app.task(name="bench.run")(_body)
+    task = app.tasks["bench.run"]
+
+    def with_receivers() -> None:
+        with _noop_receivers():
+            _run_signals(task, n)
+
+    with worker_request(task, None):
+        return added_us(with_receivers, lambda: _run_signals(task, n), n)
+
+
+def header_sizes() -> dict[str, int]:
+    ctx = request_context()
+    out = {}
+    for label, keys in (("unsigned", None), ("signed", [KEY])):
+        app = Celery("sizes", set_as_current=False)
+        tc.install(app, signing_keys=keys)
+        header = tc._installations[app].header_for(ctx, None, None)
+        out[label] = len(codec.dumps(header).encode())
+        tc.uninstall(app)
+    return out
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+class BenchWorker:
+    def __init__(self, installed: bool, log_dir: Path) -> None:
+        self.queue = f"threadline-bench-{uuid.uuid4().hex[:8]}-{'on' if installed else 'off'}"
+        self.installed = installed
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            THREADLINE_BENCH_INSTALL="1" if installed else "0",
+            THREADLINE_BENCH_BROKER=BROKER_URL,
+            THREADLINE_BENCH_REDIS=REDIS_URL,
+            THREADLINE_BENCH_QUEUE=self.queue,
+        )
+        self.log = log_dir / f"{self.queue}.log"
+        args = [
+            sys.executable, "-m", "celery", "-A", "bench.celery_worker_app", "worker", "-P", "prefork", "-c", "2",
+            "-Q", self.queue, "-n", f"{self.queue}@%h", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-l", "WARNING",
+        ]  # fmt: skip
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.app = Celery("client", broker=BROKER_URL, set_as_current=False)
+        self.app.conf.update(task_default_queue=self.queue, task_ignore_result=True)
+        if installed:
+            tc.install(self.app)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.installed:
+            tc.uninstall(self.app)
+
+    def run(self, counter: redis.Redis, n: int, timeout: float = 120) -> float:
+        """Tasks per second for n tasks, from the first publish to the last one done."""
+        key = f"threadline-bench-{uuid.uuid4().hex}"
+        start = time.perf_counter()
+        with use_context(request_context()):
+            for _ in range(n):
+                self.app.send_task("bench.noop", args=[key])
+        while int(counter.get(key) or 0) < n:
+            if time.perf_counter() - start > timeout:
+                raise RuntimeError(f"worker did not finish {n} tasks; see {self.log}")
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - start
+        counter.delete(key)
+        return n / elapsed
+
+
+def end_to_end() -> tuple[list[float], list[float]]:
+    counter = redis.Redis.from_url(REDIS_URL)
+    counter.ping()
+    with tempfile.TemporaryDirectory() as tmp:
+        on, off = BenchWorker(True, Path(tmp)), BenchWorker(False, Path(tmp))
+        try:
+            for worker in (on, off):  # warm up: workers started, connections made
+                worker.run(counter, 200)
+            with_tl: list[float] = []
+            without: list[float] = []
+            for i in range(ROUNDS):
+                order = (on, off) if i % 2 == 0 else (off, on)
+                for worker in order:
+                    (with_tl if worker is on else without).append(worker.run(counter, TASKS))
+            return with_tl, without
+        finally:
+            on.stop()
+            off.stop()
+            with on.app.connection_for_write() as conn:
+                for worker in (on, off):
+                    conn.default_channel.queue_delete(worker.queue)
+
+
+def main() -> None:
+    print(f"## Celery propagation (Python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
+    print(f"Broker {BROKER_URL.split('@')[-1]}; {ROUNDS} interleaved rounds; medians.\n")
+    print("### Handler cost in process (CPU µs per call, threadline minus no threadline)\n")
+    print("| path | µs |\n|---|---:|")
+    for label, value in publish_costs(None).items():
+        print(f"| publish, {label} | {value:.1f} |")
+    for label, value in publish_costs([KEY]).items():
+        print(f"| signed publish, {label} | {value:.1f} |")
+    for label, value in task_costs().items():
+        print(f"| task run (prerun + postrun receivers), {label} | {value:.1f} |")
+    print(f"| Celery's own dispatch of prerun + postrun to one receiver (any library pays it) | {signal_dispatch_cost():.1f} |")
+    sizes = header_sizes()
+    print("\n### Typical header (user actor, correlation id and request id as UUIDs)\n")
+    print(f"{sizes['unsigned']} bytes unsigned, {sizes['signed']} bytes signed.\n")
+    with_tl, without = end_to_end()
+    ratio = statistics.median(with_tl) / statistics.median(without)
+    print(f"### End to end ({TASKS} trivial tasks per round, Redis, prefork worker with 2 processes)\n")
+    print("| | tasks/s (median) | rounds |\n|---|---:|---|")
+    print(f"| without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |")
+    print(f"| with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |")
+    print(f"\nThroughput ratio with / without: **{ratio:.3f}**")
+
+
+if __name__ == "__main__":
+    main()
