@@ -1,0 +1,32 @@
+"""Settings of the test Django project; the database comes from ``THREADLINE_TEST_CELERY_DSN``."""
+
+from __future__ import annotations
+
+import os
+
+from psycopg.conninfo import conninfo_to_dict
+
+_db = conninfo_to_dict(os.environ["THREADLINE_TEST_CELERY_DSN"])
+
+SECRET_KEY = "threadline-tests-only"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "tests.djangoproject.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+INSTALLED_APPS = ["threadline", "tests.djangoproject.blog"]
+MIDDLEWARE = [
+    "tests.djangoproject.auth.HeaderAuthenticationMiddleware",
+    "threadline.propagation.django.ThreadlineMiddleware",
+]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": _db.get("dbname", ""),
+        "USER": _db.get("user", ""),
+        "PASSWORD": _db.get("password", ""),
+        "HOST": _db.get("host", ""),
+        "PORT": _db.get("port", ""),
+    }
+}
+THREADLINE = {"CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"], "MAX_ID_LENGTH": 128}

@@ -1,0 +1,246 @@
+"""Django: the middleware and the ORM bridge, with a project (tests/djangoproject) and a real worker.
+
+A request through ``ThreadlineMiddleware`` writes a row with the ORM and enqueues a task that
+updates it through the ORM in a real Celery worker process: both transactions share the actor and
+correlation id, and the worker's causation id is the request id. Every kind of ORM write carries
+the context in autocommit mode and in ``atomic()`` blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+import threadline
+from threadline import ActorRef, ConfigurationError, ThreadlineConnection
+
+from .celery_app.harness import Worker
+from .webapps.support import assert_web_then_worker, start_worker, story
+
+DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
+
+CHANGES_SQL = """
+SELECT t.id AS tx, t.actor, t.correlation_id, t.origin, c.op, c.after, c.before
+  FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id
+ WHERE c.table_name = 'dj_posts' AND t.id > %s
+ ORDER BY c.id
+"""
+
+
+@pytest.fixture(scope="module")
+def django_dsn(database: str) -> Iterator[str]:
+    old = os.environ.get(DSN_ENV)
+    os.environ[DSN_ENV] = database
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djangoproject.settings")
+    import django
+
+    django.setup()
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS public.dj_posts (id bigserial PRIMARY KEY, title varchar(200) NOT NULL, note text)"
+        )
+        threadline.ddl.track(conn, "public.dj_posts")
+    yield database
+    from django.db import connections
+
+    connections.close_all()
+    if old is None:
+        os.environ.pop(DSN_ENV, None)
+    else:
+        os.environ[DSN_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def django_worker(django_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    from tests.djangoproject.blog import views
+
+    worker = start_worker("tests.djangoproject.worker", django_dsn, Path(tmp_path_factory.mktemp("dj-celery")))
+    views.CELERY[0] = worker.app()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def last_tx(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT coalesce(max(id), 0) FROM threadline.transactions").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def dj_changes(dsn: str, after: int) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.cursor(row_factory=dict_row).execute(CHANGES_SQL, [after]).fetchall()
+
+
+def test_request_orm_write_and_orm_task_tell_one_story(django_worker: Worker, django_dsn: str) -> None:
+    from django.test import Client
+
+    corr = f"dj-{uuid.uuid4().hex}"
+    resp = Client().post("/posts/", headers={"X-Correlation-ID": corr, "X-User": "42", "X-Enqueue": "1"})
+    assert resp.status_code == 200 and resp.headers["X-Correlation-ID"] == corr
+    body = resp.json()
+    assert body["ctx"]["actor"] == {"type": "user", "id": "42"} and body["ctx"]["origin"] == "web"
+    rows = story(django_dsn, corr, 2)
+    assert_web_then_worker(rows, {"type": "user", "id": "42"}, corr)
+    assert rows[0]["request_id"] == body["ctx"]["request_id"]
+    assert threadline.current().is_empty
+
+
+def test_atomic_view_raw_sql_savepoint_and_on_commit_task(django_worker: Worker, django_dsn: str) -> None:
+    from django.test import Client
+
+    before = last_tx(django_dsn)
+    resp = Client().post("/atomic/", headers={"X-Request-ID": "dj-atomic-" + uuid.uuid4().hex, "X-User": "5"})
+    corr = resp.headers["X-Correlation-ID"]
+    assert corr.startswith("dj-atomic-")
+    rows = story(django_dsn, corr, 4)
+    web, job = rows[:3], rows[3]
+    assert len({r["id"] for r in web}) == 1  # one transaction: insert, raw update, nested update
+    assert [r["op"] for r in web] == ["insert", "update", "update"]
+    assert all(r["actor"] == {"type": "user", "id": "5"} and r["origin"] == "web" for r in web)
+    assert job["origin"] == "celery" and job["actor"] == {"type": "user", "id": "5"}
+    assert job["causation_id"] == web[0]["request_id"]
+    assert last_tx(django_dsn) >= before + 2
+
+
+def test_anonymous_user_and_no_user(django_dsn: str) -> None:
+    from django.test import Client, override_settings
+
+    resp = Client().post("/posts/")
+    assert resp.json()["ctx"]["actor"] == {"type": "anonymous"}
+    with override_settings(MIDDLEWARE=["threadline.propagation.django.ThreadlineMiddleware"]):
+        resp = Client().post("/posts/")  # no AuthenticationMiddleware: no request.user
+    assert "actor" not in resp.json()["ctx"]
+    with override_settings(THREADLINE={"ACTOR_RESOLVER": lambda request: ActorRef.service_account("api")}):
+        resp = Client().post("/posts/")
+    assert resp.json()["ctx"]["actor"] == {"type": "service_account", "id": "api"}
+
+
+def test_every_kind_of_orm_write_carries_the_context(django_dsn: str) -> None:
+    from django.db import connection, transaction
+
+    from tests.djangoproject.blog.models import Post
+
+    before = last_tx(django_dsn)
+    with threadline.context(actor=ActorRef.user("1"), correlation_id="orm-auto"):
+        post = Post.objects.create(title="a")  # autocommit
+        Post.objects.bulk_create([Post(title="b1"), Post(title="b2")])
+        Post.objects.filter(pk=post.pk).update(note="u")
+        post.title = "saved"
+        post.save()
+        with connection.cursor() as cur:
+            cur.execute("INSERT INTO dj_posts (title) VALUES (%s)", ["raw"])
+        Post.objects.filter(title__in=["b1", "b2"]).delete()
+    with threadline.context(actor=ActorRef.user("2"), correlation_id="orm-atomic"), transaction.atomic():
+        Post.objects.create(title="c")
+        Post.objects.filter(title="raw").update(note="in-atomic")
+    rows = dj_changes(django_dsn, before)
+    by_corr: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        assert row["origin"] is None  # as given: no origin in these contexts
+        by_corr.setdefault(row["correlation_id"], []).append(row)
+    assert set(by_corr) == {"orm-auto", "orm-atomic"}, rows
+    auto, atomic = by_corr["orm-auto"], by_corr["orm-atomic"]
+    assert [r["op"] for r in auto] == ["insert", "insert", "insert", "update", "update", "insert", "delete", "delete"]
+    assert all(r["actor"] == {"type": "user", "id": "1"} for r in auto)
+    assert len({r["tx"] for r in auto}) == 6  # each autocommit write (bulk_create, delete: one each)
+    assert [r["op"] for r in atomic] == ["insert", "update"] and len({r["tx"] for r in atomic}) == 1
+    assert all(r["actor"] == {"type": "user", "id": "2"} for r in atomic)
+    assert isinstance(connection.connection, ThreadlineConnection)
+
+
+def test_context_changes_inside_atomic_and_savepoint_rollback(django_dsn: str) -> None:
+    from django.db import IntegrityError, connection, transaction
+
+    from tests.djangoproject.blog.models import Post
+
+    before = last_tx(django_dsn)
+    with transaction.atomic():  # begun without a context: the first write's context is set then
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1")
+        with threadline.context(actor=ActorRef.user("late"), correlation_id="orm-late"):
+            with pytest.raises(IntegrityError), transaction.atomic():  # rolled-back savepoint
+                Post.objects.create(title="x")
+                with connection.cursor() as cur:
+                    cur.execute("INSERT INTO dj_posts (id, title) VALUES (-1, 'dup'), (-1, 'dup')")
+            Post.objects.create(title="after-rollback")
+    rows = dj_changes(django_dsn, before)
+    assert [(r["op"], r["after"]["title"], r["correlation_id"]) for r in rows] == [
+        ("insert", "after-rollback", "orm-late")
+    ]
+    assert rows[0]["actor"] == {"type": "user", "id": "late"}
+
+
+def test_no_context_sends_nothing_and_records_no_actor(django_dsn: str) -> None:
+    from tests.djangoproject.blog.models import Post
+
+    before = last_tx(django_dsn)
+    Post.objects.create(title="anon")
+    (row,) = dj_changes(django_dsn, before)
+    assert row["actor"] is None and row["correlation_id"] is None
+
+
+def test_concurrent_requests_never_bleed(django_dsn: str) -> None:
+    from django.db import connections
+    from django.test import Client
+
+    run = uuid.uuid4().hex[:8]
+    barrier = threading.Barrier(8)
+
+    def one(i: int) -> str:
+        if i < 8:
+            barrier.wait()
+        try:
+            resp = Client().post(
+                "/posts/", headers={"X-Correlation-ID": f"dj-{run}-{i}", "X-User": str(100 + i), "X-Title": f"{run}-{i}"}
+            )
+            return str(resp.headers["X-Correlation-ID"])
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(32))) == [f"dj-{run}-{i}" for i in range(32)]
+    with psycopg.connect(django_dsn) as conn:
+        rows = conn.execute(
+            """SELECT c.after->>'title', t.actor->>'id', t.correlation_id FROM threadline.changes c
+                 JOIN threadline.transactions t ON t.id = c.transaction_id WHERE c.after->>'title' LIKE %s""",
+            [f"{run}-%"],
+        ).fetchall()
+    assert sorted(rows) == sorted((f"{run}-{i}", str(100 + i), f"dj-{run}-{i}") for i in range(32))
+
+
+def test_streaming_response_keeps_the_context_until_closed(django_dsn: str) -> None:
+    from django.test import Client
+
+    resp = Client().get("/stream/", headers={"X-Correlation-ID": "dj-stream"})
+    assert b"".join(resp.streaming_content) == b"dj-stream\n" * 3  # type: ignore[attr-defined]
+    resp.close()
+    assert threadline.current().is_empty
+
+
+def test_settings_are_validated(django_dsn: str) -> None:
+    from django.test import override_settings
+
+    from threadline.propagation.django import ThreadlineMiddleware
+
+    for bad in (
+        {"NOPE": 1},
+        {"CORRELATION_HEADERS": "X-One"},
+        {"RESPONSE_HEADER": "Bad Header"},
+        {"ACTOR_RESOLVER": "no.such.resolver"},
+        {"ACTOR_RESOLVER": 42},
+        {"MAX_ID_LENGTH": 5000},
+    ):
+        with override_settings(THREADLINE=bad), pytest.raises(ConfigurationError):
+            ThreadlineMiddleware(lambda request: None)

@@ -1,0 +1,305 @@
+"""Django: the request middleware and the ORM bridge (psycopg 3 backend).
+
+Set-up (``settings.py``)::
+
+    INSTALLED_APPS = [..., "threadline"]            # the ORM bridge (threadline.apps.ThreadlineConfig)
+    MIDDLEWARE = [
+        ...,
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "threadline.propagation.django.ThreadlineMiddleware",     # after authentication
+        ...,
+    ]
+    THREADLINE = {                                  # every key is optional
+        "CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"],
+        "RESPONSE_HEADER": "X-Correlation-ID",      # None: no echo
+        "MAX_ID_LENGTH": 128,
+        "ACTOR_RESOLVER": "threadline.propagation.django.default_actor_resolver",
+        "CLIENT_ADDRESS": True,                     # meta["client"] = REMOTE_ADDR
+        "ORM_BRIDGE": True,
+    }
+
+**Middleware**: the same request context as :class:`threadline.propagation.web.WSGIMiddleware`
+(``origin="web"``, fresh ``request_id``, validated or generated ``correlation_id``, echoed on the
+response), with the actor from ``request.user`` by default (``ActorRef.user(str(pk))``; an
+anonymous user gives ``ActorRef.anonymous()``). Sync and async stacks are both supported. The
+context is restored when the response is returned, or for a streaming response when Django closes
+it after the last chunk.
+
+**ORM bridge**: when Django opens a PostgreSQL connection (``connection_created``), its psycopg
+connection becomes a :class:`~threadline.propagation.psycopg.ThreadlineConnection` and its cursors
+:class:`~threadline.propagation.psycopg.ThreadlineCursor` subclasses of Django's own. So every
+transaction carries the current context: inside ``atomic()`` the ``BEGIN`` that psycopg would send
+anyway carries the ``set_config`` in the same message, and in autocommit mode the ``set_config`` is
+pipelined with the statement; no extra round trip either way. ORM saves, ``bulk_create``,
+``QuerySet.update()``/``delete()`` and raw ``connection.cursor()`` SQL are all covered; it works
+with any backend built on ``django.db.backends.postgresql`` (PostGIS included) and with Django's
+connection pool. Without a current context nothing at all is sent.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import Token
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+from threadline.actor import ActorRef
+from threadline.context import AuditContext, _current
+from threadline.errors import ConfigurationError
+from threadline.propagation.psycopg import ThreadlineConnection, ThreadlineCursor
+from threadline.propagation.web import (
+    DEFAULT_CORRELATION_HEADERS,
+    DEFAULT_MAX_ID_LENGTH,
+    DEFAULT_RESPONSE_HEADER,
+    CorrelationPolicy,
+    _client_from_environ,
+    _reset_token,
+    _resolve_actor,
+    build_context,
+)
+
+__all__ = [
+    "ThreadlineMiddleware",
+    "ThreadlineSettings",
+    "bridge_connection",
+    "default_actor_resolver",
+    "install_orm_bridge",
+    "load_settings",
+    "uninstall_orm_bridge",
+]
+
+_KEYS = {
+    "CORRELATION_HEADERS",
+    "RESPONSE_HEADER",
+    "MAX_ID_LENGTH",
+    "ACTOR_RESOLVER",
+    "CLIENT_ADDRESS",
+    "ORM_BRIDGE",
+}
+
+
+def default_actor_resolver(request: Any) -> ActorRef | None:
+    """``ActorRef.user(str(request.user.pk))``; ``ActorRef.anonymous()`` for an anonymous user.
+
+    ``None`` when the request has no ``user`` (``AuthenticationMiddleware`` is not installed or
+    runs after :class:`ThreadlineMiddleware`).
+    """
+    user = getattr(request, "user", None)
+    if user is None:
+        return None
+    if not user.is_authenticated:
+        return ActorRef.anonymous()
+    return ActorRef.user(str(user.pk))
+
+
+@dataclass(frozen=True)
+class ThreadlineSettings:
+    """The ``THREADLINE`` Django setting, validated (see the module docs for the keys)."""
+
+    correlation_headers: tuple[str, ...] = DEFAULT_CORRELATION_HEADERS
+    response_header: str | None = DEFAULT_RESPONSE_HEADER
+    max_id_length: int = DEFAULT_MAX_ID_LENGTH
+    actor_resolver: Callable[[Any], ActorRef | str | None] | None = default_actor_resolver
+    client_address: bool = True
+    orm_bridge: bool = True
+
+
+def load_settings() -> ThreadlineSettings:
+    """Read and validate ``settings.THREADLINE`` (missing: every default)."""
+    raw = getattr(settings, "THREADLINE", None) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"settings.THREADLINE must be a dict, got {type(raw).__name__}")
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ConfigurationError(
+            f"unknown settings.THREADLINE keys {sorted(unknown)}; the accepted keys are {sorted(_KEYS)}"
+        )
+    resolver = raw.get("ACTOR_RESOLVER", default_actor_resolver)
+    if isinstance(resolver, str):
+        try:
+            resolver = import_string(resolver)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"THREADLINE['ACTOR_RESOLVER'] = {resolver!r} cannot be imported: {exc}"
+            ) from exc
+    if resolver is not None and not callable(resolver):
+        raise ConfigurationError(
+            "THREADLINE['ACTOR_RESOLVER'] must be a callable, a dotted path to one, or None"
+        )
+    headers = raw.get("CORRELATION_HEADERS", DEFAULT_CORRELATION_HEADERS)
+    if isinstance(headers, str) or not isinstance(headers, Sequence):
+        raise ConfigurationError("THREADLINE['CORRELATION_HEADERS'] must be a list of header names")
+    conf = ThreadlineSettings(
+        correlation_headers=tuple(headers),
+        response_header=raw.get("RESPONSE_HEADER", DEFAULT_RESPONSE_HEADER),
+        max_id_length=raw.get("MAX_ID_LENGTH", DEFAULT_MAX_ID_LENGTH),
+        actor_resolver=resolver,
+        client_address=bool(raw.get("CLIENT_ADDRESS", True)),
+        orm_bridge=bool(raw.get("ORM_BRIDGE", True)),
+    )
+    CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)  # validates
+    return conf
+
+
+class ThreadlineMiddleware:
+    """Django middleware: each request runs under its own audit context (see the module docs).
+
+    Put it after ``AuthenticationMiddleware`` so that the default resolver sees ``request.user``.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        conf = load_settings()
+        self.get_response = get_response
+        self.policy = CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)
+        self.actor_resolver = conf.actor_resolver
+        self.client_address = conf.client_address
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: Any) -> Any:
+        """Serve one request under its audit context."""
+        if self._async:
+            return self.__acall__(request)
+        token = _current.set(self._context(request))
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            _current.reset(token)
+            raise
+        return self._finish(response, token)
+
+    async def __acall__(self, request: Any) -> Any:
+        """The async twin of :meth:`__call__`."""
+        token = _current.set(self._context(request))
+        try:
+            response = await self.get_response(request)
+        except BaseException:
+            _current.reset(token)
+            raise
+        return self._finish(response, token)
+
+    def _context(self, request: Any) -> AuditContext:
+        meta = request.META
+        correlation_id = self.policy.from_environ(meta)
+        request.correlation_id = correlation_id
+        return build_context(
+            _resolve_actor(self.actor_resolver, request),
+            correlation_id,
+            _client_from_environ(meta) if self.client_address else None,
+        )
+
+    def _finish(self, response: Any, token: Token[AuditContext]) -> Any:
+        header = self.policy.response_header
+        if header is not None:
+            response[header] = _current.get().correlation_id or ""
+        if getattr(response, "streaming", False):
+            # the body is produced after we return: keep the context until Django closes it
+            response._resource_closers.append(lambda: _reset_token(token))
+        else:
+            _current.reset(token)
+        return response
+
+
+# -- ORM bridge -------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_connection_classes: dict[type[Any], type[Any]] = {}
+_cursor_classes: dict[type[Any], type[Any]] = {}
+_DISPATCH_UID = "threadline.orm_bridge"
+
+
+class _SavepointAwareCursor(ThreadlineCursor[Any]):
+    """Django rolls savepoints back with SQL text: make the next statement set the context again."""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        """Like :meth:`ThreadlineCursor.execute`; a ``ROLLBACK TO SAVEPOINT`` forgets the context."""
+        result = super().execute(query, params, **kwargs)
+        if query.__class__ is str and query.startswith("ROLLBACK TO SAVEPOINT"):
+            conn = self.connection
+            if isinstance(conn, ThreadlineConnection):
+                conn._applied = None  # a set_config made inside the savepoint was undone with it
+        return result
+
+
+def _connection_class(cls: type[Any]) -> type[Any]:
+    if issubclass(cls, ThreadlineConnection):
+        return cls
+    if cls is psycopg.Connection:
+        return ThreadlineConnection
+    with _lock:
+        out = _connection_classes.get(cls)
+        if out is None:
+            out = type("Threadline" + cls.__name__, (ThreadlineConnection, cls), {})
+            _connection_classes[cls] = out
+        return out
+
+
+def _cursor_class(cls: type[Any]) -> type[Any]:
+    if issubclass(cls, _SavepointAwareCursor):
+        return cls
+    with _lock:
+        out = _cursor_classes.get(cls)
+        if out is None:
+            out = type("Threadline" + cls.__name__, (_SavepointAwareCursor, cls), {})
+            _cursor_classes[cls] = out
+        return out
+
+
+def bridge_connection(connection: Any) -> None:
+    """Make one open Django PostgreSQL connection carry the audit context (idempotent).
+
+    ``connection`` is a Django ``DatabaseWrapper`` (``django.db.connection``); the ORM bridge calls
+    this for every new connection. Raises :class:`~threadline.errors.ConfigurationError` for a
+    psycopg2 connection.
+    """
+    pg = connection.connection
+    if pg is None:
+        return
+    if not isinstance(pg, psycopg.Connection):
+        raise ConfigurationError(
+            f"database {connection.alias!r} uses {type(pg).__module__}.{type(pg).__name__}: threadline's "
+            "Django ORM bridge needs the psycopg 3 driver (pip install 'psycopg[binary]'), "
+            "or set THREADLINE = {'ORM_BRIDGE': False}"
+        )
+    if not isinstance(pg, ThreadlineConnection):
+        # Same layout (the subclass adds no slots): the connection keeps its state and socket.
+        pg.__class__ = _connection_class(type(pg))
+        pg._applied = None  # type: ignore[attr-defined]
+    pg.cursor_factory = _cursor_class(pg.cursor_factory)
+
+
+def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    if connection.vendor == "postgresql":
+        bridge_connection(connection)
+
+
+def install_orm_bridge() -> None:
+    """Bridge every Django PostgreSQL connection, open now or opened later (idempotent).
+
+    Called by ``threadline.apps.ThreadlineConfig.ready()`` (``"threadline"`` in
+    ``INSTALLED_APPS``) unless ``THREADLINE["ORM_BRIDGE"]`` is false.
+    """
+    from django.db import connections
+    from django.db.backends.signals import connection_created
+
+    connection_created.connect(_on_connection_created, dispatch_uid=_DISPATCH_UID, weak=False)
+    for conn in connections.all(initialized_only=True):
+        if conn.vendor == "postgresql" and conn.connection is not None:
+            bridge_connection(conn)
+
+
+def uninstall_orm_bridge() -> None:
+    """Stop bridging connections opened from now on (open ones keep carrying the context)."""
+    from django.db.backends.signals import connection_created
+
+    connection_created.disconnect(dispatch_uid=_DISPATCH_UID)
