@@ -32,3 +32,7 @@ clean:
 .PHONY: bench-celery
 bench-celery: venv
 	$(BIN)/python bench/celery.py
+
+bench-ops: venv
+	$(BIN)/python bench/retention.py
+	$(BIN)/python bench/load.py
