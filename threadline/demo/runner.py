@@ -49,18 +49,16 @@ class DemoSettings:
 
 @contextlib.contextmanager
 def _embedded_postgres(root: Path, say: Say) -> Iterator[str]:
-    try:
-        from pgserver.postgres_server import get_server  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as exc:
-        raise DemoError(
-            "no PostgreSQL given and the embedded one is not installed: "
-            "pip install 'threadline[demo]', or pass --dsn postgresql://..."
-        ) from exc
     say("starting an embedded PostgreSQL (pgserver) in a temporary directory")
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*XDG_RUNTIME_DIR"
-        )  # harmless, on machines with no session
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")  # machines with no login session
+        try:
+            from pgserver.postgres_server import get_server  # type: ignore[import-not-found, unused-ignore]
+        except ImportError as exc:
+            raise DemoError(
+                "no PostgreSQL given and the embedded one is not installed: "
+                "pip install 'threadline[demo]', or pass --dsn postgresql://..."
+            ) from exc
         server = get_server(str(root / "pgdata"), cleanup_mode="stop")
     try:
         yield str(server.get_uri())

@@ -1,0 +1,57 @@
+"""Which PostgreSQL the suite runs against: the configured or loopback one, else an embedded one.
+
+``THREADLINE_TEST_DSN`` (default: the loopback server) is used when it answers. Otherwise — on a
+machine with no PostgreSQL — an embedded server from the ``pgserver`` wheel is started for the
+session and stopped at exit, so ``make test`` still runs the whole core suite. The choice is
+printed in pytest's header and exported to subprocesses through ``THREADLINE_TEST_DSN``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import warnings
+
+import psycopg
+
+CONFIGURED_DSN = os.environ.get("THREADLINE_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _reachable(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _embedded() -> str:
+    root = tempfile.mkdtemp(prefix="threadline-test-pg-")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")  # machines with no login session
+        from pgserver.postgres_server import get_server
+
+        server = get_server(root, cleanup_mode="stop")
+
+    def stop() -> None:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(stop)
+    return str(server.get_uri())
+
+
+if _reachable(CONFIGURED_DSN):
+    ADMIN_DSN, POSTGRES_KIND = CONFIGURED_DSN, "configured"
+else:
+    ADMIN_DSN, POSTGRES_KIND = _embedded(), "embedded (pgserver; no server answered at the configured DSN)"
+    os.environ["THREADLINE_TEST_DSN"] = ADMIN_DSN
+
+
+def report() -> str:
+    """One line for pytest's header."""
+    shown = psycopg.conninfo.conninfo_to_dict(ADMIN_DSN)
+    where = shown.get("host") or "local socket"
+    return f"threadline PostgreSQL: {POSTGRES_KIND}, host {where}, database {shown.get('dbname')}"
