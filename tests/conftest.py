@@ -14,7 +14,12 @@ from psycopg import sql
 import threadline
 from threadline import ddl
 
-ADMIN_DSN = os.environ.get("THREADLINE_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+from .backends import ADMIN_DSN, report
+
+
+def pytest_report_header() -> list[str]:
+    """Say which PostgreSQL (configured or embedded) this run uses."""
+    return [report()]
 
 
 def _dsn_for(dbname: str) -> str:
@@ -85,3 +90,11 @@ def posts(conn: psycopg.Connection[Any]) -> str:
     )
     threadline.ddl.track(conn, "app.posts")
     return "app.posts"
+
+
+@pytest.fixture
+def story(conn: psycopg.Connection[Any], dsn: str, posts: str) -> Any:
+    """The audited story of ``tests/story.py``: a web request and its Celery tasks."""
+    from .story import write_story
+
+    return write_story(conn, dsn)
