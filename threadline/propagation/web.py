@@ -84,7 +84,13 @@ def bind_actor(actor: ActorRef | str | None) -> AuditContext:
     ``before_request`` hook, an ``async`` FastAPI dependency, a Django REST framework view): the
     middleware's reset at the end of the request undoes it. Returns the new current context.
     """
-    ctx = _current.get().merged(actor=actor)
+    ctx = _current.get()
+    # the mappings are passed as plain dicts: a read-only mapping proxy is not re-encodable
+    ctx = ctx.merged(
+        actor=actor,
+        meta=None if ctx.meta is None else dict(ctx.meta),
+        job=None if ctx.job is None else dict(ctx.job),
+    )
     _current.set(ctx)
     return ctx
 

@@ -1,0 +1,166 @@
+"""SQLAlchemy bridge: instrument(engine) for sync and async engines, Core and ORM sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from sqlalchemy import String, create_engine, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import threadline
+from threadline import ActorRef, ConfigurationError
+from threadline.propagation import sqlalchemy as tl_sqlalchemy
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = {"schema": "sa_t"}
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    note: Mapped[str | None]
+
+
+ROWS_SQL = """
+SELECT t.id AS tx, t.actor, t.correlation_id, c.op, c.after->>'name' AS name
+  FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id
+ WHERE c.table_schema = 'sa_t' AND t.id > %s
+ ORDER BY c.id
+"""
+
+
+def sa_url(dsn: str, driver: str = "psycopg") -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    return f"postgresql+{driver}://{info.get('user', '')}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{info['dbname']}"
+
+
+@pytest.fixture(scope="module")
+def sa_dsn(database: str) -> str:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS sa_t")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS sa_t.items (id bigserial PRIMARY KEY, name varchar(100) NOT NULL, note text)"
+        )
+        threadline.ddl.track(conn, "sa_t.items")
+    return database
+
+
+@pytest.fixture(scope="module")
+def engine(sa_dsn: str) -> Iterator[Any]:
+    eng = create_engine(sa_url(sa_dsn), pool_size=8)
+    tl_sqlalchemy.instrument(eng)
+    tl_sqlalchemy.instrument(eng)  # idempotent
+    yield eng
+    eng.dispose()
+
+
+def mark(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT coalesce(max(id), 0) FROM threadline.transactions").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def rows_since(dsn: str, after: int) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.cursor(row_factory=dict_row).execute(ROWS_SQL, [after]).fetchall()
+
+
+def test_core_and_orm_transactions_carry_the_context(engine: Any, sa_dsn: str) -> None:
+    start = mark(sa_dsn)
+    with threadline.context(actor=ActorRef.user("1"), correlation_id="sa-core"), engine.begin() as conn:
+        conn.execute(insert(Item).values(name="core"))
+        conn.execute(update(Item).where(Item.name == "core").values(note="n"))
+    with threadline.context(actor=ActorRef.user("2"), correlation_id="sa-orm"), Session(engine) as session:
+        session.add_all([Item(name="orm1"), Item(name="orm2")])
+        session.commit()
+        session.add(Item(name="orm3"))  # a second transaction on the same session
+        session.commit()
+    with Session(engine) as session:  # no context: nothing sent, no actor recorded
+        session.add(Item(name="bare"))
+        session.commit()
+    rows = rows_since(sa_dsn, start)
+    got = [(r["op"], r["name"], r["correlation_id"], (r["actor"] or {}).get("id")) for r in rows]
+    assert got == [
+        ("insert", "core", "sa-core", "1"),
+        ("update", "core", "sa-core", "1"),
+        ("insert", "orm1", "sa-orm", "2"),
+        ("insert", "orm2", "sa-orm", "2"),
+        ("insert", "orm3", "sa-orm", "2"),
+        ("insert", "bare", None, None),
+    ]
+    assert len({r["tx"] for r in rows}) == 4
+
+
+def test_context_set_after_begin_and_savepoint_rollback(engine: Any, sa_dsn: str) -> None:
+    start = mark(sa_dsn)
+    with Session(engine) as session:
+        session.execute(select(1))  # the transaction begins with no context
+        with threadline.context(actor=ActorRef.user("late"), correlation_id="sa-late"):
+            nested = session.begin_nested()
+            session.add(Item(name="rolled-back"))
+            session.flush()
+            nested.rollback()  # undoes the set_config made inside the savepoint
+            session.add(Item(name="kept"))
+            session.commit()
+    rows = rows_since(sa_dsn, start)
+    assert [(r["name"], r["correlation_id"], r["actor"]) for r in rows] == [
+        ("kept", "sa-late", {"type": "user", "id": "late"})
+    ]
+
+
+def test_async_engine_core_and_orm_and_no_bleed(sa_dsn: str) -> None:
+    start = mark(sa_dsn)
+
+    async def run() -> None:
+        eng = create_async_engine(sa_url(sa_dsn), pool_size=10)
+        tl_sqlalchemy.instrument(eng)
+        assert tl_sqlalchemy.is_instrumented(eng)
+
+        async def one(i: int) -> None:
+            with threadline.context(actor=ActorRef.user(f"a{i}"), correlation_id=f"sa-async-{i}"):
+                async with AsyncSession(eng) as session:
+                    session.add(Item(name=f"async-{i}"))
+                    await asyncio.sleep(0.001)
+                    await session.flush()
+                    await session.execute(text("SELECT pg_sleep(0.005)"))
+                    await session.commit()
+                async with eng.begin() as conn:
+                    await conn.execute(insert(Item).values(name=f"async-core-{i}"))
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(20)))
+        finally:
+            await eng.dispose()
+
+    asyncio.run(run())
+    rows = rows_since(sa_dsn, start)
+    assert len(rows) == 40
+    for r in rows:
+        i = r["name"].rsplit("-", 1)[1]
+        assert r["correlation_id"] == f"sa-async-{i}" and r["actor"] == {"type": "user", "id": f"a{i}"}
+
+
+def test_refuses_other_drivers_and_uninstruments(sa_dsn: str) -> None:
+    with pytest.raises(ConfigurationError, match="postgresql\\+psycopg"):
+        tl_sqlalchemy.instrument(create_engine("sqlite://"))
+    with pytest.raises(ConfigurationError):
+        tl_sqlalchemy.instrument(object())
+    eng = create_engine(sa_url(sa_dsn))
+    tl_sqlalchemy.instrument(eng)
+    tl_sqlalchemy.uninstrument(eng)
+    assert not tl_sqlalchemy.is_instrumented(eng)
+    start = mark(sa_dsn)
+    with threadline.context(actor=ActorRef.user("x")), eng.begin() as conn:
+        conn.execute(insert(Item).values(name="uninstrumented"))
+    assert rows_since(sa_dsn, start)[0]["actor"] is None
+    eng.dispose()

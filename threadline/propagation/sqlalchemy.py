@@ -1,0 +1,158 @@
+"""SQLAlchemy 2.x: every transaction begun on an instrumented engine carries the audit context.
+
+::
+
+    engine = create_engine("postgresql+psycopg://app@db/app")          # or create_async_engine
+    threadline.propagation.sqlalchemy.instrument(engine)
+
+    with threadline.context(actor=ActorRef.user("42")), Session(engine) as session:
+        session.add(Post(title="x"))
+        session.commit()                 # the transaction row records actor user:42
+
+It works for Core and the ORM, sync and ``asyncio`` engines, with the ``psycopg`` (3) driver.
+A ``before_cursor_execute`` listener looks at the driver connection before each statement:
+
+- no transaction open yet (the statement would begin one) and a context is current: it opens the
+  transaction itself with ``BEGIN`` and ``set_config`` in one message, the round trip psycopg's own
+  ``BEGIN`` would have cost (:func:`threadline.propagation.psycopg.begin_with_context`);
+- inside a transaction whose context is not the current one (it changed mid-transaction, or the
+  transaction was begun elsewhere): one ``set_config`` first;
+- no context and none applied: nothing at all.
+
+A ``ROLLBACK TO SAVEPOINT`` (``begin_nested()`` rolled back) may undo a ``set_config``, so the
+next statement sets the context again. Connections in ``AUTOCOMMIT`` isolation level run every
+statement in its own implicit transaction and are left alone: use a transaction (the default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import psycopg
+from psycopg import generators, pq
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from threadline.context import AuditContext, _current
+from threadline.errors import ConfigurationError
+from threadline.propagation.psycopg import SET_CONTEXT_SQL, begin_command, begin_with_context, context_payload
+
+try:  # SQLAlchemy >= 2.1
+    from sqlalchemy.util import await_
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
+
+__all__ = ["instrument", "is_instrumented", "uninstrument"]
+
+_KEY: Final = "threadline.applied"
+_UNKNOWN: Final = object()  # after ROLLBACK TO SAVEPOINT: the transaction's setting is not known
+_IDLE = pq.TransactionStatus.IDLE
+_INTRANS = pq.TransactionStatus.INTRANS
+
+
+def _sync_engine(engine: Any) -> Engine:
+    sync = getattr(engine, "sync_engine", engine)
+    if not isinstance(sync, Engine):
+        raise ConfigurationError(
+            f"instrument() takes a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}"
+        )
+    return sync
+
+
+def instrument(engine: Any) -> None:
+    """Make every transaction begun on ``engine`` (``Engine`` or ``AsyncEngine``) carry the context.
+
+    Idempotent. Raises :class:`~threadline.errors.ConfigurationError` unless the engine uses
+    PostgreSQL through psycopg 3 (``postgresql+psycopg://``).
+    """
+    sync = _sync_engine(engine)
+    dialect = sync.dialect
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        raise ConfigurationError(
+            f"threadline's SQLAlchemy bridge needs PostgreSQL through psycopg 3, but the engine uses "
+            f"{dialect.name}+{dialect.driver}: create it with a 'postgresql+psycopg://' URL"
+        )
+    if is_instrumented(sync):
+        return
+    listener = _before_async if dialect.is_async else _before_sync
+    event.listen(sync, "before_cursor_execute", listener)
+    event.listen(sync, "rollback_savepoint", _forget)
+
+
+def is_instrumented(engine: Any) -> bool:
+    """True when :func:`instrument` was applied to ``engine``."""
+    sync = _sync_engine(engine)
+    return event.contains(sync, "before_cursor_execute", _before_sync) or event.contains(
+        sync, "before_cursor_execute", _before_async
+    )
+
+
+def uninstrument(engine: Any) -> None:
+    """Undo :func:`instrument` (no-op when it was not applied)."""
+    sync = _sync_engine(engine)
+    for listener in (_before_sync, _before_async):
+        if event.contains(sync, "before_cursor_execute", listener):
+            event.remove(sync, "before_cursor_execute", listener)
+    if event.contains(sync, "rollback_savepoint", _forget):
+        event.remove(sync, "rollback_savepoint", _forget)
+
+
+def _forget(conn: Any, name: str, context: Any) -> None:
+    conn.connection.info[_KEY] = _UNKNOWN
+
+
+def _before_sync(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    ctx = _current.get()
+    fairy = conn.connection
+    driver = fairy.driver_connection
+    status = driver.pgconn.transaction_status
+    if status == _IDLE:
+        if ctx.is_empty or driver.autocommit:
+            fairy.info[_KEY] = None
+            return
+        begin_with_context(driver, ctx)
+        fairy.info[_KEY] = ctx
+    elif status == _INTRANS:
+        _apply_in_transaction(fairy.info, cursor, ctx)
+
+
+def _before_async(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    ctx = _current.get()
+    fairy = conn.connection
+    driver = fairy.driver_connection
+    status = driver.pgconn.transaction_status
+    if status == _IDLE:
+        if ctx.is_empty or driver.autocommit:
+            fairy.info[_KEY] = None
+            return
+        await_(_begin_async(driver, ctx))
+        fairy.info[_KEY] = ctx
+    elif status == _INTRANS:
+        _apply_in_transaction(fairy.info, cursor, ctx)
+
+
+def _apply_in_transaction(info: dict[str, Any], cursor: Any, ctx: AuditContext) -> None:
+    applied = info.get(_KEY)
+    if applied is ctx or (applied is None and ctx.is_empty) or (applied is not _UNKNOWN and applied == ctx):
+        return
+    cursor.execute(SET_CONTEXT_SQL, (context_payload(ctx),))
+    info[_KEY] = ctx
+
+
+async def _begin_async(conn: psycopg.AsyncConnection[Any], ctx: AuditContext) -> None:
+    """Async twin of :func:`~threadline.propagation.psycopg.begin_with_context`."""
+    pgconn = conn.pgconn
+    async with conn.lock:
+        pgconn.send_query(begin_command(conn, ctx))
+        results = await conn.wait(generators.execute(pgconn))
+        failed = [r for r in results if r.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)]
+        if failed:
+            message = (failed[0].error_message or b"").decode(errors="replace").strip()
+            if pgconn.transaction_status != _IDLE:
+                pgconn.send_query(b"ROLLBACK")
+                await conn.wait(generators.execute(pgconn))
+            raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
