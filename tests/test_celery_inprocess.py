@@ -142,11 +142,18 @@ def test_install_is_idempotent_and_uninstall_undoes_exactly_it() -> None:
     original = app.send_task
     assert threadline.celery.install(app) is app
     threadline.celery.install(app)
-    threadline.celery.install(app, default_actor="system:x")  # updates options, connects nothing more
+    threadline.celery.install(app, default_actor="system:x", max_header_bytes=512)  # updates options only
     assert _receivers(app) == 3
     assert tc._installations[app].default_actor == ActorRef.system("x")
     assert threadline.celery.installed(app) and "send_task" in app.__dict__
-    assert threadline.celery.uninstall(app) is True
+    ours = app.send_task
+    app.send_task = lambda *a, **kw: ours(*a, **kw)  # someone else wraps it after us
+    with threadline.context(actor="user:1", meta={"x": "y" * 1000}):  # does not fit 512 bytes
+        with pytest.raises(InvalidContext):
+            app.send_task("t")
+        assert threadline.celery.uninstall(app) is True
+        assert app.send_task("t").id  # passes straight through to Celery: nothing checked any more
+    del app.send_task
     assert threadline.celery.uninstall(app) is False
     assert not threadline.celery.installed(app) and "send_task" not in app.__dict__
     assert app.send_task == original

@@ -196,6 +196,7 @@ def uninstall(app: celery.Celery) -> bool:
         wrapper = app.__dict__.get("send_task")
         if getattr(wrapper, "__threadline_installation__", None) is inst:
             del app.send_task
+        inst.original_send_task = None  # a wrapper someone put around ours now passes straight through
         inst.receivers.clear()
         inst.cache.clear()
     return True
