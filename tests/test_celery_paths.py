@@ -67,6 +67,7 @@ def env(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytes
         yield Env(worker, app, celery_dsn)
     finally:
         worker.stop()
+        threadline.celery.uninstall(app)
 
 
 @pytest.fixture

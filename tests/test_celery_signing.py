@@ -46,10 +46,22 @@ def signed(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: py
         worker.stop()
 
 
+_clients: list[Celery] = []
+
+
 def client(worker: Worker, keys: list[str] | None) -> Celery:
+    """A producer app for the worker's queue, with these keys (uninstalled after the test)."""
     app = worker.app(signing_keys=keys)
     app.set_current()
+    _clients.append(app)
     return app
+
+
+@pytest.fixture(autouse=True)
+def _uninstall_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        threadline.celery.uninstall(_clients.pop())
 
 
 def forged(body: dict[str, Any], key: str | None) -> dict[str, Any]:
