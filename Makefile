@@ -36,3 +36,7 @@ bench-celery: venv
 bench-ops: venv
 	$(BIN)/python bench/retention.py
 	$(BIN)/python bench/load.py
+
+.PHONY: bench-web
+bench-web: venv
+	$(BIN)/python bench/web.py

@@ -145,10 +145,9 @@ def test_wsgi_over_real_http_web_and_worker_share_actor_and_correlation(
 
 def test_asgi_web_and_worker_share_actor_and_correlation(worker: Worker, web_dsn: str) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with await psycopg.AsyncConnection.connect(web_dsn) as conn:
-            async with threadline.transaction(conn):
-                cur = await conn.execute("INSERT INTO web_t.posts (title) VALUES ('asgi') RETURNING id")
-                row = await cur.fetchone()
+        async with await psycopg.AsyncConnection.connect(web_dsn) as conn, threadline.transaction(conn):
+            cur = await conn.execute("INSERT INTO web_t.posts (title) VALUES ('asgi') RETURNING id")
+            row = await cur.fetchone()
         assert row is not None
         enqueue_touch(row[0])
         await send({"type": "http.response.start", "status": 201, "headers": [(b"x-app", b"1")]})
@@ -165,13 +164,19 @@ def test_asgi_web_and_worker_share_actor_and_correlation(worker: Worker, web_dsn
 
     corr = "asgi-req-1"
     with psycopg.connect(web_dsn, autocommit=True) as c:  # the id is fixed: forget earlier runs
-        c.execute("UPDATE threadline.transactions SET correlation_id = 'old' WHERE correlation_id = %s", [corr])
+        c.execute(
+            "UPDATE threadline.transactions SET correlation_id = 'old' WHERE correlation_id = %s", [corr]
+        )
     resp = asyncio.run(run())
-    assert resp.status_code == 201 and resp.headers["x-correlation-id"] == corr and resp.headers["x-app"] == "1"
+    assert (
+        resp.status_code == 201 and resp.headers["x-correlation-id"] == corr and resp.headers["x-app"] == "1"
+    )
     assert_web_then_worker(story(web_dsn, corr, 2), {"type": "user", "id": "8"}, corr)
 
 
-def test_concurrent_requests_over_real_http_never_bleed(worker: Worker, web_dsn: str, pool: ConnectionPool[Any]) -> None:
+def test_concurrent_requests_over_real_http_never_bleed(
+    worker: Worker, web_dsn: str, pool: ConnectionPool[Any]
+) -> None:
     app = WSGIMiddleware(make_wsgi_app(pool), actor_resolver=user_from_header)
     run = uuid.uuid4().hex[:8]
     barrier = threading.Barrier(12)
@@ -180,7 +185,12 @@ def test_concurrent_requests_over_real_http_never_bleed(worker: Worker, web_dsn:
         barrier.wait()
         req = urllib.request.Request(
             url + "/post",
-            headers={"X-Correlation-ID": f"c-{run}-{i}", "X-User": f"u{i}", "X-Title": f"{run}-{i}", "X-Enqueue": "1"},
+            headers={
+                "X-Correlation-ID": f"c-{run}-{i}",
+                "X-User": f"u{i}",
+                "X-Title": f"{run}-{i}",
+                "X-Enqueue": "1",
+            },
         )
         with urllib.request.urlopen(req, timeout=20) as resp:
             return i, resp.headers["X-Correlation-ID"]
@@ -203,12 +213,19 @@ def test_concurrent_asgi_requests_never_bleed() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": json.dumps(seen).encode()})
 
-    wrapped = ASGIMiddleware(app, actor_resolver=lambda s: ActorRef.user(dict(s["headers"])[b"x-user"].decode()))
+    wrapped = ASGIMiddleware(
+        app, actor_resolver=lambda s: ActorRef.user(dict(s["headers"])[b"x-user"].decode())
+    )
 
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://t") as client:  # type: ignore[arg-type]
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=wrapped), base_url="http://t"
+        ) as client:  # type: ignore[arg-type]
             return await asyncio.gather(
-                *(client.get("/", headers={"X-User": str(i), "X-Correlation-ID": f"a-{i}"}) for i in range(40))
+                *(
+                    client.get("/", headers={"X-User": str(i), "X-Correlation-ID": f"a-{i}"})
+                    for i in range(40)
+                )
             )
 
     for i, resp in enumerate(asyncio.run(run())):
@@ -249,7 +266,9 @@ BAD_IDS = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_IDS))
-def test_bad_incoming_ids_are_replaced_and_logged_escaped(name: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_incoming_ids_are_replaced_and_logged_escaped(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     bad = BAD_IDS[name]
     caplog.set_level(logging.WARNING, logger="threadline.web")
     headers, body = call_wsgi(WSGIMiddleware(context_app), {"X-Correlation-ID": bad})
@@ -268,7 +287,11 @@ def test_bad_incoming_ids_are_replaced_and_logged_escaped(name: str, caplog: pyt
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "headers": [(b"x-correlation-id", bad.encode("utf-8"))], "client": ("10.0.0.1", 5)}
+    scope = {
+        "type": "http",
+        "headers": [(b"x-correlation-id", bad.encode("utf-8"))],
+        "client": ("10.0.0.1", 5),
+    }
     asyncio.run(ASGIMiddleware(asgi_app)(scope, None, send))  # type: ignore[arg-type]
     assert len(sent[1]["body"]) == UUID_LEN and (b"x-correlation-id", sent[1]["body"]) in sent[0]["headers"]
 
@@ -284,9 +307,15 @@ def test_header_configuration() -> None:
     app = WSGIMiddleware(context_app, correlation_headers=["X-Trace"], response_header=None)
     headers, body = call_wsgi(app, {"X-Trace": "t-1", "X-Correlation-ID": "ignored"})
     assert json.loads(body)["correlation_id"] == "t-1" and "X-Correlation-ID" not in headers
-    headers, body = call_wsgi(WSGIMiddleware(context_app, response_header="X-Corr", max_id_length=10), {"X-Request-ID": "a" * 11})
+    headers, body = call_wsgi(
+        WSGIMiddleware(context_app, response_header="X-Corr", max_id_length=10), {"X-Request-ID": "a" * 11}
+    )
     assert headers["X-Corr"] == json.loads(body)["correlation_id"] != "a" * 11
-    for bad in ({"correlation_headers": ["Bad Header"]}, {"response_header": "X\r\nY"}, {"max_id_length": 1000}):
+    for bad in (
+        {"correlation_headers": ["Bad Header"]},
+        {"response_header": "X\r\nY"},
+        {"max_id_length": 1000},
+    ):
         with pytest.raises(ConfigurationError):
             WSGIMiddleware(context_app, **bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
@@ -390,3 +419,15 @@ def test_asgi_streaming_lifespan_and_websocket() -> None:
         assert threadline.current().is_empty
 
     asyncio.run(run())
+
+
+def test_threadline_imports_without_django_or_sqlalchemy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules.update(django=None, sqlalchemy=None, flask=None, starlette=None); "
+        "import threadline, threadline.propagation.web; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
