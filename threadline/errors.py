@@ -6,6 +6,13 @@ catch the whole family with one ``except`` clause or pick out the specific case 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from threadline.records import Change
+
 
 class ThreadlineError(Exception):
     """Base class of every error threadline raises on purpose."""
@@ -52,6 +59,59 @@ class UnknownColumn(TrackingError):
 
 class InvalidTrackOption(TrackingError):
     """Tracking options contradict each other or target the audit tables themselves."""
+
+
+class QueryError(ThreadlineError, ValueError):
+    """An argument of a query, export or action call is invalid (raised before any row is read)."""
+
+
+class InvalidFilter(QueryError):
+    """A filter is malformed: a naive datetime, ``since`` after ``until``, an unknown operation,
+    a limit out of range, an unknown export format."""
+
+
+class InvalidKey(QueryError):
+    """A primary-key value does not fit the table's key (scalar for a composite key, wrong columns)."""
+
+
+class InvalidCursor(QueryError):
+    """A pagination cursor is not one this library issued, or belongs to a different query."""
+
+
+class TableNotFound(QueryError):
+    """A table named in a query is neither in the database catalog nor in the audit data."""
+
+
+class InvalidAction(QueryError):
+    """An action's fields are malformed (empty name, over-long text, meta that is not JSON)."""
+
+
+class AsOfError(ThreadlineError, LookupError):
+    """:func:`threadline.as_of` cannot give the row as it was at the time asked."""
+
+
+class RowDeleted(AsOfError):
+    """The row had been deleted (or its table truncated) by the time asked.
+
+    ``change`` is the captured delete or truncate; ``deleted_at`` its time.
+    """
+
+    def __init__(self, message: str, *, change: Change, deleted_at: datetime) -> None:
+        super().__init__(message)
+        self.change = change
+        self.deleted_at = deleted_at
+
+
+class NotYetAudited(AsOfError):
+    """No captured change of the row is at or before the time asked, so its state then is unknown.
+
+    ``first_change`` is the row's earliest captured change, if it has any (an ``insert`` there
+    means the row most likely did not exist yet).
+    """
+
+    def __init__(self, message: str, *, first_change: Change | None = None) -> None:
+        super().__init__(message)
+        self.first_change = first_change
 
 
 class UntrustedContext(InvalidContext):

@@ -1,0 +1,58 @@
+"""One implementation, two drivers: query logic written once as a generator that yields SQL.
+
+A *plan* is a generator that yields :class:`Query` objects and receives each one's rows (as
+dicts); its return value is the result. :func:`run` drives it on a :class:`psycopg.Connection`,
+:func:`run_async` on a :class:`psycopg.AsyncConnection`, so the synchronous and asynchronous
+public functions share every line of SQL and validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+T = TypeVar("T")
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Query:
+    """A statement and its bound parameters."""
+
+    statement: sql.SQL | sql.Composed
+    params: Mapping[str, Any]
+
+
+Plan = Generator[Query, Rows, T]
+
+
+def run(conn: psycopg.Connection[Any], plan: Plan[T]) -> T:
+    """Drive ``plan`` on a synchronous connection."""
+    try:
+        query = next(plan)
+        while True:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(query.statement, query.params)
+                rows = cur.fetchall() if cur.description is not None else []
+            query = plan.send(rows)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def run_async(conn: psycopg.AsyncConnection[Any], plan: Plan[T]) -> T:
+    """Drive ``plan`` on an asynchronous connection."""
+    try:
+        query = next(plan)
+        while True:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(query.statement, query.params)
+                rows = await cur.fetchall() if cur.description is not None else []
+            query = plan.send(rows)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
