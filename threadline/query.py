@@ -1,0 +1,883 @@
+"""Reading the audit trail: row history, what an actor did, the timeline of a request, the trace
+tree, the changes of one transaction, and a row as it was at a given time.
+
+Every function takes a psycopg 3 connection first (an ``..._async`` twin takes an
+``AsyncConnection``), validates its arguments before touching the database (raising a
+:class:`~threadline.errors.QueryError` subclass), binds every value as a parameter and returns
+frozen records (:class:`~threadline.records.Change`, :class:`~threadline.records.Transaction`)
+with UTC datetimes. ``schema`` names the audit schema (default ``threadline``).
+
+Time windows are half-open on the change's capture time: ``since <= captured_at < until``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, overload
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from threadline import codec
+from threadline._run import Plan, Query, Rows, run, run_async
+from threadline.actor import ActorRef
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.triggers import parse_table_name
+from threadline.errors import (
+    InvalidActor,
+    InvalidContext,
+    InvalidCursor,
+    InvalidFilter,
+    InvalidKey,
+    NotYetAudited,
+    RowDeleted,
+    SchemaError,
+    TableNotFound,
+    TrackingError,
+)
+from threadline.records import OPS, Action, Change, Transaction, iso, utc
+from threadline.tracing import Trace, build_trace
+
+MAX_LIMIT = 10_000
+"""Largest page a :func:`timeline` call returns."""
+
+ActorLike = ActorRef | str | Mapping[str, Any]
+"""An actor filter: an :class:`ActorRef`, ``"type:id"`` text or an actor dict."""
+
+# ---------------------------------------------------------------------------------------------
+# Argument validation (shared with export, actions and the CLI)
+
+
+def check_time(name: str, value: datetime | None) -> datetime | None:
+    """A timezone-aware datetime converted to UTC; naive datetimes are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidFilter(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        raise InvalidFilter(
+            f"{name} is a naive datetime; give a timezone-aware one (e.g. datetime.now(timezone.utc))"
+        )
+    return utc(value)
+
+
+def check_window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """Validate a ``[since, until)`` window."""
+    since, until = check_time("since", since), check_time("until", until)
+    if since is not None and until is not None and since > until:
+        raise InvalidFilter(f"since ({iso(since)}) is after until ({iso(until)})")
+    return since, until
+
+
+def check_limit(limit: int | None, *, maximum: int | None = MAX_LIMIT, allow_none: bool = True) -> int | None:
+    """A positive integer limit (at most ``maximum``), or ``None`` for no limit when allowed."""
+    if limit is None:
+        if allow_none:
+            return None
+        raise InvalidFilter("limit is required")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidFilter(f"limit must be a positive integer, got {limit!r}")
+    if maximum is not None and limit > maximum:
+        raise InvalidFilter(f"limit {limit} is larger than {maximum}; page with the cursor instead")
+    return limit
+
+
+def check_op(op: str | None) -> str | None:
+    """One of ``insert``, ``update``, ``delete``, ``truncate``."""
+    if op is None:
+        return None
+    if op not in OPS:
+        raise InvalidFilter(f"op {op!r} is not one of {', '.join(OPS)}")
+    return op
+
+
+def check_actor(actor: ActorLike | None) -> ActorRef | None:
+    """An actor filter as an :class:`ActorRef` (``"user:42"`` text is parsed)."""
+    try:
+        return codec.check_actor(actor)
+    except InvalidActor as exc:
+        raise InvalidFilter(f"actor: {exc.problem}") from exc
+
+
+def check_text_filter(name: str, value: str | None) -> str | None:
+    """A non-empty id filter (correlation id, request id...)."""
+    if value is None:
+        return None
+    try:
+        return codec.check_text(name, value)
+    except InvalidContext as exc:
+        raise InvalidFilter(f"{name} {exc.problem}") from exc
+
+
+def _audit(schema: str) -> sql.Identifier:
+    try:
+        return sql.Identifier(check_schema_name(schema))
+    except SchemaError as exc:
+        raise InvalidFilter(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and keys
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A table named in a query, resolved to its schema, with what is known about its key."""
+
+    schema: str
+    name: str
+    keys: tuple[str, ...] | None
+    """Key columns in order (from the capture configuration, else the primary key, else the
+    audit data); ``None`` when unknown."""
+    key_kinds: Mapping[str, str] = field(default_factory=dict)
+    in_catalog: bool = True
+    """False for a table that is gone from the database but still in the audit data."""
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+_CATALOG_SQL = """
+SELECT n.nspname::text AS schema, c.relname::text AS name,
+       (SELECT obj_description(tg.tgfoid, 'pg_proc')
+          FROM pg_trigger tg
+          JOIN pg_proc p ON p.oid = tg.tgfoid
+          JOIN pg_namespace pn ON pn.oid = p.pronamespace
+         WHERE tg.tgrelid = c.oid AND pn.nspname = %(audit)s::name
+         ORDER BY tg.tgname LIMIT 1) AS capture,
+       ARRAY(SELECT a.attname::text
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = c.oid AND i.indisprimary
+              ORDER BY k.ord) AS primary_key,
+       (SELECT jsonb_object_agg(a.attname, (SELECT jsonb_build_array(ty.typname, ty.typcategory)
+                                              FROM pg_type ty WHERE ty.oid = a.atttypid))
+          FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS column_types
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relname = %(name)s::name AND c.relkind IN ('r', 'p')
+   AND (n.nspname = %(schema)s::name
+        OR (%(schema)s::name IS NULL AND n.nspname = ANY (current_schemas(false))))
+ ORDER BY array_position(current_schemas(false), n.nspname) NULLS LAST
+ LIMIT 1
+"""
+
+_AUDIT_TABLE_SQL = """
+SELECT c.table_schema AS schema, c.table_name AS name, c.pk
+  FROM {audit}.changes c
+ WHERE c.table_name = %(name)s
+   AND (c.table_schema = %(schema)s::text
+        OR (%(schema)s::text IS NULL AND c.table_schema = ANY (current_schemas(false))))
+ LIMIT 1
+"""
+
+
+def _kind(typname: str, category: str) -> str:
+    if typname in ("int2", "int4", "int8"):
+        return "int"
+    if typname in ("uuid", "bool"):
+        return typname
+    if category == "N":
+        return "number"
+    if category == "S":
+        return "text"
+    return "other"
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    return "other"
+
+
+def resolve_table(table: str, schema: str = DEFAULT_SCHEMA) -> Plan[TableRef]:
+    """Plan: find ``[schema.]table`` in the catalog (search path when unqualified), else in the
+    audit data (a dropped table's history stays readable); :class:`TableNotFound` otherwise."""
+    audit = _audit(schema)
+    if not isinstance(table, str):
+        raise TableNotFound(f"table must be a name like 'orders' or 'public.orders', got {table!r}")
+    try:
+        table_schema, table_name = parse_table_name(table)
+    except TrackingError as exc:
+        raise TableNotFound(str(exc)) from exc
+    params = {"name": table_name, "schema": table_schema, "audit": schema}
+    rows = yield Query(sql.SQL(_CATALOG_SQL), params)
+    if rows:
+        row = rows[0]
+        keys: tuple[str, ...] | None = None
+        if row["capture"]:
+            try:
+                recorded = json.loads(row["capture"])
+                keys = tuple(recorded["keys"]) or None
+            except (ValueError, KeyError, TypeError):
+                keys = None
+        if keys is None and row["primary_key"]:
+            keys = tuple(row["primary_key"])
+        types = row["column_types"] or {}
+        kinds = {k: _kind(*types[k]) for k in keys or () if k in types}
+        return TableRef(row["schema"], row["name"], keys, kinds, True)
+    rows = yield Query(sql.SQL(_AUDIT_TABLE_SQL).format(audit=audit), params)
+    if not rows:
+        shown = table_name if table_schema is None else f"{table_schema}.{table_name}"
+        where = "on the search path" if table_schema is None else f"in schema {table_schema!r}"
+        raise TableNotFound(f"table {shown!r} does not exist {where} and has no audit rows")
+    row = rows[0]
+    pk = row["pk"] if isinstance(row["pk"], dict) else None
+    keys = tuple(pk) if pk else None
+    kinds = {k: _json_kind(v) for k, v in (pk or {}).items()}
+    return TableRef(row["schema"], row["name"], keys, kinds, False)
+
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+def _coerce(table: TableRef, column: str, value: Any) -> Any:
+    kind = table.key_kinds.get(column, "other")
+    where = f"key column {column!r} of {table}"
+    if value is None:
+        raise InvalidKey(f"{where}: a key value cannot be None")
+    if isinstance(value, bool) and kind != "bool":
+        raise InvalidKey(f"{where}: got a bool, expected a {kind} value")
+    try:
+        if kind == "int":
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str) and _INT_RE.match(value.strip()):
+                return int(value)
+            raise ValueError
+        if kind == "number":
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                return value
+            if isinstance(value, str):
+                text = value.strip()
+                if _INT_RE.match(text):
+                    return int(text)
+                number = float(text)
+                if math.isfinite(number):
+                    return number
+            raise ValueError
+        if kind == "uuid":
+            return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "t", "f"):
+                return value.lower() in ("true", "t")
+            raise ValueError
+        if kind == "text":
+            if isinstance(value, (str, int)):
+                return str(value)
+            raise ValueError
+    except ValueError:
+        raise InvalidKey(f"{where}: {value!r} is not a valid {kind} value") from None
+    if isinstance(value, (str, int, float)):
+        return value
+    raise InvalidKey(f"{where}: {type(value).__name__} values are not supported; give the JSON form")
+
+
+def normalize_key(table: TableRef, pk: Any) -> dict[str, Any]:
+    """The ``pk`` jsonb a change of this row carries, from a scalar (single-column keys), a tuple
+    in key order or a dict (composite keys); values are converted to the key columns' types."""
+    keys = table.keys
+    if isinstance(pk, Mapping):
+        given = dict(pk)
+        if not given or not all(isinstance(k, str) for k in given):
+            raise InvalidKey(f"pk for {table} must map key column names to values, got {pk!r}")
+        if keys is not None and set(given) != set(keys):
+            raise InvalidKey(
+                f"{table} is keyed by ({', '.join(keys)}); got key columns ({', '.join(given)})"
+            )
+        order: Sequence[str] = keys or tuple(given)
+    elif isinstance(pk, (tuple, list)):
+        if keys is None:
+            raise InvalidKey(f"the key columns of {table} are unknown: give pk as a dict")
+        if len(pk) != len(keys):
+            raise InvalidKey(f"{table} is keyed by ({', '.join(keys)}); got {len(pk)} value(s)")
+        given = dict(zip(keys, pk, strict=True))
+        order = keys
+    else:
+        if keys is None:
+            raise InvalidKey(f"the key columns of {table} are unknown: give pk as a dict")
+        if len(keys) != 1:
+            raise InvalidKey(
+                f"{table} has a composite key ({', '.join(keys)}): give pk as a dict or a tuple"
+            )
+        given = {keys[0]: pk}
+        order = keys
+    return {k: _coerce(table, k, given[k]) for k in order}
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL pieces
+
+# JSON columns come as text: Python parses them (one decoder call each, and a transaction's only
+# once however many of its changes a result holds).
+CHANGE_COLUMNS = sql.SQL(
+    "c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk, "
+    "c.after::text AS after, c.before::text AS before, c.changed_fields, c.captured_at"
+)
+TRANSACTION_COLUMNS = sql.SQL(
+    "t.id AS t_id, t.xid::text AS t_xid, t.occurred_at AS t_occurred_at, t.actor::text AS t_actor, "
+    "t.correlation_id AS t_correlation_id, t.request_id AS t_request_id, "
+    "t.causation_id AS t_causation_id, t.origin AS t_origin, t.job::text AS t_job, "
+    "t.action_id AS t_action_id, t.meta::text AS t_meta, t.context_error AS t_context_error"
+)
+_SELECT = sql.SQL("SELECT {changes}, {transactions} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id")
+
+
+def _select(audit: sql.Identifier) -> sql.Composed:
+    return _SELECT.format(changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS, audit=audit)
+
+
+def changes_from_rows(rows: Rows) -> list[Change]:
+    """:class:`Change` records from rows of change and ``t_``-prefixed transaction columns."""
+    cache: dict[int, Transaction] = {}
+    out: list[Change] = []
+    for row in rows:
+        tx: Transaction | None = None
+        tid = row.get("t_id")
+        if tid is not None:
+            tx = cache.get(tid)
+            if tx is None:
+                tx = cache[tid] = Transaction.from_row(row, "t_")
+        out.append(Change.from_row(row, tx))
+    return out
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Validated timeline/export filters (tables resolved)."""
+
+    correlation_id: str | None = None
+    table: TableRef | None = None
+    actor: ActorRef | None = None
+    op: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def fingerprint(self) -> str:
+        """Short hash of the identity filters (a cursor is bound to them)."""
+        key = json.dumps(
+            [
+                self.correlation_id,
+                None if self.table is None else [self.table.schema, self.table.name],
+                None if self.actor is None else [self.actor.type, self.actor.id],
+                self.op,
+            ]
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The filters as JSON-compatible values (for export headers and ``--json`` output)."""
+        return {
+            "correlation_id": self.correlation_id,
+            "table": None if self.table is None else str(self.table),
+            "actor": None if self.actor is None else str(self.actor),
+            "op": self.op,
+            "since": iso(self.since),
+            "until": iso(self.until),
+        }
+
+
+def filters_plan(
+    *,
+    correlation_id: str | None = None,
+    table: str | None = None,
+    actor: ActorLike | None = None,
+    op: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> Plan[Filters]:
+    """Plan: validate timeline filters and resolve the table."""
+    correlation_id = check_text_filter("correlation_id", correlation_id)
+    actor_ref = check_actor(actor)
+    op = check_op(op)
+    since, until = check_window(since, until)
+    _audit(schema)
+    ref = None if table is None else (yield from resolve_table(table, schema))
+    return Filters(correlation_id, ref, actor_ref, op, since, until)
+
+
+def _actor_condition(actor: ActorRef, params: dict[str, Any]) -> sql.Composable:
+    params["actor_type"] = actor.type
+    if actor.id is None:
+        return sql.SQL("t.actor IS NOT NULL AND (t.actor ->> 'type') = %(actor_type)s AND (t.actor ->> 'id') IS NULL")
+    params["actor_id"] = actor.id
+    return sql.SQL(
+        "t.actor IS NOT NULL AND (t.actor ->> 'type') = %(actor_type)s AND (t.actor ->> 'id') = %(actor_id)s"
+    )
+
+
+def where_clause(
+    filters: Filters, params: dict[str, Any], extra: Sequence[sql.Composable] = ()
+) -> sql.Composable:
+    """``WHERE ...`` for ``filters`` (and ``extra`` conditions) over ``changes c`` joined with
+    ``transactions t``; the values go into ``params``."""
+    conds: list[sql.Composable] = []
+    if filters.correlation_id is not None:
+        params["correlation_id"] = filters.correlation_id
+        conds.append(sql.SQL("t.correlation_id = %(correlation_id)s"))
+    if filters.table is not None:
+        params["table_schema"] = filters.table.schema
+        params["table_name"] = filters.table.name
+        conds.append(sql.SQL("c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s"))
+    if filters.actor is not None:
+        conds.append(_actor_condition(filters.actor, params))
+    if filters.op is not None:
+        params["op"] = filters.op
+        conds.append(sql.SQL("c.op = %(op)s"))
+    if filters.since is not None:
+        params["since"] = filters.since
+        conds.append(sql.SQL("c.captured_at >= %(since)s"))
+    if filters.until is not None:
+        params["until"] = filters.until
+        # a transaction starts before its changes are captured: this bound lets the actor and
+        # time indexes of transactions help
+        conds.append(sql.SQL("c.captured_at < %(until)s AND t.occurred_at < %(until)s"))
+    conds.extend(extra)
+    if not conds:
+        return sql.SQL("")
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cursors
+
+
+def encode_cursor(change: Change, filters: Filters) -> str:
+    """Opaque cursor naming the position just after ``change`` in a query with ``filters``."""
+    payload = {"v": 1, "at": iso(change.captured_at), "id": change.id, "q": filters.fingerprint()}
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, filters: Filters) -> tuple[datetime, int]:
+    """The ``(captured_at, id)`` position of a cursor from :func:`encode_cursor`."""
+    if not isinstance(cursor, str) or not cursor or len(cursor) > 512:
+        raise InvalidCursor("the cursor is not one returned by timeline()")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        payload = json.loads(raw)
+        at = datetime.strptime(payload["at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        ident = payload["id"]
+        ok = payload.get("v") == 1 and isinstance(ident, int) and not isinstance(ident, bool)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        ok = False
+    if not ok:
+        raise InvalidCursor("the cursor is not one returned by timeline()")
+    if payload.get("q") != filters.fingerprint():
+        raise InvalidCursor(
+            "the cursor belongs to a query with other filters (correlation id, table, actor or op)"
+        )
+    return at, ident
+
+
+# ---------------------------------------------------------------------------------------------
+# history
+
+
+def _history_plan(table: str, pk: Any, limit: int | None, schema: str) -> Plan[list[Change]]:
+    audit = _audit(schema)
+    limit = check_limit(limit, maximum=None)
+    ref = yield from resolve_table(table, schema)
+    key = normalize_key(ref, pk)
+    params: dict[str, Any] = {"pk": Jsonb(key), "table_schema": ref.schema, "table_name": ref.name}
+    statement = _select(audit) + sql.SQL(
+        " WHERE c.pk = %(pk)s AND c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s"
+        " ORDER BY c.captured_at DESC, c.id DESC"
+    )
+    if limit is not None:
+        params["limit"] = limit
+        statement += sql.SQL(" LIMIT %(limit)s")
+    rows = yield Query(statement, params)
+    return changes_from_rows(rows)
+
+
+def history(
+    conn: psycopg.Connection[Any],
+    table: str,
+    pk: Any,
+    *,
+    limit: int | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> list[Change]:
+    """Every captured change of one row, newest first: "what happened to order 7?".
+
+    ``table`` is ``[schema.]table`` (a dropped table still answers when its audit rows remain);
+    ``pk`` is the key value for a single-column key (``7`` or ``"7"``), a dict for a composite
+    key (``{"order_id": 7, "line_no": 2}``) or a tuple in key order. A table truncate is not a row
+    change: find it with ``timeline(table=..., op="truncate")``. A key change is recorded under
+    the new key (the old value is in that change's ``before``).
+    """
+    return run(conn, _history_plan(table, pk, limit, schema))
+
+
+async def history_async(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    pk: Any,
+    *,
+    limit: int | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> list[Change]:
+    """Async twin of :func:`history`."""
+    return await run_async(conn, _history_plan(table, pk, limit, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# actor_history
+
+
+def _actor_history_plan(
+    actor: ActorLike, since: datetime | None, until: datetime | None, limit: int | None, schema: str
+) -> Plan[list[Change]]:
+    audit = _audit(schema)
+    ref = check_actor(actor)
+    if ref is None:
+        raise InvalidFilter("actor is required")
+    limit = check_limit(limit, maximum=None)
+    since, until = check_window(since, until)
+    filters = Filters(actor=ref, since=since, until=until)
+    params: dict[str, Any] = {}
+    statement = (
+        _select(audit)
+        + where_clause(filters, params)
+        + sql.SQL(" ORDER BY c.captured_at DESC, c.id DESC")
+    )
+    if limit is not None:
+        params["limit"] = limit
+        statement += sql.SQL(" LIMIT %(limit)s")
+    rows = yield Query(statement, params)
+    return changes_from_rows(rows)
+
+
+def actor_history(
+    conn: psycopg.Connection[Any],
+    actor: ActorLike,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    *,
+    limit: int | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> list[Change]:
+    """Every change made under ``actor`` (``"user:42"`` or an :class:`ActorRef`) in
+    ``[since, until)``, newest first: "what did user 42 change yesterday?"."""
+    return run(conn, _actor_history_plan(actor, since, until, limit, schema))
+
+
+async def actor_history_async(
+    conn: psycopg.AsyncConnection[Any],
+    actor: ActorLike,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    *,
+    limit: int | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> list[Change]:
+    """Async twin of :func:`actor_history`."""
+    return await run_async(conn, _actor_history_plan(actor, since, until, limit, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# timeline
+
+
+@dataclass(frozen=True)
+class TimelinePage(Sequence[Change]):
+    """One page of :func:`timeline`: a sequence of changes, oldest first, and the cursor of the
+    next page (``None`` on the last page)."""
+
+    changes: tuple[Change, ...]
+    next_cursor: str | None
+    filters: Filters
+
+    @overload
+    def __getitem__(self, index: int) -> Change: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Change]: ...
+
+    def __getitem__(self, index: int | slice) -> Change | Sequence[Change]:
+        return self.changes[index]
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def __iter__(self) -> Iterator[Change]:
+        return iter(self.changes)
+
+
+def _timeline_plan(
+    correlation_id: str | None,
+    table: str | None,
+    actor: ActorLike | None,
+    op: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    after: str | None,
+    schema: str,
+) -> Plan[TimelinePage]:
+    audit = _audit(schema)
+    checked = check_limit(limit, allow_none=False)
+    assert checked is not None
+    filters = yield from filters_plan(
+        correlation_id=correlation_id, table=table, actor=actor, op=op, since=since, until=until,
+        schema=schema,
+    )
+    params: dict[str, Any] = {}
+    extra: list[sql.Composable] = []
+    if after is not None:
+        params["after_at"], params["after_id"] = decode_cursor(after, filters)
+        extra.append(
+            sql.SQL("c.captured_at >= %(after_at)s AND (c.captured_at, c.id) > (%(after_at)s, %(after_id)s)")
+        )
+    where = where_clause(filters, params, extra)
+    params["limit"] = checked + 1
+    statement = _select(audit) + where + sql.SQL(" ORDER BY c.captured_at, c.id LIMIT %(limit)s")
+    rows = yield Query(statement, params)
+    found = changes_from_rows(rows)
+    more = len(found) > checked
+    page = tuple(found[:checked])
+    cursor = encode_cursor(page[-1], filters) if more and page else None
+    return TimelinePage(page, cursor, filters)
+
+
+def timeline(
+    conn: psycopg.Connection[Any],
+    *,
+    correlation_id: str | None = None,
+    table: str | None = None,
+    actor: ActorLike | None = None,
+    op: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    after: str | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> TimelinePage:
+    """Changes with their transaction context, ordered by ``(captured_at, id)``, one page at a
+    time: "everything request req-1 caused, including its Celery tasks".
+
+    The correlation id is on every transaction, web and worker alike, so ``correlation_id``
+    alone finds the whole story. Pass ``after=page.next_cursor`` for the next page; a cursor is
+    bound to the correlation id, table, actor and op filters it was issued for.
+    """
+    return run(conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, schema))
+
+
+async def timeline_async(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    correlation_id: str | None = None,
+    table: str | None = None,
+    actor: ActorLike | None = None,
+    op: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    after: str | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> TimelinePage:
+    """Async twin of :func:`timeline`."""
+    return await run_async(
+        conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, schema)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# changes_for_transaction
+
+
+def _transaction_plan(transaction_id: int, schema: str) -> Plan[list[Change]]:
+    audit = _audit(schema)
+    if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
+        raise InvalidFilter(f"transaction_id must be an integer, got {transaction_id!r}")
+    rows = yield Query(
+        _select(audit) + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
+        {"tid": transaction_id},
+    )
+    return changes_from_rows(rows)
+
+
+def changes_for_transaction(
+    conn: psycopg.Connection[Any], transaction_id: int, *, schema: str = DEFAULT_SCHEMA
+) -> list[Change]:
+    """The changes of one transaction, in capture order: "what else did that commit touch?"."""
+    return run(conn, _transaction_plan(transaction_id, schema))
+
+
+async def changes_for_transaction_async(
+    conn: psycopg.AsyncConnection[Any], transaction_id: int, *, schema: str = DEFAULT_SCHEMA
+) -> list[Change]:
+    """Async twin of :func:`changes_for_transaction`."""
+    return await run_async(conn, _transaction_plan(transaction_id, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# as_of
+
+
+def _pk_text(pk: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in pk.items())
+
+
+# One round trip: the row's changes (found through the pk index alone), the latest one at or before
+# the time asked, the earliest one when there is none, and a truncate of the table in between.
+_AS_OF_SQL = sql.SQL("""
+WITH r AS MATERIALIZED (
+    SELECT c.* FROM {audit}.changes c
+     WHERE c.pk = %(pk)s AND c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s
+), latest AS (
+    SELECT * FROM r WHERE r.captured_at <= %(at)s ORDER BY r.captured_at DESC, r.id DESC LIMIT 1
+), found AS (
+    SELECT 'latest' AS role, latest.* FROM latest
+    UNION ALL
+    (SELECT 'first', r.* FROM r WHERE NOT EXISTS (SELECT FROM latest) ORDER BY r.captured_at, r.id LIMIT 1)
+    UNION ALL
+    (SELECT 'truncate', c.* FROM {audit}.changes c, latest l
+      WHERE l.op <> 'delete' AND c.op = 'truncate'
+        AND c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s
+        AND c.captured_at >= l.captured_at AND c.captured_at <= %(at)s
+        AND (c.captured_at, c.id) > (l.captured_at, l.id)
+      ORDER BY c.captured_at, c.id LIMIT 1)
+)
+SELECT c.role, {changes}, {transactions}
+  FROM found c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id
+""")
+
+
+def _as_of_plan(table: str, pk: Any, at: datetime, schema: str) -> Plan[dict[str, Any]]:
+    audit = _audit(schema)
+    if at is None:
+        raise InvalidFilter("at is required")
+    moment = check_time("at", at)
+    ref = yield from resolve_table(table, schema)
+    key = normalize_key(ref, pk)
+    row_of = f"{ref} ({_pk_text(key)})"
+    params: dict[str, Any] = {
+        "pk": Jsonb(key), "table_schema": ref.schema, "table_name": ref.name, "at": moment,
+    }
+    rows = yield Query(_AS_OF_SQL.format(audit=audit, changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS), params)
+    found = {row["role"]: change for row, change in zip(rows, changes_from_rows(rows), strict=True)}
+    latest = found.get("latest")
+    if latest is None:
+        first = found.get("first")
+        if first is None:
+            detail = "it has no captured change at all"
+        elif first.op == "insert":
+            detail = f"it was inserted at {iso(first.captured_at)}, so it most likely did not exist yet"
+        else:
+            detail = f"its earliest captured change is an {first.op} at {iso(first.captured_at)}"
+        raise NotYetAudited(
+            f"{row_of} has no captured change at or before {iso(moment)}: {detail}", first_change=first
+        )
+    if latest.op == "delete":
+        raise RowDeleted(
+            f"{row_of} was deleted at {iso(latest.captured_at)}", change=latest, deleted_at=latest.captured_at
+        )
+    truncate = found.get("truncate")
+    if truncate is not None:
+        raise RowDeleted(
+            f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
+            change=truncate,
+            deleted_at=truncate.captured_at,
+        )
+    assert latest.after is not None
+    return dict(latest.after)
+
+
+def as_of(
+    conn: psycopg.Connection[Any], table: str, pk: Any, at: datetime, *, schema: str = DEFAULT_SCHEMA
+) -> dict[str, Any]:
+    """The row as it was at ``at`` (inclusive), from the image of its latest captured change:
+    "what did order 7 look like when the invoice went out?".
+
+    Raises :class:`~threadline.errors.RowDeleted` if it had been deleted (or its table truncated)
+    by then, and :class:`~threadline.errors.NotYetAudited` if no captured change of the row is at
+    or before ``at``. Excluded columns are absent and masked ones hold the placeholder, as in
+    every audit image. ``pk`` is given as for :func:`history`.
+    """
+    return run(conn, _as_of_plan(table, pk, at, schema))
+
+
+async def as_of_async(
+    conn: psycopg.AsyncConnection[Any], table: str, pk: Any, at: datetime, *, schema: str = DEFAULT_SCHEMA
+) -> dict[str, Any]:
+    """Async twin of :func:`as_of`."""
+    return await run_async(conn, _as_of_plan(table, pk, at, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# trace
+
+_ACTION_COLUMNS = sql.SQL(
+    "a.id, a.name, a.actor, a.status, a.verb, a.category, a.reason, a.comment, a.correlation_id, "
+    "a.request_id, a.job_id, a.meta, a.inserted_at"
+)
+
+
+def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
+    audit = _audit(schema)
+    if correlation_id is None:
+        raise InvalidFilter("correlation_id is required")
+    checked = check_text_filter("correlation_id", correlation_id)
+    params = {"correlation_id": checked}
+    tx_rows = yield Query(
+        sql.SQL("SELECT {} FROM {}.transactions t WHERE t.correlation_id = %(correlation_id)s ORDER BY t.occurred_at, t.id").format(
+            TRANSACTION_COLUMNS, audit
+        ),
+        params,
+    )
+    change_rows = yield Query(
+        sql.SQL(
+            "SELECT {}, t.id AS t_id FROM {}.transactions t JOIN {}.changes c ON c.transaction_id = t.id"
+            " WHERE t.correlation_id = %(correlation_id)s ORDER BY c.transaction_id, c.id"
+        ).format(CHANGE_COLUMNS, audit, audit),
+        params,
+    )
+    action_rows = yield Query(
+        sql.SQL("SELECT {} FROM {}.actions a WHERE a.correlation_id = %(correlation_id)s ORDER BY a.inserted_at, a.id").format(
+            _ACTION_COLUMNS, audit
+        ),
+        params,
+    )
+    transactions = [Transaction.from_row(r, "t_") for r in tx_rows]
+    by_id = {t.id: t for t in transactions}
+    changes = [Change.from_row(r, by_id.get(r["t_id"])) for r in change_rows]
+    actions = [Action.from_row(r) for r in action_rows]
+    return build_trace(checked or "", transactions, changes, actions)
+
+
+def trace(conn: psycopg.Connection[Any], correlation_id: str, *, schema: str = DEFAULT_SCHEMA) -> Trace:
+    """The story of one correlation id as a tree: request → tasks (by causation and Celery
+    parent/root ids, retries grouped) → transactions → changes, with timings and actions.
+
+    ``print(trace(conn, "req-1").render())`` shows it as text.
+    """
+    return run(conn, _trace_plan(correlation_id, schema))
+
+
+async def trace_async(
+    conn: psycopg.AsyncConnection[Any], correlation_id: str, *, schema: str = DEFAULT_SCHEMA
+) -> Trace:
+    """Async twin of :func:`trace`."""
+    return await run_async(conn, _trace_plan(correlation_id, schema))
