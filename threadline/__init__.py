@@ -6,21 +6,33 @@ caused it and which request it belongs to.
 """
 
 from threadline import celery, ddl
+from threadline.actions import list_actions, list_actions_async, record_action, record_action_async
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, context, current, use_context
+from threadline.diff import FieldChange, diff
 from threadline.errors import (
+    AsOfError,
     ConfigurationError,
+    InvalidAction,
     InvalidActor,
     InvalidContext,
+    InvalidCursor,
+    InvalidFilter,
+    InvalidKey,
     InvalidTrackOption,
     NoPrimaryKey,
+    NotYetAudited,
+    QueryError,
+    RowDeleted,
     SchemaError,
+    TableNotFound,
     ThreadlineError,
     TrackingError,
     UnknownColumn,
     UnknownTable,
     UntrustedContext,
 )
+from threadline.export import export, export_async
 from threadline.propagation.carrier import extract, inject
 from threadline.propagation.celery import task
 from threadline.propagation.executors import submit, wrap
@@ -31,36 +43,89 @@ from threadline.propagation.psycopg import (
     apply_context_async,
     transaction,
 )
+from threadline.query import (
+    TimelinePage,
+    actor_history,
+    actor_history_async,
+    as_of,
+    as_of_async,
+    changes_for_transaction,
+    changes_for_transaction_async,
+    history,
+    history_async,
+    timeline,
+    timeline_async,
+    trace,
+    trace_async,
+)
+from threadline.records import Action, Change, Transaction
+from threadline.tracing import Trace, TraceNode, TraceTransaction
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
     "ActorRef",
+    "AsOfError",
     "AuditContext",
+    "Change",
     "ConfigurationError",
+    "FieldChange",
+    "InvalidAction",
     "InvalidActor",
     "InvalidContext",
+    "InvalidCursor",
+    "InvalidFilter",
+    "InvalidKey",
     "InvalidTrackOption",
     "NoPrimaryKey",
+    "NotYetAudited",
+    "QueryError",
+    "RowDeleted",
     "SchemaError",
+    "TableNotFound",
     "ThreadlineConnection",
     "ThreadlineCursor",
     "ThreadlineError",
+    "TimelinePage",
+    "Trace",
+    "TraceNode",
+    "TraceTransaction",
     "TrackingError",
+    "Transaction",
     "UnknownColumn",
     "UnknownTable",
     "UntrustedContext",
     "__version__",
+    "actor_history",
+    "actor_history_async",
     "apply_context",
     "apply_context_async",
+    "as_of",
+    "as_of_async",
     "celery",
+    "changes_for_transaction",
+    "changes_for_transaction_async",
     "context",
     "current",
     "ddl",
+    "diff",
+    "export",
+    "export_async",
     "extract",
+    "history",
+    "history_async",
     "inject",
+    "list_actions",
+    "list_actions_async",
+    "record_action",
+    "record_action_async",
     "submit",
     "task",
+    "timeline",
+    "timeline_async",
+    "trace",
+    "trace_async",
     "transaction",
     "use_context",
     "wrap",
