@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import click
 import psycopg
 
-from threadline import __version__
+from threadline import __version__, query
+from threadline.actions import list_actions
+from threadline.actor import ActorRef
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
 from threadline.ddl.names import DEFAULT_SCHEMA
-from threadline.errors import SchemaError, ThreadlineError, TrackingError
+from threadline.diff import diff
+from threadline.errors import AsOfError, InvalidActor, QueryError, SchemaError, ThreadlineError, TrackingError
+from threadline.export import FORMATS
+from threadline.export import export as export_changes
+from threadline.query import MAX_LIMIT
+from threadline.records import OPS, Change
+from threadline.tracing import format_key
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -197,10 +208,381 @@ def untrack(tables: tuple[str, ...], dsn: str | None, audit_schema: str, print_s
                 click.echo(f"{table} was not tracked; nothing to do")
 
 
+# ---------------------------------------------------------------------------------------------
+# Exploring the audit trail: timeline, history, trace, export, actions
+
+QUERY_EXAMPLES = """
+\b
+Examples:
+  threadline timeline --correlation-id req-1
+  threadline timeline --table orders --actor user:42 --since 2h
+  threadline history orders 7
+  threadline history line_items order_id=7,line_no=2 --as-of 2024-05-01T12:00:00Z
+  threadline trace req-1
+  threadline export --format ndjson --since 1d --output changes.ndjson
+  threadline actions --actor admin:7 --since 7d
+
+Times are ISO 8601 (no offset means UTC) or relative: 90s, 30m, 2h, 1d, 2w ago.
+"""
+
+_RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, *, now: datetime | None = None) -> datetime:
+    """``2h``/``30m``/``1d`` ago, ``now``, or an ISO 8601 time (UTC when it has no offset)."""
+    value = text.strip()
+    now = now or datetime.now(timezone.utc)
+    match = _RELATIVE_RE.match(value)
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    if value == "now":
+        return now
+    try:
+        parsed = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a relative time (90s, 30m, 2h, 1d, 2w) nor an ISO 8601 time"
+        ) from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _actor(ctx: click.Context, param: click.Parameter, value: str | None) -> ActorRef | None:
+    if value is None:
+        return None
+    try:
+        return ActorRef.parse(value)
+    except InvalidActor as exc:
+        raise click.BadParameter(exc.problem) from exc
+
+
+def _filter_options(func: F) -> F:
+    for option in reversed(
+        [
+            click.option("--correlation-id", metavar="ID", help="Only changes of this correlation id."),
+            click.option("--table", metavar="[SCHEMA.]TABLE", help="Only changes of this table."),
+            click.option("--actor", metavar="TYPE:ID", callback=_actor, help="Only changes by this actor (user:42)."),
+            click.option("--op", type=click.Choice(OPS), help="Only this operation."),
+            click.option("--since", metavar="WHEN", callback=_when, help="Captured at or after (2h, ISO time)."),
+            click.option("--until", metavar="WHEN", callback=_when, help="Captured before (2h, ISO time)."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+@contextmanager
+def _query_errors() -> Iterator[None]:
+    """Bad query arguments found by the library are usage errors (exit 2)."""
+    try:
+        yield
+    except QueryError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@contextmanager
+def _reader(dsn: str | None, audit_schema: str) -> Iterator[psycopg.Connection[Any]]:
+    try:
+        ddl_schema.install_sql(audit_schema)
+    except SchemaError as exc:
+        raise click.UsageError(str(exc)) from exc
+    with _connect(dsn) as conn, _query_errors():
+        ddl_schema.require_installed(conn, audit_schema)
+        yield conn
+
+
+def _time(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _value(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _aligned(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _change_row(change: Change) -> tuple[str, ...]:
+    tx = change.transaction
+    fields = ", ".join(change.changed_fields or ()) if change.op == "update" else ""
+    return (
+        _time(change.captured_at),
+        change.op,
+        change.table,
+        _value(format_key(change.pk), 40),
+        "" if tx is None or tx.actor is None else str(tx.actor),
+        "" if tx is None else tx.origin or "",
+        "" if tx is None else _value(tx.correlation_id or "", 36),
+        str(change.transaction_id),
+        _value(fields, 50),
+    )
+
+
+_CHANGE_HEADERS = ("CAPTURED (UTC)", "OP", "TABLE", "KEY", "ACTOR", "ORIGIN", "CORRELATION", "TX", "CHANGED")
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+@cli.command(epilog=QUERY_EXAMPLES)
+@_filter_options
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True, help="Page size.")
+@click.option("--after", metavar="CURSOR", help="Continue after the page that printed this cursor.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_dsn_option
+@_schema_option
+def timeline(
+    correlation_id: str | None,
+    table: str | None,
+    actor: ActorRef | None,
+    op: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Changes in capture order with who, where and which request (one page)."""
+    with _reader(dsn, audit_schema) as conn:
+        page = query.timeline(
+            conn, correlation_id=correlation_id, table=table, actor=actor, op=op, since=since,
+            until=until, limit=limit, after=after, schema=audit_schema,
+        )
+    if as_json:
+        _echo_json({"changes": [c.to_dict() for c in page], "next_cursor": page.next_cursor})
+        return
+    if not page:
+        click.echo("no changes match these filters")
+        return
+    click.echo(_aligned(_CHANGE_HEADERS, [_change_row(c) for c in page]))
+    if page.next_cursor:
+        click.echo(f"\nmore: add --after {page.next_cursor}")
+
+
+def _parse_key(text: str) -> Any:
+    value = text.strip()
+    if value.startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PK") from exc
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("a JSON key must be an object", param_hint="PK")
+        return parsed
+    if "=" in value:
+        out: dict[str, str] = {}
+        for part in value.split(","):
+            name, sep, item = part.partition("=")
+            if not sep or not name.strip():
+                raise click.BadParameter(f"{text!r}: write a composite key as col=value,col=value", param_hint="PK")
+            out[name.strip()] = item.strip()
+        return out
+    return value
+
+
+def _history_lines(change: Change) -> list[str]:
+    tx = change.transaction
+    head = "  ".join(
+        p
+        for p in (
+            _time(change.captured_at),
+            change.op,
+            f"tx {change.transaction_id}",
+            None if tx is None or tx.actor is None else str(tx.actor),
+            None if tx is None else tx.origin,
+            None if tx is None or tx.correlation_id is None else f"correlation {tx.correlation_id}",
+        )
+        if p
+    )
+    lines = [head]
+    for item in diff(change):
+        if change.op == "update":
+            lines.append(f"    {item.field}: {_value(item.before)} → {_value(item.after)}")
+        else:
+            lines.append(f"    {item.field}: {_value(item.before if change.op == 'delete' else item.after)}")
+    return lines
+
+
+@cli.command(epilog=QUERY_EXAMPLES)
+@click.argument("table", metavar="[SCHEMA.]TABLE")
+@click.argument("pk", metavar="PK")
+@click.option("--as-of", "as_of", metavar="WHEN", callback=_when, help="Show the row as it was then instead.")
+@click.option("--limit", type=click.IntRange(1), help="Only the newest N changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_schema_option
+def history(
+    table: str,
+    pk: str,
+    as_of: datetime | None,
+    limit: int | None,
+    as_json: bool,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Every change of one row, newest first (PK: 7, col=1,col=2 or JSON)."""
+    key = _parse_key(pk)
+    with _reader(dsn, audit_schema) as conn:
+        if as_of is not None:
+            try:
+                row = query.as_of(conn, table, key, as_of, schema=audit_schema)
+            except AsOfError as exc:
+                if as_json:
+                    _echo_json({"row": None, "reason": str(exc)})
+                else:
+                    click.echo(str(exc))
+                return
+            if as_json:
+                _echo_json({"row": row})
+            else:
+                width = max((len(k) for k in row), default=0)
+                click.echo("\n".join(f"{k.ljust(width)}  {_value(v, 100)}" for k, v in row.items()))
+            return
+        changes = query.history(conn, table, key, limit=limit, schema=audit_schema)
+    if as_json:
+        _echo_json([c.to_dict() for c in changes])
+        return
+    if not changes:
+        click.echo(f"no captured changes for {table} {pk}")
+        return
+    click.echo("\n".join(line for c in changes for line in _history_lines(c)))
+
+
+@cli.command(epilog=QUERY_EXAMPLES)
+@click.argument("correlation_id", metavar="CORRELATION_ID")
+@click.option("--max-changes", type=click.IntRange(0), default=10, show_default=True,
+              help="Changes listed per transaction.")
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
+@_dsn_option
+@_schema_option
+def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None, audit_schema: str) -> None:
+    """The story of one request: request → tasks → transactions → changes."""
+    with _reader(dsn, audit_schema) as conn:
+        found = query.trace(conn, correlation_id, schema=audit_schema)
+    if as_json:
+        _echo_json(found.to_dict())
+    elif found.empty:
+        click.echo(f"nothing recorded for correlation id {correlation_id}")
+    else:
+        click.echo(found.render(max_changes=max_changes), nl=False)
+
+
+@cli.command(epilog=QUERY_EXAMPLES)
+@_filter_options
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
+@click.option("--output", "-o", metavar="PATH", default="-", show_default=True, help="File to write ('-': stdout).")
+@click.option("--limit", type=click.IntRange(1), help="At most N changes.")
+@_dsn_option
+@_schema_option
+def export(
+    correlation_id: str | None,
+    table: str | None,
+    actor: ActorRef | None,
+    op: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    fmt: str,
+    output: str,
+    limit: int | None,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Stream matching changes as CSV, JSON or NDJSON (flat memory, any size)."""
+    with _reader(dsn, audit_schema) as conn:
+        options: dict[str, Any] = {
+            "correlation_id": correlation_id, "table": table, "actor": actor, "op": op, "since": since,
+            "until": until, "limit": limit, "schema": audit_schema,
+        }
+        if output == "-":
+            count = export_changes(conn, sys.stdout, fmt, **options)
+            sys.stdout.flush()
+        else:
+            try:
+                out = open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            except OSError as exc:
+                raise click.UsageError(f"cannot write {output}: {exc.strerror}") from exc
+            with out:
+                count = export_changes(conn, out, fmt, **options)
+    where = "stdout" if output == "-" else output
+    if count:
+        click.echo(f"exported {count} change{'s' if count != 1 else ''} as {fmt} to {where}", err=True)
+    else:
+        click.echo(f"no changes match these filters; wrote an empty {fmt} export to {where}", err=True)
+
+
+@cli.command(epilog=QUERY_EXAMPLES)
+@click.option("--correlation-id", metavar="ID", help="Only actions of this correlation id.")
+@click.option("--actor", metavar="TYPE:ID", callback=_actor, help="Only actions by this actor.")
+@click.option("--name", metavar="NAME", help="Only actions with this name.")
+@click.option("--since", metavar="WHEN", callback=_when, help="Recorded at or after (2h, ISO time).")
+@click.option("--until", metavar="WHEN", callback=_when, help="Recorded before (2h, ISO time).")
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_dsn_option
+@_schema_option
+def actions(
+    correlation_id: str | None,
+    actor: ActorRef | None,
+    name: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    as_json: bool,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Recorded actions (who did what and why), oldest first."""
+    with _reader(dsn, audit_schema) as conn:
+        found = list_actions(
+            conn, correlation_id=correlation_id, actor=actor, name=name, since=since, until=until,
+            limit=limit, schema=audit_schema,
+        )
+    if as_json:
+        _echo_json([a.to_dict() for a in found])
+        return
+    if not found:
+        click.echo("no actions match these filters")
+        return
+    rows = [
+        (
+            _time(a.inserted_at),
+            a.name,
+            a.status,
+            "" if a.actor is None else str(a.actor),
+            _value(a.correlation_id or "", 36),
+            _value(a.reason or "", 50),
+        )
+        for a in found
+    ]
+    click.echo(_aligned(("RECORDED (UTC)", "NAME", "STATUS", "ACTOR", "CORRELATION", "REASON"), rows))
+
+
 from threadline.cli_ops import coverage, purge  # noqa: E402 - operations commands
 
 cli.add_command(purge)
 cli.add_command(coverage)
+
+from threadline.cli_demo import demo  # noqa: E402 - the demo command
+
+cli.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

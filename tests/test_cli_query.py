@@ -1,0 +1,174 @@
+"""`threadline timeline | history | trace | export | actions`, run as real subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from threadline.cli import parse_when
+
+from .story import Story
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("THREADLINE_DSN", "DATABASE_URL")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "threadline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+    )
+
+
+def ok(*args: str) -> str:
+    res = run(*args)
+    assert res.returncode == 0, (args, res.stdout, res.stderr)
+    return res.stdout
+
+
+def test_timeline_prints_an_aligned_table_and_pages(story: Story) -> None:
+    out = ok("timeline", "--correlation-id", "req-1", "--dsn", story.dsn)
+    lines = out.splitlines()
+    assert lines[0].split() == ["CAPTURED", "(UTC)", "OP", "TABLE", "KEY", "ACTOR", "ORIGIN", "CORRELATION", "TX", "CHANGED"]
+    assert len(lines) == 10
+    starts = {line.index("app.") for line in lines[1:]}
+    assert len(starts) == 1  # the TABLE column is aligned
+    assert "update  app.posts       id=1" in out and "title" in out
+    assert "line_no=1,order_id=7" in out and "user:42" in out and "celery" in out
+
+    first = ok("timeline", "--correlation-id", "req-1", "--limit", "4", "--dsn", story.dsn)
+    assert "more: add --after " in first
+    cursor = first.rsplit("--after ", 1)[1].strip()
+    rest = ok("timeline", "--correlation-id", "req-1", "--after", cursor, "--dsn", story.dsn)
+    assert len(rest.splitlines()) == 1 + 5 and "more:" not in rest
+
+
+def test_timeline_filters_and_json(story: Story) -> None:
+    data = json.loads(ok("timeline", "--table", "app.line_items", "--op", "update", "--json", "--dsn", story.dsn))
+    assert [c["pk"] for c in data["changes"]] == [{"order_id": 7, "line_no": 1}] and data["next_cursor"] is None
+    assert data["changes"][0]["transaction"]["job"]["id"] == "task-c"
+    by_7 = json.loads(ok("timeline", "--actor", "user:7", "--since", "1h", "--until", "now", "--json", "--dsn", story.dsn))
+    assert [c["transaction"]["correlation_id"] for c in by_7["changes"]] == ["req-2"]
+    out = ok("timeline", "--correlation-id", "req-404", "--dsn", story.dsn)
+    assert out == "no changes match these filters\n"
+    future = ok("timeline", "--since", "2999-01-01", "--dsn", story.dsn)
+    assert future.startswith("no changes match")
+
+
+def test_history_as_of_and_composite_keys(story: Story) -> None:
+    out = ok("history", "app.posts", "1", "--dsn", story.dsn)
+    blocks = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert [b.split()[2] for b in blocks] == ["update", "update", "update", "insert"]
+    assert '    body: first → edited' in out and '    title: Hello → Hello!' in out
+    assert "correlation req-2" in out
+    composite = ok("history", "line_items", "order_id=7,line_no=1", "--dsn", story.dsn)
+    assert "    qty: 2 → 3" in composite
+    as_json = json.loads(ok("history", "app.line_items", '{"order_id": 7, "line_no": 2}', "--json", "--dsn", story.dsn))
+    assert [c["op"] for c in as_json] == ["insert"]
+    row = ok("history", "app.posts", "1", "--as-of", "now", "--dsn", story.dsn)
+    assert "title   Hello!" in row and "views   1" in row
+    assert json.loads(ok("history", "app.posts", "1", "--as-of", "now", "--json", "--dsn", story.dsn))["row"]["body"] == "edited"
+    gone = run("history", "app.posts", "2", "--as-of", "now", "--dsn", story.dsn)
+    assert gone.returncode == 0 and "was deleted at" in gone.stdout
+    early = run("history", "app.posts", "1", "--as-of", "2000-01-01T00:00:00Z", "--dsn", story.dsn)
+    assert early.returncode == 0 and "did not exist yet" in early.stdout
+    assert ok("history", "app.posts", "999", "--dsn", story.dsn) == "no captured changes for app.posts 999\n"
+
+
+def test_trace_prints_the_tree(story: Story) -> None:
+    out = ok("trace", "req-1", "--dsn", story.dsn)
+    assert out.startswith("correlation req-1  5 transactions  9 changes  4 tasks")
+    assert "└─ task posts.sync [task-a]  celery  user:42  2 attempts" in out
+    assert "task (unknown name) [task-x]  (no audited writes)" in out
+    tree = json.loads(ok("trace", "req-1", "--json", "--dsn", story.dsn))
+    assert tree["roots"][0]["children"][0]["id"] == "task-a"
+    short = ok("trace", "req-1", "--max-changes", "0", "--dsn", story.dsn)
+    assert "… 4 more changes" in short and "insert app.posts" not in short
+    assert ok("trace", "req-404", "--dsn", story.dsn) == "nothing recorded for correlation id req-404\n"
+
+
+def test_export_to_files_and_stdout(story: Story, tmp_path: Path) -> None:
+    target = tmp_path / "out.ndjson"
+    res = run("export", "--format", "ndjson", "--output", str(target), "--correlation-id", "req-1", "--dsn", story.dsn)
+    assert res.returncode == 0 and res.stdout == ""
+    assert res.stderr == f"exported 9 changes as ndjson to {target}\n"
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(rows) == 9 and rows[0]["correlation_id"] == "req-1"
+    res = run("export", "--table", "app.comments", "--dsn", story.dsn)  # CSV to stdout by default
+    table = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert res.returncode == 0 and [r["table_name"] for r in table] == ["comments"]
+    doc = json.loads(ok("export", "--format", "json", "--actor", "user:7", "--dsn", story.dsn))
+    assert len(doc["changes"]) == 1 and doc["filters"]["actor"] == "user:7"
+    empty = run("export", "--correlation-id", "nope", "--format", "ndjson", "--dsn", story.dsn)
+    assert empty.returncode == 0 and empty.stdout == "" and "no changes match these filters" in empty.stderr
+
+
+def test_actions_list(story: Story) -> None:
+    out = ok("actions", "--correlation-id", "req-1", "--dsn", story.dsn)
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["RECORDED", "(UTC)", "NAME", "STATUS"]
+    assert [line.split()[2] for line in lines[1:]] == ["post.publish", "sync.start"]
+    assert "launch" in lines[1]
+    data = json.loads(ok("actions", "--actor", "user:42", "--name", "sync.start", "--json", "--dsn", story.dsn))
+    assert [a["name"] for a in data] == ["sync.start"]
+    assert ok("actions", "--actor", "user:404", "--dsn", story.dsn) == "no actions match these filters\n"
+
+
+def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:
+    dsn = story.dsn
+    for args in (
+        ("timeline", "--since", "yesterday-ish", "--dsn", dsn),
+        ("timeline", "--actor", "nobody", "--dsn", dsn),
+        ("timeline", "--limit", "0", "--dsn", dsn),
+        ("timeline", "--op", "upsert", "--dsn", dsn),
+        ("timeline", "--table", "app.nope", "--dsn", dsn),
+        ("timeline", "--after", "garbage", "--dsn", dsn),
+        ("timeline", "--since", "2024-02-01", "--until", "2024-01-01", "--dsn", dsn),
+        ("timeline", "--schema", "Bad Name", "--dsn", dsn),
+        ("history", "app.posts", "{not json", "--dsn", dsn),
+        ("history", "app.posts", "abc", "--dsn", dsn),
+        ("history", "app.line_items", "7", "--dsn", dsn),
+        ("history", "app.posts", "=1", "--dsn", dsn),
+        ("history", "app.posts", "--dsn", dsn),
+        ("export", "--format", "xml", "--dsn", dsn),
+        ("export", "--output", "/nonexistent/dir/x.csv", "--dsn", dsn),
+        ("trace", "", "--dsn", dsn),
+        ("actions", "--until", "soon", "--dsn", dsn),
+        ("timeline",),  # no DSN anywhere
+    ):
+        res = run(*args)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (args, res.stderr)
+
+
+def test_database_problems_exit_1(story: Story, conn: psycopg.Connection[Any]) -> None:
+    res = run("timeline", "--schema", "not_installed", "--dsn", story.dsn)
+    assert res.returncode == 1 and "is not installed" in res.stderr
+    res = run("trace", "x", "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+    assert res.returncode == 1 and res.stderr.startswith("Error: ") and "Hint:" in res.stderr
+
+
+def test_parse_when() -> None:
+    now = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
+    assert parse_when("2h", now=now) == now - timedelta(hours=2)
+    assert parse_when("90s", now=now) == now - timedelta(seconds=90)
+    assert parse_when("1w", now=now) == now - timedelta(weeks=1)
+    assert parse_when("now", now=now) == now
+    assert parse_when("2024-05-01T10:00:00Z") == datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
+    assert parse_when("2024-05-01 10:00") == datetime(2024, 5, 1, 10, tzinfo=timezone.utc)  # no offset: UTC
+    assert parse_when("2024-05-01T12:00:00+02:00") == datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
+    with pytest.raises(ValueError):
+        parse_when("last tuesday")
