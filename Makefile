@@ -40,3 +40,7 @@ bench-ops: venv
 .PHONY: bench-web
 bench-web: venv
 	$(BIN)/python bench/web.py
+
+.PHONY: bench-query
+bench-query: venv
+	$(BIN)/python bench/query.py
