@@ -63,7 +63,9 @@ def django_dsn(database: str) -> Iterator[str]:
 def django_worker(django_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     from tests.djangoproject.blog import views
 
-    worker = start_worker("tests.djangoproject.worker", django_dsn, Path(tmp_path_factory.mktemp("dj-celery")))
+    worker = start_worker(
+        "tests.djangoproject.worker", django_dsn, Path(tmp_path_factory.mktemp("dj-celery"))
+    )
     views.CELERY[0] = worker.app()
     try:
         yield worker
@@ -152,7 +154,16 @@ def test_every_kind_of_orm_write_carries_the_context(django_dsn: str) -> None:
         by_corr.setdefault(row["correlation_id"], []).append(row)
     assert set(by_corr) == {"orm-auto", "orm-atomic"}, rows
     auto, atomic = by_corr["orm-auto"], by_corr["orm-atomic"]
-    assert [r["op"] for r in auto] == ["insert", "insert", "insert", "update", "update", "insert", "delete", "delete"]
+    assert [r["op"] for r in auto] == [
+        "insert",
+        "insert",
+        "insert",
+        "update",
+        "update",
+        "insert",
+        "delete",
+        "delete",
+    ]
     assert all(r["actor"] == {"type": "user", "id": "1"} for r in auto)
     assert len({r["tx"] for r in auto}) == 6  # each autocommit write (bulk_create, delete: one each)
     assert [r["op"] for r in atomic] == ["insert", "update"] and len({r["tx"] for r in atomic}) == 1
@@ -203,7 +214,12 @@ def test_concurrent_requests_never_bleed(django_dsn: str) -> None:
             barrier.wait()
         try:
             resp = Client().post(
-                "/posts/", headers={"X-Correlation-ID": f"dj-{run}-{i}", "X-User": str(100 + i), "X-Title": f"{run}-{i}"}
+                "/posts/",
+                headers={
+                    "X-Correlation-ID": f"dj-{run}-{i}",
+                    "X-User": str(100 + i),
+                    "X-Title": f"{run}-{i}",
+                },
             )
             return str(resp.headers["X-Correlation-ID"])
         finally:

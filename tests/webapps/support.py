@@ -7,12 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
 from psycopg.rows import dict_row
-from socketserver import ThreadingMixIn
 
 import threadline
 from tests.celery_app.harness import Worker
