@@ -26,9 +26,10 @@ def _leftovers() -> set[str]:
     return dirs | mine
 
 
-def _demo(*args: str) -> subprocess.Popen[str]:
+def _demo(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "threadline.cli", "demo", *args],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -47,14 +48,15 @@ def _check_story(out: str) -> None:
     assert "everything the demo started is stopped and removed" in out
 
 
-def test_demo_on_embedded_defaults_tells_the_whole_story_and_cleans_up() -> None:
+def test_demo_on_embedded_defaults_tells_the_whole_story_and_cleans_up(tmp_path: Path) -> None:
     before = _leftovers()
-    proc = _demo()
+    proc = _demo(cwd=tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "embedded PostgreSQL" in out and "broker filesystem://" in out
     _check_story(out)
     assert _leftovers() <= before
+    assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
 
 
 def test_demo_uses_real_services_when_given() -> None:

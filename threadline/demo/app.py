@@ -29,6 +29,7 @@ def broker_options(broker: str, fs_root: str | None) -> dict[str, Any]:
         "data_folder_in": str(Path(fs_root, "out")),
         "data_folder_out": str(Path(fs_root, "out")),
         "processed_folder": str(Path(fs_root, "processed")),
+        "control_folder": str(Path(fs_root, "control")),  # default: ./control in the working directory
     }
     for folder in folders.values():
         Path(folder).mkdir(parents=True, exist_ok=True)
