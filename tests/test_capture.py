@@ -143,6 +143,9 @@ def test_context_set_after_the_first_write_wins(conn: Conn, posts: str) -> None:
         '{"v":1,"actor":null}',
         '{"v":1,"job":"celery"}',
         '{"v":1,"incoming_error":5}',
+        '{"v":1,"actor":{"type":"a' + "b" * 32 + '","id":"1"}}',
+        '{"v":1,"actor":{"type":"user","id":"' + "1" * 257 + '"}}',
+        '{"v":1,"actor":{"type":"user","id":"1","display":"' + "d" * 257 + '"}}',
     ],
 )
 def test_malformed_context_never_blocks_the_write_and_is_recorded_invalid(

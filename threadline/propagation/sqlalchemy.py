@@ -35,7 +35,12 @@ from sqlalchemy.engine import Engine
 
 from threadline.context import AuditContext, _current
 from threadline.errors import ConfigurationError
-from threadline.propagation.psycopg import SET_CONTEXT_SQL, begin_command, begin_with_context, context_payload
+from threadline.propagation.psycopg import (
+    begin_command,
+    begin_with_context,
+    context_payload,
+    set_local_command,
+)
 
 try:  # SQLAlchemy >= 2.1
     from sqlalchemy.util import await_
@@ -139,7 +144,7 @@ def _apply_in_transaction(info: dict[str, Any], cursor: Any, ctx: AuditContext) 
     applied = info.get(_KEY)
     if applied is ctx or (applied is None and ctx.is_empty) or (applied is not _UNKNOWN and applied == ctx):
         return
-    cursor.execute(SET_CONTEXT_SQL, (context_payload(ctx),))
+    cursor.execute(set_local_command(cursor.connection, context_payload(ctx)))
     info[_KEY] = ctx
 
 
