@@ -9,7 +9,7 @@ by exports.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -32,13 +32,22 @@ def iso(value: datetime | None) -> str | None:
     return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# The C scanner behind json.loads, without its per-call whitespace handling: PostgreSQL's JSON
+# text has none around the value.
+_scan: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]
 _decode = json.JSONDecoder().decode
 
 
 def from_json(value: Any) -> Any:
     """A JSON column's value: parsed when it arrives as text (the queries select JSON as text,
     which is parsed once per distinct transaction instead of once per row)."""
-    return _decode(value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed, end = _scan(value, 0)
+    except StopIteration:
+        return _decode(value)
+    return parsed if end == len(value) else _decode(value)
 
 
 def _actor(value: Any) -> ActorRef | None:
