@@ -512,8 +512,13 @@ def export(
             "until": until, "limit": limit, "schema": audit_schema,
         }
         if output == "-":
-            count = export_changes(conn, sys.stdout, fmt, **options)
-            sys.stdout.flush()
+            try:
+                count = export_changes(conn, sys.stdout, fmt, **options)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # the reader went away (`| head`): stop quietly, as other command-line tools do
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(1)
         else:
             try:
                 out = open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
