@@ -48,14 +48,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg import sql
-from psycopg.rows import dict_row
+# Run as a script, this directory comes first on sys.path, and scripts here are named like the
+# packages threadline imports (bench/celery.py): look them up in site-packages instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import threadline
-from threadline import _run, ddl
-from threadline import query as q
-from threadline.errors import AsOfError
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+from psycopg.rows import dict_row  # noqa: E402
+
+import threadline  # noqa: E402
+from threadline import _run, ddl  # noqa: E402
+from threadline import query as q  # noqa: E402
+from threadline.errors import AsOfError  # noqa: E402
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "200"))
