@@ -32,6 +32,7 @@ from psycopg import sql
 
 import threadline
 from threadline import ActorRef, ThreadlineConnection, ddl
+from threadline.propagation.psycopg import set_local_command
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -75,19 +76,19 @@ CONTEXT = '{"actor":{"id":"42","type":"user"},"correlation_id":"bench","v":1}'
 PGBENCH = {
     "single-row INSERT": (
         "\\set id random(1000000000, 9000000000)\n"
-        "BEGIN;\nSELECT set_config('threadline.context', '" + CONTEXT + "', true);\n"
+        "BEGIN;\nSET LOCAL threadline.context = '" + CONTEXT + "';\n"
         "INSERT INTO {t} VALUES (:id, 1, 'x', 'y', 1, now(), true, 1) ON CONFLICT DO NOTHING;\nEND;\n"
     ),
     "single-row UPDATE": (
         "\\set id random(1, " + str(TABLE_ROWS) + ")\n"
-        "BEGIN;\nSELECT set_config('threadline.context', '" + CONTEXT + "', true);\n"
+        "BEGIN;\nSET LOCAL threadline.context = '" + CONTEXT + "';\n"
         "UPDATE {t} SET a = a + 1 WHERE id = :id;\nEND;\n"
     ),
     "10-UPDATE transaction": (
         "\\set id random(1, " + str(TABLE_ROWS - 10) + ")\n"
-        "BEGIN;\nSELECT set_config('threadline.context', '"
+        "BEGIN;\nSET LOCAL threadline.context = '"
         + CONTEXT
-        + "', true);\n"
+        + "';\n"
         + "".join(f"UPDATE {{t}} SET a = a + 1 WHERE id = :id + {i};\n" for i in range(10))
         + "END;\n"
     ),
@@ -121,7 +122,7 @@ def bulk_ms(conn: psycopg.Connection, table: str, op: str) -> float:
     }
     start = time.perf_counter()
     with conn.transaction():
-        conn.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT])
+        conn.execute(set_local_command(conn, CONTEXT))
         conn.execute(statements[op])
     return (time.perf_counter() - start) * 1000
 
