@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import threadline
 from threadline import ActorRef, ThreadlineConnection
-from threadline.errors import InvalidAction, InvalidFilter
+from threadline.errors import InvalidAction, InvalidFilter, SchemaError
 
 from .conftest import changes, transactions
 
@@ -167,3 +170,45 @@ def test_async_twins(dsn: str, conn: Conn, posts: str) -> None:
             assert tx["action_id"] == action.id and tx["correlation_id"] == "c-a"
 
     asyncio.run(main())
+
+
+@pytest.fixture
+def app_dsn(dsn: str, conn: Conn, posts: str) -> Iterator[str]:
+    """DSN of a least-privileged application role: read-only audit tables, INSERT on actions."""
+    role = f"tl_actions_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier(role)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA app TO {}").format(ident))
+    conn.execute(sql.SQL("GRANT SELECT, INSERT ON app.posts TO {}").format(ident))
+    threadline.ddl.install(conn, app_role=role)
+    try:
+        yield psycopg.conninfo.make_conninfo(dsn, user=role)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+def test_a_least_privileged_role_records_linked_actions(app_dsn: str, conn: Conn) -> None:
+    with psycopg.connect(app_dsn) as app, threadline.context(actor="user:9", correlation_id="c-9"):
+        with threadline.transaction(app):
+            before = threadline.record_action(app, "before.write")
+            app.execute("INSERT INTO app.posts (id) VALUES (1)")
+        with threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id) VALUES (2)")
+            after = threadline.record_action(app, "after.write")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("UPDATE threadline.transactions SET action_id = 1")
+    first, second = transactions(conn)
+    assert (first["action_id"], second["action_id"]) == (before.id, after.id)
+    assert [c["transaction_id"] for c in changes(conn)] == [first["id"], second["id"]]
+
+
+def test_an_audit_schema_without_link_action_is_reported(conn: Conn) -> None:
+    threadline.ddl.install(conn, "audit_old")
+    try:
+        conn.execute("DROP FUNCTION audit_old.link_action(bigint)")
+        assert threadline.record_action(conn, "unlinked", schema="audit_old").name == "unlinked"  # autocommit
+        with pytest.raises(SchemaError, match="threadline install"), conn.transaction():
+            threadline.record_action(conn, "linked", schema="audit_old")
+    finally:
+        conn.execute("DROP SCHEMA audit_old CASCADE")

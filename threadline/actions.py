@@ -4,15 +4,16 @@
 id default from the current :class:`~threadline.context.AuditContext`. Recorded inside an open
 transaction, the action is linked from that transaction's ``transactions`` row
 (``transactions.action_id``), whether the transaction's first audited write comes before or after
-it: the transaction row is created (through the same function the capture triggers use) when the
-action is recorded, and the triggers then attach their changes to it. The first action recorded in
-a transaction is the one linked. Such a transaction keeps its ``transactions`` row, with its
-context, even if it writes no tracked table.
+it: the transaction row is created (by the schema's ``link_action()``, through the same function
+the capture triggers use) when the action is recorded, and the triggers then attach their changes
+to it. The first action recorded in a transaction is the one linked. Such a transaction keeps its
+``transactions`` row, with its context, even if it writes no tracked table.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -80,6 +81,7 @@ def _audit(schema: str) -> sql.Identifier:
 
 def _record_plan(
     link: bool,
+    verified: bool,
     name: str,
     status: str,
     verb: str | None,
@@ -123,26 +125,29 @@ def _record_plan(
     if not link:
         rows = yield Query(insert, params)
         return Action.from_row(rows[0])
-    # The transaction row of this transaction, through the function the capture triggers use:
-    # created now if no audited write came yet (the triggers then reuse it), else the cached one.
-    # Schema version 1 named that function transaction_id(); later versions current_transaction_id().
+    if not verified:
+        rows = yield Query(
+            sql.SQL("SELECT to_regprocedure(format('%%I.link_action(bigint)', %(schema)s::text)) IS NOT NULL AS ok"),
+            {"schema": schema},
+        )
+        if not rows[0]["ok"]:
+            raise SchemaError(
+                f"audit schema {schema!r} predates linked actions: run `threadline install` to upgrade it"
+            )
+    # link_action() (run as the schema's owner, so a least-privileged application role may call
+    # it) links the current transaction's row, creating it if no audited write came yet: the
+    # capture triggers then attach their changes to that row.
     rows = yield Query(
-        sql.SQL("SELECT to_regprocedure(format('%%I.current_transaction_id()', %(schema)s::text)) IS NOT NULL AS v2"),
-        {"schema": schema},
-    )
-    function = sql.Identifier("current_transaction_id" if rows[0]["v2"] else "transaction_id")
-    rows = yield Query(sql.SQL("SELECT {}.{}() AS id").format(audit, function), {})
-    params["transaction_id"] = rows[0]["id"]
-    rows = yield Query(
-        sql.SQL(
-            "WITH a AS ({insert}), link AS ("
-            "UPDATE {audit}.transactions t SET action_id = a.id FROM a"
-            " WHERE t.id = %(transaction_id)s AND t.action_id IS NULL)"
-            " SELECT * FROM a"
-        ).format(insert=insert, audit=audit),
+        sql.SQL("WITH a AS ({insert}) SELECT a.*, {audit}.link_action(a.id) AS transaction_id FROM a").format(
+            insert=insert, audit=audit
+        ),
         params,
     )
     return Action.from_row(rows[0])
+
+
+# Connections (per audit schema) known to have link_action(): checked once, not on every call.
+_verified: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _links(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
@@ -173,10 +178,13 @@ def record_action(
     that is not in autocommit mode) the transaction row links to the action; on an autocommit
     connection outside a transaction the action is written on its own.
     """
-    plan = _record_plan(
-        _links(conn), name, status, verb, category, reason, comment, meta, actor, schema
-    )
-    return run(conn, plan)
+    link = _links(conn)
+    verified = schema in _verified.get(conn, ())
+    plan = _record_plan(link, verified, name, status, verb, category, reason, comment, meta, actor, schema)
+    action = run(conn, plan)
+    if link:
+        _verified.setdefault(conn, set()).add(schema)
+    return action
 
 
 async def record_action_async(
@@ -193,10 +201,13 @@ async def record_action_async(
     schema: str = DEFAULT_SCHEMA,
 ) -> Action:
     """Async twin of :func:`record_action`."""
-    plan = _record_plan(
-        _links(conn), name, status, verb, category, reason, comment, meta, actor, schema
-    )
-    return await run_async(conn, plan)
+    link = _links(conn)
+    verified = schema in _verified.get(conn, ())
+    plan = _record_plan(link, verified, name, status, verb, category, reason, comment, meta, actor, schema)
+    action = await run_async(conn, plan)
+    if link:
+        _verified.setdefault(conn, set()).add(schema)
+    return action
 
 
 def _list_plan(
