@@ -61,13 +61,17 @@ def request_context() -> AuditContext:
     )
 
 
-def added_us(with_tl: Callable[[], None], without: Callable[[], None], n: int, rounds: int = 15) -> float:
-    """CPU µs that threadline adds per call: median over interleaved rounds of (with - without) / n.
+Cost = tuple[float, float]
+
+
+def added_us(with_tl: Callable[[], None], without: Callable[[], None], n: int, rounds: int = 15) -> Cost:
+    """CPU µs that threadline adds per call, as (median, best) over interleaved rounds.
 
     Each callable runs its n calls once per round; the order alternates between rounds, so a
-    busy neighbour on the machine weighs on both sides alike.
+    busy neighbour on the machine weighs on both sides alike. The median is of the per-round
+    differences; "best" is the difference of each side's fastest round.
     """
-    diffs = []
+    diffs, with_times, without_times = [], [], []
     for i in range(rounds):
         timings = {}
         for arm in ((with_tl, without) if i % 2 == 0 else (without, with_tl)):
@@ -75,7 +79,9 @@ def added_us(with_tl: Callable[[], None], without: Callable[[], None], n: int, r
             arm()
             timings[arm] = (time.process_time() - start) / n * 1e6
         diffs.append(timings[with_tl] - timings[without])
-    return statistics.median(diffs)
+        with_times.append(timings[with_tl])
+        without_times.append(timings[without])
+    return statistics.median(diffs), min(with_times) - min(without_times)
 
 
 # -- in-process handler cost -----------------------------------------------------------------------
@@ -87,7 +93,7 @@ def _stand_in_send_task(name: str, args: Any = None, task_id: str | None = None,
     signals.before_task_publish.send(sender=name, headers=headers, body=None, exchange="", routing_key="q")
 
 
-def publish_costs(signing_keys: list[str] | None, n: int = 5000) -> dict[str, float]:
+def publish_costs(signing_keys: list[str] | None, n: int = 5000) -> dict[str, Cost]:
     """µs per publish that threadline adds: caller-side check and publish receiver."""
     bare = Celery("bare", set_as_current=False)
     bare.send_task = _stand_in_send_task
@@ -141,7 +147,7 @@ def _body() -> None:
     return None
 
 
-def task_costs(n: int = 5000) -> dict[str, float]:
+def task_costs(n: int = 5000) -> dict[str, Cost]:
     """CPU µs per task run spent in threadline's task_prerun + task_postrun receivers."""
     return {
         "unsigned header": _task_cost(None, True, n),
@@ -172,7 +178,7 @@ def _noop_receivers() -> Iterator[None]:
             sig.disconnect(_noop_receiver, dispatch_uid="threadline-bench-noop")
 
 
-def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> float:
+def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> Cost:
     app = Celery("bench-worker", set_as_current=False)
     threadline.task(app=app, name="bench.run")(_body)
     task = app.tasks["bench.run"]  # the task object itself, as Celery's signals pass it
@@ -195,7 +201,7 @@ def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> float:
     return cost
 
 
-def signal_dispatch_cost(n: int = 5000) -> float:
+def signal_dispatch_cost(n: int = 5000) -> Cost:
     """CPU µs Celery spends dispatching task_prerun + task_postrun to one receiver each."""
     app = Celery("bench-dispatch", set_as_current=False)
     task = app.task(name="bench.run")(_body)
@@ -303,22 +309,25 @@ def end_to_end() -> tuple[list[float], list[float]]:
 
 def main() -> None:
     print(f"## Celery propagation (Python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
-    print(f"Broker {BROKER_URL.split('@')[-1]}; {ROUNDS} interleaved rounds; medians.\n")
-    print("### Handler cost in process (CPU µs per call, threadline minus no threadline)\n")
-    print("| path | µs |\n|---|---:|")
-    for label, value in publish_costs(None).items():
-        print(f"| publish, {label} | {value:.1f} |")
-    for label, value in publish_costs([KEY]).items():
-        print(f"| signed publish, {label} | {value:.1f} |")
-    for label, value in task_costs().items():
-        print(f"| task run (prerun + postrun receivers), {label} | {value:.1f} |")
-    print(f"| Celery's own dispatch of prerun + postrun to one receiver (any library pays it) | {signal_dispatch_cost():.1f} |")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"Broker {BROKER_URL.split('@')[-1]}; machine load average at start {load}.\n")
+    print("### Handler cost in process (CPU µs per call, threadline minus no threadline, 15 interleaved rounds)\n")
+    print("| path | median µs | best µs |\n|---|---:|---:|")
+    rows = [(f"publish, {label}", cost) for label, cost in publish_costs(None).items()]
+    rows += [(f"signed publish, {label}", cost) for label, cost in publish_costs([KEY]).items()]
+    rows += [(f"task run (prerun + postrun receivers), {label}", cost) for label, cost in task_costs().items()]
+    rows.append(("Celery's own dispatch of prerun + postrun to one receiver (any library pays it)", signal_dispatch_cost()))
+    for label, (median, best) in rows:
+        print(f"| {label} | {median:.1f} | {best:.1f} |")
     sizes = header_sizes()
     print("\n### Typical header (user actor, correlation id and request id as UUIDs)\n")
     print(f"{sizes['unsigned']} bytes unsigned, {sizes['signed']} bytes signed.\n")
     with_tl, without = end_to_end()
     ratio = statistics.median(with_tl) / statistics.median(without)
-    print(f"### End to end ({TASKS} trivial tasks per round, Redis, prefork worker with 2 processes)\n")
+    print(
+        f"### End to end ({TASKS} trivial tasks per round, {ROUNDS} interleaved rounds, "
+        "prefork worker with 2 processes)\n"
+    )
     print("| | tasks/s (median) | rounds |\n|---|---:|---|")
     print(f"| without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |")
     print(f"| with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |")

@@ -82,7 +82,7 @@ def check_text(field: str, value: Any) -> str | None:
         raise InvalidContext(field, "must not be empty (leave it unset instead)")
     if len(value) > _limits.max_id_length:
         raise InvalidContext(field, f"is {len(value)} characters long; the limit is {_limits.max_id_length}")
-    if _CONTROL_RE.search(value):
+    if not (value.isascii() and value.isprintable()) and _CONTROL_RE.search(value):  # regex only off ASCII
         raise InvalidContext(field, "contains control characters")
     return value
 
