@@ -13,7 +13,7 @@ Prints a Markdown report. Three parts:
   signature).
 
 Brokers: ``$THREADLINE_BENCH_BROKER`` (default Redis at 127.0.0.1:6379, db 15). Knobs:
-``BENCH_ROUNDS`` (default 5), ``BENCH_TASKS`` (default 2000).
+``BENCH_ROUNDS`` (default 7), ``BENCH_TASKS`` (default 1500).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from threadline.propagation import celery as tc
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("THREADLINE_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 BROKER_URL = os.environ.get("THREADLINE_BENCH_BROKER", REDIS_URL)
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
-TASKS = int(os.environ.get("BENCH_TASKS", "2000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
+TASKS = int(os.environ.get("BENCH_TASKS", "1500"))
 KEY = "benchmark-signing-key-0123456789"
 
 

@@ -130,34 +130,37 @@ def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = D
     malformed (not JSON, wrong types, unknown version or fields, over ``max_bytes``).
     """
     data: object = raw
-    if isinstance(data, (bytes, bytearray)):
+    if type(data) is dict:  # the usual case: a header deserialized by kombu
+        pass
+    elif isinstance(data, (bytes, bytearray)):
         if len(data) > max_bytes:
             raise InvalidContext("header", f"is {len(data)} bytes long; the limit is {max_bytes}")
         try:
             data = bytes(data).decode()
         except UnicodeDecodeError as exc:
             raise InvalidContext("header", "is not valid UTF-8") from exc
-    if isinstance(data, str):
+    if isinstance(data, str):  # JSON text: from inject(), or a header sent as text
         if len(data) > max_bytes or len(data.encode()) > max_bytes:
             raise InvalidContext("header", f"is {len(data.encode())} bytes long; the limit is {max_bytes}")
         try:
             data = json.loads(data, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:
             raise InvalidContext("header", "is not valid JSON") from exc
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise InvalidContext("header", f"must be a JSON object, got {type(data).__name__}")
     if ERROR_FIELD in data:
         error = data[ERROR_FIELD]
         detail = error[:160] if isinstance(error, str) else "no reason given"
         raise InvalidContext("header", f"was not encoded by its publisher ({detail})")
-    body = {key: value for key, value in data.items() if key != SIGNATURE_FIELD}
+    body = {key: value for key, value in data.items() if key != SIGNATURE_FIELD} if SIGNATURE_FIELD in data else data
     if keys:
         try:
             text = codec.dumps(body)
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidContext("header", "holds values that JSON cannot carry") from exc
-        if len(text.encode()) > max_bytes:
-            raise InvalidContext("header", f"is {len(text.encode())} bytes long; the limit is {max_bytes}")
+        size = len(text.encode())
+        if size > max_bytes:
+            raise InvalidContext("header", f"is {size} bytes long; the limit is {max_bytes}")
         signature = data.get(SIGNATURE_FIELD)
         if signature is None:
             raise UntrustedContext("header is not signed")
@@ -166,9 +169,8 @@ def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = D
     version = body.get("v")
     if version != codec.VERSION or isinstance(version, bool):
         raise InvalidContext("v", f"unsupported version {version!r}; this release reads version {codec.VERSION}")
-    unknown = set(body) - _CARRIED
-    if unknown:
-        names = sorted(str(name)[:40] for name in unknown)[:3]
+    if not _CARRIED.issuperset(body):
+        names = sorted(str(name)[:40] for name in set(body) - _CARRIED)[:3]
         raise InvalidContext("header", f"has fields that are not carried: {names}")
     # Every field is validated and capped on its own (ids 256 characters, meta 4 KiB), which
     # also bounds the whole: no need to re-encode an unsigned header to measure it.

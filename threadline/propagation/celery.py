@@ -327,7 +327,7 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
     root_id = _safe_id(request.root_id) or task_id
     parent_id = _safe_id(request.parent_id)
     job = {
-        "name": _safe_id(task.name),
+        "name": _task_name(task),
         "id": task_id,
         "retries": request.retries if isinstance(request.retries, int) else 0,
         "parent_id": parent_id,
@@ -378,6 +378,17 @@ def _build(**fields: Any) -> AuditContext:
 
 
 _safe_id = carrier.safe_id
+_names: dict[str, str | None] = {}
+
+
+def _task_name(task: Any) -> str | None:
+    """The task's name as an audit id (validated once per name)."""
+    name = task.name
+    if not isinstance(name, str):
+        return None
+    if name not in _names:
+        _names[name] = _safe_id(name)
+    return _names[name]
 
 
 def _short(text: str) -> str:
