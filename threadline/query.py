@@ -339,15 +339,21 @@ TRANSACTION_COLUMNS = sql.SQL(
     "t.causation_id AS t_causation_id, t.origin AS t_origin, t.job::text AS t_job, "
     "t.action_id AS t_action_id, t.meta::text AS t_meta, t.context_error AS t_context_error"
 )
-_SELECT = sql.SQL("SELECT {changes}, {transactions} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id")
+# Changes are read without their transactions' columns (a transaction's context would otherwise
+# travel and be decoded once per change); :func:`with_transactions` fetches each transaction once.
+# The join is there for filters on the transaction; PostgreSQL drops it when nothing uses it.
+_SELECT = sql.SQL("SELECT {changes} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id")
 
 
 def _select(audit: sql.Identifier) -> sql.Composed:
-    return _SELECT.format(changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS, audit=audit)
+    return _SELECT.format(changes=CHANGE_COLUMNS, audit=audit)
 
 
-def changes_from_rows(rows: Rows) -> list[Change]:
-    """:class:`Change` records from rows of change and ``t_``-prefixed transaction columns."""
+def changes_from_rows(rows: Rows, transactions: Mapping[int, Transaction] | None = None) -> list[Change]:
+    """:class:`Change` records from rows of change columns; their transactions come from
+    ``transactions`` (by id) or, when absent, from ``t_``-prefixed columns of the same rows."""
+    if transactions is not None:
+        return [Change.from_row(row, transactions.get(row["transaction_id"])) for row in rows]
     cache: dict[int, Transaction] = {}
     out: list[Change] = []
     for row in rows:
@@ -359,6 +365,21 @@ def changes_from_rows(rows: Rows) -> list[Change]:
                 tx = cache[tid] = Transaction.from_row(row, "t_")
         out.append(Change.from_row(row, tx))
     return out
+
+
+def with_transactions(audit: sql.Identifier, rows: Rows) -> Plan[list[Change]]:
+    """Plan: the changes of ``rows`` with their transactions, each read once."""
+    ids = sorted({row["transaction_id"] for row in rows})
+    found: dict[int, Transaction] = {}
+    if ids:
+        tx_rows = yield Query(
+            sql.SQL("SELECT {} FROM {}.transactions t WHERE t.id = ANY (%(ids)s::bigint[])").format(
+                TRANSACTION_COLUMNS, audit
+            ),
+            {"ids": ids},
+        )
+        found = {r["t_id"]: Transaction.from_row(r, "t_") for r in tx_rows}
+    return changes_from_rows(rows, found)
 
 
 @dataclass(frozen=True)
@@ -508,7 +529,7 @@ def _history_plan(table: str, pk: Any, limit: int | None, schema: str) -> Plan[l
         params["limit"] = limit
         statement += sql.SQL(" LIMIT %(limit)s")
     rows = yield Query(statement, params)
-    return changes_from_rows(rows)
+    return (yield from with_transactions(audit, rows))
 
 
 def history(
@@ -566,7 +587,7 @@ def _actor_history_plan(
         params["limit"] = limit
         statement += sql.SQL(" LIMIT %(limit)s")
     rows = yield Query(statement, params)
-    return changes_from_rows(rows)
+    return (yield from with_transactions(audit, rows))
 
 
 def actor_history(
@@ -654,9 +675,9 @@ def _timeline_plan(
     params["limit"] = checked + 1
     statement = _select(audit) + where + sql.SQL(" ORDER BY c.captured_at, c.id LIMIT %(limit)s")
     rows = yield Query(statement, params)
-    found = changes_from_rows(rows)
-    more = len(found) > checked
-    page = tuple(found[:checked])
+    more = len(rows) > checked
+    found = yield from with_transactions(audit, rows[:checked])
+    page = tuple(found)
     cursor = encode_cursor(page[-1], filters) if more and page else None
     return TimelinePage(page, cursor, filters)
 
@@ -715,7 +736,7 @@ def _transaction_plan(transaction_id: int, schema: str) -> Plan[list[Change]]:
         _select(audit) + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
         {"tid": transaction_id},
     )
-    return changes_from_rows(rows)
+    return (yield from with_transactions(audit, rows))
 
 
 def changes_for_transaction(
