@@ -65,6 +65,7 @@ ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:54
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "200"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
+CAPTURE_ROUNDS = int(os.environ.get("BENCH_CAPTURE_ROUNDS", "6"))
 EXPORT_RUNS = int(os.environ.get("BENCH_EXPORT_RUNS", "3"))
 BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 SPAN = timedelta(days=30)
@@ -328,8 +329,9 @@ def capture_cost(dsn: str, conn: psycopg.Connection[Any], size: Size) -> dict[st
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
     try:
-        for _ in range(ROUNDS):
-            for config in configs:
+        for round_no in range(CAPTURE_ROUNDS):
+            # rotate the order, so that no configuration always runs first after a drop or a build
+            for config in configs[round_no % len(configs) :] + configs[: round_no % len(configs)]:
                 with index(conn, size, config) if config != "none" else _nothing():
                     conn.execute("CHECKPOINT")
                     # a short warm-up takes the full-page images of the pages the run will touch
@@ -439,7 +441,7 @@ def run(dsn: str) -> None:
             print("`as_of` with the truncate index:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
         cost = capture_cost(dsn, conn, big)
         print("\nCapture cost of each candidate (pgbench, single-row INSERT transactions into a tracked")
-        print(f"table of the 1M set, {ROUNDS} interleaved rounds of {SECONDS} s, medians):\n")
+        print(f"table of the 1M set, {CAPTURE_ROUNDS} rounds of {SECONDS} s in rotating order, medians):\n")
         print("| extra index | TPS | vs none | WAL bytes / tx |")
         print("|---|---:|---:|---:|")
         base = cost["none"][0]
