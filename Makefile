@@ -1,9 +1,10 @@
-# One command each: `make demo`, `make test`, `make bench`. Each sets up its own virtualenv.
+# One command each: `make demo`, `make test`; benchmarks with `make bench` and `make bench-all`.
+# Every target sets up its own virtualenv (.venv) first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint docs bench bench-all bench-celery bench-web bench-query bench-ops clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,33 +15,36 @@ $(BIN)/threadline: pyproject.toml
 venv: $(BIN)/threadline
 
 demo: venv
-	$(BIN)/python examples/demo.py
+	$(BIN)/threadline demo
 
 lint: venv
-	$(BIN)/ruff check threadline tests bench examples
+	$(BIN)/ruff check threadline tests bench
+	$(BIN)/ruff format --check threadline tests bench
 	$(BIN)/mypy
 
-test: lint
+docs: venv
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+test: lint docs
 	$(BIN)/pytest
 
 bench: venv
 	$(BIN)/python bench/capture.py
 
-clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
-
-.PHONY: bench-celery
 bench-celery: venv
 	$(BIN)/python bench/celery.py
+
+bench-web: venv
+	$(BIN)/python bench/web.py
+
+bench-query: venv
+	$(BIN)/python bench/query.py
 
 bench-ops: venv
 	$(BIN)/python bench/retention.py
 	$(BIN)/python bench/load.py
 
-.PHONY: bench-web
-bench-web: venv
-	$(BIN)/python bench/web.py
+bench-all: bench bench-celery bench-web bench-query bench-ops
 
-.PHONY: bench-query
-bench-query: venv
-	$(BIN)/python bench/query.py
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
