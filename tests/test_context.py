@@ -200,3 +200,15 @@ def test_encoded_size_cap_and_limits_are_configurable() -> None:
             codec.set_limits(max_meta_bytes=0)
     finally:
         codec.set_limits(**old.__dict__)
+
+
+def test_nested_contexts_keep_job_and_meta_of_the_outer_one() -> None:
+    with threadline.context(meta={"k": [1, {"n": 2}]}, job={"name": "t", "retries": 0}):
+        with threadline.context(actor="user:1"):
+            ctx = threadline.current()
+            assert dict(ctx.meta or {}) == {"k": [1, {"n": 2}]} and ctx.job is not None
+            assert ctx.to_json() == (
+                '{"actor":{"id":"1","type":"user"},"job":{"name":"t","retries":0},"meta":{"k":[1,{"n":2}]},"v":1}'
+            )
+        merged = threadline.current().merged(request_id="r")
+        assert merged.request_id == "r" and dict(merged.meta or {}) == {"k": [1, {"n": 2}]}

@@ -64,7 +64,16 @@ def set_limits(**changes: int) -> Limits:
     return _limits
 
 
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def _mapping_as_dict(value: Any) -> Any:
+    """JSON for read-only mappings (a context's ``job``/``meta`` are ``MappingProxyType``)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_mapping_as_dict
+)
 
 
 def dumps(value: Any) -> str:
