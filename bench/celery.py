@@ -8,7 +8,8 @@ Prints a Markdown report. Three parts:
   (``task_prerun`` + ``task_postrun`` restoring and resetting the context).
 - End to end: N trivial tasks (one Redis INCR each) published under a request context and run by
   a real ``celery worker`` (prefork, 2 processes), once with threadline installed on both ends and
-  once without, in interleaved rounds (the order alternates); throughput ratio of the medians.
+  once without, in interleaved rounds (the order alternates); throughput ratio of the medians, and
+  the CPU time the worker's processes spent per task (less sensitive to a busy machine).
 - The size of a typical header (user actor, correlation id, request id; with and without a
   signature).
 
@@ -268,9 +269,22 @@ class BenchWorker:
         if self.installed:
             tc.uninstall(self.app)
 
-    def run(self, counter: redis.Redis, n: int, timeout: float = 120) -> float:
-        """Tasks per second for n tasks, from the first publish to the last one done."""
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the worker's processes (its process group: main and pool)."""
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == self.proc.pid:  # process group id
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def run(self, counter: redis.Redis, n: int, timeout: float = 120) -> tuple[float, float]:
+        """(tasks per second from the first publish to the last one done, worker CPU µs per task)."""
         key = f"threadline-bench-{uuid.uuid4().hex}"
+        cpu = self.cpu_seconds()
         start = time.perf_counter()
         with use_context(request_context()):
             for _ in range(n):
@@ -281,10 +295,14 @@ class BenchWorker:
             time.sleep(0.002)
         elapsed = time.perf_counter() - start
         counter.delete(key)
-        return n / elapsed
+        time.sleep(0.1)  # let the last acknowledgements be counted
+        return n / elapsed, (self.cpu_seconds() - cpu) / n * 1e6
 
 
-def end_to_end() -> tuple[list[float], list[float]]:
+Rounds = tuple[list[float], list[float], list[float], list[float]]
+
+
+def end_to_end() -> Rounds:
     counter = redis.Redis.from_url(REDIS_URL)
     counter.ping()
     with tempfile.TemporaryDirectory() as tmp:
@@ -294,11 +312,15 @@ def end_to_end() -> tuple[list[float], list[float]]:
                 worker.run(counter, 200)
             with_tl: list[float] = []
             without: list[float] = []
+            cpu_with: list[float] = []
+            cpu_without: list[float] = []
             for i in range(ROUNDS):
                 order = (on, off) if i % 2 == 0 else (off, on)
                 for worker in order:
-                    (with_tl if worker is on else without).append(worker.run(counter, TASKS))
-            return with_tl, without
+                    rate, cpu = worker.run(counter, TASKS)
+                    (with_tl if worker is on else without).append(rate)
+                    (cpu_with if worker is on else cpu_without).append(cpu)
+            return with_tl, without, cpu_with, cpu_without
         finally:
             on.stop()
             off.stop()
@@ -322,15 +344,23 @@ def main() -> None:
     sizes = header_sizes()
     print("\n### Typical header (user actor, correlation id and request id as UUIDs)\n")
     print(f"{sizes['unsigned']} bytes unsigned, {sizes['signed']} bytes signed.\n")
-    with_tl, without = end_to_end()
+    with_tl, without, cpu_with, cpu_without = end_to_end()
     ratio = statistics.median(with_tl) / statistics.median(without)
     print(
         f"### End to end ({TASKS} trivial tasks per round, {ROUNDS} interleaved rounds, "
         "prefork worker with 2 processes)\n"
     )
-    print("| | tasks/s (median) | rounds |\n|---|---:|---|")
-    print(f"| without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |")
-    print(f"| with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |")
+    print("| | median | rounds |\n|---|---:|---|")
+    print(f"| tasks/s without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |")
+    print(f"| tasks/s with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |")
+    print(
+        f"| worker CPU µs per task, without | {statistics.median(cpu_without):.0f} | "
+        f"{', '.join(f'{x:.0f}' for x in cpu_without)} |"
+    )
+    print(
+        f"| worker CPU µs per task, with | {statistics.median(cpu_with):.0f} | "
+        f"{', '.join(f'{x:.0f}' for x in cpu_with)} |"
+    )
     print(f"\nThroughput ratio with / without: **{ratio:.3f}**")
 
 
