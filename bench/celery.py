@@ -75,7 +75,7 @@ def added_us(with_tl: Callable[[], None], without: Callable[[], None], n: int, r
     diffs, with_times, without_times = [], [], []
     for i in range(rounds):
         timings = {}
-        for arm in ((with_tl, without) if i % 2 == 0 else (without, with_tl)):
+        for arm in (with_tl, without) if i % 2 == 0 else (without, with_tl):
             start = time.process_time()  # CPU time of this process: neighbours on the machine weigh less
             arm()
             timings[arm] = (time.process_time() - start) / n * 1e6
@@ -164,7 +164,9 @@ def _noop_receiver(**_: Any) -> None:
 def _run_signals(task: Any, n: int) -> None:
     for _ in range(n):
         signals.task_prerun.send(sender=task, task_id="x", task=task, args=(), kwargs={})
-        signals.task_postrun.send(sender=task, task_id="x", task=task, args=(), kwargs={}, retval=None, state="SUCCESS")
+        signals.task_postrun.send(
+            sender=task, task_id="x", task=task, args=(), kwargs={}, retval=None, state="SUCCESS"
+        )
 
 
 @contextmanager
@@ -333,12 +335,21 @@ def main() -> None:
     print(f"## Celery propagation (Python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"Broker {BROKER_URL.split('@')[-1]}; machine load average at start {load}.\n")
-    print("### Handler cost in process (CPU µs per call, threadline minus no threadline, 15 interleaved rounds)\n")
+    print(
+        "### Handler cost in process (CPU µs per call, threadline minus no threadline, 15 interleaved rounds)\n"
+    )
     print("| path | median µs | best µs |\n|---|---:|---:|")
     rows = [(f"publish, {label}", cost) for label, cost in publish_costs(None).items()]
     rows += [(f"signed publish, {label}", cost) for label, cost in publish_costs([KEY]).items()]
-    rows += [(f"task run (prerun + postrun receivers), {label}", cost) for label, cost in task_costs().items()]
-    rows.append(("Celery's own dispatch of prerun + postrun to one receiver (any library pays it)", signal_dispatch_cost()))
+    rows += [
+        (f"task run (prerun + postrun receivers), {label}", cost) for label, cost in task_costs().items()
+    ]
+    rows.append(
+        (
+            "Celery's own dispatch of prerun + postrun to one receiver (any library pays it)",
+            signal_dispatch_cost(),
+        )
+    )
     for label, (median, best) in rows:
         print(f"| {label} | {median:.1f} | {best:.1f} |")
     sizes = header_sizes()
@@ -351,8 +362,12 @@ def main() -> None:
         "prefork worker with 2 processes)\n"
     )
     print("| | median | rounds |\n|---|---:|---|")
-    print(f"| tasks/s without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |")
-    print(f"| tasks/s with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |")
+    print(
+        f"| tasks/s without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |"
+    )
+    print(
+        f"| tasks/s with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |"
+    )
     print(
         f"| worker CPU µs per task, without | {statistics.median(cpu_without):.0f} | "
         f"{', '.join(f'{x:.0f}' for x in cpu_without)} |"

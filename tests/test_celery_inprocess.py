@@ -69,7 +69,9 @@ def memory_app() -> Iterator[Celery]:
 
 
 def web() -> threadline.context:
-    return threadline.context(actor=ActorRef.user("7"), correlation_id="corr-eager", request_id="req-eager", origin="web")
+    return threadline.context(
+        actor=ActorRef.user("7"), correlation_id="corr-eager", request_id="req-eager", origin="web"
+    )
 
 
 def published_headers(app: Celery) -> dict[str, Any]:
@@ -93,7 +95,11 @@ def test_always_eager_keeps_the_callers_context_untouched(eager: Celery, celery_
     assert seen == caller.to_dict()
     rows = wait_rows(celery_dsn, p, 5, timeout=2)
     for row in rows.values():
-        assert (row["actor"], row["correlation_id"], row["origin"]) == ({"type": "user", "id": "7"}, "corr-eager", "web")
+        assert (row["actor"], row["correlation_id"], row["origin"]) == (
+            {"type": "user", "id": "7"},
+            "corr-eager",
+            "web",
+        )
 
 
 def test_task_apply_without_header_keeps_context_and_with_header_restores_it(eager: Celery) -> None:
@@ -101,10 +107,16 @@ def test_task_apply_without_header_keeps_context_and_with_header_restores_it(eag
         assert tasks.show_context.apply(("x",)).get() == caller.to_dict()
         header = eager.tasks[tasks.NAME + "show_context"]  # any task will do
         sent = AuditContext(actor=ActorRef.user("9"), correlation_id="from-header", request_id="r9")
-        restored = header.apply(("x",), headers=threadline.inject({}, sent)).get()  # JSON text is accepted too
+        restored = header.apply(
+            ("x",), headers=threadline.inject({}, sent)
+        ).get()  # JSON text is accepted too
         assert threadline.current() is caller  # reset with the token, not wiped
     assert restored["actor"] == {"type": "user", "id": "9"}
-    assert (restored["correlation_id"], restored["causation_id"], restored["origin"]) == ("from-header", "r9", "celery")
+    assert (restored["correlation_id"], restored["causation_id"], restored["origin"]) == (
+        "from-header",
+        "r9",
+        "celery",
+    )
     assert restored["job"]["name"] == tasks.NAME + "show_context"
     with threadline.context(actor="user:1"):
         bad = tasks.show_context.apply(("x",), headers={"threadline": "garbage"}).get()
@@ -129,7 +141,11 @@ def test_eager_without_any_context(eager: Celery) -> None:
 
 def _receivers(app: Celery) -> int:
     inst = tc._installations.get(app)
-    uids = {tc._uid(s, inst) for s in (signals.before_task_publish, signals.task_prerun, signals.task_postrun)} if inst else set()
+    uids = (
+        {tc._uid(s, inst) for s in (signals.before_task_publish, signals.task_prerun, signals.task_postrun)}
+        if inst
+        else set()
+    )
     count = 0
     for signal in (signals.before_task_publish, signals.task_prerun, signals.task_postrun):
         count += sum(1 for (lookup, _), *_ in signal.receivers if lookup in uids)
@@ -138,7 +154,9 @@ def _receivers(app: Celery) -> int:
 
 def test_install_is_idempotent_and_uninstall_undoes_exactly_it() -> None:
     app = Celery("idem", broker="memory://", set_as_current=False)
-    before = [len(s.receivers) for s in (signals.before_task_publish, signals.task_prerun, signals.task_postrun)]
+    before = [
+        len(s.receivers) for s in (signals.before_task_publish, signals.task_prerun, signals.task_postrun)
+    ]
     original = app.send_task
     assert threadline.celery.install(app) is app
     threadline.celery.install(app)
@@ -157,7 +175,9 @@ def test_install_is_idempotent_and_uninstall_undoes_exactly_it() -> None:
     assert threadline.celery.uninstall(app) is False
     assert not threadline.celery.installed(app) and "send_task" not in app.__dict__
     assert app.send_task == original
-    after = [len(s.receivers) for s in (signals.before_task_publish, signals.task_prerun, signals.task_postrun)]
+    after = [
+        len(s.receivers) for s in (signals.before_task_publish, signals.task_prerun, signals.task_postrun)
+    ]
     assert after == before
 
 
@@ -199,7 +219,9 @@ def test_task_decorator_forms() -> None:
     def shared() -> None: ...
 
     assert threadline.celery.installed(app)  # the decorator installed it
-    assert isinstance(one, threadline.celery.Task) and one.threadline_default_actor == ActorRef.system("nightly")
+    assert isinstance(one, threadline.celery.Task) and one.threadline_default_actor == ActorRef.system(
+        "nightly"
+    )
     assert isinstance(two, threadline.celery.Task) and two.custom
     assert isinstance(app.tasks[shared.name], threadline.celery.Task)
     with pytest.raises(TypeError):
@@ -243,7 +265,9 @@ def test_typical_header_is_small(memory_app: Celery) -> None:
     assert len(codec.dumps(signed).encode()) < 400
 
 
-def test_a_context_that_cannot_be_encoded_raises_in_the_caller(memory_app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_context_that_cannot_be_encoded_raises_in_the_caller(
+    memory_app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
     threadline.celery.install(memory_app, max_header_bytes=512)
     big = {"note": "x" * 600}
     with threadline.context(actor="user:1", meta=big):
@@ -255,7 +279,10 @@ def test_a_context_that_cannot_be_encoded_raises_in_the_caller(memory_app: Celer
             chain(tasks.record.si("a"), tasks.record.si("b")).delay()
         # a publish that bypasses send_task cannot raise here: it carries an error marker instead
         message = memory_app.amqp.create_task_message(str(uuid.uuid4()), tasks.NAME + "record", ["x"], {})
-        with caplog.at_level(logging.ERROR, "threadline.celery"), memory_app.producer_or_acquire() as producer:
+        with (
+            caplog.at_level(logging.ERROR, "threadline.celery"),
+            memory_app.producer_or_acquire() as producer,
+        ):
             memory_app.amqp.send_task_message(producer, tasks.NAME + "record", message)
     assert "published without its audit context" in caplog.text
     marker = published_headers(memory_app)["threadline"]
@@ -277,7 +304,13 @@ def test_decode_wire_accepts_dict_text_and_bytes() -> None:
     deep: Any = 1
     for _ in range(100_000):
         deep = [deep]
-    for raw in ('{"v":1,"meta":{"x":NaN}}', b"\xff", {"v": 1, "meta": {"x": deep}}, {"v": 1, 2: "x"}, {"v": True}):
+    for raw in (
+        '{"v":1,"meta":{"x":NaN}}',
+        b"\xff",
+        {"v": 1, "meta": {"x": deep}},
+        {"v": 1, 2: "x"},
+        {"v": True},
+    ):
         with pytest.raises(InvalidContext):
             carrier.decode_wire(raw)
 
@@ -293,7 +326,10 @@ def test_signatures_rotate_and_detect_tampering() -> None:
     assert not codec.verify("text", "sha1:abc", keys)
     exc = UntrustedContext("header is not signed")
     copy = pickle.loads(pickle.dumps(exc))
-    assert isinstance(copy, UntrustedContext) and str(copy) == str(exc) == "untrusted audit context: header is not signed"
+    assert (
+        isinstance(copy, UntrustedContext)
+        and str(copy) == str(exc) == "untrusted audit context: header is not signed"
+    )
 
 
 # -- inject / extract ------------------------------------------------------------------------------
@@ -301,12 +337,16 @@ def test_signatures_rotate_and_detect_tampering() -> None:
 
 def test_inject_and_extract_round_trip_for_other_transports() -> None:
     message_headers: dict[str, str] = {}
-    ctx = AuditContext(actor=ActorRef.user("5"), correlation_id="c-5", request_id="r-5", origin="web", job={"id": "x"})
+    ctx = AuditContext(
+        actor=ActorRef.user("5"), correlation_id="c-5", request_id="r-5", origin="web", job={"id": "x"}
+    )
     threadline.inject(message_headers, ctx)
     assert set(message_headers) == {"threadline"}
     received = threadline.extract(message_headers)
     # origin and job stay behind; the sender (its job, else its request) is the cause
-    assert received == AuditContext(actor=ActorRef.user("5"), correlation_id="c-5", request_id="r-5", causation_id="x")
+    assert received == AuditContext(
+        actor=ActorRef.user("5"), correlation_id="c-5", request_id="r-5", causation_id="x"
+    )
     with threadline.context(actor="user:6", request_id="r-6"):
         assert threadline.extract(threadline.inject({})) == AuditContext(
             actor=ActorRef.user("6"), request_id="r-6", causation_id="r-6"

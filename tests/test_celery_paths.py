@@ -58,7 +58,9 @@ def celery_dsn(database: str) -> Iterator[str]:
     params=[("redis", "prefork"), ("redis", "threads"), ("amqp", "prefork"), ("amqp", "threads")],
     ids=lambda p: "-".join(p),
 )
-def env(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(
+    request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
     broker, pool = request.param
     worker = Worker(broker, pool, celery_dsn, Path(tmp_path_factory.mktemp("celery"))).start()
     app = worker.app()
@@ -74,7 +76,9 @@ def env(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytes
 def web() -> Iterator[threadline.AuditContext]:
     """The context of a web request that enqueues work."""
     req = f"req-{uuid.uuid4().hex[:8]}"
-    with threadline.context(actor=ActorRef.user("7"), correlation_id=f"corr-{req}", request_id=req, origin="web") as ctx:
+    with threadline.context(
+        actor=ActorRef.user("7"), correlation_id=f"corr-{req}", request_id=req, origin="web"
+    ) as ctx:
         yield ctx
     assert threadline.current().is_empty
 
@@ -98,7 +102,13 @@ def assert_inherited(row: dict[str, Any], web: threadline.AuditContext, *, causa
 
 
 def assert_root_job(row: dict[str, Any], name: str, task_id: str) -> None:
-    assert job(row) == {"name": tasks.NAME + name, "id": task_id, "retries": 0, "parent_id": None, "root_id": task_id}
+    assert job(row) == {
+        "name": tasks.NAME + name,
+        "id": task_id,
+        "retries": 0,
+        "parent_id": None,
+        "root_id": task_id,
+    }
 
 
 # -- publishing paths ------------------------------------------------------------------------------
@@ -156,7 +166,9 @@ def test_group(env: Env, web: threadline.AuditContext) -> None:
 
 def test_chord_header_and_callback(env: Env, web: threadline.AuditContext) -> None:
     p = env.prefix()
-    result = chord([tasks.record.si(f"{p}-h{i}") for i in range(3)], tasks.record_many.s(label=f"{p}-callback")).delay()
+    result = chord(
+        [tasks.record.si(f"{p}-h{i}") for i in range(3)], tasks.record_many.s(label=f"{p}-callback")
+    ).delay()
     assert result.get(timeout=30) == f"{p}-callback"
     rows = env.rows(p, 4)
     header_ids = {job(rows[f"{p}-h{i}"])["id"] for i in range(3)}
@@ -304,7 +316,10 @@ def test_malformed_headers_never_crash_and_mark_the_transaction(env: Env) -> Non
     bad = dict(BAD_HEADERS)
     if env.worker.broker_name == "redis":
         bad["one-megabyte"] = "x" * 1_000_000  # RabbitMQ refuses header frames that large
-    ids = {name: env.worker.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": value}) for name, value in bad.items()}
+    ids = {
+        name: env.worker.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": value})
+        for name, value in bad.items()
+    }
     rows = env.rows(p, len(bad))
     log = env.worker.log()
     for name, task_id in ids.items():
@@ -312,7 +327,9 @@ def test_malformed_headers_never_crash_and_mark_the_transaction(env: Env) -> Non
         assert row["actor"] is None, row  # never a wrong actor, not even the default one
         assert row["context_error"].startswith("incoming: "), row
         assert (row["correlation_id"], row["origin"], job(row)["id"]) == (task_id, "celery", task_id), row
-        warnings = [line for line in log.splitlines() if task_id in line and "invalid incoming audit context" in line]
+        warnings = [
+            line for line in log.splitlines() if task_id in line and "invalid incoming audit context" in line
+        ]
         assert len(warnings) == 1, (name, warnings)
     assert rows[f"{p}-not-json"]["context_error"] == "incoming: header is not valid JSON"
     assert "unsupported version 99" in rows[f"{p}-unknown-version"]["context_error"]

@@ -36,9 +36,13 @@ def celery_dsn(database: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module", params=[("redis", "prefork"), ("amqp", "threads")], ids=lambda p: "-".join(p))
-def signed(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def signed(
+    request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
     broker, pool = request.param
-    worker = Worker(broker, pool, celery_dsn, Path(tmp_path_factory.mktemp("celery")), signing_keys=[NEW_KEY, OLD_KEY])
+    worker = Worker(
+        broker, pool, celery_dsn, Path(tmp_path_factory.mktemp("celery")), signing_keys=[NEW_KEY, OLD_KEY]
+    )
     worker.start()
     try:
         yield worker
@@ -93,7 +97,9 @@ def test_key_rotation_old_key_still_verifies(signed: Worker, celery_dsn: str) ->
     p = f"rotation-{uuid.uuid4().hex[:8]}"
     with threadline.context(actor=ActorRef.user("7"), correlation_id=p):
         tasks.record.delay(f"{p}-celery")
-    signed.publish_raw(tasks.NAME + "record", [f"{p}-kombu"], {"threadline": forged({**ADMIN, "correlation_id": p}, OLD_KEY)})
+    signed.publish_raw(
+        tasks.NAME + "record", [f"{p}-kombu"], {"threadline": forged({**ADMIN, "correlation_id": p}, OLD_KEY)}
+    )
     rows = wait_rows(celery_dsn, p, 2, worker=signed)
     assert rows[f"{p}-celery"]["actor"] == USER and rows[f"{p}-celery"]["context_error"] is None
     assert rows[f"{p}-kombu"]["actor"] == ADMIN["actor"] and rows[f"{p}-kombu"]["context_error"] is None
@@ -109,7 +115,10 @@ def test_forged_headers_are_stripped_marked_and_logged(signed: Worker, celery_ds
         "tampered": {**good, "actor": {"type": "admin", "id": "2"}},
         "bad-sig-type": {**ADMIN, "sig": 12345},
     }
-    ids = {name: signed.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": h}) for name, h in headers.items()}
+    ids = {
+        name: signed.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": h})
+        for name, h in headers.items()
+    }
     rows = wait_rows(celery_dsn, p, len(headers), worker=signed)
     log = signed.log()
     for name, task_id in ids.items():
@@ -117,7 +126,10 @@ def test_forged_headers_are_stripped_marked_and_logged(signed: Worker, celery_ds
         assert row["actor"] is None, row  # never the forged admin
         assert row["correlation_id"] == task_id, row  # nor its correlation id
         assert row["context_error"].startswith("incoming: header "), row
-        assert sum(task_id in line and "invalid incoming audit context" in line for line in log.splitlines()) == 1
+        assert (
+            sum(task_id in line and "invalid incoming audit context" in line for line in log.splitlines())
+            == 1
+        )
     assert rows[f"{p}-unsigned"]["context_error"] == "incoming: header is not signed"
     assert "matches none of the signing keys" in rows[f"{p}-tampered"]["context_error"]
 

@@ -32,7 +32,9 @@ def celery_dsn(database: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module", params=["redis", "amqp"])
-def solo(request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def solo(
+    request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
     worker = Worker(request.param, "solo", celery_dsn, Path(tmp_path_factory.mktemp("celery")), concurrency=1)
     worker.start()
     app = worker.app()

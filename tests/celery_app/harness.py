@@ -127,7 +127,9 @@ class Worker:
         self.extra.append(proc)
         return proc
 
-    def _spawn(self, args: list[str], log: Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, args: list[str], log: Path, env_extra: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             return subprocess.Popen(
                 args,

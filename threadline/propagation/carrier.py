@@ -120,7 +120,9 @@ def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> 
     return body
 
 
-def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+def decode_wire(
+    raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = DEFAULT_MAX_BYTES
+) -> dict[str, Any]:
     """Validate a received header value and return the fields it carries.
 
     ``raw`` may be the dict itself or its JSON text (``str`` or ``bytes``). The result maps field
@@ -152,7 +154,11 @@ def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = D
         error = data[ERROR_FIELD]
         detail = error[:160] if isinstance(error, str) else "no reason given"
         raise InvalidContext("header", f"was not encoded by its publisher ({detail})")
-    body = {key: value for key, value in data.items() if key != SIGNATURE_FIELD} if SIGNATURE_FIELD in data else data
+    body = (
+        {key: value for key, value in data.items() if key != SIGNATURE_FIELD}
+        if SIGNATURE_FIELD in data
+        else data
+    )
     if keys:
         try:
             text = codec.dumps(body)
@@ -168,7 +174,9 @@ def decode_wire(raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = D
             raise UntrustedContext("header has a signature that matches none of the signing keys")
     version = body.get("v")
     if version != codec.VERSION or isinstance(version, bool):
-        raise InvalidContext("v", f"unsupported version {version!r}; this release reads version {codec.VERSION}")
+        raise InvalidContext(
+            "v", f"unsupported version {version!r}; this release reads version {codec.VERSION}"
+        )
     if not _CARRIED.issuperset(body):
         names = sorted(str(name)[:40] for name in set(body) - _CARRIED)[:3]
         raise InvalidContext("header", f"has fields that are not carried: {names}")

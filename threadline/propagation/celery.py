@@ -288,7 +288,12 @@ def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
     except InvalidContext as exc:
         # Only reachable when the message bypassed the app's send_task: never publish silently
         # without the context, mark it so the worker records why.
-        logger.error("task %s[%s] is published without its audit context: %s", headers.get("task"), headers.get("id"), exc)
+        logger.error(
+            "task %s[%s] is published without its audit context: %s",
+            headers.get("task"),
+            headers.get("id"),
+            exc,
+        )
         headers[HEADER] = {"v": codec.VERSION, carrier.ERROR_FIELD: _short(str(exc))}
 
 
@@ -343,13 +348,19 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
         fields = carrier.decode_wire(raw, keys=inst.keys, max_bytes=inst.max_header_bytes)
     except InvalidContext as exc:
         reason = _short(
-            f"header {exc.problem}" if exc.field == "header" else exc.problem if exc.field == "sig" else str(exc)
+            f"header {exc.problem}"
+            if exc.field == "header"
+            else exc.problem
+            if exc.field == "sig"
+            else str(exc)
         )
         policy = getattr(task, "threadline_signature_policy", None) or inst.policy
         if isinstance(exc, UntrustedContext) and policy == "reject":
             if isinstance(task, Task):
                 setattr(request, _REJECTED_ATTR, reason)
-                logger.warning("task %s[%s] refused: %s (signature policy 'reject')", task.name, task_id, reason)
+                logger.warning(
+                    "task %s[%s] refused: %s (signature policy 'reject')", task.name, task_id, reason
+                )
             else:
                 logger.error(
                     "task %s[%s]: %s; signature policy 'reject' needs tasks built on threadline.celery.Task, "
