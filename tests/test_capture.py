@@ -163,8 +163,13 @@ def test_malformed_context_never_blocks_the_write_and_is_recorded_invalid(
 def test_longest_allowed_values_are_accepted(conn: Conn, posts: str) -> None:
     longest = "é" * 256  # characters, not bytes
     raw = (
-        '{"v":1,"actor":{"type":"a' + "b" * 31 + '","id":"' + longest + '"},"correlation_id":"'
-        + longest + '","job":{},"meta":{"k":[1]}}'
+        '{"v":1,"actor":{"type":"a'
+        + "b" * 31
+        + '","id":"'
+        + longest
+        + '"},"correlation_id":"'
+        + longest
+        + '","job":{},"meta":{"k":[1]}}'
     )
     with conn.transaction():
         conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
@@ -178,17 +183,30 @@ def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, post
     with threadline.context(actor="user:victim"), threadline.transaction(conn):
         conn.execute("INSERT INTO app.posts (id) VALUES (1)")
     (victim,) = transactions(conn)
-    # the cache holds "id/xid": a bare id, or one naming the victim's own (finished) transaction,
-    # is not trusted
-    for n, forged in enumerate([str(victim["id"]), f"{victim['id']}/{victim['xid']}"], start=2):
+    # the cache holds "<id>/<xid>" and is checked against the row: a bare id, the victim's own
+    # (finished) xid, the victim's id with this transaction's xid, a row that does not exist and
+    # garbage all give this transaction a row of its own
+    forgeries = [
+        f"'{victim['id']}'",
+        f"'{victim['id']}/{victim['xid']}'",
+        f"'{victim['id']}/' || pg_current_xact_id()",
+        "'999999/' || pg_current_xact_id()",
+        "'12x/' || pg_current_xact_id()",
+        "'99999999999999999999999/' || pg_current_xact_id()",
+    ]
+    for n, forged in enumerate(forgeries, start=2):
         with conn.transaction():
-            conn.execute("SELECT set_config('threadline.tx_threadline', %s, true)", [forged])
+            conn.execute(f"SELECT set_config('threadline.tx_threadline', {forged}, true)")
             conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [n])
             conn.execute("UPDATE app.posts SET title = 'x' WHERE id = %s", [n])
     rows = changes(conn)
-    assert len(rows) == 5 and len(transactions(conn)) == 3
+    assert len(rows) == 1 + 2 * len(forgeries) and len(transactions(conn)) == 1 + len(forgeries)
     for row in rows[1:]:
         assert row["transaction_id"] != victim["id"] and row["actor"] is None
+    pairs = {}
+    for row in rows[1:]:
+        pairs.setdefault(row["transaction_id"], []).append(row["op"])
+    assert sorted(pairs.values()) == [["insert", "update"]] * len(forgeries)
 
 
 def test_composite_keys_and_primary_key_changes(conn: Conn) -> None:
@@ -358,3 +376,25 @@ def test_install_upgrades_an_older_schema_in_place_keeping_its_rows(conn: Conn) 
         assert not ddl.install(conn, "audit_up").changed
     finally:
         conn.execute("DROP SCHEMA audit_up CASCADE")
+
+
+def test_capture_functions_of_older_versions_keep_one_row_per_transaction(conn: Conn) -> None:
+    # versions 2 and 3 generated functions that call current_transaction_id() in every statement
+    conn.execute("CREATE TABLE app.old (id int PRIMARY KEY)")
+    conn.execute(
+        """
+        CREATE FUNCTION app.old_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk)
+          SELECT (SELECT threadline.current_transaction_id()), 'app', 'old', 'insert', jsonb_build_object('id', n.id)
+            FROM new_rows n;
+          RETURN NULL;
+        END $$;
+        CREATE TRIGGER old_capture AFTER INSERT ON app.old REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION app.old_capture();
+        """
+    )
+    with threadline.context(actor="user:1"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.old VALUES (1)")
+        conn.execute("INSERT INTO app.old VALUES (2)")
+    assert len(transactions(conn)) == 1 and len({r["transaction_id"] for r in changes(conn)}) == 1

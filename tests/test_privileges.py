@@ -140,7 +140,7 @@ def test_capture_ignores_the_callers_search_path(
     assert definer == (True, True)
     inlinable = conn.execute(
         "SELECT bool_or(prosecdef OR proconfig IS NOT NULL) FROM pg_proc"
-        " WHERE pronamespace = 'threadline'::regnamespace AND proname IN ('decode_context', 'current_transaction_id')"
+        " WHERE pronamespace = 'threadline'::regnamespace AND proname IN ('decode_context', 'cached_transaction_id', 'current_transaction_id')"
     ).fetchone()
     assert inlinable == (False,)
 
@@ -174,3 +174,48 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         ("schema_version", "SELECT"),
         ("transactions", "SELECT"),
     ]
+
+
+def test_app_defined_functions_never_run_inside_capture(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    # the application owns a schema, an enum type in it, and a tracked table using that type;
+    # it then plants a better-matching overload of a function the capture code calls
+    ident = sql.Identifier(app_role)
+    conn.execute(sql.SQL("CREATE SCHEMA appowned AUTHORIZATION {}").format(ident))
+    try:
+        app.execute("CREATE TYPE appowned.mood AS ENUM ('ok', 'sad')")
+        app.execute("CREATE TABLE appowned.tt (id int PRIMARY KEY, m appowned.mood, n int)")
+        ddl.track(conn, "appowned.tt")
+        config = conn.execute(
+            "SELECT p.proconfig FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE t.tgrelid = 'appowned.tt'::regclass LIMIT 1"
+        ).fetchone()
+        assert config == (["search_path=pg_catalog, pg_temp"],)
+        app.execute(
+            "CREATE FUNCTION appowned.jsonb_build_object(text, integer) RETURNS jsonb LANGUAGE sql"
+            " AS $$ DELETE FROM threadline.changes RETURNING '{}'::jsonb $$"
+        )
+        app.execute(
+            "CREATE FUNCTION appowned.to_jsonb(appowned.tt) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$"
+        )
+        with threadline.context(actor="user:1"), threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id, title) VALUES (1, 'kept')")
+        with threadline.context(actor="user:1"), threadline.transaction(app):
+            app.execute("INSERT INTO appowned.tt VALUES (1, 'ok', 1)")
+            app.execute("UPDATE appowned.tt SET m = 'sad'")
+        rows = changes(conn)
+        assert [(r["table_name"], r["op"]) for r in rows] == [
+            ("posts", "insert"),
+            ("tt", "insert"),
+            ("tt", "update"),
+        ]
+        assert rows[1]["pk"] == {"id": 1} and rows[1]["after"] == {"id": 1, "m": "ok", "n": 1}
+        assert rows[2]["changed_fields"] == ["m"] and rows[2]["before"] == {"m": "ok"}
+    finally:
+        conn.execute("DROP SCHEMA appowned CASCADE")
+
+
+def test_app_role_cannot_create_transaction_rows_directly(app: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute("SELECT threadline.transaction_id()")

@@ -20,7 +20,7 @@ from threadline.ddl.names import (
 )
 from threadline.errors import PrivilegeError, SchemaError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the audit schema this release installs."""
 
 _SCRIPT = """\
@@ -170,17 +170,36 @@ LANGUAGE sql IMMUTABLE AS $fn$
             END AS err OFFSET 0) AS s
 $fn$;
 
--- Create the transactions row of the current database transaction, reading the context setting
--- once, and cache "id/xid" in a transaction-local setting for the capture functions.
--- Runs as the schema's owner (SECURITY DEFINER, pinned search_path; every name is qualified), so
--- an application role that may not write the audit tables still gets its transactions recorded.
+-- The id cached by this transaction's first capture, parsed from "<id>/<xid>", or NULL when the
+-- setting is unset, malformed or names another transaction's xid. Never raises. The capture code
+-- still checks the row (id and xid) before using it, so a value set by hand cannot attach changes
+-- to another transaction's row or to none.
+CREATE OR REPLACE FUNCTION {schema}.cached_transaction_id() RETURNS bigint
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT CASE WHEN split_part(current_setting({tx_setting}, true), '/', 2) = pg_current_xact_id()::text
+                 AND split_part(current_setting({tx_setting}, true), '/', 1) ~ '^[0-9]+$'
+                 AND length(split_part(current_setting({tx_setting}, true), '/', 1)) <= 18
+                THEN split_part(current_setting({tx_setting}, true), '/', 1)::bigint END
+$fn$;
+
+-- The transactions row of the current database transaction, created on first use: the context
+-- setting is read once per transaction, and "<id>/<xid>" is cached in a transaction-local
+-- setting for the statements that follow. Runs as the schema's owner (SECURITY DEFINER, pinned
+-- search_path; every name is qualified), so an application role that may not write the audit
+-- tables still gets its transactions recorded.
 CREATE OR REPLACE FUNCTION {schema}.transaction_id() RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    raw text := coalesce(current_setting({context_setting}, true), '');
+    raw text;
     p record;
     new_id bigint;
 BEGIN
+    SELECT t.id INTO new_id FROM {schema}.transactions AS t
+     WHERE t.id = {schema}.cached_transaction_id() AND t.xid = pg_current_xact_id();
+    IF FOUND THEN
+        RETURN new_id;
+    END IF;
+    raw := coalesce(current_setting({context_setting}, true), '');
     SELECT * INTO p FROM {schema}.parse_context(raw);
     INSERT INTO {schema}.transactions
         (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
@@ -193,16 +212,12 @@ BEGIN
     RETURN new_id;
 END
 $fn$;
+REVOKE EXECUTE ON FUNCTION {schema}.transaction_id() FROM PUBLIC;
 
--- The transactions row id of the current database transaction, created on first use. The
--- cache names its own transaction's xid, so a value left over or set by hand for another
--- transaction is never trusted. Inlined into the capture functions' statements.
+-- Capture functions of versions 2 and 3 call this name.
 CREATE OR REPLACE FUNCTION {schema}.current_transaction_id() RETURNS bigint
 LANGUAGE sql VOLATILE AS $fn$
-    SELECT CASE WHEN split_part(current_setting({tx_setting}, true), '/', 2)
-                     = pg_current_xact_id()::text
-                THEN split_part(current_setting({tx_setting}, true), '/', 1)::bigint
-                ELSE {schema}.transaction_id() END
+    SELECT {schema}.transaction_id()
 $fn$;
 
 -- At commit: if the context was changed after the transaction row was written, the last value
@@ -230,7 +245,7 @@ $fn$;
 CREATE OR REPLACE FUNCTION {schema}.link_action(action bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    tx bigint := {schema}.current_transaction_id();
+    tx bigint := {schema}.transaction_id();
 BEGIN
     UPDATE {schema}.transactions SET action_id = action WHERE id = tx AND action_id IS NULL;
     RETURN tx;

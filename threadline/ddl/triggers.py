@@ -5,8 +5,8 @@ tracked columns, exclusions and masks baked in, and four ``AFTER ... FOR EACH ST
 triggers (insert, update, delete with transition tables; truncate): one ``INSERT ... SELECT``
 captures every row a statement changed. Update rows are paired by their position in the
 transition tables, so updates that change the primary key are captured correctly. The
-transaction row's id comes from a transaction-local cache (see ``current_transaction_id()`` in
-the audit schema), so a statement after the first costs no lookup. The generated SQL is
+transaction row's id comes from a transaction-local cache checked against the row's xid (see
+``_TRANSACTION_ID``), so a statement after the first costs one primary-key lookup. The generated SQL is
 deterministic and carries a fingerprint of what it was generated from, so a table whose columns
 changed since can be found (:func:`tracked_tables`).
 """
@@ -36,7 +36,7 @@ from threadline.errors import (
     UnknownTable,
 )
 
-CAPTURE_VERSION = 3
+CAPTURE_VERSION = 5
 """Version of the generated capture code; part of every fingerprint."""
 
 MASK_PLACEHOLDER = "[masked]"
@@ -340,7 +340,9 @@ def _distinct(plan_col: Column, negate: bool = False) -> sql.Composable:
     """``old.c IS [NOT] DISTINCT FROM new.c`` (compared as text for types without equality)."""
     op = sql.SQL("IS NOT DISTINCT FROM" if negate else "IS DISTINCT FROM")
     old, new = _col(_OLD_ROW, plan_col.name), _col(_NEW_ROW, plan_col.name)
-    if not plan_col.comparable:
+    if not plan_col.comparable or plan_col.type_schema != "pg_catalog":
+        # types without equality, and types whose operators live outside pg_catalog (see
+        # _PINNED_SEARCH_PATH), are compared by their text form
         old = sql.SQL("{}::text").format(old)
         new = sql.SQL("{}::text").format(new)
     return sql.SQL("{} {} {}").format(old, op, new)
@@ -391,7 +393,7 @@ def _update_select(plan: CapturePlan) -> sql.Composable:
         )
     side = "SELECT row_number() OVER () AS {rn}, {row}.* FROM {tbl} AS {row}"
     return sql.SQL(
-        "    SELECT (SELECT {audit}.current_transaction_id()), {s}, {t}, 'update',\n"
+        "    SELECT " + _TRANSACTION_ID + ", {s}, {t}, 'update',\n"
         "           {pk}, {after}, {before}, {changed}\n"
         "      FROM (" + side + ") AS {old}\n"
         "      JOIN (" + side.replace("{tbl}", "{tbl2}") + ") AS {new} ON {old}.{rn} = {new}.{rn}\n"
@@ -419,7 +421,7 @@ def _function_body(plan: CapturePlan) -> str:
     columns = "INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op, pk, {cols})\n"
     # The scalar subquery runs once per statement, and only when the statement changed a row.
     from_transition = (
-        columns + "    SELECT (SELECT {audit}.current_transaction_id()), {s}, {t}, {op}, {pk}, {image}\n"
+        columns + "    SELECT " + _TRANSACTION_ID + ", {s}, {t}, {op}, {pk}, {image}\n"
         "      FROM {table} AS {alias};\n"
     )
     where = {"audit": audit, "s": _lit(plan.table_schema), "t": _lit(plan.table_name)}
@@ -434,7 +436,7 @@ def _function_body(plan: CapturePlan) -> str:
         "    {dele}"
         "  ELSIF TG_OP = 'TRUNCATE' THEN\n"
         "    INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op)\n"
-        "    VALUES ({audit}.current_transaction_id(), {s}, {t}, 'truncate');\n"
+        "    VALUES ({audit}.transaction_id(), {s}, {t}, 'truncate');\n"
         "  END IF;\n"
         "  RETURN NULL;\n"
         "END\n"
@@ -477,21 +479,24 @@ def _dollar_quote(body: str) -> str:
         n += 1
 
 
-def _search_path(plan: CapturePlan) -> sql.Composable:
-    """The capture function's pinned search path.
+# The capture function's pinned search path. It runs as its owner (SECURITY DEFINER), so no name in
+# it may resolve through a schema the application can write to: a function such as
+# public.jsonb_build_object(text, integer) would otherwise win overload resolution over
+# pg_catalog's and run as the owner. Tables and threadline's own functions are schema-qualified;
+# columns whose (base) type lives outside pg_catalog are compared by their text form (see
+# _distinct), so their operators are never looked up. pg_temp is never searched for functions or
+# operators; naming it last keeps temporary tables from shadowing anything.
+_PINNED_SEARCH_PATH = sql.SQL("pg_catalog, pg_temp")
 
-    The function runs as its owner (SECURITY DEFINER), so it must not resolve names through the
-    caller's search path. Every table and function it names is schema-qualified; what is not are
-    the operators of ``IS DISTINCT FROM`` and ``to_jsonb``'s casts, found with the column types:
-    ``pg_catalog`` first, then the schemas of the tracked columns' (base) types, e.g. an
-    extension's schema, then ``pg_temp`` last.
-    """
-    schemas = ["pg_catalog"]
-    for column in plan.columns:
-        if column.name not in plan.exclude and column.type_schema not in schemas:
-            schemas.append(column.type_schema)
-    schemas.append("pg_temp")
-    return sql.SQL(", ").join(sql.Identifier(n) for n in schemas)
+# The transactions row id for a statement's changes (an init plan: evaluated once per statement,
+# and only when the statement changed a row). After the first statement of a transaction the id
+# comes from the transaction-local cache, checked against the row's own xid with one primary-key
+# lookup, so a cache value set by hand cannot attach changes to another transaction's row.
+_TRANSACTION_ID = (
+    "(SELECT coalesce((SELECT t.id FROM {audit}.transactions AS t\n"
+    "                   WHERE t.id = {audit}.cached_transaction_id() AND t.xid = pg_current_xact_id()),\n"
+    "                 {audit}.transaction_id()))"
+)
 
 
 def track_sql_for(plan: CapturePlan) -> str:
@@ -507,7 +512,7 @@ def track_sql_for(plan: CapturePlan) -> str:
         sql.SQL(
             "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql\n"
             "SECURITY DEFINER SET search_path = {} AS {}"
-        ).format(fn, _search_path(plan), sql.SQL(_dollar_quote(_function_body(plan)))),
+        ).format(fn, _PINNED_SEARCH_PATH, sql.SQL(_dollar_quote(_function_body(plan)))),
         sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
             fn,
             _lit(json.dumps({**plan.config(), "fingerprint": plan.fingerprint}, sort_keys=True)),
