@@ -213,22 +213,27 @@ def purge(
     complete = True
     totals = {"changes": 0, "transactions": 0}
     statements = {
-        # keyset over the sequential id: each batch starts where the last one ended
+        # keyset over the primary key (transaction_id, id): each batch starts where the last one
+        # ended, and both the walk and the delete are index lookups
         "changes": sql.SQL(
-            "WITH batch AS (SELECT id FROM {a}.changes WHERE id > %(after)s AND captured_at < %(cutoff)s{w}"
-            " ORDER BY id LIMIT %(n)s), gone AS (DELETE FROM {a}.changes c USING batch b WHERE c.id = b.id"
-            " RETURNING c.id) SELECT count(*), max(id) FROM gone"
+            "WITH batch AS (SELECT transaction_id, id FROM {a}.changes"
+            " WHERE (transaction_id, id) > (%(after_tx)s, %(after)s) AND captured_at < %(cutoff)s{w}"
+            " ORDER BY transaction_id, id LIMIT %(n)s),"
+            " gone AS (DELETE FROM {a}.changes c USING batch b"
+            " WHERE c.transaction_id = b.transaction_id AND c.id = b.id RETURNING c.transaction_id, c.id)"
+            " SELECT count(*), (array_agg(transaction_id ORDER BY transaction_id DESC, id DESC))[1],"
+            " (array_agg(id ORDER BY transaction_id DESC, id DESC))[1] FROM gone"
         ).format(a=audit, w=where_table),
         "transactions": sql.SQL(
             "WITH batch AS (SELECT t.id FROM {a}.transactions t WHERE t.id > %(after)s"
             " AND t.occurred_at < %(cutoff)s"
             " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id)"
             " ORDER BY t.id LIMIT %(n)s), gone AS (DELETE FROM {a}.transactions t USING batch b"
-            " WHERE t.id = b.id RETURNING t.id) SELECT count(*), max(id) FROM gone"
+            " WHERE t.id = b.id RETURNING t.id) SELECT count(*), NULL::bigint, max(id) FROM gone"
         ).format(a=audit),
     }
     for kind, statement in statements.items():
-        after = 0
+        after_tx, after = 0, 0
         phase_started = time.monotonic()
         while True:
             if max_batches is not None and batches >= max_batches:
@@ -236,8 +241,10 @@ def purge(
                 break
             t0 = time.monotonic()
             with conn.transaction():
-                row = conn.execute(statement, {**params, "after": after, "n": batch_size}).fetchone()
-            deleted, last = (row[0], row[1]) if row else (0, None)
+                row = conn.execute(
+                    statement, {**params, "after_tx": after_tx, "after": after, "n": batch_size}
+                ).fetchone()
+            deleted, last_tx, last = (row[0], row[1], row[2]) if row else (0, None, None)
             batches += 1
             totals[kind] += deleted
             seconds = time.monotonic() - t0
@@ -245,7 +252,7 @@ def purge(
             emit("purge.batch", kind=kind, rows=deleted, seconds=seconds, schema=schema)
             if deleted < batch_size or last is None:
                 break
-            after = last
+            after_tx, after = last_tx or 0, last
             if pause:
                 time.sleep(pause)
         logger.info(
