@@ -164,3 +164,19 @@ def test_refuses_other_drivers_and_uninstruments(sa_dsn: str) -> None:
         conn.execute(insert(Item).values(name="uninstrumented"))
     assert rows_since(sa_dsn, start)[0]["actor"] is None
     eng.dispose()
+
+
+def test_streamed_query_after_a_context_change_mid_transaction(engine: Any) -> None:
+    # the context changes inside a transaction right before a server-side (streamed) query
+    from sqlalchemy import text
+
+    with engine.connect() as c, c.begin():
+        c.execute(text("SELECT 1"))
+        with threadline.context(actor="user:stream"):
+            rows = c.execution_options(stream_results=True, max_row_buffer=2).execute(
+                text("SELECT g FROM generate_series(1, 5) g")
+            )
+            assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+            assert c.execute(text("SELECT current_setting('threadline.context', true)")).scalar() == (
+                threadline.current().to_json()
+            )

@@ -120,7 +120,7 @@ def _before_sync(
         begin_with_context(driver, ctx)
         fairy.info[_KEY] = ctx
     elif status == _INTRANS:
-        _apply_in_transaction(fairy.info, cursor, ctx)
+        _apply_in_transaction(fairy, ctx)
 
 
 def _before_async(
@@ -137,14 +137,21 @@ def _before_async(
         await_(_begin_async(driver, ctx))
         fairy.info[_KEY] = ctx
     elif status == _INTRANS:
-        _apply_in_transaction(fairy.info, cursor, ctx)
+        _apply_in_transaction(fairy, ctx)
 
 
-def _apply_in_transaction(info: dict[str, Any], cursor: Any, ctx: AuditContext) -> None:
+def _apply_in_transaction(fairy: Any, ctx: AuditContext) -> None:
+    info = fairy.info
     applied = info.get(_KEY)
     if applied is ctx or (applied is None and ctx.is_empty) or (applied is not _UNKNOWN and applied == ctx):
         return
-    cursor.execute(set_local_command(cursor.connection, context_payload(ctx)))
+    # a cursor of its own: the statement's cursor may be a server-side (named) one, which can
+    # only run the statement it was opened for
+    cursor = fairy.cursor()
+    try:
+        cursor.execute(set_local_command(fairy.driver_connection, context_payload(ctx)))
+    finally:
+        cursor.close()
     info[_KEY] = ctx
 
 
