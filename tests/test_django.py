@@ -260,3 +260,45 @@ def test_settings_are_validated(django_dsn: str) -> None:
     ):
         with override_settings(THREADLINE=bad), pytest.raises(ConfigurationError):
             ThreadlineMiddleware(lambda request: None)
+
+
+def test_async_requests_load_the_user_without_sync_database_access(django_dsn: str) -> None:
+    """In async code Django refuses the lazy ``request.user`` query: the middleware awaits
+    ``request.auser()`` instead, so a logged-in user is still the actor."""
+    import asyncio
+
+    from asgiref.sync import iscoroutinefunction
+    from django.core.exceptions import SynchronousOnlyOperation
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from threadline.propagation.django import ThreadlineMiddleware
+
+    seen: list[threadline.AuditContext] = []
+
+    async def view(request: Any) -> HttpResponse:
+        seen.append(threadline.current())
+        return HttpResponse("ok")
+
+    class User:
+        pk = 42
+        is_authenticated = True
+
+    request = RequestFactory().get("/")
+
+    async def auser() -> User:
+        return User()
+
+    def refuse(self: Any) -> None:
+        raise SynchronousOnlyOperation("You cannot call this from an async context")
+
+    request.auser = auser
+    type(request).user = property(refuse)  # type: ignore[attr-defined]
+    try:
+        middleware = ThreadlineMiddleware(view)
+        assert iscoroutinefunction(middleware)
+        response = asyncio.run(middleware(request))
+    finally:
+        del type(request).user  # type: ignore[attr-defined]
+    assert response.status_code == 200
+    assert seen[0].actor == ActorRef.user("42") and seen[0].origin == "web"

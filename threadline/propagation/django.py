@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.utils.module_loading import import_string
 
@@ -90,7 +90,10 @@ def default_actor_resolver(request: Any) -> ActorRef | None:
     ``None`` when the request has no ``user`` (``AuthenticationMiddleware`` is not installed or
     runs after :class:`ThreadlineMiddleware`).
     """
-    user = getattr(request, "user", None)
+    return _actor_of(getattr(request, "user", None))
+
+
+def _actor_of(user: Any) -> ActorRef | None:
     if user is None:
         return None
     if not user.is_authenticated:
@@ -170,7 +173,7 @@ class ThreadlineMiddleware:
         """Serve one request under its audit context."""
         if self._async:
             return self.__acall__(request)
-        token = _current.set(self._context(request))
+        token = _current.set(self._context(request, _resolve_actor(self.actor_resolver, request)))
         try:
             response = self.get_response(request)
         except BaseException:
@@ -179,8 +182,16 @@ class ThreadlineMiddleware:
         return self._finish(response, token)
 
     async def __acall__(self, request: Any) -> Any:
-        """The async twin of :meth:`__call__`."""
-        token = _current.set(self._context(request))
+        """The async twin of :meth:`__call__`.
+
+        ``request.user`` is loaded lazily with a database query, which Django refuses in async
+        code: the default resolver awaits ``request.auser()``, a custom one runs in a thread.
+        """
+        if self.actor_resolver is default_actor_resolver and hasattr(request, "auser"):
+            actor: ActorRef | str | None = _actor_of(await request.auser())
+        else:
+            actor = await sync_to_async(_resolve_actor)(self.actor_resolver, request)
+        token = _current.set(self._context(request, actor))
         try:
             response = await self.get_response(request)
         except BaseException:
@@ -188,12 +199,12 @@ class ThreadlineMiddleware:
             raise
         return self._finish(response, token)
 
-    def _context(self, request: Any) -> AuditContext:
+    def _context(self, request: Any, actor: ActorRef | str | None) -> AuditContext:
         meta = request.META
         correlation_id = self.policy.from_environ(meta)
         request.correlation_id = correlation_id
         return build_context(
-            _resolve_actor(self.actor_resolver, request),
+            actor,
             correlation_id,
             _client_from_environ(meta) if self.client_address else None,
         )
