@@ -150,3 +150,20 @@ def test_concurrent_writers_never_cross_talk(dsn: str, conn: Any, posts: str) ->
         writer_id = r["after"]["title"]
         assert r["actor"] == {"type": "user", "id": writer_id}
         assert r["correlation_id"] == f"w{writer_id}-{r['pk']['id'] - int(writer_id) * 1000}"
+
+
+@pytest.mark.parametrize("factory", [psycopg.ClientCursor, psycopg.RawCursor])
+def test_automatic_mode_keeps_working_with_another_cursor_class(
+    dsn: str, conn: Any, posts: str, factory: type[psycopg.Cursor[Any]]
+) -> None:
+    with ThreadlineConnection.connect(dsn, cursor_factory=factory) as app:
+        assert issubclass(app.cursor_factory, factory)
+        with threadline.context(actor="user:client"):
+            query = (
+                "INSERT INTO app.posts (id) VALUES ($1)"
+                if factory is psycopg.RawCursor
+                else ("INSERT INTO app.posts (id) VALUES (%s)")
+            )
+            app.execute(query, [1])
+            app.commit()
+    assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "client"}]

@@ -224,6 +224,23 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
             yield copy
 
 
+_CURSOR_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def threadline_cursor_class(factory: type[psycopg.Cursor[Any]]) -> type[psycopg.Cursor[Any]]:
+    """``factory`` itself if it already applies the context, else a subclass of both it and
+    :class:`ThreadlineCursor` (made once per class)."""
+    if issubclass(factory, ThreadlineCursor):
+        return factory
+    if not issubclass(factory, psycopg.Cursor):
+        raise TypeError(f"cursor_factory must be a psycopg.Cursor subclass, got {factory!r}")
+    combined = _CURSOR_CLASSES.get(factory)
+    if combined is None:
+        combined = type(f"Threadline{factory.__name__}", (ThreadlineCursor, factory), {})
+        _CURSOR_CLASSES[factory] = combined
+    return combined
+
+
 class ThreadlineConnection(psycopg.Connection[Row]):
     """A psycopg connection whose every transaction carries the current audit context.
 
@@ -244,6 +261,19 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         super().__init__(*args, **kwargs)
         self.cursor_factory = ThreadlineCursor
         self._applied: AuditContext | None = None
+
+    @property
+    def cursor_factory(self) -> type[psycopg.Cursor[Any]]:
+        """The cursor class; any class assigned is combined with :class:`ThreadlineCursor`.
+
+        ``ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor)`` therefore
+        still applies the context (a plain ``ClientCursor`` would silently skip it).
+        """
+        return self._cursor_factory
+
+    @cursor_factory.setter
+    def cursor_factory(self, factory: type[psycopg.Cursor[Any]]) -> None:
+        self._cursor_factory = threadline_cursor_class(factory)
 
     # -- transaction boundaries ------------------------------------------------------------
     def commit(self) -> None:
