@@ -73,7 +73,7 @@ def _own_database(admin_dsn: str, say: Say) -> Iterator[str]:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as exc:
-        raise DemoError(f"cannot create the demo database through {admin_dsn!r}: {exc}") from exc
+        raise DemoError(f"cannot create the demo database through {_shown(admin_dsn)}: {exc}") from exc
     say(f"created database {name}")
     try:
         yield psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
@@ -81,6 +81,15 @@ def _own_database(admin_dsn: str, say: Say) -> Iterator[str]:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         say(f"dropped database {name}")
+
+
+def _shown(dsn: str) -> str:
+    """Where a DSN points, without its password."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the given DSN (which does not parse)"
+    return f"host {parts.get('host') or 'local socket'} port {parts.get('port') or 5432} as {parts.get('user') or 'the current user'}"
 
 
 @contextlib.contextmanager
