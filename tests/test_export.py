@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 import threadline
+from threadline import ThreadlineConnection
 from threadline.errors import InvalidFilter, TableNotFound
-from threadline.export import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS
+from threadline.export import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS, chunked_streaming
 
 from .story import Story
 
@@ -24,6 +25,10 @@ Conn = psycopg.Connection[Any]
 def _ndjson(conn: Conn, **filters: Any) -> list[dict[str, Any]]:
     out = io.StringIO()
     count = threadline.export(conn, out, "ndjson", **filters)
+    if chunked_streaming():  # the other path gives the same answer
+        other = io.StringIO()
+        assert threadline.export(conn, other, "ndjson", server_cursor=True, **filters) == count
+        assert other.getvalue() == out.getvalue()
     lines = out.getvalue().splitlines()
     assert count == len(lines)
     return [json.loads(line) for line in lines]
@@ -81,9 +86,21 @@ def test_csv_has_the_documented_columns(conn: Conn, story: Story) -> None:
         assert (json.loads(row["after"]) if row["after"] else None) == ref["after"]
         assert (json.loads(row["changed_fields"]) if row["changed_fields"] else None) == ref["changed_fields"]
         assert row["actor_type"] == ref["actor"]["type"] and row["actor_id"] == ref["actor"]["id"]
+    other = io.StringIO()
+    threadline.export(conn, other, "csv", server_cursor=True)
+    assert other.getvalue() == out.getvalue()
     empty = io.StringIO()
     assert threadline.export(conn, empty, "csv", correlation_id="nope") == 0
     assert empty.getvalue().strip() == ",".join(CSV_COLUMNS)
+
+
+def test_export_on_an_automatic_mode_connection(story: Story) -> None:
+    with ThreadlineConnection.connect(story.dsn, autocommit=True) as auto, threadline.context(actor="user:1"):
+        out = io.StringIO()
+        assert threadline.export(auto, out, "ndjson", correlation_id="req-1") == 9
+    with ThreadlineConnection.connect(story.dsn) as auto, threadline.context(actor="user:1"):
+        out = io.StringIO()
+        assert threadline.export(auto, out, "ndjson", correlation_id="req-1", server_cursor=True) == 9
 
 
 class Sink:
@@ -97,13 +114,37 @@ class Sink:
         return len(text)
 
 
-def test_export_streams_in_batches_through_a_server_cursor(conn: Conn, posts: str) -> None:
+@pytest.mark.parametrize("server_cursor", [False, True], ids=["chunked", "server-cursor"])
+def test_export_streams_in_batches(conn: Conn, posts: str, server_cursor: bool) -> None:
+    if not server_cursor and not chunked_streaming():
+        pytest.skip("libpq older than 17: exports use the server-side cursor")
     conn.execute("INSERT INTO app.posts (id, title) SELECT g, 'p' || g FROM generate_series(1, 25) g")
     sink = Sink()
-    assert threadline.export(conn, sink, "ndjson", batch_size=4) == 25
-    assert len(sink.writes) == 7  # ceil(25 / 4) batches
+    assert threadline.export(conn, sink, "ndjson", batch_size=4, server_cursor=server_cursor) == 25
+    assert len(sink.writes) == 7  # ceil(25 / 4) batches, each written as it arrived
     assert all(w.count("\n") <= 4 for w in sink.writes)
+    assert [json.loads(x)["pk"]["id"] for w in sink.writes for x in w.splitlines()] == list(range(1, 26))
     assert conn.execute("SELECT count(*) FROM pg_cursors").fetchone() == (0,)  # closed again
+
+
+class Broken(Sink):
+    """A reader that goes away after the first batch."""
+
+    def write(self, text: str) -> int:
+        if self.writes:
+            raise BrokenPipeError
+        return super().write(text)
+
+
+@pytest.mark.parametrize("server_cursor", [False, True], ids=["chunked", "server-cursor"])
+def test_an_interrupted_export_leaves_the_connection_usable(conn: Conn, posts: str, server_cursor: bool) -> None:
+    if not server_cursor and not chunked_streaming():
+        pytest.skip("libpq older than 17: exports use the server-side cursor")
+    conn.execute("INSERT INTO app.posts (id) SELECT g FROM generate_series(1, 50) g")
+    with pytest.raises(BrokenPipeError):
+        threadline.export(conn, Broken(), "ndjson", batch_size=5, server_cursor=server_cursor)
+    assert conn.execute("SELECT count(*) FROM app.posts").fetchone() == (50,)
+    assert len(_ndjson(conn)) == 50
 
 
 def test_export_inside_an_open_transaction(conn: Conn, posts: str) -> None:
@@ -123,11 +164,15 @@ def test_bad_export_arguments(conn: Conn, story: Story) -> None:
         threadline.export(conn, io.StringIO(), table="app.nope")
 
 
-def test_export_async(story: Story, conn: Conn) -> None:
+@pytest.mark.parametrize("server_cursor", [None, True], ids=["default", "server-cursor"])
+def test_export_async(story: Story, conn: Conn, server_cursor: bool | None) -> None:
     async def main() -> str:
         out = io.StringIO()
         async with await psycopg.AsyncConnection.connect(story.dsn, autocommit=True) as aconn:
-            assert await threadline.export_async(aconn, out, "ndjson", correlation_id="req-1", batch_size=2) == 9
+            count = await threadline.export_async(
+                aconn, out, "ndjson", correlation_id="req-1", batch_size=2, server_cursor=server_cursor
+            )
+            assert count == 9
         return out.getvalue()
 
     lines = asyncio.run(main()).splitlines()

@@ -1,8 +1,10 @@
 """Export captured changes as CSV, JSON or NDJSON, streaming.
 
-Rows are read through a server-side cursor in batches and written as they arrive, so memory stays
-flat however many rows match; PostgreSQL formats the JSON, so Python only moves text. Filters are
-those of :func:`threadline.timeline`; rows come in the timeline's order, ``(captured_at, id)``.
+Rows are read in batches and written as they arrive, so memory stays flat however many rows match:
+streamed in chunks with libpq 17 or later (one statement, which PostgreSQL may run with parallel
+workers), else through a server-side cursor. PostgreSQL formats the JSON, so Python only moves
+text. Filters are those of :func:`threadline.timeline`; rows come in the timeline's order,
+``(captured_at, id)``.
 
 Formats (version :data:`EXPORT_VERSION`):
 
@@ -147,21 +149,27 @@ def _statement(
 ) -> tuple[sql.Composed, dict[str, Any]]:
     audit = sql.Identifier(schema)
     params: dict[str, Any] = {}
-    inner = (
-        sql.SQL("SELECT {} FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id").format(
+    if format == "csv":
+        head = sql.SQL("SELECT {} FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id").format(
             _select_list(format), audit, audit
         )
-        + where_clause(filters, params)
-        + sql.SQL(" ORDER BY c.captured_at, c.id")
-    )
+    else:
+        # PostgreSQL writes each JSON object (keys in column order; in parallel workers when the
+        # plan has them) and Python only moves text.
+        head = sql.SQL(
+            "SELECT row_to_json(x)::text FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id"
+            " CROSS JOIN LATERAL (SELECT {}) AS x"
+        ).format(audit, audit, _select_list(format))
+    statement = head + where_clause(filters, params) + sql.SQL(" ORDER BY c.captured_at, c.id")
     if limit is not None:
         params["limit"] = limit
-        inner += sql.SQL(" LIMIT %(limit)s")
-    if format == "csv":
-        return inner, params
-    # row_to_json over the ordered rows: PostgreSQL writes the JSON (keys in column order) after
-    # the sort, so only the narrow sort input is sorted and Python only moves text.
-    return sql.SQL("SELECT row_to_json(r)::text FROM ({}) AS r").format(inner), params
+        statement += sql.SQL(" LIMIT %(limit)s")
+    return statement, params
+
+
+def chunked_streaming() -> bool:
+    """Whether the libpq in use can stream a result in chunks (libpq 17 and later)."""
+    return psycopg.pq.version() >= 170000
 
 
 class _Writer:
@@ -232,12 +240,17 @@ def export(
     limit: int | None = None,
     schema: str = DEFAULT_SCHEMA,
     batch_size: int = BATCH_SIZE,
+    server_cursor: bool | None = None,
 ) -> int:
     """Write the changes matching the filters to ``out``; returns how many were written.
 
     "Hand the auditors everything request req-1 caused":
-    ``export(conn, f, "ndjson", correlation_id="req-1")``. Runs in its own transaction (a
-    savepoint if one is open) for the server-side cursor.
+    ``export(conn, f, "ndjson", correlation_id="req-1")``.
+
+    Rows are read ``batch_size`` at a time, so memory stays flat however many match: with libpq 17
+    or later the result streams in chunks (one statement, which PostgreSQL may run with parallel
+    workers); with an older libpq, or with ``server_cursor=True``, through a server-side cursor in
+    its own transaction (a savepoint if one is open).
     """
     _check(format, limit, schema, batch_size)
     filters = run(
@@ -250,14 +263,23 @@ def export(
     statement, params = _statement(format, filters, limit, schema)
     writer = _Writer(out, format, filters)
     writer.start()
-    name = f"threadline_export_{uuid.uuid4().hex[:12]}"
-    with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
-        cur.execute(statement, params, binary=True)
-        while True:
-            batch = cur.fetchmany(batch_size)
-            if not batch:
-                break
-            writer.rows(batch)
+    if server_cursor is None:
+        server_cursor = not chunked_streaming()
+    if server_cursor:
+        name = f"threadline_export_{uuid.uuid4().hex[:12]}"
+        with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
+            cur.execute(statement, params, binary=True)
+            while batch := cur.fetchmany(batch_size):
+                writer.rows(batch)
+    else:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            rows: list[tuple[Any, ...]] = []
+            for row in cur.stream(statement, params, binary=True, size=batch_size):
+                rows.append(row)
+                if len(rows) >= batch_size:
+                    writer.rows(rows)
+                    rows = []
+            writer.rows(rows)
     writer.finish()
     return writer.count
 
@@ -276,6 +298,7 @@ async def export_async(
     limit: int | None = None,
     schema: str = DEFAULT_SCHEMA,
     batch_size: int = BATCH_SIZE,
+    server_cursor: bool | None = None,
 ) -> int:
     """Async twin of :func:`export` (``out`` is written synchronously, one batch at a time)."""
     _check(format, limit, schema, batch_size)
@@ -289,14 +312,22 @@ async def export_async(
     statement, params = _statement(format, filters, limit, schema)
     writer = _Writer(out, format, filters)
     writer.start()
-    async with conn.transaction(), conn.cursor(
-        name=f"threadline_export_{uuid.uuid4().hex[:12]}", row_factory=tuple_row
-    ) as cur:
-        await cur.execute(statement, params, binary=True)
-        while True:
-            batch = await cur.fetchmany(batch_size)
-            if not batch:
-                break
-            writer.rows(batch)
+    if server_cursor is None:
+        server_cursor = not chunked_streaming()
+    if server_cursor:
+        name = f"threadline_export_{uuid.uuid4().hex[:12]}"
+        async with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
+            await cur.execute(statement, params, binary=True)
+            while batch := await cur.fetchmany(batch_size):
+                writer.rows(batch)
+    else:
+        async with conn.cursor(row_factory=tuple_row) as acur:
+            rows: list[tuple[Any, ...]] = []
+            async for row in acur.stream(statement, params, binary=True, size=batch_size):
+                rows.append(row)
+                if len(rows) >= batch_size:
+                    writer.rows(rows)
+                    rows = []
+            writer.rows(rows)
     writer.finish()
     return writer.count
