@@ -4,29 +4,32 @@ Creates its own database (admin DSN from $THREADLINE_DSN, default the loopback P
 two audit schemas with generated history straight into the audit tables (`generate_series`, no
 triggers), measures the Python API end to end, prints a Markdown report and drops the database.
 
-Data, per size (the 1M set is the one the targets name; the 100k set keeps every per-entity
-density equal, so only the table size changes between the two):
+Data, per set (the 1M set is the one the targets name; the 100k set keeps every per-entity
+density equal, so only the table size changes between the two; the third set is the 1M set again
+with the candidate indexes added):
 
 | set | changes | transactions | correlation ids | actors | tables | rows per table |
 |---|---:|---:|---:|---:|---:|---:|
 | 100k | 100,000 | 10,000 | 500 | 100 | 20 | 500 |
 | 1M | 1,000,000 | 100,000 | 5,000 | 1,000 | 20 | 5,000 |
+| 1M + candidate indexes | 1,000,000 | 100,000 | 5,000 | 1,000 | 20 | 5,000 |
 
 Each correlation id is one web request followed by 19 Celery task transactions, 10 changes each
 (200 changes); each row has 10 changes (an insert, updates, a delete for one row in ten) spread
 over 30 days; each actor has 100 transactions.
 
-Measured (medians of BENCH_SAMPLES calls with random arguments, after a warm-up):
+Measured, the three sets side by side (sample by sample, so load on the machine falls on all of
+them alike), medians of BENCH_SAMPLES calls with random arguments after a warm-up:
 
 - `timeline(correlation_id=...)` (first page of 100 of the id's 200 changes);
 - `history(table, pk)`; `as_of(table, pk, at)` at a random time;
 - `actor_history(actor, since, until)` over a one-day window around one of the actor's requests;
-- `export(format="ndjson")` of every row, in a child process: rows/s and its peak RSS;
-- informational: `timeline(table=...)` without a correlation id.
-
-Each lookup is measured without and with the candidate indexes, and the cost of each candidate
-index on capture is measured with pgbench (single-row INSERT transactions into a tracked table of
-the 1M set: TPS and WAL bytes per transaction, interleaved rounds).
+- informational: `timeline(table=...)` without a correlation id;
+- `export(format="ndjson")` of every row, in a child process: rows/s and its peak RSS (the
+  server-side cursor path, CSV and JSON for information), the runs taking turns;
+- the plans (`EXPLAIN ANALYZE`) of the statements that read `changes`, asserting no sequential scan;
+- the cost of each candidate index on capture, with pgbench: single-row INSERT transactions into a
+  tracked table of the 1M set, TPS and WAL bytes per transaction, rounds in rotating order.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import threadline  # noqa: E402
 from threadline import _run, ddl  # noqa: E402
 from threadline import query as q  # noqa: E402
 from threadline.errors import AsOfError  # noqa: E402
+from threadline.export import chunked_streaming  # noqa: E402
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "200"))
@@ -91,7 +95,13 @@ class Size:
         return self.changes // len(TABLES) // 10
 
 
-SIZES = [Size("100k", "bench_100k", 10_000, 500, 100), Size("1M", "bench_1m", 100_000, 5_000, 1_000)]
+SIZES = [
+    Size("100k", "bench_100k", 10_000, 500, 100),
+    Size("1M", "bench_1m", 100_000, 5_000, 1_000),
+    Size("1M + candidate indexes", "bench_1m_idx", 100_000, 5_000, 1_000),
+]
+"""The last set is the 1M set again, with every candidate index: the sets are measured side by
+side (sample by sample), so load on the machine falls on all of them alike."""
 
 CANDIDATES = {
     "truncate": "CREATE INDEX {name} ON {schema}.changes (table_schema, table_name, captured_at) "
@@ -170,23 +180,30 @@ class Timing:
     rows: float
 
 
-def measure(call: Callable[[int], int], samples: int = SAMPLES) -> Timing:
-    """Median and p95 of ``call(i)`` (which returns how many rows it got)."""
+def _timing(times: list[float], rows: int) -> Timing:
+    times = sorted(times)
+    return Timing(statistics.median(times), times[max(0, int(len(times) * 0.95) - 1)], rows / len(times))
+
+
+def measure(calls: dict[str, Callable[[int], int]], samples: int = SAMPLES) -> dict[str, Timing]:
+    """Median and p95 of each ``call(i)`` (which returns how many rows it got), the calls taking
+    turns sample by sample after a warm-up."""
     for i in range(max(10, samples // 10)):
-        call(i)
-    times: list[float] = []
-    rows = 0
+        for call in calls.values():
+            call(i)
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    rows = dict.fromkeys(calls, 0)
     for i in range(samples):
-        start = time.perf_counter()
-        rows += call(i)
-        times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    return Timing(statistics.median(times), times[int(len(times) * 0.95) - 1], rows / samples)
+        for label, call in calls.items():
+            start = time.perf_counter()
+            rows[label] += call(i)
+            times[label].append((time.perf_counter() - start) * 1000)
+    return {label: _timing(times[label], rows[label]) for label in calls}
 
 
-def lookups(conn: psycopg.Connection[Any], size: Size, seed: int = 7) -> dict[str, Timing]:
+def _calls(conn: psycopg.Connection[Any], size: Size, n: int, seed: int = 7) -> dict[str, Callable[[int], int]]:
+    """The measured calls on one set, with random arguments (the same for sets of one size)."""
     rng = random.Random(seed)
-    n = SAMPLES + max(10, SAMPLES // 10)
     corr = [f"corr-{rng.randrange(size.correlations)}" for _ in range(n)]
     rows = [(f"app.{rng.choice(TABLES)}", rng.randrange(1, size.rows_per_table + 1)) for _ in range(n)]
     times = [BASE + SPAN * rng.random() for _ in range(n)]
@@ -219,42 +236,58 @@ def lookups(conn: psycopg.Connection[Any], size: Size, seed: int = 7) -> dict[st
         return len(threadline.timeline(conn, table=rows[i][0], schema=s))
 
     return {
-        "timeline(correlation_id)": measure(timeline),
-        "history(table, pk)": measure(history),
-        "as_of(table, pk, at)": measure(as_of),
-        "actor_history(1 day)": measure(actor_history),
-        "timeline(table) first page": measure(table_timeline, samples=max(20, SAMPLES // 10)),
+        "timeline(correlation_id)": timeline,
+        "history(table, pk)": history,
+        "as_of(table, pk, at)": as_of,
+        "actor_history(1 day)": actor_history,
+        "timeline(table) first page": table_timeline,
     }
+
+
+def lookups(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Timing]]:
+    """``{call: {set label: Timing}}``, every set measured side by side."""
+    n = SAMPLES + max(10, SAMPLES // 10)
+    per_set = {size.label: _calls(conn, size, n) for size in SIZES}
+    out: dict[str, dict[str, Timing]] = {}
+    for call in per_set[SIZES[0].label]:
+        samples = max(20, SAMPLES // 10) if call.startswith("timeline(table)") else SAMPLES
+        out[call] = measure({label: calls[call] for label, calls in per_set.items()}, samples)
+        print(f"measured {call}", file=sys.stderr)
+    return out
 
 
 EXPORT_CHILD = """
 import os, sys, time
 import psycopg
 import threadline
-dsn, schema, fmt = sys.argv[1], sys.argv[2], sys.argv[3]
+dsn, schema, fmt, how = sys.argv[1:5]
 with psycopg.connect(dsn, autocommit=True) as conn, open(os.devnull, "w") as out:
     start = time.perf_counter()
-    rows = threadline.export(conn, out, fmt, schema=schema)
+    rows = threadline.export(conn, out, fmt, schema=schema, server_cursor=how == "cursor" or None)
     seconds = time.perf_counter() - start
 peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(rows, seconds, int(peak) * 1024)
 """
 
 
-def export_run(dsn: str, size: Size, fmt: str = "ndjson", runs: int = 1) -> tuple[int, float, int]:
+def export_runs(dsn: str, jobs: list[tuple[str, Size, str, str]], runs: int) -> dict[str, tuple[int, float, int]]:
     """Rows, seconds (median of ``runs``) and peak RSS (bytes, the largest) of a child process
-    exporting every row."""
-    results = []
+    exporting every row, per job; the jobs take turns."""
+    results: dict[str, list[tuple[int, float, int]]] = {label: [] for label, _, _, _ in jobs}
     for _ in range(runs):
-        out = subprocess.run(
-            [sys.executable, "-c", EXPORT_CHILD, dsn, size.schema, fmt], capture_output=True, text=True, check=True
-        ).stdout.split()
-        results.append((int(out[0]), float(out[1]), int(out[2])))
-    return results[0][0], statistics.median(r[1] for r in results), max(r[2] for r in results)
+        for label, size, fmt, how in jobs:
+            out = subprocess.run(
+                [sys.executable, "-c", EXPORT_CHILD, dsn, size.schema, fmt, how],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()
+            results[label].append((int(out[0]), float(out[1]), int(out[2])))
+    return {
+        label: (r[0][0], statistics.median(x[1] for x in r), max(x[2] for x in r)) for label, r in results.items()
+    }
 
 
 def explain(conn: psycopg.Connection[Any], plan: _run.Plan[Any]) -> str:
-    """Run ``plan``; return the EXPLAIN ANALYZE of its last statement (the one that reads changes)."""
+    """Run ``plan``; return the EXPLAIN ANALYZE of its statement that reads ``changes``."""
     last = ""
     try:
         query = next(plan)
@@ -262,7 +295,9 @@ def explain(conn: psycopg.Connection[Any], plan: _run.Plan[Any]) -> str:
             text = conn.execute(
                 sql.SQL("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ") + query.statement, query.params
             ).fetchall()
-            last = "\n".join(r[0] for r in text)
+            shown = "\n".join(r[0] for r in text)
+            if re.search(r" on changes\b", shown):
+                last = shown
             with conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(query.statement, query.params)
                 rows = cur.fetchall() if cur.description else []
@@ -320,7 +355,7 @@ def capture_cost(dsn: str, conn: psycopg.Connection[Any], size: Size) -> dict[st
     )
     # capture writes into the 1M set's audit schema only
     for other in SIZES:
-        if other is not size:
+        if other.schema != size.schema:
             for table in TABLES:
                 ddl.untrack(conn, f"app.{table}", audit_schema=other.schema)
     configs = ["none", *CANDIDATES]
@@ -395,50 +430,50 @@ def run(dsn: str) -> None:
             start = time.perf_counter()
             generate(conn, size)
             print(f"generated {size.label}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        small, big, indexed = SIZES
+        for which in CANDIDATES:
+            conn.execute(
+                sql.SQL(CANDIDATES[which]).format(
+                    name=sql.Identifier(f"bench_{which}_idx"), schema=sql.Identifier(indexed.schema)
+                )
+            )
+        conn.execute(sql.SQL("ANALYZE {}.changes").format(sql.Identifier(indexed.schema)))
 
         print(
             f"PostgreSQL {version[0] if version else '?'}, {os.cpu_count()} cores, load average "
-            f"{os.getloadavg()[0]:.1f} at the start; medians of {SAMPLES} calls through the Python API "
-            "(one local connection), milliseconds.\n"
+            f"{os.getloadavg()[0]:.1f} at the start. Medians of {SAMPLES} calls through the Python API "
+            "(one local connection), milliseconds; the three sets measured side by side, sample by sample.\n"
         )
-        results: dict[str, dict[str, dict[str, Timing]]] = {}
-        for size in SIZES:
-            results[size.label] = {"current": lookups(conn, size)}
-            for which in CANDIDATES:
-                with index(conn, size, which):
-                    results[size.label][which] = lookups(conn, size)
-            print(f"measured lookups on {size.label}", file=sys.stderr)
-        names = list(results["1M"]["current"])
-        print("| call | 100k | 1M | 1M p95 | 1M + truncate index | 1M + (captured_at, id) index | rows |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for call in names:
-            small, big = results["100k"]["current"][call], results["1M"]["current"][call]
-            print(
-                f"| `{call}` | {_ms(small)} | {_ms(big)} | {big.p95_ms:.2f} | "
-                f"{_ms(results['1M']['truncate'][call])} | {_ms(results['1M']['time'][call])} | {big.rows:.0f} |"
-            )
-        print(f"\n| export of every row (child process, median of {EXPORT_RUNS}) | rows | seconds | rows/s | peak RSS |")
+        results = lookups(conn)
+        print(f"| call | {small.label} | {big.label} | {big.label} p95 | {indexed.label} | rows |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for call, by_set in results.items():
+            one, two, three = (by_set[s.label] for s in SIZES)
+            print(f"| `{call}` | {_ms(one)} | {_ms(two)} | {two.p95_ms:.2f} | {_ms(three)} | {two.rows:.0f} |")
+        sys.stdout.flush()
+
+        print(
+            f"\n| export of every row (child process, median of {EXPORT_RUNS}; libpq {psycopg.pq.version()}) "
+            "| rows | seconds | rows/s | peak RSS |"
+        )
         print("|---|---:|---:|---:|---:|")
-
-        def export_line(label: str, size: Size, fmt: str = "ndjson") -> None:
-            rows, seconds, peak = export_run(dsn, size, fmt, EXPORT_RUNS)
+        how = "chunked" if chunked_streaming() else "cursor"
+        jobs = [(f"NDJSON, {size.label}", size, "ndjson", how) for size in SIZES]
+        jobs += [
+            (f"NDJSON, {big.label}, server-side cursor", big, "ndjson", "cursor"),
+            (f"CSV, {big.label}", big, "csv", how),
+            (f"JSON, {big.label}", big, "json", how),
+        ]
+        for label, (rows, seconds, peak) in export_runs(dsn, jobs, EXPORT_RUNS).items():
             print(f"| {label} | {rows:,} | {seconds:.1f} | {rows / seconds:,.0f} | {peak / 2**20:.0f} MB |")
-            sys.stdout.flush()
+        sys.stdout.flush()
 
-        for size in SIZES:
-            export_line(f"NDJSON, {size.label}", size)
-        with index(conn, SIZES[1], "time"):
-            export_line("NDJSON, 1M + (captured_at, id) index", SIZES[1])
-        export_line("CSV, 1M", SIZES[1], "csv")
-        export_line("JSON, 1M", SIZES[1], "json")
-        print("\nPlans on the 1M set (EXPLAIN ANALYZE nodes of the statement that reads `changes`):\n")
-        big = SIZES[1]
+        print(f"\nPlans on the {big.label} set (EXPLAIN ANALYZE nodes of the statement that reads `changes`):\n")
         for call, text in explains(conn, big).items():
             print(f"`{call}`:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
             assert "Seq Scan on changes" not in text, text
-        with index(conn, big, "truncate"):
-            text = explains(conn, big)["as_of(table, pk, at)"]
-            print("`as_of` with the truncate index:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
+        text = explains(conn, indexed)["as_of(table, pk, at)"]
+        print("`as_of` with the truncate index:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
         cost = capture_cost(dsn, conn, big)
         print("\nCapture cost of each candidate (pgbench, single-row INSERT transactions into a tracked")
         print(f"table of the 1M set, {CAPTURE_ROUNDS} rounds of {SECONDS} s in rotating order, medians):\n")
