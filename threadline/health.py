@@ -108,8 +108,12 @@ def trigger_coverage(
     schemas: list[str] | None = None,
     audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[TableCoverage]:
-    """Capture status of every plain and partitioned table (partitions are covered by their
-    parent), optionally only in ``schemas``. System schemas and the audit schema are left out."""
+    """Capture status of every plain and partitioned table and every partition, optionally only
+    in ``schemas``. System schemas and the audit schema are left out.
+
+    A partition is listed too: statements that name it directly are not captured by its parent's
+    statement-level triggers, so it counts as covered only when it is tracked itself.
+    """
     check_schema_name(audit_schema)
     names = {trigger_name(audit_schema, op): op for op in OPS}
     rows = conn.execute(
@@ -120,7 +124,7 @@ def trigger_coverage(
           LEFT JOIN pg_trigger tg ON tg.tgrelid = c.oid AND tg.tgname = ANY (%(triggers)s)
           LEFT JOIN pg_proc p ON p.oid = tg.tgfoid
           LEFT JOIN pg_namespace pn ON pn.oid = p.pronamespace
-         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
+         WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
            AND n.nspname <> ALL (ARRAY['pg_catalog', 'information_schema', %(audit)s])
            AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
            AND (%(schemas)s::text[] IS NULL OR n.nspname = ANY (%(schemas)s::text[]))
