@@ -32,8 +32,15 @@ def _blocks(section: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
 
 
+def _reset(database: str) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS public.orders")
+        conn.execute("TRUNCATE threadline.changes, threadline.transactions")
+
+
 @pytest.fixture
 def readme_env(database: str) -> Iterator[dict[str, str]]:
+    _reset(database)  # the session database is shared with other tests
     bin_dir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     if shutil.which("psql", path=path) is None:  # a machine without PostgreSQL: pgserver's psql
@@ -41,9 +48,7 @@ def readme_env(database: str) -> Iterator[dict[str, str]]:
 
         path = os.pathsep.join([str(Path(pgserver.__file__).parent / "pginstall" / "bin"), path])
     yield {**os.environ, "THREADLINE_DSN": database, "PATH": path}
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS public.orders")
-        conn.execute("TRUNCATE threadline.changes, threadline.transactions")
+    _reset(database)
 
 
 def _bash(script: str, env: dict[str, str]) -> str:
