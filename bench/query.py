@@ -158,7 +158,10 @@ def generate(conn: psycopg.Connection[Any], size: Size) -> None:
         ddl.track(conn, f"app.{table}", audit_schema=size.schema)
     a = sql.Identifier(size.schema)
     params = {
-        "base": BASE, "span": SPAN, "n": size.transactions, "actors": size.actors,
+        "base": BASE,
+        "span": SPAN,
+        "n": size.transactions,
+        "actors": size.actors,
         "rows": size.rows_per_table,
     }
     with conn.transaction():
@@ -201,7 +204,9 @@ def measure(calls: dict[str, Callable[[int], int]], samples: int = SAMPLES) -> d
     return {label: _timing(times[label], rows[label]) for label in calls}
 
 
-def _calls(conn: psycopg.Connection[Any], size: Size, n: int, seed: int = 7) -> dict[str, Callable[[int], int]]:
+def _calls(
+    conn: psycopg.Connection[Any], size: Size, n: int, seed: int = 7
+) -> dict[str, Callable[[int], int]]:
     """The measured calls on one set, with random arguments (the same for sets of one size)."""
     rng = random.Random(seed)
     corr = [f"corr-{rng.randrange(size.correlations)}" for _ in range(n)]
@@ -270,7 +275,9 @@ print(rows, seconds, int(peak) * 1024)
 """
 
 
-def export_runs(dsn: str, jobs: list[tuple[str, Size, str, str]], runs: int) -> dict[str, tuple[int, float, int]]:
+def export_runs(
+    dsn: str, jobs: list[tuple[str, Size, str, str]], runs: int
+) -> dict[str, tuple[int, float, int]]:
     """Rows, seconds (median of ``runs``) and peak RSS (bytes, the largest) of a child process
     exporting every row, per job; the jobs take turns."""
     results: dict[str, list[tuple[int, float, int]]] = {label: [] for label, _, _, _ in jobs}
@@ -278,11 +285,14 @@ def export_runs(dsn: str, jobs: list[tuple[str, Size, str, str]], runs: int) -> 
         for label, size, fmt, how in jobs:
             out = subprocess.run(
                 [sys.executable, "-c", EXPORT_CHILD, dsn, size.schema, fmt, how],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.split()
             results[label].append((int(out[0]), float(out[1]), int(out[2])))
     return {
-        label: (r[0][0], statistics.median(x[1] for x in r), max(x[2] for x in r)) for label, r in results.items()
+        label: (r[0][0], statistics.median(x[1] for x in r), max(x[2] for x in r))
+        for label, r in results.items()
     }
 
 
@@ -293,7 +303,8 @@ def explain(conn: psycopg.Connection[Any], plan: _run.Plan[Any]) -> str:
         query = next(plan)
         while True:
             text = conn.execute(
-                sql.SQL("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ") + query.statement, query.params
+                sql.SQL("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ") + query.statement,
+                query.params,
             ).fetchall()
             shown = "\n".join(r[0] for r in text)
             if re.search(r" on changes\b", shown):
@@ -324,11 +335,14 @@ def explains(conn: psycopg.Connection[Any], size: Size) -> dict[str, str]:
     s = size.schema
     at = BASE + timedelta(days=17, hours=5)
     return {
-        "timeline(correlation_id)": explain(conn, q._timeline_plan("corr-1234", None, None, None, None, None, 100, None, s)),
+        "timeline(correlation_id)": explain(
+            conn, q._timeline_plan("corr-1234", None, None, None, None, None, 100, None, s)
+        ),
         "history(table, pk)": explain(conn, q._history_plan("app.t05", 321, None, s)),
         "as_of(table, pk, at)": explain(conn, q._as_of_plan("app.t05", 321, at, s)),
         "actor_history(1 day)": explain(
-            conn, q._actor_history_plan("user:17", BASE + timedelta(days=10), BASE + timedelta(days=11), None, s)
+            conn,
+            q._actor_history_plan("user:17", BASE + timedelta(days=10), BASE + timedelta(days=11), None, s),
         ),
     }
 
@@ -371,12 +385,16 @@ def capture_cost(dsn: str, conn: psycopg.Connection[Any], size: Size) -> dict[st
                     conn.execute("CHECKPOINT")
                     # a short warm-up takes the full-page images of the pages the run will touch
                     subprocess.run(
-                        ["pgbench", "-n", "-c", "1", "-T", "1", "-f", f.name, dsn], capture_output=True, check=True
+                        ["pgbench", "-n", "-c", "1", "-T", "1", "-f", f.name, dsn],
+                        capture_output=True,
+                        check=True,
                     )
                     lsn0 = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
                     out = subprocess.run(
                         ["pgbench", "-n", "-c", "1", "-T", str(SECONDS), "-f", f.name, dsn],
-                        capture_output=True, text=True, check=True,
+                        capture_output=True,
+                        text=True,
+                        check=True,
                     ).stdout
                     row = conn.execute(
                         "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)", [lsn0[0] if lsn0 else None]
@@ -422,9 +440,9 @@ def run(dsn: str) -> None:
         conn.execute("CREATE SCHEMA app")
         for table in TABLES:
             conn.execute(
-                sql.SQL("CREATE TABLE app.{} (id bigint PRIMARY KEY, title text, body text, views int, status text)").format(
-                    sql.Identifier(table)
-                )
+                sql.SQL(
+                    "CREATE TABLE app.{} (id bigint PRIMARY KEY, title text, body text, views int, status text)"
+                ).format(sql.Identifier(table))
             )
         for size in SIZES:
             start = time.perf_counter()
@@ -449,7 +467,9 @@ def run(dsn: str) -> None:
         print("|---|---:|---:|---:|---:|---:|")
         for call, by_set in results.items():
             one, two, three = (by_set[s.label] for s in SIZES)
-            print(f"| `{call}` | {_ms(one)} | {_ms(two)} | {two.p95_ms:.2f} | {_ms(three)} | {two.rows:.0f} |")
+            print(
+                f"| `{call}` | {_ms(one)} | {_ms(two)} | {two.p95_ms:.2f} | {_ms(three)} | {two.rows:.0f} |"
+            )
         sys.stdout.flush()
 
         print(
@@ -468,7 +488,9 @@ def run(dsn: str) -> None:
             print(f"| {label} | {rows:,} | {seconds:.1f} | {rows / seconds:,.0f} | {peak / 2**20:.0f} MB |")
         sys.stdout.flush()
 
-        print(f"\nPlans on the {big.label} set (EXPLAIN ANALYZE nodes of the statement that reads `changes`):\n")
+        print(
+            f"\nPlans on the {big.label} set (EXPLAIN ANALYZE nodes of the statement that reads `changes`):\n"
+        )
         for call, text in explains(conn, big).items():
             print(f"`{call}`:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
             assert "Seq Scan on changes" not in text, text

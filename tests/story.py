@@ -28,7 +28,9 @@ class Story:
     actions: dict[str, int] = field(default_factory=dict)
 
 
-def job(name: str, ident: str, *, retries: int = 0, parent: str | None = None, root: str = "task-a") -> dict[str, Any]:
+def job(
+    name: str, ident: str, *, retries: int = 0, parent: str | None = None, root: str = "task-a"
+) -> dict[str, Any]:
     """A job dict shaped like the one the Celery integration records."""
     return {"name": name, "id": ident, "retries": retries, "parent_id": parent, "root_id": root}
 
@@ -42,13 +44,17 @@ def _last_tx(conn: psycopg.Connection[Any]) -> int:
 def write_story(conn: psycopg.Connection[Any], dsn: str) -> Story:
     """Create the tables of the story (``app.posts`` must exist and be tracked) and write it."""
     conn.execute("CREATE TABLE app.comments (id int PRIMARY KEY, post_id int, body text)")
-    conn.execute("CREATE TABLE app.line_items (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no))")
+    conn.execute(
+        "CREATE TABLE app.line_items (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no))"
+    )
     ddl.track(conn, "app.comments")
     ddl.track(conn, "app.line_items")
     story = Story(dsn)
     web = {"actor": ActorRef.user("42"), "correlation_id": "req-1", "request_id": "r-1", "origin": "web"}
     with threadline.context(**web), threadline.transaction(conn):
-        conn.execute("INSERT INTO app.posts (id, title, body) VALUES (1, 'Hello', 'first'), (2, 'Draft', 'tbd')")
+        conn.execute(
+            "INSERT INTO app.posts (id, title, body) VALUES (1, 'Hello', 'first'), (2, 'Draft', 'tbd')"
+        )
         conn.execute("INSERT INTO app.line_items VALUES (7, 1, 2), (7, 2, 1)")
         story.actions["publish"] = threadline.record_action(conn, "post.publish", reason="launch").id
     story.tx["web"] = _last_tx(conn)
@@ -70,13 +76,18 @@ def write_story(conn: psycopg.Connection[Any], dsn: str) -> Story:
 
     # task-b runs on an automatic-mode connection, as a worker's pool would
     notify = job("posts.notify", "task-b", parent="task-a")
-    with ThreadlineConnection.connect(dsn) as wconn, threadline.context(**worker, causation_id="task-a", job=notify):
+    with (
+        ThreadlineConnection.connect(dsn) as wconn,
+        threadline.context(**worker, causation_id="task-a", job=notify),
+    ):
         wconn.execute("INSERT INTO app.comments VALUES (1, 1, 'nice')")
         wconn.commit()
     story.tx["b"] = _last_tx(conn)
 
     with (
-        threadline.context(**worker, causation_id="task-x", job=job("posts.cleanup", "task-c", parent="task-x")),
+        threadline.context(
+            **worker, causation_id="task-x", job=job("posts.cleanup", "task-c", parent="task-x")
+        ),
         threadline.transaction(conn),
     ):
         conn.execute("DELETE FROM app.posts WHERE id = 2")

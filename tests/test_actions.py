@@ -30,12 +30,23 @@ def test_fields_default_from_the_current_context(conn: Conn) -> None:
     }
     with threadline.context(**ctx):
         action = threadline.record_action(
-            conn, "order.refund", status="done", verb="refund", category="billing",
-            reason="damaged in transit", comment="line 1\nline 2", meta={"order": 7, "amount": "12.50"},
+            conn,
+            "order.refund",
+            status="done",
+            verb="refund",
+            category="billing",
+            reason="damaged in transit",
+            comment="line 1\nline 2",
+            meta={"order": 7, "amount": "12.50"},
         )
     assert action.actor == ActorRef.admin("7", "Ada")
     assert (action.correlation_id, action.request_id, action.job_id) == ("req-9", "r-9", "job-3")
-    assert (action.name, action.status, action.verb, action.category) == ("order.refund", "done", "refund", "billing")
+    assert (action.name, action.status, action.verb, action.category) == (
+        "order.refund",
+        "done",
+        "refund",
+        "billing",
+    )
     assert action.reason == "damaged in transit" and action.comment == "line 1\nline 2"
     assert action.meta == {"order": 7, "amount": "12.50"} and action.inserted_at.tzinfo is timezone.utc
     assert transactions(conn) == []  # autocommit, no transaction to link: none is created
@@ -117,7 +128,7 @@ def test_non_autocommit_and_automatic_mode_connections_link(dsn: str, conn: Conn
 
 
 def test_bad_actions_are_refused_before_writing(conn: Conn) -> None:
-    for kwargs, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"name": ""}, "must not be empty"),
         ({"name": "x" * 300}, "limit is 256"),
         ({"name": "a\nb"}, "control characters"),
@@ -129,7 +140,8 @@ def test_bad_actions_are_refused_before_writing(conn: Conn) -> None:
         ({"name": "ok", "meta": ["not", "a", "mapping"]}, "meta"),
         ({"name": "ok", "actor": "nobody"}, "actor"),
         ({"name": "ok", "schema": "Bad Name"}, "not allowed"),
-    ]:
+    ]
+    for kwargs, message in cases:
         with pytest.raises(InvalidAction, match=message):
             threadline.record_action(conn, **kwargs)
     assert threadline.list_actions(conn) == []
@@ -143,9 +155,13 @@ def test_list_actions_filters(conn: Conn) -> None:
         threadline.record_action(conn, "order.refund")
     every = threadline.list_actions(conn)
     assert [(a.name, str(a.actor)) for a in every] == [
-        ("order.refund", "admin:7"), ("order.note", "admin:7"), ("order.refund", "user:8"),
+        ("order.refund", "admin:7"),
+        ("order.note", "admin:7"),
+        ("order.refund", "user:8"),
     ]
-    assert [a.name for a in threadline.list_actions(conn, actor="admin:7", name="order.refund")] == ["order.refund"]
+    assert [a.name for a in threadline.list_actions(conn, actor="admin:7", name="order.refund")] == [
+        "order.refund"
+    ]
     assert [str(a.actor) for a in threadline.list_actions(conn, correlation_id="c-2")] == ["user:8"]
     assert threadline.list_actions(conn, limit=1) == every[:1]
     hour = timedelta(hours=1)

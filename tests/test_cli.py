@@ -39,7 +39,9 @@ def test_print_sql_needs_no_database_and_is_idempotent(conn: psycopg.Connection[
     try:
         conn.execute(res.stdout.encode())
         conn.execute(res.stdout.encode())  # applying the printed script twice is harmless
-        assert conn.execute("SELECT version FROM audit_cli.schema_version").fetchall() == [(ddl.SCHEMA_VERSION,)]
+        assert conn.execute("SELECT version FROM audit_cli.schema_version").fetchall() == [
+            (ddl.SCHEMA_VERSION,)
+        ]
     finally:
         conn.execute("DROP SCHEMA audit_cli CASCADE")
 

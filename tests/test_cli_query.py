@@ -41,7 +41,18 @@ def ok(*args: str) -> str:
 def test_timeline_prints_an_aligned_table_and_pages(story: Story) -> None:
     out = ok("timeline", "--correlation-id", "req-1", "--dsn", story.dsn)
     lines = out.splitlines()
-    assert lines[0].split() == ["CAPTURED", "(UTC)", "OP", "TABLE", "KEY", "ACTOR", "ORIGIN", "CORRELATION", "TX", "CHANGED"]
+    assert lines[0].split() == [
+        "CAPTURED",
+        "(UTC)",
+        "OP",
+        "TABLE",
+        "KEY",
+        "ACTOR",
+        "ORIGIN",
+        "CORRELATION",
+        "TX",
+        "CHANGED",
+    ]
     assert len(lines) == 10
     starts = {line.index("app.") for line in lines[1:]}
     assert len(starts) == 1  # the TABLE column is aligned
@@ -56,10 +67,16 @@ def test_timeline_prints_an_aligned_table_and_pages(story: Story) -> None:
 
 
 def test_timeline_filters_and_json(story: Story) -> None:
-    data = json.loads(ok("timeline", "--table", "app.line_items", "--op", "update", "--json", "--dsn", story.dsn))
-    assert [c["pk"] for c in data["changes"]] == [{"order_id": 7, "line_no": 1}] and data["next_cursor"] is None
+    data = json.loads(
+        ok("timeline", "--table", "app.line_items", "--op", "update", "--json", "--dsn", story.dsn)
+    )
+    assert [c["pk"] for c in data["changes"]] == [{"order_id": 7, "line_no": 1}] and data[
+        "next_cursor"
+    ] is None
     assert data["changes"][0]["transaction"]["job"]["id"] == "task-c"
-    by_7 = json.loads(ok("timeline", "--actor", "user:7", "--since", "1h", "--until", "now", "--json", "--dsn", story.dsn))
+    by_7 = json.loads(
+        ok("timeline", "--actor", "user:7", "--since", "1h", "--until", "now", "--json", "--dsn", story.dsn)
+    )
     assert [c["transaction"]["correlation_id"] for c in by_7["changes"]] == ["req-2"]
     out = ok("timeline", "--correlation-id", "req-404", "--dsn", story.dsn)
     assert out == "no changes match these filters\n"
@@ -71,15 +88,22 @@ def test_history_as_of_and_composite_keys(story: Story) -> None:
     out = ok("history", "app.posts", "1", "--dsn", story.dsn)
     blocks = [line for line in out.splitlines() if not line.startswith(" ")]
     assert [b.split()[2] for b in blocks] == ["update", "update", "update", "insert"]
-    assert '    body: first → edited' in out and '    title: Hello → Hello!' in out
+    assert "    body: first → edited" in out and "    title: Hello → Hello!" in out
     assert "correlation req-2" in out
     composite = ok("history", "line_items", "order_id=7,line_no=1", "--dsn", story.dsn)
     assert "    qty: 2 → 3" in composite
-    as_json = json.loads(ok("history", "app.line_items", '{"order_id": 7, "line_no": 2}', "--json", "--dsn", story.dsn))
+    as_json = json.loads(
+        ok("history", "app.line_items", '{"order_id": 7, "line_no": 2}', "--json", "--dsn", story.dsn)
+    )
     assert [c["op"] for c in as_json] == ["insert"]
     row = ok("history", "app.posts", "1", "--as-of", "now", "--dsn", story.dsn)
     assert "title   Hello!" in row and "views   1" in row
-    assert json.loads(ok("history", "app.posts", "1", "--as-of", "now", "--json", "--dsn", story.dsn))["row"]["body"] == "edited"
+    assert (
+        json.loads(ok("history", "app.posts", "1", "--as-of", "now", "--json", "--dsn", story.dsn))["row"][
+            "body"
+        ]
+        == "edited"
+    )
     gone = run("history", "app.posts", "2", "--as-of", "now", "--dsn", story.dsn)
     assert gone.returncode == 0 and "was deleted at" in gone.stdout
     early = run("history", "app.posts", "1", "--as-of", "2000-01-01T00:00:00Z", "--dsn", story.dsn)
@@ -101,7 +125,17 @@ def test_trace_prints_the_tree(story: Story) -> None:
 
 def test_export_to_files_and_stdout(story: Story, tmp_path: Path) -> None:
     target = tmp_path / "out.ndjson"
-    res = run("export", "--format", "ndjson", "--output", str(target), "--correlation-id", "req-1", "--dsn", story.dsn)
+    res = run(
+        "export",
+        "--format",
+        "ndjson",
+        "--output",
+        str(target),
+        "--correlation-id",
+        "req-1",
+        "--dsn",
+        story.dsn,
+    )
     assert res.returncode == 0 and res.stdout == ""
     assert res.stderr == f"exported 9 changes as ndjson to {target}\n"
     rows = [json.loads(line) for line in target.read_text().splitlines()]
@@ -121,7 +155,9 @@ def test_actions_list(story: Story) -> None:
     assert lines[0].split()[:4] == ["RECORDED", "(UTC)", "NAME", "STATUS"]
     assert [line.split()[2] for line in lines[1:]] == ["post.publish", "sync.start"]
     assert "launch" in lines[1]
-    data = json.loads(ok("actions", "--actor", "user:42", "--name", "sync.start", "--json", "--dsn", story.dsn))
+    data = json.loads(
+        ok("actions", "--actor", "user:42", "--name", "sync.start", "--json", "--dsn", story.dsn)
+    )
     assert [a["name"] for a in data] == ["sync.start"]
     assert ok("actions", "--actor", "user:404", "--dsn", story.dsn) == "no actions match these filters\n"
 

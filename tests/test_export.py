@@ -42,12 +42,18 @@ def test_ndjson_rows_match_the_timeline(conn: Conn, story: Story) -> None:
         assert tuple(row) == JSON_FIELDS
         assert row["captured_at"] == change.captured_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         assert (row["pk"], row["after"], row["before"]) == (change.pk, change.after, change.before)
-        assert row["changed_fields"] == (None if change.changed_fields is None else list(change.changed_fields))
+        assert row["changed_fields"] == (
+            None if change.changed_fields is None else list(change.changed_fields)
+        )
         tx = change.transaction
         assert tx is not None
         assert row["occurred_at"] == tx.occurred_at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         assert row["actor"] == (None if tx.actor is None else tx.actor.to_dict())
-        assert (row["correlation_id"], row["job"], row["action_id"]) == (tx.correlation_id, tx.job, tx.action_id)
+        assert (row["correlation_id"], row["job"], row["action_id"]) == (
+            tx.correlation_id,
+            tx.job,
+            tx.action_id,
+        )
     assert rows[0]["table_schema"] == "app" and rows[0]["op"] == "insert"
 
 
@@ -137,7 +143,9 @@ class Broken(Sink):
 
 
 @pytest.mark.parametrize("server_cursor", [False, True], ids=["chunked", "server-cursor"])
-def test_an_interrupted_export_leaves_the_connection_usable(conn: Conn, posts: str, server_cursor: bool) -> None:
+def test_an_interrupted_export_leaves_the_connection_usable(
+    conn: Conn, posts: str, server_cursor: bool
+) -> None:
     if not server_cursor and not chunked_streaming():
         pytest.skip("libpq older than 17: exports use the server-side cursor")
     conn.execute("INSERT INTO app.posts (id) SELECT g FROM generate_series(1, 50) g")

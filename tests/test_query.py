@@ -106,7 +106,9 @@ def test_timeline_filters(conn: Conn, story: Story) -> None:
     assert _all(conn, table="posts") == posts  # on the search path
     assert [c.op for c in _all(conn, op="delete")] == ["delete"]
     by_7 = _all(conn, actor="user:7")
-    assert len(by_7) == 1 and by_7[0].transaction is not None and by_7[0].transaction.correlation_id == "req-2"
+    assert (
+        len(by_7) == 1 and by_7[0].transaction is not None and by_7[0].transaction.correlation_id == "req-2"
+    )
     assert _all(conn, actor=ActorRef.user("42"), op="insert", table="app.comments")[0].pk == {"id": 1}
     assert _all(conn, actor="user:404") == []
     everything = _all(conn)
@@ -189,11 +191,15 @@ def test_history_rejects_bad_keys(conn: Conn, story: Story) -> None:
 
 
 def test_history_key_types_text_uuid_and_numeric(conn: Conn) -> None:
-    conn.execute("CREATE TABLE app.things (code text, ref uuid, amount numeric, PRIMARY KEY (code, ref, amount))")
+    conn.execute(
+        "CREATE TABLE app.things (code text, ref uuid, amount numeric, PRIMARY KEY (code, ref, amount))"
+    )
     threadline.ddl.track(conn, "app.things")
     ref = "0b6c2a3e-58f0-4a77-9f55-1b4c0c6d7e10"
     conn.execute("INSERT INTO app.things VALUES ('42', %s, 1.5)", [ref])
-    assert len(threadline.history(conn, "app.things", {"code": 42, "ref": ref.upper(), "amount": "1.50"})) == 1
+    assert (
+        len(threadline.history(conn, "app.things", {"code": 42, "ref": ref.upper(), "amount": "1.50"})) == 1
+    )
     with pytest.raises(InvalidKey, match="uuid"):
         threadline.history(conn, "app.things", {"code": "42", "ref": "zzz", "amount": 1})
 
@@ -201,7 +207,11 @@ def test_history_key_types_text_uuid_and_numeric(conn: Conn) -> None:
 def test_history_of_a_dropped_table_needs_its_audit_rows(conn: Conn, story: Story) -> None:
     conn.execute("DROP TABLE app.comments")
     changes = threadline.history(conn, "app.comments", 1)
-    assert [c.op for c in changes] == ["insert"] and changes[0].after == {"id": 1, "post_id": 1, "body": "nice"}
+    assert [c.op for c in changes] == ["insert"] and changes[0].after == {
+        "id": 1,
+        "post_id": 1,
+        "body": "nice",
+    }
     assert len(threadline.history(conn, "comments", "1")) == 1  # key type learned from the audit rows
     conn.execute("CREATE TABLE app.never_audited (id int PRIMARY KEY)")
     assert threadline.history(conn, "app.never_audited", 1) == []  # exists: an empty answer
@@ -275,7 +285,11 @@ def test_as_of_rebuilds_the_row_at_each_point(conn: Conn, story: Story) -> None:
             assert info.value.first_change == change
     now = datetime.now(timezone.utc)
     assert threadline.as_of(conn, "posts", "1", now) == {
-        "id": 1, "title": "Hello!", "body": "edited", "secret": None, "views": 1,
+        "id": 1,
+        "title": "Hello!",
+        "body": "edited",
+        "secret": None,
+        "views": 1,
     }
 
 
@@ -385,7 +399,10 @@ def test_trace_of_a_beat_task_and_plain_work(conn: Conn, posts: str) -> None:
     nightly = {"name": "nightly", "id": "root-1", "retries": 0, "root_id": "root-1"}
     with threadline.context(**beat, job=nightly), threadline.transaction(conn):
         conn.execute("INSERT INTO app.posts (id) VALUES (1)")
-    with threadline.context(correlation_id="root-1", origin="cli", causation_id="root-1"), threadline.transaction(conn):
+    with (
+        threadline.context(correlation_id="root-1", origin="cli", causation_id="root-1"),
+        threadline.transaction(conn),
+    ):
         conn.execute("INSERT INTO app.posts (id) VALUES (2)")
     found = threadline.trace(conn, "root-1")
     (root,) = found.roots
@@ -400,9 +417,17 @@ def test_trace_survives_forged_parent_cycles() -> None:
 
     def tx(ident: int, job_id: str, parent: str) -> Transaction:
         return Transaction(
-            id=ident, xid=ident, occurred_at=now + timedelta(seconds=ident), actor=None,
-            correlation_id="c", request_id=None, causation_id=parent, origin="celery",
-            job={"id": job_id, "parent_id": parent, "root_id": parent}, action_id=None, meta=None,
+            id=ident,
+            xid=ident,
+            occurred_at=now + timedelta(seconds=ident),
+            actor=None,
+            correlation_id="c",
+            request_id=None,
+            causation_id=parent,
+            origin="celery",
+            job={"id": job_id, "parent_id": parent, "root_id": parent},
+            action_id=None,
+            meta=None,
             context_error=None,
         )
 
@@ -423,8 +448,12 @@ def test_async_twins_give_the_same_answers(conn: Conn, story: Story) -> None:
             assert [c.id for c in page] == [c.id for c in _all(conn, correlation_id="req-1")][:4]
             rest = await threadline.timeline_async(aconn, correlation_id="req-1", after=page.next_cursor)
             assert len(rest) == 5
-            assert await threadline.history_async(aconn, "app.posts", 1) == threadline.history(conn, "app.posts", 1)
-            assert await threadline.actor_history_async(aconn, "user:7") == threadline.actor_history(conn, "user:7")
+            assert await threadline.history_async(aconn, "app.posts", 1) == threadline.history(
+                conn, "app.posts", 1
+            )
+            assert await threadline.actor_history_async(aconn, "user:7") == threadline.actor_history(
+                conn, "user:7"
+            )
             now = datetime.now(timezone.utc)
             assert (await threadline.as_of_async(aconn, "app.posts", 1, now))["views"] == 1
             with pytest.raises(RowDeleted):
@@ -445,7 +474,9 @@ def test_queries_read_another_audit_schema(conn: Conn) -> None:
         with threadline.context(correlation_id="q-1"), threadline.transaction(conn):
             conn.execute("INSERT INTO app.t VALUES (1, 'x')")
         assert [c.op for c in threadline.timeline(conn, correlation_id="q-1", schema="audit_q")] == ["insert"]
-        assert threadline.timeline(conn, correlation_id="q-1") == threadline.timeline(conn, correlation_id="q-1")
+        assert threadline.timeline(conn, correlation_id="q-1") == threadline.timeline(
+            conn, correlation_id="q-1"
+        )
         assert len(threadline.timeline(conn, correlation_id="q-1")) == 0
         assert len(threadline.history(conn, "app.t", 1, schema="audit_q")) == 1
         assert threadline.trace(conn, "q-1", schema="audit_q").change_count == 1

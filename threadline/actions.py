@@ -127,7 +127,9 @@ def _record_plan(
         return Action.from_row(rows[0])
     if not verified:
         rows = yield Query(
-            sql.SQL("SELECT to_regprocedure(format('%%I.link_action(bigint)', %(schema)s::text)) IS NOT NULL AS ok"),
+            sql.SQL(
+                "SELECT to_regprocedure(format('%%I.link_action(bigint)', %(schema)s::text)) IS NOT NULL AS ok"
+            ),
             {"schema": schema},
         )
         if not rows[0]["ok"]:

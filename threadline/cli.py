@@ -270,9 +270,13 @@ def _filter_options(func: F) -> F:
         [
             click.option("--correlation-id", metavar="ID", help="Only changes of this correlation id."),
             click.option("--table", metavar="[SCHEMA.]TABLE", help="Only changes of this table."),
-            click.option("--actor", metavar="TYPE:ID", callback=_actor, help="Only changes by this actor (user:42)."),
+            click.option(
+                "--actor", metavar="TYPE:ID", callback=_actor, help="Only changes by this actor (user:42)."
+            ),
             click.option("--op", type=click.Choice(OPS), help="Only this operation."),
-            click.option("--since", metavar="WHEN", callback=_when, help="Captured at or after (2h, ISO time)."),
+            click.option(
+                "--since", metavar="WHEN", callback=_when, help="Captured at or after (2h, ISO time)."
+            ),
             click.option("--until", metavar="WHEN", callback=_when, help="Captured before (2h, ISO time)."),
         ]
     ):
@@ -363,8 +367,16 @@ def timeline(
     """Changes in capture order with who, where and which request (one page)."""
     with _reader(dsn, audit_schema) as conn:
         page = query.timeline(
-            conn, correlation_id=correlation_id, table=table, actor=actor, op=op, since=since,
-            until=until, limit=limit, after=after, schema=audit_schema,
+            conn,
+            correlation_id=correlation_id,
+            table=table,
+            actor=actor,
+            op=op,
+            since=since,
+            until=until,
+            limit=limit,
+            after=after,
+            schema=audit_schema,
         )
     if as_json:
         _echo_json({"changes": [c.to_dict() for c in page], "next_cursor": page.next_cursor})
@@ -392,7 +404,9 @@ def _parse_key(text: str) -> Any:
         for part in value.split(","):
             name, sep, item = part.partition("=")
             if not sep or not name.strip():
-                raise click.BadParameter(f"{text!r}: write a composite key as col=value,col=value", param_hint="PK")
+                raise click.BadParameter(
+                    f"{text!r}: write a composite key as col=value,col=value", param_hint="PK"
+                )
             out[name.strip()] = item.strip()
         return out
     return value
@@ -468,8 +482,13 @@ def history(
 
 @cli.command(epilog=QUERY_EXAMPLES)
 @click.argument("correlation_id", metavar="CORRELATION_ID")
-@click.option("--max-changes", type=click.IntRange(0), default=10, show_default=True,
-              help="Changes listed per transaction.")
+@click.option(
+    "--max-changes",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    help="Changes listed per transaction.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
 @_dsn_option
 @_schema_option
@@ -488,7 +507,9 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
 @cli.command(epilog=QUERY_EXAMPLES)
 @_filter_options
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
-@click.option("--output", "-o", metavar="PATH", default="-", show_default=True, help="File to write ('-': stdout).")
+@click.option(
+    "--output", "-o", metavar="PATH", default="-", show_default=True, help="File to write ('-': stdout)."
+)
 @click.option("--limit", type=click.IntRange(1), help="At most N changes.")
 @_dsn_option
 @_schema_option
@@ -508,8 +529,14 @@ def export(
     """Stream matching changes as CSV, JSON or NDJSON (flat memory, any size)."""
     with _reader(dsn, audit_schema) as conn:
         options: dict[str, Any] = {
-            "correlation_id": correlation_id, "table": table, "actor": actor, "op": op, "since": since,
-            "until": until, "limit": limit, "schema": audit_schema,
+            "correlation_id": correlation_id,
+            "table": table,
+            "actor": actor,
+            "op": op,
+            "since": since,
+            "until": until,
+            "limit": limit,
+            "schema": audit_schema,
         }
         if output == "-":
             try:
@@ -557,8 +584,14 @@ def actions(
     """Recorded actions (who did what and why), oldest first."""
     with _reader(dsn, audit_schema) as conn:
         found = list_actions(
-            conn, correlation_id=correlation_id, actor=actor, name=name, since=since, until=until,
-            limit=limit, schema=audit_schema,
+            conn,
+            correlation_id=correlation_id,
+            actor=actor,
+            name=name,
+            since=since,
+            until=until,
+            limit=limit,
+            schema=audit_schema,
         )
     if as_json:
         _echo_json([a.to_dict() for a in found])

@@ -150,9 +150,9 @@ def _statement(
     audit = sql.Identifier(schema)
     params: dict[str, Any] = {}
     if format == "csv":
-        head = sql.SQL("SELECT {} FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id").format(
-            _select_list(format), audit, audit
-        )
+        head = sql.SQL(
+            "SELECT {} FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id"
+        ).format(_select_list(format), audit, audit)
     else:
         # PostgreSQL writes each JSON object (keys in column order; in parallel workers when the
         # plan has them) and Python only moves text.
@@ -256,7 +256,12 @@ def export(
     filters = run(
         conn,
         filters_plan(
-            correlation_id=correlation_id, table=table, actor=actor, op=op, since=since, until=until,
+            correlation_id=correlation_id,
+            table=table,
+            actor=actor,
+            op=op,
+            since=since,
+            until=until,
             schema=schema,
         ),
     )
@@ -305,7 +310,12 @@ async def export_async(
     filters = await run_async(
         conn,
         filters_plan(
-            correlation_id=correlation_id, table=table, actor=actor, op=op, since=since, until=until,
+            correlation_id=correlation_id,
+            table=table,
+            actor=actor,
+            op=op,
+            since=since,
+            until=until,
             schema=schema,
         ),
     )

@@ -301,9 +301,7 @@ def normalize_key(table: TableRef, pk: Any) -> dict[str, Any]:
         if not given or not all(isinstance(k, str) for k in given):
             raise InvalidKey(f"pk for {table} must map key column names to values, got {pk!r}")
         if keys is not None and set(given) != set(keys):
-            raise InvalidKey(
-                f"{table} is keyed by ({', '.join(keys)}); got key columns ({', '.join(given)})"
-            )
+            raise InvalidKey(f"{table} is keyed by ({', '.join(keys)}); got key columns ({', '.join(given)})")
         order: Sequence[str] = keys or tuple(given)
     elif isinstance(pk, (tuple, list)):
         if keys is None:
@@ -316,9 +314,7 @@ def normalize_key(table: TableRef, pk: Any) -> dict[str, Any]:
         if keys is None:
             raise InvalidKey(f"the key columns of {table} are unknown: give pk as a dict")
         if len(keys) != 1:
-            raise InvalidKey(
-                f"{table} has a composite key ({', '.join(keys)}): give pk as a dict or a tuple"
-            )
+            raise InvalidKey(f"{table} has a composite key ({', '.join(keys)}): give pk as a dict or a tuple")
         given = {keys[0]: pk}
         order = keys
     return {k: _coerce(table, k, given[k]) for k in order}
@@ -342,7 +338,9 @@ TRANSACTION_COLUMNS = sql.SQL(
 # Changes are read without their transactions' columns (a transaction's context would otherwise
 # travel and be decoded once per change); :func:`with_transactions` fetches each transaction once.
 # The join is there for filters on the transaction; PostgreSQL drops it when nothing uses it.
-_SELECT = sql.SQL("SELECT {changes} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id")
+_SELECT = sql.SQL(
+    "SELECT {changes} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
+)
 
 
 def _select(audit: sql.Identifier) -> sql.Composed:
@@ -440,7 +438,9 @@ def filters_plan(
 def _actor_condition(actor: ActorRef, params: dict[str, Any]) -> sql.Composable:
     params["actor_type"] = actor.type
     if actor.id is None:
-        return sql.SQL("t.actor IS NOT NULL AND (t.actor ->> 'type') = %(actor_type)s AND (t.actor ->> 'id') IS NULL")
+        return sql.SQL(
+            "t.actor IS NOT NULL AND (t.actor ->> 'type') = %(actor_type)s AND (t.actor ->> 'id') IS NULL"
+        )
     params["actor_id"] = actor.id
     return sql.SQL(
         "t.actor IS NOT NULL AND (t.actor ->> 'type') = %(actor_type)s AND (t.actor ->> 'id') = %(actor_id)s"
@@ -579,9 +579,7 @@ def _actor_history_plan(
     filters = Filters(actor=ref, since=since, until=until)
     params: dict[str, Any] = {}
     statement = (
-        _select(audit)
-        + where_clause(filters, params)
-        + sql.SQL(" ORDER BY c.captured_at DESC, c.id DESC")
+        _select(audit) + where_clause(filters, params) + sql.SQL(" ORDER BY c.captured_at DESC, c.id DESC")
     )
     if limit is not None:
         params["limit"] = limit
@@ -661,7 +659,12 @@ def _timeline_plan(
     checked = check_limit(limit, allow_none=False)
     assert checked is not None
     filters = yield from filters_plan(
-        correlation_id=correlation_id, table=table, actor=actor, op=op, since=since, until=until,
+        correlation_id=correlation_id,
+        table=table,
+        actor=actor,
+        op=op,
+        since=since,
+        until=until,
         schema=schema,
     )
     params: dict[str, Any] = {}
@@ -795,9 +798,14 @@ def _as_of_plan(table: str, pk: Any, at: datetime, schema: str) -> Plan[dict[str
     key = normalize_key(ref, pk)
     row_of = f"{ref} ({_pk_text(key)})"
     params: dict[str, Any] = {
-        "pk": Jsonb(key), "table_schema": ref.schema, "table_name": ref.name, "at": moment,
+        "pk": Jsonb(key),
+        "table_schema": ref.schema,
+        "table_name": ref.name,
+        "at": moment,
     }
-    rows = yield Query(_AS_OF_SQL.format(audit=audit, changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS), params)
+    rows = yield Query(
+        _AS_OF_SQL.format(audit=audit, changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS), params
+    )
     found = {row["role"]: change for row, change in zip(rows, changes_from_rows(rows), strict=True)}
     latest = found.get("latest")
     if latest is None:
@@ -863,9 +871,9 @@ def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
     checked = check_text_filter("correlation_id", correlation_id)
     params = {"correlation_id": checked}
     tx_rows = yield Query(
-        sql.SQL("SELECT {} FROM {}.transactions t WHERE t.correlation_id = %(correlation_id)s ORDER BY t.occurred_at, t.id").format(
-            TRANSACTION_COLUMNS, audit
-        ),
+        sql.SQL(
+            "SELECT {} FROM {}.transactions t WHERE t.correlation_id = %(correlation_id)s ORDER BY t.occurred_at, t.id"
+        ).format(TRANSACTION_COLUMNS, audit),
         params,
     )
     change_rows = yield Query(
@@ -876,9 +884,9 @@ def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
         params,
     )
     action_rows = yield Query(
-        sql.SQL("SELECT {} FROM {}.actions a WHERE a.correlation_id = %(correlation_id)s ORDER BY a.inserted_at, a.id").format(
-            _ACTION_COLUMNS, audit
-        ),
+        sql.SQL(
+            "SELECT {} FROM {}.actions a WHERE a.correlation_id = %(correlation_id)s ORDER BY a.inserted_at, a.id"
+        ).format(_ACTION_COLUMNS, audit),
         params,
     )
     transactions = [Transaction.from_row(r, "t_") for r in tx_rows]

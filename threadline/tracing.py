@@ -246,8 +246,12 @@ def build_trace(
             shown = tx.causation_id if kind == WORK else ident
             node = nodes[(kind, ident)] = _Node(kind, shown)
             order.append(node)
-        node.transactions.append(TraceTransaction(tx, tuple(sorted(by_tx.get(tx.id, ()), key=lambda c: c.id))))
-        node.name = node.name or (_text(tx.job, "name") if kind == TASK else tx.origin if kind == WORK else None)
+        node.transactions.append(
+            TraceTransaction(tx, tuple(sorted(by_tx.get(tx.id, ()), key=lambda c: c.id)))
+        )
+        node.name = node.name or (
+            _text(tx.job, "name") if kind == TASK else tx.origin if kind == WORK else None
+        )
         node.origin = node.origin or tx.origin
         node.actor = node.actor or tx.actor
         if kind == TASK and tx.job is not None:
@@ -307,7 +311,10 @@ def build_trace(
                 break
 
     by_action = {
-        t.transaction.action_id: n for n in order for t in n.transactions if t.transaction.action_id is not None
+        t.transaction.action_id: n
+        for n in order
+        for t in n.transactions
+        if t.transaction.action_id is not None
     }
     loose_actions: list[Action] = []
     for action in actions:
@@ -348,7 +355,9 @@ def _freeze(node: _Node) -> TraceNode:
     started = min((t.started_at for t in txs), default=None)
     ended = max((t.ended_at for t in txs), default=None)
     action_times = [a.inserted_at for a in node.actions]
-    span_starts = [t for t in [started, *action_times, *(c.span_started_at for c in children)] if t is not None]
+    span_starts = [
+        t for t in [started, *action_times, *(c.span_started_at for c in children)] if t is not None
+    ]
     span_ends = [t for t in [ended, *action_times, *(c.span_ended_at for c in children)] if t is not None]
     return TraceNode(
         kind=node.kind,
