@@ -269,7 +269,13 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         ``ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor)`` therefore
         still applies the context (a plain ``ClientCursor`` would silently skip it).
         """
-        return self._cursor_factory
+        factory: type[psycopg.Cursor[Any]] | None = self.__dict__.get("_cursor_factory")
+        if factory is None:
+            # a connection whose class was switched to this one after it was made (the Django
+            # bridge does that) still holds psycopg's own attribute
+            factory = threadline_cursor_class(self.__dict__.get("cursor_factory", psycopg.Cursor))
+            self._cursor_factory = factory
+        return factory
 
     @cursor_factory.setter
     def cursor_factory(self, factory: type[psycopg.Cursor[Any]]) -> None:
