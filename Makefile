@@ -32,7 +32,7 @@ bench: venv
 	$(BIN)/python bench/capture.py
 
 bench-celery: venv
-	$(BIN)/python bench/celery.py
+	$(BIN)/python bench/celery_propagation.py
 
 bench-web: venv
 	$(BIN)/python bench/web.py

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/ (bench/celery.py)
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench._db import scratch_database  # noqa: E402
 from tests.load_writers import check, run_writers, setup  # noqa: E402

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this directory comes first on sys.path, and scripts here are named like the
-# packages threadline imports (bench/celery.py): look them up in site-packages instead.
+# packages threadline imports (a script named like a package): look them up in site-packages instead.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import psycopg  # noqa: E402

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not bench/: its celery.py would shadow celery
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 import threadline  # noqa: E402
 from threadline import ActorRef  # noqa: E402

@@ -1,4 +1,4 @@
-"""Celery propagation benchmark: run with `make bench-celery` (or `python bench/celery.py`).
+"""Celery propagation benchmark: run with `make bench-celery` (or `python bench/celery_propagation.py`).
 
 Prints a Markdown report. Three parts:
 
