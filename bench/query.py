@@ -51,19 +51,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this directory comes first on sys.path, and scripts here are named like the
-# packages threadline imports (a script named like a package): look them up in site-packages instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
 
-import psycopg  # noqa: E402
-from psycopg import sql  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
-
-import threadline  # noqa: E402
-from threadline import _run, ddl  # noqa: E402
-from threadline import query as q  # noqa: E402
-from threadline.errors import AsOfError  # noqa: E402
-from threadline.export import chunked_streaming  # noqa: E402
+import threadline
+from threadline import _run, ddl
+from threadline import query as q
+from threadline.errors import AsOfError
+from threadline.export import chunked_streaming
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "200"))
