@@ -167,3 +167,17 @@ def test_automatic_mode_keeps_working_with_another_cursor_class(
             app.execute(query, [1])
             app.commit()
     assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "client"}]
+
+
+def test_automatic_mode_in_pipeline_mode(dsn: str, conn: Any, posts: str) -> None:
+    with ThreadlineConnection.connect(dsn) as app:
+        with threadline.context(actor="user:piped"), app.pipeline():
+            app.execute("INSERT INTO app.posts (id) VALUES (1)")
+            app.execute("INSERT INTO app.posts (id) VALUES (2)")
+        app.commit()
+        with app.pipeline():  # no context: nothing is sent for it
+            app.execute("INSERT INTO app.posts (id) VALUES (3)")
+        app.commit()
+    rows = changes(conn)
+    assert [r["actor"] for r in rows] == [{"type": "user", "id": "piped"}] * 2 + [None]
+    assert rows[0]["transaction_id"] == rows[1]["transaction_id"] != rows[2]["transaction_id"]

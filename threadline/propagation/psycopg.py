@@ -325,7 +325,12 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             self._applied = None
             if ctx.is_empty or self.autocommit:
                 return
-            self._begin_with(ctx)
+            if getattr(self, "_pipeline", None) is not None:
+                # in pipeline mode nothing may be sent synchronously: psycopg queues its own BEGIN
+                # and the setting follows it in the same pipeline (still no extra round trip)
+                psycopg.Cursor(self).execute(set_local_command(self, ctx.to_json()))
+            else:
+                self._begin_with(ctx)
             self._applied = ctx
         elif status == _INTRANS and self._applied != ctx:
             if ctx.is_empty and self._applied is None:
@@ -369,9 +374,11 @@ def begin_with_context(conn: psycopg.Connection[Any], ctx: AuditContext) -> None
     context costs no extra network round trip. Raises :class:`psycopg.OperationalError` (with the
     connection left idle) when the server refuses the command.
     """
-    result = conn.pgconn.exec_(begin_command(conn, ctx))
-    if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+    with conn.lock:  # the connection may be shared by threads, like any psycopg connection
+        result = conn.pgconn.exec_(begin_command(conn, ctx))
+        if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            return
         message = (result.error_message or b"").decode(errors="replace").strip()
         if conn.pgconn.transaction_status != _IDLE:
             conn.pgconn.exec_(b"ROLLBACK")
-        raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
+    raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
