@@ -4,7 +4,6 @@ the header codec, signing, and inject/extract for other transports."""
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import queue
 import uuid
@@ -30,7 +29,7 @@ from threadline.propagation import carrier
 from threadline.propagation import celery as tc
 
 from .celery_app import tasks
-from .celery_app.harness import setup_events_table, wait_rows
+from .celery_app.harness import env_var, setup_events_table, wait_rows
 
 KEY = "a-signing-key-of-32-characters!!"
 
@@ -38,13 +37,8 @@ KEY = "a-signing-key-of-32-characters!!"
 @pytest.fixture(scope="module")
 def celery_dsn(database: str) -> Iterator[str]:
     setup_events_table(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 @pytest.fixture

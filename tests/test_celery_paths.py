@@ -7,7 +7,6 @@ wrote: actor, correlation id, causation, origin and job.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import threadline
 from threadline import ActorRef
 
 from .celery_app import tasks
-from .celery_app.harness import Worker, setup_events_table, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_rows
 
 USER = {"type": "user", "id": "7"}
 DEFAULT = tasks.DEFAULT_ACTOR.to_dict()
@@ -44,13 +43,8 @@ class Env:
 @pytest.fixture(scope="module")
 def celery_dsn(database: str) -> Iterator[str]:
     setup_events_table(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 @pytest.fixture(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import threadline
 from threadline import ActorRef, UntrustedContext, codec
 
 from .celery_app import tasks
-from .celery_app.harness import Worker, setup_events_table, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_rows
 
 NEW_KEY = "new-signing-key-0123456789abcdef"
 OLD_KEY = "old-signing-key-0123456789abcdef"
@@ -26,13 +25,8 @@ USER = {"type": "user", "id": "7"}
 @pytest.fixture(scope="module")
 def celery_dsn(database: str) -> Iterator[str]:
     setup_events_table(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 @pytest.fixture(scope="module", params=[("redis", "prefork"), ("amqp", "threads")], ids=lambda p: "-".join(p))

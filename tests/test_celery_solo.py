@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import threadline
 from threadline import ActorRef
 
 from .celery_app import tasks
-from .celery_app.harness import Worker, setup_events_table, wait_row_list, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_row_list, wait_rows
 
 DEFAULT = tasks.DEFAULT_ACTOR.to_dict()
 BEAT = tasks.BEAT_ACTOR.to_dict()
@@ -22,13 +21,8 @@ BEAT = tasks.BEAT_ACTOR.to_dict()
 @pytest.fixture(scope="module")
 def celery_dsn(database: str) -> Iterator[str]:
     setup_events_table(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 @pytest.fixture(scope="module", params=["redis", "amqp"])

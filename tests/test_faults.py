@@ -26,7 +26,7 @@ import threadline
 from threadline import ActorRef
 
 from .celery_app import tasks
-from .celery_app.harness import REDIS_URL, Worker, setup_events_table, wait_row_list, wait_rows
+from .celery_app.harness import REDIS_URL, Worker, env_var, setup_events_table, wait_row_list, wait_rows
 
 FAULT_TASKS = "tests.celery_app.fault_tasks"
 APP_NAME = "threadline-fault-worker"
@@ -35,13 +35,8 @@ APP_NAME = "threadline-fault-worker"
 @pytest.fixture(scope="module")
 def celery_dsn(database: str) -> Iterator[str]:
     setup_events_table(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 def _worker(

@@ -8,7 +8,6 @@ SQLAlchemy engine. FastAPI: ``app.add_middleware(ASGIMiddleware, ...)``, the act
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from threadline import ActorRef
 from threadline.propagation import sqlalchemy as tl_sqlalchemy
 from threadline.propagation.web import ASGIMiddleware, WSGIMiddleware, bind_actor
 
-from .celery_app.harness import Worker
+from .celery_app.harness import Worker, env_var
 from .test_sqlalchemy import sa_url
 from .webapps import tasks
 from .webapps.support import assert_web_then_worker, setup_posts, start_worker, story
@@ -37,13 +36,8 @@ INSERT = text("INSERT INTO web_t.posts (title) VALUES (:title) RETURNING id")
 @pytest.fixture(scope="module")
 def fw_dsn(database: str) -> Iterator[str]:
     setup_posts(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 @pytest.fixture(scope="module")

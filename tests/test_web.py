@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import urllib.request
 import uuid
@@ -28,7 +27,7 @@ import threadline
 from threadline import ActorRef, ConfigurationError, ThreadlineConnection
 from threadline.propagation.web import ASGIMiddleware, WSGIMiddleware, bind_actor
 
-from .celery_app.harness import Worker
+from .celery_app.harness import Worker, env_var
 from .webapps import tasks
 from .webapps.support import assert_web_then_worker, serve_wsgi, setup_posts, start_worker, story
 
@@ -38,13 +37,8 @@ UUID_LEN = 36
 @pytest.fixture(scope="module")
 def web_dsn(database: str) -> Iterator[str]:
     setup_posts(database)
-    old = os.environ.get(tasks.DSN_ENV)
-    os.environ[tasks.DSN_ENV] = database
-    yield database
-    if old is None:
-        os.environ.pop(tasks.DSN_ENV, None)
-    else:
-        os.environ[tasks.DSN_ENV] = old
+    with env_var(tasks.DSN_ENV, database):
+        yield database
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,20 @@ SELECT c.after->>'label' AS label, (c.after->>'pid')::int AS pid, c.after->>'thr
  WHERE c.table_schema = 'celery_t' AND c.table_name = 'events' AND c.after->>'label' LIKE %s
  ORDER BY c.id
 """
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable (read by in-process tasks) and restore what was there."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def require_broker(url: str) -> None:

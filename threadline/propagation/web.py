@@ -271,7 +271,33 @@ def _reset_token(token: Token[AuditContext]) -> None:
         _current.reset(token)
 
 
-class WSGIMiddleware:
+class _Middleware:
+    """What the WSGI and ASGI middleware share: validated options and the correlation policy."""
+
+    def __init__(
+        self,
+        protocol: str,
+        app: object,
+        actor_resolver: ActorResolver | None,
+        correlation_headers: Sequence[str],
+        response_header: str | None,
+        max_id_length: int,
+        client_address: bool,
+    ) -> None:
+        name = type(self).__name__
+        if not callable(app):
+            raise ConfigurationError(
+                f"{name} wraps a callable {protocol} application, got {type(app).__name__}"
+            )
+        if actor_resolver is not None and not callable(actor_resolver):
+            argument = "environ" if protocol == "WSGI" else "scope"
+            raise ConfigurationError(f"actor_resolver must be a callable taking the {protocol} {argument}")
+        self.actor_resolver = actor_resolver
+        self.policy = CorrelationPolicy(correlation_headers, response_header, max_id_length)
+        self.client_address = client_address
+
+
+class WSGIMiddleware(_Middleware):
     """WSGI middleware: each request runs under its own audit context (see the module docs).
 
     ``actor_resolver(environ)`` returns the acting :class:`~threadline.actor.ActorRef` (or
@@ -290,14 +316,10 @@ class WSGIMiddleware:
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
         client_address: bool = True,
     ) -> None:
-        if not callable(app):
-            raise ConfigurationError(f"WSGIMiddleware wraps a WSGI callable, got {type(app).__name__}")
-        if actor_resolver is not None and not callable(actor_resolver):
-            raise ConfigurationError("actor_resolver must be a callable taking the WSGI environ")
+        super().__init__(
+            "WSGI", app, actor_resolver, correlation_headers, response_header, max_id_length, client_address
+        )
         self.app = app
-        self.actor_resolver = actor_resolver
-        self.policy = CorrelationPolicy(correlation_headers, response_header, max_id_length)
-        self.client_address = client_address
         self._echo = response_header
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
@@ -328,7 +350,7 @@ class WSGIMiddleware:
         return _ClosingBody(body, token)
 
 
-class ASGIMiddleware:
+class ASGIMiddleware(_Middleware):
     """ASGI 3 middleware: each HTTP request and websocket runs under its own audit context.
 
     ``actor_resolver(scope)`` returns the acting :class:`~threadline.actor.ActorRef` (or
@@ -345,14 +367,10 @@ class ASGIMiddleware:
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
         client_address: bool = True,
     ) -> None:
-        if not callable(app):
-            raise ConfigurationError(f"ASGIMiddleware wraps an ASGI callable, got {type(app).__name__}")
-        if actor_resolver is not None and not callable(actor_resolver):
-            raise ConfigurationError("actor_resolver must be a callable taking the ASGI scope")
+        super().__init__(
+            "ASGI", app, actor_resolver, correlation_headers, response_header, max_id_length, client_address
+        )
         self.app = app
-        self.actor_resolver = actor_resolver
-        self.policy = CorrelationPolicy(correlation_headers, response_header, max_id_length)
-        self.client_address = client_address
         self._echo = None if response_header is None else response_header.lower().encode("ascii")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
