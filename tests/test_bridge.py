@@ -181,3 +181,32 @@ def test_automatic_mode_in_pipeline_mode(dsn: str, conn: Any, posts: str) -> Non
     rows = changes(conn)
     assert [r["actor"] for r in rows] == [{"type": "user", "id": "piped"}] * 2 + [None]
     assert rows[0]["transaction_id"] == rows[1]["transaction_id"] != rows[2]["transaction_id"]
+
+
+def test_autocommit_client_cursor_sends_context_and_statement_as_one_query(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    sent: list[str] = []
+    with ThreadlineConnection.connect(dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as app:
+        app.add_notice_handler(lambda d: sent.append(d.message_primary or ""))
+        # a context whose JSON holds '%' and quotes, parameters holding them too
+        with threadline.context(actor="user:c%s'1", correlation_id="50%_off", meta={"q": "it's %(x)s"}):
+            cur = app.execute(
+                "INSERT INTO app.posts (id, title) VALUES (%s, %s), (%s, '100%%') RETURNING id",
+                [1, "a%sb'c", 2],
+            )
+            assert cur.rowcount == 2 and cur.fetchall() == [(1,), (2,)]
+            assert cur.statusmessage == "INSERT 0 2" and cur.nextset() is None
+            assert app.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                app.execute("INSERT INTO app.posts (id) VALUES (%s)", [1])
+            assert app.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            app.execute("UPDATE app.posts SET views = views + 1 WHERE id = %s", [2])
+        assert app.execute(SHOW).fetchone()[0] in (None, "")  # nothing outlived the statements
+        app.execute("UPDATE app.posts SET views = views + 1 WHERE id = 1")  # no context: nothing sent
+    rows = changes(conn)
+    assert [r["after"]["title"] for r in rows[:2]] == ["a%sb'c", "100%"]
+    assert [r["actor"] for r in rows] == [{"type": "user", "id": "c%s'1"}] * 3 + [None]
+    assert rows[0]["correlation_id"] == "50%_off" and rows[0]["meta"] == {"q": "it's %(x)s"}
+    assert rows[0]["transaction_id"] == rows[1]["transaction_id"] != rows[2]["transaction_id"]
+    assert sent == []  # no "SET LOCAL outside a transaction block" warning

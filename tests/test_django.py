@@ -129,30 +129,39 @@ def test_anonymous_user_and_no_user(django_dsn: str) -> None:
     assert resp.json()["ctx"]["actor"] == {"type": "service_account", "id": "api"}
 
 
-def test_every_kind_of_orm_write_carries_the_context(django_dsn: str) -> None:
-    from django.db import connection, transaction
+@pytest.mark.parametrize("alias", ["default", "serverside"])
+def test_every_kind_of_orm_write_carries_the_context(django_dsn: str, alias: str) -> None:
+    from django.db import connections, transaction
 
     from tests.djangoproject.blog.models import Post
 
+    connection = connections[alias]
+    posts = Post.objects.using(alias)
     before = last_tx(django_dsn)
     with threadline.context(actor=ActorRef.user("1"), correlation_id="orm-auto"):
-        post = Post.objects.create(title="a")  # autocommit
-        Post.objects.bulk_create([Post(title="b1"), Post(title="b2")])
-        Post.objects.filter(pk=post.pk).update(note="u")
+        post = posts.create(title="a")  # autocommit
+        posts.bulk_create([Post(title="b1"), Post(title="b2")])
+        posts.filter(pk=post.pk).update(note="u")
         post.title = "saved"
-        post.save()
+        post.save(using=alias)
         with connection.cursor() as cur:
             cur.execute("INSERT INTO dj_posts (title) VALUES (%s)", ["raw"])
-        Post.objects.filter(title__in=["b1", "b2"]).delete()
-    with threadline.context(actor=ActorRef.user("2"), correlation_id="orm-atomic"), transaction.atomic():
-        Post.objects.create(title="c")
-        Post.objects.filter(title="raw").update(note="in-atomic")
+            cur.execute("SELECT title FROM dj_posts WHERE title = %s", ["raw"])
+            assert cur.fetchall() == [("raw",)]
+        posts.filter(title__in=["b1", "b2"]).delete()
+    with (
+        threadline.context(actor=ActorRef.user("2"), correlation_id="orm-atomic"),
+        transaction.atomic(using=alias),
+    ):
+        posts.create(title="c")
+        posts.filter(title="raw").update(note="in-atomic")
+    posts.filter(title="raw").delete()  # no context: recorded without an actor
     rows = dj_changes(django_dsn, before)
-    by_corr: dict[str, list[dict[str, Any]]] = {}
+    by_corr: dict[str | None, list[dict[str, Any]]] = {}
     for row in rows:
         assert row["origin"] is None  # as given: no origin in these contexts
         by_corr.setdefault(row["correlation_id"], []).append(row)
-    assert set(by_corr) == {"orm-auto", "orm-atomic"}, rows
+    assert set(by_corr) == {"orm-auto", "orm-atomic", None}, rows
     auto, atomic = by_corr["orm-auto"], by_corr["orm-atomic"]
     assert [r["op"] for r in auto] == [
         "insert",
@@ -168,7 +177,10 @@ def test_every_kind_of_orm_write_carries_the_context(django_dsn: str) -> None:
     assert len({r["tx"] for r in auto}) == 6  # each autocommit write (bulk_create, delete: one each)
     assert [r["op"] for r in atomic] == ["insert", "update"] and len({r["tx"] for r in atomic}) == 1
     assert all(r["actor"] == {"type": "user", "id": "2"} for r in atomic)
+    assert [(r["op"], r["actor"]) for r in by_corr[None]] == [("delete", None)]
     assert isinstance(connection.connection, ThreadlineConnection)
+    binds_client_side = alias == "default"
+    assert isinstance(connection.connection.cursor(), psycopg.ClientCursor) is binds_client_side
 
 
 def test_context_changes_inside_atomic_and_savepoint_rollback(django_dsn: str) -> None:

@@ -29,4 +29,6 @@ DATABASES = {
         "PORT": _db.get("port", ""),
     }
 }
+# the same database through server-side parameter binding (psycopg's Cursor, not ClientCursor)
+DATABASES["serverside"] = {**DATABASES["default"], "OPTIONS": {"server_side_binding": True}}
 THREADLINE = {"CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"], "MAX_ID_LENGTH": 128}

@@ -29,8 +29,10 @@ it after the last chunk.
 connection becomes a :class:`~threadline.propagation.psycopg.ThreadlineConnection` and its cursors
 :class:`~threadline.propagation.psycopg.ThreadlineCursor` subclasses of Django's own. So every
 transaction carries the current context: inside ``atomic()`` the ``BEGIN`` that psycopg would send
-anyway carries the ``set_config`` in the same message, and in autocommit mode the ``set_config`` is
-pipelined with the statement; no extra round trip either way. ORM saves, ``bulk_create``,
+anyway carries a ``SET LOCAL`` in the same message, and in autocommit mode the ``SET LOCAL`` and the
+statement travel as one simple query (Django binds parameters client-side; with the
+``server_side_binding`` option the setting is pipelined with the statement instead); no extra
+round trip either way. ORM saves, ``bulk_create``,
 ``QuerySet.update()``/``delete()`` and raw ``connection.cursor()`` SQL are all covered; it works
 with any backend built on ``django.db.backends.postgresql`` (PostGIS included) and with Django's
 connection pool. Without a current context nothing at all is sent.

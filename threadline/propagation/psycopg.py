@@ -183,6 +183,13 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         """Like :meth:`psycopg.Cursor.execute`, with the current context applied first."""
         conn = self.connection
         if isinstance(conn, ThreadlineConnection) and conn._needs_pipeline():
+            if isinstance(self, psycopg.ClientCursor) and not kwargs and conn._pipeline is None:
+                # Parameters are bound client-side anyway: the setting and the statement go as one
+                # simple query, which the server runs as one implicit transaction.
+                statement = self.mogrify(query, params)
+                super().execute(conn._set_local_text() + "; " + statement)
+                self.nextset()  # position on the statement's result, as a plain execute() would
+                return self
             with conn.pipeline():
                 psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload()])
                 super().execute(query, params, **kwargs)
@@ -248,14 +255,19 @@ class ThreadlineConnection(psycopg.Connection[Row]):
       message holding ``BEGIN`` and ``set_config``: no extra round trip.
     - Inside ``conn.transaction()`` (or when the context changed mid-transaction) the context is
       set by one ``set_config`` before the next statement, once per transaction.
-    - In autocommit mode the ``set_config`` is pipelined with each statement (``executemany``
-      runs its batch in one transaction; use a transaction for ``stream()`` and ``copy()``).
+    - In autocommit mode each statement runs in its own transaction with the context: a cursor
+      that binds parameters client-side (``psycopg.ClientCursor``, Django's default) sends
+      ``SET LOCAL`` and the statement as one simple query; other cursors pipeline ``set_config``
+      with the statement. ``executemany`` runs its batch in one transaction; use a transaction
+      for ``stream()`` and ``copy()``.
     - With no context active nothing is sent. Nothing outlives a transaction, so a connection
       returned to a pool never carries a previous request's context.
 
     Do not issue ``BEGIN``/``COMMIT``/``ROLLBACK TO`` as SQL text on it: use ``commit()``,
     ``rollback()`` and ``transaction()``, which the connection watches.
     """
+
+    _set_local_cache: tuple[AuditContext, str]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -344,6 +356,15 @@ class ThreadlineConnection(psycopg.Connection[Row]):
 
     def _begin_statement_sql(self) -> str:
         return _begin_statement_sql(self)
+
+    def _set_local_text(self) -> str:
+        """``SET LOCAL`` of the current context as text, quoted once per context object."""
+        ctx = current()
+        cached = self.__dict__.get("_set_local_cache")
+        if cached is None or cached[0] is not ctx:
+            text = "SET LOCAL " + CONTEXT_SETTING + " = " + sql.Literal(ctx.to_json()).as_string(self)
+            cached = self._set_local_cache = (ctx, text)
+        return cached[1]
 
 
 def _begin_statement_sql(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
