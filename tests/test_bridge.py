@@ -210,3 +210,31 @@ def test_autocommit_client_cursor_sends_context_and_statement_as_one_query(
     assert rows[0]["correlation_id"] == "50%_off" and rows[0]["meta"] == {"q": "it's %(x)s"}
     assert rows[0]["transaction_id"] == rows[1]["transaction_id"] != rows[2]["transaction_id"]
     assert sent == []  # no "SET LOCAL outside a transaction block" warning
+
+
+def test_named_cursor_statements_carry_the_context(dsn: str, conn: Any, posts: str) -> None:
+    with ThreadlineConnection.connect(dsn) as app:
+        with threadline.context(actor="user:named"):
+            # the DECLARE is the transaction's first statement: it begins it with the context
+            named = app.cursor("c1")
+            named.execute("SELECT current_setting('threadline.context', true)")
+            assert '"named"' in named.fetchone()[0]
+            named.close()
+            with threadline.context(actor="user:changed"):
+                named = app.cursor("c2")
+                named.execute("SELECT current_setting('threadline.context', true)")
+                assert '"changed"' in named.fetchone()[0]
+                named.close()
+        app.commit()
+    psycopg_conn = psycopg.connect(dsn)
+    threadline.propagation.psycopg.bridge(psycopg_conn)
+    assert isinstance(psycopg_conn, ThreadlineConnection)
+    assert issubclass(
+        psycopg_conn.server_cursor_factory, threadline.propagation.psycopg.ThreadlineServerCursor
+    )
+    with psycopg_conn, threadline.context(actor="user:bridged"):
+        psycopg_conn.execute("INSERT INTO app.posts (id) VALUES (7)")
+        psycopg_conn.commit()
+    with pytest.raises(threadline.ConfigurationError):
+        threadline.propagation.psycopg.bridge(object())  # type: ignore[arg-type]
+    assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "bridged"}]

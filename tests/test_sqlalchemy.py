@@ -180,3 +180,25 @@ def test_streamed_query_after_a_context_change_mid_transaction(engine: Any) -> N
             assert c.execute(text("SELECT current_setting('threadline.context', true)")).scalar() == (
                 threadline.current().to_json()
             )
+
+
+def test_sync_engine_bridges_pooled_and_autocommit_connections(sa_dsn: str) -> None:
+    eng = create_engine(sa_url(sa_dsn), pool_size=2)
+    with eng.connect() as c:  # pooled before instrument(): replaced when returned
+        c.execute(text("SELECT 1"))
+        with threadline.context(actor=ActorRef.user("early")):
+            tl_sqlalchemy.instrument(eng)
+    start = mark(sa_dsn)
+    try:
+        with threadline.context(actor=ActorRef.user("ac"), correlation_id="sa-autocommit"):
+            with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.execute(insert(Item).values(name="autocommit-1"))
+                c.execute(insert(Item).values(name="autocommit-2"))
+            with eng.begin() as c:
+                c.execute(insert(Item).values(name="in-tx"))
+    finally:
+        eng.dispose()
+    rows = rows_since(sa_dsn, start)
+    assert [r["name"] for r in rows] == ["autocommit-1", "autocommit-2", "in-tx"]
+    assert all(r["actor"] == {"type": "user", "id": "ac"} for r in rows)
+    assert len({r["tx"] for r in rows}) == 3

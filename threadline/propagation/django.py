@@ -40,7 +40,6 @@ connection pool. Without a current context nothing at all is sent.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from django.utils.module_loading import import_string
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, _current
 from threadline.errors import ConfigurationError
-from threadline.propagation.psycopg import ThreadlineConnection, ThreadlineCursor
+from threadline.propagation.psycopg import bridge
 from threadline.propagation.web import (
     DEFAULT_CORRELATION_HEADERS,
     DEFAULT_MAX_ID_LENGTH,
@@ -225,47 +224,7 @@ class ThreadlineMiddleware:
 
 # -- ORM bridge -------------------------------------------------------------------------------
 
-_lock = threading.Lock()
-_connection_classes: dict[type[Any], type[Any]] = {}
-_cursor_classes: dict[type[Any], type[Any]] = {}
 _DISPATCH_UID = "threadline.orm_bridge"
-
-
-class _SavepointAwareCursor(ThreadlineCursor[Any]):
-    """Django rolls savepoints back with SQL text: make the next statement set the context again."""
-
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        """Like :meth:`ThreadlineCursor.execute`; a ``ROLLBACK TO SAVEPOINT`` forgets the context."""
-        result = super().execute(query, params, **kwargs)
-        if query.__class__ is str and query.startswith("ROLLBACK TO SAVEPOINT"):
-            conn = self.connection
-            if isinstance(conn, ThreadlineConnection):
-                conn._applied = None  # a set_config made inside the savepoint was undone with it
-        return result
-
-
-def _connection_class(cls: type[Any]) -> type[Any]:
-    if issubclass(cls, ThreadlineConnection):
-        return cls
-    if cls is psycopg.Connection:
-        return ThreadlineConnection
-    with _lock:
-        out = _connection_classes.get(cls)
-        if out is None:
-            out = type("Threadline" + cls.__name__, (ThreadlineConnection, cls), {})
-            _connection_classes[cls] = out
-        return out
-
-
-def _cursor_class(cls: type[Any]) -> type[Any]:
-    if issubclass(cls, _SavepointAwareCursor):
-        return cls
-    with _lock:
-        out = _cursor_classes.get(cls)
-        if out is None:
-            out = type("Threadline" + cls.__name__, (_SavepointAwareCursor, cls), {})
-            _cursor_classes[cls] = out
-        return out
 
 
 def bridge_connection(connection: Any) -> None:
@@ -284,11 +243,7 @@ def bridge_connection(connection: Any) -> None:
             "Django ORM bridge needs the psycopg 3 driver (pip install 'psycopg[binary]'), "
             "or set THREADLINE = {'ORM_BRIDGE': False}"
         )
-    if not isinstance(pg, ThreadlineConnection):
-        # Same layout (the subclass adds no slots): the connection keeps its state and socket.
-        pg.__class__ = _connection_class(type(pg))
-        pg._applied = None  # type: ignore[attr-defined]
-    pg.cursor_factory = _cursor_class(pg.cursor_factory)
+    bridge(pg)
 
 
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:

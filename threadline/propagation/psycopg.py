@@ -19,6 +19,7 @@ Two ways to use it:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -29,6 +30,7 @@ from psycopg.rows import Row
 
 from threadline.context import AuditContext, current
 from threadline.ddl.names import CONTEXT_SETTING
+from threadline.errors import ConfigurationError
 
 SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
 # Sets the context and returns the value it replaced (to restore after a nested block).
@@ -231,6 +233,35 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
             yield copy
 
 
+class ThreadlineServerCursor(psycopg.ServerCursor[Row]):
+    """Named (server-side) cursor of a :class:`ThreadlineConnection`: the ``DECLARE`` that runs
+    the query is preceded by the context, like any other statement."""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> ThreadlineServerCursor[Row]:
+        """Like :meth:`psycopg.ServerCursor.execute`, with the current context applied first."""
+        conn = self.connection
+        if isinstance(conn, ThreadlineConnection):
+            conn._prepare_statement()
+        super().execute(query, params, **kwargs)
+        return self
+
+
+_SERVER_CURSOR_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def threadline_server_cursor_class(
+    factory: type[psycopg.ServerCursor[Any]],
+) -> type[psycopg.ServerCursor[Any]]:
+    """Like :func:`threadline_cursor_class`, for ``server_cursor_factory``."""
+    if issubclass(factory, ThreadlineServerCursor):
+        return factory
+    combined = _SERVER_CURSOR_CLASSES.get(factory)
+    if combined is None:
+        combined = type(f"Threadline{factory.__name__}", (ThreadlineServerCursor, factory), {})
+        _SERVER_CURSOR_CLASSES[factory] = combined
+    return combined
+
+
 _CURSOR_CLASSES: dict[type[Any], type[Any]] = {}
 
 
@@ -272,6 +303,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cursor_factory = ThreadlineCursor
+        self.server_cursor_factory = threadline_server_cursor_class(self.server_cursor_factory)
         self._applied: AuditContext | None = None
 
     @property
@@ -403,3 +435,69 @@ def begin_with_context(conn: psycopg.Connection[Any], ctx: AuditContext) -> None
         if conn.pgconn.transaction_status != _IDLE:
             conn.pgconn.exec_(b"ROLLBACK")
     raise psycopg.OperationalError(f"could not begin a transaction with the audit context: {message}")
+
+
+class SavepointAwareCursor(ThreadlineCursor[Row]):
+    """A :class:`ThreadlineCursor` for code that rolls savepoints back with SQL text.
+
+    ORMs (Django, SQLAlchemy) send ``ROLLBACK TO SAVEPOINT`` through a cursor instead of
+    ``conn.transaction()``; a ``SET LOCAL`` made inside the savepoint is undone with it, so the
+    next statement sets the context again.
+    """
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> SavepointAwareCursor[Row]:
+        """Like :meth:`ThreadlineCursor.execute`; a ``ROLLBACK TO SAVEPOINT`` forgets the context."""
+        super().execute(query, params, **kwargs)
+        if query.__class__ is str and query.startswith("ROLLBACK TO SAVEPOINT"):
+            conn = self.connection
+            if isinstance(conn, ThreadlineConnection):
+                conn._applied = None
+        return self
+
+
+_bridge_lock = threading.Lock()
+_bridged_connection_classes: dict[type[Any], type[Any]] = {}
+_bridged_cursor_classes: dict[type[Any], type[Any]] = {}
+
+
+def _bridged_connection_class(cls: type[Any]) -> type[Any]:
+    if issubclass(cls, ThreadlineConnection):
+        return cls
+    if cls is psycopg.Connection:
+        return ThreadlineConnection
+    with _bridge_lock:
+        out = _bridged_connection_classes.get(cls)
+        if out is None:
+            out = type("Threadline" + cls.__name__, (ThreadlineConnection, cls), {})
+            _bridged_connection_classes[cls] = out
+        return out
+
+
+def _bridged_cursor_class(cls: type[Any]) -> type[Any]:
+    if issubclass(cls, SavepointAwareCursor):
+        return cls
+    with _bridge_lock:
+        out = _bridged_cursor_classes.get(cls)
+        if out is None:
+            out = type("Threadline" + cls.__name__, (SavepointAwareCursor, cls), {})
+            _bridged_cursor_classes[cls] = out
+        return out
+
+
+def bridge(conn: psycopg.Connection[Any]) -> None:
+    """Make an open psycopg connection a :class:`ThreadlineConnection`, in place (idempotent).
+
+    For connections created by someone else (an ORM's pool): the object, its socket and its state
+    are kept, only its class changes (the subclass adds no slots), and its cursors become
+    :class:`SavepointAwareCursor` subclasses of the cursor class it had. Raises
+    :class:`~threadline.errors.ConfigurationError` for anything but a ``psycopg.Connection``.
+    """
+    if not isinstance(conn, psycopg.Connection):
+        raise ConfigurationError(
+            f"bridge() needs a psycopg 3 Connection, got {type(conn).__module__}.{type(conn).__name__}"
+        )
+    if not isinstance(conn, ThreadlineConnection):
+        conn.__class__ = _bridged_connection_class(type(conn))
+        conn._applied = None  # type: ignore[attr-defined]
+    conn.cursor_factory = _bridged_cursor_class(conn.cursor_factory)
+    conn.server_cursor_factory = threadline_server_cursor_class(conn.server_cursor_factory)

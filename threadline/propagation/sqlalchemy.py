@@ -10,18 +10,23 @@
         session.commit()                 # the transaction row records actor user:42
 
 It works for Core and the ORM, sync and ``asyncio`` engines, with the ``psycopg`` (3) driver.
-A ``before_cursor_execute`` listener looks at the driver connection before each statement:
 
-- no transaction open yet (the statement would begin one) and a context is current: it opens the
-  transaction itself with ``BEGIN`` and ``set_config`` in one message, the round trip psycopg's own
-  ``BEGIN`` would have cost (:func:`threadline.propagation.psycopg.begin_with_context`);
-- inside a transaction whose context is not the current one (it changed mid-transaction, or the
-  transaction was begun elsewhere): one ``set_config`` first;
-- no context and none applied: nothing at all.
+- Sync engines: each new driver connection becomes a
+  :class:`~threadline.propagation.psycopg.ThreadlineConnection` in place
+  (:func:`~threadline.propagation.psycopg.bridge`), so the connection itself applies the context:
+  ``BEGIN`` and ``SET LOCAL`` in one message when a transaction begins, one ``SET LOCAL`` when the
+  context changed mid-transaction, and per statement in ``AUTOCOMMIT`` mode. No SQLAlchemy event
+  runs per statement. Connections pooled before :func:`instrument` are replaced: they are closed
+  when next returned to the pool.
+- Async engines: a ``before_cursor_execute`` listener looks at the driver connection before each
+  statement. No transaction open yet (the statement would begin one) and a context current: it
+  opens the transaction itself with ``BEGIN`` and ``SET LOCAL`` in one message, the round trip
+  psycopg's own ``BEGIN`` would have cost. Inside a transaction whose context is not the current
+  one: one ``SET LOCAL`` first. No context and none applied: nothing at all. Connections in
+  ``AUTOCOMMIT`` isolation level are left alone: use a transaction (the default).
 
-A ``ROLLBACK TO SAVEPOINT`` (``begin_nested()`` rolled back) may undo a ``set_config``, so the
-next statement sets the context again. Connections in ``AUTOCOMMIT`` isolation level run every
-statement in its own implicit transaction and are left alone: use a transaction (the default).
+Either way a ``ROLLBACK TO SAVEPOINT`` (``begin_nested()`` rolled back) may undo a ``SET LOCAL``,
+so the next statement sets the context again.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from threadline.context import AuditContext, _current
 from threadline.errors import ConfigurationError
 from threadline.propagation.psycopg import (
     begin_command,
-    begin_with_context,
+    bridge,
     context_payload,
     set_local_command,
 )
@@ -79,15 +84,18 @@ def instrument(engine: Any) -> None:
         )
     if is_instrumented(sync):
         return
-    listener = _before_async if dialect.is_async else _before_sync
-    event.listen(sync, "before_cursor_execute", listener)
-    event.listen(sync, "rollback_savepoint", _forget)
+    if dialect.is_async:
+        event.listen(sync, "before_cursor_execute", _before_async)
+        event.listen(sync, "rollback_savepoint", _forget)
+    else:
+        event.listen(sync, "connect", _bridge_new_connection)
+        sync.dispose(close=False)  # connections pooled before now are not bridged: replace them
 
 
 def is_instrumented(engine: Any) -> bool:
     """True when :func:`instrument` was applied to ``engine``."""
     sync = _sync_engine(engine)
-    return event.contains(sync, "before_cursor_execute", _before_sync) or event.contains(
+    return event.contains(sync, "connect", _bridge_new_connection) or event.contains(
         sync, "before_cursor_execute", _before_async
     )
 
@@ -95,32 +103,21 @@ def is_instrumented(engine: Any) -> bool:
 def uninstrument(engine: Any) -> None:
     """Undo :func:`instrument` (no-op when it was not applied)."""
     sync = _sync_engine(engine)
-    for listener in (_before_sync, _before_async):
-        if event.contains(sync, "before_cursor_execute", listener):
-            event.remove(sync, "before_cursor_execute", listener)
+    if event.contains(sync, "before_cursor_execute", _before_async):
+        event.remove(sync, "before_cursor_execute", _before_async)
     if event.contains(sync, "rollback_savepoint", _forget):
         event.remove(sync, "rollback_savepoint", _forget)
+    if event.contains(sync, "connect", _bridge_new_connection):
+        event.remove(sync, "connect", _bridge_new_connection)
+        sync.dispose(close=False)  # bridged connections are closed when next returned
 
 
 def _forget(conn: Any, name: str, context: Any) -> None:
     conn.connection.info[_KEY] = _UNKNOWN
 
 
-def _before_sync(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    ctx = _current.get()
-    fairy = conn.connection
-    driver = fairy.driver_connection
-    status = driver.pgconn.transaction_status
-    if status == _IDLE:
-        if ctx.is_empty or driver.autocommit:
-            fairy.info[_KEY] = None
-            return
-        begin_with_context(driver, ctx)
-        fairy.info[_KEY] = ctx
-    elif status == _INTRANS:
-        _apply_in_transaction(fairy, ctx)
+def _bridge_new_connection(dbapi_connection: Any, connection_record: Any) -> None:
+    bridge(dbapi_connection)
 
 
 def _before_async(
