@@ -14,12 +14,13 @@ from psycopg import sql
 import threadline
 from threadline import ddl
 
+from . import brokers
 from .backends import ADMIN_DSN, report
 
 
 def pytest_report_header() -> list[str]:
-    """Say which PostgreSQL (configured or embedded) this run uses."""
-    return [report()]
+    """Say which PostgreSQL (configured or embedded), brokers and result backend this run uses."""
+    return [report(), *brokers.report()]
 
 
 def _dsn_for(dbname: str) -> str:

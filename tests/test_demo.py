@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from . import brokers
 from .conftest import ADMIN_DSN
-
-REDIS = os.environ.get("THREADLINE_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 def _leftovers() -> set[str]:
@@ -60,7 +58,10 @@ def test_demo_on_embedded_defaults_tells_the_whole_story_and_cleans_up(tmp_path:
 
 
 def test_demo_uses_real_services_when_given() -> None:
-    proc = _demo("--dsn", ADMIN_DSN, "--broker", f"{REDIS}/13", "--backend", f"{REDIS}/14")
+    brokers.require_server("redis", "the demo's --broker and --backend given as Redis URLs")
+    proc = _demo(
+        "--dsn", ADMIN_DSN, "--broker", brokers.redis_db_url(13), "--backend", brokers.redis_db_url(14)
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "embedded" not in out and "created database threadline_demo_" in out

@@ -5,6 +5,9 @@ The shared PostgreSQL and Redis servers are never restarted (other test runs use
 PostgreSQL restart is simulated by ``pg_terminate_backend`` on every connection of the worker
 (what a restart does to them), and a Redis restart by ``CLIENT KILL`` of this session's broker
 connections (the clients of its database number).
+
+Without a Redis or RabbitMQ server (``tests/brokers.py``), the database fault runs on the filesystem
+fallback; the two broker faults are skipped, naming the missing server.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import redis
 import threadline
 from threadline import ActorRef
 
+from . import brokers
 from .celery_app import tasks
-from .celery_app.harness import REDIS_URL, Worker, env_var, setup_events_table, wait_row_list, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_row_list, wait_rows
 
 FAULT_TASKS = "tests.celery_app.fault_tasks"
 APP_NAME = "threadline-fault-worker"
@@ -75,6 +79,7 @@ def _orphans(dsn: str) -> int:
 
 
 def test_sigkill_mid_task_redelivers_with_the_original_context(celery_dsn: str, tmp_path: Path) -> None:
+    brokers.require_server("amqp", "the filesystem transport never redelivers a killed worker's message")
     first = _worker("amqp", "prefork", celery_dsn, tmp_path, concurrency=1).start()
     second = _worker("amqp", "prefork", celery_dsn, tmp_path, queue_of=first, concurrency=1)
     try:
@@ -150,6 +155,7 @@ def _kill_session_clients(url: str) -> int:
 
 
 def test_redis_connections_dropped_mid_run_keep_headers(celery_dsn: str, tmp_path: Path) -> None:
+    redis_url = brokers.require_server("redis", "drops Redis client connections with CLIENT KILL").url
     worker = _worker("redis", "threads", celery_dsn, tmp_path).start()
     try:
         app = worker.app()
@@ -159,7 +165,7 @@ def test_redis_connections_dropped_mid_run_keep_headers(celery_dsn: str, tmp_pat
             _send(app, "slow_write", label, 0.0)
         for label in before:
             wait_rows(celery_dsn, label, 1, worker=worker)
-        assert _kill_session_clients(REDIS_URL) >= 2  # the worker's and the producer's connections
+        assert _kill_session_clients(redis_url) >= 2  # the worker's and the producer's connections
         errors: list[BaseException] = []
 
         def publish() -> None:

@@ -1,7 +1,9 @@
 """Real brokers and real ``celery worker`` subprocesses for the Celery tests.
 
 Brokers: Redis (``THREADLINE_TEST_REDIS``, default a per-session db number on 127.0.0.1:6379)
-and RabbitMQ (``THREADLINE_TEST_AMQP``). An unreachable broker fails the tests: never skipped.
+and RabbitMQ (``THREADLINE_TEST_AMQP``), each replaced by kombu's server-less filesystem
+transport when its server does not answer at the start of the session (``tests/brokers.py``
+decides, once). A broker that answered and then stops answering fails the tests: never skipped.
 Each worker consumes a queue named uniquely for this test session.
 """
 
@@ -21,16 +23,15 @@ from typing import Any
 import psycopg
 import pytest
 from celery import Celery
-from kombu import Connection, Producer
+from kombu import Producer
 
 import threadline
+from tests import brokers
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = uuid.uuid4().hex[:8]
-REDIS_URL = os.environ.get("THREADLINE_TEST_REDIS") or f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
-AMQP_URL = os.environ.get("THREADLINE_TEST_AMQP") or "amqp://guest:guest@127.0.0.1:5672//"
-BROKERS = {"redis": REDIS_URL, "amqp": AMQP_URL}
-BACKEND_URL = REDIS_URL  # chords need a result backend: Redis, for both brokers
+BROKERS = {kind: chosen.url for kind, chosen in brokers.choice().brokers.items()}
+BACKEND_URL = brokers.choice().backend  # chords need a result backend: one for both brokers
 
 EVENTS_DDL = """
 CREATE SCHEMA IF NOT EXISTS celery_t;
@@ -63,12 +64,12 @@ def env_var(name: str, value: str) -> Iterator[None]:
 def require_broker(url: str) -> None:
     """Fail loudly (never skip) when the broker cannot be reached."""
     try:
-        with Connection(url, connect_timeout=5) as conn:
+        with brokers.connection(url) as conn:
             conn.ensure_connection(max_retries=2, interval_start=0.5)
     except Exception as exc:
         pytest.fail(
-            f"broker {url} is not reachable ({exc!r}): start it (see shared/SERVICES.md) or point "
-            "THREADLINE_TEST_REDIS / THREADLINE_TEST_AMQP at one",
+            f"broker {url} answered at the start of the session but is not reachable now ({exc!r}): "
+            "restart it, or point THREADLINE_TEST_REDIS / THREADLINE_TEST_AMQP at one",
             pytrace=False,
         )
 
@@ -94,10 +95,12 @@ class Worker:
         signing_keys: list[str] | None = None,
     ) -> None:
         self.broker_name = broker
-        self.broker = BROKERS[broker]
+        self.server = brokers.broker(broker)
+        self.broker = self.server.url  # the filesystem fallback's URL when the server did not answer
         self.pool = pool
         self.queue = f"threadline-test-{SESSION}-{broker}-{pool}-{uuid.uuid4().hex[:6]}"
         self.log_path = tmp / f"{self.queue}.log"
+        # os.environ carries THREADLINE_TEST_CELERY_FS_ROOT: the fallback's folders, shared with the worker
         self.env = dict(
             os.environ,
             THREADLINE_TEST_CELERY_BROKER=self.broker,
@@ -180,7 +183,7 @@ class Worker:
             self.stop_process(proc)
         self.extra.clear()
         try:
-            with Connection(self.broker, connect_timeout=5) as conn:
+            with brokers.connection(self.broker) as conn:
                 conn.default_channel.queue_delete(self.queue)
         except Exception:  # leftover queue: harmless, uniquely named
             pass
@@ -208,7 +211,7 @@ class Worker:
         message = builder.amqp.as_task_v2(task_id, name, args, {}, root_id=task_id)
         message_headers = dict(message.headers)
         message_headers.update(headers or {})
-        with Connection(self.broker, connect_timeout=5) as conn:
+        with brokers.connection(self.broker) as conn:  # the filesystem fallback takes it too
             Producer(conn).publish(
                 message.body,
                 exchange="",

@@ -15,6 +15,7 @@ import celery
 from celery import Celery
 
 import threadline
+from tests.brokers import transport_options
 from threadline import ActorRef, ThreadlineConnection
 
 NAME = "tests.celery_app.tasks."
@@ -43,7 +44,7 @@ def make_app(
         result_expires=600,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": 600},
+        broker_transport_options={"visibility_timeout": 600, **transport_options(broker)},
     )
     if beat_label:
         app.conf.beat_schedule = {

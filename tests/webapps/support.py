@@ -39,7 +39,7 @@ def setup_posts(dsn: str) -> None:
 
 
 def start_worker(app_module: str, dsn: str, tmp: Path, *, concurrency: int = 4) -> Worker:
-    """A real ``celery worker`` (thread pool, Redis) running ``app_module``, started."""
+    """A real ``celery worker`` (thread pool, Redis or its fallback) running ``app_module``, started."""
     worker = Worker("redis", "threads", dsn, tmp, concurrency=concurrency)
     worker.args[worker.args.index("tests.celery_app.worker")] = app_module
     return worker.start()
