@@ -28,7 +28,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import Row
 
-from threadline.context import AuditContext, current
+from threadline.context import AuditContext, _current, current
 from threadline.ddl.names import CONTEXT_SETTING
 from threadline.errors import ConfigurationError
 
@@ -39,6 +39,7 @@ _SWAP_SQL = (
 )
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
 
 
 def set_local_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], payload: str) -> bytes:
@@ -183,22 +184,27 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> ThreadlineCursor[Row]:
         """Like :meth:`psycopg.Cursor.execute`, with the current context applied first."""
-        conn = self.connection
-        if isinstance(conn, ThreadlineConnection) and conn._needs_pipeline():
-            if isinstance(self, psycopg.ClientCursor) and not kwargs and conn._pipeline is None:
-                # Parameters are bound client-side anyway: the setting and the statement go as one
-                # simple query, which the server runs as one implicit transaction.
-                statement = self.mogrify(query, params)
-                super().execute(conn._set_local_text() + "; " + statement)
-                self.nextset()  # position on the statement's result, as a plain execute() would
-                return self
-            with conn.pipeline():
-                psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload()])
-                super().execute(query, params, **kwargs)
-            return self
+        conn = self._conn
         if isinstance(conn, ThreadlineConnection):
+            if conn._needs_pipeline():
+                return self._execute_autocommit(conn, query, params, kwargs)
             conn._prepare_statement()
         super().execute(query, params, **kwargs)
+        return self
+
+    def _execute_autocommit(
+        self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
+    ) -> ThreadlineCursor[Row]:
+        if isinstance(self, psycopg.ClientCursor) and not kwargs and conn._pipeline is None:
+            # Parameters are bound client-side anyway: the setting and the statement go as one
+            # simple query, which the server runs as one implicit transaction.
+            statement = self.mogrify(query, params)
+            super().execute(conn._set_local_text() + "; " + statement)
+            self.nextset()  # position on the statement's result, as a plain execute() would
+            return self
+        with conn.pipeline():
+            psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload()])
+            super().execute(query, params, **kwargs)
         return self
 
     def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
@@ -298,7 +304,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     ``rollback()`` and ``transaction()``, which the connection watches.
     """
 
-    _set_local_cache: tuple[AuditContext, str]
+    _set_local_cache: tuple[AuditContext, str, bytes]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -359,44 +365,43 @@ class ThreadlineConnection(psycopg.Connection[Row]):
 
     # -- applying the context ----------------------------------------------------------------
     def _needs_pipeline(self) -> bool:
-        return self.autocommit and self.pgconn.transaction_status == _IDLE and not current().is_empty
+        return self._autocommit and self.pgconn.transaction_status == _IDLE and not _current.get().is_empty
 
     def _prepare_statement(self) -> None:
         """Make sure the transaction the next statement runs in carries the current context."""
-        ctx = current()
+        ctx = _current.get()
         status = self.pgconn.transaction_status
         if status == _IDLE:
             self._applied = None
-            if ctx.is_empty or self.autocommit:
+            if ctx.is_empty or self._autocommit:
                 return
-            if getattr(self, "_pipeline", None) is not None:
+            if self._pipeline is not None:
                 # in pipeline mode nothing may be sent synchronously: psycopg queues its own BEGIN
                 # and the setting follows it in the same pipeline (still no extra round trip)
-                psycopg.Cursor(self).execute(set_local_command(self, ctx.to_json()))
+                psycopg.Cursor(self).execute(self._set_local(ctx)[1])
             else:
-                self._begin_with(ctx)
+                _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx)[1])
             self._applied = ctx
-        elif status == _INTRANS and self._applied != ctx:
-            if ctx.is_empty and self._applied is None:
+        elif status == _INTRANS:
+            applied = self._applied
+            if applied is ctx or (applied is None and ctx.is_empty) or applied == ctx:
                 return
-            psycopg.Cursor(self).execute(set_local_command(self, context_payload(ctx)))
+            psycopg.Cursor(self).execute(self._set_local(ctx)[1])
             self._applied = ctx
 
-    def _begin_with(self, ctx: AuditContext) -> None:
-        """Send ``BEGIN`` and ``set_config`` as one simple-protocol message (one round trip)."""
-        begin_with_context(self, ctx)
-
-    def _begin_statement_sql(self) -> str:
-        return _begin_statement_sql(self)
-
-    def _set_local_text(self) -> str:
-        """``SET LOCAL`` of the current context as text, quoted once per context object."""
-        ctx = current()
+    def _set_local(self, ctx: AuditContext) -> tuple[str, bytes]:
+        """``SET LOCAL`` of ``ctx`` as text and as bytes, quoted once per context object."""
         cached = self.__dict__.get("_set_local_cache")
         if cached is None or cached[0] is not ctx:
-            text = "SET LOCAL " + CONTEXT_SETTING + " = " + sql.Literal(ctx.to_json()).as_string(self)
-            cached = self._set_local_cache = (ctx, text)
-        return cached[1]
+            literal = sql.Literal(context_payload(ctx))
+            prefix = "SET LOCAL " + CONTEXT_SETTING + " = "
+            cached = (ctx, prefix + literal.as_string(self), prefix.encode() + literal.as_bytes(self))
+            self._set_local_cache = cached
+        return cached[1], cached[2]
+
+    def _set_local_text(self) -> str:
+        """``SET LOCAL`` of the current context as text."""
+        return self._set_local(_current.get())[0]
 
 
 def _begin_statement_sql(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
@@ -427,9 +432,13 @@ def begin_with_context(conn: psycopg.Connection[Any], ctx: AuditContext) -> None
     context costs no extra network round trip. Raises :class:`psycopg.OperationalError` (with the
     connection left idle) when the server refuses the command.
     """
+    _exec_begin(conn, begin_command(conn, ctx))
+
+
+def _exec_begin(conn: psycopg.Connection[Any], command: bytes) -> None:
     with conn.lock:  # the connection may be shared by threads, like any psycopg connection
-        result = conn.pgconn.exec_(begin_command(conn, ctx))
-        if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+        result = conn.pgconn.exec_(command)
+        if result.status == _COMMAND_OK:
             return
         message = (result.error_message or b"").decode(errors="replace").strip()
         if conn.pgconn.transaction_status != _IDLE:
