@@ -4,14 +4,16 @@ server-less fallback.
 Two broker kinds: ``redis`` (``THREADLINE_TEST_REDIS``, default a per-session database number on
 127.0.0.1:6379) and ``amqp`` (``THREADLINE_TEST_AMQP``, default RabbitMQ on loopback). Each kind
 uses its server when it answers (checked once per session, 2 s connect timeout). Otherwise — on a
-machine with no Redis or no RabbitMQ — it falls back to kombu's server-less filesystem transport
-(as ``threadline-filesystem://``: kombu's ``filesystem://``, publishing each message atomically).
+machine with no Redis or no RabbitMQ — it falls back to a server-less filesystem transport
+(``threadline-filesystem://`` from :mod:`threadline.demo.filesystem`: kombu's ``filesystem://``,
+publishing each message atomically).
 The result backend (chords need one) is the configured Redis when it answers, else Celery's
 ``file://`` backend. Both fallbacks live in one temporary folder for the session, removed at exit
 and exported to worker subprocesses through ``THREADLINE_TEST_CELERY_FS_ROOT``. The choice is
 printed in pytest's header.
 
-Importing this module checks nothing (it only registers the fallback's URL scheme with kombu):
+Importing this module checks nothing (it only registers the fallback's URL scheme with kombu, by
+importing :mod:`threadline.demo.filesystem`):
 :func:`choice` decides on first use, in the pytest process; worker subprocesses only call
 :func:`transport_options`.
 """
@@ -23,17 +25,15 @@ import functools
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kombu import Connection
-from kombu.transport import TRANSPORT_ALIASES, filesystem
-from kombu.utils.json import dumps
 from kombu.utils.url import maybe_sanitize_url
+
+from threadline.demo import filesystem
 
 CONFIGURED = {
     "redis": os.environ.get("THREADLINE_TEST_REDIS") or f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}",
@@ -41,50 +41,15 @@ CONFIGURED = {
 }
 SERVER_NAMES = {"redis": "Redis", "amqp": "RabbitMQ"}
 FS_ROOT_ENV = "THREADLINE_TEST_CELERY_FS_ROOT"
-FILESYSTEM = "threadline-filesystem://"
+FILESYSTEM = filesystem.URL
 CONNECT_TIMEOUT = 2.0
-
-
-class _AtomicChannel(filesystem.Channel):
-    """kombu's filesystem channel, but a message file appears in the folder only once complete.
-
-    kombu creates the file in place and then writes it, so a consumer polling the folder can take
-    it while it is still empty or half written, and the worker dies of a ``JSONDecodeError``. Here
-    it is written under a name no consumer matches, then renamed into place.
-    """
-
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"  # kombu's naming
-        final = os.path.join(self.data_folder_out, name)
-        partial = f"{final}.partial"
-        with open(partial, "wb") as out:
-            out.write(dumps(payload).encode())
-        os.replace(partial, final)
-
-
-class FilesystemTransport(filesystem.Transport):
-    """The fallback broker's transport (URL scheme ``threadline-filesystem``)."""
-
-    Channel = _AtomicChannel
-
-
-# registered wherever this module is imported: the tests, and worker subprocesses through tasks.py
-TRANSPORT_ALIASES.setdefault(FILESYSTEM.partition(":")[0], f"{__name__}:FilesystemTransport")
 
 
 def transport_options(broker: str) -> dict[str, Any]:
     """Transport options for ``broker``: the session's folders for the fallback, else none."""
     if not broker.startswith(FILESYSTEM):
         return {}
-    root = Path(os.environ[FS_ROOT_ENV])
-    return {
-        "data_folder_in": str(root / "queues"),
-        "data_folder_out": str(root / "queues"),
-        "processed_folder": str(root / "processed"),
-        "control_folder": str(root / "control"),  # default: ./control in the working directory
-        "store_processed": False,
-        "polling_interval": 0.05,
-    }
+    return filesystem.transport_options(os.environ[FS_ROOT_ENV])
 
 
 def connection(broker: str) -> Connection:
@@ -146,9 +111,7 @@ def _fallback_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="threadline-test-celery-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     os.environ[FS_ROOT_ENV] = str(root)  # inherited by worker subprocesses
-    for folder in transport_options(FILESYSTEM).values():
-        if isinstance(folder, str):
-            Path(folder).mkdir(parents=True, exist_ok=True)
+    filesystem.transport_options(root, create=True)
     (root / "results").mkdir()
     return root
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from threadline.demo import filesystem
+
 from . import brokers
 from .conftest import ADMIN_DSN
 
@@ -51,7 +53,7 @@ def test_demo_on_embedded_defaults_tells_the_whole_story_and_cleans_up(tmp_path:
     proc = _demo(cwd=tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "embedded PostgreSQL" in out and "broker filesystem://" in out
+    assert "embedded PostgreSQL" in out and f"broker {filesystem.URL}" in out
     _check_story(out)
     assert _leftovers() <= before
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory

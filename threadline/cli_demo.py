@@ -21,7 +21,9 @@ drops it afterwards. Without it, it needs the embedded PostgreSQL: the 'demo' ex
 @click.option(
     "--dsn", envvar="THREADLINE_DEMO_DSN", help="Admin DSN of a PostgreSQL to use instead of an embedded one."
 )
-@click.option("--broker", envvar="THREADLINE_DEMO_BROKER", help="Celery broker URL (default: filesystem://).")
+@click.option(
+    "--broker", envvar="THREADLINE_DEMO_BROKER", help="Celery broker URL (default: threadline-filesystem://)."
+)
 @click.option("--backend", envvar="THREADLINE_DEMO_BACKEND", help="Celery result backend (default: file://).")
 @click.option(
     "--timeout",

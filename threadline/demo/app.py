@@ -2,7 +2,8 @@
 
 The worker subprocess imports this module (``celery -A threadline.demo.app worker``); both sides
 read their configuration from the ``THREADLINE_DEMO_APP_*`` environment variables set by
-:mod:`threadline.demo.runner`.
+:mod:`threadline.demo.runner`. Importing it registers the default broker's URL scheme
+(:mod:`threadline.demo.filesystem`), in the worker too.
 """
 
 from __future__ import annotations
@@ -10,30 +11,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from celery import Celery, chain, chord, group
 
 import threadline
 from threadline import ActorRef, ThreadlineConnection
+from threadline.demo import filesystem
 
 QUEUE = "threadline-demo"
 
 
 def broker_options(broker: str, fs_root: str | None) -> dict[str, Any]:
-    """Transport options; the ``filesystem://`` transport needs its folders (created here)."""
-    if not broker.startswith("filesystem://") or not fs_root:
+    """Transport options; a filesystem broker needs its folders (created here, under ``fs_root``)."""
+    if not filesystem.uses_folders(broker) or not fs_root:
         return {}
-    folders = {
-        "data_folder_in": str(Path(fs_root, "out")),
-        "data_folder_out": str(Path(fs_root, "out")),
-        "processed_folder": str(Path(fs_root, "processed")),
-        "control_folder": str(Path(fs_root, "control")),  # default: ./control in the working directory
-    }
-    for folder in folders.values():
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    return {**folders, "store_processed": False, "polling_interval": 0.05}
+    return filesystem.transport_options(fs_root, create=True)
 
 
 def make_app(broker: str, backend: str, fs_root: str | None = None) -> Celery:

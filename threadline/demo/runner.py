@@ -178,9 +178,12 @@ def _wait_for_story(dsn: str, correlation_id: str, expected: int, timeout: float
 
 def run(settings: DemoSettings, say: Say = print) -> None:
     """Run the demo; raises :class:`DemoError` with a readable message when it cannot."""
+    # imported here, not with the module: it loads kombu's filesystem transport
+    from threadline.demo.filesystem import URL as FILESYSTEM_BROKER
+
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="threadline-demo-"))
-    broker = settings.broker or "filesystem://"
+    broker = settings.broker or FILESYSTEM_BROKER
     backend = settings.backend or f"file://{root / 'results'}"
     if backend.startswith("file://"):
         Path(backend[len("file://") :]).mkdir(parents=True, exist_ok=True)
