@@ -47,7 +47,17 @@ ORM_ONLY = os.environ.get("BENCH_ORM_ONLY") == "1"  # skip the middleware part
 CTX = threadline.AuditContext(actor=ActorRef.user("42"), correlation_id="bench-corr", origin="web")
 
 
-def interleaved(variants: dict[str, Callable[[], float]], rounds: int = ROUNDS) -> dict[str, float]:
+class Samples(dict[str, float]):
+    """Median µs per variant, plus each round's samples for paired ratios."""
+
+    rounds: dict[str, list[float]]
+
+    def ratio(self, base: str, variant: str) -> float:
+        """Median over rounds of variant / base measured in the same round (drift cancels out)."""
+        return statistics.median(v / b for b, v in zip(self.rounds[base], self.rounds[variant], strict=True))
+
+
+def interleaved(variants: dict[str, Callable[[], float]], rounds: int = ROUNDS) -> Samples:
     """Median over rounds of each variant's per-operation time (variants alternate each round)."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(rounds):
@@ -56,7 +66,9 @@ def interleaved(variants: dict[str, Callable[[], float]], rounds: int = ROUNDS) 
             order.reverse()
         for name, run in order:
             samples[name].append(run())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    out = Samples({name: statistics.median(values) for name, values in samples.items()})
+    out.rounds = samples
+    return out
 
 
 # -- middleware ---------------------------------------------------------------------------------
@@ -147,7 +159,7 @@ def bench_asgi() -> dict[str, float]:
 # -- ORM bridges --------------------------------------------------------------------------------
 
 
-def bench_django(dsn: str, table: str) -> dict[str, float]:
+def bench_django(dsn: str, table: str) -> Samples:
     import django
     from django.conf import settings
 
@@ -215,7 +227,7 @@ def _django_model(models: Any, table: str) -> Any:
     return _models[table]
 
 
-def bench_sqlalchemy(dsn: str, table: str) -> dict[str, float]:
+def bench_sqlalchemy(dsn: str, table: str) -> Samples:
     from sqlalchemy import text
 
     from threadline.propagation.sqlalchemy import instrument
@@ -251,8 +263,9 @@ def _sa_engine(dsn: str) -> Any:
     return create_engine(url, pool_size=1, connect_args={"options": info.get("options", "")})
 
 
-def pct(base: float, other: float) -> str:
-    return f"{(other / base - 1) * 100:+.1f}%"
+def pct(samples: Samples, base: str, variant: str) -> str:
+    """The paired median ratio as a percentage over the baseline."""
+    return f"{(samples.ratio(base, variant) - 1) * 100:+.1f}%"
 
 
 def main() -> None:
@@ -290,11 +303,11 @@ def main() -> None:
             sa = bench_sqlalchemy(dsn, table)
             print(f"\n{table}: Django µs/transaction { ({k: round(v, 1) for k, v in dj.items()}) }")
             print(
-                f"  autocommit {pct(dj['autocommit, plain'], dj['autocommit, bridged'])}, "
-                f"atomic {pct(dj['atomic, plain'], dj['atomic, bridged'])}"
+                f"  autocommit {pct(dj, 'autocommit, plain', 'autocommit, bridged')}, "
+                f"atomic {pct(dj, 'atomic, plain', 'atomic, bridged')} (paired medians)"
             )
             print(f"{table}: SQLAlchemy µs/transaction { ({k: round(v, 1) for k, v in sa.items()}) }")
-            print(f"  {pct(sa['plain'], sa['instrumented'])}")
+            print(f"  {pct(sa, 'plain', 'instrumented')} (paired median)")
     finally:
         try:
             from django.db import connections
