@@ -182,6 +182,18 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
 class ThreadlineCursor(psycopg.Cursor[Row]):
     """Cursor of a :class:`ThreadlineConnection`: applies the context before each statement."""
 
+    _statement_prefix: bytes | None = None
+
+    def _execute_send(self, query: Any, *, force_extended: bool = False, binary: bool | None = None) -> None:
+        prefix = self._statement_prefix
+        if prefix is None or force_extended or binary or self.format == pq.Format.BINARY:
+            super()._execute_send(query, force_extended=force_extended, binary=binary)
+            return
+        # the client-side-bound statement, preceded by SET LOCAL in the same simple query;
+        # the cursor keeps the statement alone as its query (what Django shows as the last query)
+        self._query = query
+        self._pgconn.send_query(prefix + query.query)
+
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> ThreadlineCursor[Row]:
         """Like :meth:`psycopg.Cursor.execute`, with the current context applied first."""
         conn = self._conn
@@ -198,8 +210,11 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         if isinstance(self, psycopg.ClientCursor) and not kwargs and conn._pipeline is None:
             # Parameters are bound client-side anyway: the setting and the statement go as one
             # simple query, which the server runs as one implicit transaction.
-            statement = self.mogrify(query, params)
-            super().execute(conn._set_local_text() + "; " + statement)
+            self._statement_prefix = conn._set_local(_current.get()) + b"; "
+            try:
+                super().execute(query, params)
+            finally:
+                self._statement_prefix = None
             self.nextset()  # position on the statement's result, as a plain execute() would
             return self
         with conn.pipeline():
@@ -304,7 +319,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     ``rollback()`` and ``transaction()``, which the connection watches.
     """
 
-    _set_local_cache: tuple[AuditContext, str, bytes]
+    _set_local_cache: tuple[AuditContext, bytes]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -378,30 +393,25 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             if self._pipeline is not None:
                 # in pipeline mode nothing may be sent synchronously: psycopg queues its own BEGIN
                 # and the setting follows it in the same pipeline (still no extra round trip)
-                psycopg.Cursor(self).execute(self._set_local(ctx)[1])
+                psycopg.Cursor(self).execute(self._set_local(ctx))
             else:
-                _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx)[1])
+                _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
             self._applied = ctx
         elif status == _INTRANS:
             applied = self._applied
             if applied is ctx or (applied is None and ctx.is_empty) or applied == ctx:
                 return
-            psycopg.Cursor(self).execute(self._set_local(ctx)[1])
+            psycopg.Cursor(self).execute(self._set_local(ctx))
             self._applied = ctx
 
-    def _set_local(self, ctx: AuditContext) -> tuple[str, bytes]:
-        """``SET LOCAL`` of ``ctx`` as text and as bytes, quoted once per context object."""
+    def _set_local(self, ctx: AuditContext) -> bytes:
+        """``SET LOCAL`` of ``ctx``, quoted once per context object."""
         cached = self.__dict__.get("_set_local_cache")
         if cached is None or cached[0] is not ctx:
-            literal = sql.Literal(context_payload(ctx))
-            prefix = "SET LOCAL " + CONTEXT_SETTING + " = "
-            cached = (ctx, prefix + literal.as_string(self), prefix.encode() + literal.as_bytes(self))
+            command = b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = "
+            cached = (ctx, command + sql.Literal(context_payload(ctx)).as_bytes(self))
             self._set_local_cache = cached
-        return cached[1], cached[2]
-
-    def _set_local_text(self) -> str:
-        """``SET LOCAL`` of the current context as text."""
-        return self._set_local(_current.get())[0]
+        return cached[1]
 
 
 def _begin_statement_sql(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
