@@ -33,7 +33,10 @@ def _pgbouncer() -> str:
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None
     )
     if found is None:
-        pytest.fail("pgbouncer is not installed: apt-get install pgbouncer (.ci/run does)", pytrace=False)
+        message = "pgbouncer is not installed: apt-get install pgbouncer (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)  # CI installs it: its absence there is a failure
+        pytest.skip(message)  # an optional tool on a developer's machine, reported by -rs
     return found
 
 
