@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 from sqlalchemy import String, create_engine, insert, select, text, update
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -38,9 +39,20 @@ SELECT t.id AS tx, t.actor, t.correlation_id, c.op, c.after->>'name' AS name
 """
 
 
-def sa_url(dsn: str, driver: str = "psycopg") -> str:
+def sa_url(dsn: str, driver: str = "psycopg") -> URL:
+    """The SQLAlchemy URL of a libpq DSN (a TCP host, or a socket directory as the embedded server has)."""
     info = psycopg.conninfo.conninfo_to_dict(dsn)
-    return f"postgresql+{driver}://{info.get('user', '')}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{info['dbname']}"
+    host = str(info.get("host") or "127.0.0.1")
+    socket_dir = host.startswith("/")
+    return URL.create(
+        f"postgresql+{driver}",
+        username=str(info.get("user") or "") or None,
+        password=str(info.get("password") or "") or None,
+        host=None if socket_dir else host,
+        port=int(info["port"]) if info.get("port") else None,
+        database=str(info["dbname"]),
+        query={"host": host} if socket_dir else {},
+    )
 
 
 @pytest.fixture(scope="module")
