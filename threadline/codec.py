@@ -234,16 +234,42 @@ def signing_key(key: str | bytes) -> bytes:
 
 def sign(text: str, key: bytes) -> str:
     """The signature of canonical ``text`` with ``key``: ``"hmac-sha256:<hex digest>"``."""
-    return SIGNATURE_PREFIX + hmac.digest(key, text.encode(), hashlib.sha256).hex()
+    return SIGNATURE_PREFIX + _mac(key, text.encode()).hex()
 
 
-def verify(text: str, signature: object, keys: Iterable[bytes]) -> bool:
-    """True when ``signature`` is a valid signature of ``text`` by any of ``keys`` (rotation)."""
+def verify(text: str | bytes, signature: object, keys: Iterable[bytes]) -> bool:
+    """True when ``signature`` is a valid signature of ``text`` by any of ``keys`` (rotation).
+
+    ``text`` is the canonical text, or exactly the bytes that were signed (its UTF-8 encoding).
+    """
     if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
         return False
     try:
         given = bytes.fromhex(signature[len(SIGNATURE_PREFIX) :])
     except ValueError:
         return False
-    data = text.encode()
-    return any(hmac.compare_digest(hmac.digest(key, data, hashlib.sha256), given) for key in keys)
+    data = text.encode() if isinstance(text, str) else text
+    for key in keys:  # noqa: SIM110 - a loop, not a generator: this runs for every task
+        if hmac.compare_digest(_mac(key, data), given):
+            return True
+    return False
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` with ``key`` (the same bytes as ``hmac.digest(key, data, "sha256")``).
+
+    The keyed state (the hashes of the padded key) is computed once per key and copied for each
+    message: with OpenSSL 3 that is about twice as fast as ``hmac.digest`` on short texts.
+    """
+    state = _keyed.get(key)
+    if state is None:
+        state = hmac.new(key, digestmod=hashlib.sha256)
+        if len(_keyed) >= 64:
+            _keyed.clear()
+        _keyed[key] = state
+    copy = state.copy()
+    copy.update(data)
+    return copy.digest()
+
+
+_keyed: dict[bytes, hmac.HMAC] = {}
