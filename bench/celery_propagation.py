@@ -41,7 +41,7 @@ import redis
 from celery import Celery, signals
 
 import threadline
-from threadline import ActorRef, AuditContext, codec
+from threadline import ActorRef, AuditContext
 from threadline.context import _current, use_context
 from threadline.propagation import celery as tc
 
@@ -225,7 +225,7 @@ def header_sizes() -> dict[str, int]:
         app = Celery("sizes", set_as_current=False)
         tc.install(app, signing_keys=keys)
         header = tc._installations[app].header_for(ctx, None, None)
-        out[label] = len(codec.dumps(header).encode())
+        out[label] = len(header.encode())
         tc.uninstall(app)
     return out
 

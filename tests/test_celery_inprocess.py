@@ -3,6 +3,7 @@ the header codec, signing, and inject/extract for other transports."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import queue
@@ -234,7 +235,8 @@ def test_every_publish_carries_the_header(memory_app: Celery) -> None:
     with web():
         tasks.record.delay("x")
         headers = published_headers(memory_app)
-    assert headers["threadline"] == {
+    assert isinstance(headers["threadline"], str)  # canonical JSON text: one string in the message
+    assert json.loads(headers["threadline"]) == {
         "v": 1,
         "actor": {"type": "user", "id": "7"},
         "correlation_id": "corr-eager",
@@ -250,13 +252,13 @@ def test_typical_header_is_small(memory_app: Celery) -> None:
     with threadline.context(actor=ActorRef.user("1234567"), correlation_id=ids[0], request_id=ids[1]):
         memory_app.send_task(tasks.NAME + "record", args=["x"])
         header = published_headers(memory_app)["threadline"]
-    assert len(codec.dumps(header).encode()) < 300
+    assert header == codec.dumps(json.loads(header)) and len(header.encode()) < 300
     threadline.celery.install(memory_app, signing_keys=[KEY])
     with threadline.context(actor=ActorRef.user("1234567"), correlation_id=ids[0], request_id=ids[1]):
         memory_app.send_task(tasks.NAME + "record", args=["x"])
         signed = published_headers(memory_app)["threadline"]
-    assert signed["sig"].startswith("hmac-sha256:")
-    assert len(codec.dumps(signed).encode()) < 400
+    assert json.loads(signed)["sig"].startswith("hmac-sha256:")
+    assert signed == codec.dumps(json.loads(signed)) and len(signed.encode()) < 400
 
 
 def test_a_context_that_cannot_be_encoded_raises_in_the_caller(
@@ -279,7 +281,7 @@ def test_a_context_that_cannot_be_encoded_raises_in_the_caller(
         ):
             memory_app.amqp.send_task_message(producer, tasks.NAME + "record", message)
     assert "published without its audit context" in caplog.text
-    marker = published_headers(memory_app)["threadline"]
+    marker = json.loads(published_headers(memory_app)["threadline"])
     assert marker["v"] == 1 and "limit is 512" in marker["error"]
     with pytest.raises(InvalidContext, match="not encoded by its publisher"):
         carrier.decode_wire(marker)
@@ -304,6 +306,8 @@ def test_decode_wire_accepts_dict_text_and_bytes() -> None:
         {"v": 1, "meta": {"x": deep}},
         {"v": 1, 2: "x"},
         {"v": True},
+        "\ud800",  # a lone surrogate (JSON escapes can produce one): not encodable as UTF-8
+        "x" * 9000,
     ):
         with pytest.raises(InvalidContext):
             carrier.decode_wire(raw)
@@ -318,6 +322,46 @@ def test_signatures_rotate_and_detect_tampering() -> None:
     with pytest.raises(UntrustedContext, match="not signed"):
         carrier.decode_wire({"v": 1}, keys=keys)
     assert not codec.verify("text", "sha1:abc", keys)
+
+
+def test_signed_text_is_verified_over_the_bytes_received() -> None:
+    keys = carrier.check_signing_keys([KEY, "an-older-key-still-accepted-0000"])
+    ctx = AuditContext(actor=ActorRef.user("1"), correlation_id="c", meta={"note": "é", "n": [1, 2.5]})
+    body = carrier.wire_dict(ctx)
+    for key in keys:  # the first key signs; after a rotation the old one still verifies
+        text = carrier.encode_wire(body, signing_key=key, max_bytes=8192)
+        # the same text as the dict with its signature, encoded canonically
+        assert text == codec.dumps(carrier.seal(dict(body), signing_key=key, max_bytes=8192))
+        for raw in (text, text.encode(), json.loads(text)):
+            assert AuditContext(**carrier.decode_wire(raw, keys=keys)) == ctx
+    signed = carrier.encode_wire(body, signing_key=keys[0], max_bytes=8192)
+    signature = json.loads(signed)["sig"]
+    forged = [
+        signed.replace('"c"', '"d"'),  # a changed value
+        signed.replace('"user"', '"admin"'),
+        signed.replace(signature, signature[:-1] + ("0" if signature[-1] != "0" else "1")),
+        signed.replace(signature, "hmac-sha256:" + "zz" * 32),
+        signed.replace(signature, signature.upper()),
+        signed.replace('"correlation_id":"c"', '"correlation_id":"c","correlation_id":"d"'),  # duplicate
+        carrier.encode_wire(body, signing_key=b"someone-elses-key-0123456789abcd", max_bytes=8192),
+    ]
+    for raw in forged:
+        with pytest.raises(UntrustedContext, match="matches none"):
+            carrier.decode_wire(raw, keys=keys)
+    with pytest.raises(UntrustedContext, match="not signed"):
+        carrier.decode_wire(carrier.encode_wire(body, signing_key=None, max_bytes=8192), keys=keys)
+    # another layout (spaces, key order) with a valid signature of the canonical form is accepted
+    relaid = json.dumps(json.loads(signed), indent=1)
+    assert AuditContext(**carrier.decode_wire(relaid, keys=keys)) == ctx
+    # the cap applies to the text received
+    for raw in (signed, signed.encode()):
+        with pytest.raises(InvalidContext, match="limit is 100"):
+            carrier.decode_wire(raw, keys=keys, max_bytes=100)
+    with pytest.raises(InvalidContext, match="limit is 100"):
+        carrier.encode_wire(body, signing_key=keys[0], max_bytes=100)
+    # a publisher's error marker is refused before any signature check
+    with pytest.raises(InvalidContext, match="not encoded by its publisher"):
+        carrier.decode_wire('{"error":"too big","v":1}', keys=keys)
     exc = UntrustedContext("header is not signed")
     copy = pickle.loads(pickle.dumps(exc))
     assert (

@@ -1,15 +1,17 @@
 """The audit context on the wire: one header value for Celery and for any other transport.
 
-A carrier holds the context under the key ``threadline`` as its canonical dict (version field
-``v``; see :mod:`threadline.codec`). Only the fields that describe *who* and *which story* travel:
-``actor``, ``correlation_id``, ``request_id``, ``causation_id`` and ``meta``. ``origin`` and
-``job`` describe where the work runs, so the receiving side sets them.
+A carrier holds the context under the key ``threadline`` as the canonical JSON text of its dict
+(version field ``v``; see :mod:`threadline.codec`). Only the fields that describe *who* and
+*which story* travel: ``actor``, ``correlation_id``, ``request_id``, ``causation_id`` and
+``meta``. ``origin`` and ``job`` describe where the work runs, so the receiving side sets them.
 
 With a signing key the dict also holds ``sig``: an HMAC-SHA256 over the canonical JSON text of
-the rest. A receiver configured with keys accepts only a context signed by one of them.
+the rest. A receiver configured with keys accepts only a context signed by one of them; it
+checks the signature over exactly the bytes it then decodes.
 
-:func:`inject` and :func:`extract` use this codec for queues other than Celery (RQ, Dramatiq,
-Kafka record headers, an outbox table): the value is the JSON text of that dict.
+Celery messages carry that text in a header, and so do other queues through :func:`inject` and
+:func:`extract` (RQ, Dramatiq, Kafka record headers, an outbox table). A receiver also accepts
+the dict itself (a header written by hand, or by an earlier release).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ DEFAULT_MAX_BYTES = 8192
 _LOCAL_FIELDS = ("origin", "job")
 _CARRIED = frozenset({"v", *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
 _CARRIED_TEXT = ("correlation_id", "request_id", "causation_id")
+_CARRIED_TEXT_CHECKED = tuple(name for name in codec.TEXT_FIELDS if name in _CARRIED)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -108,6 +111,32 @@ def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> 
     Raises :class:`InvalidContext` when its canonical encoding is larger than ``max_bytes``.
     """
     text = codec.dumps(body)
+    _check_size(text, max_bytes)
+    if signing_key is not None:
+        body[SIGNATURE_FIELD] = codec.sign(text, signing_key)
+    return body
+
+
+def encode_wire(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> str:
+    """The header value for ``body``: its canonical JSON text, with ``sig`` when a key is given.
+
+    The same text as ``codec.dumps(seal(body, ...))``, without encoding ``body`` twice; ``body``
+    is left as it is. Raises :class:`InvalidContext` when the text, signature included, is
+    larger than ``max_bytes`` (what :func:`decode_wire` accepts).
+    """
+    text = codec.dumps(body)
+    if signing_key is not None:
+        _check_size(text, max_bytes)  # before signing a text that is too large anyway
+        signature = codec.sign(text, signing_key)
+        if text.endswith(_VERSION_TAIL):  # always, for a carried body: "v" is its last key
+            text = f'{text[: -len(_VERSION_TAIL)]},"{SIGNATURE_FIELD}":"{signature}"{_VERSION_TAIL}'
+        else:
+            text = codec.dumps({**body, SIGNATURE_FIELD: signature})
+    _check_size(text, max_bytes)
+    return text
+
+
+def _check_size(text: str, max_bytes: int) -> None:
     size = len(text.encode())
     if size > max_bytes:
         raise InvalidContext(
@@ -115,9 +144,21 @@ def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> 
             f"needs {size} bytes in a message header; the limit is {max_bytes}: make meta smaller, "
             "or raise max_header_bytes (RabbitMQ refuses header frames over ~128 KiB)",
         )
-    if signing_key is not None:
-        body[SIGNATURE_FIELD] = codec.sign(text, signing_key)
-    return body
+
+
+# A signed header in canonical form ends with its signature and then the version, the last key:
+# ...,"sig":"hmac-sha256:<64 hex digits>","v":1}
+_VERSION_TAIL = f',"v":{codec.VERSION}}}'
+_SIGNED_LEAD = f',"{SIGNATURE_FIELD}":"{codec.SIGNATURE_PREFIX}'.encode()
+_SIGNED_TAIL = f'"{_VERSION_TAIL}'.encode()
+_HEX_DIGITS = 64
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def decode_wire(
@@ -125,53 +166,98 @@ def decode_wire(
 ) -> dict[str, Any]:
     """Validate a received header value and return the fields it carries.
 
-    ``raw`` may be the dict itself or its JSON text (``str`` or ``bytes``). The result maps field
-    names to validated values (``actor`` is an :class:`ActorRef`), ready for
-    :class:`AuditContext`. Raises :class:`UntrustedContext` when ``keys`` are given and the value
-    is unsigned or its signature matches none of them, and :class:`InvalidContext` for anything
-    malformed (not JSON, wrong types, unknown version or fields, over ``max_bytes``).
+    ``raw`` may be the JSON text (``str`` or ``bytes``; what threadline publishes) or the dict
+    itself. The result maps field names to validated values (``actor`` is an
+    :class:`ActorRef`), ready for :class:`AuditContext`. Raises :class:`UntrustedContext` when
+    ``keys`` are given and the value is unsigned or its signature matches none of them, and
+    :class:`InvalidContext` for anything malformed (not JSON, wrong types, unknown version or
+    fields, over ``max_bytes``).
     """
     data: object = raw
-    if type(data) is dict:  # the usual case: a header deserialized by kombu
-        pass
-    elif isinstance(data, (bytes, bytearray)):
-        if len(data) > max_bytes:
-            raise InvalidContext("header", f"is {len(data)} bytes long; the limit is {max_bytes}")
+    if type(data) is not dict and isinstance(data, (str, bytes, bytearray)):
+        encoded = _utf8(data, max_bytes)
+        if keys:
+            signed = _signed_part(encoded)
+            # The signature is checked over exactly the bytes that are then decoded. Anything
+            # else (another layout, a signature that does not match) takes the general path.
+            if signed is not None and codec.verify(signed[0], signed[1], keys):
+                return _fields(_body(_parse(signed[0])))
+        data = _parse(encoded)
+    body = _body(data)
+    signature = None
+    if SIGNATURE_FIELD in body:
+        unsigned = dict(body)
+        signature = unsigned.pop(SIGNATURE_FIELD)
+        body = unsigned
+    if keys:
         try:
-            data = bytes(data).decode()
-        except UnicodeDecodeError as exc:
+            text = codec.dumps(body).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidContext("header", "holds values that JSON cannot carry") from exc
+        if len(text) > max_bytes:
+            raise InvalidContext("header", f"is {len(text)} bytes long; the limit is {max_bytes}")
+        if signature is None:
+            raise UntrustedContext("header is not signed")
+        if not codec.verify(text, signature, keys):
+            raise UntrustedContext("header has a signature that matches none of the signing keys")
+    return _fields(body)
+
+
+def _utf8(value: str | bytes | bytearray, max_bytes: int) -> bytes:
+    """The UTF-8 bytes of a header sent as text, within the size cap."""
+    if len(value) > max_bytes:  # a str never has fewer bytes than characters
+        size = len(value) if isinstance(value, (bytes, bytearray)) else len(value.encode(errors="replace"))
+        raise InvalidContext("header", f"is {size} bytes long; the limit is {max_bytes}")
+    if isinstance(value, str):
+        try:
+            value = value.encode()
+        except UnicodeEncodeError as exc:
             raise InvalidContext("header", "is not valid UTF-8") from exc
-    if isinstance(data, str):  # JSON text: from inject(), or a header sent as text
-        if len(data) > max_bytes or len(data.encode()) > max_bytes:
-            raise InvalidContext("header", f"is {len(data.encode())} bytes long; the limit is {max_bytes}")
-        try:
-            data = json.loads(data, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidContext("header", "is not valid JSON") from exc
+        if len(value) > max_bytes:
+            raise InvalidContext("header", f"is {len(value)} bytes long; the limit is {max_bytes}")
+    return bytes(value)
+
+
+def _signed_part(encoded: bytes) -> tuple[bytes, str] | None:
+    """(the signed bytes, the signature) of a signed header in canonical form, else ``None``."""
+    end = len(encoded) - len(_SIGNED_TAIL)
+    start = end - _HEX_DIGITS - len(_SIGNED_LEAD)
+    if start <= 0 or not encoded.endswith(_SIGNED_TAIL) or not encoded.startswith(_SIGNED_LEAD, start):
+        return None
+    signature = encoded[start + len(_SIGNED_LEAD) - len(codec.SIGNATURE_PREFIX) : end]
+    return encoded[:start] + encoded[end + 1 :], signature.decode("ascii", "replace")
+
+
+def _parse(encoded: bytes) -> object:
+    try:
+        text = encoded.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidContext("header", "is not valid UTF-8") from exc
+    try:
+        data, end = _DECODER.raw_decode(text)  # canonical text: no whitespace around it
+        if end == len(text):
+            return data
+    except (ValueError, RecursionError):
+        pass
+    try:  # whitespace around the value is allowed; anything else after it is not
+        return _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidContext("header", "is not valid JSON") from exc
+
+
+def _body(data: object) -> Mapping[str, Any]:
+    """``data`` as the header's mapping; a publisher's error marker is refused."""
     if type(data) is not dict and not isinstance(data, Mapping):
         raise InvalidContext("header", f"must be a JSON object, got {type(data).__name__}")
     if ERROR_FIELD in data:
         error = data[ERROR_FIELD]
         detail = error[:160] if isinstance(error, str) else "no reason given"
         raise InvalidContext("header", f"was not encoded by its publisher ({detail})")
-    body = (
-        {key: value for key, value in data.items() if key != SIGNATURE_FIELD}
-        if SIGNATURE_FIELD in data
-        else data
-    )
-    if keys:
-        try:
-            text = codec.dumps(body)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidContext("header", "holds values that JSON cannot carry") from exc
-        size = len(text.encode())
-        if size > max_bytes:
-            raise InvalidContext("header", f"is {size} bytes long; the limit is {max_bytes}")
-        signature = data.get(SIGNATURE_FIELD)
-        if signature is None:
-            raise UntrustedContext("header is not signed")
-        if not codec.verify(text, signature, keys):
-            raise UntrustedContext("header has a signature that matches none of the signing keys")
+    return data
+
+
+def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the carried fields of a header (without its signature); see :func:`decode_wire`."""
     version = body.get("v")
     if version != codec.VERSION or isinstance(version, bool):
         raise InvalidContext(
@@ -183,10 +269,14 @@ def decode_wire(
     # Every field is validated and capped on its own (ids 256 characters, meta 4 KiB), which
     # also bounds the whole: no need to re-encode an unsigned header to measure it.
     fields: dict[str, Any] = {}
-    for name in codec.TEXT_FIELDS:
+    limit = codec.limits().max_id_length
+    for name in _CARRIED_TEXT_CHECKED:
         value = body.get(name)
         if value is not None:
-            fields[name] = codec.check_text(name, value)
+            if type(value) is str and 0 < len(value) <= limit and value.isascii() and value.isprintable():
+                fields[name] = value  # the common case (ASCII ids), without the full check
+            else:
+                fields[name] = codec.check_text(name, value)
     meta = body.get("meta")
     if meta is not None:
         fields["meta"] = codec.check_mapping("meta", meta)
@@ -219,8 +309,7 @@ def inject(
     cause = sender_id(ctx)
     if cause is not None:
         body["causation_id"] = cause
-    seal(body, signing_key=key, max_bytes=max_bytes)
-    carrier[HEADER] = codec.dumps(body)
+    carrier[HEADER] = encode_wire(body, signing_key=key, max_bytes=max_bytes)
     return carrier
 
 
@@ -241,7 +330,3 @@ def extract(
     if raw is None:
         return None
     return AuditContext(**decode_wire(raw, keys=check_signing_keys(signing_keys), max_bytes=max_bytes))
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")

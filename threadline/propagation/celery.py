@@ -10,9 +10,10 @@ Set-up::
 
 How it works (see ``docs/celery.md``):
 
-- ``before_task_publish`` adds the header ``threadline`` (the canonical context dict, version
-  field ``v``) to **every** message the app publishes: ``delay``/``apply_async``, ``send_task``,
-  chain steps, group and chord members, chord callbacks, links, errbacks, retries, replacements.
+- ``before_task_publish`` adds the header ``threadline`` (the canonical JSON text of the context
+  dict, version field ``v``) to **every** message the app publishes: ``delay``/``apply_async``,
+  ``send_task``, chain steps, group and chord members, chord callbacks, links, errbacks, retries,
+  replacements.
 - ``task_prerun`` restores it (from the request attribute, else ``request.headers``) with
   ``origin="celery"``, ``job`` = {name, id, retries, parent_id, root_id} and ``causation_id`` =
   the publishing task (Celery's ``parent_id``) or the web request; ``task_postrun`` resets it
@@ -77,8 +78,6 @@ logger = logging.getLogger("threadline.celery")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_TOKEN_ATTR = "_threadline_token"
-_REJECTED_ATTR = "_threadline_rejected"
 _MIN_HEADER_BYTES = 256
 _MAX_HEADER_BYTES = 65536
 _CACHE_SIZE = 1024
@@ -97,9 +96,9 @@ class _Installation:
     original_send_task: Callable[..., Any] | None = None
     receivers: list[tuple[Any, Callable[..., None]]] = field(default_factory=list)
     # id(ctx) -> (ctx, causation, same task, header); the context object is kept alive with it
-    cache: dict[int, tuple[AuditContext, str | None, bool, dict[str, Any]]] = field(default_factory=dict)
+    cache: dict[int, tuple[AuditContext, str | None, bool, str]] = field(default_factory=dict)
 
-    def header_for(self, ctx: AuditContext, message_id: object, parent_id: object) -> dict[str, Any]:
+    def header_for(self, ctx: AuditContext, message_id: object, parent_id: object) -> str:
         """The header value for a message with these ids, published under ``ctx``.
 
         ``causation_id`` in the header is what the consumer uses when Celery's ``parent_id`` does
@@ -111,17 +110,19 @@ class _Installation:
         causation = ctx.causation_id if same_task else (_safe_id(parent_id) or carrier.sender_id(ctx))
         hit = self.cache.get(id(ctx))
         if hit is not None and hit[0] is ctx and hit[1] == causation and hit[2] == same_task:
-            return dict(hit[3])
+            return hit[3]
         body = carrier.wire_dict(ctx, keep_incoming_error=same_task)
         if causation is None:
             body.pop("causation_id", None)
         else:
             body["causation_id"] = causation
-        carrier.seal(body, signing_key=self.keys[0] if self.keys else None, max_bytes=self.max_header_bytes)
+        header = carrier.encode_wire(
+            body, signing_key=self.keys[0] if self.keys else None, max_bytes=self.max_header_bytes
+        )
         if len(self.cache) >= _CACHE_SIZE:
             self.cache.clear()
-        self.cache[id(ctx)] = (ctx, causation, same_task, body)
-        return dict(body)
+        self.cache[id(ctx)] = (ctx, causation, same_task, header)
+        return header
 
 
 _installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
@@ -257,13 +258,16 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
         if isinstance(headers, dict):
             _before_publish(inst, headers)
 
-    def on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
+    def on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, **_: Any) -> None:
         if task is not None and getattr(task, "_app", None) is inst.app():
-            _prerun(inst, task)
+            _prerun(inst, task, task_id)
 
-    def on_postrun(sender: Any = None, task: Any = None, **_: Any) -> None:
-        if task is not None:
-            _postrun(task)
+    def on_postrun(sender: Any = None, task_id: Any = None, **_: Any) -> None:
+        frame = _frames.get()
+        if frame is not None and frame.inst is inst and frame.task_id == task_id:
+            _frames.set(frame.outer)
+            if frame.token is not None:
+                _current.reset(frame.token)
 
     for signal, receiver in (
         (signals.before_task_publish, on_publish),
@@ -294,11 +298,11 @@ def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
             headers.get("id"),
             exc,
         )
-        headers[HEADER] = {"v": codec.VERSION, carrier.ERROR_FIELD: _short(str(exc))}
+        headers[HEADER] = codec.dumps({"v": codec.VERSION, carrier.ERROR_FIELD: _short(str(exc))})
 
 
 def _read_header(request: Any) -> object:
-    raw = request.get(HEADER)
+    raw = getattr(request, HEADER, None)
     if raw is None:
         nested = request.headers
         if isinstance(nested, Mapping):
@@ -306,35 +310,61 @@ def _read_header(request: Any) -> object:
     return raw
 
 
-def _prerun(inst: _Installation, task: Any) -> None:
+class _Frame:
+    """One task run whose context this module set: undone by its ``task_postrun``."""
+
+    __slots__ = ("inst", "outer", "rejected", "task_id", "token")
+
+    def __init__(
+        self,
+        inst: _Installation,
+        task_id: object,
+        token: Token[AuditContext] | None,
+        rejected: str | None,
+        outer: _Frame | None,
+    ) -> None:
+        self.inst = inst
+        self.task_id = task_id
+        self.token = token
+        self.rejected = rejected
+        self.outer = outer
+
+
+# The task runs in progress in this thread (or task), innermost first: a task applied eagerly
+# inside another one stacks on it. Kept in a context variable rather than on Celery's request, so
+# that task_postrun and Task.before_start find it without looking the request up again.
+_frames: ContextVar[_Frame | None] = ContextVar("threadline_celery_frames", default=None)
+
+
+def _prerun(inst: _Installation, task: Any, task_id: object) -> None:
     request = task.request
     raw = _read_header(request)
-    if raw is None and request.is_eager:
-        return  # eager, no header: the caller's context stays exactly as it is
-    try:
-        ctx = _incoming_context(inst, task, request, raw)
-    except Exception as exc:  # never leave the previous task's context in force
-        logger.exception("task %s[%s]: could not restore the audit context", task.name, request.id)
-        ctx = AuditContext(origin=ORIGIN, incoming_error=_short(f"could not restore the context: {exc!r}"))
-    setattr(request, _TOKEN_ATTR, _current.set(ctx))
+    token: Token[AuditContext] | None = None
+    rejected: str | None = None
+    if raw is not None or not request.is_eager:  # eager, no header: the caller's context stays as it is
+        try:
+            ctx, rejected = _incoming_context(inst, task, request, raw)
+        except Exception as exc:  # never leave the previous task's context in force
+            logger.exception("task %s[%s]: could not restore the audit context", task.name, request.id)
+            ctx = AuditContext(
+                origin=ORIGIN, incoming_error=_short(f"could not restore the context: {exc!r}")
+            )
+        token = _current.set(ctx)
+    _frames.set(_Frame(inst, task_id, token, rejected, _frames.get()))
 
 
-def _postrun(task: Any) -> None:
-    request = task.request
-    token: Token[AuditContext] | None = request.__dict__.pop(_TOKEN_ATTR, None)
-    request.__dict__.pop(_REJECTED_ATTR, None)
-    if token is not None:
-        _current.reset(token)
-
-
-def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object) -> AuditContext:
+def _incoming_context(
+    inst: _Installation, task: Any, request: Any, raw: object
+) -> tuple[AuditContext, str | None]:
+    """The task's context, and the reason to refuse running it (signature policy "reject")."""
     task_id = _safe_id(request.id)
     root_id = _safe_id(request.root_id) or task_id
     parent_id = _safe_id(request.parent_id)
+    retries = request.retries
     job = {
         "name": _task_name(task),
         "id": task_id,
-        "retries": request.retries if isinstance(request.retries, int) else 0,
+        "retries": retries if type(retries) is int else 0,
         "parent_id": parent_id,
         "root_id": root_id,
     }
@@ -343,7 +373,7 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
     cause = parent_id if parent_id is not None and parent_id != task_id else None
     if raw is None:
         actor = getattr(task, "threadline_default_actor", None) or inst.default_actor
-        return _build(actor=actor, correlation_id=root_id, causation_id=cause, job=job)
+        return _build(actor=actor, correlation_id=root_id, causation_id=cause, job=job), None
     try:
         fields = carrier.decode_wire(raw, keys=inst.keys, max_bytes=inst.max_header_bytes)
     except InvalidContext as exc:
@@ -354,10 +384,11 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
             if exc.field == "sig"
             else str(exc)
         )
+        rejected = None
         policy = getattr(task, "threadline_signature_policy", None) or inst.policy
         if isinstance(exc, UntrustedContext) and policy == "reject":
             if isinstance(task, Task):
-                setattr(request, _REJECTED_ATTR, reason)
+                rejected = reason
                 logger.warning(
                     "task %s[%s] refused: %s (signature policy 'reject')", task.name, task_id, reason
                 )
@@ -376,10 +407,12 @@ def _incoming_context(inst: _Installation, task: Any, request: Any, raw: object)
                 task_id,
                 reason,
             )
-        return _build(correlation_id=root_id, causation_id=cause, job=job, incoming_error=reason)
-    fields["causation_id"] = cause or fields.get("causation_id")
-    fields["correlation_id"] = fields.get("correlation_id") or root_id
-    return _build(**fields, job=job)
+        return _build(correlation_id=root_id, causation_id=cause, job=job, incoming_error=reason), rejected
+    if cause is not None:
+        fields["causation_id"] = cause
+    if "correlation_id" not in fields:
+        fields["correlation_id"] = root_id
+    return AuditContext._unchecked(origin=ORIGIN, job=job, **fields), None  # validated: see _build
 
 
 def _build(**fields: Any) -> AuditContext:
@@ -419,7 +452,8 @@ class Task(celery.Task):  # type: ignore[misc]
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Refuse to run the body when the incoming context was rejected by signature policy."""
-        problem = self.request.get(_REJECTED_ATTR)
+        frame = _frames.get()
+        problem = frame.rejected if frame is not None and frame.task_id == task_id else None
         if problem:
             raise UntrustedContext(
                 f"task {self.name}[{task_id}] was not run: {problem} (signature policy 'reject'); "
