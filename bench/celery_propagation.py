@@ -8,8 +8,10 @@ Prints a Markdown report. Three parts:
   (``task_prerun`` + ``task_postrun`` restoring and resetting the context).
 - End to end: N trivial tasks (one Redis INCR each) published under a request context and run by
   a real ``celery worker`` (prefork, 2 processes), once with threadline installed on both ends and
-  once without, in interleaved rounds (the order alternates); throughput ratio of the medians, and
-  the CPU time the worker's processes spent per task (less sensitive to a busy machine).
+  once without, in interleaved rounds (the order alternates); throughput ratio of the medians (and
+  the median of each round's ratio to the round next to it), and the CPU time per task of the
+  worker (main process and pool processes) and of the publishing loop (less sensitive to a busy
+  machine than throughput).
 - The size of a typical header (user actor, correlation id, request id; with and without a
   signature).
 
@@ -35,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -271,26 +274,32 @@ class BenchWorker:
         if self.installed:
             tc.uninstall(self.app)
 
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the worker's processes (its process group: main and pool)."""
-        total = 0.0
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds used so far by the worker's main process and by its pool processes."""
+        main = pool = 0.0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
             if int(fields[2]) == self.proc.pid:  # process group id
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+                used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                if int(stat.parent.name) == self.proc.pid:
+                    main += used
+                else:
+                    pool += used
+        return main, pool
 
-    def run(self, counter: redis.Redis, n: int, timeout: float = 120) -> tuple[float, float]:
-        """(tasks per second from the first publish to the last one done, worker CPU µs per task)."""
+    def run(self, counter: redis.Redis, n: int, timeout: float = 120) -> Round:
+        """One round of ``n`` tasks, from the first publish to the last task done."""
         key = f"threadline-bench-{uuid.uuid4().hex}"
-        cpu = self.cpu_seconds()
+        main, pool = self.cpu_seconds()
         start = time.perf_counter()
+        publisher = time.process_time()
         with use_context(request_context()):
             for _ in range(n):
                 self.app.send_task("bench.noop", args=[key])
+        publisher = time.process_time() - publisher
         while int(counter.get(key) or 0) < n:
             if time.perf_counter() - start > timeout:
                 raise RuntimeError(f"worker did not finish {n} tasks; see {self.log}")
@@ -298,13 +307,32 @@ class BenchWorker:
         elapsed = time.perf_counter() - start
         counter.delete(key)
         time.sleep(0.1)  # let the last acknowledgements be counted
-        return n / elapsed, (self.cpu_seconds() - cpu) / n * 1e6
+        main_after, pool_after = self.cpu_seconds()
+        return Round(
+            rate=n / elapsed,
+            worker_main=(main_after - main) / n * 1e6,
+            worker_pool=(pool_after - pool) / n * 1e6,
+            publisher=publisher / n * 1e6,
+        )
 
 
-Rounds = tuple[list[float], list[float], list[float], list[float]]
+@dataclass(frozen=True)
+class Round:
+    """One end-to-end round: tasks per second, and CPU µs per task in each process."""
+
+    rate: float
+    worker_main: float
+    worker_pool: float
+    publisher: float
+
+    @property
+    def worker(self) -> float:
+        """CPU µs per task of the whole worker (main and pool processes)."""
+        return self.worker_main + self.worker_pool
 
 
-def end_to_end() -> Rounds:
+def end_to_end() -> tuple[list[Round], list[Round]]:
+    """Rounds with threadline and without, interleaved (the order alternates)."""
     counter = redis.Redis.from_url(REDIS_URL)
     counter.ping()
     with tempfile.TemporaryDirectory() as tmp:
@@ -312,23 +340,23 @@ def end_to_end() -> Rounds:
         try:
             for worker in (on, off):  # warm up: workers started, connections made
                 worker.run(counter, 200)
-            with_tl: list[float] = []
-            without: list[float] = []
-            cpu_with: list[float] = []
-            cpu_without: list[float] = []
+            with_tl: list[Round] = []
+            without: list[Round] = []
             for i in range(ROUNDS):
                 order = (on, off) if i % 2 == 0 else (off, on)
                 for worker in order:
-                    rate, cpu = worker.run(counter, TASKS)
-                    (with_tl if worker is on else without).append(rate)
-                    (cpu_with if worker is on else cpu_without).append(cpu)
-            return with_tl, without, cpu_with, cpu_without
+                    (with_tl if worker is on else without).append(worker.run(counter, TASKS))
+            return with_tl, without
         finally:
             on.stop()
             off.stop()
             with on.app.connection_for_write() as conn:
                 for worker in (on, off):
                     conn.default_channel.queue_delete(worker.queue)
+
+
+def _row(label: str, values: list[float]) -> str:
+    return f"| {label} | {statistics.median(values):.0f} | {', '.join(f'{x:.0f}' for x in values)} |"
 
 
 def main() -> None:
@@ -355,28 +383,25 @@ def main() -> None:
     sizes = header_sizes()
     print("\n### Typical header (user actor, correlation id and request id as UUIDs)\n")
     print(f"{sizes['unsigned']} bytes unsigned, {sizes['signed']} bytes signed.\n")
-    with_tl, without, cpu_with, cpu_without = end_to_end()
-    ratio = statistics.median(with_tl) / statistics.median(without)
+    with_tl, without = end_to_end()
+    ratio = statistics.median(r.rate for r in with_tl) / statistics.median(r.rate for r in without)
+    # each round with threadline against the round without it that ran next to it
+    pairs = statistics.median(a.rate / b.rate for a, b in zip(with_tl, without, strict=True))
     print(
         f"### End to end ({TASKS} trivial tasks per round, {ROUNDS} interleaved rounds, "
         "prefork worker with 2 processes)\n"
     )
     print("| | median | rounds |\n|---|---:|---|")
+    for label, rounds in (("without threadline", without), ("with threadline", with_tl)):
+        print(_row(f"tasks/s {label}", [r.rate for r in rounds]))
+    for label, rounds in (("without", without), ("with", with_tl)):
+        print(_row(f"worker CPU µs per task, {label}", [r.worker for r in rounds]))
+        print(_row(f"... of which pool processes, {label}", [r.worker_pool for r in rounds]))
+        print(_row(f"publisher CPU µs per task, {label}", [r.publisher for r in rounds]))
     print(
-        f"| tasks/s without threadline | {statistics.median(without):.0f} | {', '.join(f'{x:.0f}' for x in without)} |"
+        f"\nThroughput ratio with / without: **{ratio:.3f}** (median of the paired rounds' ratios {pairs:.3f})"
     )
-    print(
-        f"| tasks/s with threadline | {statistics.median(with_tl):.0f} | {', '.join(f'{x:.0f}' for x in with_tl)} |"
-    )
-    print(
-        f"| worker CPU µs per task, without | {statistics.median(cpu_without):.0f} | "
-        f"{', '.join(f'{x:.0f}' for x in cpu_without)} |"
-    )
-    print(
-        f"| worker CPU µs per task, with | {statistics.median(cpu_with):.0f} | "
-        f"{', '.join(f'{x:.0f}' for x in cpu_with)} |"
-    )
-    print(f"\nThroughput ratio with / without: **{ratio:.3f}**")
+    print(f"\nMachine load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.")
 
 
 if __name__ == "__main__":
