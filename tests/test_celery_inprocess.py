@@ -131,6 +131,48 @@ def test_eager_without_any_context(eager: Celery) -> None:
     assert threadline.current().is_empty
 
 
+def test_nested_eager_runs_unwind_in_order_and_a_rejection_stays_with_its_task() -> None:
+    app = Celery("nested", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    threadline.celery.install(app, signing_keys=[KEY], signature_policy="reject")
+    seen: dict[str, Any] = {}
+
+    @threadline.task(app=app, name="nested.inner")
+    def inner(label: str) -> None:
+        seen[label] = threadline.current()
+
+    @threadline.task(app=app, name="nested.outer", bind=True)
+    def outer(self: CeleryTask, signed: dict[str, str], unsigned: dict[str, str]) -> None:
+        seen["outer"] = threadline.current()
+        inner.apply(("inner",), headers=signed)
+        seen["after inner"] = threadline.current()
+        inner.apply(("same id",), task_id=self.request.id)  # no header, the same id (as an eager retry)
+        seen["after same id"] = threadline.current()
+        with pytest.raises(UntrustedContext, match="not signed"):
+            inner.apply(("forged",), headers=unsigned)
+        seen["after forged"] = threadline.current()
+        inner.apply(("next",), headers=signed)  # the refusal was for that run only
+
+    outer_ctx = AuditContext(actor=ActorRef.user("1"), correlation_id="outer")
+    inner_ctx = AuditContext(actor=ActorRef.user("2"), correlation_id="inner")
+    signed = threadline.inject({}, inner_ctx, signing_key=KEY)
+    try:
+        with web() as caller:
+            outer.apply(
+                (signed, threadline.inject({}, inner_ctx)),
+                headers=threadline.inject({}, outer_ctx, signing_key=KEY),
+            )
+            assert threadline.current() is caller
+        assert seen["outer"].actor == ActorRef.user("1") and seen["outer"].origin == "celery"
+        assert seen["inner"].actor == ActorRef.user("2") and seen["next"].actor == ActorRef.user("2")
+        for step in ("same id", "after inner", "after same id", "after forged"):
+            assert seen[step] is seen["outer"], step
+        assert "forged" not in seen  # its body never ran
+        assert threadline.current().is_empty
+    finally:
+        threadline.celery.uninstall(app)
+
+
 # -- install / uninstall / @threadline.task --------------------------------------------------------
 
 
