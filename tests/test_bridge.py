@@ -238,3 +238,20 @@ def test_named_cursor_statements_carry_the_context(dsn: str, conn: Any, posts: s
     with pytest.raises(threadline.ConfigurationError):
         threadline.propagation.psycopg.bridge(object())  # type: ignore[arg-type]
     assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "bridged"}]
+
+
+def test_begin_with_context_for_integrations(dsn: str, conn: Any, posts: str) -> None:
+    from threadline.propagation.psycopg import begin_with_context
+
+    with psycopg.connect(dsn) as c:
+        c.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        ctx = threadline.AuditContext(actor=ActorRef.user("integration"), correlation_id="int-1")
+        begin_with_context(c, ctx)
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        assert c.execute("SHOW transaction_isolation").fetchone() == ("repeatable read",)
+        c.execute("INSERT INTO app.posts (id) VALUES (1)")
+        c.commit()
+    rows = changes(conn)
+    assert [(r["actor"], r["correlation_id"]) for r in rows] == [
+        ({"type": "user", "id": "integration"}, "int-1")
+    ]
