@@ -1,7 +1,8 @@
 """The context → PostgreSQL bridge for psycopg 3.
 
-Every transaction that should carry the current :class:`~threadline.context.AuditContext` runs
-``SELECT set_config('threadline.context', <canonical json>, true)``: a transaction-local setting
+Every transaction that should carry the current :class:`~threadline.context.AuditContext` sets
+``threadline.context`` to its canonical JSON with ``SET LOCAL`` (``set_config(..., true)`` where a
+statement runs outside a transaction block): a transaction-local setting
 that the capture trigger reads once, that vanishes at commit or rollback, and that is therefore
 safe behind PgBouncer's transaction pooling.
 
@@ -12,8 +13,9 @@ Two ways to use it:
 - Automatic mode: connect with :class:`ThreadlineConnection` (``ThreadlineConnection.connect(dsn)``
   or ``ConnectionPool(dsn, connection_class=ThreadlineConnection)``). Every transaction begun while
   a context is active carries it, whether it was opened implicitly by ``execute()`` or with
-  ``conn.transaction()``. An implicit transaction's ``BEGIN`` and ``set_config`` travel in one
-  message, so it costs no extra network round trip.
+  ``conn.transaction()``. An implicit transaction's ``BEGIN`` and ``SET LOCAL`` travel in one
+  message, so it costs no extra network round trip. :func:`bridge` turns a connection someone
+  else opened (an ORM's) into one in place.
 """
 
 from __future__ import annotations
