@@ -306,9 +306,9 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     """A psycopg connection whose every transaction carries the current audit context.
 
     - An implicit transaction (the first ``execute()`` outside a transaction) starts with one
-      message holding ``BEGIN`` and ``set_config``: no extra round trip.
+      message holding ``BEGIN`` and ``SET LOCAL``: no extra round trip.
     - Inside ``conn.transaction()`` (or when the context changed mid-transaction) the context is
-      set by one ``set_config`` before the next statement, once per transaction.
+      set by one ``SET LOCAL`` before the next statement, once per transaction.
     - In autocommit mode each statement runs in its own transaction with the context: a cursor
       that binds parameters client-side (``psycopg.ClientCursor``, Django's default) sends
       ``SET LOCAL`` and the statement as one simple query; other cursors pipeline ``set_config``
@@ -372,7 +372,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             with super().transaction(savepoint_name, force_rollback) as tx:
                 yield tx
         finally:
-            # A rolled-back savepoint also undid any set_config made inside it.
+            # A rolled-back savepoint also undid any SET LOCAL made inside it.
             rolled_back = tx is None or tx.status not in (
                 psycopg.Transaction.Status.ACTIVE,
                 psycopg.Transaction.Status.COMMITTED,
