@@ -135,7 +135,7 @@ def test_capture_ignores_the_callers_search_path(
     definer = conn.execute(
         "SELECT bool_and(prosecdef), bool_and(proconfig[1] LIKE 'search_path=pg_catalog,%%pg_temp')"
         "  FROM pg_proc WHERE pronamespace = 'threadline'::regnamespace"
-        "   AND (proname LIKE 'capture\\_%%' OR proname IN ('transaction_id', 'refresh_transaction_context', 'link_action'))"
+        "   AND (proname LIKE 'capture\\_%%' OR proname IN ('refresh_transaction_context', 'link_action'))"
     ).fetchone()
     assert definer == (True, True)
     inlinable = conn.execute(

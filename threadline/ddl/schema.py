@@ -20,7 +20,7 @@ from threadline.ddl.names import (
 )
 from threadline.errors import PrivilegeError, SchemaError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Version of the audit schema this release installs."""
 
 _SCRIPT = """\
@@ -119,16 +119,7 @@ DROP FUNCTION IF EXISTS {schema}.decode_context(text);
 CREATE OR REPLACE FUNCTION {schema}.parse_context(raw text, OUT j jsonb, OUT err text)
 LANGUAGE plpgsql IMMUTABLE AS $fn$
 BEGIN
-    IF raw IS NULL OR raw = '' THEN
-        RETURN;
-    ELSIF octet_length(raw) > 16384 THEN
-        err := 'context is larger than 16384 bytes';
-        RETURN;
-    END IF;
-    j := raw::jsonb;
-EXCEPTION WHEN others THEN
-    j := NULL;
-    err := 'context is not valid JSON';
+{parse_block}
 END
 $fn$;
 
@@ -188,14 +179,18 @@ $fn$;
 
 -- The transactions row of the current database transaction, created on first use: the context
 -- setting is read once per transaction, and "<id>/<xid>" is cached in a transaction-local
--- setting for the statements that follow. Runs as the schema's owner (SECURITY DEFINER, pinned
--- search_path; every name is qualified), so an application role that may not write the audit
--- tables still gets its transactions recorded.
+-- setting for the statements that follow. Only the schema's owner may call it (EXECUTE is revoked
+-- from PUBLIC): the capture functions and link_action() call it as the owner (they are SECURITY
+-- DEFINER with a pinned search_path), so an application role that may not write the audit tables
+-- still gets its transactions recorded. It is not SECURITY DEFINER itself, and it parses the
+-- context inline rather than through parse_context(): each extra PL/pgSQL call and search_path
+-- switch is paid once per audited transaction.
 CREATE OR REPLACE FUNCTION {schema}.transaction_id() RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY INVOKER AS $fn$
 DECLARE
     raw text;
-    p record;
+    j jsonb;
+    err text;
     new_id bigint;
 BEGIN
     SELECT t.id INTO new_id FROM {schema}.transactions AS t
@@ -204,12 +199,12 @@ BEGIN
         RETURN new_id;
     END IF;
     raw := coalesce(current_setting({context_setting}, true), '');
-    SELECT * INTO p FROM {schema}.parse_context(raw);
+{parse_block}
     INSERT INTO {schema}.transactions
         (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
     SELECT d.actor, d.correlation_id, d.request_id, d.causation_id, d.origin, d.job, d.meta,
            d.context_error
-      FROM {schema}.decode_context(p.j, p.err) AS d
+      FROM {schema}.decode_context(j, err) AS d
     RETURNING id INTO new_id;
     PERFORM set_config({tx_setting}, new_id::text || '/' || pg_current_xact_id()::text, true),
             set_config({ctx_cache_setting}, raw, true);
@@ -226,7 +221,7 @@ $fn$;
 
 -- At commit: if the context was changed after the transaction row was written, the last value
 -- set wins.
--- Fires at commit as the committing role: runs as the owner, like transaction_id().
+-- Fires at commit as the committing role: runs as the owner (SECURITY DEFINER).
 CREATE OR REPLACE FUNCTION {schema}.refresh_transaction_context() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -264,6 +259,21 @@ CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON {schema}.transactions
 INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
 """
 
+
+# Parses the text in `raw` into `j` (jsonb), or leaves `j` NULL and says why in `err`; never raises.
+# Shared by parse_context() and, inline, by transaction_id(). An empty or NULL text is no context.
+_PARSE_BLOCK = """\
+    IF raw <> '' THEN
+        IF octet_length(raw) > 16384 THEN
+            err := 'context is larger than 16384 bytes';
+        ELSE
+            BEGIN
+                j := raw::jsonb;
+            EXCEPTION WHEN others THEN
+                err := 'context is not valid JSON';
+            END;
+        END IF;
+    END IF;"""
 
 # Validation of the decoded context as JSON path predicates: each is one call that PostgreSQL runs
 # in C, which keeps the per-transaction cost of decoding small. A text value is a non-empty string
@@ -360,6 +370,7 @@ def install_sql(schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None) ->
         tx_setting=sql.Literal(transaction_cache_setting(schema)),
         ctx_cache_setting=sql.Literal(context_cache_setting(schema)),
         context_setting=sql.Literal(CONTEXT_SETTING),
+        parse_block=sql.SQL(_PARSE_BLOCK),
     )
     return composed.as_string(None) + grants
 
