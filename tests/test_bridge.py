@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -20,6 +22,20 @@ SHOW = "SELECT current_setting('threadline.context', true)"
 
 def _actor(conn: psycopg.Connection[Any]) -> list[Any]:
     return [r["actor"] for r in transactions(conn)]
+
+
+@contextlib.contextmanager
+def _sent_messages(conn: psycopg.Connection[Any], path: Any) -> Iterator[list[str]]:
+    """The protocol messages the client sends inside the block, from libpq's trace."""
+    sent: list[str] = []
+    with path.open("w") as f:
+        conn.pgconn.trace(f.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield sent
+        finally:
+            conn.pgconn.untrace()
+    sent.extend(line for line in path.read_text().splitlines() if line.startswith("F"))
 
 
 def test_transaction_applies_context_and_nests_as_savepoints(dsn: str, conn: Any, posts: str) -> None:
@@ -184,17 +200,20 @@ def test_automatic_mode_in_pipeline_mode(dsn: str, conn: Any, posts: str) -> Non
 
 
 def test_autocommit_client_cursor_sends_context_and_statement_as_one_query(
-    dsn: str, conn: Any, posts: str
+    dsn: str, conn: Any, posts: str, tmp_path: Any
 ) -> None:
-    sent: list[str] = []
+    notices: list[str] = []
     with ThreadlineConnection.connect(dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as app:
-        app.add_notice_handler(lambda d: sent.append(d.message_primary or ""))
+        app.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
         # a context whose JSON holds '%' and quotes, parameters holding them too
         with threadline.context(actor="user:c%s'1", correlation_id="50%_off", meta={"q": "it's %(x)s"}):
-            cur = app.execute(
-                "INSERT INTO app.posts (id, title) VALUES (%s, %s), (%s, '100%%') RETURNING id",
-                [1, "a%sb'c", 2],
-            )
+            with _sent_messages(app, tmp_path / "trace") as sent:
+                cur = app.execute(
+                    "INSERT INTO app.posts (id, title) VALUES (%s, %s), (%s, '100%%') RETURNING id",
+                    [1, "a%sb'c", 2],
+                )
+            assert len(sent) == 1 and '\tQuery\t "SET LOCAL threadline.context = ' in sent[0], sent
+            assert "; INSERT INTO app.posts" in sent[0]
             assert cur.rowcount == 2 and cur.fetchall() == [(1,), (2,)]
             assert cur.statusmessage == "INSERT 0 2" and cur.nextset() is None
             assert app.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
@@ -209,7 +228,7 @@ def test_autocommit_client_cursor_sends_context_and_statement_as_one_query(
     assert [r["actor"] for r in rows] == [{"type": "user", "id": "c%s'1"}] * 3 + [None]
     assert rows[0]["correlation_id"] == "50%_off" and rows[0]["meta"] == {"q": "it's %(x)s"}
     assert rows[0]["transaction_id"] == rows[1]["transaction_id"] != rows[2]["transaction_id"]
-    assert sent == []  # no "SET LOCAL outside a transaction block" warning
+    assert notices == []  # no "SET LOCAL outside a transaction block" warning
 
 
 def test_named_cursor_statements_carry_the_context(dsn: str, conn: Any, posts: str) -> None:
@@ -255,3 +274,38 @@ def test_begin_with_context_for_integrations(dsn: str, conn: Any, posts: str) ->
     assert [(r["actor"], r["correlation_id"]) for r in rows] == [
         ({"type": "user", "id": "integration"}, "int-1")
     ]
+
+
+def test_client_cursor_opens_a_transaction_with_begin_context_and_statement_in_one_query(
+    dsn: str, conn: Any, posts: str, tmp_path: Any
+) -> None:
+    with ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor) as app:
+        app.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with threadline.context(actor="user:o%s'1", correlation_id="open-1"):
+            with _sent_messages(app, tmp_path / "trace") as sent:
+                cur = app.execute(
+                    "INSERT INTO app.posts (id, title) VALUES (%s, %s), (%s, '100%%') RETURNING id",
+                    [1, "a%sb'c", 2],
+                )
+            # the statement's own result, and the transaction is open with the connection's settings
+            assert cur.rowcount == 2 and cur.fetchall() == [(1,), (2,)] and cur.nextset() is None
+            assert cur.statusmessage == "INSERT 0 2" and b"SET LOCAL" not in (cur._query.query or b"")
+            assert app.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            assert app.execute("SHOW transaction_isolation").fetchone() == ("repeatable read",)
+            app.execute("UPDATE app.posts SET views = 1 WHERE id = 2")
+            app.commit()
+            # a failing first statement leaves the transaction failed, like psycopg's own BEGIN
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                app.execute("INSERT INTO app.posts (id) VALUES (%s)", [1])
+            assert app.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+            app.rollback()
+            app.execute("UPDATE app.posts SET views = 2 WHERE id = %s", [1])
+            app.commit()
+        app.execute("UPDATE app.posts SET views = 3 WHERE id = 1")  # no context: psycopg's own BEGIN
+        app.commit()
+    assert len(sent) == 1 and "\tQuery\t" in sent[0], sent
+    assert '"BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL threadline.context = ' in sent[0]
+    rows = changes(conn)
+    assert [r["op"] for r in rows] == ["insert", "insert", "update", "update", "update"]
+    assert [r["actor"] for r in rows] == [{"type": "user", "id": "o%s'1"}] * 4 + [None]
+    assert rows[0]["transaction_id"] == rows[2]["transaction_id"] != rows[3]["transaction_id"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import psycopg
 from psycopg import pq, sql
+from psycopg.abc import PQGen
 from psycopg.rows import Row
 
 from threadline.context import AuditContext, _current, current
@@ -202,14 +203,34 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         if isinstance(conn, ThreadlineConnection):
             if conn._needs_pipeline():
                 return self._execute_autocommit(conn, query, params, kwargs)
+            if conn._opens_transaction(self, kwargs):
+                return self._execute_opening(conn, query, params)
             conn._prepare_statement()
         super().execute(query, params, **kwargs)
+        return self
+
+    def _execute_opening(
+        self, conn: ThreadlineConnection[Any], query: Any, params: Any
+    ) -> ThreadlineCursor[Row]:
+        # The first statement of an implicit transaction, bound client-side: BEGIN, SET LOCAL and
+        # the statement go as one simple query, where psycopg would have sent BEGIN alone first.
+        ctx = _current.get()
+        self._statement_prefix = conn._get_tx_start_command() + b"; " + conn._set_local(ctx) + b"; "
+        conn._begin_in_statement = True
+        try:
+            super().execute(query, params)
+        finally:
+            self._statement_prefix = None
+            conn._begin_in_statement = False
+        conn._applied = ctx
+        self.nextset()  # past BEGIN's and SET's results, to the statement's own
+        self.nextset()
         return self
 
     def _execute_autocommit(
         self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
     ) -> ThreadlineCursor[Row]:
-        if isinstance(self, psycopg.ClientCursor) and not kwargs and conn._pipeline is None:
+        if isinstance(self, psycopg.ClientCursor) and not any(kwargs.values()) and conn._pipeline is None:
             # Parameters are bound client-side anyway: the setting and the statement go as one
             # simple query, which the server runs as one implicit transaction.
             self._statement_prefix = conn._set_local(_current.get()) + b"; "
@@ -329,6 +350,9 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         self.server_cursor_factory = threadline_server_cursor_class(self.server_cursor_factory)
         self._applied: AuditContext | None = None
 
+    # set while a cursor sends BEGIN itself, in front of the statement (see ThreadlineCursor)
+    _begin_in_statement = False
+
     @property
     def cursor_factory(self) -> type[psycopg.Cursor[Any]]:
         """The cursor class; any class assigned is combined with :class:`ThreadlineCursor`.
@@ -383,6 +407,22 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     # -- applying the context ----------------------------------------------------------------
     def _needs_pipeline(self) -> bool:
         return self._autocommit and self.pgconn.transaction_status == _IDLE and not _current.get().is_empty
+
+    def _opens_transaction(self, cursor: psycopg.Cursor[Any], kwargs: dict[str, Any]) -> bool:
+        """True when ``cursor``'s next statement opens an implicit transaction with a context and
+        can carry ``BEGIN`` and ``SET LOCAL`` in its own query (parameters bound client-side)."""
+        return (
+            not self._autocommit
+            and self.pgconn.transaction_status == _IDLE
+            and not any(kwargs.values())  # prepare=None, as Connection.execute() passes
+            and self._pipeline is None
+            and isinstance(cursor, psycopg.ClientCursor)
+            and not _current.get().is_empty
+        )
+
+    def _start_query(self) -> PQGen[None]:
+        if not self._begin_in_statement:
+            yield from super()._start_query()
 
     def _prepare_statement(self) -> None:
         """Make sure the transaction the next statement runs in carries the current context."""
