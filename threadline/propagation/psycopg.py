@@ -327,7 +327,8 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     """A psycopg connection whose every transaction carries the current audit context.
 
     - An implicit transaction (the first ``execute()`` outside a transaction) starts with one
-      message holding ``BEGIN`` and ``SET LOCAL``: no extra round trip.
+      message holding ``BEGIN`` and ``SET LOCAL``: no extra round trip. A cursor that binds
+      parameters client-side (``psycopg.ClientCursor``) adds the statement to that message.
     - Inside ``conn.transaction()`` (or when the context changed mid-transaction) the context is
       set by one ``SET LOCAL`` before the next statement, once per transaction.
     - In autocommit mode each statement runs in its own transaction with the context: a cursor
