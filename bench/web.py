@@ -11,7 +11,8 @@ baseline and the measured variant alternate within each round).
 - Django ORM bridge: one ``Model.objects.create()`` per transaction (autocommit, and inside
   ``atomic()``) on a bridged connection vs a plain one, both with a context current.
 - SQLAlchemy bridge: one Core ``INSERT`` in ``engine.begin()`` on an instrumented engine vs a
-  plain one, both with a context current.
+  plain one, both with a context current; with psycopg's default cursor (parameters bound
+  server-side) and with ``connect_args={"cursor_factory": psycopg.ClientCursor}``.
 
 The ORM figures are measured on an untracked table (the bridge alone) and on a tracked one (what an
 audited write costs with the context vs the same write recorded without any context).
@@ -227,13 +228,13 @@ def _django_model(models: Any, table: str) -> Any:
     return _models[table]
 
 
-def bench_sqlalchemy(dsn: str, table: str) -> Samples:
+def bench_sqlalchemy(dsn: str, table: str, client_binding: bool = False) -> Samples:
     from sqlalchemy import text
 
     from threadline.propagation.sqlalchemy import instrument
 
-    plain = _sa_engine(dsn)
-    bridged = _sa_engine(dsn)
+    plain = _sa_engine(dsn, client_binding)
+    bridged = _sa_engine(dsn, client_binding)
     instrument(bridged)
     stmt = text(f"INSERT INTO {table} (title) VALUES ('x')")
 
@@ -255,12 +256,15 @@ def bench_sqlalchemy(dsn: str, table: str) -> Samples:
         bridged.dispose()
 
 
-def _sa_engine(dsn: str) -> Any:
+def _sa_engine(dsn: str, client_binding: bool = False) -> Any:
     from sqlalchemy import create_engine
 
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     url = f"postgresql+psycopg://{info.get('user', '')}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{info['dbname']}"
-    return create_engine(url, pool_size=1, connect_args={"options": info.get("options", "")})
+    connect_args: dict[str, Any] = {"options": info.get("options", "")}
+    if client_binding:
+        connect_args["cursor_factory"] = psycopg.ClientCursor
+    return create_engine(url, pool_size=1, connect_args=connect_args)
 
 
 def pct(samples: Samples, base: str, variant: str) -> str:
@@ -308,6 +312,11 @@ def main() -> None:
             )
             print(f"{table}: SQLAlchemy µs/transaction { ({k: round(v, 1) for k, v in sa.items()}) }")
             print(f"  {pct(sa, 'plain', 'instrumented')} (paired median)")
+            sac = bench_sqlalchemy(dsn, table, client_binding=True)
+            print(
+                f"{table}: SQLAlchemy, ClientCursor µs/transaction { ({k: round(v, 1) for k, v in sac.items()}) }"
+            )
+            print(f"  {pct(sac, 'plain', 'instrumented')} (paired median)")
     finally:
         try:
             from django.db import connections

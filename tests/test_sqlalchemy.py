@@ -66,11 +66,17 @@ def sa_dsn(database: str) -> str:
     return database
 
 
-@pytest.fixture(scope="module")
-def engine(sa_dsn: str) -> Iterator[Any]:
-    eng = create_engine(sa_url(sa_dsn), pool_size=8)
+@pytest.fixture(scope="module", params=["server-side binding", "client-side binding"])
+def engine(sa_dsn: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    # psycopg's default cursor, and ClientCursor (each transaction's first statement then travels
+    # with BEGIN and SET LOCAL in one query)
+    args = {"cursor_factory": psycopg.ClientCursor} if request.param == "client-side binding" else {}
+    eng = create_engine(sa_url(sa_dsn), pool_size=8, connect_args=args)
     tl_sqlalchemy.instrument(eng)
     tl_sqlalchemy.instrument(eng)  # idempotent
+    with eng.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        assert isinstance(cursor, psycopg.ClientCursor) == bool(args)
     yield eng
     eng.dispose()
 
