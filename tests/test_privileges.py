@@ -216,6 +216,9 @@ def test_app_defined_functions_never_run_inside_capture(
         conn.execute("DROP SCHEMA appowned CASCADE")
 
 
-def test_app_role_cannot_create_transaction_rows_directly(app: psycopg.Connection[Any]) -> None:
+@pytest.mark.parametrize("function", ["transaction_id", "transaction_row"])
+def test_app_role_cannot_create_transaction_rows_directly(
+    app: psycopg.Connection[Any], function: str
+) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        app.execute("SELECT threadline.transaction_id()")
+        app.execute(f"SELECT threadline.{function}()")

@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS {schema}.changes (
     transaction_id bigint NOT NULL,
     table_schema text NOT NULL,
     table_name text NOT NULL,
-    op text NOT NULL CHECK (op IN ('insert', 'update', 'delete', 'truncate')),
+    op text NOT NULL,
     pk jsonb,
     after jsonb,
     before jsonb,
@@ -92,6 +92,10 @@ BEGIN
 END
 $upgrade$;
 DROP INDEX IF EXISTS {schema}.changes_transaction_id_idx;
+-- Versions before 6 checked op with a CHECK constraint. Only the capture functions (as the owner)
+-- write changes, always with one of 'insert', 'update', 'delete', 'truncate'; PostgreSQL rebuilt
+-- the check's expression from its stored text for every captured statement.
+ALTER TABLE {schema}.changes DROP CONSTRAINT IF EXISTS changes_op_check;
 
 CREATE INDEX IF NOT EXISTS transactions_correlation_id_idx
     ON {schema}.transactions (correlation_id) WHERE correlation_id IS NOT NULL;
@@ -177,28 +181,23 @@ LANGUAGE sql VOLATILE AS $fn$
                 THEN split_part(current_setting({tx_setting}, true), '/', 1)::bigint END
 $fn$;
 
--- The transactions row of the current database transaction, created on first use: the context
--- setting is read once per transaction, and "<id>/<xid>" is cached in a transaction-local
--- setting for the statements that follow. Only the schema's owner may call it (EXECUTE is revoked
--- from PUBLIC): the capture functions and link_action() call it as the owner (they are SECURITY
--- DEFINER with a pinned search_path), so an application role that may not write the audit tables
--- still gets its transactions recorded. It is not SECURITY DEFINER itself, and it parses the
--- context inline rather than through parse_context(): each extra PL/pgSQL call and search_path
--- switch is paid once per audited transaction.
-CREATE OR REPLACE FUNCTION {schema}.transaction_id() RETURNS bigint
+-- A new transactions row for the current database transaction, from the context setting, with
+-- "<id>/<xid>" cached in a transaction-local setting for the statements that follow. Only the
+-- schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture functions and
+-- link_action() call it as the owner (they are SECURITY DEFINER with a pinned search_path), so
+-- an application role that may not write the audit tables still gets its transactions recorded.
+-- It is not SECURITY DEFINER itself, and it parses the context inline rather than through
+-- parse_context(): each extra PL/pgSQL call and search_path switch is paid once per audited
+-- transaction. The capture functions call it only after their own lookup of the cached row found
+-- none; anything else calls transaction_id().
+CREATE OR REPLACE FUNCTION {schema}.transaction_row() RETURNS bigint
 LANGUAGE plpgsql SECURITY INVOKER AS $fn$
 DECLARE
-    raw text;
+    raw text := coalesce(current_setting({context_setting}, true), '');
     j jsonb;
     err text;
     new_id bigint;
 BEGIN
-    SELECT t.id INTO new_id FROM {schema}.transactions AS t
-     WHERE t.id = {schema}.cached_transaction_id() AND t.xid = pg_current_xact_id();
-    IF FOUND THEN
-        RETURN new_id;
-    END IF;
-    raw := coalesce(current_setting({context_setting}, true), '');
 {parse_block}
     INSERT INTO {schema}.transactions
         (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
@@ -209,6 +208,24 @@ BEGIN
     PERFORM set_config({tx_setting}, new_id::text || '/' || pg_current_xact_id()::text, true),
             set_config({ctx_cache_setting}, raw, true);
     RETURN new_id;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION {schema}.transaction_row() FROM PUBLIC;
+
+-- The transactions row of the current database transaction, created on first use; the id cached
+-- by an earlier statement is used only after checking the row (id and xid), so a value set by
+-- hand cannot attach changes to another transaction's row.
+CREATE OR REPLACE FUNCTION {schema}.transaction_id() RETURNS bigint
+LANGUAGE plpgsql SECURITY INVOKER AS $fn$
+DECLARE
+    found_id bigint;
+BEGIN
+    SELECT t.id INTO found_id FROM {schema}.transactions AS t
+     WHERE t.id = {schema}.cached_transaction_id() AND t.xid = pg_current_xact_id();
+    IF FOUND THEN
+        RETURN found_id;
+    END IF;
+    RETURN {schema}.transaction_row();
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION {schema}.transaction_id() FROM PUBLIC;

@@ -36,7 +36,7 @@ from threadline.errors import (
     UnknownTable,
 )
 
-CAPTURE_VERSION = 5
+CAPTURE_VERSION = 6
 """Version of the generated capture code; part of every fingerprint."""
 
 MASK_PLACEHOLDER = "[masked]"
@@ -495,7 +495,7 @@ _PINNED_SEARCH_PATH = sql.SQL("pg_catalog, pg_temp")
 _TRANSACTION_ID = (
     "(SELECT coalesce((SELECT t.id FROM {audit}.transactions AS t\n"
     "                   WHERE t.id = {audit}.cached_transaction_id() AND t.xid = pg_current_xact_id()),\n"
-    "                 {audit}.transaction_id()))"
+    "                 {audit}.transaction_row()))"
 )
 
 
