@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint docs bench bench-all bench-celery bench-web bench-query bench-ops clean
+.PHONY: venv demo test lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: lint docs
 
 bench: venv
 	$(BIN)/python bench/capture.py
+
+bench-instructions: venv
+	$(BIN)/python bench/capture_instructions.py
 
 bench-celery: venv
 	$(BIN)/python bench/celery_propagation.py

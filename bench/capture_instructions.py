@@ -1,0 +1,180 @@
+"""Backend CPU instructions per audited transaction, counted with valgrind (`make bench-instructions`).
+
+Timings of single-row transactions move with everything else the machine does; instruction counts
+do not. This script makes a throw-away PostgreSQL cluster (initdb, in a temporary folder), creates
+the same tables as bench/capture.py (no trigger, the statement-level floor trigger, the row-level
+upsert reference, threadline), then runs the same single-row `UPDATE` transactions through a
+single-user backend under `valgrind --tool=callgrind`, 100 and then 300 of them, each time from
+the same copy of the cluster. The difference divided by 200 is what one transaction costs,
+start-up excluded. Every figure is deterministic for a given PostgreSQL build.
+
+Needs valgrind and PostgreSQL's server binaries (`pg_config --bindir`, or BENCH_PG_BINDIR). Run as
+root, the cluster is made and run as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
+
+from bench.capture import CONTEXT, FLOOR_STATEMENT, SETUP, TABLE_ROWS, UPSERT_REFERENCE  # noqa: E402
+from threadline import ddl  # noqa: E402
+
+TABLES = {
+    "t_plain": "no trigger",
+    "t_sfloor": "statement-level floor trigger",
+    "t_ref": "row-level upsert reference",
+    "t_tl": "threadline",
+}
+WARM_TRANSACTIONS = 2000
+
+
+def bindir() -> Path:
+    configured = os.environ.get("BENCH_PG_BINDIR")
+    if configured:
+        return Path(configured)
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        found = Path(out.stdout.strip())
+        if (found / "initdb").exists():
+            return found
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        sys.exit("PostgreSQL server binaries not found: set BENCH_PG_BINDIR")
+    return candidates[-1].parent
+
+
+def as_server_user(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(as_server_user(cmd), check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def script(table: str, n: int) -> str:
+    rnd = random.Random(1)
+    return "".join(
+        f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; "
+        f"UPDATE {table} SET a = a + 1 WHERE id = {rnd.randint(WARM_TRANSACTIONS + 1, TABLE_ROWS - 1)}; COMMIT;\n"
+        for _ in range(n)
+    )
+
+
+def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> int:
+    shutil.rmtree(work, ignore_errors=True)
+    subprocess.run(["cp", "-a", str(pristine), str(work)], check=True)  # keeps the owner
+    out = work.parent / f"callgrind.{table}.{n}"
+    proc = subprocess.run(
+        as_server_user(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                str(pg / "postgres"),
+                "--single",
+                "-D",
+                str(work),
+                "-F",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "autovacuum=off",
+                "bench",
+            ]
+        ),
+        input=script(table, n),
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    if " ERROR: " in proc.stderr:
+        raise RuntimeError(f"{table}: the backend reported an error:\n{proc.stderr[-2000:]}")
+    match = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
+    if not match:
+        raise RuntimeError(f"cannot read valgrind's summary:\n{proc.stderr[-2000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def main() -> None:
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    pg = bindir()
+    root = Path(tempfile.mkdtemp(prefix="threadline-instructions-"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        data = root / "data"
+        run([str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
+        port = str(54000 + os.getpid() % 1000)
+        run(
+            [str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+             f"-p {port} -k {root} -c listen_addresses=''", "start"]
+        )  # fmt: skip
+        try:
+            dsn = f"host={root} port={port} user=postgres dbname=postgres"
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE DATABASE bench")
+            with psycopg.connect(
+                f"host={root} port={port} user=postgres dbname=bench", autocommit=True
+            ) as conn:
+                for table in TABLES:
+                    conn.execute(SETUP.format(t=table, n=TABLE_ROWS).encode())
+                conn.execute(FLOOR_STATEMENT.encode())
+                conn.execute(UPSERT_REFERENCE.encode())
+                ddl.install(conn)
+                ddl.track(conn, "t_tl")
+                for table in TABLES:  # some history, as a live database has
+                    for i in range(1, WARM_TRANSACTIONS + 1):
+                        conn.execute(
+                            f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; "
+                            f"UPDATE {table} SET a = a + 1 WHERE id = {i}; COMMIT".encode()
+                        )
+                conn.execute("VACUUM ANALYZE")
+                conn.execute("CHECKPOINT")
+        finally:
+            run([str(pg / "pg_ctl"), "-D", str(data), "-w", "stop"])
+        pristine = root / "pristine"
+        data.rename(pristine)
+
+        started = time.monotonic()
+        per_tx: dict[str, float] = {}
+        for table in TABLES:
+            low = instructions(pg, pristine, data, table, 100)
+            high = instructions(pg, pristine, data, table, 300)
+            per_tx[table] = (high - low) / 200
+        version = run([str(pg / "postgres"), "--version"]).stdout.strip()
+        print(f"# Backend instructions per single-row UPDATE transaction ({version})\n")
+        print(
+            "Counted with valgrind (callgrind): 300 minus 100 transactions, divided by 200 "
+            f"(took {time.monotonic() - started:.0f} s). Overheads are over no trigger.\n"
+        )
+        print(
+            "| trigger | instructions per transaction | overhead | overhead / floor's | overhead / reference's |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        base = per_tx["t_plain"]
+        floor, reference = per_tx["t_sfloor"] - base, per_tx["t_ref"] - base
+        for table, label in TABLES.items():
+            over = per_tx[table] - base
+            ratios = f"{over / floor:.2f}x | {over / reference:.2f}x" if table != "t_plain" else " | "
+            print(f"| {label} | {per_tx[table]:,.0f} | {over:+,.0f} | {ratios} |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
