@@ -372,10 +372,15 @@ def _update_select(plan: CapturePlan) -> sql.Composable:
     whose primary key changed.
     """
     tracked = [c for c in plan.columns if c.name not in plan.exclude]
-    unchanged = sql.SQL("ARRAY[{}]::text[]").format(
+    # the keys the before image drops, in one array (one jsonb rebuild): the row-number helper,
+    # excluded columns, and each tracked column whose value did not change
+    dropped = sql.SQL("ARRAY[{}]::text[]").format(
         sql.SQL(", ").join(
-            sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c, negate=True), _lit(c.name))
-            for c in tracked
+            [_lit(name) for name in (_ROW_NUMBER, *plan.exclude)]
+            + [
+                sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c, negate=True), _lit(c.name))
+                for c in tracked
+            ]
         )
     )
     changed = sql.SQL("array_remove(ARRAY[{}]::text[], NULL)").format(
@@ -383,9 +388,7 @@ def _update_select(plan: CapturePlan) -> sql.Composable:
             sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c), _lit(c.name)) for c in tracked
         )
     )
-    before: sql.Composable = sql.SQL("(to_jsonb({}) - {}::text[] - {})").format(
-        _OLD_ROW, _lit([_ROW_NUMBER, *plan.exclude]), unchanged
-    )
+    before: sql.Composable = sql.SQL("(to_jsonb({}) - {})").format(_OLD_ROW, dropped)
     for m in plan.mask:
         col = next(c for c in plan.columns if c.name == m)
         before = sql.SQL("({} || CASE WHEN {} THEN {}::jsonb ELSE '{{}}'::jsonb END)").format(
