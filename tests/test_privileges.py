@@ -104,6 +104,14 @@ def test_capture_still_works_for_the_app_role(
             "SELECT set_config('threadline.context', %s, true)", ['{"v": 1, "correlation_id": "late"}']
         )
     assert changes(conn)[-1]["correlation_id"] == "late"
+    # the owner's half of that refresh rewrites the calling transaction's own row and no other
+    earlier = changes(conn)[0]["transaction_id"]
+    with threadline.transaction(app):
+        app.execute(
+            "SELECT set_config('threadline.context', %s, true)", ['{"v": 1, "correlation_id": "forged"}']
+        )
+        app.execute("SELECT threadline.apply_context_change(%s)", [earlier])
+    assert {r["correlation_id"] for r in changes(conn) if r["transaction_id"] == earlier} == {"req-priv"}
     # the app may read the trail and record (append) actions, linked through link_action()
     with app.transaction():
         app.execute("INSERT INTO app.posts (id) VALUES (3)")
@@ -135,7 +143,7 @@ def test_capture_ignores_the_callers_search_path(
     definer = conn.execute(
         "SELECT bool_and(prosecdef), bool_and(proconfig[1] LIKE 'search_path=pg_catalog,%%pg_temp')"
         "  FROM pg_proc WHERE pronamespace = 'threadline'::regnamespace"
-        "   AND (proname LIKE 'capture\\_%%' OR proname IN ('refresh_transaction_context', 'link_action'))"
+        "   AND (proname LIKE 'capture\\_%%' OR proname IN ('apply_context_change', 'link_action'))"
     ).fetchone()
     assert definer == (True, True)
     inlinable = conn.execute(

@@ -237,20 +237,35 @@ LANGUAGE sql VOLATILE AS $fn$
 $fn$;
 
 -- At commit: if the context was changed after the transaction row was written, the last value
--- set wins.
--- Fires at commit as the committing role: runs as the owner (SECURITY DEFINER).
-CREATE OR REPLACE FUNCTION {schema}.refresh_transaction_context() RETURNS trigger
+-- set wins. Rewrites the current transaction's row only (its id and xid must match), as the owner;
+-- callable by anyone, since all it can do is what setting the context before the first write
+-- would have done.
+CREATE OR REPLACE FUNCTION {schema}.apply_context_change(tx bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     raw text := coalesce(current_setting({context_setting}, true), '');
 BEGIN
-    IF raw IS DISTINCT FROM current_setting({ctx_cache_setting}, true) THEN
-        UPDATE {schema}.transactions AS t
-           SET actor = d.actor, correlation_id = d.correlation_id, request_id = d.request_id,
-               causation_id = d.causation_id, origin = d.origin, job = d.job, meta = d.meta,
-               context_error = d.context_error
-          FROM {schema}.parse_context(raw) AS p, {schema}.decode_context(p.j, p.err) AS d
-         WHERE t.id = NEW.id;
+    UPDATE {schema}.transactions AS t
+       SET actor = d.actor, correlation_id = d.correlation_id, request_id = d.request_id,
+           causation_id = d.causation_id, origin = d.origin, job = d.job, meta = d.meta,
+           context_error = d.context_error
+      FROM {schema}.parse_context(raw) AS p, {schema}.decode_context(p.j, p.err) AS d
+     WHERE t.id = tx AND t.xid = pg_current_xact_id();
+    PERFORM set_config({ctx_cache_setting}, raw, true);
+END
+$fn$;
+GRANT EXECUTE ON FUNCTION {schema}.apply_context_change(bigint) TO PUBLIC;
+
+-- The commit-time check, fired by a deferred trigger as the committing role. It only compares two
+-- settings, so it needs neither the owner's rights nor a pinned search_path (whatever a caller's
+-- path resolves here runs with the caller's own rights); the rare rewrite is the owner's function
+-- above.
+CREATE OR REPLACE FUNCTION {schema}.refresh_transaction_context() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER AS $fn$
+BEGIN
+    IF coalesce(current_setting({context_setting}, true), '')
+           IS DISTINCT FROM current_setting({ctx_cache_setting}, true) THEN
+        PERFORM {schema}.apply_context_change(NEW.id);
     END IF;
     RETURN NULL;
 END
