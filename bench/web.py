@@ -45,6 +45,37 @@ REQUESTS = int(os.environ.get("BENCH_REQUESTS", "20000"))
 TRANSACTIONS = int(os.environ.get("BENCH_TRANSACTIONS", "300"))
 SYNC_COMMIT = "on" if os.environ.get("BENCH_SYNC_COMMIT") == "on" else "off"
 ORM_ONLY = os.environ.get("BENCH_ORM_ONLY") == "1"  # skip the middleware part
+# Pin this process to one CPU and every database backend it opens to the others (BENCH_PIN=0 to
+# leave placement to the scheduler). On a small machine a loopback round trip costs very different
+# times depending on whether the client and its backend share a CPU, and the plain and bridged
+# connections otherwise land differently from run to run (the same A/B has swung from -37% to
+# +70%); pinned, both variants get the same placement, as with a database on another host.
+PIN = os.environ.get("BENCH_PIN", "1") == "1" and hasattr(os, "sched_setaffinity")
+
+
+def pin_client() -> bool:
+    """Pin this process to its first CPU; False when there are fewer than two or it is not allowed."""
+    if not PIN:
+        return False
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return False
+    os.sched_setaffinity(0, {cpus[0]})
+    return True
+
+
+def pin_backend(pid: int) -> None:
+    """Pin a database backend (same machine) to the CPUs this process does not use."""
+    if not PINNED:
+        return
+    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(pid, others)
+    except OSError as exc:  # another user's process, or a server on another host
+        print(f"(could not pin backend {pid}: {exc})")
+
+
+PINNED = False
 CTX = threadline.AuditContext(actor=ActorRef.user("42"), correlation_id="bench-corr", origin="web")
 
 
@@ -190,6 +221,8 @@ def bench_django(dsn: str, table: str) -> Samples:
     connections["plain"].ensure_connection()
     connections["bridged"].ensure_connection()
     bridge_connection(connections["bridged"])
+    for alias in ("plain", "bridged"):
+        pin_backend(connections[alias].connection.pgconn.backend_pid)
 
     def timed(alias: str, atomic: bool) -> Callable[[], float]:
         manager = model.objects.using(alias)
@@ -257,14 +290,16 @@ def bench_sqlalchemy(dsn: str, table: str, client_binding: bool = False) -> Samp
 
 
 def _sa_engine(dsn: str, client_binding: bool = False) -> Any:
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, event
 
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     url = f"postgresql+psycopg://{info.get('user', '')}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{info['dbname']}"
     connect_args: dict[str, Any] = {"options": info.get("options", "")}
     if client_binding:
         connect_args["cursor_factory"] = psycopg.ClientCursor
-    return create_engine(url, pool_size=1, connect_args=connect_args)
+    engine = create_engine(url, pool_size=1, connect_args=connect_args)
+    event.listen(engine, "connect", lambda dbapi_conn, _record: pin_backend(dbapi_conn.pgconn.backend_pid))
+    return engine
 
 
 def pct(samples: Samples, base: str, variant: str) -> str:
@@ -273,6 +308,8 @@ def pct(samples: Samples, base: str, variant: str) -> str:
 
 
 def main() -> None:
+    global PINNED
+    PINNED = pin_client()
     name = f"threadline_bench_web_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -290,7 +327,8 @@ def main() -> None:
             threadline.ddl.track(conn, "public.bench_tracked_rows")
         print(
             f"# Web and ORM bridge benchmark ({ROUNDS} interleaved rounds, medians, "
-            f"synchronous_commit={SYNC_COMMIT})\n"
+            f"synchronous_commit={SYNC_COMMIT}, "
+            f"{'client and backends pinned to separate CPUs' if PINNED else 'no CPU pinning'})\n"
         )
         if not ORM_ONLY:
             wsgi = bench_wsgi()
