@@ -303,9 +303,19 @@ def test_client_cursor_opens_a_transaction_with_begin_context_and_statement_in_o
             app.commit()
         app.execute("UPDATE app.posts SET views = 3 WHERE id = 1")  # no context: psycopg's own BEGIN
         app.commit()
+        with threadline.context(actor="user:o%s'1", correlation_id="open-2"):
+            # a statement PostgreSQL cannot parse: the whole query is refused, BEGIN included
+            with pytest.raises(psycopg.errors.SyntaxError):
+                app.execute("INSERT INTO app.posts (id) VALUES (%s) oops", [9])
+            app.rollback()
+            app.execute("UPDATE app.posts SET views = 4 WHERE id = %s", [2])
+            app.commit()
     assert len(sent) == 1 and "\tQuery\t" in sent[0], sent
     assert '"BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL threadline.context = ' in sent[0]
     rows = changes(conn)
-    assert [r["op"] for r in rows] == ["insert", "insert", "update", "update", "update"]
-    assert [r["actor"] for r in rows] == [{"type": "user", "id": "o%s'1"}] * 4 + [None]
+    assert [r["op"] for r in rows] == ["insert", "insert", "update", "update", "update", "update"]
+    assert [r["actor"] for r in rows] == [{"type": "user", "id": "o%s'1"}] * 4 + [None] + [
+        {"type": "user", "id": "o%s'1"}
+    ]
+    assert rows[-1]["correlation_id"] == "open-2"
     assert rows[0]["transaction_id"] == rows[2]["transaction_id"] != rows[3]["transaction_id"]
