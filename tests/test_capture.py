@@ -179,6 +179,86 @@ def test_longest_allowed_values_are_accepted(conn: Conn, posts: str) -> None:
     assert tx["actor"] == {"type": "a" + "b" * 31, "id": longest} and tx["correlation_id"] == longest
 
 
+_LONG = "x" * 256
+DECODER_CORPUS = [
+    "",
+    '{"v":1}',
+    '{"v":1.0,"correlation_id":"c"}',
+    '{"actor":{"id":"42","type":"user"},"correlation_id":"abc","job":{"id":"x","name":"t","parent_id":null,'
+    '"retries":0,"root_id":"y"},"meta":{"a":{"b":[1,2]}},"origin":"celery","request_id":"r1","v":1}',
+    '{"v":1,"actor":{"type":"anonymous"}}',
+    '{"v":1,"actor":{"type":"anonymous","id":"a1","display":"Ann \\"A\\""}}',
+    '{"v":1,"actor":{"type":"user"}}',
+    '{"v":1,"actor":{"type":"User","id":"1"}}',
+    '{"v":1,"actor":{"type":"a' + "b" * 32 + '","id":"1"}}',
+    '{"v":1,"actor":{"type":"user","id":""}}',
+    '{"v":1,"actor":{"type":"user","id":1}}',
+    '{"v":1,"actor":{"type":"user","id":["1"]}}',
+    '{"v":1,"actor":{"type":["user"],"id":"1"}}',
+    '{"v":1,"actor":[{"type":"user","id":"1"}]}',
+    '{"v":1,"actor":{"type":"user","id":"1","role":"x"}}',
+    '{"v":1,"actor":{"type":"user","id":"' + _LONG + '"}}',
+    '{"v":1,"actor":{"type":"user","id":"' + _LONG + 'y"}}',
+    '{"v":1,"actor":{"type":"user","id":"a\\u0001b"}}',
+    '{"v":1,"actor":{"type":"user","id":"a\u007fb"}}',
+    '{"v":1,"actor":"user:1"}',
+    '{"v":[1]}',
+    '{"v":"1"}',
+    '{"v":true}',
+    '{"v":2}',
+    '{"correlation_id":"c"}',
+    "[1]",
+    '"text"',
+    "not json",
+    '{"v":1,"extra":1}',
+    '{"v":1,"correlation_id":""}',
+    '{"v":1,"correlation_id":["c"]}',
+    '{"v":1,"correlation_id":7}',
+    '{"v":1,"correlation_id":"' + _LONG + '"}',
+    '{"v":1,"request_id":"' + _LONG + 'y"}',
+    '{"v":1,"causation_id":"a\\nb"}',
+    '{"v":1,"origin":{"o":1}}',
+    '{"v":1,"job":[]}',
+    '{"v":1,"job":null}',
+    '{"v":1,"meta":"m"}',
+    '{"v":1,"meta":{}}',
+    '{"v":1,"incoming_error":"bad header"}',
+    '{"v":1,"incoming_error":3}',
+    '{"v":1,"correlation_id":"é✓ unicode"}',
+    '{"v":1,"meta":{"big":"' + "m" * 17000 + '"}}',
+]
+
+
+def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn) -> None:
+    # transaction_row() stores a context that passes all checks without calling decode_context();
+    # both must give the same fields and the same reason for every value, valid or not
+    fields = "actor, correlation_id, request_id, causation_id, origin, job, meta, context_error"
+    for raw in DECODER_CORPUS:
+        with conn.transaction():
+            conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+            tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
+            assert tx is not None
+            stored = conn.execute(
+                f"SELECT {fields} FROM threadline.transactions WHERE id = %s", tx
+            ).fetchone()
+            decoded = conn.execute(
+                f"SELECT {fields} FROM threadline.parse_context(%s) AS p, threadline.decode_context(p.j, p.err)",
+                [raw],
+            ).fetchone()
+        assert stored == decoded, raw
+    valid = [
+        raw
+        for raw in DECODER_CORPUS
+        if raw
+        and conn.execute(
+            "SELECT d.context_error IS NULL FROM threadline.parse_context(%s) AS p, threadline.decode_context(p.j, p.err) AS d",
+            [raw],
+        ).fetchone()
+        == (True,)
+    ]
+    assert len(valid) == 9, valid  # the corpus covers both paths
+
+
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:
     with threadline.context(actor="user:victim"), threadline.transaction(conn):
         conn.execute("INSERT INTO app.posts (id) VALUES (1)")

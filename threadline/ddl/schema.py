@@ -199,12 +199,34 @@ DECLARE
     new_id bigint;
 BEGIN
 {parse_block}
-    INSERT INTO {schema}.transactions
-        (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
-    SELECT d.actor, d.correlation_id, d.request_id, d.causation_id, d.origin, d.job, d.meta,
-           d.context_error
-      FROM {schema}.decode_context(j, err) AS d
-    RETURNING id INTO new_id;
+    -- The checks of decode_context() as one condition: a context that passes them all (the usual
+    -- case) is stored without building the statement that names the failed check, which costs
+    -- more than the checks themselves; any other value goes through decode_context().
+    IF err IS NULL AND jsonb_typeof(j) = 'object' AND j -> 'v' = '1'::jsonb
+       AND coalesce(jsonb_path_match(j, {valid_path}, '{{}}', true), false)
+       AND (j - ARRAY['v', 'actor', 'correlation_id', 'request_id', 'causation_id', 'origin',
+                      'job', 'meta', 'incoming_error']) = '{{}}'::jsonb
+       AND coalesce(greatest(length(j ->> 'correlation_id'), length(j ->> 'request_id'),
+                             length(j ->> 'causation_id'), length(j ->> 'origin'),
+                             length(j ->> 'incoming_error')) <= 256, true)
+       AND (NOT j ? 'actor'
+            OR (((j -> 'actor') - ARRAY['type', 'id', 'display']) = '{{}}'::jsonb
+                AND length(j -> 'actor' ->> 'type') <= 32
+                AND coalesce(greatest(length(j -> 'actor' ->> 'id'),
+                                      length(j -> 'actor' ->> 'display')) <= 256, true))) THEN
+        INSERT INTO {schema}.transactions
+            (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
+        VALUES (j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
+                j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'))
+        RETURNING id INTO new_id;
+    ELSE
+        INSERT INTO {schema}.transactions
+            (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
+        SELECT d.actor, d.correlation_id, d.request_id, d.causation_id, d.origin, d.job, d.meta,
+               d.context_error
+          FROM {schema}.decode_context(j, err) AS d
+        RETURNING id INTO new_id;
+    END IF;
     PERFORM set_config({tx_setting}, new_id::text || '/' || pg_current_xact_id()::text, true),
             set_config({ctx_cache_setting}, raw, true);
     RETURN new_id;
@@ -324,6 +346,8 @@ _ACTOR_PATH = (
     f" && {_OPTIONAL_TEXT.format('actor.id')} && {_OPTIONAL_TEXT.format('actor.display')}"
     ' && (exists($.actor.id) || $.actor.type == "anonymous"))'
 )
+# decode_context()'s three JSON path checks as one (part of transaction_row()'s valid-context test)
+_VALID_PATH = f"({_IDS_PATH}) && ({_MAPS_PATH}) && ({_ACTOR_PATH})"
 
 
 @dataclass(frozen=True)
@@ -398,6 +422,7 @@ def install_sql(schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None) ->
         ids_path=sql.Literal(_IDS_PATH),
         maps_path=sql.Literal(_MAPS_PATH),
         actor_path=sql.Literal(_ACTOR_PATH),
+        valid_path=sql.Literal(_VALID_PATH),
         version=sql.Literal(SCHEMA_VERSION),
         tx_setting=sql.Literal(transaction_cache_setting(schema)),
         ctx_cache_setting=sql.Literal(context_cache_setting(schema)),
