@@ -6,7 +6,9 @@ the same run, as the median of interleaved rounds.
 
 - single-row INSERT / UPDATE transactions and a 10-UPDATE transaction, with pgbench (1 client):
   TPS of a table with no trigger, with a bare "floor" row trigger (inserts to_jsonb(NEW) into an
-  unindexed table) and with threadline capture (its indexes in place).
+  unindexed table), with a row-level "upsert" reference trigger (per row: upsert the transaction
+  row by txid, then insert the change with its images; the per-row design that threadline's
+  statement-level capture replaces) and with threadline capture (its indexes in place).
 - one statement inserting / updating / deleting 10,000 rows: time with no trigger, with a
   statement-level floor trigger (transition tables, one INSERT ... SELECT of images) and with
   threadline.
@@ -71,6 +73,42 @@ CREATE TRIGGER sf_u AFTER UPDATE ON t_sfloor REFERENCING OLD TABLE AS old_rows N
   FOR EACH STATEMENT EXECUTE FUNCTION sfloor();
 CREATE TRIGGER sf_d AFTER DELETE ON t_sfloor REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION sfloor();
+"""
+# Per row: upsert the transaction row by txid (reading the context unvalidated), then insert the
+# change with the new image and the changed columns. Indexed for the same lookups as threadline.
+UPSERT_REFERENCE = """
+CREATE TABLE ref_tx (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, txid bigint NOT NULL UNIQUE,
+  actor jsonb, correlation_id text, occurred_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON ref_tx (correlation_id);
+CREATE TABLE ref_changes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, transaction_id bigint NOT NULL,
+  table_name text NOT NULL, op text NOT NULL, pk text, data jsonb, changed jsonb,
+  captured_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON ref_changes (transaction_id);
+CREATE INDEX ON ref_changes (table_name, pk);
+CREATE FUNCTION ref_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  ctx jsonb := nullif(current_setting('threadline.context', true), '')::jsonb;
+  tx bigint;
+BEGIN
+  INSERT INTO ref_tx (txid, actor, correlation_id)
+  VALUES (txid_current(), ctx -> 'actor', ctx ->> 'correlation_id')
+  ON CONFLICT (txid) DO UPDATE SET actor = EXCLUDED.actor
+  RETURNING id INTO tx;
+  IF TG_OP = 'UPDATE' THEN
+    INSERT INTO ref_changes (transaction_id, table_name, op, pk, data, changed)
+    SELECT tx, TG_TABLE_NAME, 'update', NEW.id::text, to_jsonb(NEW), jsonb_object_agg(n.key, n.value)
+      FROM jsonb_each(to_jsonb(NEW)) n JOIN jsonb_each(to_jsonb(OLD)) o USING (key)
+     WHERE n.value IS DISTINCT FROM o.value;
+  ELSIF TG_OP = 'INSERT' THEN
+    INSERT INTO ref_changes (transaction_id, table_name, op, pk, data)
+    VALUES (tx, TG_TABLE_NAME, 'insert', NEW.id::text, to_jsonb(NEW));
+  ELSE
+    INSERT INTO ref_changes (transaction_id, table_name, op, pk, data)
+    VALUES (tx, TG_TABLE_NAME, 'delete', OLD.id::text, to_jsonb(OLD));
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER ref_capture AFTER INSERT OR UPDATE OR DELETE ON t_ref FOR EACH ROW EXECUTE FUNCTION ref_capture();
 """
 CONTEXT = '{"actor":{"id":"42","type":"user"},"correlation_id":"bench","v":1}'
 PGBENCH = {
@@ -158,10 +196,11 @@ def main() -> None:
 def run(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        for t in ("t_plain", "t_floor", "t_sfloor", "t_tl"):
+        for t in ("t_plain", "t_floor", "t_sfloor", "t_ref", "t_tl"):
             conn.execute(SETUP.format(t=t, n=TABLE_ROWS).encode())
         conn.execute(FLOOR_ROW.encode())
         conn.execute(FLOOR_STATEMENT.encode())
+        conn.execute(UPSERT_REFERENCE.encode())
         ddl.install(conn)
         ddl.track(conn, "t_tl")
         conn.execute("VACUUM ANALYZE")
@@ -172,26 +211,28 @@ def run(dsn: str) -> None:
     )
 
     print(f"## Single-row transactions (pgbench, 1 client, {SECONDS} s per run)\n")
-    print("| workload | no trigger TPS | floor row trigger | threadline |")
-    print("|---|---:|---:|---:|")
+    print("| workload | no trigger TPS | floor row trigger | row-level upsert reference | threadline |")
+    print("|---|---:|---:|---:|---:|")
     for label, template in PGBENCH.items():
-        tps: dict[str, list[float]] = {"t_plain": [], "t_floor": [], "t_tl": []}
+        tps: dict[str, list[float]] = {"t_plain": [], "t_floor": [], "t_ref": [], "t_tl": []}
         for _ in range(ROUNDS):
             for table in tps:
                 tps[table].append(pgbench_tps(dsn, template.replace("{t}", table)))
         base = statistics.median(tps["t_plain"])
         print(
             f"| {label} | {base:.0f} | {statistics.median(tps['t_floor']) / base:.2f}x | "
-            f"{statistics.median(tps['t_tl']) / base:.2f}x |"
+            f"{statistics.median(tps['t_ref']) / base:.2f}x | {statistics.median(tps['t_tl']) / base:.2f}x |"
         )
         sys.stdout.flush()
 
     print(f"\n## One statement changing {BULK_ROWS:,} rows (ms)\n")
-    print("| statement | no trigger | statement floor | threadline | threadline / floor |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| statement | no trigger | statement floor | row-level upsert reference | threadline | threadline / floor |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     with psycopg.connect(dsn, autocommit=True) as conn:
         for op in ("INSERT", "UPDATE", "DELETE"):
-            times: dict[str, list[float]] = {"t_plain": [], "t_sfloor": [], "t_tl": []}
+            times: dict[str, list[float]] = {"t_plain": [], "t_sfloor": [], "t_ref": [], "t_tl": []}
             for _ in range(ROUNDS + 2):
                 for table in times:
                     if op == "DELETE":
@@ -201,7 +242,7 @@ def run(dsn: str) -> None:
                         bulk_ms(conn, table, "DELETE")
             med = {k: statistics.median(v) for k, v in times.items()}
             print(
-                f"| {op} | {med['t_plain']:.0f} | {med['t_sfloor']:.0f} | {med['t_tl']:.0f} | "
+                f"| {op} | {med['t_plain']:.0f} | {med['t_sfloor']:.0f} | {med['t_ref']:.0f} | {med['t_tl']:.0f} | "
                 f"{med['t_tl'] / med['t_sfloor']:.2f}x |"
             )
             sys.stdout.flush()
