@@ -219,6 +219,8 @@ BEGIN
         VALUES (j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
                 j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'))
         RETURNING id INTO new_id;
+    ELSIF raw = '' THEN
+        INSERT INTO {schema}.transactions DEFAULT VALUES RETURNING id INTO new_id;
     ELSE
         INSERT INTO {schema}.transactions
             (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
