@@ -290,37 +290,35 @@ class ThreadlineServerCursor(psycopg.ServerCursor[Row]):
         return self
 
 
-_SERVER_CURSOR_CLASSES: dict[type[Any], type[Any]] = {}
+_combined_classes: dict[tuple[type[Any], type[Any]], type[Any]] = {}
+_combined_lock = threading.Lock()
+
+
+def _combined(mixin: type[Any], cls: type[Any]) -> type[Any]:
+    """``cls`` itself if it is already a ``mixin``, else the subclass of both (made once per pair)."""
+    if issubclass(cls, mixin):
+        return cls
+    with _combined_lock:
+        out = _combined_classes.get((mixin, cls))
+        if out is None:
+            out = type(f"Threadline{cls.__name__}", (mixin, cls), {})
+            _combined_classes[(mixin, cls)] = out
+        return out
 
 
 def threadline_server_cursor_class(
     factory: type[psycopg.ServerCursor[Any]],
 ) -> type[psycopg.ServerCursor[Any]]:
     """Like :func:`threadline_cursor_class`, for ``server_cursor_factory``."""
-    if issubclass(factory, ThreadlineServerCursor):
-        return factory
-    combined = _SERVER_CURSOR_CLASSES.get(factory)
-    if combined is None:
-        combined = type(f"Threadline{factory.__name__}", (ThreadlineServerCursor, factory), {})
-        _SERVER_CURSOR_CLASSES[factory] = combined
-    return combined
-
-
-_CURSOR_CLASSES: dict[type[Any], type[Any]] = {}
+    return _combined(ThreadlineServerCursor, factory)
 
 
 def threadline_cursor_class(factory: type[psycopg.Cursor[Any]]) -> type[psycopg.Cursor[Any]]:
     """``factory`` itself if it already applies the context, else a subclass of both it and
     :class:`ThreadlineCursor` (made once per class)."""
-    if issubclass(factory, ThreadlineCursor):
-        return factory
     if not issubclass(factory, psycopg.Cursor):
         raise TypeError(f"cursor_factory must be a psycopg.Cursor subclass, got {factory!r}")
-    combined = _CURSOR_CLASSES.get(factory)
-    if combined is None:
-        combined = type(f"Threadline{factory.__name__}", (ThreadlineCursor, factory), {})
-        _CURSOR_CLASSES[factory] = combined
-    return combined
+    return _combined(ThreadlineCursor, factory)
 
 
 class ThreadlineConnection(psycopg.Connection[Row]):
@@ -517,33 +515,8 @@ class SavepointAwareCursor(ThreadlineCursor[Row]):
         return self
 
 
-_bridge_lock = threading.Lock()
-_bridged_connection_classes: dict[type[Any], type[Any]] = {}
-_bridged_cursor_classes: dict[type[Any], type[Any]] = {}
-
-
 def _bridged_connection_class(cls: type[Any]) -> type[Any]:
-    if issubclass(cls, ThreadlineConnection):
-        return cls
-    if cls is psycopg.Connection:
-        return ThreadlineConnection
-    with _bridge_lock:
-        out = _bridged_connection_classes.get(cls)
-        if out is None:
-            out = type("Threadline" + cls.__name__, (ThreadlineConnection, cls), {})
-            _bridged_connection_classes[cls] = out
-        return out
-
-
-def _bridged_cursor_class(cls: type[Any]) -> type[Any]:
-    if issubclass(cls, SavepointAwareCursor):
-        return cls
-    with _bridge_lock:
-        out = _bridged_cursor_classes.get(cls)
-        if out is None:
-            out = type("Threadline" + cls.__name__, (SavepointAwareCursor, cls), {})
-            _bridged_cursor_classes[cls] = out
-        return out
+    return ThreadlineConnection if cls is psycopg.Connection else _combined(ThreadlineConnection, cls)
 
 
 def bridge(conn: psycopg.Connection[Any]) -> None:
@@ -561,5 +534,5 @@ def bridge(conn: psycopg.Connection[Any]) -> None:
     if not isinstance(conn, ThreadlineConnection):
         conn.__class__ = _bridged_connection_class(type(conn))
         conn._applied = None  # type: ignore[attr-defined]
-    conn.cursor_factory = _bridged_cursor_class(conn.cursor_factory)
+    conn.cursor_factory = _combined(SavepointAwareCursor, conn.cursor_factory)
     conn.server_cursor_factory = threadline_server_cursor_class(conn.server_cursor_factory)
