@@ -183,8 +183,9 @@ $fn$;
 
 -- A new transactions row for the current database transaction, from the context setting, with
 -- "<id>/<xid>" cached in a transaction-local setting for the statements that follow. Only the
--- schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture functions and
--- link_action() call it as the owner (they are SECURITY DEFINER with a pinned search_path), so
+-- schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture functions, and
+-- link_action() through transaction_id(), call it as the owner (they are SECURITY DEFINER with a
+-- pinned search_path), so
 -- an application role that may not write the audit tables still gets its transactions recorded.
 -- It is not SECURITY DEFINER itself, and it parses the context inline rather than through
 -- parse_context(): each extra PL/pgSQL call and search_path switch is paid once per audited
@@ -317,7 +318,7 @@ INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO 
 
 
 # Parses the text in `raw` into `j` (jsonb), or leaves `j` NULL and says why in `err`; never raises.
-# Shared by parse_context() and, inline, by transaction_id(). An empty or NULL text is no context.
+# Shared by parse_context() and, inline, by transaction_row(). An empty or NULL text is no context.
 _PARSE_BLOCK = """\
     IF raw <> '' THEN
         IF octet_length(raw) > 16384 THEN

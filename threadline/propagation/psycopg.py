@@ -209,22 +209,30 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         super().execute(query, params, **kwargs)
         return self
 
+    def _execute_prefixed(
+        self, conn: ThreadlineConnection[Any], prefix: list[bytes], query: Any, params: Any
+    ) -> ThreadlineCursor[Row]:
+        # A client-side-bound statement sent in one simple query after the commands in ``prefix``
+        # (each with a result of its own, skipped so that the cursor is on the statement's).
+        self._statement_prefix = b"".join(command + b"; " for command in prefix)
+        try:
+            super().execute(query, params)
+        finally:
+            self._statement_prefix = None
+            conn._begin_in_statement = False
+        for _ in prefix:
+            self.nextset()
+        return self
+
     def _execute_opening(
         self, conn: ThreadlineConnection[Any], query: Any, params: Any
     ) -> ThreadlineCursor[Row]:
         # The first statement of an implicit transaction, bound client-side: BEGIN, SET LOCAL and
         # the statement go as one simple query, where psycopg would have sent BEGIN alone first.
         ctx = _current.get()
-        self._statement_prefix = conn._get_tx_start_command() + b"; " + conn._set_local(ctx) + b"; "
         conn._begin_in_statement = True
-        try:
-            super().execute(query, params)
-        finally:
-            self._statement_prefix = None
-            conn._begin_in_statement = False
+        self._execute_prefixed(conn, [conn._get_tx_start_command(), conn._set_local(ctx)], query, params)
         conn._applied = ctx
-        self.nextset()  # past BEGIN's and SET's results, to the statement's own
-        self.nextset()
         return self
 
     def _execute_autocommit(
@@ -233,13 +241,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         if isinstance(self, psycopg.ClientCursor) and not any(kwargs.values()) and conn._pipeline is None:
             # Parameters are bound client-side anyway: the setting and the statement go as one
             # simple query, which the server runs as one implicit transaction.
-            self._statement_prefix = conn._set_local(_current.get()) + b"; "
-            try:
-                super().execute(query, params)
-            finally:
-                self._statement_prefix = None
-            self.nextset()  # position on the statement's result, as a plain execute() would
-            return self
+            return self._execute_prefixed(conn, [conn._set_local(_current.get())], query, params)
         with conn.pipeline():
             psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload()])
             super().execute(query, params, **kwargs)
