@@ -56,14 +56,17 @@ def sa_url(dsn: str, driver: str = "psycopg") -> URL:
 
 
 @pytest.fixture(scope="module")
-def sa_dsn(database: str) -> str:
+def sa_dsn(database: str) -> Iterator[str]:
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA IF NOT EXISTS sa_t")
         conn.execute(
             "CREATE TABLE IF NOT EXISTS sa_t.items (id bigserial PRIMARY KEY, name varchar(100) NOT NULL, note text)"
         )
         threadline.ddl.track(conn, "sa_t.items")
-    return database
+    yield database
+    # the session's database is shared: leave no tracked table behind for later modules
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA sa_t CASCADE")
 
 
 @pytest.fixture(scope="module", params=["server-side binding", "client-side binding"])
