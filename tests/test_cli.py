@@ -52,11 +52,16 @@ def test_install_track_untrack_round_trip(dsn: str, conn: psycopg.Connection[Any
     assert res.returncode == 0 and "up to date" in res.stdout
     res = run("track", "app.orders", "--mask", "card", "--exclude", "note", env={"THREADLINE_DSN": dsn})
     assert res.returncode == 0, res.stderr
-    assert "tracking app.orders (keys: id; excluded: note; masked: card)" in res.stdout
-    sql_text = run(
-        "track", "app.orders", "--mask", "card", "--exclude", "note", "--print-sql", "--dsn", dsn
-    ).stdout
-    assert sql_text.startswith(f"-- threadline capture v{ddl.triggers.CAPTURE_VERSION} fingerprint")
+    assert "tracking app.orders (typed capture)\n  keys: id\n  exclude: note\n  mask: card\n" in res.stdout
+    sql_text = run("track", "app.orders", "--mask", "card", "--exclude", "note", "--print-sql").stdout
+    assert sql_text == (
+        """SELECT * FROM "threadline".track('"app"."orders"', exclude => ARRAY['note']::text[], """
+        """mask => ARRAY['card']::text[]);\n"""
+    )
+    assert conn.execute(sql_text).fetchone()[2] == "unchanged"  # type: ignore[index]
+    # again without options: the stored ones are kept, and the output says so
+    res = run("track", "app.orders", "--dsn", dsn)
+    assert "capture is current on app.orders" in res.stdout and "mask: card" in res.stdout
     conn.execute("INSERT INTO app.orders VALUES (1, '4111', 'n')")
     assert changes(conn)[0]["after"] == {"id": 1, "card": "[masked]"}
     res = run("untrack", "app.orders", env={"DATABASE_URL": dsn})

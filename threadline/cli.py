@@ -37,7 +37,11 @@ Examples:
   threadline install --print-sql > migrations/0001_threadline.sql
   threadline track public.orders --mask card_number --exclude search_vector
   threadline track line_items --keys order_id,line_no
+  threadline track public.orders --unmask card_number
+  threadline track public.orders --print-sql >> migrations/0002_track_orders.sql
+  threadline sync
   threadline untrack orders
+  threadline untrack --prune
 
 The DSN comes from --dsn, else THREADLINE_DSN, else DATABASE_URL.
 """
@@ -128,11 +132,21 @@ def main(argv: list[str] | None = None) -> None:
 @_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it (no database needed).")
 @click.option("--app-role", metavar="ROLE", help="Let ROLE read the audit tables but never write them.")
-def install(dsn: str | None, audit_schema: str, print_sql: bool, app_role: str | None = None) -> None:
+@click.option(
+    "--schema-version",
+    "version",
+    type=int,
+    default=ddl_schema.SCHEMA_VERSION,
+    show_default=True,
+    help="With --print-sql: the pinned schema version to print (its SQL never changes).",
+)
+def install(
+    dsn: str | None, audit_schema: str, print_sql: bool, app_role: str | None = None, version: int = 0
+) -> None:
     """Create or upgrade the audit schema (idempotent)."""
     if print_sql:
         try:
-            click.echo(ddl_schema.install_sql(audit_schema, app_role=app_role), nl=False)
+            click.echo(ddl_schema.install_sql(audit_schema, app_role=app_role, version=version), nl=False)
         except SchemaError as exc:
             raise click.UsageError(str(exc)) from exc
         return
@@ -154,58 +168,158 @@ def install(dsn: str | None, audit_schema: str, print_sql: bool, app_role: str |
 
 @cli.command(epilog=EXAMPLES)
 @click.argument("tables", nargs=-1, required=True, metavar="[SCHEMA.]TABLE...")
-@click.option("--exclude", metavar="COL,...", help="Columns never recorded anywhere in the audit rows.")
-@click.option("--mask", metavar="COL,...", help="Columns recorded as a fixed placeholder.")
+@click.option("--exclude", metavar="COL,...", help="Also exclude these columns (never recorded).")
+@click.option("--mask", metavar="COL,...", help="Also mask these columns (recorded as a fixed placeholder).")
+@click.option(
+    "--unmask", metavar="COL,...", help="Stop masking these columns (their values are recorded again)."
+)
+@click.option("--include", metavar="COL,...", help="Stop excluding these columns (they are recorded again).")
 @click.option("--keys", metavar="COL,...", help="Columns that identify a row (default: the primary key).")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse a column whose name looks secret and is neither masked nor excluded.",
+)
 @_dsn_option
 @_schema_option
-@click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it (reads the table).")
+@click.option(
+    "--print-sql",
+    is_flag=True,
+    help="Print the SQL-API statement for a migration instead (no database needed).",
+)
 def track(
     tables: tuple[str, ...],
     exclude: str | None,
     mask: str | None,
+    unmask: str | None,
+    include: str | None,
     keys: str | None,
+    strict: bool,
     dsn: str | None,
     audit_schema: str,
     print_sql: bool,
 ) -> None:
-    """Install capture triggers on tables (run again after changing their columns)."""
+    """Track tables, or regenerate their capture code with the options stored for them.
+
+    Options add to what is stored (--mask, --exclude) or take away from it (--unmask,
+    --include); running it again with no options never changes them.
+    """
     options: dict[str, Any] = {
         "exclude": _names(exclude),
         "mask": _names(mask),
+        "unmask": _names(unmask),
+        "include": _names(include),
         "keys": _names(keys),
+        "strict": strict,
         "audit_schema": audit_schema,
     }
+    if print_sql:
+        for table in tables:
+            try:
+                click.echo(triggers.track_sql(table, **options), nl=False)
+            except (TrackingError, SchemaError) as exc:
+                raise click.UsageError(str(exc)) from exc
+        return
     with _connect(dsn) as conn:
         for table in tables:
-            if print_sql:
-                click.echo(triggers.track_sql(conn, table, **options), nl=False)
-                continue
-            plan = triggers.track(conn, table, **options)
-            click.echo(
-                f"tracking {plan.table_schema}.{plan.table_name} "
-                f"(keys: {', '.join(plan.keys)}"
-                + (f"; excluded: {', '.join(plan.exclude)}" if plan.exclude else "")
-                + (f"; masked: {', '.join(plan.mask)}" if plan.mask else "")
-                + ")"
-            )
+            result = triggers.track(conn, table, **options)
+            _print_track(result)
+
+
+def _print_track(result: triggers.TrackResult) -> None:
+    name = f"{result.table_schema}.{result.table_name}"
+    shown = {
+        "keys": result.keys,
+        "exclude": result.exclude,
+        "mask": result.mask,
+    }
+    before = {
+        "keys": result.previous_keys,
+        "exclude": result.previous_exclude,
+        "mask": result.previous_mask,
+    }
+    verb = {
+        "tracked": "tracking",
+        "regenerated": "regenerated capture of",
+        "unchanged": "capture is current on",
+    }
+    click.echo(f"{verb.get(result.action, result.action)} {name} ({result.mode} capture)")
+    for option, now in shown.items():
+        was = before[option]
+        text = ", ".join(now) or "-"
+        if was is not None and tuple(was) != tuple(now):
+            click.echo(f"  {option}: {', '.join(was) or '-'} -> {text}")
+        else:
+            click.echo(f"  {option}: {text}")
+    if result.unprotected:
+        click.echo(
+            f"Warning: {name}: column(s) {', '.join(result.unprotected)} look secret and are neither "
+            "masked nor excluded (--mask or --exclude them; --strict refuses this)",
+            err=True,
+        )
 
 
 @cli.command(epilog=EXAMPLES)
-@click.argument("tables", nargs=-1, required=True, metavar="[SCHEMA.]TABLE...")
+@click.argument("tables", nargs=-1, metavar="[SCHEMA.]TABLE...")
+@click.option("--prune", is_flag=True, help="Also remove capture code whose table or registry row is gone.")
 @_dsn_option
 @_schema_option
-@click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it.")
-def untrack(tables: tuple[str, ...], dsn: str | None, audit_schema: str, print_sql: bool) -> None:
+@click.option("--print-sql", is_flag=True, help="Print the SQL-API statement for a migration instead.")
+def untrack(
+    tables: tuple[str, ...], prune: bool, dsn: str | None, audit_schema: str, print_sql: bool
+) -> None:
     """Remove capture triggers from tables (audit rows already written stay)."""
+    if not tables and not prune:
+        raise click.UsageError("name at least one table, or pass --prune")
+    if print_sql:
+        for table in tables:
+            try:
+                click.echo(triggers.untrack_sql(table, audit_schema=audit_schema), nl=False)
+            except (TrackingError, SchemaError) as exc:
+                raise click.UsageError(str(exc)) from exc
+        return
     with _connect(dsn) as conn:
         for table in tables:
-            if print_sql:
-                click.echo(triggers.untrack_sql(conn, table, audit_schema=audit_schema), nl=False)
-            elif triggers.untrack(conn, table, audit_schema=audit_schema):
+            if triggers.untrack(conn, table, audit_schema=audit_schema):
                 click.echo(f"stopped tracking {table}")
             else:
                 click.echo(f"{table} was not tracked; nothing to do")
+        if prune:
+            pruned = [a for a in triggers.sync(conn, audit_schema=audit_schema) if a.action == "pruned"]
+            for action in pruned:
+                click.echo(f"pruned {_sync_name(action)} ({action.detail})")
+            if not pruned:
+                click.echo("nothing to prune")
+
+
+def _sync_name(action: triggers.SyncAction) -> str:
+    return f"{action.table_schema}.{action.table_name}" if action.table_name else "a capture function"
+
+
+@cli.command(epilog=EXAMPLES)
+@click.option("--no-prune", is_flag=True, help="Keep capture code whose table or registry row is gone.")
+@click.option("--check", is_flag=True, help="Change nothing: exit 1 if any table needs a sync.")
+@_dsn_option
+@_schema_option
+def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> None:
+    """Bring every tracked table to its stored configuration (after renames and column changes,
+    or an upgrade) and remove capture code whose table is gone."""
+    with _connect(dsn) as conn:
+        if check:
+            stale = [t for t in triggers.tracked_tables(conn, audit_schema) if t.status != "installed"]
+            for t in stale:
+                click.echo(f"{t.name}: {t.status}" + (f" ({t.detail})" if t.detail else ""))
+            if stale:
+                sys.exit(1)
+            click.echo("every tracked table is installed and current")
+            return
+        actions = triggers.sync(conn, prune=not no_prune, audit_schema=audit_schema)
+    if not actions:
+        click.echo("no tracked tables")
+    for action in actions:
+        click.echo(
+            f"{_sync_name(action)}: {action.action}" + (f" ({action.detail})" if action.detail else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,8 +224,8 @@ def coverage(
 
 
 def _print_report(report: health.CoverageReport, show_all: bool) -> None:
-    shown = [t for t in report.tables if show_all or t.triggers]
-    untracked = sum(1 for t in report.tables if not t.triggers)
+    shown = [t for t in report.tables if show_all or t.status != "untracked"]
+    untracked = sum(1 for t in report.tables if t.status == "untracked")
     if shown:
         width = max(len(t.name) for t in shown)
         click.echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT")
@@ -234,6 +234,11 @@ def _print_report(report: health.CoverageReport, show_all: bool) -> None:
                 f"{t.name.ljust(width)}  {t.status.ljust(9)}  {'yes' if t.installed else 'no':<9}  "
                 f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no'}"
             )
+            if t.status not in ("installed", "untracked"):
+                click.echo(
+                    f"{''.ljust(width)}  {t.detail or t.status}"
+                    + (f"; run: {t.restore}" if t.restore else "")
+                )
     else:
         click.echo("no tracked tables")
     if untracked and not show_all:

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, trigger_name
 from threadline.ddl.schema import require_installed
-from threadline.ddl.triggers import OPS, parse_table_name, tracked_tables
+from threadline.ddl.triggers import OPS, TrackedTable, parse_table_name, tracked_tables
 from threadline.errors import CoverageError, TrackingError
 from threadline.observability import emit
 
@@ -35,18 +35,24 @@ _TGENABLED = {"O": "origin", "A": "always", "R": "replica", "D": "disabled"}
 
 @dataclass(frozen=True)
 class TableCoverage:
-    """Capture status of one table."""
+    """Capture status of one table (or of capture code left behind by a table that is gone)."""
 
-    table_schema: str
-    table_name: str
+    table_schema: str | None
+    table_name: str | None
     installed: bool
     """All four capture triggers (insert, update, delete, truncate) exist."""
     enabled: bool
     """Every capture trigger that exists fires in normal sessions (``tgenabled`` O or A)."""
     current: bool
-    """The generated code matches the table's columns and this release's capture version."""
+    """The generated code matches the table as it is now and this release's capture version."""
     triggers: dict[str, str] = field(default_factory=dict)
     """Operation → ``tgenabled`` spelled out (origin, always, replica, disabled)."""
+    tracked_status: str | None = None
+    """The registry's status (:data:`threadline.ddl.STATUSES`); None for an untracked table."""
+    detail: str | None = None
+    """Why the status is not ``installed``."""
+    restore: str | None = None
+    """The command that restores the table with its stored options."""
 
     @property
     def name(self) -> str:
@@ -55,16 +61,10 @@ class TableCoverage:
 
     @property
     def status(self) -> str:
-        """``ok``, ``untracked``, ``partial`` (some triggers missing), ``disabled`` or ``outdated``."""
-        if not self.triggers:
-            return "untracked"
-        if not self.installed:
-            return "partial"
-        if not self.enabled:
-            return "disabled"
-        if not self.current:
-            return "outdated"
-        return "ok"
+        """``installed``, ``outdated``, ``disabled``, ``missing``, ``orphaned`` or ``untracked``."""
+        if self.tracked_status is not None:
+            return self.tracked_status
+        return "orphaned" if self.triggers else "untracked"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (with ``status``)."""
@@ -133,25 +133,56 @@ def trigger_coverage(
         """,
         {"triggers": list(names), "audit": audit_schema, "schemas": schemas},
     ).fetchall()
-    found: dict[tuple[str, str], dict[str, str]] = {}
+    found: dict[tuple[str | None, str | None], dict[str, str]] = {}
     for nsp, rel, tgname, enabled in rows:
         ops = found.setdefault((nsp, rel), {})
         if tgname is not None:
             ops[names[tgname]] = _TGENABLED.get(enabled, enabled)
-    current = {(t.table_schema, t.table_name): t.current for t in tracked_tables(conn, audit_schema)}
+    registry: dict[tuple[str | None, str | None], TrackedTable] = {}
+    for entry in tracked_tables(conn, audit_schema):
+        key = (entry.table_schema, entry.table_name)
+        if entry.table_name is None:
+            key = (None, entry.function_name)
+        registry[key] = entry
+        if key not in found and (schemas is None or entry.table_schema in schemas):
+            found[key] = {}  # gone from the catalog: orphaned capture code
     out: list[TableCoverage] = []
     for (nsp, rel), ops in found.items():
+        entry_or_none = registry.get((nsp, rel))
         out.append(
             TableCoverage(
                 table_schema=nsp,
                 table_name=rel,
                 installed=len(ops) == len(OPS),
                 enabled=all(v in ("origin", "always") for v in ops.values()) and bool(ops),
-                current=current.get((nsp, rel), False),
+                current=entry_or_none is not None and entry_or_none.current,
                 triggers={op: ops[op] for op in OPS if op in ops},
+                tracked_status=None if entry_or_none is None else entry_or_none.status,
+                detail=(
+                    entry_or_none.detail
+                    if entry_or_none is not None
+                    else ("capture triggers without a registry row" if ops else None)
+                ),
+                restore=(
+                    entry_or_none.restore_command()
+                    if entry_or_none is not None
+                    else ("threadline track (keeps them) or threadline sync (removes them)" if ops else None)
+                ),
             )
         )
     return out
+
+
+def tracking_problems(tables: list[TableCoverage]) -> list[str]:
+    """One line per tracked table (or leftover capture code) that is not ``installed``, with the
+    command that restores it."""
+    return [
+        f"{t.name}: {t.status}"
+        + (f" ({t.detail})" if t.detail else "")
+        + (f"; run: {t.restore}" if t.restore else "")
+        for t in tables
+        if t.status not in ("installed", "untracked")
+    ]
 
 
 def check_expected(
@@ -174,17 +205,10 @@ def check_expected(
         if entry is None:
             where = f"schema {schema!r}" if schema else "the search path"
             problems.append(f"{text}: no such table in {where}")
-        elif entry.status != "ok":
-            detail = {
-                "untracked": "capture is not installed (run `threadline track`)",
-                "partial": f"only {', '.join(entry.triggers)} triggers exist (run `threadline track`)",
-                "disabled": "capture triggers are disabled ("
-                + ", ".join(f"{op}: {v}" for op, v in entry.triggers.items())
-                + ")",
-                "outdated": "capture code is outdated: the table's columns or this release changed "
-                "(run `threadline track` again)",
-            }[entry.status]
-            problems.append(f"{entry.name}: {detail}")
+        elif entry.status != "installed":
+            detail = entry.detail or "capture is not installed"
+            restore = entry.restore or f"threadline track {entry.name}"
+            problems.append(f"{entry.name}: {entry.status}: {detail} (run: {restore})")
     for line in problems:
         logger.info("coverage: %s", line)
     return problems
@@ -236,11 +260,12 @@ class CoverageReport:
     tables: list[TableCoverage]
     contexts: list[ContextCoverage]
     problems: list[str]
-    """Expected tables that are not fully covered; empty when the gate passes."""
+    """Expected tables that are not fully covered, and tracked tables (or leftover capture code)
+    that are not ``installed``; empty when the gate passes."""
 
     @property
     def ok(self) -> bool:
-        """True when every expected table is covered."""
+        """True when every expected table is covered and every tracked table is installed."""
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,8 +289,9 @@ def coverage(
     """Trigger coverage of every table (or of ``schemas``), the ``expect`` gate and context coverage."""
     require_installed(conn, audit_schema)
     every = trigger_coverage(conn, audit_schema=audit_schema)
-    problems = check_expected(conn, every, expect or [])
     tables = [t for t in every if schemas is None or t.table_schema in schemas]
+    problems = check_expected(conn, every, expect or [])
+    problems += [p for p in tracking_problems(tables) if p not in problems]
     contexts = context_coverage(conn, since=since, audit_schema=audit_schema)
     emit(
         "coverage.checked",

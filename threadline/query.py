@@ -142,19 +142,34 @@ class TableRef:
     key_kinds: Mapping[str, str] = field(default_factory=dict)
     in_catalog: bool = True
     """False for a table that is gone from the database but still in the audit data."""
+    names: tuple[tuple[str, str], ...] = ()
+    """Every ``(schema, name)`` its changes were recorded under (it may have been renamed);
+    empty means just its own."""
 
     def __str__(self) -> str:
         return f"{self.schema}.{self.name}"
 
+    def condition(self, params: dict[str, Any], alias: str = "c") -> sql.Composable:
+        """``alias`` rows of this table under any of its names; the values go into ``params``."""
+        names = self.names or ((self.schema, self.name),)
+        if len(names) == 1:
+            params["table_schema"], params["table_name"] = names[0]
+            return sql.SQL("{a}.table_schema = %(table_schema)s AND {a}.table_name = %(table_name)s").format(
+                a=sql.Identifier(alias)
+            )
+        params["table_schemas"] = [n[0] for n in names]
+        params["table_names"] = [n[1] for n in names]
+        return sql.SQL(
+            "({a}.table_schema, {a}.table_name) IN"
+            " (SELECT * FROM unnest(%(table_schemas)s::text[], %(table_names)s::text[]))"
+        ).format(a=sql.Identifier(alias))
+
 
 _CATALOG_SQL = """
 SELECT n.nspname::text AS schema, c.relname::text AS name,
-       (SELECT obj_description(tg.tgfoid, 'pg_proc')
-          FROM pg_trigger tg
-          JOIN pg_proc p ON p.oid = tg.tgfoid
-          JOIN pg_namespace pn ON pn.oid = p.pronamespace
-         WHERE tg.tgrelid = c.oid AND pn.nspname = %(audit)s::name
-         ORDER BY tg.tgname LIMIT 1) AS capture,
+       (SELECT t.key_columns FROM {audit}.tracked_tables t WHERE t.relid = c.oid) AS capture_keys,
+       ARRAY(SELECT ARRAY[x.table_schema, x.table_name]
+               FROM {audit}.table_names(n.nspname::text, c.relname::text) x) AS names,
        ARRAY(SELECT a.attname::text
                FROM pg_index i
                CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
@@ -174,7 +189,9 @@ SELECT n.nspname::text AS schema, c.relname::text AS name,
 """
 
 _AUDIT_TABLE_SQL = """
-SELECT c.table_schema AS schema, c.table_name AS name, c.pk
+SELECT c.table_schema AS schema, c.table_name AS name, c.pk,
+       ARRAY(SELECT ARRAY[x.table_schema, x.table_name]
+               FROM {audit}.table_names(c.table_schema, c.table_name) x) AS names
   FROM {audit}.changes c
  WHERE c.table_name = %(name)s
    AND (c.table_schema = %(schema)s::text
@@ -216,21 +233,15 @@ def resolve_table(table: str, schema: str = DEFAULT_SCHEMA) -> Plan[TableRef]:
     except TrackingError as exc:
         raise TableNotFound(str(exc)) from exc
     params = {"name": table_name, "schema": table_schema, "audit": schema}
-    rows = yield Query(sql.SQL(_CATALOG_SQL), params)
+    rows = yield Query(sql.SQL(_CATALOG_SQL).format(audit=audit), params)
     if rows:
         row = rows[0]
-        keys: tuple[str, ...] | None = None
-        if row["capture"]:
-            try:
-                recorded = json.loads(row["capture"])
-                keys = tuple(recorded["keys"]) or None
-            except (ValueError, KeyError, TypeError):
-                keys = None
+        keys: tuple[str, ...] | None = tuple(row["capture_keys"] or ()) or None
         if keys is None and row["primary_key"]:
             keys = tuple(row["primary_key"])
         types = row["column_types"] or {}
         kinds = {k: _kind(*types[k]) for k in keys or () if k in types}
-        return TableRef(row["schema"], row["name"], keys, kinds, True)
+        return TableRef(row["schema"], row["name"], keys, kinds, True, _names(row["names"]))
     rows = yield Query(sql.SQL(_AUDIT_TABLE_SQL).format(audit=audit), params)
     if not rows:
         shown = table_name if table_schema is None else f"{table_schema}.{table_name}"
@@ -240,7 +251,11 @@ def resolve_table(table: str, schema: str = DEFAULT_SCHEMA) -> Plan[TableRef]:
     pk = row["pk"] if isinstance(row["pk"], dict) else None
     keys = tuple(pk) if pk else None
     kinds = {k: _json_kind(v) for k, v in (pk or {}).items()}
-    return TableRef(row["schema"], row["name"], keys, kinds, False)
+    return TableRef(row["schema"], row["name"], keys, kinds, False, _names(row["names"]))
+
+
+def _names(rows: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(r[0]), str(r[1])) for r in rows or ()))
 
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
@@ -457,9 +472,7 @@ def where_clause(
         params["correlation_id"] = filters.correlation_id
         conds.append(sql.SQL("t.correlation_id = %(correlation_id)s"))
     if filters.table is not None:
-        params["table_schema"] = filters.table.schema
-        params["table_name"] = filters.table.name
-        conds.append(sql.SQL("c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s"))
+        conds.append(filters.table.condition(params))
     if filters.actor is not None:
         conds.append(_actor_condition(filters.actor, params))
     if filters.op is not None:
@@ -520,11 +533,10 @@ def _history_plan(table: str, pk: Any, limit: int | None, schema: str) -> Plan[l
     limit = check_limit(limit, maximum=None)
     ref = yield from resolve_table(table, schema)
     key = normalize_key(ref, pk)
-    params: dict[str, Any] = {"pk": Jsonb(key), "table_schema": ref.schema, "table_name": ref.name}
+    params: dict[str, Any] = {"pk": Jsonb(key)}
     statement = _select(audit) + sql.SQL(
-        " WHERE c.pk = %(pk)s AND c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s"
-        " ORDER BY c.captured_at DESC, c.id DESC"
-    )
+        " WHERE c.pk = %(pk)s AND {} ORDER BY c.captured_at DESC, c.id DESC"
+    ).format(ref.condition(params))
     if limit is not None:
         params["limit"] = limit
         statement += sql.SQL(" LIMIT %(limit)s")
@@ -769,7 +781,7 @@ def _pk_text(pk: Mapping[str, Any]) -> str:
 _AS_OF_SQL = sql.SQL("""
 WITH r AS MATERIALIZED (
     SELECT c.* FROM {audit}.changes c
-     WHERE c.pk = %(pk)s AND c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s
+     WHERE c.pk = %(pk)s AND {table}
 ), latest AS (
     SELECT * FROM r WHERE r.captured_at <= %(at)s ORDER BY r.captured_at DESC, r.id DESC LIMIT 1
 ), found AS (
@@ -779,7 +791,7 @@ WITH r AS MATERIALIZED (
     UNION ALL
     (SELECT 'truncate', c.* FROM {audit}.changes c, latest l
       WHERE l.op <> 'delete' AND c.op = 'truncate'
-        AND c.table_schema = %(table_schema)s AND c.table_name = %(table_name)s
+        AND {table}
         AND c.captured_at >= l.captured_at AND c.captured_at <= %(at)s
         AND (c.captured_at, c.id) > (l.captured_at, l.id)
       ORDER BY c.captured_at, c.id LIMIT 1)
@@ -797,14 +809,12 @@ def _as_of_plan(table: str, pk: Any, at: datetime, schema: str) -> Plan[dict[str
     ref = yield from resolve_table(table, schema)
     key = normalize_key(ref, pk)
     row_of = f"{ref} ({_pk_text(key)})"
-    params: dict[str, Any] = {
-        "pk": Jsonb(key),
-        "table_schema": ref.schema,
-        "table_name": ref.name,
-        "at": moment,
-    }
+    params: dict[str, Any] = {"pk": Jsonb(key), "at": moment}
     rows = yield Query(
-        _AS_OF_SQL.format(audit=audit, changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS), params
+        _AS_OF_SQL.format(
+            audit=audit, changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS, table=ref.condition(params)
+        ),
+        params,
     )
     found = {row["role"]: change for row, change in zip(rows, changes_from_rows(rows), strict=True)}
     latest = found.get("latest")

@@ -1,11 +1,13 @@
 """DDL: the audit schema and per-table capture triggers.
 
-``install_sql()`` renders the schema without a database; ``install()``, ``track()`` and
-``untrack()`` apply changes; ``track_sql()``/``untrack_sql()`` show what they would run.
+``install_sql()`` renders the schema without a database (pinned per schema version);
+``install()``, ``track()``, ``untrack()`` and ``sync()`` apply changes through the audit schema's
+SQL API; ``track_sql()``/``untrack_sql()`` give the SQL-API statements for a migration.
 """
 
 from threadline.ddl.names import CONTEXT_SETTING, DEFAULT_SCHEMA
 from threadline.ddl.schema import (
+    PINNED_VERSIONS,
     SCHEMA_VERSION,
     InstallResult,
     install,
@@ -14,11 +16,14 @@ from threadline.ddl.schema import (
     require_installed,
 )
 from threadline.ddl.triggers import (
+    CAPTURE_VERSION,
     MASK_PLACEHOLDER,
-    CapturePlan,
+    STATUSES,
+    SyncAction,
     TrackedTable,
+    TrackResult,
     parse_table_name,
-    plan_capture,
+    sync,
     track,
     track_sql,
     tracked_tables,
@@ -27,19 +32,23 @@ from threadline.ddl.triggers import (
 )
 
 __all__ = [
+    "CAPTURE_VERSION",
     "CONTEXT_SETTING",
     "DEFAULT_SCHEMA",
     "MASK_PLACEHOLDER",
+    "PINNED_VERSIONS",
     "SCHEMA_VERSION",
-    "CapturePlan",
+    "STATUSES",
     "InstallResult",
+    "SyncAction",
+    "TrackResult",
     "TrackedTable",
     "install",
     "install_sql",
     "installed_version",
     "parse_table_name",
-    "plan_capture",
     "require_installed",
+    "sync",
     "track",
     "track_sql",
     "tracked_tables",

@@ -1,32 +1,23 @@
-"""Per-table capture: generated, column-aware statement-level triggers.
+"""Per-table capture, driven by the registry in the audit schema.
 
-For every tracked table threadline generates one PL/pgSQL function with the table's key columns,
-tracked columns, exclusions and masks baked in, and four ``AFTER ... FOR EACH STATEMENT``
-triggers (insert, update, delete with transition tables; truncate): one ``INSERT ... SELECT``
-captures every row a statement changed. Update rows are paired by their position in the
-transition tables, so updates that change the primary key are captured correctly. The
-transaction row's id comes from a transaction-local cache checked against the row's xid (see
-``_TRANSACTION_ID``), so a statement after the first costs one primary-key lookup. The generated SQL is
-deterministic and carries a fingerprint of what it was generated from, so a table whose columns
-changed since can be found (:func:`tracked_tables`).
+The audit schema holds the one generator of capture code and the one record of what each table is
+tracked with (``tracked_tables``): its SQL functions ``track()``, ``untrack()``, ``sync()`` and
+``tracking_status()`` are what migrations in any framework call, and the functions here call the
+same ones, so Python, the CLI and SQL migrations produce identical capture code. Options persist:
+tracking a table again without options regenerates its code with the stored ones, and only
+``unmask``/``include`` reveal a masked or excluded column again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from threadline.ddl.names import (
-    DEFAULT_SCHEMA,
-    capture_function_name,
-    check_schema_name,
-    trigger_name,
-)
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.schema import require_installed
 from threadline.errors import (
     InvalidTrackOption,
@@ -36,83 +27,108 @@ from threadline.errors import (
     UnknownTable,
 )
 
-CAPTURE_VERSION = 6
-"""Version of the generated capture code; part of every fingerprint."""
+logger = logging.getLogger("threadline.ddl")
+
+CAPTURE_VERSION = 7
+"""Version of the generated capture code (the audit schema's ``render_capture()``)."""
 
 MASK_PLACEHOLDER = "[masked]"
 """What a masked column's value is replaced with in every audit image."""
 
 OPS = ("insert", "update", "delete", "truncate")
-# Aliases of the transition tables' rows; they cannot collide with a column (``to_jsonb(alias)``
-# would then read the column) because columns with these names are refused.
-_OLD = "threadline old"
-_NEW = "threadline new"
-_RESERVED = (_OLD, _NEW, "threadline rn", "threadline row")
-_NEW_TABLE = "threadline_new"
-_OLD_TABLE = "threadline_old"
 
-
-@dataclass(frozen=True)
-class Column:
-    """A column of a tracked table. ``comparable`` is False for types without equality."""
-
-    name: str
-    type: str
-    comparable: bool
-    type_schema: str = "pg_catalog"
-    """Schema of the type whose equality compares the column (a domain's or array's base type)."""
-
-
-@dataclass(frozen=True)
-class CapturePlan:
-    """Everything the generated capture code is made from."""
-
-    audit_schema: str
-    table_schema: str
-    table_name: str
-    columns: tuple[Column, ...]
-    keys: tuple[str, ...]
-    exclude: tuple[str, ...] = ()
-    mask: tuple[str, ...] = ()
-    keys_given: bool = field(default=False)
-
-    @property
-    def function_name(self) -> str:
-        """Name of the generated function inside the audit schema."""
-        return capture_function_name(self.table_schema, self.table_name)
-
-    def config(self) -> dict[str, object]:
-        """The options and column set, as recorded in the function's comment."""
-        return {
-            "capture_version": CAPTURE_VERSION,
-            "table": [self.table_schema, self.table_name],
-            "keys": list(self.keys),
-            "keys_given": self.keys_given,
-            "exclude": list(self.exclude),
-            "mask": list(self.mask),
-            "columns": [[c.name, c.type] for c in self.columns],
-        }
-
-    @property
-    def fingerprint(self) -> str:
-        """Hash of :meth:`config`: changes whenever the generated code would change."""
-        text = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+STATUSES = ("installed", "outdated", "disabled", "missing", "orphaned")
+"""What :func:`tracked_tables` reports for a table (see :class:`TrackedTable`)."""
 
 
 @dataclass(frozen=True)
 class TrackedTable:
-    """A table with capture installed, as found in the database."""
+    """A tracked table (or a leftover of one) as the registry and the catalog describe it."""
 
-    table_schema: str
-    table_name: str
+    table_schema: str | None
+    table_name: str | None
+    status: str
+    """``installed``; ``outdated`` (columns, name or release changed since the code was generated:
+    ``threadline sync`` or ``threadline track`` regenerates it with the stored options);
+    ``disabled`` (a capture trigger does not fire); ``missing`` (a trigger or the function is
+    gone); ``orphaned`` (the table is gone, or capture code belongs to no registry row:
+    ``threadline sync`` removes it)."""
+    detail: str | None
     keys: tuple[str, ...]
     exclude: tuple[str, ...]
     mask: tuple[str, ...]
-    fingerprint: str
-    current: bool
-    """False when the table's columns (or this release's capture code) changed since tracking:
-    run ``threadline track`` on it again."""
+    mode: str | None
+    """``typed`` (kept in step by DDL event triggers) or ``drift_safe`` (needs no event trigger;
+    never fails a write after DDL)."""
+    function_name: str | None = None
+
+    @property
+    def current(self) -> bool:
+        """True when the capture code is installed and matches the table as it is now."""
+        return self.status == "installed"
+
+    @property
+    def name(self) -> str:
+        """``schema.table`` (or the capture function's name when its table is unknown)."""
+        if self.table_name is None:
+            return f"(function {self.function_name})"
+        return f"{self.table_schema}.{self.table_name}"
+
+    def restore_command(self) -> str | None:
+        """The command that brings this table back to its stored configuration (None if installed)."""
+        if self.status in ("outdated", "missing"):
+            return f"threadline track {_shown(self.table_schema, self.table_name)}"
+        if self.status == "disabled":
+            return f"ALTER TABLE {_shown(self.table_schema, self.table_name)} ENABLE TRIGGER ALL"
+        if self.status == "orphaned":
+            return "threadline sync"
+        return None
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """What :func:`track` did and the options now in force (``previous_*`` is None for a new table)."""
+
+    table_schema: str
+    table_name: str
+    action: str
+    """``tracked`` (new), ``regenerated`` or ``unchanged``."""
+    keys: tuple[str, ...]
+    exclude: tuple[str, ...]
+    mask: tuple[str, ...]
+    previous_keys: tuple[str, ...] | None
+    previous_exclude: tuple[str, ...] | None
+    previous_mask: tuple[str, ...] | None
+    unprotected: tuple[str, ...]
+    """Columns whose name looks secret and that are neither masked nor excluded."""
+    mode: str
+
+    @property
+    def options_changed(self) -> bool:
+        """True when keys, exclude or mask differ from what was stored before."""
+        return self.previous_keys is not None and (
+            (self.previous_keys, self.previous_exclude, self.previous_mask)
+            != (self.keys, self.exclude, self.mask)
+        )
+
+
+@dataclass(frozen=True)
+class SyncAction:
+    """One line of :func:`sync`: what was done to a table or a leftover capture function."""
+
+    table_schema: str | None
+    table_name: str | None
+    action: str
+    """``regenerated``, ``unchanged``, ``pruned``, ``orphaned (kept)`` or ``disabled (kept)``."""
+    detail: str | None
+
+
+def _shown(schema: str | None, name: str | None) -> str:
+    def part(p: str | None) -> str:
+        text = p or ""
+        return text if text.isidentifier() and text == text.lower() else '"' + text.replace('"', '""') + '"'
+
+    return f"{part(schema)}.{part(name)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,67 +206,9 @@ def _resolve(conn: psycopg.Connection, table: str, schema: str | None) -> tuple[
     return row[0], row[1], row[2]
 
 
-def _columns(conn: psycopg.Connection, schema: str, table: str) -> tuple[Column, ...]:
-    rows = conn.execute(
-        """
-        WITH RECURSIVE cols AS (
-            SELECT a.attnum, a.attname, a.atttypid,
-                   format_type(a.atttypid, a.atttypmod) AS shown
-              FROM pg_attribute a
-             WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass
-               AND a.attnum > 0 AND NOT a.attisdropped
-        ), base AS (
-            -- follow domains and arrays down to the type whose equality decides
-            SELECT attnum, atttypid AS t, 0 AS depth FROM cols
-            UNION ALL
-            SELECT b.attnum,
-                   CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE ty.typelem END,
-                   b.depth + 1
-              FROM base b JOIN pg_type ty ON ty.oid = b.t
-             WHERE (ty.typtype = 'd' OR (ty.typelem <> 0 AND ty.typlen = -1)) AND b.depth < 8
-        )
-        SELECT c.attname, c.shown,
-               (SELECT ty.typtype IN ('b', 'e')
-                       AND EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
-                                    WHERE am.amname = 'btree' AND oc.opcdefault
-                                      AND (oc.opcintype = ty.oid
-                                           OR (ty.typtype = 'e' AND oc.opcintype = 'anyenum'::regtype)))
-                  FROM base b JOIN pg_type ty ON ty.oid = b.t
-                 WHERE b.attnum = c.attnum
-                 ORDER BY b.depth DESC LIMIT 1) AS comparable,
-               (SELECT tn.nspname
-                  FROM base b JOIN pg_type ty ON ty.oid = b.t JOIN pg_namespace tn ON tn.oid = ty.typnamespace
-                 WHERE b.attnum = c.attnum
-                 ORDER BY b.depth DESC LIMIT 1) AS type_schema
-          FROM cols c
-         ORDER BY c.attnum
-        """,
-        [schema, table],
-    ).fetchall()
-    return tuple(
-        Column(name, shown, bool(comparable), type_schema or "pg_catalog")
-        for name, shown, comparable, type_schema in rows
-    )
-
-
-def _primary_key(conn: psycopg.Connection, schema: str, table: str) -> tuple[str, ...]:
-    rows = conn.execute(
-        """
-        SELECT a.attname
-          FROM pg_index i
-          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         WHERE i.indrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND i.indisprimary
-         ORDER BY k.ord
-        """,
-        [schema, table],
-    ).fetchall()
-    return tuple(r[0] for r in rows)
-
-
-def _names(values: Iterable[str] | str | None) -> tuple[str, ...]:
+def _names(values: Iterable[str] | str | None) -> list[str] | None:
     if values is None:
-        return ()
+        return None
     if isinstance(values, str):
         values = values.split(",")
     out: list[str] = []
@@ -258,315 +216,92 @@ def _names(values: Iterable[str] | str | None) -> tuple[str, ...]:
         v = v.strip() if isinstance(v, str) else v
         if not isinstance(v, str) or not v:
             raise InvalidTrackOption(f"column names must be non-empty strings, got {v!r}")
+        if "\x00" in v:
+            raise InvalidTrackOption(f"column name {v!r} contains a NUL character")
         if v not in out:
             out.append(v)
-    return tuple(out)
+    return out
 
 
-def plan_capture(
-    conn: psycopg.Connection,
-    table: str,
-    *,
-    schema: str | None = None,
-    exclude: Iterable[str] | str | None = None,
-    mask: Iterable[str] | str | None = None,
-    keys: Iterable[str] | str | None = None,
-    audit_schema: str = DEFAULT_SCHEMA,
-) -> CapturePlan:
-    """Inspect a table and validate the options; raises a :class:`TrackingError` subclass."""
-    check_schema_name(audit_schema)
-    if schema is None:
-        schema, table = parse_table_name(table)
-    table_schema, table_name, _ = _resolve(conn, table, schema)
-    if table_schema == audit_schema:
-        raise InvalidTrackOption(
-            f"{table_schema}.{table_name} belongs to the audit schema; audit tables are never tracked"
-        )
-    columns = _columns(conn, table_schema, table_name)
-    known = {c.name for c in columns}
-    reserved = sorted(known.intersection(_RESERVED))
-    if reserved:
-        raise InvalidTrackOption(f"column name(s) {reserved} are reserved by threadline")
-    excl, masked, key_names = _names(exclude), _names(mask), _names(keys)
-    for option, names in (("--exclude", excl), ("--mask", masked), ("--keys", key_names)):
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise UnknownColumn(
-                f"{option}: column(s) {', '.join(map(repr, missing))} not found in "
-                f"{table_schema}.{table_name} (columns: {', '.join(sorted(known))})"
-            )
-    both = sorted(set(excl) & set(masked))
-    if both:
-        raise InvalidTrackOption(f"column(s) {both} are named in both --exclude and --mask; pick one")
-    primary = key_names or _primary_key(conn, table_schema, table_name)
-    if not primary:
-        raise NoPrimaryKey(
-            f"{table_schema}.{table_name} has no primary key: add one, or name the columns that "
-            "identify a row with --keys"
-        )
-    clash = sorted(set(primary) & (set(excl) | set(masked)))
-    if clash:
-        raise InvalidTrackOption(f"key column(s) {clash} cannot be excluded or masked")
-    return CapturePlan(
-        audit_schema=audit_schema,
-        table_schema=table_schema,
-        table_name=table_name,
-        columns=columns,
-        keys=tuple(primary),
-        exclude=excl,
-        mask=masked,
-        keys_given=bool(key_names),
+def _error(exc: psycopg.Error) -> TrackingError:
+    """The tracking error class for an error raised by the audit schema's SQL API."""
+    diag = exc.diag
+    text = (diag.message_primary or str(exc)).removeprefix("threadline: ")
+    if diag.message_hint:
+        text += f" ({diag.message_hint})"
+    cls: type[TrackingError] = {
+        "42703": UnknownColumn,
+        "22023": InvalidTrackOption,
+        "42809": UnknownTable,
+        "TL001": NoPrimaryKey,
+    }.get(diag.sqlstate or "", TrackingError)
+    return cls(text)
+
+
+def _table_literal(schema: str | None, table: str) -> sql.Composable:
+    """``'"schema"."table"'``: a text that casts to the table's regclass, quoted so any name works."""
+    ident = sql.Identifier(table) if schema is None else sql.Identifier(schema, table)
+    return sql.Literal(ident.as_string(None))
+
+
+def _api_call(
+    function: str, audit_schema: str, table: sql.Composable, options: dict[str, object]
+) -> sql.Composed:
+    args: list[sql.Composable] = [table]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        lit: sql.Composable
+        if not isinstance(value, list):
+            lit = sql.Literal(value)
+        elif value:
+            lit = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(sql.Literal(v) for v in value))
+        else:
+            lit = sql.SQL("'{}'::text[]")
+        args.append(sql.SQL("{} => {}").format(sql.SQL(name), lit))
+    return sql.SQL("SELECT * FROM {}.{}({})").format(
+        sql.Identifier(audit_schema), sql.SQL(function), sql.SQL(", ").join(args)
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# SQL generation
-
-
-def _lit(value: object) -> sql.Composable:
-    return sql.Literal(value)
-
-
-def _col(alias: sql.Composable, name: str) -> sql.Composable:
-    return sql.SQL("{}.{}").format(alias, sql.Identifier(name))
-
-
-_OLD_ROW = sql.Identifier(_OLD)
-_NEW_ROW = sql.Identifier(_NEW)
-_ROW_NUMBER = "threadline rn"
-
-
-def _distinct(plan_col: Column, negate: bool = False) -> sql.Composable:
-    """``old.c IS [NOT] DISTINCT FROM new.c`` (compared as text for types without equality)."""
-    op = sql.SQL("IS NOT DISTINCT FROM" if negate else "IS DISTINCT FROM")
-    old, new = _col(_OLD_ROW, plan_col.name), _col(_NEW_ROW, plan_col.name)
-    if not plan_col.comparable or plan_col.type_schema != "pg_catalog":
-        # types without equality, and types whose operators live outside pg_catalog (see
-        # _PINNED_SEARCH_PATH), are compared by their text form
-        old = sql.SQL("{}::text").format(old)
-        new = sql.SQL("{}::text").format(new)
-    return sql.SQL("{} {} {}").format(old, op, new)
-
-
-def _image(plan: CapturePlan, row: sql.Composable, extra_drop: Sequence[str] = ()) -> sql.Composable:
-    """``to_jsonb(row)`` with excluded (and helper) keys removed and masked values replaced."""
-    expr: sql.Composable = sql.SQL("to_jsonb({})").format(row)
-    drop = [*extra_drop, *plan.exclude]
-    if drop:
-        expr = sql.SQL("({} - {}::text[])").format(expr, _lit(drop))
-    if plan.mask:
-        masks = json.dumps({m: MASK_PLACEHOLDER for m in plan.mask}, sort_keys=True)
-        expr = sql.SQL("({} || {}::jsonb)").format(expr, _lit(masks))
-    return expr
-
-
-def _pk(plan: CapturePlan, row: sql.Composable) -> sql.Composable:
-    parts = [sql.SQL("{}, {}").format(_lit(k), _col(row, k)) for k in plan.keys]
-    return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(parts))
-
-
-def _update_select(plan: CapturePlan) -> sql.Composable:
-    """``SELECT`` of one change per updated row that changed a tracked column.
-
-    Rows of the old and new transition tables are paired by position, which also pairs rows
-    whose primary key changed.
-    """
-    tracked = [c for c in plan.columns if c.name not in plan.exclude]
-    # the keys the before image drops, in one array (one jsonb rebuild): the row-number helper,
-    # excluded columns, and each tracked column whose value did not change
-    dropped = sql.SQL("ARRAY[{}]::text[]").format(
-        sql.SQL(", ").join(
-            [_lit(name) for name in (_ROW_NUMBER, *plan.exclude)]
-            + [
-                sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c, negate=True), _lit(c.name))
-                for c in tracked
-            ]
-        )
-    )
-    changed = sql.SQL("array_remove(ARRAY[{}]::text[], NULL)").format(
-        sql.SQL(", ").join(
-            sql.SQL("CASE WHEN {} THEN {} END").format(_distinct(c), _lit(c.name)) for c in tracked
-        )
-    )
-    before: sql.Composable = sql.SQL("(to_jsonb({}) - {})").format(_OLD_ROW, dropped)
-    for m in plan.mask:
-        col = next(c for c in plan.columns if c.name == m)
-        before = sql.SQL("({} || CASE WHEN {} THEN {}::jsonb ELSE '{{}}'::jsonb END)").format(
-            before, _distinct(col), _lit(json.dumps({m: MASK_PLACEHOLDER}))
-        )
-    side = "SELECT row_number() OVER () AS {rn}, {row}.* FROM {tbl} AS {row}"
-    return sql.SQL(
-        "    SELECT " + _TRANSACTION_ID + ", {s}, {t}, 'update',\n"
-        "           {pk}, {after}, {before}, {changed}\n"
-        "      FROM (" + side + ") AS {old}\n"
-        "      JOIN (" + side.replace("{tbl}", "{tbl2}") + ") AS {new} ON {old}.{rn} = {new}.{rn}\n"
-        "     WHERE {any_changed};\n"
-    ).format(
-        audit=sql.Identifier(plan.audit_schema),
-        s=_lit(plan.table_schema),
-        t=_lit(plan.table_name),
-        pk=_pk(plan, _NEW_ROW),
-        after=_image(plan, _NEW_ROW, [_ROW_NUMBER]),
-        before=before,
-        changed=changed,
-        old=_OLD_ROW,
-        new=_NEW_ROW,
-        row=sql.Identifier("threadline row"),
-        rn=sql.Identifier(_ROW_NUMBER),
-        tbl=sql.Identifier(_OLD_TABLE),
-        tbl2=sql.Identifier(_NEW_TABLE),
-        any_changed=sql.SQL(" OR ").join(_distinct(c) for c in tracked),
-    )
-
-
-def _function_body(plan: CapturePlan) -> str:
-    audit = sql.Identifier(plan.audit_schema)
-    columns = "INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op, pk, {cols})\n"
-    # The scalar subquery runs once per statement, and only when the statement changed a row.
-    from_transition = (
-        columns + "    SELECT " + _TRANSACTION_ID + ", {s}, {t}, {op}, {pk}, {image}\n"
-        "      FROM {table} AS {alias};\n"
-    )
-    where = {"audit": audit, "s": _lit(plan.table_schema), "t": _lit(plan.table_name)}
-    new_alias, old_alias = _NEW_ROW, _OLD_ROW
-    body = sql.SQL(
-        "\nBEGIN\n"
-        "  IF TG_OP = 'UPDATE' THEN\n"
-        "    {upd}"
-        "  ELSIF TG_OP = 'INSERT' THEN\n"
-        "    {ins}"
-        "  ELSIF TG_OP = 'DELETE' THEN\n"
-        "    {dele}"
-        "  ELSIF TG_OP = 'TRUNCATE' THEN\n"
-        "    INSERT INTO {audit}.changes (transaction_id, table_schema, table_name, op)\n"
-        "    VALUES ({audit}.transaction_id(), {s}, {t}, 'truncate');\n"
-        "  END IF;\n"
-        "  RETURN NULL;\n"
-        "END\n"
-    ).format(
-        upd=sql.SQL(columns + "{rest}").format(
-            cols=sql.SQL("after, before, changed_fields"),
-            rest=_update_select(plan),
-            **where,
-        ),
-        ins=sql.SQL(from_transition).format(
-            cols=sql.SQL("after"),
-            op=_lit("insert"),
-            pk=_pk(plan, new_alias),
-            image=_image(plan, new_alias),
-            table=sql.Identifier(_NEW_TABLE),
-            alias=new_alias,
-            **where,
-        ),
-        dele=sql.SQL(from_transition).format(
-            cols=sql.SQL("before"),
-            op=_lit("delete"),
-            pk=_pk(plan, old_alias),
-            image=_image(plan, old_alias),
-            table=sql.Identifier(_OLD_TABLE),
-            alias=old_alias,
-            **where,
-        ),
-        **where,
-    )
-    return body.as_string(None)
-
-
-def _dollar_quote(body: str) -> str:
-    """Dollar-quote ``body`` with a tag that cannot occur in it (identifiers may hold ``$``)."""
-    n = 0
-    while True:
-        tag = "$threadline$" if n == 0 else f"$threadline{n}$"
-        if tag not in body:
-            return f"{tag}{body}{tag}"
-        n += 1
-
-
-# The capture function's pinned search path. It runs as its owner (SECURITY DEFINER), so no name in
-# it may resolve through a schema the application can write to: a function such as
-# public.jsonb_build_object(text, integer) would otherwise win overload resolution over
-# pg_catalog's and run as the owner. Tables and threadline's own functions are schema-qualified;
-# columns whose (base) type lives outside pg_catalog are compared by their text form (see
-# _distinct), so their operators are never looked up. pg_temp is never searched for functions or
-# operators; naming it last keeps temporary tables from shadowing anything.
-_PINNED_SEARCH_PATH = sql.SQL("pg_catalog, pg_temp")
-
-# The transactions row id for a statement's changes (an init plan: evaluated once per statement,
-# and only when the statement changed a row). After the first statement of a transaction the id
-# comes from the transaction-local cache, checked against the row's own xid with one primary-key
-# lookup, so a cache value set by hand cannot attach changes to another transaction's row.
-_TRANSACTION_ID = (
-    "(SELECT coalesce((SELECT t.id FROM {audit}.transactions AS t\n"
-    "                   WHERE t.id = {audit}.cached_transaction_id() AND t.xid = pg_current_xact_id()),\n"
-    "                 {audit}.transaction_row()))"
-)
-
-
-def track_sql_for(plan: CapturePlan) -> str:
-    """The complete, idempotent DDL that installs capture for one planned table."""
-    audit = sql.Identifier(plan.audit_schema)
-    fn = sql.SQL("{}.{}").format(audit, sql.Identifier(plan.function_name))
-    table = sql.SQL("{}.{}").format(sql.Identifier(plan.table_schema), sql.Identifier(plan.table_name))
-    header = (
-        f"-- threadline capture v{CAPTURE_VERSION} fingerprint {plan.fingerprint}\n"
-        f"-- table {json.dumps([plan.table_schema, plan.table_name], ensure_ascii=True)}\n"
-    )
-    stmts: list[sql.Composable] = [
-        sql.SQL(
-            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql\n"
-            "SECURITY DEFINER SET search_path = {} AS {}"
-        ).format(fn, _PINNED_SEARCH_PATH, sql.SQL(_dollar_quote(_function_body(plan)))),
-        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
-            fn,
-            _lit(json.dumps({**plan.config(), "fingerprint": plan.fingerprint}, sort_keys=True)),
-        ),
-    ]
-    referencing = {
-        "insert": f"REFERENCING NEW TABLE AS {_NEW_TABLE} FOR EACH STATEMENT",
-        "update": f"REFERENCING OLD TABLE AS {_OLD_TABLE} NEW TABLE AS {_NEW_TABLE} FOR EACH STATEMENT",
-        "delete": f"REFERENCING OLD TABLE AS {_OLD_TABLE} FOR EACH STATEMENT",
-        "truncate": "FOR EACH STATEMENT",
-    }
-    for op in OPS:
-        trig = sql.Identifier(trigger_name(plan.audit_schema, op))
-        stmts.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trig, table))
-        stmts.append(
-            sql.SQL("CREATE TRIGGER {} AFTER {} ON {} {} EXECUTE FUNCTION {}()").format(
-                trig,
-                sql.SQL(op.upper()),
-                table,
-                sql.SQL(referencing[op]),
-                fn,
-            )
-        )
-    return header + "".join(s.as_string(None) + ";\n" for s in stmts)
-
-
-def untrack_sql_for(audit_schema: str, table_schema: str, table_name: str) -> str:
-    """The idempotent DDL that removes capture from one table."""
-    table = sql.SQL("{}.{}").format(sql.Identifier(table_schema), sql.Identifier(table_name))
-    stmts = [
-        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-            sql.Identifier(trigger_name(audit_schema, op)), table
-        )
-        for op in OPS
-    ]
-    stmts.append(
-        sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(
-            sql.Identifier(audit_schema),
-            sql.Identifier(capture_function_name(table_schema, table_name)),
-        )
-    )
-    return "".join(s.as_string(None) + ";\n" for s in stmts)
+def _split(table: str, schema: str | None) -> tuple[str | None, str]:
+    return parse_table_name(table) if schema is None else (schema, table)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public operations
 
 
-def track_sql(conn: psycopg.Connection, table: str, **options: object) -> str:
-    """The DDL :func:`track` would run (reads the table's columns and keys from ``conn``)."""
-    return track_sql_for(plan_capture(conn, table, **options))  # type: ignore[arg-type]
+def track_sql(
+    table: str,
+    *,
+    schema: str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    mask: Iterable[str] | str | None = None,
+    keys: Iterable[str] | str | None = None,
+    unmask: Iterable[str] | str | None = None,
+    include: Iterable[str] | str | None = None,
+    strict: bool = False,
+    audit_schema: str = DEFAULT_SCHEMA,
+) -> str:
+    """The SQL-API statement :func:`track` runs, for a migration (no database needed).
+
+    Deterministic; an unqualified name is resolved on the search path when the statement runs.
+    """
+    check_schema_name(audit_schema)
+    table_schema, table_name = _split(table, schema)
+    options: dict[str, object] = {
+        "keys": _names(keys),
+        "exclude": _names(exclude),
+        "mask": _names(mask),
+        "unmask": _names(unmask),
+        "include": _names(include),
+        "strict": strict,
+    }
+    return (
+        _api_call("track", audit_schema, _table_literal(table_schema, table_name), options).as_string(None)
+        + ";\n"
+    )
 
 
 def track(
@@ -577,16 +312,70 @@ def track(
     exclude: Iterable[str] | str | None = None,
     mask: Iterable[str] | str | None = None,
     keys: Iterable[str] | str | None = None,
+    unmask: Iterable[str] | str | None = None,
+    include: Iterable[str] | str | None = None,
+    strict: bool = False,
     audit_schema: str = DEFAULT_SCHEMA,
-) -> CapturePlan:
-    """Install (or refresh) capture on ``table``, in one transaction. Idempotent."""
+) -> TrackResult:
+    """Track ``table``, or regenerate its capture code, in one transaction. Idempotent.
+
+    Options left ``None`` keep what is stored for the table: ``exclude`` and ``mask`` add
+    columns, ``unmask`` and ``include`` remove them (nothing else ever reveals a column again),
+    ``keys`` replaces the key columns (an empty list: the primary key). ``strict`` refuses a
+    column whose name looks secret and that is neither masked nor excluded; otherwise such
+    columns are logged as a warning and listed in :attr:`TrackResult.unprotected`.
+    """
     require_installed(conn, audit_schema)
+    table_schema, table_name = _split(table, schema)
+    options: dict[str, object] = {
+        "keys": _names(keys),
+        "exclude": _names(exclude),
+        "mask": _names(mask),
+        "unmask": _names(unmask),
+        "include": _names(include),
+        "strict": strict,
+    }
     with conn.transaction():
-        plan = plan_capture(
-            conn, table, schema=schema, exclude=exclude, mask=mask, keys=keys, audit_schema=audit_schema
+        rel_schema, rel_name, _ = _resolve(conn, table_name, table_schema)
+        statement = _api_call("track", audit_schema, _table_literal(rel_schema, rel_name), options)
+        try:
+            row = conn.execute(statement).fetchone()
+        except psycopg.Error as exc:
+            if exc.diag.sqlstate is None:
+                raise
+            raise _error(exc) from None
+    assert row is not None
+    result = TrackResult(
+        table_schema=row[0],
+        table_name=row[1],
+        action=row[2],
+        keys=tuple(row[3]),
+        exclude=tuple(row[4]),
+        mask=tuple(row[5]),
+        previous_keys=None if row[6] is None else tuple(row[6]),
+        previous_exclude=None if row[7] is None else tuple(row[7]),
+        previous_mask=None if row[8] is None else tuple(row[8]),
+        unprotected=tuple(row[9] or ()),
+        mode=row[10],
+    )
+    if result.unprotected:
+        logger.warning(
+            "%s.%s: column(s) %s look secret and are neither masked nor excluded",
+            result.table_schema,
+            result.table_name,
+            ", ".join(result.unprotected),
         )
-        conn.execute(track_sql_for(plan).encode())
-    return plan
+    return result
+
+
+def untrack_sql(table: str, *, schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA) -> str:
+    """The SQL-API statement :func:`untrack` runs, for a migration (no database needed)."""
+    check_schema_name(audit_schema)
+    table_schema, table_name = _split(table, schema)
+    return (
+        _api_call("untrack", audit_schema, _table_literal(table_schema, table_name), {}).as_string(None)
+        + ";\n"
+    )
 
 
 def untrack(
@@ -596,69 +385,95 @@ def untrack(
     schema: str | None = None,
     audit_schema: str = DEFAULT_SCHEMA,
 ) -> bool:
-    """Remove capture from ``table``; returns False if it was not tracked."""
-    check_schema_name(audit_schema)
-    if schema is None:
-        schema, table = parse_table_name(table)
+    """Remove capture from ``table`` (audit rows stay); returns False if it was not tracked.
+
+    A table that is gone (dropped) but still registered is cleaned up by its last name; a name the
+    table no longer has is refused, naming where the table went.
+    """
+    require_installed(conn, audit_schema)
+    table_schema, table_name = _split(table, schema)
     with conn.transaction():
-        table_schema, table_name, _ = _resolve(conn, table, schema)
-        was = any(
-            t.table_schema == table_schema and t.table_name == table_name
-            for t in tracked_tables(conn, audit_schema)
+        try:
+            rel_schema, rel_name, _ = _resolve(conn, table_name, table_schema)
+        except UnknownTable:
+            return _untrack_gone(conn, table_schema, table_name, audit_schema)
+        row = conn.execute(
+            _api_call("untrack", audit_schema, _table_literal(rel_schema, rel_name), {})
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def _untrack_gone(
+    conn: psycopg.Connection, table_schema: str | None, table_name: str, audit_schema: str
+) -> bool:
+    found = conn.execute(
+        sql.SQL(
+            "SELECT s.tracked_id, s.table_schema, s.table_name, s.status, s.function_name"
+            "  FROM {audit}.tracking_status() s"
+            "  JOIN {audit}.tracked_table_names n ON n.tracked_id = s.tracked_id"
+            " WHERE n.table_name = %(name)s"
+            "   AND (n.table_schema = %(schema)s OR (%(schema)s::text IS NULL"
+            "        AND n.table_schema = ANY (current_schemas(false))))"
+            " ORDER BY s.tracked_id"
+        ).format(audit=sql.Identifier(audit_schema)),
+        {"name": table_name, "schema": table_schema},
+    ).fetchall()
+    shown = table_name if table_schema is None else f"{table_schema}.{table_name}"
+    if not found:
+        raise UnknownTable(f"table {shown!r} does not exist and is not registered as tracked")
+    live = [r for r in found if r[3] != "orphaned"]
+    if live:
+        raise UnknownTable(
+            f"table {shown!r} was renamed to {live[0][1]}.{live[0][2]}: untrack it by that name"
         )
-        conn.execute(untrack_sql_for(audit_schema, table_schema, table_name).encode())
-    return was
-
-
-def untrack_sql(
-    conn: psycopg.Connection, table: str, *, schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA
-) -> str:
-    """The DDL :func:`untrack` would run."""
-    check_schema_name(audit_schema)
-    if schema is None:
-        schema, table = parse_table_name(table)
-    table_schema, table_name, _ = _resolve(conn, table, schema)
-    return untrack_sql_for(audit_schema, table_schema, table_name)
+    for tracked_id, _, _, _, function_name in found:
+        conn.execute(
+            sql.SQL("DELETE FROM {}.tracked_tables WHERE id = %s").format(sql.Identifier(audit_schema)),
+            [tracked_id],
+        )
+        conn.execute(
+            sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(audit_schema, function_name))
+        )
+    return True
 
 
 def tracked_tables(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> list[TrackedTable]:
-    """Every table with this audit schema's capture trigger, and whether its code is current."""
+    """Every tracked table with its status, and every leftover (orphaned) capture function."""
     check_schema_name(audit_schema)
     rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname, obj_description(p.oid, 'pg_proc')
-          FROM pg_trigger tg
-          JOIN pg_class c ON c.oid = tg.tgrelid
-          JOIN pg_namespace n ON n.oid = c.relnamespace
-          JOIN pg_proc p ON p.oid = tg.tgfoid
-          JOIN pg_namespace pn ON pn.oid = p.pronamespace
-         WHERE tg.tgname = %s AND pn.nspname = %s
-         ORDER BY n.nspname, c.relname
-        """,
-        [trigger_name(audit_schema, "insert"), audit_schema],
+        sql.SQL(
+            "SELECT table_schema, table_name, status, detail, key_columns, exclude_columns,"
+            "       mask_columns, mode, function_name FROM {}.tracking_status()"
+        ).format(sql.Identifier(audit_schema))
     ).fetchall()
-    out: list[TrackedTable] = []
-    for table_schema, table_name, comment in rows:
-        try:
-            recorded = json.loads(comment or "{}")
-        except ValueError:
-            recorded = {}
-        keys = tuple(recorded.get("keys", ()))
-        exclude = tuple(recorded.get("exclude", ()))
-        mask = tuple(recorded.get("mask", ()))
-        fingerprint = str(recorded.get("fingerprint", ""))
-        try:
-            now = plan_capture(
-                conn,
-                table_name,
-                schema=table_schema,
-                exclude=exclude,
-                mask=mask,
-                keys=keys if recorded.get("keys_given") else None,
-                audit_schema=audit_schema,
-            )
-            current = now.fingerprint == fingerprint
-        except TrackingError:
-            current = False
-        out.append(TrackedTable(table_schema, table_name, keys, exclude, mask, fingerprint, current))
-    return out
+    return [
+        TrackedTable(
+            table_schema=r[0],
+            table_name=r[1],
+            status=r[2],
+            detail=r[3],
+            keys=tuple(r[4] or ()),
+            exclude=tuple(r[5] or ()),
+            mask=tuple(r[6] or ()),
+            mode=r[7],
+            function_name=r[8],
+        )
+        for r in rows
+    ]
+
+
+def sync(
+    conn: psycopg.Connection, *, prune: bool = True, audit_schema: str = DEFAULT_SCHEMA
+) -> list[SyncAction]:
+    """Bring every tracked table to its stored configuration, in one transaction: follow renamed
+    tables and columns, regenerate outdated or incomplete capture code, and (``prune``) remove
+    capture code whose table or registry row is gone. Disabled triggers are left as they are."""
+    require_installed(conn, audit_schema)
+    with conn.transaction():
+        rows = conn.execute(
+            sql.SQL("SELECT table_schema, table_name, action, detail FROM {}.sync(%s)").format(
+                sql.Identifier(audit_schema)
+            ),
+            [prune],
+        ).fetchall()
+    return [SyncAction(*r) for r in rows]

@@ -1,0 +1,441 @@
+"""Capture through schema changes: every kind of DDL, with and without the DDL event triggers.
+
+Two databases: one where a superuser installed threadline (event triggers keep typed capture code
+in step, inside the DDL's own transaction) and one owned by a role that may not create event
+triggers (drift-safe capture code; ``sync`` brings it up to date). Every case runs with plain and
+hostile names, and with the DDL and the writes in one transaction or in separate ones. Each case
+checks that no write failed, what was captured, that masked and excluded values never reach an
+audit row, that history follows a renamed table, the registry statuses, and that pruning leaves no
+capture function behind.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import threadline
+from threadline import ddl, health
+
+from .backends import ADMIN_DSN
+
+SECRET_1, SECRET_2 = "4111-1111-1111-1111", "4222-2222-2222-2222"
+HIDDEN_1, HIDDEN_2 = "tsvector-one", "tsvector-two"
+KEY = {"id": 1, "region": "eu"}
+
+
+@dataclass(frozen=True)
+class Env:
+    """A database and a connection to it as the role that owns the tables and the audit schema."""
+
+    mode: str
+    conn: psycopg.Connection[Any]
+
+
+def _make_env(mode: str) -> Iterator[Env]:
+    suffix = uuid.uuid4().hex[:8]
+    dbname = f"threadline_ddl_{mode}_{suffix}"
+    role = f"tl_owner_{suffix}" if mode == "drift_safe" else None
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        if role:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(dbname), sql.Identifier(role or "postgres")
+            )
+        )
+    dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=dbname, **({"user": role} if role else {}))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ddl.install(conn)
+            follows = conn.execute("SELECT threadline.follows_ddl()").fetchone()
+            assert follows == ((mode == "typed"),)
+            yield Env(mode, conn)
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+            if role:
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture(scope="module", params=["typed", "drift_safe"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """``typed``: installed by a superuser (event triggers); ``drift_safe``: by a plain owner role."""
+    yield from _make_env(request.param)
+
+
+NAMES = {
+    "plain": {
+        "schema": "shop",
+        "table": "orders",
+        "card": "card_number",
+        "search": "search",
+        "status": "status",
+    },
+    "hostile": {
+        "schema": 'Sch"; ema',
+        "table": 'Or"ders; DROP TABLE x; --',
+        "card": "Card'No",
+        "search": 'Se"arch',
+        "status": "$threadline$ St",
+    },
+}
+
+KINDS = [
+    "add_column",
+    "drop_column",
+    "rename_column",
+    "alter_type",
+    "rename_table",
+    "set_schema",
+    "drop_table",
+    "readd_hidden_names",
+    "rename_masked",
+]
+
+
+class Table:
+    """The test table's names, which change as the DDL of a case runs."""
+
+    def __init__(self, names: dict[str, str], tag: str) -> None:
+        self.schema = f"{names['schema']}_{tag}"
+        self.other_schema = f"{names['schema']}_{tag}_2"
+        self.name = names["table"]
+        self.card, self.search, self.status = names["card"], names["search"], names["status"]
+
+    @property
+    def ident(self) -> sql.Composable:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def qualified(self) -> str:
+        """The ``[schema.]table`` text the Python API accepts (both parts quoted)."""
+        return sql.Identifier(self.schema, self.name).as_string(None)
+
+
+def _q(conn: psycopg.Connection[Any], text: str, *args: Any, params: Any = None) -> None:
+    conn.execute(sql.SQL(text).format(*args), params)
+
+
+def _changes(conn: psycopg.Connection[Any], since: int = 0) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute("SELECT * FROM threadline.changes WHERE id > %s ORDER BY id", [since]).fetchall()
+
+
+def _last_id(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT coalesce(max(id), 0) FROM threadline.changes").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _nothing_hidden_leaked(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(
+        "SELECT count(*) FROM threadline.changes WHERE concat(after::text, before::text, pk::text) ~ %s",
+        [f"{SECRET_1}|{SECRET_2}|{HIDDEN_1}|{HIDDEN_2}"],
+    ).fetchone()
+    assert row == (0,), "a masked or excluded value reached an audit row"
+
+
+def _no_orphan_functions(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'threadline' AND p.proname ~ '^capture_'"
+        "   AND NOT EXISTS (SELECT 1 FROM threadline.tracked_tables t WHERE t.function_name = p.proname)"
+    ).fetchone()
+    assert row == (0,)
+
+
+def _status(conn: psycopg.Connection[Any], function_name: str) -> str | None:
+    found = [t for t in ddl.tracked_tables(conn) if t.function_name == function_name]
+    return found[0].status if found else None
+
+
+def _ddl(kind: str, t: Table) -> tuple[list[tuple[str, list[sql.Composable]]], dict[str, Any]]:
+    """The statements of one DDL kind, and the row values a write after it sets."""
+    card, search, status = sql.Identifier(t.card), sql.Identifier(t.search), sql.Identifier(t.status)
+    tbl = t.ident
+    if kind == "add_column":
+        return [("ALTER TABLE {} ADD COLUMN extra int DEFAULT 7", [tbl])], {"extra": 7}
+    if kind == "drop_column":
+        return [("ALTER TABLE {} DROP COLUMN {}", [tbl, status])], {}
+    if kind == "rename_column":
+        return [("ALTER TABLE {} RENAME COLUMN {} TO state", [tbl, status])], {"state": "paid"}
+    if kind == "alter_type":
+        return [("ALTER TABLE {} ALTER COLUMN note TYPE json USING to_json(note)", [tbl])], {"note": "n"}
+    if kind == "rename_table":
+        return [("ALTER TABLE {} RENAME TO {}", [tbl, sql.Identifier(t.name + "_v2")])], {}
+    if kind == "set_schema":
+        return [
+            ("CREATE SCHEMA {}", [sql.Identifier(t.other_schema)]),
+            ("ALTER TABLE {} SET SCHEMA {}", [tbl, sql.Identifier(t.other_schema)]),
+        ], {}
+    if kind == "drop_table":
+        return [("DROP TABLE {}", [tbl])], {}
+    if kind == "readd_hidden_names":
+        return [
+            ("ALTER TABLE {} DROP COLUMN {}", [tbl, card]),
+            ("ALTER TABLE {} DROP COLUMN {}", [tbl, search]),
+            ("ALTER TABLE {} ADD COLUMN {} text", [tbl, card]),
+            ("ALTER TABLE {} ADD COLUMN {} text", [tbl, search]),
+        ], {}
+    if kind == "rename_masked":
+        return [
+            ("ALTER TABLE {} RENAME COLUMN {} TO {}", [tbl, card, sql.Identifier(t.card + " renamed")])
+        ], {}
+    raise AssertionError(kind)
+
+
+def _after_ddl(kind: str, t: Table) -> None:
+    if kind == "rename_table":
+        t.name = t.name + "_v2"
+    elif kind == "set_schema":
+        t.schema = t.other_schema
+    elif kind == "rename_masked":
+        t.card = t.card + " renamed"
+
+
+@pytest.mark.parametrize("names", list(NAMES), ids=list(NAMES))
+@pytest.mark.parametrize("in_tx", [True, False], ids=["same_tx", "separate"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ddl_never_breaks_a_write_nor_leaks_nor_loses_history(
+    env: Env, kind: str, in_tx: bool, names: str
+) -> None:
+    conn = env.conn
+    t = Table(NAMES[names], uuid.uuid4().hex[:6])
+    old_qualified = t.qualified
+    _q(conn, "CREATE SCHEMA {}", sql.Identifier(t.schema))
+    _q(
+        conn,
+        "CREATE TABLE {} (id int, region text, {} text, {} text, {} text, note text, qty int,"
+        " PRIMARY KEY (id, region))",
+        t.ident,
+        sql.Identifier(t.card),
+        sql.Identifier(t.search),
+        sql.Identifier(t.status),
+    )
+    result = ddl.track(conn, t.qualified, mask=[t.card], exclude=[t.search])
+    assert result.mode == env.mode and result.mask == (t.card,) and result.exclude == (t.search,)
+    fn = conn.execute(
+        "SELECT function_name FROM threadline.tracked_tables WHERE relid = %s::regclass", [t.qualified]
+    ).fetchone()[0]  # type: ignore[index]
+    _q(
+        conn,
+        "INSERT INTO {} VALUES (1, 'eu', %s, %s, 'new', 'n', 1)",
+        t.ident,
+        params=[SECRET_1, HIDDEN_1],
+    )
+    _q(conn, "UPDATE {} SET {} = 'paid' WHERE id = 1", t.ident, sql.Identifier(t.status))
+    before_ddl = _last_id(conn)
+
+    statements, extra = _ddl(kind, t)
+    with conn.transaction() if in_tx else nullcontext():
+        for text, args in statements:
+            _q(conn, text, *args)
+        _after_ddl(kind, t)
+        if kind != "drop_table":
+            # writes right after the DDL (in its transaction when in_tx): none may fail
+            _q(conn, "UPDATE {} SET qty = qty + 1 WHERE id = 1", t.ident)
+            _q(conn, "UPDATE {} SET {} = %s WHERE id = 1", t.ident, sql.Identifier(t.card), params=[SECRET_2])
+            _q(
+                conn,
+                "UPDATE {} SET {} = %s WHERE id = 1",
+                t.ident,
+                sql.Identifier(t.search),
+                params=[HIDDEN_2],
+            )
+            _q(conn, "INSERT INTO {} (id, region, qty) VALUES (2, 'us', 5)", t.ident)
+            _q(conn, "DELETE FROM {} WHERE id = 2", t.ident)
+    _nothing_hidden_leaked(conn)
+
+    if kind == "drop_table":
+        expected = None if env.mode == "typed" else "orphaned"
+        assert _status(conn, fn) == expected
+        actions = ddl.sync(conn)
+        assert _status(conn, fn) is None
+        if env.mode == "drift_safe":
+            assert "pruned" in {a.action for a in actions}
+        _no_orphan_functions(conn)
+        return
+
+    after = _changes(conn, before_ddl)
+    assert [c["op"] for c in after] == ["update", "update", "insert", "delete"]
+    assert {(c["table_schema"], c["table_name"]) for c in after} == {(t.schema, t.name)}
+    qty_update, card_update, _insert, delete = after
+    assert qty_update["pk"] == KEY and qty_update["changed_fields"] == ["qty"]
+    assert qty_update["before"]["qty"] == 1 and qty_update["after"]["qty"] == 2
+    if env.mode == "typed":
+        assert qty_update["before"] == {"qty": 1}
+    else:  # until synced, unchanged values of columns the code does not know may be in the before image
+        assert set(qty_update["before"]) <= {"qty", *extra, t.card}
+    image = qty_update["after"]
+    assert t.search not in image and image[t.card] == "[masked]"
+    assert card_update["after"][t.card] == "[masked]"
+    if env.mode == "typed" or kind != "rename_masked":
+        assert card_update["changed_fields"] == [t.card]
+        assert card_update["before"][t.card] == "[masked]"
+    if env.mode == "typed":
+        assert card_update["before"] == {t.card: "[masked]"}
+    if kind == "drop_column":
+        assert t.status not in image
+    for column, value in extra.items():
+        assert image[column] == value
+    assert delete["before"]["qty"] == 5 and delete["pk"] == {"id": 2, "region": "us"}
+
+    # history under the table's name now, and under its old name, is the whole story of row 1
+    story = threadline.history(conn, t.qualified, KEY)
+    assert [c.op for c in reversed(story)] == ["insert", "update", "update", "update"]
+    assert threadline.history(conn, old_qualified, KEY) == story
+
+    status = _status(conn, fn)
+    if env.mode == "typed" or kind == "alter_type":  # drift-safe code does not depend on types
+        assert status == "installed"
+    else:
+        assert status == "outdated"
+        assert next(t2.restore_command() for t2 in ddl.tracked_tables(conn) if t2.function_name == fn)
+        ddl.sync(conn)
+        assert _status(conn, fn) == "installed"
+        mark = _last_id(conn)
+        _q(
+            conn,
+            "UPDATE {} SET {} = %s, qty = 9 WHERE id = 1",
+            t.ident,
+            sql.Identifier(t.card),
+            params=[SECRET_1],
+        )
+        (synced,) = _changes(conn, mark)
+        assert set(synced["changed_fields"]) == {t.card, "qty"}
+        assert synced["after"][t.card] == "[masked]"
+    # options persist: tracking again without options keeps the mask and the exclusion
+    again = ddl.track(conn, t.qualified)
+    assert t.card in again.mask and t.search in again.exclude
+    _nothing_hidden_leaked(conn)
+    ddl.sync(conn)
+    _no_orphan_functions(conn)
+
+
+def test_partitions_attach_and_detach(env: Env) -> None:
+    conn = env.conn
+    s = f"part_{uuid.uuid4().hex[:6]}"
+    _q(conn, "CREATE SCHEMA {}", sql.Identifier(s))
+    conn.execute(
+        f"CREATE TABLE {s}.events (id int, at date, body text, token text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)"
+    )
+    conn.execute(
+        f"CREATE TABLE {s}.events_2020 PARTITION OF {s}.events FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')"
+    )
+    conn.execute(f"CREATE TABLE {s}.events_2021 (LIKE {s}.events INCLUDING ALL)")
+    ddl.track(conn, f"{s}.events", mask=["token"])
+    for in_tx in (True, False):
+        with conn.transaction() if in_tx else nullcontext():
+            conn.execute(
+                f"ALTER TABLE {s}.events ATTACH PARTITION {s}.events_2021 FOR VALUES FROM ('2021-01-01') TO ('2022-01-01')"
+            )
+            conn.execute(f"INSERT INTO {s}.events VALUES (1, '2021-03-01', 'a', %s)", [SECRET_1])
+            conn.execute(f"UPDATE {s}.events SET body = 'b' WHERE id = 1")
+            conn.execute(f"ALTER TABLE {s}.events DETACH PARTITION {s}.events_2021")
+            conn.execute(f"UPDATE {s}.events_2021 SET body = 'c' WHERE id = 1")  # not part of events now
+            conn.execute(f"DELETE FROM {s}.events_2021")
+    rows = [c for c in _changes(conn) if c["table_schema"] == s]
+    assert [(c["table_name"], c["op"]) for c in rows] == [("events", "insert"), ("events", "update")] * 2
+    assert all(c["after"]["token"] == "[masked]" for c in rows)
+    assert {t.status for t in ddl.tracked_tables(conn) if t.table_schema == s} == {"installed"}
+    _nothing_hidden_leaked(conn)
+
+
+def test_retracking_never_unmasks_and_changes_are_explicit(env: Env) -> None:
+    conn = env.conn
+    s = f"opts_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, card_number text, note text, api_key text)")
+    first = ddl.track(conn, f"{s}.orders", mask=["card_number"])
+    assert first.action == "tracked" and first.previous_mask is None
+    assert first.unprotected == ("api_key",)  # looks secret, neither masked nor excluded
+    again = ddl.track(conn, f"{s}.orders")  # what the docs say to run after a column change
+    assert again.mask == ("card_number",) and again.previous_mask == ("card_number",)
+    assert not again.options_changed
+    more = ddl.track(conn, f"{s}.orders", exclude=["api_key"])
+    assert (more.previous_exclude, more.exclude) == ((), ("api_key",)) and more.options_changed
+    assert more.mask == ("card_number",) and more.unprotected == ()
+    with pytest.raises(threadline.errors.InvalidTrackOption, match="cannot unmask note: not masked"):
+        ddl.track(conn, f"{s}.orders", unmask=["note"])
+    with pytest.raises(threadline.errors.InvalidTrackOption, match="look secret"):
+        ddl.track(conn, f"{s}.orders", include=["api_key"], strict=True)
+    assert ddl.track(conn, f"{s}.orders").exclude == ("api_key",)  # the refused call changed nothing
+    conn.execute(f"INSERT INTO {s}.orders VALUES (1, %s, 'n', 'k')", [SECRET_1])
+    unmasked = ddl.track(conn, f"{s}.orders", unmask=["card_number"])
+    assert unmasked.mask == () and unmasked.previous_mask == ("card_number",)
+    conn.execute(f"UPDATE {s}.orders SET card_number = 'now-visible' WHERE id = 1")
+    last = _changes(conn)[-1]
+    assert last["after"]["card_number"] == "now-visible" and "api_key" not in last["after"]
+    # the SQL API is the same path: options given there persist too
+    conn.execute(f"SELECT * FROM threadline.track('{s}.orders', mask => ARRAY['note'])")
+    assert ddl.track(conn, f"{s}.orders").mask == ("note",)
+
+
+def test_untrack_by_new_name_removes_the_function_and_old_name_says_where(env: Env) -> None:
+    conn = env.conn
+    s = f"ren_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, v int)")
+    ddl.track(conn, f"{s}.orders")
+    conn.execute(f"INSERT INTO {s}.orders VALUES (2, 1)")
+    conn.execute(f"ALTER TABLE {s}.orders RENAME TO orders_v2")
+    conn.execute(f"UPDATE {s}.orders_v2 SET v = 2")
+    assert [c.op for c in threadline.history(conn, f"{s}.orders_v2", 2)] == ["update", "insert"]
+    with pytest.raises(threadline.errors.UnknownTable, match=r"renamed to .*orders_v2"):
+        ddl.untrack(conn, f"{s}.orders")
+    assert ddl.untrack(conn, f"{s}.orders_v2")
+    assert not [t for t in ddl.tracked_tables(conn) if t.table_schema == s]
+    _no_orphan_functions(conn)
+    conn.execute(f"UPDATE {s}.orders_v2 SET v = 3")  # no longer captured, and nothing fails
+    assert len(threadline.history(conn, f"{s}.orders_v2", 2)) == 2
+
+
+def test_coverage_gates_on_drift_and_orphans(env: Env) -> None:
+    conn = env.conn
+    s = f"cov_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.a (id int PRIMARY KEY, v int)")
+    conn.execute(f"CREATE TABLE {s}.b (id int PRIMARY KEY, v int)")
+    ddl.track(conn, f"{s}.a")
+    ddl.track(conn, f"{s}.b")
+    conn.execute(f"ALTER TABLE {s}.a ADD COLUMN w int")
+    conn.execute(f"DROP TABLE {s}.b")
+    report = health.coverage(conn, schemas=[s])
+    statuses = {t.table_name: t.status for t in report.tables}
+    if env.mode == "typed":
+        assert statuses == {"a": "installed"} and report.ok
+    else:
+        assert statuses == {"a": "outdated", "b": "orphaned"} and not report.ok
+        assert any(f"threadline track {s}.a" in p for p in report.problems)
+        assert any("threadline sync" in p for p in report.problems)
+        ddl.sync(conn)
+        report = health.coverage(conn, schemas=[s])
+        assert {t.table_name: t.status for t in report.tables} == {"a": "installed"} and report.ok
+    _no_orphan_functions(conn)
+
+
+def test_a_dropped_key_column_never_fails_a_write(env: Env) -> None:
+    conn = env.conn
+    s = f"key_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.t (code text, id int PRIMARY KEY, v int)")
+    ddl.track(conn, f"{s}.t", keys=["code"])
+    conn.execute(f"INSERT INTO {s}.t VALUES ('x', 1, 1)")
+    conn.execute(f"ALTER TABLE {s}.t DROP COLUMN code")
+    conn.execute(f"UPDATE {s}.t SET v = 2")  # the write succeeds; its key is unknown now
+    last = _changes(conn)[-1]
+    assert last["op"] == "update" and last["pk"] == {"code": None}
+    (entry,) = [t for t in ddl.tracked_tables(conn) if t.table_schema == s]
+    assert entry.status == "outdated" and "code" in (entry.detail or "")
+    ddl.track(conn, f"{s}.t", keys=[])  # back to the primary key
+    conn.execute(f"UPDATE {s}.t SET v = 3")
+    assert _changes(conn)[-1]["pk"] == {"id": 1}
+    assert _changes(conn)[-1]["after"] == {"id": 1, "v": 3}

@@ -1,0 +1,1189 @@
+-- threadline audit schema, version 7
+CREATE SCHEMA IF NOT EXISTS @audit@;
+
+CREATE TABLE IF NOT EXISTS @audit@.schema_version (
+    version integer PRIMARY KEY,
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS @audit@.actions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL,
+    actor jsonb,
+    status text NOT NULL DEFAULT 'ok',
+    verb text,
+    category text,
+    reason text,
+    comment text,
+    correlation_id text,
+    request_id text,
+    job_id text,
+    meta jsonb,
+    inserted_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS @audit@.transactions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    occurred_at timestamptz NOT NULL DEFAULT now(),
+    actor jsonb,
+    correlation_id text,
+    request_id text,
+    causation_id text,
+    origin text,
+    job jsonb,
+    action_id bigint,
+    meta jsonb,
+    context_error text
+);
+COMMENT ON COLUMN @audit@.transactions.context_error IS
+    'Why the context set for this transaction was refused (NULL when it was valid or absent).';
+
+-- Keyed by (transaction_id, id): one btree serves "the changes of a transaction, in order" and
+-- uniqueness, and its keys are distinct (a btree on transaction_id alone pays for deduplicating
+-- the equal keys of a bulk statement's rows).
+CREATE TABLE IF NOT EXISTS @audit@.changes (
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    transaction_id bigint NOT NULL,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    pk jsonb,
+    after jsonb,
+    before jsonb,
+    changed_fields text[],
+    captured_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (transaction_id, id)
+);
+-- versions before 3 keyed changes by id, with a separate index on transaction_id
+DO $upgrade$
+BEGIN
+    IF (SELECT array_length(conkey, 1) FROM pg_constraint
+         WHERE conrelid = '@audit@.changes'::regclass AND contype = 'p') = 1 THEN
+        ALTER TABLE @audit@.changes DROP CONSTRAINT changes_pkey,
+            ADD PRIMARY KEY (transaction_id, id);
+    END IF;
+END
+$upgrade$;
+DROP INDEX IF EXISTS @audit@.changes_transaction_id_idx;
+-- Versions before 6 checked op with a CHECK constraint. Only the capture functions (as the owner)
+-- write changes, always with one of 'insert', 'update', 'delete', 'truncate'; PostgreSQL rebuilt
+-- the check's expression from its stored text for every captured statement.
+ALTER TABLE @audit@.changes DROP CONSTRAINT IF EXISTS changes_op_check;
+
+CREATE INDEX IF NOT EXISTS transactions_correlation_id_idx
+    ON @audit@.transactions (correlation_id) WHERE correlation_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS transactions_actor_idx
+    ON @audit@.transactions ((actor ->> 'type'), (actor ->> 'id'), occurred_at)
+    WHERE actor IS NOT NULL;
+CREATE INDEX IF NOT EXISTS transactions_occurred_at_idx
+    ON @audit@.transactions USING brin (occurred_at);
+CREATE INDEX IF NOT EXISTS changes_row_idx
+    ON @audit@.changes USING hash (pk);
+CREATE INDEX IF NOT EXISTS changes_captured_at_idx
+    ON @audit@.changes USING brin (captured_at);
+-- as_of() looks for a truncate between a row's last change and the time asked; only truncate
+-- changes enter this index, so capture of ordinary rows does not pay for it
+CREATE INDEX IF NOT EXISTS changes_truncate_idx
+    ON @audit@.changes (table_schema, table_name, captured_at) WHERE op = 'truncate';
+CREATE INDEX IF NOT EXISTS actions_correlation_id_idx
+    ON @audit@.actions (correlation_id) WHERE correlation_id IS NOT NULL;
+
+DROP FUNCTION IF EXISTS @audit@.valid_text(jsonb);
+-- version 1 decoded the context text in one PL/pgSQL function
+DROP FUNCTION IF EXISTS @audit@.decode_context(text);
+
+-- Parse the context text. Never raises: a value that is too large or not JSON yields a reason.
+CREATE OR REPLACE FUNCTION @audit@.parse_context(raw text, OUT j jsonb, OUT err text)
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+BEGIN
+    IF raw <> '' THEN
+        IF octet_length(raw) > 16384 THEN
+            err := 'context is larger than 16384 bytes';
+        ELSE
+            BEGIN
+                j := raw::jsonb;
+            EXCEPTION WHEN others THEN
+                err := 'context is not valid JSON';
+            END;
+        END IF;
+    END IF;
+END
+$fn$;
+
+-- Validate a parsed context and split it into the transaction row's fields. A bad value yields
+-- NULL fields and a reason in context_error, so it can neither block the write nor become a
+-- wrong actor. One SQL statement that PostgreSQL inlines into its caller's cached plan.
+CREATE OR REPLACE FUNCTION @audit@.decode_context(j jsonb, parse_error text)
+RETURNS TABLE (actor jsonb, correlation_id text, request_id text, causation_id text, origin text,
+               job jsonb, meta jsonb, context_error text)
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT CASE WHEN s.err IS NULL THEN s.j -> 'actor' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'correlation_id' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'request_id' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'causation_id' END,
+           CASE WHEN s.err IS NULL THEN s.j ->> 'origin' END,
+           CASE WHEN s.err IS NULL THEN s.j -> 'job' END,
+           CASE WHEN s.err IS NULL THEN s.j -> 'meta' END,
+           -- the application refused a context it received (a Celery header, another carrier):
+           -- the work ran without it, and its transactions say so
+           CASE WHEN s.err IS NULL AND s.j ? 'incoming_error'
+                THEN 'incoming: ' || (s.j ->> 'incoming_error') ELSE s.err END
+      FROM (SELECT j, CASE
+            WHEN parse_error IS NOT NULL THEN parse_error
+            WHEN j IS NULL THEN NULL
+            WHEN jsonb_typeof(j) <> 'object' THEN 'context is not a JSON object'
+            WHEN j -> 'v' IS DISTINCT FROM '1'::jsonb THEN 'context version is missing or unsupported'
+            WHEN (j - ARRAY['v', 'actor', 'correlation_id', 'request_id', 'causation_id', 'origin',
+                            'job', 'meta', 'incoming_error']) <> '{}'::jsonb
+                THEN 'context has unknown fields'
+            WHEN NOT coalesce(jsonb_path_match(j,  E'(!exists($.correlation_id) || ($.correlation_id.type() == "string" && $.correlation_id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.request_id) || ($.request_id.type() == "string" && $.request_id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.causation_id) || ($.causation_id.type() == "string" && $.causation_id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.origin) || ($.origin.type() == "string" && $.origin like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.incoming_error) || ($.incoming_error.type() == "string" && $.incoming_error like_regex "^[^\\u0001-\\u001f\\u007f]+$"))', '{}', true), false)
+                 OR greatest(length(j ->> 'correlation_id'), length(j ->> 'request_id'),
+                             length(j ->> 'causation_id'), length(j ->> 'origin'),
+                             length(j ->> 'incoming_error')) > 256
+                THEN 'context has an invalid id or origin'
+            WHEN NOT coalesce(jsonb_path_match(j, '(!exists($.job) || $.job.type() == "object") && (!exists($.meta) || $.meta.type() == "object")', '{}', true), false)
+                THEN 'context job or meta is not an object'
+            WHEN NOT coalesce(jsonb_path_match(j,  E'!exists($.actor) || ($.actor.type() == "object" && $.actor.type.type() == "string" && $.actor.type like_regex "^[a-z][a-z0-9_]*$" && (!exists($.actor.id) || ($.actor.id.type() == "string" && $.actor.id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.actor.display) || ($.actor.display.type() == "string" && $.actor.display like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (exists($.actor.id) || $.actor.type == "anonymous"))', '{}', true), false)
+                 OR (j ? 'actor' AND (((j -> 'actor') - ARRAY['type', 'id', 'display']) <> '{}'::jsonb
+                                      OR length(j -> 'actor' ->> 'type') > 32
+                                      OR greatest(length(j -> 'actor' ->> 'id'),
+                                                  length(j -> 'actor' ->> 'display')) > 256))
+                THEN 'context actor is invalid'
+            END AS err OFFSET 0) AS s
+$fn$;
+
+-- The id cached by this transaction's first capture, parsed from "<id>/<xid>", or NULL when the
+-- setting is unset, malformed or names another transaction's xid. Never raises. The capture code
+-- still checks the row (id and xid) before using it, so a value set by hand cannot attach changes
+-- to another transaction's row or to none.
+CREATE OR REPLACE FUNCTION @audit@.cached_transaction_id() RETURNS bigint
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT CASE WHEN split_part(current_setting('threadline.tx_@audit_name@', true), '/', 2) = pg_current_xact_id()::text
+                 AND split_part(current_setting('threadline.tx_@audit_name@', true), '/', 1) ~ '^[0-9]+$'
+                 AND length(split_part(current_setting('threadline.tx_@audit_name@', true), '/', 1)) <= 18
+                THEN split_part(current_setting('threadline.tx_@audit_name@', true), '/', 1)::bigint END
+$fn$;
+
+-- A new transactions row for the current database transaction, from the context setting, with
+-- "<id>/<xid>" cached in a transaction-local setting for the statements that follow. Only the
+-- schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture functions, and
+-- link_action() through transaction_id(), call it as the owner (they are SECURITY DEFINER with a
+-- pinned search_path), so
+-- an application role that may not write the audit tables still gets its transactions recorded.
+-- It is not SECURITY DEFINER itself, and it parses the context inline rather than through
+-- parse_context(): each extra PL/pgSQL call and search_path switch is paid once per audited
+-- transaction. The capture functions call it only after their own lookup of the cached row found
+-- none; anything else calls transaction_id().
+CREATE OR REPLACE FUNCTION @audit@.transaction_row() RETURNS bigint
+LANGUAGE plpgsql SECURITY INVOKER AS $fn$
+DECLARE
+    raw text := coalesce(current_setting('threadline.context', true), '');
+    j jsonb;
+    err text;
+    new_id bigint;
+BEGIN
+    IF raw <> '' THEN
+        IF octet_length(raw) > 16384 THEN
+            err := 'context is larger than 16384 bytes';
+        ELSE
+            BEGIN
+                j := raw::jsonb;
+            EXCEPTION WHEN others THEN
+                err := 'context is not valid JSON';
+            END;
+        END IF;
+    END IF;
+    -- The checks of decode_context() as one condition: a context that passes them all (the usual
+    -- case) is stored without building the statement that names the failed check, which costs
+    -- more than the checks themselves; any other value goes through decode_context().
+    IF err IS NULL AND jsonb_typeof(j) = 'object' AND j -> 'v' = '1'::jsonb
+       AND coalesce(jsonb_path_match(j,  E'((!exists($.correlation_id) || ($.correlation_id.type() == "string" && $.correlation_id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.request_id) || ($.request_id.type() == "string" && $.request_id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.causation_id) || ($.causation_id.type() == "string" && $.causation_id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.origin) || ($.origin.type() == "string" && $.origin like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.incoming_error) || ($.incoming_error.type() == "string" && $.incoming_error like_regex "^[^\\u0001-\\u001f\\u007f]+$"))) && ((!exists($.job) || $.job.type() == "object") && (!exists($.meta) || $.meta.type() == "object")) && (!exists($.actor) || ($.actor.type() == "object" && $.actor.type.type() == "string" && $.actor.type like_regex "^[a-z][a-z0-9_]*$" && (!exists($.actor.id) || ($.actor.id.type() == "string" && $.actor.id like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (!exists($.actor.display) || ($.actor.display.type() == "string" && $.actor.display like_regex "^[^\\u0001-\\u001f\\u007f]+$")) && (exists($.actor.id) || $.actor.type == "anonymous")))', '{}', true), false)
+       AND (j - ARRAY['v', 'actor', 'correlation_id', 'request_id', 'causation_id', 'origin',
+                      'job', 'meta', 'incoming_error']) = '{}'::jsonb
+       AND coalesce(greatest(length(j ->> 'correlation_id'), length(j ->> 'request_id'),
+                             length(j ->> 'causation_id'), length(j ->> 'origin'),
+                             length(j ->> 'incoming_error')) <= 256, true)
+       AND (NOT j ? 'actor'
+            OR (((j -> 'actor') - ARRAY['type', 'id', 'display']) = '{}'::jsonb
+                AND length(j -> 'actor' ->> 'type') <= 32
+                AND coalesce(greatest(length(j -> 'actor' ->> 'id'),
+                                      length(j -> 'actor' ->> 'display')) <= 256, true))) THEN
+        INSERT INTO @audit@.transactions
+            (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
+        VALUES (j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
+                j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'))
+        RETURNING id INTO new_id;
+    ELSIF raw = '' THEN
+        INSERT INTO @audit@.transactions DEFAULT VALUES RETURNING id INTO new_id;
+    ELSE
+        INSERT INTO @audit@.transactions
+            (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
+        SELECT d.actor, d.correlation_id, d.request_id, d.causation_id, d.origin, d.job, d.meta,
+               d.context_error
+          FROM @audit@.decode_context(j, err) AS d
+        RETURNING id INTO new_id;
+    END IF;
+    PERFORM set_config('threadline.tx_@audit_name@', new_id::text || '/' || pg_current_xact_id()::text, true),
+            set_config('threadline.txctx_@audit_name@', raw, true);
+    RETURN new_id;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.transaction_row() FROM PUBLIC;
+
+-- The transactions row of the current database transaction, created on first use; the id cached
+-- by an earlier statement is used only after checking the row (id and xid), so a value set by
+-- hand cannot attach changes to another transaction's row.
+CREATE OR REPLACE FUNCTION @audit@.transaction_id() RETURNS bigint
+LANGUAGE plpgsql SECURITY INVOKER AS $fn$
+DECLARE
+    found_id bigint;
+BEGIN
+    SELECT t.id INTO found_id FROM @audit@.transactions AS t
+     WHERE t.id = @audit@.cached_transaction_id() AND t.xid = pg_current_xact_id();
+    IF FOUND THEN
+        RETURN found_id;
+    END IF;
+    RETURN @audit@.transaction_row();
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.transaction_id() FROM PUBLIC;
+
+-- Capture functions of versions 2 and 3 call this name.
+CREATE OR REPLACE FUNCTION @audit@.current_transaction_id() RETURNS bigint
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT @audit@.transaction_id()
+$fn$;
+
+-- At commit: if the context was changed after the transaction row was written, the last value
+-- set wins. Rewrites the current transaction's row only (its id and xid must match), as the owner;
+-- callable by anyone, since all it can do is what setting the context before the first write
+-- would have done.
+CREATE OR REPLACE FUNCTION @audit@.apply_context_change(tx bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    raw text := coalesce(current_setting('threadline.context', true), '');
+BEGIN
+    UPDATE @audit@.transactions AS t
+       SET actor = d.actor, correlation_id = d.correlation_id, request_id = d.request_id,
+           causation_id = d.causation_id, origin = d.origin, job = d.job, meta = d.meta,
+           context_error = d.context_error
+      FROM @audit@.parse_context(raw) AS p, @audit@.decode_context(p.j, p.err) AS d
+     WHERE t.id = tx AND t.xid = pg_current_xact_id();
+    PERFORM set_config('threadline.txctx_@audit_name@', raw, true);
+END
+$fn$;
+GRANT EXECUTE ON FUNCTION @audit@.apply_context_change(bigint) TO PUBLIC;
+
+-- The commit-time check, fired by a deferred trigger as the committing role. It only compares two
+-- settings, so it needs neither the owner's rights nor a pinned search_path (whatever a caller's
+-- path resolves here runs with the caller's own rights); the rare rewrite is the owner's function
+-- above.
+CREATE OR REPLACE FUNCTION @audit@.refresh_transaction_context() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER AS $fn$
+BEGIN
+    IF coalesce(current_setting('threadline.context', true), '')
+           IS DISTINCT FROM current_setting('threadline.txctx_@audit_name@', true) THEN
+        PERFORM @audit@.apply_context_change(NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- Link an action to the current transaction's row (only that row, only once): what an
+-- application role without UPDATE on the audit tables calls to record a linked action.
+CREATE OR REPLACE FUNCTION @audit@.link_action(action bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    tx bigint := @audit@.transaction_id();
+BEGIN
+    UPDATE @audit@.transactions SET action_id = action WHERE id = tx AND action_id IS NULL;
+    RETURN tx;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS refresh_context ON @audit@.transactions;
+CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON @audit@.transactions
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    EXECUTE FUNCTION @audit@.refresh_transaction_context();
+
+
+-- Tracking: the registry of tracked tables and the one generator of capture code.
+--
+-- Every tracked table has a row in tracked_tables: its identity (relid, a regclass, so it follows
+-- renames and dump/restore), the options it was tracked with, the columns the code was generated
+-- from (by attnum, so renamed columns are recognised) and the fingerprint of the generated DDL.
+-- track(), untrack(), sync() and the DDL event triggers all generate capture code through
+-- render_capture(), from that row alone.
+--
+-- Two shapes of capture code, rendered by the same function:
+--   typed       columns are read from the transition tables by name; the cheapest, and kept in
+--               step with every ALTER TABLE by the event triggers (installed by a superuser).
+--   drift_safe  rows are read as jsonb only; an ALTER TABLE can never make it fail, masks and
+--               excludes apply by name to columns added later, and when a masked or excluded
+--               column disappears (dropped, or renamed) every column the code does not know is
+--               masked until the table is synced. Used where event triggers cannot be created.
+
+CREATE TABLE IF NOT EXISTS @audit@.tracked_tables (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relid regclass NOT NULL,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    function_name text NOT NULL UNIQUE,
+    keys text[] NOT NULL DEFAULT '{}',
+    exclude text[] NOT NULL DEFAULT '{}',
+    mask text[] NOT NULL DEFAULT '{}',
+    key_columns text[] NOT NULL DEFAULT '{}',
+    columns jsonb NOT NULL DEFAULT '[]',
+    mode text NOT NULL,
+    capture_version integer NOT NULL,
+    fingerprint text NOT NULL,
+    tracked_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE @audit@.tracked_tables IS
+    'One row per tracked table: the source of truth for its capture code.';
+COMMENT ON COLUMN @audit@.tracked_tables.keys IS
+    'Key columns given by the user; empty: the table''s primary key (key_columns: as generated).';
+COMMENT ON COLUMN @audit@.tracked_tables.columns IS
+    'The columns the capture code was generated from: [[attnum, name, type], ...].';
+CREATE UNIQUE INDEX IF NOT EXISTS tracked_tables_relid_idx ON @audit@.tracked_tables (relid);
+
+-- Every name a tracked table has had, so history asked under any of them finds all of its changes.
+-- Kept when the table is untracked or dropped (its audit rows stay, under those names); a table
+-- tracked again under one of them takes its earlier names back.
+CREATE TABLE IF NOT EXISTS @audit@.tracked_table_names (
+    tracked_id bigint NOT NULL,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    first_seen timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tracked_id, table_schema, table_name)
+);
+CREATE INDEX IF NOT EXISTS tracked_table_names_name_idx
+    ON @audit@.tracked_table_names (table_name, table_schema);
+
+-- Columns of a table in order, and whether the capture code may compare them with = in
+-- pg_catalog (base or enum types with a default btree operator class there); others are
+-- compared by their text form.
+CREATE OR REPLACE FUNCTION @audit@.table_columns(rel regclass)
+RETURNS TABLE (attnum integer, name text, type text, by_text boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE cols AS (
+        SELECT a.attnum, a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod) AS shown
+          FROM pg_attribute a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+    ), base AS (
+        -- follow domains and arrays down to the type whose equality decides
+        SELECT cols.attnum, cols.atttypid AS t, 0 AS depth FROM cols
+        UNION ALL
+        SELECT b.attnum, CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE ty.typelem END, b.depth + 1
+          FROM base b JOIN pg_type ty ON ty.oid = b.t
+         WHERE (ty.typtype = 'd' OR (ty.typelem <> 0 AND ty.typlen = -1)) AND b.depth < 8
+    )
+    SELECT c.attnum::integer, c.attname::text, c.shown,
+           NOT coalesce((SELECT ty.typtype IN ('b', 'e') AND tn.nspname = 'pg_catalog'
+                           AND EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+                                        WHERE am.amname = 'btree' AND oc.opcdefault
+                                          AND (oc.opcintype = ty.oid
+                                               OR (ty.typtype = 'e' AND oc.opcintype = 'anyenum'::regtype)))
+                           FROM base b JOIN pg_type ty ON ty.oid = b.t
+                           JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+                          WHERE b.attnum = c.attnum
+                          ORDER BY b.depth DESC LIMIT 1), false)
+      FROM cols c
+     ORDER BY c.attnum
+$fn$;
+
+CREATE OR REPLACE FUNCTION @audit@.primary_key_columns(rel regclass) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}')
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary
+$fn$;
+
+-- True when this schema's DDL event triggers exist and fire: capture code may then be typed.
+CREATE OR REPLACE FUNCTION @audit@.follows_ddl() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT count(*) = 2 FROM pg_event_trigger
+     WHERE evtname IN ('@audit_name@_follow_ddl', '@audit_name@_follow_drop') AND evtenabled <> 'D'
+$fn$;
+
+-- Masks every key of j not in known: what drift-safe code records while a masked or excluded
+-- column it knew is missing (it may have been renamed to one of the unknown keys).
+CREATE OR REPLACE FUNCTION @audit@.mask_unknown(j jsonb, known text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT j || coalesce((SELECT jsonb_object_agg(k, '[masked]'::text)
+                            FROM jsonb_object_keys(j) AS k WHERE k <> ALL (known)), '{}')
+$fn$;
+
+-- Column names that look like secrets (documented in docs/capture.md).
+CREATE OR REPLACE FUNCTION @audit@.looks_sensitive(col text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT lower(col) ~ '(password|passwd|passphrase|secret|token|api_?key|private_?key|jwt|otp_?seed|(^|_)(pwd|pin|ssn|sin|cvv|cvc|iban|card|salt|credential|credentials)(_|$)|card_?number|social_security)'
+$fn$;
+
+-- The complete capture DDL for one table (function and four triggers), and its fingerprint.
+-- Deterministic: the same table, options and mode give the same text. Problems (a key column
+-- that does not exist, a reserved column name) are returned instead of raised, so callers decide.
+CREATE OR REPLACE FUNCTION @audit@.render_capture(
+    rel regclass, fn text, keys text[], exclude text[], mask text[], typed boolean,
+    OUT ddl text, OUT fingerprint text, OUT columns jsonb, OUT key_columns text[], OUT problem text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    audit constant text := '@audit_name@';
+    cols record;
+    names text[] := '{}';
+    by_text boolean[] := '{}';
+    tracked text[] := '{}';
+    present_mask text[];
+    guard text[];
+    i integer;
+    o text := '"threadline old"';
+    n text := '"threadline new"';
+    txid text;
+    pk text;
+    pk_parts text[] := '{}';
+    pk_old_parts text[] := '{}';
+    pk_old text;
+    dropped text[] := '{}';
+    side text;
+    changed text[] := '{}';
+    distinct_any text[] := '{}';
+    same text;
+    diff text;
+    before text;
+    after_update text;
+    image_ins text;
+    image_del text;
+    side_old text;
+    side_new text;
+    any_changed text;
+    body text;
+    tbl text;
+    tag text := '$threadline$';
+    k integer := 0;
+    cv constant integer := 7;
+BEGIN
+    SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
+           array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
+      INTO columns, names, by_text
+      FROM @audit@.table_columns(rel) AS c;
+    columns := coalesce(columns, '[]');
+    names := coalesce(names, '{}');
+    IF names && ARRAY['threadline old', 'threadline new', 'threadline rn', 'threadline row', 'threadline raw'] THEN
+        problem := 'a column name starting with "threadline " is reserved';
+        RETURN;
+    END IF;
+    key_columns := CASE WHEN cardinality(keys) > 0 THEN keys ELSE @audit@.primary_key_columns(rel) END;
+    IF cardinality(key_columns) = 0 THEN
+        problem := 'no primary key';
+        RETURN;
+    END IF;
+    IF typed AND NOT key_columns <@ names THEN
+        problem := 'key column(s) ' || array_to_string(ARRAY(SELECT unnest(key_columns) EXCEPT SELECT unnest(names) ORDER BY 1), ', ') || ' not found';
+        RETURN;
+    END IF;
+    FOR i IN 1 .. cardinality(names) LOOP
+        IF names[i] <> ALL (exclude) THEN
+            tracked := tracked || names[i];
+        END IF;
+    END LOOP;
+    present_mask := ARRAY(SELECT m FROM unnest(mask) AS m WHERE m = ANY (names) AND m <> ALL (exclude) ORDER BY m);
+    txid := format('(SELECT coalesce((SELECT t.id FROM %1$I.transactions AS t'
+                   ' WHERE t.id = %1$I.cached_transaction_id() AND t.xid = pg_current_xact_id()),'
+                   ' %1$I.transaction_row()))', audit);
+
+    IF typed THEN
+        FOR i IN 1 .. cardinality(names) LOOP
+            IF names[i] <> ALL (exclude) THEN
+                IF by_text[i] THEN
+                    same := format('%1$s.%3$I::text IS NOT DISTINCT FROM %2$s.%3$I::text', o, n, names[i]);
+                    diff := format('%1$s.%3$I::text IS DISTINCT FROM %2$s.%3$I::text', o, n, names[i]);
+                ELSE
+                    same := format('%1$s.%3$I IS NOT DISTINCT FROM %2$s.%3$I', o, n, names[i]);
+                    diff := format('%1$s.%3$I IS DISTINCT FROM %2$s.%3$I', o, n, names[i]);
+                END IF;
+                dropped := dropped || format('CASE WHEN %s THEN %L END', same, names[i]);
+                changed := changed || format('CASE WHEN %s THEN %L END', diff, names[i]);
+                distinct_any := distinct_any || diff;
+            END IF;
+        END LOOP;
+        FOREACH same IN ARRAY key_columns LOOP
+            pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
+            pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
+        END LOOP;
+        pk := 'jsonb_build_object(' || array_to_string(pk_parts, ', ') || ')';
+        pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
+        -- to_jsonb(row) without the helper and excluded keys, masked values replaced
+        image_ins := format('to_jsonb(%s)', n);
+        image_del := format('to_jsonb(%s)', o);
+        after_update := format('to_jsonb(%s)', n);
+        IF cardinality(exclude) > 0 THEN
+            image_ins := format('(%s - %L::text[])', image_ins, exclude);
+            image_del := format('(%s - %L::text[])', image_del, exclude);
+        END IF;
+        after_update := format('(%s - %L::text[])', after_update, ARRAY['threadline rn'] || exclude);
+        IF cardinality(present_mask) > 0 THEN
+            same := format('%L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text);
+            image_ins := format('(%s || %s)', image_ins, same);
+            image_del := format('(%s || %s)', image_del, same);
+            after_update := format('(%s || %s)', after_update, same);
+        END IF;
+        before := format('(to_jsonb(%s) - ARRAY[%s]::text[])', o,
+                         array_to_string(ARRAY(SELECT quote_literal(x) FROM unnest(ARRAY['threadline rn'] || exclude) AS x) || dropped, ', '));
+        FOREACH same IN ARRAY present_mask LOOP
+            i := array_position(names, same);
+            diff := CASE WHEN by_text[i] THEN format('%1$s.%3$I::text IS DISTINCT FROM %2$s.%3$I::text', o, n, same)
+                         ELSE format('%1$s.%3$I IS DISTINCT FROM %2$s.%3$I', o, n, same) END;
+            before := format('(%s || CASE WHEN %s THEN %L::jsonb ELSE ''{}''::jsonb END)', before, diff,
+                             jsonb_build_object(same, '[masked]'::text)::text);
+        END LOOP;
+        side_old := format('(SELECT row_number() OVER () AS "threadline rn", "threadline row".* FROM threadline_old AS "threadline row") AS %s', o);
+        side_new := format('(SELECT row_number() OVER () AS "threadline rn", "threadline row".* FROM threadline_new AS "threadline row") AS %s', n);
+        any_changed := array_to_string(distinct_any, ' OR ');
+        body := concat_ws(E'\n',
+            'BEGIN',
+            '  IF TG_OP = ''UPDATE'' THEN',
+            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
+            format('           %s, %s, %s,', pk, after_update, before),
+            format('           array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')),
+            format('      FROM %s', side_old),
+            format('      JOIN %s ON %s."threadline rn" = %s."threadline rn"', side_new, o, n),
+            format('     WHERE %s;', any_changed),
+            '  ELSIF TG_OP = ''INSERT'' THEN',
+            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
+            format('      FROM threadline_new AS %s;', n),
+            '  ELSIF TG_OP = ''DELETE'' THEN',
+            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
+            format('      FROM threadline_old AS %s;', o));
+    ELSE
+        -- drift-safe: every column is read from to_jsonb(row) (alias.j), by key
+        FOREACH same IN ARRAY tracked LOOP
+            dropped := dropped || format('CASE WHEN %1$s.j -> %3$L IS NOT DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
+            changed := changed || format('CASE WHEN %1$s.j -> %3$L IS DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
+        END LOOP;
+        FOREACH same IN ARRAY key_columns LOOP
+            pk_parts := pk_parts || format('%L, %s.j -> %L', same, n, same);
+            pk_old_parts := pk_old_parts || format('%L, %s.j -> %L', same, o, same);
+        END LOOP;
+        pk := 'jsonb_build_object(' || array_to_string(pk_parts, ', ') || ')';
+        pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
+        -- masks by name, for any column that has the name now (jsonb_set without create)
+        image_ins := CASE WHEN cardinality(exclude) > 0 THEN format('(%s.j - %L::text[])', n, exclude) ELSE n || '.j' END;
+        image_del := CASE WHEN cardinality(exclude) > 0 THEN format('(%s.j - %L::text[])', o, exclude) ELSE o || '.j' END;
+        before := format('(%s.j - ARRAY[%s]::text[])', o,
+                         array_to_string(ARRAY(SELECT quote_literal(x) FROM unnest(exclude) AS x) || dropped, ', '));
+        FOREACH same IN ARRAY ARRAY(SELECT DISTINCT m FROM unnest(mask) AS m WHERE m <> ALL (exclude) ORDER BY m) LOOP
+            image_ins := format('jsonb_set(%s, %L, ''"[masked]"'', false)', image_ins, ARRAY[same]);
+            image_del := format('jsonb_set(%s, %L, ''"[masked]"'', false)', image_del, ARRAY[same]);
+            before := format('jsonb_set(%s, %L, ''"[masked]"'', false)', before, ARRAY[same]);
+        END LOOP;
+        -- a masked or excluded column that was known and is gone may have been renamed: then every
+        -- column the code does not know is masked until the table is synced
+        guard := ARRAY(SELECT x FROM unnest(mask || exclude) AS x WHERE x = ANY (names) ORDER BY x);
+        after_update := image_ins;
+        IF cardinality(guard) > 0 THEN
+            image_ins := format('CASE WHEN %1$s.j ?& %2$L::text[] THEN %3$s ELSE %4$I.mask_unknown(%3$s, %5$L::text[]) END',
+                                n, guard, image_ins, audit, names);
+            image_del := format('CASE WHEN %1$s.j ?& %2$L::text[] THEN %3$s ELSE %4$I.mask_unknown(%3$s, %5$L::text[]) END',
+                                o, guard, image_del, audit, names);
+            after_update := image_ins;
+            before := format('CASE WHEN %1$s.j ?& %2$L::text[] THEN %3$s ELSE %4$I.mask_unknown(%3$s, %5$L::text[]) END',
+                             o, guard, before, audit, names);
+        END IF;
+        side_old := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row") AS j FROM threadline_old AS "threadline row") AS %s', o);
+        side_new := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row") AS j FROM threadline_new AS "threadline row") AS %s', n);
+        any_changed := CASE WHEN cardinality(exclude) > 0
+                            THEN format('(%1$s.j - %3$L::text[]) IS DISTINCT FROM (%2$s.j - %3$L::text[])', o, n, exclude)
+                            ELSE format('%1$s.j IS DISTINCT FROM %2$s.j', o, n) END;
+        body := concat_ws(E'\n',
+            'BEGIN',
+            '  IF TG_OP = ''UPDATE'' THEN',
+            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
+            format('           %s, %s, %s,', pk, after_update, before),
+            format('           array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')),
+            format('      FROM %s', side_old),
+            format('      JOIN %s ON %s.rn = %s.rn', side_new, o, n),
+            format('     WHERE %s;', any_changed),
+            '  ELSIF TG_OP = ''INSERT'' THEN',
+            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
+            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_new AS "threadline row") AS %s;', n),
+            '  ELSIF TG_OP = ''DELETE'' THEN',
+            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
+            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_old AS "threadline row") AS %s;', o));
+    END IF;
+    body := concat_ws(E'\n', body,
+        '  ELSIF TG_OP = ''TRUNCATE'' THEN',
+        format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op)', audit),
+        format('    VALUES (%I.transaction_id(), TG_TABLE_SCHEMA, TG_TABLE_NAME, ''truncate'');', audit),
+        '  END IF;',
+        '  RETURN NULL;',
+        'END', '');
+    WHILE strpos(body, tag) > 0 LOOP
+        k := k + 1;
+        tag := '$threadline' || k || '$';
+    END LOOP;
+    SELECT format('%I.%I', nc.nspname, c.relname) INTO tbl
+      FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
+    ddl := concat_ws(E';\n',
+        format(E'-- threadline capture v%s (%s)\nCREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql\nSECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %s\n%s%s',
+               cv, CASE WHEN typed THEN 'typed' ELSE 'drift_safe' END, audit, fn, tag, body, tag),
+        format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
+               format('threadline capture code, generated from %I.tracked_tables', audit)),
+        format('REVOKE EXECUTE ON FUNCTION %I.%I() FROM PUBLIC', audit, fn),
+        format('CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS threadline_new FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', audit || '_capture_insert', tbl, audit, fn),
+        format('CREATE OR REPLACE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS threadline_old NEW TABLE AS threadline_new FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', audit || '_capture_update', tbl, audit, fn),
+        format('CREATE OR REPLACE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS threadline_old FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', audit || '_capture_delete', tbl, audit, fn),
+        format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', audit || '_capture_truncate', tbl, audit, fn)) || E';\n';
+    fingerprint := left(encode(sha256(convert_to(ddl, 'UTF8')), 'hex'), 32);
+END
+$fn$;
+
+-- Options of a registry row carried across renamed columns: a column renamed since the code was
+-- generated (same attnum, new name) keeps its mask or exclusion under the new name (and the old
+-- name stays listed, so a column added later with it is covered too); given keys follow it.
+CREATE OR REPLACE FUNCTION @audit@.follow_renamed_columns(
+    entry @audit@.tracked_tables, OUT keys text[], OUT exclude text[], OUT mask text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    r record;
+BEGIN
+    keys := entry.keys;
+    exclude := entry.exclude;
+    mask := entry.mask;
+    FOR r IN
+        SELECT (old.c ->> 1) AS old_name, now.name AS new_name
+          FROM jsonb_array_elements(entry.columns) AS old(c)
+          JOIN @audit@.table_columns(entry.relid) AS now ON now.attnum = (old.c ->> 0)::integer
+         WHERE now.name <> (old.c ->> 1)
+    LOOP
+        keys := array_replace(keys, r.old_name, r.new_name);
+        IF r.old_name = ANY (exclude) AND r.new_name <> ALL (exclude) THEN
+            exclude := exclude || r.new_name;
+        END IF;
+        IF r.old_name = ANY (mask) AND r.new_name <> ALL (mask) THEN
+            mask := mask || r.new_name;
+        END IF;
+    END LOOP;
+    exclude := ARRAY(SELECT DISTINCT x FROM unnest(exclude) AS x ORDER BY x);
+    mask := ARRAY(SELECT DISTINCT x FROM unnest(mask) AS x ORDER BY x);
+END
+$fn$;
+
+-- Bring one registry row's capture code in step with its table: follow renamed columns and a
+-- renamed table, regenerate when the DDL would differ (or a trigger or the function is missing).
+-- typed NULL: typed when the event triggers follow DDL. Returns 'orphaned', 'unchanged' or
+-- 'regenerated'; raises when the code cannot be generated (e.g. the key column was dropped).
+CREATE OR REPLACE FUNCTION @audit@.regenerate(entry_id bigint, typed boolean DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    entry @audit@.tracked_tables;
+    opts record;
+    r record;
+    live record;
+    complete boolean;
+BEGIN
+    SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'orphaned';
+    END IF;
+    SELECT n.nspname::text AS table_schema, c.relname::text AS table_name INTO live
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = entry.relid AND c.relkind IN ('r', 'p');
+    IF NOT FOUND THEN
+        RETURN 'orphaned';
+    END IF;
+    SELECT * INTO opts FROM @audit@.follow_renamed_columns(entry);
+    -- a primary key that was dropped: keep identifying rows by the columns last used
+    SELECT * INTO r FROM @audit@.render_capture(
+        entry.relid, entry.function_name,
+        CASE WHEN cardinality(opts.keys) = 0 AND cardinality(@audit@.primary_key_columns(entry.relid)) = 0
+             THEN entry.key_columns ELSE opts.keys END,
+        opts.exclude, opts.mask, coalesce(typed, @audit@.follows_ddl()));
+    IF r.problem IS NOT NULL THEN
+        RAISE EXCEPTION 'threadline: cannot generate capture for %.%: %', live.table_schema, live.table_name, r.problem
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'fix the table, or track it again with --keys naming existing columns';
+    END IF;
+    SELECT count(*) = 4 INTO complete FROM pg_trigger tg
+      JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+     WHERE tg.tgrelid = entry.relid AND pn.nspname = '@audit_name@' AND p.proname = entry.function_name
+       AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
+                         '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
+    IF r.fingerprint = entry.fingerprint AND complete AND opts.keys = entry.keys
+       AND opts.exclude = entry.exclude AND opts.mask = entry.mask
+       AND live.table_schema = entry.table_schema AND live.table_name = entry.table_name THEN
+        RETURN 'unchanged';
+    END IF;
+    EXECUTE r.ddl;
+    UPDATE @audit@.tracked_tables
+       SET table_schema = live.table_schema, table_name = live.table_name, keys = opts.keys,
+           exclude = opts.exclude, mask = opts.mask, key_columns = r.key_columns, columns = r.columns,
+           mode = CASE WHEN coalesce(typed, @audit@.follows_ddl()) THEN 'typed' ELSE 'drift_safe' END,
+           capture_version = 7, fingerprint = r.fingerprint, updated_at = now()
+     WHERE id = entry_id;
+    INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
+    VALUES (entry_id, live.table_schema, live.table_name) ON CONFLICT DO NOTHING;
+    RETURN 'regenerated';
+END
+$fn$;
+
+-- The SQL API: track a table, or change its options. Options left NULL keep what is stored;
+-- mask and exclude add columns, unmask and include remove them (the only ways to reveal a column
+-- again); keys replaces the key columns ('{}': back to the primary key). strict refuses a column
+-- whose name looks secret and is neither masked nor excluded (a WARNING names them otherwise).
+CREATE OR REPLACE FUNCTION @audit@.track(
+    target regclass, keys text[] DEFAULT NULL, exclude text[] DEFAULT NULL, mask text[] DEFAULT NULL,
+    unmask text[] DEFAULT NULL, include text[] DEFAULT NULL, strict boolean DEFAULT false)
+RETURNS TABLE (table_schema text, table_name text, action text, key_columns text[],
+               exclude_columns text[], mask_columns text[], previous_keys text[],
+               previous_exclude text[], previous_mask text[], unprotected text[], mode text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    entry @audit@.tracked_tables;
+    live record;
+    names text[];
+    new_keys text[];
+    new_exclude text[];
+    new_mask text[];
+    bad text[];
+    r record;
+    fn text;
+    typed boolean := @audit@.follows_ddl();
+    existed boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('threadline track @audit_name@'));
+    SELECT n.nspname::text AS s, c.relname::text AS t, c.relkind INTO live
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
+    IF live.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'threadline: %.% is not a table (only plain and partitioned tables can be tracked)', live.s, live.t
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF live.s = '@audit_name@' THEN
+        RAISE EXCEPTION 'threadline: %.% belongs to the audit schema; audit tables are never tracked', live.s, live.t
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    names := ARRAY(SELECT c.name FROM @audit@.table_columns(target) AS c);
+    SELECT * INTO entry FROM @audit@.tracked_tables AS e WHERE e.relid = target FOR UPDATE;
+    existed := FOUND;
+    IF existed THEN
+        SELECT * INTO r FROM @audit@.follow_renamed_columns(entry);
+        entry.keys := r.keys;
+        entry.exclude := r.exclude;
+        entry.mask := r.mask;
+    ELSE
+        entry.keys := '{}';
+        entry.exclude := '{}';
+        entry.mask := '{}';
+    END IF;
+    -- every named column must exist (a typo must not leave a column unmasked)
+    bad := ARRAY(SELECT x FROM unnest(coalesce(keys, '{}') || coalesce(exclude, '{}') || coalesce(mask, '{}')) AS x
+                  WHERE x <> ALL (names) ORDER BY x);
+    IF cardinality(bad) > 0 THEN
+        RAISE EXCEPTION 'threadline: column(s) % not found in %.% (columns: %)', array_to_string(bad, ', '), live.s, live.t,
+                        array_to_string(ARRAY(SELECT unnest(names) ORDER BY 1), ', ')
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    bad := ARRAY(SELECT unnest(coalesce(exclude, '{}')) INTERSECT SELECT unnest(coalesce(mask, '{}')) ORDER BY 1);
+    IF cardinality(bad) > 0 THEN
+        RAISE EXCEPTION 'threadline: column(s) % named both to exclude and to mask; pick one', array_to_string(bad, ', ')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    bad := ARRAY(SELECT x FROM unnest(coalesce(unmask, '{}')) AS x WHERE x <> ALL (entry.mask) ORDER BY x);
+    IF cardinality(bad) > 0 THEN
+        RAISE EXCEPTION 'threadline: cannot unmask %: not masked on %.% (masked: %)', array_to_string(bad, ', '), live.s, live.t,
+                        coalesce(nullif(array_to_string(entry.mask, ', '), ''), 'none')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    bad := ARRAY(SELECT x FROM unnest(coalesce(include, '{}')) AS x WHERE x <> ALL (entry.exclude) ORDER BY x);
+    IF cardinality(bad) > 0 THEN
+        RAISE EXCEPTION 'threadline: cannot include %: not excluded on %.% (excluded: %)', array_to_string(bad, ', '), live.s, live.t,
+                        coalesce(nullif(array_to_string(entry.exclude, ', '), ''), 'none')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    new_keys := coalesce(keys, entry.keys);
+    -- a column moves between mask and exclude when named for the other (either way it stays hidden)
+    new_mask := ARRAY(SELECT DISTINCT x FROM unnest(entry.mask || coalesce(mask, '{}')) AS x
+                       WHERE x <> ALL (coalesce(unmask, '{}') || coalesce(exclude, '{}')) ORDER BY x);
+    new_exclude := ARRAY(SELECT DISTINCT x FROM unnest(entry.exclude || coalesce(exclude, '{}')) AS x
+                          WHERE x <> ALL (coalesce(include, '{}') || coalesce(mask, '{}')) ORDER BY x);
+    bad := ARRAY(SELECT unnest(CASE WHEN cardinality(new_keys) > 0 THEN new_keys ELSE @audit@.primary_key_columns(target) END)
+                 INTERSECT SELECT unnest(new_exclude || new_mask) ORDER BY 1);
+    IF cardinality(bad) > 0 THEN
+        RAISE EXCEPTION 'threadline: key column(s) % cannot be excluded or masked', array_to_string(bad, ', ')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    unprotected := ARRAY(SELECT x FROM unnest(names) AS x
+                          WHERE @audit@.looks_sensitive(x) AND x <> ALL (new_mask || new_exclude)
+                            AND x <> ALL (CASE WHEN cardinality(new_keys) > 0 THEN new_keys ELSE @audit@.primary_key_columns(target) END)
+                          ORDER BY x);
+    IF cardinality(unprotected) > 0 THEN
+        IF strict THEN
+            RAISE EXCEPTION 'threadline: column(s) % of %.% look secret and are neither masked nor excluded',
+                            array_to_string(unprotected, ', '), live.s, live.t
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'mask or exclude them, or track without strict mode to record them in clear';
+        END IF;
+        RAISE WARNING 'threadline: column(s) % of %.% look secret and are neither masked nor excluded',
+                      array_to_string(unprotected, ', '), live.s, live.t;
+    END IF;
+    fn := CASE WHEN existed THEN entry.function_name
+               ELSE 'capture_' || left(encode(sha256(convert_to(live.s || chr(1) || live.t, 'UTF8')), 'hex'), 16) END;
+    SELECT * INTO r FROM @audit@.render_capture(target, fn, new_keys, new_exclude, new_mask, typed);
+    IF r.problem = 'no primary key' THEN
+        RAISE EXCEPTION 'threadline: %.% has no primary key', live.s, live.t
+            USING ERRCODE = 'TL001', HINT = 'add one, or name the columns that identify a row with keys';
+    ELSIF r.problem IS NOT NULL THEN
+        RAISE EXCEPTION 'threadline: cannot track %.%: %', live.s, live.t, r.problem USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT existed THEN
+        -- a registry row left by a dropped table of the same name (orphaned) gives way
+        DELETE FROM @audit@.tracked_tables AS e WHERE e.function_name = fn;
+        INSERT INTO @audit@.tracked_tables (relid, table_schema, table_name, function_name, mode, capture_version, fingerprint)
+        VALUES (target, live.s, live.t, fn, '', 0, '')
+        RETURNING * INTO entry;
+        UPDATE @audit@.tracked_table_names AS nm SET tracked_id = entry.id
+         WHERE nm.tracked_id IN (SELECT old.tracked_id FROM @audit@.tracked_table_names AS old
+                                  WHERE old.table_schema = live.s AND old.table_name = live.t
+                                    AND NOT EXISTS (SELECT 1 FROM @audit@.tracked_tables AS x WHERE x.id = old.tracked_id));
+    ELSE
+        previous_keys := entry.key_columns;
+        previous_exclude := entry.exclude;
+        previous_mask := entry.mask;
+    END IF;
+    UPDATE @audit@.tracked_tables AS e SET keys = new_keys, exclude = new_exclude, mask = new_mask WHERE e.id = entry.id;
+    action := CASE WHEN NOT existed THEN 'tracked' ELSE @audit@.regenerate(entry.id, typed) END;
+    IF action = 'tracked' THEN
+        PERFORM @audit@.regenerate(entry.id, typed);
+    END IF;
+    SELECT e.table_schema, e.table_name, e.key_columns, e.exclude, e.mask, e.mode
+      INTO table_schema, table_name, key_columns, exclude_columns, mask_columns, mode
+      FROM @audit@.tracked_tables AS e WHERE e.id = entry.id;
+    RETURN NEXT;
+END
+$fn$;
+
+-- Remove capture from a table (the audit rows stay). Returns false when it was not tracked.
+CREATE OR REPLACE FUNCTION @audit@.untrack(target regclass) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    entry @audit@.tracked_tables;
+    tbl text := format('%I.%I', (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target),
+                       (SELECT c.relname FROM pg_class c WHERE c.oid = target));
+    op text;
+    had_triggers boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('threadline track @audit_name@'));
+    SELECT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgrelid = target
+                      AND tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
+                                     '@audit_name@_capture_delete', '@audit_name@_capture_truncate'))
+      INTO had_triggers;
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '@audit_name@_capture_' || op, tbl);
+    END LOOP;
+    DELETE FROM @audit@.tracked_tables AS e WHERE e.relid = target RETURNING * INTO entry;
+    IF entry.id IS NOT NULL THEN
+        -- its name now joins the names its history is found under
+        INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
+        SELECT entry.id, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = target
+        ON CONFLICT DO NOTHING;
+        EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', entry.function_name);
+    END IF;
+    RETURN entry.id IS NOT NULL OR had_triggers;
+END
+$fn$;
+
+-- The state of every tracked table (and of every capture function or trigger whose table or
+-- registry row is gone): installed, outdated, disabled, missing or orphaned, with what restores it.
+CREATE OR REPLACE FUNCTION @audit@.tracking_status()
+RETURNS TABLE (tracked_id bigint, table_schema text, table_name text, status text, detail text,
+               key_columns text[], exclude_columns text[], mask_columns text[], mode text,
+               fingerprint text, relid oid, function_name text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    e @audit@.tracked_tables;
+    live record;
+    opts record;
+    r record;
+    trig record;
+    missing text[];
+    follows boolean := @audit@.follows_ddl();
+BEGIN
+    FOR e IN SELECT t.* FROM @audit@.tracked_tables AS t ORDER BY t.table_schema, t.table_name, t.id LOOP
+        tracked_id := e.id; key_columns := e.key_columns; exclude_columns := e.exclude;
+        mask_columns := e.mask; mode := e.mode; fingerprint := e.fingerprint;
+        relid := e.relid; function_name := e.function_name;
+        SELECT n.nspname::text AS s, c.relname::text AS t INTO live
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = e.relid AND c.relkind IN ('r', 'p');
+        IF NOT FOUND THEN
+            table_schema := e.table_schema; table_name := e.table_name;
+            status := 'orphaned'; detail := 'the table is gone; threadline sync removes its capture function';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        table_schema := live.s; table_name := live.t;
+        SELECT count(*) FILTER (WHERE tg.tgname IS NOT NULL) AS n,
+               count(*) FILTER (WHERE tg.tgenabled IN ('D', 'R')) AS off,
+               EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
+                        WHERE pn.nspname = '@audit_name@' AND p.proname = e.function_name) AS fn
+          INTO trig
+          FROM pg_trigger tg
+         WHERE tg.tgrelid = e.relid
+           AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
+                             '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
+        IF trig.n < 4 OR NOT trig.fn THEN
+            status := 'missing';
+            detail := CASE WHEN trig.fn THEN (4 - trig.n) || ' of 4 capture triggers are missing'
+                           ELSE 'the capture function is missing' END;
+        ELSIF trig.off > 0 THEN
+            status := 'disabled';
+            detail := trig.off || ' capture trigger(s) do not fire (ALTER TABLE ... ENABLE TRIGGER restores them)';
+        ELSE
+            SELECT * INTO opts FROM @audit@.follow_renamed_columns(e);
+            SELECT * INTO r FROM @audit@.render_capture(
+                e.relid, e.function_name,
+                CASE WHEN cardinality(opts.keys) = 0 AND cardinality(@audit@.primary_key_columns(e.relid)) = 0
+                     THEN e.key_columns ELSE opts.keys END,
+                opts.exclude, opts.mask, e.mode = 'typed');
+            missing := ARRAY(SELECT unnest(CASE WHEN cardinality(opts.keys) > 0 THEN opts.keys
+                                                WHEN cardinality(@audit@.primary_key_columns(e.relid)) > 0
+                                                THEN @audit@.primary_key_columns(e.relid)
+                                                ELSE e.key_columns END)
+                             EXCEPT SELECT c.name FROM @audit@.table_columns(e.relid) AS c);
+            IF cardinality(missing) > 0 THEN
+                status := 'outdated';
+                detail := format('key column(s) %s no longer exist: track the table again with keys naming existing columns',
+                                 array_to_string(missing, ', '));
+            ELSIF r.problem IS NOT NULL THEN
+                status := 'outdated';
+                detail := 'capture cannot be regenerated: ' || r.problem;
+            ELSIF e.capture_version <> 7 THEN
+                status := 'outdated'; detail := 'generated by an older release';
+            ELSIF live.s <> e.table_schema OR live.t <> e.table_name THEN
+                status := 'outdated'; detail := format('renamed from %I.%I', e.table_schema, e.table_name);
+            ELSIF r.fingerprint <> e.fingerprint THEN
+                status := 'outdated'; detail := 'the table''s columns changed since its capture code was generated';
+            ELSIF e.mode = 'typed' AND NOT follows THEN
+                status := 'outdated'; detail := 'typed capture code without the DDL event triggers that keep it in step';
+            ELSE
+                status := 'installed'; detail := NULL;
+            END IF;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    -- capture functions no registry row names, and capture triggers on tables not in the registry
+    tracked_id := NULL; key_columns := NULL; exclude_columns := NULL; mask_columns := NULL; mode := NULL;
+    fingerprint := NULL; relid := NULL;
+    FOR r IN
+        SELECT p.proname::text AS fn FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
+         WHERE pn.nspname = '@audit_name@' AND p.proname ~ '^capture_[0-9a-f]{16}$'
+           AND NOT EXISTS (SELECT 1 FROM @audit@.tracked_tables t WHERE t.function_name = p.proname)
+         ORDER BY 1
+    LOOP
+        table_schema := NULL; table_name := NULL; function_name := r.fn;
+        SELECT n.nspname::text, c.relname::text INTO table_schema, table_name
+          FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+          JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE pn.nspname = '@audit_name@' AND p.proname = r.fn LIMIT 1;
+        status := 'orphaned';
+        detail := CASE WHEN table_name IS NULL THEN format('capture function %I.%I has no table; threadline sync removes it', '@audit_name@', r.fn)
+                       ELSE 'capture triggers without a registry row; threadline track restores it, threadline sync removes them' END;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+-- Bring every tracked table to its stored configuration (renames, columns, this release's capture
+-- code, the typed or drift-safe shape) and, with prune, remove what belongs to no tracked table.
+CREATE OR REPLACE FUNCTION @audit@.sync(prune boolean DEFAULT true)
+RETURNS TABLE (table_schema text, table_name text, action text, detail text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    s record;
+    op text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('threadline track @audit_name@'));
+    FOR s IN SELECT * FROM @audit@.tracking_status() LOOP
+        table_schema := s.table_schema; table_name := s.table_name; detail := s.detail;
+        IF s.status = 'orphaned' THEN
+            IF NOT prune THEN
+                action := 'orphaned (kept)';
+            ELSE
+                IF s.tracked_id IS NOT NULL THEN
+                    DELETE FROM @audit@.tracked_tables WHERE id = s.tracked_id;
+                ELSIF s.table_name IS NOT NULL THEN
+                    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+                        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %I.%I', '@audit_name@_capture_' || op,
+                                       s.table_schema, s.table_name);
+                    END LOOP;
+                END IF;
+                EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', s.function_name);
+                action := 'pruned';
+            END IF;
+        ELSIF s.status = 'disabled' THEN
+            action := 'disabled (kept)';
+        ELSE
+            action := @audit@.regenerate(s.tracked_id);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+-- Every name a table is or was recorded under, for queries: the registry row whose table has the
+-- name now, else the rows that had it before; falls back to the name itself.
+CREATE OR REPLACE FUNCTION @audit@.table_names(schema_name text, rel_name text)
+RETURNS TABLE (table_schema text, table_name text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH live AS (
+        SELECT t.id FROM @audit@.tracked_tables t
+          JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relname = rel_name AND n.nspname = schema_name
+    ), ids AS (
+        SELECT id FROM live
+        UNION
+        SELECT nm.tracked_id FROM @audit@.tracked_table_names nm
+         WHERE nm.table_name = rel_name AND nm.table_schema = schema_name AND NOT EXISTS (SELECT FROM live)
+    )
+    SELECT nm.table_schema, nm.table_name FROM @audit@.tracked_table_names nm WHERE nm.tracked_id IN (SELECT id FROM ids)
+    UNION
+    SELECT n.nspname::text, c.relname::text FROM @audit@.tracked_tables t
+      JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE t.id IN (SELECT id FROM ids)
+    UNION
+    SELECT schema_name, rel_name
+$fn$;
+
+-- DDL event triggers (created when the installing role may: a superuser). After any ALTER TABLE
+-- of a tracked table, its capture code is regenerated in the DDL's own transaction; after a
+-- tracked table is dropped, its registry row and capture function go too. Neither can make the
+-- DDL fail: a table whose typed code cannot be regenerated gets drift-safe code instead, and
+-- any error is reported as a WARNING.
+CREATE OR REPLACE FUNCTION @audit@.follow_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    r record;
+BEGIN
+    IF to_regclass('@audit_name@.tracked_tables') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT DISTINCT t.id, t.table_schema, t.table_name FROM @audit@.tracked_tables t
+         WHERE t.relid::oid IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() AS d
+                                 WHERE d.classid = 'pg_class'::regclass)
+         ORDER BY t.id
+    LOOP
+        BEGIN
+            PERFORM @audit@.regenerate(r.id);
+        EXCEPTION WHEN others THEN
+            BEGIN
+                PERFORM @audit@.regenerate(r.id, false);
+                RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, SQLERRM;
+            EXCEPTION WHEN others THEN
+                RAISE WARNING 'threadline: could not update capture of %.%: % (threadline coverage shows it)',
+                              r.table_schema, r.table_name, SQLERRM;
+            END;
+        END;
+    END LOOP;
+EXCEPTION WHEN others THEN
+    RAISE WARNING 'threadline: DDL follow-up failed: %', SQLERRM;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION @audit@.follow_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    r record;
+BEGIN
+    IF to_regclass('@audit_name@.tracked_tables') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT t.id, t.function_name, d.schema_name, d.object_name
+          FROM @audit@.tracked_tables t
+          JOIN pg_event_trigger_dropped_objects() AS d
+            ON d.objid = t.relid::oid AND d.classid = 'pg_class'::regclass AND d.objsubid = 0
+    LOOP
+        INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
+        VALUES (r.id, r.schema_name, r.object_name) ON CONFLICT DO NOTHING;
+        DELETE FROM @audit@.tracked_tables WHERE id = r.id;
+        EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', r.function_name);
+    END LOOP;
+EXCEPTION WHEN others THEN
+    RAISE WARNING 'threadline: DDL follow-up failed: %', SQLERRM;
+END
+$fn$;
+
+REVOKE EXECUTE ON FUNCTION @audit@.follow_ddl() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION @audit@.follow_drop() FROM PUBLIC;
+
+DO $events$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        DROP EVENT TRIGGER IF EXISTS @audit_name@_follow_ddl;
+        DROP EVENT TRIGGER IF EXISTS @audit_name@_follow_drop;
+        CREATE EVENT TRIGGER @audit_name@_follow_ddl ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION @audit@.follow_ddl();
+        CREATE EVENT TRIGGER @audit_name@_follow_drop ON sql_drop
+            WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED') EXECUTE FUNCTION @audit@.follow_drop();
+        -- also in sessions with session_replication_role = replica (restores, replication)
+        ALTER EVENT TRIGGER @audit_name@_follow_ddl ENABLE ALWAYS;
+        ALTER EVENT TRIGGER @audit_name@_follow_drop ENABLE ALWAYS;
+    ELSE
+        RAISE NOTICE 'threadline: % may not create event triggers; capture code is drift-safe and threadline coverage reports tables whose columns changed', current_user;
+    END IF;
+END
+$events$;
+
+-- Tables tracked before version 7 (options recorded in their capture function's comment) enter
+-- the registry; then every tracked table gets this release's capture code.
+DO $adopt$
+DECLARE
+    r record;
+    cfg jsonb;
+BEGIN
+    FOR r IN
+        SELECT tg.tgrelid AS relid, n.nspname::text AS s, c.relname::text AS t, p.proname::text AS fn,
+               obj_description(p.oid, 'pg_proc') AS comment
+          FROM pg_trigger tg
+          JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+         WHERE tg.tgname = '@audit_name@_capture_insert' AND pn.nspname = '@audit_name@'
+           AND NOT EXISTS (SELECT 1 FROM @audit@.tracked_tables x WHERE x.relid = tg.tgrelid)
+    LOOP
+        BEGIN
+            cfg := r.comment::jsonb;
+        EXCEPTION WHEN others THEN
+            cfg := '{}';
+        END;
+        INSERT INTO @audit@.tracked_tables (relid, table_schema, table_name, function_name, keys, exclude, mask,
+                                            mode, capture_version, fingerprint)
+        VALUES (r.relid, r.s, r.t, r.fn,
+                CASE WHEN (cfg ->> 'keys_given')::boolean THEN ARRAY(SELECT jsonb_array_elements_text(cfg -> 'keys')) ELSE '{}' END,
+                ARRAY(SELECT x FROM jsonb_array_elements_text(coalesce(cfg -> 'exclude', '[]')) AS x ORDER BY x),
+                ARRAY(SELECT x FROM jsonb_array_elements_text(coalesce(cfg -> 'mask', '[]')) AS x ORDER BY x),
+                '', 0, '')
+        ON CONFLICT (function_name) DO NOTHING;
+    END LOOP;
+    FOR r IN SELECT id FROM @audit@.tracked_tables ORDER BY id LOOP
+        BEGIN
+            PERFORM @audit@.regenerate(r.id);
+        EXCEPTION WHEN others THEN
+            PERFORM @audit@.regenerate(r.id, false);
+        END;
+    END LOOP;
+END
+$adopt$;
+
+INSERT INTO @audit@.schema_version (version) VALUES (7) ON CONFLICT DO NOTHING;
