@@ -8,7 +8,9 @@ the same run, as the median of interleaved rounds.
   TPS of a table with no trigger, with a bare "floor" row trigger (inserts to_jsonb(NEW) into an
   unindexed table), with a row-level "upsert" reference trigger (per row: upsert the transaction
   row by txid, then insert the change with its images; the per-row design that threadline's
-  statement-level capture replaces) and with threadline capture (its indexes in place).
+  statement-level capture replaces) and with threadline capture (its indexes in place), both as
+  typed code (what a database with the DDL event triggers runs) and as drift-safe code (what a
+  database without them runs).
 - one statement inserting / updating / deleting 10,000 rows: time with no trigger, with a
   statement-level floor trigger (transition tables, one INSERT ... SELECT of images) and with
   threadline.
@@ -133,6 +135,15 @@ PGBENCH = {
 }
 
 
+def track_drift_safe(conn: psycopg.Connection, table: str) -> None:
+    """Track ``table`` with drift-safe capture code, as a database without event triggers has."""
+    ddl.track(conn, table)
+    conn.execute(
+        "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
+        [table],
+    )
+
+
 def pgbench_tps(dsn: str, script: str) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
@@ -196,13 +207,14 @@ def main() -> None:
 def run(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        for t in ("t_plain", "t_floor", "t_sfloor", "t_ref", "t_tl"):
+        for t in ("t_plain", "t_floor", "t_sfloor", "t_ref", "t_tl", "t_tld"):
             conn.execute(SETUP.format(t=t, n=TABLE_ROWS).encode())
         conn.execute(FLOOR_ROW.encode())
         conn.execute(FLOOR_STATEMENT.encode())
         conn.execute(UPSERT_REFERENCE.encode())
         ddl.install(conn)
         ddl.track(conn, "t_tl")
+        track_drift_safe(conn, "t_tld")
         conn.execute("VACUUM ANALYZE")
 
     print(
@@ -211,28 +223,39 @@ def run(dsn: str) -> None:
     )
 
     print(f"## Single-row transactions (pgbench, 1 client, {SECONDS} s per run)\n")
-    print("| workload | no trigger TPS | floor row trigger | row-level upsert reference | threadline |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| workload | no trigger TPS | floor row trigger | row-level upsert reference | threadline "
+        "| threadline, drift-safe |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for label, template in PGBENCH.items():
-        tps: dict[str, list[float]] = {"t_plain": [], "t_floor": [], "t_ref": [], "t_tl": []}
+        tps: dict[str, list[float]] = {"t_plain": [], "t_floor": [], "t_ref": [], "t_tl": [], "t_tld": []}
         for _ in range(ROUNDS):
             for table in tps:
                 tps[table].append(pgbench_tps(dsn, template.replace("{t}", table)))
         base = statistics.median(tps["t_plain"])
         print(
             f"| {label} | {base:.0f} | {statistics.median(tps['t_floor']) / base:.2f}x | "
-            f"{statistics.median(tps['t_ref']) / base:.2f}x | {statistics.median(tps['t_tl']) / base:.2f}x |"
+            f"{statistics.median(tps['t_ref']) / base:.2f}x | {statistics.median(tps['t_tl']) / base:.2f}x | "
+            f"{statistics.median(tps['t_tld']) / base:.2f}x |"
         )
         sys.stdout.flush()
 
     print(f"\n## One statement changing {BULK_ROWS:,} rows (ms)\n")
     print(
-        "| statement | no trigger | statement floor | row-level upsert reference | threadline | threadline / floor |"
+        "| statement | no trigger | statement floor | row-level upsert reference | threadline | threadline / floor "
+        "| drift-safe | drift-safe / floor |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with psycopg.connect(dsn, autocommit=True) as conn:
         for op in ("INSERT", "UPDATE", "DELETE"):
-            times: dict[str, list[float]] = {"t_plain": [], "t_sfloor": [], "t_ref": [], "t_tl": []}
+            times: dict[str, list[float]] = {
+                "t_plain": [],
+                "t_sfloor": [],
+                "t_ref": [],
+                "t_tl": [],
+                "t_tld": [],
+            }
             for _ in range(ROUNDS + 2):
                 for table in times:
                     if op == "DELETE":
@@ -243,7 +266,7 @@ def run(dsn: str) -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             print(
                 f"| {op} | {med['t_plain']:.0f} | {med['t_sfloor']:.0f} | {med['t_ref']:.0f} | {med['t_tl']:.0f} | "
-                f"{med['t_tl'] / med['t_sfloor']:.2f}x |"
+                f"{med['t_tl'] / med['t_sfloor']:.2f}x | {med['t_tld']:.0f} | {med['t_tld'] / med['t_sfloor']:.2f}x |"
             )
             sys.stdout.flush()
 

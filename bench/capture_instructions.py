@@ -28,7 +28,14 @@ import psycopg
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
-from bench.capture import CONTEXT, FLOOR_STATEMENT, SETUP, TABLE_ROWS, UPSERT_REFERENCE  # noqa: E402
+from bench.capture import (  # noqa: E402
+    CONTEXT,
+    FLOOR_STATEMENT,
+    SETUP,
+    TABLE_ROWS,
+    UPSERT_REFERENCE,
+    track_drift_safe,
+)
 from threadline import ddl  # noqa: E402
 
 TABLES = {
@@ -36,6 +43,7 @@ TABLES = {
     "t_sfloor": "statement-level floor trigger",
     "t_ref": "row-level upsert reference",
     "t_tl": "threadline",
+    "t_tld": "threadline, drift-safe code",
 }
 WARM_TRANSACTIONS = 2000
 
@@ -137,6 +145,7 @@ def main() -> None:
                 conn.execute(UPSERT_REFERENCE.encode())
                 ddl.install(conn)
                 ddl.track(conn, "t_tl")
+                track_drift_safe(conn, "t_tld")
                 for table in TABLES:  # some history, as a live database has
                     for i in range(1, WARM_TRANSACTIONS + 1):
                         conn.execute(

@@ -11,10 +11,17 @@ capture function behind.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -39,7 +46,7 @@ class Env:
     conn: psycopg.Connection[Any]
 
 
-def _make_env(mode: str) -> Iterator[Env]:
+def _make_env(mode: str) -> Generator[Env, None, None]:
     suffix = uuid.uuid4().hex[:8]
     dbname = f"threadline_ddl_{mode}_{suffix}"
     role = f"tl_owner_{suffix}" if mode == "drift_safe" else None
@@ -439,3 +446,220 @@ def test_a_dropped_key_column_never_fails_a_write(env: Env) -> None:
     conn.execute(f"UPDATE {s}.t SET v = 3")
     assert _changes(conn)[-1]["pk"] == {"id": 1}
     assert _changes(conn)[-1]["after"] == {"id": 1, "v": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Upgrades, pinned SQL and the command line
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# The rendered version-7 script for the default schema: a migration that embeds
+# install_sql(version=7) must produce these exact bytes in every later release.
+PINNED_V7 = "912277b1f71a9937ff2f0b97b5ceb36339666b77438b9f2a60b9e3d70af2a41d"
+
+
+def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
+    conn = env.conn
+    if env.mode != "typed":
+        pytest.skip("the version-6 fixture is applied as a superuser")
+    conn.execute((FIXTURES / "schema_v6_with_tracked_table.sql").read_bytes())
+    try:
+        conn.execute("INSERT INTO old_app.orders VALUES (1, %s, 'n', %s)", [SECRET_1, HIDDEN_1])
+        result = ddl.install(conn, "audit_old")
+        assert (result.previous_version, result.version) == (6, 7)
+        (entry,) = ddl.tracked_tables(conn, "audit_old")
+        assert (entry.table_name, entry.mask, entry.exclude, entry.status) == (
+            "orders",
+            ("card",),
+            ("search",),
+            "installed",
+        )
+        # the old comment is no longer the configuration, and the options persist on re-track
+        again = ddl.track(conn, "old_app.orders", audit_schema="audit_old")
+        assert again.mask == ("card",) and again.exclude == ("search",)
+        conn.execute("ALTER TABLE old_app.orders DROP COLUMN note")
+        conn.execute("UPDATE old_app.orders SET card = %s", [SECRET_2])
+        rows = conn.execute("SELECT op, after FROM audit_old.changes ORDER BY id").fetchall()
+        assert [r[0] for r in rows] == ["insert", "update"]
+        assert rows[1][1] == {"id": 1, "card": "[masked]"}
+        assert SECRET_1 not in str(rows) and HIDDEN_1 not in str(rows)
+    finally:
+        conn.execute("DROP SCHEMA old_app CASCADE")
+        conn.execute("DROP SCHEMA audit_old CASCADE")
+
+
+def test_pinned_install_sql_never_changes() -> None:
+    text = ddl.install_sql(version=7)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert digest == PINNED_V7, (
+        "the version-7 install script changed: pinned scripts are frozen; put changes in a new version"
+    )
+    other = ddl.install_sql("audit", version=7)
+    assert '"audit".' in other and '"threadline".' not in other
+    with pytest.raises(threadline.errors.SchemaError, match="no pinned install script"):
+        ddl.install_sql(version=6)
+
+
+def _cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "threadline.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "THREADLINE_DSN": dsn},
+        timeout=60,
+    )
+
+
+def test_cli_track_sync_untrack_with_a_hostile_name(env: Env) -> None:
+    conn = env.conn
+    dsn = conn.info.dsn
+    schema = f'Sch"; ema_{uuid.uuid4().hex[:6]}'
+    table = sql.Identifier(schema, 'Or"ders; --')
+    _q(conn, "CREATE SCHEMA {}", sql.Identifier(schema))
+    _q(conn, 'CREATE TABLE {} (id int PRIMARY KEY, "Card\'No" text, password text)', table)
+    name = table.as_string(None)
+    res = _cli("track", name, "--mask", "Card'No", "--strict", dsn=dsn)
+    assert res.returncode == 2 and "look secret" in res.stderr and "password" in res.stderr
+    res = _cli("track", name, "--mask", "Card'No", dsn=dsn)
+    assert res.returncode == 0, res.stderr
+    assert "mask: Card'No" in res.stdout and "password" in res.stderr
+    res = _cli("track", name, "--exclude", "password", dsn=dsn)
+    assert "exclude: - -> password" in res.stdout and "mask: Card'No" in res.stdout
+    assert _cli("sync", "--check", dsn=dsn).returncode == 0
+    _q(conn, "ALTER TABLE {} ADD COLUMN extra int", table)
+    check = _cli("sync", "--check", dsn=dsn)
+    if env.mode == "typed":
+        assert check.returncode == 0
+    else:
+        assert check.returncode == 1 and "outdated" in check.stdout
+        cov = _cli("coverage", "--schema", schema, dsn=dsn)
+        assert cov.returncode == 1 and "run: threadline track" in cov.stdout
+        assert "regenerated" in _cli("sync", dsn=dsn).stdout
+        assert _cli("sync", "--check", dsn=dsn).returncode == 0
+    _q(conn, "DROP TABLE {}", table)
+    res = _cli("untrack", "--prune", dsn=dsn)
+    assert res.returncode == 0
+    assert ("pruned" in res.stdout) == (env.mode == "drift_safe")
+    _no_orphan_functions(conn)
+    assert _cli("untrack", dsn=dsn).returncode == 2  # neither a table nor --prune
+
+
+def test_a_superuser_install_adds_the_event_triggers_and_types_the_code() -> None:
+    env = _make_env("drift_safe")
+    drift = next(env)
+    try:
+        conn = drift.conn
+        conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, card text)")
+        assert ddl.track(conn, "public.orders", mask=["card"]).mode == "drift_safe"
+        dbname = conn.info.dbname
+        with psycopg.connect(psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=dbname), autocommit=True) as su:
+            result = ddl.install(su)
+            assert result.follows_ddl and not result.changed
+        (entry,) = ddl.tracked_tables(conn)
+        assert (entry.mode, entry.status, entry.mask) == ("typed", "installed", ("card",))
+        conn.execute("ALTER TABLE public.orders ADD COLUMN extra int")  # the owner's DDL is followed
+        assert ddl.tracked_tables(conn)[0].status == "installed"
+    finally:
+        env.close()
+
+
+def test_dump_and_restore_keep_tracking(env: Env) -> None:
+    if env.mode != "typed":
+        pytest.skip("dumped and restored as a superuser")
+    pg_dump, pg_restore = shutil.which("pg_dump"), shutil.which("pg_restore")
+    if not pg_dump or not pg_restore:
+        pytest.skip("pg_dump and pg_restore are not installed")
+    conn = env.conn
+    s = f"dump_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, card text, note text)")
+    ddl.track(conn, f"{s}.orders", mask=["card"])
+    conn.execute(f"INSERT INTO {s}.orders VALUES (1, %s, 'n')", [SECRET_1])
+    target = f"threadline_restore_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))
+    try:
+        source = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=conn.info.dbname)
+        dest = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=target)
+        dump = subprocess.run([pg_dump, "-Fc", "-d", source], capture_output=True, check=True).stdout
+        restored = subprocess.run(
+            [pg_restore, "--exit-on-error", "-d", dest], input=dump, capture_output=True
+        )
+        assert restored.returncode == 0, restored.stderr.decode()
+        with psycopg.connect(dest, autocommit=True) as copy:
+            statuses = {t.table_name: t.status for t in ddl.tracked_tables(copy) if t.table_schema == s}
+            assert statuses == {"orders": "installed"}
+            copy.execute(f"UPDATE {s}.orders SET card = %s, note = 'm'", [SECRET_2])
+            copy.execute(f"ALTER TABLE {s}.orders RENAME TO orders_v2")
+            copy.execute(f"UPDATE {s}.orders_v2 SET note = 'o'")
+            story = threadline.history(copy, f"{s}.orders_v2", 1)
+            assert [c.op for c in story] == ["update", "update", "insert"]
+            assert story[1].after == {"id": 1, "card": "[masked]", "note": "m"}
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target)))
+
+
+def test_a_column_dropped_with_its_type_never_fails_a_write(env: Env) -> None:
+    conn = env.conn
+    s = f"dom_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE DOMAIN {s}.amount AS numeric CHECK (VALUE >= 0)")
+    conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY, total {s}.amount, v int)")
+    ddl.track(conn, f"{s}.t")
+    conn.execute(f"INSERT INTO {s}.t VALUES (1, 5, 1)")
+    conn.execute(f"DROP DOMAIN {s}.amount CASCADE")  # drops the column, without an ALTER TABLE
+    conn.execute(f"UPDATE {s}.t SET v = 2")
+    assert _changes(conn)[-1]["after"] == {"id": 1, "v": 2}
+    expected = "installed" if env.mode == "typed" else "outdated"
+    assert [t.status for t in ddl.tracked_tables(conn) if t.table_schema == s] == [expected]
+
+
+def test_a_new_table_with_a_renamed_tables_old_name_gets_its_own_capture(env: Env) -> None:
+    conn = env.conn
+    s = f"reuse_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, a int)")
+    ddl.track(conn, f"{s}.orders")
+    conn.execute(f"ALTER TABLE {s}.orders RENAME TO orders_old")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, b text)")
+    ddl.track(conn, f"{s}.orders")
+    conn.execute(f"INSERT INTO {s}.orders_old VALUES (1, 1)")
+    conn.execute(f"INSERT INTO {s}.orders VALUES (1, 'x')")
+    conn.execute(f"UPDATE {s}.orders_old SET a = 2")
+    conn.execute(f"UPDATE {s}.orders SET b = 'y'")
+    rows = [(c["table_name"], c["op"], c["after"]) for c in _changes(conn) if c["table_schema"] == s]
+    assert rows == [
+        ("orders_old", "insert", {"id": 1, "a": 1}),
+        ("orders", "insert", {"id": 1, "b": "x"}),
+        ("orders_old", "update", {"id": 1, "a": 2}),
+        ("orders", "update", {"id": 1, "b": "y"}),
+    ]
+    entries = [t for t in ddl.tracked_tables(conn) if t.table_schema == s]
+    assert len({t.function_name for t in entries}) == 2
+    ddl.sync(conn)
+    assert {t.status for t in ddl.tracked_tables(conn) if t.table_schema == s} == {"installed"}
+
+
+def test_timeline_and_as_of_follow_a_renamed_and_moved_table(env: Env) -> None:
+    conn = env.conn
+    s = f"story_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE SCHEMA {s}_archive")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, status text)")
+    ddl.track(conn, f"{s}.orders")
+    conn.execute(f"INSERT INTO {s}.orders VALUES (7, 'new')")
+    (before_rename,) = conn.execute("SELECT clock_timestamp()").fetchone()  # type: ignore[misc]
+    conn.execute(f"ALTER TABLE {s}.orders RENAME TO orders_v2")
+    conn.execute(f"UPDATE {s}.orders_v2 SET status = 'paid'")
+    conn.execute(f"ALTER TABLE {s}.orders_v2 SET SCHEMA {s}_archive")
+    conn.execute(f"UPDATE {s}_archive.orders_v2 SET status = 'shipped'")
+    for name in (f"{s}_archive.orders_v2", f"{s}.orders_v2", f"{s}.orders"):
+        page = threadline.timeline(conn, table=name)
+        assert [(c.table_schema, c.table_name, c.op) for c in page.changes] == [
+            (s, "orders", "insert"),
+            (s, "orders_v2", "update"),
+            (f"{s}_archive", "orders_v2", "update"),
+        ]
+        assert threadline.as_of(conn, name, 7, at=before_rename) == {"id": 7, "status": "new"}
+        assert threadline.as_of(conn, name, 7, at=datetime.now(timezone.utc))["status"] == "shipped"

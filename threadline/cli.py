@@ -164,6 +164,13 @@ def install(
         click.echo(
             f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}"
         )
+    if result.follows_ddl:
+        click.echo("capture code follows every ALTER TABLE by itself (DDL event triggers installed)")
+    else:
+        click.echo(
+            "no DDL event triggers (they need a superuser): capture code is drift-safe, never fails a "
+            "write after a schema change, and `threadline sync` brings it up to date"
+        )
 
 
 @cli.command(epilog=EXAMPLES)

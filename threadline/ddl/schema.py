@@ -44,6 +44,10 @@ class InstallResult:
     schema: str
     previous_version: int | None
     version: int
+    follows_ddl: bool = False
+    """The schema's DDL event triggers are installed (only a superuser can create them): capture
+    code follows every ALTER TABLE by itself. Otherwise it is drift-safe and ``threadline sync``
+    brings it up to date after schema changes."""
 
     @property
     def changed(self) -> bool:
@@ -131,7 +135,9 @@ def installed_version(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) ->
 def install(
     conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None
 ) -> InstallResult:
-    """Create or upgrade the audit schema in one transaction; a no-op when it is current.
+    """Create or upgrade the audit schema in one transaction; a no-op when it is current (except
+    that a superuser adds the DDL event triggers a non-superuser install could not create, and
+    every tracked table then gets typed capture code).
 
     With ``app_role``, that role may then read the audit tables and record actions but never
     write, change or remove an audit row (:func:`grant_app_role`; applied even when the schema
@@ -148,11 +154,22 @@ def install(
                 f"schema {schema!r} is at version {previous}, newer than this release's "
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
-        if previous != SCHEMA_VERSION:
+        if previous != SCHEMA_VERSION or _may_add_event_triggers(conn, schema):
             conn.execute(install_sql(schema).encode())
         if app_role is not None:
             grant_app_role(conn, app_role, schema)
-    return InstallResult(schema, previous, SCHEMA_VERSION)
+        follows = conn.execute(sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(schema))).fetchone()
+    return InstallResult(schema, previous, SCHEMA_VERSION, bool(follows and follows[0]))
+
+
+def _may_add_event_triggers(conn: psycopg.Connection, schema: str) -> bool:
+    """A current schema installed without event triggers, and a superuser installing now."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT NOT {}.follows_ddl() AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+        ).format(sql.Identifier(schema))
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def require_installed(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> None:

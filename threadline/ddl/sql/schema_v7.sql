@@ -433,7 +433,6 @@ CREATE OR REPLACE FUNCTION @audit@.render_capture(
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     audit constant text := '@audit_name@';
-    cols record;
     names text[] := '{}';
     by_text boolean[] := '{}';
     tracked text[] := '{}';
@@ -463,6 +462,8 @@ DECLARE
     body text;
     tbl text;
     tag text := '$threadline$';
+    live_schema text;
+    live_name text;
     k integer := 0;
     cv constant integer := 7;
 BEGIN
@@ -562,7 +563,8 @@ BEGIN
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
             format('      FROM threadline_old AS %s;', o));
     ELSE
-        -- drift-safe: every column is read from to_jsonb(row) (alias.j), by key
+        -- drift-safe: every column is read from to_jsonb(row) (alias.j), by key; OFFSET 0 keeps the
+        -- planner from pulling the subquery up, which would compute to_jsonb() once per use
         FOREACH same IN ARRAY tracked LOOP
             dropped := dropped || format('CASE WHEN %1$s.j -> %3$L IS NOT DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
             changed := changed || format('CASE WHEN %1$s.j -> %3$L IS DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
@@ -601,8 +603,16 @@ BEGIN
         any_changed := CASE WHEN cardinality(exclude) > 0
                             THEN format('(%1$s.j - %3$L::text[]) IS DISTINCT FROM (%2$s.j - %3$L::text[])', o, n, exclude)
                             ELSE format('%1$s.j IS DISTINCT FROM %2$s.j', o, n) END;
+        SELECT nc.nspname, c.relname INTO live_schema, live_name
+          FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
         body := concat_ws(E'\n',
             'BEGIN',
+            -- renamed or moved since the code was generated: keep its names together for history
+            format('  IF TG_TABLE_NAME <> %L OR TG_TABLE_SCHEMA <> %L THEN', live_name, live_schema),
+            format('    INSERT INTO %1$I.tracked_table_names (tracked_id, table_schema, table_name)'
+                   ' SELECT t.id, TG_TABLE_SCHEMA, TG_TABLE_NAME FROM %1$I.tracked_tables AS t'
+                   ' WHERE t.function_name = %2$L ON CONFLICT DO NOTHING;', audit, fn),
+            '  END IF;',
             '  IF TG_OP = ''UPDATE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
@@ -614,11 +624,11 @@ BEGIN
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
-            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_new AS "threadline row") AS %s;', n),
+            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s;', n),
             '  ELSIF TG_OP = ''DELETE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
-            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_old AS "threadline row") AS %s;', o));
+            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;', o));
     END IF;
     body := concat_ws(E'\n', body,
         '  ELSIF TG_OP = ''TRUNCATE'' THEN',
@@ -680,9 +690,11 @@ $fn$;
 
 -- Bring one registry row's capture code in step with its table: follow renamed columns and a
 -- renamed table, regenerate when the DDL would differ (or a trigger or the function is missing).
--- typed NULL: typed when the event triggers follow DDL. Returns 'orphaned', 'unchanged' or
--- 'regenerated'; raises when the code cannot be generated (e.g. the key column was dropped).
-CREATE OR REPLACE FUNCTION @audit@.regenerate(entry_id bigint, typed boolean DEFAULT NULL) RETURNS text
+-- typed NULL: typed when the event triggers follow DDL. repair false: leave a table whose triggers
+-- are not all there alone (what the event trigger does: a restore creates them after its ALTERs).
+-- Returns 'orphaned', 'incomplete', 'unchanged' or 'regenerated'; raises when the code cannot be
+-- generated (e.g. the key column was dropped).
+CREATE OR REPLACE FUNCTION @audit@.regenerate(entry_id bigint, typed boolean DEFAULT NULL, repair boolean DEFAULT true) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     entry @audit@.tracked_tables;
@@ -718,6 +730,9 @@ BEGIN
      WHERE tg.tgrelid = entry.relid AND pn.nspname = '@audit_name@' AND p.proname = entry.function_name
        AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
                          '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
+    IF NOT complete AND NOT repair THEN
+        RETURN 'incomplete';
+    END IF;
     IF r.fingerprint = entry.fingerprint AND complete AND opts.keys = entry.keys
        AND opts.exclude = entry.exclude AND opts.mask = entry.mask
        AND live.table_schema = entry.table_schema AND live.table_name = entry.table_name THEN
@@ -759,6 +774,7 @@ DECLARE
     fn text;
     typed boolean := @audit@.follows_ddl();
     existed boolean;
+    k integer := 0;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('threadline track @audit_name@'));
     SELECT n.nspname::text AS s, c.relname::text AS t, c.relkind INTO live
@@ -835,8 +851,18 @@ BEGIN
         RAISE WARNING 'threadline: column(s) % of %.% look secret and are neither masked nor excluded',
                       array_to_string(unprotected, ', '), live.s, live.t;
     END IF;
-    fn := CASE WHEN existed THEN entry.function_name
-               ELSE 'capture_' || left(encode(sha256(convert_to(live.s || chr(1) || live.t, 'UTF8')), 'hex'), 16) END;
+    fn := entry.function_name;
+    IF NOT existed THEN
+        -- named after the table's name; a name another tracked table still uses (it was renamed
+        -- away) is not taken over: the next candidate is
+        LOOP
+            fn := 'capture_' || left(encode(sha256(convert_to(
+                      live.s || chr(1) || live.t || CASE WHEN k > 0 THEN chr(1) || k ELSE '' END, 'UTF8')), 'hex'), 16);
+            EXIT WHEN NOT EXISTS (SELECT 1 FROM @audit@.tracked_tables AS e JOIN pg_class c ON c.oid = e.relid
+                                   WHERE e.function_name = fn);
+            k := k + 1;
+        END LOOP;
+    END IF;
     SELECT * INTO r FROM @audit@.render_capture(target, fn, new_keys, new_exclude, new_mask, typed);
     IF r.problem = 'no primary key' THEN
         RAISE EXCEPTION 'threadline: %.% has no primary key', live.s, live.t
@@ -1066,8 +1092,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 $fn$;
 
 -- DDL event triggers (created when the installing role may: a superuser). After any ALTER TABLE
--- of a tracked table, its capture code is regenerated in the DDL's own transaction; after a
--- tracked table is dropped, its registry row and capture function go too. Neither can make the
+-- of a tracked table, and after any DROP that removed one of its columns (a DROP TYPE ... CASCADE),
+-- its capture code is regenerated in the DDL's own transaction; after a tracked table is dropped,
+-- its registry row and capture function go too. Neither can make the
 -- DDL fail: a table whose typed code cannot be regenerated gets drift-safe code instead, and
 -- any error is reported as a WARNING.
 CREATE OR REPLACE FUNCTION @audit@.follow_ddl() RETURNS event_trigger
@@ -1085,10 +1112,10 @@ BEGIN
          ORDER BY t.id
     LOOP
         BEGIN
-            PERFORM @audit@.regenerate(r.id);
+            PERFORM @audit@.regenerate(r.id, NULL, false);
         EXCEPTION WHEN others THEN
             BEGIN
-                PERFORM @audit@.regenerate(r.id, false);
+                PERFORM @audit@.regenerate(r.id, false, false);
                 RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, SQLERRM;
             EXCEPTION WHEN others THEN
                 RAISE WARNING 'threadline: could not update capture of %.%: % (threadline coverage shows it)',
@@ -1120,6 +1147,25 @@ BEGIN
         DELETE FROM @audit@.tracked_tables WHERE id = r.id;
         EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', r.function_name);
     END LOOP;
+    -- columns dropped by something other than ALTER TABLE (DROP TYPE/DOMAIN/EXTENSION ... CASCADE)
+    FOR r IN
+        SELECT DISTINCT t.id, t.table_schema, t.table_name
+          FROM @audit@.tracked_tables t
+          JOIN pg_event_trigger_dropped_objects() AS d
+            ON d.objid = t.relid::oid AND d.classid = 'pg_class'::regclass AND d.objsubid <> 0
+    LOOP
+        BEGIN
+            PERFORM @audit@.regenerate(r.id, NULL, false);
+        EXCEPTION WHEN others THEN
+            BEGIN
+                PERFORM @audit@.regenerate(r.id, false, false);
+                RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, SQLERRM;
+            EXCEPTION WHEN others THEN
+                RAISE WARNING 'threadline: could not update capture of %.%: % (threadline coverage shows it)',
+                              r.table_schema, r.table_name, SQLERRM;
+            END;
+        END;
+    END LOOP;
 EXCEPTION WHEN others THEN
     RAISE WARNING 'threadline: DDL follow-up failed: %', SQLERRM;
 END
@@ -1127,6 +1173,12 @@ $fn$;
 
 REVOKE EXECUTE ON FUNCTION @audit@.follow_ddl() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION @audit@.follow_drop() FROM PUBLIC;
+-- changing what is tracked is the owner's job (an application role could not create the code
+-- anyway); reading the status is anyone's
+REVOKE EXECUTE ON FUNCTION @audit@.track(regclass, text[], text[], text[], text[], text[], boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION @audit@.untrack(regclass) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION @audit@.sync(boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION @audit@.regenerate(bigint, boolean, boolean) FROM PUBLIC;
 
 DO $events$
 BEGIN
@@ -1135,8 +1187,7 @@ BEGIN
         DROP EVENT TRIGGER IF EXISTS @audit_name@_follow_drop;
         CREATE EVENT TRIGGER @audit_name@_follow_ddl ON ddl_command_end
             WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION @audit@.follow_ddl();
-        CREATE EVENT TRIGGER @audit_name@_follow_drop ON sql_drop
-            WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED') EXECUTE FUNCTION @audit@.follow_drop();
+        CREATE EVENT TRIGGER @audit_name@_follow_drop ON sql_drop EXECUTE FUNCTION @audit@.follow_drop();
         -- also in sessions with session_replication_role = replica (restores, replication)
         ALTER EVENT TRIGGER @audit_name@_follow_ddl ENABLE ALWAYS;
         ALTER EVENT TRIGGER @audit_name@_follow_drop ENABLE ALWAYS;
