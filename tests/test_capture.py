@@ -225,6 +225,10 @@ DECODER_CORPUS = [
     '{"v":1,"incoming_error":"bad header"}',
     '{"v":1,"incoming_error":3}',
     '{"v":1,"correlation_id":"é✓ unicode"}',
+    '{"v":1,"correlation_id":"a\u0085b"}',  # C1 control
+    '{"v":1,"request_id":"abc\u202edef"}',  # bidi override
+    '{"v":1,"actor":{"type":"user","id":"1\u2066"}}',  # bidi isolate
+    '{"v":1,"correlation_id":"x\\ud800"}',  # lone surrogate: not valid JSON text for PostgreSQL
     '{"v":1,"meta":{"big":"' + "m" * 17000 + '"}}',
 ]
 
@@ -491,3 +495,24 @@ def test_capture_functions_of_older_versions_keep_one_row_per_transaction(conn: 
         conn.execute("INSERT INTO app.old VALUES (1)")
         conn.execute("INSERT INTO app.old VALUES (2)")
     assert len(transactions(conn)) == 1 and len({r["transaction_id"] for r in changes(conn)}) == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"v":1,"correlation_id":"a\\u0085b"}',
+        '{"v":1,"request_id":"abc\\u202edef"}',
+        '{"v":1,"causation_id":"\\u2069x"}',
+        '{"v":1,"actor":{"type":"user","id":"1\\u202a"}}',
+    ],
+)
+def test_the_database_refuses_c1_and_bidi_controls_in_ids(conn: Conn, raw: str) -> None:
+    with conn.transaction():
+        conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+        tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
+        row = conn.execute(
+            "SELECT actor, correlation_id, request_id, context_error FROM threadline.transactions WHERE id = %s",
+            tx,
+        ).fetchone()
+    assert row is not None and row[:3] == (None, None, None)
+    assert row[3] in ("context has an invalid id or origin", "context actor is invalid")

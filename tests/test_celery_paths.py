@@ -316,6 +316,11 @@ BAD_HEADERS: dict[str, Any] = {
     "unknown-field": {"v": 1, "actor": {"type": "admin", "id": "1"}, "role": "root"},
     "publisher-error": {"v": 1, "error": "context too large"},
     "huge": {"v": 1, "actor": {"type": "admin", "id": "1"}, "meta": {"x": "y" * 100_000}},
+    "lone-surrogate": '{"v":1,"actor":{"type":"admin","id":"1"},"correlation_id":"x\\ud800"}',
+    "surrogate-in-meta": '{"v":1,"actor":{"type":"admin","id":"1"},"meta":{"k":"\\udc00"}}',
+    "bidi-override": {"v": 1, "actor": {"type": "admin", "id": "1"}, "request_id": "abc\u202edef"},
+    "c1-control": {"v": 1, "actor": {"type": "admin", "id": "1\x85"}},
+    "sender-sets-incoming-error": {"v": 1, "actor": {"type": "admin", "id": "1"}, "incoming_error": "forged"},
 }
 
 

@@ -212,3 +212,82 @@ def test_nested_contexts_keep_job_and_meta_of_the_outer_one() -> None:
             )
         merged = threadline.current().merged(request_id="r")
         assert merged.request_id == "r" and dict(merged.meta or {}) == {"k": [1, {"n": 2}]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["x\ud800", "\udfffy", "a\x85b", "abc\u202edef", "\u2066id", "id\u2069", "\x9f"],
+    ids=["lone-high", "lone-low", "c1-nel", "bidi-override", "bidi-isolate", "pop-isolate", "c1-last"],
+)
+def test_ids_refuse_c1_bidi_controls_and_lone_surrogates(value: str) -> None:
+    with pytest.raises(InvalidContext, match="control, bidi-control or unpaired surrogate"):
+        threadline.context(correlation_id=value)
+    with pytest.raises(InvalidActor, match="control, bidi-control or unpaired surrogate"):
+        ActorRef.user(value)
+    with pytest.raises(InvalidContext):  # also when it arrives as JSON text
+        codec.decode(json.dumps({"v": 1, "request_id": value}))
+
+
+def test_meta_with_a_lone_surrogate_is_an_invalid_context_not_an_encoding_error() -> None:
+    with pytest.raises(InvalidContext, match="unpaired surrogate"):
+        threadline.context(meta={"note": "x\ud800"})
+    with pytest.raises(InvalidContext, match="unpaired surrogate"):
+        threadline.context(meta={"deep": [{"k": "\udc00"}]})
+    with pytest.raises(InvalidContext):
+        threadline.context(meta={"k\u202e": 1})
+    # valid text beyond the BMP and ordinary Unicode stay accepted
+    ok = threadline.context(correlation_id="é✓-😀", meta={"note": "line\nbreak 😀"})
+    with ok as ctx:
+        assert codec.decode(codec.encode(ctx)) == ctx
+
+
+def test_a_header_carrying_a_receiver_only_field_is_refused() -> None:
+    from threadline.propagation import carrier
+
+    with pytest.raises(InvalidContext, match="not carried"):
+        carrier.extract({"threadline": '{"actor":{"id":"1","type":"user"},"incoming_error":"x","v":1}'})
+    with pytest.raises(InvalidContext):
+        carrier.extract({"threadline": '{"correlation_id":"x\\ud800","v":1}'})
+
+
+def test_one_context_object_entered_by_concurrent_tasks_and_nested_in_itself() -> None:
+    layer = threadline.context(actor=ActorRef.user("7"))
+
+    async def worker(n: int, started: asyncio.Event, go: asyncio.Event) -> str | None:
+        with threadline.context(correlation_id=f"c{n}"), layer:
+            started.set()
+            await go.wait()
+            seen = current().correlation_id
+        assert current().actor is None
+        return seen
+
+    async def main() -> list[str | None]:
+        go = asyncio.Event()
+        events = [asyncio.Event() for _ in range(3)]
+        runs = [asyncio.create_task(worker(n, events[n], go)) for n in range(3)]
+        for event in events:
+            await event.wait()
+        go.set()
+        return list(await asyncio.gather(*runs))
+
+    assert asyncio.run(main()) == ["c0", "c1", "c2"]
+    with layer:
+        with layer:  # nested in itself
+            assert current().actor == ActorRef.user("7")
+        assert current().actor == ActorRef.user("7")
+    assert current().is_empty
+    results: list[object] = []
+
+    def in_thread() -> None:
+        with layer:
+            results.append(current().actor)
+        results.append(current().actor)
+
+    with layer:
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join()
+        assert current().actor == ActorRef.user("7")
+    assert results == [ActorRef.user("7"), None]
+    with pytest.raises(RuntimeError, match="not entered"):
+        layer.__exit__(None, None, None)

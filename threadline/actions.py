@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from threadline import codec
 from threadline._run import Plan, Query, run, run_async
-from threadline.actor import ActorRef
+from threadline.actor import FORBIDDEN_TEXT, FORBIDDEN_TEXT_RE, ActorRef
 from threadline.context import current
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.errors import InvalidAction, InvalidActor, InvalidContext, InvalidFilter, SchemaError
@@ -36,8 +36,8 @@ MAX_SHORT = 256
 MAX_TEXT = 10_000
 """Longest ``reason`` and ``comment``."""
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# long text (reason, comment) may hold tabs and line breaks, nothing else FORBIDDEN_TEXT_RE refuses
+_TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _COLUMNS = (
     "id, name, actor, status, verb, category, reason, comment, correlation_id, request_id, job_id, "
     "meta, inserted_at"
@@ -55,8 +55,8 @@ def _short(name: str, value: str | None, *, required: bool = False) -> str | Non
         raise InvalidAction(f"{name} must not be empty")
     if len(value) > MAX_SHORT:
         raise InvalidAction(f"{name} is {len(value)} characters long; the limit is {MAX_SHORT}")
-    if _CONTROL_RE.search(value):
-        raise InvalidAction(f"{name} contains control characters")
+    if FORBIDDEN_TEXT_RE.search(value):
+        raise InvalidAction(f"{name} contains {FORBIDDEN_TEXT}")
     return value
 
 

@@ -10,7 +10,11 @@ from threadline.errors import InvalidActor
 
 MAX_ID_LENGTH = 256
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+FORBIDDEN_TEXT_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+"""Characters no id, origin or actor field may hold: C0 and C1 control characters, the bidi
+embedding/override/isolate controls (which make a logged id read as something else), and lone
+surrogates (not text: they cannot be encoded as UTF-8, so they could never reach PostgreSQL)."""
+FORBIDDEN_TEXT = "control, bidi-control or unpaired surrogate characters"
 
 
 def _check_text(name: str, value: object, *, required: bool) -> str | None:
@@ -24,8 +28,8 @@ def _check_text(name: str, value: object, *, required: bool) -> str | None:
         raise InvalidActor(f"{name} must not be empty")
     if len(value) > MAX_ID_LENGTH:
         raise InvalidActor(f"{name} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
-    if _CONTROL_RE.search(value):
-        raise InvalidActor(f"{name} contains control characters")
+    if FORBIDDEN_TEXT_RE.search(value):
+        raise InvalidActor(f"{name} contains {FORBIDDEN_TEXT}")
     return value
 
 

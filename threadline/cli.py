@@ -19,7 +19,7 @@ from threadline.actions import list_actions
 from threadline.actor import ActorRef
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
-from threadline.ddl.names import DEFAULT_SCHEMA
+from threadline.ddl.names import DEFAULT_SCHEMA, qualified_name
 from threadline.diff import diff
 from threadline.errors import AsOfError, InvalidActor, QueryError, SchemaError, ThreadlineError, TrackingError
 from threadline.export import FORMATS
@@ -234,7 +234,7 @@ def track(
 
 
 def _print_track(result: triggers.TrackResult) -> None:
-    name = f"{result.table_schema}.{result.table_name}"
+    name = qualified_name(result.table_schema, result.table_name)
     shown = {
         "keys": result.keys,
         "exclude": result.exclude,
@@ -300,7 +300,9 @@ def untrack(
 
 
 def _sync_name(action: triggers.SyncAction) -> str:
-    return f"{action.table_schema}.{action.table_name}" if action.table_name else "a capture function"
+    return (
+        qualified_name(action.table_schema, action.table_name) if action.table_name else "a capture function"
+    )
 
 
 @cli.command(epilog=EXAMPLES)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from threadline.actor import ActorRef
+from threadline.actor import FORBIDDEN_TEXT, FORBIDDEN_TEXT_RE, ActorRef
 from threadline.errors import ConfigurationError, InvalidActor, InvalidContext
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ TEXT_FIELDS = ("correlation_id", "request_id", "causation_id", "origin", "incomi
 MAPPING_FIELDS = ("job", "meta")
 ALL_FIELDS = ("actor", *TEXT_FIELDS, *MAPPING_FIELDS)
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,23 @@ def check_text(field: str, value: Any) -> str | None:
         raise InvalidContext(field, "must not be empty (leave it unset instead)")
     if len(value) > _limits.max_id_length:
         raise InvalidContext(field, f"is {len(value)} characters long; the limit is {_limits.max_id_length}")
-    if not (value.isascii() and value.isprintable()) and _CONTROL_RE.search(value):  # regex only off ASCII
-        raise InvalidContext(field, "contains control characters")
+    if not (value.isascii() and value.isprintable()) and FORBIDDEN_TEXT_RE.search(
+        value
+    ):  # regex only off ASCII
+        raise InvalidContext(field, f"contains {FORBIDDEN_TEXT}")
     return value
 
 
 def _check_json_tree(field: str, value: Any, depth: int = 0) -> None:
     if depth > 16:
         raise InvalidContext(field, "is nested more than 16 levels deep")
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        if not value.isascii() and _SURROGATE_RE.search(value):
+            raise InvalidContext(
+                field, "contains an unpaired surrogate, which is not text (not encodable as UTF-8)"
+            )
+        return
+    if value is None or isinstance(value, (bool, int)):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -109,9 +117,9 @@ def _check_json_tree(field: str, value: Any, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidContext(field, f"has a non-string key {key!r}")
-            if len(key) > _limits.max_id_length or _CONTROL_RE.search(key):
+            if len(key) > _limits.max_id_length or FORBIDDEN_TEXT_RE.search(key):
                 raise InvalidContext(
-                    field, f"has an over-long key or a key with control characters: {key[:40]!r}"
+                    field, f"has an over-long key or a key with {FORBIDDEN_TEXT}: {key[:40]!r}"
                 )
             _check_json_tree(field, item, depth + 1)
         return

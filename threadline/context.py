@@ -106,6 +106,10 @@ class AuditContext:
 
 EMPTY = AuditContext()
 _current: ContextVar[AuditContext] = ContextVar("threadline_context", default=EMPTY)
+# the restore points of the context() layers entered here: (layer, token), innermost last
+_entries: ContextVar[tuple[tuple[object, Token[AuditContext]], ...]] = ContextVar(
+    "threadline_entries", default=()
+)
 
 
 def current() -> AuditContext:
@@ -146,22 +150,30 @@ class context:  # noqa: N801 - used like a function: ``with threadline.context(.
     On exit (also on an exception) the previous context is restored exactly. As a decorator it
     applies anew on every call, for plain and ``async`` functions alike. Fields are validated when
     the layer is built, so a bad value fails here, not later at a database or broker boundary.
+    One object may be entered many times at once (nested in itself, or by several asyncio tasks
+    or threads): each entry's restore point is kept in the entering context, not on the object.
     """
 
-    __slots__ = ("_changes", "_tokens")
+    __slots__ = ("_changes",)
 
     def __init__(self, **fields: Any) -> None:
         EMPTY.merged(**fields)  # validate now: fail where the bad value was written
         self._changes = fields
-        self._tokens: list[Token[AuditContext]] = []
 
     def __enter__(self) -> AuditContext:
         ctx = _current.get().merged(**self._changes) if self._changes else _current.get()
-        self._tokens.append(_current.set(ctx))
+        token = _current.set(ctx)
+        _entries.set((*_entries.get(), (self, token)))
         return ctx
 
     def __exit__(self, *exc_info: object) -> None:
-        _current.reset(self._tokens.pop())
+        entries = _entries.get()
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i][0] is self:
+                _entries.set(entries[:i] + entries[i + 1 :])
+                _current.reset(entries[i][1])
+                return
+        raise RuntimeError("threadline.context exited where it was not entered (another thread or task?)")
 
     def __call__(self, func: F) -> F:
         changes = self._changes

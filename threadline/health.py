@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, trigger_name
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, qualified_name, trigger_name
 from threadline.ddl.schema import require_installed
 from threadline.ddl.triggers import OPS, TrackedTable, parse_table_name, tracked_tables
 from threadline.errors import CoverageError, TrackingError
@@ -56,8 +56,8 @@ class TableCoverage:
 
     @property
     def name(self) -> str:
-        """``schema.table``."""
-        return f"{self.table_schema}.{self.table_name}"
+        """``schema.table``, each part quoted when it needs to be."""
+        return qualified_name(self.table_schema, self.table_name)
 
     @property
     def status(self) -> str:

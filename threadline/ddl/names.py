@@ -43,3 +43,19 @@ def capture_function_name(table_schema: str, table_name: str) -> str:
 def trigger_name(audit_schema: str, op: str) -> str:
     """Name of the capture trigger for one operation on a tracked table."""
     return f"{check_schema_name(audit_schema)}_capture_{op}"
+
+
+_PLAIN_IDENT_RE = re.compile(r"^[a-z_][a-z0-9_$]*$")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as PostgreSQL would need it written: double-quoted unless it is a plain lowercase
+    identifier, so a shown name is never ambiguous (``"MiXeD.Case"."Or.ders"``)."""
+    if _PLAIN_IDENT_RE.match(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified_name(schema: str | None, name: str | None) -> str:
+    """``schema.table`` for display, each part quoted when it needs to be."""
+    return f"{quote_ident(schema or '')}.{quote_ident(name or '')}"

@@ -11,13 +11,14 @@ tracking a table again without options regenerates its code with the stored ones
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, qualified_name
 from threadline.ddl.schema import require_installed
 from threadline.errors import (
     InvalidTrackOption,
@@ -72,14 +73,14 @@ class TrackedTable:
         """``schema.table`` (or the capture function's name when its table is unknown)."""
         if self.table_name is None:
             return f"(function {self.function_name})"
-        return f"{self.table_schema}.{self.table_name}"
+        return qualified_name(self.table_schema, self.table_name)
 
     def restore_command(self) -> str | None:
         """The command that brings this table back to its stored configuration (None if installed)."""
         if self.status in ("outdated", "missing"):
-            return f"threadline track {_shown(self.table_schema, self.table_name)}"
+            return f"threadline track {shlex.quote(qualified_name(self.table_schema, self.table_name))}"
         if self.status == "disabled":
-            return f"ALTER TABLE {_shown(self.table_schema, self.table_name)} ENABLE TRIGGER ALL"
+            return f"ALTER TABLE {qualified_name(self.table_schema, self.table_name)} ENABLE TRIGGER ALL"
         if self.status == "orphaned":
             return "threadline sync"
         return None
@@ -121,14 +122,6 @@ class SyncAction:
     action: str
     """``regenerated``, ``unchanged``, ``pruned``, ``orphaned (kept)`` or ``disabled (kept)``."""
     detail: str | None
-
-
-def _shown(schema: str | None, name: str | None) -> str:
-    def part(p: str | None) -> str:
-        text = p or ""
-        return text if text.isidentifier() and text == text.lower() else '"' + text.replace('"', '""') + '"'
-
-    return f"{part(schema)}.{part(name)}"
 
 
 # ---------------------------------------------------------------------------------------------

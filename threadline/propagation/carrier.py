@@ -3,7 +3,8 @@
 A carrier holds the context under the key ``threadline`` as the canonical JSON text of its dict
 (version field ``v``; see :mod:`threadline.codec`). Only the fields that describe *who* and
 *which story* travel: ``actor``, ``correlation_id``, ``request_id``, ``causation_id`` and
-``meta``. ``origin`` and ``job`` describe where the work runs, so the receiving side sets them.
+``meta``. ``origin`` and ``job`` describe where the work runs, and ``incoming_error`` why a
+receiver refused what it got, so only the receiving side sets them: a header carrying one is refused.
 
 With a signing key the dict also holds ``sig``: an HMAC-SHA256 over the canonical JSON text of
 the rest. A receiver configured with keys accepts only a context signed by one of them; it
@@ -17,12 +18,11 @@ the dict itself (a header written by hand, or by an earlier release).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from threadline import codec
-from threadline.actor import ActorRef
+from threadline.actor import FORBIDDEN_TEXT_RE, ActorRef
 from threadline.context import AuditContext, current
 from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
 
@@ -34,11 +34,11 @@ ERROR_FIELD = "error"
 DEFAULT_MAX_BYTES = 8192
 """Default cap of a carried context's encoding: far under RabbitMQ's header-frame limit."""
 
-_LOCAL_FIELDS = ("origin", "job")
+# set by the receiving side only: where the work runs, and why it refused what it received
+_LOCAL_FIELDS = ("origin", "job", "incoming_error")
 _CARRIED = frozenset({"v", *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
 _CARRIED_TEXT = ("correlation_id", "request_id", "causation_id")
 _CARRIED_TEXT_CHECKED = tuple(name for name in codec.TEXT_FIELDS if name in _CARRIED)
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_signing_keys(keys: Iterable[str | bytes] | None) -> tuple[bytes, ...]:
@@ -84,7 +84,7 @@ def safe_id(value: object) -> str | None:
         return None
     if value.isascii() and value.isprintable():  # the common case (uuids), without a regex
         return value
-    return None if _CONTROL_RE.search(value) else value
+    return None if FORBIDDEN_TEXT_RE.search(value) else value
 
 
 def _actor(data: object) -> ActorRef:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -53,7 +52,7 @@ from celery import _state as celery_state
 from celery import signals
 
 from threadline import codec
-from threadline.actor import ActorRef
+from threadline.actor import FORBIDDEN_TEXT_RE, ActorRef
 from threadline.context import AuditContext, _current, current
 from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
 from threadline.propagation import carrier
@@ -81,7 +80,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MIN_HEADER_BYTES = 256
 _MAX_HEADER_BYTES = 65536
 _CACHE_SIZE = 1024
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(eq=False)
@@ -436,7 +434,7 @@ def _task_name(task: Any) -> str | None:
 
 
 def _short(text: str) -> str:
-    return _CONTROL_RE.sub(" ", text)[:200]
+    return FORBIDDEN_TEXT_RE.sub(" ", text)[:200]
 
 
 class Task(celery.Task):  # type: ignore[misc]
