@@ -229,6 +229,9 @@ DECODER_CORPUS = [
     '{"v":1,"request_id":"abc\u202edef"}',  # bidi override
     '{"v":1,"actor":{"type":"user","id":"1\u2066"}}',  # bidi isolate
     '{"v":1,"correlation_id":"x\\ud800"}',  # lone surrogate: not valid JSON text for PostgreSQL
+    '{"v":1,"correlation_id":"a\\u0000b"}',  # \u0000 cannot be text in PostgreSQL
+    '{"v":1,"meta":{"n":1e999999}}',  # out of numeric's range
+    '{"v":1,"meta":' + "[" * 8000 + "]" * 8000 + "}",  # deeply nested, within the size cap
     '{"v":1,"meta":{"big":"' + "m" * 17000 + '"}}',
 ]
 
@@ -516,3 +519,16 @@ def test_the_database_refuses_c1_and_bidi_controls_in_ids(conn: Conn, raw: str) 
         ).fetchone()
     assert row is not None and row[:3] == (None, None, None)
     assert row[3] in ("context has an invalid id or origin", "context actor is invalid")
+
+
+def test_context_parsing_catches_only_the_errors_of_unacceptable_json(conn: Conn) -> None:
+    # the exception block around the jsonb cast names the conditions a bad text raises; an
+    # unexpected error (say, out of memory) must surface instead of being recorded as bad JSON
+    for fn in ("transaction_row", "parse_context"):
+        (src,) = conn.execute(
+            "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'threadline' AND p.proname = %s",
+            [fn],
+        ).fetchone()  # type: ignore[misc]
+        assert "WHEN others" not in src, fn
+        assert "invalid_text_representation" in src and "untranslatable_character" in src, fn
