@@ -420,12 +420,19 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
      WHERE evtname IN ('@audit_name@_follow_ddl', '@audit_name@_follow_drop') AND evtenabled <> 'D'
 $fn$;
 
--- Masks every key of j not in known: what drift-safe code records while a masked or excluded
--- column it knew is missing (it may have been renamed to one of the unknown keys).
-CREATE OR REPLACE FUNCTION @audit@.mask_unknown(j jsonb, known text[]) RETURNS jsonb
+-- Every value of j masked: what drift-safe code records while a masked, excluded or key column it
+-- knew no longer has its name (its value may be under any name now).
+CREATE OR REPLACE FUNCTION @audit@.mask_all(j jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT j || coalesce((SELECT jsonb_object_agg(k, '[masked]'::text)
-                            FROM jsonb_object_keys(j) AS k WHERE k <> ALL (known)), '{}')
+    SELECT coalesce((SELECT jsonb_object_agg(k, '[masked]'::text) FROM jsonb_object_keys(j) AS k), j)
+$fn$;
+
+-- The columns of a table as the registry records them: [[attnum, name, type], ...].
+CREATE OR REPLACE FUNCTION @audit@.columns_snapshot(rel regclass) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(jsonb_agg(jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod))
+                              ORDER BY a.attnum), '[]')
+      FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
 $fn$;
 
 -- Column names that look like secrets (documented in docs/capture.md).
@@ -448,6 +455,8 @@ DECLARE
     tracked text[] := '{}';
     present_mask text[];
     guard text[];
+    guard_attnums integer[];
+    guard_check text;
     i integer;
     o text := '"threadline old"';
     n text := '"threadline new"';
@@ -483,7 +492,7 @@ BEGIN
       FROM @audit@.table_columns(rel) AS c;
     columns := coalesce(columns, '[]');
     names := coalesce(names, '{}');
-    IF names && ARRAY['threadline old', 'threadline new', 'threadline rn', 'threadline row', 'threadline raw'] THEN
+    IF typed AND names && ARRAY['threadline old', 'threadline new', 'threadline rn', 'threadline row', 'threadline raw'] THEN
         problem := 'a column name starting with "threadline " is reserved';
         RETURN;
     END IF;
@@ -501,7 +510,7 @@ BEGIN
             tracked := tracked || names[i];
         END IF;
     END LOOP;
-    present_mask := ARRAY(SELECT m FROM unnest(mask) AS m WHERE m = ANY (names) AND m <> ALL (exclude) ORDER BY m);
+    present_mask := ARRAY(SELECT m FROM unnest(mask) AS m WHERE m = ANY (names) AND m <> ALL (exclude) ORDER BY m COLLATE "C");
     txid := format('(SELECT coalesce((SELECT t.id FROM %1$I.transactions AS t'
                    ' WHERE t.id = %1$I.cached_transaction_id() AND t.xid = pg_current_xact_id()),'
                    ' %1$I.transaction_row()))', audit);
@@ -522,8 +531,13 @@ BEGIN
             END IF;
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
-            pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
-            pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
+            IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
+                pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
+                pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
+            ELSE
+                pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
+                pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
+            END IF;
         END LOOP;
         pk := 'jsonb_build_object(' || array_to_string(pk_parts, ', ') || ')';
         pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
@@ -580,8 +594,13 @@ BEGIN
             changed := changed || format('CASE WHEN %1$s.j -> %3$L IS DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
-            pk_parts := pk_parts || format('%L, %s.j -> %L', same, n, same);
-            pk_old_parts := pk_old_parts || format('%L, %s.j -> %L', same, o, same);
+            IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
+                pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
+                pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
+            ELSE
+                pk_parts := pk_parts || format('%L, %s.j -> %L', same, n, same);
+                pk_old_parts := pk_old_parts || format('%L, %s.j -> %L', same, o, same);
+            END IF;
         END LOOP;
         pk := 'jsonb_build_object(' || array_to_string(pk_parts, ', ') || ')';
         pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
@@ -590,33 +609,43 @@ BEGIN
         image_del := CASE WHEN cardinality(exclude) > 0 THEN format('(%s.j - %L::text[])', o, exclude) ELSE o || '.j' END;
         before := format('(%s.j - ARRAY[%s]::text[])', o,
                          array_to_string(ARRAY(SELECT quote_literal(x) FROM unnest(exclude) AS x) || dropped, ', '));
-        FOREACH same IN ARRAY ARRAY(SELECT DISTINCT m FROM unnest(mask) AS m WHERE m <> ALL (exclude) ORDER BY m) LOOP
+        FOREACH same IN ARRAY ARRAY(SELECT DISTINCT (m COLLATE "C") FROM unnest(mask) AS m WHERE m <> ALL (exclude) ORDER BY 1) LOOP
             image_ins := format('jsonb_set(%s, %L, ''"[masked]"'', false)', image_ins, ARRAY[same]);
             image_del := format('jsonb_set(%s, %L, ''"[masked]"'', false)', image_del, ARRAY[same]);
             before := format('jsonb_set(%s, %L, ''"[masked]"'', false)', before, ARRAY[same]);
         END LOOP;
-        -- a masked or excluded column that was known and is gone may have been renamed: then every
-        -- column the code does not know is masked until the table is synced
-        guard := ARRAY(SELECT x FROM unnest(mask || exclude) AS x WHERE x = ANY (names) ORDER BY x);
-        after_update := image_ins;
-        IF cardinality(guard) > 0 THEN
-            image_ins := format('CASE WHEN %1$s.j ?& %2$L::text[] THEN %3$s ELSE %4$I.mask_unknown(%3$s, %5$L::text[]) END',
-                                n, guard, image_ins, audit, names);
-            image_del := format('CASE WHEN %1$s.j ?& %2$L::text[] THEN %3$s ELSE %4$I.mask_unknown(%3$s, %5$L::text[]) END',
-                                o, guard, image_del, audit, names);
-            after_update := image_ins;
-            before := format('CASE WHEN %1$s.j ?& %2$L::text[] THEN %3$s ELSE %4$I.mask_unknown(%3$s, %5$L::text[]) END',
-                             o, guard, before, audit, names);
+        -- Names alone cannot follow a renamed column: once per statement, the code checks that the
+        -- masked, excluded and key columns it knew still have their names (by attribute number);
+        -- when one does not (dropped, or renamed: its value may be under any name now), every
+        -- value of the statement's rows is masked until the table is synced. Other columns
+        -- (added, renamed, dropped) need no check: they are captured under their names.
+        IF cardinality(mask) + cardinality(exclude) > 0 THEN
+            SELECT array_agg(c.attnum ORDER BY c.attnum), array_agg(c.name ORDER BY c.attnum)
+              INTO guard_attnums, guard
+              FROM @audit@.table_columns(rel) AS c
+             WHERE c.name = ANY (mask || exclude || key_columns);
+            guard_check := format('  drifted := (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute AS a'
+                                  ' WHERE a.attrelid = TG_RELID AND a.attnum = ANY (%L::int2[]) AND NOT a.attisdropped)'
+                                  ' IS DISTINCT FROM %L::text[];', guard_attnums, guard);
+            image_ins := format('CASE WHEN drifted THEN %1$I.mask_all(%2$s) ELSE %2$s END', audit, image_ins);
+            image_del := format('CASE WHEN drifted THEN %1$I.mask_all(%2$s) ELSE %2$s END', audit, image_del);
+            before := format('CASE WHEN drifted THEN %1$I.mask_all(%2$s) ELSE %2$s END', audit, before);
+            pk := format('CASE WHEN drifted THEN %1$I.mask_all(%2$s) ELSE %2$s END', audit, pk);
+            pk_old := format('CASE WHEN drifted THEN %1$I.mask_all(%2$s) ELSE %2$s END', audit, pk_old);
         END IF;
-        side_old := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row") AS j FROM threadline_old AS "threadline row") AS %s', o);
-        side_new := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row") AS j FROM threadline_new AS "threadline row") AS %s', n);
+        after_update := image_ins;
+        -- "alias".* is always the whole row, even when a column has the alias's name
+        side_old := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row".*) AS j FROM threadline_old AS "threadline row") AS %s', o);
+        side_new := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row".*) AS j FROM threadline_new AS "threadline row") AS %s', n);
         any_changed := CASE WHEN cardinality(exclude) > 0
                             THEN format('(%1$s.j - %3$L::text[]) IS DISTINCT FROM (%2$s.j - %3$L::text[])', o, n, exclude)
                             ELSE format('%1$s.j IS DISTINCT FROM %2$s.j', o, n) END;
         SELECT nc.nspname, c.relname INTO live_schema, live_name
           FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
         body := concat_ws(E'\n',
+            CASE WHEN guard_check IS NOT NULL THEN E'DECLARE\n  drifted boolean;' END,
             'BEGIN',
+            guard_check,
             -- renamed or moved since the code was generated: keep its names together for history
             format('  IF TG_TABLE_NAME <> %L OR TG_TABLE_SCHEMA <> %L THEN', live_name, live_schema),
             format('    INSERT INTO %1$I.tracked_table_names (tracked_id, table_schema, table_name)'
@@ -634,11 +663,11 @@ BEGIN
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
-            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s;', n),
+            format('      FROM (SELECT to_jsonb("threadline row".*) AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s;', n),
             '  ELSIF TG_OP = ''DELETE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
-            format('      FROM (SELECT to_jsonb("threadline row") AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;', o));
+            format('      FROM (SELECT to_jsonb("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;', o));
     END IF;
     body := concat_ws(E'\n', body,
         '  ELSIF TG_OP = ''TRUNCATE'' THEN',
@@ -674,27 +703,34 @@ CREATE OR REPLACE FUNCTION @audit@.follow_renamed_columns(
     entry @audit@.tracked_tables, OUT keys text[], OUT exclude text[], OUT mask text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    r record;
+    renames jsonb;
 BEGIN
-    keys := entry.keys;
-    exclude := entry.exclude;
-    mask := entry.mask;
-    FOR r IN
-        SELECT (old.c ->> 1) AS old_name, now.name AS new_name
-          FROM jsonb_array_elements(entry.columns) AS old(c)
-          JOIN @audit@.table_columns(entry.relid) AS now ON now.attnum = (old.c ->> 0)::integer
-         WHERE now.name <> (old.c ->> 1)
-    LOOP
-        keys := array_replace(keys, r.old_name, r.new_name);
-        IF r.old_name = ANY (exclude) AND r.new_name <> ALL (exclude) THEN
-            exclude := exclude || r.new_name;
-        END IF;
-        IF r.old_name = ANY (mask) AND r.new_name <> ALL (mask) THEN
-            mask := mask || r.new_name;
-        END IF;
-    END LOOP;
-    exclude := ARRAY(SELECT DISTINCT x FROM unnest(exclude) AS x ORDER BY x);
-    mask := ARRAY(SELECT DISTINCT x FROM unnest(mask) AS x ORDER BY x);
+    -- old name -> new name of every column renamed since, all at once (a swap is two renames)
+    SELECT coalesce(jsonb_object_agg(old.c ->> 1, now.name), '{}') INTO renames
+      FROM jsonb_array_elements(entry.columns) AS old(c)
+      JOIN @audit@.table_columns(entry.relid) AS now ON now.attnum = (old.c ->> 0)::integer
+     WHERE now.name <> (old.c ->> 1);
+    keys := ARRAY(SELECT coalesce(renames ->> k, k) FROM unnest(entry.keys) WITH ORDINALITY AS u(k, i) ORDER BY i);
+    -- A column the code knew (by attribute number) is hidden when it was; a column added since,
+    -- when its name is listed. A listed name no column has any more stays listed (a column added
+    -- later with it is hidden); one that a known column now has (renamed into it) does not.
+    WITH old AS (
+        SELECT (c ->> 0)::integer AS attnum, c ->> 1 AS name FROM jsonb_array_elements(entry.columns) AS c
+    ), cur AS (
+        SELECT t.attnum, t.name, o.name AS old_name FROM @audit@.table_columns(entry.relid) AS t
+          LEFT JOIN old AS o ON o.attnum = t.attnum
+    )
+    SELECT ARRAY(SELECT DISTINCT (x COLLATE "C") FROM (
+                     SELECT cur.name FROM cur WHERE coalesce(cur.old_name, cur.name) = ANY (entry.exclude)
+                     UNION ALL
+                     SELECT e FROM unnest(entry.exclude) AS e WHERE e NOT IN (SELECT cur.name FROM cur)) AS u(x)
+                 ORDER BY 1),
+           ARRAY(SELECT DISTINCT (x COLLATE "C") FROM (
+                     SELECT cur.name FROM cur WHERE coalesce(cur.old_name, cur.name) = ANY (entry.mask)
+                     UNION ALL
+                     SELECT m FROM unnest(entry.mask) AS m WHERE m NOT IN (SELECT cur.name FROM cur)) AS u(x)
+                 ORDER BY 1)
+      INTO exclude, mask;
 END
 $fn$;
 
@@ -713,6 +749,13 @@ DECLARE
     live record;
     complete boolean;
 BEGIN
+    -- the table first, then the registry row, as track() does: a DDL statement (which holds the
+    -- table) never waits for a registry row that a track() waiting for the table holds
+    SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = entry.relid AND c.relkind IN ('r', 'p')) THEN
+        RETURN 'orphaned';
+    END IF;
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', entry.relid);
     SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 'orphaned';
@@ -789,6 +832,9 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('threadline track @audit_name@'));
     SELECT n.nspname::text AS s, c.relname::text AS t, c.relkind INTO live
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
+    IF live.relkind IN ('r', 'p') THEN  -- the table before its registry row (see regenerate())
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', target);
+    END IF;
     IF live.relkind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'threadline: %.% is not a table (only plain and partitioned tables can be tracked)', live.s, live.t
             USING ERRCODE = 'wrong_object_type';
@@ -837,10 +883,10 @@ BEGIN
     END IF;
     new_keys := coalesce(keys, entry.keys);
     -- a column moves between mask and exclude when named for the other (either way it stays hidden)
-    new_mask := ARRAY(SELECT DISTINCT x FROM unnest(entry.mask || coalesce(mask, '{}')) AS x
-                       WHERE x <> ALL (coalesce(unmask, '{}') || coalesce(exclude, '{}')) ORDER BY x);
-    new_exclude := ARRAY(SELECT DISTINCT x FROM unnest(entry.exclude || coalesce(exclude, '{}')) AS x
-                          WHERE x <> ALL (coalesce(include, '{}') || coalesce(mask, '{}')) ORDER BY x);
+    new_mask := ARRAY(SELECT DISTINCT (x COLLATE "C") FROM unnest(entry.mask || coalesce(mask, '{}')) AS x
+                       WHERE x <> ALL (coalesce(unmask, '{}') || coalesce(exclude, '{}')) ORDER BY 1);
+    new_exclude := ARRAY(SELECT DISTINCT (x COLLATE "C") FROM unnest(entry.exclude || coalesce(exclude, '{}')) AS x
+                          WHERE x <> ALL (coalesce(include, '{}') || coalesce(mask, '{}')) ORDER BY 1);
     bad := ARRAY(SELECT unnest(CASE WHEN cardinality(new_keys) > 0 THEN new_keys ELSE @audit@.primary_key_columns(target) END)
                  INTERSECT SELECT unnest(new_exclude || new_mask) ORDER BY 1);
     IF cardinality(bad) > 0 THEN
@@ -953,6 +999,7 @@ DECLARE
     r record;
     trig record;
     missing text[];
+    hidden_keys text[];
     follows boolean := @audit@.follows_ddl();
 BEGIN
     FOR e IN SELECT t.* FROM @audit@.tracked_tables AS t ORDER BY t.table_schema, t.table_name, t.id LOOP
@@ -997,7 +1044,14 @@ BEGIN
                                                 THEN @audit@.primary_key_columns(e.relid)
                                                 ELSE e.key_columns END)
                              EXCEPT SELECT c.name FROM @audit@.table_columns(e.relid) AS c);
-            IF cardinality(missing) > 0 THEN
+            hidden_keys := ARRAY(SELECT unnest(CASE WHEN cardinality(opts.keys) > 0 THEN opts.keys
+                                                    ELSE @audit@.primary_key_columns(e.relid) END)
+                                 INTERSECT SELECT unnest(opts.mask || opts.exclude));
+            IF cardinality(hidden_keys) > 0 THEN
+                status := 'outdated';
+                detail := format('key column(s) %s are masked or excluded, so rows are recorded with a masked key: track the table with keys naming other columns',
+                                 array_to_string(hidden_keys, ', '));
+            ELSIF cardinality(missing) > 0 THEN
                 status := 'outdated';
                 detail := format('key column(s) %s no longer exist: track the table again with keys naming existing columns',
                                  array_to_string(missing, ', '));
@@ -1070,7 +1124,17 @@ BEGIN
         ELSIF s.status = 'disabled' THEN
             action := 'disabled (kept)';
         ELSE
-            action := @audit@.regenerate(s.tracked_id);
+            BEGIN
+                action := @audit@.regenerate(s.tracked_id);
+            EXCEPTION WHEN others THEN
+                -- typed code that cannot be generated: drift-safe code never fails a write
+                detail := SQLERRM;
+                BEGIN
+                    action := @audit@.regenerate(s.tracked_id, false) || ' (drift-safe)';
+                EXCEPTION WHEN others THEN
+                    action := 'failed';
+                END;
+            END;
         END IF;
         RETURN NEXT;
     END LOOP;
@@ -1101,40 +1165,48 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT schema_name, rel_name
 $fn$;
 
--- DDL event triggers (created when the installing role may: a superuser). After any ALTER TABLE
--- of a tracked table, and after any DROP that removed one of its columns (a DROP TYPE ... CASCADE),
--- its capture code is regenerated in the DDL's own transaction; after a tracked table is dropped,
--- its registry row and capture function go too. Neither can make the
--- DDL fail: a table whose typed code cannot be regenerated gets drift-safe code instead, and
--- any error is reported as a WARNING.
+-- DDL event triggers (created when the installing role may: a superuser). After any ALTER of a
+-- tracked table (directly or through a parent, a type or another ALTER form), and after any DROP
+-- that removed one of its columns (DROP TYPE ... CASCADE), its capture code is regenerated in the
+-- DDL's own transaction; after a tracked table is dropped, its registry row and capture function
+-- go too. A table whose typed code cannot be regenerated gets drift-safe code and a WARNING; if
+-- even that fails, the DDL statement is refused rather than leave code that would fail writes.
 CREATE OR REPLACE FUNCTION @audit@.follow_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     r record;
+    failure text;
 BEGIN
     IF to_regclass('@audit_name@.tracked_tables') IS NULL THEN
         RETURN;
     END IF;
+    -- the tables the statement names, and every tracked table whose columns or name no longer
+    -- are what its code was generated from (a change that recursed to inheritance children or
+    -- partitions, ALTER TYPE ... CASCADE on a typed table, a rename through ALTER VIEW or INDEX)
     FOR r IN
-        SELECT DISTINCT t.id, t.table_schema, t.table_name FROM @audit@.tracked_tables t
+        SELECT t.id, t.table_schema, t.table_name FROM @audit@.tracked_tables t
          WHERE t.relid::oid IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() AS d
                                  WHERE d.classid = 'pg_class'::regclass)
+            OR NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE c.oid = t.relid AND n.nspname = t.table_schema AND c.relname = t.table_name)
+            OR @audit@.columns_snapshot(t.relid) IS DISTINCT FROM t.columns
          ORDER BY t.id
     LOOP
         BEGIN
             PERFORM @audit@.regenerate(r.id, NULL, false);
         EXCEPTION WHEN others THEN
+            failure := SQLERRM;
             BEGIN
                 PERFORM @audit@.regenerate(r.id, false, false);
-                RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, SQLERRM;
             EXCEPTION WHEN others THEN
-                RAISE WARNING 'threadline: could not update capture of %.%: % (threadline coverage shows it)',
-                              r.table_schema, r.table_name, SQLERRM;
+                -- capture code that no longer fits the table would fail every later write: the
+                -- statement is refused instead, in its own transaction
+                RAISE EXCEPTION 'threadline: the capture code of %.% cannot follow this statement: %', r.table_schema, r.table_name, SQLERRM
+                    USING HINT = 'retry it; or untrack the table first (threadline untrack) and track it again afterwards';
             END;
+            RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, failure;
         END;
     END LOOP;
-EXCEPTION WHEN others THEN
-    RAISE WARNING 'threadline: DDL follow-up failed: %', SQLERRM;
 END
 $fn$;
 
@@ -1142,6 +1214,7 @@ CREATE OR REPLACE FUNCTION @audit@.follow_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     r record;
+    failure text;
 BEGIN
     IF to_regclass('@audit_name@.tracked_tables') IS NULL THEN
         RETURN;
@@ -1157,27 +1230,27 @@ BEGIN
         DELETE FROM @audit@.tracked_tables WHERE id = r.id;
         EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', r.function_name);
     END LOOP;
-    -- columns dropped by something other than ALTER TABLE (DROP TYPE/DOMAIN/EXTENSION ... CASCADE)
+    -- columns dropped by something other than ALTER TABLE (DROP TYPE/DOMAIN/EXTENSION ... CASCADE,
+    -- or a column dropped from a parent): as after any other DDL
     FOR r IN
         SELECT DISTINCT t.id, t.table_schema, t.table_name
           FROM @audit@.tracked_tables t
-          JOIN pg_event_trigger_dropped_objects() AS d
-            ON d.objid = t.relid::oid AND d.classid = 'pg_class'::regclass AND d.objsubid <> 0
+         WHERE @audit@.columns_snapshot(t.relid) IS DISTINCT FROM t.columns
+           AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)
     LOOP
         BEGIN
             PERFORM @audit@.regenerate(r.id, NULL, false);
         EXCEPTION WHEN others THEN
+            failure := SQLERRM;
             BEGIN
                 PERFORM @audit@.regenerate(r.id, false, false);
-                RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, SQLERRM;
             EXCEPTION WHEN others THEN
-                RAISE WARNING 'threadline: could not update capture of %.%: % (threadline coverage shows it)',
-                              r.table_schema, r.table_name, SQLERRM;
+                RAISE EXCEPTION 'threadline: the capture code of %.% cannot follow this statement: %', r.table_schema, r.table_name, SQLERRM
+                    USING HINT = 'retry it; or untrack the table first (threadline untrack) and track it again afterwards';
             END;
+            RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, failure;
         END;
     END LOOP;
-EXCEPTION WHEN others THEN
-    RAISE WARNING 'threadline: DDL follow-up failed: %', SQLERRM;
 END
 $fn$;
 
@@ -1196,7 +1269,9 @@ BEGIN
         DROP EVENT TRIGGER IF EXISTS @audit_name@_follow_ddl;
         DROP EVENT TRIGGER IF EXISTS @audit_name@_follow_drop;
         CREATE EVENT TRIGGER @audit_name@_follow_ddl ON ddl_command_end
-            WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION @audit@.follow_ddl();
+            WHEN TAG IN ('ALTER TABLE', 'ALTER VIEW', 'ALTER FOREIGN TABLE', 'ALTER INDEX', 'ALTER SEQUENCE',
+                         'ALTER MATERIALIZED VIEW', 'ALTER TYPE', 'ALTER DOMAIN')
+            EXECUTE FUNCTION @audit@.follow_ddl();
         CREATE EVENT TRIGGER @audit_name@_follow_drop ON sql_drop EXECUTE FUNCTION @audit@.follow_drop();
         -- also in sessions with session_replication_role = replica (restores, replication)
         ALTER EVENT TRIGGER @audit_name@_follow_ddl ENABLE ALWAYS;
@@ -1232,8 +1307,8 @@ BEGIN
                                             mode, capture_version, fingerprint)
         VALUES (r.relid, r.s, r.t, r.fn,
                 CASE WHEN (cfg ->> 'keys_given')::boolean THEN ARRAY(SELECT jsonb_array_elements_text(cfg -> 'keys')) ELSE '{}' END,
-                ARRAY(SELECT x FROM jsonb_array_elements_text(coalesce(cfg -> 'exclude', '[]')) AS x ORDER BY x),
-                ARRAY(SELECT x FROM jsonb_array_elements_text(coalesce(cfg -> 'mask', '[]')) AS x ORDER BY x),
+                ARRAY(SELECT x FROM jsonb_array_elements_text(coalesce(cfg -> 'exclude', '[]')) AS x ORDER BY x COLLATE "C"),
+                ARRAY(SELECT x FROM jsonb_array_elements_text(coalesce(cfg -> 'mask', '[]')) AS x ORDER BY x COLLATE "C"),
                 '', 0, '')
         ON CONFLICT (function_name) DO NOTHING;
     END LOOP;
