@@ -135,9 +135,9 @@ PGBENCH = {
 }
 
 
-def track_drift_safe(conn: psycopg.Connection, table: str) -> None:
+def track_drift_safe(conn: psycopg.Connection, table: str, mask: list[str] | None = None) -> None:
     """Track ``table`` with drift-safe capture code, as a database without event triggers has."""
-    ddl.track(conn, table)
+    ddl.track(conn, table, mask=mask)
     conn.execute(
         "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
         [table],

@@ -43,7 +43,9 @@ TABLES = {
     "t_sfloor": "statement-level floor trigger",
     "t_ref": "row-level upsert reference",
     "t_tl": "threadline",
+    "t_tlm": "threadline, one masked column",
     "t_tld": "threadline, drift-safe code",
+    "t_tldm": "threadline, drift-safe code, one masked column",
 }
 WARM_TRANSACTIONS = 2000
 
@@ -145,7 +147,9 @@ def main() -> None:
                 conn.execute(UPSERT_REFERENCE.encode())
                 ddl.install(conn)
                 ddl.track(conn, "t_tl")
+                ddl.track(conn, "t_tlm", mask=["c"])
                 track_drift_safe(conn, "t_tld")
+                track_drift_safe(conn, "t_tldm", mask=["c"])
                 for table in TABLES:  # some history, as a live database has
                     for i in range(1, WARM_TRANSACTIONS + 1):
                         conn.execute(
