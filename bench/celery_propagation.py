@@ -129,9 +129,9 @@ def publish_costs(signing_keys: list[str] | None, n: int = 5000) -> dict[str, Co
 
 
 @contextmanager
-def worker_request(task: Any, header: Any) -> Iterator[None]:
+def worker_request(task: Any, header: Any, task_id: str | None = None) -> Iterator[None]:
     request: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
+        "id": task_id or str(uuid.uuid4()),
         "root_id": str(uuid.uuid4()),
         "parent_id": str(uuid.uuid4()),
         "retries": 0,
@@ -189,7 +189,8 @@ def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> Cost:
     threadline.task(app=app, name="bench.run")(_body)
     task = app.tasks["bench.run"]  # the task object itself, as Celery's signals pass it
     tc.install(app, signing_keys=keys)
-    header = tc._installations[app].header_for(request_context(), "other-task", None) if with_header else None
+    task_id = str(uuid.uuid4())  # a signed header is bound to its message: the run's own id
+    header = tc._installations[app].header_for(request_context(), task_id, None) if with_header else None
 
     def with_tl() -> None:
         if not tc.installed(app):
@@ -201,7 +202,7 @@ def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> Cost:
         with _noop_receivers():
             _run_signals(task, n)
 
-    with worker_request(task, header):
+    with worker_request(task, header, task_id):
         cost = added_us(with_tl, without, n)
     tc.uninstall(app)
     return cost
@@ -227,7 +228,7 @@ def header_sizes() -> dict[str, int]:
     for label, keys in (("unsigned", None), ("signed", [KEY])):
         app = Celery("sizes", set_as_current=False)
         tc.install(app, signing_keys=keys)
-        header = tc._installations[app].header_for(ctx, None, None)
+        header = tc._installations[app].header_for(ctx, str(uuid.uuid4()), None)  # signed: bound to it
         out[label] = len(header.encode())
         tc.uninstall(app)
     return out

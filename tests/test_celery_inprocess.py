@@ -144,23 +144,24 @@ def test_nested_eager_runs_unwind_in_order_and_a_rejection_stays_with_its_task()
     @threadline.task(app=app, name="nested.outer", bind=True)
     def outer(self: CeleryTask, signed: dict[str, str], unsigned: dict[str, str]) -> None:
         seen["outer"] = threadline.current()
-        inner.apply(("inner",), headers=signed)
+        inner.apply(("inner",), headers=signed, task_id="inner-1")
         seen["after inner"] = threadline.current()
         inner.apply(("same id",), task_id=self.request.id)  # no header, the same id (as an eager retry)
         seen["after same id"] = threadline.current()
         with pytest.raises(UntrustedContext, match="not signed"):
             inner.apply(("forged",), headers=unsigned)
         seen["after forged"] = threadline.current()
-        inner.apply(("next",), headers=signed)  # the refusal was for that run only
+        inner.apply(("next",), headers=signed, task_id="inner-1")  # the refusal was for that run only
 
     outer_ctx = AuditContext(actor=ActorRef.user("1"), correlation_id="outer")
     inner_ctx = AuditContext(actor=ActorRef.user("2"), correlation_id="inner")
-    signed = threadline.inject({}, inner_ctx, signing_key=KEY)
+    signed = threadline.inject({}, inner_ctx, signing_key=KEY, message_id="inner-1")  # bound to its task
     try:
         with web() as caller:
             outer.apply(
                 (signed, threadline.inject({}, inner_ctx)),
-                headers=threadline.inject({}, outer_ctx, signing_key=KEY),
+                headers=threadline.inject({}, outer_ctx, signing_key=KEY, message_id="outer-1"),
+                task_id="outer-1",
             )
             assert threadline.current() is caller
         assert seen["outer"].actor == ActorRef.user("1") and seen["outer"].origin == "celery"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from celery import Celery
 
 import threadline
 from threadline import ActorRef, UntrustedContext, codec
+from threadline.propagation import carrier
 
 from .celery_app import tasks
 from .celery_app.harness import Worker, env_var, setup_events_table, wait_rows
@@ -62,11 +64,17 @@ def _uninstall_clients() -> Iterator[None]:
         threadline.celery.uninstall(_clients.pop())
 
 
-def forged(body: dict[str, Any], key: str | None) -> dict[str, Any]:
-    """A header as an attacker (or a producer holding ``key``) would build it."""
+def forged(
+    body: dict[str, Any], key: str | None, task_id: str | None = None, expires: int | None = None
+) -> dict[str, Any]:
+    """A header as an attacker (or a producer holding ``key``) would build it: bound to
+    ``task_id`` (and expiring at ``expires``, default in an hour) when one is given."""
     out = dict(body)
+    if task_id is not None:
+        out["msg"] = carrier.binding(task_id)
+        out["exp"] = int(time.time()) + 3600 if expires is None else expires
     if key is not None:
-        out["sig"] = codec.sign(codec.dumps(body), key.encode())
+        out["sig"] = codec.sign(codec.dumps(out), key.encode())
     return out
 
 
@@ -91,8 +99,12 @@ def test_key_rotation_old_key_still_verifies(signed: Worker, celery_dsn: str) ->
     p = f"rotation-{uuid.uuid4().hex[:8]}"
     with threadline.context(actor=ActorRef.user("7"), correlation_id=p):
         tasks.record.delay(f"{p}-celery")
+    task_id = str(uuid.uuid4())
     signed.publish_raw(
-        tasks.NAME + "record", [f"{p}-kombu"], {"threadline": forged({**ADMIN, "correlation_id": p}, OLD_KEY)}
+        tasks.NAME + "record",
+        [f"{p}-kombu"],
+        {"threadline": forged({**ADMIN, "correlation_id": p}, OLD_KEY, task_id)},
+        task_id=task_id,
     )
     rows = wait_rows(celery_dsn, p, 2, worker=signed)
     assert rows[f"{p}-celery"]["actor"] == USER and rows[f"{p}-celery"]["context_error"] is None
@@ -153,3 +165,47 @@ def test_reject_policy_fails_the_task_without_running_it(signed: Worker, celery_
     assert set(rows) == {f"{p}-beat"}  # the rejected body never wrote
     assert rows[f"{p}-beat"]["actor"] == tasks.DEFAULT_ACTOR.to_dict()
     assert any(rejected in line and "refused" in line for line in signed.log().splitlines())
+
+
+def test_a_signed_header_is_bound_to_its_message_and_expires(signed: Worker, celery_dsn: str) -> None:
+    client(signed, [NEW_KEY])
+    p = f"replay-{uuid.uuid4().hex[:8]}"
+    original = str(uuid.uuid4())
+    good = forged({**ADMIN, "correlation_id": p}, NEW_KEY, original)
+    cases = {
+        "original": (good, original),  # on its own message: trusted
+        "copied": (good, None),  # the same header on another message: a replay
+        "unbound": (forged({**ADMIN, "correlation_id": p}, NEW_KEY), None),  # old-style: no binding
+        "expired": (forged({**ADMIN, "correlation_id": p}, NEW_KEY, "x", expires=int(time.time()) - 5), "x"),
+        "rebound": ({**good, "msg": carrier.binding("other")}, None),  # binding edited: signature breaks
+    }
+    ids = {
+        name: signed.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": h}, task_id=tid)
+        for name, (h, tid) in cases.items()
+    }
+    rows = wait_rows(celery_dsn, p, len(cases), worker=signed)
+    assert rows[f"{p}-original"]["actor"] == ADMIN["actor"] and rows[f"{p}-original"]["context_error"] is None
+    for name in ("copied", "unbound", "expired", "rebound"):
+        row = rows[f"{p}-{name}"]
+        assert row["actor"] is None and row["correlation_id"] == ids[name], (name, row)
+    assert "bound to another message" in rows[f"{p}-copied"]["context_error"]
+    assert "not bound to its message" in rows[f"{p}-unbound"]["context_error"]
+    assert "expired" in rows[f"{p}-expired"]["context_error"]
+    assert "matches none of the signing keys" in rows[f"{p}-rebound"]["context_error"]
+
+
+def test_binding_in_the_generic_carrier() -> None:
+    ctx = threadline.AuditContext(actor=ActorRef.user("7"), correlation_id="c")
+    bound = threadline.inject({}, ctx, signing_key=NEW_KEY, message_id="m-1")
+    assert threadline.extract(bound, signing_keys=[NEW_KEY], message_id="m-1") == ctx
+    with pytest.raises(UntrustedContext, match="bound to another message"):
+        threadline.extract(bound, signing_keys=[NEW_KEY], message_id="m-2")
+    with pytest.raises(UntrustedContext, match="bound to another message"):
+        threadline.extract(bound, signing_keys=[NEW_KEY])  # the receiver must say which message
+    unbound = threadline.inject({}, ctx, signing_key=NEW_KEY)
+    assert threadline.extract(unbound, signing_keys=[NEW_KEY]) == ctx  # opted out of binding
+    with pytest.raises(UntrustedContext, match="not bound"):
+        threadline.extract(unbound, signing_keys=[NEW_KEY], message_id="m-1")
+    short = threadline.inject({}, ctx, signing_key=NEW_KEY, message_id="m-1", ttl=-1)
+    with pytest.raises(UntrustedContext, match="expired"):
+        threadline.extract(short, signing_keys=[NEW_KEY], message_id="m-1")

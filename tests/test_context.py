@@ -220,9 +220,9 @@ def test_nested_contexts_keep_job_and_meta_of_the_outer_one() -> None:
     ids=["lone-high", "lone-low", "c1-nel", "bidi-override", "bidi-isolate", "pop-isolate", "c1-last"],
 )
 def test_ids_refuse_c1_bidi_controls_and_lone_surrogates(value: str) -> None:
-    with pytest.raises(InvalidContext, match="control, bidi-control or unpaired surrogate"):
+    with pytest.raises(InvalidContext, match="control characters or unpaired surrogates"):
         threadline.context(correlation_id=value)
-    with pytest.raises(InvalidActor, match="control, bidi-control or unpaired surrogate"):
+    with pytest.raises(InvalidActor, match="control characters or unpaired surrogates"):
         ActorRef.user(value)
     with pytest.raises(InvalidContext):  # also when it arrives as JSON text
         codec.decode(json.dumps({"v": 1, "request_id": value}))

@@ -14,7 +14,7 @@ FORBIDDEN_TEXT_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u
 """Characters no id, origin or actor field may hold: C0 and C1 control characters, the bidi
 embedding/override/isolate controls (which make a logged id read as something else), and lone
 surrogates (not text: they cannot be encoded as UTF-8, so they could never reach PostgreSQL)."""
-FORBIDDEN_TEXT = "control, bidi-control or unpaired surrogate characters"
+FORBIDDEN_TEXT = "control characters or unpaired surrogates (C0, C1 and bidi controls, lone surrogates)"
 
 
 def _check_text(name: str, value: object, *, required: bool) -> str | None:

@@ -201,13 +201,15 @@ class Worker:
 
         return make_app(self.broker, BACKEND_URL, self.queue, **kwargs)
 
-    def publish_raw(self, name: str, args: list[Any], headers: dict[str, Any] | None = None) -> str:
+    def publish_raw(
+        self, name: str, args: list[Any], headers: dict[str, Any] | None = None, task_id: str | None = None
+    ) -> str:
         """Publish a task message straight to the broker with kombu: no Celery signals run.
 
         This is what a producer without threadline (or a forger) sends. Returns the task id.
         """
         builder = Celery(set_as_current=False)  # only its message format is used: never finalized
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         message = builder.amqp.as_task_v2(task_id, name, args, {}, root_id=task_id)
         message_headers = dict(message.headers)
         message_headers.update(headers or {})

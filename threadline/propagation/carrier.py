@@ -17,7 +17,10 @@ the dict itself (a header written by hand, or by an earlier release).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -30,13 +33,19 @@ HEADER = "threadline"
 """The key (message header name) the context travels under."""
 
 SIGNATURE_FIELD = "sig"
+BINDING_FIELD = "msg"
+"""In a signed header: the message it was signed for (a digest of the message or task id)."""
+EXPIRY_FIELD = "exp"
+"""In a signed header: when its signature stops being accepted (Unix time, whole seconds)."""
+DEFAULT_SIGNATURE_TTL = 7 * 24 * 3600
+"""Default lifetime of a header's signature, in seconds: a week, for tasks queued with a delay."""
 ERROR_FIELD = "error"
 DEFAULT_MAX_BYTES = 8192
 """Default cap of a carried context's encoding: far under RabbitMQ's header-frame limit."""
 
 # set by the receiving side only: where the work runs, and why it refused what it received
 _LOCAL_FIELDS = ("origin", "job", "incoming_error")
-_CARRIED = frozenset({"v", *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
+_CARRIED = frozenset({"v", BINDING_FIELD, EXPIRY_FIELD, *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
 _CARRIED_TEXT = ("correlation_id", "request_id", "causation_id")
 _CARRIED_TEXT_CHECKED = tuple(name for name in codec.TEXT_FIELDS if name in _CARRIED)
 
@@ -117,13 +126,30 @@ def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> 
     return body
 
 
-def encode_wire(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> str:
+def binding(message_id: str) -> str:
+    """What a signed header carries to name the message it belongs to: 16 hex digits of the
+    SHA-256 of its id (finding another id with the same digits is not practical)."""
+    return hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def encode_wire(
+    body: dict[str, Any],
+    *,
+    signing_key: bytes | None,
+    max_bytes: int,
+    message_id: str | None = None,
+    ttl: int = DEFAULT_SIGNATURE_TTL,
+) -> str:
     """The header value for ``body``: its canonical JSON text, with ``sig`` when a key is given.
 
-    The same text as ``codec.dumps(seal(body, ...))``, without encoding ``body`` twice; ``body``
-    is left as it is. Raises :class:`InvalidContext` when the text, signature included, is
-    larger than ``max_bytes`` (what :func:`decode_wire` accepts).
+    A signed header with ``message_id`` is bound to that message (``msg``) and expires after
+    ``ttl`` seconds (``exp``), both under the signature, so it cannot be copied onto another
+    message or replayed later. The same text as ``codec.dumps(seal(body, ...))``, without encoding
+    ``body`` twice; ``body`` is left as it is. Raises :class:`InvalidContext` when the text,
+    signature included, is larger than ``max_bytes`` (what :func:`decode_wire` accepts).
     """
+    if signing_key is not None and message_id is not None:
+        body = {**body, BINDING_FIELD: binding(message_id), EXPIRY_FIELD: int(time.time()) + ttl}
     text = codec.dumps(body)
     if signing_key is not None:
         _check_size(text, max_bytes)  # before signing a text that is too large anyway
@@ -162,7 +188,11 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def decode_wire(
-    raw: object, *, keys: tuple[bytes, ...] = (), max_bytes: int = DEFAULT_MAX_BYTES
+    raw: object,
+    *,
+    keys: tuple[bytes, ...] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    message_id: str | None = None,
 ) -> dict[str, Any]:
     """Validate a received header value and return the fields it carries.
 
@@ -171,7 +201,9 @@ def decode_wire(
     :class:`ActorRef`), ready for :class:`AuditContext`. Raises :class:`UntrustedContext` when
     ``keys`` are given and the value is unsigned or its signature matches none of them, and
     :class:`InvalidContext` for anything malformed (not JSON, wrong types, unknown version or
-    fields, over ``max_bytes``).
+    fields, over ``max_bytes``). With ``keys``, a header bound to a message (``msg``) is trusted
+    only on the message ``message_id`` names and before it expires (``exp``); with
+    ``message_id`` given, a signed header that is bound to no message is not trusted either.
     """
     data: object = raw
     if type(data) is not dict and isinstance(data, (str, bytes, bytearray)):
@@ -181,7 +213,9 @@ def decode_wire(
             # The signature is checked over exactly the bytes that are then decoded. Anything
             # else (another layout, a signature that does not match) takes the general path.
             if signed is not None and codec.verify(signed[0], signed[1], keys):
-                return _fields(_body(_parse(signed[0])))
+                body = _body(_parse(signed[0]))
+                _check_binding(body, message_id)
+                return _fields(body)
         data = _parse(encoded)
     body = _body(data)
     signature = None
@@ -200,7 +234,30 @@ def decode_wire(
             raise UntrustedContext("header is not signed")
         if not codec.verify(text, signature, keys):
             raise UntrustedContext("header has a signature that matches none of the signing keys")
+        _check_binding(body, message_id)
     return _fields(body)
+
+
+def _check_binding(body: Mapping[str, Any], message_id: str | None) -> None:
+    """Refuse a verified header copied from another message, or signed too long ago."""
+    bound = body.get(BINDING_FIELD)
+    if bound is None:
+        if message_id is not None:
+            raise UntrustedContext(
+                "header is signed but not bound to its message (a copied or old-style header)"
+            )
+    elif (
+        message_id is None
+        or not isinstance(bound, str)
+        or not hmac.compare_digest(bound, binding(message_id))
+    ):
+        raise UntrustedContext("header is bound to another message (a copied header)")
+    expires = body.get(EXPIRY_FIELD)
+    if bound is not None or expires is not None:
+        if type(expires) is not int:
+            raise UntrustedContext("header has no valid expiry")
+        if expires < time.time():
+            raise UntrustedContext(f"header expired {int(time.time()) - expires} s ago")
 
 
 def _utf8(value: str | bytes | bytearray, max_bytes: int) -> bytes:
@@ -292,14 +349,18 @@ def inject(
     *,
     signing_key: str | bytes | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    message_id: str | None = None,
+    ttl: int = DEFAULT_SIGNATURE_TTL,
 ) -> MutableMapping[str, str]:
     """Put ``ctx`` (default: the current context) into ``carrier`` under ``"threadline"``.
 
     The value is compact JSON text (encode it for byte-valued headers such as Kafka's). Its
     ``causation_id`` is the sender: the current job's id, else the request id. Nothing is written
     when the context is empty. With ``signing_key`` the value carries an
-    HMAC-SHA256 signature that :func:`extract` checks. Raises :class:`InvalidContext` when the
-    encoding is larger than ``max_bytes``. Returns ``carrier``.
+    HMAC-SHA256 signature that :func:`extract` checks; with ``message_id`` too, the signature is
+    bound to that message and expires after ``ttl`` seconds (pass the same id to
+    :func:`extract`), so the header cannot be copied onto another message. Raises
+    :class:`InvalidContext` when the encoding is larger than ``max_bytes``. Returns ``carrier``.
     """
     ctx = current() if ctx is None else ctx
     if ctx.is_empty:
@@ -309,7 +370,7 @@ def inject(
     cause = sender_id(ctx)
     if cause is not None:
         body["causation_id"] = cause
-    carrier[HEADER] = encode_wire(body, signing_key=key, max_bytes=max_bytes)
+    carrier[HEADER] = encode_wire(body, signing_key=key, max_bytes=max_bytes, message_id=message_id, ttl=ttl)
     return carrier
 
 
@@ -318,15 +379,19 @@ def extract(
     *,
     signing_keys: Iterable[str | bytes] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    message_id: str | None = None,
 ) -> AuditContext | None:
     """The context a producer put into ``carrier`` with :func:`inject`; ``None`` when absent.
 
     Only the carried fields are set (actor, correlation, request and causation ids, meta): layer
     the consumer's own on top, e.g. ``threadline.context(origin="rq", job={...})`` inside
     ``threadline.use_context(ctx)``. Raises :class:`InvalidContext` for a malformed value and,
-    when ``signing_keys`` are given, :class:`UntrustedContext` for an unsigned or forged one.
+    when ``signing_keys`` are given, :class:`UntrustedContext` for an unsigned or forged one, one
+    bound to another message than ``message_id``, or an expired one (see :func:`decode_wire`).
     """
     raw = carrier.get(HEADER)
     if raw is None:
         return None
-    return AuditContext(**decode_wire(raw, keys=check_signing_keys(signing_keys), max_bytes=max_bytes))
+    return AuditContext(
+        **decode_wire(raw, keys=check_signing_keys(signing_keys), max_bytes=max_bytes, message_id=message_id)
+    )

@@ -93,8 +93,12 @@ class _Installation:
     max_header_bytes: int
     original_send_task: Callable[..., Any] | None = None
     receivers: list[tuple[Any, Callable[..., None]]] = field(default_factory=list)
-    # id(ctx) -> (ctx, causation, same task, header); the context object is kept alive with it
-    cache: dict[int, tuple[AuditContext, str | None, bool, str]] = field(default_factory=dict)
+    signature_ttl: int = carrier.DEFAULT_SIGNATURE_TTL
+    # id(ctx) -> (ctx, causation, same task, header (unsigned installs), body); the context
+    # object is kept alive with it
+    cache: dict[int, tuple[AuditContext, str | None, bool, str | None, dict[str, Any]]] = field(
+        default_factory=dict
+    )
 
     def header_for(self, ctx: AuditContext, message_id: object, parent_id: object) -> str:
         """The header value for a message with these ids, published under ``ctx``.
@@ -108,19 +112,33 @@ class _Installation:
         causation = ctx.causation_id if same_task else (_safe_id(parent_id) or carrier.sender_id(ctx))
         hit = self.cache.get(id(ctx))
         if hit is not None and hit[0] is ctx and hit[1] == causation and hit[2] == same_task:
-            return hit[3]
-        body = carrier.wire_dict(ctx, keep_incoming_error=same_task)
-        if causation is None:
-            body.pop("causation_id", None)
+            if hit[3] is not None:
+                return hit[3]
+            body = hit[4]
         else:
-            body["causation_id"] = causation
-        header = carrier.encode_wire(
-            body, signing_key=self.keys[0] if self.keys else None, max_bytes=self.max_header_bytes
+            body = carrier.wire_dict(ctx, keep_incoming_error=same_task)
+            if causation is None:
+                body.pop("causation_id", None)
+            else:
+                body["causation_id"] = causation
+            header = (
+                None
+                if self.keys
+                else carrier.encode_wire(body, signing_key=None, max_bytes=self.max_header_bytes)
+            )
+            if len(self.cache) >= _CACHE_SIZE:
+                self.cache.clear()
+            self.cache[id(ctx)] = (ctx, causation, same_task, header, body)
+            if header is not None:
+                return header
+        # signed: bound to this message and valid for signature_ttl, so signed once per message
+        return carrier.encode_wire(
+            body,
+            signing_key=self.keys[0],
+            max_bytes=self.max_header_bytes,
+            message_id=message_id if isinstance(message_id, str) else None,
+            ttl=self.signature_ttl,
         )
-        if len(self.cache) >= _CACHE_SIZE:
-            self.cache.clear()
-        self.cache[id(ctx)] = (ctx, causation, same_task, header)
-        return header
 
 
 _installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
@@ -135,6 +153,7 @@ def install(
     signing_keys: Iterable[str | bytes] | None = None,
     signature_policy: SignaturePolicy = "strip",
     max_header_bytes: int = carrier.DEFAULT_MAX_BYTES,
+    signature_ttl: float = carrier.DEFAULT_SIGNATURE_TTL,
 ) -> celery.Celery:
     """Carry the audit context through every task ``app`` publishes and runs. Idempotent.
 
@@ -142,7 +161,9 @@ def install(
       without threadline); a task's own ``@threadline.task(default_actor=...)`` wins.
     - ``signing_keys``: HMAC-SHA256 keys; the first signs every header, all of them verify (list
       the new key first and keep the old one until no message signed with it is left). With
-      keys, an unsigned or forged header is never trusted.
+      keys, an unsigned or forged header is never trusted, and every header is bound to its
+      message (the task id) and expires: copied onto another message, or consumed later than
+      ``signature_ttl`` seconds after it was sent (default a week), it is not trusted either.
     - ``signature_policy``: ``"strip"`` (default: run without the inherited context, mark the
       transactions, log a warning) or ``"reject"`` (the task fails with
       :class:`~threadline.errors.UntrustedContext` and its body does not run; this needs tasks
@@ -166,14 +187,23 @@ def install(
             f"max_header_bytes must be an integer from {_MIN_HEADER_BYTES} to {_MAX_HEADER_BYTES}, "
             f"got {max_header_bytes!r}"
         )
+    if (
+        isinstance(signature_ttl, bool)
+        or not isinstance(signature_ttl, (int, float))
+        or not 60 <= signature_ttl <= 10**9
+    ):
+        raise ConfigurationError(
+            f"signature_ttl must be a number of seconds of at least 60, got {signature_ttl!r}"
+        )
+    ttl = int(signature_ttl)
     with _lock:
         inst = _installations.get(app)
         if inst is not None:
             inst.default_actor, inst.keys, inst.policy = actor, keys, policy
-            inst.max_header_bytes = max_header_bytes
+            inst.max_header_bytes, inst.signature_ttl = max_header_bytes, ttl
             inst.cache.clear()
             return app
-        inst = _Installation(weakref.ref(app), actor, keys, policy, max_header_bytes)
+        inst = _Installation(weakref.ref(app), actor, keys, policy, max_header_bytes, signature_ttl=ttl)
         _connect(app, inst)
         _installations[app] = inst
     return app
@@ -373,7 +403,12 @@ def _incoming_context(
         actor = getattr(task, "threadline_default_actor", None) or inst.default_actor
         return _build(actor=actor, correlation_id=root_id, causation_id=cause, job=job), None
     try:
-        fields = carrier.decode_wire(raw, keys=inst.keys, max_bytes=inst.max_header_bytes)
+        fields = carrier.decode_wire(
+            raw,
+            keys=inst.keys,
+            max_bytes=inst.max_header_bytes,
+            message_id=request.id if inst.keys and isinstance(request.id, str) else None,
+        )
     except InvalidContext as exc:
         reason = _short(
             f"header {exc.problem}"
