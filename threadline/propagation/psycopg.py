@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg import pq, sql
+from psycopg import generators, pq, sql
 from psycopg.abc import PQGen
 from psycopg.rows import Row
 
@@ -338,6 +338,10 @@ class ThreadlineConnection(psycopg.Connection[Row]):
       for ``stream()`` and ``copy()``.
     - With no context active nothing is sent. Nothing outlives a transaction, so a connection
       returned to a pool never carries a previous request's context.
+    - A cursor made directly (``psycopg.Cursor(conn)``, ``psycopg.ClientCursor(conn)``) instead
+      of ``conn.cursor()`` carries the context too when it opens or first writes in a
+      transaction; in autocommit mode it does not (its statements are recorded without actor):
+      use ``conn.cursor()`` or ``conn.execute()`` there.
 
     Do not issue ``BEGIN``/``COMMIT``/``ROLLBACK TO`` as SQL text on it: use ``commit()``,
     ``rollback()`` and ``transaction()``, which the connection watches.
@@ -422,8 +426,30 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         )
 
     def _start_query(self) -> PQGen[None]:
-        if not self._begin_in_statement:
+        # psycopg calls this before every statement of any cursor, to open the implicit
+        # transaction. Threadline's cursors have opened it already (with the context); a cursor
+        # made directly (psycopg.Cursor(conn), psycopg.ClientCursor(conn)) has not: its
+        # transaction opens here, with BEGIN and SET LOCAL in one message (inside a transaction()
+        # block, SET LOCAL alone). In autocommit mode it gets no context: see the class docs.
+        if self._begin_in_statement:
+            return
+        ctx = _current.get()
+        status = self.pgconn.transaction_status
+        if ctx.is_empty or self._autocommit or self._pipeline is not None:
             yield from super()._start_query()
+            return
+        if status == _IDLE:
+            command = self._get_tx_start_command() + b"; " + self._set_local(ctx)
+        elif status == _INTRANS and self._applied is not ctx and self._applied != ctx:
+            command = self._set_local(ctx)  # a transaction() block whose first statement this is
+        else:
+            return
+        self.pgconn.send_query(command)
+        results = yield from generators.execute(self.pgconn)
+        for result in results:
+            if result.status != _COMMAND_OK:
+                raise psycopg.errors.error_from_result(result, encoding=self.pgconn._encoding)
+        self._applied = ctx
 
     def _prepare_statement(self) -> None:
         """Make sure the transaction the next statement runs in carries the current context."""
