@@ -325,18 +325,20 @@ def test_client_cursor_opens_a_transaction_with_begin_context_and_statement_in_o
 def test_a_cursor_built_directly_carries_the_context_in_a_transaction(
     dsn: str, conn: Any, posts: str, cursor_class: Any
 ) -> None:
-    with ThreadlineConnection.connect(dsn) as tl:
-        with threadline.context(actor=ActorRef.user("5"), correlation_id="direct"):
-            query = (
-                "INSERT INTO app.posts (id) VALUES ($1)"
-                if cursor_class is psycopg.RawCursor
-                else "INSERT INTO app.posts (id) VALUES (%s)"
-            )
-            cursor_class(tl).execute(query, [1])  # not conn.cursor(): psycopg's class itself
-            cursor_class(tl).execute(query.replace("(1", "(2").replace("VALUES", "VALUES"), [2])
-            tl.commit()
-            with tl.transaction():  # an explicit transaction, first statement from a direct cursor
-                cursor_class(tl).execute(query, [3])
+    query = (
+        "INSERT INTO app.posts (id) VALUES ($1)"
+        if cursor_class is psycopg.RawCursor
+        else "INSERT INTO app.posts (id) VALUES (%s)"
+    )
+    with (
+        ThreadlineConnection.connect(dsn) as tl,
+        threadline.context(actor=ActorRef.user("5"), correlation_id="direct"),
+    ):
+        cursor_class(tl).execute(query, [1])  # not conn.cursor(): psycopg's class itself
+        cursor_class(tl).execute(query, [2])
+        tl.commit()
+        with tl.transaction():  # an explicit transaction, first statement from a direct cursor
+            cursor_class(tl).execute(query, [3])
     rows = transactions(conn)
     assert len(rows) == 2 and all(r["actor"] == {"type": "user", "id": "5"} for r in rows), rows
     assert all(r["correlation_id"] == "direct" for r in rows)

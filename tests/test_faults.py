@@ -12,8 +12,12 @@ fallback; the two broker faults are skipped, naming the missing server.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -185,3 +189,58 @@ def test_redis_connections_dropped_mid_run_keep_headers(celery_dsn: str, tmp_pat
     for label, row in rows.items():
         assert row["correlation_id"] == f"corr-{label}" and row["request_id"] == label
         assert row["actor"] == {"type": "user", "id": "5"} and row["context_error"] is None
+
+
+def _private_redis(port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            if redis.Redis(port=port).ping():
+                return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+@pytest.mark.parametrize("outage", [1.0, 8.0])
+def test_a_prefork_worker_without_heartbeat_consumes_again_after_the_redis_broker_restarts(
+    celery_dsn: str, tmp_path: Path, outage: float
+) -> None:
+    # its own redis-server on a free port: the shared one is never restarted
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _private_redis(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    worker = _worker("redis", "prefork", celery_dsn, tmp_path)
+    worker.broker = url
+    worker.env["THREADLINE_TEST_CELERY_BROKER"] = url
+    worker.start()  # started with --without-heartbeat, as the report had it
+    try:
+        app = worker.app()
+        label = f"restart-{uuid.uuid4().hex[:8]}"
+        _send(app, "slow_write", f"{label}-before", 0.0)
+        wait_rows(celery_dsn, f"{label}-before", 1, worker=worker)
+        server.terminate()
+        server.wait(10)
+        time.sleep(outage)
+        server = _private_redis(port)
+        _send(app, "slow_write", f"{label}-after", 0.0)  # the producer reconnects on its own
+        row = wait_rows(celery_dsn, f"{label}-after", 1, worker=worker, timeout=90)[f"{label}-after"]
+        assert row["actor"] == {"type": "user", "id": "5"} and row["request_id"] == f"{label}-after"
+        assert "Connection to broker lost" in worker.log()
+    finally:
+        worker.stop()
+        server.kill()
+        server.wait(10)
