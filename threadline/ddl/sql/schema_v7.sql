@@ -330,9 +330,10 @@ CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON @audit@.transactions
 --   typed       columns are read from the transition tables by name; the cheapest, and kept in
 --               step with every ALTER TABLE by the event triggers (installed by a superuser).
 --   drift_safe  rows are read as jsonb only; an ALTER TABLE can never make it fail, masks and
---               excludes apply by name to columns added later, and when a masked or excluded
---               column disappears (dropped, or renamed) every column the code does not know is
---               masked until the table is synced. Used where event triggers cannot be created.
+--               excludes apply by name to columns added later, and while a masked or excluded
+--               column no longer has its name (dropped, or renamed) every value of a statement's
+--               rows is masked until the table is synced. Used where event triggers cannot be
+--               created.
 
 CREATE TABLE IF NOT EXISTS @audit@.tracked_tables (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
