@@ -343,3 +343,13 @@ def test_a_cursor_built_directly_carries_the_context_in_a_transaction(
     assert len(rows) == 2 and all(r["actor"] == {"type": "user", "id": "5"} for r in rows), rows
     assert all(r["correlation_id"] == "direct" for r in rows)
     assert [c["transaction_id"] for c in changes(conn)] == [rows[0]["id"], rows[0]["id"], rows[1]["id"]]
+
+
+def test_a_transaction_block_sets_the_context_once(dsn: str, conn: Any, posts: str, tmp_path: Any) -> None:
+    with ThreadlineConnection.connect(dsn) as app, threadline.context(actor=ActorRef.user("4")):
+        with _sent_messages(app, tmp_path / "trace") as sent, app.transaction():
+            app.execute("INSERT INTO app.posts (id) VALUES (1)")
+            with threadline.context(correlation_id="changed"):  # changed mid-transaction: once more
+                app.execute("UPDATE app.posts SET views = 1 WHERE id = 1")
+        set_locals = [m for m in sent if "SET LOCAL threadline.context" in m]
+        assert len(set_locals) == 2, sent

@@ -155,12 +155,15 @@ def test_nested_eager_runs_unwind_in_order_and_a_rejection_stays_with_its_task()
 
     outer_ctx = AuditContext(actor=ActorRef.user("1"), correlation_id="outer")
     inner_ctx = AuditContext(actor=ActorRef.user("2"), correlation_id="inner")
-    signed = threadline.inject({}, inner_ctx, signing_key=KEY, message_id="inner-1")  # bound to its task
+    # bound to the task id and name it runs under
+    signed = threadline.inject({}, inner_ctx, signing_key=KEY, message_id="inner-1\x1fnested.inner")
     try:
         with web() as caller:
             outer.apply(
                 (signed, threadline.inject({}, inner_ctx)),
-                headers=threadline.inject({}, outer_ctx, signing_key=KEY, message_id="outer-1"),
+                headers=threadline.inject(
+                    {}, outer_ctx, signing_key=KEY, message_id="outer-1\x1fnested.outer"
+                ),
                 task_id="outer-1",
             )
             assert threadline.current() is caller

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +67,17 @@ def _uninstall_clients() -> Iterator[None]:
 
 
 def forged(
-    body: dict[str, Any], key: str | None, task_id: str | None = None, expires: int | None = None
+    body: dict[str, Any],
+    key: str | None,
+    task_id: str | None = None,
+    expires: int | None = None,
+    task: str = tasks.NAME + "record",
 ) -> dict[str, Any]:
     """A header as an attacker (or a producer holding ``key``) would build it: bound to
-    ``task_id`` (and expiring at ``expires``, default in an hour) when one is given."""
+    ``task_id`` and ``task`` (and expiring at ``expires``, default in an hour) when an id is given."""
     out = dict(body)
     if task_id is not None:
-        out["msg"] = carrier.binding(task_id)
+        out["msg"] = carrier.binding(f"{task_id}\x1f{task}")
         out["exp"] = int(time.time()) + 3600 if expires is None else expires
     if key is not None:
         out["sig"] = codec.sign(codec.dumps(out), key.encode())
@@ -178,6 +184,11 @@ def test_a_signed_header_is_bound_to_its_message_and_expires(signed: Worker, cel
         "unbound": (forged({**ADMIN, "correlation_id": p}, NEW_KEY), None),  # old-style: no binding
         "expired": (forged({**ADMIN, "correlation_id": p}, NEW_KEY, "x", expires=int(time.time()) - 5), "x"),
         "rebound": ({**good, "msg": carrier.binding("other")}, None),  # binding edited: signature breaks
+        # the same task id, but another task: the binding names the task too
+        "other-task": (
+            forged({**ADMIN, "correlation_id": p}, NEW_KEY, "y", task=tasks.NAME + "guarded"),
+            "y",
+        ),
     }
     ids = {
         name: signed.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], {"threadline": h}, task_id=tid)
@@ -185,13 +196,14 @@ def test_a_signed_header_is_bound_to_its_message_and_expires(signed: Worker, cel
     }
     rows = wait_rows(celery_dsn, p, len(cases), worker=signed)
     assert rows[f"{p}-original"]["actor"] == ADMIN["actor"] and rows[f"{p}-original"]["context_error"] is None
-    for name in ("copied", "unbound", "expired", "rebound"):
+    for name in ("copied", "unbound", "expired", "rebound", "other-task"):
         row = rows[f"{p}-{name}"]
         assert row["actor"] is None and row["correlation_id"] == ids[name], (name, row)
     assert "bound to another message" in rows[f"{p}-copied"]["context_error"]
     assert "not bound to its message" in rows[f"{p}-unbound"]["context_error"]
     assert "expired" in rows[f"{p}-expired"]["context_error"]
     assert "matches none of the signing keys" in rows[f"{p}-rebound"]["context_error"]
+    assert "bound to another message" in rows[f"{p}-other-task"]["context_error"]
 
 
 def test_binding_in_the_generic_carrier() -> None:
@@ -209,3 +221,29 @@ def test_binding_in_the_generic_carrier() -> None:
     short = threadline.inject({}, ctx, signing_key=NEW_KEY, message_id="m-1", ttl=-1)
     with pytest.raises(UntrustedContext, match="expired"):
         threadline.extract(short, signing_keys=[NEW_KEY], message_id="m-1")
+
+
+def test_a_header_due_later_expires_counting_from_when_it_is_due() -> None:
+    app = Celery("eta", set_as_current=False)
+    threadline.celery.install(app, signing_keys=[NEW_KEY], signature_ttl=60)
+    try:
+        inst = threadline.propagation.celery._installations[app]
+        ctx = threadline.AuditContext(actor=ActorRef.user("7"))
+        later = datetime.now(timezone.utc) + timedelta(hours=2)
+        header = inst.header_for(ctx, "t-1", None, "app.task", later.isoformat())
+        assert json.loads(header)["exp"] >= int(later.timestamp()) + 60
+        subject = threadline.propagation.celery.binding_subject("t-1", "app.task")
+        assert carrier.decode_wire(header, keys=(NEW_KEY.encode(),), message_id=subject)[
+            "actor"
+        ] == ActorRef.user("7")
+    finally:
+        threadline.celery.uninstall(app)
+
+
+def test_unbound_signatures_are_accepted_only_when_asked_for() -> None:
+    unbound = threadline.inject({}, threadline.AuditContext(actor=ActorRef.user("7")), signing_key=NEW_KEY)
+    keys = (NEW_KEY.encode(),)
+    with pytest.raises(UntrustedContext, match="not bound"):
+        carrier.decode_wire(unbound["threadline"], keys=keys, message_id="t\x1fx")
+    fields = carrier.decode_wire(unbound["threadline"], keys=keys, message_id="t\x1fx", require_binding=False)
+    assert fields["actor"] == ActorRef.user("7")

@@ -216,8 +216,30 @@ def test_nested_contexts_keep_job_and_meta_of_the_outer_one() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["x\ud800", "\udfffy", "a\x85b", "abc\u202edef", "\u2066id", "id\u2069", "\x9f"],
-    ids=["lone-high", "lone-low", "c1-nel", "bidi-override", "bidi-isolate", "pop-isolate", "c1-last"],
+    [
+        "x\ud800",
+        "\udfffy",
+        "a\x85b",
+        "abc\u202edef",
+        "\u2066id",
+        "id\u2069",
+        "\x9f",
+        "a\u2028b",
+        "\u200eid",
+        "\u061c",
+    ],
+    ids=[
+        "lone-high",
+        "lone-low",
+        "c1-nel",
+        "bidi-override",
+        "bidi-isolate",
+        "pop-isolate",
+        "c1-last",
+        "line-separator",
+        "lrm",
+        "alm",
+    ],
 )
 def test_ids_refuse_c1_bidi_controls_and_lone_surrogates(value: str) -> None:
     with pytest.raises(InvalidContext, match="control characters or unpaired surrogates"):

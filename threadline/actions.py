@@ -37,7 +37,9 @@ MAX_TEXT = 10_000
 """Longest ``reason`` and ``comment``."""
 
 # long text (reason, comment) may hold tabs and line breaks, nothing else FORBIDDEN_TEXT_RE refuses
-_TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_TEXT_CONTROL_RE = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _COLUMNS = (
     "id, name, actor, status, verb, category, reason, comment, correlation_id, request_id, job_id, "
     "meta, inserted_at"

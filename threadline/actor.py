@@ -10,9 +10,12 @@ from threadline.errors import InvalidActor
 
 MAX_ID_LENGTH = 256
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-FORBIDDEN_TEXT_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-"""Characters no id, origin or actor field may hold: C0 and C1 control characters, the bidi
-embedding/override/isolate controls (which make a logged id read as something else), and lone
+FORBIDDEN_TEXT_RE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+"""Characters no id, origin or actor field may hold: C0 and C1 control characters, the line and
+paragraph separators (U+2028, U+2029), the bidi marks, embeddings, overrides and isolates (U+061C,
+U+200E, U+200F, U+202A-U+202E, U+2066-U+2069: they make a logged id read as something else), and lone
 surrogates (not text: they cannot be encoded as UTF-8, so they could never reach PostgreSQL)."""
 FORBIDDEN_TEXT = "control characters or unpaired surrogates (C0, C1 and bidi controls, lone surrogates)"
 

@@ -279,6 +279,8 @@ def untrack(
     if not tables and not prune:
         raise click.UsageError("name at least one table, or pass --prune")
     if print_sql:
+        if prune:
+            raise click.UsageError("--prune looks at the database and cannot be printed: run it, or use sync")
         for table in tables:
             try:
                 click.echo(triggers.untrack_sql(table, audit_schema=audit_schema), nl=False)
@@ -315,7 +317,12 @@ def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> Non
     or an upgrade) and remove capture code whose table is gone."""
     with _connect(dsn) as conn:
         if check:
-            stale = [t for t in triggers.tracked_tables(conn, audit_schema) if t.status != "installed"]
+            # what a sync would change (a disabled trigger is left to whoever disabled it)
+            stale = [
+                t
+                for t in triggers.tracked_tables(conn, audit_schema)
+                if t.status not in ("installed", "disabled")
+            ]
             for t in stale:
                 click.echo(f"{t.name}: {t.status}" + (f" ({t.detail})" if t.detail else ""))
             if stale:

@@ -56,7 +56,10 @@ class TableCoverage:
 
     @property
     def name(self) -> str:
-        """``schema.table``, each part quoted when it needs to be."""
+        """``schema.table``, each part quoted when it needs to be (a capture function whose table
+        is unknown is named as such)."""
+        if self.table_schema is None:
+            return f"(capture function {self.table_name})"
         return qualified_name(self.table_schema, self.table_name)
 
     @property
@@ -291,7 +294,8 @@ def coverage(
     every = trigger_coverage(conn, audit_schema=audit_schema)
     tables = [t for t in every if schemas is None or t.table_schema in schemas]
     problems = check_expected(conn, every, expect or [])
-    problems += [p for p in tracking_problems(tables) if p not in problems]
+    named = {p.split(": ", 1)[0] for p in problems}
+    problems += [p for p in tracking_problems(tables) if p.split(": ", 1)[0] not in named]
     contexts = context_coverage(conn, since=since, audit_schema=audit_schema)
     emit(
         "coverage.checked",

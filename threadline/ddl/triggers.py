@@ -62,6 +62,12 @@ class TrackedTable:
     """``typed`` (kept in step by DDL event triggers) or ``drift_safe`` (needs no event trigger;
     never fails a write after DDL)."""
     function_name: str | None = None
+    audit_schema: str = DEFAULT_SCHEMA
+
+    @property
+    def trigger_names(self) -> tuple[str, ...]:
+        """The four capture triggers of this audit schema on the table."""
+        return tuple(f"{self.audit_schema}_capture_{op}" for op in OPS)
 
     @property
     def current(self) -> bool:
@@ -80,7 +86,11 @@ class TrackedTable:
         if self.status in ("outdated", "missing"):
             return f"threadline track {shlex.quote(qualified_name(self.table_schema, self.table_name))}"
         if self.status == "disabled":
-            return f"ALTER TABLE {qualified_name(self.table_schema, self.table_name)} ENABLE TRIGGER ALL"
+            table = sql.Identifier(self.table_schema or "", self.table_name or "").as_string(None)
+            return "; ".join(
+                f"ALTER TABLE {table} ENABLE TRIGGER {sql.Identifier(trigger).as_string(None)}"
+                for trigger in self.trigger_names
+            )
         if self.status == "orphaned":
             return "threadline sync"
         return None
@@ -216,19 +226,22 @@ def _names(values: Iterable[str] | str | None) -> list[str] | None:
     return out
 
 
-def _error(exc: psycopg.Error) -> TrackingError:
-    """The tracking error class for an error raised by the audit schema's SQL API."""
+def _error(exc: psycopg.Error) -> TrackingError | None:
+    """The tracking error for an error the audit schema's SQL API raises on purpose; ``None`` for
+    any other database error (a read-only transaction, a lock timeout...), which stays as it is."""
     diag = exc.diag
     text = (diag.message_primary or str(exc)).removeprefix("threadline: ")
     if diag.message_hint:
         text += f" ({diag.message_hint})"
-    cls: type[TrackingError] = {
+    cls: type[TrackingError] | None = {
         "42703": UnknownColumn,
         "22023": InvalidTrackOption,
         "42809": UnknownTable,
         "TL001": NoPrimaryKey,
-    }.get(diag.sqlstate or "", TrackingError)
-    return cls(text)
+    }.get(diag.sqlstate or "")
+    if cls is None and (diag.message_primary or "").startswith("threadline: "):
+        cls = TrackingError  # raised on purpose, with a code of its own
+    return None if cls is None else cls(text)
 
 
 def _table_literal(schema: str | None, table: str) -> sql.Composable:
@@ -334,9 +347,10 @@ def track(
         try:
             row = conn.execute(statement).fetchone()
         except psycopg.Error as exc:
-            if exc.diag.sqlstate is None:
+            mapped = _error(exc)
+            if mapped is None:
                 raise
-            raise _error(exc) from None
+            raise mapped from None
     assert row is not None
     result = TrackResult(
         table_schema=row[0],
@@ -450,6 +464,7 @@ def tracked_tables(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA)
             mask=tuple(r[6] or ()),
             mode=r[7],
             function_name=r[8],
+            audit_schema=audit_schema,
         )
         for r in rows
     ]

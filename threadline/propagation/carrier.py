@@ -139,17 +139,20 @@ def encode_wire(
     max_bytes: int,
     message_id: str | None = None,
     ttl: int = DEFAULT_SIGNATURE_TTL,
+    not_before: float | None = None,
 ) -> str:
     """The header value for ``body``: its canonical JSON text, with ``sig`` when a key is given.
 
     A signed header with ``message_id`` is bound to that message (``msg``) and expires after
-    ``ttl`` seconds (``exp``), both under the signature, so it cannot be copied onto another
-    message or replayed later. The same text as ``codec.dumps(seal(body, ...))``, without encoding
+    ``ttl`` seconds (``exp``; counted from ``not_before`` when that is later than now: a message
+    due later), both under the signature, so it cannot be copied onto another message or replayed
+    later. The same text as ``codec.dumps(seal(body, ...))``, without encoding
     ``body`` twice; ``body`` is left as it is. Raises :class:`InvalidContext` when the text,
     signature included, is larger than ``max_bytes`` (what :func:`decode_wire` accepts).
     """
     if signing_key is not None and message_id is not None:
-        body = {**body, BINDING_FIELD: binding(message_id), EXPIRY_FIELD: int(time.time()) + ttl}
+        start = time.time() if not_before is None else max(time.time(), not_before)
+        body = {**body, BINDING_FIELD: binding(message_id), EXPIRY_FIELD: int(start) + ttl}
     text = codec.dumps(body)
     if signing_key is not None:
         _check_size(text, max_bytes)  # before signing a text that is too large anyway
@@ -193,6 +196,7 @@ def decode_wire(
     keys: tuple[bytes, ...] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
     message_id: str | None = None,
+    require_binding: bool | None = None,
 ) -> dict[str, Any]:
     """Validate a received header value and return the fields it carries.
 
@@ -202,9 +206,12 @@ def decode_wire(
     ``keys`` are given and the value is unsigned or its signature matches none of them, and
     :class:`InvalidContext` for anything malformed (not JSON, wrong types, unknown version or
     fields, over ``max_bytes``). With ``keys``, a header bound to a message (``msg``) is trusted
-    only on the message ``message_id`` names and before it expires (``exp``); with
-    ``message_id`` given, a signed header that is bound to no message is not trusted either.
+    only on the message ``message_id`` names and before it expires (``exp``); a signed header
+    bound to no message is not trusted either when ``require_binding`` (default: when
+    ``message_id`` is given).
     """
+    if require_binding is None:
+        require_binding = message_id is not None
     data: object = raw
     if type(data) is not dict and isinstance(data, (str, bytes, bytearray)):
         encoded = _utf8(data, max_bytes)
@@ -214,7 +221,7 @@ def decode_wire(
             # else (another layout, a signature that does not match) takes the general path.
             if signed is not None and codec.verify(signed[0], signed[1], keys):
                 body = _body(_parse(signed[0]))
-                _check_binding(body, message_id)
+                _check_binding(body, message_id, require_binding)
                 return _fields(body)
         data = _parse(encoded)
     body = _body(data)
@@ -234,15 +241,15 @@ def decode_wire(
             raise UntrustedContext("header is not signed")
         if not codec.verify(text, signature, keys):
             raise UntrustedContext("header has a signature that matches none of the signing keys")
-        _check_binding(body, message_id)
+        _check_binding(body, message_id, require_binding)
     return _fields(body)
 
 
-def _check_binding(body: Mapping[str, Any], message_id: str | None) -> None:
+def _check_binding(body: Mapping[str, Any], message_id: str | None, require_binding: bool) -> None:
     """Refuse a verified header copied from another message, or signed too long ago."""
     bound = body.get(BINDING_FIELD)
     if bound is None:
-        if message_id is not None:
+        if require_binding:
             raise UntrustedContext(
                 "header is signed but not bound to its message (a copied or old-style header)"
             )

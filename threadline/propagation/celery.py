@@ -45,6 +45,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal, TypeVar, cast, get_args
 
 import celery
@@ -94,13 +95,21 @@ class _Installation:
     original_send_task: Callable[..., Any] | None = None
     receivers: list[tuple[Any, Callable[..., None]]] = field(default_factory=list)
     signature_ttl: int = carrier.DEFAULT_SIGNATURE_TTL
+    accept_unbound: bool = False
     # id(ctx) -> (ctx, causation, same task, header (unsigned installs), body); the context
     # object is kept alive with it
     cache: dict[int, tuple[AuditContext, str | None, bool, str | None, dict[str, Any]]] = field(
         default_factory=dict
     )
 
-    def header_for(self, ctx: AuditContext, message_id: object, parent_id: object) -> str:
+    def header_for(
+        self,
+        ctx: AuditContext,
+        message_id: object,
+        parent_id: object,
+        task_name: object = None,
+        eta: object = None,
+    ) -> str:
         """The header value for a message with these ids, published under ``ctx``.
 
         ``causation_id`` in the header is what the consumer uses when Celery's ``parent_id`` does
@@ -131,14 +140,37 @@ class _Installation:
             self.cache[id(ctx)] = (ctx, causation, same_task, header, body)
             if header is not None:
                 return header
-        # signed: bound to this message and valid for signature_ttl, so signed once per message
+        # signed: bound to this message (its task id and task name) and valid for signature_ttl
+        # from when it is due, so signed once per message
         return carrier.encode_wire(
             body,
             signing_key=self.keys[0],
             max_bytes=self.max_header_bytes,
-            message_id=message_id if isinstance(message_id, str) else None,
+            message_id=binding_subject(message_id, task_name),
             ttl=self.signature_ttl,
+            not_before=_due(eta),
         )
+
+
+def binding_subject(task_id: object, task_name: object) -> str | None:
+    """What a signed header is bound to: the task id and the task name (a message that reuses an
+    id for another task does not match)."""
+    if not isinstance(task_id, str):
+        return None
+    return f"{task_id}\x1f{task_name if isinstance(task_name, str) else ''}"
+
+
+def _due(eta: object) -> float | None:
+    """When a message with Celery's ``eta`` header (ISO 8601 text) is due, as Unix time."""
+    if not isinstance(eta, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 _installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
@@ -154,6 +186,7 @@ def install(
     signature_policy: SignaturePolicy = "strip",
     max_header_bytes: int = carrier.DEFAULT_MAX_BYTES,
     signature_ttl: float = carrier.DEFAULT_SIGNATURE_TTL,
+    accept_unbound_signatures: bool = False,
 ) -> celery.Celery:
     """Carry the audit context through every task ``app`` publishes and runs. Idempotent.
 
@@ -163,7 +196,10 @@ def install(
       the new key first and keep the old one until no message signed with it is left). With
       keys, an unsigned or forged header is never trusted, and every header is bound to its
       message (the task id) and expires: copied onto another message, or consumed later than
-      ``signature_ttl`` seconds after it was sent (default a week), it is not trusted either.
+      ``signature_ttl`` seconds after it was due (default a week), it is not trusted either.
+    - ``accept_unbound_signatures``: also trust signed headers that carry no binding, as
+      producers of releases before the binding sign them; only while upgrading workers ahead of
+      producers (such a header can be copied onto another message).
     - ``signature_policy``: ``"strip"`` (default: run without the inherited context, mark the
       transactions, log a warning) or ``"reject"`` (the task fails with
       :class:`~threadline.errors.UntrustedContext` and its body does not run; this needs tasks
@@ -201,9 +237,11 @@ def install(
         if inst is not None:
             inst.default_actor, inst.keys, inst.policy = actor, keys, policy
             inst.max_header_bytes, inst.signature_ttl = max_header_bytes, ttl
+            inst.accept_unbound = bool(accept_unbound_signatures)
             inst.cache.clear()
             return app
         inst = _Installation(weakref.ref(app), actor, keys, policy, max_header_bytes, signature_ttl=ttl)
+        inst.accept_unbound = bool(accept_unbound_signatures)
         _connect(app, inst)
         _installations[app] = inst
     return app
@@ -265,7 +303,10 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
             # Encode here, in the caller: an error raised in a publish receiver is swallowed.
             # Inside a task the sender is the running task (the context's job), as Celery's parent_id
             # will say: the receiver then finds this very header in the cache.
-            inst.header_for(ctx, kwargs.get("task_id"), kwargs.get("parent_id"))
+            # (a signed header's binding has a fixed size, whatever the id it will be bound to)
+            inst.header_for(
+                ctx, kwargs.get("task_id") or "", kwargs.get("parent_id"), args[0] if args else None
+            )
         token = _publishing.set(inst)
         try:
             return original(*args, **kwargs)
@@ -316,7 +357,9 @@ def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
     if ctx.is_empty:
         return
     try:
-        headers[HEADER] = inst.header_for(ctx, headers.get("id"), headers.get("parent_id"))
+        headers[HEADER] = inst.header_for(
+            ctx, headers.get("id"), headers.get("parent_id"), headers.get("task"), headers.get("eta")
+        )
     except InvalidContext as exc:
         # Only reachable when the message bypassed the app's send_task: never publish silently
         # without the context, mark it so the worker records why.
@@ -407,7 +450,8 @@ def _incoming_context(
             raw,
             keys=inst.keys,
             max_bytes=inst.max_header_bytes,
-            message_id=request.id if inst.keys and isinstance(request.id, str) else None,
+            message_id=binding_subject(request.id, task.name) if inst.keys else None,
+            require_binding=bool(inst.keys) and not inst.accept_unbound,
         )
     except InvalidContext as exc:
         reason = _short(

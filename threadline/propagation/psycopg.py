@@ -462,6 +462,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             if self._pipeline is not None:
                 # in pipeline mode nothing may be sent synchronously: psycopg queues its own BEGIN
                 # and the setting follows it in the same pipeline (still no extra round trip)
+                self._applied = ctx  # before: _start_query() must not send it a second time
                 psycopg.Cursor(self).execute(self._set_local(ctx))
             else:
                 _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
@@ -470,8 +471,12 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             applied = self._applied
             if applied is ctx or (applied is None and ctx.is_empty) or applied == ctx:
                 return
-            psycopg.Cursor(self).execute(self._set_local(ctx))
-            self._applied = ctx
+            self._applied = ctx  # before: _start_query() must not send it a second time
+            try:
+                psycopg.Cursor(self).execute(self._set_local(ctx))
+            except BaseException:
+                self._applied = applied
+                raise
 
     def _set_local(self, ctx: AuditContext) -> bytes:
         """``SET LOCAL`` of ``ctx``, quoted once per context object."""
