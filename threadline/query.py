@@ -142,33 +142,47 @@ class TableRef:
     key_kinds: Mapping[str, str] = field(default_factory=dict)
     in_catalog: bool = True
     """False for a table that is gone from the database but still in the audit data."""
-    names: tuple[tuple[str, str], ...] = ()
-    """Every ``(schema, name)`` its changes were recorded under (it may have been renamed);
-    empty means just its own."""
+    names: tuple[tuple[str, str, str | None, str | None], ...] = ()
+    """Every ``(schema, name, from, until)`` its changes were recorded under (it may have been
+    renamed; a name another tracked table had too counts only between those times, as text);
+    empty means just its own name."""
 
     def __str__(self) -> str:
         return f"{self.schema}.{self.name}"
 
     def condition(self, params: dict[str, Any], alias: str = "c") -> sql.Composable:
         """``alias`` rows of this table under any of its names; the values go into ``params``."""
-        names = self.names or ((self.schema, self.name),)
-        if len(names) == 1:
-            params["table_schema"], params["table_name"] = names[0]
+        names = self.names or ((self.schema, self.name, None, None),)
+        a = sql.Identifier(alias)
+        if len(names) == 1 and names[0][2] is None and names[0][3] is None:
+            params["table_schema"], params["table_name"] = names[0][:2]
             return sql.SQL("{a}.table_schema = %(table_schema)s AND {a}.table_name = %(table_name)s").format(
-                a=sql.Identifier(alias)
+                a=a
             )
-        params["table_schemas"] = [n[0] for n in names]
-        params["table_names"] = [n[1] for n in names]
-        return sql.SQL(
-            "({a}.table_schema, {a}.table_name) IN"
-            " (SELECT * FROM unnest(%(table_schemas)s::text[], %(table_names)s::text[]))"
-        ).format(a=sql.Identifier(alias))
+        parts: list[sql.Composable] = []
+        for i, (schema, name, valid_from, valid_until) in enumerate(names):
+            params[f"tbl_s{i}"], params[f"tbl_n{i}"] = schema, name
+            part = sql.SQL("{a}.table_schema = {s} AND {a}.table_name = {n}").format(
+                a=a, s=sql.Placeholder(f"tbl_s{i}"), n=sql.Placeholder(f"tbl_n{i}")
+            )
+            if valid_from is not None:
+                params[f"tbl_f{i}"] = valid_from
+                part = sql.SQL("{} AND {}.captured_at >= {}::timestamptz").format(
+                    part, a, sql.Placeholder(f"tbl_f{i}")
+                )
+            if valid_until is not None:
+                params[f"tbl_u{i}"] = valid_until
+                part = sql.SQL("{} AND {}.captured_at < {}::timestamptz").format(
+                    part, a, sql.Placeholder(f"tbl_u{i}")
+                )
+            parts.append(sql.SQL("({})").format(part))
+        return sql.SQL("({})").format(sql.SQL(" OR ").join(parts))
 
 
 _CATALOG_SQL = """
 SELECT n.nspname::text AS schema, c.relname::text AS name,
        (SELECT t.key_columns FROM {audit}.tracked_tables t WHERE t.relid = c.oid) AS capture_keys,
-       ARRAY(SELECT ARRAY[x.table_schema, x.table_name]
+       ARRAY(SELECT ARRAY[x.table_schema, x.table_name, x.valid_from::text, x.valid_until::text]
                FROM {audit}.table_names(n.nspname::text, c.relname::text) x) AS names,
        ARRAY(SELECT a.attname::text
                FROM pg_index i
@@ -190,7 +204,7 @@ SELECT n.nspname::text AS schema, c.relname::text AS name,
 
 _AUDIT_TABLE_SQL = """
 SELECT c.table_schema AS schema, c.table_name AS name, c.pk,
-       ARRAY(SELECT ARRAY[x.table_schema, x.table_name]
+       ARRAY(SELECT ARRAY[x.table_schema, x.table_name, x.valid_from::text, x.valid_until::text]
                FROM {audit}.table_names(c.table_schema, c.table_name) x) AS names
   FROM {audit}.changes c
  WHERE c.table_name = %(name)s
@@ -254,8 +268,8 @@ def resolve_table(table: str, schema: str = DEFAULT_SCHEMA) -> Plan[TableRef]:
     return TableRef(row["schema"], row["name"], keys, kinds, False, _names(row["names"]))
 
 
-def _names(rows: Any) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((str(r[0]), str(r[1])) for r in rows or ()))
+def _names(rows: Any) -> tuple[tuple[str, str, str | None, str | None], ...]:
+    return tuple(sorted(((str(r[0]), str(r[1]), r[2], r[3]) for r in rows or ()), key=lambda n: n[:2]))
 
 
 _INT_RE = re.compile(r"^[+-]?\d+$")

@@ -1164,7 +1164,7 @@ $fn$;
 -- Every name a table is or was recorded under, for queries: the registry row whose table has the
 -- name now, else the rows that had it before; falls back to the name itself.
 CREATE OR REPLACE FUNCTION @audit@.table_names(schema_name text, rel_name text)
-RETURNS TABLE (table_schema text, table_name text)
+RETURNS TABLE (table_schema text, table_name text, valid_from timestamptz, valid_until timestamptz)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     WITH live AS (
         SELECT t.id FROM @audit@.tracked_tables t
@@ -1175,14 +1175,31 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
         UNION
         SELECT nm.tracked_id FROM @audit@.tracked_table_names nm
          WHERE nm.table_name = rel_name AND nm.table_schema = schema_name AND NOT EXISTS (SELECT FROM live)
+    ), mine AS (
+        SELECT m.table_schema, m.table_name, min(m.first_seen) AS first_seen
+          FROM (SELECT nm.table_schema, nm.table_name, nm.first_seen FROM @audit@.tracked_table_names nm
+                 WHERE nm.tracked_id IN (SELECT id FROM ids)
+                UNION ALL
+                SELECT n.nspname::text, c.relname::text, NULL FROM @audit@.tracked_tables t
+                  JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE t.id IN (SELECT id FROM ids)) AS m
+         GROUP BY 1, 2
     )
-    SELECT nm.table_schema, nm.table_name FROM @audit@.tracked_table_names nm WHERE nm.tracked_id IN (SELECT id FROM ids)
-    UNION
-    SELECT n.nspname::text, c.relname::text FROM @audit@.tracked_tables t
-      JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE t.id IN (SELECT id FROM ids)
-    UNION
-    SELECT schema_name, rel_name
+    -- a name another tracked table had before (or took later) counts for this one only from when
+    -- this one took it (until the other took it)
+    SELECT m.table_schema, m.table_name,
+           CASE WHEN EXISTS (SELECT 1 FROM @audit@.tracked_table_names o
+                              WHERE o.table_schema = m.table_schema AND o.table_name = m.table_name
+                                AND o.tracked_id NOT IN (SELECT id FROM ids)
+                                AND o.first_seen < coalesce(m.first_seen, 'infinity'))
+                THEN coalesce(m.first_seen, now()) END,
+           (SELECT min(o.first_seen) FROM @audit@.tracked_table_names o
+             WHERE o.table_schema = m.table_schema AND o.table_name = m.table_name
+               AND o.tracked_id NOT IN (SELECT id FROM ids)
+               AND o.first_seen > coalesce(m.first_seen, '-infinity'))
+      FROM mine m
+    UNION ALL
+    SELECT schema_name, rel_name, NULL, NULL WHERE NOT EXISTS (SELECT FROM ids)
 $fn$;
 
 -- DDL event triggers (created when the installing role may: a superuser). After any ALTER of a
