@@ -29,7 +29,7 @@ from bench.capture import (  # noqa: E402
     PGBENCH,
     SETUP,
     TABLE_ROWS,
-    bulk_ms,
+    bulk_medians,
     pgbench_tps,
     track_drift_safe,
 )
@@ -100,15 +100,7 @@ def report(dsn: str, old_version: str) -> None:
     print(f"| single-row UPDATE (TPS as a fraction of no trigger) | {base:.0f} TPS | {cells} |")
     with psycopg.connect(dsn, autocommit=True) as conn:
         for op in ("INSERT", "UPDATE", "DELETE"):
-            times: dict[str, list[float]] = {t: [] for t in TABLES}
-            for _ in range(ROUNDS):
-                for table in times:
-                    if op == "DELETE":
-                        bulk_ms(conn, table, "INSERT")
-                    times[table].append(bulk_ms(conn, table, op))
-                    if op == "INSERT":
-                        bulk_ms(conn, table, "DELETE")
-            med = {t: statistics.median(v) for t, v in times.items()}
+            med = bulk_medians(conn, tuple(TABLES), op, ROUNDS)
             cells = " | ".join(f"{med[t]:.0f} ms" for t in list(TABLES)[1:])
             print(f"| one statement: {op} of 10,000 rows | {med['t_plain']:.0f} ms | {cells} |")
             sys.stdout.flush()

@@ -270,6 +270,25 @@ def _api_call(
     )
 
 
+def _track_options(
+    keys: Iterable[str] | str | None,
+    exclude: Iterable[str] | str | None,
+    mask: Iterable[str] | str | None,
+    unmask: Iterable[str] | str | None,
+    include: Iterable[str] | str | None,
+    strict: bool,
+) -> dict[str, object]:
+    """The SQL API's ``track()`` arguments, validated (the order is the statement's)."""
+    return {
+        "keys": _names(keys),
+        "exclude": _names(exclude),
+        "mask": _names(mask),
+        "unmask": _names(unmask),
+        "include": _names(include),
+        "strict": strict,
+    }
+
+
 def _split(table: str, schema: str | None) -> tuple[str | None, str]:
     return parse_table_name(table) if schema is None else (schema, table)
 
@@ -296,14 +315,7 @@ def track_sql(
     """
     check_schema_name(audit_schema)
     table_schema, table_name = _split(table, schema)
-    options: dict[str, object] = {
-        "keys": _names(keys),
-        "exclude": _names(exclude),
-        "mask": _names(mask),
-        "unmask": _names(unmask),
-        "include": _names(include),
-        "strict": strict,
-    }
+    options = _track_options(keys, exclude, mask, unmask, include, strict)
     return (
         _api_call("track", audit_schema, _table_literal(table_schema, table_name), options).as_string(None)
         + ";\n"
@@ -333,14 +345,7 @@ def track(
     """
     require_installed(conn, audit_schema)
     table_schema, table_name = _split(table, schema)
-    options: dict[str, object] = {
-        "keys": _names(keys),
-        "exclude": _names(exclude),
-        "mask": _names(mask),
-        "unmask": _names(unmask),
-        "include": _names(include),
-        "strict": strict,
-    }
+    options = _track_options(keys, exclude, mask, unmask, include, strict)
     with conn.transaction():
         rel_schema, rel_name, _ = _resolve(conn, table_name, table_schema)
         statement = _api_call("track", audit_schema, _table_literal(rel_schema, rel_name), options)

@@ -1208,11 +1208,32 @@ $fn$;
 -- DDL's own transaction; after a tracked table is dropped, its registry row and capture function
 -- go too. A table whose typed code cannot be regenerated gets drift-safe code and a WARNING; if
 -- even that fails, the DDL statement is refused rather than leave code that would fail writes.
+-- What both event triggers do for a table a statement changed: typed code again; drift-safe code,
+-- with a WARNING, when typed code cannot be generated; the statement refused when neither can
+-- (capture code that no longer fits the table would fail every later write).
+CREATE OR REPLACE FUNCTION @audit@.follow_table(entry_id bigint, shown text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    failure text;
+BEGIN
+    PERFORM @audit@.regenerate(entry_id, NULL, false);
+EXCEPTION WHEN others THEN
+    failure := SQLERRM;
+    BEGIN
+        PERFORM @audit@.regenerate(entry_id, false, false);
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'threadline: the capture code of % cannot follow this statement: %', shown, SQLERRM
+            USING HINT = 'retry it; or untrack the table first (threadline untrack) and track it again afterwards';
+    END;
+    RAISE WARNING 'threadline: capture of % now uses drift-safe code: %', shown, failure;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.follow_table(bigint, text) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION @audit@.follow_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     r record;
-    failure text;
 BEGIN
     IF to_regclass('@audit_name@.tracked_tables') IS NULL THEN
         RETURN;
@@ -1229,20 +1250,7 @@ BEGIN
             OR @audit@.columns_snapshot(t.relid) IS DISTINCT FROM t.columns
          ORDER BY t.id
     LOOP
-        BEGIN
-            PERFORM @audit@.regenerate(r.id, NULL, false);
-        EXCEPTION WHEN others THEN
-            failure := SQLERRM;
-            BEGIN
-                PERFORM @audit@.regenerate(r.id, false, false);
-            EXCEPTION WHEN others THEN
-                -- capture code that no longer fits the table would fail every later write: the
-                -- statement is refused instead, in its own transaction
-                RAISE EXCEPTION 'threadline: the capture code of %.% cannot follow this statement: %', r.table_schema, r.table_name, SQLERRM
-                    USING HINT = 'retry it; or untrack the table first (threadline untrack) and track it again afterwards';
-            END;
-            RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, failure;
-        END;
+        PERFORM @audit@.follow_table(r.id, format('%I.%I', r.table_schema, r.table_name));
     END LOOP;
 END
 $fn$;
@@ -1251,7 +1259,6 @@ CREATE OR REPLACE FUNCTION @audit@.follow_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     r record;
-    failure text;
 BEGIN
     IF to_regclass('@audit_name@.tracked_tables') IS NULL THEN
         RETURN;
@@ -1275,18 +1282,7 @@ BEGIN
          WHERE @audit@.columns_snapshot(t.relid) IS DISTINCT FROM t.columns
            AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)
     LOOP
-        BEGIN
-            PERFORM @audit@.regenerate(r.id, NULL, false);
-        EXCEPTION WHEN others THEN
-            failure := SQLERRM;
-            BEGIN
-                PERFORM @audit@.regenerate(r.id, false, false);
-            EXCEPTION WHEN others THEN
-                RAISE EXCEPTION 'threadline: the capture code of %.% cannot follow this statement: %', r.table_schema, r.table_name, SQLERRM
-                    USING HINT = 'retry it; or untrack the table first (threadline untrack) and track it again afterwards';
-            END;
-            RAISE WARNING 'threadline: capture of %.% now uses drift-safe code: %', r.table_schema, r.table_name, failure;
-        END;
+        PERFORM @audit@.follow_table(r.id, format('%I.%I', r.table_schema, r.table_name));
     END LOOP;
 END
 $fn$;
