@@ -693,7 +693,7 @@ def test_shown_names_are_quoted_so_they_are_never_ambiguous(env: Env) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sequences found by probing: each once let a masked value through or failed a write
+# Sequences that once let a masked value through or failed a write
 
 
 def _fresh(conn: psycopg.Connection[Any], ddl_text: str) -> str:
