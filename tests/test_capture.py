@@ -296,6 +296,38 @@ def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, post
     assert sorted(pairs.values()) == [["insert", "update"]] * len(forgeries)
 
 
+def test_a_cache_forged_between_two_writes_keeps_one_row_per_transaction(conn: Conn, posts: str) -> None:
+    with threadline.context(actor="user:victim"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+    (victim,) = transactions(conn)
+    forgeries = [
+        "''",
+        f"'{victim['id']}/' || pg_current_xact_id()",
+        f"'{victim['id']}/{victim['xid']}'",
+        "'999999/' || pg_current_xact_id()",
+        "'garbage'",
+    ]
+    for n, forged in enumerate(forgeries, start=2):
+        with threadline.context(actor=f"user:{n}"), threadline.transaction(conn):
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [n])
+            conn.execute(f"SELECT set_config('threadline.tx_threadline', {forged}, true)")
+            conn.execute("UPDATE app.posts SET title = 'x' WHERE id = %s", [n])
+    with threadline.context(actor="user:reset"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.posts (id) VALUES (99)")
+        conn.execute("RESET threadline.tx_threadline")
+        conn.execute("DELETE FROM app.posts WHERE id = 99")
+    txs = transactions(conn)
+    assert len(txs) == 1 + len(forgeries) + 1
+    assert len({t["xid"] for t in txs}) == len(txs)  # one row per database transaction
+    by_id = {t["id"]: t for t in txs}
+    for row in changes(conn)[1:]:
+        actor = by_id[row["transaction_id"]]["actor"]
+        assert actor == {"type": "user", "id": str(row["pk"]["id"])} or actor == {
+            "type": "user",
+            "id": "reset",
+        }
+
+
 def test_composite_keys_and_primary_key_changes(conn: Conn) -> None:
     conn.execute(
         "CREATE TABLE app.lines (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no) DEFERRABLE)"
@@ -524,7 +556,7 @@ def test_the_database_refuses_c1_and_bidi_controls_in_ids(conn: Conn, raw: str) 
 def test_context_parsing_catches_only_the_errors_of_unacceptable_json(conn: Conn) -> None:
     # the exception block around the jsonb cast names the conditions a bad text raises; an
     # unexpected error (say, out of memory) must surface instead of being recorded as bad JSON
-    for fn in ("transaction_row", "parse_context"):
+    for fn in ("insert_transaction_row", "parse_context"):
         (src,) = conn.execute(
             "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
             " WHERE n.nspname = 'threadline' AND p.proname = %s",

@@ -137,7 +137,8 @@ def test_export_to_files_and_stdout(story: Story, tmp_path: Path) -> None:
         story.dsn,
     )
     assert res.returncode == 0 and res.stdout == ""
-    assert res.stderr == f"exported 9 changes as ndjson to {target}\n"
+    done, resume = res.stderr.splitlines()
+    assert done == f"exported 9 changes as ndjson to {target}" and resume.startswith("resume: --after ")
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert len(rows) == 9 and rows[0]["correlation_id"] == "req-1"
     res = run("export", "--table", "app.comments", "--dsn", story.dsn)  # CSV to stdout by default
@@ -147,6 +148,32 @@ def test_export_to_files_and_stdout(story: Story, tmp_path: Path) -> None:
     assert len(doc["changes"]) == 1 and doc["filters"]["actor"] == "user:7"
     empty = run("export", "--correlation-id", "nope", "--format", "ndjson", "--dsn", story.dsn)
     assert empty.returncode == 0 and empty.stdout == "" and "no changes match these filters" in empty.stderr
+
+
+def test_export_with_a_cursor_file_writes_each_change_once(story: Story, tmp_path: Path) -> None:
+    state = tmp_path / "export.cursor"
+    args = ("export", "--format", "ndjson", "--correlation-id", "req-1", "--cursor-file", str(state))
+    first = run(*args, "--dsn", story.dsn)
+    assert first.returncode == 0 and len(first.stdout.splitlines()) == 9 and state.read_text().strip()
+    late = psycopg.connect(story.dsn)  # committed only after the second run has read
+    try:
+        late.execute(
+            "SELECT set_config('threadline.context', %s, true)",
+            [json.dumps({"v": 1, "correlation_id": "req-1"})],
+        )
+        late.execute("INSERT INTO app.comments (id, post_id, body) VALUES (90, 1, 'late')")
+        assert run(*args, "--dsn", story.dsn).stdout == ""
+        late.commit()
+    finally:
+        late.close()
+    third = run(*args, "--dsn", story.dsn)
+    assert [json.loads(line)["pk"] for line in third.stdout.splitlines()] == [{"id": 90}]
+    assert run(*args, "--dsn", story.dsn).stdout == ""
+    both = run(*args, "--after", "x", "--dsn", story.dsn)
+    assert both.returncode == 2 and "either --after or --cursor-file" in both.stderr
+    state.write_text("garbage\n")
+    bad = run(*args, "--dsn", story.dsn)
+    assert bad.returncode == 2 and "cursor" in bad.stderr and state.read_text() == "garbage\n"
 
 
 def test_actions_list(story: Story) -> None:

@@ -226,7 +226,9 @@ def test_app_defined_functions_never_run_inside_capture(
         conn.execute("DROP SCHEMA appowned CASCADE")
 
 
-@pytest.mark.parametrize("function", ["transaction_id", "transaction_row"])
+@pytest.mark.parametrize(
+    "function", ["transaction_id", "transaction_row", "insert_transaction_row", "current_row"]
+)
 def test_app_role_cannot_create_transaction_rows_directly(
     app: psycopg.Connection[Any], function: str
 ) -> None:

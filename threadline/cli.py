@@ -509,7 +509,9 @@ def timeline(
             schema=audit_schema,
         )
     if as_json:
-        _echo_json({"changes": [c.to_dict() for c in page], "next_cursor": page.next_cursor})
+        _echo_json(
+            {"changes": [c.to_dict() for c in page], "next_cursor": page.next_cursor, "cursor": page.cursor}
+        )
         return
     if not page:
         click.echo("no changes match these filters")
@@ -641,6 +643,15 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
     "--output", "-o", metavar="PATH", default="-", show_default=True, help="File to write ('-': stdout)."
 )
 @click.option("--limit", type=click.IntRange(1), help="At most N changes.")
+@click.option(
+    "--after", metavar="CURSOR", help="Only changes committed since the export that printed this cursor."
+)
+@click.option(
+    "--cursor-file",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="Resume from the cursor in PATH (if it exists) and save the new one there after a successful export.",
+)
 @_dsn_option
 @_schema_option
 def export(
@@ -653,10 +664,21 @@ def export(
     fmt: str,
     output: str,
     limit: int | None,
+    after: str | None,
+    cursor_file: str | None,
     dsn: str | None,
     audit_schema: str,
 ) -> None:
-    """Stream matching changes as CSV, JSON or NDJSON (flat memory, any size)."""
+    """Stream matching changes as CSV, JSON or NDJSON (flat memory, any size).
+
+    Run again with the printed cursor (``--after``), or keep it in a file (``--cursor-file``), and
+    each run writes exactly the changes committed since the previous one, including those of
+    transactions that were still running then.
+    """
+    if after is not None and cursor_file is not None:
+        raise click.UsageError("give either --after or --cursor-file, not both")
+    if cursor_file is not None:
+        after = _read_cursor_file(cursor_file)
     with _reader(dsn, audit_schema) as conn:
         options: dict[str, Any] = {
             "correlation_id": correlation_id,
@@ -667,6 +689,7 @@ def export(
             "until": until,
             "limit": limit,
             "schema": audit_schema,
+            "after": after,
         }
         if output == "-":
             try:
@@ -688,6 +711,34 @@ def export(
         click.echo(f"exported {count} change{'s' if count != 1 else ''} as {fmt} to {where}", err=True)
     else:
         click.echo(f"no changes match these filters; wrote an empty {fmt} export to {where}", err=True)
+    if cursor_file is not None:
+        _write_cursor_file(cursor_file, count.cursor)
+    else:
+        click.echo(f"resume: --after {count.cursor}", err=True)
+
+
+def _read_cursor_file(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    return text or None
+
+
+def _write_cursor_file(path: str, cursor: str) -> None:
+    """Replace the cursor file in one step, so an interrupted run leaves the previous cursor."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(cursor + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise click.UsageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 @cli.command(epilog=QUERY_EXAMPLES)

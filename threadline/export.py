@@ -4,7 +4,9 @@ Rows are read in batches and written as they arrive, so memory stays flat howeve
 streamed in chunks with libpq 17 or later (one statement, which PostgreSQL may run with parallel
 workers), else through a server-side cursor. PostgreSQL formats the JSON, so Python only moves
 text. Filters are those of :func:`threadline.timeline`; rows come in the timeline's order,
-``(captured_at, id)``.
+``(captured_at, id)``, and like the timeline an export is complete while others write: the
+:class:`ExportResult` it returns carries a cursor, and an export ``after=`` it writes every change
+committed since, exactly once (see :mod:`threadline.paging`).
 
 Formats (version :data:`EXPORT_VERSION`):
 
@@ -24,12 +26,14 @@ import json
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from threadline import paging
 from threadline._run import run, run_async
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.errors import InvalidFilter, SchemaError
@@ -91,6 +95,20 @@ BATCH_SIZE = 10_000
 """Rows fetched from the server cursor per round trip."""
 
 
+class ExportResult(int):
+    """What :func:`export` returns: the number of changes written (it is that ``int``), and
+    ``cursor``, from which a later export with ``after=`` writes every change committed since,
+    exactly once, including those of transactions still running during this one."""
+
+    cursor: str
+
+    def __new__(cls, count: int, cursor: str) -> ExportResult:
+        """``count`` changes written; ``cursor`` resumes after them."""
+        self = super().__new__(cls, count)
+        self.cursor = cursor
+        return self
+
+
 class TextSink(Protocol):
     """Anything with ``write(str)``: an open text file, ``sys.stdout``, ``io.StringIO``."""
 
@@ -145,25 +163,20 @@ def check_format(format: str) -> str:
 
 
 def _statement(
-    format: str, filters: Filters, limit: int | None, schema: str
+    format: str, filters: Filters, limit: int | None, schema: str, position: paging.Position
 ) -> tuple[sql.Composed, dict[str, Any]]:
     audit = sql.Identifier(schema)
     params: dict[str, Any] = {}
     if format == "csv":
-        head = sql.SQL(
-            "SELECT {} FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id"
-        ).format(_select_list(format), audit, audit)
+        columns: sql.Composable = _select_list(format)
+        ncolumns, lateral = len(CSV_COLUMNS), sql.SQL("").format()
     else:
-        # PostgreSQL writes each JSON object (keys in column order; in parallel workers when the
-        # plan has them) and Python only moves text.
-        head = sql.SQL(
-            "SELECT row_to_json(x)::text FROM {}.changes c LEFT JOIN {}.transactions t ON t.id = c.transaction_id"
-            " CROSS JOIN LATERAL (SELECT {}) AS x"
-        ).format(audit, audit, _select_list(format))
-    statement = head + where_clause(filters, params) + sql.SQL(" ORDER BY c.captured_at, c.id")
-    if limit is not None:
-        params["limit"] = limit
-        statement += sql.SQL(" LIMIT %(limit)s")
+        # PostgreSQL writes each JSON object (keys in column order) and Python only moves text.
+        columns, ncolumns = sql.SQL("row_to_json(x)::text AS line"), 1
+        lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format))
+    statement = paging.page_statement(
+        audit, columns, ncolumns, partial(where_clause, filters), position, limit, params, lateral
+    )
     return statement, params
 
 
@@ -175,12 +188,31 @@ def chunked_streaming() -> bool:
 class _Writer:
     """Writes rows of one format to ``out``."""
 
-    def __init__(self, out: TextSink, format: str, filters: Filters) -> None:
+    def __init__(self, out: TextSink, format: str, filters: Filters, reader: paging.Reader) -> None:
         self.out = out
         self.format = format
         self.filters = filters
+        self.reader = reader
+        self.snapshot = paging.Snapshot(0, frozenset())
         self.count = 0
         self._csv = csv.writer(out, lineterminator="\n") if format == "csv" else None
+
+    def page_rows(self, batch: Iterable[tuple[Any, ...]]) -> None:
+        """Write the rows of ``batch`` that belong to the export, without their key columns."""
+        keep: list[tuple[Any, ...]] = []
+        take = self.reader.take
+        skip = len(paging.KEY_COLUMNS)
+        for row in batch:
+            if row[0] == paging.CLOSING:
+                self.snapshot = paging.parse_snapshot(row[5])
+            elif take(row[0], row[1], row[2], row[3], row[4]):
+                keep.append(row[skip:])
+        self.rows(keep)
+
+    def result(self) -> ExportResult:
+        """How many changes were written, and the cursor a later export resumes from."""
+        position, _ = self.reader.close(self.snapshot)
+        return ExportResult(self.count, paging.encode(position, self.filters.fingerprint()))
 
     def start(self) -> None:
         if self._csv is not None:
@@ -241,11 +273,15 @@ def export(
     schema: str = DEFAULT_SCHEMA,
     batch_size: int = BATCH_SIZE,
     server_cursor: bool | None = None,
-) -> int:
-    """Write the changes matching the filters to ``out``; returns how many were written.
+    after: str | None = None,
+) -> ExportResult:
+    """Write the changes matching the filters to ``out``; returns how many were written, as an
+    :class:`ExportResult` whose ``cursor`` resumes after them.
 
     "Hand the auditors everything request req-1 caused":
-    ``export(conn, f, "ndjson", correlation_id="req-1")``.
+    ``export(conn, f, "ndjson", correlation_id="req-1")``. An incremental export passes the
+    previous result's ``cursor`` as ``after``: it writes every change committed since, including
+    those of transactions that were still running during the previous export.
 
     Rows are read ``batch_size`` at a time, so memory stays flat however many match: with libpq 17
     or later the result streams in chunks (one statement, which PostgreSQL may run with parallel
@@ -265,8 +301,9 @@ def export(
             schema=schema,
         ),
     )
-    statement, params = _statement(format, filters, limit, schema)
-    writer = _Writer(out, format, filters)
+    position = paging.START if after is None else paging.decode(after, filters.fingerprint())
+    statement, params = _statement(format, filters, limit, schema, position)
+    writer = _Writer(out, format, filters, paging.Reader(position, limit))
     writer.start()
     if server_cursor is None:
         server_cursor = not chunked_streaming()
@@ -275,18 +312,18 @@ def export(
         with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
             cur.execute(statement, params, binary=True)
             while batch := cur.fetchmany(batch_size):
-                writer.rows(batch)
+                writer.page_rows(batch)
     else:
         with conn.cursor(row_factory=tuple_row) as cur:
             rows: list[tuple[Any, ...]] = []
             for row in cur.stream(statement, params, binary=True, size=batch_size):
                 rows.append(row)
                 if len(rows) >= batch_size:
-                    writer.rows(rows)
+                    writer.page_rows(rows)
                     rows = []
-            writer.rows(rows)
+            writer.page_rows(rows)
     writer.finish()
-    return writer.count
+    return writer.result()
 
 
 async def export_async(
@@ -304,7 +341,8 @@ async def export_async(
     schema: str = DEFAULT_SCHEMA,
     batch_size: int = BATCH_SIZE,
     server_cursor: bool | None = None,
-) -> int:
+    after: str | None = None,
+) -> ExportResult:
     """Async twin of :func:`export` (``out`` is written synchronously, one batch at a time)."""
     _check(format, limit, schema, batch_size)
     filters = await run_async(
@@ -319,8 +357,9 @@ async def export_async(
             schema=schema,
         ),
     )
-    statement, params = _statement(format, filters, limit, schema)
-    writer = _Writer(out, format, filters)
+    position = paging.START if after is None else paging.decode(after, filters.fingerprint())
+    statement, params = _statement(format, filters, limit, schema, position)
+    writer = _Writer(out, format, filters, paging.Reader(position, limit))
     writer.start()
     if server_cursor is None:
         server_cursor = not chunked_streaming()
@@ -329,15 +368,15 @@ async def export_async(
         async with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
             await cur.execute(statement, params, binary=True)
             while batch := await cur.fetchmany(batch_size):
-                writer.rows(batch)
+                writer.page_rows(batch)
     else:
         async with conn.cursor(row_factory=tuple_row) as acur:
             rows: list[tuple[Any, ...]] = []
             async for row in acur.stream(statement, params, binary=True, size=batch_size):
                 rows.append(row)
                 if len(rows) >= batch_size:
-                    writer.rows(rows)
+                    writer.page_rows(rows)
                     rows = []
-            writer.rows(rows)
+            writer.page_rows(rows)
     writer.finish()
-    return writer.count
+    return writer.result()

@@ -12,8 +12,6 @@ Time windows are half-open on the change's capture time: ``since <= captured_at 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
@@ -21,14 +19,15 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
+from functools import partial
 from typing import Any, overload
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from threadline import codec
+from threadline import codec, paging
 from threadline._run import Plan, Query, Rows, run, run_async
 from threadline.actor import ActorRef
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
@@ -36,7 +35,6 @@ from threadline.ddl.triggers import parse_table_name
 from threadline.errors import (
     InvalidActor,
     InvalidContext,
-    InvalidCursor,
     InvalidFilter,
     InvalidKey,
     NotYetAudited,
@@ -358,6 +356,7 @@ CHANGE_COLUMNS = sql.SQL(
     "c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk, "
     "c.after::text AS after, c.before::text AS before, c.changed_fields, c.captured_at"
 )
+CHANGE_COLUMN_COUNT = 10
 TRANSACTION_COLUMNS = sql.SQL(
     "t.id AS t_id, t.xid::text AS t_xid, t.occurred_at AS t_occurred_at, t.actor::text AS t_actor, "
     "t.correlation_id AS t_correlation_id, t.request_id AS t_request_id, "
@@ -507,38 +506,6 @@ def where_clause(
 
 
 # ---------------------------------------------------------------------------------------------
-# Cursors
-
-
-def encode_cursor(change: Change, filters: Filters) -> str:
-    """Opaque cursor naming the position just after ``change`` in a query with ``filters``."""
-    payload = {"v": 1, "at": iso(change.captured_at), "id": change.id, "q": filters.fingerprint()}
-    raw = json.dumps(payload, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, filters: Filters) -> tuple[datetime, int]:
-    """The ``(captured_at, id)`` position of a cursor from :func:`encode_cursor`."""
-    if not isinstance(cursor, str) or not cursor or len(cursor) > 512:
-        raise InvalidCursor("the cursor is not one returned by timeline()")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        payload = json.loads(raw)
-        at = datetime.strptime(payload["at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-        ident = payload["id"]
-        ok = payload.get("v") == 1 and isinstance(ident, int) and not isinstance(ident, bool)
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        ok = False
-    if not ok:
-        raise InvalidCursor("the cursor is not one returned by timeline()")
-    if payload.get("q") != filters.fingerprint():
-        raise InvalidCursor(
-            "the cursor belongs to a query with other filters (correlation id, table, actor or op)"
-        )
-    return at, ident
-
-
-# ---------------------------------------------------------------------------------------------
 # history
 
 
@@ -653,6 +620,9 @@ class TimelinePage(Sequence[Change]):
     changes: tuple[Change, ...]
     next_cursor: str | None
     filters: Filters
+    cursor: str = ""
+    """Where a later call resumes, also on the last page: passing it as ``after`` returns every
+    change committed since, including those of transactions that were still running."""
 
     @overload
     def __getitem__(self, index: int) -> Change: ...
@@ -693,22 +663,24 @@ def _timeline_plan(
         until=until,
         schema=schema,
     )
+    position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     params: dict[str, Any] = {}
-    extra: list[sql.Composable] = []
-    if after is not None:
-        params["after_at"], params["after_id"] = decode_cursor(after, filters)
-        extra.append(
-            sql.SQL("c.captured_at >= %(after_at)s AND (c.captured_at, c.id) > (%(after_at)s, %(after_id)s)")
-        )
-    where = where_clause(filters, params, extra)
-    params["limit"] = checked + 1
-    statement = _select(audit) + where + sql.SQL(" ORDER BY c.captured_at, c.id LIMIT %(limit)s")
+    statement = paging.page_statement(
+        audit, CHANGE_COLUMNS, CHANGE_COLUMN_COUNT, partial(where_clause, filters), position, checked, params
+    )
     rows = yield Query(statement, params)
-    more = len(rows) > checked
-    found = yield from with_transactions(audit, rows[:checked])
-    page = tuple(found)
-    cursor = encode_cursor(page[-1], filters) if more and page else None
-    return TimelinePage(page, cursor, filters)
+    reader = paging.Reader(position, checked)
+    taken: Rows = []
+    snapshot = paging.Snapshot(0, frozenset())
+    for row in rows:
+        if row["phase"] == paging.CLOSING:
+            snapshot = paging.parse_snapshot(row["k_xip"])
+        elif reader.take(row["phase"], row["k_xid"], row["k_tid"], row["k_at"], row["k_id"]):
+            taken.append(row)
+    position, more = reader.close(snapshot)
+    found = yield from with_transactions(audit, taken)
+    cursor = paging.encode(position, filters.fingerprint())
+    return TimelinePage(tuple(found), cursor if more else None, filters, cursor)
 
 
 def timeline(
@@ -730,6 +702,12 @@ def timeline(
     The correlation id is on every transaction, web and worker alike, so ``correlation_id``
     alone finds the whole story. Pass ``after=page.next_cursor`` for the next page; a cursor is
     bound to the correlation id, table, actor and op filters it was issued for.
+
+    Paging is complete while others write: ``page.cursor`` (set on every page, the last one
+    included) resumes later and returns every change committed since, exactly once. A
+    transaction that was still running when a page was read, and committed changes captured
+    before that page's end, has them returned at the start of a later page (see
+    :mod:`threadline.paging`).
     """
     return run(conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, schema))
 

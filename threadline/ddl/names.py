@@ -24,11 +24,6 @@ def check_schema_name(name: str) -> str:
     return name
 
 
-def transaction_cache_setting(schema: str) -> str:
-    """Transaction-local setting caching this transaction's ``transactions.id``."""
-    return f"threadline.tx_{check_schema_name(schema)}"
-
-
 def context_cache_setting(schema: str) -> str:
     """Transaction-local setting holding the context text the transaction row was built from."""
     return f"threadline.txctx_{check_schema_name(schema)}"

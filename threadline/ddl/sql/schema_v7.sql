@@ -78,6 +78,9 @@ CREATE INDEX IF NOT EXISTS transactions_actor_idx
     WHERE actor IS NOT NULL;
 CREATE INDEX IF NOT EXISTS transactions_occurred_at_idx
     ON @audit@.transactions USING brin (occurred_at);
+-- Capture finds the current transaction's row by its xid, and complete paging
+-- (threadline.paging) reads the rows of transactions that committed late by xid.
+CREATE INDEX IF NOT EXISTS transactions_xid_idx ON @audit@.transactions (xid, id);
 CREATE INDEX IF NOT EXISTS changes_row_idx
     ON @audit@.changes USING hash (pk);
 CREATE INDEX IF NOT EXISTS changes_captured_at_idx
@@ -158,29 +161,24 @@ LANGUAGE sql IMMUTABLE AS $fn$
             END AS err OFFSET 0) AS s
 $fn$;
 
--- The id cached by this transaction's first capture, parsed from "<id>/<xid>", or NULL when the
--- setting is unset, malformed or names another transaction's xid. Never raises. The capture code
--- still checks the row (id and xid) before using it, so a value set by hand cannot attach changes
--- to another transaction's row or to none.
+-- Capture code before version 7 read the id of the transaction's row from a transaction-local
+-- setting; the setting is no longer written, so this returns NULL and that code falls back to
+-- transaction_row(), which finds the row by xid. Kept until every capture function is regenerated.
 CREATE OR REPLACE FUNCTION @audit@.cached_transaction_id() RETURNS bigint
-LANGUAGE sql VOLATILE AS $fn$
-    SELECT CASE WHEN split_part(current_setting('threadline.tx_@audit_name@', true), '/', 2) = pg_current_xact_id()::text
-                 AND split_part(current_setting('threadline.tx_@audit_name@', true), '/', 1) ~ '^[0-9]+$'
-                 AND length(split_part(current_setting('threadline.tx_@audit_name@', true), '/', 1)) <= 18
-                THEN split_part(current_setting('threadline.tx_@audit_name@', true), '/', 1)::bigint END
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT NULL::bigint
 $fn$;
 
--- A new transactions row for the current database transaction, from the context setting, with
--- "<id>/<xid>" cached in a transaction-local setting for the statements that follow. Only the
--- schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture functions, and
--- link_action() through transaction_id(), call it as the owner (they are SECURITY DEFINER with a
--- pinned search_path), so
--- an application role that may not write the audit tables still gets its transactions recorded.
--- It is not SECURITY DEFINER itself, and it parses the context inline rather than through
--- parse_context(): each extra PL/pgSQL call and search_path switch is paid once per audited
--- transaction. The capture functions call it only after their own lookup of the cached row found
--- none; anything else calls transaction_id().
-CREATE OR REPLACE FUNCTION @audit@.transaction_row() RETURNS bigint
+-- A new transactions row for the current database transaction, from the context setting; the
+-- context text it was built from is kept in a transaction-local setting for the commit-time
+-- check. Only the schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture
+-- functions, and link_action() through transaction_id(), call it as the owner (they are SECURITY
+-- DEFINER with a pinned search_path), so an application role that may not write the audit tables
+-- still gets its transactions recorded. It is not SECURITY DEFINER itself, and it parses the
+-- context inline rather than through parse_context(): each extra PL/pgSQL call and search_path
+-- switch is paid once per audited transaction. Callers call it only after their lookup of the
+-- transaction's row by xid found none (see current_row()).
+CREATE OR REPLACE FUNCTION @audit@.insert_transaction_row() RETURNS bigint
 LANGUAGE plpgsql SECURITY INVOKER AS $fn$
 DECLARE
     raw text := coalesce(current_setting('threadline.context', true), '');
@@ -234,28 +232,34 @@ BEGIN
           FROM @audit@.decode_context(j, err) AS d
         RETURNING id INTO new_id;
     END IF;
-    PERFORM set_config('threadline.tx_@audit_name@', new_id::text || '/' || pg_current_xact_id()::text, true),
-            set_config('threadline.txctx_@audit_name@', raw, true);
+    PERFORM set_config('threadline.txctx_@audit_name@', raw, true);
     RETURN new_id;
 END
 $fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.insert_transaction_row() FROM PUBLIC;
+
+-- The current transaction's row, if it has one: the row with the current xid and start time (a
+-- row restored from another cluster may carry the same xid, never the same start as well). The
+-- first one, should an older release have left two. Capture code inlines this statement.
+CREATE OR REPLACE FUNCTION @audit@.current_row() RETURNS bigint
+LANGUAGE sql STABLE AS $fn$
+    SELECT t.id FROM @audit@.transactions AS t
+     WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.current_row() FROM PUBLIC;
+
+-- The current transaction's row, created on first use. Nothing a session sets can make it
+-- another transaction's row, or give one transaction two rows.
+CREATE OR REPLACE FUNCTION @audit@.transaction_row() RETURNS bigint
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT coalesce(@audit@.current_row(), @audit@.insert_transaction_row())
+$fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.transaction_row() FROM PUBLIC;
 
--- The transactions row of the current database transaction, created on first use; the id cached
--- by an earlier statement is used only after checking the row (id and xid), so a value set by
--- hand cannot attach changes to another transaction's row.
+-- The transactions row of the current database transaction, created on first use.
 CREATE OR REPLACE FUNCTION @audit@.transaction_id() RETURNS bigint
-LANGUAGE plpgsql SECURITY INVOKER AS $fn$
-DECLARE
-    found_id bigint;
-BEGIN
-    SELECT t.id INTO found_id FROM @audit@.transactions AS t
-     WHERE t.id = @audit@.cached_transaction_id() AND t.xid = pg_current_xact_id();
-    IF FOUND THEN
-        RETURN found_id;
-    END IF;
-    RETURN @audit@.transaction_row();
-END
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT @audit@.transaction_row()
 $fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.transaction_id() FROM PUBLIC;
 
@@ -514,8 +518,8 @@ BEGIN
     END LOOP;
     present_mask := ARRAY(SELECT m FROM unnest(mask) AS m WHERE m = ANY (names) AND m <> ALL (exclude) ORDER BY m COLLATE "C");
     txid := format('(SELECT coalesce((SELECT t.id FROM %1$I.transactions AS t'
-                   ' WHERE t.id = %1$I.cached_transaction_id() AND t.xid = pg_current_xact_id()),'
-                   ' %1$I.transaction_row()))', audit);
+                   ' WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1),'
+                   ' %1$I.insert_transaction_row()))', audit);
 
     IF typed THEN
         FOR i IN 1 .. cardinality(names) LOOP

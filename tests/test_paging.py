@@ -1,0 +1,228 @@
+"""Paging is complete while other transactions write: a change captured early by a transaction
+that commits after a reader has paged past its capture time is still returned, exactly once.
+
+Every test here runs real concurrent transactions on separate connections; the reader follows the
+cursor the way an incremental export or a follower would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import threadline
+from threadline import ddl, paging
+from threadline.errors import InvalidCursor
+
+Conn = psycopg.Connection[Any]
+
+
+@pytest.fixture
+def items(conn: Conn) -> Iterator[None]:
+    conn.execute("CREATE TABLE app.items (id int PRIMARY KEY, note text)")
+    ddl.track(conn, "app.items")
+    yield
+
+
+def _write(dsn: str, first: int, count: int = 1) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for i in range(first, first + count):
+            c.execute("INSERT INTO app.items VALUES (%s, 'x')", (i,))
+
+
+def _follow(conn: Conn, cursor: str | None, limit: int) -> tuple[list[int], str]:
+    """Read pages until the end; the ids of the inserted rows seen, and the resume cursor."""
+    seen: list[int] = []
+    while True:
+        page = threadline.timeline(conn, table="app.items", limit=limit, after=cursor)
+        seen.extend(c.pk["id"] for c in page if c.pk)
+        assert page.cursor
+        cursor = page.cursor
+        if page.next_cursor is None:
+            return seen, cursor
+        assert page.next_cursor == page.cursor
+
+
+@pytest.mark.parametrize("limit", [1, 2, 100])
+def test_a_long_transaction_committing_after_the_pages_were_read_is_not_missed(
+    conn: Conn, dsn: str, items: None, limit: int
+) -> None:
+    late = psycopg.connect(dsn)  # a transaction that writes first and commits last
+    try:
+        for i in range(3):
+            late.execute("INSERT INTO app.items VALUES (%s, 'late')", (100 + i,))
+        _write(dsn, 1, 5)
+        seen, cursor = _follow(conn, None, limit)
+        assert seen == [1, 2, 3, 4, 5]  # the running transaction's rows are not visible yet
+        late.execute("INSERT INTO app.items VALUES (103, 'late')")
+        late.commit()
+    finally:
+        late.close()
+    _write(dsn, 6, 2)
+    rest, cursor = _follow(conn, cursor, limit)
+    # the late rows come first, in their transaction's order, then the rows in capture order
+    assert rest == [100, 101, 102, 103, 6, 7]
+    again, _ = _follow(conn, cursor, limit)
+    assert again == []
+
+
+def test_late_rows_of_several_transactions_span_pages_exactly_once(conn: Conn, dsn: str, items: None) -> None:
+    running = [psycopg.connect(dsn) for _ in range(3)]
+    try:
+        for n, tx in enumerate(running):
+            for i in range(4):
+                tx.execute("INSERT INTO app.items VALUES (%s, 'late')", (100 * (n + 1) + i,))
+        _write(dsn, 1, 3)
+        seen, cursor = _follow(conn, None, 2)
+        assert seen == [1, 2, 3]
+        running[1].commit()  # the middle one first
+        part, cursor = _follow(conn, cursor, 3)
+        assert part == [200, 201, 202, 203]
+        running[2].commit()
+        running[0].commit()
+    finally:
+        for tx in running:
+            tx.close()
+    rest, _ = _follow(conn, cursor, 3)
+    assert sorted(rest) == [100, 101, 102, 103, 300, 301, 302, 303]
+    assert len(rest) == 8
+
+
+def test_a_rolled_back_transaction_leaves_the_cursor_and_returns_nothing(
+    conn: Conn, dsn: str, items: None
+) -> None:
+    with psycopg.connect(dsn) as doomed:
+        doomed.execute("INSERT INTO app.items VALUES (50, 'never')")
+        _write(dsn, 1, 2)
+        seen, cursor = _follow(conn, None, 10)
+        assert paging.decode(cursor, _fingerprint(conn)).watched  # the running one is watched
+        doomed.rollback()
+    _write(dsn, 3)
+    rest, cursor = _follow(conn, cursor, 10)
+    assert (seen, rest) == ([1, 2], [3])
+    assert not paging.decode(cursor, _fingerprint(conn)).watched
+
+
+def _fingerprint(conn: Conn) -> str:
+    return threadline.timeline(conn, table="app.items", limit=1).filters.fingerprint()
+
+
+def test_concurrent_writers_and_a_follower_see_every_change_once(conn: Conn, dsn: str, items: None) -> None:
+    """Writers hold their transactions open for random times while a follower pages; after they
+    stop, following to the end has returned every committed row exactly once."""
+    stop = threading.Event()
+    committed: list[int] = []
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        rnd = random.Random(n)
+        with psycopg.connect(dsn) as c:
+            i = 0
+            while not stop.is_set():
+                ids = [n * 100_000 + i + k for k in range(rnd.randint(1, 3))]
+                i += len(ids)
+                for ident in ids:
+                    c.execute("INSERT INTO app.items VALUES (%s, 'w')", (ident,))
+                    time.sleep(rnd.random() * 0.01)
+                if rnd.random() < 0.2:
+                    c.rollback()
+                    continue
+                c.commit()
+                with lock:
+                    committed.extend(ids)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(1, 5)]
+    for t in threads:
+        t.start()
+    seen: list[int] = []
+    cursor = None
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        part, cursor = _follow(conn, cursor, 7)
+        seen.extend(part)
+    stop.set()
+    for t in threads:
+        t.join()
+    part, _ = _follow(conn, cursor, 7)
+    seen.extend(part)
+    assert len(committed) > 50
+    assert sorted(seen) == sorted(committed)
+    assert len(seen) == len(set(seen))
+
+
+def test_export_resumes_from_its_cursor(conn: Conn, dsn: str, items: None) -> None:
+    late = psycopg.connect(dsn)
+    try:
+        late.execute("INSERT INTO app.items VALUES (100, 'late')")
+        _write(dsn, 1, 3)
+        out = io.StringIO()
+        first = threadline.export(conn, out, "ndjson", table="app.items")
+        assert first == 3 and first.cursor
+        late.commit()
+    finally:
+        late.close()
+    _write(dsn, 4)
+    out = io.StringIO()
+    second = threadline.export(conn, out, "ndjson", table="app.items", after=first.cursor)
+    assert [json.loads(line)["pk"]["id"] for line in out.getvalue().splitlines()] == [100, 4]
+    assert second == 2
+    out = io.StringIO()
+    assert threadline.export(conn, out, "csv", table="app.items", after=second.cursor) == 0
+    with pytest.raises(InvalidCursor, match="other filters"):
+        threadline.export(conn, io.StringIO(), "csv", after=second.cursor)
+
+
+def test_export_with_a_limit_resumes_where_it_stopped(conn: Conn, dsn: str, items: None) -> None:
+    _write(dsn, 1, 5)
+    ids: list[int] = []
+    cursor = None
+    for _ in range(4):
+        out = io.StringIO()
+        result = threadline.export(conn, out, "json", table="app.items", limit=2, after=cursor)
+        ids.extend(c["pk"]["id"] for c in json.loads(out.getvalue())["changes"])
+        cursor = result.cursor
+    assert ids == [1, 2, 3, 4, 5]
+
+
+def test_cursor_checks(conn: Conn, items: None) -> None:
+    fp = _fingerprint(conn)
+    position = paging.Position(None, None, (paging.Watched(7), paging.Watched(9, 3, 4)))
+    assert paging.decode(paging.encode(position, fp), fp) == position
+    for bad in ("", "x" * (paging.MAX_CURSOR_LENGTH + 1), "eyJ2IjoyfQ", "bm9wZQ"):
+        with pytest.raises(InvalidCursor):
+            paging.decode(bad, fp)
+    with pytest.raises(InvalidCursor):  # a negative transaction id
+        paging.decode(paging.encode(paging.Position(None, None, (paging.Watched(-1),)), fp), fp)
+
+
+def test_async_timeline_and_export_resume_the_same_way(conn: Conn, dsn: str, items: None) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            late = psycopg.connect(dsn)
+            try:
+                late.execute("INSERT INTO app.items VALUES (100, 'late')")
+                _write(dsn, 1, 2)
+                page = await threadline.timeline_async(aconn, table="app.items")
+                exported = await threadline.export_async(aconn, io.StringIO(), "csv", table="app.items")
+                assert len(page) == 2 and exported == 2
+                late.commit()
+            finally:
+                late.close()
+            rest = await threadline.timeline_async(aconn, table="app.items", after=page.cursor)
+            out = io.StringIO()
+            again = await threadline.export_async(
+                aconn, out, "ndjson", table="app.items", after=exported.cursor
+            )
+            assert [c.pk for c in rest] == [{"id": 100}] and again == 1
+            assert json.loads(out.getvalue())["pk"] == {"id": 100}
+
+    asyncio.run(main())
