@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import redis
 from celery import Celery, signals
 
@@ -47,6 +48,9 @@ import threadline
 from threadline import ActorRef, AuditContext
 from threadline.context import _current, use_context
 from threadline.propagation import celery as tc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("THREADLINE_BENCH_REDIS", "redis://127.0.0.1:6379/15")
@@ -152,12 +156,17 @@ def _body() -> None:
 
 
 def task_costs(n: int = 5000) -> dict[str, Cost]:
-    """CPU µs per task run spent in threadline's task_prerun + task_postrun receivers."""
-    return {
-        "unsigned header": _task_cost(None, True, n),
-        "signed header": _task_cost([KEY], True, n),
-        "no header (beat, external producer)": _task_cost(None, False, n),
-    }
+    """CPU µs per task run spent in threadline's task_prerun + task_postrun receivers (and, for
+    the recorded variant, in writing the task-run rows: this process's side of the COPY)."""
+    with scratch_database("threadline_bench_runs") as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            threadline.ddl.install(conn)
+        return {
+            "unsigned header": _task_cost(None, True, n),
+            "signed header": _task_cost([KEY], True, n),
+            "no header (beat, external producer)": _task_cost(None, False, n),
+            "unsigned header, task runs recorded": _task_cost(None, True, n, record=dsn),
+        }
 
 
 def _noop_receiver(**_: Any) -> None:
@@ -184,18 +193,25 @@ def _noop_receivers() -> Iterator[None]:
             sig.disconnect(_noop_receiver, dispatch_uid="threadline-bench-noop")
 
 
-def _task_cost(keys: list[str] | None, with_header: bool, n: int) -> Cost:
+def _task_cost(keys: list[str] | None, with_header: bool, n: int, record: str | None = None) -> Cost:
     app = Celery("bench-worker", set_as_current=False)
     threadline.task(app=app, name="bench.run")(_body)
     task = app.tasks["bench.run"]  # the task object itself, as Celery's signals pass it
-    tc.install(app, signing_keys=keys)
+    tc.install(app, signing_keys=keys, record_task_runs=record)
     task_id = str(uuid.uuid4())  # a signed header is bound to its message: the run's own id
-    header = tc._installations[app].header_for(request_context(), task_id, None) if with_header else None
+    header = (
+        tc._installations[app].header_for(request_context(), task_id, None, "bench.run")
+        if with_header
+        else None
+    )
 
     def with_tl() -> None:
         if not tc.installed(app):
-            tc.install(app, signing_keys=keys)
+            tc.install(app, signing_keys=keys, record_task_runs=record)
         _run_signals(task, n)
+        recorder = tc._installations[app].recorder
+        if recorder is not None:  # write the rows now, so their cost falls in this arm
+            assert recorder.flush()
 
     def without() -> None:
         tc.uninstall(app)

@@ -51,7 +51,9 @@ def database() -> Iterator[str]:
 def dsn(database: str) -> Iterator[str]:
     """The session database, with empty audit tables and a fresh ``app`` schema for the test."""
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("TRUNCATE threadline.changes, threadline.transactions, threadline.actions")
+        conn.execute(
+            "TRUNCATE threadline.changes, threadline.transactions, threadline.actions, threadline.task_runs"
+        )
         conn.execute("DROP SCHEMA IF EXISTS app CASCADE")
         conn.execute("CREATE SCHEMA app")
     yield psycopg.conninfo.make_conninfo(database, options="-c search_path=app,public")

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from celery import Celery, chain, chord, group
 
@@ -229,6 +230,66 @@ def test_retries_keep_context_and_cause(env: Env, web: threadline.AuditContext, 
         assert row["origin"] == "celery" and row["context_error"] is None, row
         assert job(row)["id"] == result.id and job(row)["retries"] == attempt, row
         assert job(row)["root_id"] == result.id, row
+
+
+def _task_runs(dsn: str, task_ids: set[str], count: int) -> list[dict[str, Any]]:
+    """Poll until the worker has recorded ``count`` runs of these tasks (written in the background)."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        while True:
+            rows = cur.execute(
+                "SELECT * FROM threadline.task_runs WHERE task_id = ANY (%s) ORDER BY ended_at, id",
+                [list(task_ids)],
+            ).fetchall()
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+def test_trace_names_every_task_and_gives_each_attempt_its_outcome(
+    env: Env, web: threadline.AuditContext
+) -> None:
+    p = env.prefix()
+    quiet = tasks.show_context.delay(p)  # writes nothing
+    retried = tasks.flaky.delay(p + ":flaky", 2)  # writes on each attempt, succeeds on the third
+    failing = tasks.fail.delay(p + ":fail")  # writes, then fails
+    gave_up = tasks.give_up.delay(p)  # writes nothing, retried twice, then fails
+    assert quiet.get(timeout=30)["correlation_id"] == web.correlation_id
+    assert retried.get(timeout=30) == p + ":flaky"
+    for result in (failing, gave_up):
+        result.get(timeout=30, propagate=False)
+        assert result.failed()
+    ids = {quiet.id, retried.id, failing.id, gave_up.id}
+    runs = _task_runs(env.dsn, ids, 8)
+    assert len(runs) == 8, runs
+    assert all(r["correlation_id"] == web.correlation_id and r["actor"] == USER for r in runs)
+    assert all(r["causation_id"] == web.request_id and r["worker"] for r in runs)
+    assert all(r["started_at"] <= r["ended_at"] for r in runs)
+    with psycopg.connect(env.dsn) as conn:
+        trace = threadline.trace(conn, web.correlation_id or "")
+    nodes = {n.id: n for n in trace.walk() if n.kind == "task"}
+    assert set(nodes) >= ids
+    assert all(nodes[i].name for i in ids)
+    assert nodes[quiet.id].name == tasks.NAME + "show_context" and not nodes[quiet.id].transactions
+    assert [(r.attempt, r.outcome) for r in nodes[quiet.id].runs] == [(0, "succeeded")]
+    assert [(r.attempt, r.outcome) for r in nodes[retried.id].runs] == [
+        (0, "retried"),
+        (1, "retried"),
+        (2, "succeeded"),
+    ]
+    assert nodes[failing.id].outcome == "failed"
+    assert nodes[failing.id].runs[-1].error == "RuntimeError: fails on purpose"
+    assert [(r.attempt, r.outcome) for r in nodes[gave_up.id].runs] == [
+        (0, "retried"),
+        (1, "retried"),
+        (2, "failed"),
+    ]
+    assert nodes[gave_up.id].runs[0].error == f"LookupError: {p} is not there yet"
+    assert not nodes[gave_up.id].transactions
+    text = trace.render()
+    assert f"task {tasks.NAME}give_up [{gave_up.id}]  failed  3 attempts  (no audited writes)" in text
+    assert "attempt 3 failed" in text and "(unknown name)" not in text
 
 
 def test_child_task_enqueued_inside_a_task(env: Env, web: threadline.AuditContext) -> None:

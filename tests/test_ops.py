@@ -52,6 +52,12 @@ def history(conn: psycopg.Connection[Any], posts: str) -> None:
     _age(conn, 100)
     conn.execute("INSERT INTO app.posts (id, title) VALUES (200, 'new')")
     conn.execute("UPDATE app.posts SET title = 'new' WHERE id = 0")
+    # two task attempts that ended 100 days ago, one that ended now
+    conn.execute(
+        "INSERT INTO threadline.task_runs (task_id, attempt, outcome, ended_at)"
+        " VALUES ('t1', 0, 'retried', now() - interval '100 days'), ('t1', 1, 'failed', now() - interval '100 days'),"
+        " ('t2', 0, 'succeeded', now())"
+    )
 
 
 def test_purge_deletes_old_changes_in_batches_then_emptied_transactions(
@@ -64,8 +70,9 @@ def test_purge_deletes_old_changes_in_batches_then_emptied_transactions(
             result = retention.purge(conn, "90d", batch_size=3)
     finally:
         unsubscribe()
-    assert (result.changes, result.transactions, result.complete) == (12, 11, True)
-    assert result.batches == 5 + 4  # changes 3+3+3+3+0, transactions 3+3+3+2
+    assert (result.changes, result.transactions, result.task_runs, result.complete) == (12, 11, 2, True)
+    assert result.batches == 5 + 4 + 1  # changes 3+3+3+3+0, transactions 3+3+3+2, task runs 2
+    assert conn.execute("SELECT task_id FROM threadline.task_runs").fetchall() == [("t2",)]
     left = conn.execute("SELECT after->>'title', op FROM threadline.changes ORDER BY id").fetchall()
     assert left == [("new", "insert"), ("new", "update")]
     assert _counts(conn) == (2, 2)  # the recent transactions stay, with their changes
@@ -80,10 +87,11 @@ def test_purge_deletes_old_changes_in_batches_then_emptied_transactions(
 def test_dry_run_counts_and_deletes_nothing(conn: psycopg.Connection[Any], history: None) -> None:
     before = _counts(conn)
     result = retention.purge(conn, "90d", dry_run=True)
-    assert (result.changes, result.transactions, result.dry_run) == (12, 11, True)
+    assert (result.changes, result.transactions, result.task_runs, result.dry_run) == (12, 11, 2, True)
     assert _counts(conn) == before
     only_tags = retention.purge(conn, "90d", dry_run=True, table="app.tags")
     assert (only_tags.changes, only_tags.transactions) == (1, 0)  # its transaction keeps a posts change
+    assert only_tags.task_runs == 0  # a purge of one table keeps the task runs
 
 
 def test_table_filter_keeps_transactions_with_other_changes(
@@ -121,15 +129,12 @@ def test_purge_refuses_bad_arguments(conn: psycopg.Connection[Any], posts: str) 
 def test_purge_cli(dsn: str, conn: psycopg.Connection[Any], history: None) -> None:
     res = run("purge", "--older-than", "90d", "--dry-run", "--dsn", dsn)
     assert res.returncode == 0, res.stderr
-    assert "would purge 12 changes and 11 transactions" in res.stdout
+    assert "would purge 12 changes, 11 transactions and 2 task runs" in res.stdout
     res = run("purge", "--older-than", "90d", "--batch-size", "5", "--json", "--dsn", dsn)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert (out["changes"], out["transactions"], out["batches"]) == (
-        12,
-        11,
-        6,
-    )  # 5+5+2 changes, 5+5+1 transactions
+    # 5+5+2 changes, 5+5+1 transactions, 2 task runs
+    assert (out["changes"], out["transactions"], out["task_runs"], out["batches"]) == (12, 11, 2, 7)
     assert _counts(conn) == (2, 2)
     bad = run("purge", "--older-than", "soon", "--dsn", dsn)
     assert bad.returncode == 2 and "not an age" in bad.stderr

@@ -180,6 +180,7 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         ("actions", "INSERT,SELECT"),
         ("changes", "SELECT"),
         ("schema_version", "SELECT"),
+        ("task_runs", "INSERT,SELECT"),
         ("tracked_table_names", "SELECT"),
         ("tracked_tables", "SELECT"),
         ("transactions", "SELECT"),

@@ -32,7 +32,7 @@ from threadline.errors import (
     UnknownTable,
     UntrustedContext,
 )
-from threadline.export import export, export_async
+from threadline.export import ExportResult, export, export_async
 from threadline.propagation.carrier import extract, inject
 from threadline.propagation.celery import task
 from threadline.propagation.executors import submit, wrap
@@ -58,7 +58,7 @@ from threadline.query import (
     trace,
     trace_async,
 )
-from threadline.records import Action, Change, Transaction
+from threadline.records import Action, Change, TaskRun, Transaction
 from threadline.tracing import Trace, TraceNode, TraceTransaction
 
 __version__ = "0.1.0"
@@ -70,6 +70,7 @@ __all__ = [
     "AuditContext",
     "Change",
     "ConfigurationError",
+    "ExportResult",
     "FieldChange",
     "InvalidAction",
     "InvalidActor",
@@ -84,6 +85,7 @@ __all__ = [
     "RowDeleted",
     "SchemaError",
     "TableNotFound",
+    "TaskRun",
     "ThreadlineConnection",
     "ThreadlineCursor",
     "ThreadlineError",

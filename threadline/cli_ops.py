@@ -150,13 +150,13 @@ def purge(
     when = result.cutoff.isoformat(timespec="seconds")
     if result.dry_run:
         click.echo(
-            f"dry run: would purge {result.changes} changes and {result.transactions} "
-            f"transactions captured before {when}"
+            f"dry run: would purge {result.changes} changes, {result.transactions} "
+            f"transactions and {result.task_runs} task runs from before {when}"
         )
         return
     click.echo(
-        f"purged {result.changes} changes and {result.transactions} transactions captured "
-        f"before {when} in {result.batches} batches ({result.seconds:.1f} s)"
+        f"purged {result.changes} changes, {result.transactions} transactions and {result.task_runs} "
+        f"task runs from before {when} in {result.batches} batches ({result.seconds:.1f} s)"
     )
     if not result.complete:
         click.echo("stopped at --max-batches: run the command again to continue")

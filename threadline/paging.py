@@ -34,6 +34,23 @@ from psycopg import sql
 from threadline.errors import InvalidCursor
 from threadline.records import iso
 
+__all__ = [
+    "CLOSING",
+    "FORWARD",
+    "KEY_COLUMNS",
+    "LATE",
+    "MAX_CURSOR_LENGTH",
+    "START",
+    "Position",
+    "Reader",
+    "Snapshot",
+    "Watched",
+    "decode",
+    "encode",
+    "page_statement",
+    "parse_snapshot",
+]
+
 MAX_CURSOR_LENGTH = 262_144
 """Longest cursor accepted (a cursor grows by about 12 characters per transaction in progress)."""
 

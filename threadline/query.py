@@ -43,7 +43,7 @@ from threadline.errors import (
     TableNotFound,
     TrackingError,
 )
-from threadline.records import OPS, Action, Change, Transaction, iso, utc
+from threadline.records import OPS, Action, Change, TaskRun, Transaction, iso, utc
 from threadline.tracing import Trace, build_trace
 
 MAX_LIMIT = 10_000
@@ -891,11 +891,20 @@ def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
         ).format(_ACTION_COLUMNS, audit),
         params,
     )
+    run_rows = yield Query(
+        sql.SQL(
+            "SELECT r.id, r.task_id, r.name, r.attempt, r.outcome, r.error, r.correlation_id, r.causation_id,"
+            " r.parent_id, r.root_id, r.actor, r.worker, r.started_at, r.ended_at"
+            " FROM {}.task_runs r WHERE r.correlation_id = %(correlation_id)s ORDER BY r.ended_at, r.id"
+        ).format(audit),
+        params,
+    )
     transactions = [Transaction.from_row(r, "t_") for r in tx_rows]
     by_id = {t.id: t for t in transactions}
     changes = [Change.from_row(r, by_id.get(r["t_id"])) for r in change_rows]
     actions = [Action.from_row(r) for r in action_rows]
-    return build_trace(checked or "", transactions, changes, actions)
+    runs = [TaskRun.from_row(r) for r in run_rows]
+    return build_trace(checked or "", transactions, changes, actions, runs)
 
 
 def trace(conn: psycopg.Connection[Any], correlation_id: str, *, schema: str = DEFAULT_SCHEMA) -> Trace:

@@ -242,3 +242,72 @@ class Action:
             "meta": None if self.meta is None else dict(self.meta),
             "inserted_at": iso(self.inserted_at),
         }
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One attempt of a Celery task as the worker recorded it when the attempt ended (see
+    ``threadline.celery.install(record_task_runs=...)``)."""
+
+    id: int
+    task_id: str
+    name: str | None
+    attempt: int
+    """Celery's ``request.retries`` for this attempt (0 for the first)."""
+    outcome: str
+    """``succeeded``, ``failed``, ``retried``, ``rejected`` or ``ignored``."""
+    error: str | None
+    """``ExceptionType: message`` for a failed or retried attempt."""
+    correlation_id: str | None
+    causation_id: str | None
+    parent_id: str | None
+    root_id: str | None
+    actor: ActorRef | None
+    worker: str | None
+    started_at: datetime | None
+    ended_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TaskRun:
+        """Build from a row of ``task_runs``."""
+        started = row["started_at"]
+        return cls(
+            id=row["id"],
+            task_id=row["task_id"],
+            name=row["name"],
+            attempt=row["attempt"],
+            outcome=row["outcome"],
+            error=row["error"],
+            correlation_id=row["correlation_id"],
+            causation_id=row["causation_id"],
+            parent_id=row["parent_id"],
+            root_id=row["root_id"],
+            actor=_actor(row["actor"]),
+            worker=row["worker"],
+            started_at=None if started is None else utc(started),
+            ended_at=utc(row["ended_at"]),
+        )
+
+    @property
+    def duration(self) -> timedelta | None:
+        """How long the attempt ran (``None`` when its start is unknown)."""
+        return None if self.started_at is None else self.ended_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form (times as ISO 8601 UTC text)."""
+        return {
+            "id": self.id,
+            "task_id": self.task_id,
+            "name": self.name,
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "error": self.error,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "parent_id": self.parent_id,
+            "root_id": self.root_id,
+            "actor": None if self.actor is None else self.actor.to_dict(),
+            "worker": self.worker,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+        }

@@ -2,7 +2,8 @@
 
 :func:`purge` deletes old ``changes`` rows in batches of ``batch_size``, each batch its own
 short transaction (row locks on audit rows only, never a table lock), then the ``transactions``
-rows older than the cut-off that are left with no changes. Interrupting it loses nothing but
+rows older than the cut-off that are left with no changes, then the ``task_runs`` rows of task
+attempts that ended before the cut-off (not when the purge is limited to one table). Interrupting it loses nothing but
 time: every committed batch stays done and a rerun continues with what is left.
 
 The cut-off is computed by the database (``now() - older_than``), so the client's clock does
@@ -52,6 +53,8 @@ class PurgeResult:
     dry_run: bool
     complete: bool = True
     """False when ``max_batches`` stopped the purge before everything old was deleted."""
+    task_runs: int = 0
+    """Recorded task attempts that ended before the cut-off."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
@@ -63,6 +66,7 @@ class PurgeResult:
             "seconds": round(self.seconds, 3),
             "dry_run": self.dry_run,
             "complete": self.complete,
+            "task_runs": self.task_runs,
         }
 
 
@@ -187,12 +191,22 @@ def purge(
                 ),
                 params,
             )
+            runs = (
+                0
+                if target
+                else _count(
+                    conn,
+                    sql.SQL("SELECT count(*) FROM {a}.task_runs WHERE ended_at < %(cutoff)s").format(a=audit),
+                    params,
+                )
+            )
         elapsed = time.monotonic() - started
         logger.info(
-            "dry run: would purge %d changes%s and %d transactions captured before %s",
+            "dry run: would purge %d changes%s, %d transactions and %d task runs before %s",
             changes,
             shown,
             transactions,
+            runs,
             cutoff.isoformat(),
         )
         emit(
@@ -204,14 +218,14 @@ def purge(
             dry_run=True,
             schema=schema,
         )
-        return PurgeResult(cutoff, changes, transactions, 0, elapsed, True)
+        return PurgeResult(cutoff, changes, transactions, 0, elapsed, True, task_runs=runs)
 
     logger.info(
         "purging changes%s captured before %s in batches of %d", shown, cutoff.isoformat(), batch_size
     )
     batches = 0
     complete = True
-    totals = {"changes": 0, "transactions": 0}
+    totals = {"changes": 0, "transactions": 0, "task runs": 0}
     statements = {
         # keyset over the primary key (transaction_id, id): each batch starts where the last one
         # ended, and both the walk and the delete are index lookups
@@ -232,6 +246,13 @@ def purge(
             " WHERE t.id = b.id RETURNING t.id) SELECT count(*), NULL::bigint, max(id) FROM gone"
         ).format(a=audit),
     }
+    if not target:
+        statements["task runs"] = sql.SQL(
+            "WITH batch AS (SELECT r.id FROM {a}.task_runs r WHERE r.id > %(after)s"
+            " AND r.ended_at < %(cutoff)s ORDER BY r.id LIMIT %(n)s),"
+            " gone AS (DELETE FROM {a}.task_runs r USING batch b WHERE r.id = b.id RETURNING r.id)"
+            " SELECT count(*), NULL::bigint, max(id) FROM gone"
+        ).format(a=audit)
     for kind, statement in statements.items():
         after_tx, after = 0, 0
         phase_started = time.monotonic()
@@ -275,7 +296,16 @@ def purge(
         dry_run=False,
         schema=schema,
     )
-    return PurgeResult(cutoff, totals["changes"], totals["transactions"], batches, elapsed, False, complete)
+    return PurgeResult(
+        cutoff,
+        totals["changes"],
+        totals["transactions"],
+        batches,
+        elapsed,
+        False,
+        complete,
+        task_runs=totals["task runs"],
+    )
 
 
 def _count(conn: psycopg.Connection[Any], query: sql.Composed, params: dict[str, Any]) -> int:

@@ -9,6 +9,10 @@ A task's parent is found, in order, from Celery's ``job.parent_id``, the ``causa
 publishing task, or the web request that published it) and ``job.root_id``. A parent that wrote
 nothing itself (a chain step without database writes, a request that only published a task) still
 appears, as a node without transactions, so the shape of the story is kept.
+
+Where the worker records task runs (``threadline.celery.install(record_task_runs=...)``), each
+task node also lists its attempts with their outcome, and tasks that wrote nothing (or whose
+writes rolled back) appear under their cause with their name.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from threadline.actor import ActorRef
-from threadline.records import Action, Change, Transaction, iso
+from threadline.records import Action, Change, TaskRun, Transaction, iso
 
 REQUEST = "request"
 TASK = "task"
@@ -83,6 +87,13 @@ class TraceNode:
     """Start of the earliest work in this node and everything under it."""
     span_ended_at: datetime | None
     """End of the latest work in this node and everything under it."""
+    runs: tuple[TaskRun, ...] = ()
+    """A task's recorded attempts, in the order they ended (empty when runs are not recorded)."""
+
+    @property
+    def outcome(self) -> str | None:
+        """The outcome of a task's last recorded attempt (``None`` when none was recorded)."""
+        return self.runs[-1].outcome if self.runs else None
 
     @property
     def duration(self) -> timedelta | None:
@@ -111,6 +122,8 @@ class TraceNode:
             "origin": self.origin,
             "actor": None if self.actor is None else self.actor.to_dict(),
             "attempts": list(self.attempts),
+            "outcome": self.outcome,
+            "runs": [r.to_dict() for r in self.runs],
             "started_at": iso(self.started_at),
             "ended_at": iso(self.ended_at),
             "span_started_at": iso(self.span_started_at),
@@ -191,6 +204,7 @@ class _Node:
     attempts: set[int] = field(default_factory=set)
     transactions: list[TraceTransaction] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
+    runs: list[TaskRun] = field(default_factory=list)
     children: list[_Node] = field(default_factory=list)
     parent: _Node | None = None
     refs: dict[str, str] = field(default_factory=dict)
@@ -232,8 +246,10 @@ def build_trace(
     transactions: Iterable[Transaction],
     changes: Iterable[Change],
     actions: Iterable[Action] = (),
+    runs: Iterable[TaskRun] = (),
 ) -> Trace:
-    """Arrange the transactions, changes and actions of one correlation id into a :class:`Trace`."""
+    """Arrange the transactions, changes, actions and task runs of one correlation id into a
+    :class:`Trace`."""
     by_tx: dict[int, list[Change]] = {}
     for change in changes:
         by_tx.setdefault(change.transaction_id, []).append(change)
@@ -264,6 +280,23 @@ def build_trace(
             ("root_id", _text(tx.job, "root_id")),
             ("causation_id", tx.causation_id),
             ("request_id", tx.request_id),
+        ):
+            if value is not None:
+                node.refs.setdefault(ref, value)
+
+    for run in sorted(runs, key=lambda r: (r.ended_at, r.id)):
+        node = nodes.get((TASK, run.task_id))
+        if node is None:
+            node = nodes[(TASK, run.task_id)] = _Node(TASK, run.task_id, origin="celery")
+            order.append(node)
+        node.runs.append(run)
+        node.name = node.name or run.name
+        node.actor = node.actor or run.actor
+        node.attempts.add(run.attempt)
+        for ref, value in (
+            ("parent_id", None if run.parent_id == run.task_id else run.parent_id),
+            ("root_id", run.root_id),
+            ("causation_id", run.causation_id),
         ):
             if value is not None:
                 node.refs.setdefault(ref, value)
@@ -355,10 +388,16 @@ def _freeze(node: _Node) -> TraceNode:
     started = min((t.started_at for t in txs), default=None)
     ended = max((t.ended_at for t in txs), default=None)
     action_times = [a.inserted_at for a in node.actions]
+    run_starts = [r.started_at or r.ended_at for r in node.runs]
+    run_ends = [r.ended_at for r in node.runs]
     span_starts = [
-        t for t in [started, *action_times, *(c.span_started_at for c in children)] if t is not None
+        t
+        for t in [started, *action_times, *run_starts, *(c.span_started_at for c in children)]
+        if t is not None
     ]
-    span_ends = [t for t in [ended, *action_times, *(c.span_ended_at for c in children)] if t is not None]
+    span_ends = [
+        t for t in [ended, *action_times, *run_ends, *(c.span_ended_at for c in children)] if t is not None
+    ]
     return TraceNode(
         kind=node.kind,
         id=node.id,
@@ -373,6 +412,7 @@ def _freeze(node: _Node) -> TraceNode:
         ended_at=ended,
         span_started_at=min(span_starts, default=None),
         span_ended_at=max(span_ends, default=None),
+        runs=tuple(node.runs),
     )
 
 
@@ -419,15 +459,33 @@ def _node_line(node: TraceNode, origin: datetime | None) -> str:
         attempts = f"{len(node.attempts)} attempts"
     elif node.attempts and node.attempts[0] > 0:
         attempts = f"retry {node.attempts[0]}"
+    outcome = node.outcome
     if not node.transactions:
-        return _join(label, "(no audited writes)", _offset(node.span_started_at, origin))
+        return _join(
+            label,
+            outcome,
+            attempts,
+            "(no audited writes)",
+            _offset(node.span_started_at, origin),
+        )
     return _join(
         label,
+        outcome,
         node.origin if node.kind != WORK else None,
         None if node.actor is None else str(node.actor),
         attempts,
         _offset(node.started_at, origin),
         format_duration(node.duration),
+    )
+
+
+def _run_line(run: TaskRun, origin: datetime | None) -> str:
+    return _join(
+        f"attempt {run.attempt + 1} {run.outcome}",
+        _offset(run.started_at, origin),
+        format_duration(run.duration),
+        run.error,
+        None if run.worker is None else f"on {run.worker}",
     )
 
 
@@ -478,6 +536,8 @@ def render(trace: Trace, *, max_changes: int | None = 10) -> str:
 
     def items(node: TraceNode) -> list[tuple[datetime | None, int, object]]:
         out: list[tuple[datetime | None, int, object]] = []
+        if len(node.runs) > 1 or any(r.outcome != "succeeded" for r in node.runs):
+            out.extend((r.started_at or r.ended_at, -1, r) for r in node.runs)
         out.extend((t.started_at, 0, t) for t in node.transactions)
         out.extend((a.inserted_at, 1, a) for a in node.actions)
         out.extend((c.span_started_at, 2, c) for c in node.children)
@@ -494,6 +554,8 @@ def render(trace: Trace, *, max_changes: int | None = 10) -> str:
                 emit_sub(sub, obj, inner, n == len(parts) - 1)
         elif isinstance(obj, Action):
             lines.append(prefix + branch + _action_line(obj, origin))
+        elif isinstance(obj, TaskRun):
+            lines.append(prefix + branch + _run_line(obj, origin))
 
     def emit_sub(obj: object, node: TraceNode, prefix: str, last: bool) -> None:
         if isinstance(obj, TraceTransaction):

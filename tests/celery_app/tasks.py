@@ -34,6 +34,7 @@ def make_app(
     signing_keys: list[str] | None = None,
     beat_label: str | None = None,
     install: bool = True,
+    record_task_runs: str | None = None,
 ) -> Celery:
     """A Celery app publishing to (and consuming from) ``queue``; threadline installed on it."""
     app = Celery("threadline_test", broker=broker, backend=backend, set_as_current=False)
@@ -51,7 +52,9 @@ def make_app(
             "tick": {"task": NAME + "beat_tick", "schedule": 0.5, "args": (beat_label,)},
         }
     if install:
-        threadline.celery.install(app, default_actor=DEFAULT_ACTOR, signing_keys=signing_keys)
+        threadline.celery.install(
+            app, default_actor=DEFAULT_ACTOR, signing_keys=signing_keys, record_task_runs=record_task_runs
+        )
     return app
 
 
@@ -122,6 +125,12 @@ def fail(label: str) -> None:
     """Write a row, then fail."""
     write(label)
     raise RuntimeError("fails on purpose")
+
+
+@threadline.task(bind=True, max_retries=2)
+def give_up(self: celery.Task, label: str) -> None:
+    """Write nothing; retry twice, then fail (the retries are exhausted)."""
+    raise self.retry(countdown=0, exc=LookupError(f"{label} is not there yet"))
 
 
 @threadline.task

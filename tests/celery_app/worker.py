@@ -19,6 +19,8 @@ app = make_app(
     os.environ["THREADLINE_TEST_CELERY_QUEUE"],
     signing_keys=_keys.split(",") if _keys else None,
     beat_label=os.environ.get("THREADLINE_TEST_CELERY_BEAT_LABEL"),
+    # every test worker records its task runs: each path runs with the recorder on
+    record_task_runs=os.environ["THREADLINE_TEST_CELERY_DSN"],
 )
 
 

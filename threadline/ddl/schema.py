@@ -63,6 +63,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role};
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
 GRANT INSERT ON {schema}.actions TO {role};
+GRANT INSERT ON {schema}.task_runs TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.link_action(bigint) TO {role};
 """
 

@@ -39,7 +39,12 @@ def make_app(broker: str, backend: str, fs_root: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
     )
-    threadline.celery.install(celery_app, default_actor=ActorRef.system("scheduler"))
+    threadline.celery.install(
+        celery_app,
+        default_actor=ActorRef.system("scheduler"),
+        # the worker records every task attempt, so the trace names each task and its outcome
+        record_task_runs=os.environ.get("THREADLINE_DEMO_APP_DSN"),
+    )
     return celery_app
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar, Token
@@ -58,6 +59,7 @@ from threadline.context import AuditContext, _current, current
 from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
 from threadline.propagation import carrier
 from threadline.propagation.carrier import HEADER
+from threadline.propagation.task_runs import OUTCOMES, TaskRunRecorder
 
 __all__ = [
     "HEADER",
@@ -96,6 +98,7 @@ class _Installation:
     receivers: list[tuple[Any, Callable[..., None]]] = field(default_factory=list)
     signature_ttl: int = carrier.DEFAULT_SIGNATURE_TTL
     accept_unbound: bool = False
+    recorder: TaskRunRecorder | None = None
     # id(ctx) -> (ctx, causation, same task, header (unsigned installs), body); the context
     # object is kept alive with it
     cache: dict[int, tuple[AuditContext, str | None, bool, str | None, dict[str, Any]]] = field(
@@ -187,6 +190,8 @@ def install(
     max_header_bytes: int = carrier.DEFAULT_MAX_BYTES,
     signature_ttl: float = carrier.DEFAULT_SIGNATURE_TTL,
     accept_unbound_signatures: bool = False,
+    record_task_runs: str | Callable[[], Any] | None = None,
+    audit_schema: str = "threadline",
 ) -> celery.Celery:
     """Carry the audit context through every task ``app`` publishes and runs. Idempotent.
 
@@ -206,6 +211,11 @@ def install(
       built on :class:`Task`, e.g. ``@threadline.task`` or ``Celery(task_cls=threadline.celery.Task)``).
     - ``max_header_bytes``: cap of the header's encoding (default 8 KiB); a context over it
       raises :class:`~threadline.errors.InvalidContext` where the task is sent.
+    - ``record_task_runs``: a DSN, or a function returning a new psycopg connection: the worker
+      then records every task attempt (name, attempt, outcome, error, context, timings) in
+      ``<audit_schema>.task_runs``, written in the background in batches (see
+      :mod:`threadline.propagation.task_runs`), so :func:`threadline.trace` names every task and
+      gives each attempt's outcome. Off by default: it needs to know where to write.
 
     Calling it again updates the options; handlers are connected only once. Returns ``app``.
     """
@@ -232,6 +242,7 @@ def install(
             f"signature_ttl must be a number of seconds of at least 60, got {signature_ttl!r}"
         )
     ttl = int(signature_ttl)
+    recorder = None if record_task_runs is None else TaskRunRecorder(record_task_runs, audit_schema)
     with _lock:
         inst = _installations.get(app)
         if inst is not None:
@@ -239,9 +250,13 @@ def install(
             inst.max_header_bytes, inst.signature_ttl = max_header_bytes, ttl
             inst.accept_unbound = bool(accept_unbound_signatures)
             inst.cache.clear()
+            previous, inst.recorder = inst.recorder, recorder
+            if previous is not None:
+                previous.close()
             return app
         inst = _Installation(weakref.ref(app), actor, keys, policy, max_header_bytes, signature_ttl=ttl)
         inst.accept_unbound = bool(accept_unbound_signatures)
+        inst.recorder = recorder
         _connect(app, inst)
         _installations[app] = inst
     return app
@@ -266,6 +281,9 @@ def uninstall(app: celery.Celery) -> bool:
         inst.original_send_task = None  # a wrapper someone put around ours now passes straight through
         inst.receivers.clear()
         inst.cache.clear()
+        if inst.recorder is not None:
+            inst.recorder.close()
+            inst.recorder = None
     return True
 
 
@@ -331,17 +349,34 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
         if task is not None and getattr(task, "_app", None) is inst.app():
             _prerun(inst, task, task_id)
 
-    def on_postrun(sender: Any = None, task_id: Any = None, **_: Any) -> None:
+    def on_postrun(
+        sender: Any = None,
+        task_id: Any = None,
+        task: Any = None,
+        state: Any = None,
+        retval: Any = None,
+        **_: Any,
+    ) -> None:
         frame = _frames.get()
         if frame is not None and frame.inst is inst and frame.task_id == task_id:
             _frames.set(frame.outer)
+            recorder = inst.recorder
+            if recorder is not None:
+                _record_run(recorder, frame, task, state, retval)
             if frame.token is not None:
                 _current.reset(frame.token)
+
+    def on_process_shutdown(**_: Any) -> None:
+        recorder = inst.recorder
+        if recorder is not None:
+            recorder.flush()
 
     for signal, receiver in (
         (signals.before_task_publish, on_publish),
         (signals.task_prerun, on_prerun),
         (signals.task_postrun, on_postrun),
+        (signals.worker_process_shutdown, on_process_shutdown),
+        (signals.worker_shutdown, on_process_shutdown),
     ):
         signal.connect(receiver, weak=False, dispatch_uid=_uid(signal, inst))
         inst.receivers.append((signal, receiver))
@@ -384,7 +419,7 @@ def _read_header(request: Any) -> object:
 class _Frame:
     """One task run whose context this module set: undone by its ``task_postrun``."""
 
-    __slots__ = ("inst", "outer", "rejected", "task_id", "token")
+    __slots__ = ("inst", "outer", "rejected", "started", "task_id", "token")
 
     def __init__(
         self,
@@ -399,6 +434,7 @@ class _Frame:
         self.token = token
         self.rejected = rejected
         self.outer = outer
+        self.started = time.time()
 
 
 # The task runs in progress in this thread (or task), innermost first: a task applied eagerly
@@ -492,6 +528,67 @@ def _incoming_context(
     return AuditContext._unchecked(origin=ORIGIN, job=job, **fields), None  # validated: see _build
 
 
+def _record_run(recorder: TaskRunRecorder, frame: _Frame, task: Any, state: object, retval: object) -> None:
+    """Queue the ``task_runs`` row of the attempt that just ended (never raises)."""
+    try:
+        ctx = current()
+        job = ctx.job or {}
+        task_id = job.get("id")
+        if task_id is None or task_id != frame.task_id:  # eager run that kept the caller's context
+            task_id, job = _safe_id(frame.task_id), {}
+        retries = task.request.retries
+        outcome = OUTCOMES.get(state, "failed") if isinstance(state, str) else "failed"
+        error = None
+        if outcome in ("failed", "retried") and isinstance(retval, BaseException):
+            cause = getattr(retval, "exc", None) if outcome == "retried" else None
+            shown = cause if isinstance(cause, BaseException) else retval
+            error = _short(f"{type(shown).__name__}: {shown}", 500)
+        recorder.record(
+            (
+                task_id or "(no id)",
+                _task_name(task),
+                retries if type(retries) is int else 0,
+                outcome,
+                error,
+                ctx.correlation_id,
+                ctx.causation_id,
+                job.get("parent_id"),
+                job.get("root_id"),
+                _actor_json(ctx.actor),
+                _hostname(task.request.hostname),
+                frame.started,
+                time.time(),
+            )
+        )
+    except Exception:  # the record is a convenience: it must never fail the task
+        logger.exception("task %s: could not record its run", getattr(task, "name", "?"))
+
+
+_actor_texts: dict[ActorRef, str] = {}
+_hostnames: dict[str, str] = {}
+
+
+def _actor_json(actor: ActorRef | None) -> str | None:
+    """The actor as JSON text (encoded once per actor, as a worker serves few)."""
+    if actor is None:
+        return None
+    text = _actor_texts.get(actor)
+    if text is None:
+        if len(_actor_texts) >= _CACHE_SIZE:
+            _actor_texts.clear()
+        text = _actor_texts[actor] = codec.dumps(actor.to_dict())
+    return text
+
+
+def _hostname(name: object) -> str | None:
+    if not isinstance(name, str):
+        return None
+    shown = _hostnames.get(name)
+    if shown is None:
+        shown = _hostnames[name] = _short(name, 256)
+    return shown
+
+
 def _build(**fields: Any) -> AuditContext:
     # Every value here is validated already: header fields by the carrier codec, ids by
     # _safe_id, reasons by _short; skip validating them a second time on every task.
@@ -512,8 +609,8 @@ def _task_name(task: Any) -> str | None:
     return _names[name]
 
 
-def _short(text: str) -> str:
-    return FORBIDDEN_TEXT_RE.sub(" ", text)[:200]
+def _short(text: str, limit: int = 200) -> str:
+    return FORBIDDEN_TEXT_RE.sub(" ", text)[:limit]
 
 
 class Task(celery.Task):  # type: ignore[misc]

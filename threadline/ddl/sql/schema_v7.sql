@@ -39,6 +39,30 @@ CREATE TABLE IF NOT EXISTS @audit@.transactions (
 COMMENT ON COLUMN @audit@.transactions.context_error IS
     'Why the context set for this transaction was refused (NULL when it was valid or absent).';
 
+-- One row per Celery task attempt, written by the worker when the attempt ends (opt-in, see
+-- threadline.celery.install(record_task_runs=...)): the trace names every task and gives each
+-- attempt's outcome, also for attempts that wrote nothing or whose writes rolled back.
+CREATE TABLE IF NOT EXISTS @audit@.task_runs (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id text NOT NULL,
+    name text,
+    attempt integer NOT NULL DEFAULT 0,
+    outcome text NOT NULL,
+    error text,
+    correlation_id text,
+    causation_id text,
+    parent_id text,
+    root_id text,
+    actor jsonb,
+    worker text,
+    started_at timestamptz,
+    ended_at timestamptz NOT NULL
+);
+COMMENT ON COLUMN @audit@.task_runs.outcome IS
+    'succeeded, failed, retried, rejected or ignored (Celery''s SUCCESS, FAILURE, RETRY, REJECTED, IGNORED).';
+CREATE INDEX IF NOT EXISTS task_runs_correlation_id_idx
+    ON @audit@.task_runs (correlation_id) WHERE correlation_id IS NOT NULL;
+
 -- Keyed by (transaction_id, id): one btree serves "the changes of a transaction, in order" and
 -- uniqueness, and its keys are distinct (a btree on transaction_id alone pays for deduplicating
 -- the equal keys of a bulk statement's rows).
