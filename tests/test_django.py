@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,66 @@ def test_async_requests_load_the_user_without_sync_database_access(django_dsn: s
         del type(request).user  # type: ignore[attr-defined]
     assert response.status_code == 200
     assert seen[0].actor == ActorRef.user("42") and seen[0].origin == "web"
+
+
+@pytest.mark.parametrize("alias", ["default", "serverside"])
+def test_query_api_on_django_connections_returns_what_a_psycopg_connection_returns(
+    django_dsn: str, alias: str
+) -> None:
+    from django.db import connections, transaction
+
+    from tests.djangoproject.blog.models import Post
+
+    corr = f"dj-q-{uuid.uuid4().hex[:8]}"
+    with threadline.context(actor=ActorRef.user("5"), correlation_id=corr, origin="web"):
+        post = Post.objects.using(alias).create(title="first", note="n")
+        with transaction.atomic(using=alias):
+            Post.objects.using(alias).filter(pk=post.pk).update(title="second")
+            threadline.record_action(connections[alias], "post.retitle", reason="typo")
+    django_conn = connections[alias]
+    calls: dict[str, Any] = {
+        "timeline": lambda c: list(threadline.timeline(c, correlation_id=corr)),
+        "history": lambda c: threadline.history(c, "public.dj_posts", post.pk),
+        "actor_history": lambda c: [x.id for x in threadline.actor_history(c, "user:5")],
+        "as_of": lambda c: threadline.as_of(c, "public.dj_posts", post.pk, datetime.now(timezone.utc)),
+        "trace": lambda c: threadline.trace(c, corr).to_dict(),
+        "actions": lambda c: [a.to_dict() for a in threadline.list_actions(c, correlation_id=corr)],
+        "export": lambda c: _export_text(c, corr),
+    }
+    with psycopg.connect(django_dsn, autocommit=True) as plain:
+        expected = {name: call(plain) for name, call in calls.items()}
+    assert expected["history"][0].after == {"id": post.pk, "title": "second", "note": "n"}
+    assert expected["as_of"]["title"] == "second" and len(expected["actions"]) == 1
+    for inside_atomic in (False, True):
+        if inside_atomic:
+            with transaction.atomic(using=alias):
+                got = {name: call(django_conn) for name, call in calls.items()}
+        else:
+            got = {name: call(django_conn) for name, call in calls.items()}
+        for name in calls:
+            assert got[name] == expected[name], (name, inside_atomic)
+    # Django's own JSON handling is untouched: its text loader still serves the ORM
+    with django_conn.cursor() as cur:
+        cur.execute("SELECT '{\"a\": 1}'::jsonb")
+        assert cur.fetchone() == ('{"a": 1}',)
+
+
+def _export_text(conn: Any, corr: str) -> str:
+    import io
+
+    out = io.StringIO()
+    threadline.export(conn, out, "ndjson", correlation_id=corr)
+    return out.getvalue()
+
+
+def test_query_api_refuses_other_databases_with_a_clear_error() -> None:
+    class SQLite:
+        vendor, alias, connection = "sqlite", "legacy", None
+
+        def ensure_connection(self) -> None:
+            return None
+
+    with pytest.raises(ConfigurationError, match="'legacy' is sqlite: threadline needs PostgreSQL"):
+        threadline.timeline(SQLite(), correlation_id="x")
+    with pytest.raises(TypeError, match="expected a psycopg connection or a Django connection"):
+        threadline.timeline(object(), correlation_id="x")  # type: ignore[arg-type]

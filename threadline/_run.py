@@ -16,6 +16,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from threadline._connection import ConnectionLike, json_adapters, native
+
 T = TypeVar("T")
 
 Rows = list[dict[str, Any]]
@@ -32,12 +34,15 @@ class Query:
 Plan = Generator[Query, Rows, T]
 
 
-def run(conn: psycopg.Connection[Any], plan: Plan[T]) -> T:
-    """Drive ``plan`` on a synchronous connection."""
+def run(conn: ConnectionLike, plan: Plan[T]) -> T:
+    """Drive ``plan`` on a synchronous connection (psycopg's, or Django's)."""
+    raw, from_django = native(conn)
     try:
         query = next(plan)
         while True:
-            with conn.cursor(row_factory=dict_row) as cur:
+            with raw.cursor(row_factory=dict_row) as cur:
+                if from_django:
+                    json_adapters(cur.adapters)
                 cur.execute(query.statement, query.params)
                 rows = cur.fetchall() if cur.description is not None else []
             query = plan.send(rows)

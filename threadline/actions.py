@@ -23,6 +23,7 @@ from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
 from threadline import codec
+from threadline._connection import ConnectionLike, native
 from threadline._run import Plan, Query, run, run_async
 from threadline.actor import FORBIDDEN_TEXT, FORBIDDEN_TEXT_RE, ActorRef
 from threadline.context import current
@@ -163,7 +164,7 @@ def _links(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool
 
 
 def record_action(
-    conn: psycopg.Connection[Any],
+    conn: ConnectionLike,
     name: str,
     *,
     status: str = "ok",
@@ -182,12 +183,13 @@ def record_action(
     that is not in autocommit mode) the transaction row links to the action; on an autocommit
     connection outside a transaction the action is written on its own.
     """
-    link = _links(conn)
-    verified = schema in _verified.get(conn, ())
+    raw, _ = native(conn)
+    link = _links(raw)
+    verified = schema in _verified.get(raw, ())
     plan = _record_plan(link, verified, name, status, verb, category, reason, comment, meta, actor, schema)
     action = run(conn, plan)
     if link:
-        _verified.setdefault(conn, set()).add(schema)
+        _verified.setdefault(raw, set()).add(schema)
     return action
 
 
@@ -265,7 +267,7 @@ def _list_plan(
 
 
 def list_actions(
-    conn: psycopg.Connection[Any],
+    conn: ConnectionLike,
     *,
     correlation_id: str | None = None,
     actor: ActorLike | None = None,

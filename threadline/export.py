@@ -34,6 +34,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from threadline import paging
+from threadline._connection import ConnectionLike, native
 from threadline._run import run, run_async
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.errors import InvalidFilter, SchemaError
@@ -259,7 +260,7 @@ def _check(format: str, limit: int | None, schema: str, batch_size: int) -> None
 
 
 def export(
-    conn: psycopg.Connection[Any],
+    conn: ConnectionLike,
     out: TextSink,
     format: str = "csv",
     *,
@@ -301,6 +302,7 @@ def export(
             schema=schema,
         ),
     )
+    raw, _ = native(conn)
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     statement, params = _statement(format, filters, limit, schema, position)
     writer = _Writer(out, format, filters, paging.Reader(position, limit))
@@ -309,12 +311,14 @@ def export(
         server_cursor = not chunked_streaming()
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
-        with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
+        with raw.transaction(), raw.cursor(name=name, row_factory=tuple_row) as cur:
             cur.execute(statement, params, binary=True)
             while batch := cur.fetchmany(batch_size):
                 writer.page_rows(batch)
     else:
-        with conn.cursor(row_factory=tuple_row) as cur:
+        # psycopg's own cursor class: a connection may default to client-side binding (Django
+        # does), which cannot return binary results
+        with psycopg.Cursor(raw, row_factory=tuple_row) as cur:
             rows: list[tuple[Any, ...]] = []
             for row in cur.stream(statement, params, binary=True, size=batch_size):
                 rows.append(row)

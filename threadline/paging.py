@@ -182,15 +182,18 @@ def page_statement(
     ``lateral``'s aliases; ``where(params, extra)`` builds the filters' ``WHERE`` clause; each
     part reads at most ``limit + 1`` rows.
     """
-    cap = sql.SQL("")
+    # Each part is ordered (and cut) only when the page has a limit; otherwise the one sort of
+    # the whole statement orders every row, and sorting each part first would do it twice.
+    late_cap = forward_cap = sql.SQL("")
     if limit is not None:
         params["page_limit"] = limit + 1
-        cap = sql.SQL(" LIMIT %(page_limit)s")
+        late_cap = sql.SQL(" ORDER BY t.xid, c.transaction_id, c.id LIMIT %(page_limit)s")
+        forward_cap = sql.SQL(" ORDER BY c.captured_at, c.id LIMIT %(page_limit)s")
     late = sql.SQL(
         "(SELECT 0 AS phase, t.xid::text::bigint AS k_xid, c.transaction_id AS k_tid,"
         " NULL::timestamptz AS k_at, c.id AS k_id, NULL::text AS k_xip, {columns}"
         " FROM {audit}.changes c JOIN {audit}.transactions t ON t.id = c.transaction_id{join}{lateral}{where}"
-        " ORDER BY t.xid, c.transaction_id, c.id{cap})"
+        "{cap})"
     )
     parts: list[sql.Composable] = []
     if position.at is not None:
@@ -206,7 +209,9 @@ def page_statement(
             )
             cond = where(params, [sql.SQL("(c.transaction_id, c.id) > (w.tid, w.cid)"), before])
             parts.append(
-                late.format(columns=columns, audit=audit, join=join, lateral=lateral, where=cond, cap=cap)
+                late.format(
+                    columns=columns, audit=audit, join=join, lateral=lateral, where=cond, cap=late_cap
+                )
             )
         if position.above is not None:
             done = position.above_done
@@ -223,7 +228,9 @@ def page_statement(
                 ],
             )
             parts.append(
-                late.format(columns=columns, audit=audit, join=_NOTHING, lateral=lateral, where=cond, cap=cap)
+                late.format(
+                    columns=columns, audit=audit, join=_NOTHING, lateral=lateral, where=cond, cap=late_cap
+                )
             )
     extra: list[sql.Composable] = []
     if position.at is not None:
@@ -234,8 +241,8 @@ def page_statement(
             "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, c.captured_at AS k_at,"
             " c.id AS k_id, NULL::text AS k_xip, {columns}"
             " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
-            "{lateral}{where} ORDER BY c.captured_at, c.id{cap})"
-        ).format(columns=columns, audit=audit, lateral=lateral, where=where(params, extra), cap=cap)
+            "{lateral}{where}{cap})"
+        ).format(columns=columns, audit=audit, lateral=lateral, where=where(params, extra), cap=forward_cap)
     )
     parts.append(
         sql.SQL(

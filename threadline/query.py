@@ -28,6 +28,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from threadline import codec, paging
+from threadline._connection import ConnectionLike
 from threadline._run import Plan, Query, Rows, run, run_async
 from threadline.actor import ActorRef
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
@@ -526,7 +527,7 @@ def _history_plan(table: str, pk: Any, limit: int | None, schema: str) -> Plan[l
 
 
 def history(
-    conn: psycopg.Connection[Any],
+    conn: ConnectionLike,
     table: str,
     pk: Any,
     *,
@@ -582,7 +583,7 @@ def _actor_history_plan(
 
 
 def actor_history(
-    conn: psycopg.Connection[Any],
+    conn: ConnectionLike,
     actor: ActorLike,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -684,7 +685,7 @@ def _timeline_plan(
 
 
 def timeline(
-    conn: psycopg.Connection[Any],
+    conn: ConnectionLike,
     *,
     correlation_id: str | None = None,
     table: str | None = None,
@@ -747,7 +748,7 @@ def _transaction_plan(transaction_id: int, schema: str) -> Plan[list[Change]]:
 
 
 def changes_for_transaction(
-    conn: psycopg.Connection[Any], transaction_id: int, *, schema: str = DEFAULT_SCHEMA
+    conn: ConnectionLike, transaction_id: int, *, schema: str = DEFAULT_SCHEMA
 ) -> list[Change]:
     """The changes of one transaction, in capture order: "what else did that commit touch?"."""
     return run(conn, _transaction_plan(transaction_id, schema))
@@ -837,7 +838,7 @@ def _as_of_plan(table: str, pk: Any, at: datetime, schema: str) -> Plan[dict[str
 
 
 def as_of(
-    conn: psycopg.Connection[Any], table: str, pk: Any, at: datetime, *, schema: str = DEFAULT_SCHEMA
+    conn: ConnectionLike, table: str, pk: Any, at: datetime, *, schema: str = DEFAULT_SCHEMA
 ) -> dict[str, Any]:
     """The row as it was at ``at`` (inclusive), from the image of its latest captured change:
     "what did order 7 look like when the invoice went out?".
@@ -907,7 +908,7 @@ def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
     return build_trace(checked or "", transactions, changes, actions, runs)
 
 
-def trace(conn: psycopg.Connection[Any], correlation_id: str, *, schema: str = DEFAULT_SCHEMA) -> Trace:
+def trace(conn: ConnectionLike, correlation_id: str, *, schema: str = DEFAULT_SCHEMA) -> Trace:
     """The story of one correlation id as a tree: request → tasks (by causation and Celery
     parent/root ids, retries grouped) → transactions → changes, with timings and actions.
 

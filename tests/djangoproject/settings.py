@@ -14,7 +14,7 @@ ALLOWED_HOSTS = ["*"]
 USE_TZ = True
 ROOT_URLCONF = "tests.djangoproject.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-INSTALLED_APPS = ["threadline", "tests.djangoproject.blog"]
+INSTALLED_APPS = ["threadline", "tests.djangoproject.blog", "tests.djangoproject.shop"]
 MIDDLEWARE = [
     "tests.djangoproject.auth.HeaderAuthenticationMiddleware",
     "threadline.propagation.django.ThreadlineMiddleware",
@@ -31,4 +31,6 @@ DATABASES = {
 }
 # the same database through server-side parameter binding (psycopg's Cursor, not ClientCursor)
 DATABASES["serverside"] = {**DATABASES["default"], "OPTIONS": {"server_side_binding": True}}
+# a database of its own for the migration tests (created and dropped by them)
+DATABASES["migrations"] = {**DATABASES["default"], "NAME": f"{_db.get('dbname', '')}_mig"}
 THREADLINE = {"CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"], "MAX_ID_LENGTH": 128}

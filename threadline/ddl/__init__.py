@@ -14,6 +14,7 @@ from threadline.ddl.schema import (
     install_sql,
     installed_version,
     require_installed,
+    uninstall_sql,
 )
 from threadline.ddl.triggers import (
     CAPTURE_VERSION,
@@ -52,6 +53,7 @@ __all__ = [
     "track",
     "track_sql",
     "tracked_tables",
+    "uninstall_sql",
     "untrack",
     "untrack_sql",
 ]

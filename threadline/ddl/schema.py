@@ -119,6 +119,34 @@ def install_sql(
     return text.replace("@audit@", f'"{schema}"').replace("@audit_name@", schema) + grants
 
 
+_UNINSTALL = """\
+-- remove the audit schema {schema}: refused while it holds audit rows
+DO $uninstall$
+BEGIN
+    IF to_regnamespace('{name}') IS NULL THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM {schema}.changes) OR EXISTS (SELECT FROM {schema}.transactions)
+       OR EXISTS (SELECT FROM {schema}.actions) THEN
+        RAISE EXCEPTION 'threadline: the audit schema {name} holds audit rows; it is not dropped'
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'purge them first (threadline purge), or drop it by hand: DROP SCHEMA {schema} CASCADE';
+    END IF;
+END
+$uninstall$;
+DROP EVENT TRIGGER IF EXISTS {name}_follow_ddl;
+DROP EVENT TRIGGER IF EXISTS {name}_follow_drop;
+DROP SCHEMA IF EXISTS {schema} CASCADE;
+"""
+
+
+def uninstall_sql(schema: str = DEFAULT_SCHEMA) -> str:
+    """DDL that removes the audit schema ``schema`` and every capture trigger, refused (the
+    statement raises) while the schema holds audit rows: what reversing an install migration runs."""
+    check_schema_name(schema)
+    return _UNINSTALL.format(schema=f'"{schema}"', name=schema)
+
+
 def installed_version(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> int | None:
     """The audit schema version recorded in the database, or ``None`` if it is not installed."""
     check_schema_name(schema)

@@ -1,0 +1,159 @@
+"""Migrations: threadline's own (the audit schema) and ``Track`` on a model whose table and
+columns change in later migrations, forwards and back, while another connection keeps writing.
+
+The ``migrations`` database alias of ``tests/djangoproject`` is a database of its own, created
+and dropped here; migrations run with ``call_command("migrate", ...)`` as ``manage.py`` would.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
+ALIAS = "migrations"
+
+
+@pytest.fixture(scope="module")
+def mig_dsn(database: str) -> Iterator[str]:
+    """A fresh, empty database behind the ``migrations`` alias."""
+    old = os.environ.get(DSN_ENV)
+    os.environ[DSN_ENV] = database
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djangoproject.settings")
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    name = connections.settings[ALIAS]["NAME"]
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(database, dbname=name)
+    finally:
+        connections[ALIAS].close()
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if old is None:
+            os.environ.pop(DSN_ENV, None)
+        else:
+            os.environ[DSN_ENV] = old
+
+
+def migrate(*args: str) -> str:
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("migrate", *args, database=ALIAS, stdout=out, verbosity=1)
+    return out.getvalue()
+
+
+class Writer(threading.Thread):
+    """Inserts a row every few milliseconds into whichever names the table and its title column
+    have now; counts what succeeded and every error that is not a name having moved."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn = dsn
+        self.stop = threading.Event()
+        self.written = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '5s'")
+            while not self.stop.is_set():
+                for table, column in (
+                    ("shop_order", "title"),
+                    ("shop_order", "name"),
+                    ("shop_purchase", "name"),
+                ):
+                    try:
+                        conn.execute(
+                            sql.SQL("INSERT INTO {} ({}, card) VALUES ('t', '4111111111111111')").format(
+                                sql.Identifier(table), sql.Identifier(column)
+                            )
+                        )
+                        self.written += 1
+                        break
+                    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+                        continue
+                    except psycopg.Error as exc:
+                        self.errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.003)
+
+
+def _status(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT table_name, status FROM threadline.tracking_status() ORDER BY 1"
+        ).fetchall()
+
+
+def test_forwards_and_back_while_a_writer_keeps_writing(mig_dsn: str) -> None:
+    # the writer starts once the table exists
+    out = migrate("shop", "0001")
+    assert "Applying threadline.0001_install... OK" in out and "Applying shop.0001_initial... OK" in out
+    writer = Writer(mig_dsn)
+    writer.start()
+    try:
+        time.sleep(0.2)
+        out = migrate("shop")  # add a field, rename one, rename the model, remove a field
+        assert "Applying shop.0005_remove_note... OK" in out
+        time.sleep(0.2)
+        assert _status(mig_dsn) == [("shop_purchase", "installed")]
+        migrate("shop", "0001")  # back through every step
+        time.sleep(0.2)
+        assert _status(mig_dsn) == [("shop_order", "installed")]
+    finally:
+        writer.stop.set()
+        writer.join()
+    assert writer.errors == [] and writer.written > 50
+    with psycopg.connect(mig_dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.table_name, c.after FROM threadline.changes c WHERE c.op = 'insert'"
+        ).fetchall()
+    assert len(rows) == writer.written  # every write captured, under each of the table's names
+    assert {r[0] for r in rows} == {"shop_order", "shop_purchase"}
+    assert all(r[1]["card"] != "4111111111111111" for r in rows)  # masked throughout
+
+
+def test_sqlmigrate_shows_the_pinned_sql(mig_dsn: str) -> None:
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("sqlmigrate", "shop", "0001", database=ALIAS, stdout=out)
+    assert 'SELECT * FROM "threadline".track(' in out.getvalue() and "'card'" in out.getvalue()
+    out = io.StringIO()
+    call_command("sqlmigrate", "shop", "0001", database=ALIAS, backwards=True, stdout=out)
+    assert '"threadline".untrack(' in out.getvalue()
+    out = io.StringIO()
+    call_command("sqlmigrate", "threadline", "0001", database=ALIAS, stdout=out)
+    assert "threadline audit schema, version 7" in out.getvalue()
+
+
+def test_back_to_zero_keeps_a_schema_that_holds_audit_rows(mig_dsn: str) -> None:
+    from django.db import connections, utils
+
+    migrate("shop", "zero")  # untracks, then drops the table: the audit rows stay
+    assert _status(mig_dsn) == []
+    with pytest.raises(utils.DatabaseError, match="holds audit rows; it is not dropped"):
+        migrate("threadline", "zero")
+    connections[ALIAS].close()
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM threadline.changes").fetchone() != (0,)
+        conn.execute("TRUNCATE threadline.changes, threadline.transactions")
+    migrate("threadline", "zero")
+    with psycopg.connect(mig_dsn) as conn:
+        assert conn.execute("SELECT to_regnamespace('threadline')").fetchone() == (None,)
+    migrate("shop")  # and forwards again from nothing
+    assert _status(mig_dsn) == [("shop_purchase", "installed")]

@@ -1,0 +1,217 @@
+"""Migration operations: install the audit schema and track models, reversibly.
+
+Every operation renders its SQL from the pinned SQL API (the same statements as
+``threadline install --print-sql`` and ``threadline track --print-sql``), so ``sqlmigrate`` shows
+it and the migration file never changes when threadline is upgraded::
+
+    from threadline.django.operations import Track
+
+    class Migration(migrations.Migration):
+        dependencies = [("shop", "0003_order"), ("threadline", "0001_install")]
+        operations = [Track("shop.Order", mask=["card_number"])]
+
+Model and field names are resolved against the migration state, so a ``Track`` follows
+``db_table`` and ``db_column``; a name that is not a field is taken as a column name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.db.migrations.operations.base import Operation
+
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.schema import PINNED_VERSIONS, install_sql, uninstall_sql
+from threadline.ddl.triggers import track_sql, untrack_sql
+from threadline.errors import ConfigurationError
+
+__all__ = ["InstallAudit", "Track", "Untrack"]
+
+
+class InstallAudit(Operation):
+    """Install (or upgrade in place to) the pinned audit schema ``version``.
+
+    Reversing it drops the audit schema and every capture trigger, and is refused while the
+    schema holds audit rows (purge them, or drop the schema by hand).
+    """
+
+    reversible = True
+    reduces_to_sql = True
+    atomic = True
+
+    def __init__(self, version: int, audit_schema: str = DEFAULT_SCHEMA, app_role: str | None = None) -> None:
+        if version not in PINNED_VERSIONS:
+            raise ConfigurationError(
+                f"audit schema version {version!r} is not one this threadline knows ({', '.join(map(str, PINNED_VERSIONS))})"
+            )
+        check_schema_name(audit_schema)
+        self.version = version
+        self.audit_schema = audit_schema
+        self.app_role = app_role
+
+    def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
+        """How the migration writer spells this operation."""
+        kwargs: dict[str, Any] = {"version": self.version}
+        if self.audit_schema != DEFAULT_SCHEMA:
+            kwargs["audit_schema"] = self.audit_schema
+        if self.app_role is not None:
+            kwargs["app_role"] = self.app_role
+        return ("threadline.django.operations.InstallAudit", [], kwargs)
+
+    def state_forwards(self, app_label: str, state: Any) -> None:
+        """No model state changes."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Run the pinned install script."""
+        schema_editor.execute(
+            install_sql(self.audit_schema, app_role=self.app_role, version=self.version), params=None
+        )
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Drop the audit schema, unless it holds audit rows."""
+        schema_editor.execute(uninstall_sql(self.audit_schema), params=None)
+
+    def describe(self) -> str:
+        """One line for ``migrate --plan``."""
+        return f"Install the threadline audit schema {self.audit_schema!r} (version {self.version})"
+
+    @property
+    def migration_name_fragment(self) -> str:
+        """Name part for auto-named migrations."""
+        return f"threadline_v{self.version}"
+
+
+def _names(values: Iterable[str] | str | None) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        return (values,)
+    return tuple(values)
+
+
+class _TableOperation(Operation):
+    """Shared by :class:`Track` and :class:`Untrack`: one model and its options."""
+
+    reversible = True
+    reduces_to_sql = True
+    atomic = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        mask: Iterable[str] | str | None = None,
+        exclude: Iterable[str] | str | None = None,
+        keys: Iterable[str] | str | None = None,
+        audit_schema: str = DEFAULT_SCHEMA,
+    ) -> None:
+        app_label, dot, model_name = model.partition(".")
+        if not dot or not app_label or not model_name:
+            raise ConfigurationError(f"name the model as 'app_label.ModelName', got {model!r}")
+        check_schema_name(audit_schema)
+        self.model = model
+        self.mask = _names(mask)
+        self.exclude = _names(exclude)
+        self.keys = _names(keys)
+        self.audit_schema = audit_schema
+
+    def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
+        """How the migration writer spells this operation."""
+        kwargs: dict[str, Any] = {}
+        for name in ("mask", "exclude", "keys"):
+            if getattr(self, name):
+                kwargs[name] = list(getattr(self, name))
+        if self.audit_schema != DEFAULT_SCHEMA:
+            kwargs["audit_schema"] = self.audit_schema
+        return (f"threadline.django.operations.{type(self).__name__}", [self.model], kwargs)
+
+    def state_forwards(self, app_label: str, state: Any) -> None:
+        """No model state changes."""
+
+    def _resolve(self, state: Any) -> tuple[str, dict[str, tuple[str, ...]]]:
+        """The model's table and its options as column names, in the migration ``state``."""
+        app_label, _, model_name = self.model.partition(".")
+        model = state.apps.get_model(app_label, model_name)
+        meta = model._meta
+
+        def columns(names: Sequence[str]) -> tuple[str, ...]:
+            out = []
+            for name in names:
+                try:
+                    field = meta.get_field(name)
+                except Exception:  # not a field name: taken as a column name
+                    out.append(name)
+                    continue
+                column = getattr(field, "column", None)
+                if not column:
+                    raise ConfigurationError(f"{self.model}.{name} has no column (a relation without one)")
+                out.append(column)
+            return tuple(out)
+
+        return meta.db_table, {
+            "mask": columns(self.mask),
+            "exclude": columns(self.exclude),
+            "keys": columns(self.keys),
+        }
+
+    def _track(self, schema_editor: Any, state: Any) -> None:
+        table, options = self._resolve(state)
+        schema_editor.execute(
+            track_sql(
+                table,
+                mask=options["mask"] or None,
+                exclude=options["exclude"] or None,
+                keys=options["keys"] or None,
+                audit_schema=self.audit_schema,
+            ),
+            params=None,  # the SQL holds no placeholders: nothing to interpolate
+        )
+
+    def _untrack(self, schema_editor: Any, state: Any) -> None:
+        table, _ = self._resolve(state)
+        schema_editor.execute(untrack_sql(table, audit_schema=self.audit_schema), params=None)
+
+
+class Track(_TableOperation):
+    """Capture every change of ``"app_label.Model"`` (``mask``/``exclude``/``keys`` name fields
+    or columns). Reversing it removes the capture; the audit rows stay."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Track the model's table."""
+        self._track(schema_editor, to_state)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Untrack the model's table."""
+        self._untrack(schema_editor, from_state)
+
+    def describe(self) -> str:
+        """One line for ``migrate --plan``."""
+        return f"Track changes of {self.model}" + (f" (mask {', '.join(self.mask)})" if self.mask else "")
+
+    @property
+    def migration_name_fragment(self) -> str:
+        """Name part for auto-named migrations."""
+        return f"track_{self.model.partition('.')[2].lower()}"
+
+
+class Untrack(_TableOperation):
+    """Stop capturing ``"app_label.Model"`` (its audit rows stay). Reversing it tracks the model
+    again with the options given here: pass the ones it was tracked with."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Untrack the model's table."""
+        self._untrack(schema_editor, from_state)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Track the model's table again."""
+        self._track(schema_editor, to_state)
+
+    def describe(self) -> str:
+        """One line for ``migrate --plan``."""
+        return f"Stop tracking changes of {self.model}"
+
+    @property
+    def migration_name_fragment(self) -> str:
+        """Name part for auto-named migrations."""
+        return f"untrack_{self.model.partition('.')[2].lower()}"
