@@ -25,12 +25,15 @@ import csv
 import json
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 from psycopg.rows import tuple_row
 
 from threadline import paging
@@ -94,6 +97,25 @@ CSV_COLUMNS = (
 
 BATCH_SIZE = 10_000
 """Rows fetched from the server cursor per round trip."""
+
+
+class _RawTimestamp(Loader):
+    """Leaves a binary ``timestamptz`` as its bytes: only the last row's is ever read (the
+    export's own timestamps are formatted as text by PostgreSQL)."""
+
+    format = Format.BINARY
+
+    def load(self, data: Buffer) -> bytes:
+        """The value's 8 bytes, unconverted."""
+        return bytes(data)
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def _timestamp(raw: bytes) -> datetime:
+    """A binary ``timestamptz`` (microseconds since 2000-01-01 UTC) as a datetime."""
+    return _EPOCH + timedelta(microseconds=int.from_bytes(raw, "big", signed=True))
 
 
 class ExportResult(int):
@@ -198,17 +220,18 @@ class _Writer:
         self.count = 0
         self._csv = csv.writer(out, lineterminator="\n") if format == "csv" else None
 
-    def page_rows(self, batch: Iterable[tuple[Any, ...]]) -> None:
+    def page_rows(self, batch: list[tuple[Any, ...]]) -> None:
         """Write the rows of ``batch`` that belong to the export, without their key columns."""
-        keep: list[tuple[Any, ...]] = []
-        take = self.reader.take
         skip = len(paging.KEY_COLUMNS)
-        for row in batch:
-            if row[0] == paging.CLOSING:
-                self.snapshot = paging.parse_snapshot(row[5])
-            elif take(row[0], row[1], row[2], row[3], row[4]):
-                keep.append(row[skip:])
-        self.rows(keep)
+        if batch and batch[-1][0] == paging.CLOSING:  # the statement's last row
+            self.snapshot = paging.parse_snapshot(batch[-1][5])
+            batch = batch[:-1]
+        if self.reader.limit is None:  # every row belongs to the export
+            self.reader.take_all(batch)
+            self.rows([row[skip:] for row in batch])
+            return
+        take = self.reader.take
+        self.rows([row[skip:] for row in batch if take(row[0], row[1], row[2], row[3], row[4])])
 
     def result(self) -> ExportResult:
         """How many changes were written, and the cursor a later export resumes from."""
@@ -305,13 +328,14 @@ def export(
     raw, _ = native(conn)
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     statement, params = _statement(format, filters, limit, schema, position)
-    writer = _Writer(out, format, filters, paging.Reader(position, limit))
+    writer = _Writer(out, format, filters, paging.Reader(position, limit, _timestamp))
     writer.start()
     if server_cursor is None:
         server_cursor = not chunked_streaming()
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
         with raw.transaction(), raw.cursor(name=name, row_factory=tuple_row) as cur:
+            cur.adapters.register_loader("timestamptz", _RawTimestamp)
             cur.execute(statement, params, binary=True)
             while batch := cur.fetchmany(batch_size):
                 writer.page_rows(batch)
@@ -319,6 +343,7 @@ def export(
         # psycopg's own cursor class: a connection may default to client-side binding (Django
         # does), which cannot return binary results
         with psycopg.Cursor(raw, row_factory=tuple_row) as cur:
+            cur.adapters.register_loader("timestamptz", _RawTimestamp)
             rows: list[tuple[Any, ...]] = []
             for row in cur.stream(statement, params, binary=True, size=batch_size):
                 rows.append(row)
@@ -363,18 +388,20 @@ async def export_async(
     )
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     statement, params = _statement(format, filters, limit, schema, position)
-    writer = _Writer(out, format, filters, paging.Reader(position, limit))
+    writer = _Writer(out, format, filters, paging.Reader(position, limit, _timestamp))
     writer.start()
     if server_cursor is None:
         server_cursor = not chunked_streaming()
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
         async with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
+            cur.adapters.register_loader("timestamptz", _RawTimestamp)
             await cur.execute(statement, params, binary=True)
             while batch := await cur.fetchmany(batch_size):
                 writer.page_rows(batch)
     else:
         async with conn.cursor(row_factory=tuple_row) as acur:
+            acur.adapters.register_loader("timestamptz", _RawTimestamp)
             rows: list[tuple[Any, ...]] = []
             async for row in acur.stream(statement, params, binary=True, size=batch_size):
                 rows.append(row)

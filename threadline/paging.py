@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -271,18 +272,47 @@ class Reader:
     the page), then :meth:`close` with the closing row's :class:`Snapshot`.
     """
 
-    def __init__(self, position: Position, limit: int | None) -> None:
+    def __init__(
+        self, position: Position, limit: int | None, load_at: Callable[[Any], datetime] | None = None
+    ) -> None:
         self.position = position
         self.limit = limit
+        self._load_at = load_at
         self.taken = 0
         self._late_fetched = 0
         self._late_taken = 0
         self._last_late: Watched | None = None
         self._forward_fetched = 0
         self._forward_taken = 0
-        self._last_forward: tuple[datetime, int] | None = None
+        self._last_forward: tuple[Any, int] | None = None
 
-    def take(self, phase: int, xid: int | None, tid: int | None, at: datetime | None, cid: int) -> bool:
+    def take_all(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Account for rows (led by the key columns) that all belong to the page: a page without
+        a limit, whose rows are only counted here and whose last keys are kept."""
+        late = forward = None
+        for row in reversed(rows):
+            if row[0] == LATE and late is None:
+                late = row
+            elif row[0] == FORWARD and forward is None:
+                forward = row
+            if late is not None and forward is not None:
+                break
+        for row in (late, forward):
+            if row is not None:
+                self._count(row)
+        counted = (late is not None) + (forward is not None)
+        n_late = sum(1 for row in rows if row[0] == LATE)
+        n_forward = len(rows) - n_late
+        self._late_fetched += n_late - (late is not None)
+        self._late_taken += n_late - (late is not None)
+        self._forward_fetched += n_forward - (forward is not None)
+        self._forward_taken += n_forward - (forward is not None)
+        self.taken += len(rows) - counted
+
+    def _count(self, row: tuple[Any, ...]) -> None:
+        self.take(row[0], row[1], row[2], row[3], row[4])
+
+    def take(self, phase: int, xid: int | None, tid: int | None, at: Any, cid: int) -> bool:
         """Account for one row; ``True`` when it is part of the page."""
         full = self.limit is not None and self.taken >= self.limit
         if phase == LATE:
@@ -329,7 +359,8 @@ class Reader:
             return Position(old.at, old.id, watched, old.above, done), True
         at, ident = old.at, old.id
         if self._last_forward is not None:
-            at, ident = self._last_forward
+            raw_at, ident = self._last_forward
+            at = raw_at if self._load_at is None else self._load_at(raw_at)
         watched = tuple(Watched(x) for x in sorted(running))
         return Position(at, ident, watched, snapshot.xmax), self._forward_fetched > self._forward_taken
 
