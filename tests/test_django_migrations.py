@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,3 +159,43 @@ def test_back_to_zero_keeps_a_schema_that_holds_audit_rows(mig_dsn: str) -> None
         assert conn.execute("SELECT to_regnamespace('threadline')").fetchone() == (None,)
     migrate("shop")  # and forwards again from nothing
     assert _status(mig_dsn) == [("shop_purchase", "installed")]
+
+
+def _manage(database: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("THREADLINE_DSN", "DATABASE_URL")}
+    env.update({DSN_ENV: database, "DJANGO_SETTINGS_MODULE": "tests.djangoproject.settings"})
+    return subprocess.run(
+        [sys.executable, "-m", "django", "threadline", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("THREADLINE_DSN", "DATABASE_URL")}
+    return subprocess.run(
+        [sys.executable, "-m", "threadline.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_manage_py_threadline_is_the_cli_on_django_databases(database: str, mig_dsn: str) -> None:
+    for args in (
+        ("coverage",),
+        ("coverage", "--expect", "shop_purchase"),
+        ("coverage", "--expect", "shop_nothing"),
+        ("timeline", "--table", "shop_purchase", "--limit", "3"),
+        ("track", "shop_nothing"),
+    ):
+        managed = _manage(database, *args, "--database", ALIAS)
+        direct = _cli(*args, "--dsn", mig_dsn)
+        assert (managed.returncode, managed.stdout) == (direct.returncode, direct.stdout), args
+        assert managed.stderr.replace("manage.py threadline", "threadline") == direct.stderr, args
+    assert _manage(database, "coverage", "--expect", "shop_nothing", "--database", ALIAS).returncode != 0
+    # the alias may come first, and "default" is the session database
+    assert _manage(database, "--database", ALIAS, "coverage", "--expect", "shop_purchase").returncode == 0
+    assert _manage(database, "coverage").stdout == _cli("coverage", "--dsn", database).stdout
+    unknown = _manage(database, "coverage", "--database", "nope")
+    assert unknown.returncode == 2 and "no database 'nope' in settings.DATABASES" in unknown.stderr
+    assert "Usage: manage.py threadline" in _manage(database, "--help").stdout

@@ -113,12 +113,12 @@ def cli() -> None:
     """Audit trail for PostgreSQL apps on Celery: install the schema, track tables."""
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
     """Console entry point: bad arguments exit 2 with one line, failures exit 1."""
     try:
-        cli.main(args=argv, prog_name="threadline", standalone_mode=False)
+        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.UsageError as exc:
-        click.echo(f"Error: {exc.format_message()} (see 'threadline --help')", err=True)
+        click.echo(f"Error: {exc.format_message()} (see '{prog_name} --help')", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

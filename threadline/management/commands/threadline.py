@@ -1,0 +1,80 @@
+"""``manage.py threadline ...``: the ``threadline`` command line on a Django database.
+
+Every subcommand and option of the ``threadline`` CLI, with the same output and exit codes; the
+database is ``DATABASES["default"]``, or the alias given with ``--database`` (before the
+subcommand or after it). ``manage.py threadline --help`` lists the subcommands.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from threadline import cli
+from threadline.django.database import dsn_for
+from threadline.errors import ConfigurationError
+
+PROG = "manage.py threadline"
+
+
+def _split_database(argv: list[str]) -> tuple[str, list[str]]:
+    """The ``--database`` alias (default ``default``) and the remaining arguments."""
+    alias = "default"
+    rest: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "--database":
+            alias = next(items, "")
+            if not alias:
+                raise CommandError("--database needs an alias from settings.DATABASES")
+        elif item.startswith("--database="):
+            alias = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return alias, rest
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI with ``argv`` on the Django database it names; the exit code."""
+    alias, rest = _split_database(argv)
+    wants_database = rest and rest[0] not in ("--help", "-h", "--version") and "--dsn" not in rest
+    previous = os.environ.get("THREADLINE_DSN")
+    try:
+        if wants_database:
+            os.environ["THREADLINE_DSN"] = dsn_for(alias)
+        cli.main(rest, prog_name=PROG)
+    except ConfigurationError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 2
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        if previous is None:
+            os.environ.pop("THREADLINE_DSN", None)
+        else:
+            os.environ["THREADLINE_DSN"] = previous
+    return 0
+
+
+class Command(BaseCommand):
+    """threadline's command line on the project's database."""
+
+    help = "threadline's command line (install, track, coverage, timeline, trace, export, purge, ...) on DATABASES"
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        """``manage.py threadline <args>``: the CLI parses its own arguments."""
+        code = run(list(argv[2:]))
+        sys.exit(code)
+
+    def add_arguments(self, parser: Any) -> None:
+        """For ``call_command("threadline", ...)``: everything is passed through."""
+        parser.add_argument("args", nargs="*")
+
+    def handle(self, *args: str, **options: Any) -> None:
+        """``call_command("threadline", "coverage", "--expect", "shop_order")``."""
+        code = run(list(args))
+        if code:
+            raise CommandError(f"threadline {' '.join(args)} exited with status {code}", returncode=code)
