@@ -1,5 +1,6 @@
-"""Migrations: threadline's own (the audit schema) and ``Track`` on a model whose table and
-columns change in later migrations, forwards and back, while another connection keeps writing.
+"""Django set-up: migrations (threadline's own, the audit schema, and ``Track`` on a model whose
+table and columns change in later migrations, forwards and back, while another connection keeps
+writing), ``manage.py threadline``, and the system checks.
 
 The ``migrations`` database alias of ``tests/djangoproject`` is a database of its own, created
 and dropped here; migrations run with ``call_command("migrate", ...)`` as ``manage.py`` would.
@@ -199,3 +200,54 @@ def test_manage_py_threadline_is_the_cli_on_django_databases(database: str, mig_
     unknown = _manage(database, "coverage", "--database", "nope")
     assert unknown.returncode == 2 and "no database 'nope' in settings.DATABASES" in unknown.stderr
     assert "Usage: manage.py threadline" in _manage(database, "--help").stdout
+
+
+def _ids(**overrides: Any) -> list[str]:
+    from django.core.checks import run_checks
+    from django.test import override_settings
+
+    with override_settings(**overrides):
+        return sorted(m.id for m in run_checks() if m.id and m.id.startswith("threadline."))
+
+
+def test_system_checks_name_each_set_up_mistake(mig_dsn: str) -> None:
+    auth = "django.contrib.auth.middleware.AuthenticationMiddleware"
+    ours = "threadline.django.ThreadlineMiddleware"
+    apps = ["django.contrib.auth", "django.contrib.contenttypes", "threadline", "tests.djangoproject.shop"]
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth, ours]) == []
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[ours, auth]) == ["threadline.E001"]
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth]) == ["threadline.W001"]
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[ours]) == ["threadline.W002"]
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth, ours], THREADLINE={"ORM_BRIDGE": False}) == [
+        "threadline.W003"
+    ]
+
+
+def test_the_database_check_names_capture_that_is_not_installed(mig_dsn: str) -> None:
+    from django.core.checks import Tags, run_checks
+
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE shop_purchase DISABLE TRIGGER threadline_capture_update")
+    try:
+        found = [m for m in run_checks(tags=[Tags.database], databases=[ALIAS]) if m.id == "threadline.W010"]
+        assert len(found) == 1
+        assert "capture of public.shop_purchase is disabled" in found[0].msg
+        assert "ENABLE TRIGGER" in (found[0].hint or "")
+    finally:
+        with psycopg.connect(mig_dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE shop_purchase ENABLE TRIGGER threadline_capture_update")
+    assert [m for m in run_checks(tags=[Tags.database], databases=[ALIAS]) if m.id == "threadline.W010"] == []
+
+
+def test_the_middleware_refuses_to_start_without_the_app(mig_dsn: str) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from threadline.django import ThreadlineMiddleware
+
+    with (
+        override_settings(INSTALLED_APPS=["tests.djangoproject.shop"]),
+        pytest.raises(ImproperlyConfigured, match="needs 'threadline' in INSTALLED_APPS"),
+    ):
+        ThreadlineMiddleware(lambda request: None)
+    assert ThreadlineMiddleware(lambda request: None) is not None

@@ -1,4 +1,5 @@
-"""Django app configuration: ``"threadline"`` in ``INSTALLED_APPS`` turns the ORM bridge on.
+"""Django app configuration: ``"threadline"`` in ``INSTALLED_APPS`` turns the ORM bridge and the
+system checks on, and brings the audit schema's migrations.
 
 Imported by Django only; see :mod:`threadline.propagation.django`.
 """
@@ -16,8 +17,13 @@ class ThreadlineConfig(AppConfig):
     verbose_name = "threadline audit trail"
 
     def ready(self) -> None:
-        """Validate ``settings.THREADLINE`` and install the ORM bridge."""
+        """Validate ``settings.THREADLINE``, install the ORM bridge, register the system checks."""
+        from django.core import checks
+
+        from threadline.django.checks import check_database, check_setup
         from threadline.propagation.django import install_orm_bridge, load_settings
 
         if load_settings().orm_bridge:
             install_orm_bridge()
+        checks.register(check_setup, checks.Tags.compatibility)
+        checks.register(check_database, checks.Tags.database)

@@ -161,6 +161,15 @@ class ThreadlineMiddleware:
     async_capable = True
 
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        from django.apps import apps
+        from django.core.exceptions import ImproperlyConfigured
+
+        if not apps.is_installed("threadline"):
+            raise ImproperlyConfigured(
+                "ThreadlineMiddleware needs 'threadline' in INSTALLED_APPS: without it Django's "
+                "database connections do not carry the request's context, so web writes would have "
+                "no actor (tasks would). Add it (THREADLINE['ORM_BRIDGE'] = False keeps the bridge off)."
+            )
         conf = load_settings()
         self.get_response = get_response
         self.policy = CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)

@@ -1,0 +1,157 @@
+"""System checks (``manage.py check``): set-up mistakes that would otherwise fail silently.
+
+=================  =====================================================================
+``threadline.E001``  ``ThreadlineMiddleware`` runs before ``AuthenticationMiddleware``: no request has an actor
+``threadline.E002``  a PostgreSQL database runs on psycopg2: its writes carry no context
+``threadline.W001``  ``ThreadlineMiddleware`` is not in ``MIDDLEWARE``: web requests carry no context
+``threadline.W002``  no ``AuthenticationMiddleware``: the default actor resolver finds no user
+``threadline.W003``  ``ORM_BRIDGE`` is off: Django's own writes carry no context
+``threadline.W004``  a database that is not PostgreSQL: its writes are not audited
+``threadline.W010``  (``--database``) a tracked table whose capture is not ``installed``
+=================  =====================================================================
+
+``ThreadlineMiddleware`` without ``"threadline"`` in ``INSTALLED_APPS`` cannot be caught here (the
+checks are the app's); the middleware itself refuses to start then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.utils.module_loading import import_string
+
+__all__ = ["check_database", "check_setup"]
+
+MIDDLEWARE_NAMES = (
+    "threadline.django.ThreadlineMiddleware",
+    "threadline.propagation.django.ThreadlineMiddleware",
+)
+AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+
+
+def _is_auth_middleware(path: str) -> bool:
+    if path == AUTH_MIDDLEWARE:
+        return True
+    try:
+        from django.contrib.auth.middleware import AuthenticationMiddleware
+
+        found = import_string(path)
+        return isinstance(found, type) and issubclass(found, AuthenticationMiddleware)
+    except Exception:  # a middleware that cannot be imported is Django's own check's business
+        return False
+
+
+def check_setup(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Middleware order, database drivers and the ORM bridge."""
+    from threadline.propagation.django import default_actor_resolver, load_settings
+
+    found: list[checks.CheckMessage] = []
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    ours = next((i for i, m in enumerate(middleware) if m in MIDDLEWARE_NAMES), None)
+    auth = next((i for i, m in enumerate(middleware) if _is_auth_middleware(m)), None)
+    conf = load_settings()
+    if ours is None:
+        found.append(
+            checks.Warning(
+                "ThreadlineMiddleware is not in MIDDLEWARE: web requests carry no audit context "
+                "(no actor, no correlation id)",
+                hint="add 'threadline.django.ThreadlineMiddleware' after "
+                "'django.contrib.auth.middleware.AuthenticationMiddleware'",
+                id="threadline.W001",
+            )
+        )
+    elif auth is not None and ours < auth:
+        found.append(
+            checks.Error(
+                "ThreadlineMiddleware runs before AuthenticationMiddleware: request.user is not set "
+                "yet, so no request has an actor",
+                hint="move 'threadline.django.ThreadlineMiddleware' after "
+                "'django.contrib.auth.middleware.AuthenticationMiddleware'",
+                id="threadline.E001",
+            )
+        )
+    elif auth is None and conf.actor_resolver is default_actor_resolver:
+        found.append(
+            checks.Warning(
+                "no AuthenticationMiddleware in MIDDLEWARE: the default actor resolver finds no "
+                "request.user, so requests have no actor",
+                hint="add Django's AuthenticationMiddleware before ThreadlineMiddleware, or set "
+                "THREADLINE['ACTOR_RESOLVER']",
+                id="threadline.W002",
+            )
+        )
+    if not conf.orm_bridge:
+        found.append(
+            checks.Warning(
+                "THREADLINE['ORM_BRIDGE'] is off: Django's own database writes carry no audit context",
+                hint="remove the setting, unless every write goes through another bridge",
+                id="threadline.W003",
+            )
+        )
+    found.extend(_database_drivers())
+    return found
+
+
+def _database_drivers() -> list[checks.CheckMessage]:
+    from django.db import connections
+
+    found: list[checks.CheckMessage] = []
+    for alias in connections:
+        wrapper = connections[alias]
+        if wrapper.vendor != "postgresql":
+            found.append(
+                checks.Warning(
+                    f"database {alias!r} is {wrapper.vendor}: its writes are not audited by threadline",
+                    id="threadline.W004",
+                )
+            )
+            continue
+        from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+        if not is_psycopg3:
+            found.append(
+                checks.Error(
+                    f"database {alias!r} runs on psycopg2: threadline carries the audit context on "
+                    "psycopg 3 connections only, so its writes have no actor",
+                    hint="pip uninstall psycopg2 psycopg2-binary (Django then uses psycopg 3, "
+                    "which threadline installs)",
+                    id="threadline.E002",
+                )
+            )
+    return found
+
+
+def check_database(
+    app_configs: Iterable[Any] | None = None, databases: Iterable[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """With ``manage.py check --database ALIAS``: every tracked table's capture is installed."""
+    from django.db import connections
+
+    from threadline._connection import native
+    from threadline.ddl.schema import installed_version
+    from threadline.ddl.triggers import tracked_tables
+
+    found: list[checks.CheckMessage] = []
+    for alias in databases or ():
+        wrapper = connections[alias]
+        if wrapper.vendor != "postgresql":
+            continue
+        raw, _ = native(wrapper)
+        if installed_version(raw) is None:
+            continue
+        for table in tracked_tables(raw):
+            if table.status != "installed":
+                command = table.restore_command()
+                if command is not None and command.startswith("threadline "):
+                    command = f"manage.py {command} --database {alias}"
+                found.append(
+                    checks.Warning(
+                        f"database {alias!r}: capture of {table.name} is {table.status}",
+                        hint=None if command is None else f"run: {command}",
+                        id="threadline.W010",
+                    )
+                )
+    return found
