@@ -251,3 +251,43 @@ def test_the_middleware_refuses_to_start_without_the_app(mig_dsn: str) -> None:
     ):
         ThreadlineMiddleware(lambda request: None)
     assert ThreadlineMiddleware(lambda request: None) is not None
+
+
+def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn: str) -> None:
+    from django.contrib.auth import get_user_model
+    from django.test import Client, override_settings
+    from rest_framework.authtoken.models import Token
+
+    import threadline
+
+    migrate()  # every app: auth, contenttypes, authtoken, shop
+    user = get_user_model().objects.create_user("ann")
+    token = Token.objects.create(user=user)
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        threadline.ddl.track(conn, "auth_user")
+    middleware = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "threadline.django.ThreadlineMiddleware",
+    ]
+    with override_settings(
+        MIDDLEWARE=middleware, SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"
+    ):
+        login = Client().post("/login/", {"username": "ann"})
+        api = Client().post("/api/purchases/", HTTP_AUTHORIZATION=f"Token {token.key}")
+        plain = Client().post("/api/plain-purchases/", HTTP_AUTHORIZATION=f"Token {token.key}")
+    me = {"type": "user", "id": str(user.pk)}
+    assert login.json()["ctx"]["actor"] == me and api.json()["ctx"]["actor"] == me
+    assert plain.json()["ctx"]["actor"] == {"type": "anonymous"}  # without the mixin
+    with psycopg.connect(mig_dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.table_name, c.changed_fields, c.pk, t.actor, t.correlation_id FROM threadline.changes c"
+            " JOIN threadline.transactions t ON t.id = c.transaction_id"
+            " WHERE c.table_name IN ('auth_user', 'shop_purchase') AND c.op <> 'insert' OR t.correlation_id = ANY (%s)",
+            [[login["X-Correlation-ID"], api["X-Correlation-ID"], plain["X-Correlation-ID"]]],
+        ).fetchall()
+    by_request = {r[4]: r for r in rows}
+    assert by_request[login["X-Correlation-ID"]][:2] == ("auth_user", ["last_login"])
+    assert by_request[login["X-Correlation-ID"]][3] == me  # the login request's own write
+    assert by_request[api["X-Correlation-ID"]][3] == me
+    assert by_request[plain["X-Correlation-ID"]][3] == {"type": "anonymous"}

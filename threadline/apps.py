@@ -18,6 +18,7 @@ class ThreadlineConfig(AppConfig):
 
     def ready(self) -> None:
         """Validate ``settings.THREADLINE``, install the ORM bridge, register the system checks."""
+        from django.apps import apps
         from django.core import checks
 
         from threadline.django.checks import check_database, check_setup
@@ -27,3 +28,7 @@ class ThreadlineConfig(AppConfig):
             install_orm_bridge()
         checks.register(check_setup, checks.Tags.compatibility)
         checks.register(check_database, checks.Tags.database)
+        if apps.is_installed("django.contrib.auth"):
+            from threadline.django.auth import connect_login_receiver
+
+            connect_login_receiver()

@@ -14,7 +14,16 @@ ALLOWED_HOSTS = ["*"]
 USE_TZ = True
 ROOT_URLCONF = "tests.djangoproject.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-INSTALLED_APPS = ["threadline", "tests.djangoproject.blog", "tests.djangoproject.shop"]
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "threadline",
+    "tests.djangoproject.blog",
+    "tests.djangoproject.shop",
+]
+DATABASE_ROUTERS = ["tests.djangoproject.routers.MigrationsRouter"]
 MIDDLEWARE = [
     "tests.djangoproject.auth.HeaderAuthenticationMiddleware",
     "threadline.propagation.django.ThreadlineMiddleware",

@@ -5,9 +5,13 @@ from __future__ import annotations
 from django.urls import path
 
 from tests.djangoproject.blog import views
+from tests.djangoproject.shop import views as shop_views
 
 urlpatterns = [
     path("posts/", views.create_post),
     path("atomic/", views.atomic_post),
     path("stream/", views.stream),
+    path("login/", shop_views.log_in),
+    path("api/purchases/", shop_views.Purchases.as_view()),
+    path("api/plain-purchases/", shop_views.PlainPurchases.as_view()),
 ]

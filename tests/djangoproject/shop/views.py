@@ -1,0 +1,48 @@
+"""A login view and a DRF endpoint, both writing through the ORM (``migrations`` database)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model, login
+from django.http import HttpRequest, JsonResponse
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+import threadline
+from tests.djangoproject.shop.models import Purchase
+from threadline.django.drf import ActorFromAuthentication
+
+
+def log_in(request: HttpRequest) -> JsonResponse:
+    """Log the named user in (no password: the test is about attribution)."""
+    user = get_user_model().objects.get(username=request.POST["username"])
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return JsonResponse({"ctx": threadline.current().to_dict()})
+
+
+class AuditedTokenAuthentication(ActorFromAuthentication, TokenAuthentication):
+    """DRF's token authentication, setting the actor."""
+
+
+class Purchases(APIView):
+    """POST: record a purchase as the token's user."""
+
+    authentication_classes = [AuditedTokenAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    def post(self, request: Request) -> Response:
+        purchase = Purchase.objects.create(name="drf", card_number="4111111111111111")
+        return Response({"ctx": threadline.current().to_dict(), "id": purchase.pk})
+
+
+class PlainPurchases(Purchases):
+    """The same, with DRF's token authentication as it comes."""
+
+    authentication_classes = [TokenAuthentication]
+
+    def post(self, request: Request) -> Any:
+        return super().post(request)
