@@ -113,8 +113,11 @@ class _RawTimestamp(Loader):
 _EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
-def _timestamp(raw: bytes) -> datetime:
-    """A binary ``timestamptz`` (microseconds since 2000-01-01 UTC) as a datetime."""
+def _timestamp(raw: bytes | datetime) -> datetime:
+    """A binary ``timestamptz`` (microseconds since 2000-01-01 UTC) as a datetime (a position
+    read from the row's own columns is one already)."""
+    if isinstance(raw, datetime):
+        return raw
     return _EPOCH + timedelta(microseconds=int.from_bytes(raw, "big", signed=True))
 
 
@@ -190,17 +193,44 @@ def _statement(
 ) -> tuple[sql.Composed, dict[str, Any]]:
     audit = sql.Identifier(schema)
     params: dict[str, Any] = {}
+    names: tuple[str, ...]
     if format == "csv":
         columns: sql.Composable = _select_list(format)
-        ncolumns, lateral = len(CSV_COLUMNS), sql.SQL("").format()
+        names, lateral = CSV_COLUMNS, sql.SQL("").format()
     else:
         # PostgreSQL writes each JSON object (keys in column order) and Python only moves text.
-        columns, ncolumns = sql.SQL("row_to_json(x)::text AS line"), 1
+        columns, names = sql.SQL("row_to_json(x)::text AS line"), ("line",)
         lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format))
     statement = paging.page_statement(
-        audit, columns, ncolumns, partial(where_clause, filters), position, limit, params, lateral
+        audit,
+        columns,
+        names,
+        partial(where_clause, filters),
+        position,
+        limit,
+        params,
+        lateral,
+        # without a limit only the last row's position is needed: it is read from its own columns
+        forward_keys=limit is not None,
     )
     return statement, params
+
+
+_SKIP = len(paging.KEY_COLUMNS)
+_CSV_ID, _CSV_AT = _SKIP + CSV_COLUMNS.index("id"), _SKIP + CSV_COLUMNS.index("captured_at")
+
+
+def _csv_key(row: tuple[Any, ...]) -> tuple[datetime, int]:
+    return _parse_time(row[_CSV_AT]), int(row[_CSV_ID])
+
+
+def _json_key(row: tuple[Any, ...]) -> tuple[datetime, int]:
+    value = json.loads(row[_SKIP])
+    return _parse_time(value["captured_at"]), int(value["id"])
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
 
 def chunked_streaming() -> bool:
@@ -227,7 +257,7 @@ class _Writer:
             self.snapshot = paging.parse_snapshot(batch[-1][5])
             batch = batch[:-1]
         if self.reader.limit is None:  # every row belongs to the export
-            self.reader.take_all(batch)
+            self.reader.take_all(batch, _csv_key if self.format == "csv" else _json_key)
             self.rows([row[skip:] for row in batch])
             return
         take = self.reader.take

@@ -169,19 +169,23 @@ _NOTHING = sql.SQL("")
 def page_statement(
     audit: sql.Identifier,
     columns: sql.Composable,
-    ncolumns: int,
+    names: Sequence[str],
     where: Any,
     position: Position,
     limit: int | None,
     params: dict[str, Any],
     lateral: sql.Composable = _NOTHING,
+    *,
+    forward_keys: bool = True,
 ) -> sql.Composed:
     """One statement returning a page's late rows, then its rows in position order, then the
     closing row, each row led by :data:`KEY_COLUMNS` and followed by ``columns``.
 
-    ``columns`` (``ncolumns`` of them) read ``changes c`` and ``transactions t`` and
-    ``lateral``'s aliases; ``where(params, extra)`` builds the filters' ``WHERE`` clause; each
-    part reads at most ``limit + 1`` rows.
+    ``columns`` (named ``names``) read ``changes c`` and ``transactions t`` and ``lateral``'s
+    aliases; ``where(params, extra)`` builds the filters' ``WHERE`` clause; each part reads at
+    most ``limit + 1`` rows. Without ``forward_keys`` the rows in position order carry no
+    ``k_at``/``k_id`` (the caller reads the last one's position from its own columns): a large
+    export then loads two values fewer per row.
     """
     # Each part is ordered (and cut) only when the page has a limit; otherwise the one sort of
     # the whole statement orders every row, and sorting each part first would do it twice.
@@ -192,7 +196,8 @@ def page_statement(
         forward_cap = sql.SQL(" ORDER BY c.captured_at, c.id LIMIT %(page_limit)s")
     late = sql.SQL(
         "(SELECT 0 AS phase, t.xid::text::bigint AS k_xid, c.transaction_id AS k_tid,"
-        " NULL::timestamptz AS k_at, c.id AS k_id, NULL::text AS k_xip, {columns}"
+        " NULL::timestamptz AS k_at, c.id AS k_id, NULL::text AS k_xip,"
+        " NULL::timestamptz AS s_at, c.id AS s_id, {columns}"
         " FROM {audit}.changes c JOIN {audit}.transactions t ON t.id = c.transaction_id{join}{lateral}{where}"
         "{cap})"
     )
@@ -237,24 +242,39 @@ def page_statement(
     if position.at is not None:
         params["f_at"], params["f_id"] = position.at, position.id
         extra.append(sql.SQL("c.captured_at >= %(f_at)s AND (c.captured_at, c.id) > (%(f_at)s, %(f_id)s)"))
+    keys = (
+        sql.SQL("c.captured_at" if forward_keys else "NULL::timestamptz"),
+        sql.SQL("c.id" if forward_keys else "NULL::bigint"),
+    )
     parts.append(
         sql.SQL(
-            "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, c.captured_at AS k_at,"
-            " c.id AS k_id, NULL::text AS k_xip, {columns}"
+            "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, {k_at} AS k_at,"
+            " {k_id} AS k_id, NULL::text AS k_xip, c.captured_at AS s_at, c.id AS s_id, {columns}"
             " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
             "{lateral}{where}{cap})"
-        ).format(columns=columns, audit=audit, lateral=lateral, where=where(params, extra), cap=forward_cap)
+        ).format(
+            k_at=keys[0],
+            k_id=keys[1],
+            columns=columns,
+            audit=audit,
+            lateral=lateral,
+            where=where(params, extra),
+            cap=forward_cap,
+        )
     )
     parts.append(
         sql.SQL(
             "(SELECT 2, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::bigint,"
             " (SELECT pg_snapshot_xmax(q.s)::text || ':' || coalesce((SELECT string_agg(x::text, ',')"
-            " FROM pg_snapshot_xip(q.s) AS x), '') FROM (SELECT pg_current_snapshot() AS s) AS q){nulls})"
-        ).format(nulls=sql.SQL(", NULL") * ncolumns)
+            " FROM pg_snapshot_xip(q.s) AS x), '') FROM (SELECT pg_current_snapshot() AS s) AS q),"
+            " NULL::timestamptz, NULL::bigint{nulls})"
+        ).format(nulls=sql.SQL(", NULL") * len(names))
     )
+    shown = sql.SQL(", ").join(sql.Identifier("page", n) for n in (*KEY_COLUMNS, *names))
+    # the sort keys s_at and s_id stay in the server
     return sql.SQL(
-        "SELECT * FROM ({}) AS page ORDER BY page.phase, page.k_xid, page.k_tid, page.k_at, page.k_id"
-    ).format(sql.SQL(" UNION ALL ").join(parts))
+        "SELECT {} FROM ({}) AS page ORDER BY page.phase, page.k_xid, page.k_tid, page.s_at, page.s_id"
+    ).format(shown, sql.SQL(" UNION ALL ").join(parts))
 
 
 @dataclass(frozen=True)
@@ -286,9 +306,12 @@ class Reader:
         self._forward_taken = 0
         self._last_forward: tuple[Any, int] | None = None
 
-    def take_all(self, rows: Sequence[tuple[Any, ...]]) -> None:
+    def take_all(
+        self, rows: Sequence[tuple[Any, ...]], key: Callable[[tuple[Any, ...]], tuple[Any, int]] | None = None
+    ) -> None:
         """Account for rows (led by the key columns) that all belong to the page: a page without
-        a limit, whose rows are only counted here and whose last keys are kept."""
+        a limit, whose rows are only counted here and whose last keys are kept. ``key`` gives
+        the position of a row read without ``forward_keys``."""
         late = forward = None
         for row in reversed(rows):
             if row[0] == LATE and late is None:
@@ -297,6 +320,9 @@ class Reader:
                 forward = row
             if late is not None and forward is not None:
                 break
+        if forward is not None and forward[3] is None and key is not None:
+            at, ident = key(forward)
+            forward = (forward[0], None, None, at, ident)
         for row in (late, forward):
             if row is not None:
                 self._count(row)

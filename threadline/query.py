@@ -357,7 +357,10 @@ CHANGE_COLUMNS = sql.SQL(
     "c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk, "
     "c.after::text AS after, c.before::text AS before, c.changed_fields, c.captured_at"
 )
-CHANGE_COLUMN_COUNT = 10
+CHANGE_COLUMN_NAMES = (
+    "id", "transaction_id", "table_schema", "table_name", "op", "pk", "after", "before", "changed_fields",
+    "captured_at",
+)  # fmt: skip
 TRANSACTION_COLUMNS = sql.SQL(
     "t.id AS t_id, t.xid::text AS t_xid, t.occurred_at AS t_occurred_at, t.actor::text AS t_actor, "
     "t.correlation_id AS t_correlation_id, t.request_id AS t_request_id, "
@@ -667,7 +670,7 @@ def _timeline_plan(
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     params: dict[str, Any] = {}
     statement = paging.page_statement(
-        audit, CHANGE_COLUMNS, CHANGE_COLUMN_COUNT, partial(where_clause, filters), position, checked, params
+        audit, CHANGE_COLUMNS, CHANGE_COLUMN_NAMES, partial(where_clause, filters), position, checked, params
     )
     rows = yield Query(statement, params)
     reader = paging.Reader(position, checked)
