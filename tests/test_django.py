@@ -378,3 +378,34 @@ def test_query_api_refuses_other_databases_with_a_clear_error() -> None:
         threadline.timeline(SQLite(), correlation_id="x")
     with pytest.raises(TypeError, match="expected a psycopg connection or a Django connection"):
         threadline.timeline(object(), correlation_id="x")  # type: ignore[arg-type]
+
+
+def test_a_management_command_and_the_task_it_enqueues_are_one_story(
+    django_worker: Worker, django_dsn: str
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    env = {**django_worker.env, "DJANGO_SETTINGS_MODULE": "tests.djangoproject.settings"}
+    res = subprocess.run(
+        [sys.executable, "-m", "django", "touch_post"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    ctx = out["ctx"]
+    assert ctx["origin"] == "cli" and ctx["meta"] == {"command": "touch_post"}
+    assert ctx["correlation_id"].startswith("cli-") and "actor" not in ctx
+    rows = story(django_dsn, ctx["correlation_id"], 2)
+    assert [(r["op"], r["origin"]) for r in rows] == [("insert", "cli"), ("update", "celery")]
+    # with an actor for commands, and off
+    env["THREADLINE_TEST_COMMAND_SETTINGS"] = json.dumps({"COMMAND_ACTOR": "system:ops"})
+    res = subprocess.run(
+        [sys.executable, "-m", "django", "touch_post"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert json.loads(res.stdout)["ctx"]["actor"] == {"type": "system", "id": "ops"}, res.stderr
+    env["THREADLINE_TEST_COMMAND_SETTINGS"] = json.dumps({"COMMAND_CONTEXT": False})
+    res = subprocess.run(
+        [sys.executable, "-m", "django", "touch_post"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert json.loads(res.stdout)["ctx"] == {"v": 1}, res.stderr  # empty

@@ -6,6 +6,8 @@ Imported by Django only; see :mod:`threadline.propagation.django`.
 
 from __future__ import annotations
 
+import sys
+
 from django.apps import AppConfig
 
 
@@ -24,8 +26,13 @@ class ThreadlineConfig(AppConfig):
         from threadline.django.checks import check_database, check_setup
         from threadline.propagation.django import install_orm_bridge, load_settings
 
-        if load_settings().orm_bridge:
+        conf = load_settings()
+        if conf.orm_bridge:
             install_orm_bridge()
+        if conf.command_context:
+            from threadline.django.commands import start_command_context
+
+            start_command_context(sys.argv, conf.command_actor)
         checks.register(check_setup, checks.Tags.compatibility)
         checks.register(check_database, checks.Tags.database)
         if apps.is_installed("django.contrib.auth"):

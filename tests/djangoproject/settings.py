@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from psycopg.conninfo import conninfo_to_dict
@@ -24,6 +25,8 @@ INSTALLED_APPS = [
     "tests.djangoproject.shop",
 ]
 DATABASE_ROUTERS = ["tests.djangoproject.routers.MigrationsRouter"]
+# HeaderAuthenticationMiddleware sets request.user, as AuthenticationMiddleware would
+SILENCED_SYSTEM_CHECKS = ["threadline.W002"]
 MIDDLEWARE = [
     "tests.djangoproject.auth.HeaderAuthenticationMiddleware",
     "threadline.propagation.django.ThreadlineMiddleware",
@@ -42,4 +45,9 @@ DATABASES = {
 DATABASES["serverside"] = {**DATABASES["default"], "OPTIONS": {"server_side_binding": True}}
 # a database of its own for the migration tests (created and dropped by them)
 DATABASES["migrations"] = {**DATABASES["default"], "NAME": f"{_db.get('dbname', '')}_mig"}
-THREADLINE = {"CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"], "MAX_ID_LENGTH": 128}
+THREADLINE = {
+    "CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"],
+    "MAX_ID_LENGTH": 128,
+    # the management-command tests vary these
+    **json.loads(os.environ.get("THREADLINE_TEST_COMMAND_SETTINGS", "{}")),
+}

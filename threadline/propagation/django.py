@@ -16,6 +16,8 @@ Set-up (``settings.py``)::
         "ACTOR_RESOLVER": "threadline.propagation.django.default_actor_resolver",
         "CLIENT_ADDRESS": True,                     # meta["client"] = REMOTE_ADDR
         "ORM_BRIDGE": True,
+        "COMMAND_CONTEXT": True,                    # manage.py commands: origin "cli", a correlation id
+        "COMMAND_ACTOR": None,                      # e.g. "system:ops" for those writes
     }
 
 **Middleware**: the same request context as :class:`threadline.propagation.web.WSGIMiddleware`
@@ -82,7 +84,19 @@ _KEYS = {
     "ACTOR_RESOLVER",
     "CLIENT_ADDRESS",
     "ORM_BRIDGE",
+    "COMMAND_CONTEXT",
+    "COMMAND_ACTOR",
 }
+
+
+def _command_actor(value: Any) -> ActorRef | None:
+    from threadline import codec
+    from threadline.errors import InvalidActor
+
+    try:
+        return codec.check_actor(value)
+    except InvalidActor as exc:
+        raise ConfigurationError(f"THREADLINE['COMMAND_ACTOR'] is not an actor: {exc}") from exc
 
 
 def default_actor_resolver(request: Any) -> ActorRef | None:
@@ -112,6 +126,8 @@ class ThreadlineSettings:
     actor_resolver: Callable[[Any], ActorRef | str | None] | None = default_actor_resolver
     client_address: bool = True
     orm_bridge: bool = True
+    command_context: bool = True
+    command_actor: ActorRef | None = None
 
 
 def load_settings() -> ThreadlineSettings:
@@ -146,6 +162,8 @@ def load_settings() -> ThreadlineSettings:
         actor_resolver=resolver,
         client_address=bool(raw.get("CLIENT_ADDRESS", True)),
         orm_bridge=bool(raw.get("ORM_BRIDGE", True)),
+        command_context=bool(raw.get("COMMAND_CONTEXT", True)),
+        command_actor=_command_actor(raw.get("COMMAND_ACTOR")),
     )
     CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)  # validates
     return conf
