@@ -291,3 +291,36 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     assert by_request[login["X-Correlation-ID"]][3] == me  # the login request's own write
     assert by_request[api["X-Correlation-ID"]][3] == me
     assert by_request[plain["X-Correlation-ID"]][3] == {"type": "anonymous"}
+
+
+def test_declarative_tracking_is_applied_after_every_migrate(mig_dsn: str) -> None:
+    from django.conf import settings
+    from django.test import override_settings
+
+    import threadline
+
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        threadline.ddl.untrack(conn, "shop_purchase")
+    migrate()  # nothing to migrate: the post_migrate handler tracks the model again
+    with psycopg.connect(mig_dsn) as conn:
+        (entry,) = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == "shop_purchase"]
+    assert entry.status == "installed" and entry.mask == ("card",) and entry.exclude == ()
+    declared = {
+        **settings.THREADLINE,
+        "TRACK": {"shop.Purchase": {"mask": ["card_number"], "exclude": ["name"]}},
+    }
+    with override_settings(THREADLINE=declared):
+        migrate()
+    with psycopg.connect(mig_dsn) as conn:
+        (entry,) = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == "shop_purchase"]
+    assert entry.mask == ("card",) and entry.exclude == ("name",)  # field names, resolved to columns
+    # back to the declaration without the exclude: it is kept (revealing takes --include)
+    migrate()
+    with psycopg.connect(mig_dsn) as conn:
+        (entry,) = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == "shop_purchase"]
+    assert entry.exclude == ("name",)
+    with (
+        override_settings(THREADLINE={**settings.THREADLINE, "TRACK": {"shop.Nope": {}}}),
+        pytest.raises(Exception, match=r"'shop\.Nope', which is not an installed model"),
+    ):
+        migrate()

@@ -33,6 +33,12 @@ class ThreadlineConfig(AppConfig):
             from threadline.django.commands import start_command_context
 
             start_command_context(sys.argv, conf.command_actor)
+        if conf.track and conf.track_on_migrate:
+            from django.db.models.signals import post_migrate
+
+            from threadline.django.tracking import on_post_migrate
+
+            post_migrate.connect(on_post_migrate, sender=self, dispatch_uid="threadline.track")
         checks.register(check_setup, checks.Tags.compatibility)
         checks.register(check_database, checks.Tags.database)
         if apps.is_installed("django.contrib.auth"):

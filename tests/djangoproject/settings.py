@@ -48,6 +48,8 @@ DATABASES["migrations"] = {**DATABASES["default"], "NAME": f"{_db.get('dbname', 
 THREADLINE = {
     "CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"],
     "MAX_ID_LENGTH": 128,
+    # applied after every migrate of the database the model lives in (the migrations alias)
+    "TRACK": {"shop.Purchase": {"mask": ["card_number"]}},
     # the management-command tests vary these
     **json.loads(os.environ.get("THREADLINE_TEST_COMMAND_SETTINGS", "{}")),
 }

@@ -10,6 +10,15 @@ See ``docs/django.md``.
 
 from __future__ import annotations
 
-from threadline.propagation.django import ThreadlineMiddleware
+from typing import Any
 
 __all__ = ["ThreadlineMiddleware"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use: threadline.propagation.django itself imports from this package
+    if name == "ThreadlineMiddleware":
+        from threadline.propagation.django import ThreadlineMiddleware
+
+        return ThreadlineMiddleware
+    raise AttributeError(f"module 'threadline.django' has no attribute {name!r}")

@@ -18,6 +18,9 @@ Set-up (``settings.py``)::
         "ORM_BRIDGE": True,
         "COMMAND_CONTEXT": True,                    # manage.py commands: origin "cli", a correlation id
         "COMMAND_ACTOR": None,                      # e.g. "system:ops" for those writes
+        "TRACK": {"shop.Order": {"mask": ["card_number"]}},  # tracked after every migrate
+        "TRACK_ON_MIGRATE": True,
+        "AUDIT_SCHEMA": "threadline",
     }
 
 **Middleware**: the same request context as :class:`threadline.propagation.web.WSGIMiddleware`
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -54,6 +57,7 @@ from django.utils.module_loading import import_string
 
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, _current
+from threadline.django.tracking import parse_track_setting
 from threadline.errors import ConfigurationError
 from threadline.propagation.psycopg import bridge
 from threadline.propagation.web import (
@@ -86,7 +90,20 @@ _KEYS = {
     "ORM_BRIDGE",
     "COMMAND_CONTEXT",
     "COMMAND_ACTOR",
+    "TRACK",
+    "TRACK_ON_MIGRATE",
+    "AUDIT_SCHEMA",
 }
+
+
+def _audit_schema(value: Any) -> str:
+    from threadline.ddl.names import check_schema_name
+    from threadline.errors import SchemaError
+
+    try:
+        return check_schema_name(value)
+    except SchemaError as exc:
+        raise ConfigurationError(f"THREADLINE['AUDIT_SCHEMA']: {exc}") from exc
 
 
 def _command_actor(value: Any) -> ActorRef | None:
@@ -128,6 +145,9 @@ class ThreadlineSettings:
     orm_bridge: bool = True
     command_context: bool = True
     command_actor: ActorRef | None = None
+    track: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    track_on_migrate: bool = True
+    audit_schema: str = "threadline"
 
 
 def load_settings() -> ThreadlineSettings:
@@ -164,6 +184,9 @@ def load_settings() -> ThreadlineSettings:
         orm_bridge=bool(raw.get("ORM_BRIDGE", True)),
         command_context=bool(raw.get("COMMAND_CONTEXT", True)),
         command_actor=_command_actor(raw.get("COMMAND_ACTOR")),
+        track=parse_track_setting(raw.get("TRACK")),
+        track_on_migrate=bool(raw.get("TRACK_ON_MIGRATE", True)),
+        audit_schema=_audit_schema(raw.get("AUDIT_SCHEMA", "threadline")),
     )
     CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)  # validates
     return conf

@@ -1,0 +1,128 @@
+"""Declarative tracking: ``THREADLINE["TRACK"]`` names the models to capture, applied after every
+``migrate`` (so the test database Django creates is captured exactly as production is)::
+
+    THREADLINE = {
+        "TRACK": {
+            "shop.Order": {"mask": ["card_number"]},
+            "shop.Customer": {"exclude": ["password_hash"]},
+            "blog.Post": {},
+        },
+    }
+
+Model and field names are resolved to ``db_table`` and ``db_column`` as the models are now
+(a renamed model or field is followed); a name that is not a field is taken as a column name.
+Applying it is ``track()`` for each model: idempotent, and options only ever add masks and
+excludes. Removing a mask from the setting does not reveal the column: that takes
+``manage.py threadline track <table> --unmask <column>``. ``"TRACK_ON_MIGRATE": False`` turns the
+``post_migrate`` handler off (then use ``Track`` operations in migrations instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from threadline.errors import ConfigurationError
+
+logger = logging.getLogger("threadline.django")
+
+__all__ = ["OPTION_NAMES", "apply_tracking", "parse_track_setting"]
+
+OPTION_NAMES = ("mask", "exclude", "keys")
+
+
+def parse_track_setting(value: Any) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``THREADLINE["TRACK"]`` validated: ``{"app_label.Model": {"mask": (...), ...}}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("THREADLINE['TRACK'] must map 'app_label.Model' to its options (a dict)")
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for model, options in value.items():
+        if not isinstance(model, str) or model.count(".") != 1 or "" in model.split("."):
+            raise ConfigurationError(f"THREADLINE['TRACK']: name models as 'app_label.Model', got {model!r}")
+        options = options or {}
+        if not isinstance(options, Mapping) or set(options) - set(OPTION_NAMES):
+            raise ConfigurationError(
+                f"THREADLINE['TRACK'][{model!r}] takes the options {', '.join(OPTION_NAMES)}, got {options!r}"
+            )
+        parsed: dict[str, tuple[str, ...]] = {}
+        for name in OPTION_NAMES:
+            names = options.get(name) or ()
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise ConfigurationError(f"THREADLINE['TRACK'][{model!r}][{name!r}] must be a list of names")
+            parsed[name] = tuple(names)
+        out[model] = parsed
+    return out
+
+
+def _quoted(table: str) -> str:
+    return '"' + table.replace('"', '""') + '"'
+
+
+def _columns(model: Any, names: tuple[str, ...]) -> list[str]:
+    out = []
+    for name in names:
+        try:
+            field = model._meta.get_field(name)
+        except Exception:  # not a field name: taken as a column name
+            out.append(name)
+            continue
+        column = getattr(field, "column", None)
+        if not column:
+            raise ConfigurationError(f"{model._meta.label}.{name} has no column (a relation without one)")
+        out.append(column)
+    return out
+
+
+def apply_tracking(
+    using: str, track: Mapping[str, Mapping[str, tuple[str, ...]]], audit_schema: str
+) -> list[str]:
+    """Track every model of ``track`` that lives in database ``using``; the tables tracked."""
+    from django.apps import apps
+    from django.db import connections, router
+
+    from threadline._connection import native
+    from threadline.ddl.schema import installed_version
+    from threadline.ddl.triggers import track as track_table
+
+    wrapper = connections[using]
+    if wrapper.vendor != "postgresql" or not track:
+        return []
+    raw, _ = native(wrapper)
+    if installed_version(raw, audit_schema) is None:
+        return []
+    done = []
+    for label, options in track.items():
+        try:
+            model = apps.get_model(label)
+        except LookupError as exc:
+            raise ConfigurationError(
+                f"THREADLINE['TRACK'] names {label!r}, which is not an installed model"
+            ) from exc
+        if not router.allow_migrate_model(using, model):
+            continue
+        table = model._meta.db_table
+        if raw.execute("SELECT to_regclass(%s) IS NULL", [_quoted(table)]).fetchone() == (True,):
+            # migrated to a state without this model's table (migrate app 0002): nothing to track yet
+            logger.warning("THREADLINE['TRACK']: %s has no table %s in database %r yet", label, table, using)
+            continue
+        track_table(
+            raw,
+            table,
+            mask=_columns(model, options["mask"]) or None,
+            exclude=_columns(model, options["exclude"]) or None,
+            keys=_columns(model, options["keys"]) or None,
+            audit_schema=audit_schema,
+        )
+        done.append(table)
+    return done
+
+
+def on_post_migrate(sender: Any = None, using: str = "default", **_: Any) -> None:
+    """``post_migrate`` receiver (connected for threadline's app only, so once per ``migrate``)."""
+    from threadline.propagation.django import load_settings
+
+    conf = load_settings()
+    apply_tracking(using, conf.track, conf.audit_schema)
