@@ -324,3 +324,15 @@ def test_declarative_tracking_is_applied_after_every_migrate(mig_dsn: str) -> No
         pytest.raises(Exception, match=r"'shop\.Nope', which is not an installed model"),
     ):
         migrate()
+
+
+def test_the_migrations_match_the_models(database: str, mig_dsn: str) -> None:
+    env = {**os.environ, DSN_ENV: database, "DJANGO_SETTINGS_MODULE": "tests.djangoproject.admin_settings"}
+    res = subprocess.run(
+        [sys.executable, "-m", "django", "makemigrations", "--check", "--dry-run", "threadline", "shop"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0 and "No changes detected" in res.stdout, res.stdout + res.stderr

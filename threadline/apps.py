@@ -16,6 +16,7 @@ class ThreadlineConfig(AppConfig):
 
     name = "threadline"
     label = "threadline"
+    default_auto_field = "django.db.models.AutoField"
     verbose_name = "threadline audit trail"
 
     def ready(self) -> None:

@@ -1,0 +1,167 @@
+"""The admin pages in a real browser: headless Chromium (Debian's ``chromium``) against
+``manage.py runserver`` with the test project's admin settings, logged in as a staff user.
+
+Skipped only when no Chromium is installed (``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = "tests.djangoproject.admin_settings"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install -y chromium")
+
+SETUP = """
+import threadline
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from tests.djangoproject.shop.models import Purchase
+
+User = get_user_model()
+auditor = User.objects.create_user("auditor", is_staff=True)
+auditor.user_permissions.add(
+    Permission.objects.get(codename="view_audit_trail"), Permission.objects.get(codename="view_purchase")
+)
+clerk = User.objects.create_user("clerk", is_staff=True)
+clerk.user_permissions.add(Permission.objects.get(codename="view_purchase"))
+with threadline.context(actor="user:42", correlation_id="req-admin-1", request_id="r-1", origin="web"):
+    p = Purchase.objects.create(name="mug", card_number="4111111111111111")
+job = {"name": "shop.tasks.charge", "id": "task-1", "retries": 0, "root_id": "task-1"}
+with threadline.context(actor="user:42", correlation_id="req-admin-1", causation_id="r-1", origin="celery", job=job):
+    Purchase.objects.filter(pk=p.pk).update(name="big mug")
+print(p.pk)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(database: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ("THREADLINE_DSN", "DATABASE_URL")},
+        "THREADLINE_TEST_CELERY_DSN": database,
+        "DJANGO_SETTINGS_MODULE": SETTINGS,
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def _django(database: str, *args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        capture_output=True,
+        text=True,
+        env=_env(database),
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def server(database: str) -> Iterator[tuple[str, int]]:
+    """A migrated database with two staff users and a purchase's story, and a server on it."""
+    name = psycopg.conninfo.conninfo_to_dict(database)["dbname"] + "_mig"
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        _django(database, "migrate", "--verbosity", "0")
+        pk = int(_django(database, "shell", "-c", SETUP).strip().splitlines()[-1])
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}", "--noreload"],
+            env=_env(database),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}", pk
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    finally:
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def browse(base: str, user: str, page: str, screenshot: Path | None = None) -> str:
+    """The DOM of ``page`` in headless Chromium, logged in as ``user`` (and a screenshot)."""
+    url = f"{base}/test-login/{user}/?next={page}"
+    args = [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    if screenshot is not None:
+        res = subprocess.run(
+            [*args, "--window-size=1400,800", f"--screenshot={screenshot}", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert screenshot.exists() and screenshot.stat().st_size > 10_000, res.stderr
+    res = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_an_objects_audit_trail_from_its_change_page(server: tuple[str, int], tmp_path: Path) -> None:
+    base, pk = server
+    change = browse(base, "auditor", f"/admin/shop/purchase/{pk}/change/")
+    assert f'href="/admin/shop/purchase/{pk}/audit-trail/"' in change and "threadline-audit-trail" in change
+    shot = tmp_path / "audit-trail.png"
+    page = browse(base, "auditor", f"/admin/shop/purchase/{pk}/audit-trail/", screenshot=shot)
+    assert page.count('class="threadline-change threadline-') == 2
+    assert "threadline-update" in page and "threadline-insert" in page
+    assert "user:42" in page and "shop.tasks.charge" in page and "celery" in page
+    assert "big mug" in page and "mug" in page
+    assert "4111111111111111" not in page  # masked as captured
+    assert 'href="/admin/threadline/audittrail/trace/req-admin-1/"' in page
+    if os.environ.get("THREADLINE_KEEP_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["THREADLINE_KEEP_SCREENSHOTS"]) / "admin-audit-trail.png")
+
+
+def test_a_requests_trace_in_the_admin(server: tuple[str, int], tmp_path: Path) -> None:
+    base, _ = server
+    index = browse(base, "auditor", "/admin/")
+    assert "/admin/threadline/audittrail/" in index
+    shot = tmp_path / "trace.png"
+    page = browse(base, "auditor", "/admin/threadline/audittrail/trace/req-admin-1/", screenshot=shot)
+    assert "threadline-request" in page and "task shop.tasks.charge" in page
+    assert page.count('class="threadline-transaction"') == 2
+    search = browse(base, "auditor", "/admin/threadline/audittrail/?correlation_id=req-admin-1")
+    assert "task shop.tasks.charge" in search  # the search redirects to the trace
+    assert "Nothing was recorded" in browse(base, "auditor", "/admin/threadline/audittrail/trace/nope/")
+    if os.environ.get("THREADLINE_KEEP_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["THREADLINE_KEEP_SCREENSHOTS"]) / "admin-trace.png")
+
+
+def test_without_the_permission_the_pages_are_refused(server: tuple[str, int]) -> None:
+    base, pk = server
+    page = browse(base, "clerk", f"/admin/shop/purchase/{pk}/audit-trail/")
+    assert "403 Forbidden" in page and "big mug" not in page
+    assert "403 Forbidden" in browse(base, "clerk", "/admin/threadline/audittrail/trace/req-admin-1/")
+    assert "/admin/threadline/audittrail/" not in browse(base, "clerk", "/admin/")
