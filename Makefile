@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops clean
+.PHONY: venv demo test test-django-lts lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ docs: venv
 
 test: lint docs
 	$(BIN)/pytest
+	$(MAKE) test-django-lts
+
+# The Django tests again on the oldest supported Django (4.2 LTS), with psycopg2 installed beside
+# psycopg 3 as in a project that moves to threadline.
+LTS := .venv-django42
+$(LTS)/bin/pytest: pyproject.toml
+	$(PYTHON) -m venv $(LTS)
+	$(LTS)/bin/pip install -q --upgrade pip
+	$(LTS)/bin/pip install -q -e ".[test]" "django>=4.2,<4.3" psycopg2-binary
+	touch $(LTS)/bin/pytest
+
+test-django-lts: $(LTS)/bin/pytest
+	$(LTS)/bin/pytest -q -p no:cacheprovider tests/test_django.py tests/test_django_migrations.py tests/test_django_admin.py tests/test_django_docs.py
 
 bench: venv
 	$(BIN)/python bench/capture.py

@@ -336,3 +336,13 @@ def test_the_migrations_match_the_models(database: str, mig_dsn: str) -> None:
         timeout=60,
     )
     assert res.returncode == 0 and "No changes detected" in res.stdout, res.stdout + res.stderr
+
+
+def test_with_psycopg2_installed_django_still_runs_on_psycopg_3(mig_dsn: str) -> None:
+    pytest.importorskip("psycopg2")  # the Django 4.2 run of the suite installs it (see Makefile)
+    from django.db import connections
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    assert is_psycopg3
+    connections[ALIAS].ensure_connection()
+    assert isinstance(connections[ALIAS].connection, psycopg.Connection)

@@ -88,7 +88,7 @@ def test_plain_psycopg_quick_start_runs_as_written(readme_env: dict[str, str]) -
 def test_django_and_celery_quick_start_matches_the_tested_project() -> None:
     snippet = _blocks(_section("Quick start: Django + Celery"), "python")[0]
     settings = (ROOT / "tests" / "djangoproject" / "settings.py").read_text()
-    for name in ('"threadline"', '"threadline.propagation.django.ThreadlineMiddleware"'):
+    for name in ('"threadline"', '"threadline.django.ThreadlineMiddleware"'):
         assert name in snippet and name in settings
 
     from celery import Celery

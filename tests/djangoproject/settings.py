@@ -29,7 +29,7 @@ DATABASE_ROUTERS = ["tests.djangoproject.routers.MigrationsRouter"]
 SILENCED_SYSTEM_CHECKS = ["threadline.W002"]
 MIDDLEWARE = [
     "tests.djangoproject.auth.HeaderAuthenticationMiddleware",
-    "threadline.propagation.django.ThreadlineMiddleware",
+    "threadline.django.ThreadlineMiddleware",
 ]
 DATABASES = {
     "default": {
