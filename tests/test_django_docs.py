@@ -110,5 +110,6 @@ print(json.dumps({"user": user.pk, "status": response.status_code, "page": page.
     page = out["page"]
     assert page.count('class="threadline-change threadline-') == 2  # the shell's insert, the admin's update
     assert f"user:{out['user']}" in page and "4111111111111111" not in page
+    assert "<td>cli</td>" in page  # the shell's own write: origin cli
     trace = manage(project, "threadline", "trace", out["correlation"])
     assert trace.returncode == 0 and "update public.orders_order" in trace.stdout, trace.stdout

@@ -346,3 +346,24 @@ def test_with_psycopg2_installed_django_still_runs_on_psycopg_3(mig_dsn: str) ->
     assert is_psycopg3
     connections[ALIAS].ensure_connection()
     assert isinstance(connections[ALIAS].connection, psycopg.Connection)
+
+
+def test_the_driver_checks(mig_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import connections
+    from django.db.backends.postgresql import psycopg_any
+
+    from threadline.django.checks import check_setup
+
+    connections.settings["legacy"] = {
+        **connections.settings[ALIAS],
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": ":memory:",
+    }
+    try:
+        found = {m.id: m.msg for m in check_setup()}
+        assert "database 'legacy' is sqlite" in found["threadline.W004"]
+    finally:
+        del connections.settings["legacy"]
+    monkeypatch.setattr(psycopg_any, "is_psycopg3", False)  # as Django before psycopg 3 support
+    found = {m.id: m.msg for m in check_setup()}
+    assert "runs on psycopg2" in found["threadline.E002"]
