@@ -4,6 +4,8 @@ writing), ``manage.py threadline``, and the system checks.
 
 The ``migrations`` database alias of ``tests/djangoproject`` is a database of its own, created
 and dropped here; migrations run with ``call_command("migrate", ...)`` as ``manage.py`` would.
+The tests are one story in file order: each starts from the state the one before left (run the
+module, not one test of it).
 """
 
 from __future__ import annotations
@@ -200,6 +202,11 @@ def test_manage_py_threadline_is_the_cli_on_django_databases(database: str, mig_
     unknown = _manage(database, "coverage", "--database", "nope")
     assert unknown.returncode == 2 and "no database 'nope' in settings.DATABASES" in unknown.stderr
     assert "Usage: manage.py threadline" in _manage(database, "--help").stdout
+    missing = _manage(database, "coverage", "--database")
+    assert (
+        missing.returncode == 2
+        and missing.stderr == "Error: --database needs an alias from settings.DATABASES\n"
+    )
 
 
 def _ids(**overrides: Any) -> list[str]:

@@ -39,7 +39,11 @@ def _split_database(argv: list[str]) -> tuple[str, list[str]]:
 
 def run(argv: list[str]) -> int:
     """Run the CLI with ``argv`` on the Django database it names; the exit code."""
-    alias, rest = _split_database(argv)
+    try:
+        alias, rest = _split_database(argv)
+    except CommandError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 2
     wants_database = rest and rest[0] not in ("--help", "-h", "--version") and "--dsn" not in rest
     previous = os.environ.get("THREADLINE_DSN")
     try:
