@@ -31,6 +31,8 @@ def test_version_and_help_with_examples() -> None:
     out = run("--help").stdout
     assert "Examples:" in out and "threadline track" in out
     assert "--print-sql" in run("install", "--help").stdout
+    module = subprocess.run([sys.executable, "-m", "threadline", "--help"], capture_output=True, text=True)
+    assert module.returncode == 0 and "Usage: python -m threadline" in module.stdout
 
 
 def test_print_sql_needs_no_database_and_is_idempotent(conn: psycopg.Connection[Any]) -> None:
