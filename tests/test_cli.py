@@ -91,3 +91,14 @@ def test_database_errors_exit_1_with_message_and_hint() -> None:
     res = run("install", "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
     assert res.returncode == 1
     assert res.stderr.startswith("Error: ") and "Hint: " in res.stderr
+
+
+def test_import_threadline_does_not_import_celery() -> None:
+    code = (
+        "import sys, threadline\n"
+        "assert 'celery' not in sys.modules, 'celery imported'\n"
+        "assert callable(threadline.task) and threadline.celery.install\n"
+        "assert 'celery' in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -5,7 +5,9 @@ into each database transaction (and, through Celery, into workers), so every cha
 caused it and which request it belongs to.
 """
 
-from threadline import celery, ddl
+from typing import TYPE_CHECKING, Any
+
+from threadline import ddl
 from threadline.actions import list_actions, list_actions_async, record_action, record_action_async
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, context, current, use_context
@@ -34,7 +36,6 @@ from threadline.errors import (
 )
 from threadline.export import ExportResult, export, export_async
 from threadline.propagation.carrier import extract, inject
-from threadline.propagation.celery import task
 from threadline.propagation.executors import submit, wrap
 from threadline.propagation.psycopg import (
     ThreadlineConnection,
@@ -60,6 +61,24 @@ from threadline.query import (
 )
 from threadline.records import Action, Change, TaskRun, Transaction
 from threadline.tracing import Trace, TraceNode, TraceTransaction
+
+if TYPE_CHECKING:
+    from threadline import celery
+    from threadline.propagation.celery import task
+
+
+def __getattr__(name: str) -> Any:
+    # Celery is imported on first use (threadline.celery, threadline.task): a web process that
+    # never publishes a task does not pay for importing it.
+    if name == "celery":
+        import threadline.celery as celery_module
+
+        return celery_module
+    if name == "task":
+        from threadline.propagation.celery import task as task_decorator
+
+        return task_decorator
+    raise AttributeError(f"module 'threadline' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
