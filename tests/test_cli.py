@@ -102,3 +102,15 @@ def test_import_threadline_does_not_import_celery() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_each_command_shows_its_own_examples_and_errors_point_at_its_help() -> None:
+    from threadline.cli_help import COMMAND_EXAMPLES
+
+    for name, lines in COMMAND_EXAMPLES.items():
+        out = run(name, "--help").stdout
+        assert all(line in out for line in lines), name
+        others = [line for other, ls in COMMAND_EXAMPLES.items() if other != name for line in ls]
+        assert not any(line in out for line in others), name
+    bad = run("timeline", "--since", "yesterday-ish", "--dsn", "postgresql://nowhere")
+    assert bad.returncode == 2 and bad.stderr.rstrip().endswith("(see 'threadline timeline --help')")

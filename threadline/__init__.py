@@ -80,6 +80,7 @@ def __getattr__(name: str) -> Any:
         return task_decorator
     raise AttributeError(f"module 'threadline' has no attribute {name!r}")
 
+
 __version__ = "0.1.0"
 
 __all__ = [

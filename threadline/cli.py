@@ -17,6 +17,7 @@ import psycopg
 from threadline import __version__, query
 from threadline.actions import list_actions
 from threadline.actor import ActorRef
+from threadline.cli_help import ALL_EXAMPLES, examples
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
 from threadline.ddl.names import DEFAULT_SCHEMA, qualified_name
@@ -29,22 +30,6 @@ from threadline.records import OPS, Change
 from threadline.tracing import format_key
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-EXAMPLES = """
-\b
-Examples:
-  threadline install --dsn postgresql://app@localhost/app
-  threadline install --print-sql > migrations/0001_threadline.sql
-  threadline track public.orders --mask card_number --exclude search_vector
-  threadline track line_items --keys order_id,line_no
-  threadline track public.orders --unmask card_number
-  threadline track public.orders --print-sql >> migrations/0002_track_orders.sql
-  threadline sync
-  threadline untrack orders
-  threadline untrack --prune
-
-The DSN comes from --dsn, else THREADLINE_DSN, else DATABASE_URL.
-"""
 
 
 def _dsn_option(func: F) -> F:
@@ -107,7 +92,7 @@ def _names(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in (p.strip() for p in value.split(",")) if v]
 
 
-@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(epilog=ALL_EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="threadline")
 def cli() -> None:
     """Audit trail for PostgreSQL apps on Celery: install the schema, track tables."""
@@ -118,7 +103,8 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
     try:
         cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.UsageError as exc:
-        click.echo(f"Error: {exc.format_message()} (see '{prog_name} --help')", err=True)
+        where = exc.ctx.command_path if exc.ctx is not None else prog_name
+        click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -127,7 +113,7 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
         sys.exit(1)
 
 
-@cli.command(epilog=EXAMPLES)
+@cli.command(epilog=examples("install"))
 @_dsn_option
 @_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it (no database needed).")
@@ -173,7 +159,7 @@ def install(
         )
 
 
-@cli.command(epilog=EXAMPLES)
+@cli.command(epilog=examples("track"))
 @click.argument("tables", nargs=-1, required=True, metavar="[SCHEMA.]TABLE...")
 @click.option("--exclude", metavar="COL,...", help="Also exclude these columns (never recorded).")
 @click.option("--mask", metavar="COL,...", help="Also mask these columns (recorded as a fixed placeholder).")
@@ -266,7 +252,7 @@ def _print_track(result: triggers.TrackResult) -> None:
         )
 
 
-@cli.command(epilog=EXAMPLES)
+@cli.command(epilog=examples("untrack"))
 @click.argument("tables", nargs=-1, metavar="[SCHEMA.]TABLE...")
 @click.option("--prune", is_flag=True, help="Also remove capture code whose table or registry row is gone.")
 @_dsn_option
@@ -307,7 +293,7 @@ def _sync_name(action: triggers.SyncAction) -> str:
     )
 
 
-@cli.command(epilog=EXAMPLES)
+@cli.command(epilog=examples("sync"))
 @click.option("--no-prune", is_flag=True, help="Keep capture code whose table or registry row is gone.")
 @click.option("--check", is_flag=True, help="Change nothing: exit 1 if any table needs a sync.")
 @_dsn_option
@@ -341,19 +327,6 @@ def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> Non
 # ---------------------------------------------------------------------------------------------
 # Exploring the audit trail: timeline, history, trace, export, actions
 
-QUERY_EXAMPLES = """
-\b
-Examples:
-  threadline timeline --correlation-id req-1
-  threadline timeline --table orders --actor user:42 --since 2h
-  threadline history orders 7
-  threadline history line_items order_id=7,line_no=2 --as-of 2024-05-01T12:00:00Z
-  threadline trace req-1
-  threadline export --format ndjson --since 1d --output changes.ndjson
-  threadline actions --actor admin:7 --since 7d
-
-Times are ISO 8601 (no offset means UTC) or relative: 90s, 30m, 2h, 1d, 2w ago.
-"""
 
 _RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -474,7 +447,7 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-@cli.command(epilog=QUERY_EXAMPLES)
+@cli.command(epilog=examples("timeline"))
 @_filter_options
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True, help="Page size.")
 @click.option("--after", metavar="CURSOR", help="Continue after the page that printed this cursor.")
@@ -567,7 +540,7 @@ def _history_lines(change: Change) -> list[str]:
     return lines
 
 
-@cli.command(epilog=QUERY_EXAMPLES)
+@cli.command(epilog=examples("history"))
 @click.argument("table", metavar="[SCHEMA.]TABLE")
 @click.argument("pk", metavar="PK")
 @click.option("--as-of", "as_of", metavar="WHEN", callback=_when, help="Show the row as it was then instead.")
@@ -612,7 +585,7 @@ def history(
     click.echo("\n".join(line for c in changes for line in _history_lines(c)))
 
 
-@cli.command(epilog=QUERY_EXAMPLES)
+@cli.command(epilog=examples("trace"))
 @click.argument("correlation_id", metavar="CORRELATION_ID")
 @click.option(
     "--max-changes",
@@ -636,7 +609,7 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
         click.echo(found.render(max_changes=max_changes), nl=False)
 
 
-@cli.command(epilog=QUERY_EXAMPLES)
+@cli.command(epilog=examples("export"))
 @_filter_options
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True)
 @click.option(
@@ -741,7 +714,7 @@ def _write_cursor_file(path: str, cursor: str) -> None:
         raise click.UsageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
-@cli.command(epilog=QUERY_EXAMPLES)
+@cli.command(epilog=examples("actions"))
 @click.option("--correlation-id", metavar="ID", help="Only actions of this correlation id.")
 @click.option("--actor", metavar="TYPE:ID", callback=_actor, help="Only actions by this actor.")
 @click.option("--name", metavar="NAME", help="Only actions with this name.")

@@ -16,21 +16,10 @@ from typing import Any
 import click
 
 from threadline import health, retention
+from threadline.cli_help import examples
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl.names import DEFAULT_SCHEMA
 from threadline.errors import CoverageError, RetentionError, SchemaError
-
-OPS_EXAMPLES = """
-\b
-Examples:
-  threadline purge --older-than 90d --dry-run
-  threadline purge --older-than 90d --batch-size 5000
-  threadline purge --older-than 30d --table public.sessions
-  threadline coverage --expect public.orders,public.line_items
-  threadline coverage --schema public --json
-
-The DSN comes from --dsn, else THREADLINE_DSN, else DATABASE_URL.
-"""
 
 
 def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
@@ -72,7 +61,7 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
-@click.command(epilog=OPS_EXAMPLES)
+@click.command(epilog=examples("purge"))
 @click.option(
     "--older-than",
     "older_than",
@@ -162,7 +151,7 @@ def purge(
         click.echo("stopped at --max-batches: run the command again to continue")
 
 
-@click.command(epilog=OPS_EXAMPLES)
+@click.command(epilog=examples("coverage"))
 @click.option("--expect", metavar="T1,T2", help="Tables that must be covered: exit 1 if one is not.")
 @click.option(
     "--schema",

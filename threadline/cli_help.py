@@ -1,0 +1,61 @@
+"""The examples each command's ``--help`` ends with (the group's help shows them all)."""
+
+from __future__ import annotations
+
+DSN_NOTE = "The DSN comes from --dsn, else THREADLINE_DSN, else DATABASE_URL."
+TIME_NOTE = "Times are ISO 8601 (no offset means UTC) or relative: 90s, 30m, 2h, 1d, 2w ago."
+
+COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
+    "install": (
+        "threadline install --dsn postgresql://app@localhost/app",
+        "threadline install --app-role app_user",
+        "threadline install --print-sql > migrations/0001_threadline.sql",
+    ),
+    "track": (
+        "threadline track public.orders --mask card_number --exclude search_vector",
+        "threadline track line_items --keys order_id,line_no",
+        "threadline track public.orders --unmask card_number",
+        "threadline track public.orders --print-sql >> migrations/0002_track_orders.sql",
+    ),
+    "untrack": ("threadline untrack orders", "threadline untrack --prune"),
+    "sync": ("threadline sync", "threadline sync --check"),
+    "timeline": (
+        "threadline timeline --correlation-id req-1",
+        "threadline timeline --table orders --actor user:42 --since 2h",
+        "threadline timeline --table orders --after <cursor printed by the previous page>",
+    ),
+    "history": (
+        "threadline history orders 7",
+        "threadline history line_items order_id=7,line_no=2 --as-of 2024-05-01T12:00:00Z",
+    ),
+    "trace": ("threadline trace req-1", "threadline trace req-1 --max-changes 0"),
+    "export": (
+        "threadline export --format ndjson --since 1d --output changes.ndjson",
+        "threadline export --format ndjson --cursor-file orders.cursor >> orders.ndjson",
+    ),
+    "actions": ("threadline actions --actor admin:7 --since 7d",),
+    "purge": (
+        "threadline purge --older-than 90d --dry-run",
+        "threadline purge --older-than 90d --batch-size 5000",
+        "threadline purge --older-than 30d --table public.sessions",
+    ),
+    "coverage": (
+        "threadline coverage --expect public.orders,public.line_items",
+        "threadline coverage --schema public --json",
+    ),
+}
+
+_TIMED = {"timeline", "history", "export", "actions", "purge", "coverage"}
+
+
+def examples(*commands: str) -> str:
+    """The ``Examples:`` epilog of ``commands`` (click keeps the ``\\b`` paragraph as written)."""
+    lines = [f"  {line}" for name in commands for line in COMMAND_EXAMPLES[name]]
+    notes = [DSN_NOTE]
+    if _TIMED.intersection(commands):
+        notes.append(TIME_NOTE)
+    return "\n\b\nExamples:\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+ALL_EXAMPLES = examples(*COMMAND_EXAMPLES)
+"""The group's epilog: every command's examples."""
