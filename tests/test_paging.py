@@ -226,3 +226,19 @@ def test_async_timeline_and_export_resume_the_same_way(conn: Conn, dsn: str, ite
             assert json.loads(out.getvalue())["pk"] == {"id": 100}
 
     asyncio.run(main())
+
+
+def test_export_reads_one_snapshot_also_on_a_bridged_connection_under_a_context(
+    dsn: str, items: None
+) -> None:
+    # the export's own transaction starts with the context's SET LOCAL, then fixes its snapshot
+    _write(dsn, 1, 2)
+    with (
+        threadline.ThreadlineConnection.connect(dsn, autocommit=True) as conn,
+        threadline.context(actor="user:1", correlation_id="exporting"),
+    ):
+        first = threadline.export(conn, io.StringIO(), "csv", table="app.items")
+        _write(dsn, 3)
+        again = threadline.export(conn, io.StringIO(), "csv", table="app.items", after=first.cursor)
+        assert (first, again) == (2, 1)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

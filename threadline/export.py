@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
@@ -188,21 +188,30 @@ def check_format(format: str) -> str:
     return format
 
 
-def _statement(
-    format: str, filters: Filters, limit: int | None, schema: str, position: paging.Position
-) -> tuple[sql.Composed, dict[str, Any]]:
-    audit = sql.Identifier(schema)
-    params: dict[str, Any] = {}
-    names: tuple[str, ...]
+def _parts(format: str) -> tuple[sql.Composable, tuple[str, ...], sql.Composable]:
+    """The select list of ``format``, its column names, and the lateral join it reads from."""
     if format == "csv":
-        columns: sql.Composable = _select_list(format)
-        names, lateral = CSV_COLUMNS, sql.SQL("").format()
-    else:
-        # PostgreSQL writes each JSON object (keys in column order) and Python only moves text.
-        columns, names = sql.SQL("row_to_json(x)::text AS line"), ("line",)
-        lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format))
+        return _select_list(format), CSV_COLUMNS, sql.SQL("").format()
+    # PostgreSQL writes each JSON object (keys in column order) and Python only moves text.
+    lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format))
+    return sql.SQL("row_to_json(x)::text AS line"), ("line",), lateral
+
+
+def _statement(
+    format: str,
+    filters: Filters,
+    limit: int | None,
+    schema: str,
+    position: paging.Position,
+    *,
+    forward: bool = True,
+) -> tuple[sql.Composed, dict[str, Any]]:
+    """The page statement (late rows, rows in position order unless ``forward`` is false, the
+    closing row)."""
+    columns, names, lateral = _parts(format)
+    params: dict[str, Any] = {}
     statement = paging.page_statement(
-        audit,
+        sql.Identifier(schema),
         columns,
         names,
         partial(where_clause, filters),
@@ -212,6 +221,18 @@ def _statement(
         lateral,
         # without a limit only the last row's position is needed: it is read from its own columns
         forward_keys=limit is not None,
+        forward=forward,
+    )
+    return statement, params
+
+
+def _forward_statement(
+    format: str, filters: Filters, schema: str, position: paging.Position
+) -> tuple[sql.Composed, dict[str, Any]]:
+    columns, _, lateral = _parts(format)
+    params: dict[str, Any] = {}
+    statement = paging.forward_statement(
+        sql.Identifier(schema), columns, partial(where_clause, filters), position, params, lateral
     )
     return statement, params
 
@@ -220,12 +241,12 @@ _SKIP = len(paging.KEY_COLUMNS)
 _CSV_ID, _CSV_AT = _SKIP + CSV_COLUMNS.index("id"), _SKIP + CSV_COLUMNS.index("captured_at")
 
 
-def _csv_key(row: tuple[Any, ...]) -> tuple[datetime, int]:
-    return _parse_time(row[_CSV_AT]), int(row[_CSV_ID])
+def _csv_key(row: tuple[Any, ...], skip: int = _SKIP) -> tuple[datetime, int]:
+    return _parse_time(row[skip + _CSV_AT - _SKIP]), int(row[skip + _CSV_ID - _SKIP])
 
 
-def _json_key(row: tuple[Any, ...]) -> tuple[datetime, int]:
-    value = json.loads(row[_SKIP])
+def _json_key(row: tuple[Any, ...], skip: int = _SKIP) -> tuple[datetime, int]:
+    value = json.loads(row[skip])
     return _parse_time(value["captured_at"]), int(value["id"])
 
 
@@ -262,6 +283,13 @@ class _Writer:
             return
         take = self.reader.take
         self.rows([row[skip:] for row in batch if take(row[0], row[1], row[2], row[3], row[4])])
+
+    def forward_rows(self, batch: list[tuple[Any, ...]]) -> None:
+        """Write rows of :func:`paging.forward_statement` (no key columns), remembering the last."""
+        if batch:
+            key = _csv_key if self.format == "csv" else _json_key
+            self.reader.take_forward(len(batch), key(batch[-1], 0))
+        self.rows(batch)
 
     def result(self) -> ExportResult:
         """How many changes were written, and the cursor a later export resumes from."""
@@ -357,32 +385,60 @@ def export(
     )
     raw, _ = native(conn)
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
-    statement, params = _statement(format, filters, limit, schema, position)
     writer = _Writer(out, format, filters, paging.Reader(position, limit, _timestamp))
     writer.start()
     if server_cursor is None:
         server_cursor = not chunked_streaming()
+    if limit is None and raw.info.transaction_status == pq.TransactionStatus.IDLE:
+        # Two statements in one REPEATABLE READ snapshot: the late rows and the snapshot's
+        # in-progress list, then the rows in position order as a plain ordered scan (no key
+        # columns, no union to sort: as fast as an export without a cursor).
+        late, late_params = _statement(format, filters, None, schema, position, forward=False)
+        rest, rest_params = _forward_statement(format, filters, schema, position)
+        with raw.transaction():
+            raw.execute(paging.SAME_SNAPSHOT)
+            _stream(raw, late, late_params, batch_size, server_cursor, writer.page_rows)
+            _stream(raw, rest, rest_params, batch_size, server_cursor, writer.forward_rows)
+    else:
+        statement, params = _statement(format, filters, limit, schema, position)
+        if server_cursor:
+            with raw.transaction():
+                _stream(raw, statement, params, batch_size, True, writer.page_rows)
+        else:
+            _stream(raw, statement, params, batch_size, False, writer.page_rows)
+    writer.finish()
+    return writer.result()
+
+
+def _stream(
+    raw: psycopg.Connection[Any],
+    statement: sql.Composed,
+    params: dict[str, Any],
+    batch_size: int,
+    server_cursor: bool,
+    sink: Callable[[list[tuple[Any, ...]]], None],
+) -> None:
+    """Feed the rows of ``statement`` to ``sink`` ``batch_size`` at a time (a server-side cursor
+    needs the transaction the caller opened)."""
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
-        with raw.transaction(), raw.cursor(name=name, row_factory=tuple_row) as cur:
+        with raw.cursor(name=name, row_factory=tuple_row) as cur:
             cur.adapters.register_loader("timestamptz", _RawTimestamp)
             cur.execute(statement, params, binary=True)
             while batch := cur.fetchmany(batch_size):
-                writer.page_rows(batch)
-    else:
-        # psycopg's own cursor class: a connection may default to client-side binding (Django
-        # does), which cannot return binary results
-        with psycopg.Cursor(raw, row_factory=tuple_row) as cur:
-            cur.adapters.register_loader("timestamptz", _RawTimestamp)
-            rows: list[tuple[Any, ...]] = []
-            for row in cur.stream(statement, params, binary=True, size=batch_size):
-                rows.append(row)
-                if len(rows) >= batch_size:
-                    writer.page_rows(rows)
-                    rows = []
-            writer.page_rows(rows)
-    writer.finish()
-    return writer.result()
+                sink(batch)
+        return
+    # psycopg's own cursor class: a connection may default to client-side binding (Django does),
+    # which cannot return binary results
+    with psycopg.Cursor(raw, row_factory=tuple_row) as cur:
+        cur.adapters.register_loader("timestamptz", _RawTimestamp)
+        rows: list[tuple[Any, ...]] = []
+        for row in cur.stream(statement, params, binary=True, size=batch_size):
+            rows.append(row)
+            if len(rows) >= batch_size:
+                sink(rows)
+                rows = []
+        sink(rows)
 
 
 async def export_async(
@@ -417,27 +473,51 @@ async def export_async(
         ),
     )
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
-    statement, params = _statement(format, filters, limit, schema, position)
     writer = _Writer(out, format, filters, paging.Reader(position, limit, _timestamp))
     writer.start()
     if server_cursor is None:
         server_cursor = not chunked_streaming()
+    if limit is None and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        late, late_params = _statement(format, filters, None, schema, position, forward=False)
+        rest, rest_params = _forward_statement(format, filters, schema, position)
+        async with conn.transaction():
+            await conn.execute(paging.SAME_SNAPSHOT)
+            await _stream_async(conn, late, late_params, batch_size, server_cursor, writer.page_rows)
+            await _stream_async(conn, rest, rest_params, batch_size, server_cursor, writer.forward_rows)
+    else:
+        statement, params = _statement(format, filters, limit, schema, position)
+        if server_cursor:
+            async with conn.transaction():
+                await _stream_async(conn, statement, params, batch_size, True, writer.page_rows)
+        else:
+            await _stream_async(conn, statement, params, batch_size, False, writer.page_rows)
+    writer.finish()
+    return writer.result()
+
+
+async def _stream_async(
+    conn: psycopg.AsyncConnection[Any],
+    statement: sql.Composed,
+    params: dict[str, Any],
+    batch_size: int,
+    server_cursor: bool,
+    sink: Callable[[list[tuple[Any, ...]]], None],
+) -> None:
+    """Async twin of :func:`_stream`."""
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
-        async with conn.transaction(), conn.cursor(name=name, row_factory=tuple_row) as cur:
+        async with conn.cursor(name=name, row_factory=tuple_row) as cur:
             cur.adapters.register_loader("timestamptz", _RawTimestamp)
             await cur.execute(statement, params, binary=True)
             while batch := await cur.fetchmany(batch_size):
-                writer.page_rows(batch)
-    else:
-        async with conn.cursor(row_factory=tuple_row) as acur:
-            acur.adapters.register_loader("timestamptz", _RawTimestamp)
-            rows: list[tuple[Any, ...]] = []
-            async for row in acur.stream(statement, params, binary=True, size=batch_size):
-                rows.append(row)
-                if len(rows) >= batch_size:
-                    writer.page_rows(rows)
-                    rows = []
-            writer.page_rows(rows)
-    writer.finish()
-    return writer.result()
+                sink(batch)
+        return
+    async with conn.cursor(row_factory=tuple_row) as acur:
+        acur.adapters.register_loader("timestamptz", _RawTimestamp)
+        rows: list[tuple[Any, ...]] = []
+        async for row in acur.stream(statement, params, binary=True, size=batch_size):
+            rows.append(row)
+            if len(rows) >= batch_size:
+                sink(rows)
+                rows = []
+        sink(rows)

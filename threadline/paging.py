@@ -41,6 +41,7 @@ __all__ = [
     "KEY_COLUMNS",
     "LATE",
     "MAX_CURSOR_LENGTH",
+    "SAME_SNAPSHOT",
     "START",
     "Position",
     "Reader",
@@ -48,6 +49,7 @@ __all__ = [
     "Watched",
     "decode",
     "encode",
+    "forward_statement",
     "page_statement",
     "parse_snapshot",
 ]
@@ -177,6 +179,7 @@ def page_statement(
     lateral: sql.Composable = _NOTHING,
     *,
     forward_keys: bool = True,
+    forward: bool = True,
 ) -> sql.Composed:
     """One statement returning a page's late rows, then its rows in position order, then the
     closing row, each row led by :data:`KEY_COLUMNS` and followed by ``columns``.
@@ -185,7 +188,9 @@ def page_statement(
     aliases; ``where(params, extra)`` builds the filters' ``WHERE`` clause; each part reads at
     most ``limit + 1`` rows. Without ``forward_keys`` the rows in position order carry no
     ``k_at``/``k_id`` (the caller reads the last one's position from its own columns): a large
-    export then loads two values fewer per row.
+    export then loads two values fewer per row. Without ``forward`` the statement returns only
+    the late rows and the closing row: the rows in position order then come from
+    :func:`forward_statement`, run in the same snapshot (a ``REPEATABLE READ`` transaction).
     """
     # Each part is ordered (and cut) only when the page has a limit; otherwise the one sort of
     # the whole statement orders every row, and sorting each part first would do it twice.
@@ -246,35 +251,61 @@ def page_statement(
         sql.SQL("c.captured_at" if forward_keys else "NULL::timestamptz"),
         sql.SQL("c.id" if forward_keys else "NULL::bigint"),
     )
-    parts.append(
-        sql.SQL(
-            "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, {k_at} AS k_at,"
-            " {k_id} AS k_id, NULL::text AS k_xip, c.captured_at AS s_at, c.id AS s_id, {columns}"
-            " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
-            "{lateral}{where}{cap})"
-        ).format(
-            k_at=keys[0],
-            k_id=keys[1],
-            columns=columns,
-            audit=audit,
-            lateral=lateral,
-            where=where(params, extra),
-            cap=forward_cap,
+    if forward:
+        parts.append(
+            sql.SQL(
+                "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, {k_at} AS k_at,"
+                " {k_id} AS k_id, NULL::text AS k_xip, c.captured_at AS s_at, c.id AS s_id, {columns}"
+                " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
+                "{lateral}{where}{cap})"
+            ).format(
+                k_at=keys[0],
+                k_id=keys[1],
+                columns=columns,
+                audit=audit,
+                lateral=lateral,
+                where=where(params, extra),
+                cap=forward_cap,
+            )
         )
-    )
     parts.append(
         sql.SQL(
-            "(SELECT 2, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::bigint,"
+            "(SELECT 2 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, NULL::timestamptz AS k_at,"
+            " NULL::bigint AS k_id,"
             " (SELECT pg_snapshot_xmax(q.s)::text || ':' || coalesce((SELECT string_agg(x::text, ',')"
-            " FROM pg_snapshot_xip(q.s) AS x), '') FROM (SELECT pg_current_snapshot() AS s) AS q),"
-            " NULL::timestamptz, NULL::bigint{nulls})"
-        ).format(nulls=sql.SQL(", NULL") * len(names))
+            " FROM pg_snapshot_xip(q.s) AS x), '') FROM (SELECT pg_current_snapshot() AS s) AS q) AS k_xip,"
+            " NULL::timestamptz AS s_at, NULL::bigint AS s_id{nulls})"
+        ).format(nulls=sql.SQL("").join(sql.SQL(", NULL AS {}").format(sql.Identifier(n)) for n in names))
     )
     shown = sql.SQL(", ").join(sql.Identifier("page", n) for n in (*KEY_COLUMNS, *names))
     # the sort keys s_at and s_id stay in the server
     return sql.SQL(
         "SELECT {} FROM ({}) AS page ORDER BY page.phase, page.k_xid, page.k_tid, page.s_at, page.s_id"
     ).format(shown, sql.SQL(" UNION ALL ").join(parts))
+
+
+def forward_statement(
+    audit: sql.Identifier,
+    columns: sql.Composable,
+    where: Any,
+    position: Position,
+    params: dict[str, Any],
+    lateral: sql.Composable = _NOTHING,
+) -> sql.Composed:
+    """The rows after ``position`` in position order, with ``columns`` only: the second statement
+    of a page read in one ``REPEATABLE READ`` snapshot (see :func:`page_statement`)."""
+    extra: list[sql.Composable] = []
+    if position.at is not None:
+        params["f_at"], params["f_id"] = position.at, position.id
+        extra.append(sql.SQL("c.captured_at >= %(f_at)s AND (c.captured_at, c.id) > (%(f_at)s, %(f_id)s)"))
+    return sql.SQL(
+        "SELECT {columns} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
+        "{lateral}{where} ORDER BY c.captured_at, c.id"
+    ).format(columns=columns, audit=audit, lateral=lateral, where=where(params, extra))
+
+
+SAME_SNAPSHOT = sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+"""Run first in a new transaction: every statement of it then reads the same snapshot."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +365,15 @@ class Reader:
         self._forward_fetched += n_forward - (forward is not None)
         self._forward_taken += n_forward - (forward is not None)
         self.taken += len(rows) - counted
+
+    def take_forward(self, count: int, last: tuple[Any, int] | None) -> None:
+        """Account for ``count`` rows in position order read by :func:`forward_statement` (all
+        part of the page, which has no limit); ``last`` is the last one's position."""
+        self._forward_fetched += count
+        self._forward_taken += count
+        self.taken += count
+        if last is not None:
+            self._last_forward = last
 
     def _count(self, row: tuple[Any, ...]) -> None:
         self.take(row[0], row[1], row[2], row[3], row[4])
