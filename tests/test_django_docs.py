@@ -100,8 +100,13 @@ order = Order.objects.create(customer="bob", total="9.50", card_number="41111111
 response = client.post(f"/admin/orders/order/{order.pk}/change/", {
     "customer": "bob", "total": "12.00", "card_number": "4111111111111111", "status": "paid"})
 page = client.get(f"/admin/orders/order/{order.pk}/audit-trail/")
+import threadline
+from django.db import transaction
+with threadline.context(actor="user:1", correlation_id="bulk-1"), transaction.atomic():
+    Order.objects.bulk_create([Order(customer=f"c{i}", total="1.00") for i in range(25)])
+bulk = client.get("/admin/threadline/audittrail/trace/bulk-1/").content.decode()
 print(json.dumps({"user": user.pk, "status": response.status_code, "page": page.content.decode(),
-                  "correlation": response.headers.get("X-Correlation-ID")}))
+                  "correlation": response.headers.get("X-Correlation-ID"), "bulk": bulk}))
 """
     res = manage(project, "shell", "-c", script)
     assert res.returncode == 0, res.stderr
@@ -111,5 +116,8 @@ print(json.dumps({"user": user.pk, "status": response.status_code, "page": page.
     assert page.count('class="threadline-change threadline-') == 2  # the shell's insert, the admin's update
     assert f"user:{out['user']}" in page and "4111111111111111" not in page
     assert "<td>cli</td>" in page  # the shell's own write: origin cli
+    bulk = out["bulk"]
+    assert bulk.count('class="threadline-change"') == 20
+    assert "25 changes in this transaction, the first 20 shown" in bulk
     trace = manage(project, "threadline", "trace", out["correlation"])
     assert trace.returncode == 0 and "update public.orders_order" in trace.stdout, trace.stdout

@@ -50,9 +50,14 @@ def _trace_url(correlation_id: str | None) -> str | None:
 
 
 class AuditHistoryMixin:
-    """``ModelAdmin`` mixin: each object's audit trail, linked from its change page."""
+    """``ModelAdmin`` mixin: each object's audit trail, linked from its change page.
+
+    The page lists the newest ``threadline_history_limit`` changes (default 200) and says when
+    there are older ones (``manage.py threadline history`` lists them all).
+    """
 
     change_form_template = "threadline/admin/change_form.html"
+    threadline_history_limit = 200
 
     def get_urls(self) -> list[Any]:
         """The object's ``audit-trail/`` page before the admin's own URLs."""
@@ -78,7 +83,10 @@ class AuditHistoryMixin:
         if not (allowed and _may_view(request)):
             raise PermissionDenied
         conn = connections[router.db_for_read(model, instance=obj)]
-        changes = history(conn, model._meta.db_table, obj.pk, schema=_audit_schema())
+        limit = self.threadline_history_limit
+        changes = history(conn, model._meta.db_table, obj.pk, limit=limit + 1, schema=_audit_schema())
+        older = len(changes) > limit
+        changes = changes[:limit]
         rows = []
         for change in changes:
             tx = change.transaction
@@ -102,12 +110,17 @@ class AuditHistoryMixin:
             "object": obj,
             "rows": rows,
             "table": model._meta.db_table,
+            "older": older,
+            "limit": limit,
         }
         return TemplateResponse(request, "threadline/admin/object_history.html", context)
 
 
 class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """The admin index's "Audit trail": find one correlation id's trace."""
+    """The admin index's "Audit trail": find one correlation id's trace (at most
+    ``threadline_max_changes`` changes listed per transaction)."""
+
+    threadline_max_changes = 20
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Only with ``threadline.view_audit_trail``."""
@@ -157,11 +170,14 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if using not in connections:
             raise Http404(f"no database {using!r}")
         found = trace(connections[using], correlation_id, schema=_audit_schema())
+        # a story of thousands of changes stays a readable page: the first of each transaction
+        # are listed, the count of the rest is shown
         context = {
             **self.admin_site.each_context(request),
             "title": f"Trace of {correlation_id}",
             "opts": self.model._meta,
             "trace": found,
             "correlation_id": correlation_id,
+            "max_changes": self.threadline_max_changes,
         }
         return TemplateResponse(request, "threadline/admin/trace.html", context)

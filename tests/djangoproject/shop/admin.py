@@ -11,3 +11,4 @@ from threadline.django.admin import AuditHistoryMixin
 @admin.register(Purchase)
 class PurchaseAdmin(AuditHistoryMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ("id", "name")
+    threadline_history_limit = 1  # so the test sees the note about older changes
