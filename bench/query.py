@@ -219,24 +219,24 @@ def _calls(
     s = size.schema
 
     def timeline(i: int) -> int:
-        return len(threadline.timeline(conn, correlation_id=corr[i], schema=s))
+        return len(threadline.timeline(conn, correlation_id=corr[i], audit_schema=s))
 
     def history(i: int) -> int:
-        return len(threadline.history(conn, rows[i][0], rows[i][1], schema=s))
+        return len(threadline.history(conn, rows[i][0], rows[i][1], audit_schema=s))
 
     def as_of(i: int) -> int:
         try:
-            threadline.as_of(conn, rows[i][0], rows[i][1], times[i], schema=s)
+            threadline.as_of(conn, rows[i][0], rows[i][1], times[i], audit_schema=s)
         except AsOfError:
             return 0
         return 1
 
     def actor_history(i: int) -> int:
         actor, since, until = actor_windows[i]
-        return len(threadline.actor_history(conn, actor, since, until, schema=s))
+        return len(threadline.actor_history(conn, actor, since, until, audit_schema=s))
 
     def table_timeline(i: int) -> int:
-        return len(threadline.timeline(conn, table=rows[i][0], schema=s))
+        return len(threadline.timeline(conn, table=rows[i][0], audit_schema=s))
 
     return {
         "timeline(correlation_id)": timeline,
@@ -266,7 +266,7 @@ import threadline
 dsn, schema, fmt, how = sys.argv[1:5]
 with psycopg.connect(dsn, autocommit=True) as conn, open(os.devnull, "w") as out:
     start = time.perf_counter()
-    rows = threadline.export(conn, out, fmt, schema=schema, server_cursor=how == "cursor" or None)
+    rows = threadline.export(conn, out, fmt, audit_schema=schema, server_cursor=how == "cursor" or None)
     seconds = time.perf_counter() - start
 peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(rows, seconds, int(peak) * 1024)

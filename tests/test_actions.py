@@ -139,7 +139,7 @@ def test_bad_actions_are_refused_before_writing(conn: Conn) -> None:
         ({"name": "ok", "meta": {"when": object()}}, "meta"),
         ({"name": "ok", "meta": ["not", "a", "mapping"]}, "meta"),
         ({"name": "ok", "actor": "nobody"}, "actor"),
-        ({"name": "ok", "schema": "Bad Name"}, "not allowed"),
+        ({"name": "ok", "audit_schema": "Bad Name"}, "not allowed"),
     ]
     for kwargs, message in cases:
         with pytest.raises(InvalidAction, match=message):
@@ -223,8 +223,10 @@ def test_an_audit_schema_without_link_action_is_reported(conn: Conn) -> None:
     threadline.ddl.install(conn, "audit_old")
     try:
         conn.execute("DROP FUNCTION audit_old.link_action(bigint)")
-        assert threadline.record_action(conn, "unlinked", schema="audit_old").name == "unlinked"  # autocommit
+        assert (
+            threadline.record_action(conn, "unlinked", audit_schema="audit_old").name == "unlinked"
+        )  # autocommit
         with pytest.raises(SchemaError, match="threadline install"), conn.transaction():
-            threadline.record_action(conn, "linked", schema="audit_old")
+            threadline.record_action(conn, "linked", audit_schema="audit_old")
     finally:
         conn.execute("DROP SCHEMA audit_old CASCADE")

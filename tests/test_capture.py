@@ -370,7 +370,7 @@ def test_hostile_identifiers_mixed_case_and_other_schemas(conn: Conn) -> None:
         '"it\'s" text, "CamelCol" int)'
     )
     try:
-        plan = ddl.track(conn, 'we"ird; drop', schema="Odd Schema", mask=["it's"])
+        plan = ddl.track(conn, 'we"ird; drop', table_schema="Odd Schema", mask=["it's"])
         statement = ddl.track_sql('"Odd Schema"."we""ird; drop"', mask=["it's"])
         assert conn.execute(statement).fetchone()[2] == "unchanged"  # type: ignore[index]
         (generated,) = conn.execute(

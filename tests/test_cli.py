@@ -36,7 +36,7 @@ def test_version_and_help_with_examples() -> None:
 
 
 def test_print_sql_needs_no_database_and_is_idempotent(conn: psycopg.Connection[Any]) -> None:
-    res = run("install", "--print-sql", "--schema", "audit_cli")
+    res = run("install", "--print-sql", "--audit-schema", "audit_cli")
     assert res.returncode == 0 and 'CREATE SCHEMA IF NOT EXISTS "audit_cli"' in res.stdout
     try:
         conn.execute(res.stdout.encode())
@@ -77,7 +77,7 @@ def test_bad_arguments_exit_2_with_one_line(dsn: str, conn: psycopg.Connection[A
         ("install",),  # no DSN anywhere
         ("track", "app.missing", "--dsn", dsn),
         ("track", "app.nokey", "--dsn", dsn),
-        ("install", "--schema", "Bad Name", "--dsn", dsn),
+        ("install", "--audit-schema", "Bad Name", "--dsn", dsn),
         ("track", "--dsn", dsn),
         ("frobnicate",),
     ):

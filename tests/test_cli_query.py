@@ -199,7 +199,7 @@ def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:
         ("timeline", "--table", "app.nope", "--dsn", dsn),
         ("timeline", "--after", "garbage", "--dsn", dsn),
         ("timeline", "--since", "2024-02-01", "--until", "2024-01-01", "--dsn", dsn),
-        ("timeline", "--schema", "Bad Name", "--dsn", dsn),
+        ("timeline", "--audit-schema", "Bad Name", "--dsn", dsn),
         ("history", "app.posts", "{not json", "--dsn", dsn),
         ("history", "app.posts", "abc", "--dsn", dsn),
         ("history", "app.line_items", "7", "--dsn", dsn),
@@ -218,7 +218,7 @@ def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:
 
 
 def test_database_problems_exit_1(story: Story, conn: psycopg.Connection[Any]) -> None:
-    res = run("timeline", "--schema", "not_installed", "--dsn", story.dsn)
+    res = run("timeline", "--audit-schema", "not_installed", "--dsn", story.dsn)
     assert res.returncode == 1 and "is not installed" in res.stderr
     res = run("trace", "x", "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
     assert res.returncode == 1 and res.stderr.startswith("Error: ") and "Hint:" in res.stderr

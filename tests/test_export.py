@@ -165,7 +165,13 @@ def test_export_inside_an_open_transaction(conn: Conn, posts: str) -> None:
 
 
 def test_bad_export_arguments(conn: Conn, story: Story) -> None:
-    for kwargs in ({"format": "xml"}, {"limit": 0}, {"batch_size": 0}, {"schema": "Bad Name"}, {"op": "x"}):
+    for kwargs in (
+        {"format": "xml"},
+        {"limit": 0},
+        {"batch_size": 0},
+        {"audit_schema": "Bad Name"},
+        {"op": "x"},
+    ):
         with pytest.raises(InvalidFilter):
             threadline.export(conn, io.StringIO(), **kwargs)
     with pytest.raises(TableNotFound):

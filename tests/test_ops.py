@@ -189,7 +189,7 @@ def test_context_coverage_per_origin_and_task(conn: psycopg.Connection[Any], pos
 
 def test_coverage_cli_is_a_ci_gate(dsn: str, conn: psycopg.Connection[Any], posts: str) -> None:
     conn.execute("CREATE TABLE app.plain (id int PRIMARY KEY)")
-    res = run("coverage", "--expect", "app.posts", "--schema", "app", "--dsn", dsn)
+    res = run("coverage", "--expect", "app.posts", "--table-schema", "app", "--dsn", dsn)
     assert res.returncode == 0, res.stderr
     assert "app.posts  installed" in res.stdout and "app.plain" not in res.stdout
     res = run("coverage", "--expect", "app.posts,app.plain", "--json", "--dsn", dsn)

@@ -140,7 +140,7 @@ def test_timeline_rejects_bad_filters_before_reading(conn: Conn, story: Story) -
         ({"correlation_id": ""}, InvalidFilter, "empty"),
         ({"table": "app.nothing_here"}, TableNotFound, "does not exist"),
         ({"table": "a.b.c"}, TableNotFound, "schema"),
-        ({"schema": "Bad Name"}, InvalidFilter, "not allowed"),
+        ({"audit_schema": "Bad Name"}, InvalidFilter, "not allowed"),
     ]
     for filters, error, message in cases:
         with pytest.raises(error, match=message):
@@ -473,13 +473,15 @@ def test_queries_read_another_audit_schema(conn: Conn) -> None:
         threadline.ddl.track(conn, "app.t", audit_schema="audit_q")
         with threadline.context(correlation_id="q-1"), threadline.transaction(conn):
             conn.execute("INSERT INTO app.t VALUES (1, 'x')")
-        assert [c.op for c in threadline.timeline(conn, correlation_id="q-1", schema="audit_q")] == ["insert"]
+        assert [c.op for c in threadline.timeline(conn, correlation_id="q-1", audit_schema="audit_q")] == [
+            "insert"
+        ]
         assert threadline.timeline(conn, correlation_id="q-1") == threadline.timeline(
             conn, correlation_id="q-1"
         )
         assert len(threadline.timeline(conn, correlation_id="q-1")) == 0
-        assert len(threadline.history(conn, "app.t", 1, schema="audit_q")) == 1
-        assert threadline.trace(conn, "q-1", schema="audit_q").change_count == 1
+        assert len(threadline.history(conn, "app.t", 1, audit_schema="audit_q")) == 1
+        assert threadline.trace(conn, "q-1", audit_schema="audit_q").change_count == 1
     finally:
         conn.execute("DROP TABLE IF EXISTS app.t")
         conn.execute("DROP SCHEMA audit_q CASCADE")

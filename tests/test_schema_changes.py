@@ -543,7 +543,7 @@ def test_cli_track_sync_untrack_with_a_hostile_name(env: Env) -> None:
         assert check.returncode == 0
     else:
         assert check.returncode == 1 and "outdated" in check.stdout
-        cov = _cli("coverage", "--schema", schema, dsn=dsn)
+        cov = _cli("coverage", "--table-schema", schema, dsn=dsn)
         assert cov.returncode == 1 and "run: threadline track" in cov.stdout
         assert "regenerated" in _cli("sync", dsn=dsn).stdout
         assert _cli("sync", "--check", dsn=dsn).returncode == 0
@@ -686,7 +686,7 @@ def test_shown_names_are_quoted_so_they_are_never_ambiguous(env: Env) -> None:
     shown = f'"{schema}"."Or.ders"'
     (cov,) = [t for t in health.trigger_coverage(conn, schemas=[schema])]
     assert cov.name == shown
-    res = _cli("coverage", "--schema", schema, dsn=conn.info.dsn)
+    res = _cli("coverage", "--table-schema", schema, dsn=conn.info.dsn)
     assert shown in res.stdout
     res = _cli("track", shown, dsn=conn.info.dsn)
     assert res.returncode == 0 and shown in res.stdout

@@ -75,9 +75,9 @@ def _long(name: str, value: str | None) -> str | None:
     return value
 
 
-def _audit(schema: str) -> sql.Identifier:
+def _audit(audit_schema: str) -> sql.Identifier:
     try:
-        return sql.Identifier(check_schema_name(schema))
+        return sql.Identifier(check_schema_name(audit_schema))
     except SchemaError as exc:
         raise InvalidAction(str(exc)) from exc
 
@@ -93,9 +93,9 @@ def _record_plan(
     comment: str | None,
     meta: Mapping[str, Any] | None,
     actor: ActorRef | str | Mapping[str, Any] | None,
-    schema: str,
+    audit_schema: str,
 ) -> Plan[Action]:
-    audit = _audit(schema)
+    audit = _audit(audit_schema)
     ctx = current()
     try:
         who = codec.check_actor(actor) if actor is not None else ctx.actor
@@ -133,11 +133,11 @@ def _record_plan(
             sql.SQL(
                 "SELECT to_regprocedure(format('%%I.link_action(bigint)', %(schema)s::text)) IS NOT NULL AS ok"
             ),
-            {"schema": schema},
+            {"schema": audit_schema},
         )
         if not rows[0]["ok"]:
             raise SchemaError(
-                f"audit schema {schema!r} predates linked actions: run `threadline install` to upgrade it"
+                f"audit schema {audit_schema!r} predates linked actions: run `threadline install` to upgrade it"
             )
     # link_action() (run as the schema's owner, so a least-privileged application role may call
     # it) links the current transaction's row, creating it if no audited write came yet: the
@@ -174,7 +174,7 @@ def record_action(
     comment: str | None = None,
     meta: Mapping[str, Any] | None = None,
     actor: ActorRef | str | Mapping[str, Any] | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> Action:
     """Record a semantic event ("order.refund" by admin:7 because "damaged in transit").
 
@@ -185,11 +185,13 @@ def record_action(
     """
     raw, _ = native(conn)
     link = _links(raw)
-    verified = schema in _verified.get(raw, ())
-    plan = _record_plan(link, verified, name, status, verb, category, reason, comment, meta, actor, schema)
+    verified = audit_schema in _verified.get(raw, ())
+    plan = _record_plan(
+        link, verified, name, status, verb, category, reason, comment, meta, actor, audit_schema
+    )
     action = run(conn, plan)
     if link:
-        _verified.setdefault(raw, set()).add(schema)
+        _verified.setdefault(raw, set()).add(audit_schema)
     return action
 
 
@@ -204,15 +206,17 @@ async def record_action_async(
     comment: str | None = None,
     meta: Mapping[str, Any] | None = None,
     actor: ActorRef | str | Mapping[str, Any] | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> Action:
     """Async twin of :func:`record_action`."""
     link = _links(conn)
-    verified = schema in _verified.get(conn, ())
-    plan = _record_plan(link, verified, name, status, verb, category, reason, comment, meta, actor, schema)
+    verified = audit_schema in _verified.get(conn, ())
+    plan = _record_plan(
+        link, verified, name, status, verb, category, reason, comment, meta, actor, audit_schema
+    )
     action = await run_async(conn, plan)
     if link:
-        _verified.setdefault(conn, set()).add(schema)
+        _verified.setdefault(conn, set()).add(audit_schema)
     return action
 
 
@@ -223,10 +227,10 @@ def _list_plan(
     since: datetime | None,
     until: datetime | None,
     limit: int,
-    schema: str,
+    audit_schema: str,
 ) -> Plan[list[Action]]:
     try:
-        audit = sql.Identifier(check_schema_name(schema))
+        audit = sql.Identifier(check_schema_name(audit_schema))
     except SchemaError as exc:
         raise InvalidFilter(str(exc)) from exc
     correlation_id = check_text_filter("correlation_id", correlation_id)
@@ -275,11 +279,11 @@ def list_actions(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int = 100,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[Action]:
     """Recorded actions, oldest first, filtered like :func:`threadline.timeline`:
     "which refunds did admin:7 issue this week?"."""
-    return run(conn, _list_plan(correlation_id, actor, name, since, until, limit, schema))
+    return run(conn, _list_plan(correlation_id, actor, name, since, until, limit, audit_schema))
 
 
 async def list_actions_async(
@@ -291,7 +295,7 @@ async def list_actions_async(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int = 100,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[Action]:
     """Async twin of :func:`list_actions`."""
-    return await run_async(conn, _list_plan(correlation_id, actor, name, since, until, limit, schema))
+    return await run_async(conn, _list_plan(correlation_id, actor, name, since, until, limit, audit_schema))

@@ -17,10 +17,10 @@ import psycopg
 from threadline import __version__, query
 from threadline.actions import list_actions
 from threadline.actor import ActorRef
-from threadline.cli_help import ALL_EXAMPLES, examples
+from threadline.cli_help import ALL_EXAMPLES, audit_schema_option, examples
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
-from threadline.ddl.names import DEFAULT_SCHEMA, qualified_name
+from threadline.ddl.names import qualified_name
 from threadline.diff import diff
 from threadline.errors import AsOfError, InvalidActor, QueryError, SchemaError, ThreadlineError, TrackingError
 from threadline.export import FORMATS
@@ -37,16 +37,6 @@ def _dsn_option(func: F) -> F:
         "--dsn",
         metavar="DSN",
         help="PostgreSQL connection string (default: $THREADLINE_DSN, then $DATABASE_URL).",
-    )(func)
-
-
-def _schema_option(func: F) -> F:
-    return click.option(
-        "--schema",
-        "audit_schema",
-        default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
-        show_default="threadline, or $THREADLINE_SCHEMA",
-        help="Name of the audit schema.",
     )(func)
 
 
@@ -115,7 +105,7 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
 
 @cli.command(epilog=examples("install"))
 @_dsn_option
-@_schema_option
+@audit_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it (no database needed).")
 @click.option("--app-role", metavar="ROLE", help="Let ROLE read the audit tables but never write them.")
 @click.option(
@@ -174,7 +164,7 @@ def install(
     help="Refuse a column whose name looks secret and is neither masked nor excluded.",
 )
 @_dsn_option
-@_schema_option
+@audit_schema_option
 @click.option(
     "--print-sql",
     is_flag=True,
@@ -256,7 +246,7 @@ def _print_track(result: triggers.TrackResult) -> None:
 @click.argument("tables", nargs=-1, metavar="[SCHEMA.]TABLE...")
 @click.option("--prune", is_flag=True, help="Also remove capture code whose table or registry row is gone.")
 @_dsn_option
-@_schema_option
+@audit_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the SQL-API statement for a migration instead.")
 def untrack(
     tables: tuple[str, ...], prune: bool, dsn: str | None, audit_schema: str, print_sql: bool
@@ -297,7 +287,7 @@ def _sync_name(action: triggers.SyncAction) -> str:
 @click.option("--no-prune", is_flag=True, help="Keep capture code whose table or registry row is gone.")
 @click.option("--check", is_flag=True, help="Change nothing: exit 1 if any table needs a sync.")
 @_dsn_option
-@_schema_option
+@audit_schema_option
 def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> None:
     """Bring every tracked table to its stored configuration (after renames and column changes,
     or an upgrade) and remove capture code whose table is gone."""
@@ -453,7 +443,7 @@ def _echo_json(value: Any) -> None:
 @click.option("--after", metavar="CURSOR", help="Continue after the page that printed this cursor.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_dsn_option
-@_schema_option
+@audit_schema_option
 def timeline(
     correlation_id: str | None,
     table: str | None,
@@ -479,7 +469,7 @@ def timeline(
             until=until,
             limit=limit,
             after=after,
-            schema=audit_schema,
+            audit_schema=audit_schema,
         )
     if as_json:
         _echo_json(
@@ -547,7 +537,7 @@ def _history_lines(change: Change) -> list[str]:
 @click.option("--limit", type=click.IntRange(1), help="Only the newest N changes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
-@_schema_option
+@audit_schema_option
 def history(
     table: str,
     pk: str,
@@ -562,7 +552,7 @@ def history(
     with _reader(dsn, audit_schema) as conn:
         if as_of is not None:
             try:
-                row = query.as_of(conn, table, key, as_of, schema=audit_schema)
+                row = query.as_of(conn, table, key, as_of, audit_schema=audit_schema)
             except AsOfError as exc:
                 if as_json:
                     _echo_json({"row": None, "reason": str(exc)})
@@ -575,7 +565,7 @@ def history(
                 width = max((len(k) for k in row), default=0)
                 click.echo("\n".join(f"{k.ljust(width)}  {_value(v, 100)}" for k, v in row.items()))
             return
-        changes = query.history(conn, table, key, limit=limit, schema=audit_schema)
+        changes = query.history(conn, table, key, limit=limit, audit_schema=audit_schema)
     if as_json:
         _echo_json([c.to_dict() for c in changes])
         return
@@ -596,11 +586,11 @@ def history(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
 @_dsn_option
-@_schema_option
+@audit_schema_option
 def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None, audit_schema: str) -> None:
     """The story of one request: request → tasks → transactions → changes."""
     with _reader(dsn, audit_schema) as conn:
-        found = query.trace(conn, correlation_id, schema=audit_schema)
+        found = query.trace(conn, correlation_id, audit_schema=audit_schema)
     if as_json:
         _echo_json(found.to_dict())
     elif found.empty:
@@ -626,7 +616,7 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
     help="Resume from the cursor in PATH (if it exists) and save the new one there after a successful export.",
 )
 @_dsn_option
-@_schema_option
+@audit_schema_option
 def export(
     correlation_id: str | None,
     table: str | None,
@@ -661,7 +651,7 @@ def export(
             "since": since,
             "until": until,
             "limit": limit,
-            "schema": audit_schema,
+            "audit_schema": audit_schema,
             "after": after,
         }
         if output == "-":
@@ -723,7 +713,7 @@ def _write_cursor_file(path: str, cursor: str) -> None:
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_dsn_option
-@_schema_option
+@audit_schema_option
 def actions(
     correlation_id: str | None,
     actor: ActorRef | None,
@@ -745,7 +735,7 @@ def actions(
             since=since,
             until=until,
             limit=limit,
-            schema=audit_schema,
+            audit_schema=audit_schema,
         )
     if as_json:
         _echo_json([a.to_dict() for a in found])

@@ -1,6 +1,29 @@
-"""The examples each command's ``--help`` ends with (the group's help shows them all)."""
+"""What the commands share: the examples each command's ``--help`` ends with (the group's help
+shows them all), and the ``--audit-schema`` option."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from threadline.ddl.names import DEFAULT_SCHEMA
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def audit_schema_option(func: F) -> F:
+    """``--audit-schema NAME`` (default ``threadline``, or ``$THREADLINE_AUDIT_SCHEMA``)."""
+    return click.option(
+        "--audit-schema",
+        "audit_schema",
+        default=lambda: os.environ.get("THREADLINE_AUDIT_SCHEMA", DEFAULT_SCHEMA),
+        show_default="threadline, or $THREADLINE_AUDIT_SCHEMA",
+        help="Name of the audit schema.",
+    )(func)
+
 
 DSN_NOTE = "The DSN comes from --dsn, else THREADLINE_DSN, else DATABASE_URL."
 TIME_NOTE = "Times are ISO 8601 (no offset means UTC) or relative: 90s, 30m, 2h, 1d, 2w ago."
@@ -41,7 +64,7 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "coverage": (
         "threadline coverage --expect public.orders,public.line_items",
-        "threadline coverage --schema public --json",
+        "threadline coverage --table-schema public --json",
     ),
 }
 

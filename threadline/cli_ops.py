@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -16,9 +15,8 @@ from typing import Any
 import click
 
 from threadline import health, retention
-from threadline.cli_help import examples
+from threadline.cli_help import audit_schema_option, examples
 from threadline.ddl import schema as ddl_schema
-from threadline.ddl.names import DEFAULT_SCHEMA
 from threadline.errors import CoverageError, RetentionError, SchemaError
 
 
@@ -92,13 +90,7 @@ def _percent(part: int, whole: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each batch to stderr.")
 @_dsn_option
-@click.option(
-    "--schema",
-    "audit_schema",
-    default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
-    show_default="threadline, or $THREADLINE_SCHEMA",
-    help="Name of the audit schema.",
-)
+@audit_schema_option
 def purge(
     older_than: timedelta,
     batch_size: int,
@@ -127,7 +119,7 @@ def purge(
                 batch_size=batch_size,
                 dry_run=dry_run,
                 table=table,
-                schema=audit_schema,
+                audit_schema=audit_schema,
                 max_batches=max_batches,
                 pause=pause,
             )
@@ -154,11 +146,11 @@ def purge(
 @click.command(epilog=examples("coverage"))
 @click.option("--expect", metavar="T1,T2", help="Tables that must be covered: exit 1 if one is not.")
 @click.option(
-    "--schema",
+    "--table-schema",
     "schemas",
     metavar="SCHEMA",
     multiple=True,
-    help="Only report tables of this schema (repeatable).",
+    help="Only report the tables of this schema (repeatable).",
 )
 @click.option(
     "--since",
@@ -171,13 +163,7 @@ def purge(
 @click.option("--all", "show_all", is_flag=True, help="List untracked tables too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_dsn_option
-@click.option(
-    "--audit-schema",
-    "audit_schema",
-    default=lambda: os.environ.get("THREADLINE_SCHEMA", DEFAULT_SCHEMA),
-    show_default="threadline, or $THREADLINE_SCHEMA",
-    help="Name of the audit schema.",
-)
+@audit_schema_option
 def coverage(
     expect: str | None,
     schemas: tuple[str, ...],

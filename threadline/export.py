@@ -201,7 +201,7 @@ def _statement(
     format: str,
     filters: Filters,
     limit: int | None,
-    schema: str,
+    audit_schema: str,
     position: paging.Position,
     *,
     forward: bool = True,
@@ -211,7 +211,7 @@ def _statement(
     columns, names, lateral = _parts(format)
     params: dict[str, Any] = {}
     statement = paging.page_statement(
-        sql.Identifier(schema),
+        sql.Identifier(audit_schema),
         columns,
         names,
         partial(where_clause, filters),
@@ -227,12 +227,12 @@ def _statement(
 
 
 def _forward_statement(
-    format: str, filters: Filters, schema: str, position: paging.Position
+    format: str, filters: Filters, audit_schema: str, position: paging.Position
 ) -> tuple[sql.Composed, dict[str, Any]]:
     columns, _, lateral = _parts(format)
     params: dict[str, Any] = {}
     statement = paging.forward_statement(
-        sql.Identifier(schema), columns, partial(where_clause, filters), position, params, lateral
+        sql.Identifier(audit_schema), columns, partial(where_clause, filters), position, params, lateral
     )
     return statement, params
 
@@ -329,13 +329,13 @@ class _Writer:
             self.out.write(("\n" if self.count else "") + "]}\n")
 
 
-def _check(format: str, limit: int | None, schema: str, batch_size: int) -> None:
+def _check(format: str, limit: int | None, audit_schema: str, batch_size: int) -> None:
     check_format(format)
     check_limit(limit, maximum=None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidFilter(f"batch_size must be a positive integer, got {batch_size!r}")
     try:
-        check_schema_name(schema)
+        check_schema_name(audit_schema)
     except SchemaError as exc:
         raise InvalidFilter(str(exc)) from exc
 
@@ -352,7 +352,7 @@ def export(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
     batch_size: int = BATCH_SIZE,
     server_cursor: bool | None = None,
     after: str | None = None,
@@ -370,7 +370,7 @@ def export(
     workers); with an older libpq, or with ``server_cursor=True``, through a server-side cursor in
     its own transaction (a savepoint if one is open).
     """
-    _check(format, limit, schema, batch_size)
+    _check(format, limit, audit_schema, batch_size)
     filters = run(
         conn,
         filters_plan(
@@ -380,7 +380,7 @@ def export(
             op=op,
             since=since,
             until=until,
-            schema=schema,
+            audit_schema=audit_schema,
         ),
     )
     raw, _ = native(conn)
@@ -393,14 +393,14 @@ def export(
         # Two statements in one REPEATABLE READ snapshot: the late rows and the snapshot's
         # in-progress list, then the rows in position order as a plain ordered scan (no key
         # columns, no union to sort: as fast as an export without a cursor).
-        late, late_params = _statement(format, filters, None, schema, position, forward=False)
-        rest, rest_params = _forward_statement(format, filters, schema, position)
+        late, late_params = _statement(format, filters, None, audit_schema, position, forward=False)
+        rest, rest_params = _forward_statement(format, filters, audit_schema, position)
         with raw.transaction():
             raw.execute(paging.SAME_SNAPSHOT)
             _stream(raw, late, late_params, batch_size, server_cursor, writer.page_rows)
             _stream(raw, rest, rest_params, batch_size, server_cursor, writer.forward_rows)
     else:
-        statement, params = _statement(format, filters, limit, schema, position)
+        statement, params = _statement(format, filters, limit, audit_schema, position)
         if server_cursor:
             with raw.transaction():
                 _stream(raw, statement, params, batch_size, True, writer.page_rows)
@@ -453,13 +453,13 @@ async def export_async(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
     batch_size: int = BATCH_SIZE,
     server_cursor: bool | None = None,
     after: str | None = None,
 ) -> ExportResult:
     """Async twin of :func:`export` (``out`` is written synchronously, one batch at a time)."""
-    _check(format, limit, schema, batch_size)
+    _check(format, limit, audit_schema, batch_size)
     filters = await run_async(
         conn,
         filters_plan(
@@ -469,7 +469,7 @@ async def export_async(
             op=op,
             since=since,
             until=until,
-            schema=schema,
+            audit_schema=audit_schema,
         ),
     )
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
@@ -478,14 +478,14 @@ async def export_async(
     if server_cursor is None:
         server_cursor = not chunked_streaming()
     if limit is None and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-        late, late_params = _statement(format, filters, None, schema, position, forward=False)
-        rest, rest_params = _forward_statement(format, filters, schema, position)
+        late, late_params = _statement(format, filters, None, audit_schema, position, forward=False)
+        rest, rest_params = _forward_statement(format, filters, audit_schema, position)
         async with conn.transaction():
             await conn.execute(paging.SAME_SNAPSHOT)
             await _stream_async(conn, late, late_params, batch_size, server_cursor, writer.page_rows)
             await _stream_async(conn, rest, rest_params, batch_size, server_cursor, writer.forward_rows)
     else:
-        statement, params = _statement(format, filters, limit, schema, position)
+        statement, params = _statement(format, filters, limit, audit_schema, position)
         if server_cursor:
             async with conn.transaction():
                 await _stream_async(conn, statement, params, batch_size, True, writer.page_rows)

@@ -200,13 +200,13 @@ def check_expected(
     problems: list[str] = []
     for text in expect:
         try:
-            schema, name = parse_table_name(text)
+            table_schema, name = parse_table_name(text)
         except TrackingError as exc:
             raise CoverageError(str(exc)) from exc
-        candidates = [schema] if schema is not None else path
+        candidates = [table_schema] if table_schema is not None else path
         entry = next((by_name[(s, name)] for s in candidates if (s, name) in by_name), None)
         if entry is None:
-            where = f"schema {schema!r}" if schema else "the search path"
+            where = f"schema {table_schema!r}" if table_schema else "the search path"
             problems.append(f"{text}: no such table in {where}")
         elif entry.status != "installed":
             detail = entry.detail or "capture is not installed"
@@ -302,6 +302,6 @@ def coverage(
         tables=len(tables),
         tracked=sum(1 for t in tables if t.triggers),
         problems=len(problems),
-        schema=audit_schema,
+        audit_schema=audit_schema,
     )
     return CoverageReport(tables, contexts, problems)

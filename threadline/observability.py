@@ -13,9 +13,11 @@ Every event is also logged under a ``threadline.*`` logger; the hook is for coun
 
 Events emitted (name: fields):
 
-- ``purge.batch``: ``kind`` ("changes" or "transactions"), ``rows``, ``seconds``, ``schema``.
-- ``purge.done``: ``changes``, ``transactions``, ``batches``, ``seconds``, ``dry_run``, ``schema``.
-- ``coverage.checked``: ``tables``, ``tracked``, ``problems``, ``schema``.
+- ``purge.batch``: ``kind`` ("changes", "transactions" or "task runs"), ``rows``, ``seconds``,
+  ``audit_schema``.
+- ``purge.done``: ``changes``, ``transactions``, ``task_runs``, ``batches``, ``seconds``,
+  ``dry_run``, ``audit_schema``.
+- ``coverage.checked``: ``tables``, ``tracked``, ``problems``, ``audit_schema``.
 
 A callback runs synchronously in the thread that emitted the event, so keep it cheap. An
 exception raised by a callback is logged (``threadline.observability``) and never reaches the

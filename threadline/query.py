@@ -5,7 +5,7 @@ Every function takes a psycopg 3 connection first (an ``..._async`` twin takes a
 ``AsyncConnection``), validates its arguments before touching the database (raising a
 :class:`~threadline.errors.QueryError` subclass), binds every value as a parameter and returns
 frozen records (:class:`~threadline.records.Change`, :class:`~threadline.records.Transaction`)
-with UTC datetimes. ``schema`` names the audit schema (default ``threadline``).
+with UTC datetimes. ``audit_schema`` names the audit schema (default ``threadline``).
 
 Time windows are half-open on the change's capture time: ``since <= captured_at < until``.
 """
@@ -118,9 +118,9 @@ def check_text_filter(name: str, value: str | None) -> str | None:
         raise InvalidFilter(f"{name} {exc.problem}") from exc
 
 
-def _audit(schema: str) -> sql.Identifier:
+def _audit(audit_schema: str) -> sql.Identifier:
     try:
-        return sql.Identifier(check_schema_name(schema))
+        return sql.Identifier(check_schema_name(audit_schema))
     except SchemaError as exc:
         raise InvalidFilter(str(exc)) from exc
 
@@ -235,17 +235,17 @@ def _json_kind(value: Any) -> str:
     return "other"
 
 
-def resolve_table(table: str, schema: str = DEFAULT_SCHEMA) -> Plan[TableRef]:
+def resolve_table(table: str, audit_schema: str = DEFAULT_SCHEMA) -> Plan[TableRef]:
     """Plan: find ``[schema.]table`` in the catalog (search path when unqualified), else in the
     audit data (a dropped table's history stays readable); :class:`TableNotFound` otherwise."""
-    audit = _audit(schema)
+    audit = _audit(audit_schema)
     if not isinstance(table, str):
         raise TableNotFound(f"table must be a name like 'orders' or 'public.orders', got {table!r}")
     try:
         table_schema, table_name = parse_table_name(table)
     except TrackingError as exc:
         raise TableNotFound(str(exc)) from exc
-    params = {"name": table_name, "schema": table_schema, "audit": schema}
+    params = {"name": table_name, "schema": table_schema, "audit": audit_schema}
     rows = yield Query(sql.SQL(_CATALOG_SQL).format(audit=audit), params)
     if rows:
         row = rows[0]
@@ -455,15 +455,15 @@ def filters_plan(
     op: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> Plan[Filters]:
     """Plan: validate timeline filters and resolve the table."""
     correlation_id = check_text_filter("correlation_id", correlation_id)
     actor_ref = check_actor(actor)
     op = check_op(op)
     since, until = check_window(since, until)
-    _audit(schema)
-    ref = None if table is None else (yield from resolve_table(table, schema))
+    _audit(audit_schema)
+    ref = None if table is None else (yield from resolve_table(table, audit_schema))
     return Filters(correlation_id, ref, actor_ref, op, since, until)
 
 
@@ -513,10 +513,10 @@ def where_clause(
 # history
 
 
-def _history_plan(table: str, pk: Any, limit: int | None, schema: str) -> Plan[list[Change]]:
-    audit = _audit(schema)
+def _history_plan(table: str, pk: Any, limit: int | None, audit_schema: str) -> Plan[list[Change]]:
+    audit = _audit(audit_schema)
     limit = check_limit(limit, maximum=None)
-    ref = yield from resolve_table(table, schema)
+    ref = yield from resolve_table(table, audit_schema)
     key = normalize_key(ref, pk)
     params: dict[str, Any] = {"pk": Jsonb(key)}
     statement = _select(audit) + sql.SQL(
@@ -535,7 +535,7 @@ def history(
     pk: Any,
     *,
     limit: int | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[Change]:
     """Every captured change of one row, newest first: "what happened to order 7?".
 
@@ -545,7 +545,7 @@ def history(
     change: find it with ``timeline(table=..., op="truncate")``. A key change is recorded under
     the new key (the old value is in that change's ``before``).
     """
-    return run(conn, _history_plan(table, pk, limit, schema))
+    return run(conn, _history_plan(table, pk, limit, audit_schema))
 
 
 async def history_async(
@@ -554,10 +554,10 @@ async def history_async(
     pk: Any,
     *,
     limit: int | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[Change]:
     """Async twin of :func:`history`."""
-    return await run_async(conn, _history_plan(table, pk, limit, schema))
+    return await run_async(conn, _history_plan(table, pk, limit, audit_schema))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,9 +565,9 @@ async def history_async(
 
 
 def _actor_history_plan(
-    actor: ActorLike, since: datetime | None, until: datetime | None, limit: int | None, schema: str
+    actor: ActorLike, since: datetime | None, until: datetime | None, limit: int | None, audit_schema: str
 ) -> Plan[list[Change]]:
-    audit = _audit(schema)
+    audit = _audit(audit_schema)
     ref = check_actor(actor)
     if ref is None:
         raise InvalidFilter("actor is required")
@@ -592,11 +592,11 @@ def actor_history(
     until: datetime | None = None,
     *,
     limit: int | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[Change]:
     """Every change made under ``actor`` (``"user:42"`` or an :class:`ActorRef`) in
     ``[since, until)``, newest first: "what did user 42 change yesterday?"."""
-    return run(conn, _actor_history_plan(actor, since, until, limit, schema))
+    return run(conn, _actor_history_plan(actor, since, until, limit, audit_schema))
 
 
 async def actor_history_async(
@@ -606,10 +606,10 @@ async def actor_history_async(
     until: datetime | None = None,
     *,
     limit: int | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> list[Change]:
     """Async twin of :func:`actor_history`."""
-    return await run_async(conn, _actor_history_plan(actor, since, until, limit, schema))
+    return await run_async(conn, _actor_history_plan(actor, since, until, limit, audit_schema))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,9 +653,9 @@ def _timeline_plan(
     until: datetime | None,
     limit: int,
     after: str | None,
-    schema: str,
+    audit_schema: str,
 ) -> Plan[TimelinePage]:
-    audit = _audit(schema)
+    audit = _audit(audit_schema)
     checked = check_limit(limit, allow_none=False)
     assert checked is not None
     filters = yield from filters_plan(
@@ -665,7 +665,7 @@ def _timeline_plan(
         op=op,
         since=since,
         until=until,
-        schema=schema,
+        audit_schema=audit_schema,
     )
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     params: dict[str, Any] = {}
@@ -698,7 +698,7 @@ def timeline(
     until: datetime | None = None,
     limit: int = 100,
     after: str | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> TimelinePage:
     """Changes with their transaction context, ordered by ``(captured_at, id)``, one page at a
     time: "everything request req-1 caused, including its Celery tasks".
@@ -713,7 +713,9 @@ def timeline(
     before that page's end, has them returned at the start of a later page (see
     :mod:`threadline.paging`).
     """
-    return run(conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, schema))
+    return run(
+        conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, audit_schema)
+    )
 
 
 async def timeline_async(
@@ -727,11 +729,11 @@ async def timeline_async(
     until: datetime | None = None,
     limit: int = 100,
     after: str | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> TimelinePage:
     """Async twin of :func:`timeline`."""
     return await run_async(
-        conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, schema)
+        conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, audit_schema)
     )
 
 
@@ -739,8 +741,8 @@ async def timeline_async(
 # changes_for_transaction
 
 
-def _transaction_plan(transaction_id: int, schema: str) -> Plan[list[Change]]:
-    audit = _audit(schema)
+def _transaction_plan(transaction_id: int, audit_schema: str) -> Plan[list[Change]]:
+    audit = _audit(audit_schema)
     if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
         raise InvalidFilter(f"transaction_id must be an integer, got {transaction_id!r}")
     rows = yield Query(
@@ -751,17 +753,17 @@ def _transaction_plan(transaction_id: int, schema: str) -> Plan[list[Change]]:
 
 
 def changes_for_transaction(
-    conn: ConnectionLike, transaction_id: int, *, schema: str = DEFAULT_SCHEMA
+    conn: ConnectionLike, transaction_id: int, *, audit_schema: str = DEFAULT_SCHEMA
 ) -> list[Change]:
     """The changes of one transaction, in capture order: "what else did that commit touch?"."""
-    return run(conn, _transaction_plan(transaction_id, schema))
+    return run(conn, _transaction_plan(transaction_id, audit_schema))
 
 
 async def changes_for_transaction_async(
-    conn: psycopg.AsyncConnection[Any], transaction_id: int, *, schema: str = DEFAULT_SCHEMA
+    conn: psycopg.AsyncConnection[Any], transaction_id: int, *, audit_schema: str = DEFAULT_SCHEMA
 ) -> list[Change]:
     """Async twin of :func:`changes_for_transaction`."""
-    return await run_async(conn, _transaction_plan(transaction_id, schema))
+    return await run_async(conn, _transaction_plan(transaction_id, audit_schema))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,12 +799,12 @@ SELECT c.role, {changes}, {transactions}
 """)
 
 
-def _as_of_plan(table: str, pk: Any, at: datetime, schema: str) -> Plan[dict[str, Any]]:
-    audit = _audit(schema)
+def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[dict[str, Any]]:
+    audit = _audit(audit_schema)
     if at is None:
         raise InvalidFilter("at is required")
     moment = check_time("at", at)
-    ref = yield from resolve_table(table, schema)
+    ref = yield from resolve_table(table, audit_schema)
     key = normalize_key(ref, pk)
     row_of = f"{ref} ({_pk_text(key)})"
     params: dict[str, Any] = {"pk": Jsonb(key), "at": moment}
@@ -841,7 +843,7 @@ def _as_of_plan(table: str, pk: Any, at: datetime, schema: str) -> Plan[dict[str
 
 
 def as_of(
-    conn: ConnectionLike, table: str, pk: Any, at: datetime, *, schema: str = DEFAULT_SCHEMA
+    conn: ConnectionLike, table: str, pk: Any, at: datetime, *, audit_schema: str = DEFAULT_SCHEMA
 ) -> dict[str, Any]:
     """The row as it was at ``at`` (inclusive), from the image of its latest captured change:
     "what did order 7 look like when the invoice went out?".
@@ -851,14 +853,19 @@ def as_of(
     or before ``at``. Excluded columns are absent and masked ones hold the placeholder, as in
     every audit image. ``pk`` is given as for :func:`history`.
     """
-    return run(conn, _as_of_plan(table, pk, at, schema))
+    return run(conn, _as_of_plan(table, pk, at, audit_schema))
 
 
 async def as_of_async(
-    conn: psycopg.AsyncConnection[Any], table: str, pk: Any, at: datetime, *, schema: str = DEFAULT_SCHEMA
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    pk: Any,
+    at: datetime,
+    *,
+    audit_schema: str = DEFAULT_SCHEMA,
 ) -> dict[str, Any]:
     """Async twin of :func:`as_of`."""
-    return await run_async(conn, _as_of_plan(table, pk, at, schema))
+    return await run_async(conn, _as_of_plan(table, pk, at, audit_schema))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -870,8 +877,8 @@ _ACTION_COLUMNS = sql.SQL(
 )
 
 
-def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
-    audit = _audit(schema)
+def _trace_plan(correlation_id: str, audit_schema: str) -> Plan[Trace]:
+    audit = _audit(audit_schema)
     if correlation_id is None:
         raise InvalidFilter("correlation_id is required")
     checked = check_text_filter("correlation_id", correlation_id)
@@ -911,17 +918,17 @@ def _trace_plan(correlation_id: str, schema: str) -> Plan[Trace]:
     return build_trace(checked or "", transactions, changes, actions, runs)
 
 
-def trace(conn: ConnectionLike, correlation_id: str, *, schema: str = DEFAULT_SCHEMA) -> Trace:
+def trace(conn: ConnectionLike, correlation_id: str, *, audit_schema: str = DEFAULT_SCHEMA) -> Trace:
     """The story of one correlation id as a tree: request → tasks (by causation and Celery
     parent/root ids, retries grouped) → transactions → changes, with timings and actions.
 
     ``print(trace(conn, "req-1").render())`` shows it as text.
     """
-    return run(conn, _trace_plan(correlation_id, schema))
+    return run(conn, _trace_plan(correlation_id, audit_schema))
 
 
 async def trace_async(
-    conn: psycopg.AsyncConnection[Any], correlation_id: str, *, schema: str = DEFAULT_SCHEMA
+    conn: psycopg.AsyncConnection[Any], correlation_id: str, *, audit_schema: str = DEFAULT_SCHEMA
 ) -> Trace:
     """Async twin of :func:`trace`."""
-    return await run_async(conn, _trace_plan(correlation_id, schema))
+    return await run_async(conn, _trace_plan(correlation_id, audit_schema))

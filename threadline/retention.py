@@ -101,10 +101,10 @@ def _table_filter(conn: psycopg.Connection[Any], table: str | None) -> tuple[str
     if table is None:
         return None
     try:
-        schema, name = parse_table_name(table)
+        table_schema, name = parse_table_name(table)
     except TrackingError as exc:
         raise RetentionError(str(exc)) from exc
-    if schema is None:
+    if table_schema is None:
         # the audit data may outlive the table: take the search path's first schema that has
         # either the table or audit rows of a table by that name
         row = conn.execute(
@@ -114,8 +114,8 @@ def _table_filter(conn: psycopg.Connection[Any], table: str | None) -> tuple[str
         ).fetchone()
         if row is None:
             raise RetentionError(f"table {name!r} is not on the search path: name it as schema.table")
-        schema = row[0]
-    return schema, name
+        table_schema = row[0]
+    return table_schema, name
 
 
 def purge(
@@ -125,7 +125,7 @@ def purge(
     batch_size: int = 10_000,
     dry_run: bool = False,
     table: str | None = None,
-    schema: str = DEFAULT_SCHEMA,
+    audit_schema: str = DEFAULT_SCHEMA,
     max_batches: int | None = None,
     pause: float = 0.0,
 ) -> PurgeResult:
@@ -138,7 +138,7 @@ def purge(
     stay). ``dry_run`` only counts. ``max_batches`` bounds the work of one call; ``pause`` sleeps
     that many seconds between batches to leave room for the application's traffic.
     """
-    check_schema_name(schema)
+    check_schema_name(audit_schema)
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, int)
@@ -156,13 +156,13 @@ def purge(
         )
     started = time.monotonic()
     try:
-        require_installed(conn, schema)
+        require_installed(conn, audit_schema)
         cutoff = _cutoff(conn, older_than)
         target = _table_filter(conn, table)
     finally:
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.rollback()
-    audit = sql.Identifier(schema)
+    audit = sql.Identifier(audit_schema)
     where_table = sql.SQL(" AND table_schema = %(ts)s AND table_name = %(tn)s" if target else "")
     params: dict[str, Any] = {"cutoff": cutoff}
     if target:
@@ -213,10 +213,11 @@ def purge(
             "purge.done",
             changes=changes,
             transactions=transactions,
+            task_runs=runs,
             batches=0,
             seconds=elapsed,
             dry_run=True,
-            schema=schema,
+            audit_schema=audit_schema,
         )
         return PurgeResult(cutoff, changes, transactions, 0, elapsed, True, task_runs=runs)
 
@@ -270,7 +271,7 @@ def purge(
             totals[kind] += deleted
             seconds = time.monotonic() - t0
             logger.debug("purged %d %s in %.3f s (total %d)", deleted, kind, seconds, totals[kind])
-            emit("purge.batch", kind=kind, rows=deleted, seconds=seconds, schema=schema)
+            emit("purge.batch", kind=kind, rows=deleted, seconds=seconds, audit_schema=audit_schema)
             if deleted < batch_size or last is None:
                 break
             after_tx, after = last_tx or 0, last
@@ -291,10 +292,11 @@ def purge(
         "purge.done",
         changes=totals["changes"],
         transactions=totals["transactions"],
+        task_runs=totals["task runs"],
         batches=batches,
         seconds=elapsed,
         dry_run=False,
-        schema=schema,
+        audit_schema=audit_schema,
     )
     return PurgeResult(
         cutoff,

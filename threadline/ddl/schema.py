@@ -41,7 +41,7 @@ def _script(version: int) -> str:
 class InstallResult:
     """What :func:`install` did."""
 
-    schema: str
+    audit_schema: str
     previous_version: int | None
     version: int
     follows_ddl: bool = False
@@ -68,26 +68,26 @@ GRANT EXECUTE ON FUNCTION {schema}.link_action(bigint) TO {role};
 """
 
 
-def privileges_sql(app_role: str, schema: str = DEFAULT_SCHEMA) -> str:
+def privileges_sql(app_role: str, audit_schema: str = DEFAULT_SCHEMA) -> str:
     """The grants that let ``app_role`` read the audit tables (and insert actions) but never
     insert, update, delete or truncate ``transactions`` and ``changes`` (idempotent)."""
-    check_schema_name(schema)
+    check_schema_name(audit_schema)
     if not isinstance(app_role, str) or not app_role or len(app_role) > 63:
         raise PrivilegeError(f"app role name {app_role!r} is not a role name")
     return (
         sql.SQL(_PRIVILEGES)
-        .format(schema=sql.Identifier(schema), role=sql.Identifier(app_role))
+        .format(schema=sql.Identifier(audit_schema), role=sql.Identifier(app_role))
         .as_string(None)
     )
 
 
-def grant_app_role(conn: psycopg.Connection, app_role: str, schema: str = DEFAULT_SCHEMA) -> None:
+def grant_app_role(conn: psycopg.Connection, app_role: str, audit_schema: str = DEFAULT_SCHEMA) -> None:
     """Apply :func:`privileges_sql` for an existing role (not a superuser, not the schema's owner)."""
-    text = privileges_sql(app_role, schema)
+    text = privileges_sql(app_role, audit_schema)
     row = conn.execute(
         "SELECT r.rolsuper, pg_has_role(r.oid, n.nspowner, 'USAGE')"
         "  FROM pg_roles r LEFT JOIN pg_namespace n ON n.nspname = %s WHERE r.rolname = %s",
-        [schema, app_role],
+        [audit_schema, app_role],
     ).fetchone()
     if row is None:
         raise PrivilegeError(f"role {app_role!r} does not exist: create it first (CREATE ROLE ... LOGIN)")
@@ -95,14 +95,14 @@ def grant_app_role(conn: psycopg.Connection, app_role: str, schema: str = DEFAUL
         raise PrivilegeError(f"role {app_role!r} is a superuser: privileges cannot restrict it")
     if row[1]:
         raise PrivilegeError(
-            f"role {app_role!r} owns (or is a member of the owner of) schema {schema!r}: an owner can "
+            f"role {app_role!r} owns (or is a member of the owner of) audit schema {audit_schema!r}: an owner can "
             "always change its tables; install as another role"
         )
     conn.execute(text.encode())
 
 
 def install_sql(
-    schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None, version: int = SCHEMA_VERSION
+    audit_schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None, version: int = SCHEMA_VERSION
 ) -> str:
     """The complete, idempotent DDL of the audit schema named ``schema``, at ``version``, as text.
 
@@ -112,11 +112,11 @@ def install_sql(
     migration with the newer version. It upgrades any earlier version in place. With
     ``app_role``, the grants of :func:`privileges_sql` follow.
     """
-    check_schema_name(schema)
+    check_schema_name(audit_schema)
     text = _script(version)
-    grants = "" if app_role is None else privileges_sql(app_role, schema)
+    grants = "" if app_role is None else privileges_sql(app_role, audit_schema)
     # the name is a validated lowercase identifier: quoting it is all an identifier needs
-    return text.replace("@audit@", f'"{schema}"').replace("@audit_name@", schema) + grants
+    return text.replace("@audit@", f'"{audit_schema}"').replace("@audit_name@", audit_schema) + grants
 
 
 _UNINSTALL = """\
@@ -140,29 +140,29 @@ DROP SCHEMA IF EXISTS {schema} CASCADE;
 """
 
 
-def uninstall_sql(schema: str = DEFAULT_SCHEMA) -> str:
+def uninstall_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     """DDL that removes the audit schema ``schema`` and every capture trigger, refused (the
     statement raises) while the schema holds audit rows: what reversing an install migration runs."""
-    check_schema_name(schema)
-    return _UNINSTALL.format(schema=f'"{schema}"', name=schema)
+    check_schema_name(audit_schema)
+    return _UNINSTALL.format(schema=f'"{audit_schema}"', name=audit_schema)
 
 
-def installed_version(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> int | None:
+def installed_version(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> int | None:
     """The audit schema version recorded in the database, or ``None`` if it is not installed."""
-    check_schema_name(schema)
+    check_schema_name(audit_schema)
     row = conn.execute(
-        "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL", [schema]
+        "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL", [audit_schema]
     ).fetchone()
     if not row or not row[0]:
         return None
     found = conn.execute(
-        sql.SQL("SELECT max(version) FROM {}.schema_version").format(sql.Identifier(schema))
+        sql.SQL("SELECT max(version) FROM {}.schema_version").format(sql.Identifier(audit_schema))
     ).fetchone()
     return None if found is None else found[0]
 
 
 def install(
-    conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None
+    conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None
 ) -> InstallResult:
     """Create or upgrade the audit schema in one transaction; a no-op when it is current (except
     that a superuser adds the DDL event triggers a non-superuser install could not create, and
@@ -172,42 +172,44 @@ def install(
     write, change or remove an audit row (:func:`grant_app_role`; applied even when the schema
     was already current).
     """
-    check_schema_name(schema)
+    check_schema_name(audit_schema)
     if app_role is not None:
-        privileges_sql(app_role, schema)
+        privileges_sql(app_role, audit_schema)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('threadline install ' || %s))", [schema])
-        previous = installed_version(conn, schema)
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('threadline install ' || %s))", [audit_schema])
+        previous = installed_version(conn, audit_schema)
         if previous is not None and previous > SCHEMA_VERSION:
             raise SchemaError(
-                f"schema {schema!r} is at version {previous}, newer than this release's "
+                f"audit schema {audit_schema!r} is at version {previous}, newer than this release's "
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
-        if previous != SCHEMA_VERSION or _may_add_event_triggers(conn, schema):
-            conn.execute(install_sql(schema).encode())
+        if previous != SCHEMA_VERSION or _may_add_event_triggers(conn, audit_schema):
+            conn.execute(install_sql(audit_schema).encode())
         if app_role is not None:
-            grant_app_role(conn, app_role, schema)
-        follows = conn.execute(sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(schema))).fetchone()
-    return InstallResult(schema, previous, SCHEMA_VERSION, bool(follows and follows[0]))
+            grant_app_role(conn, app_role, audit_schema)
+        follows = conn.execute(
+            sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(audit_schema))
+        ).fetchone()
+    return InstallResult(audit_schema, previous, SCHEMA_VERSION, bool(follows and follows[0]))
 
 
-def _may_add_event_triggers(conn: psycopg.Connection, schema: str) -> bool:
+def _may_add_event_triggers(conn: psycopg.Connection, audit_schema: str) -> bool:
     """A current schema installed without event triggers, and a superuser installing now."""
     row = conn.execute(
         sql.SQL(
             "SELECT NOT {}.follows_ddl() AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
-        ).format(sql.Identifier(schema))
+        ).format(sql.Identifier(audit_schema))
     ).fetchone()
     return bool(row and row[0])
 
 
-def require_installed(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> None:
+def require_installed(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> None:
     """Raise :class:`SchemaError` unless the audit schema is installed at this release's version."""
-    version = installed_version(conn, schema)
+    version = installed_version(conn, audit_schema)
     if version is None:
-        raise SchemaError(f"audit schema {schema!r} is not installed: run `threadline install` first")
+        raise SchemaError(f"audit schema {audit_schema!r} is not installed: run `threadline install` first")
     if version != SCHEMA_VERSION:
         raise SchemaError(
-            f"audit schema {schema!r} is at version {version}, this release needs "
+            f"audit schema {audit_schema!r} is at version {version}, this release needs "
             f"{SCHEMA_VERSION}: run `threadline install` to upgrade"
         )

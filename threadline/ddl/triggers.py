@@ -300,7 +300,7 @@ def _split(table: str, schema: str | None) -> tuple[str | None, str]:
 def track_sql(
     table: str,
     *,
-    schema: str | None = None,
+    table_schema: str | None = None,
     exclude: Iterable[str] | str | None = None,
     mask: Iterable[str] | str | None = None,
     keys: Iterable[str] | str | None = None,
@@ -314,7 +314,7 @@ def track_sql(
     Deterministic; an unqualified name is resolved on the search path when the statement runs.
     """
     check_schema_name(audit_schema)
-    table_schema, table_name = _split(table, schema)
+    table_schema, table_name = _split(table, table_schema)
     options = _track_options(keys, exclude, mask, unmask, include, strict)
     return (
         _api_call("track", audit_schema, _table_literal(table_schema, table_name), options).as_string(None)
@@ -326,7 +326,7 @@ def track(
     conn: psycopg.Connection,
     table: str,
     *,
-    schema: str | None = None,
+    table_schema: str | None = None,
     exclude: Iterable[str] | str | None = None,
     mask: Iterable[str] | str | None = None,
     keys: Iterable[str] | str | None = None,
@@ -344,7 +344,7 @@ def track(
     columns are logged as a warning and listed in :attr:`TrackResult.unprotected`.
     """
     require_installed(conn, audit_schema)
-    table_schema, table_name = _split(table, schema)
+    table_schema, table_name = _split(table, table_schema)
     options = _track_options(keys, exclude, mask, unmask, include, strict)
     with conn.transaction():
         rel_schema, rel_name, _ = _resolve(conn, table_name, table_schema)
@@ -380,10 +380,10 @@ def track(
     return result
 
 
-def untrack_sql(table: str, *, schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA) -> str:
+def untrack_sql(table: str, *, table_schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA) -> str:
     """The SQL-API statement :func:`untrack` runs, for a migration (no database needed)."""
     check_schema_name(audit_schema)
-    table_schema, table_name = _split(table, schema)
+    table_schema, table_name = _split(table, table_schema)
     return (
         _api_call("untrack", audit_schema, _table_literal(table_schema, table_name), {}).as_string(None)
         + ";\n"
@@ -394,7 +394,7 @@ def untrack(
     conn: psycopg.Connection,
     table: str,
     *,
-    schema: str | None = None,
+    table_schema: str | None = None,
     audit_schema: str = DEFAULT_SCHEMA,
 ) -> bool:
     """Remove capture from ``table`` (audit rows stay); returns False if it was not tracked.
@@ -403,7 +403,7 @@ def untrack(
     table no longer has is refused, naming where the table went.
     """
     require_installed(conn, audit_schema)
-    table_schema, table_name = _split(table, schema)
+    table_schema, table_name = _split(table, table_schema)
     with conn.transaction():
         try:
             rel_schema, rel_name, _ = _resolve(conn, table_name, table_schema)

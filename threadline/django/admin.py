@@ -84,7 +84,7 @@ class AuditHistoryMixin:
             raise PermissionDenied
         conn = connections[router.db_for_read(model, instance=obj)]
         limit = self.threadline_history_limit
-        changes = history(conn, model._meta.db_table, obj.pk, limit=limit + 1, schema=_audit_schema())
+        changes = history(conn, model._meta.db_table, obj.pk, limit=limit + 1, audit_schema=_audit_schema())
         older = len(changes) > limit
         changes = changes[:limit]
         rows = []
@@ -169,7 +169,7 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         using = request.GET.get("database") or router.db_for_read(self.model)
         if using not in connections:
             raise Http404(f"no database {using!r}")
-        found = trace(connections[using], correlation_id, schema=_audit_schema())
+        found = trace(connections[using], correlation_id, audit_schema=_audit_schema())
         # a story of thousands of changes stays a readable page: the first of each transaction
         # are listed, the count of the rest is shown
         context = {
