@@ -264,11 +264,11 @@ def _django_model(models: Any, table: str) -> Any:
 def bench_sqlalchemy(dsn: str, table: str, client_binding: bool = False) -> Samples:
     from sqlalchemy import text
 
-    from threadline.propagation.sqlalchemy import instrument
+    from threadline.propagation.sqlalchemy import install
 
     plain = _sa_engine(dsn, client_binding)
     bridged = _sa_engine(dsn, client_binding)
-    instrument(bridged)
+    install(bridged)
     stmt = text(f"INSERT INTO {table} (title) VALUES ('x')")
 
     def timed(engine: Any) -> Callable[[], float]:

@@ -409,3 +409,23 @@ def test_a_management_command_and_the_task_it_enqueues_are_one_story(
         [sys.executable, "-m", "django", "touch_post"], capture_output=True, text=True, env=env, timeout=60
     )
     assert json.loads(res.stdout)["ctx"] == {"v": 1}, res.stderr  # empty
+
+
+def test_the_orm_bridge_install_uninstall_installed(django_dsn: str) -> None:
+    from django.db import connections
+
+    from threadline.propagation import django as tl_django
+
+    conn = connections["serverside"]
+    assert tl_django.installed()
+    try:
+        tl_django.uninstall()
+        assert not tl_django.installed()
+        conn.close()
+        conn.ensure_connection()
+        assert not isinstance(conn.connection, ThreadlineConnection)  # opened while uninstalled
+    finally:
+        tl_django.install()
+    assert tl_django.installed()
+    assert isinstance(conn.connection, ThreadlineConnection)  # install() bridges open connections
+    conn.close()

@@ -51,7 +51,7 @@ def celery_app(fw_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def test_flask_recipe(celery_app: Any, fw_dsn: str) -> None:
     engine = create_engine(sa_url(fw_dsn))
-    tl_sqlalchemy.instrument(engine)
+    tl_sqlalchemy.install(engine)
     app = Flask(__name__)
     app.wsgi_app = WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
 
@@ -81,9 +81,9 @@ def test_flask_recipe(celery_app: Any, fw_dsn: str) -> None:
 def test_fastapi_recipe(celery_app: Any, fw_dsn: str) -> None:
     async def run() -> list[httpx.Response]:
         engine = create_async_engine(sa_url(fw_dsn))
-        tl_sqlalchemy.instrument(engine)
+        tl_sqlalchemy.install(engine)
         sync_engine = create_engine(sa_url(fw_dsn))
-        tl_sqlalchemy.instrument(sync_engine)
+        tl_sqlalchemy.install(sync_engine)
 
         async def current_user(x_user: str = Header()) -> str:
             bind_actor(ActorRef.user(x_user))  # async dependency: runs in the request's task

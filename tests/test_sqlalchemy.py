@@ -1,4 +1,5 @@
-"""SQLAlchemy bridge: instrument(engine) for sync and async engines, Core and ORM sessions."""
+"""SQLAlchemy bridge: install(engine), installed(engine), uninstall(engine) for sync and async
+engines, Core and ORM sessions."""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def engine(sa_dsn: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     # with BEGIN and SET LOCAL in one query)
     args = {"cursor_factory": psycopg.ClientCursor} if request.param == "client-side binding" else {}
     eng = create_engine(sa_url(sa_dsn), pool_size=8, connect_args=args)
-    tl_sqlalchemy.instrument(eng)
-    tl_sqlalchemy.instrument(eng)  # idempotent
+    tl_sqlalchemy.install(eng)
+    tl_sqlalchemy.install(eng)  # idempotent
     with eng.connect() as conn:
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         assert isinstance(cursor, psycopg.ClientCursor) == bool(args)
@@ -144,8 +145,8 @@ def test_async_engine_core_and_orm_and_no_bleed(sa_dsn: str) -> None:
 
     async def run() -> None:
         eng = create_async_engine(sa_url(sa_dsn), pool_size=10)
-        tl_sqlalchemy.instrument(eng)
-        assert tl_sqlalchemy.is_instrumented(eng)
+        tl_sqlalchemy.install(eng)
+        assert tl_sqlalchemy.installed(eng)
 
         async def one(i: int) -> None:
             with threadline.context(actor=ActorRef.user(f"a{i}"), correlation_id=f"sa-async-{i}"):
@@ -173,13 +174,13 @@ def test_async_engine_core_and_orm_and_no_bleed(sa_dsn: str) -> None:
 
 def test_refuses_other_drivers_and_uninstruments(sa_dsn: str) -> None:
     with pytest.raises(ConfigurationError, match="postgresql\\+psycopg"):
-        tl_sqlalchemy.instrument(create_engine("sqlite://"))
+        tl_sqlalchemy.install(create_engine("sqlite://"))
     with pytest.raises(ConfigurationError):
-        tl_sqlalchemy.instrument(object())
+        tl_sqlalchemy.install(object())
     eng = create_engine(sa_url(sa_dsn))
-    tl_sqlalchemy.instrument(eng)
-    tl_sqlalchemy.uninstrument(eng)
-    assert not tl_sqlalchemy.is_instrumented(eng)
+    tl_sqlalchemy.install(eng)
+    tl_sqlalchemy.uninstall(eng)
+    assert not tl_sqlalchemy.installed(eng)
     start = mark(sa_dsn)
     with threadline.context(actor=ActorRef.user("x")), eng.begin() as conn:
         conn.execute(insert(Item).values(name="uninstrumented"))
@@ -205,10 +206,10 @@ def test_streamed_query_after_a_context_change_mid_transaction(engine: Any) -> N
 
 def test_sync_engine_bridges_pooled_and_autocommit_connections(sa_dsn: str) -> None:
     eng = create_engine(sa_url(sa_dsn), pool_size=2)
-    with eng.connect() as c:  # pooled before instrument(): replaced when returned
+    with eng.connect() as c:  # pooled before install(): replaced when returned
         c.execute(text("SELECT 1"))
         with threadline.context(actor=ActorRef.user("early")):
-            tl_sqlalchemy.instrument(eng)
+            tl_sqlalchemy.install(eng)
     start = mark(sa_dsn)
     try:
         with threadline.context(actor=ActorRef.user("ac"), correlation_id="sa-autocommit"):

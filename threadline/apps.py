@@ -25,11 +25,11 @@ class ThreadlineConfig(AppConfig):
         from django.core import checks
 
         from threadline.django.checks import check_database, check_setup
-        from threadline.propagation.django import install_orm_bridge, load_settings
+        from threadline.propagation.django import install, load_settings
 
         conf = load_settings()
         if conf.orm_bridge:
-            install_orm_bridge()
+            install()
         if conf.command_context:
             from threadline.django.commands import start_command_context
 

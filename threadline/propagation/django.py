@@ -76,9 +76,10 @@ __all__ = [
     "ThreadlineSettings",
     "bridge_connection",
     "default_actor_resolver",
-    "install_orm_bridge",
+    "install",
+    "installed",
     "load_settings",
-    "uninstall_orm_bridge",
+    "uninstall",
 ]
 
 _KEYS = {
@@ -275,6 +276,7 @@ class ThreadlineMiddleware:
 # -- ORM bridge -------------------------------------------------------------------------------
 
 _DISPATCH_UID = "threadline.orm_bridge"
+_state = {"installed": False}
 
 
 def bridge_connection(connection: Any) -> None:
@@ -301,7 +303,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
         bridge_connection(connection)
 
 
-def install_orm_bridge() -> None:
+def install() -> None:
     """Bridge every Django PostgreSQL connection, open now or opened later (idempotent).
 
     Called by ``threadline.apps.ThreadlineConfig.ready()`` (``"threadline"`` in
@@ -311,13 +313,21 @@ def install_orm_bridge() -> None:
     from django.db.backends.signals import connection_created
 
     connection_created.connect(_on_connection_created, dispatch_uid=_DISPATCH_UID, weak=False)
+    _state["installed"] = True
     for conn in connections.all(initialized_only=True):
         if conn.vendor == "postgresql" and conn.connection is not None:
             bridge_connection(conn)
 
 
-def uninstall_orm_bridge() -> None:
-    """Stop bridging connections opened from now on (open ones keep carrying the context)."""
+def uninstall() -> None:
+    """Undo :func:`install`: connections opened from now on are not bridged (one already open
+    keeps carrying the context until Django closes it)."""
     from django.db.backends.signals import connection_created
 
     connection_created.disconnect(dispatch_uid=_DISPATCH_UID)
+    _state["installed"] = False
+
+
+def installed() -> bool:
+    """True while :func:`install` is in force (new connections are bridged)."""
+    return _state["installed"]

@@ -3,7 +3,7 @@
 ::
 
     engine = create_engine("postgresql+psycopg://app@db/app")          # or create_async_engine
-    threadline.propagation.sqlalchemy.instrument(engine)
+    threadline.propagation.sqlalchemy.install(engine)
 
     with threadline.context(actor=ActorRef.user("42")), Session(engine) as session:
         session.add(Post(title="x"))
@@ -16,7 +16,7 @@ It works for Core and the ORM, sync and ``asyncio`` engines, with the ``psycopg`
   (:func:`~threadline.propagation.psycopg.bridge`), so the connection itself applies the context:
   ``BEGIN`` and ``SET LOCAL`` in one message when a transaction begins, one ``SET LOCAL`` when the
   context changed mid-transaction, and per statement in ``AUTOCOMMIT`` mode. No SQLAlchemy event
-  runs per statement. Connections pooled before :func:`instrument` are replaced: they are closed
+  runs per statement. Connections pooled before :func:`install` are replaced: they are closed
   when next returned to the pool.
 - Async engines: a ``before_cursor_execute`` listener looks at the driver connection before each
   statement. No transaction open yet (the statement would begin one) and a context current: it
@@ -52,7 +52,7 @@ try:  # SQLAlchemy >= 2.1
 except ImportError:  # pragma: no cover - SQLAlchemy 2.0
     from sqlalchemy.util import await_only as await_
 
-__all__ = ["instrument", "is_instrumented", "uninstrument"]
+__all__ = ["install", "installed", "uninstall"]
 
 _KEY: Final = "threadline.applied"
 _UNKNOWN: Final = object()  # after ROLLBACK TO SAVEPOINT: the transaction's setting is not known
@@ -64,12 +64,12 @@ def _sync_engine(engine: Any) -> Engine:
     sync = getattr(engine, "sync_engine", engine)
     if not isinstance(sync, Engine):
         raise ConfigurationError(
-            f"instrument() takes a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}"
+            f"install() takes a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}"
         )
     return sync
 
 
-def instrument(engine: Any) -> None:
+def install(engine: Any) -> None:
     """Make every transaction begun on ``engine`` (``Engine`` or ``AsyncEngine``) carry the context.
 
     Idempotent. Raises :class:`~threadline.errors.ConfigurationError` unless the engine uses
@@ -82,7 +82,7 @@ def instrument(engine: Any) -> None:
             f"threadline's SQLAlchemy bridge needs PostgreSQL through psycopg 3, but the engine uses "
             f"{dialect.name}+{dialect.driver}: create it with a 'postgresql+psycopg://' URL"
         )
-    if is_instrumented(sync):
+    if installed(sync):
         return
     if dialect.is_async:
         event.listen(sync, "before_cursor_execute", _before_async)
@@ -92,16 +92,16 @@ def instrument(engine: Any) -> None:
         sync.dispose(close=False)  # connections pooled before now are not bridged: replace them
 
 
-def is_instrumented(engine: Any) -> bool:
-    """True when :func:`instrument` was applied to ``engine``."""
+def installed(engine: Any) -> bool:
+    """True when :func:`install` was applied to ``engine``."""
     sync = _sync_engine(engine)
     return event.contains(sync, "connect", _bridge_new_connection) or event.contains(
         sync, "before_cursor_execute", _before_async
     )
 
 
-def uninstrument(engine: Any) -> None:
-    """Undo :func:`instrument` (no-op when it was not applied)."""
+def uninstall(engine: Any) -> None:
+    """Undo :func:`install` (no-op when it was not applied)."""
     sync = _sync_engine(engine)
     if event.contains(sync, "before_cursor_execute", _before_async):
         event.remove(sync, "before_cursor_execute", _before_async)
