@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.x: every transaction begun on an instrumented engine carries the audit context.
+"""SQLAlchemy 2.x: every transaction begun on an engine threadline is installed on carries the audit
+context.
 
 ::
 
