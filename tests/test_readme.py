@@ -107,3 +107,22 @@ def test_django_and_celery_quick_start_matches_the_tested_project() -> None:
         assert charge.max_retries == 3 and charge.run(5) == 5
     finally:
         threadline.celery.uninstall(app)
+
+
+GETTING_STARTED = (ROOT / "docs" / "getting-started.md").read_text()
+
+
+def test_getting_started_runs_the_tested_quick_start() -> None:
+    """Its psycopg path is the README's quick start, block for block (run above); its Celery
+    block runs as written."""
+    page = re.search(r"^## Path 1: plain psycopg\n(.*?)(?=^## )", GETTING_STARTED, re.S | re.M)
+    assert page
+    readme = _section("Quick start: plain psycopg")
+    assert _blocks(page.group(1), "bash") == _blocks(readme, "bash")
+    assert _blocks(page.group(1), "python") == _blocks(readme, "python")
+    celery_part = re.search(r"^## Celery without Django\n(.*)", GETTING_STARTED, re.S | re.M)
+    assert celery_part
+    (program,) = _blocks(celery_part.group(1), "python")
+    check = program + "\nassert threadline.celery.installed(app) and mark_paid.name.endswith('mark_paid')\n"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
