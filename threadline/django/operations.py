@@ -16,7 +16,8 @@ Model and field names are resolved against the migration state, so a ``Track`` f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from django.db.migrations.operations.base import Operation
@@ -24,6 +25,7 @@ from django.db.migrations.operations.base import Operation
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.schema import PINNED_VERSIONS, install_sql, uninstall_sql
 from threadline.ddl.triggers import track_sql, untrack_sql
+from threadline.django.tracking import column_names
 from threadline.errors import ConfigurationError
 
 __all__ = ["InstallAudit", "Track", "Untrack"]
@@ -134,21 +136,7 @@ class _TableOperation(Operation):
         app_label, _, model_name = self.model.partition(".")
         model = state.apps.get_model(app_label, model_name)
         meta = model._meta
-
-        def columns(names: Sequence[str]) -> tuple[str, ...]:
-            out = []
-            for name in names:
-                try:
-                    field = meta.get_field(name)
-                except Exception:  # not a field name: taken as a column name
-                    out.append(name)
-                    continue
-                column = getattr(field, "column", None)
-                if not column:
-                    raise ConfigurationError(f"{self.model}.{name} has no column (a relation without one)")
-                out.append(column)
-            return tuple(out)
-
+        columns = partial(column_names, model)
         return meta.db_table, {
             "mask": columns(self.mask),
             "exclude": columns(self.exclude),

@@ -20,14 +20,14 @@ excludes. Removing a mask from the setting does not reveal the column: that take
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from threadline.errors import ConfigurationError
 
 logger = logging.getLogger("threadline.django")
 
-__all__ = ["OPTION_NAMES", "apply_tracking", "parse_track_setting"]
+__all__ = ["OPTION_NAMES", "apply_tracking", "column_names", "parse_track_setting"]
 
 OPTION_NAMES = ("mask", "exclude", "keys")
 
@@ -61,7 +61,10 @@ def _quoted(table: str) -> str:
     return '"' + table.replace('"', '""') + '"'
 
 
-def _columns(model: Any, names: tuple[str, ...]) -> list[str]:
+def column_names(model: Any, names: Sequence[str]) -> tuple[str, ...]:
+    """The columns of ``model``'s fields named ``names`` (``db_column`` followed); a name that is
+    not a field is taken as a column name. Shared by ``THREADLINE["TRACK"]`` and the migration
+    operations."""
     out = []
     for name in names:
         try:
@@ -73,7 +76,7 @@ def _columns(model: Any, names: tuple[str, ...]) -> list[str]:
         if not column:
             raise ConfigurationError(f"{model._meta.label}.{name} has no column (a relation without one)")
         out.append(column)
-    return out
+    return tuple(out)
 
 
 def apply_tracking(
@@ -111,9 +114,9 @@ def apply_tracking(
         track_table(
             raw,
             table,
-            mask=_columns(model, options["mask"]) or None,
-            exclude=_columns(model, options["exclude"]) or None,
-            keys=_columns(model, options["keys"]) or None,
+            mask=column_names(model, options["mask"]) or None,
+            exclude=column_names(model, options["exclude"]) or None,
+            keys=column_names(model, options["keys"]) or None,
             audit_schema=audit_schema,
         )
         done.append(table)
