@@ -13,6 +13,7 @@ from psycopg import sql
 
 import threadline
 from threadline import ddl
+from threadline.query import CHANGED_FIELDS_SQL
 
 from . import brokers
 from .backends import ADMIN_DSN, report
@@ -72,10 +73,11 @@ def changes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return cur.execute(
         """
         SELECT c.*, t.actor, t.correlation_id, t.request_id, t.causation_id, t.origin, t.job,
-               t.meta, t.context_error, t.xid
+               t.meta, t.context_error, t.xid, c.changed_fields AS stored_changed_fields,
+               {changed} AS changed_fields
           FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id
          ORDER BY c.id
-        """
+        """.replace("{changed}", CHANGED_FIELDS_SQL)
     ).fetchall()
 
 
@@ -101,3 +103,10 @@ def story(conn: psycopg.Connection[Any], dsn: str, posts: str) -> Any:
     from .story import write_story
 
     return write_story(conn, dsn)
+
+
+def changed_before(change: Any) -> dict[str, Any]:
+    """The prior values of the columns an update changed (a change row's dict or a Change)."""
+    if isinstance(change, dict):
+        return {k: change["before"][k] for k in change["changed_fields"]}
+    return {k: change.before[k] for k in change.changed_fields}

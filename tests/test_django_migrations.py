@@ -23,6 +23,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from threadline.query import CHANGED_FIELDS_SQL
+
 DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
 ALIAS = "migrations"
 
@@ -288,7 +290,9 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     assert plain.json()["ctx"]["actor"] == {"type": "anonymous"}  # without the mixin
     with psycopg.connect(mig_dsn) as conn:
         rows = conn.execute(
-            "SELECT c.table_name, c.changed_fields, c.pk, t.actor, t.correlation_id FROM threadline.changes c"
+            "SELECT c.table_name, "
+            + CHANGED_FIELDS_SQL
+            + ", c.pk, t.actor, t.correlation_id FROM threadline.changes c"
             " JOIN threadline.transactions t ON t.id = c.transaction_id"
             " WHERE c.table_name IN ('auth_user', 'shop_purchase') AND c.op <> 'insert' OR t.correlation_id = ANY (%s)",
             [[login["X-Correlation-ID"], api["X-Correlation-ID"], plain["X-Correlation-ID"]]],

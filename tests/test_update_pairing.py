@@ -144,8 +144,7 @@ def test_old_and_new_rows_are_paired_on_this_version(server: tuple[str, int], ca
             assert len(rows) == expected
             for row in rows:  # no key change: the pair must agree on the key and the tag
                 assert (
-                    row["before"] == {"v": row["pk"]["id"]}
-                    and row["after"]["tag"] == f"row-{row['pk']['id']}"
+                    row["before"]["v"] == row["pk"]["id"] and row["after"]["tag"] == f"row-{row['pk']['id']}"
                 )
         else:
             _check_pairs(rows, expected)

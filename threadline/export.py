@@ -41,7 +41,7 @@ from threadline._connection import ConnectionLike, native
 from threadline._run import run, run_async
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.errors import InvalidFilter, SchemaError
-from threadline.query import ActorLike, Filters, check_limit, filters_plan, where_clause
+from threadline.query import CHANGED_FIELDS_SQL, ActorLike, Filters, check_limit, filters_plan, where_clause
 from threadline.records import iso
 
 FORMATS = ("csv", "json", "ndjson")
@@ -154,7 +154,7 @@ _SOURCES: dict[str, sql.Composable] = {
     "table_name": sql.SQL("c.table_name"),
     "op": sql.SQL("c.op"),
     "pk": sql.SQL("c.pk"),
-    "changed_fields": sql.SQL("to_jsonb(c.changed_fields)"),
+    "changed_fields": sql.SQL("to_jsonb(" + CHANGED_FIELDS_SQL + ")"),
     "before": sql.SQL("c.before"),
     "after": sql.SQL("c.after"),
     "occurred_at": _utc_text("t.occurred_at"),

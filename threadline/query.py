@@ -353,9 +353,20 @@ def normalize_key(table: TableRef, pk: Any) -> dict[str, Any]:
 
 # JSON columns come as text: Python parses them (one decoder call each, and a transaction's only
 # once however many of its changes a result holds).
+# An update's changed fields: stored for tables with masked columns (and by older releases),
+# otherwise the keys whose values differ between its two whole-row images, in column order (the
+# schema's changed_fields() function, inlined: the cast to json serves json and jsonb columns).
+CHANGED_FIELDS_SQL = (
+    "CASE WHEN c.op = 'update' AND c.changed_fields IS NULL THEN ARRAY("
+    "SELECT b.key FROM json_each(c.before::json) WITH ORDINALITY AS b(key, value, ord)"
+    " WHERE (c.after::json -> b.key)::text IS DISTINCT FROM b.value::text ORDER BY b.ord)"
+    " ELSE c.changed_fields END"
+)
 CHANGE_COLUMNS = sql.SQL(
     "c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk, "
-    "c.after::text AS after, c.before::text AS before, c.changed_fields, c.captured_at"
+    "c.after::text AS after, c.before::text AS before, "
+    + CHANGED_FIELDS_SQL
+    + " AS changed_fields, c.captured_at"
 )
 CHANGE_COLUMN_NAMES = (
     "id", "transaction_id", "table_schema", "table_name", "op", "pk", "after", "before", "changed_fields",

@@ -133,7 +133,8 @@ class Change:
     after: Mapping[str, Any] | None
     """The row after the change (``None`` for delete and truncate)."""
     before: Mapping[str, Any] | None
-    """Update: prior values of the changed columns; delete: the whole deleted row."""
+    """The whole row before the change (update and delete). Changes recorded by releases before
+    schema version 7 hold only the changed columns of an update."""
     changed_fields: tuple[str, ...] | None
     captured_at: datetime
     transaction: Transaction | None

@@ -73,8 +73,8 @@ CREATE TABLE IF NOT EXISTS @audit@.changes (
     table_name text NOT NULL,
     op text NOT NULL,
     pk jsonb,
-    after jsonb,
-    before jsonb,
+    after json,
+    before json,
     changed_fields text[],
     captured_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (transaction_id, id)
@@ -115,6 +115,28 @@ CREATE INDEX IF NOT EXISTS changes_truncate_idx
     ON @audit@.changes (table_schema, table_name, captured_at) WHERE op = 'truncate';
 CREATE INDEX IF NOT EXISTS actions_correlation_id_idx
     ON @audit@.actions (correlation_id) WHERE correlation_id IS NOT NULL;
+
+-- The images are json (the row's text form: cheaper to build than jsonb, and smaller); schemas
+-- installed before version 7 keep jsonb columns, which capture code fills just the same.
+COMMENT ON COLUMN @audit@.changes.before IS
+    'The whole row before the change (update, delete); excluded columns left out, masked ones replaced.';
+COMMENT ON COLUMN @audit@.changes.changed_fields IS
+    'Stored only for tables with masked columns (and by versions before 7); otherwise changed_fields(before, after).';
+
+-- The columns an update changed, in column order: the keys whose values differ between the two
+-- images (compared as the text capture compared them). What readers use when changed_fields is NULL.
+CREATE OR REPLACE FUNCTION @audit@.changed_fields(before json, after json) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(b.key ORDER BY b.ord), '{}')
+      FROM json_each(before) WITH ORDINALITY AS b(key, value, ord)
+     WHERE (after -> b.key)::text IS DISTINCT FROM b.value::text
+$fn$;
+CREATE OR REPLACE FUNCTION @audit@.changed_fields(before jsonb, after jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(b.key ORDER BY b.key), '{}')
+      FROM jsonb_each(before) AS b(key, value)
+     WHERE (after -> b.key) IS DISTINCT FROM b.value
+$fn$;
 
 DROP FUNCTION IF EXISTS @audit@.valid_text(jsonb);
 -- version 1 decoded the context text in one PL/pgSQL function
@@ -500,6 +522,7 @@ DECLARE
     diff text;
     before text;
     after_update text;
+    image_upd text;
     image_ins text;
     image_del text;
     side_old text;
@@ -522,7 +545,7 @@ BEGIN
       FROM @audit@.table_columns(rel) AS c;
     columns := coalesce(columns, '[]');
     names := coalesce(names, '{}');
-    IF typed AND names && ARRAY['threadline old', 'threadline new', 'threadline rn', 'threadline row', 'threadline raw'] THEN
+    IF typed AND names && ARRAY['threadline old', 'threadline new', 'threadline rn', 'threadline row', 'threadline raw', 'threadline image'] THEN
         problem := 'a column name starting with "threadline " is reserved';
         RETURN;
     END IF;
@@ -545,68 +568,78 @@ BEGIN
                    ' WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1),'
                    ' %1$I.insert_transaction_row()))', audit);
 
+    -- Images are json (the row's text form, built without jsonb's parsing and key sorting). The
+    -- before image of an update is the whole row, so changed fields are derived from the two
+    -- images when read (changed_fields() in this schema); only a table with masked columns, whose
+    -- images cannot show that a masked value changed, stores changed_fields at write time.
     IF typed THEN
         FOR i IN 1 .. cardinality(names) LOOP
             IF names[i] <> ALL (exclude) THEN
                 IF by_text[i] THEN
-                    same := format('%1$s.%3$I::text IS NOT DISTINCT FROM %2$s.%3$I::text', o, n, names[i]);
                     diff := format('%1$s.%3$I::text IS DISTINCT FROM %2$s.%3$I::text', o, n, names[i]);
                 ELSE
-                    same := format('%1$s.%3$I IS NOT DISTINCT FROM %2$s.%3$I', o, n, names[i]);
                     diff := format('%1$s.%3$I IS DISTINCT FROM %2$s.%3$I', o, n, names[i]);
                 END IF;
-                dropped := dropped || format('CASE WHEN %s THEN %L END', same, names[i]);
                 changed := changed || format('CASE WHEN %s THEN %L END', diff, names[i]);
-                distinct_any := distinct_any || diff;
             END IF;
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
             IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
                 pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
                 pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
+                dropped := dropped || format('%L, ''"[masked]"''::jsonb', same);
             ELSE
                 pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
                 pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
+                dropped := dropped || format('%L, %s.%I', same, n, same);
             END IF;
         END LOOP;
         pk := 'jsonb_build_object(' || array_to_string(pk_parts, ', ') || ')';
         pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
-        -- to_jsonb(row) without the helper and excluded keys, masked values replaced
-        image_ins := format('to_jsonb(%s)', n);
-        image_del := format('to_jsonb(%s)', o);
-        after_update := format('to_jsonb(%s)', n);
-        IF cardinality(exclude) > 0 THEN
-            image_ins := format('(%s - %L::text[])', image_ins, exclude);
-            image_del := format('(%s - %L::text[])', image_del, exclude);
+        -- the update's key, read from the paired new row
+        same := 'jsonb_build_object(' || array_to_string(dropped, ', ') || ')';
+        IF cardinality(exclude) = 0 AND cardinality(present_mask) = 0 THEN
+            image_ins := format('to_json(%s)', n);
+            image_del := format('to_json(%s)', o);
+            image_upd := 'to_json("threadline row".*)';
+        ELSE
+            -- to_jsonb(row) without the excluded keys, masked values replaced
+            diff := CASE WHEN cardinality(exclude) > 0 THEN format(' - %L::text[]', exclude) ELSE '' END
+                 || CASE WHEN cardinality(present_mask) > 0
+                         THEN format(' || %L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text)
+                         ELSE '' END;
+            image_ins := format('((to_jsonb(%s)%s)::json)', n, diff);
+            image_del := format('((to_jsonb(%s)%s)::json)', o, diff);
+            image_upd := format('((to_jsonb("threadline row".*)%s)::json)', diff);
         END IF;
-        after_update := format('(%s - %L::text[])', after_update, ARRAY['threadline rn'] || exclude);
-        IF cardinality(present_mask) > 0 THEN
-            same := format('%L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text);
-            image_ins := format('(%s || %s)', image_ins, same);
-            image_del := format('(%s || %s)', image_del, same);
-            after_update := format('(%s || %s)', after_update, same);
-        END IF;
-        before := format('(to_jsonb(%s) - ARRAY[%s]::text[])', o,
-                         array_to_string(ARRAY(SELECT quote_literal(x) FROM unnest(ARRAY['threadline rn'] || exclude) AS x) || dropped, ', '));
-        FOREACH same IN ARRAY present_mask LOOP
-            i := array_position(names, same);
-            diff := CASE WHEN by_text[i] THEN format('%1$s.%3$I::text IS DISTINCT FROM %2$s.%3$I::text', o, n, same)
-                         ELSE format('%1$s.%3$I IS DISTINCT FROM %2$s.%3$I', o, n, same) END;
-            before := format('(%s || CASE WHEN %s THEN %L::jsonb ELSE ''{}''::jsonb END)', before, diff,
-                             jsonb_build_object(same, '[masked]'::text)::text);
-        END LOOP;
-        side_old := format('(SELECT row_number() OVER () AS "threadline rn", "threadline row".* FROM threadline_old AS "threadline row") AS %s', o);
-        side_new := format('(SELECT row_number() OVER () AS "threadline rn", "threadline row".* FROM threadline_new AS "threadline row") AS %s', n);
-        any_changed := array_to_string(distinct_any, ' OR ');
+        -- each side's image is built where the transition table is scanned; the columns beside it
+        -- serve the key and the comparisons
+        -- (all of them with masked columns; the key columns otherwise)
+        diff := CASE WHEN cardinality(present_mask) > 0 THEN '"threadline row".*'
+                     ELSE array_to_string(ARRAY(SELECT format('"threadline row".%I', x) FROM unnest(key_columns) AS x
+                                                 WHERE x <> ALL (mask || exclude)), ', ') END;
+        side_old := format('(SELECT row_number() OVER () AS "threadline rn", %s AS "threadline image"%s FROM threadline_old AS "threadline row") AS %s',
+                           image_upd, CASE WHEN diff <> '' THEN ', ' || diff ELSE '' END, o);
+        side_new := format('(SELECT row_number() OVER () AS "threadline rn", %s AS "threadline image"%s FROM threadline_new AS "threadline row") AS %s',
+                           image_upd, CASE WHEN diff <> '' THEN ', ' || diff ELSE '' END, n);
+        after_update := n || '."threadline image"';
+        before := o || '."threadline image"';
+        -- with masked columns, what changed is computed here (the images show masked values as
+        -- equal); otherwise the images tell, compared as text
+        any_changed := CASE WHEN cardinality(present_mask) > 0 THEN 'cardinality(i.changed_fields) > 0'
+                            ELSE 'i.after::text IS DISTINCT FROM i.before::text' END;
         body := concat_ws(E'\n',
             'BEGIN',
             '  IF TG_OP = ''UPDATE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
-            format('           %s, %s, %s,', pk, after_update, before),
-            format('           array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')),
-            format('      FROM %s', side_old),
-            format('      JOIN %s ON %s."threadline rn" = %s."threadline rn"', side_new, o, n),
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
+            format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', same, after_update, before),
+            format('                   %s AS changed_fields',
+                   CASE WHEN cardinality(present_mask) > 0
+                        THEN format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', '))
+                        ELSE 'NULL::text[]' END),
+            format('              FROM %s', side_old),
+            format('              JOIN %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', side_new, o, n),
             format('     WHERE %s;', any_changed),
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
@@ -617,10 +650,11 @@ BEGIN
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
             format('      FROM threadline_old AS %s;', o));
     ELSE
-        -- drift-safe: every column is read from to_jsonb(row) (alias.j), by key; OFFSET 0 keeps the
-        -- planner from pulling the subquery up, which would compute to_jsonb() once per use
+        -- drift-safe: every column is read from the row's image (alias.j), by key; OFFSET 0 keeps the
+        -- planner from pulling the subquery up, which would compute the image once per use. Without
+        -- masks or excludes the image is json and changed fields are derived when read; with them
+        -- it is jsonb (masks apply by name), cast to json when stored, and changed_fields is stored.
         FOREACH same IN ARRAY tracked LOOP
-            dropped := dropped || format('CASE WHEN %1$s.j -> %3$L IS NOT DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
             changed := changed || format('CASE WHEN %1$s.j -> %3$L IS DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
@@ -637,8 +671,7 @@ BEGIN
         -- masks by name, for any column that has the name now (jsonb_set without create)
         image_ins := CASE WHEN cardinality(exclude) > 0 THEN format('(%s.j - %L::text[])', n, exclude) ELSE n || '.j' END;
         image_del := CASE WHEN cardinality(exclude) > 0 THEN format('(%s.j - %L::text[])', o, exclude) ELSE o || '.j' END;
-        before := format('(%s.j - ARRAY[%s]::text[])', o,
-                         array_to_string(ARRAY(SELECT quote_literal(x) FROM unnest(exclude) AS x) || dropped, ', '));
+        before := image_del;
         FOREACH same IN ARRAY ARRAY(SELECT DISTINCT (m COLLATE "C") FROM unnest(mask) AS m WHERE m <> ALL (exclude) ORDER BY 1) LOOP
             image_ins := format('jsonb_set(%s, %L, ''"[masked]"'', false)', image_ins, ARRAY[same]);
             image_del := format('jsonb_set(%s, %L, ''"[masked]"'', false)', image_del, ARRAY[same]);
@@ -662,18 +695,25 @@ BEGIN
              WHERE c.name = ANY (mask || exclude);
             guard_check := '  drifted := ' || guard_check || ';';
         END IF;
-        side_old := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row".*) AS j FROM threadline_old AS "threadline row") AS %s', o);
-        side_new := format('(SELECT row_number() OVER () AS rn, to_jsonb("threadline row".*) AS j FROM threadline_new AS "threadline row") AS %s', n);
+        same := CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END;
+        side_old := format('(SELECT row_number() OVER () AS rn, %s("threadline row".*) AS j FROM threadline_old AS "threadline row") AS %s', same, o);
+        side_new := format('(SELECT row_number() OVER () AS rn, %s("threadline row".*) AS j FROM threadline_new AS "threadline row") AS %s', same, n);
         any_changed := CASE WHEN cardinality(exclude) > 0
                             THEN format('(%1$s.j - %3$L::text[]) IS DISTINCT FROM (%2$s.j - %3$L::text[])', o, n, exclude)
+                            WHEN guard_check IS NULL THEN format('%1$s.j::text IS DISTINCT FROM %2$s.j::text', o, n)
                             ELSE format('%1$s.j IS DISTINCT FROM %2$s.j', o, n) END;
+        IF guard_check IS NOT NULL THEN
+            image_ins := image_ins || '::json';
+            image_del := image_del || '::json';
+            before := before || '::json';
+        END IF;
         -- each statement twice when guarded: as is, and with every value masked (two statements,
         -- not one with a parameter, so each keeps one generic plan instead of being planned again)
         FOR k IN 0 .. CASE WHEN guard_check IS NULL THEN 0 ELSE 1 END LOOP
             IF k = 1 THEN
-                image_ins := format('%1$I.mask_all(%2$s)', audit, image_ins);
-                image_del := format('%1$I.mask_all(%2$s)', audit, image_del);
-                before := format('%1$I.mask_all(%2$s)', audit, before);
+                image_ins := format('%1$I.mask_all(%2$s)::json', audit, left(image_ins, -6));
+                image_del := format('%1$I.mask_all(%2$s)::json', audit, left(image_del, -6));
+                before := format('%1$I.mask_all(%2$s)::json', audit, left(before, -6));
                 pk := format('%1$I.mask_all(%2$s)', audit, pk);
                 pk_old := format('%1$I.mask_all(%2$s)', audit, pk_old);
             END IF;
@@ -681,18 +721,21 @@ BEGIN
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
                 format('           %s, %s, %s,', pk, image_ins, before),
-                format('           array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')),
+                format('           %s', CASE WHEN guard_check IS NULL THEN 'NULL::text[]'
+                                             ELSE format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')) END),
                 format('      FROM %s', side_old),
                 format('      JOIN %s ON %s.rn = %s.rn', side_new, o, n),
                 format('     WHERE %s;', any_changed));
             ins := ins || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
-                format('      FROM (SELECT to_jsonb("threadline row".*) AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s;', n));
+                format('      FROM (SELECT %s("threadline row".*) AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s;',
+                       CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, n));
             del := del || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
-                format('      FROM (SELECT to_jsonb("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;', o));
+                format('      FROM (SELECT %s("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;',
+                       CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, o));
         END LOOP;
         k := 0;
         SELECT nc.nspname, c.relname INTO live_schema, live_name
