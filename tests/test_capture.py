@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Any
 
 import psycopg
@@ -235,6 +237,27 @@ DECODER_CORPUS = [
     '{"v":1,"meta":{"n":1e999999}}',  # out of numeric's range
     '{"v":1,"meta":' + "[" * 8000 + "]" * 8000 + "}",  # deeply nested, within the size cap
     '{"v":1,"meta":{"big":"' + "m" * 17000 + '"}}',
+    # short contexts the first check accepts or passes on, at its edges
+    '{"v":1.0,"correlation_id":"c"}',
+    '{ "v": 1, "correlation_id": "c" }',
+    '{"v":1,"v":2}',
+    '{"v":1,"correlation_id":"a\\"b"}',  # an escaped quote: valid, through the complete checks
+    '{"v":1,"correlation_id":"caf\\u00e9"}',
+    '{"v":1,"actor":{"type":"anonymous"}}',
+    '{"v":1,"actor":{"display":"Guest","type":"anonymous"}}',
+    '{"v":1,"actor":{"type":"user"}}',
+    '{"v":1,"actor":{"type":"User","id":"1"}}',
+    '{"v":1,"actor":{"type":"a1_","id":"1"}}',
+    '{"v":1,"actor":{"type":"' + "a" * 32 + '","id":"1"}}',
+    '{"v":1,"actor":{"type":"' + "a" * 33 + '","id":"1"}}',
+    '{"v":1,"actor":{"type":"user","id":"1","display":""}}',
+    '{"v":1,"job":{"id":"x","args":[1,{"k":"v"}]},"meta":{"k":[1,2]}}',
+    '{"v":1,"job":{"id":"x"},"meta":[1]}',
+    '{"v":1,"origin":""}',
+    '{"v":1,"request_id":"' + "r" * 250 + '"}',  # 275 bytes or less: the first check
+    '{"v":1,"request_id":"' + "r" * 256 + '"}',
+    '{"v":1,"request_id":"' + "é" * 200 + '"}',  # more than 275 bytes, 200 characters
+    '{"v":1,"correlation_id":"a‏b","origin":"web"}',
 ]
 
 
@@ -265,7 +288,7 @@ def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn
         ).fetchone()
         == (True,)
     ]
-    assert len(valid) == 9, valid  # the corpus covers both paths
+    assert len(valid) == 21, valid  # the corpus covers both paths
 
 
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:
@@ -566,3 +589,47 @@ def test_context_parsing_catches_only_the_errors_of_unacceptable_json(conn: Conn
         ).fetchone()  # type: ignore[misc]
         assert "WHEN others" not in src, fn
         assert "invalid_text_representation" in src and "untranslatable_character" in src, fn
+
+
+def test_generated_contexts_decode_as_decode_context_does(conn: Conn) -> None:
+    # contexts assembled at random from valid and invalid pieces: the first check (short, no
+    # backslash) must never accept what the complete checks refuse, nor store other fields
+    rnd = random.Random(7)
+    texts = ["c", "", "a b", "é✓", "a\u0085b", "a\u202eb", 'q"q', "x" * 40, "a\\b"]
+    values: list[Any] = [*texts, 1, 1.0, None, True, [], ["c"], {}, {"k": "v"}]
+    actors: list[Any] = [
+        {"type": "user", "id": "42"},
+        {"type": "anonymous"},
+        {"type": "user"},
+        {"type": "User", "id": "1"},
+        {"type": "user", "id": "1", "display": "D"},
+        {"type": "user", "id": 1},
+        {"type": "user", "id": "1", "extra": 1},
+        "user:1",
+        [],
+    ]
+    fields = "actor, correlation_id, request_id, causation_id, origin, job, meta, context_error"
+    for _ in range(400):
+        ctx: dict[str, Any] = {"v": rnd.choice([1, 1, 1, 1.0, 2, "1", [1]])}
+        for name in ("correlation_id", "request_id", "causation_id", "origin", "incoming_error"):
+            if rnd.random() < 0.3:
+                ctx[name] = rnd.choice(values)
+        for name in ("job", "meta"):
+            if rnd.random() < 0.2:
+                ctx[name] = rnd.choice([{}, {"id": "t"}, [], "j", {"n": [1, {"k": None}]}])
+        if rnd.random() < 0.6:
+            ctx["actor"] = rnd.choice(actors)
+        if rnd.random() < 0.05:
+            ctx["unknown"] = 1
+        raw = json.dumps(ctx, ensure_ascii=rnd.random() < 0.3, separators=(",", ":"))
+        with conn.transaction():
+            conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+            tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
+            stored = conn.execute(
+                f"SELECT {fields} FROM threadline.transactions WHERE id = %s", tx
+            ).fetchone()
+            decoded = conn.execute(
+                f"SELECT {fields} FROM threadline.parse_context(%s) AS p, threadline.decode_context(p.j, p.err)",
+                [raw],
+            ).fetchone()
+        assert stored == decoded, raw
