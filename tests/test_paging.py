@@ -242,3 +242,49 @@ def test_export_reads_one_snapshot_also_on_a_bridged_connection_under_a_context(
         again = threadline.export(conn, io.StringIO(), "csv", table="app.items", after=first.cursor)
         assert (first, again) == (2, 1)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.mark.parametrize("limit", [1, 3, 50])
+def test_table_pages_read_in_windows_of_capture_time_miss_nothing(
+    conn: Conn, items: None, limit: int
+) -> None:
+    # a table's page is looked for in growing windows of capture time (an hour, a day, a week, a
+    # month, then everything): changes spread over 90 days, sparse and dense, come back in order
+    conn.execute("CREATE TABLE app.other (id int PRIMARY KEY)")
+    ddl.track(conn, "app.other")
+    rnd = random.Random(limit)
+    for i in range(40):
+        conn.execute("INSERT INTO app.items VALUES (%s, 'x')", (i,))
+        conn.execute("INSERT INTO app.other VALUES (%s)", (i,))
+    hours = sorted(rnd.choice([0, 0, 1, 5, 30, 200, 900, 2000]) + rnd.random() for _ in range(40))
+    rows = conn.execute("SELECT id FROM threadline.changes WHERE table_name = 'items' ORDER BY id").fetchall()
+    for (change_id,), h in zip(rows, hours, strict=True):
+        conn.execute(
+            "UPDATE threadline.changes SET captured_at = now() - interval '2200 hours' + %s * interval '1 hour'"
+            " WHERE id = %s",
+            (h, change_id),
+        )
+    conn.execute(  # a transaction starts before its changes are captured
+        "UPDATE threadline.transactions t SET occurred_at = c.captured_at - interval '1 second'"
+        "  FROM threadline.changes c WHERE c.transaction_id = t.id AND c.table_name = 'items'"
+    )
+    expected = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM threadline.changes WHERE table_name = 'items' ORDER BY captured_at, id"
+        ).fetchall()
+    ]
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page = threadline.timeline(conn, table="app.items", limit=limit, after=cursor)
+        seen.extend(c.id for c in page)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == expected
+    # bounded by until, and by since: the same order, cut
+    cut = conn.execute("SELECT now() - interval '1000 hours'").fetchone()[0]  # type: ignore[index]
+    early = threadline.timeline(conn, table="app.items", until=cut, limit=100)
+    late = threadline.timeline(conn, table="app.items", since=cut, limit=100)
+    assert [c.id for c in early] + [c.id for c in late] == expected
