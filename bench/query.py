@@ -342,6 +342,9 @@ def explains(conn: psycopg.Connection[Any], size: Size) -> dict[str, str]:
             conn,
             q._actor_history_plan("user:17", BASE + timedelta(days=10), BASE + timedelta(days=11), None, s),
         ),
+        "timeline(table) first page": explain(
+            conn, q._timeline_plan(None, "app.t05", None, None, None, None, 100, None, s)
+        ),
     }
 
 
