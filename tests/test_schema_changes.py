@@ -501,6 +501,22 @@ def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: En
         assert [r[0] for r in rows] == ["insert", "update"]
         assert rows[1][1] == {"id": 1, "card": "[masked]"}
         assert SECRET_1 not in str(rows) and HIDDEN_1 not in str(rows)
+        # an upgraded schema keeps its jsonb images; capture fills them, and readers derive the
+        # changed fields of a table without masks from them
+        types = conn.execute(
+            "SELECT array_agg(format_type(atttypid, atttypmod) ORDER BY attname) FROM pg_attribute"
+            " WHERE attrelid = 'audit_old.changes'::regclass AND attname IN ('after', 'before')"
+        ).fetchone()
+        assert types == (["jsonb", "jsonb"],)
+        conn.execute("CREATE TABLE old_app.plain (id int PRIMARY KEY, a int, b text)")
+        ddl.track(conn, "old_app.plain", audit_schema="audit_old")
+        conn.execute("INSERT INTO old_app.plain VALUES (1, 1, 'x')")
+        conn.execute("UPDATE old_app.plain SET b = 'y'")
+        (update, insert) = threadline.history(conn, "old_app.plain", 1, audit_schema="audit_old")
+        assert (update.op, update.changed_fields, update.before) == ("update", ("b",), {"id": 1, "a": 1, "b": "x"})
+        assert insert.op == "insert" and insert.after == {"id": 1, "a": 1, "b": "x"}
+        (card_update, _) = threadline.history(conn, "old_app.orders", 1, audit_schema="audit_old")
+        assert card_update.changed_fields == ("card",)
     finally:
         conn.execute("DROP SCHEMA old_app CASCADE")
         conn.execute("DROP SCHEMA audit_old CASCADE")
