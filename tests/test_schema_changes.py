@@ -513,7 +513,11 @@ def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: En
         conn.execute("INSERT INTO old_app.plain VALUES (1, 1, 'x')")
         conn.execute("UPDATE old_app.plain SET b = 'y'")
         (update, insert) = threadline.history(conn, "old_app.plain", 1, audit_schema="audit_old")
-        assert (update.op, update.changed_fields, update.before) == ("update", ("b",), {"id": 1, "a": 1, "b": "x"})
+        assert (update.op, update.changed_fields, update.before) == (
+            "update",
+            ("b",),
+            {"id": 1, "a": 1, "b": "x"},
+        )
         assert insert.op == "insert" and insert.after == {"id": 1, "a": 1, "b": "x"}
         (card_update, _) = threadline.history(conn, "old_app.orders", 1, audit_schema="audit_old")
         assert card_update.changed_fields == ("card",)
