@@ -22,7 +22,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
-from threadline import codec
+from threadline import fields
 from threadline._connection import ConnectionLike, native
 from threadline._run import Plan, Query, run, run_async
 from threadline.actor import FORBIDDEN_TEXT, FORBIDDEN_TEXT_RE, ActorRef
@@ -98,11 +98,11 @@ def _record_plan(
     audit = _audit(audit_schema)
     ctx = current()
     try:
-        who = codec.check_actor(actor) if actor is not None else ctx.actor
+        who = fields.check_actor(actor) if actor is not None else ctx.actor
     except InvalidActor as exc:
         raise InvalidAction(f"actor: {exc.problem}") from exc
     try:
-        plain_meta = codec.check_mapping("meta", meta)
+        plain_meta = fields.check_mapping("meta", meta)
     except InvalidContext as exc:
         raise InvalidAction(f"meta {exc.problem}") from exc
     job_id = ctx.job.get("id") if ctx.job else None

@@ -6,10 +6,10 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import psycopg
@@ -17,65 +17,20 @@ import psycopg
 from threadline import __version__, query
 from threadline.actions import list_actions
 from threadline.actor import ActorRef
+from threadline.cli_connect import F, connect, dsn_option
+from threadline.cli_demo import demo
 from threadline.cli_help import ALL_EXAMPLES, audit_schema_option, examples
+from threadline.cli_ops import coverage, purge
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
 from threadline.ddl.names import qualified_name
 from threadline.diff import diff
-from threadline.errors import AsOfError, InvalidActor, QueryError, SchemaError, ThreadlineError, TrackingError
+from threadline.errors import AsOfError, InvalidActor, QueryError, SchemaError, TrackingError
 from threadline.export import FORMATS
 from threadline.export import export as export_changes
 from threadline.query import MAX_LIMIT
 from threadline.records import OPS, Change
 from threadline.tracing import format_key
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _dsn_option(func: F) -> F:
-    return click.option(
-        "--dsn",
-        metavar="DSN",
-        help="PostgreSQL connection string (default: $THREADLINE_DSN, then $DATABASE_URL).",
-    )(func)
-
-
-def _resolve_dsn(dsn: str | None) -> str:
-    found = dsn or os.environ.get("THREADLINE_DSN") or os.environ.get("DATABASE_URL")
-    if not found:
-        raise click.UsageError("no database given: pass --dsn or set THREADLINE_DSN or DATABASE_URL")
-    return found
-
-
-def _fail(message: str, hint: str | None = None) -> None:
-    click.echo(f"Error: {message}", err=True)
-    if hint:
-        click.echo(f"Hint: {hint}", err=True)
-    sys.exit(1)
-
-
-@contextmanager
-def _connect(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
-    """Connect, and turn database and threadline errors into one clear line and an exit code."""
-    url = _resolve_dsn(dsn)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            yield conn
-    except TrackingError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except SchemaError as exc:
-        _fail(str(exc))
-    except ThreadlineError as exc:
-        _fail(str(exc))
-    except psycopg.OperationalError as exc:
-        _fail(
-            str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot connect",
-            "check the DSN and that PostgreSQL is running and reachable",
-        )
-    except psycopg.Error as exc:
-        diag = getattr(exc, "diag", None)
-        hint = getattr(diag, "message_hint", None) if diag else None
-        _fail(str(exc).strip().splitlines()[0], hint or "the statement was rolled back; nothing changed")
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -104,7 +59,7 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
 
 
 @cli.command(epilog=examples("install"))
-@_dsn_option
+@dsn_option
 @audit_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it (no database needed).")
 @click.option("--app-role", metavar="ROLE", help="Let ROLE read the audit tables but never write them.")
@@ -130,7 +85,7 @@ def install(
         ddl_schema.install_sql(audit_schema)
     except SchemaError as exc:
         raise click.UsageError(str(exc)) from exc
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         result = ddl_schema.install(conn, audit_schema, app_role=app_role)
     if not result.changed:
         click.echo(f"schema {audit_schema} is up to date (version {result.version})")
@@ -163,7 +118,7 @@ def install(
     is_flag=True,
     help="Refuse a column whose name looks secret and is neither masked nor excluded.",
 )
-@_dsn_option
+@dsn_option
 @audit_schema_option
 @click.option(
     "--print-sql",
@@ -203,7 +158,7 @@ def track(
             except (TrackingError, SchemaError) as exc:
                 raise click.UsageError(str(exc)) from exc
         return
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         for table in tables:
             result = triggers.track(conn, table, **options)
             _print_track(result)
@@ -245,7 +200,7 @@ def _print_track(result: triggers.TrackResult) -> None:
 @cli.command(epilog=examples("untrack"))
 @click.argument("tables", nargs=-1, metavar="[SCHEMA.]TABLE...")
 @click.option("--prune", is_flag=True, help="Also remove capture code whose table or registry row is gone.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the SQL-API statement for a migration instead.")
 def untrack(
@@ -263,7 +218,7 @@ def untrack(
             except (TrackingError, SchemaError) as exc:
                 raise click.UsageError(str(exc)) from exc
         return
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         for table in tables:
             if triggers.untrack(conn, table, audit_schema=audit_schema):
                 click.echo(f"stopped tracking {table}")
@@ -286,12 +241,12 @@ def _sync_name(action: triggers.SyncAction) -> str:
 @cli.command(epilog=examples("sync"))
 @click.option("--no-prune", is_flag=True, help="Keep capture code whose table or registry row is gone.")
 @click.option("--check", is_flag=True, help="Change nothing: exit 1 if any table needs a sync.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> None:
     """Bring every tracked table to its stored configuration (after renames and column changes,
     or an upgrade) and remove capture code whose table is gone."""
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         if check:
             # what a sync would change (a disabled trigger is left to whoever disabled it)
             stale = [
@@ -392,7 +347,7 @@ def _reader(dsn: str | None, audit_schema: str) -> Iterator[psycopg.Connection[A
         ddl_schema.install_sql(audit_schema)
     except SchemaError as exc:
         raise click.UsageError(str(exc)) from exc
-    with _connect(dsn) as conn, _query_errors():
+    with connect(dsn) as conn, _query_errors():
         ddl_schema.require_installed(conn, audit_schema)
         yield conn
 
@@ -442,7 +397,7 @@ def _echo_json(value: Any) -> None:
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True, help="Page size.")
 @click.option("--after", metavar="CURSOR", help="Continue after the page that printed this cursor.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def timeline(
     correlation_id: str | None,
@@ -536,7 +491,7 @@ def _history_lines(change: Change) -> list[str]:
 @click.option("--as-of", "as_of", metavar="WHEN", callback=_when, help="Show the row as it was then instead.")
 @click.option("--limit", type=click.IntRange(1), help="Only the newest N changes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def history(
     table: str,
@@ -585,7 +540,7 @@ def history(
     help="Changes listed per transaction.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None, audit_schema: str) -> None:
     """The story of one request: request → tasks → transactions → changes."""
@@ -615,7 +570,7 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
     type=click.Path(dir_okay=False),
     help="Resume from the cursor in PATH (if it exists) and save the new one there after a successful export.",
 )
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def export(
     correlation_id: str | None,
@@ -712,7 +667,7 @@ def _write_cursor_file(path: str, cursor: str) -> None:
 @click.option("--until", metavar="WHEN", callback=_when, help="Recorded before (2h, ISO time).")
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def actions(
     correlation_id: str | None,
@@ -757,13 +712,8 @@ def actions(
     click.echo(_aligned(("RECORDED (UTC)", "NAME", "STATUS", "ACTOR", "CORRELATION", "REASON"), rows))
 
 
-from threadline.cli_ops import coverage, purge  # noqa: E402 - operations commands
-
 cli.add_command(purge)
 cli.add_command(coverage)
-
-from threadline.cli_demo import demo  # noqa: E402 - the demo command
-
 cli.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,11 +10,11 @@ import json
 import logging
 import sys
 from datetime import timedelta
-from typing import Any
 
 import click
 
 from threadline import health, retention
+from threadline.cli_connect import connect, dsn_option
 from threadline.cli_help import audit_schema_option, examples
 from threadline.ddl import schema as ddl_schema
 from threadline.errors import CoverageError, RetentionError, SchemaError
@@ -45,14 +45,6 @@ def _log_to_stderr(verbose: bool) -> None:
     root = logging.getLogger("threadline")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-
-
-def _dsn_option(func: Any) -> Any:
-    return click.option(
-        "--dsn",
-        metavar="DSN",
-        help="PostgreSQL connection string (default: $THREADLINE_DSN, then $DATABASE_URL).",
-    )(func)
 
 
 def _percent(part: int, whole: int) -> str:
@@ -89,7 +81,7 @@ def _percent(part: int, whole: int) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each batch to stderr.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def purge(
     older_than: timedelta,
@@ -107,11 +99,10 @@ def purge(
 
     Each batch is its own short transaction: safe to interrupt and run again.
     """
-    from threadline.cli import _connect  # threadline.cli registers these commands at its end
 
     _audit_schema(audit_schema)
     _log_to_stderr(verbose)
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         try:
             result = retention.purge(
                 conn,
@@ -162,7 +153,7 @@ def purge(
 )
 @click.option("--all", "show_all", is_flag=True, help="List untracked tables too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_dsn_option
+@dsn_option
 @audit_schema_option
 def coverage(
     expect: str | None,
@@ -175,7 +166,6 @@ def coverage(
 ) -> None:
     """Which tables are captured (installed, enabled, current) and which code paths write
     without context. With --expect, a CI gate: exit 1 unless every named table is covered."""
-    from threadline.cli import _connect  # threadline.cli registers these commands at its end
 
     _audit_schema(audit_schema)
     expected = [p.strip() for p in (expect or "").split(",") if p.strip()]
@@ -183,7 +173,7 @@ def coverage(
         raise click.BadParameter("name at least one table", param_hint="--expect")
     if since <= timedelta(0):
         raise click.BadParameter("must be positive", param_hint="--since")
-    with _connect(dsn) as conn:
+    with connect(dsn) as conn:
         try:
             report = health.coverage(
                 conn, expect=expected, schemas=list(schemas) or None, since=since, audit_schema=audit_schema

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -17,7 +18,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
-from threadline import codec
+from threadline import fields
 from threadline.actor import ActorRef
 from threadline.errors import InvalidContext
 
@@ -50,11 +51,11 @@ class AuditContext:
     incoming_error: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "actor", codec.check_actor(self.actor))
-        for name in codec.TEXT_FIELDS:
-            codec.check_text(name, getattr(self, name))
-        for name in codec.MAPPING_FIELDS:
-            plain = codec.check_mapping(name, getattr(self, name))
+        object.__setattr__(self, "actor", fields.check_actor(self.actor))
+        for name in fields.TEXT_FIELDS:
+            fields.check_text(name, getattr(self, name))
+        for name in fields.MAPPING_FIELDS:
+            plain = fields.check_mapping(name, getattr(self, name))
             object.__setattr__(self, name, None if plain is None else MappingProxyType(plain))
 
     @classmethod
@@ -63,31 +64,42 @@ class AuditContext:
         every field themselves (``job``/``meta`` must be plain JSON-compatible dicts)."""
         ctx = object.__new__(cls)
         state = ctx.__dict__
-        for name in codec.ALL_FIELDS:
+        for name in fields.ALL_FIELDS:
             state[name] = values.get(name)
-        for name in codec.MAPPING_FIELDS:
+        for name in fields.MAPPING_FIELDS:
             if state[name] is not None:
                 state[name] = MappingProxyType(state[name])
         return ctx
 
     def __hash__(self) -> int:
-        return hash(codec.dumps(codec.to_dict(self)))
+        return hash(fields.dumps(self.to_dict()))
 
     @cached_property
     def is_empty(self) -> bool:
         """True when no field is set."""
-        return all(getattr(self, name) is None for name in codec.ALL_FIELDS)
+        return all(getattr(self, name) is None for name in fields.ALL_FIELDS)
 
     def merged(self, **changes: Any) -> AuditContext:
         """A copy with ``changes`` layered on top (``None`` clears a field)."""
-        unknown = set(changes) - set(codec.ALL_FIELDS)
+        unknown = set(changes) - set(fields.ALL_FIELDS)
         if unknown:
             raise InvalidContext(sorted(unknown)[0], "is not an audit context field")
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical dict form (see :mod:`threadline.codec`)."""
-        return codec.to_dict(self)
+        """The canonical dict form (see :mod:`threadline.codec`): ``v`` and the fields set."""
+        out: dict[str, Any] = {"v": fields.VERSION}
+        if self.actor is not None:
+            out["actor"] = self.actor.to_dict()
+        for name in fields.TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        for name in fields.MAPPING_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = dict(value)
+        return out
 
     def to_json(self) -> str:
         """The canonical JSON text (see :mod:`threadline.codec`)."""
@@ -96,12 +108,52 @@ class AuditContext:
     @cached_property
     def _encoded(self) -> str:
         # Encoded once per context object: it is applied to every transaction opened under it.
-        return codec.encode(self)
+        try:
+            text = fields.dumps(self.to_dict())
+        except (TypeError, ValueError) as exc:
+            raise InvalidContext("context", f"cannot be encoded as JSON: {exc}") from exc
+        size = len(text.encode())
+        cap = fields.limits().max_encoded_bytes
+        if size > cap:
+            raise InvalidContext("context", f"encodes to {size} bytes; the limit is {cap}")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AuditContext:
+        """Rebuild and validate a context from its dict form (as :meth:`to_dict` gives it)."""
+        if not isinstance(data, Mapping):
+            raise InvalidContext("context", f"must be a JSON object, got {type(data).__name__}")
+        version = data.get("v")
+        if version != fields.VERSION or isinstance(version, bool):
+            raise InvalidContext(
+                "v", f"unsupported version {version!r}; this release reads version {fields.VERSION}"
+            )
+        unknown = set(data) - {"v", *fields.ALL_FIELDS}
+        if unknown:
+            raise InvalidContext("context", f"unknown fields {sorted(unknown)[:5]}")
+        return cls(
+            actor=ActorRef.from_dict(data["actor"]) if data.get("actor") is not None else None,
+            **{name: data.get(name) for name in (*fields.TEXT_FIELDS, *fields.MAPPING_FIELDS)},
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> AuditContext:
         """Parse and validate canonical JSON text."""
-        return codec.decode(text)
+        if isinstance(text, bytes):
+            try:
+                text = text.decode()
+            except UnicodeDecodeError as exc:
+                raise InvalidContext("context", "is not valid UTF-8") from exc
+        if not isinstance(text, str):
+            raise InvalidContext("context", f"must be JSON text, got {type(text).__name__}")
+        cap = fields.limits().max_encoded_bytes
+        if len(text.encode()) > cap:
+            raise InvalidContext("context", f"is larger than {cap} bytes")
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except ValueError as exc:
+            raise InvalidContext("context", f"is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
 
 
 EMPTY = AuditContext()
@@ -192,3 +244,7 @@ class context:  # noqa: N801 - used like a function: ``with threadline.context(.
                 return func(*args, **kwargs)
 
         return cast(F, wrapper)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

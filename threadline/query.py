@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from threadline import codec, paging
+from threadline import fields, paging
 from threadline._connection import ConnectionLike
 from threadline._run import Plan, Query, Rows, run, run_async
 from threadline.actor import ActorRef
@@ -103,7 +103,7 @@ def check_op(op: str | None) -> str | None:
 def check_actor(actor: ActorLike | None) -> ActorRef | None:
     """An actor filter as an :class:`ActorRef` (``"user:42"`` text is parsed)."""
     try:
-        return codec.check_actor(actor)
+        return fields.check_actor(actor)
     except InvalidActor as exc:
         raise InvalidFilter(f"actor: {exc.problem}") from exc
 
@@ -113,7 +113,7 @@ def check_text_filter(name: str, value: str | None) -> str | None:
     if value is None:
         return None
     try:
-        return codec.check_text(name, value)
+        return fields.check_text(name, value)
     except InvalidContext as exc:
         raise InvalidFilter(f"{name} {exc.problem}") from exc
 

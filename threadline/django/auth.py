@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from threadline import codec
+from threadline import fields
 from threadline.actor import ActorRef
 from threadline.context import _current, current
 
@@ -27,7 +27,7 @@ def set_actor(actor: ActorRef | str | None) -> None:
     ctx = current()
     if ctx.is_empty:
         return
-    checked = codec.check_actor(actor)
+    checked = fields.check_actor(actor)
     if checked != ctx.actor:
         _current.set(ctx.merged(actor=checked))
 

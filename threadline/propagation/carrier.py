@@ -28,6 +28,7 @@ from threadline import codec
 from threadline.actor import FORBIDDEN_TEXT_RE, ActorRef
 from threadline.context import AuditContext, current
 from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
+from threadline.fields import ALL_FIELDS, TEXT_FIELDS, VERSION, check_mapping, check_text, dumps, limits
 
 HEADER = "threadline"
 """The key (message header name) the context travels under."""
@@ -45,9 +46,9 @@ DEFAULT_MAX_BYTES = 8192
 
 # set by the receiving side only: where the work runs, and why it refused what it received
 _LOCAL_FIELDS = ("origin", "job", "incoming_error")
-_CARRIED = frozenset({"v", BINDING_FIELD, EXPIRY_FIELD, *codec.ALL_FIELDS}) - set(_LOCAL_FIELDS)
+_CARRIED = frozenset({"v", BINDING_FIELD, EXPIRY_FIELD, *ALL_FIELDS}) - set(_LOCAL_FIELDS)
 _CARRIED_TEXT = ("correlation_id", "request_id", "causation_id")
-_CARRIED_TEXT_CHECKED = tuple(name for name in codec.TEXT_FIELDS if name in _CARRIED)
+_CARRIED_TEXT_CHECKED = tuple(name for name in TEXT_FIELDS if name in _CARRIED)
 
 
 def check_signing_keys(keys: Iterable[str | bytes] | None) -> tuple[bytes, ...]:
@@ -64,7 +65,7 @@ def check_signing_keys(keys: Iterable[str | bytes] | None) -> tuple[bytes, ...]:
 
 def wire_dict(ctx: AuditContext, *, keep_incoming_error: bool = False) -> dict[str, Any]:
     """The carried part of ``ctx`` as its canonical dict (without signature), as is."""
-    out: dict[str, Any] = {"v": codec.VERSION}
+    out: dict[str, Any] = {"v": VERSION}
     if ctx.actor is not None:
         out["actor"] = ctx.actor.to_dict()
     for name in _CARRIED_TEXT:
@@ -89,7 +90,7 @@ def sender_id(ctx: AuditContext) -> str | None:
 
 def safe_id(value: object) -> str | None:
     """``value`` when it is usable as an audit id (1-256 characters, no control characters)."""
-    if not isinstance(value, str) or not 0 < len(value) <= codec.limits().max_id_length:
+    if not isinstance(value, str) or not 0 < len(value) <= limits().max_id_length:
         return None
     if value.isascii() and value.isprintable():  # the common case (uuids), without a regex
         return value
@@ -119,7 +120,7 @@ def seal(body: dict[str, Any], *, signing_key: bytes | None, max_bytes: int) -> 
 
     Raises :class:`InvalidContext` when its canonical encoding is larger than ``max_bytes``.
     """
-    text = codec.dumps(body)
+    text = dumps(body)
     _check_size(text, max_bytes)
     if signing_key is not None:
         body[SIGNATURE_FIELD] = codec.sign(text, signing_key)
@@ -146,21 +147,21 @@ def encode_wire(
     A signed header with ``message_id`` is bound to that message (``msg``) and expires after
     ``ttl`` seconds (``exp``; counted from ``not_before`` when that is later than now: a message
     due later), both under the signature, so it cannot be copied onto another message or replayed
-    later. The same text as ``codec.dumps(seal(body, ...))``, without encoding
+    later. The same text as ``dumps(seal(body, ...))``, without encoding
     ``body`` twice; ``body`` is left as it is. Raises :class:`InvalidContext` when the text,
     signature included, is larger than ``max_bytes`` (what :func:`decode_wire` accepts).
     """
     if signing_key is not None and message_id is not None:
         start = time.time() if not_before is None else max(time.time(), not_before)
         body = {**body, BINDING_FIELD: binding(message_id), EXPIRY_FIELD: int(start) + ttl}
-    text = codec.dumps(body)
+    text = dumps(body)
     if signing_key is not None:
         _check_size(text, max_bytes)  # before signing a text that is too large anyway
         signature = codec.sign(text, signing_key)
         if text.endswith(_VERSION_TAIL):  # always, for a carried body: "v" is its last key
             text = f'{text[: -len(_VERSION_TAIL)]},"{SIGNATURE_FIELD}":"{signature}"{_VERSION_TAIL}'
         else:
-            text = codec.dumps({**body, SIGNATURE_FIELD: signature})
+            text = dumps({**body, SIGNATURE_FIELD: signature})
     _check_size(text, max_bytes)
     return text
 
@@ -177,7 +178,7 @@ def _check_size(text: str, max_bytes: int) -> None:
 
 # A signed header in canonical form ends with its signature and then the version, the last key:
 # ...,"sig":"hmac-sha256:<64 hex digits>","v":1}
-_VERSION_TAIL = f',"v":{codec.VERSION}}}'
+_VERSION_TAIL = f',"v":{VERSION}}}'
 _SIGNED_LEAD = f',"{SIGNATURE_FIELD}":"{codec.SIGNATURE_PREFIX}'.encode()
 _SIGNED_TAIL = f'"{_VERSION_TAIL}'.encode()
 _HEX_DIGITS = 64
@@ -232,7 +233,7 @@ def decode_wire(
         body = unsigned
     if keys:
         try:
-            text = codec.dumps(body).encode()
+            text = dumps(body).encode()
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidContext("header", "holds values that JSON cannot carry") from exc
         if len(text) > max_bytes:
@@ -323,27 +324,25 @@ def _body(data: object) -> Mapping[str, Any]:
 def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the carried fields of a header (without its signature); see :func:`decode_wire`."""
     version = body.get("v")
-    if version != codec.VERSION or isinstance(version, bool):
-        raise InvalidContext(
-            "v", f"unsupported version {version!r}; this release reads version {codec.VERSION}"
-        )
+    if version != VERSION or isinstance(version, bool):
+        raise InvalidContext("v", f"unsupported version {version!r}; this release reads version {VERSION}")
     if not _CARRIED.issuperset(body):
         names = sorted(str(name)[:40] for name in set(body) - _CARRIED)[:3]
         raise InvalidContext("header", f"has fields that are not carried: {names}")
     # Every field is validated and capped on its own (ids 256 characters, meta 4 KiB), which
     # also bounds the whole: no need to re-encode an unsigned header to measure it.
     fields: dict[str, Any] = {}
-    limit = codec.limits().max_id_length
+    limit = limits().max_id_length
     for name in _CARRIED_TEXT_CHECKED:
         value = body.get(name)
         if value is not None:
             if type(value) is str and 0 < len(value) <= limit and value.isascii() and value.isprintable():
                 fields[name] = value  # the common case (ASCII ids), without the full check
             else:
-                fields[name] = codec.check_text(name, value)
+                fields[name] = check_text(name, value)
     meta = body.get("meta")
     if meta is not None:
-        fields["meta"] = codec.check_mapping("meta", meta)
+        fields["meta"] = check_mapping("meta", meta)
     actor = body.get("actor")
     if actor is not None:
         fields["actor"] = _actor(actor)

@@ -53,7 +53,7 @@ import celery
 from celery import _state as celery_state
 from celery import signals
 
-from threadline import codec
+from threadline import fields
 from threadline.actor import FORBIDDEN_TEXT_RE, ActorRef
 from threadline.context import AuditContext, _current, current
 from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
@@ -219,7 +219,7 @@ def install(
 
     Calling it again updates the options; handlers are connected only once. Returns ``app``.
     """
-    actor = codec.check_actor(default_actor)
+    actor = fields.check_actor(default_actor)
     keys = carrier.check_signing_keys(signing_keys)
     policy = _check_policy(signature_policy)
     if policy == "reject" and not keys:
@@ -404,7 +404,7 @@ def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
             headers.get("id"),
             exc,
         )
-        headers[HEADER] = codec.dumps({"v": codec.VERSION, carrier.ERROR_FIELD: _short(str(exc))})
+        headers[HEADER] = fields.dumps({"v": fields.VERSION, carrier.ERROR_FIELD: _short(str(exc))})
 
 
 def _read_header(request: Any) -> object:
@@ -576,7 +576,7 @@ def _actor_json(actor: ActorRef | None) -> str | None:
     if text is None:
         if len(_actor_texts) >= _CACHE_SIZE:
             _actor_texts.clear()
-        text = _actor_texts[actor] = codec.dumps(actor.to_dict())
+        text = _actor_texts[actor] = fields.dumps(actor.to_dict())
     return text
 
 
@@ -655,7 +655,7 @@ def task(
 
     A ``base`` that is not a :class:`Task` is combined with it.
     """
-    actor = codec.check_actor(default_actor)
+    actor = fields.check_actor(default_actor)
     policy = None if signature_policy is None else _check_policy(signature_policy)
 
     def decorate(fun: F) -> Any:

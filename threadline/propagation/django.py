@@ -108,11 +108,11 @@ def _audit_schema(value: Any) -> str:
 
 
 def _command_actor(value: Any) -> ActorRef | None:
-    from threadline import codec
+    from threadline import fields
     from threadline.errors import InvalidActor
 
     try:
-        return codec.check_actor(value)
+        return fields.check_actor(value)
     except InvalidActor as exc:
         raise ConfigurationError(f"THREADLINE['COMMAND_ACTOR'] is not an actor: {exc}") from exc
 

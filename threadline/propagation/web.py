@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from contextvars import Token
 from typing import Any, Protocol
 
-from threadline import codec
+from threadline import fields
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, _current
 from threadline.errors import ConfigurationError, InvalidContext
@@ -209,7 +209,7 @@ def build_context(actor: ActorRef | str | None, correlation_id: str, client: str
     the client-address check (safe characters, bounded length); the actor is validated here.
     """
     try:
-        checked = codec.check_actor(actor)
+        checked = fields.check_actor(actor)
     except InvalidContext as exc:  # a resolver returned something that is not an actor
         logger.error("threadline: the actor resolver returned an invalid actor (%s); ignored", exc.problem)
         checked = None
