@@ -56,9 +56,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 import threadline
-from threadline import _run, ddl
+from threadline import _run, as_of_query, ddl
 from threadline import query as q
-from threadline.errors import AsOfError
+from threadline.as_of_query import AsOfError
 from threadline.export import chunked_streaming
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -337,7 +337,7 @@ def explains(conn: psycopg.Connection[Any], size: Size) -> dict[str, str]:
             conn, q._timeline_plan("corr-1234", None, None, None, None, None, 100, None, s)
         ),
         "history(table, pk)": explain(conn, q._history_plan("app.t05", 321, None, s)),
-        "as_of(table, pk, at)": explain(conn, q._as_of_plan("app.t05", 321, at, s)),
+        "as_of(table, pk, at)": explain(conn, as_of_query._as_of_plan("app.t05", 321, at, s)),
         "actor_history(1 day)": explain(
             conn,
             q._actor_history_plan("user:17", BASE + timedelta(days=10), BASE + timedelta(days=11), None, s),

@@ -12,14 +12,13 @@ import pytest
 
 import threadline
 from threadline import ActorRef, diff, query
+from threadline.as_of_query import NotYetAudited, RowDeleted
 from threadline.diff import FieldChange, previous_row
 from threadline.errors import (
     InvalidCursor,
     InvalidFilter,
     InvalidKey,
-    NotYetAudited,
     QueryError,
-    RowDeleted,
     TableNotFound,
 )
 from threadline.records import Transaction

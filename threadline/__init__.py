@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from threadline import ddl
 from threadline.actions import list_actions, list_actions_async, record_action, record_action_async
 from threadline.actor import ActorRef
+from threadline.as_of_query import AsOfError, NotYetAudited, RowDeleted, as_of, as_of_async
 from threadline.context import AuditContext, context, current, use_context
 from threadline.diff import FieldChange, diff
 from threadline.errors import (
-    AsOfError,
     ConfigurationError,
     InvalidAction,
     InvalidActor,
@@ -23,9 +23,7 @@ from threadline.errors import (
     InvalidKey,
     InvalidTrackOption,
     NoPrimaryKey,
-    NotYetAudited,
     QueryError,
-    RowDeleted,
     SchemaError,
     TableNotFound,
     ThreadlineError,
@@ -48,8 +46,6 @@ from threadline.query import (
     TimelinePage,
     actor_history,
     actor_history_async,
-    as_of,
-    as_of_async,
     changes_for_transaction,
     changes_for_transaction_async,
     history,

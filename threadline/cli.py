@@ -17,6 +17,8 @@ import psycopg
 from threadline import __version__, query
 from threadline.actions import list_actions
 from threadline.actor import ActorRef
+from threadline.as_of_query import AsOfError
+from threadline.as_of_query import as_of as row_as_of
 from threadline.cli_connect import F, connect, dsn_option
 from threadline.cli_demo import demo
 from threadline.cli_help import ALL_EXAMPLES, audit_schema_option, examples
@@ -25,7 +27,7 @@ from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
 from threadline.ddl.names import qualified_name
 from threadline.diff import diff
-from threadline.errors import AsOfError, InvalidActor, QueryError, SchemaError, TrackingError
+from threadline.errors import InvalidActor, QueryError, SchemaError, TrackingError
 from threadline.export import FORMATS
 from threadline.export import export as export_changes
 from threadline.query import MAX_LIMIT
@@ -507,7 +509,7 @@ def history(
     with _reader(dsn, audit_schema) as conn:
         if as_of is not None:
             try:
-                row = query.as_of(conn, table, key, as_of, audit_schema=audit_schema)
+                row = row_as_of(conn, table, key, as_of, audit_schema=audit_schema)
             except AsOfError as exc:
                 if as_json:
                     _echo_json({"row": None, "reason": str(exc)})

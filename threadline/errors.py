@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
-    from threadline.records import Change
+    pass
 
 
 class ThreadlineError(Exception):
@@ -84,34 +82,6 @@ class TableNotFound(QueryError):
 
 class InvalidAction(QueryError):
     """An action's fields are malformed (empty name, over-long text, meta that is not JSON)."""
-
-
-class AsOfError(ThreadlineError, LookupError):
-    """:func:`threadline.as_of` cannot give the row as it was at the time asked."""
-
-
-class RowDeleted(AsOfError):
-    """The row had been deleted (or its table truncated) by the time asked.
-
-    ``change`` is the captured delete or truncate; ``deleted_at`` its time.
-    """
-
-    def __init__(self, message: str, *, change: Change, deleted_at: datetime) -> None:
-        super().__init__(message)
-        self.change = change
-        self.deleted_at = deleted_at
-
-
-class NotYetAudited(AsOfError):
-    """No captured change of the row is at or before the time asked, so its state then is unknown.
-
-    ``first_change`` is the row's earliest captured change, if it has any (an ``insert`` there
-    means the row most likely did not exist yet).
-    """
-
-    def __init__(self, message: str, *, first_change: Change | None = None) -> None:
-        super().__init__(message)
-        self.first_change = first_change
 
 
 class UntrustedContext(InvalidContext):

@@ -27,34 +27,7 @@ from threadline.errors import ConfigurationError
 
 logger = logging.getLogger("threadline.django")
 
-__all__ = ["OPTION_NAMES", "apply_tracking", "column_names", "parse_track_setting"]
-
-OPTION_NAMES = ("mask", "exclude", "keys")
-
-
-def parse_track_setting(value: Any) -> dict[str, dict[str, tuple[str, ...]]]:
-    """``THREADLINE["TRACK"]`` validated: ``{"app_label.Model": {"mask": (...), ...}}``."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigurationError("THREADLINE['TRACK'] must map 'app_label.Model' to its options (a dict)")
-    out: dict[str, dict[str, tuple[str, ...]]] = {}
-    for model, options in value.items():
-        if not isinstance(model, str) or model.count(".") != 1 or "" in model.split("."):
-            raise ConfigurationError(f"THREADLINE['TRACK']: name models as 'app_label.Model', got {model!r}")
-        options = options or {}
-        if not isinstance(options, Mapping) or set(options) - set(OPTION_NAMES):
-            raise ConfigurationError(
-                f"THREADLINE['TRACK'][{model!r}] takes the options {', '.join(OPTION_NAMES)}, got {options!r}"
-            )
-        parsed: dict[str, tuple[str, ...]] = {}
-        for name in OPTION_NAMES:
-            names = options.get(name) or ()
-            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-                raise ConfigurationError(f"THREADLINE['TRACK'][{model!r}][{name!r}] must be a list of names")
-            parsed[name] = tuple(names)
-        out[model] = parsed
-    return out
+__all__ = ["apply_tracking", "column_names"]
 
 
 def _quoted(table: str) -> str:

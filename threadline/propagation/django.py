@@ -57,7 +57,6 @@ from django.utils.module_loading import import_string
 
 from threadline.actor import ActorRef
 from threadline.context import AuditContext, _current
-from threadline.django.tracking import parse_track_setting
 from threadline.errors import ConfigurationError
 from threadline.propagation.psycopg import bridge
 from threadline.propagation.web import (
@@ -149,6 +148,34 @@ class ThreadlineSettings:
     track: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
     track_on_migrate: bool = True
     audit_schema: str = "threadline"
+
+
+OPTION_NAMES = ("mask", "exclude", "keys")
+
+
+def parse_track_setting(value: Any) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``THREADLINE["TRACK"]`` validated: ``{"app_label.Model": {"mask": (...), ...}}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("THREADLINE['TRACK'] must map 'app_label.Model' to its options (a dict)")
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for model, options in value.items():
+        if not isinstance(model, str) or model.count(".") != 1 or "" in model.split("."):
+            raise ConfigurationError(f"THREADLINE['TRACK']: name models as 'app_label.Model', got {model!r}")
+        options = options or {}
+        if not isinstance(options, Mapping) or set(options) - set(OPTION_NAMES):
+            raise ConfigurationError(
+                f"THREADLINE['TRACK'][{model!r}] takes the options {', '.join(OPTION_NAMES)}, got {options!r}"
+            )
+        parsed: dict[str, tuple[str, ...]] = {}
+        for name in OPTION_NAMES:
+            names = options.get(name) or ()
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise ConfigurationError(f"THREADLINE['TRACK'][{model!r}][{name!r}] must be a list of names")
+            parsed[name] = tuple(names)
+        out[model] = parsed
+    return out
 
 
 def load_settings() -> ThreadlineSettings:
