@@ -261,22 +261,31 @@ DECODER_CORPUS = [
 ]
 
 
+_DECODED_FIELDS = "actor, correlation_id, request_id, causation_id, origin, job, meta, context_error"
+
+
+def _stored_and_decoded(conn: Conn, raw: str) -> tuple[Any, Any]:
+    """The fields the transaction row stored for context ``raw``, and those decode_context() gives."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+        tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
+        assert tx is not None
+        stored = conn.execute(
+            f"SELECT {_DECODED_FIELDS} FROM threadline.transactions WHERE id = %s", tx
+        ).fetchone()
+        decoded = conn.execute(
+            f"SELECT {_DECODED_FIELDS} FROM threadline.parse_context(%s) AS p,"
+            " threadline.decode_context(p.j, p.err)",
+            [raw],
+        ).fetchone()
+    return stored, decoded
+
+
 def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn) -> None:
     # transaction_row() stores a context that passes all checks without calling decode_context();
     # both must give the same fields and the same reason for every value, valid or not
-    fields = "actor, correlation_id, request_id, causation_id, origin, job, meta, context_error"
     for raw in DECODER_CORPUS:
-        with conn.transaction():
-            conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
-            tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
-            assert tx is not None
-            stored = conn.execute(
-                f"SELECT {fields} FROM threadline.transactions WHERE id = %s", tx
-            ).fetchone()
-            decoded = conn.execute(
-                f"SELECT {fields} FROM threadline.parse_context(%s) AS p, threadline.decode_context(p.j, p.err)",
-                [raw],
-            ).fetchone()
+        stored, decoded = _stored_and_decoded(conn, raw)
         assert stored == decoded, raw
     valid = [
         raw
@@ -608,7 +617,6 @@ def test_generated_contexts_decode_as_decode_context_does(conn: Conn) -> None:
         "user:1",
         [],
     ]
-    fields = "actor, correlation_id, request_id, causation_id, origin, job, meta, context_error"
     for _ in range(400):
         ctx: dict[str, Any] = {"v": rnd.choice([1, 1, 1, 1.0, 2, "1", [1]])}
         for name in ("correlation_id", "request_id", "causation_id", "origin", "incoming_error"):
@@ -622,14 +630,5 @@ def test_generated_contexts_decode_as_decode_context_does(conn: Conn) -> None:
         if rnd.random() < 0.05:
             ctx["unknown"] = 1
         raw = json.dumps(ctx, ensure_ascii=rnd.random() < 0.3, separators=(",", ":"))
-        with conn.transaction():
-            conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
-            tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
-            stored = conn.execute(
-                f"SELECT {fields} FROM threadline.transactions WHERE id = %s", tx
-            ).fetchone()
-            decoded = conn.execute(
-                f"SELECT {fields} FROM threadline.parse_context(%s) AS p, threadline.decode_context(p.j, p.err)",
-                [raw],
-            ).fetchone()
+        stored, decoded = _stored_and_decoded(conn, raw)
         assert stored == decoded, raw
