@@ -540,7 +540,10 @@ DECLARE
     pk_parts text[] := '{}';
     pk_old_parts text[] := '{}';
     pk_old text;
-    dropped text[] := '{}';
+    pk_update_parts text[] := '{}';
+    pk_update text;
+    hiding text;
+    side_columns text;
     side text;
     changed text[] := '{}';
     distinct_any text[] := '{}';
@@ -613,41 +616,41 @@ BEGIN
             IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
                 pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
                 pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
-                dropped := dropped || format('%L, ''"[masked]"''::jsonb', same);
+                pk_update_parts := pk_update_parts || format('%L, ''"[masked]"''::jsonb', same);
             ELSE
                 pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
                 pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
-                dropped := dropped || format('%L, %s.%I', same, n, same);
+                pk_update_parts := pk_update_parts || format('%L, %s.%I', same, n, same);
             END IF;
         END LOOP;
         pk := 'jsonb_build_object(' || array_to_string(pk_parts, ', ') || ')';
         pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
         -- the update's key, read from the paired new row
-        same := 'jsonb_build_object(' || array_to_string(dropped, ', ') || ')';
+        pk_update := 'jsonb_build_object(' || array_to_string(pk_update_parts, ', ') || ')';
         IF cardinality(exclude) = 0 AND cardinality(present_mask) = 0 THEN
             image_ins := format('to_json(%s)', n);
             image_del := format('to_json(%s)', o);
             image_upd := 'to_json("threadline row".*)';
         ELSE
             -- to_jsonb(row) without the excluded keys, masked values replaced
-            diff := CASE WHEN cardinality(exclude) > 0 THEN format(' - %L::text[]', exclude) ELSE '' END
+            hiding := CASE WHEN cardinality(exclude) > 0 THEN format(' - %L::text[]', exclude) ELSE '' END
                  || CASE WHEN cardinality(present_mask) > 0
                          THEN format(' || %L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text)
                          ELSE '' END;
-            image_ins := format('((to_jsonb(%s)%s)::json)', n, diff);
-            image_del := format('((to_jsonb(%s)%s)::json)', o, diff);
-            image_upd := format('((to_jsonb("threadline row".*)%s)::json)', diff);
+            image_ins := format('((to_jsonb(%s)%s)::json)', n, hiding);
+            image_del := format('((to_jsonb(%s)%s)::json)', o, hiding);
+            image_upd := format('((to_jsonb("threadline row".*)%s)::json)', hiding);
         END IF;
         -- each side's image is built where the transition table is scanned; the columns beside it
         -- serve the key and the comparisons
         -- (all of them with masked columns; the key columns otherwise)
-        diff := CASE WHEN cardinality(present_mask) > 0 THEN '"threadline row".*'
+        side_columns := CASE WHEN cardinality(present_mask) > 0 THEN '"threadline row".*'
                      ELSE array_to_string(ARRAY(SELECT format('"threadline row".%I', x) FROM unnest(key_columns) AS x
                                                  WHERE x <> ALL (mask || exclude)), ', ') END;
         side_old := format('(SELECT row_number() OVER () AS "threadline rn", %s AS "threadline image"%s FROM threadline_old AS "threadline row") AS %s',
-                           image_upd, CASE WHEN diff <> '' THEN ', ' || diff ELSE '' END, o);
+                           image_upd, CASE WHEN side_columns <> '' THEN ', ' || side_columns ELSE '' END, o);
         side_new := format('(SELECT row_number() OVER () AS "threadline rn", %s AS "threadline image"%s FROM threadline_new AS "threadline row") AS %s',
-                           image_upd, CASE WHEN diff <> '' THEN ', ' || diff ELSE '' END, n);
+                           image_upd, CASE WHEN side_columns <> '' THEN ', ' || side_columns ELSE '' END, n);
         after_update := n || '."threadline image"';
         before := o || '."threadline image"';
         -- with masked columns, what changed is computed here (the images show masked values as
@@ -659,7 +662,7 @@ BEGIN
             '  IF TG_OP = ''UPDATE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
-            format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', same, after_update, before),
+            format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
             format('                   %s AS changed_fields',
                    CASE WHEN cardinality(present_mask) > 0
                         THEN format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', '))
