@@ -222,6 +222,27 @@ def test_install_is_idempotent_and_uninstall_undoes_exactly_it() -> None:
     assert after == before
 
 
+def test_uninstall_keeps_an_app_uninstalled_although_shared_tasks_install_every_app() -> None:
+    @threadline.task(name=f"shared-{uuid.uuid4().hex[:6]}")
+    def shared() -> None:  # a shared task: every app is installed when finalized
+        pass
+
+    kept = Celery("kept", broker="memory://", set_as_current=False)
+    dropped = Celery("dropped", broker="memory://", set_as_current=False)
+    threadline.celery.install(dropped)
+    assert threadline.celery.uninstall(dropped) is True
+    kept.finalize()
+    dropped.finalize()
+    assert threadline.celery.installed(kept) and shared.name in kept.tasks
+    assert not threadline.celery.installed(dropped) and _receivers(dropped) == 0
+    assert "send_task" not in dropped.__dict__
+    threadline.celery.install(dropped)  # only install() brings it back
+    assert threadline.celery.installed(dropped)
+    for app in (kept, dropped):
+        assert threadline.celery.uninstall(app) is True
+        assert not threadline.celery.installed(app)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -180,6 +180,9 @@ _installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyD
 _publishing: ContextVar[_Installation | None] = ContextVar("threadline_celery_publishing", default=None)
 _lock = threading.RLock()
 _shared_hook_connected = False
+# Apps uninstalled by hand: the hook that @threadline.task shared tasks register (it installs every
+# app as it is finalized) leaves them alone until install() is called for them again.
+_uninstalled: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def install(
@@ -244,6 +247,7 @@ def install(
     ttl = int(signature_ttl)
     recorder = None if record_task_runs is None else TaskRunRecorder(record_task_runs, audit_schema)
     with _lock:
+        _uninstalled.discard(app)
         inst = _installations.get(app)
         if inst is not None:
             inst.default_actor, inst.keys, inst.policy = actor, keys, policy
@@ -267,8 +271,11 @@ def uninstall(app: celery.Celery) -> bool:
 
     Returns ``False`` when ``app`` was not installed. A task running at that moment keeps its
     context until it ends; its ``task_postrun`` is no longer handled, so uninstall between tasks.
+    The app stays uninstalled: shared ``@threadline.task`` tasks no longer install it when it is
+    finalized; only :func:`install` does.
     """
     with _lock:
+        _uninstalled.add(app)
         found = _installations.pop(app, None)
         if found is None:
             return False
@@ -293,9 +300,10 @@ def installed(app: celery.Celery) -> bool:
 
 
 def _ensure_installed(app: celery.Celery) -> None:
-    """Install with default options unless the app is already installed (keeps its options)."""
+    """Install with default options unless the app is installed already (keeps its options) or
+    was uninstalled by hand."""
     with _lock:
-        if app not in _installations:
+        if app not in _installations and app not in _uninstalled:
             install(app)
 
 
