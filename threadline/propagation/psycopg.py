@@ -402,11 +402,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
                 yield tx
         finally:
             # A rolled-back savepoint also undid any SET LOCAL made inside it.
-            rolled_back = tx is None or tx.status not in (
-                psycopg.Transaction.Status.ACTIVE,
-                psycopg.Transaction.Status.COMMITTED,
-            )
-            if outer or rolled_back:
+            if outer or not _kept(tx):
                 self._applied = None
 
     # -- applying the context ----------------------------------------------------------------
@@ -569,3 +565,11 @@ def bridge(conn: psycopg.Connection[Any]) -> None:
         conn._applied = None  # type: ignore[attr-defined]
     conn.cursor_factory = _combined(SavepointAwareCursor, conn.cursor_factory)
     conn.server_cursor_factory = threadline_server_cursor_class(conn.server_cursor_factory)
+
+
+def _kept(tx: psycopg.Transaction | None) -> bool:
+    """True when the transaction block ``tx`` was left without rolling back. psycopg before 3.3
+    does not tell (``Transaction.status`` is new in 3.3): the answer is then no, and the context is
+    applied again at the next statement (one more ``SET LOCAL``, never a missing one)."""
+    status = getattr(tx, "status", None)
+    return status is not None and status.name in ("ACTIVE", "COMMITTED")
