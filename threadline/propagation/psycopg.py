@@ -16,6 +16,12 @@ Two ways to use it:
   ``conn.transaction()``. An implicit transaction's ``BEGIN`` and ``SET LOCAL`` travel in one
   message, so it costs no extra network round trip. :func:`bridge` turns a connection someone
   else opened (an ORM's) into one in place.
+
+Automatic mode is the one place threadline relies on psycopg internals: :class:`ThreadlineConnection`
+and its cursors override psycopg's private ``_start_query``, ``_prepare_statement`` and
+``_execute_send``, which is what lets an implicit transaction carry its context in its own first
+message. They are checked on psycopg 3.2.1 and 3.3.9 (``make test-matrix`` runs both), and the
+dependency range stops before 3.4. ``threadline.transaction(conn)`` uses public API only.
 """
 
 from __future__ import annotations
