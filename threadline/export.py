@@ -21,10 +21,12 @@ Times are ISO 8601 in UTC with microseconds (``2024-05-01T12:00:00.123456Z``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, Protocol
@@ -384,61 +386,88 @@ def export(
         ),
     )
     raw, _ = native(conn)
+    writer, plan = _plan(
+        out, format, filters, limit, audit_schema, after, server_cursor, raw.info.transaction_status
+    )
+    with raw.transaction() if plan.transaction else contextlib.nullcontext():
+        if plan.same_snapshot:
+            raw.execute(paging.SAME_SNAPSHOT)
+        for step in plan.steps:
+            _stream(raw, step, batch_size, plan.server_cursor)
+    writer.finish()
+    return writer.result()
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One statement of an export, and where its rows go."""
+
+    statement: sql.Composed
+    params: dict[str, Any]
+    sink: Callable[[list[tuple[Any, ...]]], None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an export runs, the same for both kinds of connection: its statements, whether they
+    share a transaction (a savepoint if one is open) and a ``REPEATABLE READ`` snapshot, and
+    whether rows come through a server-side cursor (which needs the transaction)."""
+
+    steps: tuple[_Step, ...]
+    transaction: bool
+    same_snapshot: bool
+    server_cursor: bool
+
+
+def _plan(
+    out: TextSink,
+    format: str,
+    filters: Filters,
+    limit: int | None,
+    audit_schema: str,
+    after: str | None,
+    server_cursor: bool | None,
+    status: pq.TransactionStatus,
+) -> tuple[_Writer, _Plan]:
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     writer = _Writer(out, format, filters, paging.Reader(position, limit, _timestamp))
     writer.start()
-    if server_cursor is None:
-        server_cursor = not chunked_streaming()
-    if limit is None and raw.info.transaction_status == pq.TransactionStatus.IDLE:
+    cursor = not chunked_streaming() if server_cursor is None else server_cursor
+    if limit is None and status == pq.TransactionStatus.IDLE:
         # Two statements in one REPEATABLE READ snapshot: the late rows and the snapshot's
         # in-progress list, then the rows in position order as a plain ordered scan (no key
         # columns, no union to sort: as fast as an export without a cursor).
         late, late_params = _statement(format, filters, None, audit_schema, position, forward=False)
         rest, rest_params = _forward_statement(format, filters, audit_schema, position)
-        with raw.transaction():
-            raw.execute(paging.SAME_SNAPSHOT)
-            _stream(raw, late, late_params, batch_size, server_cursor, writer.page_rows)
-            _stream(raw, rest, rest_params, batch_size, server_cursor, writer.forward_rows)
-    else:
-        statement, params = _statement(format, filters, limit, audit_schema, position)
-        if server_cursor:
-            with raw.transaction():
-                _stream(raw, statement, params, batch_size, True, writer.page_rows)
-        else:
-            _stream(raw, statement, params, batch_size, False, writer.page_rows)
-    writer.finish()
-    return writer.result()
+        both = (_Step(late, late_params, writer.page_rows), _Step(rest, rest_params, writer.forward_rows))
+        return writer, _Plan(both, transaction=True, same_snapshot=True, server_cursor=cursor)
+    statement, params = _statement(format, filters, limit, audit_schema, position)
+    one = (_Step(statement, params, writer.page_rows),)
+    return writer, _Plan(one, transaction=cursor, same_snapshot=False, server_cursor=cursor)
 
 
-def _stream(
-    raw: psycopg.Connection[Any],
-    statement: sql.Composed,
-    params: dict[str, Any],
-    batch_size: int,
-    server_cursor: bool,
-    sink: Callable[[list[tuple[Any, ...]]], None],
-) -> None:
-    """Feed the rows of ``statement`` to ``sink`` ``batch_size`` at a time (a server-side cursor
-    needs the transaction the caller opened)."""
+def _stream(raw: psycopg.Connection[Any], step: _Step, batch_size: int, server_cursor: bool) -> None:
+    """Feed the rows of ``step`` to its sink ``batch_size`` at a time (a server-side cursor needs
+    the transaction the caller opened)."""
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
         with raw.cursor(name=name, row_factory=tuple_row) as cur:
             cur.adapters.register_loader("timestamptz", _RawTimestamp)
-            cur.execute(statement, params, binary=True)
+            cur.execute(step.statement, step.params, binary=True)
             while batch := cur.fetchmany(batch_size):
-                sink(batch)
+                step.sink(batch)
         return
     # psycopg's own cursor class: a connection may default to client-side binding (Django does),
     # which cannot return binary results
     with psycopg.Cursor(raw, row_factory=tuple_row) as cur:
         cur.adapters.register_loader("timestamptz", _RawTimestamp)
         rows: list[tuple[Any, ...]] = []
-        for row in cur.stream(statement, params, binary=True, size=batch_size):
+        for row in cur.stream(step.statement, step.params, binary=True, size=batch_size):
             rows.append(row)
             if len(rows) >= batch_size:
-                sink(rows)
+                step.sink(rows)
                 rows = []
-        sink(rows)
+        step.sink(rows)
 
 
 async def export_async(
@@ -472,52 +501,36 @@ async def export_async(
             audit_schema=audit_schema,
         ),
     )
-    position = paging.START if after is None else paging.decode(after, filters.fingerprint())
-    writer = _Writer(out, format, filters, paging.Reader(position, limit, _timestamp))
-    writer.start()
-    if server_cursor is None:
-        server_cursor = not chunked_streaming()
-    if limit is None and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-        late, late_params = _statement(format, filters, None, audit_schema, position, forward=False)
-        rest, rest_params = _forward_statement(format, filters, audit_schema, position)
-        async with conn.transaction():
+    writer, plan = _plan(
+        out, format, filters, limit, audit_schema, after, server_cursor, conn.info.transaction_status
+    )
+    async with conn.transaction() if plan.transaction else contextlib.nullcontext():
+        if plan.same_snapshot:
             await conn.execute(paging.SAME_SNAPSHOT)
-            await _stream_async(conn, late, late_params, batch_size, server_cursor, writer.page_rows)
-            await _stream_async(conn, rest, rest_params, batch_size, server_cursor, writer.forward_rows)
-    else:
-        statement, params = _statement(format, filters, limit, audit_schema, position)
-        if server_cursor:
-            async with conn.transaction():
-                await _stream_async(conn, statement, params, batch_size, True, writer.page_rows)
-        else:
-            await _stream_async(conn, statement, params, batch_size, False, writer.page_rows)
+        for step in plan.steps:
+            await _stream_async(conn, step, batch_size, plan.server_cursor)
     writer.finish()
     return writer.result()
 
 
 async def _stream_async(
-    conn: psycopg.AsyncConnection[Any],
-    statement: sql.Composed,
-    params: dict[str, Any],
-    batch_size: int,
-    server_cursor: bool,
-    sink: Callable[[list[tuple[Any, ...]]], None],
+    conn: psycopg.AsyncConnection[Any], step: _Step, batch_size: int, server_cursor: bool
 ) -> None:
     """Async twin of :func:`_stream`."""
     if server_cursor:
         name = f"threadline_export_{uuid.uuid4().hex[:12]}"
         async with conn.cursor(name=name, row_factory=tuple_row) as cur:
             cur.adapters.register_loader("timestamptz", _RawTimestamp)
-            await cur.execute(statement, params, binary=True)
+            await cur.execute(step.statement, step.params, binary=True)
             while batch := await cur.fetchmany(batch_size):
-                sink(batch)
+                step.sink(batch)
         return
     async with conn.cursor(row_factory=tuple_row) as acur:
         acur.adapters.register_loader("timestamptz", _RawTimestamp)
         rows: list[tuple[Any, ...]] = []
-        async for row in acur.stream(statement, params, binary=True, size=batch_size):
+        async for row in acur.stream(step.statement, step.params, binary=True, size=batch_size):
             rows.append(row)
             if len(rows) >= batch_size:
-                sink(rows)
+                step.sink(rows)
                 rows = []
-        sink(rows)
+        step.sink(rows)
