@@ -56,7 +56,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 import threadline
-from threadline import _run, as_of_query, ddl
+from threadline import _run, as_of_query, ddl, timeline_query
 from threadline import query as q
 from threadline.as_of_query import AsOfError
 from threadline.export import chunked_streaming
@@ -334,7 +334,7 @@ def explains(conn: psycopg.Connection[Any], size: Size) -> dict[str, str]:
     at = BASE + timedelta(days=17, hours=5)
     return {
         "timeline(correlation_id)": explain(
-            conn, q._timeline_plan("corr-1234", None, None, None, None, None, 100, None, s)
+            conn, timeline_query._timeline_plan("corr-1234", None, None, None, None, None, 100, None, s)
         ),
         "history(table, pk)": explain(conn, q._history_plan("app.t05", 321, None, s)),
         "as_of(table, pk, at)": explain(conn, as_of_query._as_of_plan("app.t05", 321, at, s)),
@@ -343,7 +343,7 @@ def explains(conn: psycopg.Connection[Any], size: Size) -> dict[str, str]:
             q._actor_history_plan("user:17", BASE + timedelta(days=10), BASE + timedelta(days=11), None, s),
         ),
         "timeline(table) first page": explain(
-            conn, q._timeline_plan(None, "app.t05", None, None, None, None, 100, None, s)
+            conn, timeline_query._timeline_plan(None, "app.t05", None, None, None, None, 100, None, s)
         ),
     }
 

@@ -43,19 +43,17 @@ from threadline.propagation.psycopg import (
     transaction,
 )
 from threadline.query import (
-    TimelinePage,
     actor_history,
     actor_history_async,
     changes_for_transaction,
     changes_for_transaction_async,
     history,
     history_async,
-    timeline,
-    timeline_async,
     trace,
     trace_async,
 )
 from threadline.records import Action, Change, TaskRun, Transaction
+from threadline.timeline_query import TimelinePage, timeline, timeline_async
 from threadline.tracing import Trace, TraceNode, TraceTransaction
 
 if TYPE_CHECKING:

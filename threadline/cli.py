@@ -14,7 +14,7 @@ from typing import Any
 import click
 import psycopg
 
-from threadline import __version__, query
+from threadline import __version__, query, timeline_query
 from threadline.actions import list_actions
 from threadline.actor import ActorRef
 from threadline.as_of_query import AsOfError
@@ -416,7 +416,7 @@ def timeline(
 ) -> None:
     """Changes in capture order with who, where and which request (one page)."""
     with _reader(dsn, audit_schema) as conn:
-        page = query.timeline(
+        page = timeline_query.timeline(
             conn,
             correlation_id=correlation_id,
             table=table,
