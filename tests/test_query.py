@@ -21,7 +21,7 @@ from threadline.errors import (
     QueryError,
     TableNotFound,
 )
-from threadline.records import Transaction
+from threadline.records import TaskRun, Transaction
 from threadline.tracing import build_trace
 
 from .conftest import changed_before
@@ -435,6 +435,36 @@ def test_trace_survives_forged_parent_cycles() -> None:
     ids = sorted(n.id or "" for n in found.walk())
     assert ids == ["a", "b", "c"] and found.transaction_count == 3
     assert found.render()
+
+
+def test_a_tasks_runs_are_in_attempt_order_whatever_order_they_ended_in() -> None:
+    # a thread pool can end (and record) an attempt retried without a countdown after the next one
+    now = datetime.now(timezone.utc)
+
+    def run(ident: int, attempt: int, outcome: str, ended: int) -> TaskRun:
+        return TaskRun(
+            id=ident,
+            task_id="t",
+            name="app.give_up",
+            attempt=attempt,
+            outcome=outcome,
+            error=None,
+            correlation_id="c",
+            causation_id=None,
+            parent_id=None,
+            root_id="t",
+            actor=None,
+            worker="w",
+            started_at=now,
+            ended_at=now + timedelta(milliseconds=ended),
+        )
+
+    found = build_trace(
+        "c", [], [], runs=[run(1, 0, "retried", 1), run(2, 2, "failed", 2), run(3, 1, "retried", 3)]
+    )
+    (node,) = [n for n in found.walk() if n.kind == "task"]
+    assert [(r.attempt, r.outcome) for r in node.runs] == [(0, "retried"), (1, "retried"), (2, "failed")]
+    assert node.outcome == "failed"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ writes rolled back) appear under their cause with their name.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -88,7 +89,7 @@ class TraceNode:
     span_ended_at: datetime | None
     """End of the latest work in this node and everything under it."""
     runs: tuple[TaskRun, ...] = ()
-    """A task's recorded attempts, in the order they ended (empty when runs are not recorded)."""
+    """A task's recorded attempts, in attempt order (empty when runs are not recorded)."""
 
     @property
     def outcome(self) -> str | None:
@@ -289,7 +290,9 @@ def build_trace(
         if node is None:
             node = nodes[(TASK, run.task_id)] = _Node(TASK, run.task_id, origin="celery")
             order.append(node)
-        node.runs.append(run)
+        # a task's attempts in attempt order: with a thread pool, an attempt retried without a
+        # countdown can end (and be recorded) after the next attempt has
+        bisect.insort(node.runs, run, key=lambda r: (r.attempt, r.ended_at, r.id))
         node.name = node.name or run.name
         node.actor = node.actor or run.actor
         node.attempts.add(run.attempt)
