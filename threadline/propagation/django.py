@@ -13,6 +13,7 @@ Set-up (``settings.py``)::
         "CORRELATION_HEADERS": ["X-Correlation-ID", "X-Request-ID"],
         "RESPONSE_HEADER": "X-Correlation-ID",      # None: no echo
         "MAX_ID_LENGTH": 128,
+        "CORRELATION_FROM_TRACEPARENT": False,      # True: a W3C traceparent's trace id, after the headers
         "ACTOR_RESOLVER": "threadline.propagation.django.default_actor_resolver",
         "CLIENT_ADDRESS": True,                     # meta["client"] = REMOTE_ADDR
         "ORM_BRIDGE": True,
@@ -85,6 +86,7 @@ _KEYS = {
     "CORRELATION_HEADERS",
     "RESPONSE_HEADER",
     "MAX_ID_LENGTH",
+    "CORRELATION_FROM_TRACEPARENT",
     "ACTOR_RESOLVER",
     "CLIENT_ADDRESS",
     "ORM_BRIDGE",
@@ -140,6 +142,7 @@ class ThreadlineSettings:
     correlation_headers: tuple[str, ...] = DEFAULT_CORRELATION_HEADERS
     response_header: str | None = DEFAULT_RESPONSE_HEADER
     max_id_length: int = DEFAULT_MAX_ID_LENGTH
+    correlation_from_traceparent: bool = False
     actor_resolver: Callable[[Any], ActorRef | str | None] | None = default_actor_resolver
     client_address: bool = True
     orm_bridge: bool = True
@@ -207,6 +210,7 @@ def load_settings() -> ThreadlineSettings:
         correlation_headers=tuple(headers),
         response_header=raw.get("RESPONSE_HEADER", DEFAULT_RESPONSE_HEADER),
         max_id_length=raw.get("MAX_ID_LENGTH", DEFAULT_MAX_ID_LENGTH),
+        correlation_from_traceparent=bool(raw.get("CORRELATION_FROM_TRACEPARENT", False)),
         actor_resolver=resolver,
         client_address=bool(raw.get("CLIENT_ADDRESS", True)),
         orm_bridge=bool(raw.get("ORM_BRIDGE", True)),
@@ -216,8 +220,17 @@ def load_settings() -> ThreadlineSettings:
         track_on_migrate=bool(raw.get("TRACK_ON_MIGRATE", True)),
         audit_schema=_audit_schema(raw.get("AUDIT_SCHEMA", "threadline")),
     )
-    CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)  # validates
+    _policy(conf)  # validates
     return conf
+
+
+def _policy(conf: ThreadlineSettings) -> CorrelationPolicy:
+    return CorrelationPolicy(
+        conf.correlation_headers,
+        conf.response_header,
+        conf.max_id_length,
+        from_traceparent=conf.correlation_from_traceparent,
+    )
 
 
 class ThreadlineMiddleware:
@@ -241,7 +254,7 @@ class ThreadlineMiddleware:
             )
         conf = load_settings()
         self.get_response = get_response
-        self.policy = CorrelationPolicy(conf.correlation_headers, conf.response_header, conf.max_id_length)
+        self.policy = _policy(conf)
         self.actor_resolver = conf.actor_resolver
         self.client_address = conf.client_address
         self._async = iscoroutinefunction(get_response)

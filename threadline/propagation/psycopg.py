@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -62,10 +62,41 @@ def set_local_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[An
     return b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = " + sql.Literal(payload).as_bytes(conn)
 
 
+PayloadEnricher = Callable[[AuditContext], str]
+"""``enricher(ctx) -> str``: the setting's value for a non-empty ``ctx`` (see
+:func:`set_payload_enricher`)."""
+
+# None (the default): a context's setting is its canonical JSON. Read once per payload computed.
+_payload_enricher: PayloadEnricher | None = None
+
+
+def set_payload_enricher(enricher: PayloadEnricher | None) -> PayloadEnricher | None:
+    """Make ``enricher`` compute the database setting of every non-empty context from now on
+    (``None``: back to ``ctx.to_json()``); returns the one it replaces.
+
+    The hook of integrations that add transaction-level data the context itself does not carry
+    (:mod:`threadline.otel` adds the active span's ids to ``meta``). It is called each time a
+    transaction's value is computed, in the thread or task that opens the transaction, never for
+    an empty context; it must return valid canonical context JSON and must not raise. Only the
+    database setting is affected: Celery headers and the current context are not.
+    """
+    global _payload_enricher
+    previous, _payload_enricher = _payload_enricher, enricher
+    return previous
+
+
+def payload_enricher() -> PayloadEnricher | None:
+    """The function :func:`set_payload_enricher` installed, or ``None``."""
+    return _payload_enricher
+
+
 def context_payload(ctx: AuditContext | None = None) -> str:
     """The setting's value for ``ctx`` (default: the current context); ``""`` when empty."""
     ctx = current() if ctx is None else ctx
-    return "" if ctx.is_empty else ctx.to_json()
+    if ctx.is_empty:
+        return ""
+    enrich = _payload_enricher
+    return ctx.to_json() if enrich is None else enrich(ctx)
 
 
 def apply_context(conn: psycopg.Connection[Any], ctx: AuditContext | None = None) -> None:
@@ -481,11 +512,16 @@ class ThreadlineConnection(psycopg.Connection[Row]):
                 raise
 
     def _set_local(self, ctx: AuditContext) -> bytes:
-        """``SET LOCAL`` of ``ctx``, quoted once per context object."""
+        """``SET LOCAL`` of ``ctx``, quoted once per context object (once per transaction while a
+        payload enricher is installed: its value may change under the same context)."""
+        if _payload_enricher is not None:
+            return set_local_command(self, context_payload(ctx))
         cached = self.__dict__.get("_set_local_cache")
         if cached is None or cached[0] is not ctx:
             command = b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = "
-            cached = (ctx, command + sql.Literal(context_payload(ctx)).as_bytes(self))
+            # the plain value (never an enricher's): the cache outlives an enricher's uninstall
+            payload = "" if ctx.is_empty else ctx.to_json()
+            cached = (ctx, command + sql.Literal(payload).as_bytes(self))
             self._set_local_cache = cached
         return cached[1]
 
@@ -508,7 +544,9 @@ def begin_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], 
     by ``SET LOCAL``; the value is quoted by psycopg's own literal adapter for ``conn``'s encoding.
     For integrations that open transactions themselves (ORM bridges); see :func:`begin_with_context`.
     """
-    return _begin_statement_sql(conn).encode() + b"; " + set_local_command(conn, ctx.to_json())
+    enrich = _payload_enricher
+    payload = ctx.to_json() if enrich is None or ctx.is_empty else enrich(ctx)
+    return _begin_statement_sql(conn).encode() + b"; " + set_local_command(conn, payload)
 
 
 def begin_with_context(conn: psycopg.Connection[Any], ctx: AuditContext) -> None:

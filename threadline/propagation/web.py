@@ -19,6 +19,12 @@ that ``actor_resolver(environ | scope)`` returns. The correlation id is echoed o
   ``websocket.accept``) that lasts as long as the connection.
 - ASGI ``lifespan`` and any other scope type pass through untouched, with no context.
 
+With ``correlation_from_traceparent=True`` the trace id of a valid W3C ``traceparent`` header
+(version ``00``: 32 lowercase hex digits, not all zero) is the correlation id when none of
+``correlation_headers`` holds a valid id: an explicit correlation header wins, then
+``traceparent``, then a generated UUID. A ``traceparent`` that is malformed, of another version,
+with an all-zero trace or parent id, or sent twice, is ignored (with one warning).
+
 Incoming ids are untrusted: an id longer than ``max_id_length`` (default 128), empty, or holding
 any character outside ``A-Z a-z 0-9 . _ : / + = @ -`` (so CR/LF, spaces, quotes and non-printable
 bytes) is replaced by a generated one, and one warning is logged with the bad value escaped
@@ -43,10 +49,12 @@ from threadline.errors import ConfigurationError, InvalidContext
 __all__ = [
     "DEFAULT_CORRELATION_HEADERS",
     "DEFAULT_RESPONSE_HEADER",
+    "TRACEPARENT_HEADER",
     "ASGIMiddleware",
     "CorrelationPolicy",
     "WSGIMiddleware",
     "bind_actor",
+    "trace_id_from_traceparent",
 ]
 
 logger = logging.getLogger("threadline.web")
@@ -60,6 +68,15 @@ _ID_CHARS = r"A-Za-z0-9._:/+=@-"
 _VALID_ID = re.compile("[" + _ID_CHARS + "]+")
 _VALID_ID_BYTES = re.compile(b"[" + _ID_CHARS.encode() + b"]+")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 token
+TRACEPARENT_HEADER = "traceparent"
+"""The W3C trace-context header whose trace id ``correlation_from_traceparent`` uses."""
+_TRACEPARENT_ENVIRON_KEY = "HTTP_TRACEPARENT"
+_TRACEPARENT_NAME = b"traceparent"
+# W3C trace-context, version 00: version-trace_id-parent_id-flags, lowercase hex only (55 chars)
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_TRACEPARENT_BYTES = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_PARENT_ID = "0" * 16
 _urandom = os.urandom
 _VARIANT = "89ab"
 
@@ -97,20 +114,54 @@ def bind_actor(actor: ActorRef | str | None) -> AuditContext:
     return ctx
 
 
+def trace_id_from_traceparent(value: str | bytes) -> str | None:
+    """The trace id of a W3C trace-context ``traceparent`` header value, or ``None``.
+
+    Strict: version ``00`` only, exactly 55 characters (``00-<32 hex>-<16 hex>-<2 hex>``, hex in
+    lower case, no surrounding spaces), trace id and parent id not all zero.
+    """
+    if isinstance(value, bytes):
+        found = _TRACEPARENT_BYTES.fullmatch(value)
+        if found is None:
+            return None
+        trace_id, parent_id = found.group(1).decode("ascii"), found.group(2).decode("ascii")
+    else:
+        text = _TRACEPARENT.fullmatch(value) if isinstance(value, str) else None
+        if text is None:
+            return None
+        trace_id, parent_id = text.group(1), text.group(2)
+    if trace_id == _ZERO_TRACE_ID or parent_id == _ZERO_PARENT_ID:
+        return None
+    return trace_id
+
+
 class CorrelationPolicy:
     """Reads, validates and generates correlation ids; shared by the WSGI, ASGI and Django entries.
 
     ``headers``: incoming header names tried in order; ``response_header``: the echo header
-    (``None``: no echo); ``max_id_length``: longest accepted incoming id.
+    (``None``: no echo); ``max_id_length``: longest accepted incoming id. ``from_traceparent``:
+    when none of ``headers`` holds a valid id, use the trace id of a valid W3C ``traceparent``
+    header (see :func:`trace_id_from_traceparent`) before generating one; it needs
+    ``max_id_length`` of 32 or more.
     """
 
-    __slots__ = ("_ascii_names", "environ_keys", "headers", "max_id_length", "response_header")
+    __slots__ = (
+        "_ascii_names",
+        "_wanted_names",
+        "environ_keys",
+        "from_traceparent",
+        "headers",
+        "max_id_length",
+        "response_header",
+    )
 
     def __init__(
         self,
         headers: Sequence[str] = DEFAULT_CORRELATION_HEADERS,
         response_header: str | None = DEFAULT_RESPONSE_HEADER,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+        *,
+        from_traceparent: bool = False,
     ) -> None:
         if isinstance(headers, str):
             headers = (headers,)
@@ -126,11 +177,21 @@ class CorrelationPolicy:
             or not 8 <= max_id_length <= 256
         ):
             raise ConfigurationError(f"max_id_length must be an integer from 8 to 256, got {max_id_length!r}")
+        if not isinstance(from_traceparent, bool):
+            raise ConfigurationError(f"from_traceparent must be True or False, got {from_traceparent!r}")
+        if from_traceparent and max_id_length < 32:
+            raise ConfigurationError(
+                f"from_traceparent takes 32-character trace ids: max_id_length must be 32 or more, "
+                f"got {max_id_length}"
+            )
         self.headers = tuple(headers)
         self.response_header = response_header
         self.max_id_length = max_id_length
+        self.from_traceparent = from_traceparent
         self.environ_keys = tuple("HTTP_" + h.upper().replace("-", "_") for h in self.headers)
         self._ascii_names = tuple(h.lower().encode("ascii") for h in self.headers)
+        # the ASGI header names collected in one pass over the request's headers
+        self._wanted_names = self._ascii_names + ((_TRACEPARENT_NAME,) if from_traceparent else ())
 
     def check(self, header: str, value: str) -> str | None:
         """``value`` if it is an acceptable correlation id, else ``None`` (and one warning)."""
@@ -148,26 +209,60 @@ class CorrelationPolicy:
                 checked = self.check(header, value)
                 if checked is not None:
                     return checked
+        if self.from_traceparent:
+            value = get(_TRACEPARENT_ENVIRON_KEY)
+            if value is not None:
+                # a server joins repeated headers with commas: two traceparents never parse
+                trace_id = trace_id_from_traceparent(value)
+                if trace_id is not None:
+                    return trace_id
+                self._refused_traceparent(value)
         return new_id()
 
     def from_asgi_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> str:
         """The correlation id from ASGI ``scope["headers"]`` (lower-case names, raw bytes)."""
-        names = self._ascii_names
+        wanted = self._wanted_names
         found: dict[bytes, bytes] | None = None
+        repeated_traceparent = False
         for name, value in raw:
-            if name in names:
+            if name in wanted:
                 if found is None:
                     found = {}
-                found.setdefault(name, value)
+                if name not in found:
+                    found[name] = value
+                elif name == _TRACEPARENT_NAME:  # W3C trace-context: a repeated traceparent is invalid
+                    repeated_traceparent = True
         if found is not None:
-            for name, header in zip(names, self.headers, strict=True):
+            for name, header in zip(self._ascii_names, self.headers, strict=True):
                 raw_value = found.get(name)
                 if raw_value is None:
                     continue
                 if len(raw_value) <= self.max_id_length and _VALID_ID_BYTES.fullmatch(raw_value):
                     return raw_value.decode("ascii")
                 self._refused(header, raw_value)
+            if self.from_traceparent:
+                traceparent = found.get(_TRACEPARENT_NAME)
+                if repeated_traceparent:
+                    self._refused_traceparent(None)
+                elif traceparent is not None:
+                    trace_id = trace_id_from_traceparent(traceparent)
+                    if trace_id is not None:
+                        return trace_id
+                    self._refused_traceparent(traceparent)
         return new_id()
+
+    def _refused_traceparent(self, value: str | bytes | None) -> None:
+        reason = (
+            "it was sent more than once"
+            if value is None
+            else "it is not a version-00 W3C trace-context value with non-zero ids"
+        )
+        logger.warning(
+            "threadline: ignored the incoming %s header because %s; a new correlation id is used: %r",
+            TRACEPARENT_HEADER,
+            reason,
+            None if value is None else value[:64],
+        )
 
     def _refused(self, header: str, value: str | bytes) -> None:
         if not value:
@@ -283,6 +378,7 @@ class _Middleware:
         response_header: str | None,
         max_id_length: int,
         client_address: bool,
+        correlation_from_traceparent: bool,
     ) -> None:
         name = type(self).__name__
         if not callable(app):
@@ -293,7 +389,12 @@ class _Middleware:
             argument = "environ" if protocol == "WSGI" else "scope"
             raise ConfigurationError(f"actor_resolver must be a callable taking the {protocol} {argument}")
         self.actor_resolver = actor_resolver
-        self.policy = CorrelationPolicy(correlation_headers, response_header, max_id_length)
+        self.policy = CorrelationPolicy(
+            correlation_headers,
+            response_header,
+            max_id_length,
+            from_traceparent=correlation_from_traceparent,
+        )
         self.client_address = client_address
 
 
@@ -304,6 +405,8 @@ class WSGIMiddleware(_Middleware):
     ``None``); it runs before the wrapped app, so it can only use what the request carries
     (``REMOTE_USER``, a token header...). When the app authenticates later, call
     :func:`bind_actor` from inside it. ``client_address=False`` leaves ``meta["client"]`` out.
+    ``correlation_from_traceparent=True`` takes the correlation id from a valid W3C
+    ``traceparent`` header when no correlation header gives one (see the module docs).
     """
 
     def __init__(
@@ -315,9 +418,17 @@ class WSGIMiddleware(_Middleware):
         response_header: str | None = DEFAULT_RESPONSE_HEADER,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
         client_address: bool = True,
+        correlation_from_traceparent: bool = False,
     ) -> None:
         super().__init__(
-            "WSGI", app, actor_resolver, correlation_headers, response_header, max_id_length, client_address
+            "WSGI",
+            app,
+            actor_resolver,
+            correlation_headers,
+            response_header,
+            max_id_length,
+            client_address,
+            correlation_from_traceparent,
         )
         self.app = app
         self._echo = response_header
@@ -354,7 +465,8 @@ class ASGIMiddleware(_Middleware):
     """ASGI 3 middleware: each HTTP request and websocket runs under its own audit context.
 
     ``actor_resolver(scope)`` returns the acting :class:`~threadline.actor.ActorRef` (or
-    ``None``). Lifespan (and unknown) scopes pass through untouched. See the module docs.
+    ``None``). Lifespan (and unknown) scopes pass through untouched. The other options are
+    :class:`WSGIMiddleware`'s. See the module docs.
     """
 
     def __init__(
@@ -366,9 +478,17 @@ class ASGIMiddleware(_Middleware):
         response_header: str | None = DEFAULT_RESPONSE_HEADER,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
         client_address: bool = True,
+        correlation_from_traceparent: bool = False,
     ) -> None:
         super().__init__(
-            "ASGI", app, actor_resolver, correlation_headers, response_header, max_id_length, client_address
+            "ASGI",
+            app,
+            actor_resolver,
+            correlation_headers,
+            response_header,
+            max_id_length,
+            client_address,
+            correlation_from_traceparent,
         )
         self.app = app
         self._echo = None if response_header is None else response_header.lower().encode("ascii")
