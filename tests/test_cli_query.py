@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from threadline.cli import parse_when
+from threadline.cli_connect import parse_when
 
 from .story import Story
 

@@ -178,6 +178,7 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
     ).fetchall()
     assert granted == [
         ("actions", "INSERT,SELECT"),
+        ("baselines", "SELECT"),
         ("changes", "SELECT"),
         ("schema_version", "SELECT"),
         ("task_runs", "INSERT,SELECT"),

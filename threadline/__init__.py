@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from threadline import ddl
 from threadline.actions import list_actions, list_actions_async, record_action, record_action_async
 from threadline.actor import ActorRef
-from threadline.as_of_query import AsOfError, NotYetAudited, RowDeleted, as_of, as_of_async
+from threadline.as_of_query import AsOfError, NoBaseline, NotYetAudited, RowDeleted, as_of, as_of_async
+from threadline.baseline import Baseline, BaselineProgress, baselines, take_baseline
 from threadline.context import AuditContext, context, current, use_context
 from threadline.diff import FieldChange, diff
 from threadline.errors import (
@@ -82,6 +83,8 @@ __all__ = [
     "ActorRef",
     "AsOfError",
     "AuditContext",
+    "Baseline",
+    "BaselineProgress",
     "Change",
     "ConfigurationError",
     "ExportResult",
@@ -93,6 +96,7 @@ __all__ = [
     "InvalidFilter",
     "InvalidKey",
     "InvalidTrackOption",
+    "NoBaseline",
     "NoPrimaryKey",
     "NotYetAudited",
     "QueryError",
@@ -119,6 +123,7 @@ __all__ = [
     "apply_context_async",
     "as_of",
     "as_of_async",
+    "baselines",
     "celery",
     "changes_for_transaction",
     "changes_for_transaction_async",
@@ -137,6 +142,7 @@ __all__ = [
     "record_action",
     "record_action_async",
     "submit",
+    "take_baseline",
     "task",
     "timeline",
     "timeline_async",

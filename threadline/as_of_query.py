@@ -7,15 +7,15 @@ between; the row is that change's after image.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Generator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from threadline._connection import ConnectionLike
+from threadline._connection import ConnectionLike, json_adapters, native
 from threadline._run import Plan, Query, run, run_async
 from threadline.ddl.names import DEFAULT_SCHEMA
 from threadline.errors import InvalidFilter, ThreadlineError
@@ -30,7 +30,7 @@ from threadline.query import (
 )
 from threadline.records import Change, iso
 
-__all__ = ["AsOfError", "NotYetAudited", "RowDeleted", "as_of", "as_of_async"]
+__all__ = ["AsOfError", "NoBaseline", "NotYetAudited", "RowDeleted", "as_of", "as_of_async"]
 
 
 class AsOfError(ThreadlineError, LookupError):
@@ -66,20 +66,36 @@ def _pk_text(pk: Mapping[str, Any]) -> str:
 
 
 # One round trip: the row's changes (found through the pk index alone), the latest one at or before
-# the time asked, the earliest one when there is none, and a truncate of the table in between.
+# the time asked, the table's baseline in force then, and when there is no such change the earliest
+# one after it (its before image is the row then) or else the row's baseline snapshot; and a
+# truncate of the table in between. Snapshots never outrank a captured change: a baseline batch may
+# read a row while a change to it is still uncommitted, so its snapshot can be older than its time.
 _AS_OF_SQL = sql.SQL("""
 WITH r AS MATERIALIZED (
     SELECT c.* FROM {audit}.changes c
      WHERE c.pk = %(pk)s AND {table}
 ), latest AS (
-    SELECT * FROM r WHERE r.captured_at <= %(at)s ORDER BY r.captured_at DESC, r.id DESC LIMIT 1
+    SELECT * FROM r WHERE r.op <> 'snapshot' AND r.captured_at <= %(at)s
+     ORDER BY r.captured_at DESC, r.id DESC LIMIT 1
+), b AS (
+    SELECT x.transaction_id, x.started_at FROM {audit}.baselines x
+     WHERE x.started_at <= %(at)s AND (x.ended_at IS NULL OR x.ended_at > %(at)s)
+       AND x.transaction_id IN (SELECT r.transaction_id FROM r WHERE r.op = 'snapshot')
+     ORDER BY x.started_at DESC LIMIT 1
 ), found AS (
     SELECT 'latest' AS role, latest.* FROM latest
     UNION ALL
-    (SELECT 'first', r.* FROM r WHERE NOT EXISTS (SELECT FROM latest) ORDER BY r.captured_at, r.id LIMIT 1)
+    (SELECT 'first', r.* FROM r WHERE r.op <> 'snapshot' AND NOT EXISTS (SELECT FROM latest)
+      ORDER BY r.captured_at, r.id LIMIT 1)
     UNION ALL
-    (SELECT 'truncate', c.* FROM {audit}.changes c, latest l
-      WHERE l.op <> 'delete' AND c.op = 'truncate'
+    (SELECT 'snapshot', r.* FROM r JOIN b ON b.transaction_id = r.transaction_id
+      WHERE NOT EXISTS (SELECT FROM latest) ORDER BY r.id DESC LIMIT 1)
+    UNION ALL
+    (SELECT 'truncate', c.* FROM {audit}.changes c,
+            (SELECT l.captured_at, l.id FROM latest l WHERE l.op <> 'delete'
+             UNION ALL
+             SELECT b.started_at, 0 FROM b WHERE NOT EXISTS (SELECT FROM latest)) AS l
+      WHERE c.op = 'truncate'
         AND {table}
         AND c.captured_at >= l.captured_at AND c.captured_at <= %(at)s
         AND (c.captured_at, c.id) > (l.captured_at, l.id)
@@ -88,6 +104,43 @@ WITH r AS MATERIALIZED (
 SELECT c.role, {changes}, {transactions}
   FROM found c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id
 """)
+
+# The table as it was: the state of each row (by the same rules as one row's) from the changes of
+# the table and the baseline in force, one row per key, streamed.
+_TABLE_AS_OF_SQL = sql.SQL("""
+WITH b AS (
+    SELECT c.transaction_id, c.started_at
+      FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c
+     WHERE {baseline_table} AND c.started_at <= %(at)s AND c.finished_at IS NOT NULL
+       AND (c.ended_at IS NULL OR c.ended_at > %(at)s)
+     ORDER BY c.started_at DESC LIMIT 1
+), tr AS (
+    SELECT max(c.captured_at) AS at FROM {audit}.changes c
+     WHERE c.op = 'truncate' AND {truncate_table} AND c.captured_at <= %(at)s
+), pick AS (
+    SELECT DISTINCT ON (c.pk) c.op, c.after, c.before, c.captured_at, k.class
+      FROM {audit}.changes c CROSS JOIN b
+     CROSS JOIN LATERAL (SELECT CASE WHEN c.op = 'snapshot' THEN 2
+                                     WHEN c.captured_at <= %(at)s THEN 0 ELSE 1 END AS class) k
+     WHERE {table} AND c.op <> 'truncate' AND (c.op <> 'snapshot' OR c.transaction_id = b.transaction_id)
+     ORDER BY c.pk, k.class,
+              CASE WHEN k.class = 0 THEN c.captured_at END DESC, CASE WHEN k.class = 0 THEN c.id END DESC,
+              CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
+              c.id DESC
+)
+SELECT CASE WHEN p.class = 1 THEN p.before ELSE p.after END
+  FROM pick p, tr, b
+ WHERE CASE p.class
+         WHEN 0 THEN p.op <> 'delete' AND (tr.at IS NULL OR tr.at < p.captured_at)
+         WHEN 1 THEN p.op <> 'insert'
+         ELSE tr.at IS NULL OR tr.at < b.started_at
+       END
+""")
+
+
+class NoBaseline(AsOfError):
+    """The table had no complete baseline in force at the time asked, so rows that had not changed
+    since tracking began are unknown: take one with :func:`threadline.take_baseline`."""
 
 
 def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[dict[str, Any]]:
@@ -107,8 +160,28 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
     )
     found = {row["role"]: change for row, change in zip(rows, changes_from_rows(rows), strict=True)}
     latest = found.get("latest")
+    truncate = found.get("truncate")
     if latest is None:
         first = found.get("first")
+        snapshot = found.get("snapshot")
+        if first is not None and snapshot is not None and first.op in ("update", "delete"):
+            # the row did not change between the time asked and this change
+            assert first.before is not None
+            return dict(first.before)
+        if first is not None and snapshot is not None and first.op == "insert":
+            raise NotYetAudited(
+                f"{row_of} did not exist at {iso(moment)}: it was inserted at {iso(first.captured_at)}",
+                first_change=first,
+            )
+        if snapshot is not None:
+            if truncate is not None:
+                raise RowDeleted(
+                    f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
+                    change=truncate,
+                    deleted_at=truncate.captured_at,
+                )
+            assert snapshot.after is not None
+            return dict(snapshot.after)
         if first is None:
             detail = "it has no captured change at all"
         elif first.op == "insert":
@@ -122,7 +195,6 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
         raise RowDeleted(
             f"{row_of} was deleted at {iso(latest.captured_at)}", change=latest, deleted_at=latest.captured_at
         )
-    truncate = found.get("truncate")
     if truncate is not None:
         raise RowDeleted(
             f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
@@ -133,20 +205,111 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
     return dict(latest.after)
 
 
+def _table_plan(table: str, at: datetime, audit_schema: str) -> Plan[tuple[sql.Composed, dict[str, Any]]]:
+    audit = _audit(audit_schema)
+    moment = check_time("at", at)
+    ref = yield from resolve_table(table, audit_schema)
+    params: dict[str, Any] = {"at": moment}
+    statement = _TABLE_AS_OF_SQL.format(
+        audit=audit,
+        baseline_table=ref.condition(params),
+        truncate_table=ref.condition(params),
+        table=ref.condition(params),
+    )
+    found = yield Query(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE c.started_at <= %(at)s AND c.finished_at IS NOT NULL"
+            "                         AND (c.ended_at IS NULL OR c.ended_at > %(at)s)) AS usable,"
+            " min(c.started_at) FILTER (WHERE c.ended_at IS NULL) AS current_start,"
+            " bool_or(c.finished_at IS NULL AND c.ended_at IS NULL) AS unfinished"
+            " FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c WHERE {table}"
+        ).format(audit=audit, table=ref.condition(params)),
+        params,
+    )
+    info = found[0]
+    if not info["usable"]:
+        if info["unfinished"]:
+            detail = "its baseline is not complete: take it again to finish it (threadline baseline)"
+        elif info["current_start"] is not None:
+            detail = f"its baseline was taken at {iso(info['current_start'])}, after that time"
+        else:
+            detail = "it has no baseline: take one with threadline.take_baseline() (threadline baseline)"
+        raise NoBaseline(f"{ref} cannot be shown as it was at {iso(moment)}: {detail}")
+    return statement, params
+
+
+def _table_rows(
+    conn: ConnectionLike, table: str, at: datetime, audit_schema: str
+) -> Generator[dict[str, Any], None, None]:
+    statement, params = run(conn, _table_plan(table, at, audit_schema))
+    return _stream_rows(conn, statement, params)
+
+
+def _stream_rows(
+    conn: ConnectionLike, statement: sql.Composed, params: dict[str, Any]
+) -> Generator[dict[str, Any], None, None]:
+    raw, from_django = native(conn)
+    # a plain psycopg cursor in streaming mode: rows arrive as the server sends them, so memory
+    # stays flat however large the table (the server sorts the changes by key, spilling to disk)
+    with psycopg.Cursor(raw) as cur:
+        if from_django:
+            json_adapters(cur.adapters)
+        for (image,) in cur.stream(statement, params, size=1000):
+            yield dict(image)
+
+
+@overload
+def as_of(
+    conn: ConnectionLike, table: str, *, at: datetime, audit_schema: str = DEFAULT_SCHEMA
+) -> Generator[dict[str, Any], None, None]: ...
+
+
+@overload
 def as_of(
     conn: ConnectionLike, table: str, pk: Any, at: datetime, *, audit_schema: str = DEFAULT_SCHEMA
-) -> dict[str, Any]:
-    """The row as it was at ``at`` (inclusive), from the image of its latest captured change:
-    "what did order 7 look like when the invoice went out?".
+) -> dict[str, Any]: ...
 
-    Raises :class:`RowDeleted` if it had been deleted (or its table truncated)
-    by then, and :class:`NotYetAudited` if no captured change of the row is at
-    or before ``at``. Excluded columns are absent and masked ones hold the placeholder, as in
-    every audit image. ``pk`` is given as for :func:`threadline.history`.
+
+def as_of(
+    conn: ConnectionLike,
+    table: str,
+    pk: Any = None,
+    at: datetime | None = None,
+    *,
+    audit_schema: str = DEFAULT_SCHEMA,
+) -> dict[str, Any] | Generator[dict[str, Any], None, None]:
+    """The row as it was at ``at`` (inclusive): "what did order 7 look like when the invoice went
+    out?"; without ``pk``, the whole table then: "what did orders look like on Monday?".
+
+    A row's state is the after image of its latest captured change at or before ``at``. When it
+    has none and the table has a baseline (:func:`threadline.take_baseline`) in force at ``at``,
+    it is the before image of the row's next change, or else its baseline snapshot.
+
+    With ``pk`` (given as for :func:`threadline.history`): the row as a dict. Raises
+    :class:`RowDeleted` if it had been deleted (or its table truncated) by then, and
+    :class:`NotYetAudited` if its state then is not known (or, with a baseline, it did not exist).
+
+    Without ``pk``: an iterator of the rows (dicts, in key order), streamed with flat memory; the
+    table must have had a complete baseline at ``at``, else :class:`NoBaseline` is raised at
+    once. The stream holds ``conn`` until it is exhausted or closed: iterate it to the end, or
+    close it (``contextlib.closing``) before using ``conn`` again.
+
+    Excluded columns are absent and masked ones hold the placeholder, as in every audit image.
     """
+    if at is None:
+        raise InvalidFilter("at is required")
+    if pk is None:
+        return _table_rows(conn, table, at, audit_schema)
     return run(conn, _as_of_plan(table, pk, at, audit_schema))
 
 
+@overload
+async def as_of_async(
+    conn: psycopg.AsyncConnection[Any], table: str, *, at: datetime, audit_schema: str = DEFAULT_SCHEMA
+) -> AsyncGenerator[dict[str, Any], None]: ...
+
+
+@overload
 async def as_of_async(
     conn: psycopg.AsyncConnection[Any],
     table: str,
@@ -154,6 +317,29 @@ async def as_of_async(
     at: datetime,
     *,
     audit_schema: str = DEFAULT_SCHEMA,
-) -> dict[str, Any]:
-    """Async twin of :func:`as_of`."""
+) -> dict[str, Any]: ...
+
+
+async def as_of_async(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    pk: Any = None,
+    at: datetime | None = None,
+    *,
+    audit_schema: str = DEFAULT_SCHEMA,
+) -> dict[str, Any] | AsyncGenerator[dict[str, Any], None]:
+    """Async twin of :func:`as_of`; without ``pk``, an async iterator of the table's rows."""
+    if at is None:
+        raise InvalidFilter("at is required")
+    if pk is None:
+        statement, params = await run_async(conn, _table_plan(table, at, audit_schema))
+        return _table_rows_async(conn, statement, params)
     return await run_async(conn, _as_of_plan(table, pk, at, audit_schema))
+
+
+async def _table_rows_async(
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    async with psycopg.AsyncCursor(conn) as cur:
+        async for (image,) in cur.stream(statement, params, size=1000):
+            yield dict(image)

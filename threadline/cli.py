@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import click
@@ -19,10 +18,19 @@ from threadline.actions import list_actions
 from threadline.actor import ActorRef
 from threadline.as_of_query import AsOfError
 from threadline.as_of_query import as_of as row_as_of
-from threadline.cli_connect import F, connect, dsn_option
+from threadline.baseline import baseline_sql
+from threadline.cli_connect import F, connect, dsn_option, when_option_value
 from threadline.cli_demo import demo
 from threadline.cli_help import ALL_EXAMPLES, audit_schema_option, examples
 from threadline.cli_ops import coverage, purge
+from threadline.cli_story import (
+    actor_option,
+    as_of,
+    baseline,
+    batch_size_option,
+    command_context,
+    run_baseline,
+)
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
 from threadline.ddl.names import qualified_name
@@ -127,6 +135,14 @@ def install(
     is_flag=True,
     help="Print the SQL-API statement for a migration instead (no database needed).",
 )
+@click.option(
+    "--baseline",
+    "with_baseline",
+    is_flag=True,
+    help="Then record every existing row once (see threadline baseline).",
+)
+@batch_size_option
+@actor_option
 def track(
     tables: tuple[str, ...],
     exclude: str | None,
@@ -138,6 +154,9 @@ def track(
     dsn: str | None,
     audit_schema: str,
     print_sql: bool,
+    with_baseline: bool,
+    batch_size: int,
+    actor: ActorRef,
 ) -> None:
     """Track tables, or regenerate their capture code with the options stored for them.
 
@@ -157,13 +176,21 @@ def track(
         for table in tables:
             try:
                 click.echo(triggers.track_sql(table, **options), nl=False)
+                if with_baseline:
+                    click.echo(
+                        baseline_sql(table, batch_size=batch_size, audit_schema=audit_schema), nl=False
+                    )
             except (TrackingError, SchemaError) as exc:
                 raise click.UsageError(str(exc)) from exc
         return
-    with connect(dsn) as conn:
+    with connect(dsn) as conn, command_context("track", actor):
         for table in tables:
             result = triggers.track(conn, table, **options)
             _print_track(result)
+            if with_baseline:
+                run_baseline(
+                    conn, qualified_name(result.table_schema, result.table_name), batch_size, audit_schema
+                )
 
 
 def _print_track(result: triggers.TrackResult) -> None:
@@ -275,37 +302,6 @@ def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> Non
 # Exploring the audit trail: timeline, history, trace, export, actions
 
 
-_RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_when(text: str, *, now: datetime | None = None) -> datetime:
-    """``2h``/``30m``/``1d`` ago, ``now``, or an ISO 8601 time (UTC when it has no offset)."""
-    value = text.strip()
-    now = now or datetime.now(timezone.utc)
-    match = _RELATIVE_RE.match(value)
-    if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    if value == "now":
-        return now
-    try:
-        parsed = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither a relative time (90s, 30m, 2h, 1d, 2w) nor an ISO 8601 time"
-        ) from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
-
-
-def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_when(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
 def _actor(ctx: click.Context, param: click.Parameter, value: str | None) -> ActorRef | None:
     if value is None:
         return None
@@ -325,9 +321,14 @@ def _filter_options(func: F) -> F:
             ),
             click.option("--op", type=click.Choice(OPS), help="Only this operation."),
             click.option(
-                "--since", metavar="WHEN", callback=_when, help="Captured at or after (2h, ISO time)."
+                "--since",
+                metavar="WHEN",
+                callback=when_option_value,
+                help="Captured at or after (2h, ISO time).",
             ),
-            click.option("--until", metavar="WHEN", callback=_when, help="Captured before (2h, ISO time)."),
+            click.option(
+                "--until", metavar="WHEN", callback=when_option_value, help="Captured before (2h, ISO time)."
+            ),
         ]
     ):
         func = option(func)
@@ -490,7 +491,13 @@ def _history_lines(change: Change) -> list[str]:
 @cli.command(epilog=examples("history"))
 @click.argument("table", metavar="[SCHEMA.]TABLE")
 @click.argument("pk", metavar="PK")
-@click.option("--as-of", "as_of", metavar="WHEN", callback=_when, help="Show the row as it was then instead.")
+@click.option(
+    "--as-of",
+    "as_of",
+    metavar="WHEN",
+    callback=when_option_value,
+    help="Show the row as it was then instead.",
+)
 @click.option("--limit", type=click.IntRange(1), help="Only the newest N changes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @dsn_option
@@ -665,8 +672,10 @@ def _write_cursor_file(path: str, cursor: str) -> None:
 @click.option("--correlation-id", metavar="ID", help="Only actions of this correlation id.")
 @click.option("--actor", metavar="TYPE:ID", callback=_actor, help="Only actions by this actor.")
 @click.option("--name", metavar="NAME", help="Only actions with this name.")
-@click.option("--since", metavar="WHEN", callback=_when, help="Recorded at or after (2h, ISO time).")
-@click.option("--until", metavar="WHEN", callback=_when, help="Recorded before (2h, ISO time).")
+@click.option(
+    "--since", metavar="WHEN", callback=when_option_value, help="Recorded at or after (2h, ISO time)."
+)
+@click.option("--until", metavar="WHEN", callback=when_option_value, help="Recorded before (2h, ISO time).")
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @dsn_option
@@ -716,6 +725,8 @@ def actions(
 
 cli.add_command(purge)
 cli.add_command(coverage)
+cli.add_command(baseline)
+cli.add_command(as_of)
 cli.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,9 +5,11 @@ exit code."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import click
@@ -65,3 +67,35 @@ def connect(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
         diag = getattr(exc, "diag", None)
         hint = getattr(diag, "message_hint", None) if diag else None
         fail(str(exc).strip().splitlines()[0], hint or "the statement was rolled back; nothing changed")
+
+
+_RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, *, now: datetime | None = None) -> datetime:
+    """``2h``/``30m``/``1d`` ago, ``now``, or an ISO 8601 time (UTC when it has no offset)."""
+    value = text.strip()
+    now = now or datetime.now(timezone.utc)
+    match = _RELATIVE_RE.match(value)
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    if value == "now":
+        return now
+    try:
+        parsed = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a relative time (90s, 30m, 2h, 1d, 2w) nor an ISO 8601 time"
+        ) from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+
+
+def when_option_value(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """Click callback: the option's value as a time (see :func:`parse_when`)."""
+    if value is None:
+        return None
+    try:
+        return parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc

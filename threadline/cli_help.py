@@ -39,6 +39,15 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
         "threadline track line_items --keys order_id,line_no",
         "threadline track public.orders --unmask card_number",
         "threadline track public.orders --print-sql >> migrations/0002_track_orders.sql",
+        "threadline track public.orders --baseline",
+    ),
+    "baseline": (
+        "threadline baseline public.orders",
+        "threadline baseline orders line_items --batch-size 5000 --actor user:42",
+    ),
+    "as-of": (
+        "threadline as-of public.orders --at 2024-05-06T00:00:00Z > orders-monday.ndjson",
+        "threadline as-of orders --at 3d --format csv",
     ),
     "untrack": ("threadline untrack orders", "threadline untrack --prune"),
     "sync": ("threadline sync", "threadline sync --check"),
@@ -68,7 +77,7 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-_TIMED = {"timeline", "history", "export", "actions", "purge", "coverage"}
+_TIMED = {"timeline", "history", "export", "actions", "purge", "coverage", "as-of"}
 
 
 def examples(*commands: str) -> str:

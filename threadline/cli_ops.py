@@ -193,11 +193,11 @@ def _print_report(report: health.CoverageReport, show_all: bool) -> None:
     untracked = sum(1 for t in report.tables if t.status == "untracked")
     if shown:
         width = max(len(t.name) for t in shown)
-        click.echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT")
+        click.echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT  BASELINE")
         for t in shown:
             click.echo(
                 f"{t.name.ljust(width)}  {t.status.ljust(9)}  {'yes' if t.installed else 'no':<9}  "
-                f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no'}"
+                f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no':<7}  {t.baseline or '-'}"
             )
             if t.status not in ("installed", "untracked"):
                 click.echo(

@@ -53,6 +53,9 @@ class TableCoverage:
     """Why the status is not ``installed``."""
     restore: str | None = None
     """The command that restores the table with its stored options."""
+    baseline: str | None = None
+    """For a tracked table: ``complete``, ``in progress`` (taken again, it continues) or ``none``
+    (see :func:`threadline.take_baseline`)."""
 
     @property
     def name(self) -> str:
@@ -105,6 +108,19 @@ class ContextCoverage:
         }
 
 
+def _baselines(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[str | None, str | None], str]:
+    """The current baseline of each tracked table, under the table's name now."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT n.nspname, c.relname, b.finished_at IS NOT NULL"
+            "  FROM {audit}.baselines b JOIN {audit}.tracked_tables t ON t.id = b.tracked_id"
+            "  JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE b.ended_at IS NULL"
+        ).format(audit=sql.Identifier(audit_schema))
+    ).fetchall()
+    return {(nsp, rel): "complete" if done else "in progress" for nsp, rel, done in rows}
+
+
 def trigger_coverage(
     conn: psycopg.Connection[Any],
     *,
@@ -149,6 +165,7 @@ def trigger_coverage(
         registry[key] = entry
         if key not in found and (schemas is None or entry.table_schema in schemas):
             found[key] = {}  # gone from the catalog: orphaned capture code
+    baselines = _baselines(conn, audit_schema)
     out: list[TableCoverage] = []
     for (nsp, rel), ops in found.items():
         entry_or_none = registry.get((nsp, rel))
@@ -171,6 +188,7 @@ def trigger_coverage(
                     if entry_or_none is not None
                     else ("threadline track (keeps them) or threadline sync (removes them)" if ops else None)
                 ),
+                baseline=None if entry_or_none is None else baselines.get((nsp, rel), "none"),
             )
         )
     return out

@@ -1100,6 +1100,8 @@ BEGIN
          WHERE c.oid = target
         ON CONFLICT DO NOTHING;
         EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', entry.function_name);
+        -- the baseline no longer describes the table once its changes stop being captured
+        UPDATE @audit@.baselines AS x SET ended_at = now() WHERE x.tracked_id = entry.id AND x.ended_at IS NULL;
     END IF;
     RETURN entry.id IS NOT NULL OR had_triggers;
 END
@@ -1395,6 +1397,132 @@ REVOKE EXECUTE ON FUNCTION @audit@.track(regclass, text[], text[], text[], text[
 REVOKE EXECUTE ON FUNCTION @audit@.untrack(regclass) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION @audit@.sync(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION @audit@.regenerate(bigint, boolean, boolean) FROM PUBLIC;
+
+-- Baselines: every row a table holds when its baseline is taken, recorded once as a 'snapshot'
+-- change of one transaction row, so history and as_of know rows that have not changed since.
+-- Taken in batches, each its own transaction in key order, so no lock is held longer than a batch;
+-- last_key is where the last committed batch stopped, so an interrupted baseline resumes there
+-- (a batch that did not commit left neither snapshots nor progress). ended_at: the table was
+-- untracked, so from then on the baseline no longer describes it.
+CREATE TABLE IF NOT EXISTS @audit@.baselines (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tracked_id bigint NOT NULL,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    transaction_id bigint NOT NULL,
+    key_columns text[] NOT NULL,
+    last_key jsonb,
+    rows_done bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    ended_at timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS baselines_current_idx
+    ON @audit@.baselines (tracked_id) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS baselines_table_idx ON @audit@.baselines (table_name, table_schema);
+
+-- One batch of a table's baseline: starts it (the current transaction's row becomes the baseline's
+-- transaction) or continues it after the last key recorded. Images follow the table's masks and
+-- excludes as capture does. Returns the rows recorded by this batch and whether the baseline is
+-- complete; a complete baseline is left as it is (untrack and track again for a new one).
+CREATE OR REPLACE FUNCTION @audit@.baseline_batch(
+    target regclass, batch_size integer DEFAULT 10000,
+    OUT baseline_id bigint, OUT batch_rows integer, OUT total_rows bigint, OUT finished boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    e @audit@.tracked_tables;
+    b @audit@.baselines;
+    opts record;
+    live_schema text;
+    live_name text;
+    hidden_keys text[];
+    present_mask text[];
+    image text;
+    pk text;
+    key_list text;
+    last_row text;
+    last jsonb;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO e FROM @audit@.tracked_tables AS t WHERE t.relid = target;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not tracked', target
+            USING ERRCODE = '55000', HINT = 'Track the table first; its baseline records the rows it holds then.';
+    END IF;
+    -- one batch of a table at a time; a second taker waits for the batch, then continues after it
+    PERFORM pg_advisory_xact_lock(hashtext('threadline baseline @audit_name@'), e.id::integer);
+    SELECT * INTO b FROM @audit@.baselines AS x WHERE x.tracked_id = e.id AND x.ended_at IS NULL;
+    IF FOUND AND b.finished_at IS NOT NULL THEN
+        baseline_id := b.id; batch_rows := 0; total_rows := b.rows_done; finished := true;
+        RETURN;
+    END IF;
+    SELECT nc.nspname, c.relname INTO live_schema, live_name
+      FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = target;
+    SELECT * INTO opts FROM @audit@.follow_renamed_columns(e);
+    IF b.id IS NULL THEN
+        hidden_keys := ARRAY(SELECT unnest(e.key_columns) INTERSECT SELECT unnest(opts.mask || opts.exclude));
+        IF cardinality(hidden_keys) > 0 THEN
+            RAISE EXCEPTION 'key column(s) % of % are masked or excluded, so its rows cannot be told apart',
+                array_to_string(hidden_keys, ', '), target
+                USING ERRCODE = '55000', HINT = 'Track the table with keys naming other columns.';
+        END IF;
+        INSERT INTO @audit@.baselines (tracked_id, table_schema, table_name, transaction_id, key_columns)
+        VALUES (e.id, live_schema, live_name, @audit@.transaction_row(), e.key_columns)
+        RETURNING * INTO b;
+        UPDATE @audit@.transactions AS t
+           SET meta = coalesce(t.meta, '{}') || jsonb_build_object('baseline', format('%I.%I', live_schema, live_name))
+         WHERE t.id = b.transaction_id;
+    END IF;
+    present_mask := ARRAY(SELECT m FROM unnest(opts.mask) AS m
+                           WHERE m IN (SELECT c.name FROM @audit@.table_columns(target) AS c)
+                             AND m <> ALL (opts.exclude) ORDER BY m COLLATE "C");
+    image := CASE WHEN cardinality(opts.exclude) = 0 AND cardinality(present_mask) = 0 THEN 'to_json(r)'
+                  ELSE format('(to_jsonb(r)%s%s)::json',
+                              CASE WHEN cardinality(opts.exclude) > 0 THEN format(' - %L::text[]', opts.exclude) ELSE '' END,
+                              CASE WHEN cardinality(present_mask) > 0
+                                   THEN format(' || %L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text)
+                                   ELSE '' END) END;
+    pk := 'jsonb_build_object(' || array_to_string(ARRAY(SELECT format('%L, r.%I', k, k) FROM unnest(b.key_columns) AS k), ', ') || ')';
+    key_list := array_to_string(ARRAY(SELECT format('r.%I', k) FROM unnest(b.key_columns) AS k), ', ');
+    last_row := array_to_string(ARRAY(SELECT format('l.%I', k) FROM unnest(b.key_columns) AS k), ', ');
+    EXECUTE format(
+        'WITH batch AS (SELECT %1$s AS pk, %2$s AS image, row_number() OVER (ORDER BY %4$s) AS n'
+        '                 FROM %3$s ORDER BY %4$s LIMIT $1),'
+        ' recorded AS (INSERT INTO @audit@.changes (transaction_id, table_schema, table_name, op, pk, after)'
+        '              SELECT $2, $3, $4, ''snapshot'', batch.pk, batch.image FROM batch)'
+        ' SELECT count(*)::integer, (array_agg(batch.pk ORDER BY batch.n DESC))[1] FROM batch',
+        pk, image,
+        CASE WHEN b.last_key IS NULL THEN format('%s AS r', target)
+             ELSE format('jsonb_populate_record(NULL::%1$s, $5) AS l, %1$s AS r WHERE (%2$s) > (%3$s)', target, key_list, last_row) END,
+        key_list)
+      INTO batch_rows, last
+      USING batch_size, b.transaction_id, live_schema, live_name, b.last_key;
+    UPDATE @audit@.baselines AS x
+       SET rows_done = x.rows_done + batch_rows, last_key = coalesce(last, x.last_key),
+           finished_at = CASE WHEN batch_rows < batch_size THEN clock_timestamp() END
+     WHERE x.id = b.id
+    RETURNING x.id, x.rows_done, x.finished_at IS NOT NULL INTO baseline_id, total_rows, finished;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.baseline_batch(regclass, integer) FROM PUBLIC;
+
+-- A whole baseline from SQL: CALL threadline.take_baseline('orders'). Commits after every batch,
+-- so it must be called outside a transaction block (not from a migration that runs in one).
+CREATE OR REPLACE PROCEDURE @audit@.take_baseline(target regclass, batch_size integer DEFAULT 10000)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    r record;
+BEGIN
+    LOOP
+        SELECT * INTO r FROM @audit@.baseline_batch(target, batch_size);
+        COMMIT;
+        EXIT WHEN r.finished;
+    END LOOP;
+END
+$fn$;
+REVOKE EXECUTE ON PROCEDURE @audit@.take_baseline(regclass, integer) FROM PUBLIC;
 
 DO $events$
 BEGIN
