@@ -54,6 +54,7 @@ from threadline.query import (
     trace_async,
 )
 from threadline.records import Action, Change, TaskRun, Transaction
+from threadline.revert import HiddenColumns, RevertConflict, RevertError, RevertPlan, RevertResult, revert
 from threadline.timeline_query import TimelinePage, timeline, timeline_async
 from threadline.tracing import Trace, TraceNode, TraceTransaction
 
@@ -89,6 +90,7 @@ __all__ = [
     "ConfigurationError",
     "ExportResult",
     "FieldChange",
+    "HiddenColumns",
     "InvalidAction",
     "InvalidActor",
     "InvalidContext",
@@ -100,6 +102,10 @@ __all__ = [
     "NoPrimaryKey",
     "NotYetAudited",
     "QueryError",
+    "RevertConflict",
+    "RevertError",
+    "RevertPlan",
+    "RevertResult",
     "RowDeleted",
     "SchemaError",
     "TableNotFound",
@@ -141,6 +147,7 @@ __all__ = [
     "list_actions_async",
     "record_action",
     "record_action_async",
+    "revert",
     "submit",
     "take_baseline",
     "task",

@@ -29,6 +29,7 @@ from threadline.cli_story import (
     baseline,
     batch_size_option,
     command_context,
+    revert,
     run_baseline,
 )
 from threadline.ddl import schema as ddl_schema
@@ -727,6 +728,7 @@ cli.add_command(purge)
 cli.add_command(coverage)
 cli.add_command(baseline)
 cli.add_command(as_of)
+cli.add_command(revert)
 cli.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover

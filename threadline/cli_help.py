@@ -49,6 +49,11 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
         "threadline as-of public.orders --at 2024-05-06T00:00:00Z > orders-monday.ndjson",
         "threadline as-of orders --at 3d --format csv",
     ),
+    "revert": (
+        "threadline revert --correlation-id 0b7c6f1e-4d1a-4c3e-9a55-2f0e8d1c7b42 --dry-run",
+        "threadline revert --transaction 1234 --actor admin:7",
+        "threadline revert --task 5f1e9c2a-7b3d-4e8f-a1c6-9d2b3e4f5a60 --overwrite",
+    ),
     "untrack": ("threadline untrack orders", "threadline untrack --prune"),
     "sync": ("threadline sync", "threadline sync --check"),
     "timeline": (

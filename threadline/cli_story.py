@@ -1,5 +1,6 @@
-"""``threadline baseline``, ``threadline as-of`` and what ``track --baseline`` shares with them:
-the commands that give a table's whole story (its rows before tracking, the table at a time)."""
+"""``threadline baseline``, ``threadline as-of``, ``threadline revert`` and what ``track --baseline``
+shares with them: the commands that give a table's whole story (its rows before tracking, the
+table at a time) and undo part of it."""
 
 from __future__ import annotations
 
@@ -25,8 +26,18 @@ from threadline.cli_connect import connect, dsn_option, fail, when_option_value
 from threadline.cli_help import audit_schema_option, examples
 from threadline.context import context
 from threadline.errors import InvalidActor
+from threadline.revert import RevertError
+from threadline.revert import revert as revert_changes
 
-__all__ = ["actor_option", "as_of", "baseline", "batch_size_option", "command_context", "run_baseline"]
+__all__ = [
+    "actor_option",
+    "as_of",
+    "baseline",
+    "batch_size_option",
+    "command_context",
+    "revert",
+    "run_baseline",
+]
 
 
 def _actor(ctx: click.Context, param: click.Parameter, value: str | None) -> ActorRef:
@@ -165,3 +176,69 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
 
 def _csv_value(value: Any) -> Any:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+
+
+@click.command(epilog=examples("revert"))
+@click.option(
+    "--correlation-id", metavar="ID", help="Revert everything this request (and its tasks) changed."
+)
+@click.option(
+    "--transaction",
+    "transaction_id",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Revert one audit transaction.",
+)
+@click.option(
+    "--task", "task_id", metavar="ID", help="Revert a Celery task (every attempt, and the tasks it started)."
+)
+@click.option("--dry-run", is_flag=True, help="Show what would change, as a diff, and change nothing.")
+@click.option(
+    "--overwrite", is_flag=True, help="Also replace changes made to the rows after the ones reverted."
+)
+@click.option(
+    "--skip-hidden",
+    is_flag=True,
+    help="Leave masked and excluded columns as they are (their values were never recorded).",
+)
+@actor_option
+@dsn_option
+@audit_schema_option
+def revert(
+    correlation_id: str | None,
+    transaction_id: int | None,
+    task_id: str | None,
+    dry_run: bool,
+    overwrite: bool,
+    skip_hidden: bool,
+    actor: ActorRef,
+    dsn: str | None,
+    audit_schema: str,
+) -> None:
+    """Undo what a request, a transaction or a task changed, in one transaction.
+
+    Refuses (exit 1) when a row was changed again afterwards, naming it, unless --overwrite;
+    and when restoring would need masked or excluded values, unless --skip-hidden. The revert
+    is recorded under --actor and linked to a threadline.revert action.
+    """
+    if sum(v is not None for v in (correlation_id, transaction_id, task_id)) != 1:
+        raise click.UsageError("name exactly one of --correlation-id, --transaction or --task")
+    with connect(dsn) as conn, command_context("revert", actor):
+        try:
+            result = revert_changes(
+                conn,
+                correlation_id=correlation_id,
+                transaction_id=transaction_id,
+                task_id=task_id,
+                dry_run=dry_run,
+                overwrite=overwrite,
+                skip_hidden=skip_hidden,
+                audit_schema=audit_schema,
+            )
+        except RevertError as exc:
+            fail(str(exc))
+    click.echo(result.plan.render())
+    if result.applied:
+        click.echo(f"reverted {len(result.plan.steps)} row(s); recorded as action {result.action_id}")
+    else:
+        click.echo("dry run: nothing changed")
