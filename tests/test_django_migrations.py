@@ -378,3 +378,47 @@ def test_the_driver_checks(mig_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(psycopg_any, "is_psycopg3", False)  # as Django before psycopg 3 support
     found = {m.id: m.msg for m in check_setup()}
     assert "runs on psycopg2" in found["threadline.E002"]
+
+
+def test_take_baseline_operation(mig_dsn: str) -> None:
+    from django.db import connections
+    from django.db.migrations.executor import MigrationExecutor
+
+    from threadline.django.operations import TakeBaseline
+    from threadline.errors import ConfigurationError
+
+    migrate()
+    connection = connections[ALIAS]
+    state = MigrationExecutor(connection).loader.project_state()
+    table = state.apps.get_model("shop", "Purchase")._meta.db_table
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        conn.execute("SELECT threadline.untrack(%s::regclass)", [table])
+        conn.execute(
+            sql.SQL("INSERT INTO {} (name, card) SELECT 'b', 'c' FROM generate_series(1, 5)").format(
+                sql.Identifier(table)
+            )
+        )
+        conn.execute("SELECT threadline.track(%s::regclass, mask => ARRAY['card'])", [table])
+        expected = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
+    operation = TakeBaseline("shop.Purchase", batch_size=2)
+    assert operation.deconstruct() == (
+        "threadline.django.operations.TakeBaseline",
+        ["shop.Purchase"],
+        {"batch_size": 2},
+    )
+    with (
+        connection.schema_editor(atomic=True) as editor,
+        pytest.raises(ConfigurationError, match="atomic = False"),
+    ):
+        operation.database_forwards("shop", editor, state, state)
+    with connection.schema_editor(atomic=False) as editor:
+        operation.database_forwards("shop", editor, state, state)
+    with psycopg.connect(mig_dsn) as conn:
+        done = conn.execute(
+            "SELECT b.rows_done, b.finished_at IS NOT NULL,"
+            " (SELECT count(*) FROM threadline.changes c WHERE c.transaction_id = b.transaction_id AND c.op = 'snapshot'),"
+            " (SELECT count(*) FROM threadline.changes c WHERE c.transaction_id = b.transaction_id AND c.after ->> 'card' <> '[masked]')"
+            "  FROM threadline.baselines b WHERE b.table_name = %s AND b.ended_at IS NULL",
+            [table],
+        ).fetchone()
+    assert expected is not None and done == (expected[0], True, expected[0], 0)

@@ -22,13 +22,13 @@ from typing import Any
 
 from django.db.migrations.operations.base import Operation
 
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, quote_ident
 from threadline.ddl.schema import PINNED_VERSIONS, install_sql, uninstall_sql
 from threadline.ddl.triggers import track_sql, untrack_sql
 from threadline.django.tracking import column_names
 from threadline.errors import ConfigurationError
 
-__all__ = ["InstallAudit", "Track", "Untrack"]
+__all__ = ["InstallAudit", "TakeBaseline", "Track", "Untrack"]
 
 
 class InstallAudit(Operation):
@@ -203,3 +203,71 @@ class Untrack(_TableOperation):
     def migration_name_fragment(self) -> str:
         """Name part for auto-named migrations."""
         return f"untrack_{self.model.partition('.')[2].lower()}"
+
+
+class TakeBaseline(Operation):
+    """Record every row ``"app_label.Model"``'s table holds as the start of its history (see
+    :func:`threadline.take_baseline`), in batches of ``batch_size`` rows that each commit.
+
+    Each batch commits, so the operation belongs in a migration with ``atomic = False`` (it is
+    refused inside a transaction, where it would hold its locks to the end). Taking it again
+    continues an interrupted baseline; reversing it leaves the recorded snapshots in place.
+    """
+
+    reversible = True
+    reduces_to_sql = False
+    atomic = False
+
+    def __init__(self, model: str, *, batch_size: int = 10_000, audit_schema: str = DEFAULT_SCHEMA) -> None:
+        app_label, dot, model_name = model.partition(".")
+        if not dot or not app_label or not model_name:
+            raise ConfigurationError(f"name the model as 'app_label.ModelName', got {model!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_schema_name(audit_schema)
+        self.model = model
+        self.batch_size = batch_size
+        self.audit_schema = audit_schema
+
+    def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
+        """How the migration writer spells this operation."""
+        kwargs: dict[str, Any] = {}
+        if self.batch_size != 10_000:
+            kwargs["batch_size"] = self.batch_size
+        if self.audit_schema != DEFAULT_SCHEMA:
+            kwargs["audit_schema"] = self.audit_schema
+        return ("threadline.django.operations.TakeBaseline", [self.model], kwargs)
+
+    def state_forwards(self, app_label: str, state: Any) -> None:
+        """No model state changes."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Take the baseline, batch by batch."""
+        connection = schema_editor.connection
+        if connection.in_atomic_block:
+            raise ConfigurationError(
+                f"TakeBaseline({self.model!r}) commits after every batch: put it in a migration with "
+                "atomic = False"
+            )
+        label, _, name = self.model.partition(".")
+        table = to_state.apps.get_model(label, name)._meta.db_table
+        statement = f"SELECT finished FROM {quote_ident(self.audit_schema)}.baseline_batch(%s::regclass, %s)"
+        target = quote_ident(table)
+        while True:
+            with connection.cursor() as cursor:
+                cursor.execute(statement, [target, self.batch_size])
+                (finished,) = cursor.fetchone()
+            if finished:
+                return
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        """Nothing: the snapshots stay, as every audit row does."""
+
+    def describe(self) -> str:
+        """One line for ``migrate --plan``."""
+        return f"Take the baseline of {self.model}"
+
+    @property
+    def migration_name_fragment(self) -> str:
+        """Name part for auto-named migrations."""
+        return f"baseline_{self.model.partition('.')[2].lower()}"
