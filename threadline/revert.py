@@ -6,8 +6,8 @@ before the first of them (absent for a row they inserted, else that change's bef
 the target. Each row is then brought from what it holds now to its target: a row they inserted is
 deleted, a row they deleted is inserted again, a row they updated gets back the columns that
 differ. Everything runs in one transaction, rows locked first, inserts parents first and deletes
-children first (by the foreign keys between the tables touched); deferrable constraints are
-deferred to its end.
+children first (by the foreign keys between the tables touched, and those of a table to itself);
+deferrable constraints are deferred to its end.
 
 A row changed again after the changes being reverted (a captured change outside the scope, a
 truncate of its table, or a current value that differs from what the scope left) is a conflict:
@@ -25,7 +25,7 @@ and the transactions reverted.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -34,7 +34,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from threadline._connection import ConnectionLike, native
 from threadline.actions import record_action
@@ -206,8 +205,13 @@ _SCOPE_SQL = {
         WITH RECURSIVE tasks(id) AS (
             SELECT %(v)s::text
             UNION
-            SELECT t.job ->> 'id' FROM {a}.transactions t, tasks
-             WHERE (t.job ->> 'parent_id' = tasks.id OR t.causation_id = tasks.id) AND t.job ->> 'id' IS NOT NULL
+            SELECT c.id FROM tasks, LATERAL (
+                SELECT t.job ->> 'id' FROM {a}.transactions t
+                 WHERE (t.job ->> 'parent_id' = tasks.id OR t.causation_id = tasks.id) AND t.job ->> 'id' IS NOT NULL
+                UNION
+                -- recorded task runs also know the tasks that wrote nothing themselves
+                SELECT r.task_id FROM {a}.task_runs r WHERE r.parent_id = tasks.id OR r.causation_id = tasks.id
+            ) AS c(id)
         )
         SELECT t.id FROM {a}.transactions t WHERE t.job ->> 'id' IN (SELECT id FROM tasks)""",
 }
@@ -294,6 +298,33 @@ def _current(cur: psycopg.Cursor[Any], table: _Table, pk_text: str, lock: bool) 
     return None if row is None else dict(_decoded(row["row"]))
 
 
+def _image(table: _Table, param: str) -> sql.Composable:
+    """The image in parameter ``param`` without its masked and excluded keys, as json.
+
+    A masked value is the text ``[masked]``, which a column of another type (a date, a number)
+    cannot take: the image is read into the table's row type only without them."""
+    return sql.SQL(
+        "(SELECT coalesce(json_object_agg(e.key, e.value), '{{}}') FROM json_each({}::json) AS e"
+        " WHERE e.key <> ALL ({}::text[]))"
+    ).format(sql.Placeholder(param), sql.Literal(sorted(table.masked | table.excluded)))
+
+
+def _rendered(cur: psycopg.Cursor[Any], table: _Table, image_text: str | None) -> dict[str, Any]:
+    """A captured image's visible values as this session renders the table's columns now.
+
+    Images are text made in the capturing session (a ``timestamptz`` in its time zone, say):
+    read back into the row type, they compare with the current row by value, not by spelling."""
+    row = cur.execute(
+        sql.SQL("SELECT to_json(r)::text AS row FROM json_populate_record(NULL::{}, {}) AS r").format(
+            _relation(table), _image(table, "image")
+        ),
+        {"image": image_text or "{}"},
+    ).fetchone()
+    assert row is not None
+    shown = _visible(table, _decoded(image_text) or {})
+    return {k: v for k, v in _decoded(row["row"]).items() if k in shown}
+
+
 def _visible(table: _Table, image: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v
@@ -365,7 +396,7 @@ def _plan(
             raise HiddenColumns(
                 f"{table.name}: a row's key is masked, so the row cannot be found to revert it"
             )
-        row_key = (table.regclass, json.dumps(pk, sort_keys=True))
+        row_key = (table.regclass, c["pk_text"])  # jsonb's text: keys sorted, numbers exact
         row = rows.get(row_key)
         if row is None:
             row = rows[row_key] = _Row(table, pk, c["pk_text"], c, c)
@@ -386,20 +417,21 @@ def _plan(
     hidden_needed: list[str] = []
     for row in rows.values():
         table = row.table
-        target = None if row.first["op"] == "insert" else dict(row.first["before"] or {})
-        left = None if row.last["op"] == "delete" else dict(row.last["after"] or {})
+        target = None if row.first["op"] == "insert" else _rendered(cur, table, row.first["before_text"])
+        left = None if row.last["op"] == "delete" else _rendered(cur, table, row.last["after_text"])
         now = _current(cur, table, row.pk_text, lock)
         drift = None
         if now is not None and left is None:
             drift = "it exists again although the reverted changes deleted it"
         elif now is None and left is not None:
             drift = "it was deleted after the reverted changes"
-        elif now is not None and left is not None and _visible(table, now) != _visible(table, left):
-            differing = sorted(k for k, v in _visible(table, left).items() if now.get(k) != v)
-            drift = (
-                f"its current value of {', '.join(differing) or 'its columns'} differs from what the reverted "
-                "changes left"
-            )
+        # the columns the image shows: one added since has no value in it to compare
+        elif (
+            now is not None
+            and left is not None
+            and (differing := sorted(k for k, v in left.items() if now.get(k) != v))
+        ):
+            drift = f"its current value of {', '.join(differing)} differs from what the reverted changes left"
         if drift is not None and (table.name, row.pk_text) not in explained:
             # a change made while the table was not tracked, or by a session replica role
             conflicts.append(Conflict(table.name, row.pk, drift + ", with no captured change to explain it"))
@@ -471,7 +503,7 @@ def _later_changes(
             " ORDER BY k.i, c.captured_at DESC, c.id DESC"
         ).format(a=audit),
         {
-            "pks": [Jsonb(r.pk) for r in rows],
+            "pks": [r.pk_text for r in rows],
             "schemas": [r.first["table_schema"] for r in rows],
             "names": [r.first["table_name"] for r in rows],
             "ats": [r.first["captured_at"] for r in rows],
@@ -503,7 +535,9 @@ def _ordered(
     cur: psycopg.Cursor[Any], steps: list[tuple[_Row, RevertStep]], tables: Mapping[tuple[str, str], _Table]
 ) -> list[tuple[_Row, RevertStep]]:
     """Inserts parents first, then updates, then deletes children first; within a table, inserts
-    in the order the rows first changed and deletes in the reverse order."""
+    in the order the rows first changed and deletes in the reverse order, except that a row
+    another one of the table references (a foreign key of the table to itself) is inserted before
+    it and deleted after it."""
     order = _fk_order(cur, list({t.oid: t for t in tables.values()}.values()))
     rank = {t.regclass: i for i, t in enumerate(order)}
 
@@ -518,7 +552,79 @@ def _ordered(
     )
     deletes = sorted((s for s in steps if s[1].action == "delete"), key=when, reverse=True)
     deletes.sort(key=lambda s: -rank[s[0].table.regclass])
+    for table in order:
+        refs = _self_references(cur, table)
+        if refs:
+            inserts = _parents_first(inserts, table, refs, lambda s: s[1].values)
+            deletes = _parents_first(deletes[::-1], table, refs, lambda s: s[1].current or {})[::-1]
     return inserts + updates + deletes
+
+
+def _self_references(cur: psycopg.Cursor[Any], table: _Table) -> list[tuple[list[str], list[str]]]:
+    """The table's foreign keys to itself: (referencing columns, referenced columns)."""
+    columns = (
+        "ARRAY(SELECT a.attname::text FROM unnest(c.{k}) WITH ORDINALITY AS k(n, i) JOIN pg_attribute a"
+        " ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.i)"
+    )
+    found = cur.execute(
+        f"SELECT {columns.format(k='conkey')} AS cols, {columns.format(k='confkey')} AS refs"
+        "  FROM pg_constraint c WHERE c.contype = 'f' AND c.conrelid = %(o)s AND c.confrelid = %(o)s",
+        {"o": table.oid},
+    ).fetchall()
+    return [(r["cols"], r["refs"]) for r in found]
+
+
+def _parents_first(
+    items: list[tuple[_Row, RevertStep]],
+    table: _Table,
+    refs: list[tuple[list[str], list[str]]],
+    image: Callable[[tuple[_Row, RevertStep]], Mapping[str, Any]],
+) -> list[tuple[_Row, RevertStep]]:
+    """``items`` with ``table``'s rows reordered so that each comes after the rows of the table it
+    references through ``refs`` (by the values ``image`` gives); otherwise (and in a cycle) in
+    the order given. Other tables' rows keep their places."""
+    places = [i for i, item in enumerate(items) if item[0].table.regclass == table.regclass]
+    mine = [items[i] for i in places]
+
+    def key(values: Mapping[str, Any], cols: list[str]) -> str:
+        return json.dumps([values.get(c) for c in cols], default=str)
+
+    referenced: dict[tuple[int, str], list[int]] = {}
+    for i, item in enumerate(mine):
+        for r, (_, ref_cols) in enumerate(refs):
+            referenced.setdefault((r, key(image(item), ref_cols)), []).append(i)
+    parents: list[list[int]] = []
+    for i, item in enumerate(mine):
+        values = image(item)
+        parents.append(
+            sorted(
+                {
+                    p
+                    for r, (cols, _) in enumerate(refs)
+                    if all(values.get(c) is not None for c in cols)
+                    for p in referenced.get((r, key(values, cols)), ())
+                    if p != i
+                }
+            )
+        )
+    state = [0] * len(mine)  # 0: not yet, 1: its parents being placed, 2: placed
+    placed: list[int] = []
+    for start in range(len(mine)):
+        stack = [start]
+        while stack:
+            i = stack[-1]
+            if state[i] == 0:
+                state[i] = 1
+                stack.extend(p for p in reversed(parents[i]) if state[p] == 0)
+                continue
+            stack.pop()
+            if state[i] == 1:
+                state[i] = 2
+                placed.append(i)
+    out = list(items)
+    for place, i in zip(places, placed, strict=True):
+        out[place] = mine[i]
+    return out
 
 
 def _apply(cur: psycopg.Cursor[Any], row: _Row, step: RevertStep) -> None:
@@ -533,12 +639,13 @@ def _apply(cur: psycopg.Cursor[Any], row: _Row, step: RevertStep) -> None:
         cols = [c for c in table.insertable if c in step.values]
         cur.execute(
             sql.SQL(
-                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM json_populate_record(NULL::{}, %(row)s::json) AS r"
+                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM json_populate_record(NULL::{}, {}) AS r"
             ).format(
                 _relation(table),
                 sql.SQL(", ").join(sql.Identifier(c) for c in cols),
                 sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in cols),
                 _relation(table),
+                _image(table, "row"),
             ),
             params,
         )
@@ -546,12 +653,13 @@ def _apply(cur: psycopg.Cursor[Any], row: _Row, step: RevertStep) -> None:
         cols = [c for c in table.insertable if c in step.values]
         cur.execute(
             sql.SQL(
-                "UPDATE {} AS t SET ({}) = (SELECT {} FROM json_populate_record(NULL::{}, %(row)s::json) AS r) WHERE {}"
+                "UPDATE {} AS t SET ({}) = (SELECT {} FROM json_populate_record(NULL::{}, {}) AS r) WHERE {}"
             ).format(
                 _relation(table),
                 sql.SQL(", ").join(sql.Identifier(c) for c in cols),
                 sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in cols),
                 _relation(table),
+                _image(table, "row"),
                 _key_match(table),
             ),
             params,
