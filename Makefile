@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops clean
+.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops bench-story clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +71,11 @@ bench-ops: venv
 	$(BIN)/python bench/retention.py
 	$(BIN)/python bench/load.py
 
-bench-all: bench bench-celery bench-web bench-query bench-ops
+bench-story: venv
+	$(BIN)/python bench/as_of_table.py
+	$(BIN)/python bench/seal.py
+
+bench-all: bench bench-celery bench-web bench-query bench-ops bench-story
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache

@@ -53,7 +53,8 @@ def dsn(database: str) -> Iterator[str]:
     """The session database, with empty audit tables and a fresh ``app`` schema for the test."""
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(
-            "TRUNCATE threadline.changes, threadline.transactions, threadline.actions, threadline.task_runs"
+            "TRUNCATE threadline.changes, threadline.transactions, threadline.actions, threadline.task_runs,"
+            " threadline.baselines, threadline.seals"
         )
         conn.execute("DROP SCHEMA IF EXISTS app CASCADE")
         conn.execute("CREATE SCHEMA app")

@@ -181,6 +181,7 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         ("baselines", "SELECT"),
         ("changes", "SELECT"),
         ("schema_version", "SELECT"),
+        ("seals", "SELECT"),
         ("task_runs", "INSERT,SELECT"),
         ("tracked_table_names", "SELECT"),
         ("tracked_tables", "SELECT"),
@@ -236,3 +237,15 @@ def test_app_role_cannot_create_transaction_rows_directly(
 ) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.execute(f"SELECT threadline.{function}()")
+
+
+def test_the_app_role_cannot_seal_or_rewrite_seals(app: psycopg.Connection[Any]) -> None:
+    for statement in (
+        "SELECT * FROM threadline.seal(10)",
+        "INSERT INTO threadline.seals (transaction_ids, digests, changes, hash) VALUES ('{}', '', 0, '')",
+        "DELETE FROM threadline.seals",
+        "SELECT * FROM threadline.baseline_batch('threadline.changes'::regclass, 10)",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute(statement)
+        app.rollback()

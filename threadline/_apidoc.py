@@ -18,6 +18,8 @@ MODULES = (
     ("threadline", "Context, capture bridges and the query API: what `import threadline` offers."),
     ("threadline.ddl", "The audit schema and table tracking."),
     ("threadline.celery", "Celery propagation."),
+    ("threadline.seal", "Tamper evidence: the seal chain and its verification."),
+    ("threadline.erasure", "Erasure of a person's identifiers or a row's values."),
     ("threadline.otel", "OpenTelemetry span ids on audited transactions (the `otel` extra)."),
     ("threadline.django.operations", "Django migration operations."),
     ("threadline.django.admin", "The Django admin's audit trail."),

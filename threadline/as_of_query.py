@@ -1,8 +1,11 @@
-"""The row as it was at a time (:func:`as_of`), and why it may not be known.
+"""The row as it was at a time (:func:`as_of`), and why it may not be known; or the whole table then.
 
 One statement finds the row's latest captured change at or before the time asked (through the
-hash index on ``pk``), its earliest one when there is none, and a truncate of its table in
-between; the row is that change's after image.
+hash index on ``pk``), the table's baseline in force then, and when there is no such change the
+row's earliest one after it and its baseline snapshot, and the truncates of the table around
+that time; the row is the after image of the latest change, or else what the next change, the
+baseline and the truncates tell. The whole table is one statement over the table's changes that
+applies the same rules to every key, streamed.
 """
 
 from __future__ import annotations
@@ -61,35 +64,50 @@ class NotYetAudited(AsOfError):
         self.first_change = first_change
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
+
+
 def _pk_text(pk: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in pk.items())
 
 
-# One round trip: the row's changes (found through the pk index alone), the latest one at or before
-# the time asked, the table's baseline in force then, and when there is no such change the earliest
-# one after it (its before image is the row then) or else the row's baseline snapshot; and a
-# truncate of the table in between. Snapshots never outrank a captured change: a baseline batch may
-# read a row while a change to it is still uncommitted, so its snapshot can be older than its time.
+# One round trip: the row's changes (found through the pk index alone), the table's baseline in
+# force at the time asked, the row's latest change at or before that time, and when there is none
+# its earliest one after it (its before image is the row then) and its snapshot in that baseline;
+# and a truncate of the table in between. Snapshots never outrank a change captured while the table
+# was tracked as it is now: a baseline batch may read a row while a change to it is still
+# uncommitted, so its snapshot can be older than its time. A change from before that (the table was
+# untracked in between, so its rows may have changed unseen) is outdated by the baseline.
 _AS_OF_SQL = sql.SQL("""
 WITH r AS MATERIALIZED (
     SELECT c.* FROM {audit}.changes c
      WHERE c.pk = %(pk)s AND {table}
+), inforce AS (
+    SELECT c.transaction_id, c.started_at, c.tracked_since, c.finished_at IS NOT NULL AS finished
+      FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c
+     WHERE {baseline_table} AND c.started_at <= %(at)s AND (c.ended_at IS NULL OR c.ended_at > %(at)s)
+     ORDER BY c.started_at DESC LIMIT 1
 ), latest AS (
     SELECT * FROM r WHERE r.op <> 'snapshot' AND r.captured_at <= %(at)s
+       AND NOT EXISTS (SELECT FROM inforce i WHERE r.captured_at < i.tracked_since)
      ORDER BY r.captured_at DESC, r.id DESC LIMIT 1
 ), b AS (
-    SELECT x.transaction_id, x.started_at FROM {audit}.baselines x
-     WHERE x.started_at <= %(at)s AND (x.ended_at IS NULL OR x.ended_at > %(at)s)
-       AND x.transaction_id IN (SELECT r.transaction_id FROM r WHERE r.op = 'snapshot')
-     ORDER BY x.started_at DESC LIMIT 1
+    SELECT i.transaction_id, i.started_at FROM inforce i
+     WHERE i.transaction_id IN (SELECT r.transaction_id FROM r WHERE r.op = 'snapshot')
 ), found AS (
     SELECT 'latest' AS role, latest.* FROM latest
     UNION ALL
-    (SELECT 'first', r.* FROM r WHERE r.op <> 'snapshot' AND NOT EXISTS (SELECT FROM latest)
+    (SELECT 'first', r.* FROM r WHERE r.op <> 'snapshot' AND r.captured_at > %(at)s
+        AND NOT EXISTS (SELECT FROM latest)
       ORDER BY r.captured_at, r.id LIMIT 1)
     UNION ALL
     (SELECT 'snapshot', r.* FROM r JOIN b ON b.transaction_id = r.transaction_id
       WHERE NOT EXISTS (SELECT FROM latest) ORDER BY r.id DESC LIMIT 1)
+    UNION ALL
+    (SELECT 'next truncate', c.* FROM {audit}.changes c
+      WHERE c.op = 'truncate' AND {table} AND c.captured_at > %(at)s AND NOT EXISTS (SELECT FROM latest)
+      ORDER BY c.captured_at, c.id LIMIT 1)
     UNION ALL
     (SELECT 'truncate', c.* FROM {audit}.changes c,
             (SELECT l.captured_at, l.id FROM latest l WHERE l.op <> 'delete'
@@ -101,29 +119,39 @@ WITH r AS MATERIALIZED (
         AND (c.captured_at, c.id) > (l.captured_at, l.id)
       ORDER BY c.captured_at, c.id LIMIT 1)
 )
-SELECT c.role, {changes}, {transactions}
-  FROM found c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id
+SELECT c.role, {changes}, {transactions}, i.finished AS baseline_finished
+  FROM (SELECT) AS one
+  LEFT JOIN inforce i ON true
+  LEFT JOIN found c ON true
+  LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id
 """)
 
 # The table as it was: the state of each row (by the same rules as one row's) from the changes of
-# the table and the baseline in force, one row per key, streamed.
+# the table and the baseline in force, one row per key, streamed in key order: by each key column's
+# value in turn, then by the whole key (which alone tells rows apart).
 _TABLE_AS_OF_SQL = sql.SQL("""
 WITH b AS (
-    SELECT c.transaction_id, c.started_at
+    SELECT c.transaction_id, c.started_at, c.tracked_since
       FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c
      WHERE {baseline_table} AND c.started_at <= %(at)s AND c.finished_at IS NOT NULL
        AND (c.ended_at IS NULL OR c.ended_at > %(at)s)
      ORDER BY c.started_at DESC LIMIT 1
 ), tr AS (
-    SELECT max(c.captured_at) AS at FROM {audit}.changes c
-     WHERE c.op = 'truncate' AND {truncate_table} AND c.captured_at <= %(at)s
+    SELECT max(c.captured_at) FILTER (WHERE c.captured_at <= %(at)s) AS at,
+           min(c.captured_at) FILTER (WHERE c.captured_at > %(at)s) AS next
+      FROM {audit}.changes c
+     WHERE c.op = 'truncate' AND {truncate_table}
 ), pick AS (
-    SELECT DISTINCT ON (c.pk) c.op, c.after, c.before, c.captured_at, k.class
-      FROM {audit}.changes c CROSS JOIN b
+    SELECT DISTINCT ON ({key_order}) c.op, c.after, c.before, c.captured_at, k.class
+      FROM {audit}.changes c CROSS JOIN b CROSS JOIN tr
      CROSS JOIN LATERAL (SELECT CASE WHEN c.op = 'snapshot' THEN 2
                                      WHEN c.captured_at <= %(at)s THEN 0 ELSE 1 END AS class) k
-     WHERE {table} AND c.op <> 'truncate' AND (c.op <> 'snapshot' OR c.transaction_id = b.transaction_id)
-     ORDER BY c.pk, k.class,
+     WHERE {table} AND c.op <> 'truncate'
+       AND CASE WHEN c.op = 'snapshot' THEN c.transaction_id = b.transaction_id
+                WHEN c.captured_at <= %(at)s THEN c.captured_at >= b.tracked_since
+                -- a change after a truncate that followed the time asked tells nothing of the row then
+                ELSE tr.next IS NULL OR c.captured_at < tr.next END
+     ORDER BY {key_order}, k.class,
               CASE WHEN k.class = 0 THEN c.captured_at END DESC, CASE WHEN k.class = 0 THEN c.id END DESC,
               CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
               c.id DESC
@@ -154,40 +182,66 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
     params: dict[str, Any] = {"pk": Jsonb(key), "at": moment}
     rows = yield Query(
         _AS_OF_SQL.format(
-            audit=audit, changes=CHANGE_COLUMNS, transactions=TRANSACTION_COLUMNS, table=ref.condition(params)
+            audit=audit,
+            changes=CHANGE_COLUMNS,
+            transactions=TRANSACTION_COLUMNS,
+            table=ref.condition(params),
+            baseline_table=ref.condition(params),
         ),
         params,
     )
+    # whether the table's baseline in force then is complete (None: no baseline was in force)
+    in_force: bool | None = rows[0]["baseline_finished"] if rows else None
+    rows = [row for row in rows if row["role"] is not None]
     found = {row["role"]: change for row, change in zip(rows, changes_from_rows(rows), strict=True)}
     latest = found.get("latest")
     truncate = found.get("truncate")
     if latest is None:
-        first = found.get("first")
+        first = found.get("first")  # the row's earliest change after the time asked
         snapshot = found.get("snapshot")
-        if first is not None and snapshot is not None and first.op in ("update", "delete"):
-            # the row did not change between the time asked and this change
-            assert first.before is not None
-            return dict(first.before)
-        if first is not None and snapshot is not None and first.op == "insert":
+        if in_force is not None:
+            # the table was tracked then (its baseline had begun), so every change since is known;
+            # the row's next change tells what it was then, unless the table was truncated before it
+            emptied = found.get("next truncate")
+            if first is not None and emptied is not None and emptied.captured_at < first.captured_at:
+                first = None
+            if first is not None and first.op in ("update", "delete"):
+                # the row did not change between the time asked and this change
+                assert first.before is not None
+                return dict(first.before)
+            if first is not None and first.op == "insert":
+                raise NotYetAudited(
+                    f"{row_of} did not exist at {iso(moment)}: it was inserted at {iso(first.captured_at)}",
+                    first_change=first,
+                )
+            if snapshot is not None:
+                if truncate is not None:
+                    raise RowDeleted(
+                        f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
+                        change=truncate,
+                        deleted_at=truncate.captured_at,
+                    )
+                assert snapshot.after is not None
+                return dict(snapshot.after)
+            if in_force:
+                raise NotYetAudited(
+                    f"{row_of} did not exist at {iso(moment)}: {ref}'s baseline has no such row,"
+                    " and no change of it is captured since",
+                    first_change=first,
+                )
             raise NotYetAudited(
-                f"{row_of} did not exist at {iso(moment)}: it was inserted at {iso(first.captured_at)}",
+                f"{row_of} is not known at {iso(moment)}: {ref}'s baseline had not reached it,"
+                " and it has no captured change since (take the baseline again to finish it)",
                 first_change=first,
             )
-        if snapshot is not None:
-            if truncate is not None:
-                raise RowDeleted(
-                    f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
-                    change=truncate,
-                    deleted_at=truncate.captured_at,
-                )
-            assert snapshot.after is not None
-            return dict(snapshot.after)
         if first is None:
             detail = "it has no captured change at all"
         elif first.op == "insert":
             detail = f"it was inserted at {iso(first.captured_at)}, so it most likely did not exist yet"
         else:
-            detail = f"its earliest captured change is an {first.op} at {iso(first.captured_at)}"
+            detail = (
+                f"its earliest captured change is {_article(first.op)} {first.op} at {iso(first.captured_at)}"
+            )
         raise NotYetAudited(
             f"{row_of} has no captured change at or before {iso(moment)}: {detail}", first_change=first
         )
@@ -210,11 +264,16 @@ def _table_plan(table: str, at: datetime, audit_schema: str) -> Plan[tuple[sql.C
     moment = check_time("at", at)
     ref = yield from resolve_table(table, audit_schema)
     params: dict[str, Any] = {"at": moment}
+    # one key column: the keys themselves compare by its value
+    composite = ref.keys if ref.keys is not None and len(ref.keys) > 1 else ()
     statement = _TABLE_AS_OF_SQL.format(
         audit=audit,
         baseline_table=ref.condition(params),
         truncate_table=ref.condition(params),
         table=ref.condition(params),
+        key_order=sql.SQL(", ").join(
+            [*(sql.SQL("c.pk -> {}").format(sql.Literal(k)) for k in composite), sql.SQL("c.pk")]
+        ),
     )
     found = yield Query(
         sql.SQL(
@@ -283,7 +342,11 @@ def as_of(
 
     A row's state is the after image of its latest captured change at or before ``at``. When it
     has none and the table has a baseline (:func:`threadline.take_baseline`) in force at ``at``,
-    it is the before image of the row's next change, or else its baseline snapshot.
+    it is the before image of the row's next change (none if that is an insert, or if the table
+    was truncated first), or else its baseline snapshot (none if the table was truncated between
+    the baseline's start and ``at``). A snapshot never outranks a change captured since the table
+    was last tracked (a batch may read a row before a change to it commits); a change captured
+    before that (the table was untracked and tracked again) is outdated by the baseline.
 
     With ``pk`` (given as for :func:`threadline.history`): the row as a dict. Raises
     :class:`RowDeleted` if it had been deleted (or its table truncated) by then, and

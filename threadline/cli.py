@@ -19,7 +19,7 @@ from threadline.actor import ActorRef
 from threadline.as_of_query import AsOfError
 from threadline.as_of_query import as_of as row_as_of
 from threadline.baseline import baseline_sql
-from threadline.cli_connect import F, connect, dsn_option, when_option_value
+from threadline.cli_connect import F, connect, dsn_option, parse_key, when_option_value
 from threadline.cli_demo import demo
 from threadline.cli_help import ALL_EXAMPLES, audit_schema_option, examples
 from threadline.cli_ops import coverage, purge
@@ -32,6 +32,7 @@ from threadline.cli_story import (
     revert,
     run_baseline,
 )
+from threadline.cli_trust import erase, seal, verify
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl import triggers
 from threadline.ddl.names import qualified_name
@@ -443,29 +444,6 @@ def timeline(
         click.echo(f"\nmore: add --after {page.next_cursor}")
 
 
-def _parse_key(text: str) -> Any:
-    value = text.strip()
-    if value.startswith("{"):
-        try:
-            parsed = json.loads(value)
-        except ValueError as exc:
-            raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PK") from exc
-        if not isinstance(parsed, dict):
-            raise click.BadParameter("a JSON key must be an object", param_hint="PK")
-        return parsed
-    if "=" in value:
-        out: dict[str, str] = {}
-        for part in value.split(","):
-            name, sep, item = part.partition("=")
-            if not sep or not name.strip():
-                raise click.BadParameter(
-                    f"{text!r}: write a composite key as col=value,col=value", param_hint="PK"
-                )
-            out[name.strip()] = item.strip()
-        return out
-    return value
-
-
 def _history_lines(change: Change) -> list[str]:
     tx = change.transaction
     head = "  ".join(
@@ -513,7 +491,7 @@ def history(
     audit_schema: str,
 ) -> None:
     """Every change of one row, newest first (PK: 7, col=1,col=2 or JSON)."""
-    key = _parse_key(pk)
+    key = parse_key(pk)
     with _reader(dsn, audit_schema) as conn:
         if as_of is not None:
             try:
@@ -729,6 +707,9 @@ cli.add_command(coverage)
 cli.add_command(baseline)
 cli.add_command(as_of)
 cli.add_command(revert)
+cli.add_command(seal)
+cli.add_command(verify)
+cli.add_command(erase)
 cli.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover

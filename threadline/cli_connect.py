@@ -4,6 +4,7 @@ exit code."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -99,3 +100,27 @@ def when_option_value(ctx: click.Context, param: click.Parameter, value: str | N
         return parse_when(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+def parse_key(text: str) -> Any:
+    """A row key as the commands take it: ``7``, ``order_id=7,line_no=2`` or a JSON object."""
+    value = text.strip()
+    if value.startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PK") from exc
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("a JSON key must be an object", param_hint="PK")
+        return parsed
+    if "=" in value:
+        out: dict[str, str] = {}
+        for part in value.split(","):
+            name, sep, item = part.partition("=")
+            if not sep or not name.strip():
+                raise click.BadParameter(
+                    f"{text!r}: write a composite key as col=value,col=value", param_hint="PK"
+                )
+            out[name.strip()] = item.strip()
+        return out
+    return value

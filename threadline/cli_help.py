@@ -54,6 +54,12 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
         "threadline revert --transaction 1234 --actor admin:7",
         "threadline revert --task 5f1e9c2a-7b3d-4e8f-a1c6-9d2b3e4f5a60 --overwrite",
     ),
+    "seal": ("threadline seal", "threadline seal --batch-size 5000 --log"),
+    "verify": ("threadline verify --json", "threadline verify --expect-head 9f2c...e41a"),
+    "erase": (
+        "threadline erase --subject user:42 --policy pseudonymise --reason 'GDPR request 2024-117'",
+        "threadline erase --row customers 42 --column country=keep --reason 'GDPR request 2024-117' --dry-run",
+    ),
     "untrack": ("threadline untrack orders", "threadline untrack --prune"),
     "sync": ("threadline sync", "threadline sync --check"),
     "timeline": (

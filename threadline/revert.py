@@ -491,24 +491,35 @@ def _later_changes(
 ) -> list[Conflict]:
     """Captured changes of the rows (or truncates of their tables) after their first reverted change."""
     rows = list(rows)
+    params = {
+        "pks": [r.pk_text for r in rows],
+        "schemas": [r.first["table_schema"] for r in rows],
+        "names": [r.first["table_name"] for r in rows],
+        "ats": [r.first["captured_at"] for r in rows],
+        "ids": ids,
+    }
+    keys = (
+        "  FROM unnest(%(pks)s::jsonb[], %(schemas)s::text[], %(names)s::text[], %(ats)s::timestamptz[])"
+        "       WITH ORDINALITY AS k(pk, s, n, at, i)"
+    )
+    # the rows' own later changes (through the index on pk), then truncates of their tables
+    # (through the index of truncates): two statements, so each keeps its index
     found = cur.execute(
         sql.SQL(
-            "SELECT k.i, c.op, c.transaction_id, c.captured_at, t.actor, t.correlation_id"
-            "  FROM unnest(%(pks)s::jsonb[], %(schemas)s::text[], %(names)s::text[], %(ats)s::timestamptz[])"
-            "       WITH ORDINALITY AS k(pk, s, n, at, i)"
-            "  JOIN {a}.changes c ON ((c.pk = k.pk AND c.op <> 'snapshot') OR c.op = 'truncate')"
+            "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
+            "  JOIN {a}.changes c ON c.pk = k.pk AND c.op <> 'snapshot'"
             "   AND c.table_schema = k.s AND c.table_name = k.n AND c.captured_at >= k.at"
             "  LEFT JOIN {a}.transactions t ON t.id = c.transaction_id"
             " WHERE c.transaction_id <> ALL (%(ids)s)"
-            " ORDER BY k.i, c.captured_at DESC, c.id DESC"
+            " UNION ALL "
+            "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
+            "  JOIN {a}.changes c ON c.op = 'truncate'"
+            "   AND c.table_schema = k.s AND c.table_name = k.n AND c.captured_at >= k.at"
+            "  LEFT JOIN {a}.transactions t ON t.id = c.transaction_id"
+            " WHERE c.transaction_id <> ALL (%(ids)s)"
+            " ORDER BY 1, 4 DESC, 5 DESC"
         ).format(a=audit),
-        {
-            "pks": [r.pk_text for r in rows],
-            "schemas": [r.first["table_schema"] for r in rows],
-            "names": [r.first["table_name"] for r in rows],
-            "ats": [r.first["captured_at"] for r in rows],
-            "ids": ids,
-        },
+        params,
     ).fetchall()
     out: list[Conflict] = []
     seen: set[int] = set()

@@ -1402,11 +1402,14 @@ REVOKE EXECUTE ON FUNCTION @audit@.regenerate(bigint, boolean, boolean) FROM PUB
 -- change of one transaction row, so history and as_of know rows that have not changed since.
 -- Taken in batches, each its own transaction in key order, so no lock is held longer than a batch;
 -- last_key is where the last committed batch stopped, so an interrupted baseline resumes there
--- (a batch that did not commit left neither snapshots nor progress). ended_at: the table was
--- untracked, so from then on the baseline no longer describes it.
+-- (a batch that did not commit left neither snapshots nor progress). tracked_since: when the
+-- tracking the baseline belongs to began; a change captured before it (the table was untracked in
+-- between, its rows may have changed unseen) is outdated by the baseline. ended_at: the table was
+-- untracked (or dropped), so from then on the baseline no longer describes it.
 CREATE TABLE IF NOT EXISTS @audit@.baselines (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tracked_id bigint NOT NULL,
+    tracked_since timestamptz NOT NULL,
     table_schema text NOT NULL,
     table_name text NOT NULL,
     transaction_id bigint NOT NULL,
@@ -1420,6 +1423,20 @@ CREATE TABLE IF NOT EXISTS @audit@.baselines (
 CREATE UNIQUE INDEX IF NOT EXISTS baselines_current_idx
     ON @audit@.baselines (tracked_id) WHERE ended_at IS NULL;
 CREATE INDEX IF NOT EXISTS baselines_table_idx ON @audit@.baselines (table_name, table_schema);
+
+-- A registry row that goes (untrack, DROP TABLE, sync) ends its table's baseline.
+CREATE OR REPLACE FUNCTION @audit@.end_baseline() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    UPDATE @audit@.baselines AS x SET ended_at = now() WHERE x.tracked_id = OLD.id AND x.ended_at IS NULL;
+    RETURN NULL;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.end_baseline() FROM PUBLIC;
+CREATE OR REPLACE TRIGGER end_baseline AFTER DELETE ON @audit@.tracked_tables
+    FOR EACH ROW EXECUTE FUNCTION @audit@.end_baseline();
+-- also in sessions with session_replication_role = replica, like the event triggers
+ALTER TABLE @audit@.tracked_tables ENABLE ALWAYS TRIGGER end_baseline;
 
 -- One batch of a table's baseline: starts it (the current transaction's row becomes the baseline's
 -- transaction) or continues it after the last key recorded. Images follow the table's masks and
@@ -1440,6 +1457,7 @@ DECLARE
     image text;
     pk text;
     key_list text;
+    key_defs text;
     last_row text;
     last jsonb;
 BEGIN
@@ -1468,8 +1486,19 @@ BEGIN
                 array_to_string(hidden_keys, ', '), target
                 USING ERRCODE = '55000', HINT = 'Track the table with keys naming other columns.';
         END IF;
-        INSERT INTO @audit@.baselines (tracked_id, table_schema, table_name, transaction_id, key_columns)
-        VALUES (e.id, live_schema, live_name, @audit@.transaction_row(), e.key_columns)
+        -- rows are read in key order, a batch after the last key: keys two rows share could be
+        -- split across a batch boundary and skipped
+        IF NOT EXISTS (SELECT 1 FROM pg_index i
+                        WHERE i.indrelid = target AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+                          AND i.indexprs IS NULL
+                          AND ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                     WHERE a.attrelid = target AND a.attnum = ANY (i.indkey::int2[])) <@ e.key_columns) THEN
+            RAISE EXCEPTION 'the key column(s) % of % are not unique (no unique index or primary key on them)',
+                array_to_string(e.key_columns, ', '), target
+                USING ERRCODE = '55000', HINT = 'A baseline reads rows in key order and needs a unique key: track the table with keys a unique index covers.';
+        END IF;
+        INSERT INTO @audit@.baselines (tracked_id, tracked_since, table_schema, table_name, transaction_id, key_columns)
+        VALUES (e.id, e.tracked_at, live_schema, live_name, @audit@.transaction_row(), e.key_columns)
         RETURNING * INTO b;
         UPDATE @audit@.transactions AS t
            SET meta = coalesce(t.meta, '{}') || jsonb_build_object('baseline', format('%I.%I', live_schema, live_name))
@@ -1478,27 +1507,39 @@ BEGIN
     present_mask := ARRAY(SELECT m FROM unnest(opts.mask) AS m
                            WHERE m IN (SELECT c.name FROM @audit@.table_columns(target) AS c)
                              AND m <> ALL (opts.exclude) ORDER BY m COLLATE "C");
-    image := CASE WHEN cardinality(opts.exclude) = 0 AND cardinality(present_mask) = 0 THEN 'to_json(r)'
-                  ELSE format('(to_jsonb(r)%s%s)::json',
+    -- the table's alias is one no column can shadow, and its whole row is named as such (a
+    -- column called like the alias would otherwise stand for the row)
+    image := CASE WHEN cardinality(opts.exclude) = 0 AND cardinality(present_mask) = 0 THEN 'to_json("threadline row".*)'
+                  ELSE format('(to_jsonb("threadline row".*)%s%s)::json',
                               CASE WHEN cardinality(opts.exclude) > 0 THEN format(' - %L::text[]', opts.exclude) ELSE '' END,
                               CASE WHEN cardinality(present_mask) > 0
                                    THEN format(' || %L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text)
                                    ELSE '' END) END;
-    pk := 'jsonb_build_object(' || array_to_string(ARRAY(SELECT format('%L, r.%I', k, k) FROM unnest(b.key_columns) AS k), ', ') || ')';
-    key_list := array_to_string(ARRAY(SELECT format('r.%I', k) FROM unnest(b.key_columns) AS k), ', ');
-    last_row := array_to_string(ARRAY(SELECT format('l.%I', k) FROM unnest(b.key_columns) AS k), ', ');
+    pk := 'jsonb_build_object(' || array_to_string(ARRAY(SELECT format('%L, "threadline row".%I', k, k) FROM unnest(b.key_columns) AS k), ', ') || ')';
+    key_list := array_to_string(ARRAY(SELECT format('"threadline row".%I', k) FROM unnest(b.key_columns) AS k), ', ');
+    IF b.last_key IS NOT NULL THEN
+        -- The last key recorded, as constants of the key columns' types: a condition the key's
+        -- index serves, so a batch starts where the last one stopped rather than reading the rows
+        -- before it. Only the key columns are read back from it (no other column is involved).
+        SELECT string_agg(format('%I %s', a.attname, t.name), ', ' ORDER BY k.ord),
+               string_agg(format('quote_nullable(l.%I) || %L', a.attname, '::' || t.name), ' || '', '' || ' ORDER BY k.ord)
+          INTO key_defs, last_row
+          FROM unnest(b.key_columns) WITH ORDINALITY AS k(name, ord)
+          JOIN pg_attribute a ON a.attrelid = target AND a.attname = k.name AND a.attnum > 0 AND NOT a.attisdropped
+         CROSS JOIN LATERAL format_type(a.atttypid, a.atttypmod) AS t(name);
+        EXECUTE format('SELECT %s FROM jsonb_to_record($1) AS l(%s)', last_row, key_defs)
+          INTO last_row USING b.last_key;
+    END IF;
     EXECUTE format(
         'WITH batch AS (SELECT %1$s AS pk, %2$s AS image, row_number() OVER (ORDER BY %4$s) AS n'
-        '                 FROM %3$s ORDER BY %4$s LIMIT $1),'
+        '                 FROM %3$s AS "threadline row"%5$s ORDER BY %4$s LIMIT $1),'
         ' recorded AS (INSERT INTO @audit@.changes (transaction_id, table_schema, table_name, op, pk, after)'
         '              SELECT $2, $3, $4, ''snapshot'', batch.pk, batch.image FROM batch)'
         ' SELECT count(*)::integer, (array_agg(batch.pk ORDER BY batch.n DESC))[1] FROM batch',
-        pk, image,
-        CASE WHEN b.last_key IS NULL THEN format('%s AS r', target)
-             ELSE format('jsonb_populate_record(NULL::%1$s, $5) AS l, %1$s AS r WHERE (%2$s) > (%3$s)', target, key_list, last_row) END,
-        key_list)
+        pk, image, target, key_list,
+        CASE WHEN b.last_key IS NULL THEN '' ELSE format(' WHERE (%s) > (%s)', key_list, last_row) END)
       INTO batch_rows, last
-      USING batch_size, b.transaction_id, live_schema, live_name, b.last_key;
+      USING batch_size, b.transaction_id, live_schema, live_name;
     UPDATE @audit@.baselines AS x
        SET rows_done = x.rows_done + batch_rows, last_key = coalesce(last, x.last_key),
            finished_at = CASE WHEN batch_rows < batch_size THEN clock_timestamp() END
@@ -1542,6 +1583,132 @@ BEGIN
     END IF;
 END
 $events$;
+
+-- Tamper evidence. A seal covers the next transactions in (xid, id) order, each with its changes,
+-- once they are final: every transaction with an xid below the oldest one still running in this
+-- database has ended, so no row can join them afterwards (a baseline still being taken holds the seal back at
+-- its transaction, whose snapshots are still arriving). Each seal stores the transactions' ids, the
+-- digest of each (to name the first one that no longer matches) and a hash over them and the
+-- previous link's hash, so the seals form a chain: editing, deleting or inserting
+-- an audit row in a sealed range, or a seal, breaks it. The head hash kept outside the database
+-- catches the removal of the latest seals. An erasure (kind 'erasure') is a link of the same
+-- chain that records the new digests of the transactions it rewrote (and keeps the position of
+-- the seal before it).
+CREATE TABLE IF NOT EXISTS @audit@.seals (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind text NOT NULL DEFAULT 'seal',
+    format integer NOT NULL DEFAULT 1,
+    last_xid xid8,
+    last_id bigint,
+    transaction_ids bigint[] NOT NULL,
+    digests bytea NOT NULL,
+    changes bigint NOT NULL,
+    prev_hash bytea,
+    hash bytea NOT NULL,
+    action_id bigint,
+    sealed_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON COLUMN @audit@.seals.digests IS
+    'The 32-byte digest of each transaction (its row and its changes), in the order of transaction_ids.';
+
+-- The hash of a link of the chain: the previous link's hash, what the link is, and its contents.
+CREATE OR REPLACE FUNCTION @audit@.seal_hash(kind text, prev_hash bytea, ids bigint[], digests bytea, action_id bigint)
+RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT sha256(coalesce(prev_hash, ''::bytea)
+                  || convert_to(format('threadline %s 1;%s;%s;', kind, coalesce(action_id::text, ''),
+                                       array_to_string(ids, ',')), 'UTF8')
+                  || digests)
+$fn$;
+
+-- The digest of one transaction row and its changes (format 1): every column, NULLs told apart
+-- from values, times in UTC, each change hashed in id order. Independent of the session's
+-- settings, so seal and verify agree wherever they run.
+CREATE OR REPLACE FUNCTION @audit@.transaction_digest(tx @audit@.transactions) RETURNS bytea
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
+AS $fn$
+    SELECT sha256(convert_to(concat_ws(',',
+        quote_nullable(tx.id::text), quote_nullable(tx.xid::text), quote_nullable(tx.occurred_at::text),
+        quote_nullable(tx.actor::text), quote_nullable(tx.correlation_id), quote_nullable(tx.request_id),
+        quote_nullable(tx.causation_id), quote_nullable(tx.origin), quote_nullable(tx.job::text),
+        quote_nullable(tx.action_id::text), quote_nullable(tx.meta::text), quote_nullable(tx.context_error),
+        coalesce((SELECT string_agg(encode(sha256(convert_to(concat_ws(',',
+                     quote_nullable(c.id::text), quote_nullable(c.table_schema), quote_nullable(c.table_name),
+                     quote_nullable(c.op), quote_nullable(c.pk::text), quote_nullable(c.after::text),
+                     quote_nullable(c.before::text), quote_nullable(c.changed_fields::text),
+                     quote_nullable(c.captured_at::text)), 'UTF8')), 'hex'), '' ORDER BY c.id)
+                    FROM @audit@.changes c WHERE c.transaction_id = tx.id), '')), 'UTF8'))
+$fn$;
+
+-- The digests of the transactions after (after_xid, after_id) up to and including (upto_xid,
+-- upto_id), in order: what a seal covered, recomputed now.
+CREATE OR REPLACE FUNCTION @audit@.range_digests(after_xid xid8, after_id bigint, upto_xid xid8, upto_id bigint)
+RETURNS TABLE (id bigint, digest bytea, changes bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.id, @audit@.transaction_digest(t),
+           (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id)
+      FROM @audit@.transactions t
+     WHERE (after_xid IS NULL OR (t.xid, t.id) > (after_xid, after_id)) AND (t.xid, t.id) <= (upto_xid, upto_id)
+     ORDER BY t.xid, t.id
+$fn$;
+
+-- One seal of at most batch_size final transactions (none: sealed = 0). Run by the schema's owner,
+-- outside the write path (threadline seal, or a periodic job).
+CREATE OR REPLACE FUNCTION @audit@.seal(batch_size integer DEFAULT 1000,
+    OUT seal_id bigint, OUT sealed integer, OUT head text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    prev @audit@.seals;
+    snap pg_snapshot := pg_current_snapshot();
+    horizon xid8;
+    held xid8;
+    ids bigint[];
+    full_digests bytea;
+    n_changes bigint;
+    top_xid xid8;
+    top_id bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size USING ERRCODE = '22023';
+    END IF;
+    -- one sealer at a time
+    PERFORM pg_advisory_xact_lock(hashtext('threadline seal @audit_name@'));
+    -- The oldest transaction still running in this database (or prepared in it): it may yet write
+    -- audit rows under its xid. Every xid below it has ended here; one assigned later is higher.
+    -- (A transaction that has written anything holds a lock in its database until it ends;
+    -- transactions of other databases do not hold sealing back.)
+    SELECT coalesce(min(x), pg_snapshot_xmax(snap)) INTO horizon
+      FROM pg_snapshot_xip(snap) AS x
+     WHERE EXISTS (SELECT 1 FROM pg_locks t JOIN pg_locks r ON r.pid = t.pid
+                    WHERE t.locktype = 'transactionid' AND t.transactionid = xid(x)
+                      AND r.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))
+        OR xid(x) IN (SELECT p.transaction FROM pg_prepared_xacts p WHERE p.database = current_database());
+    SELECT * INTO prev FROM @audit@.seals ORDER BY id DESC LIMIT 1;
+    SELECT min(t.xid) INTO held FROM @audit@.baselines b JOIN @audit@.transactions t ON t.id = b.transaction_id
+     WHERE b.finished_at IS NULL AND b.ended_at IS NULL;
+    WITH next AS (
+        SELECT t.id, t.xid, @audit@.transaction_digest(t) AS d,
+               (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id) AS n
+          FROM @audit@.transactions t
+         WHERE (prev.id IS NULL OR prev.last_xid IS NULL OR (t.xid, t.id) > (prev.last_xid, prev.last_id))
+           AND t.xid < horizon AND (held IS NULL OR t.xid < held)
+         ORDER BY t.xid, t.id
+         LIMIT batch_size
+    )
+    SELECT array_agg(id ORDER BY xid, id), string_agg(d, ''::bytea ORDER BY xid, id), sum(n),
+           (array_agg(xid ORDER BY xid DESC, id DESC))[1], (array_agg(id ORDER BY xid DESC, id DESC))[1]
+      INTO ids, full_digests, n_changes, top_xid, top_id
+      FROM next;
+    IF ids IS NULL THEN
+        seal_id := prev.id; sealed := 0; head := encode(prev.hash, 'hex');
+        RETURN;
+    END IF;
+    INSERT INTO @audit@.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
+    VALUES ('seal', top_xid, top_id, ids, full_digests, n_changes, prev.hash,
+            @audit@.seal_hash('seal', prev.hash, ids, full_digests, NULL))
+    RETURNING id, cardinality(ids), encode(hash, 'hex') INTO seal_id, sealed, head;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
 
 -- Tables tracked before version 7 (options recorded in their capture function's comment) enter
 -- the registry; then every tracked table gets this release's capture code.

@@ -1,0 +1,213 @@
+"""Tamper evidence: :func:`seal` chains the audit trail's final transactions, :func:`verify` checks it.
+
+A seal covers the next transactions, in ``(xid, id)`` order, that can no longer change: every
+transaction older than the oldest one still running has ended, so no row can join them later (a
+baseline being taken holds sealing back at its transaction until it is complete). Each seal
+stores the ids of the transactions it covers, a SHA-256 digest of each (its row and all its
+changes, every column) and a hash over those and the previous seal's hash. Seals are written by
+the audit schema's owner, in batches, off the write path: run ``threadline seal`` periodically
+(a Celery beat entry is shown in ``docs/operations.md``).
+
+:func:`verify` recomputes every digest and every link of the chain and reports the first
+transaction that no longer matches (edited, deleted, or inserted into a sealed range), or a seal
+that was changed or removed; the head hash printed by :func:`seal`, kept outside the database,
+catches the removal of the latest seals (``expect_head``). A recorded erasure
+(:mod:`threadline.erasure`) is a link of the same chain holding the new digests of the
+transactions it rewrote, so :func:`verify` tells it from tampering.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+from psycopg.rows import dict_row
+
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.errors import ConfigurationError
+
+__all__ = ["SealResult", "VerifyResult", "seal", "verify"]
+
+logger = logging.getLogger("threadline.seal")
+
+DIGEST_SIZE = 32
+
+
+@dataclass(frozen=True)
+class SealResult:
+    """What one :func:`seal` run did."""
+
+    seals: int
+    """Seals written by this run."""
+    transactions: int
+    """Transactions they cover."""
+    head: str | None
+    """The hash at the head of the chain (hex): keep it outside the database."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found."""
+
+    ok: bool
+    seals: int
+    """Links of the chain checked (seals and erasures)."""
+    transactions: int
+    """Sealed transactions checked."""
+    erased: int
+    """Sealed transactions rewritten by a recorded erasure (not a problem)."""
+    head: str | None
+    """The hash at the head of the chain (hex)."""
+    first_problem: str | None = None
+    """The first problem in chain order, in words; ``None`` when ``ok``."""
+    problem_transaction: int | None = None
+    """The transaction it names, if it names one."""
+    problems: list[str] = field(default_factory=list)
+    """Every problem found, in chain order."""
+
+    def render(self) -> str:
+        """``ok: ...`` or the problems, one per line."""
+        if self.ok:
+            return (
+                f"ok: {self.transactions} sealed transactions in {self.seals} links match"
+                + (f" ({self.erased} rewritten by recorded erasures)" if self.erased else "")
+                + f"; head {self.head}"
+            )
+        return "\n".join(f"TAMPERED: {p}" for p in self.problems)
+
+
+def _audit(audit_schema: str) -> sql.Identifier:
+    check_schema_name(audit_schema)
+    return sql.Identifier(audit_schema)
+
+
+def seal(
+    conn: psycopg.Connection[Any],
+    *,
+    batch_size: int = 1000,
+    audit_schema: str = DEFAULT_SCHEMA,
+    progress: Callable[[int], None] | None = None,
+) -> SealResult:
+    """Seal every final transaction not sealed yet, ``batch_size`` per seal, each seal its own
+    transaction; returns the head hash. ``conn`` must not be inside a transaction."""
+    audit = _audit(audit_schema)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise ConfigurationError(
+            "seal() commits after every seal: call it on a connection with no open transaction"
+        )
+    seals = transactions = 0
+    head: str | None = None
+    statement = sql.SQL("SELECT seal_id, sealed, head FROM {}.seal(%s)").format(audit)
+    while True:
+        with conn.transaction():
+            row = conn.execute(statement, [batch_size]).fetchone()
+        assert row is not None
+        head = row[2]
+        if not row[1]:
+            break
+        seals += 1
+        transactions += row[1]
+        if progress is not None:
+            progress(transactions)
+    logger.info("sealed %d transactions in %d seals; head %s", transactions, seals, head)
+    return SealResult(seals, transactions, head)
+
+
+def verify(
+    conn: psycopg.Connection[Any], *, expect_head: str | None = None, audit_schema: str = DEFAULT_SCHEMA
+) -> VerifyResult:
+    """Recompute the chain of seals and the digest of every sealed transaction.
+
+    ``expect_head``: the head hash kept outside the database; a chain that does not end with it
+    was cut (its latest seals removed) or replaced.
+    """
+    audit = _audit(audit_schema)
+    cur = conn.cursor(row_factory=dict_row)
+    columns = sql.SQL(
+        "SELECT s.id, s.kind, s.last_xid::text AS last_xid, s.last_id, s.transaction_ids, s.digests,"
+        " s.prev_hash, s.hash, s.action_id,"
+        " s.hash = {a}.seal_hash(s.kind, s.prev_hash, s.transaction_ids, s.digests, s.action_id) AS intact"
+        "  FROM {a}.seals s"
+    ).format(a=audit)
+    erased: dict[int, tuple[bytes, int]] = {}
+    for link in cur.execute(sql.SQL("{} WHERE s.kind = 'erasure' ORDER BY s.id").format(columns)).fetchall():
+        for i, tx in enumerate(link["transaction_ids"]):
+            erased[tx] = (bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), link["id"])
+    page = sql.SQL("{} WHERE s.id > %s ORDER BY s.id LIMIT 100").format(columns)
+
+    def chain() -> Iterator[dict[str, Any]]:
+        """Every link in order, a page at a time (memory stays flat however long the chain)."""
+        last = 0
+        while rows := cur.execute(page, [last]).fetchall():
+            yield from rows
+            last = rows[-1]["id"]
+
+    problems: list[str] = []
+    named: int | None = None
+    prev_hash: bytes | None = None
+    prev_pos: tuple[str | None, int | None] = (None, None)
+    checked = rewritten = links = 0
+    for link in chain():
+        links += 1
+        if (None if link["prev_hash"] is None else bytes(link["prev_hash"])) != prev_hash:
+            problems.append(
+                f"seal {link['id']} does not follow the link before it: a seal was removed or replaced"
+            )
+        if not link["intact"]:
+            problems.append(f"seal {link['id']} was changed (its contents no longer give its hash)")
+        prev_hash = bytes(link["hash"])
+        if link["kind"] != "seal":
+            continue
+        sealed_ids: list[int] = list(link["transaction_ids"])
+        stored = {
+            tx: bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+            for i, tx in enumerate(sealed_ids)
+        }
+        now = cur.execute(
+            sql.SQL("SELECT id, digest FROM {}.range_digests(%s::xid8, %s, %s::xid8, %s)").format(audit),
+            [prev_pos[0], prev_pos[1], link["last_xid"], link["last_id"]],
+        ).fetchall()
+        current = {r["id"]: bytes(r["digest"]) for r in now}
+        for tx in sealed_ids:
+            checked += 1
+            digest = current.get(tx)
+            if digest is None:
+                problems.append(f"transaction {tx} (sealed by seal {link['id']}) was deleted")
+            elif digest != stored[tx]:
+                erasure = erased.get(tx)
+                if erasure is not None and erasure[0] == digest:
+                    rewritten += 1
+                    continue
+                problems.append(
+                    f"transaction {tx} (sealed by seal {link['id']}) no longer matches: its row or its changes were changed"
+                )
+            else:
+                continue
+            named = tx if named is None else named
+        for tx in current:
+            if tx not in stored:
+                problems.append(f"transaction {tx} was inserted into the range sealed by seal {link['id']}")
+                named = tx if named is None else named
+        prev_pos = (link["last_xid"], link["last_id"])
+    head = None if prev_hash is None else prev_hash.hex()
+    if expect_head is not None and expect_head.lower() != head:
+        problems.append(
+            f"the chain ends with {head or 'no seal'}, not with the head hash kept outside the database "
+            f"({expect_head}): seals were removed or the chain was replaced"
+        )
+    return VerifyResult(
+        ok=not problems,
+        seals=links,
+        transactions=checked,
+        erased=rewritten,
+        head=head,
+        first_problem=problems[0] if problems else None,
+        problem_transaction=named,
+        problems=problems,
+    )
