@@ -732,3 +732,14 @@ def test_a_baseline_needs_unique_keys(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE UNIQUE INDEX ON app.lines (order_id, line)")
     threadline.ddl.track(conn, "app.lines", keys=["order_id", "line"])
     assert threadline.take_baseline(conn, "app.lines", batch_size=2).rows == 10
+
+
+def test_snapshots_are_found_by_their_op(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.few (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO app.few VALUES (1, 'a'), (2, 'b')")
+    threadline.ddl.track(conn, "app.few")
+    threadline.take_baseline(conn, "app.few")
+    conn.execute("UPDATE app.few SET v = 'c' WHERE id = 1")
+    page = threadline.timeline(conn, table="app.few", op="snapshot")
+    assert [(c.op, c.pk) for c in page] == [("snapshot", {"id": 1}), ("snapshot", {"id": 2})]
+    assert [c.op for c in threadline.history(conn, "app.few", 1)] == ["update", "snapshot"]  # newest first

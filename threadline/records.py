@@ -16,8 +16,8 @@ from typing import Any
 
 from threadline.actor import ActorRef
 
-OPS = ("insert", "update", "delete", "truncate")
-"""The operations a change can record."""
+OPS = ("insert", "update", "delete", "truncate", "snapshot")
+"""The operations a change can record (``snapshot``: a row recorded by a baseline)."""
 
 
 def utc(value: datetime) -> datetime:
