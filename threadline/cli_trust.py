@@ -68,6 +68,7 @@ def verify(expect_head: str | None, as_json: bool, dsn: str | None, audit_schema
                     "seals": result.seals,
                     "transactions": result.transactions,
                     "erased": result.erased,
+                    "purged": result.purged,
                     "head": result.head,
                     "first_problem": result.first_problem,
                     "problem_transaction": result.problem_transaction,

@@ -12,7 +12,9 @@ actor id; each column of the row) follows a policy:
   (who did what stays linkable) but cannot be turned back without the key;
 - ``keep``: left as it is.
 
-The row's key columns are always kept (they name the row, and its history is found by them).
+A null stays null (nothing was recorded), and a value already erased or pseudonymised stays as it
+is, so erasing again keeps pseudonyms linkable. An update keeps naming the columns it changed. The
+row's key columns are always kept (they name the row, and its history is found by them).
 Everything happens in one transaction, which records a ``threadline.erase`` action (who erased what
 and why; the target is named by its pseudonym or as erased, never by the value erased) and, when
 sealed transactions were rewritten, a link of kind ``erasure`` in the seal chain holding their new
@@ -26,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -44,12 +47,14 @@ from threadline.errors import ConfigurationError, InvalidFilter
 from threadline.fields import check_actor
 from threadline.propagation.psycopg import transaction
 from threadline.query import normalize_key, resolve_table
+from threadline.seal import append_link, lock_chain
 
 __all__ = ["POLICIES", "TOMBSTONE", "ErasureResult", "erase", "pseudonym"]
 
 POLICIES = ("erase", "pseudonymise", "keep")
 TOMBSTONE = "[erased]"
 KEY_ENV = "THREADLINE_ERASURE_KEY"
+_PSEUDONYM_RE = re.compile(r"^pseudo:[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,34 @@ def _key(key: bytes | str | None) -> bytes:
     return found.encode() if isinstance(found, str) else found
 
 
+def _canonical(value: Any) -> str:
+    """``value`` as JSON text, one text per value: a number by its value (``1.50``, ``1.5`` and
+    ``Decimal("1.5")`` alike), apart from text that reads the same (``"1.5"``) and from booleans."""
+    if value is None or isinstance(value, (bool, str)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float, Decimal)):
+        number = (
+            value
+            if isinstance(value, Decimal)
+            else Decimal(repr(value) if isinstance(value, float) else value)
+        )
+        if not number.is_finite():
+            return json.dumps(str(number))
+        text = format(number.normalize(), "f")
+        return "0" if text in ("-0", "0") else text
+    if isinstance(value, Mapping):
+        items = sorted((str(k), v) for k, v in value.items())
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_canonical(v)}" for k, v in items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_canonical(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def pseudonym(value: Any, key: bytes | str | None = None, *, label: str = "") -> str:
-    """The pseudonym of ``value`` under ``key`` (``label`` keeps columns apart): ``pseudo:<hex>``."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    digest = hmac.new(_key(key), f"{label}\x1f{text}".encode(), hashlib.sha256).hexdigest()
+    """The pseudonym of ``value`` under ``key`` (``label`` keeps columns apart): ``pseudo:<hex>``.
+
+    Numbers are taken by their value (``1.50`` as ``1.5``), apart from text that reads the same."""
+    digest = hmac.new(_key(key), f"{label}\x1f{_canonical(value)}".encode(), hashlib.sha256).hexdigest()
     return f"pseudo:{digest[:32]}"
 
 
@@ -137,8 +166,8 @@ def erase(
     audit = sql.Identifier(audit_schema)
     with transaction(conn):
         cur = conn.cursor(row_factory=dict_row)
-        # one writer of the seal chain at a time (seal() takes the same lock)
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"threadline seal {audit_schema}"])
+        # one writer of the seal chain at a time (seal() and purge take the same lock)
+        lock_chain(cur, audit_schema)
         if actor is not None:
             ref = check_actor(actor)
             assert ref is not None
@@ -170,7 +199,7 @@ def erase(
             audit_schema=audit_schema,
         )
         if sealed:
-            _link(cur, audit, sealed, action.id)
+            _link(cur, audit, audit_schema, tx_ids, action.id)
     return ErasureResult(target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id)
 
 
@@ -249,16 +278,23 @@ def _erase_row(
                     if column in key_values:
                         continue
                     rule = columns.get(column, policy)
-                    if rule != "keep" and value != TOMBSTONE and value != "[masked]":
-                        patch[column] = _replacement(rule, value, key, f"{ref}.{column}")
+                    if _left_as_is(rule, value):
+                        continue
+                    patch[column] = _replacement(rule, value, key, f"{ref}.{column}")
             patches.append(Jsonb(patch) if patch else None)
+        if patches == [None, None]:
+            continue
+        # the images keep their column order; an update whose changed columns were computed
+        # from its images keeps them as they were before the values were replaced
         cur.execute(
             sql.SQL(
-                "UPDATE {}.changes SET"
-                " after = CASE WHEN %(a)s::jsonb IS NULL THEN after ELSE (after::jsonb || %(a)s::jsonb)::json END,"
-                " before = CASE WHEN %(b)s::jsonb IS NULL THEN before ELSE (before::jsonb || %(b)s::jsonb)::json END"
+                "UPDATE {a}.changes SET after = {after}, before = {before},"
+                " changed_fields = CASE WHEN op = 'update' AND changed_fields IS NULL THEN ARRAY("
+                "   SELECT b.key FROM json_each(before::json) WITH ORDINALITY AS b(key, value, ord)"
+                "    WHERE (after::json -> b.key)::text IS DISTINCT FROM b.value::text ORDER BY b.ord)"
+                "   ELSE changed_fields END"
                 " WHERE transaction_id = %(t)s AND id = %(i)s"
-            ).format(audit),
+            ).format(a=audit, after=_patched("after", "a"), before=_patched("before", "b")),
             {"a": patches[0], "b": patches[1], "t": change["transaction_id"], "i": change["id"]},
         )
     return target, tx_ids, len(found), 0, 0
@@ -279,18 +315,29 @@ def _sealed(cur: psycopg.Cursor[Any], audit: sql.Identifier, tx_ids: list[int]) 
     return [r["id"] for r in rows]
 
 
-def _link(cur: psycopg.Cursor[Any], audit: sql.Identifier, sealed: list[int], action_id: int) -> None:
+def _left_as_is(rule: str, value: Any) -> bool:
+    """Whether ``value`` stays under ``rule``: nothing recorded, masked, already erased, or (when
+    pseudonymising) already a pseudonym."""
+    if rule == "keep" or value is None or value in (TOMBSTONE, "[masked]"):
+        return True
+    return rule == "pseudonymise" and isinstance(value, str) and bool(_PSEUDONYM_RE.match(value))
+
+
+def _patched(column: str, param: str) -> sql.Composable:
+    """``column`` with the values of the jsonb parameter ``param`` put in, in its column order."""
+    return sql.SQL(
+        "CASE WHEN {p}::jsonb IS NULL THEN {c} ELSE (SELECT json_object_agg(e.key,"
+        " CASE WHEN {p}::jsonb ? e.key THEN ({p}::jsonb -> e.key)::json ELSE e.value END ORDER BY e.ord)"
+        " FROM json_each({c}::json) WITH ORDINALITY AS e(key, value, ord)) END"
+    ).format(p=sql.Placeholder(param), c=sql.Identifier(column))
+
+
+def _link(
+    cur: psycopg.Cursor[Any], audit: sql.Identifier, audit_schema: str, tx_ids: list[int], action_id: int
+) -> None:
     """Append an erasure link: the new digests of the sealed transactions rewritten."""
-    cur.execute(
-        sql.SQL(
-            "WITH prev AS (SELECT * FROM {a}.seals ORDER BY id DESC LIMIT 1),"
-            " d AS (SELECT array_agg(t.id ORDER BY t.xid, t.id) AS ids,"
-            "              string_agg({a}.transaction_digest(t), ''::bytea ORDER BY t.xid, t.id) AS digests"
-            "         FROM {a}.transactions t WHERE t.id = ANY (%(ids)s))"
-            " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash, action_id)"
-            " SELECT 'erasure', prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
-            "        {a}.seal_hash('erasure', prev.hash, d.ids, d.digests, %(action)s), %(action)s"
-            "   FROM prev, d"
-        ).format(a=audit),
-        {"ids": sealed, "action": action_id},
-    )
+    rows = cur.execute(
+        sql.SQL("SELECT id, xid::text AS xid FROM {}.transactions WHERE id = ANY (%s)").format(audit),
+        [tx_ids],
+    ).fetchall()
+    append_link(cur, audit_schema, "erasure", [(r["id"], r["xid"]) for r in rows], action_id)

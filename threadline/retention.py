@@ -10,6 +10,10 @@ The cut-off is computed by the database (``now() - older_than``), so the client'
 not matter. ``actions`` rows are kept: they are the application's own statements of what
 happened, few and small; delete them with SQL if your policy says so.
 
+When the audit trail is sealed (:mod:`threadline.seal`), each batch that deletes sealed rows
+appends a link of kind ``purge`` to the seal chain, in the same transaction, recording what it
+deleted, so ``verify`` reports the purge rather than tampering.
+
 Progress is logged under the ``threadline.retention`` logger (one DEBUG line per batch, one INFO
 line per phase) and emitted as ``purge.batch`` / ``purge.done`` events
 (:mod:`threadline.observability`).
@@ -32,6 +36,7 @@ from threadline.ddl.schema import require_installed
 from threadline.ddl.triggers import parse_table_name
 from threadline.errors import RetentionError, TrackingError
 from threadline.observability import emit
+from threadline.seal import append_link, lock_chain
 
 logger = logging.getLogger("threadline.retention")
 
@@ -226,6 +231,7 @@ def purge(
     )
     batches = 0
     complete = True
+    sealed = _has_seals(conn, audit_schema)
     totals = {"changes": 0, "transactions": 0, "task runs": 0}
     statements = {
         # keyset over the primary key (transaction_id, id): each batch starts where the last one
@@ -237,14 +243,19 @@ def purge(
             " gone AS (DELETE FROM {a}.changes c USING batch b"
             " WHERE c.transaction_id = b.transaction_id AND c.id = b.id RETURNING c.transaction_id, c.id)"
             " SELECT count(*), (array_agg(transaction_id ORDER BY transaction_id DESC, id DESC))[1],"
-            " (array_agg(id ORDER BY transaction_id DESC, id DESC))[1] FROM gone"
+            " (array_agg(id ORDER BY transaction_id DESC, id DESC))[1],"
+            " (SELECT array_agg(t.id) FROM {a}.transactions t"
+            "   WHERE t.id IN (SELECT DISTINCT g.transaction_id FROM gone g)),"
+            " (SELECT array_agg(t.xid::text) FROM {a}.transactions t"
+            "   WHERE t.id IN (SELECT DISTINCT g.transaction_id FROM gone g)) FROM gone"
         ).format(a=audit, w=where_table),
         "transactions": sql.SQL(
             "WITH batch AS (SELECT t.id FROM {a}.transactions t WHERE t.id > %(after)s"
             " AND t.occurred_at < %(cutoff)s"
             " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id)"
             " ORDER BY t.id LIMIT %(n)s), gone AS (DELETE FROM {a}.transactions t USING batch b"
-            " WHERE t.id = b.id RETURNING t.id) SELECT count(*), NULL::bigint, max(id) FROM gone"
+            " WHERE t.id = b.id RETURNING t.id, t.xid) SELECT count(*), NULL::bigint, max(id),"
+            " array_agg(id), array_agg(xid::text) FROM gone"
         ).format(a=audit),
     }
     if not target:
@@ -252,7 +263,7 @@ def purge(
             "WITH batch AS (SELECT r.id FROM {a}.task_runs r WHERE r.id > %(after)s"
             " AND r.ended_at < %(cutoff)s ORDER BY r.id LIMIT %(n)s),"
             " gone AS (DELETE FROM {a}.task_runs r USING batch b WHERE r.id = b.id RETURNING r.id)"
-            " SELECT count(*), NULL::bigint, max(id) FROM gone"
+            " SELECT count(*), NULL::bigint, max(id), NULL::bigint[], NULL::text[] FROM gone"
         ).format(a=audit)
     for kind, statement in statements.items():
         after_tx, after = 0, 0
@@ -263,9 +274,14 @@ def purge(
                 break
             t0 = time.monotonic()
             with conn.transaction():
-                row = conn.execute(
+                cur = conn.cursor()
+                if sealed:
+                    lock_chain(cur, audit_schema)  # no seal may read what this batch deletes
+                row = cur.execute(
                     statement, {**params, "after_tx": after_tx, "after": after, "n": batch_size}
                 ).fetchone()
+                if sealed and row and row[3]:
+                    append_link(cur, audit_schema, "purge", list(zip(row[3], row[4], strict=True)))
             deleted, last_tx, last = (row[0], row[1], row[2]) if row else (0, None, None)
             batches += 1
             totals[kind] += deleted
@@ -308,6 +324,13 @@ def purge(
         complete,
         task_runs=totals["task runs"],
     )
+
+
+def _has_seals(conn: psycopg.Connection[Any], audit_schema: str) -> bool:
+    """Whether the schema has a seal chain (version 7 and later), so purges are recorded in it."""
+    with conn.transaction():
+        row = conn.execute("SELECT to_regclass(format('%%I.seals', %s::text))", [audit_schema]).fetchone()
+    return bool(row and row[0])
 
 
 def _count(conn: psycopg.Connection[Any], query: sql.Composed, params: dict[str, Any]) -> int:

@@ -12,8 +12,9 @@ the audit schema's owner, in batches, off the write path: run ``threadline seal`
 transaction that no longer matches (edited, deleted, or inserted into a sealed range), or a seal
 that was changed or removed; the head hash printed by :func:`seal`, kept outside the database,
 catches the removal of the latest seals (``expect_head``). A recorded erasure
-(:mod:`threadline.erasure`) is a link of the same chain holding the new digests of the
-transactions it rewrote, so :func:`verify` tells it from tampering.
+(:mod:`threadline.erasure`) or purge (:mod:`threadline.retention`) is a link of the same chain
+holding the new digests of the sealed transactions it rewrote (zero bytes for those it deleted),
+so :func:`verify` tells it from tampering.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ __all__ = ["SealResult", "VerifyResult", "seal", "verify"]
 logger = logging.getLogger("threadline.seal")
 
 DIGEST_SIZE = 32
+DELETED = bytes(DIGEST_SIZE)
+"""The digest a purge link records for a sealed transaction it deleted."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class VerifyResult:
 
     ok: bool
     seals: int
-    """Links of the chain checked (seals and erasures)."""
+    """Links of the chain checked (seals, erasures and purges)."""
     transactions: int
     """Sealed transactions checked."""
     erased: int
@@ -68,13 +71,18 @@ class VerifyResult:
     """The transaction it names, if it names one."""
     problems: list[str] = field(default_factory=list)
     """Every problem found, in chain order."""
+    purged: int = 0
+    """Sealed transactions deleted, or whose old changes were deleted, by a recorded purge (not a
+    problem)."""
 
     def render(self) -> str:
         """``ok: ...`` or the problems, one per line."""
         if self.ok:
+            notes = [f"{self.erased} rewritten by recorded erasures"] if self.erased else []
+            notes += [f"{self.purged} removed by recorded purges"] if self.purged else []
             return (
                 f"ok: {self.transactions} sealed transactions in {self.seals} links match"
-                + (f" ({self.erased} rewritten by recorded erasures)" if self.erased else "")
+                + (f" ({', '.join(notes)})" if notes else "")
                 + f"; head {self.head}"
             )
         return "\n".join(f"TAMPERED: {p}" for p in self.problems)
@@ -83,6 +91,54 @@ class VerifyResult:
 def _audit(audit_schema: str) -> sql.Identifier:
     check_schema_name(audit_schema)
     return sql.Identifier(audit_schema)
+
+
+def lock_chain(cur: psycopg.Cursor[Any], audit_schema: str) -> None:
+    """Wait for, then hold until the transaction ends, the lock of the seal chain's writers: a
+    seal, an erasure, a purge batch. Take it before reading what the chain covers."""
+    check_schema_name(audit_schema)
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"threadline seal {audit_schema}"])
+
+
+def append_link(
+    cur: psycopg.Cursor[Any],
+    audit_schema: str,
+    kind: str,
+    transactions: list[tuple[int, str]],
+    action_id: int | None = None,
+) -> int:
+    """Append a link of ``kind`` recording the digests, as they are now, of those of
+    ``transactions`` (``(id, xid)`` pairs) that the chain covers; :data:`DELETED` for one no longer
+    there. Returns how many it recorded (none: no link). The caller holds :func:`lock_chain`."""
+    if not transactions:
+        return 0
+    audit = _audit(audit_schema)
+    row = cur.connection.execute(
+        sql.SQL(
+            "WITH prev AS (SELECT * FROM {a}.seals ORDER BY id DESC LIMIT 1),"
+            " covered AS (SELECT DISTINCT u.i FROM unnest(%(ids)s::bigint[], %(xids)s::text[]) AS u(i, x), prev"
+            "              WHERE (u.x::xid8, u.i) <= (prev.last_xid, prev.last_id)),"
+            " d AS (SELECT array_agg(c.i ORDER BY c.i) AS ids,"
+            "              string_agg(CASE WHEN t.id IS NULL THEN %(deleted)s ELSE {a}.transaction_digest(t) END,"
+            "                         ''::bytea ORDER BY c.i)"
+            "                AS digests"
+            "         FROM covered c LEFT JOIN {a}.transactions t ON t.id = c.i)"
+            " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,"
+            "                        action_id)"
+            " SELECT %(kind)s, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
+            "        {a}.seal_hash(%(kind)s, prev.hash, d.ids, d.digests, %(action)s), %(action)s"
+            "   FROM prev, d WHERE d.ids IS NOT NULL"
+            " RETURNING cardinality(transaction_ids)"
+        ).format(a=audit),
+        {
+            "ids": [t[0] for t in transactions],
+            "xids": [str(t[1]) for t in transactions],
+            "deleted": DELETED,
+            "kind": kind,
+            "action": action_id,
+        },
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def seal(
@@ -135,10 +191,11 @@ def verify(
         " s.hash = {a}.seal_hash(s.kind, s.prev_hash, s.transaction_ids, s.digests, s.action_id) AS intact"
         "  FROM {a}.seals s"
     ).format(a=audit)
-    erased: dict[int, tuple[bytes, int]] = {}
-    for link in cur.execute(sql.SQL("{} WHERE s.kind = 'erasure' ORDER BY s.id").format(columns)).fetchall():
+    # the latest digest an erasure or a purge recorded for each sealed transaction it changed
+    recorded: dict[int, tuple[bytes, str]] = {}
+    for link in cur.execute(sql.SQL("{} WHERE s.kind <> 'seal' ORDER BY s.id").format(columns)).fetchall():
         for i, tx in enumerate(link["transaction_ids"]):
-            erased[tx] = (bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), link["id"])
+            recorded[tx] = (bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), link["kind"])
     page = sql.SQL("{} WHERE s.id > %s ORDER BY s.id LIMIT 100").format(columns)
 
     def chain() -> Iterator[dict[str, Any]]:
@@ -152,7 +209,7 @@ def verify(
     named: int | None = None
     prev_hash: bytes | None = None
     prev_pos: tuple[str | None, int | None] = (None, None)
-    checked = rewritten = links = 0
+    checked = rewritten = purged = links = 0
     for link in chain():
         links += 1
         if (None if link["prev_hash"] is None else bytes(link["prev_hash"])) != prev_hash:
@@ -177,18 +234,21 @@ def verify(
         for tx in sealed_ids:
             checked += 1
             digest = current.get(tx)
+            if digest == stored[tx]:
+                continue
+            known = recorded.get(tx)
+            if known is not None and known[0] == (DELETED if digest is None else digest):
+                if known[1] == "erasure":
+                    rewritten += 1
+                else:
+                    purged += 1
+                continue
             if digest is None:
                 problems.append(f"transaction {tx} (sealed by seal {link['id']}) was deleted")
-            elif digest != stored[tx]:
-                erasure = erased.get(tx)
-                if erasure is not None and erasure[0] == digest:
-                    rewritten += 1
-                    continue
+            else:
                 problems.append(
                     f"transaction {tx} (sealed by seal {link['id']}) no longer matches: its row or its changes were changed"
                 )
-            else:
-                continue
             named = tx if named is None else named
         for tx in current:
             if tx not in stored:
@@ -210,4 +270,5 @@ def verify(
         first_problem=problems[0] if problems else None,
         problem_transaction=named,
         problems=problems,
+        purged=purged,
     )

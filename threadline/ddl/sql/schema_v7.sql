@@ -1591,9 +1591,9 @@ $events$;
 -- digest of each (to name the first one that no longer matches) and a hash over them and the
 -- previous link's hash, so the seals form a chain: editing, deleting or inserting
 -- an audit row in a sealed range, or a seal, breaks it. The head hash kept outside the database
--- catches the removal of the latest seals. An erasure (kind 'erasure') is a link of the same
--- chain that records the new digests of the transactions it rewrote (and keeps the position of
--- the seal before it).
+-- catches the removal of the latest seals. An erasure (kind 'erasure') or a purge (kind 'purge')
+-- is a link of the same chain that records the new digests of the sealed transactions it rewrote
+-- (all zero bytes for one it deleted) and keeps the position of the seal before it.
 CREATE TABLE IF NOT EXISTS @audit@.seals (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind text NOT NULL DEFAULT 'seal',
@@ -1620,9 +1620,21 @@ RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $f
                   || digests)
 $fn$;
 
+-- One step of a hash chain: what digest_chain() folds its inputs with. Schema-qualified throughout
+-- instead of a SET search_path, which would make every step of a large transaction pay for it.
+CREATE OR REPLACE FUNCTION @audit@.digest_step(state bytea, item bytea) RETURNS bytea
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT pg_catalog.sha256(state OPERATOR(pg_catalog.||) item)
+$fn$;
+-- The digests given, in the aggregate's order, folded into one (the empty bytea for none): memory
+-- stays flat however many changes a transaction holds.
+CREATE OR REPLACE AGGREGATE @audit@.digest_chain(bytea) (
+    SFUNC = @audit@.digest_step, STYPE = bytea, INITCOND = ''
+);
+
 -- The digest of one transaction row and its changes (format 1): every column, NULLs told apart
--- from values, times in UTC, each change hashed in id order. Independent of the session's
--- settings, so seal and verify agree wherever they run.
+-- from values, times in UTC, the changes' digests chained in id order. Independent of the
+-- session's settings, so seal and verify agree wherever they run.
 CREATE OR REPLACE FUNCTION @audit@.transaction_digest(tx @audit@.transactions) RETURNS bytea
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
 AS $fn$
@@ -1631,12 +1643,12 @@ AS $fn$
         quote_nullable(tx.actor::text), quote_nullable(tx.correlation_id), quote_nullable(tx.request_id),
         quote_nullable(tx.causation_id), quote_nullable(tx.origin), quote_nullable(tx.job::text),
         quote_nullable(tx.action_id::text), quote_nullable(tx.meta::text), quote_nullable(tx.context_error),
-        coalesce((SELECT string_agg(encode(sha256(convert_to(concat_ws(',',
+        (SELECT encode(@audit@.digest_chain(sha256(convert_to(concat_ws(',',
                      quote_nullable(c.id::text), quote_nullable(c.table_schema), quote_nullable(c.table_name),
                      quote_nullable(c.op), quote_nullable(c.pk::text), quote_nullable(c.after::text),
                      quote_nullable(c.before::text), quote_nullable(c.changed_fields::text),
-                     quote_nullable(c.captured_at::text)), 'UTF8')), 'hex'), '' ORDER BY c.id)
-                    FROM @audit@.changes c WHERE c.transaction_id = tx.id), '')), 'UTF8'))
+                     quote_nullable(c.captured_at::text)), 'UTF8')) ORDER BY c.id), 'hex')
+           FROM @audit@.changes c WHERE c.transaction_id = tx.id)), 'UTF8'))
 $fn$;
 
 -- The digests of the transactions after (after_xid, after_id) up to and including (upto_xid,
