@@ -15,13 +15,15 @@ months back plus a DEFAULT partition. Then it measures, printing Markdown:
   pgbench (1 client, PART_SECONDS per run, PART_ROUNDS rounds in alternating order, median TPS),
   and one statement inserting / updating 10,000 rows (median of 5);
 - retention: both stores filled with PART_CHANGES changes (10 per transaction) spread evenly over
-  the last 12 months, written directly with generate_series (the fill's time is reported), then
-  everything older than 6 months purged: the unpartitioned store with ``retention.purge`` (batched
-  DELETEs of PART_BATCH rows, each its own transaction), the partitioned one by dropping the
-  partitions wholly older than the cut-off and ``retention.purge`` on what is left (the partition
-  the cut-off falls in). Time, WAL written (``pg_current_wal_lsn()`` difference, after a
-  CHECKPOINT; the WAL position is the cluster's, so other activity on the server adds to it) and
-  the audit tables' size after, and after a plain VACUUM;
+  the last 12 months, written directly with generate_series in capture order (the fill's time is
+  reported), then everything older than 6 months purged: the unpartitioned store with the batched
+  DELETEs of ``threadline/retention.py`` (PART_BATCH rows, each batch its own transaction), the
+  partitioned one by dropping the partitions wholly older than the cut-off, then the same batched
+  DELETEs with the partition key added, on what is left (the partition the cut-off falls in);
+  one batch of ``retention.purge`` as it is runs first there, to show its cost. Time, WAL
+  written (``pg_current_wal_lsn()`` difference, after a CHECKPOINT; the WAL position is the
+  cluster's, so other activity on the server adds to it) and the audit tables' size after, and
+  after a plain VACUUM;
 - read plans on the filled stores (EXPLAIN ANALYZE, BUFFERS) of the library's queries: the changes
   of one transaction, the history of one row (hash index on ``pk``), the trace of a correlation id
   (its transactions, then their changes), a time-bounded read, link_action()'s update of a
@@ -319,6 +321,7 @@ SELECT t.id, 'app', 'items', CASE WHEN k = 1 THEN 'insert' ELSE 'update' END, js
   FROM threadline.transactions t CROSS JOIN generate_series(1, %(per_tx)s) k
  CROSS JOIN LATERAL (SELECT (t.id * %(per_tx)s + k) %% %(keys)s AS id) r
  WHERE t.id >= %(lo)s AND t.id < %(hi)s
+ ORDER BY t.id, k
 """
 
 
@@ -382,11 +385,64 @@ def counts(conn: psycopg.Connection) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
+# The batched DELETEs of threadline/retention.py (keyset over the primary key, each batch its own
+# transaction): changes captured before the cut-off, then transactions before it left with no
+# changes. With ``pruned``, each DELETE also names the partition key (and the batch carries it), so
+# the DELETE reads only the partitions before the cut-off.
+PURGE_CHANGES = """
+WITH batch AS (SELECT transaction_id, id, captured_at FROM threadline.changes
+                WHERE (transaction_id, id) > (%(after_tx)s, %(after)s) AND captured_at < %(cutoff)s
+                ORDER BY transaction_id, id LIMIT %(n)s),
+     gone AS (DELETE FROM threadline.changes c USING batch b
+               WHERE c.transaction_id = b.transaction_id AND c.id = b.id{pruned}
+              RETURNING c.transaction_id, c.id)
+SELECT count(*), (array_agg(transaction_id ORDER BY transaction_id DESC, id DESC))[1],
+       (array_agg(id ORDER BY transaction_id DESC, id DESC))[1] FROM gone
+"""
+PURGE_TRANSACTIONS = """
+WITH batch AS (SELECT t.id, t.occurred_at FROM threadline.transactions t
+                WHERE t.id > %(after)s AND t.occurred_at < %(cutoff)s
+                  AND NOT EXISTS (SELECT 1 FROM threadline.changes c WHERE c.transaction_id = t.id)
+                ORDER BY t.id LIMIT %(n)s),
+     gone AS (DELETE FROM threadline.transactions t USING batch b WHERE t.id = b.id{pruned} RETURNING t.id)
+SELECT count(*), NULL::bigint, max(id) FROM gone
+"""
+
+
+def batched_purge(conn: psycopg.Connection, cutoff: datetime, pruned: bool) -> tuple[int, int, int, float]:
+    """(changes, transactions, batches, seconds) of retention.py's batched DELETEs."""
+    statements = (
+        PURGE_CHANGES.format(
+            pruned=" AND c.captured_at = b.captured_at AND c.captured_at < %(cutoff)s" if pruned else ""
+        ),
+        PURGE_TRANSACTIONS.format(
+            pruned=" AND t.occurred_at = b.occurred_at AND t.occurred_at < %(cutoff)s" if pruned else ""
+        ),
+    )
+    totals = [0, 0]
+    batches = 0
+    t0 = time.monotonic()
+    for kind, statement in enumerate(statements):
+        after_tx, after = 0, 0
+        while True:
+            with conn.transaction():
+                row = conn.execute(
+                    statement, {"cutoff": cutoff, "after_tx": after_tx, "after": after, "n": BATCH}
+                ).fetchone()
+            batches += 1
+            deleted, last_tx, last = (row[0], row[1], row[2]) if row else (0, None, None)
+            totals[kind] += deleted
+            if deleted < BATCH or last is None:
+                break
+            after_tx, after = last_tx or 0, last
+    return totals[0], totals[1], batches, time.monotonic() - t0
+
+
 def purge_unpartitioned(conn: psycopg.Connection, cutoff: datetime) -> dict[str, Any]:
     conn.execute("CHECKPOINT")
     before = audit_size(conn)
     lsn = wal_lsn(conn)
-    result = retention.purge(conn, cutoff, batch_size=BATCH)
+    changes, transactions, batches, seconds = batched_purge(conn, cutoff, pruned=False)
     wal = wal_since(conn, lsn)
     after = audit_size(conn)
     lsn = wal_lsn(conn)
@@ -394,9 +450,9 @@ def purge_unpartitioned(conn: psycopg.Connection, cutoff: datetime) -> dict[str,
     conn.execute("VACUUM threadline.changes, threadline.transactions")
     vacuum_s = time.monotonic() - t0
     return {
-        "seconds": result.seconds,
+        "seconds": seconds,
         "wal": wal,
-        "deleted": (result.changes, result.transactions, result.batches),
+        "deleted": (changes, transactions, batches),
         "size_before": before,
         "size_after": after,
         "vacuum_s": vacuum_s,
@@ -412,18 +468,20 @@ def purge_partitioned(
     before = audit_size(conn)
     lsn = wal_lsn(conn)
     t0 = time.monotonic()
-    dropped: list[str] = []
     doomed = [suffix for suffix, _lo, hi in months if hi <= cutoff]
     for suffix in doomed:
         for table, _key, _pk in PARTITIONED:
             with conn.transaction():
                 conn.execute("SET LOCAL lock_timeout = '5s'")
                 conn.execute(f"DROP TABLE threadline.{table}_{suffix}")
-            dropped.append(f"{table}_{suffix}")
     drop_s = time.monotonic() - t0
     drop_wal = wal_since(conn, lsn)
+    # one batch of the library's purge as it is: its DELETE names no partition key
     lsn2 = wal_lsn(conn)
-    result = retention.purge(conn, cutoff, batch_size=BATCH)
+    probe = retention.purge(conn, cutoff, batch_size=BATCH, max_batches=1)
+    probe_wal = wal_since(conn, lsn2)
+    lsn2 = wal_lsn(conn)
+    changes, transactions, batches, edge_s = batched_purge(conn, cutoff, pruned=True)
     edge_wal = wal_since(conn, lsn2)
     after = audit_size(conn)
     edge = next(suffix for suffix, lo, hi in months if lo <= cutoff < hi)
@@ -432,15 +490,17 @@ def purge_partitioned(
     conn.execute(f"VACUUM threadline.changes_{edge}, threadline.transactions_{edge}")
     vacuum_s = time.monotonic() - t1
     return {
-        "seconds": drop_s + result.seconds,
+        "seconds": drop_s + probe.seconds + edge_s,
         "drop_s": drop_s,
-        "edge_s": result.seconds,
-        "wal": drop_wal + edge_wal,
+        "probe_s": probe.seconds,
+        "probe_rows": probe.changes,
+        "edge_s": edge_s,
+        "wal": drop_wal + probe_wal + edge_wal,
         "drop_wal": drop_wal,
-        "edge_wal": edge_wal,
+        "edge_wal": probe_wal + edge_wal,
         "dropped": len(doomed),
         "edge": edge,
-        "deleted": (result.changes, result.transactions, result.batches),
+        "deleted": (probe.changes + changes, probe.transactions + transactions, probe.batches + batches),
         "size_before": before,
         "size_after": after,
         "vacuum_s": vacuum_s,
@@ -583,9 +643,13 @@ def plan_stats(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def explain(conn: psycopg.Connection, statement: sql.Composable, params: dict[str, Any]) -> tuple[dict, str]:
+def explain(
+    conn: psycopg.Connection, statement: sql.Composable, params: dict[str, Any], setting: str | None = None
+) -> tuple[dict, str]:
     query = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + statement
     with conn.transaction(force_rollback=True):  # an UPDATE explained changes nothing
+        if setting:
+            conn.execute(f"SET LOCAL {setting}")
         conn.execute(query, params)  # warm the cache
         row = conn.execute(query, params).fetchone()
         assert row is not None
@@ -757,13 +821,17 @@ def run(dsns: dict[str, str]) -> None:
             f"## Capture cost\n\npgbench, 1 client, {SECONDS} s per run, {ROUNDS} rounds in alternating order; median TPS.\n"
         )
         print(
-            "| workload | unpartitioned TPS | partitioned TPS | partitioned / unpartitioned | runs (unpart. / part.) |"
+            "| workload | unpartitioned TPS | partitioned TPS | ratio of medians | median of per-round ratios "
+            "| runs (unpart. / part.) |"
         )
-        print("|---|---:|---:|---:|---|")
+        print("|---|---:|---:|---:|---:|---|")
         for workload, by_store in tps.items():
             a, b = (statistics.median(by_store[s]) for s in STORES)
+            paired = statistics.median(
+                p / u for u, p in zip(by_store[STORES[0]], by_store[STORES[1]], strict=True)
+            )
             runs = " / ".join(", ".join(f"{v:.0f}" for v in by_store[s]) for s in STORES)
-            print(f"| {workload} | {a:.0f} | {b:.0f} | {b / a:.3f} | {runs} |")
+            print(f"| {workload} | {a:.0f} | {b:.0f} | {b / a:.3f} | {paired:.3f} | {runs} |")
         bulk: dict[str, dict[str, list[float]]] = {op: {s: [] for s in STORES} for op in BULK}
         for r in range(BULK_RUNS):
             order = STORES if r % 2 == 0 else STORES[::-1]
@@ -773,11 +841,14 @@ def run(dsns: dict[str, str]) -> None:
         print(
             f"\nOne statement changing {BULK_ROWS:,} rows of the tracked table, median of {BULK_RUNS} (ms):\n"
         )
-        print("| statement | unpartitioned | partitioned | partitioned / unpartitioned |")
-        print("|---|---:|---:|---:|")
+        print("| statement | unpartitioned | partitioned | ratio of medians | median of per-round ratios |")
+        print("|---|---:|---:|---:|---:|")
         for op, by_store in bulk.items():
             a, b = (statistics.median(by_store[s]) for s in STORES)
-            print(f"| {op} | {a:.0f} | {b:.0f} | {b / a:.3f} |")
+            paired = statistics.median(
+                p / u for u, p in zip(by_store[STORES[0]], by_store[STORES[1]], strict=True)
+            )
+            print(f"| {op} | {a:.0f} | {b:.0f} | {b / a:.3f} | {paired:.3f} |")
         print()
         sys.stdout.flush()
 
@@ -832,6 +903,7 @@ def run(dsns: dict[str, str]) -> None:
         )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         texts = []
+        unpartitioned_texts = []
         for key, what, statement, params in plan_queries(sample):
             stats = {}
             for name, conn in conns.items():
@@ -839,15 +911,29 @@ def run(dsns: dict[str, str]) -> None:
                 stats[name] = plan_stats(data)
                 if name == "partitioned":
                     texts.append((key, what, text))
+                elif key.startswith("window"):
+                    unpartitioned_texts.append((key, what, text))
+                    # the same read where the planner must take the BRIN index: its best case
+                    data, text = explain(conn, statement, params, "enable_seqscan = off")
+                    brin = plan_stats(data)
+                    unpartitioned_texts.append((f"{key}, enable_seqscan = off", what, text))
             a, b = stats["unpartitioned"], stats["partitioned"]
             print(
                 f"| {key}: {what} | {b['rows']} | {a['ms']:.2f} | {b['ms']:.2f} | {a['hit'] + a['read']} | "
                 f"{b['hit'] + b['read']} | {b['in_plan']['changes']} / {b['executed']['changes']} | "
                 f"{b['in_plan']['transactions']} / {b['executed']['transactions']} | {b['removed']} |"
             )
+            if key.startswith("window"):
+                print(
+                    f"| … unpartitioned with `enable_seqscan = off` (BRIN) | {brin['rows']} | {brin['ms']:.2f} | | "
+                    f"{brin['hit'] + brin['read']} | | | | |"
+                )
         print("\nPlans on the partitioned store:\n")
         for key, what, text in texts:
             print(f"### {key}: {what}\n\n```\n{text}\n```\n")
+        print("Plans of the time-bounded reads on the unpartitioned store:\n")
+        for key, what, text in unpartitioned_texts:
+            print(f"### unpartitioned {key}: {what}\n\n```\n{text}\n```\n")
         sys.stdout.flush()
 
         # retention: purge
@@ -859,9 +945,11 @@ def run(dsns: dict[str, str]) -> None:
         p = results["partitioned"]
         print(
             f"## Purge of everything captured before {cutoff:%Y-%m-%d %H:%M} ({KEEP} before the fill's end)\n\n"
-            f"Unpartitioned: `retention.purge`, batches of {BATCH:,}. Partitioned: DROP of the {p['dropped']} monthly "
-            f"partitions of each table wholly before the cut-off, then `retention.purge` on what is left "
-            f"(partition {p['edge']}). A CHECKPOINT precedes each; WAL is the cluster's.\n"
+            f"Unpartitioned: the batched DELETEs of `threadline/retention.py` (batches of {BATCH:,}, each its own "
+            f"transaction). Partitioned: DROP of the {p['dropped']} monthly partitions of each table wholly before the "
+            f"cut-off, then the same batched DELETEs with the partition key added to each DELETE, on what is left "
+            f"(partition {p['edge']}); before them, one batch of `retention.purge` as it is. A CHECKPOINT precedes "
+            f"each store's purge; WAL is the cluster's.\n"
         )
         print(
             "| store | time | WAL | changes / transactions deleted by DELETE (batches) | size before | size after "
@@ -876,13 +964,15 @@ def run(dsns: dict[str, str]) -> None:
                 f"{mb(r['size_after'])} | {r['vacuum_s']:.1f} s, {mb(r['vacuum_wal'])} WAL | {mb(r['size_vacuumed'])} |"
             )
         print(
-            f"\nPartitioned, in parts: DROP {p['drop_s']:.2f} s, {p['drop_wal'] / 1024:,.0f} kB WAL; batched DELETE in "
-            f"the edge partition {p['edge_s']:.1f} s, {mb(p['edge_wal'])} WAL.\n"
+            f"\nPartitioned, in parts: DROP {p['drop_s']:.2f} s, {p['drop_wal'] / 1024:,.0f} kB WAL; one batch of "
+            f"`retention.purge` as it is ({p['probe_rows']:,} changes) {p['probe_s']:.2f} s; the batched DELETEs with the "
+            f"partition key {p['edge_s']:.1f} s; {mb(p['edge_wal'])} WAL for the DELETEs.\n"
         )
         print("| store | changes left | transactions left | changes without their transaction row |")
         print("|---|---:|---:|---:|")
         for name in STORES:
             print(f"| {name} | {left[name][0]:,} | {left[name][1]:,} | {left[name][2]:,} |")
+        print()
         # sealing reads changes by transaction; measured after the purge, which would otherwise
         # have sealed rows to account for
         seal = {name: seal_ms(conn) for name, conn in conns.items()}
