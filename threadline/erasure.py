@@ -47,6 +47,7 @@ from threadline.errors import ConfigurationError, InvalidFilter
 from threadline.fields import check_actor
 from threadline.propagation.psycopg import transaction
 from threadline.query import normalize_key, resolve_table
+from threadline.records import exact_json
 from threadline.seal import append_link, lock_chain
 
 __all__ = ["POLICIES", "TOMBSTONE", "ErasureResult", "erase", "pseudonym"]
@@ -130,10 +131,6 @@ def _check_policy(name: str, policy: str) -> str:
     if policy not in POLICIES:
         raise InvalidFilter(f"policy for {name} must be one of {', '.join(POLICIES)}, got {policy!r}")
     return policy
-
-
-def _decoded(text: str | None) -> Any:
-    return None if text is None else json.loads(text, parse_float=Decimal)
 
 
 def erase(
@@ -271,7 +268,7 @@ def _erase_row(
     for change in found:
         patches = []
         for side in ("after", "before"):
-            image = _decoded(change[side])
+            image = exact_json(change[side])
             patch: dict[str, Any] = {}
             if isinstance(image, dict):
                 for column, value in image.items():

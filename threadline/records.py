@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 from threadline.actor import ActorRef
@@ -48,6 +49,12 @@ def from_json(value: Any) -> Any:
     except StopIteration:
         return _decode(value)
     return parsed if end == len(value) else _decode(value)
+
+
+def exact_json(text: str | None) -> Any:
+    """JSON text as Python values with every number exact (``Decimal`` for a fraction, so a
+    numeric column's value is never rounded through a float); ``None`` for ``None``."""
+    return None if text is None else json.loads(text, parse_float=Decimal)
 
 
 def _actor(value: Any) -> ActorRef | None:

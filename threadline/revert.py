@@ -28,7 +28,6 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -40,7 +39,7 @@ from threadline.actions import record_action
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, qualified_name
 from threadline.errors import InvalidFilter, ThreadlineError
 from threadline.propagation.psycopg import transaction
-from threadline.records import iso
+from threadline.records import exact_json, iso
 
 __all__ = [
     "HiddenColumns",
@@ -217,11 +216,6 @@ _SCOPE_SQL = {
 }
 
 
-def _decoded(text: str | None) -> Any:
-    """JSON text as Python values, numbers exactly (a numeric column's value is not a float)."""
-    return None if text is None else json.loads(text, parse_float=Decimal)
-
-
 def _key_text(pk: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in pk.items())
 
@@ -295,7 +289,7 @@ def _current(cur: psycopg.Cursor[Any], table: _Table, pk_text: str, lock: bool) 
         _relation(table), _key_match(table), sql.SQL(" FOR UPDATE") if lock else sql.SQL("")
     )
     row = cur.execute(statement, {"pk": pk_text}).fetchone()
-    return None if row is None else dict(_decoded(row["row"]))
+    return None if row is None else dict(exact_json(row["row"]))
 
 
 def _image(table: _Table, param: str) -> sql.Composable:
@@ -321,8 +315,8 @@ def _rendered(cur: psycopg.Cursor[Any], table: _Table, image_text: str | None) -
         {"image": image_text or "{}"},
     ).fetchone()
     assert row is not None
-    shown = _visible(table, _decoded(image_text) or {})
-    return {k: v for k, v in _decoded(row["row"]).items() if k in shown}
+    shown = _visible(table, exact_json(image_text) or {})
+    return {k: v for k, v in exact_json(row["row"]).items() if k in shown}
 
 
 def _visible(table: _Table, image: Mapping[str, Any]) -> dict[str, Any]:
@@ -390,7 +384,9 @@ def _plan(
     rows: dict[tuple[str, str], _Row] = {}
     for c in changes:
         table = tables[(c["table_schema"], c["table_name"])]
-        c["pk"], c["before"], c["after"] = (_decoded(c[k]) for k in ("pk_text", "before_text", "after_text"))
+        c["pk"], c["before"], c["after"] = (
+            exact_json(c[k]) for k in ("pk_text", "before_text", "after_text")
+        )
         pk = dict(c["pk"] or {})
         if any(v == MASKED for v in pk.values()):
             raise HiddenColumns(
