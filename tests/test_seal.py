@@ -112,6 +112,17 @@ def test_seals_themselves_are_chained(conn: psycopg.Connection[Any], people: str
         " WHERE id = (SELECT min(id) + 1 FROM threadline.seals)"
     )
     assert "was changed" in (verify(conn).first_problem or "")
+    conn.execute("TRUNCATE threadline.seals")
+    seal(conn, batch_size=4)
+    # the position a seal leaves the chain at is part of its hash too
+    conn.execute(
+        "UPDATE threadline.seals SET last_id = last_id - 1 WHERE id = (SELECT min(id) FROM threadline.seals)"
+    )
+    assert "was changed" in (verify(conn).first_problem or "")
+    conn.execute(
+        "UPDATE threadline.seals SET last_id = last_id + 1 WHERE id = (SELECT min(id) FROM threadline.seals)"
+    )
+    assert verify(conn).ok
     conn.execute("DELETE FROM threadline.seals WHERE id = (SELECT min(id) + 1 FROM threadline.seals)")
     assert "does not follow" in (verify(conn).first_problem or "")
     conn.execute("TRUNCATE threadline.seals")

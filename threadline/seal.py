@@ -126,7 +126,8 @@ def append_link(
             " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,"
             "                        action_id)"
             " SELECT %(kind)s, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
-            "        {a}.seal_hash(%(kind)s, prev.hash, d.ids, d.digests, %(action)s), %(action)s"
+            "        {a}.seal_hash(%(kind)s, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, %(action)s),"
+            "        %(action)s"
             "   FROM prev, d WHERE d.ids IS NOT NULL"
             " RETURNING cardinality(transaction_ids)"
         ).format(a=audit),
@@ -188,7 +189,8 @@ def verify(
     columns = sql.SQL(
         "SELECT s.id, s.kind, s.last_xid::text AS last_xid, s.last_id, s.transaction_ids, s.digests,"
         " s.prev_hash, s.hash, s.action_id,"
-        " s.hash = {a}.seal_hash(s.kind, s.prev_hash, s.transaction_ids, s.digests, s.action_id) AS intact"
+        " s.hash = {a}.seal_hash(s.kind, s.prev_hash, s.last_xid, s.last_id, s.transaction_ids, s.digests,"
+        " s.action_id) AS intact"
         "  FROM {a}.seals s"
     ).format(a=audit)
     # the latest digest an erasure or a purge recorded for each sealed transaction it changed

@@ -1611,11 +1611,15 @@ CREATE TABLE IF NOT EXISTS @audit@.seals (
 COMMENT ON COLUMN @audit@.seals.digests IS
     'The 32-byte digest of each transaction (its row and its changes), in the order of transaction_ids.';
 
--- The hash of a link of the chain: the previous link's hash, what the link is, and its contents.
-CREATE OR REPLACE FUNCTION @audit@.seal_hash(kind text, prev_hash bytea, ids bigint[], digests bytea, action_id bigint)
+-- The hash of a link of the chain: the previous link's hash, what the link is, the position it
+-- leaves the chain at, and its contents.
+DROP FUNCTION IF EXISTS @audit@.seal_hash(text, bytea, bigint[], bytea, bigint);
+CREATE OR REPLACE FUNCTION @audit@.seal_hash(kind text, prev_hash bytea, last_xid xid8, last_id bigint,
+                                              ids bigint[], digests bytea, action_id bigint)
 RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT sha256(coalesce(prev_hash, ''::bytea)
-                  || convert_to(format('threadline %s 1;%s;%s;', kind, coalesce(action_id::text, ''),
+                  || convert_to(format('threadline %s 1;%s;%s;%s;%s;', kind, coalesce(action_id::text, ''),
+                                       coalesce(last_xid::text, ''), coalesce(last_id::text, ''),
                                        array_to_string(ids, ',')), 'UTF8')
                   || digests)
 $fn$;
@@ -1716,7 +1720,7 @@ BEGIN
     END IF;
     INSERT INTO @audit@.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
     VALUES ('seal', top_xid, top_id, ids, full_digests, n_changes, prev.hash,
-            @audit@.seal_hash('seal', prev.hash, ids, full_digests, NULL))
+            @audit@.seal_hash('seal', prev.hash, top_xid, top_id, ids, full_digests, NULL))
     RETURNING id, cardinality(ids), encode(hash, 'hex') INTO seal_id, sealed, head;
 END
 $fn$;
