@@ -216,11 +216,7 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
                 )
             if snapshot is not None:
                 if truncate is not None:
-                    raise RowDeleted(
-                        f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
-                        change=truncate,
-                        deleted_at=truncate.captured_at,
-                    )
+                    raise _truncated(row_of, ref, truncate)
                 assert snapshot.after is not None
                 return dict(snapshot.after)
             if in_force:
@@ -250,13 +246,17 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
             f"{row_of} was deleted at {iso(latest.captured_at)}", change=latest, deleted_at=latest.captured_at
         )
     if truncate is not None:
-        raise RowDeleted(
-            f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
-            change=truncate,
-            deleted_at=truncate.captured_at,
-        )
+        raise _truncated(row_of, ref, truncate)
     assert latest.after is not None
     return dict(latest.after)
+
+
+def _truncated(row_of: str, ref: Any, truncate: Change) -> RowDeleted:
+    return RowDeleted(
+        f"{row_of} was removed when {ref} was truncated at {iso(truncate.captured_at)}",
+        change=truncate,
+        deleted_at=truncate.captured_at,
+    )
 
 
 def _table_plan(table: str, at: datetime, audit_schema: str) -> Plan[tuple[sql.Composed, dict[str, Any]]]:

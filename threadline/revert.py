@@ -643,34 +643,29 @@ def _apply(cur: psycopg.Cursor[Any], row: _Row, step: RevertStep) -> None:
             sql.SQL("DELETE FROM {} AS t WHERE {}").format(_relation(table), _key_match(table)), params
         )
     elif step.action == "insert":
-        cols = [c for c in table.insertable if c in step.values]
+        columns, values = _restored(table, step)
         cur.execute(
-            sql.SQL(
-                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM json_populate_record(NULL::{}, {}) AS r"
-            ).format(
-                _relation(table),
-                sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-                sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in cols),
-                _relation(table),
-                _image(table, "row"),
+            sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE {}").format(
+                _relation(table), columns, values
             ),
             params,
         )
     elif step.values:
-        cols = [c for c in table.insertable if c in step.values]
+        columns, values = _restored(table, step)
         cur.execute(
-            sql.SQL(
-                "UPDATE {} AS t SET ({}) = (SELECT {} FROM json_populate_record(NULL::{}, {}) AS r) WHERE {}"
-            ).format(
-                _relation(table),
-                sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-                sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in cols),
-                _relation(table),
-                _image(table, "row"),
-                _key_match(table),
+            sql.SQL("UPDATE {} AS t SET ({}) = ({}) WHERE {}").format(
+                _relation(table), columns, values, _key_match(table)
             ),
             params,
         )
+
+
+def _restored(table: _Table, step: RevertStep) -> tuple[sql.Composable, sql.Composable]:
+    """The columns a step writes, and the ``SELECT`` of their values from the image in ``%(row)s``."""
+    cols = [sql.Identifier(c) for c in table.insertable if c in step.values]
+    return sql.SQL(", ").join(cols), sql.SQL("SELECT {} FROM json_populate_record(NULL::{}, {}) AS r").format(
+        sql.SQL(", ").join(sql.SQL("r.{}").format(c) for c in cols), _relation(table), _image(table, "row")
+    )
 
 
 def revert(
