@@ -30,14 +30,8 @@ def solo(
     request: pytest.FixtureRequest, celery_dsn: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
     worker = Worker(request.param, "solo", celery_dsn, Path(tmp_path_factory.mktemp("celery")), concurrency=1)
-    worker.start()
-    app = worker.app()
-    app.set_current()
-    try:
+    with worker.serving():
         yield worker
-    finally:
-        worker.stop()
-        threadline.celery.uninstall(app)
 
 
 def test_no_leak_on_the_solo_pool(solo: Worker, celery_dsn: str) -> None:

@@ -181,14 +181,8 @@ def worker(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """A worker (threads pool) that also loads the revert tasks; a client app for its queue is current."""
     worker = Worker("redis", "threads", database, Path(tmp_path_factory.mktemp("revert")))
     worker.args += ["-I", REVERT_TASKS]
-    worker.start()
-    app = worker.app()
-    app.set_current()
-    try:
+    with worker.serving():
         yield worker
-    finally:
-        worker.stop()
-        threadline.celery.uninstall(app)
 
 
 def run_request(conn: Conn, worker: Worker, correlation_id: str) -> list[dict[str, Any]]:

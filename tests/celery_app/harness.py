@@ -201,6 +201,19 @@ class Worker:
 
         return make_app(self.broker, BACKEND_URL, self.queue, **kwargs)
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Worker]:
+        """Start the worker with a client app for its queue made current; stop it and uninstall
+        the app afterwards (what a module-scoped worker fixture yields)."""
+        self.start()
+        app = self.app()
+        app.set_current()
+        try:
+            yield self
+        finally:
+            self.stop()
+            threadline.celery.uninstall(app)
+
     def publish_raw(
         self, name: str, args: list[Any], headers: dict[str, Any] | None = None, task_id: str | None = None
     ) -> str:
