@@ -24,6 +24,11 @@ def pytest_report_header() -> list[str]:
     return [report(), *brokers.report()]
 
 
+STORE_LAYOUT = os.environ.get("THREADLINE_TEST_LAYOUT", "month")
+"""How the session database's audit store is laid out: a partition period, or ``plain`` (the
+version matrix runs the plain layout, the main suite the default)."""
+
+
 def _dsn_for(dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=dbname)
 
@@ -40,7 +45,7 @@ def database() -> Iterator[str]:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = _dsn_for(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ddl.install(conn)
+        ddl.install(conn, partition_by=None if STORE_LAYOUT == "plain" else STORE_LAYOUT)
     try:
         yield dsn
     finally:
@@ -111,3 +116,37 @@ def changed_before(change: Any) -> dict[str, Any]:
     if isinstance(change, dict):
         return {k: change["before"][k] for k in change["changed_fields"]}
     return {k: change.before[k] for k in change.changed_fields}
+
+
+def age_audit_rows(conn: psycopg.Connection[Any], interval: str, transaction_ids: str | None = None) -> None:
+    """Make audit rows look older by ``interval`` (SQL text, such as ``'100 days'``): the changes'
+    capture times and start times and their transactions' start times alike, as if written then
+    (``transaction_ids``: a SQL subquery naming which transactions; all when ``None``)."""
+    which = "TRUE" if transaction_ids is None else f"transaction_id IN ({transaction_ids})"
+    shift_start = ", occurred_at = occurred_at - %(i)s::interval" if _partitioned(conn) else ""
+    conn.execute(
+        f"UPDATE threadline.changes SET captured_at = captured_at - %(i)s::interval{shift_start} WHERE {which}",
+        {"i": interval},
+    )
+    which = "TRUE" if transaction_ids is None else f"id IN ({transaction_ids})"
+    conn.execute(
+        f"UPDATE threadline.transactions SET occurred_at = occurred_at - %(i)s::interval WHERE {which}",
+        {"i": interval},
+    )
+
+
+def sync_change_starts(conn: psycopg.Connection[Any]) -> None:
+    """After a test moved transactions' start times: in a partitioned store, give each change its
+    transaction's start time again (the partition key they share)."""
+    if _partitioned(conn):
+        conn.execute(
+            "UPDATE threadline.changes c SET occurred_at = t.occurred_at FROM threadline.transactions t"
+            " WHERE t.id = c.transaction_id AND c.occurred_at <> t.occurred_at"
+        )
+
+
+def _partitioned(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT relkind = 'p' FROM pg_class WHERE oid = 'threadline.changes'::regclass"
+    ).fetchone()
+    return bool(row and row[0])

@@ -15,6 +15,7 @@ import threadline
 from threadline import ActorRef, health, observability, retention
 from threadline.errors import CoverageError, RetentionError
 
+from .conftest import sync_change_starts
 from .test_cli import run
 
 
@@ -28,6 +29,7 @@ def _age(conn: psycopg.Connection[Any], days: int, where: str = "TRUE") -> None:
         " (SELECT transaction_id, min(captured_at) AS at FROM threadline.changes GROUP BY 1) c"
         " WHERE c.transaction_id = t.id"
     )
+    sync_change_starts(conn)
 
 
 def _counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:

@@ -23,6 +23,8 @@ import threadline
 from threadline import ddl, paging
 from threadline.errors import InvalidCursor
 
+from .conftest import sync_change_starts
+
 Conn = psycopg.Connection[Any]
 
 
@@ -271,6 +273,7 @@ def test_table_pages_read_in_windows_of_capture_time_miss_nothing(
         "UPDATE threadline.transactions t SET occurred_at = c.captured_at - interval '1 second'"
         "  FROM threadline.changes c WHERE c.transaction_id = t.id AND c.table_name = 'items'"
     )
+    sync_change_starts(conn)
     expected = [
         r[0]
         for r in conn.execute(

@@ -3,6 +3,7 @@ could make to a sealed audit row is caught; a recorded erasure is not mistaken f
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -73,7 +74,8 @@ def test_seal_in_batches_and_verify(conn: psycopg.Connection[Any], people: str) 
         ("DELETE FROM threadline.changes WHERE transaction_id = {tx} AND op = 'update'", "no longer matches"),
         (
             "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk) VALUES ({tx}, 'app', 'people', 'delete', '{{\"id\": 1}}')",
-            "no longer matches",
+            # partitioned, the row lands in the inserter's partition, not its transaction's
+            "no longer matches|without its start time",
         ),
         ("DELETE FROM threadline.transactions WHERE id = {tx}", "was deleted"),
         (
@@ -95,8 +97,8 @@ def test_every_edit_of_a_sealed_row_is_caught(
     conn.execute(tamper.replace("{tx}", str(tx)).replace("{{", "{").replace("}}", "}"))
     result = verify(conn)
     assert not result.ok
-    assert result.first_problem is not None and says in result.first_problem
-    if "inserted" not in says:
+    assert result.first_problem is not None and re.search(says, result.first_problem)
+    if "inserted into" not in says:
         assert result.problem_transaction == tx
 
 

@@ -16,6 +16,7 @@ from threadline.erasure import TOMBSTONE, erase, pseudonym
 from threadline.retention import purge
 from threadline.seal import seal, verify
 
+from .conftest import age_audit_rows
 from .test_cli import run
 
 
@@ -179,14 +180,7 @@ def test_a_recorded_purge_is_not_tampering(conn: psycopg.Connection[Any], people
         conn.execute("INSERT INTO app.people VALUES (%s, 'a@example.com', 'Ann', 1.50, NULL)", [i])
     seal(conn, batch_size=2)
     # the first four transactions are old; the fifth straddles the cut-off (one change old, one new)
-    conn.execute(
-        "UPDATE threadline.changes SET captured_at = captured_at - interval '100 days'"
-        " WHERE transaction_id IN (SELECT id FROM threadline.transactions ORDER BY id LIMIT 4)"
-    )
-    conn.execute(
-        "UPDATE threadline.transactions SET occurred_at = occurred_at - interval '100 days'"
-        " WHERE id IN (SELECT id FROM threadline.transactions ORDER BY id LIMIT 4)"
-    )
+    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions ORDER BY id LIMIT 4")
     assert not verify(conn).ok  # that setup was itself an edit: re-seal from scratch
     conn.execute("TRUNCATE threadline.seals")
     head = seal(conn, batch_size=2).head
@@ -210,8 +204,7 @@ def test_a_purge_of_part_of_a_sealed_transaction(conn: psycopg.Connection[Any], 
     with threadline.transaction(conn):
         conn.execute("INSERT INTO app.people VALUES (1, 'a@example.com', 'Ann', 1.50, NULL)")
         conn.execute("INSERT INTO app.sessions VALUES (1)")
-    conn.execute("UPDATE threadline.changes SET captured_at = captured_at - interval '100 days'")
-    conn.execute("UPDATE threadline.transactions SET occurred_at = occurred_at - interval '100 days'")
+    age_audit_rows(conn, "100 days")
     seal(conn)
     result = purge(conn, "90d", table="app.sessions")
     assert (result.changes, result.transactions) == (1, 0)
@@ -228,8 +221,7 @@ def test_a_purge_of_part_of_a_sealed_transaction(conn: psycopg.Connection[Any], 
 
 def test_purge_without_seals_records_no_link(conn: psycopg.Connection[Any], people: str) -> None:
     conn.execute("INSERT INTO app.people VALUES (1, 'a@example.com', 'Ann', 1.50, NULL)")
-    conn.execute("UPDATE threadline.changes SET captured_at = captured_at - interval '100 days'")
-    conn.execute("UPDATE threadline.transactions SET occurred_at = occurred_at - interval '100 days'")
+    age_audit_rows(conn, "100 days")
     result = purge(conn, "90d")
     assert (result.changes, result.transactions) == (1, 1)
     assert conn.execute("SELECT count(*) FROM threadline.seals").fetchone() == (0,)

@@ -8,6 +8,7 @@ public functions share every line of SQL and validation.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,9 +30,34 @@ class Query:
 
     statement: sql.SQL | sql.Composed
     params: Mapping[str, Any]
+    cache_key: str | None = None
+    """When set, the rows are remembered per connection under this key and the statement runs
+    once per connection (for facts that only change with the audit schema's layout)."""
 
 
 Plan = Generator[Query, Rows, T]
+
+_remembered: weakref.WeakKeyDictionary[Any, dict[str, Rows]] = weakref.WeakKeyDictionary()
+
+
+def forget(conn: Any) -> None:
+    """Drop what :class:`Query.cache_key` remembered for ``conn`` (after its schema changed)."""
+    try:
+        raw = native(conn)[0] if not isinstance(conn, psycopg.AsyncConnection) else conn
+    except Exception:
+        return
+    _remembered.pop(raw, None)
+
+
+def _recall(conn: Any, query: Query) -> Rows | None:
+    if query.cache_key is None:
+        return None
+    return _remembered.get(conn, {}).get(query.cache_key)
+
+
+def _remember(conn: Any, query: Query, rows: Rows) -> None:
+    if query.cache_key is not None:
+        _remembered.setdefault(conn, {})[query.cache_key] = rows
 
 
 def run(conn: ConnectionLike, plan: Plan[T]) -> T:
@@ -40,11 +66,14 @@ def run(conn: ConnectionLike, plan: Plan[T]) -> T:
     try:
         query = next(plan)
         while True:
-            with raw.cursor(row_factory=dict_row) as cur:
-                if from_django:
-                    json_adapters(cur.adapters)
-                cur.execute(query.statement, query.params)
-                rows = cur.fetchall() if cur.description is not None else []
+            rows = _recall(raw, query)
+            if rows is None:
+                with raw.cursor(row_factory=dict_row) as cur:
+                    if from_django:
+                        json_adapters(cur.adapters)
+                    cur.execute(query.statement, query.params)
+                    rows = cur.fetchall() if cur.description is not None else []
+                _remember(raw, query, rows)
             query = plan.send(rows)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
@@ -55,9 +84,12 @@ async def run_async(conn: psycopg.AsyncConnection[Any], plan: Plan[T]) -> T:
     try:
         query = next(plan)
         while True:
-            async with conn.cursor(row_factory=dict_row) as cur:
-                await cur.execute(query.statement, query.params)
-                rows = await cur.fetchall() if cur.description is not None else []
+            rows = _recall(conn, query)
+            if rows is None:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(query.statement, query.params)
+                    rows = await cur.fetchall() if cur.description is not None else []
+                _remember(conn, query, rows)
             query = plan.send(rows)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]

@@ -224,6 +224,7 @@ def _statement(
         # without a limit only the last row's position is needed: it is read from its own columns
         forward_keys=limit is not None,
         forward=forward,
+        tx_join=filters.tx_join,
     )
     return statement, params
 
@@ -234,7 +235,13 @@ def _forward_statement(
     columns, _, lateral = _parts(format)
     params: dict[str, Any] = {}
     statement = paging.forward_statement(
-        sql.Identifier(audit_schema), columns, partial(where_clause, filters), position, params, lateral
+        sql.Identifier(audit_schema),
+        columns,
+        partial(where_clause, filters),
+        position,
+        params,
+        lateral,
+        tx_join=filters.tx_join,
     )
     return statement, params
 

@@ -168,6 +168,10 @@ LATE, FORWARD, CLOSING = 0, 1, 2
 _NOTHING = sql.SQL("")
 
 
+PLAIN_JOIN = sql.SQL("t.id = c.transaction_id")
+"""How a change ``c`` joins its transaction ``t`` in a store that is not partitioned."""
+
+
 def page_statement(
     audit: sql.Identifier,
     columns: sql.Composable,
@@ -180,6 +184,7 @@ def page_statement(
     *,
     forward_keys: bool = True,
     forward: bool = True,
+    tx_join: sql.Composable = PLAIN_JOIN,
 ) -> sql.Composed:
     """One statement returning a page's late rows, then its rows in position order, then the
     closing row, each row led by :data:`KEY_COLUMNS` and followed by ``columns``.
@@ -191,6 +196,7 @@ def page_statement(
     export then loads two values fewer per row. Without ``forward`` the statement returns only
     the late rows and the closing row: the rows in position order then come from
     :func:`forward_statement`, run in the same snapshot (a ``REPEATABLE READ`` transaction).
+    ``tx_join`` joins ``c`` to ``t`` (:func:`threadline.query.transaction_join`).
     """
     # Each part is ordered (and cut) only when the page has a limit; otherwise the one sort of
     # the whole statement orders every row, and sorting each part first would do it twice.
@@ -203,7 +209,7 @@ def page_statement(
         "(SELECT 0 AS phase, t.xid::text::bigint AS k_xid, c.transaction_id AS k_tid,"
         " NULL::timestamptz AS k_at, c.id AS k_id, NULL::text AS k_xip,"
         " NULL::timestamptz AS s_at, c.id AS s_id, {columns}"
-        " FROM {audit}.changes c JOIN {audit}.transactions t ON t.id = c.transaction_id{join}{lateral}{where}"
+        " FROM {audit}.changes c JOIN {audit}.transactions t ON {tx_join}{join}{lateral}{where}"
         "{cap})"
     )
     parts: list[sql.Composable] = []
@@ -221,7 +227,13 @@ def page_statement(
             cond = where(params, [sql.SQL("(c.transaction_id, c.id) > (w.tid, w.cid)"), before])
             parts.append(
                 late.format(
-                    columns=columns, audit=audit, join=join, lateral=lateral, where=cond, cap=late_cap
+                    columns=columns,
+                    audit=audit,
+                    tx_join=tx_join,
+                    join=join,
+                    lateral=lateral,
+                    where=cond,
+                    cap=late_cap,
                 )
             )
         if position.above is not None:
@@ -240,7 +252,13 @@ def page_statement(
             )
             parts.append(
                 late.format(
-                    columns=columns, audit=audit, join=_NOTHING, lateral=lateral, where=cond, cap=late_cap
+                    columns=columns,
+                    audit=audit,
+                    tx_join=tx_join,
+                    join=_NOTHING,
+                    lateral=lateral,
+                    where=cond,
+                    cap=late_cap,
                 )
             )
     extra: list[sql.Composable] = []
@@ -256,13 +274,14 @@ def page_statement(
             sql.SQL(
                 "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, {k_at} AS k_at,"
                 " {k_id} AS k_id, NULL::text AS k_xip, c.captured_at AS s_at, c.id AS s_id, {columns}"
-                " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
+                " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON {tx_join}"
                 "{lateral}{where}{cap})"
             ).format(
                 k_at=keys[0],
                 k_id=keys[1],
                 columns=columns,
                 audit=audit,
+                tx_join=tx_join,
                 lateral=lateral,
                 where=where(params, extra),
                 cap=forward_cap,
@@ -291,6 +310,7 @@ def forward_statement(
     position: Position,
     params: dict[str, Any],
     lateral: sql.Composable = _NOTHING,
+    tx_join: sql.Composable = PLAIN_JOIN,
 ) -> sql.Composed:
     """The rows after ``position`` in position order, with ``columns`` only: the second statement
     of a page read in one ``REPEATABLE READ`` snapshot (see :func:`page_statement`)."""
@@ -299,9 +319,9 @@ def forward_statement(
         params["f_at"], params["f_id"] = position.at, position.id
         extra.append(sql.SQL("c.captured_at >= %(f_at)s AND (c.captured_at, c.id) > (%(f_at)s, %(f_id)s)"))
     return sql.SQL(
-        "SELECT {columns} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
+        "SELECT {columns} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON {tx_join}"
         "{lateral}{where} ORDER BY c.captured_at, c.id"
-    ).format(columns=columns, audit=audit, lateral=lateral, where=where(params, extra))
+    ).format(columns=columns, audit=audit, tx_join=tx_join, lateral=lateral, where=where(params, extra))
 
 
 SAME_SNAPSHOT = sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")

@@ -375,16 +375,40 @@ TRANSACTION_COLUMNS = sql.SQL(
     "t.causation_id AS t_causation_id, t.origin AS t_origin, t.job::text AS t_job, "
     "t.action_id AS t_action_id, t.meta::text AS t_meta, t.context_error AS t_context_error"
 )
-# Changes are read without their transactions' columns (a transaction's context would otherwise
-# travel and be decoded once per change); :func:`with_transactions` fetches each transaction once.
-# The join is there for filters on the transaction; PostgreSQL drops it when nothing uses it.
-_SELECT = sql.SQL(
-    "SELECT {changes} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id"
+_LAYOUT = sql.SQL(
+    "SELECT coalesce((SELECT c.relkind = 'p' FROM pg_class c"
+    " WHERE c.oid = to_regclass(format('%%I.changes', %(schema)s::text))), false) AS partitioned"
 )
 
 
-def _select(audit: sql.Identifier) -> sql.Composed:
-    return _SELECT.format(changes=CHANGE_COLUMNS, audit=audit)
+def partitioned_plan(audit_schema: str) -> Plan[bool]:
+    """Plan: whether the audit store is partitioned (asked once per connection)."""
+    rows = yield Query(_LAYOUT, {"schema": audit_schema}, cache_key=f"partitioned {audit_schema}")
+    return bool(rows and rows[0]["partitioned"])
+
+
+def transaction_join(partitioned: bool) -> sql.SQL:
+    """The condition that joins a change ``c`` to its transaction ``t``. In a partitioned store
+    the start time they share is part of it, so only the partition that holds the transaction is
+    searched (the id alone would search every partition)."""
+    return sql.SQL(
+        "t.id = c.transaction_id AND t.occurred_at = c.occurred_at"
+        if partitioned
+        else "t.id = c.transaction_id"
+    )
+
+
+# Changes are read without their transactions' columns (a transaction's context would otherwise
+# travel and be decoded once per change); :func:`with_transactions` fetches each transaction once.
+# The join is there for filters on the transaction: a plan without such filters leaves it out.
+def _select(audit: sql.Identifier, partitioned: bool | None) -> sql.Composed:
+    """``SELECT`` of change columns from ``changes c``, joined to ``transactions t`` unless
+    ``partitioned`` is ``None`` (no filter reads the transaction)."""
+    if partitioned is None:
+        return sql.SQL("SELECT {changes} FROM {audit}.changes c").format(changes=CHANGE_COLUMNS, audit=audit)
+    return sql.SQL(
+        "SELECT {changes} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON {join}"
+    ).format(changes=CHANGE_COLUMNS, audit=audit, join=transaction_join(partitioned))
 
 
 def changes_from_rows(rows: Rows, transactions: Mapping[int, Transaction] | None = None) -> list[Change]:
@@ -430,6 +454,13 @@ class Filters:
     op: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    partitioned: bool = False
+    """The audit store is partitioned (how changes join their transactions; not a filter)."""
+
+    @property
+    def tx_join(self) -> sql.SQL:
+        """The condition that joins ``c`` to ``t`` in this store (:func:`transaction_join`)."""
+        return transaction_join(self.partitioned)
 
     def fingerprint(self) -> str:
         """Short hash of the identity filters (a cursor is bound to them)."""
@@ -472,7 +503,8 @@ def filters_plan(
     since, until = check_window(since, until)
     _audit(audit_schema)
     ref = None if table is None else (yield from resolve_table(table, audit_schema))
-    return Filters(correlation_id, ref, actor_ref, op, since, until)
+    partitioned = yield from partitioned_plan(audit_schema)
+    return Filters(correlation_id, ref, actor_ref, op, since, until, partitioned)
 
 
 def _actor_condition(actor: ActorRef, params: dict[str, Any]) -> sql.Composable:
@@ -511,6 +543,9 @@ def where_clause(
         # a transaction starts before its changes are captured: this bound lets the actor and
         # time indexes of transactions help
         conds.append(sql.SQL("c.captured_at < %(until)s AND t.occurred_at < %(until)s"))
+        if filters.partitioned:
+            # the same bound on the partition key leaves out the partitions after it
+            conds.append(sql.SQL("c.occurred_at < %(until)s"))
     conds.extend(extra)
     if not conds:
         return sql.SQL("")
@@ -527,7 +562,7 @@ def _history_plan(table: str, pk: Any, limit: int | None, audit_schema: str) -> 
     ref = yield from resolve_table(table, audit_schema)
     key = normalize_key(ref, pk)
     params: dict[str, Any] = {"pk": Jsonb(key)}
-    statement = _select(audit) + sql.SQL(
+    statement = _select(audit, None) + sql.SQL(
         " WHERE c.pk = %(pk)s AND {} ORDER BY c.captured_at DESC, c.id DESC"
     ).format(ref.condition(params))
     if limit is not None:
@@ -583,8 +618,11 @@ def _actor_history_plan(
     since, until = check_window(since, until)
     filters = Filters(actor=ref, since=since, until=until)
     params: dict[str, Any] = {}
+    partitioned = yield from partitioned_plan(audit_schema)
     statement = (
-        _select(audit) + where_clause(filters, params) + sql.SQL(" ORDER BY c.captured_at DESC, c.id DESC")
+        _select(audit, partitioned)
+        + where_clause(filters, params)
+        + sql.SQL(" ORDER BY c.captured_at DESC, c.id DESC")
     )
     if limit is not None:
         params["limit"] = limit
@@ -629,7 +667,7 @@ def _transaction_plan(transaction_id: int, audit_schema: str) -> Plan[list[Chang
     if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
         raise InvalidFilter(f"transaction_id must be an integer, got {transaction_id!r}")
     rows = yield Query(
-        _select(audit) + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
+        _select(audit, None) + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
         {"tid": transaction_id},
     )
     return (yield from with_transactions(audit, rows))
@@ -670,11 +708,12 @@ def _trace_plan(correlation_id: str, audit_schema: str) -> Plan[Trace]:
         ).format(TRANSACTION_COLUMNS, audit),
         params,
     )
+    partitioned = yield from partitioned_plan(audit_schema)
     change_rows = yield Query(
         sql.SQL(
-            "SELECT {}, t.id AS t_id FROM {}.transactions t JOIN {}.changes c ON c.transaction_id = t.id"
+            "SELECT {}, t.id AS t_id FROM {}.transactions t JOIN {}.changes c ON {}"
             " WHERE t.correlation_id = %(correlation_id)s ORDER BY c.transaction_id, c.id"
-        ).format(CHANGE_COLUMNS, audit, audit),
+        ).format(CHANGE_COLUMNS, audit, audit, transaction_join(partitioned)),
         params,
     )
     action_rows = yield Query(

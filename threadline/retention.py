@@ -36,6 +36,8 @@ from threadline.ddl.schema import require_installed
 from threadline.ddl.triggers import parse_table_name
 from threadline.errors import RetentionError, TrackingError
 from threadline.observability import emit
+from threadline.partition_purge import drop_periods, droppable_periods
+from threadline.partitions import is_partitioned
 from threadline.seal import append_link, lock_chain
 
 logger = logging.getLogger("threadline.retention")
@@ -60,6 +62,9 @@ class PurgeResult:
     """False when ``max_batches`` stopped the purge before everything old was deleted."""
     task_runs: int = 0
     """Recorded task attempts that ended before the cut-off."""
+    partitions: int = 0
+    """Periods of a partitioned store whose partitions were dropped whole (their rows are counted
+    in ``changes`` and ``transactions``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
@@ -72,6 +77,7 @@ class PurgeResult:
             "dry_run": self.dry_run,
             "complete": self.complete,
             "task_runs": self.task_runs,
+            "partitions": self.partitions,
         }
 
 
@@ -164,6 +170,8 @@ def purge(
         require_installed(conn, audit_schema)
         cutoff = _cutoff(conn, older_than)
         target = _table_filter(conn, table)
+        partitioned = is_partitioned(conn, audit_schema)
+        periods = [] if target or not partitioned else droppable_periods(conn, audit_schema, cutoff)
     finally:
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.rollback()
@@ -207,12 +215,14 @@ def purge(
             )
         elapsed = time.monotonic() - started
         logger.info(
-            "dry run: would purge %d changes%s, %d transactions and %d task runs before %s",
+            "dry run: would purge %d changes%s, %d transactions and %d task runs before %s"
+            " (%d partitions dropped whole)",
             changes,
             shown,
             transactions,
             runs,
             cutoff.isoformat(),
+            len(periods),
         )
         emit(
             "purge.done",
@@ -224,7 +234,9 @@ def purge(
             dry_run=True,
             audit_schema=audit_schema,
         )
-        return PurgeResult(cutoff, changes, transactions, 0, elapsed, True, task_runs=runs)
+        return PurgeResult(
+            cutoff, changes, transactions, 0, elapsed, True, task_runs=runs, partitions=len(periods)
+        )
 
     logger.info(
         "purging changes%s captured before %s in batches of %d", shown, cutoff.isoformat(), batch_size
@@ -233,30 +245,42 @@ def purge(
     complete = True
     sealed = _has_seals(conn, audit_schema)
     totals = {"changes": 0, "transactions": 0, "task runs": 0}
+    dropped = drop_periods(conn, audit_schema, periods, sealed=sealed)
+    totals["changes"] += sum(p.changes for p in dropped)
+    totals["transactions"] += sum(p.transactions for p in dropped)
+    # partitioned, the bounds on the partition key (a change's transaction started before it was
+    # captured) leave the partitions after the cut-off out of every batch
+    in_range = sql.SQL(" AND occurred_at < %(cutoff)s" if partitioned else "")
+    same_start = sql.SQL(" AND c.occurred_at = t.occurred_at" if partitioned else "")
     statements = {
         # keyset over the primary key (transaction_id, id): each batch starts where the last one
         # ended, and both the walk and the delete are index lookups
         "changes": sql.SQL(
             "WITH batch AS (SELECT transaction_id, id FROM {a}.changes"
-            " WHERE (transaction_id, id) > (%(after_tx)s, %(after)s) AND captured_at < %(cutoff)s{w}"
+            " WHERE (transaction_id, id) > (%(after_tx)s, %(after)s) AND captured_at < %(cutoff)s{r}{w}"
             " ORDER BY transaction_id, id LIMIT %(n)s),"
             " gone AS (DELETE FROM {a}.changes c USING batch b"
-            " WHERE c.transaction_id = b.transaction_id AND c.id = b.id RETURNING c.transaction_id, c.id)"
+            " WHERE c.transaction_id = b.transaction_id AND c.id = b.id{cr} RETURNING c.transaction_id, c.id)"
             " SELECT count(*), (array_agg(transaction_id ORDER BY transaction_id DESC, id DESC))[1],"
             " (array_agg(id ORDER BY transaction_id DESC, id DESC))[1],"
             " (SELECT array_agg(t.id) FROM {a}.transactions t"
             "   WHERE t.id IN (SELECT DISTINCT g.transaction_id FROM gone g)),"
             " (SELECT array_agg(t.xid::text) FROM {a}.transactions t"
             "   WHERE t.id IN (SELECT DISTINCT g.transaction_id FROM gone g)) FROM gone"
-        ).format(a=audit, w=where_table),
+        ).format(
+            a=audit,
+            w=where_table,
+            r=in_range,
+            cr=sql.SQL(" AND c.occurred_at < %(cutoff)s" if partitioned else ""),
+        ),
         "transactions": sql.SQL(
             "WITH batch AS (SELECT t.id FROM {a}.transactions t WHERE t.id > %(after)s"
             " AND t.occurred_at < %(cutoff)s"
-            " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id)"
+            " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id{s})"
             " ORDER BY t.id LIMIT %(n)s), gone AS (DELETE FROM {a}.transactions t USING batch b"
-            " WHERE t.id = b.id RETURNING t.id, t.xid) SELECT count(*), NULL::bigint, max(id),"
+            " WHERE t.id = b.id{tr} RETURNING t.id, t.xid) SELECT count(*), NULL::bigint, max(id),"
             " array_agg(id), array_agg(xid::text) FROM gone"
-        ).format(a=audit),
+        ).format(a=audit, s=same_start, tr=sql.SQL(" AND t.occurred_at < %(cutoff)s" if partitioned else "")),
     }
     if not target:
         statements["task runs"] = sql.SQL(
@@ -323,6 +347,7 @@ def purge(
         False,
         complete,
         task_runs=totals["task runs"],
+        partitions=len(dropped),
     )
 
 

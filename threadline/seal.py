@@ -257,6 +257,13 @@ def verify(
                 problems.append(f"transaction {tx} was inserted into the range sealed by seal {link['id']}")
                 named = tx if named is None else named
         prev_pos = (link["last_xid"], link["last_id"])
+    if prev_pos[0] is not None:
+        for stray in _stray_changes(cur, audit, prev_pos):
+            problems.append(
+                f"change {stray['id']} names sealed transaction {stray['transaction_id']} without its start time:"
+                " it was inserted or moved by hand"
+            )
+            named = stray["transaction_id"] if named is None else named
     head = None if prev_hash is None else prev_hash.hex()
     if expect_head is not None and expect_head.lower() != head:
         problems.append(
@@ -274,3 +281,25 @@ def verify(
         problems=problems,
         purged=purged,
     )
+
+
+def _stray_changes(
+    cur: psycopg.Cursor[dict[str, Any]], audit: sql.Identifier, upto: tuple[str | None, int | None]
+) -> list[dict[str, Any]]:
+    """In a partitioned store, changes of sealed transactions that do not carry their transaction's
+    start time: a transaction's digest reads its changes in its own partition only, so such a row
+    (which capture never writes) would otherwise escape it."""
+    partitioned = cur.execute(
+        sql.SQL("SELECT c.relkind = 'p' AS p FROM pg_class c WHERE c.oid = {}::regclass").format(
+            sql.Literal(f"{audit.as_string(None)}.changes")
+        )
+    ).fetchone()
+    if not partitioned or not partitioned["p"]:
+        return []
+    return cur.execute(
+        sql.SQL(
+            "SELECT c.id, c.transaction_id FROM {a}.changes c JOIN {a}.transactions t ON t.id = c.transaction_id"
+            " WHERE c.occurred_at <> t.occurred_at AND (t.xid, t.id) <= (%s::xid8, %s) ORDER BY c.id LIMIT 10"
+        ).format(a=audit),
+        list(upto),
+    ).fetchall()

@@ -93,7 +93,14 @@ def _timeline_plan(
             params["window_end"] = bound
             where = partial(_within, filters, sql.SQL("c.captured_at < %(window_end)s"))
         statement = paging.page_statement(
-            audit, CHANGE_COLUMNS, CHANGE_COLUMN_NAMES, where, position, checked, params
+            audit,
+            CHANGE_COLUMNS,
+            CHANGE_COLUMN_NAMES,
+            where,
+            position,
+            checked,
+            params,
+            tx_join=filters.tx_join,
         )
         rows = yield Query(statement, params)
         # a window holding more than a page holds the page (everything captured earlier is in it)

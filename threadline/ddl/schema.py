@@ -23,6 +23,12 @@ SCHEMA_VERSION = 7
 
 _SQL_DIR = Path(__file__).with_name("sql")
 
+PARTITION_PERIODS = ("day", "week", "month", "quarter", "year")
+"""The periods a partitioned audit store can be partitioned by."""
+
+DEFAULT_PARTITION_BY = "month"
+"""A new install's audit tables are partitioned by month unless told otherwise."""
+
 PINNED_VERSIONS = (7,)
 """Schema versions whose install script is frozen: ``install_sql(version=N)`` gives the same text
 in every later release, so a migration that embeds it never changes."""
@@ -101,8 +107,22 @@ def grant_app_role(conn: psycopg.Connection, app_role: str, audit_schema: str = 
     conn.execute(text.encode())
 
 
+def check_partition_by(partition_by: str | None) -> str | None:
+    """``partition_by`` if it is one of :data:`PARTITION_PERIODS` or ``None`` (plain tables)."""
+    if partition_by is not None and partition_by not in PARTITION_PERIODS:
+        raise SchemaError(
+            f"partition_by must be one of {', '.join(PARTITION_PERIODS)} (or None for plain tables), "
+            f"not {partition_by!r}"
+        )
+    return partition_by
+
+
 def install_sql(
-    audit_schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None, version: int = SCHEMA_VERSION
+    audit_schema: str = DEFAULT_SCHEMA,
+    *,
+    app_role: str | None = None,
+    version: int = SCHEMA_VERSION,
+    partition_by: str | None = DEFAULT_PARTITION_BY,
 ) -> str:
     """The complete, idempotent DDL of the audit schema named ``schema``, at ``version``, as text.
 
@@ -111,12 +131,24 @@ def install_sql(
     migration written with ``version=7`` keeps producing the same SQL; upgrading is a new
     migration with the newer version. It upgrades any earlier version in place. With
     ``app_role``, the grants of :func:`privileges_sql` follow.
+
+    ``partition_by`` (a period of :data:`PARTITION_PERIODS`, or ``None``) applies when the script
+    creates the audit tables: a new install is range-partitioned by that period, with the current
+    period's partitions, ``ahead`` more (3 by default) and a DEFAULT partition. An existing
+    install keeps its layout (:mod:`threadline.partitions` migrates a plain one).
     """
     check_schema_name(audit_schema)
+    check_partition_by(partition_by)
     text = _script(version)
     grants = "" if app_role is None else privileges_sql(app_role, audit_schema)
     # the name is a validated lowercase identifier: quoting it is all an identifier needs
-    return text.replace("@audit@", f'"{audit_schema}"').replace("@audit_name@", audit_schema) + grants
+    period = "NULL" if partition_by is None else f"'{partition_by}'"
+    return (
+        text.replace("@audit@", f'"{audit_schema}"')
+        .replace("@audit_name@", audit_schema)
+        .replace("@partition_by@", period)
+        + grants
+    )
 
 
 _UNINSTALL = """\
@@ -162,7 +194,11 @@ def installed_version(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHE
 
 
 def install(
-    conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA, *, app_role: str | None = None
+    conn: psycopg.Connection,
+    audit_schema: str = DEFAULT_SCHEMA,
+    *,
+    app_role: str | None = None,
+    partition_by: str | None = DEFAULT_PARTITION_BY,
 ) -> InstallResult:
     """Create or upgrade the audit schema in one transaction; a no-op when it is current (except
     that a superuser adds the DDL event triggers a non-superuser install could not create, and
@@ -171,8 +207,12 @@ def install(
     With ``app_role``, that role may then read the audit tables and record actions but never
     write, change or remove an audit row (:func:`grant_app_role`; applied even when the schema
     was already current).
+
+    A new install is partitioned by ``partition_by`` (``None``: plain tables); see
+    :func:`install_sql`.
     """
     check_schema_name(audit_schema)
+    check_partition_by(partition_by)
     if app_role is not None:
         privileges_sql(app_role, audit_schema)
     with conn.transaction():
@@ -184,7 +224,7 @@ def install(
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
         if previous != SCHEMA_VERSION or _may_add_event_triggers(conn, audit_schema):
-            conn.execute(install_sql(audit_schema).encode())
+            conn.execute(install_sql(audit_schema, partition_by=partition_by).encode())
         if app_role is not None:
             grant_app_role(conn, app_role, audit_schema)
         follows = conn.execute(

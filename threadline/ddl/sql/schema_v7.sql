@@ -22,20 +22,66 @@ CREATE TABLE IF NOT EXISTS @audit@.actions (
     inserted_at timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE TABLE IF NOT EXISTS @audit@.transactions (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    occurred_at timestamptz NOT NULL DEFAULT now(),
-    actor jsonb,
-    correlation_id text,
-    request_id text,
-    causation_id text,
-    origin text,
-    job jsonb,
-    action_id bigint,
-    meta jsonb,
-    context_error text
+-- A new install is range-partitioned by time (by the period install is given, or not at all
+-- when given none): a transaction and its changes share the transaction's start time
+-- (occurred_at), so they share a partition, and retention drops whole partitions. An existing
+-- install keeps the layout it has (threadline partition --migrate moves a plain one online).
+CREATE TABLE IF NOT EXISTS @audit@.partitioning (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    period text NOT NULL CHECK (period IN ('day', 'week', 'month', 'quarter', 'year')),
+    ahead integer NOT NULL DEFAULT 3 CHECK (ahead BETWEEN 1 AND 120)
 );
+COMMENT ON TABLE @audit@.partitioning IS
+    'The partition period and how many periods ahead create_partitions() keeps ready (no row: plain tables).';
+
+DO $tables$
+DECLARE
+    period text := @partition_by@;
+    parted boolean := period IS NOT NULL AND to_regclass('@audit@.transactions') IS NULL
+                      AND to_regclass('@audit@.changes') IS NULL;
+BEGIN
+    IF to_regclass('@audit@.transactions') IS NULL THEN
+        EXECUTE 'CREATE TABLE @audit@.transactions (
+            id bigint GENERATED ALWAYS AS IDENTITY,
+            xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            occurred_at timestamptz NOT NULL DEFAULT now(),
+            actor jsonb,
+            correlation_id text,
+            request_id text,
+            causation_id text,
+            origin text,
+            job jsonb,
+            action_id bigint,
+            meta jsonb,
+            context_error text, '
+            || CASE WHEN parted THEN 'PRIMARY KEY (id, occurred_at)) PARTITION BY RANGE (occurred_at)'
+                    ELSE 'PRIMARY KEY (id))' END;
+    END IF;
+    -- Keyed by (transaction_id, id): one btree serves "the changes of a transaction, in order" and
+    -- uniqueness, and its keys are distinct (a btree on transaction_id alone pays for deduplicating
+    -- the equal keys of a bulk statement's rows). Partitioned, a change also carries its
+    -- transaction's start time, the partition key.
+    IF to_regclass('@audit@.changes') IS NULL THEN
+        EXECUTE 'CREATE TABLE @audit@.changes (
+            id bigint GENERATED ALWAYS AS IDENTITY,
+            transaction_id bigint NOT NULL,
+            table_schema text NOT NULL,
+            table_name text NOT NULL,
+            op text NOT NULL,
+            pk jsonb,
+            after json,
+            before json,
+            changed_fields text[],
+            captured_at timestamptz NOT NULL DEFAULT clock_timestamp(), '
+            || CASE WHEN parted THEN 'occurred_at timestamptz NOT NULL DEFAULT now(),
+                    PRIMARY KEY (transaction_id, id, occurred_at)) PARTITION BY RANGE (occurred_at)'
+                    ELSE 'PRIMARY KEY (transaction_id, id))' END;
+    END IF;
+    IF parted THEN
+        INSERT INTO @audit@.partitioning (period) VALUES (period) ON CONFLICT DO NOTHING;
+    END IF;
+END
+$tables$;
 COMMENT ON COLUMN @audit@.transactions.context_error IS
     'Why the context set for this transaction was refused (NULL when it was valid or absent).';
 
@@ -63,22 +109,6 @@ COMMENT ON COLUMN @audit@.task_runs.outcome IS
 CREATE INDEX IF NOT EXISTS task_runs_correlation_id_idx
     ON @audit@.task_runs (correlation_id) WHERE correlation_id IS NOT NULL;
 
--- Keyed by (transaction_id, id): one btree serves "the changes of a transaction, in order" and
--- uniqueness, and its keys are distinct (a btree on transaction_id alone pays for deduplicating
--- the equal keys of a bulk statement's rows).
-CREATE TABLE IF NOT EXISTS @audit@.changes (
-    id bigint GENERATED ALWAYS AS IDENTITY,
-    transaction_id bigint NOT NULL,
-    table_schema text NOT NULL,
-    table_name text NOT NULL,
-    op text NOT NULL,
-    pk jsonb,
-    after json,
-    before json,
-    changed_fields text[],
-    captured_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (transaction_id, id)
-);
 -- versions before 3 keyed changes by id, with a separate index on transaction_id
 DO $upgrade$
 BEGIN
@@ -355,7 +385,7 @@ BEGIN
            causation_id = d.causation_id, origin = d.origin, job = d.job, meta = d.meta,
            context_error = d.context_error
       FROM @audit@.parse_context(raw) AS p, @audit@.decode_context(p.j, p.err) AS d
-     WHERE t.id = tx AND t.xid = pg_current_xact_id();
+     WHERE t.id = tx AND t.xid = pg_current_xact_id() AND t.occurred_at = now();
     PERFORM set_config('threadline.txctx_@audit_name@', raw, true);
 END
 $fn$;
@@ -383,7 +413,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     tx bigint := @audit@.transaction_id();
 BEGIN
-    UPDATE @audit@.transactions SET action_id = action WHERE id = tx AND action_id IS NULL;
+    UPDATE @audit@.transactions SET action_id = action
+     WHERE id = tx AND occurred_at = now() AND action_id IS NULL;
     RETURN tx;
 END
 $fn$;
@@ -392,6 +423,98 @@ DROP TRIGGER IF EXISTS refresh_context ON @audit@.transactions;
 CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON @audit@.transactions
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
     EXECUTE FUNCTION @audit@.refresh_transaction_context();
+
+
+-- Partitions. The partitions of a partitioned store: each table's ranges (FROM/TO; MINVALUE and
+-- MAXVALUE as -infinity and infinity), the DEFAULT partition with NULL bounds.
+CREATE OR REPLACE FUNCTION @audit@.partitions()
+RETURNS TABLE (parent text, partition text, range_from timestamptz, range_to timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' AS $fn$
+    SELECT p.relname::text, c.relname::text,
+           CASE WHEN b.lo = 'MINVALUE' THEN '-infinity' ELSE b.lo END::timestamptz,
+           CASE WHEN b.hi = 'MAXVALUE' THEN 'infinity' ELSE b.hi END::timestamptz
+      FROM pg_inherits i
+      JOIN pg_class p ON p.oid = i.inhparent
+      JOIN pg_class c ON c.oid = i.inhrelid
+      CROSS JOIN LATERAL pg_get_expr(c.relpartbound, c.oid) AS e(bound)
+      CROSS JOIN LATERAL (SELECT (regexp_match(e.bound, 'FROM \(''?([^'')]+)''?\)'))[1] AS lo,
+                                 (regexp_match(e.bound, 'TO \(''?([^'')]+)''?\)'))[1] AS hi) AS b
+     WHERE p.relnamespace = '@audit@'::regnamespace AND p.relname IN ('transactions', 'changes')
+       AND p.relkind = 'p'
+     ORDER BY 1, 3 NULLS LAST, 2
+$fn$;
+
+-- The period slot [lo, lo + one period) that holds ts (in UTC).
+CREATE OR REPLACE FUNCTION @audit@.partition_slot(period text, ts timestamptz, OUT lo timestamptz, OUT hi timestamptz)
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' AS $fn$
+    SELECT date_trunc(period, ts),
+           date_trunc(period, ts) + CASE period WHEN 'day' THEN interval '1 day' WHEN 'week' THEN interval '1 week'
+                                            WHEN 'month' THEN interval '1 month' WHEN 'quarter' THEN interval '3 months'
+                                            ELSE interval '1 year' END
+$fn$;
+
+-- Create the partitions of the current period (or of every period from the one holding since)
+-- and of the configured number of periods ahead (partitioning.ahead, or ahead when given), and
+-- the DEFAULT partitions, for both tables; a
+-- period some partition already covers in part is left alone (partitions made by hand or by
+-- pg_partman are respected). Rows the DEFAULT partition holds for a new period are moved into it.
+-- Returns how many partitions it created (0 for plain tables). Run by the schema's owner, off the
+-- write path: by install, and then periodically (threadline partitions --create, or the Celery
+-- beat task threadline.maintain_partitions). Each partition is created under lock_timeout, so a
+-- long-running reader of a table makes it fail with lock_not_available, never wait for long.
+DROP FUNCTION IF EXISTS @audit@.create_partitions(integer);
+CREATE OR REPLACE FUNCTION @audit@.create_partitions(ahead integer DEFAULT NULL, since timestamptz DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' AS $fn$
+DECLARE
+    cfg @audit@.partitioning;
+    tbl text;
+    slot record;
+    at timestamptz;
+    upto timestamptz;
+    part text;
+    made integer := 0;
+BEGIN
+    SELECT * INTO cfg FROM @audit@.partitioning;
+    IF NOT FOUND OR (SELECT c.relkind FROM pg_class c WHERE c.oid = '@audit@.changes'::regclass) <> 'p' THEN
+        RETURN 0;
+    END IF;
+    IF ahead IS NOT NULL AND (ahead < 0 OR ahead > 120) THEN
+        RAISE EXCEPTION 'ahead must be from 0 to 120 periods, got %', ahead USING ERRCODE = '22023';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('threadline partitions @audit_name@'));
+    FOREACH tbl IN ARRAY ARRAY['transactions', 'changes'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM @audit@.partitions() p WHERE p.parent = tbl AND p.range_from IS NULL) THEN
+            EXECUTE format('CREATE TABLE @audit@.%I PARTITION OF @audit@.%I DEFAULT', tbl || '_default', tbl);
+            made := made + 1;
+        END IF;
+        at := least(now(), since);
+        upto := (@audit@.partition_slot(cfg.period, now())).lo;
+        FOR i IN 1 .. coalesce(ahead, cfg.ahead) LOOP
+            upto := (@audit@.partition_slot(cfg.period, upto)).hi;
+        END LOOP;
+        LOOP
+            slot := @audit@.partition_slot(cfg.period, at);
+            EXIT WHEN slot.lo > upto;
+            part := tbl || '_p' || to_char(slot.lo, 'YYYYMMDD');
+            IF NOT EXISTS (SELECT 1 FROM @audit@.partitions() p
+                            WHERE p.parent = tbl AND p.range_from < slot.hi AND p.range_to > slot.lo) THEN
+                EXECUTE format('CREATE TABLE @audit@.%I (LIKE @audit@.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                               part, tbl);
+                EXECUTE format('WITH moved AS (DELETE FROM @audit@.%I WHERE occurred_at >= $1 AND occurred_at < $2'
+                               ' RETURNING *) INSERT INTO @audit@.%I SELECT * FROM moved', tbl || '_default', part)
+                  USING slot.lo, slot.hi;
+                EXECUTE format('ALTER TABLE @audit@.%I ATTACH PARTITION @audit@.%I FOR VALUES FROM (%L) TO (%L)',
+                               tbl, part, slot.lo, slot.hi);
+                made := made + 1;
+            END IF;
+            at := slot.hi;
+        END LOOP;
+    END LOOP;
+    RETURN made;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.create_partitions(integer, timestamptz) FROM PUBLIC;
 
 
 -- Tracking: the registry of tracked tables and the one generator of capture code.
@@ -1460,6 +1583,7 @@ DECLARE
     key_defs text;
     last_row text;
     last jsonb;
+    parted boolean := (SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = '@audit@.changes'::regclass);
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size USING ERRCODE = '22023';
@@ -1502,7 +1626,7 @@ BEGIN
         RETURNING * INTO b;
         UPDATE @audit@.transactions AS t
            SET meta = coalesce(t.meta, '{}') || jsonb_build_object('baseline', format('%I.%I', live_schema, live_name))
-         WHERE t.id = b.transaction_id;
+         WHERE t.id = b.transaction_id AND t.occurred_at = now();
     END IF;
     present_mask := ARRAY(SELECT m FROM unnest(opts.mask) AS m
                            WHERE m IN (SELECT c.name FROM @audit@.table_columns(target) AS c)
@@ -1533,11 +1657,14 @@ BEGIN
     EXECUTE format(
         'WITH batch AS (SELECT %1$s AS pk, %2$s AS image, row_number() OVER (ORDER BY %4$s) AS n'
         '                 FROM %3$s AS "threadline row"%5$s ORDER BY %4$s LIMIT $1),'
-        ' recorded AS (INSERT INTO @audit@.changes (transaction_id, table_schema, table_name, op, pk, after)'
-        '              SELECT $2, $3, $4, ''snapshot'', batch.pk, batch.image FROM batch)'
+        ' recorded AS (INSERT INTO @audit@.changes (transaction_id, table_schema, table_name, op, pk, after%6$s)'
+        '              SELECT $2, $3, $4, ''snapshot'', batch.pk, batch.image%7$s FROM batch)'
         ' SELECT count(*)::integer, (array_agg(batch.pk ORDER BY batch.n DESC))[1] FROM batch',
         pk, image, target, key_list,
-        CASE WHEN b.last_key IS NULL THEN '' ELSE format(' WHERE (%s) > (%s)', key_list, last_row) END)
+        CASE WHEN b.last_key IS NULL THEN '' ELSE format(' WHERE (%s) > (%s)', key_list, last_row) END,
+        -- partitioned, the snapshots go to the partition of the baseline's transaction
+        CASE WHEN parted THEN ', occurred_at' ELSE '' END,
+        CASE WHEN parted THEN ', (SELECT t.occurred_at FROM @audit@.transactions t WHERE t.id = $2)' ELSE '' END)
       INTO batch_rows, last
       USING batch_size, b.transaction_id, live_schema, live_name;
     UPDATE @audit@.baselines AS x
@@ -1636,6 +1763,14 @@ CREATE OR REPLACE AGGREGATE @audit@.digest_chain(bytea) (
     SFUNC = @audit@.digest_step, STYPE = bytea, INITCOND = ''
 );
 
+-- The functions that read a transaction's changes find them by its id and, in a partitioned store,
+-- by its start time too, so that only its own partition is searched: their text is completed for
+-- the store's layout.
+DO $layout$
+DECLARE
+    parted boolean := (SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = '@audit@.changes'::regclass);
+BEGIN
+    EXECUTE replace(replace($def$
 -- The digest of one transaction row and its changes (format 1): every column, NULLs told apart
 -- from values, times in UTC, the changes' digests chained in id order. Independent of the
 -- session's settings, so seal and verify agree wherever they run.
@@ -1652,7 +1787,7 @@ AS $fn$
                      quote_nullable(c.op), quote_nullable(c.pk::text), quote_nullable(c.after::text),
                      quote_nullable(c.before::text), quote_nullable(c.changed_fields::text),
                      quote_nullable(c.captured_at::text)), 'UTF8')) ORDER BY c.id), 'hex')
-           FROM @audit@.changes c WHERE c.transaction_id = tx.id)), 'UTF8'))
+           FROM @audit@.changes c WHERE c.transaction_id = tx.id@same_start:tx@)), 'UTF8'))
 $fn$;
 
 -- The digests of the transactions after (after_xid, after_id) up to and including (upto_xid,
@@ -1661,7 +1796,7 @@ CREATE OR REPLACE FUNCTION @audit@.range_digests(after_xid xid8, after_id bigint
 RETURNS TABLE (id bigint, digest bytea, changes bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT t.id, @audit@.transaction_digest(t),
-           (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id)
+           (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id@same_start:t@)
       FROM @audit@.transactions t
      WHERE (after_xid IS NULL OR (t.xid, t.id) > (after_xid, after_id)) AND (t.xid, t.id) <= (upto_xid, upto_id)
      ORDER BY t.xid, t.id
@@ -1703,7 +1838,7 @@ BEGIN
      WHERE b.finished_at IS NULL AND b.ended_at IS NULL;
     WITH next AS (
         SELECT t.id, t.xid, @audit@.transaction_digest(t) AS d,
-               (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id) AS n
+               (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id@same_start:t@) AS n
           FROM @audit@.transactions t
          WHERE (prev.id IS NULL OR prev.last_xid IS NULL OR (t.xid, t.id) > (prev.last_xid, prev.last_id))
            AND t.xid < horizon AND (held IS NULL OR t.xid < held)
@@ -1724,6 +1859,10 @@ BEGIN
     RETURNING id, cardinality(ids), encode(hash, 'hex') INTO seal_id, sealed, head;
 END
 $fn$;
+$def$, '@same_start:tx@', CASE WHEN parted THEN ' AND c.occurred_at = tx.occurred_at' ELSE '' END),
+        '@same_start:t@', CASE WHEN parted THEN ' AND c.occurred_at = t.occurred_at' ELSE '' END);
+END
+$layout$;
 REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
 
 -- Tables tracked before version 7 (options recorded in their capture function's comment) enter
@@ -1765,5 +1904,7 @@ BEGIN
     END LOOP;
 END
 $adopt$;
+
+SELECT @audit@.create_partitions();
 
 INSERT INTO @audit@.schema_version (version) VALUES (7) ON CONFLICT DO NOTHING;

@@ -1,0 +1,314 @@
+"""The partitioned audit store on the real database: partitions made ahead and at the boundary,
+the DEFAULT partition, retention by dropping whole partitions while writers keep writing, and the
+seal chain across a dropped partition."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import threadline
+from threadline import ddl, partitions
+from threadline.errors import ConfigurationError
+from threadline.retention import purge
+from threadline.seal import seal, verify
+
+from .backends import ADMIN_DSN
+
+UTC = timezone.utc
+
+
+@pytest.fixture
+def store() -> Iterator[str]:
+    """DSN of a fresh database with a partitioned (monthly) audit store and a tracked table."""
+    name = f"threadline_parts_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ddl.install(conn)
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+            ddl.track(conn, "items")
+        yield dsn
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _month(at: datetime, months: int = 0) -> datetime:
+    y, m = divmod(at.year * 12 + at.month - 1 + months, 12)
+    return datetime(y, m + 1, 1, tzinfo=UTC)
+
+
+def _home(conn: psycopg.Connection[Any], table: str, at: datetime) -> str:
+    """The partition a row of ``table`` with start time ``at`` is routed to (as the owner)."""
+    with conn.transaction():
+        if table == "transactions":
+            row = conn.execute(
+                "INSERT INTO threadline.transactions (occurred_at) VALUES (%s) RETURNING tableoid::regclass::text",
+                [at],
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, occurred_at)"
+                " VALUES (0, 'public', 'x', 'insert', %s) RETURNING tableoid::regclass::text",
+                [at],
+            ).fetchone()
+        assert row is not None
+        home: str = row[0]
+        raise psycopg.Rollback()
+    return home
+
+
+def test_a_new_install_is_partitioned_monthly_with_partitions_ahead(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        assert partitions.is_partitioned(conn)
+        assert partitions.partition_settings(conn) == partitions.PartitionSettings("month", 3)
+        parts = partitions.partitions(conn)
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        for table in ("transactions", "changes"):
+            mine = [p for p in parts if p.table == table]
+            ranges = [(p.range_from, p.range_to) for p in mine if not p.is_default]
+            assert ranges == [(_month(now, i), _month(now, i + 1)) for i in range(4)]
+            assert [p.name for p in mine if p.is_default] == [f"{table}_default"]
+        with threadline.context(actor="user:1", correlation_id="req-1"), threadline.transaction(conn):
+            conn.execute("INSERT INTO items VALUES (1, 'a'), (2, 'b')")
+        homes = conn.execute(
+            "SELECT DISTINCT tableoid::regclass::text FROM threadline.transactions UNION ALL"
+            " SELECT DISTINCT tableoid::regclass::text FROM threadline.changes"
+        ).fetchall()
+        suffix = f"_p{_month(now):%Y%m%d}"
+        assert sorted(h for (h,) in homes) == [
+            f"threadline.changes{suffix}",
+            f"threadline.transactions{suffix}",
+        ]
+        # a transaction and its changes share the start time they are partitioned by
+        assert conn.execute(
+            "SELECT count(*) FROM threadline.changes c JOIN threadline.transactions t"
+            " ON t.id = c.transaction_id AND t.occurred_at = c.occurred_at"
+        ).fetchone() == (2,)
+        assert [
+            c.transaction and c.transaction.correlation_id for c in threadline.history(conn, "items", 1)
+        ] == ["req-1"]
+        # a second install changes nothing
+        assert not ddl.install(conn).changed
+        assert len(partitions.partitions(conn)) == len(parts)
+
+
+def test_midnight_on_the_first_belongs_to_the_new_month(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        first = _month(now, 1)
+        for table in ("transactions", "changes"):
+            assert _home(conn, table, first) == f"threadline.{table}_p{first:%Y%m%d}"
+            assert (
+                _home(conn, table, first - timedelta(microseconds=1))
+                == f"threadline.{table}_p{_month(now):%Y%m%d}"
+            )
+            # beyond the partitions made ahead: the DEFAULT partition, never an error
+            assert _home(conn, table, _month(now, 40)) == f"threadline.{table}_default"
+
+
+def test_the_default_partition_takes_what_no_partition_holds_until_one_is_made(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        later = _month(now, 6) + timedelta(days=3, hours=5)
+        with conn.transaction():
+            tx = conn.execute(
+                "INSERT INTO threadline.transactions (occurred_at) VALUES (%s) RETURNING id", [later]
+            ).fetchone()[0]  # type: ignore[index]
+            conn.execute(
+                "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, occurred_at)"
+                " VALUES (%s, 'public', 'items', 'insert', '{\"id\": 9}', %s)",
+                [tx, later],
+            )
+        assert [p.rows for p in partitions.partitions(conn) if p.is_default] == [1, 1]
+        made = partitions.create_partitions(conn, ahead=7)
+        assert made == 8  # months 4 to 7 ahead, for both tables
+        assert [p.rows for p in partitions.partitions(conn) if p.is_default] == [0, 0]
+        home = conn.execute(
+            "SELECT c.tableoid::regclass::text, t.tableoid::regclass::text FROM threadline.changes c"
+            " JOIN threadline.transactions t ON t.id = c.transaction_id WHERE t.id = %s",
+            [tx],
+        ).fetchone()
+        assert home == (
+            f"threadline.changes_p{_month(later):%Y%m%d}",
+            f"threadline.transactions_p{_month(later):%Y%m%d}",
+        )
+        assert partitions.create_partitions(conn, ahead=7) == 0  # idempotent
+        with pytest.raises(ConfigurationError, match="ahead must be"):
+            partitions.create_partitions(conn, ahead=-1)
+        with pytest.raises(ConfigurationError, match="aware"):
+            partitions.create_partitions(conn, since=datetime(2020, 1, 1))
+
+
+def _fill_past_months(conn: psycopg.Connection[Any], months: int, per_month: int) -> datetime:
+    """Capture ``per_month`` transactions per month for ``months`` months back (their start and
+    capture times moved into the past), each in that month's own partition; returns the
+    first month of the current period."""
+    now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    key = 1000
+    for back in range(months, 0, -1):
+        for i in range(per_month):
+            key += 1
+            with (
+                threadline.context(actor=f"user:{back}", correlation_id=f"m{back}-{i}"),
+                threadline.transaction(conn),
+            ):
+                conn.execute("INSERT INTO items VALUES (%s, 'x')", [key])
+                conn.execute("UPDATE items SET v = 'y' WHERE id = %s", [key])
+            shift = now - (_month(now, -back) + timedelta(days=2, hours=i % 20))
+            conn.execute(
+                "UPDATE threadline.changes SET captured_at = captured_at - %(s)s, occurred_at = occurred_at - %(s)s"
+                " WHERE transaction_id = (SELECT max(id) FROM threadline.transactions)",
+                {"s": shift},
+            )
+            conn.execute(
+                "UPDATE threadline.transactions SET occurred_at = occurred_at - %(s)s"
+                " WHERE id = (SELECT max(id) FROM threadline.transactions)",
+                {"s": shift},
+            )
+    partitions.create_partitions(conn, since=_month(now, -months))
+    return _month(now)
+
+
+def test_purge_drops_whole_partitions_and_deletes_only_at_the_edge(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        this_month = _fill_past_months(conn, months=4, per_month=5)
+        assert [p.rows for p in partitions.partitions(conn) if p.is_default] == [0, 0]
+        seal(conn, batch_size=3)
+        # the cut-off falls inside the month two back: the two months before it go whole
+        cutoff = _month(this_month, -2) + timedelta(days=2, hours=2, minutes=30)
+        dry = purge(conn, cutoff, dry_run=True)
+        # two months whole (10 transactions) and 3 transactions of the edge month
+        assert (dry.partitions, dry.changes, dry.transactions) == (2, 26, 13)
+        result = purge(conn, cutoff, batch_size=2)
+        assert (result.partitions, result.changes, result.transactions) == (2, 26, 13)
+        names = {p.name for p in partitions.partitions(conn)}
+        for back in (3, 4):
+            assert f"changes_p{_month(this_month, -back):%Y%m%d}" not in names
+            assert f"transactions_p{_month(this_month, -back):%Y%m%d}" not in names
+        assert f"changes_p{_month(this_month, -2):%Y%m%d}" in names
+        left = conn.execute("SELECT count(*), min(occurred_at) FROM threadline.transactions").fetchone()
+        assert left is not None and left[0] == 7 and left[1] >= cutoff
+        checked = verify(conn)
+        assert checked.ok, checked.problems
+        assert checked.purged == 13
+        # the rest of the trail reads as before
+        page = threadline.timeline(conn, table="items", limit=100)
+        assert len(page.changes) == 14 and all(c.transaction is not None for c in page.changes)
+
+
+def test_purge_by_partition_while_writers_keep_writing(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        this_month = _fill_past_months(conn, months=3, per_month=3)
+        seal(conn)
+    stop = threading.Event()
+    written: list[int] = []
+    waits: list[float] = []
+    errors: list[BaseException] = []
+
+    def writer(offset: int) -> None:
+        try:
+            with psycopg.connect(store, autocommit=True) as w:
+                key = offset
+                while not stop.is_set():
+                    key += 1
+                    t0 = time.monotonic()
+                    with (
+                        threadline.context(actor="user:w", correlation_id=f"w{key}"),
+                        threadline.transaction(w),
+                    ):
+                        w.execute("INSERT INTO items VALUES (%s, 'w')", [key])
+                    waits.append(time.monotonic() - t0)
+                    written.append(key)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n * 1_000_000,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        with psycopg.connect(store, autocommit=True) as conn:
+            result = purge(conn, _month(this_month, -1))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert result.partitions == 2 and result.changes == 12
+    with psycopg.connect(store, autocommit=True) as conn:
+        captured = conn.execute(
+            "SELECT count(*) FROM threadline.changes WHERE table_name = 'items' AND op = 'insert'"
+            " AND (pk ->> 'id')::int > 1000000"
+        ).fetchone()
+        assert captured == (len(written),) and len(written) > 10
+        # no write waited longer than the drop's lock timeout allows, with room for a slow machine
+        assert max(waits) < 5.0
+        assert verify(conn).ok
+
+
+def test_a_busy_partition_is_retried_under_lock_timeout(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        this_month = _fill_past_months(conn, months=2, per_month=2)
+    old = f"threadline.changes_p{_month(this_month, -2):%Y%m%d}"
+    with psycopg.connect(store) as reader:
+        reader.execute(f"SELECT count(*) FROM {old}")  # holds ACCESS SHARE until it ends
+        timer = threading.Timer(1.5, reader.rollback)
+        timer.start()
+        with psycopg.connect(store, autocommit=True) as conn:
+            t0 = time.monotonic()
+            result = purge(conn, _month(this_month, -1))
+            took = time.monotonic() - t0
+        timer.join()
+    assert result.partitions == 1 and took >= 1.0
+
+
+def test_a_plain_store_purges_in_batches(store: str) -> None:
+    name = f"threadline_plain_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ddl.install(conn, partition_by=None)
+            assert not partitions.is_partitioned(conn)
+            assert partitions.partition_settings(conn) is None
+            assert partitions.partitions(conn) == []
+            assert partitions.create_partitions(conn) == 0
+            with pytest.raises(ConfigurationError, match="not partitioned"):
+                partitions.set_partitions_ahead(conn, 6)
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+            ddl.track(conn, "items")
+            conn.execute("INSERT INTO items VALUES (1)")
+            conn.execute("UPDATE threadline.changes SET captured_at = captured_at - interval '100 days'")
+            conn.execute("UPDATE threadline.transactions SET occurred_at = occurred_at - interval '100 days'")
+            result = purge(conn, "90d")
+            assert (result.partitions, result.changes, result.transactions) == (0, 1, 1)
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_settings_persist_and_are_checked(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        partitions.set_partitions_ahead(conn, 6)
+        assert partitions.partition_settings(conn) == partitions.PartitionSettings("month", 6)
+        assert partitions.create_partitions(conn) == 6
+        ddl.install(conn)  # reinstalling keeps the setting
+        assert partitions.partition_settings(conn) == partitions.PartitionSettings("month", 6)
+        with pytest.raises(ConfigurationError, match="ahead must be"):
+            partitions.set_partitions_ahead(conn, 0)
+    with pytest.raises(threadline.errors.SchemaError, match="partition_by must be one of"):
+        ddl.install_sql(partition_by="fortnight")
