@@ -4,6 +4,10 @@ seal chain across a dropped partition."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +21,9 @@ from psycopg import sql
 
 import threadline
 from threadline import ddl, partitions
+from threadline.erasure import erase
 from threadline.errors import ConfigurationError
+from threadline.partition_migration import MigrationError, migrate_to_partitioned, migration_in_progress
 from threadline.retention import purge
 from threadline.seal import seal, verify
 
@@ -26,22 +32,32 @@ from .backends import ADMIN_DSN
 UTC = timezone.utc
 
 
-@pytest.fixture
-def store() -> Iterator[str]:
-    """DSN of a fresh database with a partitioned (monthly) audit store and a tracked table."""
+def _database(partition_by: str | None) -> Iterator[str]:
     name = f"threadline_parts_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            ddl.install(conn)
+            ddl.install(conn, partition_by=partition_by)
             conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
             ddl.track(conn, "items")
         yield dsn
     finally:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def store() -> Iterator[str]:
+    """DSN of a fresh database with a partitioned (monthly) audit store and a tracked table."""
+    yield from _database("month")
+
+
+@pytest.fixture
+def plain() -> Iterator[str]:
+    """DSN of a fresh database with a plain (unpartitioned) audit store and a tracked table."""
+    yield from _database(None)
 
 
 def _month(at: datetime, months: int = 0) -> datetime:
@@ -167,8 +183,9 @@ def _fill_past_months(conn: psycopg.Connection[Any], months: int, per_month: int
                 conn.execute("INSERT INTO items VALUES (%s, 'x')", [key])
                 conn.execute("UPDATE items SET v = 'y' WHERE id = %s", [key])
             shift = now - (_month(now, -back) + timedelta(days=2, hours=i % 20))
+            start = ", occurred_at = occurred_at - %(s)s" if partitions.is_partitioned(conn) else ""
             conn.execute(
-                "UPDATE threadline.changes SET captured_at = captured_at - %(s)s, occurred_at = occurred_at - %(s)s"
+                f"UPDATE threadline.changes SET captured_at = captured_at - %(s)s{start}"
                 " WHERE transaction_id = (SELECT max(id) FROM threadline.transactions)",
                 {"s": shift},
             )
@@ -312,3 +329,145 @@ def test_settings_persist_and_are_checked(store: str) -> None:
             partitions.set_partitions_ahead(conn, 0)
     with pytest.raises(threadline.errors.SchemaError, match="partition_by must be one of"):
         ddl.install_sql(partition_by="fortnight")
+
+
+def _consistent(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """(transactions, changes) after checking every change shares its transaction's start time."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM threadline.transactions), (SELECT count(*) FROM threadline.changes),"
+        " (SELECT count(*) FROM threadline.changes c JOIN threadline.transactions t"
+        "   ON t.id = c.transaction_id AND t.occurred_at = c.occurred_at)"
+    ).fetchone()
+    assert row is not None and row[1] == row[2], row
+    return row[0], row[1]
+
+
+def test_a_plain_store_moves_to_partitions_online_and_resumes(plain: str) -> None:
+    role = f"tl_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        ddl.schema.grant_app_role(conn, role)
+        _fill_past_months(conn, months=5, per_month=40)
+        head = seal(conn, batch_size=50).head
+        before = conn.execute(
+            "SELECT (SELECT count(*) FROM threadline.transactions), (SELECT count(*) FROM threadline.changes),"
+            " (SELECT max(id) FROM threadline.transactions)"
+        ).fetchone()
+        assert before is not None
+    # started from the command line with tiny batches, and killed part way through the copy
+    env = {k: v for k, v in os.environ.items() if k not in ("THREADLINE_DSN", "DATABASE_URL")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "threadline.cli", "partitions", "--migrate", "--batch-size", "3"],
+        env={**env, "THREADLINE_DSN": plain},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    copied = 0
+    with psycopg.connect(plain, autocommit=True) as conn:
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if migration_in_progress(conn):
+                    row = conn.execute("SELECT count(*) FROM threadline.changes_partitioned").fetchone()
+                    copied = row[0] if row else 0
+                    if copied >= 30:
+                        break
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL and 30 <= copied < before[1]
+        assert migration_in_progress(conn) and not partitions.is_partitioned(conn)
+        # meanwhile the old tables are the store: writes are captured, reads answer
+        with threadline.context(actor="user:7", correlation_id="during"), threadline.transaction(conn):
+            conn.execute("INSERT INTO items VALUES (1, 'during')")
+        assert [c.op for c in threadline.history(conn, "items", 1)] == ["insert"]
+        # and what would rewrite rows behind the copy is refused
+        with pytest.raises(MigrationError, match="being moved"):
+            purge(conn, "30d")
+        with pytest.raises(MigrationError, match="being moved"):
+            erase(conn, actor="user:7", reason="test")
+        with pytest.raises(MigrationError, match="being moved"):
+            threadline.take_baseline(conn, "items")
+
+    # resumed, while the application keeps writing
+    stop = threading.Event()
+    written: list[int] = []
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with psycopg.connect(plain, autocommit=True) as w:
+                key = 100_000
+                while not stop.is_set():
+                    key += 1
+                    with (
+                        threadline.context(actor="user:w", correlation_id=f"w{key}"),
+                        threadline.transaction(w),
+                    ):
+                        w.execute("INSERT INTO items VALUES (%s, 'w')", [key])
+                    written.append(key)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            result = migrate_to_partitioned(conn, batch_size=25)
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures
+    assert result.partitions > 10 and result.switch_seconds < 5 and not result.kept_old
+    with psycopg.connect(plain, autocommit=True) as conn:
+        assert partitions.is_partitioned(conn) and not migration_in_progress(conn)
+        n_tx, n_changes = _consistent(conn)
+        assert n_tx == before[0] + 1 + len(written)
+        assert n_changes == before[1] + 1 + len(written)
+        assert conn.execute(
+            "SELECT count(*) FROM threadline.changes WHERE table_name = 'items' AND (pk ->> 'id')::int > 100000"
+        ).fetchone() == (len(written),)
+        # every month in its own partition, nothing in the DEFAULT partitions
+        assert [p.rows for p in partitions.partitions(conn) if p.is_default] == [0, 0]
+        homes = conn.execute(
+            "SELECT count(DISTINCT tableoid) FROM threadline.transactions WHERE occurred_at < date_trunc('month', now())"
+        ).fetchone()
+        assert homes == (5,)
+        # the seal chain still holds: digests do not depend on the layout
+        checked = verify(conn, expect_head=head)
+        assert checked.ok and checked.transactions == before[0], checked.problems
+        # new writes continue the ids and land in this month's partition
+        with threadline.context(actor="user:8", correlation_id="after"), threadline.transaction(conn):
+            conn.execute("UPDATE items SET v = 'after' WHERE id = 1")
+        row = conn.execute(
+            "SELECT id, tableoid::regclass::text FROM threadline.transactions WHERE correlation_id = 'after'"
+        ).fetchone()
+        assert (
+            row is not None
+            and row[0] > before[2] + len(written)
+            and row[1].startswith("threadline.transactions_p")
+        )
+        assert [
+            c.transaction and c.transaction.correlation_id for c in threadline.history(conn, "items", 1)
+        ] == [
+            "after",
+            "during",
+        ]
+        assert threadline.trace(conn, "during").change_count == 1
+        # the old tables are gone; the application role reads, and still cannot write
+        assert conn.execute("SELECT to_regclass('threadline.transactions_plain')").fetchone() == (None,)
+        privileges = conn.execute(
+            "SELECT has_table_privilege(%(r)s, 'threadline.transactions', 'SELECT'),"
+            " has_table_privilege(%(r)s, 'threadline.changes', 'SELECT'),"
+            " has_table_privilege(%(r)s, 'threadline.changes', 'INSERT'),"
+            " has_table_privilege(%(r)s, 'threadline.transactions', 'UPDATE')",
+            {"r": role},
+        ).fetchone()
+        assert privileges == (True, True, False, False)
+        with pytest.raises(MigrationError, match="already partitioned"):
+            migrate_to_partitioned(conn)
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

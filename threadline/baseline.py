@@ -27,6 +27,7 @@ from psycopg import pq, sql
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.triggers import parse_table_name
 from threadline.errors import ConfigurationError, TrackingError
+from threadline.partition_migration import refuse_during_migration
 from threadline.propagation.psycopg import transaction
 
 __all__ = ["Baseline", "BaselineProgress", "baseline_sql", "baselines", "take_baseline"]
@@ -137,6 +138,7 @@ def take_baseline(
     while True:
         try:
             with transaction(conn):
+                refuse_during_migration(conn, audit_schema, "a baseline")
                 row = conn.execute(statement, [oid, oid, batch_size]).fetchone()
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             raise TrackingError(_message(exc)) from None

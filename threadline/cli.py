@@ -23,6 +23,7 @@ from threadline.cli_connect import F, connect, dsn_option, parse_key, when_optio
 from threadline.cli_demo import demo
 from threadline.cli_help import ALL_EXAMPLES, audit_schema_option, examples
 from threadline.cli_ops import coverage, purge
+from threadline.cli_partitions import partitions
 from threadline.cli_story import (
     actor_option,
     as_of,
@@ -83,13 +84,33 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
     show_default=True,
     help="With --print-sql: the pinned schema version to print (its SQL never changes).",
 )
+@click.option(
+    "--partition-by",
+    type=click.Choice([*ddl_schema.PARTITION_PERIODS, "none"]),
+    default=ddl_schema.DEFAULT_PARTITION_BY,
+    show_default=True,
+    help="A new install's audit tables are range-partitioned by this period (none: plain tables).",
+)
 def install(
-    dsn: str | None, audit_schema: str, print_sql: bool, app_role: str | None = None, version: int = 0
+    dsn: str | None,
+    audit_schema: str,
+    print_sql: bool,
+    app_role: str | None = None,
+    version: int = 0,
+    partition_by: str = ddl_schema.DEFAULT_PARTITION_BY,
 ) -> None:
-    """Create or upgrade the audit schema (idempotent)."""
+    """Create or upgrade the audit schema (idempotent).
+
+    A new install is partitioned by month unless --partition-by says otherwise; an existing one
+    keeps its layout (`threadline partitions --migrate` partitions a plain one online).
+    """
+    period = None if partition_by == "none" else partition_by
     if print_sql:
         try:
-            click.echo(ddl_schema.install_sql(audit_schema, app_role=app_role, version=version), nl=False)
+            click.echo(
+                ddl_schema.install_sql(audit_schema, app_role=app_role, version=version, partition_by=period),
+                nl=False,
+            )
         except SchemaError as exc:
             raise click.UsageError(str(exc)) from exc
         return
@@ -98,7 +119,7 @@ def install(
     except SchemaError as exc:
         raise click.UsageError(str(exc)) from exc
     with connect(dsn) as conn:
-        result = ddl_schema.install(conn, audit_schema, app_role=app_role)
+        result = ddl_schema.install(conn, audit_schema, app_role=app_role, partition_by=period)
     if not result.changed:
         click.echo(f"schema {audit_schema} is up to date (version {result.version})")
     elif result.previous_version is None:
@@ -710,6 +731,7 @@ cli.add_command(revert)
 cli.add_command(seal)
 cli.add_command(verify)
 cli.add_command(erase)
+cli.add_command(partitions)
 cli.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,7 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
         "threadline install --dsn postgresql://app@localhost/app",
         "threadline install --app-role app_user",
         "threadline install --print-sql > migrations/0001_threadline.sql",
+        "threadline install --partition-by week",
     ),
     "track": (
         "threadline track public.orders --mask card_number --exclude search_vector",
@@ -55,6 +56,11 @@ COMMAND_EXAMPLES: dict[str, tuple[str, ...]] = {
         "threadline revert --task 5f1e9c2a-7b3d-4e8f-a1c6-9d2b3e4f5a60 --overwrite",
     ),
     "seal": ("threadline seal", "threadline seal --batch-size 5000 --log"),
+    "partitions": (
+        "threadline partitions --json",
+        "threadline partitions --create --ahead 6",
+        "threadline partitions --migrate --batch-size 50000",
+    ),
     "verify": ("threadline verify --json", "threadline verify --expect-head 9f2c...e41a"),
     "erase": (
         "threadline erase --subject user:42 --policy pseudonymise --reason 'GDPR request 2024-117'",

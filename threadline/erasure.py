@@ -45,6 +45,7 @@ from threadline.actor import ActorRef
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.errors import ConfigurationError, InvalidFilter
 from threadline.fields import check_actor
+from threadline.partition_migration import refuse_during_migration
 from threadline.propagation.psycopg import transaction
 from threadline.query import normalize_key, resolve_table
 from threadline.records import exact_json
@@ -165,6 +166,8 @@ def erase(
         cur = conn.cursor(row_factory=dict_row)
         # one writer of the seal chain at a time (seal() and purge take the same lock)
         lock_chain(cur, audit_schema)
+        # a move to partitions copies rows behind it: an erasure now could miss the copies
+        refuse_during_migration(conn, audit_schema, "erasure")
         if actor is not None:
             ref = check_actor(actor)
             assert ref is not None

@@ -36,6 +36,7 @@ from threadline.ddl.schema import require_installed
 from threadline.ddl.triggers import parse_table_name
 from threadline.errors import RetentionError, TrackingError
 from threadline.observability import emit
+from threadline.partition_migration import refuse_during_migration
 from threadline.partition_purge import drop_periods, droppable_periods
 from threadline.partitions import is_partitioned
 from threadline.seal import append_link, lock_chain
@@ -168,6 +169,8 @@ def purge(
     started = time.monotonic()
     try:
         require_installed(conn, audit_schema)
+        if not dry_run:
+            refuse_during_migration(conn, audit_schema, "purge")
         cutoff = _cutoff(conn, older_than)
         target = _table_filter(conn, table)
         partitioned = is_partitioned(conn, audit_schema)
@@ -301,6 +304,7 @@ def purge(
                 cur = conn.cursor()
                 if sealed:
                     lock_chain(cur, audit_schema)  # no seal may read what this batch deletes
+                refuse_during_migration(conn, audit_schema, "purge")
                 row = cur.execute(
                     statement, {**params, "after_tx": after_tx, "after": after, "n": batch_size}
                 ).fetchone()

@@ -151,6 +151,15 @@ def install_sql(
     )
 
 
+def layout_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
+    """The part of the install script that depends on the audit tables' layout (plain or
+    partitioned): what a store that moved to partitions runs again. It takes no lock on any
+    application table."""
+    text = install_sql(audit_schema)
+    start = text.index("-- @layout:")
+    return text[start : text.index("-- @layout end", start)]
+
+
 _UNINSTALL = """\
 -- remove the audit schema {schema}: refused while it holds audit rows
 DO $uninstall$

@@ -419,10 +419,6 @@ BEGIN
 END
 $fn$;
 
-DROP TRIGGER IF EXISTS refresh_context ON @audit@.transactions;
-CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON @audit@.transactions
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-    EXECUTE FUNCTION @audit@.refresh_transaction_context();
 
 
 -- Partitions. The partitions of a partitioned store: each table's ranges (FROM/TO; MINVALUE and
@@ -1763,6 +1759,12 @@ CREATE OR REPLACE AGGREGATE @audit@.digest_chain(bytea) (
     SFUNC = @audit@.digest_step, STYPE = bytea, INITCOND = ''
 );
 
+-- @layout: what depends on the tables' layout, applied again when a store moves to partitions.
+DROP TRIGGER IF EXISTS refresh_context ON @audit@.transactions;
+CREATE CONSTRAINT TRIGGER refresh_context AFTER INSERT ON @audit@.transactions
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    EXECUTE FUNCTION @audit@.refresh_transaction_context();
+
 -- The functions that read a transaction's changes find them by its id and, in a partitioned store,
 -- by its start time too, so that only its own partition is searched: their text is completed for
 -- the store's layout.
@@ -1864,6 +1866,7 @@ $def$, '@same_start:tx@', CASE WHEN parted THEN ' AND c.occurred_at = tx.occurre
 END
 $layout$;
 REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
+-- @layout end
 
 -- Tables tracked before version 7 (options recorded in their capture function's comment) enter
 -- the registry; then every tracked table gets this release's capture code.
