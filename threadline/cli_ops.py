@@ -124,11 +124,14 @@ def purge(
         click.echo(
             f"dry run: would purge {result.changes} changes, {result.transactions} "
             f"transactions and {result.task_runs} task runs from before {when}"
+            + (f" ({result.partitions} partition period(s) dropped whole)" if result.partitions else "")
         )
         return
     click.echo(
         f"purged {result.changes} changes, {result.transactions} transactions and {result.task_runs} "
-        f"task runs from before {when} in {result.batches} batches ({result.seconds:.1f} s)"
+        f"task runs from before {when} in {result.batches} batches"
+        + (f" and {result.partitions} partition period(s) dropped whole" if result.partitions else "")
+        + f" ({result.seconds:.1f} s)"
     )
     if not result.complete:
         click.echo("stopped at --max-batches: run the command again to continue")

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import errors, pq, sql
 
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
-from threadline.ddl.schema import PARTITION_PERIODS, require_installed
+from threadline.ddl.schema import require_installed
 from threadline.errors import ConfigurationError
 
 __all__ = [
@@ -203,9 +203,3 @@ def create_partitions(
             time.sleep(min(0.2 * 2**attempt, 5.0))
     raise AssertionError("unreachable")
 
-
-def check_period(period: str) -> str:
-    """``period`` if it is one a store can be partitioned by."""
-    if period not in PARTITION_PERIODS:
-        raise ConfigurationError(f"period must be one of {', '.join(PARTITION_PERIODS)}, not {period!r}")
-    return period

@@ -1,4 +1,5 @@
-"""Retention: delete audit rows older than a cut-off, in small batches.
+"""Retention: delete audit rows older than a cut-off, in small batches (or, in a partitioned
+store, whole partitions first).
 
 :func:`purge` deletes old ``changes`` rows in batches of ``batch_size``, each batch its own
 short transaction (row locks on audit rows only, never a table lock), then the ``transactions``
@@ -40,6 +41,8 @@ from threadline.partition_migration import refuse_during_migration
 from threadline.partition_purge import drop_periods, droppable_periods
 from threadline.partitions import is_partitioned
 from threadline.seal import append_link, lock_chain
+
+__all__ = ["PurgeResult", "parse_age", "purge"]
 
 logger = logging.getLogger("threadline.retention")
 
@@ -149,6 +152,11 @@ def purge(
     limits the purge to that table's changes (transactions still holding other tables' changes
     stay). ``dry_run`` only counts. ``max_batches`` bounds the work of one call; ``pause`` sleeps
     that many seconds between batches to leave room for the application's traffic.
+
+    In a partitioned store (and without ``table``), the periods that lie wholly before the
+    cut-off are dropped first, a period's two partitions in one short transaction
+    (:mod:`threadline.partition_purge`); only the period the cut-off falls in is deleted in
+    batches. ``PurgeResult.partitions`` counts the periods dropped.
     """
     check_schema_name(audit_schema)
     if (
