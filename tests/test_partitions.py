@@ -102,7 +102,7 @@ def test_a_new_install_is_partitioned_monthly_with_partitions_ahead(store: str) 
             "SELECT DISTINCT tableoid::regclass::text FROM threadline.transactions UNION ALL"
             " SELECT DISTINCT tableoid::regclass::text FROM threadline.changes"
         ).fetchall()
-        suffix = f"_p{_month(now):%Y%m%d}"
+        suffix = f"_p{_month(now):%Y_%m}"
         assert sorted(h for (h,) in homes) == [
             f"threadline.changes{suffix}",
             f"threadline.transactions{suffix}",
@@ -125,10 +125,10 @@ def test_midnight_on_the_first_belongs_to_the_new_month(store: str) -> None:
         now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         first = _month(now, 1)
         for table in ("transactions", "changes"):
-            assert _home(conn, table, first) == f"threadline.{table}_p{first:%Y%m%d}"
+            assert _home(conn, table, first) == f"threadline.{table}_p{first:%Y_%m}"
             assert (
                 _home(conn, table, first - timedelta(microseconds=1))
-                == f"threadline.{table}_p{_month(now):%Y%m%d}"
+                == f"threadline.{table}_p{_month(now):%Y_%m}"
             )
             # beyond the partitions made ahead: the DEFAULT partition, never an error
             assert _home(conn, table, _month(now, 40)) == f"threadline.{table}_default"
@@ -157,8 +157,8 @@ def test_the_default_partition_takes_what_no_partition_holds_until_one_is_made(s
             [tx],
         ).fetchone()
         assert home == (
-            f"threadline.changes_p{_month(later):%Y%m%d}",
-            f"threadline.transactions_p{_month(later):%Y%m%d}",
+            f"threadline.changes_p{_month(later):%Y_%m}",
+            f"threadline.transactions_p{_month(later):%Y_%m}",
         )
         assert partitions.create_partitions(conn, ahead=7) == 0  # idempotent
         with pytest.raises(ConfigurationError, match="ahead must be"):
@@ -212,9 +212,9 @@ def test_purge_drops_whole_partitions_and_deletes_only_at_the_edge(store: str) -
         assert (result.partitions, result.changes, result.transactions) == (2, 26, 13)
         names = {p.name for p in partitions.partitions(conn)}
         for back in (3, 4):
-            assert f"changes_p{_month(this_month, -back):%Y%m%d}" not in names
-            assert f"transactions_p{_month(this_month, -back):%Y%m%d}" not in names
-        assert f"changes_p{_month(this_month, -2):%Y%m%d}" in names
+            assert f"changes_p{_month(this_month, -back):%Y_%m}" not in names
+            assert f"transactions_p{_month(this_month, -back):%Y_%m}" not in names
+        assert f"changes_p{_month(this_month, -2):%Y_%m}" in names
         left = conn.execute("SELECT count(*), min(occurred_at) FROM threadline.transactions").fetchone()
         assert left is not None and left[0] == 7 and left[1] >= cutoff
         checked = verify(conn)
@@ -279,7 +279,7 @@ def test_purge_by_partition_while_writers_keep_writing(store: str) -> None:
 def test_a_busy_partition_is_retried_under_lock_timeout(store: str) -> None:
     with psycopg.connect(store, autocommit=True) as conn:
         this_month = _fill_past_months(conn, months=2, per_month=2)
-    old = f"threadline.changes_p{_month(this_month, -2):%Y%m%d}"
+    old = f"threadline.changes_p{_month(this_month, -2):%Y_%m}"
     with psycopg.connect(store) as reader:
         reader.execute(f"SELECT count(*) FROM {old}")  # holds ACCESS SHARE until it ends
         timer = threading.Timer(1.5, reader.rollback)
@@ -471,3 +471,51 @@ def test_a_plain_store_moves_to_partitions_online_and_resumes(plain: str) -> Non
             migrate_to_partitioned(conn)
         conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_pg_partman_can_take_the_partitions_over(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        available = conn.execute(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_partman'"
+        ).fetchone()
+        if available != (1,):
+            pytest.skip("pg_partman is not installed on this server (apt-get install postgresql-15-partman)")
+        conn.execute("CREATE SCHEMA partman")
+        conn.execute("CREATE EXTENSION pg_partman SCHEMA partman")
+        version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_partman'").fetchone()
+        assert version is not None
+        mine = {p.name for p in partitions.partitions(conn)}
+        # the documented hand-over: pg_partman brings its own DEFAULT partition
+        with conn.transaction():
+            for table in ("transactions", "changes"):
+                conn.execute(
+                    sql.SQL("DROP TABLE {}").format(sql.Identifier("threadline", f"{table}_default"))
+                )
+                if version[0].startswith("4."):
+                    conn.execute(
+                        "SELECT partman.create_parent(%s, 'occurred_at', 'native', 'monthly', p_premake := 6)",
+                        [f"threadline.{table}"],
+                    )
+                else:
+                    conn.execute(
+                        "SELECT partman.create_parent(%s, 'occurred_at', '1 month', p_premake := 6)",
+                        [f"threadline.{table}"],
+                    )
+        conn.execute("CALL partman.run_maintenance_proc()")
+        after = partitions.partitions(conn)
+        names = {p.name for p in after}
+        assert mine <= names and len(names) > len(mine)  # threadline's partitions kept, pg_partman's added
+        assert sum(1 for p in after if p.is_default) == 2
+        # threadline's own job leaves pg_partman's periods alone and fills in beyond them
+        made = partitions.create_partitions(conn, ahead=9)
+        assert made == 6  # months 7 to 9 ahead, both tables
+        assert conn.execute(
+            "SELECT count(*) FROM threadline.partitions() a JOIN threadline.partitions() b"
+            " ON a.parent = b.parent AND a.partition < b.partition"
+            " AND a.range_from < b.range_to AND b.range_from < a.range_to"
+        ).fetchone() == (0,)
+        with threadline.context(actor="user:1", correlation_id="partman"), threadline.transaction(conn):
+            conn.execute("INSERT INTO items VALUES (1, 'a')")
+        assert [
+            c.transaction and c.transaction.correlation_id for c in threadline.history(conn, "items", 1)
+        ] == ["partman"]

@@ -144,9 +144,13 @@ def _prepare(conn: psycopg.Connection[Any], audit_schema: str, period: str, ahea
         for table in TABLES:
             parent = _ident(audit_schema, table + SUFFIX)
             for lo, hi in slots:
+                named = conn.execute(
+                    sql.SQL("SELECT {}.partition_name(%s, %s, %s)").format(a), [table, period, lo]
+                ).fetchone()
+                assert named is not None
                 conn.execute(
                     sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-                        _ident(audit_schema, f"{table}_p{lo:%Y%m%d}"),
+                        _ident(audit_schema, named[0]),
                         parent,
                         sql.Literal(lo),
                         sql.Literal(hi),

@@ -449,6 +449,15 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC
                                             ELSE interval '1 year' END
 $fn$;
 
+-- The name of a table's partition for the period starting at lo: the table's name, '_p' and the
+-- period as pg_partman (version 4) names it, so that pg_partman can manage these partitions.
+CREATE OR REPLACE FUNCTION @audit@.partition_name(parent text, period text, lo timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' AS $fn$
+    SELECT parent || '_p' || to_char(lo, CASE period WHEN 'day' THEN 'YYYY_MM_DD' WHEN 'week' THEN 'IYYY"w"IW'
+                                                     WHEN 'month' THEN 'YYYY_MM' WHEN 'quarter' THEN 'YYYY"q"Q'
+                                                     ELSE 'YYYY' END)
+$fn$;
+
 -- Create the partitions of the current period (or of every period from the one holding since)
 -- and of the configured number of periods ahead (partitioning.ahead, or ahead when given), and
 -- the DEFAULT partitions, for both tables; a
@@ -492,7 +501,7 @@ BEGIN
         LOOP
             slot := @audit@.partition_slot(cfg.period, at);
             EXIT WHEN slot.lo > upto;
-            part := tbl || '_p' || to_char(slot.lo, 'YYYYMMDD');
+            part := @audit@.partition_name(tbl, cfg.period, slot.lo);
             IF NOT EXISTS (SELECT 1 FROM @audit@.partitions() p
                             WHERE p.parent = tbl AND p.range_from < slot.hi AND p.range_to > slot.lo) THEN
                 EXECUTE format('CREATE TABLE @audit@.%I (LIKE @audit@.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
