@@ -1,173 +1,103 @@
-"""Partitioning benchmark: what a time-partitioned audit store costs and saves, against the
-current (unpartitioned) one, in one run.
+"""Partitioning benchmark: threadline's two audit-store layouts side by side, in one run.
 
-Run with ``python bench/partitioning.py``. Builds two scratch databases: one with the audit
-schema as installed, one where ``changes`` is range-partitioned by ``captured_at`` and
-``transactions`` by ``occurred_at`` (same columns, defaults and indexes; primary keys widened to
-``(transaction_id, id, captured_at)`` and ``(id, occurred_at)``), monthly, 24 partitions from 12
-months back plus a DEFAULT partition. Then it measures, printing Markdown:
+Run with ``python bench/partitioning.py``. Builds two scratch databases (``bench/_db.py``): store
+"plain", installed with ``ddl.install(conn, partition_by=None)`` (unpartitioned ``transactions``
+and ``changes``), and store "partitioned", installed with ``ddl.install(conn)`` (the default:
+both tables range-partitioned monthly by the transaction's start time ``occurred_at``, a DEFAULT
+partition each) and then ``partitions.create_partitions(conn, since=<13 months ago>)``, so it holds
+the partitions of the 13 months before the current one, the current one, 3 ahead and DEFAULT.
+Both track the same 8-column table ``app.t8`` (100,000 rows). Then it measures, printing
+Markdown to stdout:
 
-- that capture works on both (rows of a tracked table's inserts, updates and deletes land in the
-  current month's partitions, one transaction row per transaction) and that capture's lookup of
-  the transaction row (``t.xid = pg_current_xact_id() AND t.occurred_at = now()``) prunes to one
-  partition under a generic plan, as in the capture functions;
-- capture cost: single-row INSERT and UPDATE transactions of a tracked 8-column table with
-  pgbench (1 client, PART_SECONDS per run, PART_ROUNDS rounds in alternating order, median TPS),
-  and one statement inserting / updating 10,000 rows (median of 5);
-- retention: both stores filled with PART_CHANGES changes (10 per transaction) spread evenly over
-  the last 12 months, written directly with generate_series in capture order (the fill's time is
-  reported), then everything older than 6 months purged: the unpartitioned store with the batched
-  DELETEs of ``threadline/retention.py`` (PART_BATCH rows, each batch its own transaction), the
-  partitioned one by dropping the partitions wholly older than the cut-off, then the same batched
-  DELETEs with the partition key added, on what is left (the partition the cut-off falls in);
-  one batch of ``retention.purge`` as it is runs first there, to show its cost. Time, WAL
-  written (``pg_current_wal_lsn()`` difference, after a CHECKPOINT; the WAL position is the
-  cluster's, so other activity on the server adds to it) and the audit tables' size after, and
-  after a plain VACUUM;
-- read plans on the filled stores (EXPLAIN ANALYZE, BUFFERS) of the library's queries: the changes
-  of one transaction, the history of one row (hash index on ``pk``), the trace of a correlation id
-  (its transactions, then their changes), a time-bounded read, link_action()'s update of a
-  transaction row by id; with the partitions each touches; and, after the purge, one seal batch
-  (``threadline.seal(1000)``), which reads changes by transaction;
-- the locks partition maintenance takes on the parent and the DEFAULT partition (create, attach,
-  detach, drop), and what a DEFAULT partition holding rows of a month does to creating that month.
+- capture cost: single-row INSERT and UPDATE transactions of the tracked table with pgbench
+  (1 client, PART_SECONDS per run, PART_ROUNDS rounds in alternating store order, median TPS and
+  the ratio partitioned / plain), one statement inserting / updating 10,000 rows (median of 5),
+  and the locks one audited single-row UPDATE transaction holds before it commits (``pg_locks``
+  rows of its own backend: all, relation locks, those on audit relations, those outside the
+  16 fast-path slots), for the first transaction of a session and once its plans are cached;
+- fill: both stores' audit tables emptied (identity restarted) and filled with PART_CHANGES
+  changes, 10 per transaction, spread evenly over the last 12 months, written directly with
+  generate_series in capture order (``captured_at`` = the transaction's ``occurred_at`` + k ms;
+  partitioned, ``changes.occurred_at`` = its transaction's ``occurred_at``). Each change is an
+  insert or update of one of PART_CHANGES / 50 rows of ``app.t8`` (so a row has ~50 changes
+  across the year), each transaction has a correlation id shared with 4 others. The ``xid`` of
+  the filled transactions grows with time but stays below the server's current transaction id
+  (several filled transactions share one), so all of them can be sealed. Fill and
+  VACUUM ANALYZE times, sizes, and the rows in the DEFAULT partitions (must be none);
+- reads on the filled stores through the library (``threadline.history``, ``trace``,
+  ``timeline(table=..., since=..., until=since + 10 days, limit=100)``,
+  ``changes_for_transaction``): p50 / p95 over PART_READS calls each (default 50) with varied
+  keys, both stores interleaved, after 5 warm-up calls; then every statement the library sends
+  for one call of each, captured from its cursor and run under EXPLAIN (ANALYZE, BUFFERS): time,
+  planning time, buffers and the partitions of each table in the plan / executed; the text plans
+  of ``history``'s and ``trace``'s change reads on both stores, and of any statement that is
+  3x slower (and 1 ms slower) on the partitioned store;
+- seal: ``threadline.seal.seal(conn)`` of every filled transaction (time, rate), then
+  ``verify(conn)`` (time, ok);
+- retention: ``threadline.retention.purge(conn, <6 months before the fill's end>,
+  batch_size=PART_BATCH)`` on each (sealed) store: time, WAL written (``pg_current_wal_lsn()``
+  difference after a CHECKPOINT; the WAL position is the cluster's, so other activity on the
+  server adds to it), the audit tables' size before and after (every partition, indexes and
+  TOAST), the PurgeResult fields, the filled rows left, ``verify(conn)`` afterwards, and a plain
+  VACUUM after. Meanwhile a writer thread runs captured single-row INSERT transactions on the
+  tracked table (10 ms apart): their count, p50 / p99 / max latency and failures.
 
 Environment: THREADLINE_DSN (server), PART_CHANGES (default 10,000,000), PART_SECONDS (10),
-PART_ROUNDS (4), PART_BATCH (10,000), PART_STEP_TIMEOUT (statement timeout of each fill or purge
-statement, seconds; default 1800).
+PART_ROUNDS (4), PART_BATCH (10,000), PART_READS (50), PART_STEP_TIMEOUT (statement timeout of
+each statement, seconds; default 1800).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
+import threadline  # noqa: E402
 from bench._db import scratch_database  # noqa: E402
-from threadline import ddl, retention  # noqa: E402
-from threadline.query import CHANGE_COLUMNS, TRANSACTION_COLUMNS  # noqa: E402
+from threadline import ddl, partitions, retention  # noqa: E402
+from threadline.query import CHANGED_FIELDS_SQL  # noqa: E402
+from threadline.seal import seal, verify  # noqa: E402
 
 CHANGES = int(os.environ.get("PART_CHANGES", "10000000"))
 SECONDS = int(os.environ.get("PART_SECONDS", "10"))
 ROUNDS = int(os.environ.get("PART_ROUNDS", "4"))
 BATCH = int(os.environ.get("PART_BATCH", "10000"))
+READS = int(os.environ.get("PART_READS", "50"))
 STEP_TIMEOUT = int(os.environ.get("PART_STEP_TIMEOUT", "1800"))
 PER_TX = 10
-MONTHS_BACK = 12
-PARTITIONS = 24
+TRANSACTIONS = CHANGES // PER_TX
+MONTHS_BACK = 12  # the fill's span
+PARTITIONS_SINCE = 13  # months before now the partitioned store has partitions from
 KEEP = "6 months"
+ROW_KEYS = max(1, CHANGES // 50)  # distinct rows of the filled changes: ~50 changes each
+PER_CORRELATION = 5  # transactions sharing a correlation id
+WARMUP = 5
+WINDOW = timedelta(days=10)
 BULK_ROWS = 10_000
 BULK_RUNS = 5
 TABLE_ROWS = 100_000
-ROW_KEYS = 200_000  # distinct row keys of the filled changes: each row changes ~50 times a year
+WRITER_PAUSE = 0.01
 
-STORES = ("unpartitioned", "partitioned")
+STORES = ("plain", "partitioned")
 CONTEXT = '{"actor":{"id":"42","type":"user"},"correlation_id":"bench","v":1}'
-
-# (table, partition key, primary key of the partitioned table)
-PARTITIONED = (
-    ("changes", "captured_at", "transaction_id, id, captured_at"),
-    ("transactions", "occurred_at", "id, occurred_at"),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# building the stores
-
-
-def partition_store(conn: psycopg.Connection) -> list[tuple[str, datetime, datetime]]:
-    """Turn the freshly installed (empty) audit tables into partitioned tables; returns the
-    monthly partitions as (suffix, from, to).
-
-    Each table is renamed, recreated as a partitioned table LIKE it (columns, defaults, identity,
-    comments, storage), given the old table's indexes under their names (the primary key widened
-    by the partition key) and its partitions; the old table is dropped. Dropping it drops what
-    depended on its row type (transaction_digest()) and its refresh_context trigger, so the
-    install script is applied once more (it is idempotent) to restore them on the new tables.
-    """
-    with conn.transaction():
-        months = conn.execute(
-            "SELECT to_char(m, '\"y\"YYYY\"m\"MM'), m, m + interval '1 month'"
-            " FROM generate_series(date_trunc('month', now()) - %s * interval '1 month',"
-            "                      date_trunc('month', now()) + %s * interval '1 month', interval '1 month') m",
-            [MONTHS_BACK, PARTITIONS - MONTHS_BACK - 1],
-        ).fetchall()
-        for table, key, pk in PARTITIONED:
-            old = f"{table}_unpartitioned"
-            conn.execute(f"ALTER TABLE threadline.{table} RENAME TO {old}")
-            conn.execute(
-                f"CREATE TABLE threadline.{table} (LIKE threadline.{old} INCLUDING ALL EXCLUDING INDEXES)"
-                f" PARTITION BY RANGE ({key})"
-            )
-            indexes = conn.execute(
-                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i"
-                " WHERE i.indrelid = %s::regclass AND NOT i.indisprimary ORDER BY i.indexrelid",
-                [f"threadline.{old}"],
-            ).fetchall()
-            conn.execute(f"DROP TABLE threadline.{old} CASCADE")
-            conn.execute(f"ALTER TABLE threadline.{table} ADD CONSTRAINT {table}_pkey PRIMARY KEY ({pk})")
-            for (definition,) in indexes:
-                conn.execute(definition.replace(f" ON threadline.{old} ", f" ON threadline.{table} "))
-            for suffix, lo, hi in months:
-                conn.execute(
-                    sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-                        sql.Identifier("threadline", f"{table}_{suffix}"),
-                        sql.Identifier("threadline", table),
-                        sql.Literal(lo),
-                        sql.Literal(hi),
-                    )
-                )
-            conn.execute(f"CREATE TABLE threadline.{table}_default PARTITION OF threadline.{table} DEFAULT")
-        conn.execute(ddl.install_sql().encode())
-    return [(s, lo, hi) for s, lo, hi in months]
-
-
-SHAPE_SQL = """
-SELECT c.relname, c.relkind::text,
-       (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                                         a.attidentity, pg_get_expr(d.adbin, d.adrelid)) ORDER BY a.attnum)
-          FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)::text AS columns,
-       (SELECT json_agg(json_build_array(ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid),
-                        ' ON (ONLY )?\\S+', ' ON t')) ORDER BY ic.relname)
-          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid)::text AS indexes,
-       (SELECT json_agg(tgname ORDER BY tgname) FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal)::text
-  FROM pg_class c
- WHERE c.oid IN ('threadline.changes'::regclass, 'threadline.transactions'::regclass)
- ORDER BY c.relname
-"""
-
-
-def shape_differences(plain: psycopg.Connection, parted: psycopg.Connection) -> list[str]:
-    """How the two stores' audit tables differ (columns, defaults, identity, indexes, triggers)."""
-    out = []
-    for a, b in zip(plain.execute(SHAPE_SQL).fetchall(), parted.execute(SHAPE_SQL).fetchall(), strict=True):
-        name = a[0]
-        if a[2] != b[2]:
-            out.append(f"{name}: columns differ")
-        ia, ib = dict(json.loads(a[3])), dict(json.loads(b[3]))
-        for index in sorted(set(ia) | set(ib)):
-            if ia.get(index) != ib.get(index):
-                out.append(f"{name}.{index}: `{ia.get(index)}` → `{ib.get(index)}`")
-        if a[4] != b[4]:
-            out.append(f"{name}: triggers {a[4]} → {b[4]}")
-    return out
-
 
 APP_TABLE = (
     "CREATE SCHEMA app;"
@@ -176,75 +106,33 @@ APP_TABLE = (
 )
 
 
-def verify_capture(conn: psycopg.Connection) -> str:
-    """Insert, update and delete through the tracked table in two transactions; check where the
-    audit rows landed. Returns a one-line summary (raises when something is off)."""
-    tx_ids = []
-    for statements in (
-        [
-            "INSERT INTO app.t8 VALUES (-1, 1, 'a', 'b', 1, now(), true, 1), (-2, 2, 'a', 'b', 2, now(), true, 2),"
-            " (-3, 3, 'a', 'b', 3, now(), true, 3)",
-            "UPDATE app.t8 SET a = a + 10 WHERE id IN (-1, -2)",
-            "DELETE FROM app.t8 WHERE id = -3",
-        ],
-        ["UPDATE app.t8 SET b = 'changed' WHERE id = -1", "DELETE FROM app.t8 WHERE id IN (-1, -2)"],
-    ):
-        with conn.transaction():
-            conn.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT])
-            for statement in statements:
-                conn.execute(statement)
-            row = conn.execute("SELECT threadline.current_row(), now()").fetchone()
-            assert row is not None and row[0] is not None, "no transaction row for the writing transaction"
-            tx_ids.append(row[0])
-    rows = conn.execute(
-        "SELECT c.transaction_id, c.tableoid::regclass::text, c.op, count(*),"
-        "       bool_and(c.captured_at >= t.occurred_at)"
-        "  FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id"
-        " WHERE c.transaction_id = ANY (%s) GROUP BY 1, 2, 3 ORDER BY 1, 3",
-        [tx_ids],
-    ).fetchall()
-    txs = conn.execute(
-        "SELECT t.id, t.tableoid::regclass::text, t.correlation_id FROM threadline.transactions t"
-        " WHERE t.id = ANY (%s) ORDER BY t.id",
-        [tx_ids],
-    ).fetchall()
-    counts = {(r[0], r[2]): r[3] for r in rows}
-    expected = {
-        (tx_ids[0], "insert"): 3,
-        (tx_ids[0], "update"): 2,
-        (tx_ids[0], "delete"): 1,
-        (tx_ids[1], "update"): 1,
-        (tx_ids[1], "delete"): 2,
-    }
-    if counts != expected or len(txs) != 2 or not all(r[4] for r in rows):
-        raise RuntimeError(f"capture check failed: changes {rows}, transactions {txs}")
-    if any(t[2] != "bench" for t in txs):
-        raise RuntimeError(f"context not recorded: {txs}")
-    change_tables = sorted({r[1] for r in rows})
-    tx_tables = sorted({t[1] for t in txs})
-    if any(name.endswith("_default") for name in change_tables + tx_tables):
-        raise RuntimeError(f"audit rows went to a DEFAULT partition: {change_tables} {tx_tables}")
-    conn.execute("DELETE FROM threadline.changes WHERE transaction_id = ANY (%s)", [tx_ids])
-    conn.execute("DELETE FROM threadline.transactions WHERE id = ANY (%s)", [tx_ids])
-    return f"ok: 9 changes in {', '.join(change_tables)}; 2 transaction rows in {', '.join(tx_tables)}"
+# ---------------------------------------------------------------------------------------------
+# building the stores
 
 
-LOOKUP = (
-    "SELECT t.id FROM threadline.transactions AS t"
-    " WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1"
-)
+def build(conn: psycopg.Connection, store: str) -> None:
+    """Install the store's layout, partitions from PARTITIONS_SINCE months back, the tracked table."""
+    if store == "plain":
+        ddl.install(conn, partition_by=None)
+    else:
+        ddl.install(conn)
+        since = conn.execute("SELECT now() - %s::interval", [f"{PARTITIONS_SINCE} months"]).fetchone()[0]  # type: ignore[index]
+        partitions.create_partitions(conn, since=since)
+    conn.execute(APP_TABLE.format(n=TABLE_ROWS))
+    ddl.track(conn, "app.t8")
+    conn.execute("VACUUM ANALYZE")
 
 
-def lookup_plan(conn: psycopg.Connection) -> str:
-    """The capture code's lookup of the transaction row, as a generic plan (how PL/pgSQL runs it
-    once cached), in a transaction that has a row."""
-    with conn.transaction(force_rollback=True):
-        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        conn.execute("UPDATE app.t8 SET a = a + 1 WHERE id = 1")
-        conn.execute(f"PREPARE lookup AS {LOOKUP}")
-        plan = conn.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE lookup").fetchall()
-        conn.execute("DEALLOCATE lookup")
-    return "\n".join(r[0] for r in plan)
+def layout(conn: psycopg.Connection) -> str:
+    parts = partitions.partitions(conn)
+    if not parts:
+        return "plain tables"
+    ranged = [p for p in parts if p.table == "changes" and not p.is_default]
+    settings = partitions.partition_settings(conn)
+    return (
+        f"{settings.period if settings else '?'}ly partitions, per table {len(ranged)} ranged "
+        f"({ranged[0].range_from:%Y-%m-%d} to {ranged[-1].range_to:%Y-%m-%d}) + DEFAULT"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +173,7 @@ def pgbench_tps(dsn: str, script: str) -> float:
 BULK = {
     "INSERT": (
         f"INSERT INTO app.t8 SELECT g, g, 'x', 'y', g, now(), true, g FROM generate_series(1000001, {1000000 + BULK_ROWS}) g",
-        "DELETE FROM app.t8 WHERE id > 1000000",
+        "DELETE FROM app.t8 WHERE id > 1000000 AND id <= 2000000",
     ),
     "UPDATE": (f"UPDATE app.t8 SET a = a + 1, c = 'z' || a WHERE id <= {BULK_ROWS}", None),
 }
@@ -303,46 +191,96 @@ def bulk_ms(conn: psycopg.Connection, op: str) -> float:
     return elapsed
 
 
+def update_locks(dsn: str, warm: int = 10) -> dict[str, tuple[int, int, int, int]]:
+    """The locks an audited single-row UPDATE transaction holds before it commits, on a new
+    session's first transaction and after ``warm`` more (plans cached): (all, relation, on audit
+    relations, not fast-path), the view pg_locks itself left out."""
+    out = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        view = conn.execute("SELECT 'pg_catalog.pg_locks'::regclass::oid").fetchone()[0]  # type: ignore[index]
+        audit = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.oid FROM pg_class c WHERE c.relnamespace = 'threadline'::regnamespace"
+            ).fetchall()
+        }
+        for i in range(warm + 1):
+            with conn.transaction():
+                conn.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT])
+                conn.execute("UPDATE app.t8 SET a = a + 1 WHERE id = %s", [i + 1])
+                rows = conn.execute(
+                    "SELECT locktype, relation, fastpath FROM pg_locks WHERE pid = pg_backend_pid()"
+                ).fetchall()
+            rows = [r for r in rows if r[1] != view]
+            if i in (0, warm):
+                out["first transaction" if i == 0 else f"after {warm} transactions"] = (
+                    len(rows),
+                    sum(1 for r in rows if r[0] == "relation"),
+                    sum(1 for r in rows if r[0] == "relation" and r[1] in audit),
+                    sum(1 for r in rows if not r[2]),
+                )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
-# retention
+# fill
 
 FILL_TRANSACTIONS = """
 INSERT INTO threadline.transactions (xid, occurred_at, actor, correlation_id, request_id, origin)
-SELECT (1000 + g)::text::xid8, %(start)s::timestamptz + (%(end)s::timestamptz - %(start)s::timestamptz) * ((g - 1)::float8 / %(n)s),
-       jsonb_build_object('type', 'user', 'id', (g %% 1000)::text), 'req-' || (g / 3), 'r-' || g, 'web'
+SELECT (3 + (g::bigint - 1) * %(xids)s / %(n)s)::text::xid8,
+       %(start)s::timestamptz + (%(end)s::timestamptz - %(start)s::timestamptz) * ((g - 1)::float8 / %(n)s),
+       jsonb_build_object('type', 'user', 'id', (g %% 1000)::text), 'req-' || ((g - 1) / %(per_corr)s),
+       'r-' || g, 'web'
   FROM generate_series(1, %(n)s) g
+ ORDER BY g
 """
 FILL_CHANGES = """
-INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after, before, captured_at)
-SELECT t.id, 'app', 'items', CASE WHEN k = 1 THEN 'insert' ELSE 'update' END, jsonb_build_object('id', r.id),
-       json_build_object('id', r.id, 'name', 'item ' || r.id, 'qty', k, 'price', t.id %% 1000),
-       CASE WHEN k > 1 THEN json_build_object('id', r.id, 'name', 'item ' || r.id, 'qty', k - 1, 'price', t.id %% 1000) END,
-       t.occurred_at + k * interval '1 millisecond'
+INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after, before, captured_at{occ})
+SELECT t.id, 'app', 't8', CASE WHEN m.n < %(keys)s THEN 'insert' ELSE 'update' END,
+       jsonb_build_object('id', m.key),
+       json_build_object('id', m.key, 'a', m.n, 'b', 'x' || m.key, 'c', 'y', 'd', k, 'e', t.occurred_at,
+                         'f', true, 'g', m.n),
+       CASE WHEN m.n >= %(keys)s THEN
+           json_build_object('id', m.key, 'a', m.n - %(keys)s, 'b', 'x' || m.key, 'c', 'y', 'd', k,
+                             'e', t.occurred_at, 'f', true, 'g', m.n - %(keys)s) END,
+       t.occurred_at + k * interval '1 millisecond'{occ_value}
   FROM threadline.transactions t CROSS JOIN generate_series(1, %(per_tx)s) k
- CROSS JOIN LATERAL (SELECT (t.id * %(per_tx)s + k) %% %(keys)s AS id) r
+ CROSS JOIN LATERAL (SELECT (t.id - 1) * %(per_tx)s + k - 1 AS n) n0
+ CROSS JOIN LATERAL (SELECT n0.n, n0.n %% %(keys)s + 1 AS key) m
  WHERE t.id >= %(lo)s AND t.id < %(hi)s
  ORDER BY t.id, k
 """
 
 
-def fill(conn: psycopg.Connection, start: datetime, end: datetime) -> tuple[float, float]:
-    """Write CHANGES changes in CHANGES / PER_TX transactions spread from start to end; returns
-    (seconds of the INSERTs, seconds of the VACUUM ANALYZE after)."""
-    txs = CHANGES // PER_TX
+def fill(
+    conn: psycopg.Connection, store: str, start: datetime, end: datetime, xids: int
+) -> tuple[float, float]:
+    """Write CHANGES changes in TRANSACTIONS transactions spread from start to end, with xids
+    from 3 up to ``xids``; returns (seconds of the INSERTs, seconds of the VACUUM ANALYZE)."""
+    conn.execute("TRUNCATE threadline.changes, threadline.transactions RESTART IDENTITY")
     t0 = time.monotonic()
     with conn.transaction():
         # the deferred refresh_context trigger is the capture path's; a bulk load skips it
         conn.execute("SET LOCAL session_replication_role = replica")
-        conn.execute(FILL_TRANSACTIONS, {"start": start, "end": end, "n": txs})
-    row = conn.execute("SELECT min(id), max(id) FROM threadline.transactions").fetchone()
-    assert row is not None
-    lo, hi = row
+        conn.execute(
+            FILL_TRANSACTIONS,
+            {"start": start, "end": end, "n": TRANSACTIONS, "xids": xids, "per_corr": PER_CORRELATION},
+        )
+    statement = FILL_CHANGES.format(
+        occ=", occurred_at" if store == "partitioned" else "",
+        occ_value=", t.occurred_at" if store == "partitioned" else "",
+    )
     step = 100_000
-    for first in range(lo, hi + 1, step):
+    for first in range(1, TRANSACTIONS + 1, step):
         with conn.transaction():
             conn.execute(
-                FILL_CHANGES,
-                {"per_tx": PER_TX, "keys": ROW_KEYS, "lo": first, "hi": min(first + step, hi + 1)},
+                statement,
+                {
+                    "per_tx": PER_TX,
+                    "keys": ROW_KEYS,
+                    "lo": first,
+                    "hi": min(first + step, TRANSACTIONS + 1),
+                },
             )
     filled = time.monotonic() - t0
     t0 = time.monotonic()
@@ -374,242 +312,108 @@ def wal_since(conn: psycopg.Connection, lsn: str) -> int:
     return int(row[0])
 
 
-def counts(conn: psycopg.Connection) -> tuple[int, int, int]:
-    """(changes, transactions, changes whose transaction row is gone)."""
+def in_default(conn: psycopg.Connection) -> str:
+    if not partitions.is_partitioned(conn):
+        return "n/a"
     row = conn.execute(
-        "SELECT (SELECT count(*) FROM threadline.changes), (SELECT count(*) FROM threadline.transactions),"
+        "SELECT (SELECT count(*) FROM threadline.transactions_default), (SELECT count(*) FROM threadline.changes_default)"
+    ).fetchone()
+    assert row is not None
+    return f"{row[0]:,} / {row[1]:,}"
+
+
+def filled_left(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """Filled (not the writer's) changes and transactions left, and changes without their
+    transaction row."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM threadline.changes WHERE transaction_id <= %(n)s),"
+        " (SELECT count(*) FROM threadline.transactions WHERE id <= %(n)s),"
         " (SELECT count(*) FROM threadline.changes c"
-        "   WHERE NOT EXISTS (SELECT 1 FROM threadline.transactions t WHERE t.id = c.transaction_id))"
+        "   WHERE NOT EXISTS (SELECT 1 FROM threadline.transactions t WHERE t.id = c.transaction_id))",
+        {"n": TRANSACTIONS},
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
 
 
-# The batched DELETEs of threadline/retention.py (keyset over the primary key, each batch its own
-# transaction): changes captured before the cut-off, then transactions before it left with no
-# changes. With ``pruned``, each DELETE also names the partition key (and the batch carries it), so
-# the DELETE reads only the partitions before the cut-off.
-PURGE_CHANGES = """
-WITH batch AS (SELECT transaction_id, id, captured_at FROM threadline.changes
-                WHERE (transaction_id, id) > (%(after_tx)s, %(after)s) AND captured_at < %(cutoff)s
-                ORDER BY transaction_id, id LIMIT %(n)s),
-     gone AS (DELETE FROM threadline.changes c USING batch b
-               WHERE c.transaction_id = b.transaction_id AND c.id = b.id{pruned}
-              RETURNING c.transaction_id, c.id)
-SELECT count(*), (array_agg(transaction_id ORDER BY transaction_id DESC, id DESC))[1],
-       (array_agg(id ORDER BY transaction_id DESC, id DESC))[1] FROM gone
-"""
-PURGE_TRANSACTIONS = """
-WITH batch AS (SELECT t.id, t.occurred_at FROM threadline.transactions t
-                WHERE t.id > %(after)s AND t.occurred_at < %(cutoff)s
-                  AND NOT EXISTS (SELECT 1 FROM threadline.changes c WHERE c.transaction_id = t.id)
-                ORDER BY t.id LIMIT %(n)s),
-     gone AS (DELETE FROM threadline.transactions t USING batch b WHERE t.id = b.id{pruned} RETURNING t.id)
-SELECT count(*), NULL::bigint, max(id) FROM gone
-"""
-
-
-def batched_purge(conn: psycopg.Connection, cutoff: datetime, pruned: bool) -> tuple[int, int, int, float]:
-    """(changes, transactions, batches, seconds) of retention.py's batched DELETEs."""
-    statements = (
-        PURGE_CHANGES.format(
-            pruned=" AND c.captured_at = b.captured_at AND c.captured_at < %(cutoff)s" if pruned else ""
-        ),
-        PURGE_TRANSACTIONS.format(
-            pruned=" AND t.occurred_at = b.occurred_at AND t.occurred_at < %(cutoff)s" if pruned else ""
-        ),
-    )
-    totals = [0, 0]
-    batches = 0
-    t0 = time.monotonic()
-    for kind, statement in enumerate(statements):
-        after_tx, after = 0, 0
-        while True:
-            with conn.transaction():
-                row = conn.execute(
-                    statement, {"cutoff": cutoff, "after_tx": after_tx, "after": after, "n": BATCH}
-                ).fetchone()
-            batches += 1
-            deleted, last_tx, last = (row[0], row[1], row[2]) if row else (0, None, None)
-            totals[kind] += deleted
-            if deleted < BATCH or last is None:
-                break
-            after_tx, after = last_tx or 0, last
-    return totals[0], totals[1], batches, time.monotonic() - t0
-
-
-def purge_unpartitioned(conn: psycopg.Connection, cutoff: datetime) -> dict[str, Any]:
-    conn.execute("CHECKPOINT")
-    before = audit_size(conn)
-    lsn = wal_lsn(conn)
-    changes, transactions, batches, seconds = batched_purge(conn, cutoff, pruned=False)
-    wal = wal_since(conn, lsn)
-    after = audit_size(conn)
-    lsn = wal_lsn(conn)
-    t0 = time.monotonic()
-    conn.execute("VACUUM threadline.changes, threadline.transactions")
-    vacuum_s = time.monotonic() - t0
-    return {
-        "seconds": seconds,
-        "wal": wal,
-        "deleted": (changes, transactions, batches),
-        "size_before": before,
-        "size_after": after,
-        "vacuum_s": vacuum_s,
-        "vacuum_wal": wal_since(conn, lsn),
-        "size_vacuumed": audit_size(conn),
-    }
-
-
-def purge_partitioned(
-    conn: psycopg.Connection, cutoff: datetime, months: list[tuple[str, datetime, datetime]]
-) -> dict[str, Any]:
-    conn.execute("CHECKPOINT")
-    before = audit_size(conn)
-    lsn = wal_lsn(conn)
-    t0 = time.monotonic()
-    doomed = [suffix for suffix, _lo, hi in months if hi <= cutoff]
-    for suffix in doomed:
-        for table, _key, _pk in PARTITIONED:
-            with conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '5s'")
-                conn.execute(f"DROP TABLE threadline.{table}_{suffix}")
-    drop_s = time.monotonic() - t0
-    drop_wal = wal_since(conn, lsn)
-    # one batch of the library's purge as it is: its DELETE names no partition key
-    lsn2 = wal_lsn(conn)
-    probe = retention.purge(conn, cutoff, batch_size=BATCH, max_batches=1)
-    probe_wal = wal_since(conn, lsn2)
-    lsn2 = wal_lsn(conn)
-    changes, transactions, batches, edge_s = batched_purge(conn, cutoff, pruned=True)
-    edge_wal = wal_since(conn, lsn2)
-    after = audit_size(conn)
-    edge = next(suffix for suffix, lo, hi in months if lo <= cutoff < hi)
-    lsn = wal_lsn(conn)
-    t1 = time.monotonic()
-    conn.execute(f"VACUUM threadline.changes_{edge}, threadline.transactions_{edge}")
-    vacuum_s = time.monotonic() - t1
-    return {
-        "seconds": drop_s + probe.seconds + edge_s,
-        "drop_s": drop_s,
-        "probe_s": probe.seconds,
-        "probe_rows": probe.changes,
-        "edge_s": edge_s,
-        "wal": drop_wal + probe_wal + edge_wal,
-        "drop_wal": drop_wal,
-        "edge_wal": probe_wal + edge_wal,
-        "dropped": len(doomed),
-        "edge": edge,
-        "deleted": (probe.changes + changes, probe.transactions + transactions, probe.batches + batches),
-        "size_before": before,
-        "size_after": after,
-        "vacuum_s": vacuum_s,
-        "vacuum_wal": wal_since(conn, lsn),
-        "size_vacuumed": audit_size(conn),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# read plans
-
-_SELECT = sql.SQL(
-    "SELECT {c} FROM threadline.changes c LEFT JOIN threadline.transactions t ON t.id = c.transaction_id"
-).format(c=CHANGE_COLUMNS)
+# reads
 
 
-def plan_queries(sample: dict[str, Any]) -> list[tuple[str, str, sql.Composable, dict[str, Any]]]:
-    """(key, what, statement, params): the library's read statements, and variants that give the
-    planner a bound on the partition key."""
-    trace_changes = sql.SQL(
-        "SELECT {c}, t.id AS t_id FROM threadline.transactions t JOIN threadline.changes c"
-        " ON c.transaction_id = t.id WHERE t.correlation_id = %(cid)s{extra} ORDER BY c.transaction_id, c.id"
-    )
-    return [
-        (
-            "tx",
-            "changes of one transaction (changes_for_transaction)",
-            _SELECT + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
-            {"tid": sample["tid"]},
+class RecordingCursor(psycopg.Cursor[Any]):
+    """A cursor that notes every statement it runs while ``log`` is a list (the library's queries
+    run on cursors of the connection it is given)."""
+
+    log: ClassVar[list[tuple[Any, Any]] | None] = None
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if RecordingCursor.log is not None:
+            RecordingCursor.log.append((query, params))
+        return super().execute(query, params, **kwargs)
+
+
+def read_calls(
+    start: datetime, end: datetime
+) -> dict[str, tuple[Callable[..., Any], Callable[[random.Random], Any]]]:
+    """Each read: (call(conn, key) returning how many changes it got, key(rng))."""
+
+    def window(rng: random.Random) -> datetime:
+        return start + (end - start - WINDOW) * rng.random()
+
+    return {
+        "history(app.t8, pk)": (
+            lambda conn, k: len(threadline.history(conn, "app.t8", k)),
+            lambda rng: rng.randint(1, ROW_KEYS),
         ),
-        (
-            "tx-bounded",
-            "… with `c.captured_at >= <the transaction's occurred_at>` added",
-            _SELECT + sql.SQL(" WHERE c.transaction_id = %(tid)s AND c.captured_at >= %(at)s ORDER BY c.id"),
-            {"tid": sample["tid"], "at": sample["at"]},
+        "trace(correlation_id)": (
+            lambda conn, k: threadline.trace(conn, k).change_count,
+            lambda rng: f"req-{rng.randrange(TRANSACTIONS // PER_CORRELATION)}",
         ),
-        (
-            "tx-row",
-            "its transaction row (with_transactions: `t.id = ANY (...)`)",
-            sql.SQL("SELECT {} FROM threadline.transactions t WHERE t.id = ANY (%(ids)s::bigint[])").format(
-                TRANSACTION_COLUMNS
+        "timeline(table, 10-day window, limit 100)": (
+            lambda conn, k: len(
+                threadline.timeline(conn, table="app.t8", since=k, until=k + WINDOW, limit=100)
             ),
-            {"ids": [sample["tid"]]},
+            window,
         ),
-        (
-            "link-action",
-            "link_action()'s UPDATE of the transaction row by id (write path)",
-            sql.SQL(
-                "UPDATE threadline.transactions SET action_id = 1 WHERE id = %(tid)s AND action_id IS NULL"
-            ),
-            {"tid": sample["tid"]},
+        "changes_for_transaction(id)": (
+            lambda conn, k: len(threadline.changes_for_transaction(conn, k)),
+            lambda rng: rng.randint(1, TRANSACTIONS),
         ),
-        (
-            "link-action-bounded",
-            "… with `occurred_at = now()` (here: the row's occurred_at) added",
-            sql.SQL(
-                "UPDATE threadline.transactions SET action_id = 1"
-                " WHERE id = %(tid)s AND occurred_at = %(at)s AND action_id IS NULL"
-            ),
-            {"tid": sample["tid"], "at": sample["at"]},
-        ),
-        (
-            "history",
-            "history of one row by pk (hash index), ~50 changes over 12 months",
-            _SELECT
-            + sql.SQL(
-                " WHERE c.pk = %(pk)s AND c.table_schema = 'app' AND c.table_name = 'items'"
-                " ORDER BY c.captured_at DESC, c.id DESC"
-            ),
-            {"pk": psycopg.types.json.Jsonb({"id": sample["row"]})},
-        ),
-        (
-            "trace-tx",
-            "trace: transactions of a correlation id",
-            sql.SQL(
-                "SELECT {} FROM threadline.transactions t WHERE t.correlation_id = %(cid)s ORDER BY t.occurred_at, t.id"
-            ).format(TRANSACTION_COLUMNS),
-            {"cid": sample["cid"]},
-        ),
-        (
-            "trace-changes",
-            "trace: their changes (join on transaction_id)",
-            trace_changes.format(c=CHANGE_COLUMNS, extra=sql.SQL("")),
-            {"cid": sample["cid"]},
-        ),
-        (
-            "trace-changes-bounded",
-            "… with `c.captured_at >= t.occurred_at` added (run-time pruning)",
-            trace_changes.format(c=CHANGE_COLUMNS, extra=sql.SQL(" AND c.captured_at >= t.occurred_at")),
-            {"cid": sample["cid"]},
-        ),
-        (
-            "window-count",
-            "count of changes captured in a 10-day window across a month boundary",
-            sql.SQL(
-                "SELECT count(*) FROM threadline.changes c WHERE c.captured_at >= %(a)s AND c.captured_at < %(b)s"
-            ),
-            {"a": sample["window"][0], "b": sample["window"][1]},
-        ),
-        (
-            "window-page",
-            "timeline page: first 100 changes of that window, with the transaction join",
-            _SELECT
-            + sql.SQL(
-                " WHERE c.captured_at >= %(a)s AND c.captured_at < %(b)s ORDER BY c.captured_at, c.id LIMIT 100"
-            ),
-            {"a": sample["window"][0], "b": sample["window"][1]},
-        ),
-    ]
+    }
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def time_reads(conns: dict[str, psycopg.Connection], calls: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """p50 / p95 ms and mean changes returned per read and store, keys the same on both."""
+    rng = random.Random(20240601)
+    out: dict[str, dict[str, Any]] = {}
+    for name, (call, key) in calls.items():
+        keys = [key(rng) for _ in range(WARMUP + READS)]
+        times: dict[str, list[float]] = {s: [] for s in STORES}
+        got: dict[str, list[int]] = {s: [] for s in STORES}
+        for i, k in enumerate(keys):
+            for store in STORES if i % 2 == 0 else STORES[::-1]:
+                t0 = time.perf_counter()
+                n = call(conns[store], k)
+                elapsed = (time.perf_counter() - t0) * 1000
+                if i >= WARMUP:
+                    times[store].append(elapsed)
+                    got[store].append(n)
+        out[name] = {
+            s: {
+                "p50": percentile(times[s], 50),
+                "p95": percentile(times[s], 95),
+                "rows": statistics.mean(got[s]),
+                "same": got[s] == got[STORES[0]],
+            }
+            for s in STORES
+        }
+        out[name]["sample"] = keys[WARMUP]
+    return out
 
 
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -619,136 +423,152 @@ def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def plan_stats(plan: dict[str, Any]) -> dict[str, Any]:
-    """Execution time, buffers, and the audit relations the plan reads (in the plan / executed)."""
+    """Times, buffers, and the audit relations the plan reads (in the plan / executed)."""
     top = plan["Plan"]
     in_plan: dict[str, set[str]] = {"changes": set(), "transactions": set()}
     executed: dict[str, set[str]] = {"changes": set(), "transactions": set()}
-    removed = 0
     for node in _walk(top):
-        removed += node.get("Subplans Removed", 0)
         rel = node.get("Relation Name")
-        if rel and rel not in ("changes", "transactions") and rel.startswith(("changes", "transactions")):
+        if rel and rel.startswith(("changes", "transactions")):  # app.t8 is the only other table
             kind = "changes" if rel.startswith("changes") else "transactions"
             in_plan[kind].add(rel)
             if node.get("Actual Loops", 0) > 0:
                 executed[kind].add(rel)
     return {
         "ms": plan["Execution Time"],
-        "hit": top.get("Shared Hit Blocks", 0),
-        "read": top.get("Shared Read Blocks", 0),
-        "rows": top.get("Actual Rows", 0),
-        "in_plan": {k: len(v) for k, v in in_plan.items()},
-        "executed": {k: len(v) for k, v in executed.items()},
-        "removed": removed,
+        "plan_ms": plan["Planning Time"],
+        "buffers": top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
+        "parts": {k: (len(in_plan[k]), len(executed[k])) for k in in_plan},
     }
 
 
-def explain(
-    conn: psycopg.Connection, statement: sql.Composable, params: dict[str, Any], setting: str | None = None
-) -> tuple[dict, str]:
-    query = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + statement
-    with conn.transaction(force_rollback=True):  # an UPDATE explained changes nothing
-        if setting:
-            conn.execute(f"SET LOCAL {setting}")
-        conn.execute(query, params)  # warm the cache
-        row = conn.execute(query, params).fetchone()
+def describe(statement: Any, conn: psycopg.Connection) -> str:
+    """A short label: the audit tables a statement reads and the start of its WHERE clause."""
+    text = " ".join((statement.as_string(conn) if not isinstance(statement, str) else statement).split())
+    text = text.replace(CHANGED_FIELDS_SQL, "…").replace('"threadline".', "threadline.")
+    if "pg_class c JOIN pg_namespace n" in text:
+        return "resolve the table (catalog)"
+    if "relkind = 'p'" in text and "partitioned" in text:
+        return "layout (once per connection)"
+    tables = list(dict.fromkeys(re.findall(r"(?:FROM|JOIN) threadline\.(\w+)", text)))
+    label = "timeline page (late rows, page, snapshot)" if "AS phase" in text else " JOIN ".join(tables)
+    where = text.split(" WHERE ", 1)[1] if " WHERE " in text else ""
+    where = re.split(r" ORDER BY | LIMIT ", where)[0]
+    if len(where) > 90:
+        where = where[:87] + "…"
+    return f"{label}: {where}" if where else label
+
+
+def explain(conn: psycopg.Connection, statement: Any, params: Any) -> tuple[dict[str, Any], str]:
+    prefix = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ")
+    body = sql.SQL(statement) if isinstance(statement, str) else statement
+    with conn.transaction(force_rollback=True):
+        conn.execute(prefix + body, params)  # warm
+        row = conn.execute(prefix + body, params).fetchone()
         assert row is not None
         data = row[0] if not isinstance(row[0], str) else json.loads(row[0])
-        text = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + statement, params).fetchall()
+        text = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + body, params).fetchall()
     return data[0], "\n".join(r[0] for r in text)
 
 
-def seal_ms(conn: psycopg.Connection, runs: int = 3) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        conn.execute("SELECT * FROM threadline.seal(1000)")
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+def explain_reads(
+    conns: dict[str, psycopg.Connection], calls: dict[str, Any], samples: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every statement one call of each read sends, explained on both stores."""
+    out = []
+    for name, (call, _key) in calls.items():
+        sent: dict[str, list[tuple[Any, Any]]] = {}
+        for store in STORES:
+            RecordingCursor.log = []
+            try:
+                call(conns[store], samples[name])
+            finally:
+                sent[store], RecordingCursor.log = RecordingCursor.log, None
+        if len(sent["plain"]) != len(sent["partitioned"]):
+            print(f"<!-- {name}: {len(sent['plain'])} vs {len(sent['partitioned'])} statements -->")
+        for i, (a, b) in enumerate(zip(sent["plain"], sent["partitioned"], strict=False)):
+            stats, texts = {}, {}
+            for store, (statement, params) in zip(STORES, (a, b), strict=True):
+                data, text = explain(conns[store], statement, params)
+                stats[store], texts[store] = plan_stats(data), text
+            out.append(
+                {
+                    "read": name,
+                    "n": i + 1,
+                    "what": describe(b[0], conns["partitioned"]),
+                    "stats": stats,
+                    "texts": texts,
+                    "sql": " ".join(b[0].as_string(conns["partitioned"]).split()),
+                }
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# partition maintenance locks
-
-LOCKS_SQL = """
-SELECT c.relname::text, string_agg(l.mode, ', ' ORDER BY l.mode)
-  FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
- WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation'
-   AND c.relname IN ('changes', 'changes_default')
- GROUP BY 1 ORDER BY 1
-"""
+# retention
 
 
-def maintenance_locks(
-    conn: psycopg.Connection, months: list[tuple[str, datetime, datetime]]
-) -> list[tuple[str, str]]:
-    """The locks each partition operation takes on the parent and the DEFAULT partition (each
-    run in a transaction that is rolled back), and what a non-empty DEFAULT partition does."""
-    row = conn.execute(
-        "SELECT %s::timestamptz, %s::timestamptz + interval '1 month'", [months[-1][2], months[-1][2]]
-    ).fetchone()
-    assert row is not None
-    names = {
-        "next": sql.Identifier("threadline", "changes_next"),
-        "lo": sql.Literal(row[0]),
-        "hi": sql.Literal(row[1]),
-        "oldest": sql.Identifier(
-            "threadline",
-            "changes_"
-            + next(
-                s
-                for s, _lo, _hi in months
-                if conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"threadline.changes_{s}"]).fetchone()
-                == (True,)
-            ),
-        ),
+class Writer(threading.Thread):
+    """Captured single-row INSERT transactions on the tracked table, WRITER_PAUSE apart."""
+
+    def __init__(self, dsn: str, first_id: int) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.next_id = dsn, first_id
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self.stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    with conn.transaction():
+                        conn.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT])
+                        conn.execute(
+                            "INSERT INTO app.t8 VALUES (%s, 1, 'w', 'y', 1, now(), true, 1)", [self.next_id]
+                        )
+                    self.latencies.append((time.perf_counter() - t0) * 1000)
+                except psycopg.Error as exc:
+                    self.failures.append(str(exc).splitlines()[0])
+                self.next_id -= 1
+                time.sleep(WRITER_PAUSE)
+
+
+def purge_store(conn: psycopg.Connection, dsn: str, cutoff: datetime) -> dict[str, Any]:
+    conn.execute("CHECKPOINT")
+    before = audit_size(conn)
+    writer = Writer(dsn, -1)
+    writer.start()
+    time.sleep(0.5)
+    lsn = wal_lsn(conn)
+    result = retention.purge(conn, cutoff, batch_size=BATCH)
+    wal = wal_since(conn, lsn)
+    time.sleep(0.5)
+    writer.stop.set()
+    writer.join()
+    after = audit_size(conn)
+    t0 = time.monotonic()
+    checked = verify(conn)
+    verify_s = time.monotonic() - t0
+    left = filled_left(conn)
+    lsn = wal_lsn(conn)
+    t0 = time.monotonic()
+    conn.execute("VACUUM threadline.changes, threadline.transactions")
+    vacuum_s = time.monotonic() - t0
+    return {
+        "result": result,
+        "wal": wal,
+        "before": before,
+        "after": after,
+        "verify": checked,
+        "verify_s": verify_s,
+        "left": left,
+        "vacuum_s": vacuum_s,
+        "vacuum_wal": wal_since(conn, lsn),
+        "vacuumed": audit_size(conn),
+        "writer": writer,
     }
-    out: list[tuple[str, str]] = []
-
-    def attempt(label: str, statements: list[str], setup: str | None = None) -> None:
-        if setup:
-            conn.execute(sql.SQL(setup).format(**names))
-        try:
-            with conn.transaction(force_rollback=True):
-                for statement in statements:
-                    conn.execute(sql.SQL(statement).format(**names))
-                locks = conn.execute(LOCKS_SQL).fetchall()
-            out.append((label, "; ".join(f"{r[0]}: {r[1]}" for r in locks) or "none"))
-        except psycopg.Error as exc:
-            out.append((label, f"error: {str(exc).splitlines()[0]}"))
-        finally:
-            if setup:
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {next}").format(**names))
-
-    attempt(
-        "CREATE TABLE … PARTITION OF (a new month)",
-        ["CREATE TABLE {next} PARTITION OF threadline.changes FOR VALUES FROM ({lo}) TO ({hi})"],
-    )
-    attempt(
-        "ATTACH PARTITION (table and indexes prepared beforehand)",
-        ["ALTER TABLE threadline.changes ATTACH PARTITION {next} FOR VALUES FROM ({lo}) TO ({hi})"],
-        setup="CREATE TABLE {next} (LIKE threadline.changes INCLUDING DEFAULTS INCLUDING INDEXES)",
-    )
-    attempt(
-        "DETACH PARTITION (oldest month left)", ["ALTER TABLE threadline.changes DETACH PARTITION {oldest}"]
-    )
-    attempt("DROP TABLE (oldest month left)", ["DROP TABLE {oldest}"])
-    try:  # not in a transaction block
-        conn.execute(
-            sql.SQL("ALTER TABLE threadline.changes DETACH PARTITION {oldest} CONCURRENTLY").format(**names)
-        )
-        out.append(("DETACH PARTITION … CONCURRENTLY", "succeeded"))
-    except psycopg.Error as exc:
-        out.append(("DETACH PARTITION … CONCURRENTLY", f"error: {str(exc).splitlines()[0]}"))
-    attempt(
-        "CREATE TABLE … PARTITION OF a month the DEFAULT partition has a row of",
-        [
-            "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, captured_at)"
-            " VALUES (0, 'app', 'late', 'insert', {lo}::timestamptz + interval '1 day')",
-            "CREATE TABLE {next} PARTITION OF threadline.changes FOR VALUES FROM ({lo}) TO ({hi})",
-        ],
-    )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,49 +585,38 @@ def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
+def ratio(a: float, b: float) -> str:
+    return f"{b / a:.2f}x" if a else "n/a"
+
+
 def main() -> None:
     with scratch_database("tl_part_plain") as plain_dsn, scratch_database("tl_part_parted") as parted_dsn:
-        run({"unpartitioned": plain_dsn, "partitioned": parted_dsn})
+        run({"plain": plain_dsn, "partitioned": parted_dsn})
 
 
 def run(dsns: dict[str, str]) -> None:
     started = time.monotonic()
-    with connect(dsns["unpartitioned"]) as plain, connect(dsns["partitioned"]) as parted:
-        conns = {"unpartitioned": plain, "partitioned": parted}
+    with connect(dsns["plain"]) as plain, connect(dsns["partitioned"]) as parted:
+        conns = {"plain": plain, "partitioned": parted}
         version = plain.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        shared = plain.execute("SHOW shared_buffers").fetchone()[0]  # type: ignore[index]
         others = plain.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
             " AND pid <> pg_backend_pid() AND datname NOT IN (%s, %s)",
             [plain.info.dbname, parted.info.dbname],
         ).fetchone()[0]  # type: ignore[index]
-        for conn in conns.values():
-            ddl.install(conn)
-        months = partition_store(parted)
-        for conn in conns.values():
-            conn.execute(APP_TABLE.format(n=TABLE_ROWS))
-            ddl.track(conn, "app.t8")
-            conn.execute("VACUUM ANALYZE")
-        shape = shape_differences(plain, parted)
-        checks = {name: verify_capture(conn) for name, conn in conns.items()}
+        for store, conn in conns.items():
+            build(conn, store)
 
         print(
-            f"# Time-partitioned audit store vs the current one\n\nPostgreSQL {version}, {os.cpu_count()} cores; "
-            f"{other_note(others)}\n"
+            f"# threadline's audit store: plain vs partitioned\n\nPostgreSQL {version} (shared_buffers {shared}), "
+            f"{os.cpu_count()} cores; PART_CHANGES={CHANGES:,} ({TRANSACTIONS:,} transactions of {PER_TX} changes), "
+            f"PART_SECONDS={SECONDS}, PART_ROUNDS={ROUNDS}, PART_BATCH={BATCH:,}, PART_READS={READS}; "
+            f"{other_note(others)}.\n"
         )
-        print(
-            f"Partitioned store: `changes` by `captured_at`, `transactions` by `occurred_at`, {len(months)} monthly "
-            f"partitions from {months[0][1]:%Y-%m-%d} to {months[-1][2]:%Y-%m-%d} and a DEFAULT partition.\n"
-        )
-        print("## Setup checks\n")
-        print(
-            "Differences between the two stores' audit tables (columns, defaults, identity, indexes, triggers):\n"
-        )
-        for line in shape or ["none"]:
-            print(f"- {line}")
-        print()
-        for name, line in checks.items():
-            print(f"- capture into the {name} store: {line}")
-        print()
+        for store, conn in conns.items():
+            print(f"- {store}: {layout(conn)}")
+        print("- tracked table: `app.t8` (8 columns, bigint primary key), 100,000 rows\n")
         sys.stdout.flush()
 
         # capture cost
@@ -821,14 +630,13 @@ def run(dsns: dict[str, str]) -> None:
             f"## Capture cost\n\npgbench, 1 client, {SECONDS} s per run, {ROUNDS} rounds in alternating order; median TPS.\n"
         )
         print(
-            "| workload | unpartitioned TPS | partitioned TPS | ratio of medians | median of per-round ratios "
-            "| runs (unpart. / part.) |"
+            "| workload | plain TPS | partitioned TPS | partitioned / plain | median of per-round ratios | runs (plain / partitioned) |"
         )
         print("|---|---:|---:|---:|---:|---|")
         for workload, by_store in tps.items():
             a, b = (statistics.median(by_store[s]) for s in STORES)
             paired = statistics.median(
-                p / u for u, p in zip(by_store[STORES[0]], by_store[STORES[1]], strict=True)
+                p / u for u, p in zip(by_store["plain"], by_store["partitioned"], strict=True)
             )
             runs = " / ".join(", ".join(f"{v:.0f}" for v in by_store[s]) for s in STORES)
             print(f"| {workload} | {a:.0f} | {b:.0f} | {b / a:.3f} | {paired:.3f} | {runs} |")
@@ -841,153 +649,187 @@ def run(dsns: dict[str, str]) -> None:
         print(
             f"\nOne statement changing {BULK_ROWS:,} rows of the tracked table, median of {BULK_RUNS} (ms):\n"
         )
-        print("| statement | unpartitioned | partitioned | ratio of medians | median of per-round ratios |")
-        print("|---|---:|---:|---:|---:|")
+        print("| statement | plain | partitioned | partitioned / plain |")
+        print("|---|---:|---:|---:|")
         for op, by_store in bulk.items():
             a, b = (statistics.median(by_store[s]) for s in STORES)
-            paired = statistics.median(
-                p / u for u, p in zip(by_store[STORES[0]], by_store[STORES[1]], strict=True)
-            )
-            print(f"| {op} | {a:.0f} | {b:.0f} | {b / a:.3f} | {paired:.3f} |")
+            print(f"| {op} | {a:.0f} | {b:.0f} | {b / a:.3f} |")
+        locks = {store: update_locks(dsns[store]) for store in STORES}
+        print(
+            "\nLocks held by one audited single-row UPDATE transaction before it commits (`pg_locks` rows of its "
+            "backend; a backend has 16 fast-path slots for relation locks):\n"
+        )
+        print("| store | when | locks | relation locks | on audit tables / indexes | not fast-path |")
+        print("|---|---|---:|---:|---:|---:|")
+        for store in STORES:
+            for when, (total, rel, aud, slow) in locks[store].items():
+                print(f"| {store} | {when} | {total} | {rel} | {aud} | {slow} |")
         print()
         sys.stdout.flush()
 
-        # retention: fill
-        for conn in conns.values():
-            conn.execute("TRUNCATE threadline.changes, threadline.transactions")
+        # fill
         end = plain.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         start = plain.execute(
             "SELECT %s::timestamptz - %s::interval", [end, f"{MONTHS_BACK} months"]
         ).fetchone()[0]  # type: ignore[index]
+        xids = (
+            min(
+                int(c.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0])  # type: ignore[index]
+                for c in conns.values()
+            )
+            - 1000
+        )
+        filled = {store: fill(conn, store, start, end, xids) for store, conn in conns.items()}
+        sizes = {store: audit_size(conn) for store, conn in conns.items()}
+        defaults = {store: in_default(conn) for store, conn in conns.items()}
+        print(
+            f"## Fill\n\n{CHANGES:,} changes in {TRANSACTIONS:,} transactions, occurred evenly from "
+            f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} (UTC); {ROW_KEYS:,} rows of `app.t8` "
+            f"(~{CHANGES // ROW_KEYS} changes each), a correlation id per {PER_CORRELATION} transactions; xids 3 to "
+            f"{xids:,} in time order ({TRANSACTIONS / max(xids, 1):.1f} transactions per xid). Written with "
+            "generate_series (the deferred refresh_context trigger skipped), transactions in one statement, changes "
+            "in statements of 100,000 transactions.\n"
+        )
+        print(
+            "| store | fill (INSERTs) | VACUUM ANALYZE | audit tables size | rows in DEFAULT (transactions / changes) |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        for store in STORES:
+            print(
+                f"| {store} | {filled[store][0]:.0f} s | {filled[store][1]:.0f} s | {mb(sizes[store])} | {defaults[store]} |"
+            )
+        print()
+        sys.stdout.flush()
+
+        # reads
+        calls = read_calls(start, end)
+        with (
+            psycopg.connect(dsns["plain"], autocommit=True, cursor_factory=RecordingCursor) as r_plain,
+            psycopg.connect(dsns["partitioned"], autocommit=True, cursor_factory=RecordingCursor) as r_parted,
+        ):
+            readers = {"plain": r_plain, "partitioned": r_parted}
+            timed = time_reads(readers, calls)
+            explained = explain_reads(readers, calls, {name: timed[name]["sample"] for name in calls})
+        print(
+            f"## Reads (filled stores, through the library)\n\n{READS} calls each with varied keys (the same on both "
+            f"stores, interleaved), after {WARMUP} warm-up calls; ms per call including the client's decoding.\n"
+        )
+        print(
+            "| read | changes returned (mean) | plain p50 | plain p95 | partitioned p50 | partitioned p95 | p50 partitioned / plain |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name in calls:
+            a, b = timed[name]["plain"], timed[name]["partitioned"]
+            same = "" if b["same"] else " (differ!)"
+            print(
+                f"| {name} | {a['rows']:.1f}{same} | {a['p50']:.2f} | {a['p95']:.2f} | {b['p50']:.2f} | {b['p95']:.2f} "
+                f"| {ratio(a['p50'], b['p50'])} |"
+            )
+        print(
+            "\nEvery statement one call sends (captured from the library's cursor), under EXPLAIN (ANALYZE, BUFFERS), "
+            "second run: execution / planning ms, shared buffers, and partitions of `changes` / `transactions` in "
+            "the plan / executed (partitioned store). Sample keys: "
+            + ", ".join(f"{name.split('(')[0]} `{timed[name]['sample']}`" for name in calls)
+            + ".\n"
+        )
+        print(
+            "| read | # | statement (partitioned store's text) | plain exec / plan ms | partitioned exec / plan ms "
+            "| plain buffers | partitioned buffers | changes parts | transactions parts |"
+        )
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        slow = []
+        for e in explained:
+            a, b = e["stats"]["plain"], e["stats"]["partitioned"]
+            print(
+                f"| {e['read'].split('(')[0]} | {e['n']} | {e['what'].replace('|', '/')} | {a['ms']:.2f} / {a['plan_ms']:.2f} "
+                f"| {b['ms']:.2f} / {b['plan_ms']:.2f} | {a['buffers']} | {b['buffers']} "
+                f"| {b['parts']['changes'][0]} / {b['parts']['changes'][1]} "
+                f"| {b['parts']['transactions'][0]} / {b['parts']['transactions'][1]} |"
+            )
+            total_a, total_b = a["ms"] + a["plan_ms"], b["ms"] + b["plan_ms"]
+            if total_b > 3 * total_a and total_b - total_a > 1:
+                slow.append(e)
+        shown = [
+            e
+            for e in explained
+            if e["read"].startswith(("history", "trace")) and "changes" in e["what"].split(":")[0]
+        ]
+        for e in shown + [e for e in slow if e not in shown]:
+            label = "slower on the partitioned store: " if e in slow and e not in shown else ""
+            print(f"\n### {label}{e['read']}, statement {e['n']}\n\n```sql\n{e['sql']}\n```\n")
+            for store in STORES:
+                print(f"{store}:\n\n```\n{e['texts'][store]}\n```\n")
+        sys.stdout.flush()
+
+        # seal
+        sealed = {}
+        for store, conn in conns.items():
+            t0 = time.monotonic()
+            result = seal(conn)
+            seal_s = time.monotonic() - t0
+            t0 = time.monotonic()
+            checked = verify(conn)
+            sealed[store] = (result, seal_s, checked, time.monotonic() - t0)
+        print("## Seal\n\n`seal(conn)` (batches of 1,000) of the filled stores, then `verify(conn)`.\n")
+        print(
+            "| store | sealed transactions | seals | seal time | transactions/s | verify time | verify ok |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for store in STORES:
+            result, seal_s, checked, verify_s = sealed[store]
+            print(
+                f"| {store} | {result.transactions:,} | {result.seals:,} | {seal_s:.1f} s | "
+                f"{result.transactions / seal_s:,.0f} | {verify_s:.1f} s | {checked.ok} "
+                f"{'' if checked.ok else checked.first_problem} |"
+            )
+        print()
+        sys.stdout.flush()
+
+        # retention
         cutoff = plain.execute("SELECT %s::timestamptz - %s::interval", [end, KEEP]).fetchone()[0]  # type: ignore[index]
-        filled = {name: fill(conn, start, end) for name, conn in conns.items()}
-        sizes = {name: audit_size(conn) for name, conn in conns.items()}
-        in_default = parted.execute(
-            "SELECT (SELECT count(*) FROM threadline.changes_default), (SELECT count(*) FROM threadline.transactions_default)"
-        ).fetchone()
+        purged = {store: purge_store(conn, dsns[store], cutoff) for store, conn in conns.items()}
         print(
-            f"## Retention\n\nFilled {CHANGES:,} changes in {CHANGES // PER_TX:,} transactions, captured evenly from "
-            f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} (UTC), {ROW_KEYS:,} distinct rows; rows in the DEFAULT "
-            f"partitions: {in_default}.\n"
-        )
-        print("| store | fill (INSERTs) | VACUUM ANALYZE | audit tables size |")
-        print("|---|---:|---:|---:|")
-        for name in STORES:
-            print(f"| {name} | {filled[name][0]:.0f} s | {filled[name][1]:.0f} s | {mb(sizes[name])} |")
-        print()
-        for name, conn in conns.items():
-            print(f"Capture's lookup of the transaction row on the filled {name} store (generic plan):\n")
-            print(f"```\n{lookup_plan(conn)}\n```\n")
-        sys.stdout.flush()
-
-        # read plans, on the filled stores
-        row = parted.execute(
-            "SELECT t.id, t.occurred_at, t.correlation_id FROM threadline.transactions t"
-            " WHERE t.occurred_at >= %s::timestamptz - interval '3 months' ORDER BY t.occurred_at LIMIT 1",
-            [end],
-        ).fetchone()
-        assert row is not None
-        w0 = parted.execute(
-            "SELECT date_trunc('month', %s::timestamptz - interval '2 months') - interval '5 days'", [end]
-        ).fetchone()[0]  # type: ignore[index]
-        w1 = parted.execute("SELECT %s::timestamptz + interval '10 days'", [w0]).fetchone()[0]  # type: ignore[index]
-        sample = {"tid": row[0], "at": row[1], "cid": row[2], "row": 4242, "window": (w0, w1)}
-        print(
-            f"## Read plans (filled stores, before the purge)\n\nSample: transaction {sample['tid']} "
-            f'({sample["at"]:%Y-%m-%d}), correlation id `{sample["cid"]}`, row `{{"id": {sample["row"]}}}` of '
-            f"app.items, window {w0:%Y-%m-%d} to {w1:%Y-%m-%d}. Warm cache; second run of each.\n"
+            f"## Retention\n\n`retention.purge(conn, {cutoff:%Y-%m-%d %H:%M} UTC ({KEEP} before the fill's end), "
+            f"batch_size={BATCH:,})` on the sealed stores, a CHECKPOINT before each; WAL is the cluster's. Meanwhile a "
+            f"writer thread ran captured single-row INSERT transactions on the tracked table, {WRITER_PAUSE * 1000:.0f} ms "
+            "apart.\n"
         )
         print(
-            "| query | rows | unpart. ms | part. ms | unpart. buffers | part. buffers "
-            "| changes partitions: in plan / executed | transactions partitions: in plan / executed | subplans removed |"
+            "| store | time | WAL | partitions dropped | changes | transactions | batches | complete | size before "
+            "| size after | verify after (time) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        texts = []
-        unpartitioned_texts = []
-        for key, what, statement, params in plan_queries(sample):
-            stats = {}
-            for name, conn in conns.items():
-                data, text = explain(conn, statement, params)
-                stats[name] = plan_stats(data)
-                if name == "partitioned":
-                    texts.append((key, what, text))
-                elif key.startswith("window"):
-                    unpartitioned_texts.append((key, what, text))
-                    # the same read where the planner must take the BRIN index: its best case
-                    data, text = explain(conn, statement, params, "enable_seqscan = off")
-                    brin = plan_stats(data)
-                    unpartitioned_texts.append((f"{key}, enable_seqscan = off", what, text))
-            a, b = stats["unpartitioned"], stats["partitioned"]
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
+        for store in STORES:
+            p = purged[store]
+            r = p["result"]
+            v = p["verify"]
             print(
-                f"| {key}: {what} | {b['rows']} | {a['ms']:.2f} | {b['ms']:.2f} | {a['hit'] + a['read']} | "
-                f"{b['hit'] + b['read']} | {b['in_plan']['changes']} / {b['executed']['changes']} | "
-                f"{b['in_plan']['transactions']} / {b['executed']['transactions']} | {b['removed']} |"
-            )
-            if key.startswith("window"):
-                print(
-                    f"| … unpartitioned with `enable_seqscan = off` (BRIN) | {brin['rows']} | {brin['ms']:.2f} | | "
-                    f"{brin['hit'] + brin['read']} | | | | |"
-                )
-        print("\nPlans on the partitioned store:\n")
-        for key, what, text in texts:
-            print(f"### {key}: {what}\n\n```\n{text}\n```\n")
-        print("Plans of the time-bounded reads on the unpartitioned store:\n")
-        for key, what, text in unpartitioned_texts:
-            print(f"### unpartitioned {key}: {what}\n\n```\n{text}\n```\n")
-        sys.stdout.flush()
-
-        # retention: purge
-        results = {
-            "unpartitioned": purge_unpartitioned(plain, cutoff),
-            "partitioned": purge_partitioned(parted, cutoff, months),
-        }
-        left = {name: counts(conn) for name, conn in conns.items()}
-        p = results["partitioned"]
-        print(
-            f"## Purge of everything captured before {cutoff:%Y-%m-%d %H:%M} ({KEEP} before the fill's end)\n\n"
-            f"Unpartitioned: the batched DELETEs of `threadline/retention.py` (batches of {BATCH:,}, each its own "
-            f"transaction). Partitioned: DROP of the {p['dropped']} monthly partitions of each table wholly before the "
-            f"cut-off, then the same batched DELETEs with the partition key added to each DELETE, on what is left "
-            f"(partition {p['edge']}); before them, one batch of `retention.purge` as it is. A CHECKPOINT precedes "
-            f"each store's purge; WAL is the cluster's.\n"
-        )
-        print(
-            "| store | time | WAL | changes / transactions deleted by DELETE (batches) | size before | size after "
-            "| plain VACUUM | size after VACUUM |"
-        )
-        print("|---|---:|---:|---|---:|---:|---:|---:|")
-        for name in STORES:
-            r = results[name]
-            d = r["deleted"]
-            print(
-                f"| {name} | {r['seconds']:.1f} s | {mb(r['wal'])} | {d[0]:,} / {d[1]:,} ({d[2]}) | {mb(r['size_before'])} | "
-                f"{mb(r['size_after'])} | {r['vacuum_s']:.1f} s, {mb(r['vacuum_wal'])} WAL | {mb(r['size_vacuumed'])} |"
+                f"| {store} | {r.seconds:.1f} s | {mb(p['wal'])} | {r.partitions} | {r.changes:,} | {r.transactions:,} "
+                f"| {r.batches:,} | {r.complete} | {mb(p['before'])} | {mb(p['after'])} "
+                f"| {'ok' if v.ok else 'FAILED: ' + str(v.first_problem)} ({p['verify_s']:.1f} s; {v.purged:,} purged) |"
             )
         print(
-            f"\nPartitioned, in parts: DROP {p['drop_s']:.2f} s, {p['drop_wal'] / 1024:,.0f} kB WAL; one batch of "
-            f"`retention.purge` as it is ({p['probe_rows']:,} changes) {p['probe_s']:.2f} s; the batched DELETEs with the "
-            f"partition key {p['edge_s']:.1f} s; {mb(p['edge_wal'])} WAL for the DELETEs.\n"
+            "\n| store | filled changes left | filled transactions left | changes without a transaction row | plain VACUUM after | size after VACUUM |"
         )
-        print("| store | changes left | transactions left | changes without their transaction row |")
-        print("|---|---:|---:|---:|")
-        for name in STORES:
-            print(f"| {name} | {left[name][0]:,} | {left[name][1]:,} | {left[name][2]:,} |")
-        print()
-        # sealing reads changes by transaction; measured after the purge, which would otherwise
-        # have sealed rows to account for
-        seal = {name: seal_ms(conn) for name, conn in conns.items()}
-        print(
-            f"One seal batch of 1,000 transactions on the purged stores (`threadline.seal(1000)`, median of 3): "
-            f"unpartitioned {seal['unpartitioned']:.0f} ms, partitioned {seal['partitioned']:.0f} ms "
-            f"({seal['partitioned'] / seal['unpartitioned']:.2f}x).\n"
-        )
-        sys.stdout.flush()
-
-        print("## Partition maintenance locks (partitioned store, each in a rolled-back transaction)\n")
-        print("| operation | locks held on `changes` / `changes_default` |")
-        print("|---|---|")
-        for label, locks in maintenance_locks(parted, months):
-            print(f"| {label} | {locks} |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for store in STORES:
+            p = purged[store]
+            left = p["left"]
+            print(
+                f"| {store} | {left[0]:,} | {left[1]:,} | {left[2]:,} | {p['vacuum_s']:.1f} s, {mb(p['vacuum_wal'])} WAL "
+                f"| {mb(p['vacuumed'])} |"
+            )
+        print("\nThe concurrent writer during each purge:\n")
+        print("| store | transactions | failed | p50 ms | p99 ms | max ms |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for store in STORES:
+            w = purged[store]["writer"]
+            lat = w.latencies or [0.0]
+            failed = f"{len(w.failures)}" + (f" ({w.failures[0]})" if w.failures else "")
+            print(
+                f"| {store} | {len(w.latencies):,} | {failed} | {percentile(lat, 50):.1f} | {percentile(lat, 99):.1f} "
+                f"| {max(lat):.1f} |"
+            )
         print(f"\nTotal run time: {(time.monotonic() - started) / 60:.1f} min.")
 
 

@@ -506,9 +506,6 @@ def test_queries_read_another_audit_schema(conn: Conn) -> None:
         assert [c.op for c in threadline.timeline(conn, correlation_id="q-1", audit_schema="audit_q")] == [
             "insert"
         ]
-        assert threadline.timeline(conn, correlation_id="q-1") == threadline.timeline(
-            conn, correlation_id="q-1"
-        )
         assert len(threadline.timeline(conn, correlation_id="q-1")) == 0
         assert len(threadline.history(conn, "app.t", 1, audit_schema="audit_q")) == 1
         assert threadline.trace(conn, "q-1", audit_schema="audit_q").change_count == 1

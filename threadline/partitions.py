@@ -202,4 +202,3 @@ def create_partitions(
             logger.info("audit partitions: a table is busy, retrying (%d of %d)", attempt, attempts)
             time.sleep(min(0.2 * 2**attempt, 5.0))
     raise AssertionError("unreachable")
-

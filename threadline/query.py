@@ -398,17 +398,27 @@ def transaction_join(partitioned: bool) -> sql.SQL:
     )
 
 
+def change_columns(partitioned: bool) -> tuple[sql.Composable, tuple[str, ...]]:
+    """The change columns a query reads, and their names: in a partitioned store also the
+    transaction's start time (``t_started``), so :func:`with_transactions` reads each transaction
+    in its own partition."""
+    if not partitioned:
+        return CHANGE_COLUMNS, CHANGE_COLUMN_NAMES
+    return CHANGE_COLUMNS + sql.SQL(", c.occurred_at AS t_started"), (*CHANGE_COLUMN_NAMES, "t_started")
+
+
 # Changes are read without their transactions' columns (a transaction's context would otherwise
 # travel and be decoded once per change); :func:`with_transactions` fetches each transaction once.
 # The join is there for filters on the transaction: a plan without such filters leaves it out.
-def _select(audit: sql.Identifier, partitioned: bool | None) -> sql.Composed:
-    """``SELECT`` of change columns from ``changes c``, joined to ``transactions t`` unless
-    ``partitioned`` is ``None`` (no filter reads the transaction)."""
-    if partitioned is None:
-        return sql.SQL("SELECT {changes} FROM {audit}.changes c").format(changes=CHANGE_COLUMNS, audit=audit)
+def _select(audit: sql.Identifier, partitioned: bool, *, join: bool = True) -> sql.Composed:
+    """``SELECT`` of change columns from ``changes c``, joined to ``transactions t`` when ``join``
+    (a filter reads the transaction)."""
+    columns = change_columns(partitioned)[0]
+    if not join:
+        return sql.SQL("SELECT {changes} FROM {audit}.changes c").format(changes=columns, audit=audit)
     return sql.SQL(
         "SELECT {changes} FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON {join}"
-    ).format(changes=CHANGE_COLUMNS, audit=audit, join=transaction_join(partitioned))
+    ).format(changes=columns, audit=audit, join=transaction_join(partitioned))
 
 
 def changes_from_rows(rows: Rows, transactions: Mapping[int, Transaction] | None = None) -> list[Change]:
@@ -430,9 +440,21 @@ def changes_from_rows(rows: Rows, transactions: Mapping[int, Transaction] | None
 
 
 def with_transactions(audit: sql.Identifier, rows: Rows) -> Plan[list[Change]]:
-    """Plan: the changes of ``rows`` with their transactions, each read once."""
-    ids = sorted({row["transaction_id"] for row in rows})
+    """Plan: the changes of ``rows`` with their transactions, each read once (by id and start time
+    when the rows carry ``t_started``: one partition each in a partitioned store)."""
     found: dict[int, Transaction] = {}
+    if rows and "t_started" in rows[0]:
+        pairs = sorted({(row["transaction_id"], row["t_started"]) for row in rows})
+        tx_rows = yield Query(
+            sql.SQL(
+                "SELECT {} FROM unnest(%(ids)s::bigint[], %(at)s::timestamptz[]) AS k(id, at)"
+                " JOIN {}.transactions t ON t.id = k.id AND t.occurred_at = k.at"
+            ).format(TRANSACTION_COLUMNS, audit),
+            {"ids": [p[0] for p in pairs], "at": [p[1] for p in pairs]},
+        )
+        found = {r["t_id"]: Transaction.from_row(r, "t_") for r in tx_rows}
+        return changes_from_rows(rows, found)
+    ids = sorted({row["transaction_id"] for row in rows})
     if ids:
         tx_rows = yield Query(
             sql.SQL("SELECT {} FROM {}.transactions t WHERE t.id = ANY (%(ids)s::bigint[])").format(
@@ -562,7 +584,8 @@ def _history_plan(table: str, pk: Any, limit: int | None, audit_schema: str) -> 
     ref = yield from resolve_table(table, audit_schema)
     key = normalize_key(ref, pk)
     params: dict[str, Any] = {"pk": Jsonb(key)}
-    statement = _select(audit, None) + sql.SQL(
+    partitioned = yield from partitioned_plan(audit_schema)
+    statement = _select(audit, partitioned, join=False) + sql.SQL(
         " WHERE c.pk = %(pk)s AND {} ORDER BY c.captured_at DESC, c.id DESC"
     ).format(ref.condition(params))
     if limit is not None:
@@ -666,8 +689,9 @@ def _transaction_plan(transaction_id: int, audit_schema: str) -> Plan[list[Chang
     audit = _audit(audit_schema)
     if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
         raise InvalidFilter(f"transaction_id must be an integer, got {transaction_id!r}")
+    partitioned = yield from partitioned_plan(audit_schema)
     rows = yield Query(
-        _select(audit, None) + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
+        _select(audit, partitioned, join=False) + sql.SQL(" WHERE c.transaction_id = %(tid)s ORDER BY c.id"),
         {"tid": transaction_id},
     )
     return (yield from with_transactions(audit, rows))

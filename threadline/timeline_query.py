@@ -18,11 +18,10 @@ from threadline._connection import ConnectionLike
 from threadline._run import Plan, Query, Rows, run, run_async
 from threadline.ddl.names import DEFAULT_SCHEMA
 from threadline.query import (
-    CHANGE_COLUMN_NAMES,
-    CHANGE_COLUMNS,
     ActorLike,
     Filters,
     _audit,
+    change_columns,
     check_limit,
     filters_plan,
     where_clause,
@@ -94,8 +93,7 @@ def _timeline_plan(
             where = partial(_within, filters, sql.SQL("c.captured_at < %(window_end)s"))
         statement = paging.page_statement(
             audit,
-            CHANGE_COLUMNS,
-            CHANGE_COLUMN_NAMES,
+            *change_columns(filters.partitioned),
             where,
             position,
             checked,
