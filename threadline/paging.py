@@ -185,6 +185,7 @@ def page_statement(
     forward_keys: bool = True,
     forward: bool = True,
     tx_join: sql.Composable = PLAIN_JOIN,
+    forward_join: bool = True,
 ) -> sql.Composed:
     """One statement returning a page's late rows, then its rows in position order, then the
     closing row, each row led by :data:`KEY_COLUMNS` and followed by ``columns``.
@@ -196,7 +197,9 @@ def page_statement(
     export then loads two values fewer per row. Without ``forward`` the statement returns only
     the late rows and the closing row: the rows in position order then come from
     :func:`forward_statement`, run in the same snapshot (a ``REPEATABLE READ`` transaction).
-    ``tx_join`` joins ``c`` to ``t`` (:func:`threadline.query.transaction_join`).
+    ``tx_join`` joins ``c`` to ``t`` (:func:`threadline.query.transaction_join`); without
+    ``forward_join`` the rows in position order are read from ``changes`` alone (neither the
+    filters nor ``columns`` read ``t``).
     """
     # Each part is ordered (and cut) only when the page has a limit; otherwise the one sort of
     # the whole statement orders every row, and sorting each part first would do it twice.
@@ -274,14 +277,18 @@ def page_statement(
             sql.SQL(
                 "(SELECT 1 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, {k_at} AS k_at,"
                 " {k_id} AS k_id, NULL::text AS k_xip, c.captured_at AS s_at, c.id AS s_id, {columns}"
-                " FROM {audit}.changes c LEFT JOIN {audit}.transactions t ON {tx_join}"
+                " FROM {audit}.changes c{t_join}"
                 "{lateral}{where}{cap})"
             ).format(
                 k_at=keys[0],
                 k_id=keys[1],
                 columns=columns,
                 audit=audit,
-                tx_join=tx_join,
+                t_join=sql.SQL(" LEFT JOIN {audit}.transactions t ON {tx_join}").format(
+                    audit=audit, tx_join=tx_join
+                )
+                if forward_join
+                else _NOTHING,
                 lateral=lateral,
                 where=where(params, extra),
                 cap=forward_cap,

@@ -444,13 +444,17 @@ def with_transactions(audit: sql.Identifier, rows: Rows) -> Plan[list[Change]]:
     when the rows carry ``t_started``: one partition each in a partitioned store)."""
     found: dict[int, Transaction] = {}
     if rows and "t_started" in rows[0]:
-        pairs = sorted({(row["transaction_id"], row["t_started"]) for row in rows})
+        # each array alone: pruning to the partitions of those start times (ids are unique, so
+        # pairing them is not needed); no join the planner would cost as probing every partition
         tx_rows = yield Query(
             sql.SQL(
-                "SELECT {} FROM unnest(%(ids)s::bigint[], %(at)s::timestamptz[]) AS k(id, at)"
-                " JOIN {}.transactions t ON t.id = k.id AND t.occurred_at = k.at"
+                "SELECT {} FROM {}.transactions t"
+                " WHERE t.id = ANY (%(ids)s::bigint[]) AND t.occurred_at = ANY (%(at)s::timestamptz[])"
             ).format(TRANSACTION_COLUMNS, audit),
-            {"ids": [p[0] for p in pairs], "at": [p[1] for p in pairs]},
+            {
+                "ids": sorted({row["transaction_id"] for row in rows}),
+                "at": sorted({row["t_started"] for row in rows}),
+            },
         )
         found = {r["t_id"]: Transaction.from_row(r, "t_") for r in tx_rows}
         return changes_from_rows(rows, found)
@@ -483,6 +487,15 @@ class Filters:
     def tx_join(self) -> sql.SQL:
         """The condition that joins ``c`` to ``t`` in this store (:func:`transaction_join`)."""
         return transaction_join(self.partitioned)
+
+    @property
+    def reads_transactions(self) -> bool:
+        """Whether :func:`where_clause` reads the transaction ``t`` (else changes alone answer)."""
+        return (
+            self.correlation_id is not None
+            or self.actor is not None
+            or (self.until is not None and not self.partitioned)
+        )
 
     def fingerprint(self) -> str:
         """Short hash of the identity filters (a cursor is bound to them)."""
@@ -563,11 +576,15 @@ def where_clause(
     if filters.until is not None:
         params["until"] = filters.until
         # a transaction starts before its changes are captured: this bound lets the actor and
-        # time indexes of transactions help
-        conds.append(sql.SQL("c.captured_at < %(until)s AND t.occurred_at < %(until)s"))
-        if filters.partitioned:
-            # the same bound on the partition key leaves out the partitions after it
-            conds.append(sql.SQL("c.occurred_at < %(until)s"))
+        # time indexes of transactions help (partitioned: the partition key, which changes carry,
+        # and the partitions after it are left out)
+        conds.append(
+            sql.SQL(
+                "c.captured_at < %(until)s AND c.occurred_at < %(until)s"
+                if filters.partitioned
+                else "c.captured_at < %(until)s AND t.occurred_at < %(until)s"
+            )
+        )
     conds.extend(extra)
     if not conds:
         return sql.SQL("")
@@ -732,14 +749,25 @@ def _trace_plan(correlation_id: str, audit_schema: str) -> Plan[Trace]:
         ).format(TRANSACTION_COLUMNS, audit),
         params,
     )
+    # the changes of those transactions, by key (and, partitioned, start time: only their
+    # partitions are read)
     partitioned = yield from partitioned_plan(audit_schema)
-    change_rows = yield Query(
-        sql.SQL(
-            "SELECT {}, t.id AS t_id FROM {}.transactions t JOIN {}.changes c ON {}"
-            " WHERE t.correlation_id = %(correlation_id)s ORDER BY c.transaction_id, c.id"
-        ).format(CHANGE_COLUMNS, audit, audit, transaction_join(partitioned)),
-        params,
-    )
+    change_rows: Rows = []
+    if tx_rows:
+        change_rows = yield Query(
+            sql.SQL(
+                "SELECT {}, c.transaction_id AS t_id FROM {}.changes c WHERE c.transaction_id = ANY (%(ids)s::bigint[]){}"
+                " ORDER BY c.transaction_id, c.id"
+            ).format(
+                CHANGE_COLUMNS,
+                audit,
+                sql.SQL(" AND c.occurred_at = ANY (%(at)s::timestamptz[])" if partitioned else ""),
+            ),
+            {
+                "ids": sorted({r["t_id"] for r in tx_rows}),
+                "at": sorted({r["t_occurred_at"] for r in tx_rows}),
+            },
+        )
     action_rows = yield Query(
         sql.SQL(
             "SELECT {} FROM {}.actions a WHERE a.correlation_id = %(correlation_id)s ORDER BY a.inserted_at, a.id"

@@ -99,6 +99,7 @@ def _timeline_plan(
             checked,
             params,
             tx_join=filters.tx_join,
+            forward_join=filters.reads_transactions,
         )
         rows = yield Query(statement, params)
         # a window holding more than a page holds the page (everything captured earlier is in it)
