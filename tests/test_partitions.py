@@ -292,30 +292,19 @@ def test_a_busy_partition_is_retried_under_lock_timeout(store: str) -> None:
     assert result.partitions == 1 and took >= 1.0
 
 
-def test_a_plain_store_purges_in_batches(store: str) -> None:
-    name = f"threadline_plain_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            ddl.install(conn, partition_by=None)
-            assert not partitions.is_partitioned(conn)
-            assert partitions.partition_settings(conn) is None
-            assert partitions.partitions(conn) == []
-            assert partitions.create_partitions(conn) == 0
-            with pytest.raises(ConfigurationError, match="not partitioned"):
-                partitions.set_partitions_ahead(conn, 6)
-            conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
-            ddl.track(conn, "items")
-            conn.execute("INSERT INTO items VALUES (1)")
-            conn.execute("UPDATE threadline.changes SET captured_at = captured_at - interval '100 days'")
-            conn.execute("UPDATE threadline.transactions SET occurred_at = occurred_at - interval '100 days'")
-            result = purge(conn, "90d")
-            assert (result.partitions, result.changes, result.transactions) == (0, 1, 1)
-    finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+def test_a_plain_store_purges_in_batches(plain: str) -> None:
+    with psycopg.connect(plain, autocommit=True) as conn:
+        assert not partitions.is_partitioned(conn)
+        assert partitions.partition_settings(conn) is None
+        assert partitions.partitions(conn) == []
+        assert partitions.create_partitions(conn) == 0
+        with pytest.raises(ConfigurationError, match="not partitioned"):
+            partitions.set_partitions_ahead(conn, 6)
+        conn.execute("INSERT INTO items VALUES (1, 'a')")
+        conn.execute("UPDATE threadline.changes SET captured_at = captured_at - interval '100 days'")
+        conn.execute("UPDATE threadline.transactions SET occurred_at = occurred_at - interval '100 days'")
+        result = purge(conn, "90d")
+        assert (result.partitions, result.changes, result.transactions) == (0, 1, 1)
 
 
 def test_settings_persist_and_are_checked(store: str) -> None:
