@@ -600,6 +600,7 @@ def run(dsns: dict[str, str]) -> None:
         conns = {"plain": plain, "partitioned": parted}
         version = plain.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         shared = plain.execute("SHOW shared_buffers").fetchone()[0]  # type: ignore[index]
+        jit = plain.execute("SHOW jit").fetchone()[0]  # type: ignore[index]
         others = plain.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
             " AND pid <> pg_backend_pid() AND datname NOT IN (%s, %s)",
@@ -609,8 +610,8 @@ def run(dsns: dict[str, str]) -> None:
             build(conn, store)
 
         print(
-            f"# threadline's audit store: plain vs partitioned\n\nPostgreSQL {version} (shared_buffers {shared}), "
-            f"{os.cpu_count()} cores; PART_CHANGES={CHANGES:,} ({TRANSACTIONS:,} transactions of {PER_TX} changes), "
+            f"# threadline's audit store: plain vs partitioned\n\nPostgreSQL {version} (shared_buffers {shared}, "
+            f"jit {jit}), {os.cpu_count()} cores; library {LIBRARY}; PART_CHANGES={CHANGES:,} ({TRANSACTIONS:,} transactions of {PER_TX} changes), "
             f"PART_SECONDS={SECONDS}, PART_ROUNDS={ROUNDS}, PART_BATCH={BATCH:,}, PART_READS={READS}; "
             f"{other_note(others)}.\n"
         )
@@ -769,18 +770,28 @@ def run(dsns: dict[str, str]) -> None:
             seal_s = time.monotonic() - t0
             t0 = time.monotonic()
             checked = verify(conn)
-            sealed[store] = (result, seal_s, checked, time.monotonic() - t0)
-        print("## Seal\n\n`seal(conn)` (batches of 1,000) of the filled stores, then `verify(conn)`.\n")
+            verify_s = time.monotonic() - t0
+            # the same verify with JIT compilation off (verify's statements cost enough to be compiled)
+            conn.execute("SET jit = off")
+            t0 = time.monotonic()
+            unjitted = verify(conn)
+            conn.execute("RESET jit")
+            sealed[store] = (result, seal_s, checked, verify_s, unjitted, time.monotonic() - t0)
         print(
-            "| store | sealed transactions | seals | seal time | transactions/s | verify time | verify ok |"
+            "## Seal\n\n`seal(conn)` (batches of 1,000) of the filled stores, then `verify(conn)`, then `verify(conn)` "
+            f"again in a session with `jit = off` (the server's setting: {jit}).\n"
         )
-        print("|---|---:|---:|---:|---:|---:|---|")
+        print(
+            "| store | sealed transactions | seals | seal time | transactions/s | verify time | verify ok "
+            "| verify time, jit off | ok |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---|---:|---|")
         for store in STORES:
-            result, seal_s, checked, verify_s = sealed[store]
+            result, seal_s, checked, verify_s, unjitted, unjitted_s = sealed[store]
             print(
                 f"| {store} | {result.transactions:,} | {result.seals:,} | {seal_s:.1f} s | "
-                f"{result.transactions / seal_s:,.0f} | {verify_s:.1f} s | {checked.ok} "
-                f"{'' if checked.ok else checked.first_problem} |"
+                f"{result.transactions / seal_s:,.0f} | {verify_s:.1f} s | {checked.ok}"
+                f"{'' if checked.ok else ' ' + str(checked.first_problem)} | {unjitted_s:.1f} s | {unjitted.ok} |"
             )
         print()
         sys.stdout.flush()
@@ -831,6 +842,31 @@ def run(dsns: dict[str, str]) -> None:
                 f"| {max(lat):.1f} |"
             )
         print(f"\nTotal run time: {(time.monotonic() - started) / 60:.1f} min.")
+
+
+def library_version() -> str:
+    """The commit of the library this run imported, and its uncommitted files (read at start)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "threadline"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "version unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return f"commit {commit}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+LIBRARY = library_version()
 
 
 def other_note(others: int) -> str:

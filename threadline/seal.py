@@ -298,8 +298,13 @@ def _stray_changes(
         return []
     return cur.execute(
         sql.SQL(
-            "SELECT c.id, c.transaction_id FROM {a}.changes c JOIN {a}.transactions t ON t.id = c.transaction_id"
-            " WHERE c.occurred_at <> t.occurred_at AND (t.xid, t.id) <= (%s::xid8, %s) ORDER BY c.id LIMIT 10"
+            # one hash anti join over both tables (a lookup per change would search every partition)
+            "SELECT c.id, c.transaction_id FROM {a}.changes c"
+            " WHERE NOT EXISTS (SELECT 1 FROM {a}.transactions t"
+            "                    WHERE t.id = c.transaction_id AND t.occurred_at = c.occurred_at)"
+            "   AND EXISTS (SELECT 1 FROM {a}.transactions t"
+            "                WHERE t.id = c.transaction_id AND (t.xid, t.id) <= (%s::xid8, %s))"
+            " ORDER BY c.id LIMIT 10"
         ).format(a=audit),
         list(upto),
     ).fetchall()

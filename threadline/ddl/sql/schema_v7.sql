@@ -1781,7 +1781,7 @@ DO $layout$
 DECLARE
     parted boolean := (SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = '@audit@.changes'::regclass);
 BEGIN
-    EXECUTE replace(replace($def$
+    EXECUTE replace(replace(replace($def$
 -- The digest of one transaction row and its changes (format 1): every column, NULLs told apart
 -- from values, times in UTC, the changes' digests chained in id order. Independent of the
 -- session's settings, so seal and verify agree wherever they run.
@@ -1802,14 +1802,19 @@ AS $fn$
 $fn$;
 
 -- The digests of the transactions after (after_xid, after_id) up to and including (upto_xid,
--- upto_id), in order: what a seal covered, recomputed now.
+-- upto_id), in order: what a seal covered, recomputed now. Every name and operator is qualified
+-- instead of a SET search_path, so the function is inlined into the query that calls it: run as
+-- a function of its own it read a partitioned store about fifty times slower.
 CREATE OR REPLACE FUNCTION @audit@.range_digests(after_xid xid8, after_id bigint, upto_xid xid8, upto_id bigint)
 RETURNS TABLE (id bigint, digest bytea, changes bigint)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE sql STABLE AS $fn$
     SELECT t.id, @audit@.transaction_digest(t),
-           (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id@same_start:t@)
+           (SELECT pg_catalog.count(*) FROM @audit@.changes c
+             WHERE c.transaction_id OPERATOR(pg_catalog.=) t.id@same_start:t:qualified@)
       FROM @audit@.transactions t
-     WHERE (after_xid IS NULL OR (t.xid, t.id) > (after_xid, after_id)) AND (t.xid, t.id) <= (upto_xid, upto_id)
+     -- one range condition (no OR), so the (xid, id) index serves it under a generic plan too
+     WHERE (t.xid, t.id) OPERATOR(pg_catalog.>) (coalesce(after_xid, '0'::pg_catalog.xid8), coalesce(after_id, 0))
+       AND (t.xid, t.id) OPERATOR(pg_catalog.<=) (upto_xid, upto_id)
      ORDER BY t.xid, t.id
 $fn$;
 
@@ -1851,7 +1856,7 @@ BEGIN
         SELECT t.id, t.xid, @audit@.transaction_digest(t) AS d,
                (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id@same_start:t@) AS n
           FROM @audit@.transactions t
-         WHERE (prev.id IS NULL OR prev.last_xid IS NULL OR (t.xid, t.id) > (prev.last_xid, prev.last_id))
+         WHERE (t.xid, t.id) > (coalesce(prev.last_xid, '0'::xid8), coalesce(prev.last_id, 0))
            AND t.xid < horizon AND (held IS NULL OR t.xid < held)
          ORDER BY t.xid, t.id
          LIMIT batch_size
@@ -1871,7 +1876,9 @@ BEGIN
 END
 $fn$;
 $def$, '@same_start:tx@', CASE WHEN parted THEN ' AND c.occurred_at = tx.occurred_at' ELSE '' END),
-        '@same_start:t@', CASE WHEN parted THEN ' AND c.occurred_at = t.occurred_at' ELSE '' END);
+        '@same_start:t@', CASE WHEN parted THEN ' AND c.occurred_at = t.occurred_at' ELSE '' END),
+        '@same_start:t:qualified@',
+        CASE WHEN parted THEN ' AND c.occurred_at OPERATOR(pg_catalog.=) t.occurred_at' ELSE '' END);
 END
 $layout$;
 REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
