@@ -73,6 +73,9 @@ bench-ops: venv
 	$(BIN)/python bench/retention.py
 	$(BIN)/python bench/load.py
 
+bench-partitions: venv
+	$(BIN)/python bench/partitioning.py
+
 bench-story: venv
 	$(BIN)/python bench/as_of_table.py
 	$(BIN)/python bench/seal.py
