@@ -508,3 +508,23 @@ def test_pg_partman_can_take_the_partitions_over(store: str) -> None:
         assert [
             c.transaction and c.transaction.correlation_id for c in threadline.history(conn, "items", 1)
         ] == ["partman"]
+
+
+def test_a_move_can_keep_the_old_tables_and_finish_later(plain: str) -> None:
+    with psycopg.connect(plain, autocommit=True) as conn:
+        for key in range(20):
+            conn.execute("INSERT INTO items VALUES (%s, 'x')", [key])
+        kept = migrate_to_partitioned(conn, keep_old=True, batch_size=7)
+        assert kept.kept_old and (kept.transactions, kept.changes) == (20, 20)
+        assert conn.execute("SELECT count(*) FROM threadline.changes_plain").fetchone() == (20,)
+        assert _consistent(conn) == (20, 20)
+        # something of the application's depends on an old table: the drop is refused, clearly
+        conn.execute("CREATE VIEW public.old_changes AS SELECT id FROM threadline.changes_plain")
+        with pytest.raises(MigrationError, match="were kept"):
+            migrate_to_partitioned(conn)
+        conn.execute("DROP VIEW public.old_changes")
+        finished = migrate_to_partitioned(conn)
+        assert (finished.transactions, finished.changes) == (0, 0)
+        assert conn.execute("SELECT to_regclass('threadline.changes_plain')").fetchone() == (None,)
+        with pytest.raises(MigrationError, match="already partitioned"):
+            migrate_to_partitioned(conn)

@@ -420,18 +420,33 @@ def _check_and_drop(conn: psycopg.Connection[Any], audit_schema: str, keep_old: 
             )
     if keep_old:
         return
-    with conn.transaction():
-        conn.execute(
-            sql.SQL("DROP FUNCTION IF EXISTS {a}.transaction_digest({old})").format(
-                a=a, old=_ident(audit_schema, "transactions" + OLD_SUFFIX)
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("DROP FUNCTION IF EXISTS {a}.transaction_digest({old})").format(
+                    a=a, old=_ident(audit_schema, "transactions" + OLD_SUFFIX)
+                )
             )
-        )
-        conn.execute(
-            sql.SQL("DROP TABLE {}, {}").format(
-                _ident(audit_schema, "changes" + OLD_SUFFIX),
-                _ident(audit_schema, "transactions" + OLD_SUFFIX),
+            conn.execute(
+                sql.SQL("DROP TABLE {}, {}").format(
+                    _ident(audit_schema, "changes" + OLD_SUFFIX),
+                    _ident(audit_schema, "transactions" + OLD_SUFFIX),
+                )
             )
-        )
+    except errors.DependentObjectsStillExist as exc:
+        raise MigrationError(
+            f"the store is partitioned and every row was copied, but the old tables {audit_schema}.changes"
+            f"{OLD_SUFFIX} and {audit_schema}.transactions{OLD_SUFFIX} were kept: {exc.diag.message_detail or exc}."
+            " Move what depends on them to the new tables, then drop them (DROP TABLE ...)"
+        ) from exc
+
+
+def _old_tables_left(conn: psycopg.Connection[Any], audit_schema: str) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+        [audit_schema, "transactions" + OLD_SUFFIX],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def migrate_to_partitioned(
@@ -474,6 +489,11 @@ def migrate_to_partitioned(
             ).format(sql.Identifier(audit_schema))
         ).fetchone()
     if kind and kind[0] == "p":
+        if _old_tables_left(conn, audit_schema) and not keep_old:
+            # a run stopped between the switch and the check: finish it
+            _check_and_drop(conn, audit_schema, keep_old=False)
+            _idle(conn)
+            return MigrationResult(0, 0, 0, time.monotonic() - started, 0.0, False)
         raise MigrationError(f"the audit store of schema {audit_schema!r} is already partitioned")
     if running and running[0]:
         raise MigrationError("a baseline is being taken: let it finish (or end it) before moving the store")
