@@ -444,17 +444,17 @@ def with_transactions(audit: sql.Identifier, rows: Rows) -> Plan[list[Change]]:
     when the rows carry ``t_started``: one partition each in a partitioned store)."""
     found: dict[int, Transaction] = {}
     if rows and "t_started" in rows[0]:
-        # each array alone: pruning to the partitions of those start times (ids are unique, so
-        # pairing them is not needed); no join the planner would cost as probing every partition
+        # one lookup per transaction, by id and start time, each pruned to its own partition when
+        # it runs (a LATERAL subquery with LIMIT: neither a hash join nor a parallel plan over
+        # every partition, which the planner would cost lower than it turns out)
+        pairs = sorted({(row["transaction_id"], row["t_started"]) for row in rows})
         tx_rows = yield Query(
             sql.SQL(
-                "SELECT {} FROM {}.transactions t"
-                " WHERE t.id = ANY (%(ids)s::bigint[]) AND t.occurred_at = ANY (%(at)s::timestamptz[])"
+                "SELECT {} FROM unnest(%(ids)s::bigint[], %(at)s::timestamptz[]) AS k(id, at)"
+                " CROSS JOIN LATERAL (SELECT * FROM {}.transactions x"
+                "                      WHERE x.id = k.id AND x.occurred_at = k.at LIMIT 1) AS t"
             ).format(TRANSACTION_COLUMNS, audit),
-            {
-                "ids": sorted({row["transaction_id"] for row in rows}),
-                "at": sorted({row["t_started"] for row in rows}),
-            },
+            {"ids": [p[0] for p in pairs], "at": [p[1] for p in pairs]},
         )
         found = {r["t_id"]: Transaction.from_row(r, "t_") for r in tx_rows}
         return changes_from_rows(rows, found)
