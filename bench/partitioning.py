@@ -1,12 +1,14 @@
 """Partitioning benchmark: threadline's two audit-store layouts side by side, in one run.
 
-Run with ``python bench/partitioning.py``. Builds two scratch databases (``bench/_db.py``): store
-"plain", installed with ``ddl.install(conn, partition_by=None)`` (unpartitioned ``transactions``
-and ``changes``), and store "partitioned", installed with ``ddl.install(conn)`` (the default:
-both tables range-partitioned monthly by the transaction's start time ``occurred_at``, a DEFAULT
-partition each) and then ``partitions.create_partitions(conn, since=<13 months ago>)``, so it holds
-the partitions of the 13 months before the current one, the current one, 3 ahead and DEFAULT.
-Both track the same 8-column table ``app.t8`` (100,000 rows). Then it measures, printing
+Run with ``python bench/partitioning.py``; the header names the server, the machine, the
+settings and the library's commit (with its uncommitted files) the run imported. Builds two
+scratch databases (``bench/_db.py``): store "plain", installed with
+``ddl.install(conn, partition_by=None)`` (unpartitioned ``transactions`` and ``changes``), and
+store "partitioned", installed with ``ddl.install(conn)`` (the default: both tables
+range-partitioned monthly by the transaction's start time ``occurred_at``, a DEFAULT partition
+each) and then ``partitions.create_partitions(conn, since=<13 months ago>)``, so it holds the
+partitions of the 13 months before the current one, the current one, 3 ahead and DEFAULT. Both
+track the same 8-column table ``app.t8`` (100,000 rows). Then it measures, printing
 Markdown to stdout:
 
 - capture cost: single-row INSERT and UPDATE transactions of the tracked table with pgbench
@@ -33,7 +35,8 @@ Markdown to stdout:
   of ``history``'s and ``trace``'s change reads on both stores, and of any statement that is
   3x slower (and 1 ms slower) on the partitioned store;
 - seal: ``threadline.seal.seal(conn)`` of every filled transaction (time, rate), then
-  ``verify(conn)`` (time, ok);
+  ``verify(conn)`` (time, ok), and ``verify(conn)`` again in the session with ``jit = off`` (JIT
+  compilation of verify's statements, under the server's default ``jit = on``, can dominate it);
 - retention: ``threadline.retention.purge(conn, <6 months before the fill's end>,
   batch_size=PART_BATCH)`` on each (sealed) store: time, WAL written (``pg_current_wal_lsn()``
   difference after a CHECKPOINT; the WAL position is the cluster's, so other activity on the
@@ -468,7 +471,8 @@ def explain(conn: psycopg.Connection, statement: Any, params: Any) -> tuple[dict
         assert row is not None
         data = row[0] if not isinstance(row[0], str) else json.loads(row[0])
         text = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + body, params).fetchall()
-    return data[0], "\n".join(r[0] for r in text)
+    # long array constants (keys and start times of a batch) shortened in the text plan
+    return data[0], re.sub(r"'\{([^']{60})[^']{40,}\}'", r"'{\1…}'", "\n".join(r[0] for r in text))
 
 
 def explain_reads(
