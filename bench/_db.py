@@ -1,11 +1,15 @@
-"""A throw-away database for a benchmark script."""
+"""Helpers the benchmark scripts share: a throw-away database, a pgbench run."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -24,3 +28,22 @@ def scratch_database(prefix: str) -> Iterator[str]:
     finally:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def pgbench_tps(dsn: str, script: str, seconds: int) -> float:
+    """TPS of ``script`` run by pgbench for ``seconds`` with one client."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    try:
+        out = subprocess.run(
+            ["pgbench", "-n", "-c", "1", "-T", str(seconds), "-f", f.name, dsn],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        Path(f.name).unlink()
+    match = re.search(r"tps = ([0-9.]+)", out)
+    if not match:
+        raise RuntimeError(f"cannot read pgbench output:\n{out}")
+    return float(match.group(1))

@@ -22,11 +22,8 @@ the same run, as the median of interleaved rounds.
 from __future__ import annotations
 
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -34,9 +31,12 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-import threadline
-from threadline import ActorRef, ThreadlineConnection, ddl
-from threadline.propagation.psycopg import set_local_command
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
+
+import threadline  # noqa: E402
+from bench._db import pgbench_tps as run_pgbench  # noqa: E402
+from threadline import ActorRef, ThreadlineConnection, ddl  # noqa: E402
+from threadline.propagation.psycopg import set_local_command  # noqa: E402
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -145,21 +145,8 @@ def track_drift_safe(conn: psycopg.Connection, table: str, mask: list[str] | Non
 
 
 def pgbench_tps(dsn: str, script: str) -> float:
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(script)
-    try:
-        out = subprocess.run(
-            ["pgbench", "-n", "-c", "1", "-T", str(SECONDS), "-f", f.name, dsn],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    finally:
-        Path(f.name).unlink()
-    match = re.search(r"tps = ([0-9.]+)", out)
-    if not match:
-        raise RuntimeError(f"cannot read pgbench output:\n{out}")
-    return float(match.group(1))
+    """TPS of ``script`` (pgbench, one client, SECONDS)."""
+    return run_pgbench(dsn, script, SECONDS)
 
 
 def bulk_ms(conn: psycopg.Connection, table: str, op: str) -> float:
@@ -281,13 +268,15 @@ def run(dsn: str) -> None:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE threadline.changes, threadline.transactions")
+        # a partitioned table's own size is 0: sum its partitions (a plain table is its own tree)
         row = conn.execute(
             """
             SELECT (SELECT count(*) FROM threadline.changes),
-                   pg_table_size('threadline.changes'), pg_indexes_size('threadline.changes'),
+                   (SELECT sum(pg_table_size(p.relid)) FROM pg_partition_tree('threadline.changes') p),
+                   (SELECT sum(pg_indexes_size(p.relid)) FROM pg_partition_tree('threadline.changes') p),
                    (SELECT avg(pg_column_size(c.*)) FROM threadline.changes c WHERE op = 'update'),
                    (SELECT count(*) FROM threadline.transactions),
-                   pg_total_relation_size('threadline.transactions')
+                   (SELECT sum(pg_total_relation_size(p.relid)) FROM pg_partition_tree('threadline.transactions') p)
             """
         ).fetchone()
     assert row is not None

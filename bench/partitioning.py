@@ -59,7 +59,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +73,7 @@ from psycopg import sql
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 import threadline  # noqa: E402
+from bench._db import pgbench_tps as run_pgbench  # noqa: E402
 from bench._db import scratch_database  # noqa: E402
 from threadline import ddl, partitions, retention  # noqa: E402
 from threadline.query import CHANGED_FIELDS_SQL  # noqa: E402
@@ -156,21 +156,8 @@ PGBENCH = {
 
 
 def pgbench_tps(dsn: str, script: str) -> float:
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(script)
-    try:
-        out = subprocess.run(
-            ["pgbench", "-n", "-c", "1", "-T", str(SECONDS), "-f", f.name, dsn],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    finally:
-        Path(f.name).unlink()
-    match = re.search(r"tps = ([0-9.]+)", out)
-    if not match:
-        raise RuntimeError(f"cannot read pgbench output:\n{out}")
-    return float(match.group(1))
+    """TPS of ``script`` (pgbench, one client, SECONDS)."""
+    return run_pgbench(dsn, script, SECONDS)
 
 
 BULK = {
