@@ -35,8 +35,10 @@ from psycopg import sql
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench._db import scratch_database  # noqa: E402
-from threadline import _run, as_of_query, ddl, take_baseline  # noqa: E402
-from threadline.as_of_query import AsOfError, as_of  # noqa: E402
+from threadline import ddl, take_baseline  # noqa: E402
+from threadline.core import _run  # noqa: E402
+from threadline.explore import as_of_query  # noqa: E402
+from threadline.explore.as_of_query import AsOfError, as_of  # noqa: E402
 
 BASELINE_ROWS = int(os.environ.get("BENCH_BASELINE_ROWS", "1000000"))
 BATCH = int(os.environ.get("BENCH_BATCH", "10000"))
@@ -49,7 +51,7 @@ STREAM_CHILD = """
 import json, sys, time
 import psycopg
 from datetime import datetime
-from threadline import as_of
+from threadline import as_of  # noqa: E402
 
 def peak():
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024

@@ -46,7 +46,7 @@ from celery import Celery, signals
 
 import threadline
 from threadline import ActorRef, AuditContext
-from threadline.context import _current, use_context
+from threadline.core.context import _current, use_context
 from threadline.propagation import celery as tc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

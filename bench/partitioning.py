@@ -34,10 +34,10 @@ Markdown to stdout:
   planning time, buffers and the partitions of each table in the plan / executed; the text plans
   of ``history``'s and ``trace``'s change reads on both stores, and of any statement that is
   3x slower (and 1 ms slower) on the partitioned store;
-- seal: ``threadline.seal.seal(conn)`` of every filled transaction (time, rate), then
+- seal: ``threadline.ops.seal.seal(conn)`` of every filled transaction (time, rate), then
   ``verify(conn)`` (time, ok), and ``verify(conn)`` again in the session with ``jit = off`` (JIT
   compilation of verify's statements, under the server's default ``jit = on``, can dominate it);
-- retention: ``threadline.retention.purge(conn, <6 months before the fill's end>,
+- retention: ``threadline.ops.retention.purge(conn, <6 months before the fill's end>,
   batch_size=PART_BATCH)`` on each (sealed) store: time, WAL written (``pg_current_wal_lsn()``
   difference after a CHECKPOINT; the WAL position is the cluster's, so other activity on the
   server adds to it), the audit tables' size before and after (every partition, indexes and
@@ -75,9 +75,13 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 import threadline  # noqa: E402
 from bench._db import pgbench_tps as run_pgbench  # noqa: E402
 from bench._db import scratch_database  # noqa: E402
-from threadline import ddl, partitions, retention  # noqa: E402
-from threadline.query import CHANGED_FIELDS_SQL  # noqa: E402
-from threadline.seal import seal, verify  # noqa: E402
+from threadline import ddl  # noqa: E402
+from threadline.explore.query import CHANGED_FIELDS_SQL  # noqa: E402
+from threadline.ops import (  # noqa: E402
+    partitions,
+    retention,
+)
+from threadline.ops.seal import seal, verify  # noqa: E402
 
 CHANGES = int(os.environ.get("PART_CHANGES", "10000000"))
 SECONDS = int(os.environ.get("PART_SECONDS", "10"))

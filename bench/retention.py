@@ -21,7 +21,8 @@ import psycopg
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench._db import scratch_database  # noqa: E402
-from threadline import ActorRef, ThreadlineConnection, context, ddl, retention  # noqa: E402
+from threadline import ActorRef, ThreadlineConnection, context, ddl  # noqa: E402
+from threadline.ops import retention  # noqa: E402
 
 ROWS = int(os.environ.get("PURGE_ROWS", "1000000"))
 BATCH = int(os.environ.get("PURGE_BATCH", "10000"))

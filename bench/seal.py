@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import threadline
 from bench._db import scratch_database
-from threadline.erasure import erase
-from threadline.seal import seal, verify
+from threadline.ops.erasure import erase
+from threadline.ops.seal import seal, verify
 
 N = int(os.environ.get("BENCH_SEAL_TX", "100000"))
 

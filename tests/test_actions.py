@@ -14,7 +14,7 @@ from psycopg import sql
 
 import threadline
 from threadline import ActorRef, ThreadlineConnection
-from threadline.errors import InvalidAction, InvalidFilter, SchemaError
+from threadline.core.errors import InvalidAction, InvalidFilter, SchemaError
 
 from .conftest import changes, transactions
 

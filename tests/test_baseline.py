@@ -23,10 +23,11 @@ import pytest
 from psycopg import sql
 
 import threadline
-from threadline import ActorRef, health
-from threadline.as_of_query import NoBaseline, NotYetAudited, RowDeleted
-from threadline.baseline import BaselineProgress, baseline_sql
-from threadline.errors import ConfigurationError, TrackingError
+from threadline import ActorRef
+from threadline.core.errors import ConfigurationError, TrackingError
+from threadline.explore.as_of_query import NoBaseline, NotYetAudited, RowDeleted
+from threadline.ops import health
+from threadline.ops.baseline import BaselineProgress, baseline_sql
 
 from .conftest import changes, transactions
 from .test_cli import run
@@ -506,7 +507,7 @@ def test_table_as_of_needs_a_complete_baseline_in_force(conn: Conn) -> None:
         threadline.as_of(conn, "app.t", at=earlier)
     with pytest.raises(NotYetAudited, match="baseline has no such row"):
         threadline.as_of(conn, "app.t", 6, now)
-    with pytest.raises(threadline.errors.InvalidFilter, match="naive"):
+    with pytest.raises(threadline.core.errors.InvalidFilter, match="naive"):
         threadline.as_of(conn, "app.t", at=now.replace(tzinfo=None))
 
 

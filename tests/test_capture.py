@@ -11,7 +11,7 @@ import pytest
 
 import threadline
 from threadline import ActorRef, ddl
-from threadline.errors import InvalidTrackOption, NoPrimaryKey, UnknownColumn, UnknownTable
+from threadline.core.errors import InvalidTrackOption, NoPrimaryKey, UnknownColumn, UnknownTable
 
 from .conftest import changed_before, changes, transactions
 

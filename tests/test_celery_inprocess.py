@@ -24,8 +24,8 @@ from threadline import (
     InvalidActor,
     InvalidContext,
     UntrustedContext,
-    codec,
 )
+from threadline.core import codec
 from threadline.propagation import carrier
 from threadline.propagation import celery as tc
 

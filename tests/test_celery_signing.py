@@ -14,7 +14,8 @@ import pytest
 from celery import Celery
 
 import threadline
-from threadline import ActorRef, UntrustedContext, codec
+from threadline import ActorRef, UntrustedContext
+from threadline.core import codec
 from threadline.propagation import carrier
 
 from .celery_app import tasks

@@ -105,7 +105,7 @@ def test_import_threadline_does_not_import_celery() -> None:
 
 
 def test_each_command_shows_its_own_examples_and_errors_point_at_its_help() -> None:
-    from threadline.cli_help import COMMAND_EXAMPLES
+    from threadline.cli.help import COMMAND_EXAMPLES
 
     for name, lines in COMMAND_EXAMPLES.items():
         out = run(name, "--help").stdout

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from threadline.cli_connect import parse_when
+from threadline.cli.connect import parse_when
 
 from .story import Story
 

@@ -10,8 +10,9 @@ import threading
 import pytest
 
 import threadline
-from threadline import ActorRef, AuditContext, InvalidActor, InvalidContext, codec
-from threadline.context import current
+from threadline import ActorRef, AuditContext, InvalidActor, InvalidContext
+from threadline.core import codec
+from threadline.core.context import current
 
 DEEP: object = 1
 for _ in range(20):

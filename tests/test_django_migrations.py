@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from threadline.query import CHANGED_FIELDS_SQL
+from threadline.explore.query import CHANGED_FIELDS_SQL
 
 DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
 ALIAS = "migrations"
@@ -384,8 +384,8 @@ def test_take_baseline_operation(mig_dsn: str) -> None:
     from django.db import connections
     from django.db.migrations.executor import MigrationExecutor
 
+    from threadline.core.errors import ConfigurationError
     from threadline.django.operations import TakeBaseline
-    from threadline.errors import ConfigurationError
 
     migrate()
     connection = connections[ALIAS]

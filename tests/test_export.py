@@ -14,8 +14,8 @@ import pytest
 
 import threadline
 from threadline import ThreadlineConnection
-from threadline.errors import InvalidFilter, TableNotFound
-from threadline.export import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS, chunked_streaming
+from threadline.core.errors import InvalidFilter, TableNotFound
+from threadline.explore.export import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS, chunked_streaming
 
 from .story import Story
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "threadline"
@@ -64,3 +66,61 @@ def test_no_module_imports_itself_back() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# What each role package may import (besides itself): the context core knows nothing else; capture
+# (ddl) knows no transport; propagation never reads the audit trail; reading it (explore) may write
+# through the context bridge (revert); running the store (ops) may read it; the command line and
+# the framework integrations sit on top.
+ALLOWED = {
+    "core": set(),
+    "ddl": {"core"},
+    "propagation": {"core", "ddl"},
+    "explore": {"core", "ddl", "propagation"},
+    "ops": {"core", "ddl", "explore", "propagation"},
+    "cli": {"core", "ddl", "explore", "ops", "propagation", "demo"},
+}
+
+
+def _role(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _role_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if _role(module) in ALLOWED
+        for target in targets
+        if _role(target) != _role(module) and _role(target) not in ALLOWED[_role(module)]
+    )
+
+
+def test_role_packages_import_only_what_their_role_allows() -> None:
+    assert _role_violations(_graph()) == []
+
+
+def test_the_role_check_reports_a_forbidden_import() -> None:
+    graph = {"threadline.propagation.web": {"threadline.explore.query", "threadline.core.context"}}
+    assert _role_violations(graph) == ["threadline.propagation.web imports threadline.explore.query"]
+
+
+def test_importing_the_package_loads_no_driver_or_framework() -> None:
+    code = (
+        "import sys, threadline\n"
+        "heavy = ('psycopg', 'celery', 'kombu', 'django', 'sqlalchemy')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}))\n"
+        "threadline.history\n"
+        "print('psycopg' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "True"]
+
+
+def test_every_public_name_resolves() -> None:
+    import threadline
+
+    missing = [name for name in threadline.__all__ if not hasattr(threadline, name)]
+    assert missing == []
+    assert "history" in dir(threadline)

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 import threadline
-from threadline import ActorRef, health, observability, retention
-from threadline.errors import CoverageError, RetentionError
+from threadline import ActorRef
+from threadline.core.errors import CoverageError, RetentionError
+from threadline.ops import health, observability, retention
 
 from .conftest import sync_change_starts
 from .test_cli import run

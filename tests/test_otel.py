@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import threadline
 import threadline.otel
-from threadline import ActorRef, AuditContext, ConfigurationError, InvalidFilter, ThreadlineConnection, fields
+from threadline import ActorRef, AuditContext, ConfigurationError, InvalidFilter, ThreadlineConnection
+from threadline.core import fields
 from threadline.propagation import psycopg as tl_psycopg
 from threadline.propagation import sqlalchemy as tl_sqlalchemy
 from threadline.propagation.web import (

@@ -20,8 +20,9 @@ import psycopg
 import pytest
 
 import threadline
-from threadline import ddl, paging
-from threadline.errors import InvalidCursor
+from threadline import ddl
+from threadline.core.errors import InvalidCursor
+from threadline.explore import paging
 
 from .conftest import sync_change_starts
 

@@ -20,12 +20,13 @@ import pytest
 from psycopg import sql
 
 import threadline
-from threadline import ddl, partitions
-from threadline.erasure import erase
-from threadline.errors import ConfigurationError
-from threadline.partition_migration import MigrationError, migrate_to_partitioned, migration_in_progress
-from threadline.retention import purge
-from threadline.seal import seal, verify
+from threadline import ddl
+from threadline.core.errors import ConfigurationError
+from threadline.ops import partitions
+from threadline.ops.erasure import erase
+from threadline.ops.partition_migration import MigrationError, migrate_to_partitioned, migration_in_progress
+from threadline.ops.retention import purge
+from threadline.ops.seal import seal, verify
 
 from .backends import ADMIN_DSN
 
@@ -316,7 +317,7 @@ def test_settings_persist_and_are_checked(store: str) -> None:
         assert partitions.partition_settings(conn) == partitions.PartitionSettings("month", 6)
         with pytest.raises(ConfigurationError, match="ahead must be"):
             partitions.set_partitions_ahead(conn, 0)
-    with pytest.raises(threadline.errors.SchemaError, match="partition_by must be one of"):
+    with pytest.raises(threadline.core.errors.SchemaError, match="partition_by must be one of"):
         ddl.install_sql(partition_by="fortnight")
 
 

@@ -13,7 +13,7 @@ from psycopg import sql
 
 import threadline
 from threadline import ActorRef, ddl
-from threadline.errors import PrivilegeError
+from threadline.core.errors import PrivilegeError
 
 from .conftest import changed_before, changes
 from .test_cli import run

@@ -11,18 +11,19 @@ import psycopg
 import pytest
 
 import threadline
-from threadline import ActorRef, diff, query
-from threadline.as_of_query import NotYetAudited, RowDeleted
-from threadline.diff import FieldChange, previous_row
-from threadline.errors import (
+from threadline import ActorRef, diff
+from threadline.core.errors import (
     InvalidCursor,
     InvalidFilter,
     InvalidKey,
     QueryError,
     TableNotFound,
 )
-from threadline.records import TaskRun, Transaction
-from threadline.tracing import build_trace
+from threadline.core.records import TaskRun, Transaction
+from threadline.explore import query
+from threadline.explore.as_of_query import NotYetAudited, RowDeleted
+from threadline.explore.diff import FieldChange, previous_row
+from threadline.explore.tracing import build_trace
 
 from .conftest import changed_before
 from .story import Story

@@ -30,8 +30,9 @@ import pytest
 from psycopg import sql
 
 import threadline
-from threadline import ddl, health
-from threadline.query import CHANGED_FIELDS_SQL
+from threadline import ddl
+from threadline.explore.query import CHANGED_FIELDS_SQL
+from threadline.ops import health
 
 from .backends import ADMIN_DSN
 from .conftest import changed_before
@@ -388,9 +389,9 @@ def test_retracking_never_unmasks_and_changes_are_explicit(env: Env) -> None:
     more = ddl.track(conn, f"{s}.orders", exclude=["api_key"])
     assert (more.previous_exclude, more.exclude) == ((), ("api_key",)) and more.options_changed
     assert more.mask == ("card_number",) and more.unprotected == ()
-    with pytest.raises(threadline.errors.InvalidTrackOption, match="cannot unmask note: not masked"):
+    with pytest.raises(threadline.core.errors.InvalidTrackOption, match="cannot unmask note: not masked"):
         ddl.track(conn, f"{s}.orders", unmask=["note"])
-    with pytest.raises(threadline.errors.InvalidTrackOption, match="look secret"):
+    with pytest.raises(threadline.core.errors.InvalidTrackOption, match="look secret"):
         ddl.track(conn, f"{s}.orders", include=["api_key"], strict=True)
     assert ddl.track(conn, f"{s}.orders").exclude == ("api_key",)  # the refused call changed nothing
     conn.execute(f"INSERT INTO {s}.orders VALUES (1, 'visible-after-unmask', 'n', 'k')")
@@ -414,7 +415,7 @@ def test_untrack_by_new_name_removes_the_function_and_old_name_says_where(env: E
     conn.execute(f"ALTER TABLE {s}.orders RENAME TO orders_v2")
     conn.execute(f"UPDATE {s}.orders_v2 SET v = 2")
     assert [c.op for c in threadline.history(conn, f"{s}.orders_v2", 2)] == ["update", "insert"]
-    with pytest.raises(threadline.errors.UnknownTable, match=r"renamed to .*orders_v2"):
+    with pytest.raises(threadline.core.errors.UnknownTable, match=r"renamed to .*orders_v2"):
         ddl.untrack(conn, f"{s}.orders")
     assert ddl.untrack(conn, f"{s}.orders_v2")
     assert not [t for t in ddl.tracked_tables(conn) if t.table_schema == s]
@@ -535,7 +536,7 @@ def test_pinned_install_sql_never_changes() -> None:
     )
     other = ddl.install_sql("audit", version=7)
     assert '"audit".' in other and '"threadline".' not in other
-    with pytest.raises(threadline.errors.SchemaError, match="no pinned install script"):
+    with pytest.raises(threadline.core.errors.SchemaError, match="no pinned install script"):
         ddl.install_sql(version=6)
 
 

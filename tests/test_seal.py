@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 import threadline
-from threadline.erasure import TOMBSTONE, erase, pseudonym
-from threadline.errors import ConfigurationError, InvalidFilter
-from threadline.seal import seal, verify
+from threadline.core.errors import ConfigurationError, InvalidFilter
+from threadline.ops.erasure import TOMBSTONE, erase, pseudonym
+from threadline.ops.seal import seal, verify
 
 from .test_cli import run
 

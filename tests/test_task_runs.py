@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from threadline.errors import ConfigurationError
+from threadline.core.errors import ConfigurationError
 from threadline.propagation.task_runs import COLUMNS, TaskRunRecorder
 
 Conn = psycopg.Connection[Any]

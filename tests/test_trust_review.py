@@ -12,9 +12,9 @@ import psycopg
 import pytest
 
 import threadline
-from threadline.erasure import TOMBSTONE, erase, pseudonym
-from threadline.retention import purge
-from threadline.seal import seal, verify
+from threadline.ops.erasure import TOMBSTONE, erase, pseudonym
+from threadline.ops.retention import purge
+from threadline.ops.seal import seal, verify
 
 from .conftest import age_audit_rows
 from .test_cli import run

@@ -18,17 +18,17 @@ is active records that span's ids in its ``transactions.meta``::
   not change what the transaction records.
 - They are merged into the context's own ``meta``: the other keys are kept, a key ``"otel"`` the
   application set itself is replaced while a span is active (and kept as it is when none is).
-- Only the database setting gets them. The current :class:`~threadline.context.AuditContext` is
+- Only the database setting gets them. The current :class:`~threadline.core.context.AuditContext` is
   not changed, and Celery headers (``threadline.inject()`` too) do not carry them: a worker
   records the span active in the worker (its own, child of the publisher's when the OpenTelemetry
   Celery instrumentation propagates the trace).
 - A transaction that runs with no audit context at all carries nothing (no setting is sent for
   it), so it records no ids either. Outside a valid span nothing is added.
-- If the ids would take ``meta`` over its size limit (``threadline.fields.set_limits``) the
+- If the ids would take ``meta`` over its size limit (``threadline.core.fields.set_limits``) the
   transaction is recorded without them (one warning is logged), never refused.
 
 Back and forth between the audit trail and the tracing back end: :func:`trace_ids` gives the ids of
-a :class:`~threadline.records.Transaction` (open them in Jaeger or Tempo), and
+a :class:`~threadline.core.records.Transaction` (open them in Jaeger or Tempo), and
 :func:`transactions_for_trace` gives the transactions a trace id recorded. The web middleware can
 also use the incoming W3C ``traceparent`` trace id as the correlation id
 (``correlation_from_traceparent=True``; see ``docs/web.md``).
@@ -45,15 +45,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from threadline import fields
-from threadline._connection import ConnectionLike
-from threadline._run import Plan, Query, run, run_async
-from threadline.context import AuditContext
+from threadline.core import fields
+from threadline.core._connection import ConnectionLike
+from threadline.core._run import Plan, Query, run, run_async
+from threadline.core.context import AuditContext
+from threadline.core.errors import ConfigurationError, InvalidContext, InvalidFilter
+from threadline.core.records import Transaction
 from threadline.ddl.names import DEFAULT_SCHEMA
-from threadline.errors import ConfigurationError, InvalidContext, InvalidFilter
+from threadline.explore.query import TRANSACTION_COLUMNS, _audit
 from threadline.propagation import psycopg as tl_psycopg
-from threadline.query import TRANSACTION_COLUMNS, _audit
-from threadline.records import Transaction
 
 __all__ = [
     "META_KEY",
@@ -97,7 +97,7 @@ def _current_span_getter() -> Callable[[], Any]:
 def install() -> None:
     """Record the active OpenTelemetry span's ids in every audited transaction (idempotent).
 
-    Raises :class:`~threadline.errors.ConfigurationError` when the OpenTelemetry API is not
+    Raises :class:`~threadline.core.errors.ConfigurationError` when the OpenTelemetry API is not
     installed (``pip install 'threadline[otel]'``), or when another integration already computes
     the database setting (:func:`threadline.propagation.psycopg.set_payload_enricher`).
     """
@@ -180,7 +180,7 @@ def _with_ids(ctx: AuditContext, trace_id: str, span_id: str) -> str:
 
 
 def trace_ids(transaction: Transaction) -> tuple[str, str] | None:
-    """``(trace_id, span_id)`` recorded by ``transaction`` (a :class:`~threadline.records.Transaction`
+    """``(trace_id, span_id)`` recorded by ``transaction`` (a :class:`~threadline.core.records.Transaction`
     from any query function), or ``None`` when it recorded none (or not in the expected form).
 
     The trace id is what Jaeger, Tempo and other back ends look a trace up by.
@@ -242,7 +242,7 @@ def transactions_for_trace(
 
     ``trace_id``: 32 lowercase hex digits, as the tracing back end shows it; ``span_id`` (16)
     narrows the result to the transactions of one span. A malformed id raises
-    :class:`~threadline.errors.InvalidFilter` before anything is read. With
+    :class:`~threadline.core.errors.InvalidFilter` before anything is read. With
     :func:`threadline.changes_for_transaction` each leads on to the rows it changed.
     """
     return run(conn, _trace_plan(trace_id, span_id, audit_schema))

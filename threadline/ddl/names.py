@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from threadline.errors import SchemaError
+from threadline.core.errors import SchemaError
 
 DEFAULT_SCHEMA = "threadline"
 CONTEXT_SETTING = "threadline.context"

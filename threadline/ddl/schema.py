@@ -12,11 +12,11 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from threadline.core.errors import PrivilegeError, SchemaError
 from threadline.ddl.names import (
     DEFAULT_SCHEMA,
     check_schema_name,
 )
-from threadline.errors import PrivilegeError, SchemaError
 
 SCHEMA_VERSION = 7
 """Version of the audit schema this release installs."""
@@ -135,7 +135,7 @@ def install_sql(
     ``partition_by`` (a period of :data:`PARTITION_PERIODS`, or ``None``) applies when the script
     creates the audit tables: a new install is range-partitioned by that period, with the current
     period's partitions, ``ahead`` more (3 by default) and a DEFAULT partition. An existing
-    install keeps its layout (:mod:`threadline.partitions` migrates a plain one).
+    install keeps its layout (:mod:`threadline.ops.partitions` migrates a plain one).
     """
     check_schema_name(audit_schema)
     check_partition_by(partition_by)

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, qualified_name
-from threadline.ddl.schema import require_installed
-from threadline.errors import (
+from threadline.core.errors import (
     InvalidTrackOption,
     NoPrimaryKey,
     TrackingError,
     UnknownColumn,
     UnknownTable,
 )
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, qualified_name
+from threadline.ddl.schema import require_installed
 
 logger = logging.getLogger("threadline.ddl")
 

@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from threadline.errors import ThreadlineError
+from threadline.core.errors import ThreadlineError
 
 Say = Callable[[str], None]
 

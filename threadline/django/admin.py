@@ -24,8 +24,8 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
-from threadline.diff import diff
-from threadline.query import history, trace
+from threadline.explore.diff import diff
+from threadline.explore.query import history, trace
 
 __all__ = ["PERMISSION", "AuditHistoryMixin", "AuditTrailAdmin"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from threadline import fields
-from threadline.actor import ActorRef
-from threadline.context import _current, current
+from threadline.core import fields
+from threadline.core.actor import ActorRef
+from threadline.core.context import _current, current
 
 __all__ = ["set_actor"]
 

@@ -130,7 +130,7 @@ def check_database(
     """With ``manage.py check --database ALIAS``: every tracked table's capture is installed."""
     from django.db import connections
 
-    from threadline._connection import native
+    from threadline.core._connection import native
     from threadline.ddl.schema import installed_version
     from threadline.ddl.triggers import tracked_tables
 

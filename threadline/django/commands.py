@@ -14,8 +14,8 @@ import os
 import uuid
 from collections.abc import Sequence
 
-from threadline.actor import ActorRef
-from threadline.context import AuditContext, current, set_current
+from threadline.core.actor import ActorRef
+from threadline.core.context import AuditContext, current, set_current
 
 __all__ = ["ORIGIN", "SKIPPED_COMMANDS", "command_name", "start_command_context"]
 

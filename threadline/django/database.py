@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 
-from threadline.errors import ConfigurationError
+from threadline.core.errors import ConfigurationError
 
 __all__ = ["dsn_for"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from threadline.actor import ActorRef
+from threadline.core.actor import ActorRef
 from threadline.django.auth import set_actor
 
 __all__ = ["ActorFromAuthentication"]

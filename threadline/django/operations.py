@@ -22,11 +22,11 @@ from typing import Any
 
 from django.db.migrations.operations.base import Operation
 
+from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, quote_ident
 from threadline.ddl.schema import PINNED_VERSIONS, install_sql, uninstall_sql
 from threadline.ddl.triggers import track_sql, untrack_sql
 from threadline.django.tracking import column_names
-from threadline.errors import ConfigurationError
 
 __all__ = ["InstallAudit", "TakeBaseline", "Track", "Untrack"]
 

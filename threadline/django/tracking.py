@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from threadline.errors import ConfigurationError
+from threadline.core.errors import ConfigurationError
 
 logger = logging.getLogger("threadline.django")
 
@@ -59,7 +59,7 @@ def apply_tracking(
     from django.apps import apps
     from django.db import connections, router
 
-    from threadline._connection import native
+    from threadline.core._connection import native
     from threadline.ddl.schema import installed_version
     from threadline.ddl.triggers import track as track_table
 

@@ -1,7 +1,7 @@
 """The audit context on the wire: one header value for Celery and for any other transport.
 
 A carrier holds the context under the key ``threadline`` as the canonical JSON text of its dict
-(version field ``v``; see :mod:`threadline.codec`). Only the fields that describe *who* and
+(version field ``v``; see :mod:`threadline.core.codec`). Only the fields that describe *who* and
 *which story* travel: ``actor``, ``correlation_id``, ``request_id``, ``causation_id`` and
 ``meta``. ``origin`` and ``job`` describe where the work runs, and ``incoming_error`` why a
 receiver refused what it got, so only the receiving side sets them: a header carrying one is refused.
@@ -24,11 +24,11 @@ import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
-from threadline import codec
-from threadline.actor import FORBIDDEN_TEXT_RE, ActorRef
-from threadline.context import AuditContext, current
-from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
-from threadline.fields import ALL_FIELDS, TEXT_FIELDS, VERSION, check_mapping, check_text, dumps, limits
+from threadline.core import codec
+from threadline.core.actor import FORBIDDEN_TEXT_RE, ActorRef
+from threadline.core.context import AuditContext, current
+from threadline.core.errors import ConfigurationError, InvalidContext, UntrustedContext
+from threadline.core.fields import ALL_FIELDS, TEXT_FIELDS, VERSION, check_mapping, check_text, dumps, limits
 
 HEADER = "threadline"
 """The key (message header name) the context travels under."""

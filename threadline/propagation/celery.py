@@ -29,7 +29,7 @@ How it works (see ``docs/celery.md``):
 
 Limits: encoding is checked in the caller. ``install()`` wraps the app's ``send_task`` (every
 publish of the app goes through it) so that a context that cannot be encoded (over
-``max_header_bytes``) raises :class:`~threadline.errors.InvalidContext` where the task is sent;
+``max_header_bytes``) raises :class:`~threadline.core.errors.InvalidContext` where the task is sent;
 Celery itself swallows exceptions raised in ``before_task_publish`` receivers, so a message
 published some other way (``app.amqp.send_task_message`` directly) that cannot carry its context
 gets an error marker instead, which marks the worker's transactions and is logged. Only task
@@ -53,10 +53,10 @@ import celery
 from celery import _state as celery_state
 from celery import signals
 
-from threadline import fields
-from threadline.actor import FORBIDDEN_TEXT_RE, ActorRef
-from threadline.context import AuditContext, _current, current
-from threadline.errors import ConfigurationError, InvalidContext, UntrustedContext
+from threadline.core import fields
+from threadline.core.actor import FORBIDDEN_TEXT_RE, ActorRef
+from threadline.core.context import AuditContext, _current, current
+from threadline.core.errors import ConfigurationError, InvalidContext, UntrustedContext
 from threadline.propagation import carrier
 from threadline.propagation.carrier import HEADER
 from threadline.propagation.task_runs import OUTCOMES, TaskRunRecorder
@@ -210,10 +210,10 @@ def install(
       producers (such a header can be copied onto another message).
     - ``signature_policy``: ``"strip"`` (default: run without the inherited context, mark the
       transactions, log a warning) or ``"reject"`` (the task fails with
-      :class:`~threadline.errors.UntrustedContext` and its body does not run; this needs tasks
+      :class:`~threadline.core.errors.UntrustedContext` and its body does not run; this needs tasks
       built on :class:`Task`, e.g. ``@threadline.task`` or ``Celery(task_cls=threadline.celery.Task)``).
     - ``max_header_bytes``: cap of the header's encoding (default 8 KiB); a context over it
-      raises :class:`~threadline.errors.InvalidContext` where the task is sent.
+      raises :class:`~threadline.core.errors.InvalidContext` where the task is sent.
     - ``record_task_runs``: a DSN, or a function returning a new psycopg connection: the worker
       then records every task attempt (name, attempt, outcome, error, context, timings) in
       ``<audit_schema>.task_runs``, written in the background in batches (see

@@ -56,9 +56,9 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from threadline.actor import ActorRef
-from threadline.context import AuditContext, _current
-from threadline.errors import ConfigurationError
+from threadline.core.actor import ActorRef
+from threadline.core.context import AuditContext, _current
+from threadline.core.errors import ConfigurationError
 from threadline.propagation.psycopg import bridge
 from threadline.propagation.web import (
     DEFAULT_CORRELATION_HEADERS,
@@ -99,8 +99,8 @@ _KEYS = {
 
 
 def _audit_schema(value: Any) -> str:
+    from threadline.core.errors import SchemaError
     from threadline.ddl.names import check_schema_name
-    from threadline.errors import SchemaError
 
     try:
         return check_schema_name(value)
@@ -109,8 +109,8 @@ def _audit_schema(value: Any) -> str:
 
 
 def _command_actor(value: Any) -> ActorRef | None:
-    from threadline import fields
-    from threadline.errors import InvalidActor
+    from threadline.core import fields
+    from threadline.core.errors import InvalidActor
 
     try:
         return fields.check_actor(value)
@@ -323,7 +323,7 @@ def bridge_connection(connection: Any) -> None:
     """Make one open Django PostgreSQL connection carry the audit context (idempotent).
 
     ``connection`` is a Django ``DatabaseWrapper`` (``django.db.connection``); the ORM bridge calls
-    this for every new connection. Raises :class:`~threadline.errors.ConfigurationError` for a
+    this for every new connection. Raises :class:`~threadline.core.errors.ConfigurationError` for a
     psycopg2 connection.
     """
     pg = connection.connection

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import ParamSpec, TypeVar
 
-from threadline.errors import ConfigurationError
+from threadline.core.errors import ConfigurationError
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -1,6 +1,6 @@
 """The context → PostgreSQL bridge for psycopg 3.
 
-Every transaction that should carry the current :class:`~threadline.context.AuditContext` sets
+Every transaction that should carry the current :class:`~threadline.core.context.AuditContext` sets
 ``threadline.context`` to its canonical JSON with ``SET LOCAL`` (``set_config(..., true)`` where a
 statement runs outside a transaction block): a transaction-local setting
 that the capture trigger reads once, that vanishes at commit or rollback, and that is therefore
@@ -37,9 +37,9 @@ from psycopg import generators, pq, sql
 from psycopg.abc import PQGen
 from psycopg.rows import Row
 
-from threadline.context import AuditContext, _current, current
+from threadline.core.context import AuditContext, _current, current
+from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import CONTEXT_SETTING
-from threadline.errors import ConfigurationError
 
 SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
 # Sets the context and returns the value it replaced (to restore after a nested block).
@@ -598,7 +598,7 @@ def bridge(conn: psycopg.Connection[Any]) -> None:
     For connections created by someone else (an ORM's pool): the object, its socket and its state
     are kept, only its class changes (the subclass adds no slots), and its cursors become
     :class:`SavepointAwareCursor` subclasses of the cursor class it had. Raises
-    :class:`~threadline.errors.ConfigurationError` for anything but a ``psycopg.Connection``.
+    :class:`~threadline.core.errors.ConfigurationError` for anything but a ``psycopg.Connection``.
     """
     if not isinstance(conn, psycopg.Connection):
         raise ConfigurationError(

@@ -39,8 +39,8 @@ from psycopg import generators, pq
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from threadline.context import AuditContext, _current
-from threadline.errors import ConfigurationError
+from threadline.core.context import AuditContext, _current
+from threadline.core.errors import ConfigurationError
 from threadline.propagation.psycopg import (
     begin_command,
     bridge,
@@ -73,7 +73,7 @@ def _sync_engine(engine: Any) -> Engine:
 def install(engine: Any) -> None:
     """Make every transaction begun on ``engine`` (``Engine`` or ``AsyncEngine``) carry the context.
 
-    Idempotent. Raises :class:`~threadline.errors.ConfigurationError` unless the engine uses
+    Idempotent. Raises :class:`~threadline.core.errors.ConfigurationError` unless the engine uses
     PostgreSQL through psycopg 3 (``postgresql+psycopg://``).
     """
     sync = _sync_engine(engine)

@@ -29,8 +29,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
-from threadline.errors import ConfigurationError
 
 __all__ = ["COLUMNS", "OUTCOMES", "TaskRunRecorder"]
 

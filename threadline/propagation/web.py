@@ -5,7 +5,7 @@ No framework is needed; Flask, Django, FastAPI/Starlette and any other WSGI or A
     app = WSGIMiddleware(app, actor_resolver=lambda environ: ...)      # WSGI
     app = ASGIMiddleware(app, actor_resolver=lambda scope: ...)        # ASGI
 
-For each HTTP request the middleware makes an :class:`~threadline.context.AuditContext` current
+For each HTTP request the middleware makes an :class:`~threadline.core.context.AuditContext` current
 with ``origin="web"``, a fresh ``request_id`` (UUID), the ``correlation_id`` taken from the first
 valid incoming header of ``correlation_headers`` (default ``X-Correlation-ID`` then
 ``X-Request-ID``) or a generated UUID, the client address in ``meta["client"]``, and the actor
@@ -41,10 +41,10 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from contextvars import Token
 from typing import Any, Protocol
 
-from threadline import fields
-from threadline.actor import ActorRef
-from threadline.context import AuditContext, _current
-from threadline.errors import ConfigurationError, InvalidContext
+from threadline.core import fields
+from threadline.core.actor import ActorRef
+from threadline.core.context import AuditContext, _current
+from threadline.core.errors import ConfigurationError, InvalidContext
 
 __all__ = [
     "DEFAULT_CORRELATION_HEADERS",
@@ -401,7 +401,7 @@ class _Middleware:
 class WSGIMiddleware(_Middleware):
     """WSGI middleware: each request runs under its own audit context (see the module docs).
 
-    ``actor_resolver(environ)`` returns the acting :class:`~threadline.actor.ActorRef` (or
+    ``actor_resolver(environ)`` returns the acting :class:`~threadline.core.actor.ActorRef` (or
     ``None``); it runs before the wrapped app, so it can only use what the request carries
     (``REMOTE_USER``, a token header...). When the app authenticates later, call
     :func:`bind_actor` from inside it. ``client_address=False`` leaves ``meta["client"]`` out.
@@ -464,7 +464,7 @@ class WSGIMiddleware(_Middleware):
 class ASGIMiddleware(_Middleware):
     """ASGI 3 middleware: each HTTP request and websocket runs under its own audit context.
 
-    ``actor_resolver(scope)`` returns the acting :class:`~threadline.actor.ActorRef` (or
+    ``actor_resolver(scope)`` returns the acting :class:`~threadline.core.actor.ActorRef` (or
     ``None``). Lifespan (and unknown) scopes pass through untouched. The other options are
     :class:`WSGIMiddleware`'s. See the module docs.
     """

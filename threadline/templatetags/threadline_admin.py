@@ -7,7 +7,7 @@ from typing import Any
 
 from django import template
 
-from threadline.tracing import format_key
+from threadline.explore.tracing import format_key
 
 register = template.Library()
 

@@ -14,8 +14,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from threadline import cli
+from threadline.core.errors import ConfigurationError
 from threadline.django.database import dsn_for
-from threadline.errors import ConfigurationError
 
 PROG = "manage.py threadline"
 

@@ -1,0 +1,205 @@
+"""The timeline (:func:`timeline`): changes with their transaction context, ordered by
+``(captured_at, id)``, one page at a time, complete while others write (see
+:mod:`threadline.explore.paging`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, overload
+
+import psycopg
+from psycopg import sql
+
+from threadline.core._connection import ConnectionLike
+from threadline.core._run import Plan, Query, Rows, run, run_async
+from threadline.core.records import Change
+from threadline.ddl.names import DEFAULT_SCHEMA
+from threadline.explore import paging
+from threadline.explore.query import (
+    ActorLike,
+    Filters,
+    _audit,
+    change_columns,
+    check_limit,
+    filters_plan,
+    where_clause,
+    with_transactions,
+)
+
+__all__ = ["TimelinePage", "timeline", "timeline_async"]
+
+
+@dataclass(frozen=True)
+class TimelinePage(Sequence[Change]):
+    """One page of :func:`timeline`: a sequence of changes, oldest first, and the cursor of the
+    next page (``None`` on the last page)."""
+
+    changes: tuple[Change, ...]
+    next_cursor: str | None
+    filters: Filters
+    cursor: str = ""
+    """Where a later call resumes, also on the last page: passing it as ``after`` returns every
+    change committed since, including those of transactions that were still running."""
+
+    @overload
+    def __getitem__(self, index: int) -> Change: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Change]: ...
+
+    def __getitem__(self, index: int | slice) -> Change | Sequence[Change]:
+        return self.changes[index]
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def __iter__(self) -> Iterator[Change]:
+        return iter(self.changes)
+
+
+def _timeline_plan(
+    correlation_id: str | None,
+    table: str | None,
+    actor: ActorLike | None,
+    op: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    after: str | None,
+    audit_schema: str,
+) -> Plan[TimelinePage]:
+    audit = _audit(audit_schema)
+    checked = check_limit(limit, allow_none=False)
+    assert checked is not None
+    filters = yield from filters_plan(
+        correlation_id=correlation_id,
+        table=table,
+        actor=actor,
+        op=op,
+        since=since,
+        until=until,
+        audit_schema=audit_schema,
+    )
+    position = paging.START if after is None else paging.decode(after, filters.fingerprint())
+    rows: Rows = []
+    for bound in (yield from _windows(audit, filters, position)):
+        params: dict[str, Any] = {}
+        where = partial(where_clause, filters)
+        if bound is not None:
+            params["window_end"] = bound
+            where = partial(_within, filters, sql.SQL("c.captured_at < %(window_end)s"))
+        statement = paging.page_statement(
+            audit,
+            *change_columns(filters.partitioned),
+            where,
+            position,
+            checked,
+            params,
+            tx_join=filters.tx_join,
+            forward_join=filters.reads_transactions,
+        )
+        rows = yield Query(statement, params)
+        # a window holding more than a page holds the page (everything captured earlier is in it)
+        if bound is None or sum(1 for r in rows if r["phase"] == paging.FORWARD) > checked:
+            break
+    reader = paging.Reader(position, checked)
+    taken: Rows = []
+    snapshot = paging.Snapshot(0, frozenset())
+    for row in rows:
+        if row["phase"] == paging.CLOSING:
+            snapshot = paging.parse_snapshot(row["k_xip"])
+        elif reader.take(row["phase"], row["k_xid"], row["k_tid"], row["k_at"], row["k_id"]):
+            taken.append(row)
+    position, more = reader.close(snapshot)
+    found = yield from with_transactions(audit, taken)
+    cursor = paging.encode(position, filters.fingerprint())
+    return TimelinePage(tuple(found), cursor if more else None, filters, cursor)
+
+
+# Windows of capture time a timeline page is looked for in, from its start, when no filter has an
+# index of its own (a table or an operation alone): each is read through the BRIN index on
+# captured_at, so a page of a busy table costs a few block ranges instead of a scan of all changes.
+_WINDOWS = (timedelta(hours=1), timedelta(days=1), timedelta(days=7), timedelta(days=31))
+
+
+def _within(
+    filters: Filters, bound: sql.Composable, params: dict[str, Any], extra: Sequence[sql.Composable] = ()
+) -> sql.Composable:
+    return where_clause(filters, params, [*extra, bound])
+
+
+def _windows(
+    audit: sql.Identifier, filters: Filters, position: paging.Position
+) -> Plan[list[datetime | None]]:
+    """The upper bounds of capture time to try in turn (``None``: no bound)."""
+    if filters.correlation_id is not None or filters.actor is not None:
+        return [None]
+    start = position.at or filters.since
+    if start is None:
+        # the oldest change: its transaction is the first one still held (the key's first entry)
+        found = yield Query(
+            sql.SQL("SELECT c.captured_at FROM {}.changes c ORDER BY c.transaction_id, c.id LIMIT 1").format(
+                audit
+            ),
+            {},
+        )
+        if not found:
+            return [None]
+        start = found[0]["captured_at"]
+    bounds: list[datetime | None] = [
+        start + w for w in _WINDOWS if filters.until is None or start + w < filters.until
+    ]
+    return [*bounds, None]
+
+
+def timeline(
+    conn: ConnectionLike,
+    *,
+    correlation_id: str | None = None,
+    table: str | None = None,
+    actor: ActorLike | None = None,
+    op: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    after: str | None = None,
+    audit_schema: str = DEFAULT_SCHEMA,
+) -> TimelinePage:
+    """Changes with their transaction context, ordered by ``(captured_at, id)``, one page at a
+    time: "everything request req-1 caused, including its Celery tasks".
+
+    The correlation id is on every transaction, web and worker alike, so ``correlation_id``
+    alone finds the whole story. Pass ``after=page.next_cursor`` for the next page; a cursor is
+    bound to the correlation id, table, actor and op filters it was issued for.
+
+    Paging is complete while others write: ``page.cursor`` (set on every page, the last one
+    included) resumes later and returns every change committed since, exactly once. A
+    transaction that was still running when a page was read, and committed changes captured
+    before that page's end, has them returned at the start of a later page (see
+    :mod:`threadline.explore.paging`).
+    """
+    return run(
+        conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, audit_schema)
+    )
+
+
+async def timeline_async(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    correlation_id: str | None = None,
+    table: str | None = None,
+    actor: ActorLike | None = None,
+    op: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    after: str | None = None,
+    audit_schema: str = DEFAULT_SCHEMA,
+) -> TimelinePage:
+    """Async twin of :func:`timeline`."""
+    return await run_async(
+        conn, _timeline_plan(correlation_id, table, actor, op, since, until, limit, after, audit_schema)
+    )

@@ -1,0 +1,581 @@
+"""The trace tree of one correlation id and its text rendering.
+
+:func:`threadline.explore.query.trace` loads the rows; :func:`build_trace` arranges them: the web request
+(transactions without a job, grouped by request id) at the top, each Celery task (transactions
+whose ``job`` names a task id, every retry of a task in the same node) under the task or request
+that caused it, each unit's transactions under it, each transaction's changes under it.
+
+A task's parent is found, in order, from Celery's ``job.parent_id``, the ``causation_id`` (the
+publishing task, or the web request that published it) and ``job.root_id``. A parent that wrote
+nothing itself (a chain step without database writes, a request that only published a task) still
+appears, as a node without transactions, so the shape of the story is kept.
+
+Where the worker records task runs (``threadline.celery.install(record_task_runs=...)``), each
+task node also lists its attempts with their outcome, and tasks that wrote nothing (or whose
+writes rolled back) appear under their cause with their name.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from threadline.core.actor import ActorRef
+from threadline.core.records import Action, Change, TaskRun, Transaction, iso
+
+REQUEST = "request"
+TASK = "task"
+WORK = "work"
+
+
+@dataclass(frozen=True)
+class TraceTransaction:
+    """A transaction in a trace, with its changes in capture order."""
+
+    transaction: Transaction
+    changes: tuple[Change, ...]
+
+    @property
+    def started_at(self) -> datetime:
+        """When the transaction started."""
+        return self.transaction.occurred_at
+
+    @property
+    def ended_at(self) -> datetime:
+        """When its last change was captured (its start if it has none)."""
+        return max((c.captured_at for c in self.changes), default=self.transaction.occurred_at)
+
+    @property
+    def duration(self) -> timedelta:
+        """From the transaction's start to its last captured change."""
+        return self.ended_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form."""
+        return {
+            "transaction": self.transaction.to_dict(),
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "changes": [c.to_dict(with_transaction=False) for c in self.changes],
+        }
+
+
+@dataclass(frozen=True)
+class TraceNode:
+    """A unit of work in a trace: a web ``request``, a Celery ``task`` or other ``work``."""
+
+    kind: str
+    """``request``, ``task`` or ``work`` (transactions with neither a job nor a request id)."""
+    id: str | None
+    """The request id, the task id, or (for ``work``) the causation id."""
+    name: str | None
+    """The task name (``None`` for requests and for tasks known only as a parent)."""
+    origin: str | None
+    actor: ActorRef | None
+    attempts: tuple[int, ...]
+    """The ``job.retries`` values seen for a task (``(0, 1)``: it ran twice)."""
+    transactions: tuple[TraceTransaction, ...]
+    actions: tuple[Action, ...]
+    children: tuple[TraceNode, ...]
+    started_at: datetime | None
+    """Start of this node's own first transaction (``None`` if it wrote nothing)."""
+    ended_at: datetime | None
+    """Last change captured in this node's own transactions."""
+    span_started_at: datetime | None
+    """Start of the earliest work in this node and everything under it."""
+    span_ended_at: datetime | None
+    """End of the latest work in this node and everything under it."""
+    runs: tuple[TaskRun, ...] = ()
+    """A task's recorded attempts, in attempt order (empty when runs are not recorded)."""
+
+    @property
+    def outcome(self) -> str | None:
+        """The outcome of a task's last recorded attempt (``None`` when none was recorded)."""
+        return self.runs[-1].outcome if self.runs else None
+
+    @property
+    def duration(self) -> timedelta | None:
+        """Own duration: first transaction start to last captured change."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    @property
+    def change_count(self) -> int:
+        """Changes in this node's own transactions."""
+        return sum(len(t.changes) for t in self.transactions)
+
+    def walk(self) -> Iterator[TraceNode]:
+        """This node and every node under it, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form, children nested."""
+        return {
+            "kind": self.kind,
+            "id": self.id,
+            "name": self.name,
+            "origin": self.origin,
+            "actor": None if self.actor is None else self.actor.to_dict(),
+            "attempts": list(self.attempts),
+            "outcome": self.outcome,
+            "runs": [r.to_dict() for r in self.runs],
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "span_started_at": iso(self.span_started_at),
+            "span_ended_at": iso(self.span_ended_at),
+            "transactions": [t.to_dict() for t in self.transactions],
+            "actions": [a.to_dict() for a in self.actions],
+            "children": [c.to_dict() for c in self.children],
+        }
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Everything one correlation id caused, as a tree (see :func:`threadline.trace`)."""
+
+    correlation_id: str
+    roots: tuple[TraceNode, ...]
+    actions: tuple[Action, ...]
+    """Actions with this correlation id that belong to no node."""
+    started_at: datetime | None
+    ended_at: datetime | None
+    transaction_count: int
+    change_count: int
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing was recorded for the correlation id."""
+        return not self.roots and not self.actions
+
+    @property
+    def duration(self) -> timedelta | None:
+        """From the first transaction's start to the last captured change."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    def walk(self) -> Iterator[TraceNode]:
+        """Every node, depth first."""
+        for root in self.roots:
+            yield from root.walk()
+
+    @property
+    def task_count(self) -> int:
+        """Number of task nodes."""
+        return sum(1 for n in self.walk() if n.kind == TASK)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form."""
+        return {
+            "correlation_id": self.correlation_id,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "transaction_count": self.transaction_count,
+            "change_count": self.change_count,
+            "roots": [r.to_dict() for r in self.roots],
+            "actions": [a.to_dict() for a in self.actions],
+        }
+
+    def render(self, *, max_changes: int | None = 10) -> str:
+        """The tree as text, one line per node, transaction, action and change.
+
+        Offsets (``+1.204s``) are from the start of the trace; durations follow them. At most
+        ``max_changes`` changes are listed per transaction (``None``: all).
+        """
+        return render(self, max_changes=max_changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass(eq=False)
+class _Node:
+    kind: str
+    id: str | None
+    name: str | None = None
+    origin: str | None = None
+    actor: ActorRef | None = None
+    attempts: set[int] = field(default_factory=set)
+    transactions: list[TraceTransaction] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    runs: list[TaskRun] = field(default_factory=list)
+    children: list[_Node] = field(default_factory=list)
+    parent: _Node | None = None
+    refs: dict[str, str] = field(default_factory=dict)
+
+
+def _text(job: Mapping[str, Any] | None, key: str) -> str | None:
+    value = job.get(key) if job else None
+    return None if value is None or value == "" else str(value)
+
+
+def _key(tx: Transaction) -> tuple[str, str | None]:
+    job_id = _text(tx.job, "id")
+    if job_id is not None:
+        return TASK, job_id
+    if tx.request_id is not None:
+        return REQUEST, tx.request_id
+    return WORK, f"{tx.origin or ''}\x00{tx.causation_id or ''}"
+
+
+def _would_cycle(child: _Node, parent: _Node) -> bool:
+    node: _Node | None = parent
+    while node is not None:
+        if node is child:
+            return True
+        node = node.parent
+    return False
+
+
+def _attach(child: _Node, parent: _Node) -> bool:
+    if parent is child or _would_cycle(child, parent):
+        return False
+    child.parent = parent
+    parent.children.append(child)
+    return True
+
+
+def build_trace(
+    correlation_id: str,
+    transactions: Iterable[Transaction],
+    changes: Iterable[Change],
+    actions: Iterable[Action] = (),
+    runs: Iterable[TaskRun] = (),
+) -> Trace:
+    """Arrange the transactions, changes, actions and task runs of one correlation id into a
+    :class:`Trace`."""
+    by_tx: dict[int, list[Change]] = {}
+    for change in changes:
+        by_tx.setdefault(change.transaction_id, []).append(change)
+    nodes: dict[tuple[str, str | None], _Node] = {}
+    order: list[_Node] = []
+    for tx in sorted(transactions, key=lambda t: (t.occurred_at, t.id)):
+        kind, ident = _key(tx)
+        node = nodes.get((kind, ident))
+        if node is None:
+            shown = tx.causation_id if kind == WORK else ident
+            node = nodes[(kind, ident)] = _Node(kind, shown)
+            order.append(node)
+        node.transactions.append(
+            TraceTransaction(tx, tuple(sorted(by_tx.get(tx.id, ()), key=lambda c: c.id)))
+        )
+        node.name = node.name or (
+            _text(tx.job, "name") if kind == TASK else tx.origin if kind == WORK else None
+        )
+        node.origin = node.origin or tx.origin
+        node.actor = node.actor or tx.actor
+        if kind == TASK and tx.job is not None:
+            retries = tx.job.get("retries")
+            node.attempts.add(retries if isinstance(retries, int) and not isinstance(retries, bool) else 0)
+        parent = _text(tx.job, "parent_id")
+        for ref, value in (
+            # a retried or replaced task names itself as its parent: that says nothing
+            ("parent_id", None if parent == ident else parent),
+            ("root_id", _text(tx.job, "root_id")),
+            ("causation_id", tx.causation_id),
+            ("request_id", tx.request_id),
+        ):
+            if value is not None:
+                node.refs.setdefault(ref, value)
+
+    for run in sorted(runs, key=lambda r: (r.ended_at, r.id)):
+        node = nodes.get((TASK, run.task_id))
+        if node is None:
+            node = nodes[(TASK, run.task_id)] = _Node(TASK, run.task_id, origin="celery")
+            order.append(node)
+        # a task's attempts in attempt order: with a thread pool, an attempt retried without a
+        # countdown can end (and be recorded) after the next attempt has
+        bisect.insort(node.runs, run, key=lambda r: (r.attempt, r.ended_at, r.id))
+        node.name = node.name or run.name
+        node.actor = node.actor or run.actor
+        node.attempts.add(run.attempt)
+        for ref, value in (
+            ("parent_id", None if run.parent_id == run.task_id else run.parent_id),
+            ("root_id", run.root_id),
+            ("causation_id", run.causation_id),
+        ):
+            if value is not None:
+                node.refs.setdefault(ref, value)
+
+    def placeholder(kind: str, ident: str) -> _Node:
+        node = nodes.get((kind, ident))
+        if node is None:
+            node = nodes[(kind, ident)] = _Node(kind, ident)
+            order.append(node)
+        return node
+
+    # Parents. The list grows while it is walked: placeholders get their turn too, after the
+    # children that created them, whose references they borrow.
+    i = 0
+    while i < len(order):
+        node = order[i]
+        i += 1
+        if not node.transactions:
+            for child in node.children:
+                for ref in ("root_id", "request_id"):
+                    value = child.refs.get(ref)
+                    if value is not None and value != node.id:
+                        node.refs.setdefault(ref, value)
+        refs = node.refs
+        parent_id, root_id = refs.get("parent_id"), refs.get("root_id")
+        causation, request_id = refs.get("causation_id"), refs.get("request_id")
+        candidates: list[_Node | None] = []
+        if node.kind == TASK:
+            if parent_id is not None:
+                candidates.append(placeholder(TASK, parent_id))
+            if causation is not None:
+                candidates.append(nodes.get((TASK, causation)))
+                if parent_id is None and (TASK, causation) not in nodes:
+                    # published outside any task: by the request (or process) named here
+                    candidates.append(placeholder(REQUEST, causation))
+            if root_id is not None:
+                candidates.append(nodes.get((TASK, root_id)))
+            if request_id is not None:
+                candidates.append(nodes.get((REQUEST, request_id)))
+        elif causation is not None:
+            candidates.append(nodes.get((TASK, causation)))
+            candidates.append(nodes.get((REQUEST, causation)))
+        for candidate in candidates:
+            if candidate is not None and _attach(node, candidate):
+                break
+
+    by_action = {
+        t.transaction.action_id: n
+        for n in order
+        for t in n.transactions
+        if t.transaction.action_id is not None
+    }
+    loose_actions: list[Action] = []
+    for action in actions:
+        owner = by_action.get(action.id)
+        if owner is None and action.job_id is not None:
+            owner = nodes.get((TASK, action.job_id))
+        if owner is None and action.request_id is not None:
+            owner = nodes.get((REQUEST, action.request_id))
+        if owner is None:
+            loose_actions.append(action)
+        else:
+            owner.actions.append(action)
+    loose = tuple(loose_actions)
+
+    roots = tuple(sorted((_freeze(n) for n in order if n.parent is None), key=_start_key))
+    starts = [r.span_started_at for r in roots if r.span_started_at is not None]
+    ends = [r.span_ended_at for r in roots if r.span_ended_at is not None]
+    tx_count = sum(len(n.transactions) for n in order)
+    change_count = sum(len(t.changes) for n in order for t in n.transactions)
+    return Trace(
+        correlation_id=correlation_id,
+        roots=roots,
+        actions=loose,
+        started_at=min(starts, default=None),
+        ended_at=max(ends, default=None),
+        transaction_count=tx_count,
+        change_count=change_count,
+    )
+
+
+def _start_key(node: TraceNode) -> tuple[bool, datetime | str]:
+    return (node.span_started_at is None, node.span_started_at or "")
+
+
+def _freeze(node: _Node) -> TraceNode:
+    children = tuple(sorted((_freeze(c) for c in node.children), key=_start_key))
+    txs = tuple(sorted(node.transactions, key=lambda t: (t.started_at, t.transaction.id)))
+    started = min((t.started_at for t in txs), default=None)
+    ended = max((t.ended_at for t in txs), default=None)
+    action_times = [a.inserted_at for a in node.actions]
+    run_starts = [r.started_at or r.ended_at for r in node.runs]
+    run_ends = [r.ended_at for r in node.runs]
+    span_starts = [
+        t
+        for t in [started, *action_times, *run_starts, *(c.span_started_at for c in children)]
+        if t is not None
+    ]
+    span_ends = [
+        t for t in [ended, *action_times, *run_ends, *(c.span_ended_at for c in children)] if t is not None
+    ]
+    return TraceNode(
+        kind=node.kind,
+        id=node.id,
+        name=node.name,
+        origin=node.origin,
+        actor=node.actor,
+        attempts=tuple(sorted(node.attempts)),
+        transactions=txs,
+        actions=tuple(sorted(node.actions, key=lambda a: (a.inserted_at, a.id))),
+        children=children,
+        started_at=started,
+        ended_at=ended,
+        span_started_at=min(span_starts, default=None),
+        span_ended_at=max(span_ends, default=None),
+        runs=tuple(node.runs),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def format_duration(value: timedelta | None) -> str:
+    """``12.3ms`` below a second, ``1.204s`` above; ``-`` when unknown."""
+    if value is None:
+        return "-"
+    seconds = value.total_seconds()
+    if seconds < 1:
+        return f"{seconds * 1000:.1f}ms"
+    return f"{seconds:.3f}s"
+
+
+def format_key(pk: Mapping[str, Any] | None) -> str:
+    """``id=7`` or ``order_id=7,line_no=2``; empty for a truncate."""
+    if not pk:
+        return ""
+    return ",".join(f"{k}={v}" for k, v in pk.items())
+
+
+def _offset(at: datetime | None, origin: datetime | None) -> str:
+    if at is None or origin is None:
+        return ""
+    return f"+{(at - origin).total_seconds():.3f}s"
+
+
+def _join(*parts: str | None) -> str:
+    return "  ".join(p for p in parts if p)
+
+
+def _node_line(node: TraceNode, origin: datetime | None) -> str:
+    if node.kind == TASK:
+        label = f"task {node.name or '(unknown name)'} [{node.id}]"
+    elif node.kind == REQUEST:
+        label = f"request {node.id}"
+    else:
+        label = f"{node.name or 'work'}" + (f" caused by {node.id}" if node.id else "")
+    attempts = ""
+    if len(node.attempts) > 1:
+        attempts = f"{len(node.attempts)} attempts"
+    elif node.attempts and node.attempts[0] > 0:
+        attempts = f"retry {node.attempts[0]}"
+    outcome = node.outcome
+    if not node.transactions:
+        return _join(
+            label,
+            outcome,
+            attempts,
+            "(no audited writes)",
+            _offset(node.span_started_at, origin),
+        )
+    return _join(
+        label,
+        outcome,
+        node.origin if node.kind != WORK else None,
+        None if node.actor is None else str(node.actor),
+        attempts,
+        _offset(node.started_at, origin),
+        format_duration(node.duration),
+    )
+
+
+def _run_line(run: TaskRun, origin: datetime | None) -> str:
+    return _join(
+        f"attempt {run.attempt + 1} {run.outcome}",
+        _offset(run.started_at, origin),
+        format_duration(run.duration),
+        run.error,
+        None if run.worker is None else f"on {run.worker}",
+    )
+
+
+def _tx_line(item: TraceTransaction, node: TraceNode, origin: datetime | None) -> str:
+    tx = item.transaction
+    count = len(item.changes)
+    retry = None
+    if node.kind == TASK and len(node.attempts) > 1 and tx.job is not None:
+        retry = f"attempt {int(tx.job.get('retries') or 0) + 1}"
+    return _join(
+        f"tx {tx.id}",
+        retry,
+        _offset(item.started_at, origin),
+        format_duration(item.duration),
+        f"{count} change{'s' if count != 1 else ''}",
+        f"action {tx.action_id}" if tx.action_id is not None else None,
+        f"context error: {tx.context_error}" if tx.context_error else None,
+    )
+
+
+def _change_line(change: Change) -> str:
+    fields = ", ".join(change.changed_fields) if change.op == "update" and change.changed_fields else None
+    return _join(f"{change.op:<6} {change.table} {format_key(change.pk)}".rstrip(), fields)
+
+
+def _action_line(action: Action, origin: datetime | None) -> str:
+    return _join(
+        f"action {action.name} ({action.status})",
+        None if action.actor is None else str(action.actor),
+        action.reason,
+        _offset(action.inserted_at, origin),
+    )
+
+
+def render(trace: Trace, *, max_changes: int | None = 10) -> str:
+    """Text rendering of a :class:`Trace` (see :meth:`Trace.render`)."""
+    origin = trace.started_at
+    tasks = trace.task_count
+    lines = [
+        _join(
+            f"correlation {trace.correlation_id}",
+            f"{trace.transaction_count} transaction{'s' if trace.transaction_count != 1 else ''}",
+            f"{trace.change_count} change{'s' if trace.change_count != 1 else ''}",
+            f"{tasks} task{'s' if tasks != 1 else ''}",
+            format_duration(trace.duration),
+        )
+    ]
+
+    def items(node: TraceNode) -> list[tuple[datetime | None, int, object]]:
+        out: list[tuple[datetime | None, int, object]] = []
+        if len(node.runs) > 1 or any(r.outcome != "succeeded" for r in node.runs):
+            out.extend((r.started_at or r.ended_at, -1, r) for r in node.runs)
+        out.extend((t.started_at, 0, t) for t in node.transactions)
+        out.extend((a.inserted_at, 1, a) for a in node.actions)
+        out.extend((c.span_started_at, 2, c) for c in node.children)
+        out.sort(key=lambda x: (x[0] is None, x[0] or origin or datetime.min, x[1]))
+        return out
+
+    def emit(obj: object, prefix: str, last: bool, top: bool = False) -> None:
+        branch = "" if top else ("└─ " if last else "├─ ")
+        inner = prefix + ("" if top else ("   " if last else "│  "))
+        if isinstance(obj, TraceNode):
+            lines.append(prefix + branch + _node_line(obj, origin))
+            parts = items(obj)
+            for n, (_, _, sub) in enumerate(parts):
+                emit_sub(sub, obj, inner, n == len(parts) - 1)
+        elif isinstance(obj, Action):
+            lines.append(prefix + branch + _action_line(obj, origin))
+        elif isinstance(obj, TaskRun):
+            lines.append(prefix + branch + _run_line(obj, origin))
+
+    def emit_sub(obj: object, node: TraceNode, prefix: str, last: bool) -> None:
+        if isinstance(obj, TraceTransaction):
+            lines.append(prefix + ("└─ " if last else "├─ ") + _tx_line(obj, node, origin))
+            inner = prefix + ("   " if last else "│  ")
+            shown = obj.changes if max_changes is None else obj.changes[:max_changes]
+            hidden = len(obj.changes) - len(shown)
+            for n, change in enumerate(shown):
+                end = n == len(shown) - 1 and not hidden
+                lines.append(inner + ("└─ " if end else "├─ ") + _change_line(change))
+            if hidden:
+                lines.append(inner + f"└─ … {hidden} more change{'s' if hidden != 1 else ''}")
+        else:
+            emit(obj, prefix, last)
+
+    for root in trace.roots:
+        emit(root, "", True, top=True)
+    for action in trace.actions:
+        lines.append(_action_line(action, origin))
+    return "\n".join(lines) + "\n"
