@@ -362,6 +362,75 @@ def test_a_cache_forged_between_two_writes_keeps_one_row_per_transaction(conn: C
         }
 
 
+def test_the_row_marker_cleared_or_forged_keeps_one_row_per_transaction(conn: Conn, posts: str) -> None:
+    """The first captured statement skips the lookup of the transaction's row when the setting
+    that marks it is empty; whatever a session does to that setting, each transaction ends with
+    one row, holding all its changes and its own context."""
+    marker = "threadline.txctx_threadline"
+    with threadline.context(actor="user:victim"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+    (victim,) = transactions(conn)
+    vid = victim["id"]
+    before_first = [f"'={vid}|'", f"'={vid}|' || current_setting('threadline.context')", "'garbage'"]
+    between = ["''", f"'={vid}|' || current_setting('threadline.context')", "'=999999|'", "'garbage'"]
+    n = 1
+    for forged in before_first:
+        n += 1
+        with threadline.context(actor=f"user:{n}"), threadline.transaction(conn):
+            conn.execute(f"SELECT set_config('{marker}', {forged}, true)")
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [n])
+            conn.execute("UPDATE app.posts SET title = 'x' WHERE id = %s", [n])
+    for forged in between:
+        n += 1
+        with threadline.context(actor=f"user:{n}"), threadline.transaction(conn):
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [n])
+            conn.execute(f"SELECT set_config('{marker}', {forged}, true)")
+            conn.execute("UPDATE app.posts SET title = 'x' WHERE id = %s", [n])
+            conn.execute("UPDATE app.posts SET title = 'y' WHERE id = %s", [n])
+    n += 1
+    with threadline.context(actor=f"user:{n}"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [n])
+        conn.execute(f"RESET {marker}")
+        conn.execute("DELETE FROM app.posts WHERE id = %s", [n])
+    txs = transactions(conn)
+    assert len(txs) == n and len({t["xid"] for t in txs}) == n  # one row per database transaction
+    by_id = {t["id"]: t for t in txs}
+    per_tx: dict[int, list[str]] = {}
+    for row in changes(conn)[1:]:
+        assert row["transaction_id"] != vid
+        assert by_id[row["transaction_id"]]["actor"] == {"type": "user", "id": str(row["pk"]["id"])}
+        per_tx.setdefault(row["transaction_id"], []).append(row["op"])
+    assert sorted(per_tx.values()) == sorted(
+        [["insert", "update"]] * len(before_first)
+        + [["insert", "update", "update"]] * len(between)
+        + [["insert", "delete"]]
+    )
+
+
+def test_a_transaction_without_context_has_one_row(conn: Conn, posts: str) -> None:
+    with conn.transaction():
+        for i in range(1, 4):
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+    (tx,) = transactions(conn)
+    assert tx["actor"] is None and tx["context_error"] is None
+    assert [r["transaction_id"] for r in changes(conn)] == [tx["id"]] * 3
+
+
+def test_a_first_write_rolled_back_to_a_savepoint_leaves_one_row(conn: Conn, posts: str) -> None:
+    with threadline.context(actor="user:7"), threadline.transaction(conn):
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+            conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+            conn.execute("INSERT INTO app.posts (id) VALUES (1)")
+        conn.execute("INSERT INTO app.posts (id) VALUES (2)")
+        conn.execute("UPDATE app.posts SET title = 'x' WHERE id = 2")
+    (tx,) = transactions(conn)
+    assert tx["actor"] == {"type": "user", "id": "7"}
+    assert [(r["op"], r["transaction_id"]) for r in changes(conn)] == [
+        ("insert", tx["id"]),
+        ("update", tx["id"]),
+    ]
+
+
 def test_composite_keys_and_primary_key_changes(conn: Conn) -> None:
     conn.execute(
         "CREATE TABLE app.lines (order_id int, line_no int, qty int, PRIMARY KEY (order_id, line_no) DEFERRABLE)"

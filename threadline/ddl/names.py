@@ -25,7 +25,10 @@ def check_schema_name(name: str) -> str:
 
 
 def context_cache_setting(schema: str) -> str:
-    """Transaction-local setting holding the context text the transaction row was built from."""
+    """Transaction-local setting that marks the transaction's row: ``=<row id>|<context text>``.
+
+    Capture skips looking the row up while it is empty, and the commit-time check compares it with
+    the context set last."""
     return f"threadline.txctx_{check_schema_name(schema)}"
 
 

@@ -246,14 +246,15 @@ LANGUAGE sql IMMUTABLE AS $fn$
 $fn$;
 
 -- A new transactions row for the current database transaction, from the context setting; the
--- context text it was built from is kept in a transaction-local setting for the commit-time
+-- row's id and the context text it was built from are kept in a transaction-local setting (txctx:
+-- '=<id>|<context>'), which marks that the transaction has its row and serves the commit-time
 -- check. Only the schema's owner may call it (EXECUTE is revoked from PUBLIC): the capture
 -- functions, and link_action() through transaction_id(), call it as the owner (they are SECURITY
 -- DEFINER with a pinned search_path), so an application role that may not write the audit tables
 -- still gets its transactions recorded. It is not SECURITY DEFINER itself, and it parses the
 -- context inline rather than through parse_context(): each extra PL/pgSQL call and search_path
--- switch is paid once per audited transaction. Callers call it only after their lookup of the
--- transaction's row by xid found none (see current_row()).
+-- switch is paid once per audited transaction. Callers call it only when that setting is empty or
+-- their lookup of the transaction's row by xid found none (see transaction_row()).
 CREATE OR REPLACE FUNCTION @audit@.insert_transaction_row() RETURNS bigint
 LANGUAGE plpgsql SECURITY INVOKER AS $fn$
 DECLARE
@@ -283,7 +284,7 @@ BEGIN
             VALUES (j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
                     j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'))
             RETURNING id INTO new_id;
-            PERFORM set_config('threadline.txctx_@audit_name@', raw, true);
+            PERFORM set_config('threadline.txctx_@audit_name@', '=' || new_id || '|' || raw, true);
             RETURN new_id;
         END IF;
         j := NULL;
@@ -334,7 +335,7 @@ BEGIN
           FROM @audit@.decode_context(j, err) AS d
         RETURNING id INTO new_id;
     END IF;
-    PERFORM set_config('threadline.txctx_@audit_name@', raw, true);
+    PERFORM set_config('threadline.txctx_@audit_name@', '=' || new_id || '|' || raw, true);
     RETURN new_id;
 END
 $fn$;
@@ -351,10 +352,17 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.current_row() FROM PUBLIC;
 
 -- The current transaction's row, created on first use. Nothing a session sets can make it
--- another transaction's row, or give one transaction two rows.
+-- another transaction's row. PL/pgSQL, so the lookup's plan is kept across calls (capture calls
+-- this only once the transaction has written its row, see render_capture()).
 CREATE OR REPLACE FUNCTION @audit@.transaction_row() RETURNS bigint
-LANGUAGE sql VOLATILE AS $fn$
-    SELECT coalesce(@audit@.current_row(), @audit@.insert_transaction_row())
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    found_id bigint;
+BEGIN
+    SELECT t.id INTO found_id FROM @audit@.transactions AS t
+     WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1;
+    RETURN coalesce(found_id, @audit@.insert_transaction_row());
+END
 $fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.transaction_row() FROM PUBLIC;
 
@@ -371,35 +379,48 @@ LANGUAGE sql VOLATILE AS $fn$
     SELECT @audit@.transaction_id()
 $fn$;
 
--- At commit: if the context was changed after the transaction row was written, the last value
--- set wins. Rewrites the current transaction's row only (its id and xid must match), as the owner;
+-- At commit, when the check below fails: the last context set before commit wins, and should the
+-- transaction have two rows (a session that cleared the setting that marks its row makes the next
+-- statement write another one), the later rows' changes move to the first and the later rows
+-- go. Only the current transaction's rows (its xid and start time) are touched, as the owner;
 -- callable by anyone, since all it can do is what setting the context before the first write
 -- would have done.
 CREATE OR REPLACE FUNCTION @audit@.apply_context_change(tx bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     raw text := coalesce(current_setting('threadline.context', true), '');
+    ids bigint[] := ARRAY(SELECT t.id FROM @audit@.transactions AS t
+                           WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.id);
 BEGIN
+    IF cardinality(ids) = 0 THEN
+        RETURN;  -- tx was a later row, merged into the first already
+    END IF;
+    IF cardinality(ids) > 1 THEN
+        UPDATE @audit@.changes AS c SET transaction_id = ids[1] WHERE c.transaction_id = ANY (ids[2:]);
+        DELETE FROM @audit@.transactions AS t
+         WHERE t.id = ANY (ids[2:]) AND t.xid = pg_current_xact_id() AND t.occurred_at = now();
+    END IF;
     UPDATE @audit@.transactions AS t
        SET actor = d.actor, correlation_id = d.correlation_id, request_id = d.request_id,
            causation_id = d.causation_id, origin = d.origin, job = d.job, meta = d.meta,
            context_error = d.context_error
       FROM @audit@.parse_context(raw) AS p, @audit@.decode_context(p.j, p.err) AS d
-     WHERE t.id = tx AND t.xid = pg_current_xact_id() AND t.occurred_at = now();
-    PERFORM set_config('threadline.txctx_@audit_name@', raw, true);
+     WHERE t.id = ids[1] AND t.xid = pg_current_xact_id() AND t.occurred_at = now();
+    PERFORM set_config('threadline.txctx_@audit_name@', '=' || ids[1] || '|' || raw, true);
 END
 $fn$;
 GRANT EXECUTE ON FUNCTION @audit@.apply_context_change(bigint) TO PUBLIC;
 
--- The commit-time check, fired by a deferred trigger as the committing role. It only compares two
--- settings, so it needs neither the owner's rights nor a pinned search_path (whatever a caller's
--- path resolves here runs with the caller's own rights); the rare rewrite is the owner's function
--- above.
+-- The commit-time check, fired by a deferred trigger as the committing role: the setting that
+-- marks the transaction's row must still name this row and the context it was built from. It only
+-- compares two settings, so it needs neither the owner's rights nor a pinned search_path
+-- (whatever a caller's path resolves here runs with the caller's own rights); the rare repair is
+-- the owner's function above.
 CREATE OR REPLACE FUNCTION @audit@.refresh_transaction_context() RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER AS $fn$
 BEGIN
-    IF coalesce(current_setting('threadline.context', true), '')
-           IS DISTINCT FROM current_setting('threadline.txctx_@audit_name@', true) THEN
+    IF current_setting('threadline.txctx_@audit_name@', true) IS DISTINCT FROM
+           '=' || NEW.id || '|' || coalesce(current_setting('threadline.context', true), '') THEN
         PERFORM @audit@.apply_context_change(NEW.id);
     END IF;
     RETURN NULL;
@@ -721,9 +742,15 @@ BEGIN
         END IF;
     END LOOP;
     present_mask := ARRAY(SELECT m FROM unnest(mask) AS m WHERE m = ANY (names) AND m <> ALL (exclude) ORDER BY m COLLATE "C");
-    txid := format('(SELECT coalesce((SELECT t.id FROM %1$I.transactions AS t'
-                   ' WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1),'
-                   ' %1$I.insert_transaction_row()))', audit);
+    -- The transaction's row: written by the first statement that captures a change, which finds
+    -- the setting that marks it (txctx, transaction-local, never empty once set) empty and so
+    -- skips the lookup, whose executor start-up alone costs more than the rest of this
+    -- expression; later statements look the row up by xid. A session that clears the setting
+    -- gets a second row, merged into the first at commit (apply_context_change()); one that sets
+    -- it only takes the lookup.
+    txid := format('(SELECT CASE WHEN coalesce(current_setting(%2$L, true), '''') = '''''
+                   ' THEN %1$I.insert_transaction_row() ELSE %1$I.transaction_row() END)',
+                   audit, 'threadline.txctx_' || audit);
 
     -- Images are json (the row's text form, built without jsonb's parsing and key sorting). The
     -- before image of an update is the whole row, so changed fields are derived from the two
