@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-all bench-celery bench-web bench-query bench-ops bench-story clean
+.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-parts bench-all bench-celery bench-web bench-query bench-ops bench-story clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ test-matrix: venv $(OLDEST)/bin/pytest
 
 bench: venv
 	$(BIN)/python bench/capture.py
+
+bench-parts: venv
+	$(BIN)/python bench/capture_parts.py
 
 bench-instructions: venv
 	$(BIN)/python bench/capture_instructions.py

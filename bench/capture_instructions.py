@@ -84,10 +84,11 @@ def script(table: str, n: int) -> str:
     )
 
 
-def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> int:
+def count_script(pg: Path, pristine: Path, work: Path, text: str) -> int:
+    """Instructions a single-user backend spends on ``text``, from a fresh copy of ``pristine``."""
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["cp", "-a", str(pristine), str(work)], check=True)  # keeps the owner
-    out = work.parent / f"callgrind.{table}.{n}"
+    out = work.parent / "callgrind.out"
     proc = subprocess.run(
         as_server_user(
             [
@@ -106,17 +107,21 @@ def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> in
                 "bench",
             ]
         ),
-        input=script(table, n),
+        input=text,
         text=True,
         capture_output=True,
         check=True,
     )
     if " ERROR: " in proc.stderr:
-        raise RuntimeError(f"{table}: the backend reported an error:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"the backend reported an error:\n{proc.stderr[-2000:]}")
     match = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
     if not match:
         raise RuntimeError(f"cannot read valgrind's summary:\n{proc.stderr[-2000:]}")
     return int(match.group(1).replace(",", ""))
+
+
+def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> int:
+    return count_script(pg, pristine, work, script(table, n))
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ import threadline  # noqa: E402
 from bench._db import pgbench_tps as run_pgbench  # noqa: E402
 from bench._db import scratch_database  # noqa: E402
 from threadline import ddl  # noqa: E402
-from threadline.explore.query import CHANGED_FIELDS_SQL  # noqa: E402
+from threadline.explore.selection import CHANGED_FIELDS_SQL  # noqa: E402
 from threadline.ops import (  # noqa: E402
     partitions,
     retention,

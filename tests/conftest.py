@@ -13,7 +13,7 @@ from psycopg import sql
 
 import threadline
 from threadline import ddl
-from threadline.explore.query import CHANGED_FIELDS_SQL
+from threadline.explore.selection import CHANGED_FIELDS_SQL
 
 from . import brokers
 from .backends import ADMIN_DSN, report

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from threadline.explore.query import CHANGED_FIELDS_SQL
+from threadline.explore.selection import CHANGED_FIELDS_SQL
 
 DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
 ALIAS = "migrations"

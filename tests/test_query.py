@@ -20,10 +20,10 @@ from threadline.core.errors import (
     TableNotFound,
 )
 from threadline.core.records import TaskRun, Transaction
-from threadline.explore import query
+from threadline.explore import arguments
 from threadline.explore.as_of_query import NotYetAudited, RowDeleted
 from threadline.explore.diff import FieldChange, previous_row
-from threadline.explore.tracing import build_trace
+from threadline.explore.trace_build import build_trace
 
 from .conftest import changed_before
 from .story import Story
@@ -523,6 +523,6 @@ def test_queries_inside_an_open_transaction_leave_it_usable(conn: Conn, story: S
         assert [c.op for c in threadline.history(conn, "app.posts", 3)] == ["insert"]  # own writes visible
         conn.execute("UPDATE app.posts SET title = 'landed' WHERE id = 3")
     assert [c.op for c in threadline.history(conn, "app.posts", 3)] == ["update", "insert"]
-    assert query.check_time("t", datetime(2024, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))) == datetime(
-        2024, 1, 1, 10, tzinfo=timezone.utc
-    )
+    assert arguments.check_time(
+        "t", datetime(2024, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    ) == datetime(2024, 1, 1, 10, tzinfo=timezone.utc)

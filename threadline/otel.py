@@ -52,7 +52,8 @@ from threadline.core.context import AuditContext
 from threadline.core.errors import ConfigurationError, InvalidContext, InvalidFilter
 from threadline.core.records import Transaction
 from threadline.ddl.names import DEFAULT_SCHEMA
-from threadline.explore.query import TRANSACTION_COLUMNS, _audit
+from threadline.explore.arguments import audit_identifier
+from threadline.explore.selection import TRANSACTION_COLUMNS
 from threadline.propagation import psycopg as tl_psycopg
 
 __all__ = [
@@ -220,7 +221,7 @@ def _check_span_id(span_id: Any) -> str | None:
 
 
 def _trace_plan(trace_id: str, span_id: str | None, audit_schema: str) -> Plan[list[Transaction]]:
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     params = {"trace_id": _check_trace_id(trace_id), "span_id": _check_span_id(span_id)}
     # the expression an index on the trace id would be built on (see docs/web.md)
     where: sql.Composable = sql.SQL(" WHERE (t.meta -> 'otel' ->> 'trace_id') = %(trace_id)s")

@@ -1,8 +1,9 @@
 """The ``threadline`` command line: :data:`cli` (the click group) and :func:`main`.
 
-One module per command group: ``app`` (the group and the everyday commands), ``connect`` (what
-every command that opens a database shares), ``help`` (examples), ``ops`` (purge, coverage),
-``partitions``, ``story`` (baseline, as-of, revert), ``trust`` (seal, verify, erase), ``demo``.
+One module per command group: ``app`` (the group; install, track, untrack, sync), ``read``
+(timeline, history, trace, export, actions), ``ops`` (purge, coverage), ``partitions``, ``story``
+(baseline, as-of, revert), ``trust`` (seal, verify, erase) and ``demo``; ``connect`` (what every
+command that opens a database shares) and ``help`` (examples).
 """
 
 from threadline.cli.app import cli, main

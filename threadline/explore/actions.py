@@ -30,7 +30,7 @@ from threadline.core.context import current
 from threadline.core.errors import InvalidAction, InvalidActor, InvalidContext, InvalidFilter, SchemaError
 from threadline.core.records import Action
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
-from threadline.explore.query import ActorLike, check_actor, check_limit, check_text_filter, check_window
+from threadline.explore.arguments import ActorLike, check_actor, check_limit, check_text_filter, check_window
 
 MAX_SHORT = 256
 """Longest ``name``, ``status``, ``verb`` and ``category``."""
@@ -75,7 +75,7 @@ def _long(name: str, value: str | None) -> str | None:
     return value
 
 
-def _audit(audit_schema: str) -> sql.Identifier:
+def audit_identifier(audit_schema: str) -> sql.Identifier:
     try:
         return sql.Identifier(check_schema_name(audit_schema))
     except SchemaError as exc:
@@ -95,7 +95,7 @@ def _record_plan(
     actor: ActorRef | str | Mapping[str, Any] | None,
     audit_schema: str,
 ) -> Plan[Action]:
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     ctx = current()
     try:
         who = fields.check_actor(actor) if actor is not None else ctx.actor

@@ -23,17 +23,15 @@ from threadline.core._run import Plan, Query, run, run_async
 from threadline.core.errors import InvalidFilter, ThreadlineError
 from threadline.core.records import Change, iso
 from threadline.ddl.names import DEFAULT_SCHEMA
-from threadline.explore.query import (
+from threadline.explore.arguments import audit_identifier, check_time
+from threadline.explore.selection import (
     CHANGE_COLUMNS,
     TRANSACTION_COLUMNS,
-    _audit,
     changes_from_rows,
-    check_time,
-    normalize_key,
     partitioned_plan,
-    resolve_table,
     transaction_join,
 )
+from threadline.explore.tables import normalize_key, resolve_table
 
 __all__ = ["AsOfError", "NoBaseline", "NotYetAudited", "RowDeleted", "as_of", "as_of_async"]
 
@@ -174,7 +172,7 @@ class NoBaseline(AsOfError):
 
 
 def _as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan[dict[str, Any]]:
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     if at is None:
         raise InvalidFilter("at is required")
     moment = check_time("at", at)
@@ -264,7 +262,7 @@ def _truncated(row_of: str, ref: Any, truncate: Change) -> RowDeleted:
 
 
 def _table_plan(table: str, at: datetime, audit_schema: str) -> Plan[tuple[sql.Composed, dict[str, Any]]]:
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     moment = check_time("at", at)
     ref = yield from resolve_table(table, audit_schema)
     params: dict[str, Any] = {"at": moment}

@@ -44,14 +44,8 @@ from threadline.core.errors import InvalidFilter, SchemaError
 from threadline.core.records import iso
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore import paging
-from threadline.explore.query import (
-    CHANGED_FIELDS_SQL,
-    ActorLike,
-    Filters,
-    check_limit,
-    filters_plan,
-    where_clause,
-)
+from threadline.explore.arguments import ActorLike, check_limit
+from threadline.explore.selection import CHANGED_FIELDS_SQL, Filters, filters_plan, where_clause
 
 FORMATS = ("csv", "json", "ndjson")
 """Supported export formats."""

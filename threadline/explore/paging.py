@@ -197,7 +197,7 @@ def page_statement(
     export then loads two values fewer per row. Without ``forward`` the statement returns only
     the late rows and the closing row: the rows in position order then come from
     :func:`forward_statement`, run in the same snapshot (a ``REPEATABLE READ`` transaction).
-    ``tx_join`` joins ``c`` to ``t`` (:func:`threadline.explore.query.transaction_join`); without
+    ``tx_join`` joins ``c`` to ``t`` (:func:`threadline.explore.selection.transaction_join`); without
     ``forward_join`` the rows in position order are read from ``changes`` alone (neither the
     filters nor ``columns`` read ``t``).
     """

@@ -18,12 +18,10 @@ from threadline.core._run import Plan, Query, Rows, run, run_async
 from threadline.core.records import Change
 from threadline.ddl.names import DEFAULT_SCHEMA
 from threadline.explore import paging
-from threadline.explore.query import (
-    ActorLike,
+from threadline.explore.arguments import ActorLike, audit_identifier, check_limit
+from threadline.explore.selection import (
     Filters,
-    _audit,
     change_columns,
-    check_limit,
     filters_plan,
     where_clause,
     with_transactions,
@@ -71,7 +69,7 @@ def _timeline_plan(
     after: str | None,
     audit_schema: str,
 ) -> Plan[TimelinePage]:
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     checked = check_limit(limit, allow_none=False)
     assert checked is not None
     filters = yield from filters_plan(

@@ -46,7 +46,7 @@ from threadline.core.fields import check_actor
 from threadline.core.records import exact_json
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore.actions import record_action
-from threadline.explore.query import normalize_key, resolve_table
+from threadline.explore.tables import normalize_key, resolve_table
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.seal import append_link, lock_chain
 from threadline.propagation.psycopg import transaction

@@ -87,7 +87,7 @@ class Partition:
         }
 
 
-def _audit(audit_schema: str) -> sql.Identifier:
+def audit_identifier(audit_schema: str) -> sql.Identifier:
     check_schema_name(audit_schema)
     return sql.Identifier(audit_schema)
 
@@ -109,7 +109,7 @@ def partition_settings(
     if not is_partitioned(conn, audit_schema):
         return None
     row = conn.execute(
-        sql.SQL("SELECT period, ahead FROM {}.partitioning").format(_audit(audit_schema))
+        sql.SQL("SELECT period, ahead FROM {}.partitioning").format(audit_identifier(audit_schema))
     ).fetchone()
     return None if row is None else PartitionSettings(row[0], row[1])
 
@@ -117,7 +117,7 @@ def partition_settings(
 def partitions(conn: psycopg.Connection[Any], audit_schema: str = DEFAULT_SCHEMA) -> list[Partition]:
     """The partitions of both tables, in range order (the DEFAULT partitions last); empty for a
     plain store."""
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     require_installed(conn, audit_schema)
     rows = conn.execute(
         sql.SQL(
@@ -151,7 +151,9 @@ def set_partitions_ahead(
             f"the audit store of schema {audit_schema!r} is not partitioned: `threadline partition --migrate` "
             "partitions it"
         )
-    conn.execute(sql.SQL("UPDATE {}.partitioning SET ahead = %s").format(_audit(audit_schema)), [ahead])
+    conn.execute(
+        sql.SQL("UPDATE {}.partitioning SET ahead = %s").format(audit_identifier(audit_schema)), [ahead]
+    )
 
 
 def create_partitions(
@@ -172,7 +174,7 @@ def create_partitions(
     ``lock_timeout`` seconds for its locks; a busy table is retried up to ``attempts`` times, with
     a growing pause, before :class:`psycopg.errors.LockNotAvailable` is raised.
     """
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     if ahead is not None and (
         isinstance(ahead, bool) or not isinstance(ahead, int) or not 0 <= ahead <= MAX_AHEAD
     ):

@@ -88,7 +88,7 @@ class VerifyResult:
         return "\n".join(f"TAMPERED: {p}" for p in self.problems)
 
 
-def _audit(audit_schema: str) -> sql.Identifier:
+def audit_identifier(audit_schema: str) -> sql.Identifier:
     check_schema_name(audit_schema)
     return sql.Identifier(audit_schema)
 
@@ -112,7 +112,7 @@ def append_link(
     there. Returns how many it recorded (none: no link). The caller holds :func:`lock_chain`."""
     if not transactions:
         return 0
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     row = cur.connection.execute(
         sql.SQL(
             "WITH prev AS (SELECT * FROM {a}.seals ORDER BY id DESC LIMIT 1),"
@@ -151,7 +151,7 @@ def seal(
 ) -> SealResult:
     """Seal every final transaction not sealed yet, ``batch_size`` per seal, each seal its own
     transaction; returns the head hash. ``conn`` must not be inside a transaction."""
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}")
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
@@ -184,7 +184,7 @@ def verify(
     ``expect_head``: the head hash kept outside the database; a chain that does not end with it
     was cut (its latest seals removed) or replaced.
     """
-    audit = _audit(audit_schema)
+    audit = audit_identifier(audit_schema)
     cur = conn.cursor(row_factory=dict_row)
     columns = sql.SQL(
         "SELECT s.id, s.kind, s.last_xid::text AS last_xid, s.last_id, s.transaction_ids, s.digests,"

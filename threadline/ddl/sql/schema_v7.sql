@@ -352,17 +352,11 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.current_row() FROM PUBLIC;
 
 -- The current transaction's row, created on first use. Nothing a session sets can make it
--- another transaction's row. PL/pgSQL, so the lookup's plan is kept across calls (capture calls
--- this only once the transaction has written its row, see render_capture()).
+-- another transaction's row (a second row, made by clearing the setting that marks the first, is
+-- merged into it at commit).
 CREATE OR REPLACE FUNCTION @audit@.transaction_row() RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    found_id bigint;
-BEGIN
-    SELECT t.id INTO found_id FROM @audit@.transactions AS t
-     WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1;
-    RETURN coalesce(found_id, @audit@.insert_transaction_row());
-END
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT coalesce(@audit@.current_row(), @audit@.insert_transaction_row())
 $fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.transaction_row() FROM PUBLIC;
 
@@ -716,6 +710,10 @@ DECLARE
     del text[] := '{}';
     k integer := 0;
     cv constant integer := 7;
+    txids text[];
+    dispatch text[] := '{}';
+    marker_empty text;
+    saved text[];
 BEGIN
     SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
            array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
@@ -742,15 +740,19 @@ BEGIN
         END IF;
     END LOOP;
     present_mask := ARRAY(SELECT m FROM unnest(mask) AS m WHERE m = ANY (names) AND m <> ALL (exclude) ORDER BY m COLLATE "C");
-    -- The transaction's row: written by the first statement that captures a change, which finds
-    -- the setting that marks it (txctx, transaction-local, never empty once set) empty and so
-    -- skips the lookup, whose executor start-up alone costs more than the rest of this
-    -- expression; later statements look the row up by xid. A session that clears the setting
-    -- gets a second row, merged into the first at commit (apply_context_change()); one that sets
-    -- it only takes the lookup.
-    txid := format('(SELECT CASE WHEN coalesce(current_setting(%2$L, true), '''') = '''''
-                   ' THEN %1$I.insert_transaction_row() ELSE %1$I.transaction_row() END)',
-                   audit, 'threadline.txctx_' || audit);
+    -- The transaction's row. The code holds every statement twice: the first statement of a
+    -- transaction that captures a change finds the setting that marks the row (txctx,
+    -- transaction-local, never empty once set) empty and writes the row without looking for it
+    -- (the lookup's executor start-up alone costs more than the rest of the expression); later
+    -- statements look it up by xid and start time, inlined in their own plan as before. Two
+    -- statements, not one with a CASE, because a plan starts up every subquery it holds. A
+    -- session that clears the setting gets a second row, merged into the first at commit
+    -- (apply_context_change()); one that sets it only takes the lookup.
+    marker_empty := format('coalesce(current_setting(%L, true), '''') = ''''', 'threadline.txctx_' || audit);
+    txids := ARRAY[format('(SELECT %I.insert_transaction_row())', audit),
+                   format('(SELECT coalesce((SELECT t.id FROM %1$I.transactions AS t'
+                          ' WHERE t.xid = pg_current_xact_id() AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1),'
+                          ' %1$I.insert_transaction_row()))', audit)];
 
     -- Images are json (the row's text form, built without jsonb's parsing and key sorting). The
     -- before image of an update is the whole row, so changed fields are derived from the two
@@ -812,8 +814,8 @@ BEGIN
         -- equal); otherwise the images tell, compared as text
         any_changed := CASE WHEN cardinality(present_mask) > 0 THEN 'cardinality(i.changed_fields) > 0'
                             ELSE 'i.after::text IS DISTINCT FROM i.before::text' END;
-        body := concat_ws(E'\n',
-            'BEGIN',
+        FOREACH txid IN ARRAY txids LOOP
+          dispatch := dispatch || concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
@@ -833,6 +835,8 @@ BEGIN
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
             format('      FROM threadline_old AS %s;', o));
+        END LOOP;
+        body := 'BEGIN';
     ELSE
         -- drift-safe: every column is read from the row's image (alias.j), by key; OFFSET 0 keeps the
         -- planner from pulling the subquery up, which would compute the image once per use. Without
@@ -891,6 +895,10 @@ BEGIN
             image_del := image_del || '::json';
             before := before || '::json';
         END IF;
+        saved := ARRAY[image_ins, image_del, before, pk, pk_old];
+        FOREACH txid IN ARRAY txids LOOP
+        image_ins := saved[1]; image_del := saved[2]; before := saved[3]; pk := saved[4]; pk_old := saved[5];
+        upd := '{}'; ins := '{}'; del := '{}';
         -- each statement twice when guarded: as is, and with every value masked (two statements,
         -- not one with a parameter, so each keeps one generic plan instead of being planned again)
         FOR k IN 0 .. CASE WHEN guard_check IS NULL THEN 0 ELSE 1 END LOOP
@@ -921,6 +929,17 @@ BEGIN
                 format('      FROM (SELECT %s("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;',
                        CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, o));
         END LOOP;
+        dispatch := dispatch || concat_ws(E'\n',
+            '  IF TG_OP = ''UPDATE'' THEN',
+            CASE WHEN guard_check IS NULL THEN upd[1]
+                 ELSE concat_ws(E'\n', '   IF drifted THEN', upd[2], '   ELSE', upd[1], '   END IF;') END,
+            '  ELSIF TG_OP = ''INSERT'' THEN',
+            CASE WHEN guard_check IS NULL THEN ins[1]
+                 ELSE concat_ws(E'\n', '   IF drifted THEN', ins[2], '   ELSE', ins[1], '   END IF;') END,
+            '  ELSIF TG_OP = ''DELETE'' THEN',
+            CASE WHEN guard_check IS NULL THEN del[1]
+                 ELSE concat_ws(E'\n', '   IF drifted THEN', del[2], '   ELSE', del[1], '   END IF;') END);
+        END LOOP;
         k := 0;
         SELECT nc.nspname, c.relname INTO live_schema, live_name
           FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
@@ -933,21 +952,21 @@ BEGIN
             format('    INSERT INTO %1$I.tracked_table_names (tracked_id, table_schema, table_name)'
                    ' SELECT t.id, TG_TABLE_SCHEMA, TG_TABLE_NAME FROM %1$I.tracked_tables AS t'
                    ' WHERE t.function_name = %2$L ON CONFLICT DO NOTHING;', audit, fn),
-            '  END IF;',
-            '  IF TG_OP = ''UPDATE'' THEN',
-            CASE WHEN guard_check IS NULL THEN upd[1]
-                 ELSE concat_ws(E'\n', '   IF drifted THEN', upd[2], '   ELSE', upd[1], '   END IF;') END,
-            '  ELSIF TG_OP = ''INSERT'' THEN',
-            CASE WHEN guard_check IS NULL THEN ins[1]
-                 ELSE concat_ws(E'\n', '   IF drifted THEN', ins[2], '   ELSE', ins[1], '   END IF;') END,
-            '  ELSIF TG_OP = ''DELETE'' THEN',
-            CASE WHEN guard_check IS NULL THEN del[1]
-                 ELSE concat_ws(E'\n', '   IF drifted THEN', del[2], '   ELSE', del[1], '   END IF;') END);
+            '  END IF;');
     END IF;
     body := concat_ws(E'\n', body,
+        format('  IF %s THEN', marker_empty),
+        dispatch[1],
         '  ELSIF TG_OP = ''TRUNCATE'' THEN',
         format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op)', audit),
         format('    VALUES (%I.transaction_id(), TG_TABLE_SCHEMA, TG_TABLE_NAME, ''truncate'');', audit),
+        '  END IF;',
+        '  ELSE',
+        dispatch[2],
+        '  ELSIF TG_OP = ''TRUNCATE'' THEN',
+        format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op)', audit),
+        format('    VALUES (%I.transaction_id(), TG_TABLE_SCHEMA, TG_TABLE_NAME, ''truncate'');', audit),
+        '  END IF;',
         '  END IF;',
         '  RETURN NULL;',
         'END', '');

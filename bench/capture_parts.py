@@ -1,0 +1,214 @@
+"""What each part of a single-row UPDATE's capture costs, in backend instructions (`make bench-parts`).
+
+Each part is the difference between two variants run by the same single-user backend under
+valgrind (callgrind), as in bench/capture_instructions.py: a variant is some SQL run first (a
+helper function, a dropped index, a replaced trigger) and then 100 or 300 identical transactions;
+(300 - 100) / 200 is one transaction, the set-up excluded. A part measured alone runs inside a
+PL/pgSQL function, as capture runs it (cached plans), against a function that does nothing.
+
+The audit store is partitioned by month, as a new install sets it up (BENCH_LAYOUT=plain for
+plain tables). Needs valgrind and PostgreSQL's server binaries, as capture_instructions.py does.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
+
+from bench.capture import CONTEXT, SETUP, TABLE_ROWS  # noqa: E402
+from bench.capture_instructions import WARM_TRANSACTIONS, bindir, count_script, run  # noqa: E402
+from threadline import ddl  # noqa: E402
+
+CALL = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; SELECT public.part(); COMMIT;"
+UPDATE = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; UPDATE items SET a = a + 1 WHERE id = {{id}}; COMMIT;"
+LOOKUP = (
+    "(SELECT t.id FROM threadline.transactions AS t WHERE t.xid = pg_current_xact_id()"
+    " AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1)"
+)
+RAW_INSERT = (
+    'INSERT INTO threadline.transactions (actor, correlation_id) VALUES (\'{"id":"42","type":"user"}\', \'bench\')'
+    " RETURNING id INTO k; PERFORM set_config('threadline.txctx_threadline', '=' || k || '|'"
+    " || current_setting('threadline.context'), true);"
+)
+
+
+def shape_check() -> str:
+    """The shape check of a short, plain context, as insert_transaction_row() runs it."""
+    found = re.search(
+        r"jsonb_path_match\(j, ('\$\.v\.type\(\)(?:[^']|'')*'), '\{\}', true\)", ddl.install_sql()
+    )
+    if found is None:
+        sys.exit("the install script has no jsonb_path_match shape check: update this benchmark")
+    return found.group(1)
+
+
+SHAPE = shape_check()
+# the change INSERT of the capture code, with a constant transaction id: the statement alone
+CHANGE_INSERT = (
+    "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after, before)"
+    " SELECT 1, TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', i.pk, i.after, i.before"
+    " FROM (SELECT jsonb_build_object('id', n.id) AS pk, n.img AS after, o.img AS before"
+    " FROM (SELECT row_number() OVER () AS rn, to_json(r.*) AS img, r.id FROM threadline_old AS r) AS o"
+    " JOIN (SELECT row_number() OVER () AS rn, to_json(r.*) AS img, r.id FROM threadline_new AS r) AS n"
+    " ON o.rn = n.rn OFFSET 0) AS i WHERE i.after::text IS DISTINCT FROM i.before::text;"
+)
+
+
+def function(body: str, declare: str = "") -> str:
+    return (
+        "CREATE FUNCTION public.part() RETURNS void LANGUAGE plpgsql SECURITY DEFINER"
+        f" SET search_path = pg_catalog, pg_temp AS $$ DECLARE k bigint; j jsonb; ok boolean; {declare}"
+        f" BEGIN {body} END $$;\n"
+    )
+
+
+def trigger(body: str) -> str:
+    return (
+        "DROP TRIGGER threadline_capture_update ON public.items;\n"
+        "CREATE FUNCTION public.cap() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
+        f" SET search_path = pg_catalog, pg_temp AS $$ BEGIN {body} RETURN NULL; END $$;\n"
+        "CREATE TRIGGER cap AFTER UPDATE ON public.items REFERENCING OLD TABLE AS threadline_old"
+        " NEW TABLE AS threadline_new FOR EACH STATEMENT EXECUTE FUNCTION public.cap();\n"
+    )
+
+
+PARSE = "j := current_setting('threadline.context')::jsonb;"
+# (name, (prelude, transaction), (baseline prelude, baseline transaction)): the part is the difference
+PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
+    (
+        "the whole capture",
+        ("", UPDATE),
+        ("DROP TRIGGER threadline_capture_update ON public.items;\n", UPDATE),
+    ),
+    (
+        "firing a statement-level trigger with two transition tables",
+        (trigger(""), UPDATE),
+        ("DROP TRIGGER threadline_capture_update ON public.items;\n", UPDATE),
+    ),
+    ("the capture's INSERT ... SELECT into changes", (trigger(CHANGE_INSERT), UPDATE), (trigger(""), UPDATE)),
+    (
+        "  of which the BRIN index on changes.captured_at",
+        (trigger(CHANGE_INSERT), UPDATE),
+        ("DROP INDEX threadline.changes_captured_at_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
+    ),
+    (
+        "  of which the hash index on changes.pk",
+        (trigger(CHANGE_INSERT), UPDATE),
+        ("DROP INDEX threadline.changes_row_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
+    ),
+    (
+        "the transaction's row, first statement (insert_transaction_row())",
+        (function("PERFORM threadline.insert_transaction_row();"), CALL),
+        (function("k := 1;"), CALL),
+    ),
+    (
+        "  of which the insert into transactions and the marker setting",
+        (function(RAW_INSERT), CALL),
+        (function("k := 1;"), CALL),
+    ),
+    (
+        "  of which the actor index",
+        (function(RAW_INSERT), CALL),
+        ("DROP INDEX threadline.transactions_actor_idx;\n" + function(RAW_INSERT), CALL),
+    ),
+    (
+        "  of which the commit-time check",
+        (function(RAW_INSERT), CALL),
+        ("DROP TRIGGER refresh_context ON threadline.transactions;\n" + function(RAW_INSERT), CALL),
+    ),
+    ("  of which parsing the context (jsonb)", (function(PARSE), CALL), (function("k := 1;"), CALL)),
+    (
+        "  of which a jsonb_path_match shape check",
+        (function(PARSE + f" ok := jsonb_path_match(j, {SHAPE}, '{{}}', true);"), CALL),
+        (function(PARSE), CALL),
+    ),
+    (
+        "finding the transaction's row again (each later statement)",
+        (function(f"k := {LOOKUP};"), CALL),
+        (function("k := 1;"), CALL),
+    ),
+]
+
+
+def script(prelude: str, transaction: str, n: int) -> str:
+    rnd = random.Random(1)
+    body = "".join(
+        transaction.replace("{id}", str(rnd.randint(WARM_TRANSACTIONS + 1, TABLE_ROWS - 1))) + "\n"
+        for _ in range(n)
+    )
+    return prelude + body
+
+
+def build(pg: Path, root: Path, partition_by: str | None) -> Path:
+    data = root / "data"
+    run([str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
+    port = str(55000 + os.getpid() % 1000)
+    run(
+        [str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+         f"-p {port} -k {root} -c listen_addresses=''", "start"]
+    )  # fmt: skip
+    try:
+        with psycopg.connect(
+            f"host={root} port={port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute("CREATE DATABASE bench")
+        with psycopg.connect(f"host={root} port={port} user=postgres dbname=bench", autocommit=True) as conn:
+            conn.execute(SETUP.format(t="items", n=TABLE_ROWS).encode())
+            ddl.install(conn, partition_by=partition_by)
+            ddl.track(conn, "items")
+            for i in range(1, WARM_TRANSACTIONS + 1):  # some history, as a live database has
+                conn.execute(UPDATE.replace("{id}", str(i)).encode())
+            conn.execute("VACUUM ANALYZE")
+            conn.execute("CHECKPOINT")
+    finally:
+        run([str(pg / "pg_ctl"), "-D", str(data), "-w", "stop"])
+    pristine = root / "pristine"
+    data.rename(pristine)
+    return pristine
+
+
+def per_transaction(pg: Path, pristine: Path, work: Path, prelude: str, transaction: str) -> float:
+    low = count_script(pg, pristine, work, script(prelude, transaction, 100))
+    high = count_script(pg, pristine, work, script(prelude, transaction, 300))
+    return (high - low) / 200
+
+
+def main() -> None:
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    layout = os.environ.get("BENCH_LAYOUT", "month")
+    pg = bindir()
+    root = Path(tempfile.mkdtemp(prefix="threadline-parts-"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        pristine = build(pg, root, None if layout == "plain" else layout)
+        cache: dict[tuple[str, str], float] = {}
+
+        def measure(variant: tuple[str, str]) -> float:
+            if variant not in cache:
+                cache[variant] = per_transaction(pg, pristine, root / "data", *variant)
+            return cache[variant]
+
+        print(
+            f"# What a single-row UPDATE's capture costs ({'plain tables' if layout == 'plain' else 'partitioned by ' + layout})\n"
+        )
+        print("| part | instructions per transaction |\n|---|---:|")
+        for name, variant, baseline in PARTS:
+            label = name.replace("  ", "&nbsp;&nbsp;", 1) if name.startswith("  ") else name
+            print(f"| {label} | {measure(variant) - measure(baseline):,.0f} |", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
