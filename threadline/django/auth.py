@@ -38,7 +38,7 @@ def on_user_logged_in(sender: Any = None, request: Any = None, user: Any = None,
     if request is None or user is None:
         return
     from threadline.propagation.django import load_settings
-    from threadline.propagation.web import _resolve_actor
+    from threadline.propagation.web_request import _resolve_actor
 
     resolver = load_settings().actor_resolver
     set_actor(_resolve_actor(resolver, request) if resolver is not None else None)

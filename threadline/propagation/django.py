@@ -60,13 +60,12 @@ from threadline.core.actor import ActorRef
 from threadline.core.context import AuditContext, _current
 from threadline.core.errors import ConfigurationError
 from threadline.propagation.psycopg import bridge
-from threadline.propagation.web import (
+from threadline.propagation.web import _client_from_environ, _reset_token
+from threadline.propagation.web_request import (
     DEFAULT_CORRELATION_HEADERS,
     DEFAULT_MAX_ID_LENGTH,
     DEFAULT_RESPONSE_HEADER,
     CorrelationPolicy,
-    _client_from_environ,
-    _reset_token,
     _resolve_actor,
     build_context,
 )
