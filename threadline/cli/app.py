@@ -26,8 +26,8 @@ from threadline.cli.story import (
 from threadline.cli.trust import erase, seal, verify
 from threadline.core.actor import ActorRef
 from threadline.core.errors import SchemaError, TrackingError
+from threadline.ddl import registry, triggers
 from threadline.ddl import schema as ddl_schema
-from threadline.ddl import triggers
 from threadline.ddl.names import qualified_name
 from threadline.ops.baseline import baseline_sql
 
@@ -202,7 +202,7 @@ def track(
                 )
 
 
-def _print_track(result: triggers.TrackResult) -> None:
+def _print_track(result: registry.TrackResult) -> None:
     name = qualified_name(result.table_schema, result.table_name)
     shown = {
         "keys": result.keys,
@@ -270,7 +270,7 @@ def untrack(
                 click.echo("nothing to prune")
 
 
-def _sync_name(action: triggers.SyncAction) -> str:
+def _sync_name(action: registry.SyncAction) -> str:
     return (
         qualified_name(action.table_schema, action.table_name) if action.table_name else "a capture function"
     )

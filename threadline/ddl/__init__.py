@@ -6,6 +6,15 @@ SQL API; ``track_sql()``/``untrack_sql()`` give the SQL-API statements for a mig
 """
 
 from threadline.ddl.names import CONTEXT_SETTING, DEFAULT_SCHEMA
+from threadline.ddl.registry import (
+    CAPTURE_VERSION,
+    MASK_PLACEHOLDER,
+    STATUSES,
+    SyncAction,
+    TrackedTable,
+    TrackResult,
+    parse_table_name,
+)
 from threadline.ddl.schema import (
     PINNED_VERSIONS,
     SCHEMA_VERSION,
@@ -17,13 +26,6 @@ from threadline.ddl.schema import (
     uninstall_sql,
 )
 from threadline.ddl.triggers import (
-    CAPTURE_VERSION,
-    MASK_PLACEHOLDER,
-    STATUSES,
-    SyncAction,
-    TrackedTable,
-    TrackResult,
-    parse_table_name,
     sync,
     track,
     track_sql,

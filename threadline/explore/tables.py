@@ -19,7 +19,7 @@ from threadline.core.errors import (
     TrackingError,
 )
 from threadline.ddl.names import DEFAULT_SCHEMA
-from threadline.ddl.triggers import parse_table_name
+from threadline.ddl.registry import parse_table_name
 from threadline.explore.arguments import audit_identifier
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from psycopg import pq, sql
 
 from threadline.core.errors import ConfigurationError, TrackingError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
-from threadline.ddl.triggers import parse_table_name
+from threadline.ddl.registry import parse_table_name
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.propagation.psycopg import transaction
 

@@ -23,8 +23,9 @@ from psycopg import sql
 
 from threadline.core.errors import CoverageError, TrackingError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, qualified_name, trigger_name
+from threadline.ddl.registry import OPS, TrackedTable, parse_table_name
 from threadline.ddl.schema import require_installed
-from threadline.ddl.triggers import OPS, TrackedTable, parse_table_name, tracked_tables
+from threadline.ddl.triggers import tracked_tables
 from threadline.ops.observability import emit
 
 logger = logging.getLogger("threadline.health")

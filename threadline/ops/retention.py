@@ -34,8 +34,8 @@ from psycopg import pq, sql
 
 from threadline.core.errors import RetentionError, TrackingError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.registry import parse_table_name
 from threadline.ddl.schema import require_installed
-from threadline.ddl.triggers import parse_table_name
 from threadline.ops.observability import emit
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.partition_purge import drop_periods, droppable_periods
