@@ -61,7 +61,7 @@ from threadline.core import _run
 from threadline.explore import as_of_query, timeline_query
 from threadline.explore import query as q
 from threadline.explore.as_of_query import AsOfError
-from threadline.explore.export import chunked_streaming
+from threadline.explore.export_rows import chunked_streaming
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "200"))

@@ -15,7 +15,7 @@ import pytest
 import threadline
 from threadline import ThreadlineConnection
 from threadline.core.errors import InvalidFilter, TableNotFound
-from threadline.explore.export import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS, chunked_streaming
+from threadline.explore.export_rows import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS, chunked_streaming
 
 from .story import Story
 

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
         as_of_async,
     )
     from threadline.explore.diff import FieldChange, diff
-    from threadline.explore.export import ExportResult, export, export_async
+    from threadline.explore.export import export, export_async
+    from threadline.explore.export_rows import ExportResult
     from threadline.explore.query import (
         actor_history,
         actor_history_async,
@@ -95,7 +96,7 @@ _EXPORTS: dict[str, str] = {
     "BaselineProgress": "threadline.ops.baseline",
     "Change": "threadline.core.records",
     "ConfigurationError": "threadline.core.errors",
-    "ExportResult": "threadline.explore.export",
+    "ExportResult": "threadline.explore.export_rows",
     "FieldChange": "threadline.explore.diff",
     "HiddenColumns": "threadline.explore.revert",
     "InvalidAction": "threadline.core.errors",

@@ -26,8 +26,8 @@ from threadline.explore.arguments import MAX_LIMIT
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as row_as_of
 from threadline.explore.diff import diff
-from threadline.explore.export import FORMATS
 from threadline.explore.export import export as export_changes
+from threadline.explore.export_rows import FORMATS
 from threadline.explore.tracing import format_key
 
 
