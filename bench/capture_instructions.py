@@ -22,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -124,6 +126,51 @@ def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> in
     return count_script(pg, pristine, work, script(table, n))
 
 
+def pristine_cluster(pg: Path, root: Path, fill: Callable[[psycopg.Connection[Any]], None]) -> Path:
+    """A stopped cluster in ``root / "pristine"`` whose database ``bench`` ``fill`` has set up
+    (then vacuumed, analysed and checkpointed), for each counted run to start from a copy."""
+    data = root / "data"
+    run([str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
+    port = str(54000 + os.getpid() % 1000)
+    run(
+        [str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+         f"-p {port} -k {root} -c listen_addresses=''", "start"]
+    )  # fmt: skip
+    try:
+        with psycopg.connect(
+            f"host={root} port={port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute("CREATE DATABASE bench")
+        with psycopg.connect(f"host={root} port={port} user=postgres dbname=bench", autocommit=True) as conn:
+            fill(conn)
+            conn.execute("VACUUM ANALYZE")
+            conn.execute("CHECKPOINT")
+    finally:
+        run([str(pg / "pg_ctl"), "-D", str(data), "-w", "stop"])
+    pristine = root / "pristine"
+    data.rename(pristine)
+    return pristine
+
+
+def fill(conn: psycopg.Connection[Any]) -> None:
+    """The tables of TABLES, their triggers, and some history, as a live database has."""
+    for table in TABLES:
+        conn.execute(SETUP.format(t=table, n=TABLE_ROWS).encode())
+    conn.execute(FLOOR_STATEMENT.encode())
+    conn.execute(UPSERT_REFERENCE.encode())
+    ddl.install(conn)
+    ddl.track(conn, "t_tl")
+    ddl.track(conn, "t_tlm", mask=["c"])
+    track_drift_safe(conn, "t_tld")
+    track_drift_safe(conn, "t_tldm", mask=["c"])
+    for table in TABLES:
+        for i in range(1, WARM_TRANSACTIONS + 1):
+            conn.execute(
+                f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; "
+                f"UPDATE {table} SET a = a + 1 WHERE id = {i}; COMMIT".encode()
+            )
+
+
 def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
@@ -132,41 +179,8 @@ def main() -> None:
     try:
         if os.geteuid() == 0:
             shutil.chown(root, "postgres")
+        pristine = pristine_cluster(pg, root, fill)
         data = root / "data"
-        run([str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
-        port = str(54000 + os.getpid() % 1000)
-        run(
-            [str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
-             f"-p {port} -k {root} -c listen_addresses=''", "start"]
-        )  # fmt: skip
-        try:
-            dsn = f"host={root} port={port} user=postgres dbname=postgres"
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("CREATE DATABASE bench")
-            with psycopg.connect(
-                f"host={root} port={port} user=postgres dbname=bench", autocommit=True
-            ) as conn:
-                for table in TABLES:
-                    conn.execute(SETUP.format(t=table, n=TABLE_ROWS).encode())
-                conn.execute(FLOOR_STATEMENT.encode())
-                conn.execute(UPSERT_REFERENCE.encode())
-                ddl.install(conn)
-                ddl.track(conn, "t_tl")
-                ddl.track(conn, "t_tlm", mask=["c"])
-                track_drift_safe(conn, "t_tld")
-                track_drift_safe(conn, "t_tldm", mask=["c"])
-                for table in TABLES:  # some history, as a live database has
-                    for i in range(1, WARM_TRANSACTIONS + 1):
-                        conn.execute(
-                            f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; "
-                            f"UPDATE {table} SET a = a + 1 WHERE id = {i}; COMMIT".encode()
-                        )
-                conn.execute("VACUUM ANALYZE")
-                conn.execute("CHECKPOINT")
-        finally:
-            run([str(pg / "pg_ctl"), "-D", str(data), "-w", "stop"])
-        pristine = root / "pristine"
-        data.rename(pristine)
 
         started = time.monotonic()
         per_tx: dict[str, float] = {}

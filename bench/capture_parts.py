@@ -19,13 +19,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench.capture import CONTEXT, SETUP, TABLE_ROWS  # noqa: E402
-from bench.capture_instructions import WARM_TRANSACTIONS, bindir, count_script, run  # noqa: E402
+from bench.capture_instructions import WARM_TRANSACTIONS, bindir, count_script, pristine_cluster  # noqa: E402
 from threadline import ddl  # noqa: E402
 
 CALL = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; SELECT public.part(); COMMIT;"
@@ -149,31 +150,14 @@ def script(prelude: str, transaction: str, n: int) -> str:
 
 
 def build(pg: Path, root: Path, partition_by: str | None) -> Path:
-    data = root / "data"
-    run([str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
-    port = str(55000 + os.getpid() % 1000)
-    run(
-        [str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
-         f"-p {port} -k {root} -c listen_addresses=''", "start"]
-    )  # fmt: skip
-    try:
-        with psycopg.connect(
-            f"host={root} port={port} user=postgres dbname=postgres", autocommit=True
-        ) as conn:
-            conn.execute("CREATE DATABASE bench")
-        with psycopg.connect(f"host={root} port={port} user=postgres dbname=bench", autocommit=True) as conn:
-            conn.execute(SETUP.format(t="items", n=TABLE_ROWS).encode())
-            ddl.install(conn, partition_by=partition_by)
-            ddl.track(conn, "items")
-            for i in range(1, WARM_TRANSACTIONS + 1):  # some history, as a live database has
-                conn.execute(UPDATE.replace("{id}", str(i)).encode())
-            conn.execute("VACUUM ANALYZE")
-            conn.execute("CHECKPOINT")
-    finally:
-        run([str(pg / "pg_ctl"), "-D", str(data), "-w", "stop"])
-    pristine = root / "pristine"
-    data.rename(pristine)
-    return pristine
+    def fill(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(SETUP.format(t="items", n=TABLE_ROWS).encode())
+        ddl.install(conn, partition_by=partition_by)
+        ddl.track(conn, "items")
+        for i in range(1, WARM_TRANSACTIONS + 1):  # some history, as a live database has
+            conn.execute(UPDATE.replace("{id}", str(i)).encode())
+
+    return pristine_cluster(pg, root, fill)
 
 
 def per_transaction(pg: Path, pristine: Path, work: Path, prelude: str, transaction: str) -> float:
