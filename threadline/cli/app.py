@@ -10,10 +10,11 @@ import click
 from threadline import __version__
 from threadline.cli.connect import connect, dsn_option
 from threadline.cli.demo import demo
+from threadline.cli.export import export
 from threadline.cli.help import ALL_EXAMPLES, audit_schema_option, examples
 from threadline.cli.ops import coverage, purge
 from threadline.cli.partitions import partitions
-from threadline.cli.read import actions, export, history, timeline, trace
+from threadline.cli.read import actions, history, timeline, trace
 from threadline.cli.story import (
     actor_option,
     as_of,

@@ -1,0 +1,135 @@
+"""A whole table as it was at a time, streamed: the statement and the plan behind
+``as_of(conn, table, at=...)``.
+
+One statement over the table's changes applies to every key the rules that give one row as it
+was (:mod:`threadline.explore.as_of_row`), and its rows are streamed with flat memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Generator
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from threadline.core._connection import ConnectionLike, json_adapters, native
+from threadline.core._run import Plan, Query, run
+from threadline.core.records import iso
+from threadline.explore.arguments import audit_identifier, check_time
+from threadline.explore.as_of_errors import NoBaseline
+from threadline.explore.tables import resolve_table
+
+__all__ = ["table_as_of_plan", "table_rows", "table_rows_async"]
+
+# The table as it was: the state of each row (by the same rules as one row's) from the changes of
+# the table and the baseline in force, one row per key, streamed in key order: by each key column's
+# value in turn, then by the whole key (which alone tells rows apart).
+_TABLE_AS_OF_SQL = sql.SQL("""
+WITH b AS (
+    SELECT c.transaction_id, c.started_at, c.tracked_since
+      FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c
+     WHERE {baseline_table} AND c.started_at <= %(at)s AND c.finished_at IS NOT NULL
+       AND (c.ended_at IS NULL OR c.ended_at > %(at)s)
+     ORDER BY c.started_at DESC LIMIT 1
+), tr AS (
+    SELECT max(c.captured_at) FILTER (WHERE c.captured_at <= %(at)s) AS at,
+           min(c.captured_at) FILTER (WHERE c.captured_at > %(at)s) AS next
+      FROM {audit}.changes c
+     WHERE c.op = 'truncate' AND {truncate_table}
+), pick AS (
+    SELECT DISTINCT ON ({key_order}) c.op, c.after, c.before, c.captured_at, k.class
+      FROM {audit}.changes c CROSS JOIN b CROSS JOIN tr
+     CROSS JOIN LATERAL (SELECT CASE WHEN c.op = 'snapshot' THEN 2
+                                     WHEN c.captured_at <= %(at)s THEN 0 ELSE 1 END AS class) k
+     WHERE {table} AND c.op <> 'truncate'
+       AND CASE WHEN c.op = 'snapshot' THEN c.transaction_id = b.transaction_id
+                WHEN c.captured_at <= %(at)s THEN c.captured_at >= b.tracked_since
+                -- a change after a truncate that followed the time asked tells nothing of the row then
+                ELSE tr.next IS NULL OR c.captured_at < tr.next END
+     ORDER BY {key_order}, k.class,
+              CASE WHEN k.class = 0 THEN c.captured_at END DESC, CASE WHEN k.class = 0 THEN c.id END DESC,
+              CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
+              c.id DESC
+)
+SELECT CASE WHEN p.class = 1 THEN p.before ELSE p.after END
+  FROM pick p, tr, b
+ WHERE CASE p.class
+         WHEN 0 THEN p.op <> 'delete' AND (tr.at IS NULL OR tr.at < p.captured_at)
+         WHEN 1 THEN p.op <> 'insert'
+         ELSE tr.at IS NULL OR tr.at < b.started_at
+       END
+""")
+
+
+def table_as_of_plan(
+    table: str, at: datetime, audit_schema: str
+) -> Plan[tuple[sql.Composed, dict[str, Any]]]:
+    """The statement (and its parameters) that reads ``table`` as it was at ``at``; raises
+    :class:`NoBaseline` when no complete baseline of it was in force then."""
+    audit = audit_identifier(audit_schema)
+    moment = check_time("at", at)
+    ref = yield from resolve_table(table, audit_schema)
+    params: dict[str, Any] = {"at": moment}
+    # one key column: the keys themselves compare by its value
+    composite = ref.keys if ref.keys is not None and len(ref.keys) > 1 else ()
+    statement = _TABLE_AS_OF_SQL.format(
+        audit=audit,
+        baseline_table=ref.condition(params),
+        truncate_table=ref.condition(params),
+        table=ref.condition(params),
+        key_order=sql.SQL(", ").join(
+            [*(sql.SQL("c.pk -> {}").format(sql.Literal(k)) for k in composite), sql.SQL("c.pk")]
+        ),
+    )
+    found = yield Query(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE c.started_at <= %(at)s AND c.finished_at IS NOT NULL"
+            "                         AND (c.ended_at IS NULL OR c.ended_at > %(at)s)) AS usable,"
+            " min(c.started_at) FILTER (WHERE c.ended_at IS NULL) AS current_start,"
+            " bool_or(c.finished_at IS NULL AND c.ended_at IS NULL) AS unfinished"
+            " FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c WHERE {table}"
+        ).format(audit=audit, table=ref.condition(params)),
+        params,
+    )
+    info = found[0]
+    if not info["usable"]:
+        if info["unfinished"]:
+            detail = "its baseline is not complete: take it again to finish it (threadline baseline)"
+        elif info["current_start"] is not None:
+            detail = f"its baseline was taken at {iso(info['current_start'])}, after that time"
+        else:
+            detail = "it has no baseline: take one with threadline.take_baseline() (threadline baseline)"
+        raise NoBaseline(f"{ref} cannot be shown as it was at {iso(moment)}: {detail}")
+    return statement, params
+
+
+def table_rows(
+    conn: ConnectionLike, table: str, at: datetime, audit_schema: str
+) -> Generator[dict[str, Any], None, None]:
+    """The rows of ``table`` as it was at ``at``, streamed from ``conn`` (see :func:`threadline.as_of`)."""
+    statement, params = run(conn, table_as_of_plan(table, at, audit_schema))
+    return _stream_rows(conn, statement, params)
+
+
+def _stream_rows(
+    conn: ConnectionLike, statement: sql.Composed, params: dict[str, Any]
+) -> Generator[dict[str, Any], None, None]:
+    raw, from_django = native(conn)
+    # a plain psycopg cursor in streaming mode: rows arrive as the server sends them, so memory
+    # stays flat however large the table (the server sorts the changes by key, spilling to disk)
+    with psycopg.Cursor(raw) as cur:
+        if from_django:
+            json_adapters(cur.adapters)
+        for (image,) in cur.stream(statement, params, size=1000):
+            yield dict(image)
+
+
+async def table_rows_async(
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The rows that ``statement`` (from :func:`table_as_of_plan`) reads, streamed from ``conn``."""
+    async with psycopg.AsyncCursor(conn) as cur:
+        async for (image,) in cur.stream(statement, params, size=1000):
+            yield dict(image)
