@@ -33,7 +33,7 @@ CALL = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; SELECT public.part()
 UPDATE = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; UPDATE items SET a = a + 1 WHERE id = {{id}}; COMMIT;"
 LOOKUP = (
     "(SELECT t.id FROM threadline.transactions AS t WHERE t.xid = pg_current_xact_id()"
-    " AND t.occurred_at = now() ORDER BY t.xid, t.id LIMIT 1)"
+    " AND t.occurred_at = now() LIMIT 1)"
 )
 RAW_INSERT = (
     'INSERT INTO threadline.transactions (actor, correlation_id) VALUES (\'{"id":"42","type":"user"}\', \'bench\')'
