@@ -124,3 +124,24 @@ def test_every_public_name_resolves() -> None:
     missing = [name for name in threadline.__all__ if not hasattr(threadline, name)]
     assert missing == []
     assert "history" in dir(threadline)
+
+
+MAX_MODULE_LINES = 400
+
+
+def _long_modules(limit: int) -> list[str]:
+    return sorted(
+        f"{path.relative_to(PACKAGE.parent)}: {count} lines"
+        for path in PACKAGE.rglob("*.py")
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > limit
+    )
+
+
+def test_every_module_stays_short() -> None:
+    assert _long_modules(MAX_MODULE_LINES) == [], (
+        f"split these by job (at most {MAX_MODULE_LINES} lines each)"
+    )
+
+
+def test_the_length_check_reports_a_long_module() -> None:
+    assert any(line.startswith("threadline/") for line in _long_modules(100))
