@@ -21,6 +21,7 @@ lint: venv
 	$(BIN)/ruff check threadline tests bench
 	$(BIN)/ruff format --check threadline tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy --explicit-package-bases bench
 
 docs: venv
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site

@@ -37,7 +37,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 from bench._db import scratch_database  # noqa: E402
 from threadline import ddl, take_baseline  # noqa: E402
 from threadline.core import _run  # noqa: E402
-from threadline.explore import as_of_query  # noqa: E402
+from threadline.explore import as_of_table  # noqa: E402
 from threadline.explore.as_of_query import AsOfError, as_of  # noqa: E402
 
 BASELINE_ROWS = int(os.environ.get("BENCH_BASELINE_ROWS", "1000000"))
@@ -178,7 +178,7 @@ def row_lookups(conn: psycopg.Connection[Any], since: datetime, until: datetime)
 
 
 def explain(conn: psycopg.Connection[Any], at: datetime) -> list[str]:
-    statement, params = _run.run(conn, as_of_query._table_plan("app.hist", at, "threadline"))
+    statement, params = _run.run(conn, as_of_table.table_as_of_plan("app.hist", at, "threadline"))
     rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + statement, params).fetchall()
     return [r[0] for r in rows]
 

@@ -658,8 +658,8 @@ def run(dsns: dict[str, str]) -> None:
         print("| store | when | locks | relation locks | on audit tables / indexes | not fast-path |")
         print("|---|---|---:|---:|---:|---:|")
         for store in STORES:
-            for when, (total, rel, aud, slow) in locks[store].items():
-                print(f"| {store} | {when} | {total} | {rel} | {aud} | {slow} |")
+            for when, (total, rel, aud, slow_locks) in locks[store].items():
+                print(f"| {store} | {when} | {total} | {rel} | {aud} | {slow_locks} |")
         print()
         sys.stdout.flush()
 

@@ -58,7 +58,7 @@ from psycopg.rows import dict_row
 import threadline
 from threadline import ddl
 from threadline.core import _run
-from threadline.explore import as_of_query, timeline_query
+from threadline.explore import as_of_row, timeline_query
 from threadline.explore import query as q
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.export_rows import chunked_streaming
@@ -339,7 +339,7 @@ def explains(conn: psycopg.Connection[Any], size: Size) -> dict[str, str]:
             conn, timeline_query._timeline_plan("corr-1234", None, None, None, None, None, 100, None, s)
         ),
         "history(table, pk)": explain(conn, q._history_plan("app.t05", 321, None, s)),
-        "as_of(table, pk, at)": explain(conn, as_of_query._as_of_plan("app.t05", 321, at, s)),
+        "as_of(table, pk, at)": explain(conn, as_of_row.row_as_of_plan("app.t05", 321, at, s)),
         "actor_history(1 day)": explain(
             conn,
             q._actor_history_plan("user:17", BASE + timedelta(days=10), BASE + timedelta(days=11), None, s),
