@@ -2,7 +2,7 @@
 
 Creates its own database (admin DSN from $THREADLINE_DSN, default the loopback PostgreSQL), fills
 two audit schemas with generated history straight into the audit tables (`generate_series`, no
-triggers), measures the Python API end to end, prints a Markdown report and drops the database.
+triggers; partitioned by month as a new install makes them, the history over last month), measures the Python API end to end, prints a Markdown report and drops the database.
 
 Data, per set (the 1M set is the one the targets name; the 100k set keeps every per-entity
 density equal, so only the table size changes between the two; the third set is the 1M set again
@@ -62,6 +62,7 @@ from threadline.explore import as_of_row, timeline_query
 from threadline.explore import query as q
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.export_rows import chunked_streaming
+from threadline.ops.partitions import create_partitions
 
 ADMIN_DSN = os.environ.get("THREADLINE_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "200"))
@@ -71,7 +72,11 @@ CAPTURE_ROUNDS = int(os.environ.get("BENCH_CAPTURE_ROUNDS", "6"))
 ONLY = os.environ.get("BENCH_ONLY", "")
 """``capture`` measures only the capture cost of the candidate indexes."""
 EXPORT_RUNS = int(os.environ.get("BENCH_EXPORT_RUNS", "3"))
-BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+BASE = (
+    datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+).replace(day=1)
+"""The history starts on the first of last month: a month-partitioned store then holds it in two
+partitions beside those a new install makes, as a store a month old does."""
 SPAN = timedelta(days=30)
 TABLES = [f"t{i:02d}" for i in range(1, 21)]
 
@@ -132,7 +137,7 @@ SELECT %(base)s::timestamptz + (g - 1) * (%(span)s::interval / %(n)s),
 
 CHANGES_SQL = """
 INSERT INTO {a}.changes
-    (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields, captured_at)
+    (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields, captured_at{occurred})
 SELECT tx, 'app', 't' || lpad((n %% 20 + 1)::text, 2, '0'),
        CASE WHEN v = 0 THEN 'insert' WHEN gone THEN 'delete' ELSE 'update' END,
        jsonb_build_object('id', r),
@@ -143,7 +148,7 @@ SELECT tx, 'app', 't' || lpad((n %% 20 + 1)::text, 2, '0'),
                 'id', r, 'title', 'title 8', 'body', md5(r::text || 8), 'views', 8, 'status', 'live')
             ELSE jsonb_build_object('title', 'title ' || (v - 1), 'views', v - 1) END,
        CASE WHEN v > 0 AND NOT gone THEN ARRAY['title', 'views'] END,
-       %(base)s::timestamptz + (tx - 1) * (%(span)s::interval / %(n)s) + (n %% 10) * interval '1 ms'
+       %(base)s::timestamptz + (tx - 1) * (%(span)s::interval / %(n)s) + (n %% 10) * interval '1 ms'{started}
   FROM (SELECT n, n / 10 + 1 AS tx, (n / 20) %% %(rows)s + 1 AS r, (n / 20) / %(rows)s AS v,
                (n / 20) / %(rows)s = 9 AND ((n / 20) %% %(rows)s + 1) %% 10 = 0 AS gone
           FROM generate_series(0, %(n)s * 10 - 1) n) s
@@ -167,7 +172,24 @@ def generate(conn: psycopg.Connection[Any], size: Size) -> None:
     with conn.transaction():
         conn.execute("SET LOCAL session_replication_role = replica")
         conn.execute(sql.SQL(TRANSACTIONS_SQL).format(a=a), params)
-        conn.execute(sql.SQL(CHANGES_SQL).format(a=a), params)
+        # a partitioned store keys a change by its transaction's start as well (the partition key)
+        partitioned = conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'occurred_at'",
+            (f"{size.schema}.changes",),
+        ).fetchone()
+        extra = (
+            {
+                "occurred": sql.SQL(", occurred_at"),
+                "started": sql.SQL(
+                    ",\n       %(base)s::timestamptz + (tx - 1) * (%(span)s::interval / %(n)s)"
+                ),
+            }
+            if partitioned
+            else {"occurred": sql.SQL(""), "started": sql.SQL("")}
+        )
+        conn.execute(sql.SQL(CHANGES_SQL).format(a=a, **extra), params)
+    if partitioned:  # the generated month has a partition of its own, as in a live store
+        create_partitions(conn, since=BASE, audit_schema=size.schema)
     conn.execute(sql.SQL("VACUUM ANALYZE {}.transactions").format(a))
     conn.execute(sql.SQL("VACUUM ANALYZE {}.changes").format(a))
 
@@ -307,7 +329,7 @@ def explain(conn: psycopg.Connection[Any], plan: _run.Plan[Any]) -> str:
                 query.params,
             ).fetchall()
             shown = "\n".join(r[0] for r in text)
-            if re.search(r" on changes\b", shown):
+            if re.search(r" on changes(?:_\w+)?\b", shown):  # the table or one of its partitions
                 last = shown
             with conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(query.statement, query.params)
@@ -499,9 +521,20 @@ def run(dsn: str) -> None:
         print(
             f"\nPlans on the {big.label} set (EXPLAIN ANALYZE nodes of the statement that reads `changes`):\n"
         )
+        # the partitions holding rows (the plain table, or the generated month's partition): an
+        # empty partition may be read by a sequential scan, a full one may not
+        held = {
+            str(r[0]).split(".")[-1]
+            for r in conn.execute(
+                sql.SQL("SELECT DISTINCT tableoid::regclass FROM {}.changes").format(
+                    sql.Identifier(big.schema)
+                )
+            )
+        }
         for call, text in explains(conn, big).items():
             print(f"`{call}`:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
-            assert "Seq Scan on changes" not in text, text
+            scanned = set(re.findall(r"Seq Scan on (changes\w*)", text))
+            assert not scanned & held, text
         text = explains(conn, indexed)["as_of(table, pk, at)"]
         print("`as_of` with the truncate index:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
         _capture_report(dsn, conn, big)

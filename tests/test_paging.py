@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ import threadline
 from threadline import ddl
 from threadline.core.errors import InvalidCursor
 from threadline.explore import paging
+from threadline.explore.timeline_query import LAST_WINDOW, next_window, window_end
 
 from .conftest import sync_change_starts
 
@@ -42,15 +44,16 @@ def _write(dsn: str, first: int, count: int = 1) -> None:
             c.execute("INSERT INTO app.items VALUES (%s, 'x')", (i,))
 
 
-def _follow(conn: Conn, cursor: str | None, limit: int) -> tuple[list[int], str]:
-    """Read pages until the end; the ids of the inserted rows seen, and the resume cursor."""
+def _follow(conn: Conn, cursor: str | None, limit: int, until: float | None = None) -> tuple[list[int], str]:
+    """Read pages until the end (or, with ``until``, until that monotonic time: writers may keep
+    ahead of a follower on a busy machine); the ids of the inserted rows seen, and the resume cursor."""
     seen: list[int] = []
     while True:
         page = threadline.timeline(conn, table="app.items", limit=limit, after=cursor)
         seen.extend(c.pk["id"] for c in page if c.pk)
         assert page.cursor
         cursor = page.cursor
-        if page.next_cursor is None:
+        if page.next_cursor is None or (until is not None and time.monotonic() >= until):
             return seen, cursor
         assert page.next_cursor == page.cursor
 
@@ -153,7 +156,7 @@ def test_concurrent_writers_and_a_follower_see_every_change_once(conn: Conn, dsn
     cursor = None
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
-        part, cursor = _follow(conn, cursor, 7)
+        part, cursor = _follow(conn, cursor, 7, until=deadline)
         seen.extend(part)
     stop.set()
     for t in threads:
@@ -254,8 +257,9 @@ def test_export_reads_one_snapshot_also_on_a_bridged_connection_under_a_context(
 def test_table_pages_read_in_windows_of_capture_time_miss_nothing(
     conn: Conn, items: None, limit: int
 ) -> None:
-    # a table's page is looked for in growing windows of capture time (an hour, a day, a week, a
-    # month, then everything): changes spread over 90 days, sparse and dense, come back in order
+    # a table's page is looked for in growing windows of capture time (an hour first, each next
+    # one sized from what the last held, then everything): changes spread over 90 days, sparse and
+    # dense, come back in order
     conn.execute("CREATE TABLE app.other (id int PRIMARY KEY)")
     ddl.track(conn, "app.other")
     rnd = random.Random(limit)
@@ -295,3 +299,21 @@ def test_table_pages_read_in_windows_of_capture_time_miss_nothing(
     early = threadline.timeline(conn, table="app.items", until=cut, limit=100)
     late = threadline.timeline(conn, table="app.items", since=cut, limit=100)
     assert [c.id for c in early] + [c.id for c in late] == expected
+
+
+def test_the_next_window_is_sized_from_what_the_last_one_held() -> None:
+    hour = timedelta(hours=1)
+    assert next_window(hour, 70, 101) == hour * (1.5 * 101 / 70)  # about 2.2 hours for 101 rows
+    assert next_window(hour, 100, 101) == hour * 2  # at least double
+    assert next_window(hour, 0, 101) == hour * 24  # nothing seen: a day
+    assert next_window(hour, 1, 101) == hour * 151.5
+
+
+def test_a_window_ends_unbounded_past_the_last_width_or_the_until_filter() -> None:
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert window_end(start, timedelta(hours=3), None) == start + timedelta(hours=3)
+    assert window_end(None, timedelta(hours=3), None) is None
+    assert window_end(start, LAST_WINDOW + timedelta(seconds=1), None) is None
+    assert window_end(start, LAST_WINDOW, None) == start + LAST_WINDOW
+    assert window_end(start, timedelta(hours=3), start + timedelta(hours=3)) is None
+    assert window_end(start, timedelta(hours=3), start + timedelta(hours=4)) == start + timedelta(hours=3)

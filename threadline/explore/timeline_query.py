@@ -83,7 +83,10 @@ def _timeline_plan(
     )
     position = paging.START if after is None else paging.decode(after, filters.fingerprint())
     rows: Rows = []
-    for bound in (yield from _windows(audit, filters, position)):
+    start = yield from _window_start(audit, filters, position)
+    width = FIRST_WINDOW
+    for attempt in range(MAX_WINDOWS + 1):
+        bound = window_end(start, width, filters.until) if attempt < MAX_WINDOWS else None
         params: dict[str, Any] = {}
         where = partial(where_clause, filters)
         if bound is not None:
@@ -101,8 +104,10 @@ def _timeline_plan(
         )
         rows = yield Query(statement, params)
         # a window holding more than a page holds the page (everything captured earlier is in it)
-        if bound is None or sum(1 for r in rows if r["phase"] == paging.FORWARD) > checked:
+        forward = sum(1 for r in rows if r["phase"] == paging.FORWARD)
+        if bound is None or forward > checked:
             break
+        width = next_window(width, forward, checked + 1)
     reader = paging.Reader(position, checked)
     taken: Rows = []
     snapshot = paging.Snapshot(0, frozenset())
@@ -120,7 +125,32 @@ def _timeline_plan(
 # Windows of capture time a timeline page is looked for in, from its start, when no filter has an
 # index of its own (a table or an operation alone): each is read through the BRIN index on
 # captured_at, so a page of a busy table costs a few block ranges instead of a scan of all changes.
-_WINDOWS = (timedelta(hours=1), timedelta(days=1), timedelta(days=7), timedelta(days=31))
+# The first window is an hour; each next one is sized from how many rows the last one held, so a
+# page usually takes two windows whatever the table's rate of change.
+FIRST_WINDOW = timedelta(hours=1)
+LAST_WINDOW = timedelta(days=31)
+"""The widest bounded window; past it a page is read without a bound."""
+MAX_WINDOWS = 6
+"""Bounded windows tried at most before reading without a bound."""
+_EMPTY_WINDOW_GROWTH = 24
+
+
+def next_window(width: timedelta, found: int, wanted: int) -> timedelta:
+    """The width of the window to try after one of ``width`` held ``found`` of the ``wanted`` rows:
+    wide enough for them at the rate seen, with half again as margin (at least double, and 24
+    times when the window held nothing)."""
+    growth = _EMPTY_WINDOW_GROWTH if found <= 0 else max(2.0, 1.5 * wanted / found)
+    return width * growth
+
+
+def window_end(start: datetime | None, width: timedelta, until: datetime | None) -> datetime | None:
+    """The capture time a window of ``width`` from ``start`` ends at, or ``None`` (read without a
+    bound) when there is no start, the window is wider than :data:`LAST_WINDOW`, or it would reach
+    past ``until`` (which bounds the read anyway)."""
+    if start is None or width > LAST_WINDOW:
+        return None
+    end = start + width
+    return None if until is not None and end >= until else end
 
 
 def _within(
@@ -129,12 +159,14 @@ def _within(
     return where_clause(filters, params, [*extra, bound])
 
 
-def _windows(
+def _window_start(
     audit: sql.Identifier, filters: Filters, position: paging.Position
-) -> Plan[list[datetime | None]]:
-    """The upper bounds of capture time to try in turn (``None``: no bound)."""
+) -> Plan[datetime | None]:
+    """Where the windows start (``None``: read without a bound): the position reached, the
+    ``since`` filter, or the oldest change; no windows for a correlation id or an actor, whose
+    indexes find their rows directly."""
     if filters.correlation_id is not None or filters.actor is not None:
-        return [None]
+        return None
     start = position.at or filters.since
     if start is None:
         # the oldest change: its transaction is the first one still held (the key's first entry)
@@ -145,12 +177,9 @@ def _windows(
             {},
         )
         if not found:
-            return [None]
+            return None
         start = found[0]["captured_at"]
-    bounds: list[datetime | None] = [
-        start + w for w in _WINDOWS if filters.until is None or start + w < filters.until
-    ]
-    return [*bounds, None]
+    return start
 
 
 def timeline(
