@@ -529,3 +529,52 @@ def test_a_move_can_keep_the_old_tables_and_finish_later(plain: str) -> None:
         assert conn.execute("SELECT to_regclass('threadline.changes_plain')").fetchone() == (None,)
         with pytest.raises(MigrationError, match="already partitioned"):
             migrate_to_partitioned(conn)
+
+
+def test_a_switch_that_deadlocks_with_a_writer_is_retried(plain: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A writer that holds one audit table and asks for the other while the switch waits for it
+    makes a deadlock; the server cancels the switch (it waited first), which is then retried."""
+    with psycopg.connect(plain, autocommit=True) as conn:
+        for key in range(5):
+            conn.execute("INSERT INTO items VALUES (%s, 'x')", [key])
+    writer = psycopg.connect(plain)
+    crossed: list[BaseException] = []
+
+    def cross_the_switch() -> None:
+        try:
+            with psycopg.connect(plain, autocommit=True) as watcher:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    waiting = watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'switch'"
+                        " AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                    if waiting and waiting[0]:
+                        break
+                    time.sleep(0.02)
+            writer.execute("LOCK TABLE threadline.changes IN ROW EXCLUSIVE MODE")
+            writer.commit()
+        except BaseException as exc:
+            crossed.append(exc)
+
+    thread = threading.Thread(target=cross_the_switch)
+
+    def progress(kind: str, rows: int) -> None:
+        if not thread.is_alive() and thread.ident is None:
+            # after the last copy round, before the switch: the writer holds one table
+            writer.execute("LOCK TABLE threadline.transactions IN ROW EXCLUSIVE MODE")
+            thread.start()
+
+    caplog.set_level("INFO", logger="threadline")
+    try:
+        with psycopg.connect(plain, autocommit=True, application_name="switch") as conn:
+            # the switch waits longer than the deadlock check (1 s), so the check decides
+            result = migrate_to_partitioned(conn, batch_size=1000, lock_timeout=5.0, progress=progress)
+    finally:
+        thread.join(30)
+        writer.close()
+    assert not crossed, crossed
+    assert "retrying the switch" in caplog.text
+    assert (result.transactions, result.changes) == (5, 5) and not result.kept_old
+    with psycopg.connect(plain, autocommit=True) as conn:
+        assert partitions.is_partitioned(conn) and _consistent(conn) == (5, 5)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import errors, pq, sql
+from psycopg import pq, sql
 
 from threadline.core._run import forget
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.schema import check_partition_by, install_sql, require_installed
+from threadline.ops.busy import TABLES_BUSY
 from threadline.ops.partition_copy import (
     copy_round,
     copy_statements,
@@ -151,7 +152,7 @@ def migrate_to_partitioned(
             switch_started = time.monotonic()
             tx, ch = swap_tables(conn, audit_schema, statements, lock_timeout)
             break
-        except errors.LockNotAvailable:
+        except TABLES_BUSY:
             if attempt == attempts:
                 raise
             logger.info("audit tables busy, retrying the switch (%d of %d)", attempt, attempts)

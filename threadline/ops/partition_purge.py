@@ -22,8 +22,9 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import sql
 
+from threadline.ops.busy import TABLES_BUSY
 from threadline.ops.observability import emit
 from threadline.ops.seal import DIGEST_SIZE, lock_chain
 
@@ -111,7 +112,7 @@ def drop_periods(
                         )
                     )
                 break
-            except errors.LockNotAvailable:
+            except TABLES_BUSY:
                 if attempt == attempts:
                     raise
                 logger.info(

@@ -30,7 +30,9 @@ def swap_tables(
     a = sql.Identifier(audit_schema)
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout * 1000)}ms"])
-        conn.execute(sql.SQL("LOCK TABLE {a}.transactions, {a}.changes IN ACCESS EXCLUSIVE MODE").format(a=a))
+        # changes first, as a writer takes them: its capture INSERT into changes opens the
+        # transaction's row from inside the statement (a deadlock left is retried by the caller)
+        conn.execute(sql.SQL("LOCK TABLE {a}.changes, {a}.transactions IN ACCESS EXCLUSIVE MODE").format(a=a))
         conn.execute("SELECT set_config('lock_timeout', '0', true)")
         upto = last_transaction_id(conn, audit_schema)
         copied = [0, 0]

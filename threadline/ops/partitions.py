@@ -23,11 +23,12 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import errors, pq, sql
+from psycopg import pq, sql
 
 from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.schema import require_installed
+from threadline.ops.busy import TABLES_BUSY
 
 __all__ = [
     "Partition",
@@ -171,8 +172,9 @@ def create_partitions(
     is created too: rows the DEFAULT partition holds for those periods move into them.
 
     Runs in its own transaction, so ``conn`` must not be inside one. Each attempt waits at most
-    ``lock_timeout`` seconds for its locks; a busy table is retried up to ``attempts`` times, with
-    a growing pause, before :class:`psycopg.errors.LockNotAvailable` is raised.
+    ``lock_timeout`` seconds for its locks; a busy table (a lock not granted in time, or a deadlock
+    with a writer) is retried up to ``attempts`` times, with a growing pause, before the last
+    :class:`psycopg.errors.LockNotAvailable` or :class:`psycopg.errors.DeadlockDetected` is raised.
     """
     audit = audit_identifier(audit_schema)
     if ahead is not None and (
@@ -198,7 +200,7 @@ def create_partitions(
             if made:
                 logger.info("created %d audit partitions in schema %s", made, audit_schema)
             return made
-        except errors.LockNotAvailable:
+        except TABLES_BUSY:
             if attempt == attempts:
                 raise
             logger.info("audit partitions: a table is busy, retrying (%d of %d)", attempt, attempts)
