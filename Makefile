@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-parts bench-all bench-celery bench-web bench-query bench-ops bench-story clean
+.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-parts bench-key-index bench-all bench-celery bench-web bench-query bench-ops bench-story clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench-parts: venv
 
 bench-instructions: venv
 	$(BIN)/python bench/capture_instructions.py
+
+bench-key-index: venv
+	$(BIN)/python bench/key_index.py
 
 bench-celery: venv
 	$(BIN)/python bench/celery_propagation.py

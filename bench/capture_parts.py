@@ -102,9 +102,9 @@ PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("DROP INDEX threadline.changes_captured_at_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
     ),
     (
-        "  of which the hash index on changes.pk",
+        "  of which the key index on changes (a btree on jsonb_hash(pk))",
         (trigger(CHANGE_INSERT), UPDATE),
-        ("DROP INDEX threadline.changes_row_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
+        ("DROP INDEX threadline.changes_key_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
     ),
     (
         "the transaction's row, first statement (insert_transaction_row())",

@@ -229,6 +229,41 @@ def test_history_uses_the_tracked_key_columns(conn: Conn) -> None:
     assert [c.op for c in threadline.history(conn, "app.nokey", "x")] == ["update", "insert"]
 
 
+def _key_index_scans(dsn: str) -> int:
+    """Scans of the key index of changes (and of its partitions' indexes), as the server counts them."""
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        row = reader.execute(
+            "SELECT coalesce(sum(s.idx_scan), 0) FROM pg_stat_all_indexes s"
+            " WHERE s.indexrelid = 'threadline.changes_key_idx'::regclass OR s.indexrelid IN"
+            " (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'threadline.changes_key_idx'::regclass)"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_rows_changes_are_found_through_the_key_index_and_never_a_neighbours(
+    conn: Conn, dsn: str, posts: str
+) -> None:
+    # two keys whose hashes are equal: each row's reads must still show its own changes only
+    a, b = conn.execute(
+        "SELECT min(g), max(g) FROM generate_series(1, 200000) g"
+        " GROUP BY jsonb_hash(jsonb_build_object('id', g)) HAVING count(*) > 1 ORDER BY 1 LIMIT 1"
+    ).fetchone()
+    conn.execute("INSERT INTO app.posts (id, title) SELECT g, 'x' FROM generate_series(1, 3000) g")
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (%s, 'a'), (%s, 'b')", [a, b])
+    for n in range(3):
+        conn.execute("UPDATE app.posts SET views = %s WHERE id = %s", [n + 1, a])
+    conn.execute("UPDATE app.posts SET title = 'b2' WHERE id = %s", [b])
+    conn.execute("ANALYZE threadline.changes")
+    before = _key_index_scans(dsn)
+    assert [(c.op, c.pk) for c in threadline.history(conn, "app.posts", a)] == [
+        ("update", {"id": a})
+    ] * 3 + [("insert", {"id": a})]
+    assert [c.after["title"] for c in threadline.history(conn, "app.posts", b)] == ["b2", "b"]
+    assert threadline.as_of(conn, "app.posts", b, datetime.now(timezone.utc))["title"] == "b2"
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    assert _key_index_scans(dsn) >= before + 3
+
+
 # ---------------------------------------------------------------------------------------------
 # actor_history and changes_for_transaction
 

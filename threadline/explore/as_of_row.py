@@ -1,7 +1,7 @@
 """One row as it was at a time: the statement and the plan behind ``as_of(conn, table, pk, at)``.
 
 One statement finds the row's latest captured change at or before the time asked (through the
-hash index on ``pk``), the table's baseline in force then, and when there is no such change the
+key index of ``changes``), the table's baseline in force then, and when there is no such change the
 row's earliest one after it and its baseline snapshot, and the truncates of the table around
 that time; the row is the after image of the latest change, or else what the next change, the
 baseline and the truncates tell.
@@ -28,7 +28,7 @@ from threadline.explore.selection import (
     partitioned_plan,
     transaction_join,
 )
-from threadline.explore.tables import normalize_key, resolve_table
+from threadline.explore.tables import key_condition, normalize_key, resolve_table
 
 __all__ = ["row_as_of_plan"]
 
@@ -41,7 +41,7 @@ def _pk_text(pk: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in pk.items())
 
 
-# One round trip: the row's changes (found through the pk index alone), the table's baseline in
+# One round trip: the row's changes (found through the key index alone), the table's baseline in
 # force at the time asked, the row's latest change at or before that time, and when there is none
 # its earliest one after it (its before image is the row then) and its snapshot in that baseline;
 # and a truncate of the table in between. Snapshots never outrank a change captured while the table
@@ -51,7 +51,7 @@ def _pk_text(pk: Mapping[str, Any]) -> str:
 _AS_OF_SQL = sql.SQL("""
 WITH r AS MATERIALIZED (
     SELECT c.* FROM {audit}.changes c
-     WHERE c.pk = %(pk)s AND {table}
+     WHERE {key} AND {table}
 ), inforce AS (
     SELECT c.transaction_id, c.started_at, c.tracked_since, c.finished_at IS NOT NULL AS finished
       FROM (SELECT x.*, x.started_at AS captured_at FROM {audit}.baselines x) c
@@ -114,6 +114,7 @@ def row_as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan
             audit=audit,
             changes=CHANGE_COLUMNS,
             transactions=TRANSACTION_COLUMNS,
+            key=key_condition("%(pk)s::jsonb"),
             table=ref.condition(params),
             baseline_table=ref.condition(params),
         ),

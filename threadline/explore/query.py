@@ -43,7 +43,7 @@ from threadline.explore.selection import (
     where_clause,
     with_transactions,
 )
-from threadline.explore.tables import normalize_key, resolve_table
+from threadline.explore.tables import key_condition, normalize_key, resolve_table
 from threadline.explore.trace_build import build_trace
 from threadline.explore.tracing import Trace
 
@@ -59,8 +59,8 @@ def _history_plan(table: str, pk: Any, limit: int | None, audit_schema: str) -> 
     params: dict[str, Any] = {"pk": Jsonb(key)}
     partitioned = yield from partitioned_plan(audit_schema)
     statement = _select(audit, partitioned, join=False) + sql.SQL(
-        " WHERE c.pk = %(pk)s AND {} ORDER BY c.captured_at DESC, c.id DESC"
-    ).format(ref.condition(params))
+        " WHERE {} AND {} ORDER BY c.captured_at DESC, c.id DESC"
+    ).format(key_condition("%(pk)s::jsonb"), ref.condition(params))
     if limit is not None:
         params["limit"] = limit
         statement += sql.SQL(" LIMIT %(limit)s")

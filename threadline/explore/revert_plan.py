@@ -35,6 +35,7 @@ from threadline.explore.revert_tables import (
     resolve_tables,
     visible_values,
 )
+from threadline.explore.tables import key_condition
 
 __all__ = ["image_sql", "key_match", "plan_revert", "relation_sql", "revert_scope"]
 
@@ -196,12 +197,12 @@ def _later_changes(
         "  FROM unnest(%(pks)s::jsonb[], %(schemas)s::text[], %(names)s::text[], %(ats)s::timestamptz[])"
         "       WITH ORDINALITY AS k(pk, s, n, at, i)"
     )
-    # the rows' own later changes (through the index on pk), then truncates of their tables
+    # the rows' own later changes (through the key index), then truncates of their tables
     # (through the index of truncates): two statements, so each keeps its index
     found = cur.execute(
         sql.SQL(
             "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
-            "  JOIN {a}.changes c ON c.pk = k.pk AND c.op <> 'snapshot'"
+            "  JOIN {a}.changes c ON {key} AND c.op <> 'snapshot'"
             "   AND c.table_schema = k.s AND c.table_name = k.n AND c.captured_at >= k.at"
             "  LEFT JOIN {a}.transactions t ON t.id = c.transaction_id"
             " WHERE c.transaction_id <> ALL (%(ids)s)"
@@ -212,7 +213,7 @@ def _later_changes(
             "  LEFT JOIN {a}.transactions t ON t.id = c.transaction_id"
             " WHERE c.transaction_id <> ALL (%(ids)s)"
             " ORDER BY 1, 4 DESC, 5 DESC"
-        ).format(a=audit),
+        ).format(a=audit, key=key_condition("k.pk")),
         params,
     ).fetchall()
     out: list[Conflict] = []

@@ -75,6 +75,17 @@ class TableRef:
         return sql.SQL("({})").format(sql.SQL(" OR ").join(parts))
 
 
+def key_condition(key: str, alias: str = "c") -> sql.Composable:
+    """``alias`` rows whose key is ``key`` (a SQL expression of type jsonb, such as ``%(pk)s``),
+    in the form the key index of ``changes`` (a btree on ``jsonb_hash(pk)``) serves: the hashes
+    first, then the keys themselves, since two keys may share a hash."""
+    a = sql.Identifier(alias)
+    value = sql.SQL(key)
+    return sql.SQL("pg_catalog.jsonb_hash({a}.pk) = pg_catalog.jsonb_hash({v}) AND {a}.pk = {v}").format(
+        a=a, v=value
+    )
+
+
 _CATALOG_SQL = """
 SELECT n.nspname::text AS schema, c.relname::text AS name,
        (SELECT t.key_columns FROM {audit}.tracked_tables t WHERE t.relid = c.oid) AS capture_keys,

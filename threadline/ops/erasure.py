@@ -46,7 +46,7 @@ from threadline.core.fields import check_actor
 from threadline.core.records import exact_json
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore.actions import record_action
-from threadline.explore.tables import normalize_key, resolve_table
+from threadline.explore.tables import key_condition, normalize_key, resolve_table
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.seal import append_link, lock_chain
 from threadline.propagation.psycopg import transaction
@@ -260,8 +260,8 @@ def _erase_row(
     found = cur.execute(
         sql.SQL(
             "SELECT c.transaction_id, c.id, c.after::text AS after, c.before::text AS before"
-            "  FROM {}.changes c WHERE c.pk = %(pk)s AND {} ORDER BY c.transaction_id, c.id"
-        ).format(audit, ref.condition(params)),
+            "  FROM {}.changes c WHERE {} AND {} ORDER BY c.transaction_id, c.id"
+        ).format(audit, key_condition("%(pk)s::jsonb"), ref.condition(params)),
         params,
     ).fetchall()
     target = f"{ref} ({', '.join(f'{k}={v}' for k, v in key_values.items())})"
