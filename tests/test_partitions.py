@@ -531,7 +531,9 @@ def test_a_move_can_keep_the_old_tables_and_finish_later(plain: str) -> None:
             migrate_to_partitioned(conn)
 
 
-def test_a_switch_that_deadlocks_with_a_writer_is_retried(plain: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_switch_that_deadlocks_with_a_writer_is_retried(
+    plain: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """A writer that holds one audit table and asks for the other while the switch waits for it
     makes a deadlock; the server cancels the switch (it waited first), which is then retried."""
     with psycopg.connect(plain, autocommit=True) as conn:

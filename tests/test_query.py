@@ -255,9 +255,9 @@ def test_a_rows_changes_are_found_through_the_key_index_and_never_a_neighbours(
     conn.execute("UPDATE app.posts SET title = 'b2' WHERE id = %s", [b])
     conn.execute("ANALYZE threadline.changes")
     before = _key_index_scans(dsn)
-    assert [(c.op, c.pk) for c in threadline.history(conn, "app.posts", a)] == [
-        ("update", {"id": a})
-    ] * 3 + [("insert", {"id": a})]
+    assert [(c.op, c.pk) for c in threadline.history(conn, "app.posts", a)] == [("update", {"id": a})] * 3 + [
+        ("insert", {"id": a})
+    ]
     assert [c.after["title"] for c in threadline.history(conn, "app.posts", b)] == ["b2", "b"]
     assert threadline.as_of(conn, "app.posts", b, datetime.now(timezone.utc))["title"] == "b2"
     conn.execute("SELECT pg_stat_force_next_flush()")
