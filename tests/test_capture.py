@@ -613,6 +613,23 @@ def test_install_upgrades_an_older_schema_in_place_keeping_its_rows(conn: Conn) 
         conn.execute("DROP SCHEMA audit_up CASCADE")
 
 
+def test_install_replaces_the_hash_index_of_an_earlier_build_of_this_version(conn: Conn, posts: str) -> None:
+    # an earlier build of the current version found a row's changes through a hash index on pk
+    conn.execute("DROP INDEX threadline.changes_key_idx")
+    conn.execute("CREATE INDEX changes_row_idx ON threadline.changes USING hash (pk)")
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'kept')")
+    assert [c.op for c in threadline.history(conn, "app.posts", 1)] == ["insert"]  # read through it
+    result = ddl.install(conn)
+    assert result.previous_version == result.version == ddl.SCHEMA_VERSION
+    indexes = conn.execute(
+        "SELECT array_agg(c.relname::text || ' ' || a.amname ORDER BY c.relname) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
+        " WHERE i.indrelid = 'threadline.changes'::regclass AND pg_get_indexdef(i.indexrelid) LIKE '%(pk)%'"
+    ).fetchone()
+    assert indexes == (["changes_key_idx btree"],)
+    assert [c.after["title"] for c in threadline.history(conn, "app.posts", 1)] == ["kept"]
+
+
 def test_capture_functions_of_older_versions_keep_one_row_per_transaction(conn: Conn) -> None:
     # versions 2 and 3 generated functions that call current_transaction_id() in every statement
     conn.execute("CREATE TABLE app.old (id int PRIMARY KEY)")

@@ -232,7 +232,11 @@ def install(
                 f"audit schema {audit_schema!r} is at version {previous}, newer than this release's "
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
-        if previous != SCHEMA_VERSION or _may_add_event_triggers(conn, audit_schema):
+        if (
+            previous != SCHEMA_VERSION
+            or _may_add_event_triggers(conn, audit_schema)
+            or _has_hash_row_index(conn, audit_schema)
+        ):
             conn.execute(install_sql(audit_schema, partition_by=partition_by).encode())
         if app_role is not None:
             grant_app_role(conn, app_role, audit_schema)
@@ -248,6 +252,15 @@ def _may_add_event_triggers(conn: psycopg.Connection, audit_schema: str) -> bool
         sql.SQL(
             "SELECT NOT {}.follows_ddl() AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
         ).format(sql.Identifier(audit_schema))
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _has_hash_row_index(conn: psycopg.Connection, audit_schema: str) -> bool:
+    """A current schema installed by an earlier build, which found a row's changes through a hash
+    index on ``pk``: the install script replaces it with the key index."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.changes_row_idx', %s::text)) IS NOT NULL", [audit_schema]
     ).fetchone()
     return bool(row and row[0])
 
