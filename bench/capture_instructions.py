@@ -22,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,18 @@ def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> in
     return count_script(pg, pristine, work, script(table, n))
 
 
+@contextmanager
+def scratch_root(prefix: str) -> Iterator[Path]:
+    """A temporary folder the server user may write (for a throw-away cluster), removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def pristine_cluster(pg: Path, root: Path, fill: Callable[[psycopg.Connection[Any]], None]) -> Path:
     """A stopped cluster in ``root / "pristine"`` whose database ``bench`` ``fill`` has set up
     (then vacuumed, analysed and checkpointed), for each counted run to start from a copy."""
@@ -175,10 +188,7 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     pg = bindir()
-    root = Path(tempfile.mkdtemp(prefix="threadline-instructions-"))
-    try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
+    with scratch_root("threadline-instructions-") as root:
         pristine = pristine_cluster(pg, root, fill)
         data = root / "data"
 
@@ -204,8 +214,6 @@ def main() -> None:
             over = per_tx[table] - base
             ratios = f"{over / floor:.2f}x | {over / reference:.2f}x" if table != "t_plain" else " | "
             print(f"| {label} | {per_tx[table]:,.0f} | {over:+,.0f} | {ratios} |")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import psycopg
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench.capture import CONTEXT, SETUP, TABLE_ROWS  # noqa: E402
-from bench.capture_instructions import WARM_TRANSACTIONS, bindir, count_script, pristine_cluster  # noqa: E402
+from bench.capture_instructions import WARM_TRANSACTIONS, bindir, count_script, pristine_cluster, scratch_root  # noqa: E402
 from threadline import ddl  # noqa: E402
 
 CALL = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; SELECT public.part(); COMMIT;"
@@ -171,10 +170,7 @@ def main() -> None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     layout = os.environ.get("BENCH_LAYOUT", "month")
     pg = bindir()
-    root = Path(tempfile.mkdtemp(prefix="threadline-parts-"))
-    try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
+    with scratch_root("threadline-parts-") as root:
         pristine = build(pg, root, None if layout == "plain" else layout)
         cache: dict[tuple[str, str], float] = {}
 
@@ -190,8 +186,6 @@ def main() -> None:
         for name, variant, baseline in PARTS:
             label = name.replace("  ", "&nbsp;&nbsp;", 1) if name.startswith("  ") else name
             print(f"| {label} | {measure(variant) - measure(baseline):,.0f} |", flush=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

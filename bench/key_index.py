@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import psycopg
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench.capture import CONTEXT, FLOOR_STATEMENT, SETUP, TABLE_ROWS  # noqa: E402
-from bench.capture_instructions import bindir, count_script, pristine_cluster  # noqa: E402
+from bench.capture_instructions import bindir, count_script, pristine_cluster, scratch_root  # noqa: E402
 from threadline import ddl  # noqa: E402
 
 GROW = int(os.environ.get("GROW", "4"))
@@ -82,10 +81,7 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     pg = bindir()
-    root = Path(tempfile.mkdtemp(prefix="threadline-key-index-"))
-    try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
+    with scratch_root("threadline-key-index-") as root:
         pristine = pristine_cluster(pg, root, fill)
         data = root / "data"
 
@@ -127,8 +123,6 @@ def main() -> None:
             "\nSingle-row figures are instructions per transaction (the UPDATE included); bulk figures"
             " are instructions of the statement's transaction over the floor trigger's."
         )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,18 @@ def changes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     ).fetchall()
 
 
+def key_indexes(conn: psycopg.Connection[Any], audit_schema: str = "threadline") -> list[str]:
+    """``"<name> <access method>"`` of every index on the audit schema's ``changes`` over ``pk``."""
+    row = conn.execute(
+        "SELECT array_agg(c.relname::text || ' ' || a.amname ORDER BY c.relname) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
+        " WHERE i.indrelid = format('%%I.changes', %s::text)::regclass"
+        " AND pg_get_indexdef(i.indexrelid) LIKE '%%(pk)%%'",
+        [audit_schema],
+    ).fetchone()
+    return list(row[0] or []) if row else []
+
+
 def transactions(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """All transaction rows, oldest first."""
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)

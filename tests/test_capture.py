@@ -13,7 +13,7 @@ import threadline
 from threadline import ActorRef, ddl
 from threadline.core.errors import InvalidTrackOption, NoPrimaryKey, UnknownColumn, UnknownTable
 
-from .conftest import changed_before, changes, transactions
+from .conftest import changed_before, changes, key_indexes, transactions
 
 Conn = psycopg.Connection[Any]
 
@@ -621,12 +621,7 @@ def test_install_replaces_the_hash_index_of_an_earlier_build_of_this_version(con
     assert [c.op for c in threadline.history(conn, "app.posts", 1)] == ["insert"]  # read through it
     result = ddl.install(conn)
     assert result.previous_version == result.version == ddl.SCHEMA_VERSION
-    indexes = conn.execute(
-        "SELECT array_agg(c.relname::text || ' ' || a.amname ORDER BY c.relname) FROM pg_index i"
-        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
-        " WHERE i.indrelid = 'threadline.changes'::regclass AND pg_get_indexdef(i.indexrelid) LIKE '%(pk)%'"
-    ).fetchone()
-    assert indexes == (["changes_key_idx btree"],)
+    assert key_indexes(conn) == ["changes_key_idx btree"]
     assert [c.after["title"] for c in threadline.history(conn, "app.posts", 1)] == ["kept"]
 
 

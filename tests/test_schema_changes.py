@@ -35,7 +35,7 @@ from threadline.explore.selection import CHANGED_FIELDS_SQL
 from threadline.ops import health
 
 from .backends import ADMIN_DSN
-from .conftest import changed_before
+from .conftest import changed_before, key_indexes
 
 SECRET_1, SECRET_2 = "4111-1111-1111-1111", "4222-2222-2222-2222"
 HIDDEN_1, HIDDEN_2 = "tsvector-one", "tsvector-two"
@@ -511,12 +511,7 @@ def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: En
         ).fetchone()
         assert types == (["jsonb", "jsonb"],)
         # the hash index on pk gave way to the btree on its hash
-        indexes = conn.execute(
-            "SELECT array_agg(c.relname::text || ' ' || a.amname ORDER BY c.relname) FROM pg_index i"
-            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
-            " WHERE i.indrelid = 'audit_old.changes'::regclass AND pg_get_indexdef(i.indexrelid) LIKE '%%(pk)%%'"
-        ).fetchone()
-        assert indexes == (["changes_key_idx btree"],)
+        assert key_indexes(conn, "audit_old") == ["changes_key_idx btree"]
         conn.execute("CREATE TABLE old_app.plain (id int PRIMARY KEY, a int, b text)")
         ddl.track(conn, "old_app.plain", audit_schema="audit_old")
         conn.execute("INSERT INTO old_app.plain VALUES (1, 1, 'x')")
