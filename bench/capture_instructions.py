@@ -127,6 +127,13 @@ def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int) -> in
     return count_script(pg, pristine, work, script(table, n))
 
 
+def valgrind_server() -> Path:
+    """PostgreSQL's server binaries, once valgrind is known to be there (else exit with why)."""
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    return bindir()
+
+
 @contextmanager
 def scratch_root(prefix: str) -> Iterator[Path]:
     """A temporary folder the server user may write (for a throw-away cluster), removed after."""
@@ -185,9 +192,7 @@ def fill(conn: psycopg.Connection[Any]) -> None:
 
 
 def main() -> None:
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed (apt-get install valgrind)")
-    pg = bindir()
+    pg = valgrind_server()
     with scratch_root("threadline-instructions-") as root:
         pristine = pristine_cluster(pg, root, fill)
         data = root / "data"

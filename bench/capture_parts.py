@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,13 @@ import psycopg
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench.capture import CONTEXT, SETUP, TABLE_ROWS  # noqa: E402
-from bench.capture_instructions import WARM_TRANSACTIONS, bindir, count_script, pristine_cluster, scratch_root  # noqa: E402
+from bench.capture_instructions import (  # noqa: E402
+    WARM_TRANSACTIONS,
+    count_script,
+    pristine_cluster,
+    scratch_root,
+    valgrind_server,
+)
 from threadline import ddl  # noqa: E402
 
 CALL = f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; SELECT public.part(); COMMIT;"
@@ -166,10 +171,8 @@ def per_transaction(pg: Path, pristine: Path, work: Path, prelude: str, transact
 
 
 def main() -> None:
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed (apt-get install valgrind)")
     layout = os.environ.get("BENCH_LAYOUT", "month")
-    pg = bindir()
+    pg = valgrind_server()
     with scratch_root("threadline-parts-") as root:
         pristine = build(pg, root, None if layout == "plain" else layout)
         cache: dict[tuple[str, str], float] = {}

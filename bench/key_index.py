@@ -16,7 +16,6 @@ end; the btree on the key's hash finds its place in a few pages however often a 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import psycopg
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/
 
 from bench.capture import CONTEXT, FLOOR_STATEMENT, SETUP, TABLE_ROWS  # noqa: E402
-from bench.capture_instructions import bindir, count_script, pristine_cluster, scratch_root  # noqa: E402
+from bench.capture_instructions import count_script, pristine_cluster, scratch_root, valgrind_server  # noqa: E402
 from threadline import ddl  # noqa: E402
 
 GROW = int(os.environ.get("GROW", "4"))
@@ -78,9 +77,7 @@ def statements(table: str) -> dict[str, str]:
 
 
 def main() -> None:
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed (apt-get install valgrind)")
-    pg = bindir()
+    pg = valgrind_server()
     with scratch_root("threadline-key-index-") as root:
         pristine = pristine_cluster(pg, root, fill)
         data = root / "data"
