@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import threadline
 from threadline import ActorRef, ddl
@@ -258,6 +259,15 @@ DECODER_CORPUS = [
     '{"v":1,"request_id":"' + "r" * 256 + '"}',
     '{"v":1,"request_id":"' + "é" * 200 + '"}',  # more than 275 bytes, 200 characters
     '{"v":1,"correlation_id":"a‏b","origin":"web"}',
+    # null, true and false where a string or an object belongs
+    '{"v":1,"correlation_id":null}',
+    '{"v":1,"causation_id":true}',
+    '{"v":1,"actor":{"type":"user","id":null}}',
+    '{"v":1,"actor":{"type":"user","id":"1","display":null}}',
+    '{"v":1,"actor":{"type":"user","id":false}}',
+    '{"v":1,"actor":{"type":null,"id":"1"}}',
+    '{"v":1,"meta":null,"correlation_id":"c"}',
+    '{"v":1,"job":{"eta":null},"correlation_id":"nullable"}',
 ]
 
 
@@ -297,7 +307,7 @@ def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn
         ).fetchone()
         == (True,)
     ]
-    assert len(valid) == 21, valid  # the corpus covers both paths
+    assert len(valid) == 22, valid  # the corpus covers both paths
 
 
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:
@@ -615,6 +625,8 @@ def test_install_upgrades_an_older_schema_in_place_keeping_its_rows(conn: Conn) 
 
 def test_install_replaces_the_hash_index_of_an_earlier_build_of_this_version(conn: Conn, posts: str) -> None:
     # an earlier build of the current version found a row's changes through a hash index on pk
+    # (and its script left no comment naming it)
+    conn.execute("COMMENT ON TABLE threadline.schema_version IS NULL")
     conn.execute("DROP INDEX threadline.changes_key_idx")
     conn.execute("CREATE INDEX changes_row_idx ON threadline.changes USING hash (pk)")
     conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'kept')")
@@ -623,6 +635,45 @@ def test_install_replaces_the_hash_index_of_an_earlier_build_of_this_version(con
     assert result.previous_version == result.version == ddl.SCHEMA_VERSION
     assert key_indexes(conn) == ["changes_key_idx btree"]
     assert [c.after["title"] for c in threadline.history(conn, "app.posts", 1)] == ["kept"]
+
+
+def test_install_brings_a_store_of_an_earlier_build_of_this_version_up_to_date(
+    conn: Conn, posts: str
+) -> None:
+    # an earlier build of the current version: other function bodies and capture code, and the
+    # comment its script left; its version number is this build's
+    (fn,) = conn.execute("SELECT function_name FROM threadline.tracked_tables").fetchone() or ()
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION threadline.insert_transaction_row() RETURNS bigint LANGUAGE sql AS"
+        " $$ INSERT INTO threadline.transactions (context_error) VALUES ('earlier build') RETURNING id $$"
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION threadline.{}() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RETURN NULL; END $$"
+        ).format(sql.Identifier(fn))
+    )
+    conn.execute("UPDATE threadline.tracked_tables SET fingerprint = 'earlier build'")
+    conn.execute(
+        "COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0123456789abcdef'"
+    )
+    result = ddl.install(conn)
+    assert result.previous_version == result.version == ddl.SCHEMA_VERSION and result.refreshed
+    with threadline.context(actor="user:7", correlation_id="req-build"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'current')")
+    (change,) = changes(conn)
+    assert change["after"]["title"] == "current" and change["context_error"] is None
+    assert change["actor"] == {"type": "user", "id": "7"} and change["correlation_id"] == "req-build"
+    # a store the current build wrote is left alone: a function changed by hand stays changed
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION threadline.{}() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RETURN NULL; END $$"
+        ).format(sql.Identifier(fn))
+    )
+    assert not ddl.install(conn).changed
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (2, 'not captured')")
+    assert len(changes(conn)) == 1
 
 
 def test_capture_functions_of_older_versions_keep_one_row_per_transaction(conn: Conn) -> None:

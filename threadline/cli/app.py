@@ -111,6 +111,11 @@ def install(
         click.echo(f"schema {audit_schema} is up to date (version {result.version})")
     elif result.previous_version is None:
         click.echo(f"installed schema {audit_schema} (version {result.version})")
+    elif result.refreshed:
+        click.echo(
+            f"brought schema {audit_schema} up to date with this release (version {result.version},"
+            " written by another build of it)"
+        )
     else:
         click.echo(
             f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def _script(version: int) -> str:
     return (_SQL_DIR / f"schema_v{version}.sql").read_text(encoding="utf-8")
 
 
+def _script_comment(version: int) -> str:
+    """The comment a version's script leaves on ``schema_version``: it names the script's text, so
+    a store installed by an earlier build of the same version is recognised."""
+    digest = hashlib.sha256(_script(version).encode()).hexdigest()[:16]
+    return f"threadline audit schema {version}, script {digest}"
+
+
 @dataclass(frozen=True)
 class InstallResult:
     """What :func:`install` did."""
@@ -54,11 +62,14 @@ class InstallResult:
     """The schema's DDL event triggers are installed (only a superuser can create them): capture
     code follows every ALTER TABLE by itself. Otherwise it is drift-safe and ``threadline sync``
     brings it up to date after schema changes."""
+    refreshed: bool = False
+    """The schema was at this version, written by another build of it: its script ran again
+    (functions, capture code and indexes replaced; no audit row is touched)."""
 
     @property
     def changed(self) -> bool:
-        """True when the database was changed (a fresh install or an upgrade)."""
-        return self.previous_version != self.version
+        """True when the database was changed (a fresh install, an upgrade, or a refresh)."""
+        return self.previous_version != self.version or self.refreshed
 
 
 _PRIVILEGES = """\
@@ -139,7 +150,7 @@ def install_sql(
     """
     check_schema_name(audit_schema)
     check_partition_by(partition_by)
-    text = _script(version)
+    text = _script(version).replace("@script_comment@", _script_comment(version))
     grants = "" if app_role is None else privileges_sql(app_role, audit_schema)
     # the name is a validated lowercase identifier: quoting it is all an identifier needs
     period = "NULL" if partition_by is None else f"'{partition_by}'"
@@ -232,18 +243,15 @@ def install(
                 f"audit schema {audit_schema!r} is at version {previous}, newer than this release's "
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
-        if (
-            previous != SCHEMA_VERSION
-            or _may_add_event_triggers(conn, audit_schema)
-            or _has_hash_row_index(conn, audit_schema)
-        ):
+        refreshed = previous == SCHEMA_VERSION and _written_by_another_build(conn, audit_schema)
+        if previous != SCHEMA_VERSION or refreshed or _may_add_event_triggers(conn, audit_schema):
             conn.execute(install_sql(audit_schema, partition_by=partition_by).encode())
         if app_role is not None:
             grant_app_role(conn, app_role, audit_schema)
         follows = conn.execute(
             sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(audit_schema))
         ).fetchone()
-    return InstallResult(audit_schema, previous, SCHEMA_VERSION, bool(follows and follows[0]))
+    return InstallResult(audit_schema, previous, SCHEMA_VERSION, bool(follows and follows[0]), refreshed)
 
 
 def _may_add_event_triggers(conn: psycopg.Connection, audit_schema: str) -> bool:
@@ -256,13 +264,14 @@ def _may_add_event_triggers(conn: psycopg.Connection, audit_schema: str) -> bool
     return bool(row and row[0])
 
 
-def _has_hash_row_index(conn: psycopg.Connection, audit_schema: str) -> bool:
-    """A current schema installed by an earlier build, which found a row's changes through a hash
-    index on ``pk``: the install script replaces it with the key index."""
+def _written_by_another_build(conn: psycopg.Connection, audit_schema: str) -> bool:
+    """A current schema whose script came from another build of this version (its functions,
+    capture code or indexes may differ): the install script runs again, as it would to upgrade."""
     row = conn.execute(
-        "SELECT to_regclass(format('%%I.changes_row_idx', %s::text)) IS NOT NULL", [audit_schema]
+        "SELECT obj_description(format('%%I.schema_version', %s::text)::regclass, 'pg_class')",
+        [audit_schema],
     ).fetchone()
-    return bool(row and row[0])
+    return row is None or row[0] != _script_comment(SCHEMA_VERSION)
 
 
 def require_installed(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> None:

@@ -268,12 +268,15 @@ DECLARE
     j jsonb;
     err text;
     new_id bigint;
+    marker text;
 BEGIN
-    -- The usual context first: at most 275 bytes, with no backslash (so no escape sequence) and no
-    -- character an id may not hold, its string values are at most 256 characters and clean as
-    -- written, so only its shape is left to check: about 23,000 instructions less than the checks
-    -- below. Anything else takes the complete checks, which name what was wrong.
-    IF raw <> '' AND octet_length(raw) <= 275 AND raw !~ E'[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
+    -- The usual context first: at most 275 bytes, with no backslash (so no escape sequence), no
+    -- character an id may not hold, no array (so the path below never unwraps one) and no null,
+    -- its string values are at most 256 characters and clean as written, so only its shape is left
+    -- to check, in a path where a missing key compares as false and a value of another type as
+    -- unknown (!($.x <= "") holds for a non-empty string or no key at all). Anything else takes the
+    -- complete checks, which name what was wrong.
+    IF raw <> '' AND octet_length(raw) <= 275 AND strpos(raw, 'null') = 0 AND raw !~ E'[[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
         BEGIN
             j := raw::jsonb;
         EXCEPTION WHEN invalid_text_representation OR untranslatable_character
@@ -283,14 +286,15 @@ BEGIN
         END;
         IF jsonb_typeof(j) = 'object'
            AND (j - '{v,actor,correlation_id,request_id,causation_id,origin,job,meta,incoming_error}'::text[]) = '{}'::jsonb
-           AND jsonb_path_match(j, '$.v.type() == "number" && $.v == 1 && (!exists($.correlation_id) || ($.correlation_id.type() == "string" && $.correlation_id != "")) && (!exists($.request_id) || ($.request_id.type() == "string" && $.request_id != "")) && (!exists($.causation_id) || ($.causation_id.type() == "string" && $.causation_id != "")) && (!exists($.origin) || ($.origin.type() == "string" && $.origin != "")) && (!exists($.incoming_error) || ($.incoming_error.type() == "string" && $.incoming_error != "")) && (!exists($.job) || $.job.type() == "object") && (!exists($.meta) || $.meta.type() == "object") && (!exists($.actor) || ($.actor.type() == "object" && $.actor.type.type() == "string" && $.actor.type like_regex "^[a-z][a-z0-9_]{0,31}$" && (!exists($.actor.id) || ($.actor.id.type() == "string" && $.actor.id != "")) && (!exists($.actor.display) || ($.actor.display.type() == "string" && $.actor.display != "")) && (exists($.actor.id) || $.actor.type == "anonymous")))', '{}', true)
-           AND (NOT j ? 'actor' OR ((j -> 'actor') - '{type,id,display}'::text[]) = '{}'::jsonb) THEN
+           AND jsonb_path_match(j, '$.v == 1 && !($.correlation_id <= "") && !($.request_id <= "") && !($.causation_id <= "") && !($.origin <= "") && !($.incoming_error <= "") && !($.job.type() != "object") && !($.meta.type() != "object") && (!exists($.actor) || ($.actor.type() == "object" && $.actor.type like_regex "^[a-z][a-z0-9_]*$" && !($.actor.id <= "") && !($.actor.display <= "") && (exists($.actor.id) || $.actor.type == "anonymous")))', '{}', true)
+           AND (NOT j ? 'actor' OR (((j -> 'actor') - '{type,id,display}'::text[]) = '{}'::jsonb
+                                    AND length(j -> 'actor' ->> 'type') <= 32)) THEN
             INSERT INTO @audit@.transactions
                 (actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
             VALUES (j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
                     j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'))
             RETURNING id INTO new_id;
-            PERFORM set_config('threadline.txctx_@audit_name@', '=' || new_id || '|' || raw, true);
+            marker := set_config('threadline.txctx_@audit_name@', '=' || new_id || '|' || raw, true);
             RETURN new_id;
         END IF;
         j := NULL;
@@ -341,7 +345,7 @@ BEGIN
           FROM @audit@.decode_context(j, err) AS d
         RETURNING id INTO new_id;
     END IF;
-    PERFORM set_config('threadline.txctx_@audit_name@', '=' || new_id || '|' || raw, true);
+    marker := set_config('threadline.txctx_@audit_name@', '=' || new_id || '|' || raw, true);
     RETURN new_id;
 END
 $fn$;
@@ -820,21 +824,25 @@ BEGIN
         before := o || '."threadline image"';
         -- with masked columns, what changed is computed here (the images show masked values as
         -- equal); otherwise the images tell, compared as text
-        any_changed := CASE WHEN cardinality(present_mask) > 0 THEN 'cardinality(i.changed_fields) > 0'
-                            ELSE 'i.after::text IS DISTINCT FROM i.before::text' END;
+        any_changed := 'cardinality(i.changed_fields) > 0';
         FOREACH txid IN ARRAY txids LOOP
           dispatch := dispatch || concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
+            CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
             format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
-            format('                   %s AS changed_fields',
-                   CASE WHEN cardinality(present_mask) > 0
-                        THEN format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', '))
-                        ELSE 'NULL::text[]' END),
+            format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
             format('              FROM %s', side_old),
             format('              JOIN %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', side_new, o, n),
-            format('     WHERE %s;', any_changed),
+            format('     WHERE %s;', any_changed))
+            -- without masks each side's image is computed once where its side is scanned (a side
+            -- with a window function is never pulled up), so the join itself compares them
+            ELSE concat_ws(E'\n',
+            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', %s, %s, %s, NULL::text[]', txid, pk_update, after_update, before),
+            format('      FROM %s', side_old),
+            format('      JOIN %s ON %s."threadline rn" = %s."threadline rn"', side_new, o, n),
+            format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END,
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
@@ -1981,3 +1989,6 @@ $adopt$;
 SELECT @audit@.create_partitions();
 
 INSERT INTO @audit@.schema_version (version) VALUES (7) ON CONFLICT DO NOTHING;
+-- Which build's script this is: install runs the script again on a store at this version whose
+-- comment differs (an earlier build's functions, capture code and indexes are then replaced).
+COMMENT ON TABLE @audit@.schema_version IS '@script_comment@';
