@@ -41,7 +41,7 @@ LOOKUP = (
 )
 RAW_INSERT = (
     'INSERT INTO threadline.transactions (actor, correlation_id) VALUES (\'{"id":"42","type":"user"}\', \'bench\')'
-    " RETURNING id INTO k; PERFORM set_config('threadline.txctx_threadline', '=' || k || '|'"
+    " RETURNING id INTO k; m := set_config('threadline.txctx_threadline', '=' || k || '|'"
     " || current_setting('threadline.context'), true);"
 )
 
@@ -49,7 +49,7 @@ RAW_INSERT = (
 def shape_check() -> str:
     """The shape check of a short, plain context, as insert_transaction_row() runs it."""
     found = re.search(
-        r"jsonb_path_match\(j, ('\$\.v\.type\(\)(?:[^']|'')*'), '\{\}', true\)", ddl.install_sql()
+        r"jsonb_path_match\(j, ('\$\.v == 1(?:[^']|'')*'), '\{\}', true\)", ddl.install_sql()
     )
     if found is None:
         sys.exit("the install script has no jsonb_path_match shape check: update this benchmark")
@@ -59,19 +59,18 @@ def shape_check() -> str:
 SHAPE = shape_check()
 # the change INSERT of the capture code, with a constant transaction id: the statement alone
 CHANGE_INSERT = (
-    "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after, before)"
-    " SELECT 1, TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', i.pk, i.after, i.before"
-    " FROM (SELECT jsonb_build_object('id', n.id) AS pk, n.img AS after, o.img AS before"
+    "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)"
+    " SELECT 1, TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', jsonb_build_object('id', n.id), n.img, o.img, NULL::text[]"
     " FROM (SELECT row_number() OVER () AS rn, to_json(r.*) AS img, r.id FROM threadline_old AS r) AS o"
     " JOIN (SELECT row_number() OVER () AS rn, to_json(r.*) AS img, r.id FROM threadline_new AS r) AS n"
-    " ON o.rn = n.rn OFFSET 0) AS i WHERE i.after::text IS DISTINCT FROM i.before::text;"
+    " ON o.rn = n.rn WHERE n.img::text IS DISTINCT FROM o.img::text;"
 )
 
 
 def function(body: str, declare: str = "") -> str:
     return (
         "CREATE FUNCTION public.part() RETURNS void LANGUAGE plpgsql SECURITY DEFINER"
-        f" SET search_path = pg_catalog, pg_temp AS $$ DECLARE k bigint; j jsonb; ok boolean; {declare}"
+        f" SET search_path = pg_catalog, pg_temp AS $$ DECLARE k bigint; j jsonb; ok boolean; m text; {declare}"
         f" BEGIN {body} END $$;\n"
     )
 
