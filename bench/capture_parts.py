@@ -48,9 +48,7 @@ RAW_INSERT = (
 
 def shape_check() -> str:
     """The shape check of a short, plain context, as insert_transaction_row() runs it."""
-    found = re.search(
-        r"jsonb_path_match\(j, ('\$\.v == 1(?:[^']|'')*'), '\{\}', true\)", ddl.install_sql()
-    )
+    found = re.search(r"jsonb_path_match\(j, ('\$\.v == 1(?:[^']|'')*'), '\{\}', true\)", ddl.install_sql())
     if found is None:
         sys.exit("the install script has no jsonb_path_match shape check: update this benchmark")
     return found.group(1)
