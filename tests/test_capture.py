@@ -68,6 +68,9 @@ def test_excluded_columns_never_appear_and_masked_show_a_placeholder(conn: Conn)
     assert changed_before(email) == {"email": "a@x"} and email["changed_fields"] == ["email"]
     assert email["before"]["token"] == "[masked]"
     assert dele["before"] == {"id": 1, "email": "b@x", "token": "[masked]"}
+    # the images are the row's own json text, in column order, as for a table without masks
+    stored = conn.execute("SELECT after::text FROM threadline.changes WHERE op = 'insert'").fetchone()
+    assert stored == ('{"id":1,"email":"a@x","token":"[masked]"}',)
 
 
 def test_one_transaction_row_per_transaction_with_its_context(conn: Conn, posts: str) -> None:
