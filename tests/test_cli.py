@@ -48,6 +48,21 @@ def test_print_sql_needs_no_database_and_is_idempotent(conn: psycopg.Connection[
         conn.execute("DROP SCHEMA audit_cli CASCADE")
 
 
+def test_install_says_when_it_refreshes_a_store_of_another_build(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    conn.execute(ddl.install_sql("audit_cli2").encode())
+    try:
+        conn.execute("COMMENT ON TABLE audit_cli2.schema_version IS 'threadline audit schema 7, script 0000'")
+        res = run("install", "--dsn", dsn, "--audit-schema", "audit_cli2")
+        assert res.returncode == 0, res.stderr
+        assert "brought schema audit_cli2 up to date with this release" in res.stdout
+        res = run("install", "--dsn", dsn, "--audit-schema", "audit_cli2")
+        assert res.returncode == 0 and "is up to date" in res.stdout
+    finally:
+        conn.execute("DROP SCHEMA audit_cli2 CASCADE")
+
+
 def test_install_track_untrack_round_trip(dsn: str, conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE TABLE app.orders (id int PRIMARY KEY, card text, note text)")
     res = run("install", "--dsn", dsn)
