@@ -252,3 +252,18 @@ def test_the_app_role_cannot_seal_or_rewrite_seals(app: psycopg.Connection[Any])
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             app.execute(statement)
         app.rollback()
+
+
+def test_the_app_role_cannot_refresh_the_schema_and_is_told_who_can(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any]
+) -> None:
+    # a store written by another build: only its owner (or a superuser) may replace its objects
+    conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+    owner = conn.execute("SELECT current_user").fetchone()
+    with pytest.raises(
+        threadline.core.errors.SchemaError, match=f"belongs to role '{owner[0]}'.*nothing was changed"
+    ):
+        ddl.install(app)
+    comment = "SELECT obj_description('threadline.schema_version'::regclass, 'pg_class')"
+    assert conn.execute(comment).fetchone() == ("threadline audit schema 7, script 0000",)
+    assert ddl.install(conn).refreshed

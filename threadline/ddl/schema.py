@@ -244,6 +244,8 @@ def install(
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
         refreshed = previous == SCHEMA_VERSION and _written_by_another_build(conn, audit_schema)
+        if previous is not None and (previous != SCHEMA_VERSION or refreshed):
+            _require_owner(conn, audit_schema, "upgrade" if previous != SCHEMA_VERSION else "refresh")
         if previous != SCHEMA_VERSION or refreshed or _may_add_event_triggers(conn, audit_schema):
             conn.execute(install_sql(audit_schema, partition_by=partition_by).encode())
         if app_role is not None:
@@ -262,6 +264,21 @@ def _may_add_event_triggers(conn: psycopg.Connection, audit_schema: str) -> bool
         ).format(sql.Identifier(audit_schema))
     ).fetchone()
     return bool(row and row[0])
+
+
+def _require_owner(conn: psycopg.Connection, audit_schema: str, what: str) -> None:
+    """Raise :class:`SchemaError` unless the current role may replace the audit schema's objects
+    (it owns the schema, is a member of its owner, or is a superuser)."""
+    row = conn.execute(
+        "SELECT pg_get_userbyid(n.nspowner), pg_has_role(current_user, n.nspowner, 'USAGE')"
+        "  FROM pg_namespace n WHERE n.nspname = %s",
+        [audit_schema],
+    ).fetchone()
+    if row is not None and not row[1]:
+        raise SchemaError(
+            f"audit schema {audit_schema!r} belongs to role {row[0]!r}: to {what} it, run "
+            f"`threadline install` as that role (or a superuser); nothing was changed"
+        )
 
 
 def _written_by_another_build(conn: psycopg.Connection, audit_schema: str) -> bool:
