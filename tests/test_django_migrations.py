@@ -248,6 +248,24 @@ def test_the_database_check_names_capture_that_is_not_installed(mig_dsn: str) ->
     assert [m for m in run_checks(tags=[Tags.database], databases=[ALIAS]) if m.id == "threadline.W010"] == []
 
 
+def test_the_database_check_names_a_schema_written_by_another_build(mig_dsn: str) -> None:
+    from django.core.checks import Tags, run_checks
+
+    from threadline import ddl
+
+    def found() -> list[Any]:
+        return [m for m in run_checks(tags=[Tags.database], databases=[ALIAS]) if m.id == "threadline.W011"]
+
+    assert found() == []
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+        (warning,) = found()
+        assert "another build" in warning.msg
+        assert warning.hint == f"run: manage.py threadline install --database {ALIAS}"
+        assert ddl.install(conn).refreshed
+    assert found() == []
+
+
 def test_the_middleware_refuses_to_start_without_the_app(mig_dsn: str) -> None:
     from django.core.exceptions import ImproperlyConfigured
     from django.test import override_settings

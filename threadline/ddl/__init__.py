@@ -24,6 +24,7 @@ from threadline.ddl.schema import (
     installed_version,
     require_installed,
     uninstall_sql,
+    written_by_another_build,
 )
 from threadline.ddl.triggers import (
     sync,
@@ -58,4 +59,5 @@ __all__ = [
     "uninstall_sql",
     "untrack",
     "untrack_sql",
+    "written_by_another_build",
 ]

@@ -243,7 +243,7 @@ def install(
                 f"audit schema {audit_schema!r} is at version {previous}, newer than this release's "
                 f"{SCHEMA_VERSION}: upgrade the threadline package"
             )
-        refreshed = previous == SCHEMA_VERSION and _written_by_another_build(conn, audit_schema)
+        refreshed = previous == SCHEMA_VERSION and _comment_differs(conn, audit_schema)
         if previous is not None and (previous != SCHEMA_VERSION or refreshed):
             _require_owner(conn, audit_schema, "upgrade" if previous != SCHEMA_VERSION else "refresh")
         if previous != SCHEMA_VERSION or refreshed or _may_add_event_triggers(conn, audit_schema):
@@ -281,9 +281,16 @@ def _require_owner(conn: psycopg.Connection, audit_schema: str, what: str) -> No
         )
 
 
-def _written_by_another_build(conn: psycopg.Connection, audit_schema: str) -> bool:
-    """A current schema whose script came from another build of this version (its functions,
-    capture code or indexes may differ): the install script runs again, as it would to upgrade."""
+def written_by_another_build(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> bool:
+    """True when the audit schema is at this release's version but its install script came from
+    another build of it (its functions, capture code or indexes may differ): :func:`install`
+    then runs the script again (``InstallResult.refreshed``)."""
+    check_schema_name(audit_schema)
+    return installed_version(conn, audit_schema) == SCHEMA_VERSION and _comment_differs(conn, audit_schema)
+
+
+def _comment_differs(conn: psycopg.Connection, audit_schema: str) -> bool:
+    """The comment the install script leaves on ``schema_version`` is not this build's."""
     row = conn.execute(
         "SELECT obj_description(format('%%I.schema_version', %s::text)::regclass, 'pg_class')",
         [audit_schema],

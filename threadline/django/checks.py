@@ -127,11 +127,12 @@ def _database_drivers() -> list[checks.CheckMessage]:
 def check_database(
     app_configs: Iterable[Any] | None = None, databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """With ``manage.py check --database ALIAS``: every tracked table's capture is installed."""
+    """With ``manage.py check --database ALIAS``: every tracked table's capture is installed, and
+    the audit schema is this build's."""
     from django.db import connections
 
     from threadline.core._connection import native
-    from threadline.ddl.schema import installed_version
+    from threadline.ddl.schema import installed_version, written_by_another_build
     from threadline.ddl.triggers import tracked_tables
 
     found: list[checks.CheckMessage] = []
@@ -142,6 +143,15 @@ def check_database(
         raw, _ = native(wrapper)
         if installed_version(raw) is None:
             continue
+        if written_by_another_build(raw):
+            found.append(
+                checks.Warning(
+                    f"database {alias!r}: the audit schema was installed by another build of this "
+                    "release's schema version (its functions and capture code may differ)",
+                    hint=f"run: manage.py threadline install --database {alias}",
+                    id="threadline.W011",
+                )
+            )
         for table in tracked_tables(raw):
             if table.status != "installed":
                 command = table.restore_command()
