@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -677,6 +679,30 @@ def test_install_brings_a_store_of_an_earlier_build_of_this_version_up_to_date(
     assert not ddl.install(conn).changed
     conn.execute("INSERT INTO app.posts (id, title) VALUES (2, 'not captured')")
     assert len(changes(conn)) == 1
+
+
+def test_a_refresh_waits_for_a_writer_a_bounded_time_and_changes_nothing_when_it_gives_up(
+    conn: Conn, dsn: str, posts: str
+) -> None:
+    comment = "SELECT obj_description('threadline.schema_version'::regclass, 'pg_class')"
+    conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+    with psycopg.connect(dsn) as writer:  # a transaction that wrote a tracked table and is still open
+        writer.execute("INSERT INTO app.posts (id, title) VALUES (1, 'open')")
+        started = time.monotonic()
+        with pytest.raises(threadline.core.errors.SchemaError, match=r"stayed busy.*nothing was changed"):
+            ddl.install(conn, lock_timeout=0.2, attempts=2)
+        assert time.monotonic() - started < 5
+        assert conn.execute(comment).fetchone() == ("threadline audit schema 7, script 0000",)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("0",)  # the session's own setting is kept
+        # the writer ends while install is still trying: it goes through
+        timer = threading.Timer(0.5, writer.commit)
+        timer.start()
+        try:
+            assert ddl.install(conn, lock_timeout=0.2, attempts=6).refreshed
+        finally:
+            timer.join()
+    assert conn.execute(comment).fetchone() != ("threadline audit schema 7, script 0000",)
+    assert [c["after"]["title"] for c in changes(conn)] == ["open"]
 
 
 def test_capture_functions_of_older_versions_keep_one_row_per_transaction(conn: Conn) -> None:

@@ -78,6 +78,15 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
     show_default=True,
     help="A new install's audit tables are range-partitioned by this period (none: plain tables).",
 )
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="An upgrade waits at most this long for each lock of the audit tables (the application's "
+    "writes queue behind it), and tries again up to 5 times.",
+)
 def install(
     dsn: str | None,
     audit_schema: str,
@@ -85,6 +94,7 @@ def install(
     app_role: str | None = None,
     version: int = 0,
     partition_by: str = ddl_schema.DEFAULT_PARTITION_BY,
+    lock_timeout: float = 2.0,
 ) -> None:
     """Create or upgrade the audit schema (idempotent).
 
@@ -106,7 +116,9 @@ def install(
     except SchemaError as exc:
         raise click.UsageError(str(exc)) from exc
     with connect(dsn) as conn:
-        result = ddl_schema.install(conn, audit_schema, app_role=app_role, partition_by=period)
+        result = ddl_schema.install(
+            conn, audit_schema, app_role=app_role, partition_by=period, lock_timeout=lock_timeout
+        )
     if not result.changed:
         click.echo(f"schema {audit_schema} is up to date (version {result.version})")
     elif result.previous_version is None:

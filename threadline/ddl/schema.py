@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
+from threadline.core.busy import TABLES_BUSY
 from threadline.core.errors import PrivilegeError, SchemaError
 from threadline.ddl.names import (
     DEFAULT_SCHEMA,
@@ -219,6 +221,8 @@ def install(
     *,
     app_role: str | None = None,
     partition_by: str | None = DEFAULT_PARTITION_BY,
+    lock_timeout: float = 2.0,
+    attempts: int = 5,
 ) -> InstallResult:
     """Create or upgrade the audit schema in one transaction; a no-op when it is current (except
     that a superuser adds the DDL event triggers a non-superuser install could not create, and
@@ -230,13 +234,55 @@ def install(
 
     A new install is partitioned by ``partition_by`` (``None``: plain tables); see
     :func:`install_sql`.
+
+    An upgrade or refresh alters the audit tables, so it waits for the transactions writing them,
+    and the application's next writes wait behind it: each attempt waits at most
+    ``lock_timeout`` seconds for a lock, and a busy table (a lock not granted in time, or a
+    deadlock with a writer) is retried up to ``attempts`` times with a growing pause before
+    :class:`SchemaError` says so (nothing changed).
     """
     check_schema_name(audit_schema)
     check_partition_by(partition_by)
     if app_role is not None:
         privileges_sql(app_role, audit_schema)
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or lock_timeout <= 0:
+        raise SchemaError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise SchemaError(f"attempts must be an integer of at least 1, not {attempts!r}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return _install_once(conn, audit_schema, app_role, partition_by, lock_timeout)
+        except TABLES_BUSY as exc:
+            if attempt == attempts:
+                raise SchemaError(
+                    f"the audit tables of {audit_schema!r} stayed busy: {attempts} attempt(s) could not "
+                    f"take their locks within {lock_timeout:g} s ({exc.sqlstate}); nothing was changed. "
+                    "Run install again when the long transactions writing tracked tables are over, "
+                    "or give it a longer lock timeout"
+                ) from exc
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def _install_once(
+    conn: psycopg.Connection,
+    audit_schema: str,
+    app_role: str | None,
+    partition_by: str | None,
+    lock_timeout: float,
+) -> InstallResult:
+    """One attempt of :func:`install`, in one transaction (a savepoint inside the caller's)."""
     with conn.transaction():
+        # another install of this schema runs to its end first (it holds no lock of the tables
+        # the application writes while it waits here)
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('threadline install ' || %s))", [audit_schema])
+        # a lock the script needs (an upgrade or refresh alters the audit tables) is waited for
+        # at most this long: the application's writes queue behind a waiting lock
+        row = conn.execute(
+            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)",
+            [f"{max(1, round(lock_timeout * 1000))}ms"],
+        ).fetchone()
+        caller_timeout = row[0] if row else "0"
         previous = installed_version(conn, audit_schema)
         if previous is not None and previous > SCHEMA_VERSION:
             raise SchemaError(
@@ -253,6 +299,7 @@ def install(
         follows = conn.execute(
             sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(audit_schema))
         ).fetchone()
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", [caller_timeout])
     return InstallResult(audit_schema, previous, SCHEMA_VERSION, bool(follows and follows[0]), refreshed)
 
 

@@ -28,9 +28,9 @@ import psycopg
 from psycopg import pq, sql
 
 from threadline.core._run import forget
+from threadline.core.busy import TABLES_BUSY
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.schema import check_partition_by, install_sql, require_installed
-from threadline.ops.busy import TABLES_BUSY
 from threadline.ops.partition_copy import (
     copy_round,
     copy_statements,

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from threadline.ops.busy import TABLES_BUSY
+from threadline.core.busy import TABLES_BUSY
 from threadline.ops.observability import emit
 from threadline.ops.seal import DIGEST_SIZE, lock_chain
 

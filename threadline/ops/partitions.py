@@ -25,10 +25,10 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+from threadline.core.busy import TABLES_BUSY
 from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.schema import require_installed
-from threadline.ops.busy import TABLES_BUSY
 
 __all__ = [
     "Partition",

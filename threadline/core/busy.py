@@ -1,4 +1,4 @@
-"""What a maintenance step that takes the audit tables' locks treats as "busy, try again"."""
+"""What a maintenance step or an upgrade that takes the audit tables' locks treats as "busy, try again"."""
 
 from __future__ import annotations
 
