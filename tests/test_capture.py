@@ -705,6 +705,17 @@ def test_a_refresh_waits_for_a_writer_a_bounded_time_and_changes_nothing_when_it
     assert [c["after"]["title"] for c in changes(conn)] == ["open"]
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"lock_timeout": 0}, {"lock_timeout": True}, {"lock_timeout": "2s"}, {"attempts": 0}, {"attempts": 1.5}],
+)
+def test_install_refuses_a_lock_timeout_or_attempts_that_make_no_sense(
+    conn: Conn, options: dict[str, Any]
+) -> None:
+    with pytest.raises(threadline.core.errors.ConfigurationError, match="lock_timeout|attempts"):
+        ddl.install(conn, **options)
+
+
 def test_capture_functions_of_older_versions_keep_one_row_per_transaction(conn: Conn) -> None:
     # versions 2 and 3 generated functions that call current_transaction_id() in every statement
     conn.execute("CREATE TABLE app.old (id int PRIMARY KEY)")

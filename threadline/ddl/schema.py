@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 
 from threadline.core.busy import TABLES_BUSY
-from threadline.core.errors import PrivilegeError, SchemaError
+from threadline.core.errors import ConfigurationError, PrivilegeError, SchemaError
 from threadline.ddl.names import (
     DEFAULT_SCHEMA,
     check_schema_name,
@@ -246,9 +246,9 @@ def install(
     if app_role is not None:
         privileges_sql(app_role, audit_schema)
     if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or lock_timeout <= 0:
-        raise SchemaError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
+        raise ConfigurationError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise SchemaError(f"attempts must be an integer of at least 1, not {attempts!r}")
+        raise ConfigurationError(f"attempts must be an integer of at least 1, not {attempts!r}")
     for attempt in range(1, attempts + 1):
         try:
             return _install_once(conn, audit_schema, app_role, partition_by, lock_timeout)
