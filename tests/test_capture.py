@@ -712,7 +712,7 @@ def test_a_refresh_waits_for_a_writer_a_bounded_time_and_changes_nothing_when_it
 def test_install_refuses_a_lock_timeout_or_attempts_that_make_no_sense(
     conn: Conn, options: dict[str, Any]
 ) -> None:
-    with pytest.raises(threadline.core.errors.ConfigurationError, match="lock_timeout|attempts"):
+    with pytest.raises(threadline.core.errors.ConfigurationError, match=r"lock_timeout|attempts"):
         ddl.install(conn, **options)
 
 
