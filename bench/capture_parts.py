@@ -47,7 +47,7 @@ RAW_INSERT = (
 
 
 def shape_check() -> str:
-    """The shape check of a short, plain context, as insert_transaction_row() runs it."""
+    """The shape check of a short, plain context, as capture and insert_transaction_row() run it."""
     found = re.search(r"jsonb_path_match\(j, ('\$\.v == 1(?:[^']|'')*'), '\{\}', true\)", ddl.install_sql())
     if found is None:
         sys.exit("the install script has no jsonb_path_match shape check: update this benchmark")
@@ -108,8 +108,8 @@ PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("DROP INDEX threadline.changes_key_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
     ),
     (
-        "the transaction's row, first statement (insert_transaction_row())",
-        (function("PERFORM threadline.insert_transaction_row();"), CALL),
+        "the transaction's row, first statement (its id, then insert_transaction_row(id), which capture holds inline)",
+        (function("k := threadline.insert_transaction_row(threadline.next_transaction_id());"), CALL),
         (function("k := 1;"), CALL),
     ),
     (

@@ -52,6 +52,31 @@ def test_update_that_changes_nothing_is_not_recorded(conn: Conn, posts: str) -> 
     assert len(transactions(conn)) == 1  # no transaction row for transactions without changes
 
 
+def test_statements_that_record_nothing_leave_the_transaction_row_to_the_first_that_does(
+    conn: Conn, posts: str
+) -> None:
+    # the first captured statement takes the row's id first and writes the row only once it has
+    # recorded a change; a statement that records none leaves no row and no marker behind
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'a')")
+    with threadline.context(actor="user:5", correlation_id="req-none"), threadline.transaction(conn):
+        conn.execute("UPDATE app.posts SET title = 'a' WHERE id = 1")
+        conn.execute("UPDATE app.posts SET title = 'b' WHERE id = 999")
+        conn.execute("DELETE FROM app.posts WHERE id = 999")
+        conn.execute("INSERT INTO app.posts (id) SELECT 2 WHERE false")
+        assert conn.execute(
+            "SELECT count(*) FROM threadline.transactions WHERE xid = pg_current_xact_id()"
+        ).fetchone() == (0,)
+        marker = conn.execute("SELECT current_setting('threadline.txctx_threadline', true)").fetchone()
+        assert marker in [(None,), ("",)]
+        conn.execute("UPDATE app.posts SET title = 'b' WHERE id = 1")
+    insert, update = changes(conn)
+    assert update["op"] == "update" and update["transaction_id"] != insert["transaction_id"]
+    first, second = transactions(conn)
+    assert first["id"] == insert["transaction_id"]
+    assert second["id"] == update["transaction_id"] and second["correlation_id"] == "req-none"
+    assert second["actor"] == {"type": "user", "id": "5"} and second["context_error"] is None
+
+
 def test_excluded_columns_never_appear_and_masked_show_a_placeholder(conn: Conn) -> None:
     conn.execute("CREATE TABLE app.users (id int PRIMARY KEY, email text, pw text, token text)")
     ddl.track(conn, "app.users", exclude=["pw"], mask=["token"])
@@ -280,23 +305,31 @@ _DECODED_FIELDS = "actor, correlation_id, request_id, causation_id, origin, job,
 
 
 def _stored_and_decoded(conn: Conn, raw: str) -> tuple[Any, Any]:
-    """The fields the transaction row stored for context ``raw``, and those decode_context() gives."""
-    with conn.transaction():
-        conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
-        tx = conn.execute("SELECT threadline.transaction_row()").fetchone()
-        assert tx is not None
-        stored = conn.execute(
-            f"SELECT {_DECODED_FIELDS} FROM threadline.transactions WHERE id = %s", tx
-        ).fetchone()
-        decoded = conn.execute(
-            f"SELECT {_DECODED_FIELDS} FROM threadline.parse_context(%s) AS p,"
-            " threadline.decode_context(p.j, p.err)",
-            [raw],
-        ).fetchone()
-    return stored, decoded
+    """The fields the transaction row stored for context ``raw``, and those decode_context() gives.
+
+    The row is stored twice, each time rolled back: by transaction_row(), and by the capture code
+    of ``app.posts`` (which runs the usual context's path inline); both must store the same."""
+    stored = []
+    for write in ("SELECT threadline.transaction_row()", "INSERT INTO app.posts (id) VALUES (1)"):
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT set_config('threadline.context', %s, true)", [raw])
+            conn.execute(write)
+            stored.append(
+                conn.execute(
+                    f"SELECT {_DECODED_FIELDS} FROM threadline.transactions"
+                    " WHERE xid = pg_current_xact_id() AND occurred_at = now()"
+                ).fetchall()
+            )
+    assert stored[0] == stored[1], raw
+    decoded = conn.execute(
+        f"SELECT {_DECODED_FIELDS} FROM threadline.parse_context(%s) AS p, threadline.decode_context(p.j, p.err)",
+        [raw],
+    ).fetchone()
+    assert len(stored[0]) == 1, raw
+    return stored[0][0], decoded
 
 
-def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn) -> None:
+def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn, posts: str) -> None:
     # transaction_row() stores a context that passes all checks without calling decode_context();
     # both must give the same fields and the same reason for every value, valid or not
     for raw in DECODER_CORPUS:
@@ -759,20 +792,20 @@ def test_the_database_refuses_c1_and_bidi_controls_in_ids(conn: Conn, raw: str) 
     assert row[3] in ("context has an invalid id or origin", "context actor is invalid")
 
 
-def test_context_parsing_catches_only_the_errors_of_unacceptable_json(conn: Conn) -> None:
+def test_context_parsing_catches_only_the_errors_of_unacceptable_json(conn: Conn, posts: str) -> None:
     # the exception block around the jsonb cast names the conditions a bad text raises; an
-    # unexpected error (say, out of memory) must surface instead of being recorded as bad JSON
-    for fn in ("insert_transaction_row", "parse_context"):
+    # unexpected error (say, out of memory) must surface instead of being recorded as bad JSON.
+    # The capture code holds the usual context's path inline, exception block included.
+    (capture,) = conn.execute("SELECT function_name FROM threadline.tracked_tables").fetchone() or ()
+    for fn in ("insert_transaction_row(bigint)", "parse_context(text)", f"{capture}()"):
         (src,) = conn.execute(
-            "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE n.nspname = 'threadline' AND p.proname = %s",
-            [fn],
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)", [f"threadline.{fn}"]
         ).fetchone()  # type: ignore[misc]
         assert "WHEN others" not in src, fn
         assert "invalid_text_representation" in src and "untranslatable_character" in src, fn
 
 
-def test_generated_contexts_decode_as_decode_context_does(conn: Conn) -> None:
+def test_generated_contexts_decode_as_decode_context_does(conn: Conn, posts: str) -> None:
     # contexts assembled at random from valid and invalid pieces: the first check (short, no
     # backslash) must never accept what the complete checks refuse, nor store other fields
     rnd = random.Random(7)

@@ -233,13 +233,20 @@ def test_app_defined_functions_never_run_inside_capture(
 
 
 @pytest.mark.parametrize(
-    "function", ["transaction_id", "transaction_row", "insert_transaction_row", "current_row"]
+    "call",
+    [
+        "transaction_id()",
+        "transaction_row()",
+        "insert_transaction_row()",
+        "insert_transaction_row(1)",
+        "current_row()",
+        "next_transaction_id()",
+        "define_next_transaction_id()",
+    ],
 )
-def test_app_role_cannot_create_transaction_rows_directly(
-    app: psycopg.Connection[Any], function: str
-) -> None:
+def test_app_role_cannot_create_transaction_rows_directly(app: psycopg.Connection[Any], call: str) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        app.execute(f"SELECT threadline.{function}()")
+        app.execute(f"SELECT threadline.{call}")
 
 
 def test_the_app_role_cannot_seal_or_rewrite_seals(app: psycopg.Connection[Any]) -> None:

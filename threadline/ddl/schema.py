@@ -43,7 +43,19 @@ def _script(version: int) -> str:
             f"schema version {version!r} has no pinned install script (pinned: "
             f"{', '.join(map(str, PINNED_VERSIONS))}); versions before 7 are upgraded by installing 7"
         )
-    return (_SQL_DIR / f"schema_v{version}.sql").read_text(encoding="utf-8")
+    text = (_SQL_DIR / f"schema_v{version}.sql").read_text(encoding="utf-8")
+    fragment = _SQL_DIR / f"schema_v{version}_usual_context.sql"
+    if fragment.exists():
+        # the usual context's path, written once: in insert_transaction_row(bigint), returning the
+        # row's id, and in the capture code that render_capture() generates, returning NULL
+        body = "".join(
+            line
+            for line in fragment.read_text(encoding="utf-8").splitlines(keepends=True)
+            if not line.startswith("-- ")
+        )
+        for returned in ("tx", "NULL"):
+            text = text.replace(f"@usual_context({returned})@", body.replace("@returned@", returned))
+    return text
 
 
 def _script_comment(version: int) -> str:

@@ -1,0 +1,33 @@
+-- The usual context's fast path, shared by insert_transaction_row(bigint) and the capture code
+-- (which holds it inline, saving a function call per audited transaction). Variables: raw (the
+-- context text), j (jsonb), tx (the row's id, allocated by next_transaction_id()), marker (text).
+-- @returned@ is what the caller returns once the row is written.
+    -- The usual context first: at most 275 bytes, with no backslash (so no escape sequence), no
+    -- character an id may not hold, no array (so the path below never unwraps one) and no null,
+    -- its string values are at most 256 characters and clean as written, so only its shape is left
+    -- to check, in a path where a missing key compares as false and a value of another type as
+    -- unknown (!($.x <= "") holds for a non-empty string or no key at all). Anything else takes the
+    -- complete checks, which name what was wrong.
+    IF raw <> '' AND octet_length(raw) <= 275 AND strpos(raw, 'null') = 0 AND raw !~ E'[[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
+        BEGIN
+            j := raw::jsonb;
+        EXCEPTION WHEN invalid_text_representation OR untranslatable_character
+                       OR numeric_value_out_of_range OR character_not_in_repertoire
+                       OR statement_too_complex OR program_limit_exceeded THEN
+            j := NULL;
+        END;
+        IF jsonb_typeof(j) = 'object'
+           AND (j - '{v,actor,correlation_id,request_id,causation_id,origin,job,meta,incoming_error}'::text[]) = '{}'::jsonb
+           AND jsonb_path_match(j, '$.v == 1 && !($.correlation_id <= "") && !($.request_id <= "") && !($.causation_id <= "") && !($.origin <= "") && !($.incoming_error <= "") && !($.job.type() != "object") && !($.meta.type() != "object") && (!exists($.actor) || ($.actor.type() == "object" && $.actor.type like_regex "^[a-z][a-z0-9_]*$" && !($.actor.id <= "") && !($.actor.display <= "") && (exists($.actor.id) || $.actor.type == "anonymous")))', '{}', true)
+           AND (NOT j ? 'actor' OR (((j -> 'actor') - '{type,id,display}'::text[]) = '{}'::jsonb
+                                    AND length(j -> 'actor' ->> 'type') <= 32)) THEN
+            INSERT INTO @audit@.transactions
+                (id, actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
+            OVERRIDING SYSTEM VALUE
+            VALUES (tx, j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
+                    j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'));
+            marker := set_config('threadline.txctx_@audit_name@', '=' || tx || '|' || raw, true);
+            RETURN @returned@;
+        END IF;
+        j := NULL;
+    END IF;
