@@ -341,8 +341,8 @@ END
 $fn$;
 REVOKE EXECUTE ON FUNCTION @audit@.insert_transaction_row(bigint) FROM PUBLIC;
 
--- The same with a new id: what transaction_row() (TRUNCATE capture, link_action()) and capture
--- code of earlier builds call.
+-- The same with a new id: what transaction_row() (for link_action()) and capture code of earlier
+-- builds call.
 CREATE OR REPLACE FUNCTION @audit@.insert_transaction_row() RETURNS bigint
 LANGUAGE sql VOLATILE AS $fn$
     SELECT @audit@.insert_transaction_row(@audit@.next_transaction_id())
@@ -686,7 +686,6 @@ DECLARE
     i integer;
     o text := '"threadline old"';
     n text := '"threadline new"';
-    txid text;
     pk text;
     pk_parts text[] := '{}';
     pk_old_parts text[] := '{}';
@@ -724,10 +723,9 @@ DECLARE
     del text[] := '{}';
     k integer := 0;
     cv constant integer := 7;
-    txids text[];
-    dispatch text[] := '{}';
+    txid constant text := '"threadline capture".tx';
+    dispatch text;
     marker_set text;
-    saved text[];
     declared text := '';
     usual constant text := $usual$@usual_context(NULL)@$usual$;
 BEGIN
@@ -768,7 +766,6 @@ BEGIN
     -- in a statement of its own rather than as a sub-select of each INSERT, the row costs about
     -- 12,000 instructions less per statement, and one copy of each INSERT serves both cases.
     marker_set := format('coalesce(current_setting(%L, true), '''') <> ''''', 'threadline.txctx_' || audit);
-    txids := ARRAY['"threadline capture".tx'];
 
     -- Images are json (the row's text form, built without jsonb's parsing and key sorting). The
     -- before image of an update is the whole row, so changed fields are derived from the two
@@ -844,8 +841,7 @@ BEGIN
         -- with masked columns, what changed is computed here (the images show masked values as
         -- equal); otherwise the images tell, compared as text
         any_changed := 'cardinality(i.changed_fields) > 0';
-        FOREACH txid IN ARRAY txids LOOP
-          dispatch := dispatch || concat_ws(E'\n',
+        dispatch := concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
             CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
@@ -870,7 +866,6 @@ BEGIN
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
             format('      FROM threadline_old AS %s%s;', o, lateral_del));
-        END LOOP;
         body := 'BEGIN';
     ELSE
         -- drift-safe: every column is read from the row's image (alias.j), by key; OFFSET 0 keeps the
@@ -930,10 +925,6 @@ BEGIN
             image_del := image_del || '::json';
             before := before || '::json';
         END IF;
-        saved := ARRAY[image_ins, image_del, before, pk, pk_old];
-        FOREACH txid IN ARRAY txids LOOP
-        image_ins := saved[1]; image_del := saved[2]; before := saved[3]; pk := saved[4]; pk_old := saved[5];
-        upd := '{}'; ins := '{}'; del := '{}';
         -- each statement twice when guarded: as is, and with every value masked (two statements,
         -- not one with a parameter, so each keeps one generic plan instead of being planned again)
         FOR k IN 0 .. CASE WHEN guard_check IS NULL THEN 0 ELSE 1 END LOOP
@@ -964,7 +955,7 @@ BEGIN
                 format('      FROM (SELECT %s("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;',
                        CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, o));
         END LOOP;
-        dispatch := dispatch || concat_ws(E'\n',
+        dispatch := concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
             CASE WHEN guard_check IS NULL THEN upd[1]
                  ELSE concat_ws(E'\n', '   IF drifted THEN', upd[2], '   ELSE', upd[1], '   END IF;') END,
@@ -974,7 +965,6 @@ BEGIN
             '  ELSIF TG_OP = ''DELETE'' THEN',
             CASE WHEN guard_check IS NULL THEN del[1]
                  ELSE concat_ws(E'\n', '   IF drifted THEN', del[2], '   ELSE', del[1], '   END IF;') END);
-        END LOOP;
         k := 0;
         SELECT nc.nspname, c.relname INTO live_schema, live_name
           FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
@@ -1009,7 +999,7 @@ BEGIN
         format('    tx := %I.next_transaction_id();', audit),
         '    fresh := true;',
         '  END IF;',
-        dispatch[1],
+        dispatch,
         '  ELSIF TG_OP = ''TRUNCATE'' THEN',
         format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op)', audit),
         '    VALUES (tx, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''truncate'');',
