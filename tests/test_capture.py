@@ -77,6 +77,41 @@ def test_statements_that_record_nothing_leave_the_transaction_row_to_the_first_t
     assert second["actor"] == {"type": "user", "id": "5"} and second["context_error"] is None
 
 
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+def test_columns_named_like_the_capture_code_variables_are_captured(conn: Conn, typed: bool) -> None:
+    # the generated function has variables (tx, fresh, n, raw, j, marker, drifted) and a block
+    # label; a table whose columns carry those names must be captured all the same
+    conn.execute(
+        "CREATE TABLE app.odd (tx int PRIMARY KEY, fresh bool, n int, raw text, j text, marker text,"
+        ' drifted int, "threadline capture" text, t text)'
+    )
+    ddl.track(conn, "app.odd", mask=["marker"])
+    if not typed:
+        conn.execute(
+            "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = 'odd'"
+        )
+    (mode,) = (
+        conn.execute("SELECT mode FROM threadline.tracking_status() WHERE table_name = 'odd'").fetchone()
+        or ()
+    )
+    assert mode == ("typed" if typed else "drift_safe")
+    with threadline.context(actor="user:3", correlation_id="req-odd"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.odd VALUES (1, true, 1, 'r', 'j', 'secret', 0, 'c', 't')")
+        conn.execute("UPDATE app.odd SET j = 'j2', marker = 'secret2' WHERE tx = 1")
+        conn.execute("DELETE FROM app.odd")
+        conn.execute("TRUNCATE app.odd")
+    rows = changes(conn)
+    assert [r["op"] for r in rows] == ["insert", "update", "delete", "truncate"]
+    assert len({r["transaction_id"] for r in rows}) == 1
+    assert rows[0]["after"] == {
+        "tx": 1, "fresh": True, "n": 1, "raw": "r", "j": "j", "marker": "[masked]",
+        "drifted": 0, "threadline capture": "c", "t": "t",
+    }  # fmt: skip
+    assert rows[1]["changed_fields"] == ["j", "marker"] and "secret" not in repr(rows)
+    (tx,) = transactions(conn)
+    assert (tx["correlation_id"], tx["actor"]) == ("req-odd", {"type": "user", "id": "3"})
+
+
 def test_excluded_columns_never_appear_and_masked_show_a_placeholder(conn: Conn) -> None:
     conn.execute("CREATE TABLE app.users (id int PRIMARY KEY, email text, pw text, token text)")
     ddl.track(conn, "app.users", exclude=["pw"], mask=["token"])
