@@ -85,6 +85,15 @@ def trigger(body: str) -> str:
 
 
 PARSE = "j := current_setting('threadline.context')::jsonb;"
+# as capture parses the context: in a block that turns a malformed value into NULL
+PARSE_GUARDED = f"BEGIN {PARSE} EXCEPTION WHEN invalid_text_representation THEN j := NULL; END;"
+# the insert without the marker; a transaction that inserts a row and sets no marker must not
+# fire the commit-time check too, or the parts would count its context merge
+RAW_INSERT_ALONE = RAW_INSERT.split(" m := ", 1)[0]
+NO_CHECK = "DROP TRIGGER refresh_context ON threadline.transactions;\n"
+NO_INDEX = NO_CHECK + "".join(
+    f"DROP INDEX threadline.transactions_{name}_idx;\n" for name in ("actor", "occurred_at", "xid", "correlation_id")
+) + "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n"
 # (name, (prelude, transaction), (baseline prelude, baseline transaction)): the part is the difference
 PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     (
@@ -124,11 +133,46 @@ PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("DROP INDEX threadline.transactions_actor_idx;\n" + function(RAW_INSERT), CALL),
     ),
     (
+        "  of which the BRIN index on transactions.occurred_at",
+        (function(RAW_INSERT), CALL),
+        ("DROP INDEX threadline.transactions_occurred_at_idx;\n" + function(RAW_INSERT), CALL),
+    ),
+    (
+        "  of which the correlation id index",
+        (function(RAW_INSERT), CALL),
+        ("DROP INDEX threadline.transactions_correlation_id_idx;\n" + function(RAW_INSERT), CALL),
+    ),
+    (
+        "  of which the xid index",
+        (function(RAW_INSERT), CALL),
+        ("DROP INDEX threadline.transactions_xid_idx;\n" + function(RAW_INSERT), CALL),
+    ),
+    (
+        "  of which the primary key",
+        (function(RAW_INSERT), CALL),
+        ("ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n" + function(RAW_INSERT), CALL),
+    ),
+    (
         "  of which the commit-time check",
         (function(RAW_INSERT), CALL),
-        ("DROP TRIGGER refresh_context ON threadline.transactions;\n" + function(RAW_INSERT), CALL),
+        (NO_CHECK + function(RAW_INSERT), CALL),
+    ),
+    (
+        "  of which the marker setting",
+        (NO_CHECK + function(RAW_INSERT), CALL),
+        (NO_CHECK + function(RAW_INSERT_ALONE), CALL),
+    ),
+    (
+        "  of which the insert statement itself (no index, no check, no marker)",
+        (NO_INDEX + function(RAW_INSERT_ALONE), CALL),
+        (function("k := 1;"), CALL),
     ),
     ("  of which parsing the context (jsonb)", (function(PARSE), CALL), (function("k := 1;"), CALL)),
+    (
+        "  of which the exception block around the parse",
+        (function(PARSE_GUARDED), CALL),
+        (function(PARSE), CALL),
+    ),
     (
         "  of which a jsonb_path_match shape check",
         (function(PARSE + f" ok := jsonb_path_match(j, {SHAPE}, '{{}}', true);"), CALL),
