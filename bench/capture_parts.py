@@ -91,9 +91,14 @@ PARSE_GUARDED = f"BEGIN {PARSE} EXCEPTION WHEN invalid_text_representation THEN 
 # fire the commit-time check too, or the parts would count its context merge
 RAW_INSERT_ALONE = RAW_INSERT.split(" m := ", 1)[0]
 NO_CHECK = "DROP TRIGGER refresh_context ON threadline.transactions;\n"
-NO_INDEX = NO_CHECK + "".join(
-    f"DROP INDEX threadline.transactions_{name}_idx;\n" for name in ("actor", "occurred_at", "xid", "correlation_id")
-) + "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n"
+NO_INDEX = (
+    NO_CHECK
+    + "".join(
+        f"DROP INDEX threadline.transactions_{name}_idx;\n"
+        for name in ("actor", "occurred_at", "xid", "correlation_id")
+    )
+    + "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n"
+)
 # (name, (prelude, transaction), (baseline prelude, baseline transaction)): the part is the difference
 PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     (
@@ -150,7 +155,10 @@ PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     (
         "  of which the primary key",
         (function(RAW_INSERT), CALL),
-        ("ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n" + function(RAW_INSERT), CALL),
+        (
+            "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n" + function(RAW_INSERT),
+            CALL,
+        ),
     ),
     (
         "  of which the commit-time check",
