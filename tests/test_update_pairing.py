@@ -148,3 +148,56 @@ def test_old_and_new_rows_are_paired_on_this_version(server: tuple[str, int], ca
                 )
         else:
             _check_pairs(rows, expected)
+
+
+def _logged_plans(conn: psycopg.Connection[Any]) -> list[str]:
+    """Collect the plans auto_explain logs for this session's statements, nested ones included."""
+    try:
+        conn.execute("LOAD 'auto_explain'")
+    except psycopg.errors.UndefinedFile:
+        pytest.skip("this server has no auto_explain module")
+    plans: list[str] = []
+    conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+    conn.execute("SET auto_explain.log_min_duration = 0")
+    conn.execute("SET auto_explain.log_nested_statements = on")
+    conn.execute("SET client_min_messages = log")
+    return plans
+
+
+@pytest.mark.parametrize("shape", ["typed", "typed_masked", "drift_safe", "drift_safe_masked"])
+def test_a_bulk_update_after_single_row_ones_is_paired_without_a_nested_loop(
+    server: tuple[str, int], shape: str
+) -> None:
+    """The capture code keeps its plans for the session, planned for the transition tables' sizes at
+    their first run. Single-row updates first, then one of 3,000 rows on the same connection: the
+    bulk statement must not reuse a plan that compares every old row with every new one."""
+    dsn, _ = server
+    table = f"bulk_after_single_{shape}"
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute(
+            sql.SQL(
+                "CREATE TABLE {t} (id int PRIMARY KEY, tag text, secret text, v int);"
+                " INSERT INTO {t} SELECT g, 'row-' || g, 's' || g, g FROM generate_series(1, 3000) g"
+            ).format(t=sql.Identifier(table))
+        )
+        ddl.track(setup, table, mask=["secret"] if shape.endswith("_masked") else None)
+        if shape.startswith("drift_safe"):
+            setup.execute(
+                "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
+                [table],
+            )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(1, 8):  # enough runs for PostgreSQL to settle on one plan per statement
+            conn.execute(sql.SQL("UPDATE {t} SET v = v + 1 WHERE id = %s").format(t=sql.Identifier(table)), [i])
+        plans = _logged_plans(conn)
+        conn.execute(sql.SQL("UPDATE {t} SET v = v + 1").format(t=sql.Identifier(table)))
+        conn.execute("RESET client_min_messages")
+        capture_plans = [p for p in plans if "INSERT INTO threadline.changes" in p]
+        assert len(capture_plans) == 1, plans
+        assert "Nested Loop" not in capture_plans[0], capture_plans[0]
+        rows = _updates(conn, table)
+    assert len(rows) == 3000 + 7
+    for row in rows:
+        assert row["before"]["id"] == row["after"]["id"] == row["pk"]["id"]
+        assert row["after"]["v"] == row["before"]["v"] + 1
+        assert row["after"]["secret"] == "[masked]" if shape.endswith("_masked") else row["after"]["secret"].startswith("s")

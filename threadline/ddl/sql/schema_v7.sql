@@ -722,6 +722,9 @@ DECLARE
     ins text[] := '{}';
     del text[] := '{}';
     k integer := 0;
+    pairing text;
+    -- an UPDATE's old and new rows, paired: see below
+    pairs text;
     cv constant integer := 7;
     txid constant text := '"threadline capture".tx';
     dispatch text;
@@ -766,6 +769,20 @@ BEGIN
     -- in a statement of its own rather than as a sub-select of each INSERT, the row costs about
     -- 14,700 instructions less per later statement, and one copy of each INSERT serves both cases.
     marker_set := format('coalesce(current_setting(%L, true), '''') <> ''''', 'threadline.txctx_' || audit);
+    -- An UPDATE's old and new rows are paired by their position in the two transition tables.
+    -- PL/pgSQL keeps each statement's plan for the session, planned for the sizes of the transition
+    -- tables the first time it runs: a join planned for one row is a nested loop, which a later
+    -- bulk UPDATE in the same session would run as well, comparing every old row with every new
+    -- one (a 2,000-row UPDATE took 7 s). So a statement that changed at most one row pairs them
+    -- with a join, any other with a FULL JOIN, which is never a nested loop (hash or merge, linear
+    -- whatever size it was planned for). On one row the FULL JOIN would cost about 40,000
+    -- instructions more, the check that chooses about 15,000.
+    pairs := concat_ws(E'\n',
+        '    IF NOT EXISTS (SELECT FROM threadline_new OFFSET 1) THEN',
+        '%s',
+        '    ELSE',
+        '%s',
+        '    END IF;');
 
     -- Images are json (the row's text form, built without jsonb's parsing and key sorting). The
     -- before image of an update is the whole row, so changed fields are derived from the two
@@ -841,23 +858,27 @@ BEGIN
         -- with masked columns, what changed is computed here (the images show masked values as
         -- equal); otherwise the images tell, compared as text
         any_changed := 'cardinality(i.changed_fields) > 0';
-        dispatch := concat_ws(E'\n',
-            '  IF TG_OP = ''UPDATE'' THEN',
+        FOREACH pairing IN ARRAY ARRAY['JOIN', 'FULL JOIN'] LOOP
+            upd := upd || concat_ws(E'\n',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
             CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
             format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
             format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
             format('              FROM %s', side_old),
-            format('              JOIN %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', side_new, o, n),
+            format('              %s %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', pairing, side_new, o, n),
             format('     WHERE %s;', any_changed))
             -- without masks each side's image is computed once where its side is scanned (a side
             -- with a window function is never pulled up), so the join itself compares them
             ELSE concat_ws(E'\n',
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', %s, %s, %s, NULL::text[]', txid, pk_update, after_update, before),
             format('      FROM %s', side_old),
-            format('      JOIN %s ON %s."threadline rn" = %s."threadline rn"', side_new, o, n),
-            format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END,
+            format('      %s %s ON %s."threadline rn" = %s."threadline rn"', pairing, side_new, o, n),
+            format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END);
+        END LOOP;
+        dispatch := concat_ws(E'\n',
+            '  IF TG_OP = ''UPDATE'' THEN',
+            format(pairs, upd[1], upd[2]),
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
             format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
@@ -935,6 +956,7 @@ BEGIN
                 pk := format('%1$I.mask_all(%2$s)', audit, pk);
                 pk_old := format('%1$I.mask_all(%2$s)', audit, pk_old);
             END IF;
+            FOREACH pairing IN ARRAY ARRAY['JOIN', 'FULL JOIN'] LOOP
             upd := upd || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
@@ -942,8 +964,9 @@ BEGIN
                 format('           %s', CASE WHEN guard_check IS NULL THEN 'NULL::text[]'
                                              ELSE format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')) END),
                 format('      FROM %s', side_old),
-                format('      JOIN %s ON %s.rn = %s.rn', side_new, o, n),
+                format('      %s %s ON %s.rn = %s.rn', pairing, side_new, o, n),
                 format('     WHERE %s;', any_changed));
+            END LOOP;
             ins := ins || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
@@ -957,8 +980,9 @@ BEGIN
         END LOOP;
         dispatch := concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
-            CASE WHEN guard_check IS NULL THEN upd[1]
-                 ELSE concat_ws(E'\n', '   IF drifted THEN', upd[2], '   ELSE', upd[1], '   END IF;') END,
+            CASE WHEN guard_check IS NULL THEN format(pairs, upd[1], upd[2])
+                 ELSE concat_ws(E'\n', '   IF drifted THEN', format(pairs, upd[3], upd[4]), '   ELSE',
+                                format(pairs, upd[1], upd[2]), '   END IF;') END,
             '  ELSIF TG_OP = ''INSERT'' THEN',
             CASE WHEN guard_check IS NULL THEN ins[1]
                  ELSE concat_ws(E'\n', '   IF drifted THEN', ins[2], '   ELSE', ins[1], '   END IF;') END,
