@@ -65,6 +65,9 @@ CHANGE_INSERT = (
     " ON o.rn = n.rn WHERE n.img::text IS DISTINCT FROM o.img::text;"
 )
 
+# as capture code runs it before an UPDATE's INSERT: one row is paired by a join, more by a FULL JOIN
+PAIRING_CHECK = "IF NOT EXISTS (SELECT FROM threadline_new OFFSET 1) THEN NULL; END IF; "
+
 
 def function(body: str, declare: str = "") -> str:
     return (
@@ -121,6 +124,11 @@ PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         "  of which the key index on changes (a btree on jsonb_hash(pk))",
         (trigger(CHANGE_INSERT), UPDATE),
         ("DROP INDEX threadline.changes_key_idx;\n" + trigger(CHANGE_INSERT), UPDATE),
+    ),
+    (
+        "the check that chooses how an UPDATE's rows are paired (one row, or more)",
+        (trigger(PAIRING_CHECK + CHANGE_INSERT), UPDATE),
+        (trigger(CHANGE_INSERT), UPDATE),
     ),
     (
         "the transaction's row, first statement (its id, then insert_transaction_row(id), which capture holds inline)",

@@ -860,21 +860,21 @@ BEGIN
         any_changed := 'cardinality(i.changed_fields) > 0';
         FOREACH pairing IN ARRAY ARRAY['JOIN', 'FULL JOIN'] LOOP
             upd := upd || concat_ws(E'\n',
-            format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
-            CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
-            format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
-            format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
-            format('              FROM %s', side_old),
-            format('              %s %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', pairing, side_new, o, n),
-            format('     WHERE %s;', any_changed))
-            -- without masks each side's image is computed once where its side is scanned (a side
-            -- with a window function is never pulled up), so the join itself compares them
-            ELSE concat_ws(E'\n',
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', %s, %s, %s, NULL::text[]', txid, pk_update, after_update, before),
-            format('      FROM %s', side_old),
-            format('      %s %s ON %s."threadline rn" = %s."threadline rn"', pairing, side_new, o, n),
-            format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END);
+                format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
+                CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
+                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
+                format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
+                format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
+                format('              FROM %s', side_old),
+                format('              %s %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', pairing, side_new, o, n),
+                format('     WHERE %s;', any_changed))
+                -- without masks each side's image is computed once where its side is scanned (a side
+                -- with a window function is never pulled up), so the join itself compares them
+                ELSE concat_ws(E'\n',
+                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', %s, %s, %s, NULL::text[]', txid, pk_update, after_update, before),
+                format('      FROM %s', side_old),
+                format('      %s %s ON %s."threadline rn" = %s."threadline rn"', pairing, side_new, o, n),
+                format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END);
         END LOOP;
         dispatch := concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
@@ -957,15 +957,15 @@ BEGIN
                 pk_old := format('%1$I.mask_all(%2$s)', audit, pk_old);
             END IF;
             FOREACH pairing IN ARRAY ARRAY['JOIN', 'FULL JOIN'] LOOP
-            upd := upd || concat_ws(E'\n',
-                format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
-                format('           %s, %s, %s,', pk, image_ins, before),
-                format('           %s', CASE WHEN guard_check IS NULL THEN 'NULL::text[]'
-                                             ELSE format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')) END),
-                format('      FROM %s', side_old),
-                format('      %s %s ON %s.rn = %s.rn', pairing, side_new, o, n),
-                format('     WHERE %s;', any_changed));
+                upd := upd || concat_ws(E'\n',
+                    format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
+                    format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
+                    format('           %s, %s, %s,', pk, image_ins, before),
+                    format('           %s', CASE WHEN guard_check IS NULL THEN 'NULL::text[]'
+                                                 ELSE format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')) END),
+                    format('      FROM %s', side_old),
+                    format('      %s %s ON %s.rn = %s.rn', pairing, side_new, o, n),
+                    format('     WHERE %s;', any_changed));
             END LOOP;
             ins := ins || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
