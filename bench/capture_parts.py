@@ -102,6 +102,15 @@ NO_INDEX = (
     )
     + "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n"
 )
+# what the insert into transactions pays for, each measured by the statement without it
+TRANSACTIONS_PARTS = [
+    ("the actor index", "DROP INDEX threadline.transactions_actor_idx;\n"),
+    ("the BRIN index on transactions.occurred_at", "DROP INDEX threadline.transactions_occurred_at_idx;\n"),
+    ("the correlation id index", "DROP INDEX threadline.transactions_correlation_id_idx;\n"),
+    ("the xid index", "DROP INDEX threadline.transactions_xid_idx;\n"),
+    ("the primary key", "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n"),
+    ("the commit-time check", NO_CHECK),
+]
 # (name, (prelude, transaction), (baseline prelude, baseline transaction)): the part is the difference
 PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     (
@@ -140,38 +149,9 @@ PARTS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         (function(RAW_INSERT), CALL),
         (function("k := 1;"), CALL),
     ),
-    (
-        "  of which the actor index",
-        (function(RAW_INSERT), CALL),
-        ("DROP INDEX threadline.transactions_actor_idx;\n" + function(RAW_INSERT), CALL),
-    ),
-    (
-        "  of which the BRIN index on transactions.occurred_at",
-        (function(RAW_INSERT), CALL),
-        ("DROP INDEX threadline.transactions_occurred_at_idx;\n" + function(RAW_INSERT), CALL),
-    ),
-    (
-        "  of which the correlation id index",
-        (function(RAW_INSERT), CALL),
-        ("DROP INDEX threadline.transactions_correlation_id_idx;\n" + function(RAW_INSERT), CALL),
-    ),
-    (
-        "  of which the xid index",
-        (function(RAW_INSERT), CALL),
-        ("DROP INDEX threadline.transactions_xid_idx;\n" + function(RAW_INSERT), CALL),
-    ),
-    (
-        "  of which the primary key",
-        (function(RAW_INSERT), CALL),
-        (
-            "ALTER TABLE threadline.transactions DROP CONSTRAINT transactions_pkey;\n" + function(RAW_INSERT),
-            CALL,
-        ),
-    ),
-    (
-        "  of which the commit-time check",
-        (function(RAW_INSERT), CALL),
-        (NO_CHECK + function(RAW_INSERT), CALL),
+    *(
+        (f"  of which {part}", (function(RAW_INSERT), CALL), (dropped + function(RAW_INSERT), CALL))
+        for part, dropped in TRANSACTIONS_PARTS
     ),
     (
         "  of which the marker setting",
