@@ -59,7 +59,7 @@ def dsn(database: str) -> Iterator[str]:
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE threadline.changes, threadline.transactions, threadline.actions, threadline.task_runs,"
-            " threadline.baselines, threadline.seals"
+            " threadline.baselines, threadline.seals, threadline.truncates"
         )
         conn.execute("DROP SCHEMA IF EXISTS app CASCADE")
         conn.execute("CREATE SCHEMA app")
@@ -132,12 +132,18 @@ def changed_before(change: Any) -> dict[str, Any]:
 
 def age_audit_rows(conn: psycopg.Connection[Any], interval: str, transaction_ids: str | None = None) -> None:
     """Make audit rows look older by ``interval`` (SQL text, such as ``'100 days'``): the changes'
-    capture times and start times and their transactions' start times alike, as if written then
+    capture times and start times (and their entries in ``truncates``) and their transactions'
+    start times alike, as if written then
     (``transaction_ids``: a SQL subquery naming which transactions; all when ``None``)."""
     which = "TRUE" if transaction_ids is None else f"transaction_id IN ({transaction_ids})"
     shift_start = ", occurred_at = occurred_at - %(i)s::interval" if _partitioned(conn) else ""
     conn.execute(
         f"UPDATE threadline.changes SET captured_at = captured_at - %(i)s::interval{shift_start} WHERE {which}",
+        {"i": interval},
+    )
+    conn.execute(
+        "UPDATE threadline.truncates SET captured_at = captured_at - %(i)s::interval,"
+        f" occurred_at = occurred_at - %(i)s::interval WHERE {which}",
         {"i": interval},
     )
     which = "TRUE" if transaction_ids is None else f"id IN ({transaction_ids})"
@@ -149,12 +155,17 @@ def age_audit_rows(conn: psycopg.Connection[Any], interval: str, transaction_ids
 
 def sync_change_starts(conn: psycopg.Connection[Any]) -> None:
     """After a test moved transactions' start times: in a partitioned store, give each change its
-    transaction's start time again (the partition key they share)."""
+    transaction's start time again (the partition key they share), and each entry of
+    ``truncates`` too."""
     if _partitioned(conn):
         conn.execute(
             "UPDATE threadline.changes c SET occurred_at = t.occurred_at FROM threadline.transactions t"
             " WHERE t.id = c.transaction_id AND c.occurred_at <> t.occurred_at"
         )
+    conn.execute(
+        "UPDATE threadline.truncates x SET occurred_at = t.occurred_at FROM threadline.transactions t"
+        " WHERE t.id = x.transaction_id AND x.occurred_at <> t.occurred_at"
+    )
 
 
 def _partitioned(conn: psycopg.Connection[Any]) -> bool:

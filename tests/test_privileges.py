@@ -18,7 +18,7 @@ from threadline.core.errors import PrivilegeError
 from .conftest import changed_before, changes
 from .test_cli import run
 
-AUDIT_TABLES = ("transactions", "changes", "actions")
+AUDIT_TABLES = ("transactions", "changes", "truncates", "actions")
 
 
 @pytest.fixture
@@ -63,7 +63,13 @@ def test_app_role_cannot_write_audit_tables(
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.execute(
             statement.format(
-                t=table, c={"transactions": "origin", "changes": "after", "actions": "name"}[table]
+                t=table,
+                c={
+                    "transactions": "origin",
+                    "changes": "after",
+                    "truncates": "table_name",
+                    "actions": "name",
+                }[table],
             )
         )
     assert app.execute(f"SELECT count(*) FROM threadline.{table}").fetchone() is not None  # reads work
@@ -189,6 +195,7 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         ("tracked_table_names", "SELECT"),
         ("tracked_tables", "SELECT"),
         ("transactions", "SELECT"),
+        ("truncates", "SELECT"),
     ]
 
 

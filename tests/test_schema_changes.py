@@ -475,7 +475,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "d095756ab5fc0289d616b321f5c54ddfb0d9978e690dc9460f39e90b7ae20c3e"
+PINNED_V7 = "453bfdc181f36ab48d1d49122581c5fd64c2e59ed90c595aa48d77a350112215"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -484,9 +484,21 @@ def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: En
         pytest.skip("the version-6 fixture is applied as a superuser")
     conn.execute((FIXTURES / "schema_v6_with_tracked_table.sql").read_bytes())
     try:
+        conn.execute("INSERT INTO old_app.orders VALUES (9, %s, 'n', %s)", [SECRET_1, HIDDEN_1])
+        conn.execute("TRUNCATE old_app.orders")
+        conn.execute("DELETE FROM audit_old.changes WHERE op = 'insert'")
         conn.execute("INSERT INTO old_app.orders VALUES (1, %s, 'n', %s)", [SECRET_1, HIDDEN_1])
         result = ddl.install(conn, "audit_old")
         assert (result.previous_version, result.version) == (6, 7)
+        # the truncate that version 6 captured is entered in truncates; the partial index is gone
+        entry = conn.execute(
+            "SELECT x.table_schema, x.table_name, x.captured_at = c.captured_at FROM audit_old.truncates x"
+            " JOIN audit_old.changes c ON c.transaction_id = x.transaction_id AND c.id = x.change_id"
+        ).fetchall()
+        assert entry == [("old_app", "orders", True)]
+        assert conn.execute("SELECT to_regclass('audit_old.changes_truncate_idx')").fetchone() == (None,)
+        conn.execute("DELETE FROM audit_old.truncates")
+        conn.execute("DELETE FROM audit_old.changes WHERE op = 'truncate'")
         (entry,) = ddl.tracked_tables(conn, "audit_old")
         assert (entry.table_name, entry.mask, entry.exclude, entry.status) == (
             "orders",

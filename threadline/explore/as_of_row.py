@@ -27,6 +27,7 @@ from threadline.explore.selection import (
     changes_from_rows,
     partitioned_plan,
     transaction_join,
+    truncate_change_join,
 )
 from threadline.explore.tables import key_condition, normalize_key, resolve_table
 
@@ -74,19 +75,18 @@ WITH r AS MATERIALIZED (
     (SELECT 'snapshot', r.* FROM r JOIN b ON b.transaction_id = r.transaction_id
       WHERE NOT EXISTS (SELECT FROM latest) ORDER BY r.id DESC LIMIT 1)
     UNION ALL
-    (SELECT 'next truncate', c.* FROM {audit}.changes c
-      WHERE c.op = 'truncate' AND {table} AND c.captured_at > %(at)s AND NOT EXISTS (SELECT FROM latest)
-      ORDER BY c.captured_at, c.id LIMIT 1)
+    (SELECT 'next truncate', c.* FROM {audit}.truncates x JOIN {audit}.changes c ON {truncate_join}
+      WHERE {truncate_table} AND x.captured_at > %(at)s AND NOT EXISTS (SELECT FROM latest)
+      ORDER BY x.captured_at, x.change_id LIMIT 1)
     UNION ALL
-    (SELECT 'truncate', c.* FROM {audit}.changes c,
+    (SELECT 'truncate', c.* FROM {audit}.truncates x JOIN {audit}.changes c ON {truncate_join},
             (SELECT l.captured_at, l.id FROM latest l WHERE l.op <> 'delete'
              UNION ALL
              SELECT b.started_at, 0 FROM b WHERE NOT EXISTS (SELECT FROM latest)) AS l
-      WHERE c.op = 'truncate'
-        AND {table}
-        AND c.captured_at >= l.captured_at AND c.captured_at <= %(at)s
-        AND (c.captured_at, c.id) > (l.captured_at, l.id)
-      ORDER BY c.captured_at, c.id LIMIT 1)
+      WHERE {truncate_table}
+        AND x.captured_at >= l.captured_at AND x.captured_at <= %(at)s
+        AND (x.captured_at, x.change_id) > (l.captured_at, l.id)
+      ORDER BY x.captured_at, x.change_id LIMIT 1)
 )
 SELECT c.role, {changes}, {transactions}, i.finished AS baseline_finished
   FROM (SELECT) AS one
@@ -117,6 +117,8 @@ def row_as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan
             key=key_condition("%(pk)s::jsonb"),
             table=ref.condition(params),
             baseline_table=ref.condition(params),
+            truncate_table=ref.condition(params, "x"),
+            truncate_join=truncate_change_join(partitioned),
         ),
         params,
     )

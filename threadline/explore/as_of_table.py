@@ -19,6 +19,7 @@ from threadline.core._run import Plan, Query, run
 from threadline.core.records import iso
 from threadline.explore.arguments import audit_identifier, check_time
 from threadline.explore.as_of_errors import NoBaseline
+from threadline.explore.selection import partitioned_plan, truncate_change_join
 from threadline.explore.tables import resolve_table
 
 __all__ = ["table_as_of_plan", "table_rows", "table_rows_async"]
@@ -34,10 +35,10 @@ WITH b AS (
        AND (c.ended_at IS NULL OR c.ended_at > %(at)s)
      ORDER BY c.started_at DESC LIMIT 1
 ), tr AS (
-    SELECT max(c.captured_at) FILTER (WHERE c.captured_at <= %(at)s) AS at,
-           min(c.captured_at) FILTER (WHERE c.captured_at > %(at)s) AS next
-      FROM {audit}.changes c
-     WHERE c.op = 'truncate' AND {truncate_table}
+    SELECT max(x.captured_at) FILTER (WHERE x.captured_at <= %(at)s) AS at,
+           min(x.captured_at) FILTER (WHERE x.captured_at > %(at)s) AS next
+      FROM {audit}.truncates x JOIN {audit}.changes c ON {truncate_join}
+     WHERE {truncate_table}
 ), pick AS (
     SELECT DISTINCT ON ({key_order}) c.op, c.after, c.before, c.captured_at, k.class
       FROM {audit}.changes c CROSS JOIN b CROSS JOIN tr
@@ -74,10 +75,12 @@ def table_as_of_plan(
     params: dict[str, Any] = {"at": moment}
     # one key column: the keys themselves compare by its value
     composite = ref.keys if ref.keys is not None and len(ref.keys) > 1 else ()
+    partitioned = yield from partitioned_plan(audit_schema)
     statement = _TABLE_AS_OF_SQL.format(
         audit=audit,
         baseline_table=ref.condition(params),
-        truncate_table=ref.condition(params),
+        truncate_table=ref.condition(params, "x"),
+        truncate_join=truncate_change_join(partitioned),
         table=ref.condition(params),
         key_order=sql.SQL(", ").join(
             [*(sql.SQL("c.pk -> {}").format(sql.Literal(k)) for k in composite), sql.SQL("c.pk")]

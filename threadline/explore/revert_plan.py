@@ -198,7 +198,7 @@ def _later_changes(
         "       WITH ORDINALITY AS k(pk, s, n, at, i)"
     )
     # the rows' own later changes (through the key index), then truncates of their tables
-    # (through the index of truncates): two statements, so each keeps its index
+    # (through the truncates table, each joined to its change by the key of changes)
     found = cur.execute(
         sql.SQL(
             "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
@@ -208,8 +208,8 @@ def _later_changes(
             " WHERE c.transaction_id <> ALL (%(ids)s)"
             " UNION ALL "
             "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
-            "  JOIN {a}.changes c ON c.op = 'truncate'"
-            "   AND c.table_schema = k.s AND c.table_name = k.n AND c.captured_at >= k.at"
+            "  JOIN {a}.truncates x ON x.table_schema = k.s AND x.table_name = k.n AND x.captured_at >= k.at"
+            "  JOIN {a}.changes c ON c.transaction_id = x.transaction_id AND c.id = x.change_id"
             "  LEFT JOIN {a}.transactions t ON t.id = c.transaction_id"
             " WHERE c.transaction_id <> ALL (%(ids)s)"
             " ORDER BY 1, 4 DESC, 5 DESC"

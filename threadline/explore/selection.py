@@ -80,6 +80,16 @@ def transaction_join(partitioned: bool) -> sql.SQL:
     )
 
 
+def truncate_change_join(partitioned: bool) -> sql.SQL:
+    """The condition that joins an entry ``x`` of ``truncates`` to its change ``c``, through the
+    key of ``changes`` (in a partitioned store with the start time that picks the partition)."""
+    return sql.SQL(
+        "c.transaction_id = x.transaction_id AND c.id = x.change_id AND c.occurred_at = x.occurred_at"
+        if partitioned
+        else "c.transaction_id = x.transaction_id AND c.id = x.change_id"
+    )
+
+
 def change_columns(partitioned: bool) -> tuple[sql.Composable, tuple[str, ...]]:
     """The change columns a query reads, and their names: in a partitioned store also the
     transaction's start time (``t_started``), so :func:`with_transactions` reads each transaction

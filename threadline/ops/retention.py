@@ -4,7 +4,8 @@ store, whole partitions first).
 :func:`purge` deletes old ``changes`` rows in batches of ``batch_size``, each batch its own
 short transaction (row locks on audit rows only, never a table lock), then the ``transactions``
 rows older than the cut-off that are left with no changes, then the ``task_runs`` rows of task
-attempts that ended before the cut-off (not when the purge is limited to one table). Interrupting it loses nothing but
+attempts that ended before the cut-off (not when the purge is limited to one table), and last the
+entries of ``truncates`` whose change is gone. Interrupting it loses nothing but
 time: every committed batch stays done and a rerun continues with what is left.
 
 The cut-off is computed by the database (``now() - older_than``), so the client's clock does
@@ -339,6 +340,7 @@ def purge(
         if not complete:
             logger.info("stopped after max_batches=%d; run purge again to continue", max_batches)
             break
+    _forget_purged_truncates(conn, audit, partitioned, where_table, params)
     elapsed = time.monotonic() - started
     emit(
         "purge.done",
@@ -361,6 +363,28 @@ def purge(
         task_runs=totals["task runs"],
         partitions=len(dropped),
     )
+
+
+def _forget_purged_truncates(
+    conn: psycopg.Connection[Any],
+    audit: sql.Identifier,
+    partitioned: bool,
+    where_table: sql.Composable,
+    params: dict[str, Any],
+) -> None:
+    """Delete the entries of ``truncates`` whose change is gone (readers join each entry to its
+    change, so a leftover entry only takes space); the table holds one row per truncate."""
+    same = sql.SQL(" AND c.occurred_at = x.occurred_at" if partitioned else "")
+    with conn.transaction():
+        deleted = conn.execute(
+            sql.SQL(
+                "DELETE FROM {a}.truncates x WHERE x.captured_at < %(cutoff)s{w}"
+                " AND NOT EXISTS (SELECT FROM {a}.changes c"
+                " WHERE c.transaction_id = x.transaction_id AND c.id = x.change_id{s})"
+            ).format(a=audit, w=where_table, s=same),
+            params,
+        ).rowcount
+    logger.debug("forgot %d truncates whose changes were purged", deleted)
 
 
 def _has_seals(conn: psycopg.Connection[Any], audit_schema: str) -> bool:
