@@ -580,3 +580,22 @@ def test_a_switch_that_deadlocks_with_a_writer_is_retried(
     assert (result.transactions, result.changes) == (5, 5) and not result.kept_old
     with psycopg.connect(plain, autocommit=True) as conn:
         assert partitions.is_partitioned(conn) and _consistent(conn) == (5, 5)
+
+
+def test_truncates_recorded_in_a_plain_store_are_found_after_the_move(plain: str) -> None:
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (1, 'a')")
+        before = datetime.now(UTC)
+        conn.execute("TRUNCATE items")
+        migrate_to_partitioned(conn, batch_size=10)
+        assert partitions.is_partitioned(conn)
+        assert threadline.as_of(conn, "items", 1, before)["v"] == "a"
+        with pytest.raises(threadline.RowDeleted, match="truncated"):
+            threadline.as_of(conn, "items", 1, datetime.now(UTC))
+        conn.execute("INSERT INTO items VALUES (1, 'b')")
+        conn.execute("TRUNCATE items")
+        joined = conn.execute(
+            "SELECT count(*) FROM threadline.truncates x JOIN threadline.changes c"
+            " ON c.transaction_id = x.transaction_id AND c.id = x.change_id AND c.occurred_at = x.occurred_at"
+        ).fetchone()
+        assert joined == (2,)
