@@ -109,8 +109,6 @@ SIZES = [
 side (sample by sample), so load on the machine falls on all of them alike."""
 
 CANDIDATES = {
-    "truncate": "CREATE INDEX {name} ON {schema}.changes (table_schema, table_name, captured_at) "
-    "WHERE op = 'truncate'",
     "time": "CREATE INDEX {name} ON {schema}.changes (captured_at, id)",
 }
 """Candidate indexes, measured for what they give the queries and cost the capture."""
@@ -535,8 +533,6 @@ def run(dsn: str) -> None:
             print(f"`{call}`:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
             scanned = set(re.findall(r"Seq Scan on (changes\w*)", text))
             assert not scanned & held, text
-        text = explains(conn, indexed)["as_of(table, pk, at)"]
-        print("`as_of` with the truncate index:\n```\n" + "\n".join(plan_nodes(text)) + "\n```")
         _capture_report(dsn, conn, big)
 
 
