@@ -37,6 +37,7 @@ from threadline.core.errors import RetentionError, TrackingError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.ddl.registry import parse_table_name
 from threadline.ddl.schema import require_installed
+from threadline.explore.selection import truncate_change_join
 from threadline.ops.observability import emit
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.partition_purge import drop_periods, droppable_periods
@@ -374,14 +375,12 @@ def _forget_purged_truncates(
 ) -> None:
     """Delete the entries of ``truncates`` whose change is gone (readers join each entry to its
     change, so a leftover entry only takes space); the table holds one row per truncate."""
-    same = sql.SQL(" AND c.occurred_at = x.occurred_at" if partitioned else "")
     with conn.transaction():
         deleted = conn.execute(
             sql.SQL(
                 "DELETE FROM {a}.truncates x WHERE x.captured_at < %(cutoff)s{w}"
-                " AND NOT EXISTS (SELECT FROM {a}.changes c"
-                " WHERE c.transaction_id = x.transaction_id AND c.id = x.change_id{s})"
-            ).format(a=audit, w=where_table, s=same),
+                " AND NOT EXISTS (SELECT FROM {a}.changes c WHERE {j})"
+            ).format(a=audit, w=where_table, j=truncate_change_join(partitioned)),
             params,
         ).rowcount
     logger.debug("forgot %d truncates whose changes were purged", deleted)
