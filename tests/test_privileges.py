@@ -110,6 +110,12 @@ def test_capture_still_works_for_the_app_role(
             "SELECT set_config('threadline.context', %s, true)", ['{"v": 1, "correlation_id": "late"}']
         )
     assert changes(conn)[-1]["correlation_id"] == "late"
+    # a truncate by the app role records its change and its entry in truncates (as the owner)
+    with threadline.context(correlation_id="req-trunc"), threadline.transaction(app):
+        app.execute("TRUNCATE app.posts")
+    (truncate,) = [r for r in changes(conn) if r["op"] == "truncate"]
+    assert truncate["correlation_id"] == "req-trunc"
+    assert app.execute("SELECT change_id FROM threadline.truncates").fetchall() == [(truncate["id"],)]
     # the owner's half of that refresh rewrites the calling transaction's own row and no other
     earlier = changes(conn)[0]["transaction_id"]
     with threadline.transaction(app):
