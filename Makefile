@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-parts bench-key-index bench-all bench-celery bench-web bench-query bench-ops bench-story clean
+.PHONY: venv demo test test-matrix lint docs bench bench-instructions bench-parts bench-key-index bench-storage bench-all bench-celery bench-web bench-query bench-ops bench-story clean
 
 $(BIN)/threadline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,9 @@ bench-instructions: venv
 
 bench-key-index: venv
 	$(BIN)/python bench/key_index.py
+
+bench-storage: venv
+	$(BIN)/python bench/storage.py
 
 bench-celery: venv
 	$(BIN)/python bench/celery_propagation.py
