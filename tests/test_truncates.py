@@ -130,3 +130,21 @@ def test_install_fills_truncates_from_the_changes_of_an_earlier_build(conn: Conn
     conn.execute("TRUNCATE app.posts")
     assert len(_entries(conn)) == 2
     assert not ddl.install(conn).changed  # and a second install has nothing left to do
+
+
+def test_a_rolled_back_truncate_leaves_no_entry_and_a_hostile_name_is_kept_as_written(conn: Conn) -> None:
+    conn.execute('CREATE TABLE app."Or""ders; --" (id int PRIMARY KEY, v text)')
+    ddl.track(conn, 'app."Or""ders; --"')
+    conn.execute('INSERT INTO app."Or""ders; --" VALUES (1, \'a\')')
+    with conn.transaction():
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
+            conn.execute('TRUNCATE app."Or""ders; --"')
+            conn.execute("SELECT 1 / 0")
+        conn.execute('UPDATE app."Or""ders; --" SET v = \'b\'')
+    assert _entries(conn) == []  # the savepoint that truncated rolled back, its entry with it
+    assert threadline.as_of(conn, 'app."Or""ders; --"', 1, _now())["v"] == "b"
+    conn.execute('TRUNCATE app."Or""ders; --"')
+    (entry,) = _entries(conn)
+    assert entry[:2] == ("app", 'Or"ders; --')
+    with pytest.raises(RowDeleted, match="truncated"):
+        threadline.as_of(conn, 'app."Or""ders; --"', 1, _now())

@@ -35,6 +35,7 @@ from threadline.explore.revert_tables import (
     resolve_tables,
     visible_values,
 )
+from threadline.explore.selection import truncate_change_join
 from threadline.explore.tables import key_condition
 
 __all__ = ["image_sql", "key_match", "plan_revert", "relation_sql", "revert_scope"]
@@ -198,7 +199,8 @@ def _later_changes(
         "       WITH ORDINALITY AS k(pk, s, n, at, i)"
     )
     # the rows' own later changes (through the key index), then truncates of their tables
-    # (through the truncates table, each joined to its change by the key of changes)
+    # (through the truncates table, each joined to its change by the key of changes; without the
+    # start time, which serves both layouts: a partitioned store searches each partition's key)
     found = cur.execute(
         sql.SQL(
             "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
@@ -209,11 +211,11 @@ def _later_changes(
             " UNION ALL "
             "SELECT k.i, c.op, c.transaction_id, c.captured_at, c.id, t.actor, t.correlation_id" + keys + ""
             "  JOIN {a}.truncates x ON x.table_schema = k.s AND x.table_name = k.n AND x.captured_at >= k.at"
-            "  JOIN {a}.changes c ON c.transaction_id = x.transaction_id AND c.id = x.change_id"
+            "  JOIN {a}.changes c ON {truncate_join}"
             "  LEFT JOIN {a}.transactions t ON t.id = c.transaction_id"
             " WHERE c.transaction_id <> ALL (%(ids)s)"
             " ORDER BY 1, 4 DESC, 5 DESC"
-        ).format(a=audit, key=key_condition("k.pk")),
+        ).format(a=audit, key=key_condition("k.pk"), truncate_join=truncate_change_join(partitioned=False)),
         params,
     ).fetchall()
     out: list[Conflict] = []
