@@ -71,7 +71,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
 def _updates(conn: psycopg.Connection[Any], table: str) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
     return cur.execute(
-        "SELECT pk, after, before FROM threadline.changes WHERE table_name = %s AND op = 'update' ORDER BY id",
+        "SELECT pk, after, threadline.before_row(before, after) AS before, before AS stored_before"
+        " FROM threadline.changes WHERE table_name = %s AND op = 'update' ORDER BY id",
         [table],
     ).fetchall()
 
@@ -206,3 +207,11 @@ def test_a_bulk_update_after_single_row_ones_is_paired_without_a_nested_loop(
             assert row["after"]["secret"] == row["before"]["secret"] == "[masked]"
         else:
             assert row["after"]["secret"] == row["before"]["secret"] == f"s{row['pk']['id']}"
+    # typed code without masks keeps the whole old row of a single-row statement, and only the
+    # changed column's old value of each row of the bulk one; the others the whole row always
+    stored = [row["stored_before"] for row in rows]
+    if shape == "typed":
+        assert all(len(before) == 4 for before in stored[:7])
+        assert all(set(before) == {"v"} for before in stored[7:])
+    else:
+        assert all(len(before) == 4 for before in stored)

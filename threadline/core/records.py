@@ -140,8 +140,9 @@ class Change:
     after: Mapping[str, Any] | None
     """The row after the change (``None`` for delete and truncate)."""
     before: Mapping[str, Any] | None
-    """The whole row before the change (update and delete). Changes recorded by releases before
-    schema version 7 hold only the changed columns of an update."""
+    """The whole row before the change (update and delete). For an update it is ``after`` with the
+    changed columns' old values: the stored image holds only those when the statement changed more
+    than one row (and in changes recorded before schema version 7)."""
     changed_fields: tuple[str, ...] | None
     captured_at: datetime
     transaction: Transaction | None
@@ -151,6 +152,7 @@ class Change:
     def from_row(cls, row: Mapping[str, Any], transaction: Transaction | None) -> Change:
         """Build from a row of :data:`threadline.explore.query` change columns."""
         fields = row["changed_fields"]
+        after, before = from_json(row["after"]), from_json(row["before"])
         return cls(
             id=row["id"],
             transaction_id=row["transaction_id"],
@@ -158,8 +160,10 @@ class Change:
             table_name=row["table_name"],
             op=row["op"],
             pk=from_json(row["pk"]),
-            after=from_json(row["after"]),
-            before=from_json(row["before"]),
+            after=after,
+            before={**after, **before}
+            if row["op"] == "update" and isinstance(after, dict) and isinstance(before, dict)
+            else before,
             changed_fields=None if fields is None else tuple(fields),
             captured_at=utc(row["captured_at"]),
             transaction=transaction,

@@ -54,7 +54,7 @@ WITH b AS (
               CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
               c.id DESC
 )
-SELECT CASE WHEN p.class = 1 THEN p.before ELSE p.after END
+SELECT CASE WHEN p.class = 1 THEN {audit}.before_row(p.before, p.after) ELSE p.after END
   FROM pick p, tr, b
  WHERE CASE p.class
          WHEN 0 THEN p.op <> 'delete' AND (tr.at IS NULL OR tr.at < p.captured_at)

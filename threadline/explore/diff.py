@@ -31,7 +31,11 @@ def diff(change: Change) -> list[FieldChange]:
     before = change.before or {}
     after = change.after or {}
     if change.op == "update":
-        fields = change.changed_fields if change.changed_fields is not None else tuple(before)
+        fields = (
+            change.changed_fields
+            if change.changed_fields is not None
+            else tuple(f for f, v in before.items() if f not in after or after[f] != v)
+        )
         return [FieldChange(f, before.get(f), after.get(f)) for f in fields]
     if change.op == "insert":
         return [FieldChange(f, None, v) for f, v in after.items()]

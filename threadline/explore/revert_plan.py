@@ -63,7 +63,7 @@ def plan_revert(
     changes = cur.execute(
         sql.SQL(
             "SELECT c.id, c.transaction_id, c.table_schema, c.table_name, c.op,"
-            " c.pk::text AS pk_text, c.before::text AS before_text, c.after::text AS after_text,"
+            " c.pk::text AS pk_text, {a}.before_row(c.before, c.after)::text AS before_text, c.after::text AS after_text,"
             " coalesce(c.changed_fields, {a}.changed_fields(c.before, c.after)) AS changed, c.captured_at"
             "  FROM {a}.changes c WHERE c.transaction_id = ANY (%(ids)s) AND c.op <> 'snapshot'"
             " ORDER BY c.captured_at, c.id"
