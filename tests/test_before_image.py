@@ -126,8 +126,8 @@ def test_equal_values_written_differently_are_a_change(conn: Conn, rows: str) ->
     assert [c["changed_fields"] for c in stored] == [["price"]] * n + [["label"]] * n
     assert [c["after"]["price"] for c in stored[:n]] == [1.5, 2.5][:n]
     first = conn.execute(
-        "SELECT before_row(before, after)::text, after::text FROM threadline.changes"
-        " WHERE op = 'update' ORDER BY id LIMIT 1".replace("before_row", "threadline.before_row")
+        "SELECT threadline.before_row(before, after)::text, after::text FROM threadline.changes"
+        " WHERE op = 'update' ORDER BY id LIMIT 1"
     ).fetchone()
     assert first is not None and '"price":1.5,' in first[0] and '"price":1.50,' in first[1]
 

@@ -931,7 +931,7 @@ BEGIN
         -- with masked columns, what changed is computed here (the images show masked values as
         -- equal); otherwise the images tell, compared as text
         any_changed := 'cardinality(i.changed_fields) > 0';
-        FOREACH pairing IN ARRAY ARRAY['JOIN', 'FULL JOIN'] LOOP
+        FOREACH pairing IN ARRAY ARRAY['one', 'many'] LOOP
             upd := upd || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
                 CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
@@ -939,16 +939,16 @@ BEGIN
                 format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
                 format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
                 format('              FROM %s OFFSET 0) AS i',
-                       CASE WHEN pairing = 'JOIN' THEN one_old || ', ' || one_new
+                       CASE WHEN pairing = 'one' THEN one_old || ', ' || one_new
                             ELSE format('%s FULL JOIN %s ON %s."threadline rn" = %s."threadline rn"', side_old, side_new, o, n) END),
                 format('     WHERE %s;', any_changed))
                 -- A statement that changed more rows stores in before the old values of the changed
                 -- columns only: per row, the comparisons and the changed values' text cost a little
                 -- less than the old row's whole image (a 10,000-row UPDATE: 3% fewer instructions),
-                -- and the change is smaller (232 bytes a row instead of 318, two of eight columns). On one row the comparisons' set-up would cost more
-                -- than the image (about 60,000 instructions). Readers take the whole row as
-                -- after || before (before_row() in this schema).
-                WHEN pairing = 'FULL JOIN' THEN concat_ws(E'\n',
+                -- and the change is smaller (232 bytes a row instead of 318, two of eight columns).
+                -- On one row the comparisons' set-up would cost more than the image (about 60,000
+                -- instructions). Readers take the whole row as after || before (before_row()).
+                WHEN pairing = 'many' THEN concat_ws(E'\n',
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, (''{'' || i.d || ''}'')::json, NULL::text[]', txid),
                 format('      FROM (SELECT %s AS pk, %s AS after, concat_ws('','', %s) AS d', pk_update, after_update, array_to_string(delta, ', ')),
                 format('              FROM (SELECT row_number() OVER () AS "threadline rn", "threadline row".* FROM threadline_old AS "threadline row") AS %s', o),
@@ -1043,14 +1043,14 @@ BEGIN
                 pk := format('%1$I.mask_all(%2$s)', audit, pk);
                 pk_old := format('%1$I.mask_all(%2$s)', audit, pk_old);
             END IF;
-            FOREACH pairing IN ARRAY ARRAY['JOIN', 'FULL JOIN'] LOOP
+            FOREACH pairing IN ARRAY ARRAY['one', 'many'] LOOP
                 upd := upd || concat_ws(E'\n',
                     format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
                     format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'',', txid),
                     format('           %s, %s, %s,', pk, image_ins, before),
                     format('           %s', CASE WHEN guard_check IS NULL THEN 'NULL::text[]'
                                                  ELSE format('array_remove(ARRAY[%s]::text[], NULL)', array_to_string(changed, ', ')) END),
-                    CASE WHEN pairing = 'JOIN' THEN format('      FROM %s, %s', one_old, one_new)
+                    CASE WHEN pairing = 'one' THEN format('      FROM %s, %s', one_old, one_new)
                          ELSE format('      FROM %s FULL JOIN %s ON %s.rn = %s.rn', side_old, side_new, o, n) END,
                     format('     WHERE %s;', any_changed));
             END LOOP;
