@@ -57,16 +57,18 @@ def shape_check() -> str:
 
 SHAPE = shape_check()
 # the change INSERT of the capture code, with a constant transaction id: the statement alone
+# (a single-row statement's: its old and new row joined as they are)
 CHANGE_INSERT = (
     "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)"
     " SELECT 1, TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', jsonb_build_object('id', n.id), n.img, o.img, NULL::text[]"
-    " FROM (SELECT row_number() OVER () AS rn, to_json(r.*) AS img, r.id FROM threadline_old AS r) AS o"
-    " JOIN (SELECT row_number() OVER () AS rn, to_json(r.*) AS img, r.id FROM threadline_new AS r) AS n"
-    " ON o.rn = n.rn WHERE n.img::text IS DISTINCT FROM o.img::text;"
+    " FROM (SELECT to_json(r.*) AS img FROM threadline_old AS r OFFSET 0) AS o,"
+    " (SELECT to_json(r.*) AS img, r.id FROM threadline_new AS r OFFSET 0) AS n"
+    " WHERE n.img::text IS DISTINCT FROM o.img::text;"
 )
 
-# as capture code runs it before an UPDATE's INSERT: one row is paired by a join, more by a FULL JOIN
-PAIRING_CHECK = "IF NOT EXISTS (SELECT FROM threadline_new OFFSET 1) THEN NULL; END IF; "
+# as capture code runs it before an UPDATE's INSERT: one row needs no pairing, more are paired by
+# a FULL JOIN on their positions
+PAIRING_CHECK = "PERFORM FROM threadline_new LIMIT 1 OFFSET 1; IF NOT FOUND THEN NULL; END IF; "
 
 
 def function(body: str, declare: str = "") -> str:
