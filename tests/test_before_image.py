@@ -138,6 +138,18 @@ def test_before_row_merges_a_partial_image_and_leaves_others_alone(conn: Conn) -
                   threadline.before_row('{"a":1}'::json, NULL::json)::text,
                   threadline.before_row(NULL::json, '{"a":1}'::json)::text,
                   threadline.before_row('{"b":null}'::jsonb, '{"a":1,"b":2}'::jsonb)::text,
-                  threadline.before_row('{}'::json, '{}'::json)::text"""
+                  threadline.before_row('{}'::json, '{}'::json)::text,
+                  threadline.before_row('{"q\\"u\\u00e9":2}'::json, '{"id":1,"q\\"u\\u00e9":3}'::json)::text,
+                  threadline.before_row('[1]'::json, '{"a":1}'::json)::text,
+                  threadline.before_row('{"a":1}'::jsonb, '[2]'::jsonb)::text"""
     ).fetchone()
-    assert row == ('{"a":1,"b":null,"c":"x"}', '{"a":1}', None, '{"a": 1, "b": null}', "{}")
+    assert row == (
+        '{"a":1,"b":null,"c":"x"}',
+        '{"a":1}',
+        None,
+        '{"a": 1, "b": null}',
+        "{}",
+        '{"id":1,"q\\"u\u00e9":2}',
+        "[1]",
+        '{"a": 1}',
+    )

@@ -206,10 +206,12 @@ $fn$;
 -- An update's whole row before it. Its before image holds the old values of at least the columns it
 -- changed: the whole row when its statement changed one row, only the changed columns when the
 -- statement changed more (and in changes recorded before version 7). The other columns come from
--- the after image, in its order. Any other change's before image as it is.
+-- the after image, in its order. Any other change's before image (or one that is not an object)
+-- as it is.
 CREATE OR REPLACE FUNCTION @audit@.before_row(before json, after json) RETURNS json
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT CASE WHEN before IS NULL OR after IS NULL THEN before
+    SELECT CASE WHEN before IS NULL OR after IS NULL OR json_typeof(before) <> 'object'
+                     OR json_typeof(after) <> 'object' THEN before
                 ELSE (SELECT coalesce('{' || string_agg(to_json(coalesce(a.key, b.key))::text || ':'
                                                         || coalesce(b.value, a.value)::text,
                                                         ',' ORDER BY a.ord NULLS LAST, b.ord) || '}', '{}')::json
@@ -218,7 +220,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $f
 $fn$;
 CREATE OR REPLACE FUNCTION @audit@.before_row(before jsonb, after jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT CASE WHEN before IS NULL OR after IS NULL THEN before ELSE after || before END
+    SELECT CASE WHEN before IS NULL OR after IS NULL OR jsonb_typeof(before) <> 'object'
+                     OR jsonb_typeof(after) <> 'object' THEN before ELSE after || before END
 $fn$;
 
 DROP FUNCTION IF EXISTS @audit@.valid_text(jsonb);
