@@ -7,7 +7,9 @@
     -- its string values are at most 256 characters and clean as written, so only its shape is left
     -- to check, in a path where a missing key compares as false and a value of another type as
     -- unknown (!($.x <= "") holds for a non-empty string or no key at all). Anything else takes the
-    -- complete checks, which name what was wrong.
+    -- complete checks, which name what was wrong; so does a context that carries incoming_error
+    -- (the application refused one it received: rare), which spares every usual transaction a
+    -- path step and the context_error expression (about 2,900 instructions).
     IF raw <> '' AND octet_length(raw) <= 275 AND strpos(raw, 'null') = 0 AND raw !~ E'[[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
         BEGIN
             j := raw::jsonb;
@@ -17,15 +19,15 @@
             j := NULL;
         END;
         IF jsonb_typeof(j) = 'object'
-           AND (j - '{v,actor,correlation_id,request_id,causation_id,origin,job,meta,incoming_error}'::text[]) = '{}'::jsonb
-           AND jsonb_path_match(j, '$.v == 1 && !($.correlation_id <= "") && !($.request_id <= "") && !($.causation_id <= "") && !($.origin <= "") && !($.incoming_error <= "") && !($.job.type() != "object") && !($.meta.type() != "object") && (!exists($.actor) || ($.actor.type() == "object" && $.actor.type like_regex "^[a-z][a-z0-9_]*$" && !($.actor.id <= "") && !($.actor.display <= "") && (exists($.actor.id) || $.actor.type == "anonymous")))', '{}', true)
+           AND (j - '{v,actor,correlation_id,request_id,causation_id,origin,job,meta}'::text[]) = '{}'::jsonb
+           AND jsonb_path_match(j, '$.v == 1 && !($.correlation_id <= "") && !($.request_id <= "") && !($.causation_id <= "") && !($.origin <= "") && !($.job.type() != "object") && !($.meta.type() != "object") && (!exists($.actor) || ($.actor.type() == "object" && $.actor.type like_regex "^[a-z][a-z0-9_]*$" && !($.actor.id <= "") && !($.actor.display <= "") && (exists($.actor.id) || $.actor.type == "anonymous")))', '{}', true)
            AND (NOT j ? 'actor' OR (((j -> 'actor') - '{type,id,display}'::text[]) = '{}'::jsonb
                                     AND length(j -> 'actor' ->> 'type') <= 32)) THEN
             INSERT INTO @audit@.transactions
-                (id, actor, correlation_id, request_id, causation_id, origin, job, meta, context_error)
+                (id, actor, correlation_id, request_id, causation_id, origin, job, meta)
             OVERRIDING SYSTEM VALUE
             VALUES (tx, j -> 'actor', j ->> 'correlation_id', j ->> 'request_id', j ->> 'causation_id',
-                    j ->> 'origin', j -> 'job', j -> 'meta', 'incoming: ' || (j ->> 'incoming_error'));
+                    j ->> 'origin', j -> 'job', j -> 'meta');
             marker := set_config('threadline.txctx_@audit_name@', '=' || tx || '|' || raw, true);
             RETURN @returned@;
         END IF;
