@@ -764,7 +764,6 @@ DECLARE
     side text;
     changed text[] := '{}';
     delta text[] := '{}';
-    distinct_any text[] := '{}';
     same text;
     diff text;
     before text;
@@ -984,7 +983,7 @@ BEGIN
         -- masks or excludes the image is json and changed fields are derived when read; with them
         -- it is jsonb (masks apply by name), cast to json when stored, and changed_fields is stored.
         FOREACH same IN ARRAY tracked LOOP
-            changed := changed || format('CASE WHEN %1$s.j -> %3$L IS DISTINCT FROM %2$s.j -> %3$L THEN %3$L END', o, n, same);
+            changed := changed || format('CASE WHEN (%1$s.j -> %3$L)::text IS DISTINCT FROM (%2$s.j -> %3$L)::text THEN %3$L END', o, n, same);
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
             IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
@@ -1029,10 +1028,12 @@ BEGIN
         side_new := format('(SELECT row_number() OVER () AS rn, %s("threadline row".*) AS j FROM threadline_new AS "threadline row") AS %s', same, n);
         one_old := format('(SELECT %s("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s', same, o);
         one_new := format('(SELECT %s("threadline row".*) AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s', same, n);
+        -- compared as text: jsonb's = holds for numbers written differently (1.5 and 1.50), its
+        -- text (keys in a fixed order) does not
         any_changed := CASE WHEN cardinality(exclude) > 0
-                            THEN format('(%1$s.j - %3$L::text[]) IS DISTINCT FROM (%2$s.j - %3$L::text[])', o, n, exclude)
+                            THEN format('(%1$s.j - %3$L::text[])::text IS DISTINCT FROM (%2$s.j - %3$L::text[])::text', o, n, exclude)
                             WHEN guard_check IS NULL THEN format('%1$s.j::text IS DISTINCT FROM %2$s.j::text', o, n)
-                            ELSE format('%1$s.j IS DISTINCT FROM %2$s.j', o, n) END;
+                            ELSE format('%1$s.j::text IS DISTINCT FROM %2$s.j::text', o, n) END;
         IF guard_check IS NOT NULL THEN
             image_ins := image_ins || '::json';
             image_del := image_del || '::json';
