@@ -532,6 +532,40 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC
                                                      ELSE 'YYYY' END)
 $fn$;
 
+-- BRIN indexes (transactions.occurred_at, changes.captured_at) with the range that takes new rows
+-- left unsummarized. Building a BRIN index summarizes every range, also the last, partly filled one
+-- (range 0 of an empty table), and then each row inserted there widens that summary: on the
+-- first 128 pages of each new partition, that cost about 18,000 instructions per single-row
+-- transaction. An unsummarized range costs an insert nothing beyond finding that out, and readers
+-- scan its pages as they scan any range VACUUM has not summarized yet; VACUUM summarizes it once it
+-- is full. For rel, or the leaf tables of rel when it is partitioned; run as the owner, it skips an
+-- index of another owner (a partition made by hand or by pg_partman) rather than fail. Returns how
+-- many indexes it went through.
+CREATE OR REPLACE FUNCTION @audit@.unsummarize_brin_tail(rel regclass) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    idx record;
+    n integer := 0;
+BEGIN
+    FOR idx IN
+        SELECT i.indexrelid,
+               greatest(pg_relation_size(i.indrelid) / current_setting('block_size')::bigint - 1, 0) AS last_block
+          FROM (SELECT p.relid FROM pg_partition_tree(rel) AS p WHERE p.isleaf
+                UNION SELECT r.oid FROM pg_class AS r WHERE r.oid = rel AND r.relkind = 'r') AS t
+          JOIN pg_index AS i ON i.indrelid = t.relid
+          JOIN pg_class AS c ON c.oid = i.indexrelid
+          JOIN pg_am AS a ON a.oid = c.relam
+         WHERE a.amname = 'brin' AND pg_has_role(c.relowner, 'USAGE')
+         ORDER BY i.indexrelid
+    LOOP
+        PERFORM brin_desummarize_range(idx.indexrelid, idx.last_block);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.unsummarize_brin_tail(regclass) FROM PUBLIC;
+
 -- Create the partitions of the current period (or of every period from the one holding since)
 -- and of the configured number of periods ahead (partitioning.ahead, or ahead when given), and
 -- the DEFAULT partitions, for both tables; a
@@ -565,6 +599,7 @@ BEGIN
     FOREACH tbl IN ARRAY ARRAY['transactions', 'changes'] LOOP
         IF NOT EXISTS (SELECT 1 FROM @audit@.partitions() p WHERE p.parent = tbl AND p.range_from IS NULL) THEN
             EXECUTE format('CREATE TABLE @audit@.%I PARTITION OF @audit@.%I DEFAULT', tbl || '_default', tbl);
+            PERFORM @audit@.unsummarize_brin_tail(format('@audit@.%I', tbl || '_default')::regclass);
             made := made + 1;
         END IF;
         at := least(now(), since);
@@ -585,6 +620,7 @@ BEGIN
                   USING slot.lo, slot.hi;
                 EXECUTE format('ALTER TABLE @audit@.%I ATTACH PARTITION @audit@.%I FOR VALUES FROM (%L) TO (%L)',
                                tbl, part, slot.lo, slot.hi);
+                PERFORM @audit@.unsummarize_brin_tail(format('@audit@.%I', part)::regclass);
                 made := made + 1;
             END IF;
             at := slot.hi;
@@ -2091,6 +2127,9 @@ $def$, '@same_start:tx@', CASE WHEN parted THEN ' AND c.occurred_at = tx.occurre
 END
 $layout$;
 REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
+-- the tables' BRIN indexes as unsummarize_brin_tail() leaves them, also those built by an earlier
+-- release or by a move to partitions
+SELECT @audit@.unsummarize_brin_tail('@audit@.transactions'), @audit@.unsummarize_brin_tail('@audit@.changes');
 -- @layout end
 
 -- Tables tracked before version 7 (options recorded in their capture function's comment) enter
