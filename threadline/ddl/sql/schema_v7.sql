@@ -865,7 +865,7 @@ BEGIN
     -- commit (apply_context_change()); one that sets it finds no row and takes a new id. Looked up
     -- in a statement of its own rather than as a sub-select of each INSERT, the row costs about
     -- 14,700 instructions less per later statement, and one copy of each INSERT serves both cases.
-    marker_set := format('coalesce(current_setting(%L, true), '''') <> ''''', 'threadline.txctx_' || audit);
+    marker_set := format('current_setting(%L, true) <> ''''', 'threadline.txctx_' || audit);
     -- An UPDATE's old and new rows are paired by their position in the two transition tables.
     -- PL/pgSQL keeps each statement's plan for the session, planned for the sizes of the transition
     -- tables the first time it runs: a join planned for one row is a nested loop, which a later
@@ -1138,7 +1138,7 @@ BEGIN
         '<<"threadline capture">>',
         'DECLARE',
         '  tx bigint;',
-        '  fresh boolean := false;',
+        '  fresh boolean;',  -- NULL (taken as false) until this statement takes a new id
         '  n bigint;',
         '  raw text;',
         '  j jsonb;',
@@ -1161,7 +1161,7 @@ BEGIN
         '  END IF;',
         '  GET DIAGNOSTICS n = ROW_COUNT;',
         '  IF fresh AND n > 0 THEN',
-        '    raw := coalesce(current_setting(''threadline.context'', true), '''');',
+        '    raw := current_setting(''threadline.context'', true);',
         rtrim(usual, E'\n'),
         format('    n := %I.insert_transaction_row(tx);', audit),
         '  END IF;',
