@@ -53,6 +53,24 @@ def database() -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def store_database(partition_by: str | None, prefix: str = "threadline_store") -> Iterator[str]:
+    """DSN of a new database with an audit store of the given layout (``None``: plain tables) and
+    a tracked table ``items (id int PRIMARY KEY, v text)``, dropped after use."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _dsn_for(name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ddl.install(conn, partition_by=partition_by)
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+            ddl.track(conn, "items")
+        yield dsn
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def dsn(database: str) -> Iterator[str]:
     """The session database, with empty audit tables and a fresh ``app`` schema for the test."""

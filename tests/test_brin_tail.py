@@ -14,7 +14,7 @@ from psycopg import sql
 
 from threadline import ddl
 
-from .backends import ADMIN_DSN
+from .conftest import store_database
 
 CONTEXT = '{"v":1,"actor":{"type":"user","id":"7"},"correlation_id":"brin"}'
 
@@ -22,18 +22,9 @@ CONTEXT = '{"v":1,"actor":{"type":"user","id":"7"},"correlation_id":"brin"}'
 @pytest.fixture(params=["month", None], ids=["partitioned", "plain"])
 def store(request: pytest.FixtureRequest) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to a new database with a store of each layout and a tracked table."""
-    name = f"threadline_brin_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        with psycopg.connect(psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name), autocommit=True) as conn:
-            ddl.install(conn, partition_by=request.param)
-            conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
-            ddl.track(conn, "items")
+    for dsn in store_database(request.param, "threadline_brin"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
             yield conn
-    finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def write(conn: psycopg.Connection[Any], key: int) -> None:

@@ -28,37 +28,21 @@ from threadline.ops.partition_migration import MigrationError, migrate_to_partit
 from threadline.ops.retention import purge
 from threadline.ops.seal import seal, verify
 
-from .backends import ADMIN_DSN
+from .conftest import store_database
 
 UTC = timezone.utc
-
-
-def _database(partition_by: str | None) -> Iterator[str]:
-    name = f"threadline_parts_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            ddl.install(conn, partition_by=partition_by)
-            conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
-            ddl.track(conn, "items")
-        yield dsn
-    finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
 def store() -> Iterator[str]:
     """DSN of a fresh database with a partitioned (monthly) audit store and a tracked table."""
-    yield from _database("month")
+    yield from store_database("month", "threadline_parts")
 
 
 @pytest.fixture
 def plain() -> Iterator[str]:
     """DSN of a fresh database with a plain (unpartitioned) audit store and a tracked table."""
-    yield from _database(None)
+    yield from store_database(None, "threadline_parts")
 
 
 def _month(at: datetime, months: int = 0) -> datetime:
