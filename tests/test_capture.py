@@ -872,3 +872,60 @@ def test_generated_contexts_decode_as_decode_context_does(conn: Conn, posts: str
         raw = json.dumps(ctx, ensure_ascii=rnd.random() < 0.3, separators=(",", ":"))
         stored, decoded = _stored_and_decoded(conn, raw)
         assert stored == decoded, raw
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "masked"])
+def test_tables_of_many_columns_are_captured(conn: Conn, typed: bool, mask: bool) -> None:
+    # a function takes at most 100 arguments: the capture code must not pass one per column
+    columns = ", ".join(f"c{i} int" for i in range(1, 150))
+    conn.execute(f"CREATE TABLE app.wide (id int PRIMARY KEY, {columns})")
+    conn.execute("INSERT INTO app.wide (id) SELECT generate_series(1, 3)")
+    ddl.track(conn, "app.wide", mask=["c7"] if mask else None)
+    if not typed:
+        conn.execute(
+            "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = 'wide'"
+        )
+    with threadline.context(actor="user:3"), threadline.transaction(conn):
+        conn.execute("UPDATE app.wide SET c1 = id, c149 = 2")  # several rows
+        conn.execute("UPDATE app.wide SET c2 = 5 WHERE id = 1")  # one row
+        conn.execute(
+            f"UPDATE app.wide SET ({', '.join(f'c{i}' for i in range(1, 150))}) = ROW({', '.join('8' for _ in range(149))})"
+        )
+    rows = changes(conn)
+    assert [r["op"] for r in rows] == ["update"] * 7
+    assert [sorted(r["changed_fields"]) for r in rows[:3]] == [["c1", "c149"]] * 3
+    assert rows[3]["changed_fields"] == ["c2"] and changed_before(rows[3]) == {"c2": None}
+    assert len(rows[4]["changed_fields"]) == 149
+    assert all(r["after"]["c149"] == 8 for r in rows[4:])
+    first = {r["pk"]["id"]: r for r in rows[4:]}[1]
+    assert changed_before(first)["c2"] == 5 and changed_before(first)["c149"] == 2
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+def test_floats_are_compared_and_recorded_exactly_whatever_the_session_prints(
+    conn: Conn, typed: bool
+) -> None:
+    # at extra_float_digits 0 a session prints 1.0000000000000002 as 1: capture must not
+    conn.execute("CREATE TABLE app.measures (id int PRIMARY KEY, f float8, p point, r real[])")
+    conn.execute("INSERT INTO app.measures VALUES (1, 1.0, '(1,1)', '{1}'), (2, 1.0, '(1,1)', '{1}')")
+    ddl.track(conn, "app.measures")
+    if not typed:
+        conn.execute(
+            "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = 'measures'"
+        )
+    conn.execute("SET extra_float_digits = 0")
+    try:
+        with threadline.context(actor="user:3"), threadline.transaction(conn):
+            conn.execute("UPDATE app.measures SET f = 1.0000000000000002 WHERE id = 1")  # one row
+            conn.execute(
+                "UPDATE app.measures SET p = '(1,1.0000000000000002)', r = '{1.0000001}'"
+            )  # rows paired
+        rows = changes(conn)
+    finally:
+        conn.execute("RESET extra_float_digits")
+    assert [r["op"] for r in rows] == ["update"] * 3
+    assert rows[0]["changed_fields"] == ["f"] and rows[0]["after"]["f"] == 1.0000000000000002
+    assert [sorted(r["changed_fields"]) for r in rows[1:]] == [["p", "r"], ["p", "r"]]
+    assert {r["after"]["p"] for r in rows[1:]} == {"(1,1.0000000000000002)"}
+    assert [r["after"]["r"] for r in rows[1:]] == [[1.0000001], [1.0000001]]

@@ -19,6 +19,8 @@ from .conftest import changed_before, changes
 from .test_cli import run
 
 AUDIT_TABLES = ("transactions", "changes", "truncates", "actions")
+CONTEXT_1 = '{"actor":{"id":"1","type":"user"},"v":1}'
+CONTEXT_2 = '{"actor":{"id":"2","type":"user"},"v":1}'
 
 
 @pytest.fixture
@@ -245,6 +247,85 @@ def test_app_defined_functions_never_run_inside_capture(
         conn.execute("DROP SCHEMA appowned CASCADE")
 
 
+def test_casts_the_application_defines_never_run_inside_capture(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    # Capture runs as the audit schema's owner. A type the application owns may carry a cast to
+    # json or text (to_json() and ::text call it), so the capture code must render such values
+    # through their output function: each cast below would log the role it ran as and lie.
+    ident = sql.Identifier(app_role)
+    conn.execute(sql.SQL("CREATE SCHEMA appowned AUTHORIZATION {}").format(ident))
+    try:
+        app.execute("CREATE TABLE appowned.calls (who text, what text)")
+        app.execute("CREATE TYPE appowned.mood AS ENUM ('ok', 'sad')")
+        app.execute("CREATE TYPE appowned.tagged AS (n int, m appowned.mood)")
+        app.execute("CREATE TYPE appowned.plain AS (a int, b text)")
+        app.execute(
+            "CREATE TABLE appowned.tt (id int PRIMARY KEY, m appowned.mood, ms appowned.mood[],"
+            " t appowned.tagged, p appowned.plain, n int)"
+        )
+        app.execute("CREATE TABLE appowned.tk (k appowned.mood PRIMARY KEY, n int)")
+        ddl.track(conn, "appowned.tt")
+        ddl.track(conn, "appowned.tk")
+        for source in ("appowned.mood", "appowned.mood[]", "appowned.tagged", "appowned.plain"):
+            name = source.replace("appowned.", "").replace("[]", "_array")
+            for target in ("json", "text"):
+                app.execute(
+                    f"CREATE FUNCTION appowned.{name}_{target}({source}) RETURNS {target} LANGUAGE sql"
+                    f" AS $$ INSERT INTO appowned.calls VALUES (current_user, '{name}_{target}')"
+                    f" RETURNING '\"lie\"'::{target} $$"
+                )
+                app.execute(
+                    f"CREATE CAST ({source} AS {target}) WITH FUNCTION appowned.{name}_{target}({source})"
+                )
+        # the casts are real: an explicit conversion calls them
+        assert app.execute("SELECT to_json('ok'::appowned.mood)::text").fetchone() == ('"lie"',)
+        app.execute("DELETE FROM appowned.calls")
+        with threadline.context(actor="user:1"), threadline.transaction(app):
+            app.execute(
+                "INSERT INTO appowned.tt VALUES (1, 'ok', '{ok}', '(1,ok)', '(1,x)', 1),"
+                " (2, 'ok', '{ok}', '(2,ok)', '(2,y)', 2)"
+            )
+            app.execute("UPDATE appowned.tt SET m = 'sad' WHERE id = 1")  # one row
+            app.execute("UPDATE appowned.tt SET ms = '{ok,sad}', t = '(9,sad)', p = '(9,z)'")  # rows paired
+            app.execute("UPDATE appowned.tt SET n = n")  # nothing changed
+            app.execute("DELETE FROM appowned.tt WHERE id = 2")
+            app.execute("INSERT INTO appowned.tk VALUES ('ok', 1), ('sad', 2)")
+            app.execute("UPDATE appowned.tk SET k = 'sad', n = 3 WHERE n = 1 AND false")
+            app.execute("DELETE FROM appowned.tk WHERE k = 'ok'")
+        assert app.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+        rows = [r for r in changes(conn) if r["table_schema"] == "appowned"]
+        assert [(r["table_name"], r["op"]) for r in rows] == [
+            ("tt", "insert"),
+            ("tt", "insert"),
+            ("tt", "update"),
+            ("tt", "update"),
+            ("tt", "update"),
+            ("tt", "delete"),
+            ("tk", "insert"),
+            ("tk", "insert"),
+            ("tk", "delete"),
+        ]
+        assert rows[0]["after"] == {
+            "id": 1,
+            "m": "ok",
+            "ms": "{ok}",
+            "t": "(1,ok)",
+            "p": {"a": 1, "b": "x"},
+            "n": 1,
+        }
+        assert rows[2]["changed_fields"] == ["m"] and changed_before(rows[2])["m"] == "ok"
+        assert rows[2]["after"]["m"] == "sad"
+        paired = {r["pk"]["id"]: r for r in rows[3:5]}
+        assert sorted(paired[1]["changed_fields"]) == ["ms", "p", "t"]
+        assert changed_before(paired[1]) == {"ms": "{ok}", "t": "(1,ok)", "p": {"a": 1, "b": "x"}}
+        assert paired[2]["after"]["t"] == "(9,sad)" and paired[2]["after"]["p"] == {"a": 9, "b": "z"}
+        assert rows[5]["before"]["t"] == "(9,sad)"
+        assert [r["pk"] for r in rows[6:]] == [{"k": "ok"}, {"k": "sad"}, {"k": "ok"}]
+    finally:
+        conn.execute("DROP SCHEMA appowned CASCADE")
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -287,3 +368,52 @@ def test_the_app_role_cannot_refresh_the_schema_and_is_told_who_can(
     comment = "SELECT obj_description('threadline.schema_version'::regclass, 'pg_class')"
     assert conn.execute(comment).fetchone() == ("threadline audit schema 7, script 0000",)
     assert ddl.install(conn).refreshed
+
+
+def test_a_role_that_cannot_see_the_audit_schema_changes_its_context_before_commit(
+    conn: psycopg.Connection[Any], dsn: str, posts: str
+) -> None:
+    # installed without an application role: the writer has rights on its table only, not even
+    # USAGE on the audit schema; the commit-time check must still apply the last context
+    role = f"tl_bare_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier(role)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    try:
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA app TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON app.posts TO {}").format(ident))
+        conn.execute(sql.SQL("CREATE SCHEMA evil AUTHORIZATION {}").format(ident))
+        with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=role), autocommit=True) as bare:
+            assert bare.execute("SELECT has_schema_privilege('threadline', 'USAGE')").fetchone() == (False,)
+            # the check runs as the owner: what the writer's search_path finds first must not run
+            bare.execute("CREATE TABLE evil.calls (what text)")
+            for signature, body in [
+                ("eq(text, text) RETURNS boolean", "SELECT false"),
+                ("concat(text, bigint, text, text) RETURNS text", "SELECT ''"),
+                ("current_setting(text, boolean) RETURNS text", "SELECT ''"),
+            ]:
+                name = signature.split("(")[0]
+                bare.execute(
+                    f"CREATE FUNCTION evil.{signature} LANGUAGE sql"
+                    f" AS $$ INSERT INTO evil.calls VALUES ('{name}'); {body} $$"
+                )
+            bare.execute("CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq)")
+            bare.execute("SET search_path = evil, pg_catalog")
+            with bare.transaction():
+                bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_1])
+                bare.execute("INSERT INTO app.posts (id, title) VALUES (1, 'a')")
+                bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_2])
+            with bare.transaction():  # a cleared marker: the second row merges into the first
+                bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_1])
+                bare.execute("UPDATE app.posts SET title = 'b'")
+                bare.execute("SELECT set_config('threadline.txctx_threadline', '', true)")
+                bare.execute("UPDATE app.posts SET title = 'c'")
+        assert conn.execute("SELECT title FROM app.posts").fetchall() == [("c",)]
+        assert conn.execute("SELECT what FROM evil.calls").fetchall() == []
+        rows = conn.execute(
+            "SELECT t.actor ->> 'id', count(c.id) FROM threadline.transactions t"
+            " JOIN threadline.changes c ON c.transaction_id = t.id GROUP BY t.id, t.actor ORDER BY t.id"
+        ).fetchall()
+        assert rows == [("2", 1), ("1", 2)]
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(sql.SQL("DROP ROLE {}").format(ident))

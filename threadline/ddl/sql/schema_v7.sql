@@ -464,16 +464,18 @@ END
 $fn$;
 GRANT EXECUTE ON FUNCTION @audit@.apply_context_change(bigint) TO PUBLIC;
 
--- The commit-time check, fired by a deferred trigger as the committing role: the setting that
--- marks the transaction's row must still name this row and the context it was built from. It only
--- compares two settings, so it needs neither the owner's rights nor a pinned search_path
--- (whatever a caller's path resolves here runs with the caller's own rights); the rare repair is
--- the owner's function above.
+-- The commit-time check, fired by a deferred trigger: the setting that marks the transaction's row
+-- must still name this row and the context it was built from. It runs as the schema's owner, so
+-- that the rare repair (the owner's function above) works for a role that may not even look into
+-- this schema; it names every function and operator with its schema instead of pinning a
+-- search_path (which would cost every transaction a configuration change), so nothing a caller's
+-- path resolves runs with the owner's rights.
 CREATE OR REPLACE FUNCTION @audit@.refresh_transaction_context() RETURNS trigger
-LANGUAGE plpgsql SECURITY INVOKER AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 BEGIN
-    IF current_setting('threadline.txctx_@audit_name@', true) IS DISTINCT FROM
-           concat('=', NEW.id, '|', current_setting('threadline.context', true)) THEN
+    IF NOT coalesce(pg_catalog.current_setting('threadline.txctx_@audit_name@', true) OPERATOR(pg_catalog.=)
+                    pg_catalog.concat('=', NEW.id, '|', pg_catalog.current_setting('threadline.context', true)),
+                    false) THEN
         PERFORM @audit@.apply_context_change(NEW.id);
     END IF;
     RETURN NULL;
@@ -727,6 +729,88 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
      ORDER BY c.attnum
 $fn$;
 
+-- Columns of a type created in the database (oid 16384 and above: enums, ranges, composites,
+-- extension types, arrays of them), whose owner may have given it a cast to text or json. Capture
+-- code runs as the audit schema's owner, and ::text or to_json() would call such a cast with that
+-- owner's rights, so it renders these values through their type's output function instead
+-- (concat(), which never looks for a cast). in_text: the column's type itself, below its
+-- domains (what ::text converts); in_json: a type that to_json() would convert on its own, at
+-- any depth of arrays, composites and domains (to_json() looks for casts on those only);
+-- container: a composite or array, whose text is never empty, so NULL reads from ''.
+CREATE OR REPLACE FUNCTION @audit@.cast_exposed_columns(rel regclass)
+RETURNS TABLE (name text, in_text boolean, in_json boolean, container boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE walk AS (
+        SELECT a.attnum, a.atttypid AS t, 0 AS depth, true AS top
+          FROM pg_attribute a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT w.attnum, x.t, w.depth + 1, w.top AND ty.typtype = 'd'
+          FROM walk w JOIN pg_type ty ON ty.oid = w.t
+         CROSS JOIN LATERAL (
+               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
+               UNION ALL
+               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
+               UNION ALL
+               SELECT at.atttypid FROM pg_attribute at
+                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
+                  AND NOT at.attisdropped) AS x
+         WHERE w.depth < 16
+    ), kinds AS (
+        SELECT w.attnum, w.t, w.top, ty.typtype, ty.typelem <> 0 AND ty.typlen = -1 AS is_array
+          FROM walk w JOIN pg_type ty ON ty.oid = w.t
+    )
+    SELECT a.attname::text,
+           coalesce(bool_or(k.top AND k.typtype <> 'd' AND k.t >= 16384), false),
+           coalesce(bool_or(k.typtype NOT IN ('d', 'c') AND NOT k.is_array AND k.t >= 16384), false),
+           coalesce(bool_or(k.top AND k.typtype <> 'd' AND (k.typtype = 'c' OR k.is_array)), false)
+      FROM pg_attribute a JOIN kinds k ON k.attnum = a.attnum
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+     GROUP BY a.attnum, a.attname
+    HAVING bool_or(k.t >= 16384)
+     ORDER BY a.attnum
+$fn$;
+
+-- True when a value of the table may be written with a float's digits (float4, float8, the
+-- geometric types, which print floats, and extension types, which may): their text depends on
+-- the session's extra_float_digits, which at 0 or below rounds them, so that two different values
+-- would compare equal and an image would keep the rounded value. Capture code of such a table
+-- sets it to 1 (exact, the default) for itself.
+CREATE OR REPLACE FUNCTION @audit@.prints_floats(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE walk AS (
+        SELECT a.atttypid AS t, 0 AS depth
+          FROM pg_attribute a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT x.t, w.depth + 1
+          FROM walk w JOIN pg_type ty ON ty.oid = w.t
+         CROSS JOIN LATERAL (
+               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
+               UNION ALL
+               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
+               UNION ALL
+               SELECT rt.rngsubtype FROM pg_range rt WHERE ty.typtype = 'r' AND rt.rngtypid = ty.oid
+               UNION ALL
+               SELECT at.atttypid FROM pg_attribute at
+                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
+                  AND NOT at.attisdropped) AS x
+         WHERE w.depth < 16
+    )
+    SELECT EXISTS (SELECT FROM walk w JOIN pg_type ty ON ty.oid = w.t
+                    WHERE ty.oid IN ('float4'::regtype, 'float8'::regtype, 'point'::regtype,
+                                     'lseg'::regtype, 'line'::regtype, 'box'::regtype,
+                                     'path'::regtype, 'polygon'::regtype, 'circle'::regtype)
+                       OR (ty.typtype = 'b' AND ty.oid >= 16384 AND ty.typelem = 0))
+$fn$;
+
+-- The SQL text of a value's text through its type's output function (see cast_exposed_columns()).
+CREATE OR REPLACE FUNCTION @audit@.output_text_sql(expr text, container boolean) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN container THEN format('nullif(concat(%s), '''')', expr)
+                ELSE format('CASE WHEN %1$s IS NULL THEN NULL ELSE concat(%1$s) END', expr) END
+$fn$;
+
 CREATE OR REPLACE FUNCTION @audit@.primary_key_columns(rel regclass) RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}')
@@ -828,6 +912,9 @@ DECLARE
     marker_set text;
     declared text := '';
     usual constant text := $usual$@usual_context(NULL)@$usual$;
+    text_exposed text[] := '{}';
+    json_exposed text[] := '{}';
+    containers text[] := '{}';
 BEGIN
     SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
            array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
@@ -889,16 +976,28 @@ BEGIN
     -- images when read (changed_fields() in this schema); only a table with masked columns, whose
     -- images cannot show that a masked value changed, stores changed_fields at write time.
     IF typed THEN
+        SELECT coalesce(array_agg(e.name) FILTER (WHERE e.in_text), '{}'),
+               coalesce(array_agg(e.name) FILTER (WHERE e.in_json), '{}'),
+               coalesce(array_agg(e.name) FILTER (WHERE e.container), '{}')
+          INTO text_exposed, json_exposed, containers
+          FROM @audit@.cast_exposed_columns(rel) AS e;
         FOR i IN 1 .. cardinality(names) LOOP
             IF names[i] <> ALL (exclude) THEN
-                IF by_text[i] THEN
+                IF names[i] = ANY (text_exposed) THEN
+                    diff := format('%s COLLATE "C" IS DISTINCT FROM %s COLLATE "C"',
+                                   @audit@.output_text_sql(format('%s.%I', o, names[i]), names[i] = ANY (containers)),
+                                   @audit@.output_text_sql(format('%s.%I', n, names[i]), names[i] = ANY (containers)));
+                ELSIF by_text[i] THEN
                     diff := format('%1$s.%3$I::text COLLATE "C" IS DISTINCT FROM %2$s.%3$I::text COLLATE "C"', o, n, names[i]);
                 ELSE
                     diff := format('%1$s.%3$I IS DISTINCT FROM %2$s.%3$I', o, n, names[i]);
                 END IF;
                 changed := changed || format('CASE WHEN %s THEN %L END', diff, names[i]);
-                delta := delta || format('CASE WHEN %s THEN %L || coalesce(to_json(%s.%I)::text, ''null'') END',
-                                         diff, to_json(names[i])::text || ':', o, names[i]);
+                delta := delta || format('CASE WHEN %s THEN %L || coalesce(to_json(%s)::text, ''null'') END',
+                                         diff, to_json(names[i])::text || ':',
+                                         CASE WHEN names[i] = ANY (json_exposed)
+                                              THEN @audit@.output_text_sql(format('%s.%I', o, names[i]), names[i] = ANY (containers))
+                                              ELSE format('%s.%I', o, names[i]) END);
             END IF;
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
@@ -906,6 +1005,10 @@ BEGIN
                 pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
                 pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
                 pk_update_parts := pk_update_parts || format('%L, ''"[masked]"''::jsonb', same);
+            ELSIF same = ANY (json_exposed) THEN
+                pk_parts := pk_parts || format('%L, %s', same, @audit@.output_text_sql(format('%s.%I', n, same), same = ANY (containers)));
+                pk_old_parts := pk_old_parts || format('%L, %s', same, @audit@.output_text_sql(format('%s.%I', o, same), same = ANY (containers)));
+                pk_update_parts := pk_update_parts || format('%L, %s', same, @audit@.output_text_sql(format('%s.%I', n, same), same = ANY (containers)));
             ELSE
                 pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
                 pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
@@ -916,12 +1019,13 @@ BEGIN
         pk_old := 'jsonb_build_object(' || array_to_string(pk_old_parts, ', ') || ')';
         -- the update's key, read from the paired new row
         pk_update := 'jsonb_build_object(' || array_to_string(pk_update_parts, ', ') || ')';
-        IF cardinality(exclude) = 0 AND cardinality(present_mask) = 0 THEN
+        IF cardinality(exclude) = 0 AND cardinality(present_mask) = 0 AND NOT tracked && json_exposed THEN
             image_ins := format('to_json(%s)', n);
             image_del := format('to_json(%s)', o);
             image_upd := 'to_json("threadline row".*)';
         ELSE
-            -- the row as shown: excluded columns left out, masked ones replaced, in a lateral
+            -- the row as shown: excluded columns left out, masked ones replaced, values whose type
+            -- may have a cast (cast_exposed_columns()) as their type's output text, in a lateral
             -- sub-select whose whole row to_json() writes under the columns' names (about half
             -- the cost of to_jsonb() of the row, its keys removed and replaced, cast back to json)
             FOR i IN 1 .. cardinality(names) LOOP
@@ -931,6 +1035,10 @@ BEGIN
                         shown_ins := shown_ins || shown;
                         shown_del := shown_del || shown;
                         shown_upd := shown_upd || shown;
+                    ELSIF names[i] = ANY (json_exposed) THEN
+                        shown_ins := shown_ins || format('%s AS %I', @audit@.output_text_sql(format('%s.%I', n, names[i]), names[i] = ANY (containers)), names[i]);
+                        shown_del := shown_del || format('%s AS %I', @audit@.output_text_sql(format('%s.%I', o, names[i]), names[i] = ANY (containers)), names[i]);
+                        shown_upd := shown_upd || format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', names[i]), names[i] = ANY (containers)), names[i]);
                     ELSE
                         shown_ins := shown_ins || format('%s.%I', n, names[i]);
                         shown_del := shown_del || format('%s.%I', o, names[i]);
@@ -990,7 +1098,10 @@ BEGIN
                 -- instructions). Readers take the whole row as after || before (before_row()).
                 WHEN pairing = 'many' THEN concat_ws(E'\n',
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, (''{'' || i.d || ''}'')::json, NULL::text[]', txid),
-                format('      FROM (SELECT %s AS pk, %s AS after, concat_ws('','', %s) AS d', pk_update, after_update, array_to_string(delta, ', ')),
+                -- (concat_ws() takes at most 99 values; array_to_string() skips NULLs as well)
+                format('      FROM (SELECT %s AS pk, %s AS after, %s AS d', pk_update, after_update,
+                       CASE WHEN cardinality(delta) < 100 THEN format('concat_ws('','', %s)', array_to_string(delta, ', '))
+                            ELSE format('array_to_string(ARRAY[%s]::text[], '','')', array_to_string(delta, ', ')) END),
                 format('              FROM (SELECT row_number() OVER () AS "threadline rn", "threadline row".* FROM threadline_old AS "threadline row") AS %s', o),
                 format('              FULL JOIN (SELECT row_number() OVER () AS "threadline rn", %s AS "threadline image", "threadline row".*', image_upd),
                 format('                           FROM threadline_new AS "threadline row"%s) AS %s ON %s."threadline rn" = %s."threadline rn" OFFSET 0) AS i', lateral_upd, n, o, n),
@@ -1174,8 +1285,11 @@ BEGIN
     SELECT format('%I.%I', nc.nspname, c.relname) INTO tbl
       FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
     ddl := concat_ws(E';\n',
-        format(E'-- threadline capture v%s (%s)\nCREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql\nSECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %s\n%s%s',
-               cv, CASE WHEN typed THEN 'typed' ELSE 'drift_safe' END, audit, fn, tag, body, tag),
+        format(E'-- threadline capture v%s (%s)\nCREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql\nSECURITY DEFINER SET search_path = pg_catalog, pg_temp%s AS %s\n%s%s',
+               cv, CASE WHEN typed THEN 'typed' ELSE 'drift_safe' END, audit, fn,
+               -- drift-safe code cannot know the columns a table will have
+               CASE WHEN NOT typed OR @audit@.prints_floats(rel) THEN ' SET extra_float_digits = 1' ELSE '' END,
+               tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
         format('REVOKE EXECUTE ON FUNCTION %I.%I() FROM PUBLIC', audit, fn),
