@@ -929,3 +929,41 @@ def test_floats_are_compared_and_recorded_exactly_whatever_the_session_prints(
     assert [sorted(r["changed_fields"]) for r in rows[1:]] == [["p", "r"], ["p", "r"]]
     assert {r["after"]["p"] for r in rows[1:]} == {"(1,1.0000000000000002)"}
     assert [r["after"]["r"] for r in rows[1:]] == [[1.0000001], [1.0000001]]
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "masked"])
+def test_json_values_jsonb_cannot_hold_never_fail_the_write(conn: Conn, typed: bool, mask: bool) -> None:
+    # the json type keeps a \u0000 escape and any number; jsonb refuses both, and so do the json
+    # functions for the escape: capture must still record every change, and never show the mask
+    conn.execute("CREATE TABLE app.docs (id int PRIMARY KEY, body json, secret text)")
+    ddl.track(conn, "app.docs", mask=["secret"] if mask else None)
+    if not typed:
+        conn.execute(
+            "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = 'docs'"
+        )
+    nul, huge, both = '{"s":"\\u0000"}', '{"n":1e1000000}', '{"s":"\\\\u0000 \\u0000"}'
+    with threadline.context(actor="user:3"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.docs VALUES (1, %s, 's1')", [nul])
+        conn.execute("INSERT INTO app.docs VALUES (2, %s, 's2'), (3, %s, 's3')", [huge, both])
+        conn.execute("UPDATE app.docs SET secret = secret || 'x'")  # rows paired
+        conn.execute("UPDATE app.docs SET secret = 'y' WHERE id = 2")  # one row
+        conn.execute("DELETE FROM app.docs WHERE id < 3")
+    rows = changes(conn)
+    assert [(r["op"], r["pk"]) for r in rows] == [
+        ("insert", {"id": 1}), ("insert", {"id": 2}), ("insert", {"id": 3}),
+        ("update", {"id": 1}), ("update", {"id": 2}), ("update", {"id": 3}), ("update", {"id": 2}),
+        ("delete", {"id": 1}), ("delete", {"id": 2}),
+    ]  # fmt: skip
+    assert all(r["changed_fields"] == ["secret"] for r in rows[3:7])
+    if mask:
+        images = repr([(r["before"], r["after"]) for r in rows])
+        assert "s1" not in images and "s2" not in images and "'y'" not in images, images
+    else:
+        assert rows[6]["after"]["secret"] == "y" and changed_before(rows[6]) == {"secret": "s2x"}
+    if typed or not mask:  # the image keeps the json as written
+        assert rows[0]["after"]["body"] == {"s": "\x00"}
+        assert rows[1]["after"]["body"] == {"n": float("inf")}
+    else:  # read through jsonb: the escape as text, the number as its JSON text
+        assert rows[0]["after"]["body"] == {"s": "\\u0000"}
+        assert rows[1]["after"]["body"] == '{"n":1e1000000}'

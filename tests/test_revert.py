@@ -724,3 +724,20 @@ def test_bad_input(conn: Conn, shop: Any) -> None:
         revert(conn, correlation_id="a", task_id="b")
     with pytest.raises(InvalidFilter, match="correlation_id must be a non-empty text"):
         revert(conn, correlation_id="")
+
+
+def test_tables_with_columns_named_like_the_row_aliases_revert(conn: Conn) -> None:
+    # the revert reads rows as to_json() of an alias: a column with the alias's name must not
+    # stand for the row
+    conn.execute("CREATE TABLE app.aliased (id int PRIMARY KEY, t text, r int)")
+    conn.execute("INSERT INTO app.aliased VALUES (1, 'a', 1), (2, 'b', 2)")
+    track(conn, "app.aliased")
+    before = rows(conn, ["app.aliased"])
+    write(
+        conn,
+        "req-alias",
+        "UPDATE app.aliased SET t = 'x', r = 9 WHERE id = 1",
+        "DELETE FROM app.aliased WHERE id = 2",
+    )
+    revert(conn, correlation_id="req-alias")
+    assert rows(conn, ["app.aliased"]) == before

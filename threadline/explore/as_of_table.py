@@ -19,14 +19,17 @@ from threadline.core._run import Plan, Query, run
 from threadline.core.records import iso
 from threadline.explore.arguments import audit_identifier, check_time
 from threadline.explore.as_of_errors import NoBaseline
-from threadline.explore.selection import partitioned_plan, truncate_change_join
+from threadline.explore.selection import has_nul_text, partitioned_plan, truncate_change_join
 from threadline.explore.tables import resolve_table
 
 __all__ = ["table_as_of_plan", "table_rows", "table_rows_async"]
 
 # The table as it was: the state of each row (by the same rules as one row's) from the changes of
 # the table and the baseline in force, one row per key, streamed in key order: by each key column's
-# value in turn, then by the whole key (which alone tells rows apart).
+# value in turn, then by the whole key (which alone tells rows apart). A row known from its next
+# change is that change's before image completed from its after image (before_row()), which json
+# functions cannot do on an image holding the escape \u0000 (a json column's value): such a row
+# comes as its two images instead, completed in Python (:func:`_before_row`).
 _TABLE_AS_OF_SQL = sql.SQL("""
 WITH b AS (
     SELECT c.transaction_id, c.started_at, c.tracked_since
@@ -54,8 +57,9 @@ WITH b AS (
               CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
               c.id DESC
 )
-SELECT CASE WHEN p.class = 1 THEN {audit}.before_row(p.before, p.after) ELSE p.after END
-  FROM pick p, tr, b
+SELECT CASE WHEN p.class <> 1 THEN p.after WHEN NOT n.nul THEN {audit}.before_row(p.before, p.after) END,
+       CASE WHEN n.nul THEN p.before END, CASE WHEN n.nul THEN p.after END
+  FROM pick p CROSS JOIN LATERAL (SELECT p.class = 1 AND coalesce({nul}, false) AS nul) n, tr, b
  WHERE CASE p.class
          WHEN 0 THEN p.op <> 'delete' AND (tr.at IS NULL OR tr.at < p.captured_at)
          WHEN 1 THEN p.op <> 'insert'
@@ -85,6 +89,7 @@ def table_as_of_plan(
         key_order=sql.SQL(", ").join(
             [*(sql.SQL("c.pk -> {}").format(sql.Literal(k)) for k in composite), sql.SQL("c.pk")]
         ),
+        nul=sql.SQL(f"{has_nul_text('p.before')} OR {has_nul_text('p.after')}"),
     )
     found = yield Query(
         sql.SQL(
@@ -125,8 +130,16 @@ def _stream_rows(
     with psycopg.Cursor(raw) as cur:
         if from_django:
             json_adapters(cur.adapters)
-        for (image,) in cur.stream(statement, params, size=1000):
-            yield dict(image)
+        for image, before, after in cur.stream(statement, params, size=1000):
+            yield dict(image) if image is not None else _before_row(before, after)
+
+
+def _before_row(before: Any, after: Any) -> dict[str, Any]:
+    """The schema's ``before_row(before, after)``: an update's before image completed from its
+    after image (``after``'s keys in order, then those only ``before`` has; ``before``'s values)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return {**after, **before}
+    return dict(before)
 
 
 async def table_rows_async(
@@ -134,5 +147,5 @@ async def table_rows_async(
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The rows that ``statement`` (from :func:`table_as_of_plan`) reads, streamed from ``conn``."""
     async with psycopg.AsyncCursor(conn) as cur:
-        async for (image,) in cur.stream(statement, params, size=1000):
-            yield dict(image)
+        async for image, before, after in cur.stream(statement, params, size=1000):
+            yield dict(image) if image is not None else _before_row(before, after)

@@ -35,7 +35,7 @@ from threadline.explore.revert_tables import (
     resolve_tables,
     visible_values,
 )
-from threadline.explore.selection import truncate_change_join
+from threadline.explore.selection import has_nul_escape, truncate_change_join
 from threadline.explore.tables import key_condition
 
 __all__ = ["image_sql", "key_match", "plan_revert", "relation_sql", "revert_scope"]
@@ -60,18 +60,30 @@ def plan_revert(
     ids = [r["id"] for r in cur.execute(sql.SQL(SCOPE_SQL[key]).format(a=audit), {"v": value}).fetchall()]
     if not ids:
         raise RevertError(f"no transaction recorded for {key} {value}")
+    # an image holding the escape \u0000 (a json column's value) is read by none of the json
+    # functions a revert needs (before_row(), changed_fields(), json_populate_record()): such a
+    # change is flagged (nul) instead, and the revert refused
     changes = cur.execute(
         sql.SQL(
-            "SELECT c.id, c.transaction_id, c.table_schema, c.table_name, c.op,"
-            " c.pk::text AS pk_text, {a}.before_row(c.before, c.after)::text AS before_text, c.after::text AS after_text,"
-            " coalesce(c.changed_fields, {a}.changed_fields(c.before, c.after)) AS changed, c.captured_at"
-            "  FROM {a}.changes c WHERE c.transaction_id = ANY (%(ids)s) AND c.op <> 'snapshot'"
+            "SELECT c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk_text,"
+            " CASE WHEN NOT n.nul THEN {a}.before_row(c.before, c.after)::text END AS before_text,"
+            " c.after::text AS after_text,"
+            " CASE WHEN NOT n.nul THEN coalesce(c.changed_fields, {a}.changed_fields(c.before, c.after)) END AS changed,"
+            " c.captured_at, n.nul, CASE WHEN n.nul THEN c.before::text END AS nul_before"
+            "  FROM {a}.changes c"
+            "  CROSS JOIN LATERAL (SELECT coalesce({nul_before}, false) OR coalesce({nul_after}, false) AS nul) n"
+            " WHERE c.transaction_id = ANY (%(ids)s) AND c.op <> 'snapshot'"
             " ORDER BY c.captured_at, c.id"
-        ).format(a=audit),
+        ).format(
+            a=audit,
+            nul_before=sql.SQL(has_nul_escape("c.before")),
+            nul_after=sql.SQL(has_nul_escape("c.after")),
+        ),
         {"ids": ids},
     ).fetchall()
     if not changes:
         raise RevertError(f"the transactions of {key} {value} changed no tracked row: nothing to revert")
+    _refuse_nul_images(changes)
     truncates = [c for c in changes if c["op"] == "truncate"]
     if truncates:
         t = truncates[0]
@@ -180,6 +192,44 @@ def plan_revert(
             "(their defaults for a row inserted again)"
         )
     return plan, [r for r, _ in ordered], tables
+
+
+def _nul_columns(image: Any) -> list[str]:
+    """The keys of an image whose values hold the character NUL (in a string or a key, at any depth)."""
+
+    def holds(value: Any) -> bool:
+        if isinstance(value, str):
+            return "\x00" in value
+        if isinstance(value, dict):
+            return any("\x00" in k or holds(v) for k, v in value.items())
+        if isinstance(value, list):
+            return any(holds(v) for v in value)
+        return False
+
+    return [k for k, v in image.items() if holds(v)] if isinstance(image, dict) else []
+
+
+def _refuse_nul_images(changes: list[dict[str, Any]]) -> None:
+    """Raise :class:`RevertError` when a change's image holds the escape \\u0000."""
+    flagged = [c for c in changes if c["nul"]]
+    if not flagged:
+        return
+    lines = []
+    for c in flagged:
+        columns: list[str] = []
+        for text in (c["nul_before"], c["after_text"]):
+            columns += [k for k in _nul_columns(exact_json(text)) if k not in columns]
+        lines.append(
+            f"  {qualified_name(c['table_schema'], c['table_name'])} ({_key_text(exact_json(c['pk_text']) or {})}):"
+            f" change {c['id']} ({c['op']}, transaction {c['transaction_id']})"
+            + (f", column {', '.join(columns)}" if columns else "")
+        )
+    raise RevertError(
+        "these changes cannot be reverted: a JSON value they recorded holds the escape \\u0000"
+        " (the character NUL), which PostgreSQL's json functions cannot read back into a row:\n"
+        + "\n".join(lines)
+        + "\nrestore those rows by hand (threadline history shows their values)"
+    )
 
 
 def _later_changes(

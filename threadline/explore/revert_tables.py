@@ -82,7 +82,7 @@ def current_row(
     cur: psycopg.Cursor[Any], table: RevertTable, pk_text: str, lock: bool
 ) -> dict[str, Any] | None:
     """The row with key ``pk_text`` as it is now (locked ``FOR UPDATE`` if ``lock``); ``None`` when absent."""
-    statement = sql.SQL("SELECT to_json(t)::text AS row FROM {} AS t WHERE {}{}").format(
+    statement = sql.SQL("SELECT to_json(t.*)::text AS row FROM {} AS t WHERE {}{}").format(
         relation_sql(table), key_match(table), sql.SQL(" FOR UPDATE") if lock else sql.SQL("")
     )
     row = cur.execute(statement, {"pk": pk_text}).fetchone()
@@ -106,7 +106,7 @@ def rendered_image(cur: psycopg.Cursor[Any], table: RevertTable, image_text: str
     Images are text made in the capturing session (a ``timestamptz`` in its time zone, say):
     read back into the row type, they compare with the current row by value, not by spelling."""
     row = cur.execute(
-        sql.SQL("SELECT to_json(r)::text AS row FROM json_populate_record(NULL::{}, {}) AS r").format(
+        sql.SQL("SELECT to_json(r.*)::text AS row FROM json_populate_record(NULL::{}, {}) AS r").format(
             relation_sql(table), image_sql(table, "image")
         ),
         {"image": image_text or "{}"},

@@ -30,15 +30,65 @@ from threadline.explore.tables import TableRef, resolve_table
 # ---------------------------------------------------------------------------------------------
 # SQL pieces
 
+# A json image may hold the escape \u0000 (a json column's value is captured as its text, which
+# PostgreSQL's json type accepts with it), and every json function that reads the image's keys
+# (json_each, ->, json_populate_record, the schema's changed_fields() and before_row()) then fails:
+# "unsupported Unicode escape sequence". The 6 characters \u0000 as an E'' literal (the same text
+# whatever standard_conforming_strings says):
+NUL_ESCAPE = r"E'\\u0000'"
+
+
+def has_nul_text(image: str) -> str:
+    """SQL: whether the json (or jsonb) image ``image`` holds the text ``\\u0000`` (a real escape,
+    or an escaped backslash before ``u0000``: the cheap test that leaves every other row alone)."""
+    return f"strpos({image}::text, {NUL_ESCAPE}) > 0"
+
+
+def has_nul_escape(image: str) -> str:
+    """SQL: whether the image ``image`` holds a real escape ``\\u0000`` (reached from its start
+    through whole escapes: not one whose backslash is the second of an escaped backslash)."""
+    return (
+        f"({has_nul_text(image)} AND {image}::text"
+        " ~ '^(?:[^[.backslash.]]|[[.backslash.]].)*[[.backslash.]]u0000')"
+    )
+
+
+def nul_safe(image: str) -> str:
+    """SQL: the image ``image`` as json that json functions read although it holds \\u0000.
+
+    Each escaped backslash becomes two and each escape \\u0000 an escaped backslash before the
+    text ``u0000u0000`` (the regular expression steps through the backslashes an escape at a time,
+    so only real escapes are rewritten): no two texts become the same, so values compared as
+    rewritten text compare as they were. A key comes out with each backslash doubled
+    (:data:`NUL_SAFE_KEY` undoes that; column names never hold the character NUL)."""
+    return (
+        f"regexp_replace({image}::text, '([[.backslash.]])([[.backslash.]]|u0000)',"
+        r" E'\\1\\1\\2\\2', 'g')::json"
+    )
+
+
+NUL_SAFE_KEY = r"replace(b.key, E'\\\\', E'\\')"
+"""SQL: the key ``b.key`` of a :func:`nul_safe` image as it is in the image."""
+
 # JSON columns come as text: Python parses them (one decoder call each, and a transaction's only
 # once however many of its changes a result holds).
 # An update's changed fields: stored for tables with masked columns (and by older releases),
 # otherwise the keys whose values differ between its two whole-row images, in column order (the
 # schema's changed_fields() function, inlined: the cast to json serves json and jsonb columns).
+# An update whose images hold the text \u0000 (rare: a json column's value with that escape) has
+# them compared in the form nul_safe() gives, each rewritten once (in a sub-select that OFFSET 0
+# keeps whole). That sub-plan has no sort nor join: the planner adds its estimated cost to every
+# row's, and a higher estimate has JIT compile and optimize the statement at smaller sizes.
 CHANGED_FIELDS_SQL = (
-    "CASE WHEN c.op = 'update' AND c.changed_fields IS NULL THEN ARRAY("
+    "CASE WHEN c.op = 'update' AND c.changed_fields IS NULL THEN"
+    f" CASE WHEN {has_nul_text('c.before')} OR {has_nul_text('c.after')} THEN coalesce(("
+    f"SELECT array_agg({NUL_SAFE_KEY} ORDER BY b.ord)"
+    f" FROM (SELECT {nul_safe('c.before')} AS bj, {nul_safe('c.after')} AS aj OFFSET 0) AS s"
+    " CROSS JOIN LATERAL json_each(s.bj) WITH ORDINALITY AS b(key, value, ord)"
+    " WHERE (s.aj -> b.key)::text IS DISTINCT FROM b.value::text), ARRAY[]::text[])"
+    " ELSE ARRAY("
     "SELECT b.key FROM json_each(c.before::json) WITH ORDINALITY AS b(key, value, ord)"
-    " WHERE (c.after::json -> b.key)::text IS DISTINCT FROM b.value::text ORDER BY b.ord)"
+    " WHERE (c.after::json -> b.key)::text IS DISTINCT FROM b.value::text ORDER BY b.ord) END"
     " ELSE c.changed_fields END"
 )
 CHANGE_COLUMNS = sql.SQL(

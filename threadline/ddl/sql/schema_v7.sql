@@ -827,6 +827,49 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
      WHERE evtname IN ('@audit_name@_follow_ddl', '@audit_name@_follow_drop') AND evtenabled <> 'D'
 $fn$;
 
+-- j with each \u0000 escape written as an escaped backslash and "u0000", so that PostgreSQL's JSON
+-- functions and jsonb, which refuse that escape, can read it.
+CREATE OR REPLACE FUNCTION @audit@.json_nul_escaped(j json) RETURNS json
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    -- escaped backslashes set aside first, so that only real escapes are rewritten
+    SELECT replace(replace(replace(j::text, '\\', chr(1)), '\u0000', '\\u0000'), chr(1), '\\')::json
+$fn$;
+
+-- The same for any j, j itself when it holds no \u0000. Without a pinned search_path (every name
+-- carries its schema), so that PostgreSQL inlines it into the statement that calls it (drift-safe
+-- capture code reads each row's key through it) and prepares only the test for every row.
+CREATE OR REPLACE FUNCTION @audit@.json_without_nul(j json) RETURNS json
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT CASE WHEN pg_catalog.strpos(j::text, '\u0000') OPERATOR(pg_catalog.=) 0 THEN j
+                ELSE @audit@.json_nul_escaped(j) END
+$fn$;
+
+-- A row image as jsonb for drift-safe capture code that could not convert the row itself (a json
+-- column holding \u0000, or a number beyond numeric's range): without the \u0000 escapes and, for
+-- a column whose value jsonb still cannot hold, that value's JSON text as a string. Masks apply by
+-- name afterwards, as to any image.
+CREATE OR REPLACE FUNCTION @audit@.readable_jsonb(j json) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k text;
+    v json;
+    image jsonb := '{}';
+BEGIN
+    RETURN @audit@.json_without_nul(j)::jsonb;
+EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
+               OR character_not_in_repertoire OR program_limit_exceeded OR statement_too_complex THEN
+    FOR k, v IN SELECT e.key, e.value FROM json_each(@audit@.json_without_nul(j)) AS e LOOP
+        BEGIN
+            image := image || jsonb_build_object(k, v::jsonb);
+        EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
+                       OR character_not_in_repertoire OR program_limit_exceeded OR statement_too_complex THEN
+            image := image || jsonb_build_object(k, v::text);
+        END;
+    END LOOP;
+    RETURN image;
+END
+$fn$;
+
 -- Every value of j masked: what drift-safe code records while a masked, excluded or key column it
 -- knew no longer has its name (its value may be under any name now).
 CREATE OR REPLACE FUNCTION @audit@.mask_all(j jsonb) RETURNS jsonb
@@ -914,6 +957,7 @@ DECLARE
     usual constant text := $usual$@usual_context(NULL)@$usual$;
     text_exposed text[] := '{}';
     json_exposed text[] := '{}';
+    fallback text;
     containers text[] := '{}';
 BEGIN
     SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
@@ -1136,6 +1180,10 @@ BEGIN
             IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
                 pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
                 pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
+            ELSIF cardinality(mask) + cardinality(exclude) = 0 THEN
+                -- the json image, whose JSON functions refuse a \u0000 escape anywhere in it
+                pk_parts := pk_parts || format('%L, %I.json_without_nul(%s.j) -> %L', same, audit, n, same);
+                pk_old_parts := pk_old_parts || format('%L, %I.json_without_nul(%s.j) -> %L', same, audit, o, same);
             ELSE
                 pk_parts := pk_parts || format('%L, %s.j -> %L', same, n, same);
                 pk_old_parts := pk_old_parts || format('%L, %s.j -> %L', same, o, same);
@@ -1229,6 +1277,22 @@ BEGIN
             '  ELSIF TG_OP = ''DELETE'' THEN',
             CASE WHEN guard_check IS NULL THEN del[1]
                  ELSE concat_ws(E'\n', '   IF drifted THEN', del[2], '   ELSE', del[1], '   END IF;') END);
+        -- With masks or excludes the rows are read as jsonb, which cannot hold a json column's
+        -- \u0000 escape or a number beyond numeric's range: a statement that meets one runs again,
+        -- reading its rows through readable_jsonb(), in an exception block (a subtransaction per
+        -- statement, about 13,000 instructions on this path only; typed code never parses a row).
+        fallback := replace(dispatch, 'to_jsonb("threadline row".*)',
+                            format('%I.readable_jsonb(to_json("threadline row".*))', audit));
+        dispatch := CASE WHEN guard_check IS NULL THEN dispatch ELSE concat_ws(E'\n',
+            '  IF TG_OP <> ''TRUNCATE'' THEN',
+            '   BEGIN',
+            dispatch,
+            '  END IF;',
+            '   EXCEPTION WHEN untranslatable_character OR numeric_value_out_of_range OR invalid_text_representation',
+            '                  OR character_not_in_repertoire THEN',
+            fallback,
+            '  END IF;',
+            '   END;') END;
         k := 0;
         SELECT nc.nspname, c.relname INTO live_schema, live_name
           FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = rel;
