@@ -14,6 +14,7 @@ from psycopg import sql
 import threadline
 from threadline import ActorRef, ddl
 from threadline.core.errors import PrivilegeError
+from threadline.ops.baseline import take_baseline
 
 from .conftest import changed_before, changes
 from .test_cli import run
@@ -322,6 +323,20 @@ def test_casts_the_application_defines_never_run_inside_capture(
         assert paired[2]["after"]["t"] == "(9,sad)" and paired[2]["after"]["p"] == {"a": 9, "b": "z"}
         assert rows[5]["before"]["t"] == "(9,sad)"
         assert [r["pk"] for r in rows[6:]] == [{"k": "ok"}, {"k": "sad"}, {"k": "ok"}]
+        # a baseline, taken by the owner, writes the same images without calling the casts either
+        take_baseline(conn, "appowned.tt")
+        take_baseline(conn, "appowned.tk")
+        assert app.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+        snapshots = conn.execute(
+            "SELECT pk, after FROM threadline.changes WHERE op = 'snapshot' ORDER BY table_name DESC, id"
+        ).fetchall()
+        assert snapshots == [
+            (
+                {"id": 1},
+                {"id": 1, "m": "sad", "ms": "{ok,sad}", "t": "(9,sad)", "p": {"a": 9, "b": "z"}, "n": 1},
+            ),
+            ({"k": "sad"}, {"k": "sad", "n": 2}),
+        ]
     finally:
         conn.execute("DROP SCHEMA appowned CASCADE")
 

@@ -2010,6 +2010,7 @@ DECLARE
     last_row text;
     last jsonb;
     parted boolean := (SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = '@audit@.changes'::regclass);
+    shown text := '';
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size USING ERRCODE = '22023';
@@ -2065,7 +2066,24 @@ BEGIN
                               CASE WHEN cardinality(present_mask) > 0
                                    THEN format(' || %L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text)
                                    ELSE '' END) END;
-    pk := 'jsonb_build_object(' || array_to_string(ARRAY(SELECT format('%L, "threadline row".%I', k, k) FROM unnest(b.key_columns) AS k), ', ') || ')';
+    -- values of types created in the database through their output function, as capture writes
+    -- them (see cast_exposed_columns()): a cast such a type carries never runs as the caller
+    IF EXISTS (SELECT FROM @audit@.cast_exposed_columns(target) AS x WHERE x.in_json AND x.name <> ALL (opts.exclude)) THEN
+        SELECT format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"',
+                      string_agg(CASE WHEN c.name = ANY (present_mask) THEN format('''[masked]''::text AS %I', c.name)
+                                      WHEN x.in_json THEN format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', c.name), x.container), c.name)
+                                      ELSE format('"threadline row".%I', c.name) END, ', ' ORDER BY c.attnum))
+          INTO shown
+          FROM @audit@.table_columns(target) AS c
+          LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = c.name
+         WHERE c.name <> ALL (opts.exclude);
+        image := 'to_json("threadline shown".*)';
+    END IF;
+    pk := 'jsonb_build_object(' || array_to_string(ARRAY(
+              SELECT format('%L, %s', k, CASE WHEN x.in_json THEN @audit@.output_text_sql(format('"threadline row".%I', k), x.container)
+                                              ELSE format('"threadline row".%I', k) END)
+                FROM unnest(b.key_columns) WITH ORDINALITY AS u(k, ord)
+                LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = u.k ORDER BY u.ord), ', ') || ')';
     key_list := array_to_string(ARRAY(SELECT format('"threadline row".%I', k) FROM unnest(b.key_columns) AS k), ', ');
     IF b.last_key IS NOT NULL THEN
         -- The last key recorded, as constants of the key columns' types: a condition the key's
@@ -2082,7 +2100,7 @@ BEGIN
     END IF;
     EXECUTE format(
         'WITH batch AS (SELECT %1$s AS pk, %2$s AS image, row_number() OVER (ORDER BY %4$s) AS n'
-        '                 FROM %3$s AS "threadline row"%5$s ORDER BY %4$s LIMIT $1),'
+        '                 FROM %3$s AS "threadline row"%8$s%5$s ORDER BY %4$s LIMIT $1),'
         ' recorded AS (INSERT INTO @audit@.changes (transaction_id, table_schema, table_name, op, pk, after%6$s)'
         '              SELECT $2, $3, $4, ''snapshot'', batch.pk, batch.image%7$s FROM batch)'
         ' SELECT count(*)::integer, (array_agg(batch.pk ORDER BY batch.n DESC))[1] FROM batch',
@@ -2090,7 +2108,8 @@ BEGIN
         CASE WHEN b.last_key IS NULL THEN '' ELSE format(' WHERE (%s) > (%s)', key_list, last_row) END,
         -- partitioned, the snapshots go to the partition of the baseline's transaction
         CASE WHEN parted THEN ', occurred_at' ELSE '' END,
-        CASE WHEN parted THEN ', (SELECT t.occurred_at FROM @audit@.transactions t WHERE t.id = $2)' ELSE '' END)
+        CASE WHEN parted THEN ', (SELECT t.occurred_at FROM @audit@.transactions t WHERE t.id = $2)' ELSE '' END,
+        shown)
       INTO batch_rows, last
       USING batch_size, b.transaction_id, live_schema, live_name;
     UPDATE @audit@.baselines AS x
