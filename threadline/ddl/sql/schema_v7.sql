@@ -804,6 +804,38 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                        OR (ty.typtype = 'b' AND ty.oid >= 16384 AND ty.typelem = 0))
 $fn$;
 
+-- True when a column of a type created in the database holds a date, a time or an interval
+-- (in a composite, an array or a range of its own): capture writes such a value as its output
+-- text (see cast_exposed_columns()), which prints them as the session's DateStyle and
+-- IntervalStyle say, so its capture code sets both for itself.
+CREATE OR REPLACE FUNCTION @audit@.prints_dates(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE walk AS (
+        SELECT a.atttypid AS t, 0 AS depth
+          FROM pg_attribute a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid >= 16384
+        UNION ALL
+        SELECT x.t, w.depth + 1
+          FROM walk w JOIN pg_type ty ON ty.oid = w.t
+         CROSS JOIN LATERAL (
+               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
+               UNION ALL
+               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
+               UNION ALL
+               SELECT rt.rngsubtype FROM pg_range rt WHERE ty.typtype = 'r' AND rt.rngtypid = ty.oid
+               UNION ALL
+               SELECT mr.rngsubtype FROM pg_range mr WHERE ty.typtype = 'm' AND mr.rngmultitypid = ty.oid
+               UNION ALL
+               SELECT at.atttypid FROM pg_attribute at
+                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
+                  AND NOT at.attisdropped) AS x
+         WHERE w.depth < 16
+    )
+    SELECT EXISTS (SELECT FROM walk w
+                    WHERE w.t IN ('date'::regtype, 'time'::regtype, 'timetz'::regtype, 'timestamp'::regtype,
+                                  'timestamptz'::regtype, 'interval'::regtype))
+$fn$;
+
 -- The SQL text of a value's text through its type's output function (see cast_exposed_columns()).
 CREATE OR REPLACE FUNCTION @audit@.output_text_sql(expr text, container boolean) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -958,6 +990,8 @@ DECLARE
     text_exposed text[] := '{}';
     json_exposed text[] := '{}';
     fallback text;
+    row_ref text := '"threadline row".*';
+    safe_lateral text := '';
     containers text[] := '{}';
 BEGIN
     SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
@@ -1219,10 +1253,27 @@ BEGIN
             guard_check := '  drifted := ' || guard_check || ';';
         END IF;
         same := CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END;
-        side_old := format('(SELECT row_number() OVER () AS rn, %s("threadline row".*) AS j FROM threadline_old AS "threadline row") AS %s', same, o);
-        side_new := format('(SELECT row_number() OVER () AS rn, %s("threadline row".*) AS j FROM threadline_new AS "threadline row") AS %s', same, n);
-        one_old := format('(SELECT %s("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s', same, o);
-        one_new := format('(SELECT %s("threadline row".*) AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s', same, n);
+        -- Drift-safe code converts each row whole, which calls a cast to json that a column's type
+        -- may carry (see cast_exposed_columns()). Where the DDL event triggers run (they
+        -- regenerate this code after every change of the table, as they do typed code: drift-safe
+        -- code here is the fallback for a table typed code cannot serve), the row is converted
+        -- from a projection of its current columns in which such values are their output text.
+        -- Without the event triggers, the code must name no column, and the schema's owner is not
+        -- a superuser (see capture.md).
+        IF @audit@.follows_ddl() AND EXISTS (SELECT FROM @audit@.cast_exposed_columns(rel) AS x WHERE x.in_json) THEN
+            SELECT format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline safe"',
+                          string_agg(CASE WHEN x.in_json
+                                          THEN format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', c.name), x.container), c.name)
+                                          ELSE format('"threadline row".%I', c.name) END, ', ' ORDER BY c.attnum))
+              INTO safe_lateral
+              FROM @audit@.table_columns(rel) AS c
+              LEFT JOIN @audit@.cast_exposed_columns(rel) AS x ON x.name = c.name;
+            row_ref := '"threadline safe".*';
+        END IF;
+        side_old := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j FROM threadline_old AS "threadline row"%s) AS %s', same, row_ref, safe_lateral, o);
+        side_new := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j FROM threadline_new AS "threadline row"%s) AS %s', same, row_ref, safe_lateral, n);
+        one_old := format('(SELECT %s(%s) AS j FROM threadline_old AS "threadline row"%s OFFSET 0) AS %s', same, row_ref, safe_lateral, o);
+        one_new := format('(SELECT %s(%s) AS j FROM threadline_new AS "threadline row"%s OFFSET 0) AS %s', same, row_ref, safe_lateral, n);
         -- compared as text: jsonb's = holds for numbers written differently (1.5 and 1.50), its
         -- text (keys in a fixed order) does not
         any_changed := CASE WHEN cardinality(exclude) > 0
@@ -1258,13 +1309,13 @@ BEGIN
             ins := ins || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
-                format('      FROM (SELECT %s("threadline row".*) AS j FROM threadline_new AS "threadline row" OFFSET 0) AS %s;',
-                       CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, n));
+                format('      FROM (SELECT %s(%s) AS j FROM threadline_new AS "threadline row"%s OFFSET 0) AS %s;',
+                       CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, row_ref, safe_lateral, n));
             del := del || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
                 format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
-                format('      FROM (SELECT %s("threadline row".*) AS j FROM threadline_old AS "threadline row" OFFSET 0) AS %s;',
-                       CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, o));
+                format('      FROM (SELECT %s(%s) AS j FROM threadline_old AS "threadline row"%s OFFSET 0) AS %s;',
+                       CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END, row_ref, safe_lateral, o));
         END LOOP;
         dispatch := concat_ws(E'\n',
             '  IF TG_OP = ''UPDATE'' THEN',
@@ -1281,15 +1332,15 @@ BEGIN
         -- \u0000 escape or a number beyond numeric's range: a statement that meets one runs again,
         -- reading its rows through readable_jsonb(), in an exception block (a subtransaction per
         -- statement, about 13,000 instructions on this path only; typed code never parses a row).
-        fallback := replace(dispatch, 'to_jsonb("threadline row".*)',
-                            format('%I.readable_jsonb(to_json("threadline row".*))', audit));
+        fallback := replace(dispatch, format('to_jsonb(%s)', row_ref),
+                            format('%I.readable_jsonb(to_json(%s))', audit, row_ref));
         dispatch := CASE WHEN guard_check IS NULL THEN dispatch ELSE concat_ws(E'\n',
             '  IF TG_OP <> ''TRUNCATE'' THEN',
             '   BEGIN',
             dispatch,
             '  END IF;',
             '   EXCEPTION WHEN untranslatable_character OR numeric_value_out_of_range OR invalid_text_representation',
-            '                  OR character_not_in_repertoire THEN',
+            '                  OR character_not_in_repertoire OR statement_too_complex OR program_limit_exceeded THEN',
             fallback,
             '  END IF;',
             '   END;') END;
@@ -1352,7 +1403,12 @@ BEGIN
         format(E'-- threadline capture v%s (%s)\nCREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql\nSECURITY DEFINER SET search_path = pg_catalog, pg_temp%s AS %s\n%s%s',
                cv, CASE WHEN typed THEN 'typed' ELSE 'drift_safe' END, audit, fn,
                -- drift-safe code cannot know the columns a table will have
-               CASE WHEN NOT typed OR @audit@.prints_floats(rel) THEN ' SET extra_float_digits = 1' ELSE '' END,
+               CASE WHEN NOT typed OR @audit@.prints_floats(rel) THEN ' SET extra_float_digits = 1' ELSE '' END
+               -- values written as their output text (a composite or array holding a type created in
+               -- the database, such a range) print their dates and intervals as the session says;
+               -- to_json() writes them in ISO whatever it says
+               || CASE WHEN (cardinality(json_exposed) > 0 OR safe_lateral <> '') AND @audit@.prints_dates(rel)
+                       THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres''' ELSE '' END,
                tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
@@ -1994,7 +2050,9 @@ ALTER TABLE @audit@.tracked_tables ENABLE ALWAYS TRIGGER end_baseline;
 CREATE OR REPLACE FUNCTION @audit@.baseline_batch(
     target regclass, batch_size integer DEFAULT 10000,
     OUT baseline_id bigint, OUT batch_rows integer, OUT total_rows bigint, OUT finished boolean)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+-- the text of the values, as capture code writes it whatever the session prints (see render_capture)
+SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' AS $fn$
 DECLARE
     e @audit@.tracked_tables;
     b @audit@.baselines;
@@ -2068,7 +2126,7 @@ BEGIN
                                    ELSE '' END) END;
     -- values of types created in the database through their output function, as capture writes
     -- them (see cast_exposed_columns()): a cast such a type carries never runs as the caller
-    IF EXISTS (SELECT FROM @audit@.cast_exposed_columns(target) AS x WHERE x.in_json AND x.name <> ALL (opts.exclude)) THEN
+    IF EXISTS (SELECT FROM @audit@.cast_exposed_columns(target) AS x WHERE x.in_json) THEN
         SELECT format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"',
                       string_agg(CASE WHEN c.name = ANY (present_mask) THEN format('''[masked]''::text AS %I', c.name)
                                       WHEN x.in_json THEN format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', c.name), x.container), c.name)
@@ -2090,10 +2148,15 @@ BEGIN
         -- index serves, so a batch starts where the last one stopped rather than reading the rows
         -- before it. Only the key columns are read back from it (no other column is involved).
         SELECT string_agg(format('%I %s', a.attname, t.name), ', ' ORDER BY k.ord),
-               string_agg(format('quote_nullable(l.%I) || %L', a.attname, '::' || t.name), ' || '', '' || ' ORDER BY k.ord)
+               string_agg(format('quote_nullable(%s) || %L',
+                                 -- through the output function: ::text could call a cast
+                                 CASE WHEN x.in_text THEN @audit@.output_text_sql(format('l.%I', a.attname), x.container)
+                                      ELSE format('l.%I', a.attname) END,
+                                 '::' || t.name), ' || '', '' || ' ORDER BY k.ord)
           INTO key_defs, last_row
           FROM unnest(b.key_columns) WITH ORDINALITY AS k(name, ord)
           JOIN pg_attribute a ON a.attrelid = target AND a.attname = k.name AND a.attnum > 0 AND NOT a.attisdropped
+          LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = k.name
          CROSS JOIN LATERAL format_type(a.atttypid, a.atttypmod) AS t(name);
         EXECUTE format('SELECT %s FROM jsonb_to_record($1) AS l(%s)', last_row, key_defs)
           INTO last_row USING b.last_key;
