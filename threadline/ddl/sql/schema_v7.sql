@@ -729,6 +729,37 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
      ORDER BY c.attnum
 $fn$;
 
+-- The types of a table's columns and every type they hold: below a domain its base type, in an
+-- array its element, in a range or multirange its subtype, in a composite its attributes' types.
+-- top: the column's own type or a base type of it; inside: held by a type created in the database
+-- (oid 16384 and above).
+CREATE OR REPLACE FUNCTION @audit@.column_types(rel regclass)
+RETURNS TABLE (attnum smallint, t oid, top boolean, inside boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE walk AS (
+        SELECT a.attnum, a.atttypid AS t, 0 AS depth, true AS top, false AS inside
+          FROM pg_attribute a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT w.attnum, x.t, w.depth + 1, w.top AND ty.typtype = 'd', w.inside OR w.t >= 16384
+          FROM walk w JOIN pg_type ty ON ty.oid = w.t
+         CROSS JOIN LATERAL (
+               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
+               UNION ALL
+               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
+               UNION ALL
+               SELECT r.rngsubtype FROM pg_range r WHERE ty.typtype = 'r' AND r.rngtypid = ty.oid
+               UNION ALL
+               SELECT r.rngsubtype FROM pg_range r WHERE ty.typtype = 'm' AND r.rngmultitypid = ty.oid
+               UNION ALL
+               SELECT at.atttypid FROM pg_attribute at
+                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
+                  AND NOT at.attisdropped) AS x
+         WHERE w.depth < 16
+    )
+    SELECT w.attnum, w.t, w.top, w.inside FROM walk w
+$fn$;
+
 -- Columns of a type created in the database (oid 16384 and above: enums, ranges, composites,
 -- extension types, arrays of them), whose owner may have given it a cast to text or json. Capture
 -- code runs as the audit schema's owner, and ::text or to_json() would call such a cast with that
@@ -740,31 +771,15 @@ $fn$;
 CREATE OR REPLACE FUNCTION @audit@.cast_exposed_columns(rel regclass)
 RETURNS TABLE (name text, in_text boolean, in_json boolean, container boolean)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    WITH RECURSIVE walk AS (
-        SELECT a.attnum, a.atttypid AS t, 0 AS depth, true AS top
-          FROM pg_attribute a
-         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-        UNION ALL
-        SELECT w.attnum, x.t, w.depth + 1, w.top AND ty.typtype = 'd'
-          FROM walk w JOIN pg_type ty ON ty.oid = w.t
-         CROSS JOIN LATERAL (
-               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
-               UNION ALL
-               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
-               UNION ALL
-               SELECT at.atttypid FROM pg_attribute at
-                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
-                  AND NOT at.attisdropped) AS x
-         WHERE w.depth < 16
-    ), kinds AS (
-        SELECT w.attnum, w.t, w.top, ty.typtype, ty.typelem <> 0 AND ty.typlen = -1 AS is_array
-          FROM walk w JOIN pg_type ty ON ty.oid = w.t
-    )
     SELECT a.attname::text,
-           coalesce(bool_or(k.top AND k.typtype <> 'd' AND k.t >= 16384), false),
-           coalesce(bool_or(k.typtype NOT IN ('d', 'c') AND NOT k.is_array AND k.t >= 16384), false),
-           coalesce(bool_or(k.top AND k.typtype <> 'd' AND (k.typtype = 'c' OR k.is_array)), false)
-      FROM pg_attribute a JOIN kinds k ON k.attnum = a.attnum
+           coalesce(bool_or(k.top AND ty.typtype <> 'd' AND k.t >= 16384), false),
+           -- a range's subtype is not reached: to_json() converts the range itself
+           coalesce(bool_or(ty.typtype NOT IN ('d', 'c') AND NOT (ty.typelem <> 0 AND ty.typlen = -1)
+                            AND k.t >= 16384), false),
+           coalesce(bool_or(k.top AND ty.typtype <> 'd' AND (ty.typtype = 'c' OR (ty.typelem <> 0 AND ty.typlen = -1))), false)
+      FROM pg_attribute a
+      JOIN @audit@.column_types(rel) AS k ON k.attnum = a.attnum
+      JOIN pg_type ty ON ty.oid = k.t
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
      GROUP BY a.attnum, a.attname
     HAVING bool_or(k.t >= 16384)
@@ -778,62 +793,22 @@ $fn$;
 -- sets it to 1 (exact, the default) for itself.
 CREATE OR REPLACE FUNCTION @audit@.prints_floats(rel regclass) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    WITH RECURSIVE walk AS (
-        SELECT a.atttypid AS t, 0 AS depth
-          FROM pg_attribute a
-         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-        UNION ALL
-        SELECT x.t, w.depth + 1
-          FROM walk w JOIN pg_type ty ON ty.oid = w.t
-         CROSS JOIN LATERAL (
-               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
-               UNION ALL
-               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
-               UNION ALL
-               SELECT rt.rngsubtype FROM pg_range rt WHERE ty.typtype = 'r' AND rt.rngtypid = ty.oid
-               UNION ALL
-               SELECT at.atttypid FROM pg_attribute at
-                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
-                  AND NOT at.attisdropped) AS x
-         WHERE w.depth < 16
-    )
-    SELECT EXISTS (SELECT FROM walk w JOIN pg_type ty ON ty.oid = w.t
+    SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k JOIN pg_type ty ON ty.oid = k.t
                     WHERE ty.oid IN ('float4'::regtype, 'float8'::regtype, 'point'::regtype,
                                      'lseg'::regtype, 'line'::regtype, 'box'::regtype,
                                      'path'::regtype, 'polygon'::regtype, 'circle'::regtype)
                        OR (ty.typtype = 'b' AND ty.oid >= 16384 AND ty.typelem = 0))
 $fn$;
 
--- True when a column of a type created in the database holds a date, a time or an interval
--- (in a composite, an array or a range of its own): capture writes such a value as its output
--- text (see cast_exposed_columns()), which prints them as the session's DateStyle and
--- IntervalStyle say, so its capture code sets both for itself.
+-- True when a type created in the database holds a date, a time or an interval (in a composite,
+-- an array or a range of its own): capture writes such a value as its output text (see
+-- cast_exposed_columns()), which prints them as the session's DateStyle and IntervalStyle say,
+-- so its capture code sets both for itself.
 CREATE OR REPLACE FUNCTION @audit@.prints_dates(rel regclass) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    WITH RECURSIVE walk AS (
-        SELECT a.atttypid AS t, 0 AS depth
-          FROM pg_attribute a
-         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid >= 16384
-        UNION ALL
-        SELECT x.t, w.depth + 1
-          FROM walk w JOIN pg_type ty ON ty.oid = w.t
-         CROSS JOIN LATERAL (
-               SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
-               UNION ALL
-               SELECT ty.typelem WHERE ty.typtype <> 'd' AND ty.typelem <> 0 AND ty.typlen = -1
-               UNION ALL
-               SELECT rt.rngsubtype FROM pg_range rt WHERE ty.typtype = 'r' AND rt.rngtypid = ty.oid
-               UNION ALL
-               SELECT mr.rngsubtype FROM pg_range mr WHERE ty.typtype = 'm' AND mr.rngmultitypid = ty.oid
-               UNION ALL
-               SELECT at.atttypid FROM pg_attribute at
-                WHERE ty.typtype = 'c' AND at.attrelid = ty.typrelid AND at.attnum > 0
-                  AND NOT at.attisdropped) AS x
-         WHERE w.depth < 16
-    )
-    SELECT EXISTS (SELECT FROM walk w
-                    WHERE w.t IN ('date'::regtype, 'time'::regtype, 'timetz'::regtype, 'timestamp'::regtype,
-                                  'timestamptz'::regtype, 'interval'::regtype))
+    SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k
+                    WHERE k.inside AND k.t IN ('date'::regtype, 'time'::regtype, 'timetz'::regtype,
+                                               'timestamp'::regtype, 'timestamptz'::regtype, 'interval'::regtype))
 $fn$;
 
 -- The SQL text of a value's text through its type's output function (see cast_exposed_columns()).
