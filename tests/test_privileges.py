@@ -260,6 +260,7 @@ def test_casts_the_application_defines_never_run_inside_capture(
     conn.execute(sql.SQL("CREATE SCHEMA appowned AUTHORIZATION {}").format(ident))
     try:
         app.execute("CREATE TABLE appowned.calls (who text, what text)")
+        app.execute("CREATE SEQUENCE appowned.cast_calls")  # counts calls a rollback undoes too
         app.execute("CREATE TYPE appowned.mood AS ENUM ('ok', 'sad')")
         app.execute("CREATE TYPE appowned.tagged AS (n int, m appowned.mood, d date)")
         app.execute("CREATE TYPE appowned.plain AS (a int, b text)")
@@ -282,7 +283,8 @@ def test_casts_the_application_defines_never_run_inside_capture(
             for target in ("json", "text"):
                 app.execute(
                     f"CREATE FUNCTION appowned.{name}_{target}({source}) RETURNS {target} LANGUAGE sql"
-                    f" AS $$ INSERT INTO appowned.calls VALUES (current_user, '{name}_{target}')"
+                    f" AS $$ SELECT nextval('appowned.cast_calls');"
+                    f" INSERT INTO appowned.calls VALUES (current_user, '{name}_{target}')"
                     f" RETURNING '\"lie\"'::{target} $$"
                 )
                 app.execute(
@@ -291,8 +293,9 @@ def test_casts_the_application_defines_never_run_inside_capture(
         # the casts are real: an explicit conversion calls them
         assert app.execute("SELECT to_json('ok'::appowned.mood)::text").fetchone() == ('"lie"',)
         app.execute("DELETE FROM appowned.calls")
+        app.execute("SELECT setval('appowned.cast_calls', 1, false)")
         app.execute("SET DateStyle = 'SQL, DMY'")  # a composite's text would print its date so
-        with threadline.context(actor="user:1"), threadline.transaction(app):
+        with threadline.context(actor="user:1", correlation_id="req-casts"), threadline.transaction(app):
             app.execute(
                 "INSERT INTO appowned.tt VALUES (1, 'ok', '{ok}', '(1,ok,2024-03-04)', '(1,x)', 1),"
                 " (2, 'ok', '{ok}', '(2,ok,)', '(2,y)', 2)"
@@ -307,6 +310,7 @@ def test_casts_the_application_defines_never_run_inside_capture(
             app.execute("UPDATE appowned.tx SET n = 2")
         app.execute("RESET DateStyle")
         assert app.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+        assert app.execute("SELECT is_called FROM appowned.cast_calls").fetchone() == (False,)
         rows = [r for r in changes(conn) if r["table_schema"] == "appowned"]
         assert [(r["table_name"], r["op"]) for r in rows] == [
             ("tt", "insert"), ("tt", "insert"), ("tt", "update"), ("tt", "update"), ("tt", "update"),
@@ -325,11 +329,19 @@ def test_casts_the_application_defines_never_run_inside_capture(
         assert rows[5]["before"]["t"] == "(9,sad,)"
         assert [r["pk"] for r in rows[6:9]] == [{"k": "ok"}, {"k": "sad"}, {"k": "ok"}]
         assert rows[10]["after"] == {"id": 1, "n": 2}
+        # reverting reads the rows as they are now, as the role that reverts: no cast either
+        plan = threadline.revert(conn, correlation_id="req-casts", dry_run=True).plan
+        assert sorted((s.action, s.table) for s in plan.steps) == [
+            ("delete", "appowned.tk"), ("delete", "appowned.tt"), ("delete", "appowned.tx")
+        ]  # fmt: skip
+        assert app.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+        assert app.execute("SELECT is_called FROM appowned.cast_calls").fetchone() == (False,)
         # baselines, taken by the owner in batches of one row (each resuming after the last key),
         # write the same images without calling the casts either
         for table in ("appowned.tt", "appowned.tk", "appowned.tx"):
             take_baseline(conn, table, batch_size=1)
         assert app.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+        assert app.execute("SELECT is_called FROM appowned.cast_calls").fetchone() == (False,)
         snapshots = conn.execute(
             "SELECT table_name, pk, after FROM threadline.changes WHERE op = 'snapshot' ORDER BY table_name, id"
         ).fetchall()

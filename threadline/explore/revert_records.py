@@ -122,6 +122,10 @@ class RevertTable:
     columns: tuple[str, ...]
     insertable: tuple[str, ...]
     oid: int
+    #: columns whose values are read as their type's output text (name, whether a composite or
+    #: an array): a type created in the database may carry a cast to json, which to_json() calls
+    #: with the rights of whoever reverts; capture records such values as that text too
+    as_text: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass

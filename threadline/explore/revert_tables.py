@@ -39,7 +39,9 @@ def resolve_tables(
                 " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0"
                 "        AND NOT a.attisdropped ORDER BY a.attnum) AS columns,"
                 " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0"
-                "        AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum) AS insertable"
+                "        AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum) AS insertable,"
+                " ARRAY(SELECT x.name FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS as_text,"
+                " ARRAY(SELECT x.container FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS containers"
                 "  FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace"
                 "  LEFT JOIN {a}.tracked_tables t ON t.relid = c.oid WHERE c.oid = %(oid)s"
             ).format(a=audit),
@@ -59,6 +61,7 @@ def resolve_tables(
             columns=tuple(info["columns"]),
             insertable=tuple(info["insertable"]),
             oid=row["oid"],
+            as_text=tuple(zip(info["as_text"], info["containers"], strict=True)),
         )
     return out
 
@@ -78,12 +81,39 @@ def key_match(table: RevertTable, alias: str = "t") -> sql.Composable:
     )
 
 
+def row_json(table: RevertTable, alias: str) -> sql.Composable:
+    """``to_json()`` of the row ``alias`` of ``table``, with the values of :attr:`RevertTable.as_text`
+    as their output text (``concat()``, which calls no cast), as capture writes them."""
+    if not table.as_text:
+        return sql.SQL("to_json({}.*)").format(sql.Identifier(alias))
+    shown = dict(table.as_text)
+    parts = []
+    for column in table.columns:
+        value = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
+        if column not in shown:
+            parts.append(value)
+        elif shown[column]:  # a composite's or an array's text is never empty
+            parts.append(
+                sql.SQL("nullif(pg_catalog.concat({}), '') AS {}").format(value, sql.Identifier(column))
+            )
+        else:
+            parts.append(
+                sql.SQL("CASE WHEN {v} IS NULL THEN NULL ELSE pg_catalog.concat({v}) END AS {c}").format(
+                    v=value, c=sql.Identifier(column)
+                )
+            )
+    return sql.SQL("(SELECT to_json(s.*) FROM (SELECT {}) AS s)").format(sql.SQL(", ").join(parts))
+
+
 def current_row(
     cur: psycopg.Cursor[Any], table: RevertTable, pk_text: str, lock: bool
 ) -> dict[str, Any] | None:
     """The row with key ``pk_text`` as it is now (locked ``FOR UPDATE`` if ``lock``); ``None`` when absent."""
-    statement = sql.SQL("SELECT to_json(t.*)::text AS row FROM {} AS t WHERE {}{}").format(
-        relation_sql(table), key_match(table), sql.SQL(" FOR UPDATE") if lock else sql.SQL("")
+    statement = sql.SQL("SELECT {}::text AS row FROM {} AS t WHERE {}{}").format(
+        row_json(table, "t"),
+        relation_sql(table),
+        key_match(table),
+        sql.SQL(" FOR UPDATE") if lock else sql.SQL(""),
     )
     row = cur.execute(statement, {"pk": pk_text}).fetchone()
     return None if row is None else dict(exact_json(row["row"]))
@@ -106,8 +136,8 @@ def rendered_image(cur: psycopg.Cursor[Any], table: RevertTable, image_text: str
     Images are text made in the capturing session (a ``timestamptz`` in its time zone, say):
     read back into the row type, they compare with the current row by value, not by spelling."""
     row = cur.execute(
-        sql.SQL("SELECT to_json(r.*)::text AS row FROM json_populate_record(NULL::{}, {}) AS r").format(
-            relation_sql(table), image_sql(table, "image")
+        sql.SQL("SELECT {}::text AS row FROM json_populate_record(NULL::{}, {}) AS r").format(
+            row_json(table, "r"), relation_sql(table), image_sql(table, "image")
         ),
         {"image": image_text or "{}"},
     ).fetchone()
