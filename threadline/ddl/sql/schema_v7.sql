@@ -773,7 +773,7 @@ RETURNS TABLE (name text, in_text boolean, in_json boolean, container boolean)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT a.attname::text,
            coalesce(bool_or(k.top AND ty.typtype <> 'd' AND k.t >= 16384), false),
-           -- a range's subtype is not reached: to_json() converts the range itself
+           -- a range or multirange counts itself: to_json() converts it whole
            coalesce(bool_or(ty.typtype NOT IN ('d', 'c') AND NOT (ty.typelem <> 0 AND ty.typlen = -1)
                             AND k.t >= 16384), false),
            coalesce(bool_or(k.top AND ty.typtype <> 'd' AND (ty.typtype = 'c' OR (ty.typelem <> 0 AND ty.typlen = -1))), false)
