@@ -53,12 +53,22 @@ def database() -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def store_database(partition_by: str | None, prefix: str = "threadline_store") -> Iterator[str]:
-    """DSN of a new database with an audit store of the given layout (``None``: plain tables) and
-    a tracked table ``items (id int PRIMARY KEY, v text)``, dropped after use."""
+def store_database(
+    partition_by: str | None, prefix: str = "threadline_store", encoding: str | None = None
+) -> Iterator[str]:
+    """DSN of a new database (in ``encoding``, default the server's) with an audit store of the
+    given layout (``None``: plain tables) and a tracked table ``items (id int PRIMARY KEY, v text)``,
+    dropped after use."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        if encoding is None:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        else:
+            admin.execute(
+                sql.SQL(
+                    "CREATE DATABASE {} ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+                ).format(sql.Identifier(name), sql.Literal(encoding))
+            )
     dsn = _dsn_for(name)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:

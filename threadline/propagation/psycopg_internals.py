@@ -27,6 +27,7 @@ from threadline.propagation.psycopg_setting import (
     SET_CONTEXT_SQL,
     context_payload,
     payload_enricher,
+    payload_for,
     set_local_command,
 )
 
@@ -96,7 +97,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
             # simple query, which the server runs as one implicit transaction.
             return self._execute_prefixed(conn, [conn._set_local(_current.get())], query, params)
         with conn.pipeline():
-            psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload()])
+            psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [payload_for(conn, context_payload())])
             super().execute(query, params, **kwargs)
         return self
 

@@ -6,6 +6,8 @@ enricher makes of it); ``set_local_command`` and ``SET_CONTEXT_SQL`` set it on t
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,20 @@ SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
 ``SET LOCAL`` would have no effect (autocommit statements, pipelines)."""
 
 
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def payload_for(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], payload: str) -> str:
+    """``payload`` as ``conn`` can send it: unchanged over a UTF-8 connection, otherwise with every
+    character outside ASCII written as a JSON escape (``\\u00e9``), the same JSON, so that a
+    context never fails a transaction in a database of another encoding (``LATIN1``, say) because
+    a character has no equivalent there. The server then reads the escapes through its complete
+    checks: a character it can hold is kept, any other makes the context invalid, recorded as such."""
+    if payload.isascii() or conn.info.encoding == "utf-8":
+        return payload
+    return _NON_ASCII.sub(lambda m: json.dumps(m.group())[1:-1], payload)
+
+
 def set_local_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], payload: str) -> bytes:
     """``SET LOCAL threadline.context = <payload>``, quoted for ``conn``'s encoding.
 
@@ -28,7 +44,12 @@ def set_local_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[An
     quarter of a small transaction's throughput in measurements). Outside a block (autocommit
     statements, pipelines) it would have no effect: use ``SET_CONTEXT_SQL`` there.
     """
-    return b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = " + sql.Literal(payload).as_bytes(conn)
+    return (
+        b"SET LOCAL "
+        + CONTEXT_SETTING.encode()
+        + b" = "
+        + sql.Literal(payload_for(conn, payload)).as_bytes(conn)
+    )
 
 
 PayloadEnricher = Callable[[AuditContext], str]

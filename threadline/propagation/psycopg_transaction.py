@@ -17,7 +17,12 @@ from psycopg import pq
 from threadline.core.context import AuditContext
 from threadline.ddl.names import CONTEXT_SETTING
 from threadline.propagation.psycopg_internals import ThreadlineConnection
-from threadline.propagation.psycopg_setting import SET_CONTEXT_SQL, context_payload, set_local_command
+from threadline.propagation.psycopg_setting import (
+    SET_CONTEXT_SQL,
+    context_payload,
+    payload_for,
+    set_local_command,
+)
 
 # Sets the context and returns the value it replaced (to restore after a nested block).
 _SWAP_SQL = (
@@ -36,7 +41,7 @@ def apply_context(conn: psycopg.Connection[Any], ctx: AuditContext | None = None
         raise psycopg.ProgrammingError(
             "apply_context() needs an open transaction: use threadline.transaction(conn)"
         )
-    psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [context_payload(ctx)])
+    psycopg.Cursor(conn).execute(SET_CONTEXT_SQL, [payload_for(conn, context_payload(ctx))])
 
 
 async def apply_context_async(conn: psycopg.AsyncConnection[Any], ctx: AuditContext | None = None) -> None:
@@ -45,7 +50,7 @@ async def apply_context_async(conn: psycopg.AsyncConnection[Any], ctx: AuditCont
         raise psycopg.ProgrammingError(
             "apply_context_async() needs an open transaction: use threadline.transaction(conn)"
         )
-    await psycopg.AsyncCursor(conn).execute(SET_CONTEXT_SQL, [context_payload(ctx)])
+    await psycopg.AsyncCursor(conn).execute(SET_CONTEXT_SQL, [payload_for(conn, context_payload(ctx))])
 
 
 class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
@@ -80,7 +85,11 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         if not isinstance(conn, ThreadlineConnection):
             try:
                 if nested:
-                    row = psycopg.Cursor(conn).execute(_SWAP_SQL, [context_payload()]).fetchone()
+                    row = (
+                        psycopg.Cursor(conn)
+                        .execute(_SWAP_SQL, [payload_for(conn, context_payload())])
+                        .fetchone()
+                    )
                     self._outer_value = row[0] or "" if row is not None else ""
                 else:
                     psycopg.Cursor(conn).execute(set_local_command(conn, context_payload()))
@@ -117,7 +126,9 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         tx = await self._async.__aenter__()
         try:
             if nested:
-                cur = await psycopg.AsyncCursor(conn).execute(_SWAP_SQL, [context_payload()])
+                cur = await psycopg.AsyncCursor(conn).execute(
+                    _SWAP_SQL, [payload_for(conn, context_payload())]
+                )
                 row = await cur.fetchone()
                 self._outer_value = row[0] or "" if row is not None else ""
             else:
