@@ -19,6 +19,7 @@ from threadline.core._run import Plan, Query, run
 from threadline.core.records import iso
 from threadline.explore.arguments import audit_identifier, check_time
 from threadline.explore.as_of_errors import NoBaseline
+from threadline.explore.export_rows import chunked_streaming
 from threadline.explore.selection import has_nul_text, partitioned_plan, truncate_change_join
 from threadline.explore.tables import resolve_table
 
@@ -130,8 +131,14 @@ def _stream_rows(
     with psycopg.Cursor(raw) as cur:
         if from_django:
             json_adapters(cur.adapters)
-        for image, before, after in cur.stream(statement, params, size=1000):
+        for image, before, after in cur.stream(statement, params, size=_stream_size()):
             yield dict(image) if image is not None else _before_row(before, after)
+
+
+def _stream_size() -> int:
+    """Rows per chunk of the stream: 1,000 where libpq streams in chunks (17 and later), else one
+    at a time (libpq's single-row mode), which every libpq supports."""
+    return 1000 if chunked_streaming() else 1
 
 
 def _before_row(before: Any, after: Any) -> dict[str, Any]:
@@ -147,5 +154,5 @@ async def table_rows_async(
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The rows that ``statement`` (from :func:`table_as_of_plan`) reads, streamed from ``conn``."""
     async with psycopg.AsyncCursor(conn) as cur:
-        async for image, before, after in cur.stream(statement, params, size=1000):
+        async for image, before, after in cur.stream(statement, params, size=_stream_size()):
             yield dict(image) if image is not None else _before_row(before, after)
