@@ -834,6 +834,20 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
      WHERE evtname IN ('@audit_name@_follow_ddl', '@audit_name@_follow_drop') AND evtenabled <> 'D'
 $fn$;
 
+-- The select list of a row as capture shows it, its values read from alias: excluded columns left
+-- out, masked ones as '[masked]', values of types that may carry a cast (cast_exposed_columns())
+-- as their output text, any other column as it is; each under its own name, in column order.
+CREATE OR REPLACE FUNCTION @audit@.shown_columns(rel regclass, alias text, mask text[], exclude text[])
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT string_agg(CASE WHEN c.name = ANY (mask) THEN format('''[masked]''::text AS %I', c.name)
+                           WHEN x.in_json THEN format('%s AS %I', @audit@.output_text_sql(format('%s.%I', alias, c.name), x.container), c.name)
+                           ELSE format('%s.%I', alias, c.name) END, ', ' ORDER BY c.attnum)
+      FROM @audit@.table_columns(rel) AS c
+      LEFT JOIN @audit@.cast_exposed_columns(rel) AS x ON x.name = c.name
+     WHERE c.name <> ALL (exclude)
+$fn$;
+
 -- j with each \u0000 escape written as an escaped backslash and "u0000", so that PostgreSQL's JSON
 -- functions and jsonb, which refuse that escape, can read it.
 CREATE OR REPLACE FUNCTION @audit@.json_nul_escaped(j json) RETURNS json
@@ -921,10 +935,6 @@ DECLARE
     pk_old text;
     pk_update_parts text[] := '{}';
     pk_update text;
-    shown text;
-    shown_ins text[] := '{}';
-    shown_del text[] := '{}';
-    shown_upd text[] := '{}';
     lateral_ins text := '';
     lateral_del text := '';
     lateral_upd text := '';
@@ -1081,27 +1091,9 @@ BEGIN
             -- may have a cast (cast_exposed_columns()) as their type's output text, in a lateral
             -- sub-select whose whole row to_json() writes under the columns' names (about half
             -- the cost of to_jsonb() of the row, its keys removed and replaced, cast back to json)
-            FOR i IN 1 .. cardinality(names) LOOP
-                IF names[i] <> ALL (exclude) THEN
-                    IF names[i] = ANY (present_mask) THEN
-                        shown := format('''[masked]''::text AS %I', names[i]);
-                        shown_ins := shown_ins || shown;
-                        shown_del := shown_del || shown;
-                        shown_upd := shown_upd || shown;
-                    ELSIF names[i] = ANY (json_exposed) THEN
-                        shown_ins := shown_ins || format('%s AS %I', @audit@.output_text_sql(format('%s.%I', n, names[i]), names[i] = ANY (containers)), names[i]);
-                        shown_del := shown_del || format('%s AS %I', @audit@.output_text_sql(format('%s.%I', o, names[i]), names[i] = ANY (containers)), names[i]);
-                        shown_upd := shown_upd || format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', names[i]), names[i] = ANY (containers)), names[i]);
-                    ELSE
-                        shown_ins := shown_ins || format('%s.%I', n, names[i]);
-                        shown_del := shown_del || format('%s.%I', o, names[i]);
-                        shown_upd := shown_upd || format('"threadline row".%I', names[i]);
-                    END IF;
-                END IF;
-            END LOOP;
-            lateral_ins := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"', array_to_string(shown_ins, ', '));
-            lateral_del := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"', array_to_string(shown_del, ', '));
-            lateral_upd := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"', array_to_string(shown_upd, ', '));
+            lateral_ins := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"', @audit@.shown_columns(rel, n, present_mask, exclude));
+            lateral_del := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"', @audit@.shown_columns(rel, o, present_mask, exclude));
+            lateral_upd := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"', @audit@.shown_columns(rel, '"threadline row"', present_mask, exclude));
             image_ins := 'to_json("threadline shown".*)';
             image_del := image_ins;
             image_upd := image_ins;
@@ -1236,13 +1228,8 @@ BEGIN
         -- Without the event triggers, the code must name no column, and the schema's owner is not
         -- a superuser (see capture.md).
         IF @audit@.follows_ddl() AND EXISTS (SELECT FROM @audit@.cast_exposed_columns(rel) AS x WHERE x.in_json) THEN
-            SELECT format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline safe"',
-                          string_agg(CASE WHEN x.in_json
-                                          THEN format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', c.name), x.container), c.name)
-                                          ELSE format('"threadline row".%I', c.name) END, ', ' ORDER BY c.attnum))
-              INTO safe_lateral
-              FROM @audit@.table_columns(rel) AS c
-              LEFT JOIN @audit@.cast_exposed_columns(rel) AS x ON x.name = c.name;
+            safe_lateral := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline safe"',
+                                   @audit@.shown_columns(rel, '"threadline row"', '{}', '{}'));
             row_ref := '"threadline safe".*';
         END IF;
         side_old := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j FROM threadline_old AS "threadline row"%s) AS %s', same, row_ref, safe_lateral, o);
@@ -2102,14 +2089,8 @@ BEGIN
     -- values of types created in the database through their output function, as capture writes
     -- them (see cast_exposed_columns()): a cast such a type carries never runs as the caller
     IF EXISTS (SELECT FROM @audit@.cast_exposed_columns(target) AS x WHERE x.in_json) THEN
-        SELECT format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"',
-                      string_agg(CASE WHEN c.name = ANY (present_mask) THEN format('''[masked]''::text AS %I', c.name)
-                                      WHEN x.in_json THEN format('%s AS %I', @audit@.output_text_sql(format('"threadline row".%I', c.name), x.container), c.name)
-                                      ELSE format('"threadline row".%I', c.name) END, ', ' ORDER BY c.attnum))
-          INTO shown
-          FROM @audit@.table_columns(target) AS c
-          LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = c.name
-         WHERE c.name <> ALL (opts.exclude);
+        shown := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"',
+                        @audit@.shown_columns(target, '"threadline row"', present_mask, opts.exclude));
         image := 'to_json("threadline shown".*)';
     END IF;
     pk := 'jsonb_build_object(' || array_to_string(ARRAY(
