@@ -83,14 +83,35 @@ def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 TEN_UPDATE_TABLES = ("t_plain", "t_sfloor", "t_ref", "t_tl")
 
 
-def script(table: str, n: int, updates: int = 1) -> str:
-    """``n`` transactions, each setting the context and making ``updates`` single-row updates."""
+# the context of a web request and of a Celery task, as the bridges set them, beside the short
+# one every other figure uses: how the context's size and shape move the transaction's cost
+CONTEXTS = {
+    "the benchmark's: an actor and a correlation id (66 bytes)": CONTEXT,
+    "a web request's: an actor with a display name, correlation and request ids, origin (190 bytes)": (
+        '{"actor":{"display":"Alice Example","id":"42","type":"user"},'
+        '"correlation_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553","origin":"web",'
+        '"request_id":"95193573-2617-4f9e-94b5-a1879d5b98e7","v":1}'
+    ),
+    "a Celery task's, with its job (366 bytes)": (
+        '{"actor":{"id":"42","type":"user"},"causation_id":"61f03d52-692e-4060-9f0d-d70de2fc2a07",'
+        '"correlation_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553","job":{"id":"e17e66a5-4b99-445d-bd79-e61d043b838d",'
+        '"name":"shop.tasks.send_receipt","parent_id":"61f03d52-692e-4060-9f0d-d70de2fc2a07","retries":0,'
+        '"root_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553"},"origin":"celery","v":1}'
+    ),
+}
+CONTEXTS["the same with a null in its job (the complete checks)"] = CONTEXTS[
+    "a Celery task's, with its job (366 bytes)"
+].replace('"retries":0', '"retries":0,"eta":null')
+
+
+def script(table: str, n: int, updates: int = 1, context: str = CONTEXT) -> str:
+    """``n`` transactions, each setting ``context`` and making ``updates`` single-row updates."""
     rnd = random.Random(1)
     lines = []
     for _ in range(n):
         first = rnd.randint(WARM_TRANSACTIONS + 1, TABLE_ROWS - updates)
         statements = " ".join(f"UPDATE {table} SET a = a + 1 WHERE id = {first + i};" for i in range(updates))
-        lines.append(f"BEGIN; SET LOCAL threadline.context = '{CONTEXT}'; {statements} COMMIT;\n")
+        lines.append(f"BEGIN; SET LOCAL threadline.context = '{context}'; {statements} COMMIT;\n")
     return "".join(lines)
 
 
@@ -130,8 +151,10 @@ def count_script(pg: Path, pristine: Path, work: Path, text: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def instructions(pg: Path, pristine: Path, work: Path, table: str, n: int, updates: int = 1) -> int:
-    return count_script(pg, pristine, work, script(table, n, updates))
+def instructions(
+    pg: Path, pristine: Path, work: Path, table: str, n: int, updates: int = 1, context: str = CONTEXT
+) -> int:
+    return count_script(pg, pristine, work, script(table, n, updates, context))
 
 
 def valgrind_server() -> Path:
@@ -242,6 +265,21 @@ def main() -> None:
             later = (over - (per_tx[table] - base)) / 9 if table != "t_plain" else 0.0
             shown = f"{later:+,.0f}" if table != "t_plain" else ""
             print(f"| {TABLES[table]} | {ten[table]:,.0f} | {over:+,.0f} | {shown} |")
+
+        print("\n# The same single-row update, by context\n")
+        print("| context | threadline's overhead |")
+        print("|---|---:|")
+        for label, context in CONTEXTS.items():
+            # no trigger counted with the same context: the SET LOCAL's own cost grows with its text
+            over = [
+                (
+                    instructions(pg, pristine, data, table, 300, context=context)
+                    - instructions(pg, pristine, data, table, 100, context=context)
+                )
+                / 200
+                for table in ("t_tl", "t_plain")
+            ]
+            print(f"| {label} | {over[0] - over[1]:+,.0f} |")
 
 
 if __name__ == "__main__":

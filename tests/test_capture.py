@@ -250,6 +250,13 @@ def test_longest_allowed_values_are_accepted(conn: Conn, posts: str) -> None:
 
 
 _LONG = "x" * 256
+# a Celery task's context as the worker sets it (366 bytes; a root task's job has no parent_id)
+_TASK_CONTEXT = (
+    '{"actor":{"id":"42","type":"user"},"causation_id":"61f03d52-692e-4060-9f0d-d70de2fc2a07",'
+    '"correlation_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553","job":{"id":"e17e66a5-4b99-445d-bd79-e61d043b838d",'
+    '"name":"shop.tasks.send_receipt","parent_id":"61f03d52-692e-4060-9f0d-d70de2fc2a07","retries":0,'
+    '"root_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553"},"origin":"celery","v":1}'
+)
 DECODER_CORPUS = [
     "",
     '{"v":1}',
@@ -333,6 +340,36 @@ DECODER_CORPUS = [
     '{"v":1,"actor":{"type":null,"id":"1"}}',
     '{"v":1,"meta":null,"correlation_id":"c"}',
     '{"v":1,"job":{"eta":null},"correlation_id":"nullable"}',
+    # longer than 275 bytes: a Celery task's context takes the second check, which measures its ids
+    _TASK_CONTEXT,
+    _TASK_CONTEXT.replace('"retries":0', '"parent_id":null,"retries":0'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":"' + "o" * 240 + '"'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":"' + "o" * 256 + '"'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":"' + "o" * 257 + '"'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":"' + "é" * 250 + '"'),
+    _TASK_CONTEXT.replace('"id":"42"', '"id":"' + _LONG + '"'),
+    _TASK_CONTEXT.replace('"id":"42"', '"id":"' + _LONG + 'y"'),
+    _TASK_CONTEXT.replace('"id":"42"', '"id":"42","display":"' + _LONG + 'y"'),
+    _TASK_CONTEXT.replace('"type":"user"', '"type":"' + "u" * 33 + '"'),
+    _TASK_CONTEXT.replace('"type":"user"', '"type":"User"'),
+    _TASK_CONTEXT.replace('"correlation_id":"', '"correlation_id":"' + "c" * 200),
+    _TASK_CONTEXT.replace('"correlation_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553"', '"correlation_id":""'),
+    _TASK_CONTEXT.replace('"correlation_id":"', '"request_id":"' + "r" * 200 + '","correlation_id":"'),
+    _TASK_CONTEXT.replace('"retries":0', '"retries":0,"args":[1]'),
+    _TASK_CONTEXT.replace('"v":1', '"v":1,"incoming_error":"bad header"'),
+    _TASK_CONTEXT.replace('"v":1', '"v":1,"extra":1'),
+    _TASK_CONTEXT.replace('"v":1', '"v":2'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":"cel\u0085ery"'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":"cel⁦ery"'),
+    _TASK_CONTEXT.replace('"origin":"celery"', '"origin":null'),
+    _TASK_CONTEXT.replace('"actor":{"id":"42","type":"user"}', '"actor":{"type":"user"}'),
+    _TASK_CONTEXT.replace('"job":{', '"meta":{"k":"v"},"job":{'),
+    _TASK_CONTEXT.replace('"job":{', '"meta":"m","job":{'),
+    '{"v":1,"correlation_id":"' + "c" * 236 + '","origin":"w"}',  # 276 bytes: the second check
+    '{"v":1,"origin":"' + "o" * 256 + '","job":{}}',  # printed without its job: 278 bytes
+    '{"v":1,"origin":"' + "o" * 257 + '","job":{}}',
+    '{"v":1,"meta":{"big":"' + "m" * (16384 - 25) + '"}}',  # 16,384 bytes
+    '{"v":1,"meta":{"big":"' + "m" * (16385 - 25) + '"}}',
 ]
 
 
@@ -380,7 +417,7 @@ def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn
         ).fetchone()
         == (True,)
     ]
-    assert len(valid) == 22, valid  # the corpus covers both paths
+    assert len(valid) == 35, valid  # the corpus covers every path
 
 
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:

@@ -47,15 +47,36 @@ def _script(version: int) -> str:
     fragment = _SQL_DIR / f"schema_v{version}_usual_context.sql"
     if fragment.exists():
         # the usual context's path, written once: in insert_transaction_row(bigint), returning the
-        # row's id, and in the capture code that render_capture() generates, returning NULL
+        # row's id, and in the capture code that render_capture() generates, returning NULL; a
+        # longer context of the same shape (a Celery task's, with its job) takes the same path in
+        # insert_transaction_row() only, where its string lengths are checked as well
         body = "".join(
             line
             for line in fragment.read_text(encoding="utf-8").splitlines(keepends=True)
             if not line.startswith("-- ")
         )
         for returned in ("tx", "NULL"):
-            text = text.replace(f"@usual_context({returned})@", body.replace("@returned@", returned))
+            path = body.replace("@returned@", returned)
+            text = text.replace(
+                f"@usual_context({returned})@",
+                path.replace("@size@", f"octet_length(raw) <= {_SHORT_CONTEXT}").replace("@lengths@", ""),
+            )
+            text = text.replace(
+                f"@long_context({returned})@",
+                path.replace("@size@", f"octet_length(raw) BETWEEN {_SHORT_CONTEXT + 1} AND 16384").replace(
+                    "@lengths@", _LENGTH_CHECK
+                ),
+            )
     return text
+
+
+# A context of at most this many bytes holds no string longer than 256 characters, so the usual
+# path need not measure its strings. A longer one is measured without its job and meta: printed by
+# jsonb in at most 278 bytes, the rest leaves no more than 256 to any id (the shortest frame around
+# one, {"v": 1, "origin": ""}, takes 22), and its strings hold no escape (no backslash got this far).
+_SHORT_CONTEXT = 275
+_LENGTH_CHECK = """
+           AND octet_length((j - '{job,meta}'::text[])::text) <= 278"""
 
 
 def _script_comment(version: int) -> str:

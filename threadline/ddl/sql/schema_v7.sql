@@ -339,7 +339,7 @@ DECLARE
     err text;
     marker text;
 BEGIN
-@usual_context(tx)@    IF raw <> '' THEN
+@usual_context(tx)@@long_context(tx)@    IF raw <> '' THEN
         IF octet_length(raw) > 16384 THEN
             err := 'context is larger than 16384 bytes';
         ELSE
@@ -971,7 +971,7 @@ DECLARE
     dispatch text;
     marker_set text;
     declared text := '';
-    usual constant text := $usual$@usual_context(NULL)@$usual$;
+    usual constant text := $usual$@usual_context(NULL)@@long_context(NULL)@$usual$;
     text_exposed text[] := '{}';
     json_exposed text[] := '{}';
     fallback text;
