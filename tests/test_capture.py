@@ -420,6 +420,67 @@ def test_transaction_rows_decode_every_context_as_decode_context_does(conn: Conn
     assert len(valid) == 35, valid  # the corpus covers every path
 
 
+def _random_context(rnd: random.Random) -> str:
+    """A context text near every edge the two fast paths and the complete checks draw: string
+    lengths around 256, texts around 275 and 278 bytes, null, arrays, escapes, characters an id may
+    not hold, unknown keys, a job or meta large enough to take the second path."""
+
+    def text() -> str:
+        size = rnd.choice([1, 2, 36, 120, 200, 255, 256, 257, 300])
+        alphabet = "abcxyz0189-_.:| " + rnd.choice(
+            [""] * 24 + ["é✓", '"', "\\", "\u0085", "\u2066", "\u0001"]
+        )
+        return "".join(rnd.choice(alphabet) for _ in range(size))
+
+    def value() -> Any:
+        roll = rnd.random()
+        if roll < 0.8:
+            return text()
+        return rnd.choice([None, 7, [text()], {"k": text()}, "", True])
+
+    ctx: dict[str, Any] = {"v": rnd.choice([1, 1, 1, 1, 2, "1", 1.0])}
+    for key in ("correlation_id", "request_id", "causation_id", "origin"):
+        if rnd.random() < 0.5:
+            ctx[key] = value() if rnd.random() < 0.3 else text()[: rnd.choice([8, 36, 64])]
+    if rnd.random() < 0.8:
+        actor: dict[str, Any] = {
+            "type": rnd.choice(["user", "service_account", "anonymous", "User", "a" * 32, "a" * 33, ""])
+        }
+        for key in ("id", "display"):
+            if rnd.random() < 0.6:
+                actor[key] = value() if rnd.random() < 0.2 else text()[: rnd.choice([2, 36, 256])]
+        if rnd.random() < 0.05:
+            actor["role"] = "x"
+        ctx["actor"] = actor if rnd.random() < 0.95 else rnd.choice(["user:1", None, [actor]])
+    for key in ("job", "meta"):
+        if rnd.random() < 0.5:
+            entries = {
+                f"k{i}": value() if rnd.random() < 0.3 else text() for i in range(rnd.choice([1, 3, 12, 80]))
+            }
+            ctx[key] = entries if rnd.random() < 0.9 else rnd.choice([None, [entries], "m"])
+    if rnd.random() < 0.05:
+        ctx["incoming_error"] = text()[:40]
+    if rnd.random() < 0.03:
+        ctx["extra"] = 1
+    items = list(ctx.items())
+    rnd.shuffle(items)
+    return json.dumps(dict(items), separators=(",", ":"), ensure_ascii=rnd.random() < 0.1)
+
+
+def test_random_contexts_are_stored_as_decode_context_decodes_them(conn: Conn, posts: str) -> None:
+    rnd = random.Random(20261207)
+    raws = [_random_context(rnd) for _ in range(400)]
+    sizes = [len(raw.encode()) for raw in raws]
+    # the sample reaches both fast paths and the complete checks' size limit
+    assert min(sizes) <= 275 < max(sizes) and sum(s > 16384 for s in sizes) < len(raws) // 4, sizes
+    valid = 0
+    for raw in raws:
+        stored, decoded = _stored_and_decoded(conn, raw)
+        assert stored == decoded, raw
+        valid += decoded[-1] is None
+    assert 60 < valid < 340, valid  # both valid and refused contexts in number
+
+
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:
     with threadline.context(actor="user:victim"), threadline.transaction(conn):
         conn.execute("INSERT INTO app.posts (id) VALUES (1)")

@@ -47,9 +47,9 @@ def _script(version: int) -> str:
     fragment = _SQL_DIR / f"schema_v{version}_usual_context.sql"
     if fragment.exists():
         # the usual context's path, written once: in insert_transaction_row(bigint), returning the
-        # row's id, and in the capture code that render_capture() generates, returning NULL; a
-        # longer context of the same shape (a Celery task's, with its job) takes the same path in
-        # insert_transaction_row() only, where its string lengths are checked as well
+        # row's id, and in the capture code that render_capture() generates, returning NULL. Each
+        # holds it twice: for a short context, then for a longer one of the same shape (a Celery
+        # task's, with its job), whose ids are measured as well
         body = "".join(
             line
             for line in fragment.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -63,9 +63,9 @@ def _script(version: int) -> str:
             )
             text = text.replace(
                 f"@long_context({returned})@",
-                path.replace("@size@", f"octet_length(raw) BETWEEN {_SHORT_CONTEXT + 1} AND 16384").replace(
-                    "@lengths@", _LENGTH_CHECK
-                ),
+                path.replace(
+                    "@size@", f"octet_length(raw) BETWEEN {_SHORT_CONTEXT + 1} AND {_LARGEST_CONTEXT}"
+                ).replace("@lengths@", _LENGTH_CHECK),
             )
     return text
 
@@ -75,6 +75,8 @@ def _script(version: int) -> str:
 # jsonb in at most 278 bytes, the rest leaves no more than 256 to any id (the shortest frame around
 # one, {"v": 1, "origin": ""}, takes 22), and its strings hold no escape (no backslash got this far).
 _SHORT_CONTEXT = 275
+# the complete checks refuse a larger one (insert_transaction_row(), decode_context())
+_LARGEST_CONTEXT = 16384
 _LENGTH_CHECK = """
            AND octet_length((j - '{job,meta}'::text[])::text) <= 278"""
 

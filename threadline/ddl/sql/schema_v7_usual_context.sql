@@ -9,10 +9,10 @@
     -- twice: for a text of at most 275 bytes, whose strings cannot be longer than 256 characters,
     -- and for a longer one (a Celery task's context, with its job), whose ids are measured as well;
     -- the second comes after the first has returned, so the usual transaction never pays the
-    -- set-up of its expressions. Anything else takes the complete
-    -- checks, which name what was wrong; so does a context that carries incoming_error (the
-    -- application refused one it received: rare), which spares every usual transaction a path step
-    -- and the context_error expression (about 2,900 instructions).
+    -- set-up of its expressions. Anything else takes the complete checks, which name what was
+    -- wrong; so does a context that carries incoming_error (the application refused one it
+    -- received: rare), which spares every usual transaction a path step and the context_error
+    -- expression (about 2,900 instructions).
     IF raw <> '' AND @size@ AND strpos(raw, 'null') = 0 AND raw !~ E'[[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
         BEGIN
             j := raw::jsonb;
