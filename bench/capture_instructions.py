@@ -271,7 +271,7 @@ def main() -> None:
         print("|---|---:|")
         for label, context in CONTEXTS.items():
             # no trigger counted with the same context: the SET LOCAL's own cost grows with its text
-            over = [
+            per_context = [
                 (
                     instructions(pg, pristine, data, table, 300, context=context)
                     - instructions(pg, pristine, data, table, 100, context=context)
@@ -279,7 +279,7 @@ def main() -> None:
                 / 200
                 for table in ("t_tl", "t_plain")
             ]
-            print(f"| {label} | {over[0] - over[1]:+,.0f} |")
+            print(f"| {label} | {per_context[0] - per_context[1]:+,.0f} |")
 
 
 if __name__ == "__main__":
