@@ -99,9 +99,12 @@ CONTEXTS = {
         '"root_id":"1e7eb779-0af6-4ce1-b2c2-08ad63616553"},"origin":"celery","v":1}'
     ),
 }
-CONTEXTS["the same with a null in its job (the complete checks)"] = CONTEXTS[
+CONTEXTS["a root task's, whose job has no parent (`null`)"] = CONTEXTS[
     "a Celery task's, with its job (366 bytes)"
-].replace('"retries":0', '"retries":0,"eta":null')
+].replace('"parent_id":"61f03d52-692e-4060-9f0d-d70de2fc2a07"', '"parent_id":null')
+CONTEXTS["a web request's whose display name holds a quote (an escape: the complete checks)"] = CONTEXTS[
+    "a web request's: an actor with a display name, correlation and request ids, origin (190 bytes)"
+].replace("Alice Example", 'Alice \\"Al\\" Example')
 
 
 def script(table: str, n: int, updates: int = 1, context: str = CONTEXT) -> str:

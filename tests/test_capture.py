@@ -436,7 +436,7 @@ def _random_context(rnd: random.Random) -> str:
         roll = rnd.random()
         if roll < 0.8:
             return text()
-        return rnd.choice([None, 7, [text()], {"k": text()}, "", True])
+        return rnd.choice([None, None, None, 7, [text()], {"k": text()}, "", True])
 
     ctx: dict[str, Any] = {"v": rnd.choice([1, 1, 1, 1, 2, "1", 1.0])}
     for key in ("correlation_id", "request_id", "causation_id", "origin"):
@@ -478,7 +478,7 @@ def test_random_contexts_are_stored_as_decode_context_decodes_them(conn: Conn, p
         stored, decoded = _stored_and_decoded(conn, raw)
         assert stored == decoded, raw
         valid += decoded[-1] is None
-    assert 60 < valid < 340, valid  # both valid and refused contexts in number
+    assert 30 < valid < 300, valid  # both valid and refused contexts in number
 
 
 def test_forged_transaction_cache_cannot_borrow_another_context(conn: Conn, posts: str) -> None:

@@ -93,11 +93,8 @@ def assert_inherited(row: dict[str, Any], web: threadline.AuditContext, *, causa
     assert row["context_error"] is None, row
     assert row["causation_id"] == causation, row
     j = job(row)
-    assert set(j) - {"parent_id"} == {"name", "id", "retries", "root_id"}, row
-    if causation == web.request_id:
-        # sent by the request, not by a task: no parent_id (a retry names the task itself)
-        assert j.get("parent_id", j["id"]) == j["id"], row
-    else:
+    assert set(j) == {"name", "id", "retries", "parent_id", "root_id"}, row
+    if causation != web.request_id:
         assert j["parent_id"] == causation, row
 
 
@@ -118,6 +115,7 @@ def assert_root_job(row: dict[str, Any], name: str, task_id: str) -> None:
         "name": tasks.NAME + name,
         "id": task_id,
         "retries": 0,
+        "parent_id": None,
         "root_id": task_id,
     }
 

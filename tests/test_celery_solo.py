@@ -68,7 +68,7 @@ def test_real_beat_process_starts_one_story_per_run(solo: Worker, celery_dsn: st
         tick_id = tick["job"]["id"]
         assert tick["actor"] == BEAT and tick["origin"] == "celery" and tick["context_error"] is None, tick
         assert (tick["correlation_id"], tick["causation_id"]) == (tick_id, None), tick
-        assert tick["job"]["root_id"] == tick_id and "parent_id" not in tick["job"]
+        assert tick["job"]["root_id"] == tick_id and tick["job"]["parent_id"] is None
         if tick_id in children:
             child = children[tick_id]
             assert child["actor"] == BEAT and child["correlation_id"] == tick_id, child

@@ -100,9 +100,6 @@ def _incoming_context(
         "parent_id": parent_id,
         "root_id": root_id,
     }
-    # Keys without a value are left out (a root task has no parent_id), as the context leaves out
-    # its unset fields: a context without null takes the capture's cheaper path in PostgreSQL.
-    job = {key: value for key, value in job.items() if value is not None}
     # Celery sets parent_id to the publishing task; a task republishing itself (retry of a root
     # task, replace) names itself, and then the header says what caused it.
     cause = parent_id if parent_id is not None and parent_id != task_id else None
