@@ -1,18 +1,20 @@
 -- The usual context's fast path, shared by insert_transaction_row(bigint) and the capture code
 -- (which holds it inline, saving a function call per audited transaction). Variables: raw (the
 -- context text), j (jsonb), tx (the row's id, allocated by next_transaction_id()), marker (text).
--- @returned@ is what the caller returns once the row is written.
-    -- The usual context first: no backslash (so no escape sequence), no character an id may not
-    -- hold and no array (so the path below never unwraps one), so only its shape is left to check,
-    -- in a path where (!exists($.x) || $.x > "") holds for no key at all or a non-empty string, and
-    -- not for null, the empty string or a value of another type (a null id is refused here; one
-    -- inside job or meta is kept). This path is written twice: for a text of at most 275 bytes,
-    -- whose strings cannot be longer than 256 characters, and for a longer one (a Celery task's
-    -- context, with its job), whose ids are measured as well; the second comes after the first has
-    -- returned, so the usual transaction never pays the set-up of its expressions. Anything else
-    -- takes the complete checks, which name what was wrong; so does a context that carries
-    -- incoming_error (the application refused one it received: rare), which spares every usual
-    -- transaction a path step and the context_error expression (about 2,900 instructions).
+-- @returned@ is what the caller returns once the row is written. The generated copies carry no
+-- comment: a capture function is compiled again by each new session, and its length costs there.
+--
+-- The usual context first: no backslash (so no escape sequence), no character an id may not
+-- hold and no array (so the path below never unwraps one), so only its shape is left to check,
+-- in a path where (!exists($.x) || $.x > "") holds for no key at all or a non-empty string, and
+-- not for null, the empty string or a value of another type (a null id is refused here; one
+-- inside job or meta is kept). This path is written twice: for a text of at most 275 bytes,
+-- whose strings cannot be longer than 256 characters, and for a longer one (a Celery task's
+-- context, with its job), whose ids are measured as well; the second comes after the first has
+-- returned, so the usual transaction never pays the set-up of its expressions. Anything else
+-- takes the complete checks, which name what was wrong; so does a context that carries
+-- incoming_error (the application refused one it received: rare), which spares every usual
+-- transaction a path step and the context_error expression (about 2,900 instructions).
     IF raw <> '' AND @size@ AND raw !~ E'[[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
         BEGIN
             j := raw::jsonb;
