@@ -7,8 +7,8 @@
 -- The usual context first: no backslash (so no escape sequence), no character an id may not
 -- hold and no array (so the path below never unwraps one), so only its shape is left to check,
 -- in a path where (!exists($.x) || $.x > "") holds for no key at all or a non-empty string, and
--- not for null, the empty string or a value of another type (a null id is refused here; one
--- inside job or meta is kept). This path is written twice: for a text of at most 275 bytes,
+-- not for null, the empty string or a value of another type (a null id is left to the complete
+-- checks, which refuse it; a null inside job or meta is kept). This path is written twice: for a text of at most 275 bytes,
 -- whose strings cannot be longer than 256 characters, and for a longer one (a Celery task's
 -- context, with its job), whose ids are measured as well; the second comes after the first has
 -- returned, so the usual transaction never pays the set-up of its expressions. Anything else
