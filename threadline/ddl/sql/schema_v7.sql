@@ -237,11 +237,12 @@ BEGIN
             err := 'context is larger than 16384 bytes';
         ELSE
             -- the errors a text that is not acceptable JSON raises (syntax, a \u0000 escape, a
-            -- number out of numeric's range, nesting too deep), and nothing else: an unexpected
-            -- error must surface. The block costs a subtransaction, about 6,500 instructions.
+            -- number out of numeric's range, nesting too deep, in a SQL_ASCII database a \u escape
+            -- beyond ASCII), and nothing else: an unexpected error must surface. The block costs a
+            -- subtransaction, about 6,500 instructions.
             BEGIN
                 j := raw::jsonb;
-            EXCEPTION WHEN invalid_text_representation OR untranslatable_character
+            EXCEPTION WHEN invalid_text_representation OR untranslatable_character OR feature_not_supported
                            OR numeric_value_out_of_range OR character_not_in_repertoire
                            OR statement_too_complex OR program_limit_exceeded THEN
                 err := 'context is not valid JSON';
@@ -344,11 +345,12 @@ BEGIN
             err := 'context is larger than 16384 bytes';
         ELSE
             -- the errors a text that is not acceptable JSON raises (syntax, a \u0000 escape, a
-            -- number out of numeric's range, nesting too deep), and nothing else: an unexpected
-            -- error must surface. The block costs a subtransaction, about 6,500 instructions.
+            -- number out of numeric's range, nesting too deep, in a SQL_ASCII database a \u escape
+            -- beyond ASCII), and nothing else: an unexpected error must surface. The block costs a
+            -- subtransaction, about 6,500 instructions.
             BEGIN
                 j := raw::jsonb;
-            EXCEPTION WHEN invalid_text_representation OR untranslatable_character
+            EXCEPTION WHEN invalid_text_representation OR untranslatable_character OR feature_not_supported
                            OR numeric_value_out_of_range OR character_not_in_repertoire
                            OR statement_too_complex OR program_limit_exceeded THEN
                 err := 'context is not valid JSON';

@@ -18,7 +18,7 @@
     IF raw <> '' AND @size@ AND raw !~ E'[[\\\\\\u007f-\\u009f\\u061c\\u200e\\u200f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]' THEN
         BEGIN
             j := raw::jsonb;
-        EXCEPTION WHEN invalid_text_representation OR untranslatable_character
+        EXCEPTION WHEN invalid_text_representation OR untranslatable_character OR feature_not_supported
                        OR numeric_value_out_of_range OR character_not_in_repertoire
                        OR statement_too_complex OR program_limit_exceeded THEN
             j := NULL;
