@@ -76,7 +76,7 @@ import threadline  # noqa: E402
 from bench._db import pgbench_tps as run_pgbench  # noqa: E402
 from bench._db import scratch_database  # noqa: E402
 from threadline import ddl  # noqa: E402
-from threadline.explore.selection import CHANGED_FIELDS_SQL  # noqa: E402
+from threadline.explore.selection import changed_fields_sql  # noqa: E402
 from threadline.ops import (  # noqa: E402
     partitions,
     retention,
@@ -439,7 +439,9 @@ def plan_stats(plan: dict[str, Any]) -> dict[str, Any]:
 def describe(statement: Any, conn: psycopg.Connection) -> str:
     """A short label: the audit tables a statement reads and the start of its WHERE clause."""
     text = " ".join((statement.as_string(conn) if not isinstance(statement, str) else statement).split())
-    text = text.replace(CHANGED_FIELDS_SQL, "…").replace('"threadline".', "threadline.")
+    text = text.replace(changed_fields_sql(sql.Identifier("threadline")).as_string(conn), "…").replace(
+        '"threadline".', "threadline."
+    )
     if "pg_class c JOIN pg_namespace n" in text:
         return "resolve the table (catalog)"
     if "relkind = 'p'" in text and "partitioned" in text:

@@ -13,7 +13,7 @@ from psycopg import sql
 
 import threadline
 from threadline import ddl
-from threadline.explore.selection import CHANGED_FIELDS_SQL
+from threadline.explore.selection import changed_fields_sql
 
 from . import brokers
 from .backends import ADMIN_DSN, report
@@ -111,7 +111,7 @@ def changes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
                {changed} AS changed_fields
           FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id
          ORDER BY c.id
-        """.replace("{changed}", CHANGED_FIELDS_SQL)
+        """.replace("{changed}", changed_fields_sql(sql.Identifier("threadline")).as_string(conn))
     ).fetchall()
 
 

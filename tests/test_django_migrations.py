@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from threadline.explore.selection import CHANGED_FIELDS_SQL
+from threadline.explore.selection import changed_fields_sql
 
 DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
 ALIAS = "migrations"
@@ -309,7 +309,7 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     with psycopg.connect(mig_dsn) as conn:
         rows = conn.execute(
             "SELECT c.table_name, "
-            + CHANGED_FIELDS_SQL
+            + changed_fields_sql(sql.Identifier("threadline")).as_string(conn)
             + ", c.pk, t.actor, t.correlation_id FROM threadline.changes c"
             " JOIN threadline.transactions t ON t.id = c.transaction_id"
             " WHERE c.table_name IN ('auth_user', 'shop_purchase') AND c.op <> 'insert' OR t.correlation_id = ANY (%s)",

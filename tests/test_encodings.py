@@ -3,6 +3,7 @@ character the database cannot hold never fails the application's write."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import psycopg
@@ -74,3 +75,87 @@ def test_a_sql_ascii_database_records_every_write() -> None:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     assert stored == [("1", None, None, "context is not valid JSON"), ("2", "req-2", "élodie", None)]
+
+
+# json texts the json type stores as written, which jsonb, PostgreSQL's JSON functions or the
+# database's encoding may refuse: escapes of a character beyond ASCII, of NUL, of a whole surrogate
+# pair and of either half alone (in a key too), and a number beyond numeric's range
+JSON_VALUES = [
+    '{"s":"\\u00e9"}', '{"s":"\\u0000"}', '{"n":1e1000000}', '{"s":"\\ud83d\\ude00"}',
+    '{"s":"\\ud83d"}', '{"s":"\\ude00"}', '{"\\ud83d":1}', '{"s":"\\u0416"}',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("encoding", ["UTF8", "LATIN1", "SQL_ASCII"])
+def test_json_values_never_fail_the_write_whatever_the_capture_code(encoding: str) -> None:
+    # typed and drift-safe code, with and without a masked column, keyed by id or by the json
+    # column itself (a key given with --keys): every write succeeds and is recorded, the mask holds,
+    # and a row's key is the same whichever code recorded it
+    name = f"threadline_json_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+                sql.Identifier(name), sql.Literal(encoding)
+            )
+        )
+    try:
+        with psycopg.connect(_dsn_for(name), autocommit=True, client_encoding="UTF8") as conn:
+            threadline.ddl.install(conn, partition_by=None)
+            tables = []
+            for typed, masked, json_key in itertools.product([True, False], repeat=3):
+                table = f"t_{'typed' if typed else 'safe'}{'_masked' if masked else ''}{'_jsonkey' if json_key else ''}"
+                tables.append(table)
+                conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, body json, secret text)")
+                # rows written before tracking: their first update and delete read old rows
+                conn.execute(
+                    f"INSERT INTO {table} SELECT 100 + i, v::json, 'hidden' FROM unnest(%s::text[]) WITH ORDINALITY AS x(v, i)",
+                    [JSON_VALUES],
+                )
+                threadline.ddl.track(
+                    conn, table, mask=["secret"] if masked else None, keys=["body"] if json_key else None
+                )
+                if not typed:
+                    conn.execute(
+                        "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
+                        [table],
+                    )
+                for i, value in enumerate(JSON_VALUES, start=1):
+                    with threadline.context(correlation_id=f"{table}-{i}"), threadline.transaction(conn):
+                        conn.execute(f"INSERT INTO {table} VALUES (%s, %s::json, 'hidden')", [i, value])
+                        conn.execute(f"UPDATE {table} SET secret = 'hidden2' WHERE id = %s", [100 + i])
+                        conn.execute(
+                            f"UPDATE {table} SET body = body, secret = 'x' WHERE id IN (%s, %s)", [i, 100 + i]
+                        )
+                conn.execute(f"UPDATE {table} SET secret = 'hidden3'")
+                conn.execute(f"DELETE FROM {table}")
+            rows = conn.execute(
+                "SELECT table_name, count(*), count(*) FILTER (WHERE op = 'update'),"
+                " bool_or(concat(before::text, after::text) LIKE '%%hidden%%'),"
+                " array_agg(DISTINCT pk::text ORDER BY pk::text)"
+                "  FROM threadline.changes GROUP BY table_name ORDER BY table_name"
+            ).fetchall()
+            # the readers read them all, with the changed fields
+            histories = {
+                table: [threadline.history(conn, table, i) for i in range(1, len(JSON_VALUES) + 1)]
+                for table in tables
+                if "jsonkey" not in table
+            }
+            pages = {table: len(threadline.timeline(conn, table=table, limit=1000)) for table in tables}
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    n = len(JSON_VALUES)
+    by_table = {r[0]: r[1:] for r in rows}
+    assert sorted(by_table) == sorted(tables)
+    for table, (count, updates, shown, _) in by_table.items():
+        assert (count, updates, pages[table]) == (8 * n, 5 * n, 8 * n), table
+        assert shown == ("masked" not in table), table
+    for table, history in histories.items():
+        for changes in history:
+            assert [(c.op, c.changed_fields) for c in changes] == [
+                ("delete", None), ("update", ("secret",)), ("update", ("secret",)), ("insert", None),
+            ], table  # fmt: skip
+    id_keys = {tuple(keys) for table, (_, _, _, keys) in by_table.items() if "jsonkey" not in table}
+    json_keys = {tuple(keys) for table, (_, _, _, keys) in by_table.items() if "jsonkey" in table}
+    assert len(id_keys) == 1 and len(json_keys) == 1, (id_keys, json_keys)
+    assert len(next(iter(json_keys))) == n

@@ -14,6 +14,7 @@ from threadline.cli.connect import dsn_option, parse_key, when_option_value
 from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.reading import actor_value, filter_options, reader
 from threadline.core.actor import ActorRef
+from threadline.core.printable import printable
 from threadline.core.records import Change
 from threadline.explore import query, timeline_query
 from threadline.explore.actions import list_actions
@@ -32,7 +33,7 @@ def _time(value: datetime | None) -> str:
 
 def _value(value: Any, width: int = 60) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = text.replace("\n", "\\n")
+    text = printable(text).replace("\n", "\\n")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -63,7 +64,7 @@ _CHANGE_HEADERS = ("CAPTURED (UTC)", "OP", "TABLE", "KEY", "ACTOR", "ORIGIN", "C
 
 
 def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False, indent=2))
+    click.echo(printable(json.dumps(value, ensure_ascii=False, indent=2)))
 
 
 @click.command(epilog=examples("timeline"))

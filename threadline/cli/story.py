@@ -23,6 +23,7 @@ from threadline.cli.help import audit_schema_option, examples
 from threadline.core.actor import ActorRef
 from threadline.core.context import context
 from threadline.core.errors import InvalidActor
+from threadline.core.printable import printable
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as table_as_of
 from threadline.explore.revert import RevertError
@@ -166,7 +167,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
     writer: Any = None
     for row in rows:
         if fmt == "ndjson":
-            out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+            out.write(printable(json.dumps(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
             continue
         if writer is None:
             writer = csv.DictWriter(out, fieldnames=list(row), extrasaction="ignore", restval="")
@@ -175,7 +176,9 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
 
 
 def _csv_value(value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+    if isinstance(value, (dict, list)):
+        return printable(json.dumps(value, ensure_ascii=False))
+    return printable(value) if isinstance(value, str) else value
 
 
 @click.command(epilog=examples("revert"))

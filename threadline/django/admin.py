@@ -24,7 +24,8 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
-from threadline.explore.diff import diff
+from threadline.core.printable import printable_value
+from threadline.explore.diff import FieldChange, diff
 from threadline.explore.query import history, trace
 
 __all__ = ["PERMISSION", "AuditHistoryMixin", "AuditTrailAdmin"]
@@ -94,7 +95,10 @@ class AuditHistoryMixin:
             rows.append(
                 {
                     "change": change,
-                    "fields": diff(change),
+                    "fields": [
+                        FieldChange(f.field, printable_value(f.before), printable_value(f.after))
+                        for f in diff(change)
+                    ],
                     "actor": None if tx is None or tx.actor is None else str(tx.actor),
                     "correlation_id": None if tx is None else tx.correlation_id,
                     "trace_url": _trace_url(None if tx is None else tx.correlation_id),

@@ -22,8 +22,8 @@ from threadline.core.records import Change, iso
 from threadline.explore.arguments import audit_identifier, check_time
 from threadline.explore.as_of_errors import NotYetAudited, RowDeleted
 from threadline.explore.selection import (
-    CHANGE_COLUMNS,
     TRANSACTION_COLUMNS,
+    change_columns_sql,
     changes_from_rows,
     partitioned_plan,
     transaction_join,
@@ -112,7 +112,7 @@ def row_as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan
         _AS_OF_SQL.format(
             tx_join=transaction_join(partitioned),
             audit=audit,
-            changes=CHANGE_COLUMNS,
+            changes=change_columns_sql(audit),
             transactions=TRANSACTION_COLUMNS,
             key=key_condition("%(pk)s::jsonb"),
             table=ref.condition(params),

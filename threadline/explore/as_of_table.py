@@ -20,7 +20,7 @@ from threadline.core.records import iso
 from threadline.explore.arguments import audit_identifier, check_time
 from threadline.explore.as_of_errors import NoBaseline
 from threadline.explore.export_rows import chunked_streaming
-from threadline.explore.selection import has_nul_text, partitioned_plan, truncate_change_join
+from threadline.explore.selection import has_unreadable_escape, partitioned_plan, truncate_change_join
 from threadline.explore.tables import resolve_table
 
 __all__ = ["table_as_of_plan", "table_rows", "table_rows_async"]
@@ -29,8 +29,9 @@ __all__ = ["table_as_of_plan", "table_rows", "table_rows_async"]
 # the table and the baseline in force, one row per key, streamed in key order: by each key column's
 # value in turn, then by the whole key (which alone tells rows apart). A row known from its next
 # change is that change's before image completed from its after image (before_row()), which json
-# functions cannot do on an image holding the escape \u0000 (a json column's value): such a row
-# comes as its two images instead, completed in Python (:func:`_before_row`).
+# functions cannot do on an image holding an escape the database cannot decode (a json column's
+# value with \u0000 or half a surrogate pair): such a row comes as its two images instead,
+# completed in Python (:func:`_before_row`).
 _TABLE_AS_OF_SQL = sql.SQL("""
 WITH b AS (
     SELECT c.transaction_id, c.started_at, c.tracked_since
@@ -58,9 +59,9 @@ WITH b AS (
               CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
               c.id DESC
 )
-SELECT CASE WHEN p.class <> 1 THEN p.after WHEN NOT n.nul THEN {audit}.before_row(p.before, p.after) END,
-       CASE WHEN n.nul THEN p.before END, CASE WHEN n.nul THEN p.after END
-  FROM pick p CROSS JOIN LATERAL (SELECT p.class = 1 AND coalesce({nul}, false) AS nul) n, tr, b
+SELECT CASE WHEN p.class <> 1 THEN p.after WHEN NOT n.unreadable THEN {audit}.before_row(p.before, p.after) END,
+       CASE WHEN n.unreadable THEN p.before END, CASE WHEN n.unreadable THEN p.after END
+  FROM pick p CROSS JOIN LATERAL (SELECT p.class = 1 AND coalesce({unreadable}, false) AS unreadable) n, tr, b
  WHERE CASE p.class
          WHEN 0 THEN p.op <> 'delete' AND (tr.at IS NULL OR tr.at < p.captured_at)
          WHEN 1 THEN p.op <> 'insert'
@@ -90,7 +91,9 @@ def table_as_of_plan(
         key_order=sql.SQL(", ").join(
             [*(sql.SQL("c.pk -> {}").format(sql.Literal(k)) for k in composite), sql.SQL("c.pk")]
         ),
-        nul=sql.SQL(f"{has_nul_text('p.before')} OR {has_nul_text('p.after')}"),
+        unreadable=sql.SQL(
+            f"{has_unreadable_escape('p.before', '{audit}')} OR {has_unreadable_escape('p.after', '{audit}')}"
+        ).format(audit=audit),
     )
     found = yield Query(
         sql.SQL(

@@ -21,7 +21,7 @@ from psycopg.pq import Format
 from threadline.core.errors import InvalidFilter
 from threadline.core.records import iso
 from threadline.explore import paging
-from threadline.explore.selection import CHANGED_FIELDS_SQL, Filters, where_clause
+from threadline.explore.selection import Filters, changed_fields_sql, where_clause
 
 FORMATS = ("csv", "json", "ndjson")
 """Supported export formats."""
@@ -121,11 +121,11 @@ class TextSink(Protocol):
         """Write ``text``."""
 
 
-def _utc_text(expr: str) -> sql.Composable:
+def _utc_text(expr: str) -> sql.SQL:
     return sql.SQL("to_char(" + expr + " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
 
 
-_SOURCES: dict[str, sql.Composable] = {
+_SOURCES: dict[str, sql.SQL] = {
     "id": sql.SQL("c.id"),
     "transaction_id": sql.SQL("c.transaction_id"),
     "captured_at": _utc_text("c.captured_at"),
@@ -133,7 +133,7 @@ _SOURCES: dict[str, sql.Composable] = {
     "table_name": sql.SQL("c.table_name"),
     "op": sql.SQL("c.op"),
     "pk": sql.SQL("c.pk"),
-    "changed_fields": sql.SQL("to_jsonb(" + CHANGED_FIELDS_SQL + ")"),
+    "changed_fields": sql.SQL("to_jsonb({changed})"),
     "before": sql.SQL("c.before"),
     "after": sql.SQL("c.after"),
     "occurred_at": _utc_text("t.occurred_at"),
@@ -150,12 +150,13 @@ _SOURCES: dict[str, sql.Composable] = {
 _JSON_COLUMNS = {"pk", "changed_fields", "before", "after", "job"}
 
 
-def _select_list(format: str) -> sql.Composable:
+def _select_list(format: str, audit: sql.Identifier) -> sql.Composable:
     names = CSV_COLUMNS if format == "csv" else JSON_FIELDS
+    changed = changed_fields_sql(audit)
     return sql.SQL(", ").join(
-        sql.SQL("({})::text AS {}").format(_SOURCES[c], sql.Identifier(c))
+        sql.SQL("({})::text AS {}").format(_SOURCES[c].format(changed=changed), sql.Identifier(c))
         if format == "csv" and c in _JSON_COLUMNS
-        else sql.SQL("{} AS {}").format(_SOURCES[c], sql.Identifier(c))
+        else sql.SQL("{} AS {}").format(_SOURCES[c].format(changed=changed), sql.Identifier(c))
         for c in names
     )
 
@@ -167,12 +168,12 @@ def check_format(format: str) -> str:
     return format
 
 
-def _parts(format: str) -> tuple[sql.Composable, tuple[str, ...], sql.Composable]:
+def _parts(format: str, audit: sql.Identifier) -> tuple[sql.Composable, tuple[str, ...], sql.Composable]:
     """The select list of ``format``, its column names, and the lateral join it reads from."""
     if format == "csv":
-        return _select_list(format), CSV_COLUMNS, sql.SQL("").format()
+        return _select_list(format, audit), CSV_COLUMNS, sql.SQL("").format()
     # PostgreSQL writes each JSON object (keys in column order) and Python only moves text.
-    lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format))
+    lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format, audit))
     return sql.SQL("row_to_json(x)::text AS line"), ("line",), lateral
 
 
@@ -187,7 +188,7 @@ def _statement(
 ) -> tuple[sql.Composed, dict[str, Any]]:
     """The page statement (late rows, rows in position order unless ``forward`` is false, the
     closing row)."""
-    columns, names, lateral = _parts(format)
+    columns, names, lateral = _parts(format, sql.Identifier(audit_schema))
     params: dict[str, Any] = {}
     statement = paging.page_statement(
         sql.Identifier(audit_schema),
@@ -209,7 +210,7 @@ def _statement(
 def _forward_statement(
     format: str, filters: Filters, audit_schema: str, position: paging.Position
 ) -> tuple[sql.Composed, dict[str, Any]]:
-    columns, _, lateral = _parts(format)
+    columns, _, lateral = _parts(format, sql.Identifier(audit_schema))
     params: dict[str, Any] = {}
     statement = paging.forward_statement(
         sql.Identifier(audit_schema),

@@ -35,10 +35,10 @@ from threadline.explore.arguments import (
     check_window,
 )
 from threadline.explore.selection import (
-    CHANGE_COLUMNS,
     TRANSACTION_COLUMNS,
     Filters,
     _select,
+    change_columns_sql,
     partitioned_plan,
     where_clause,
     with_transactions,
@@ -215,7 +215,7 @@ def _trace_plan(correlation_id: str, audit_schema: str) -> Plan[Trace]:
                 "SELECT {}, c.transaction_id AS t_id FROM {}.changes c WHERE c.transaction_id = ANY (%(ids)s::bigint[]){}"
                 " ORDER BY c.transaction_id, c.id"
             ).format(
-                CHANGE_COLUMNS,
+                change_columns_sql(audit),
                 audit,
                 sql.SQL(" AND c.occurred_at = ANY (%(at)s::timestamptz[])" if partitioned else ""),
             ),

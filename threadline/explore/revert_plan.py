@@ -35,7 +35,7 @@ from threadline.explore.revert_tables import (
     resolve_tables,
     visible_values,
 )
-from threadline.explore.selection import has_nul_escape, truncate_change_join
+from threadline.explore.selection import has_unreadable_escape, truncate_change_join
 from threadline.explore.tables import key_condition
 
 __all__ = ["image_sql", "key_match", "plan_revert", "relation_sql", "revert_scope"]
@@ -60,30 +60,31 @@ def plan_revert(
     ids = [r["id"] for r in cur.execute(sql.SQL(SCOPE_SQL[key]).format(a=audit), {"v": value}).fetchall()]
     if not ids:
         raise RevertError(f"no transaction recorded for {key} {value}")
-    # an image holding the escape \u0000 (a json column's value) is read by none of the json
-    # functions a revert needs (before_row(), changed_fields(), json_populate_record()): such a
-    # change is flagged (nul) instead, and the revert refused
+    # an image holding an escape the database cannot decode (a json column's value with \u0000 or
+    # half a surrogate pair) is read by none of the json functions a revert needs (before_row(),
+    # changed_fields(), json_populate_record()): such a change is flagged (unreadable) instead,
+    # and the revert refused
     changes = cur.execute(
         sql.SQL(
             "SELECT c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk_text,"
-            " CASE WHEN NOT n.nul THEN {a}.before_row(c.before, c.after)::text END AS before_text,"
+            " CASE WHEN NOT n.unreadable THEN {a}.before_row(c.before, c.after)::text END AS before_text,"
             " c.after::text AS after_text,"
-            " CASE WHEN NOT n.nul THEN coalesce(c.changed_fields, {a}.changed_fields(c.before, c.after)) END AS changed,"
-            " c.captured_at, n.nul, CASE WHEN n.nul THEN c.before::text END AS nul_before"
+            " CASE WHEN NOT n.unreadable THEN coalesce(c.changed_fields, {a}.changed_fields(c.before, c.after)) END AS changed,"
+            " c.captured_at, n.unreadable, CASE WHEN n.unreadable THEN c.before::text END AS unreadable_before"
             "  FROM {a}.changes c"
-            "  CROSS JOIN LATERAL (SELECT coalesce({nul_before}, false) OR coalesce({nul_after}, false) AS nul) n"
+            "  CROSS JOIN LATERAL (SELECT coalesce({before}, false) OR coalesce({after}, false) AS unreadable) n"
             " WHERE c.transaction_id = ANY (%(ids)s) AND c.op <> 'snapshot'"
             " ORDER BY c.captured_at, c.id"
         ).format(
             a=audit,
-            nul_before=sql.SQL(has_nul_escape("c.before")),
-            nul_after=sql.SQL(has_nul_escape("c.after")),
+            before=sql.SQL(has_unreadable_escape("c.before", "{a}")).format(a=audit),
+            after=sql.SQL(has_unreadable_escape("c.after", "{a}")).format(a=audit),
         ),
         {"ids": ids},
     ).fetchall()
     if not changes:
         raise RevertError(f"the transactions of {key} {value} changed no tracked row: nothing to revert")
-    _refuse_nul_images(changes)
+    _refuse_unreadable_images(changes)
     truncates = [c for c in changes if c["op"] == "truncate"]
     if truncates:
         t = truncates[0]
@@ -194,14 +195,21 @@ def plan_revert(
     return plan, [r for r, _ in ordered], tables
 
 
-def _nul_columns(image: Any) -> list[str]:
-    """The keys of an image whose values hold the character NUL (in a string or a key, at any depth)."""
+def _unreadable(text: str) -> bool:
+    """Whether ``text`` holds NUL or half a surrogate pair: what a JSON escape the database could
+    not decode becomes in Python (a character the database's encoding lacks is not told)."""
+    return "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _unreadable_columns(image: Any) -> list[str]:
+    """The keys of an image whose values hold what :func:`_unreadable` finds (in a string or a key,
+    at any depth)."""
 
     def holds(value: Any) -> bool:
         if isinstance(value, str):
-            return "\x00" in value
+            return _unreadable(value)
         if isinstance(value, dict):
-            return any("\x00" in k or holds(v) for k, v in value.items())
+            return any(_unreadable(k) or holds(v) for k, v in value.items())
         if isinstance(value, list):
             return any(holds(v) for v in value)
         return False
@@ -209,24 +217,26 @@ def _nul_columns(image: Any) -> list[str]:
     return [k for k, v in image.items() if holds(v)] if isinstance(image, dict) else []
 
 
-def _refuse_nul_images(changes: list[dict[str, Any]]) -> None:
-    """Raise :class:`RevertError` when a change's image holds the escape \\u0000."""
-    flagged = [c for c in changes if c["nul"]]
+def _refuse_unreadable_images(changes: list[dict[str, Any]]) -> None:
+    """Raise :class:`RevertError` when a change's image holds an escape the database cannot
+    decode."""
+    flagged = [c for c in changes if c["unreadable"]]
     if not flagged:
         return
     lines = []
     for c in flagged:
         columns: list[str] = []
-        for text in (c["nul_before"], c["after_text"]):
-            columns += [k for k in _nul_columns(exact_json(text)) if k not in columns]
+        for text in (c["unreadable_before"], c["after_text"]):
+            columns += [k for k in _unreadable_columns(exact_json(text)) if k not in columns]
         lines.append(
             f"  {qualified_name(c['table_schema'], c['table_name'])} ({_key_text(exact_json(c['pk_text']) or {})}):"
             f" change {c['id']} ({c['op']}, transaction {c['transaction_id']})"
             + (f", column {', '.join(columns)}" if columns else "")
         )
     raise RevertError(
-        "these changes cannot be reverted: a JSON value they recorded holds the escape \\u0000"
-        " (the character NUL), which PostgreSQL's json functions cannot read back into a row:\n"
+        "these changes cannot be reverted: a JSON value they recorded holds an escape this database"
+        " cannot decode (\\u0000, the character NUL; half a surrogate pair; or a character its"
+        " encoding lacks), which PostgreSQL's json functions cannot read back into a row:\n"
         + "\n".join(lines)
         + "\nrestore those rows by hand (threadline history shows their values)"
     )

@@ -30,60 +30,62 @@ from threadline.explore.tables import TableRef, resolve_table
 # ---------------------------------------------------------------------------------------------
 # SQL pieces
 
-# A json image may hold the escape \u0000 (a json column's value is captured as its text, which
-# PostgreSQL's json type accepts with it), and every json function that reads the image's keys
-# (json_each, ->, json_populate_record, the schema's changed_fields() and before_row()) then fails:
-# "unsupported Unicode escape sequence". The 6 characters \u0000 as an E'' literal (the same text
-# whatever standard_conforming_strings says):
-NUL_ESCAPE = r"E'\\u0000'"
+# A json image may hold an escape the database cannot decode: \u0000, half a surrogate pair, or
+# (in a database not in UTF-8) a character its encoding lacks. A json column's value is captured as
+# its text, which PostgreSQL's json type accepts with such an escape, and every json function that
+# reads the image's keys (json_each, ->, json_populate_record, the schema's changed_fields() and
+# before_row()) then fails. Texts as E'' literals (the same whatever standard_conforming_strings
+# says): \u (any escape), and in UTF-8 the only escapes that can fail there, \u0000 and a
+# surrogate's half (\ud or \uD, which also finds some characters that decode).
+_ANY_ESCAPE = r"E'\\u'"
+_UTF8_SUSPECTS = (r"E'\\u0000'", r"E'\\ud'", r"E'\\uD'")
 
 
-def has_nul_text(image: str) -> str:
-    """SQL: whether the json (or jsonb) image ``image`` holds the text ``\\u0000`` (a real escape,
-    or an escaped backslash before ``u0000``: the cheap test that leaves every other row alone)."""
-    return f"strpos({image}::text, {NUL_ESCAPE}) > 0"
+def may_hold_unreadable_escape(image: str) -> str:
+    """SQL: whether the json (or jsonb) image ``image`` may hold an escape the database cannot
+    decode (the cheap test, by the text alone, that leaves every other row alone)."""
+    text = f"{image}::text"
+    suspects = " OR ".join(f"strpos({text}, {s}) > 0" for s in _UTF8_SUSPECTS)
+    return f"(strpos({text}, {_ANY_ESCAPE}) > 0 AND (getdatabaseencoding() <> 'UTF8' OR {suspects}))"
 
 
-def has_nul_escape(image: str) -> str:
-    """SQL: whether the image ``image`` holds a real escape ``\\u0000`` (reached from its start
-    through whole escapes: not one whose backslash is the second of an escaped backslash)."""
-    return (
-        f"({has_nul_text(image)} AND {image}::text"
-        " ~ '^(?:[^[.backslash.]]|[[.backslash.]].)*[[.backslash.]]u0000')"
-    )
+def has_unreadable_escape(image: str, audit: str) -> str:
+    """SQL: whether the image ``image`` holds an escape the database cannot decode (the schema
+    ``audit``'s ``json_unreadable()``, called only for an image that
+    :func:`may_hold_unreadable_escape` picks)."""
+    return f"({may_hold_unreadable_escape(image)} AND {audit}.json_unreadable({image}::json))"
 
 
-def nul_safe(image: str) -> str:
-    """SQL: the image ``image`` as json that json functions read although it holds \\u0000.
+def escapes_readable(image: str, audit: str) -> str:
+    """SQL: the image ``image`` as json that json functions read whatever escapes it holds.
 
-    Each escaped backslash becomes two and each escape \\u0000 an escaped backslash before the
-    text ``u0000u0000`` (the regular expression steps through the backslashes an escape at a time,
-    so only real escapes are rewritten): no two texts become the same, so values compared as
+    Each escape the database cannot decode comes out as text (an escaped backslash before its
+    ``uXXXX``) and each escaped backslash as two (the schema ``audit``'s
+    ``json_escapes_readable(j, true)``): no two texts become the same, so values compared as
     rewritten text compare as they were. A key comes out with each backslash doubled
-    (:data:`NUL_SAFE_KEY` undoes that; column names never hold the character NUL)."""
-    return (
-        f"regexp_replace({image}::text, '([[.backslash.]])([[.backslash.]]|u0000)',"
-        r" E'\\1\\1\\2\\2', 'g')::json"
-    )
+    (:data:`READABLE_KEY` undoes that; no column name holds an escape that cannot be decoded)."""
+    return f"{audit}.json_escapes_readable({image}::json, true)"
 
 
-NUL_SAFE_KEY = r"replace(b.key, E'\\\\', E'\\')"
-"""SQL: the key ``b.key`` of a :func:`nul_safe` image as it is in the image."""
+READABLE_KEY = r"replace(b.key, E'\\\\', E'\\')"
+"""SQL: the key ``b.key`` of an :func:`escapes_readable` image as it is in the image."""
 
 # JSON columns come as text: Python parses them (one decoder call each, and a transaction's only
 # once however many of its changes a result holds).
 # An update's changed fields: stored for tables with masked columns (and by older releases),
 # otherwise the keys whose values differ between its two whole-row images, in column order (the
 # schema's changed_fields() function, inlined: the cast to json serves json and jsonb columns).
-# An update whose images hold the text \u0000 (rare: a json column's value with that escape) has
-# them compared in the form nul_safe() gives, each rewritten once (in a sub-select that OFFSET 0
-# keeps whole). That sub-plan has no sort nor join: the planner adds its estimated cost to every
-# row's, and a higher estimate has JIT compile and optimize the statement at smaller sizes.
-CHANGED_FIELDS_SQL = (
+# An update whose images may hold an escape the database cannot decode (a json column's value with
+# one) has them compared in the form escapes_readable() gives, each rewritten once (in a sub-select
+# that OFFSET 0 keeps whole). That sub-plan has no sort nor join: the planner adds its estimated
+# cost to every row's, and a higher estimate has JIT compile and optimize the statement at smaller
+# sizes.
+_CHANGED_FIELDS = (
     "CASE WHEN c.op = 'update' AND c.changed_fields IS NULL THEN"
-    f" CASE WHEN {has_nul_text('c.before')} OR {has_nul_text('c.after')} THEN coalesce(("
-    f"SELECT array_agg({NUL_SAFE_KEY} ORDER BY b.ord)"
-    f" FROM (SELECT {nul_safe('c.before')} AS bj, {nul_safe('c.after')} AS aj OFFSET 0) AS s"
+    f" CASE WHEN {may_hold_unreadable_escape('c.before')} OR {may_hold_unreadable_escape('c.after')} THEN coalesce(("
+    f"SELECT array_agg({READABLE_KEY} ORDER BY b.ord)"
+    f" FROM (SELECT {escapes_readable('c.before', '{audit}')} AS bj, {escapes_readable('c.after', '{audit}')} AS aj"
+    " OFFSET 0) AS s"
     " CROSS JOIN LATERAL json_each(s.bj) WITH ORDINALITY AS b(key, value, ord)"
     " WHERE (s.aj -> b.key)::text IS DISTINCT FROM b.value::text), ARRAY[]::text[])"
     " ELSE ARRAY("
@@ -91,12 +93,21 @@ CHANGED_FIELDS_SQL = (
     " WHERE (c.after::json -> b.key)::text IS DISTINCT FROM b.value::text ORDER BY b.ord) END"
     " ELSE c.changed_fields END"
 )
-CHANGE_COLUMNS = sql.SQL(
-    "c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk, "
-    "c.after::text AS after, c.before::text AS before, "
-    + CHANGED_FIELDS_SQL
-    + " AS changed_fields, c.captured_at"
-)
+
+
+def changed_fields_sql(audit: sql.Identifier) -> sql.Composed:
+    """SQL: a change's changed fields (``c`` a row of the schema ``audit``'s ``changes``)."""
+    return sql.SQL(_CHANGED_FIELDS).format(audit=audit)
+
+
+def change_columns_sql(audit: sql.Identifier) -> sql.Composed:
+    """SQL: the change columns of :data:`CHANGE_COLUMN_NAMES` (``c`` a row of ``changes``)."""
+    return sql.SQL(
+        "c.id, c.transaction_id, c.table_schema, c.table_name, c.op, c.pk::text AS pk, "
+        "c.after::text AS after, c.before::text AS before, {changed} AS changed_fields, c.captured_at"
+    ).format(changed=changed_fields_sql(audit))
+
+
 CHANGE_COLUMN_NAMES = (
     "id", "transaction_id", "table_schema", "table_name", "op", "pk", "after", "before", "changed_fields",
     "captured_at",
@@ -140,13 +151,14 @@ def truncate_change_join(partitioned: bool) -> sql.SQL:
     )
 
 
-def change_columns(partitioned: bool) -> tuple[sql.Composable, tuple[str, ...]]:
-    """The change columns a query reads, and their names: in a partitioned store also the
-    transaction's start time (``t_started``), so :func:`with_transactions` reads each transaction
-    in its own partition."""
+def change_columns(audit: sql.Identifier, partitioned: bool) -> tuple[sql.Composable, tuple[str, ...]]:
+    """The change columns a query of the schema ``audit`` reads, and their names: in a
+    partitioned store also the transaction's start time (``t_started``), so
+    :func:`with_transactions` reads each transaction in its own partition."""
+    columns = change_columns_sql(audit)
     if not partitioned:
-        return CHANGE_COLUMNS, CHANGE_COLUMN_NAMES
-    return CHANGE_COLUMNS + sql.SQL(", c.occurred_at AS t_started"), (*CHANGE_COLUMN_NAMES, "t_started")
+        return columns, CHANGE_COLUMN_NAMES
+    return columns + sql.SQL(", c.occurred_at AS t_started"), (*CHANGE_COLUMN_NAMES, "t_started")
 
 
 # Changes are read without their transactions' columns (a transaction's context would otherwise
@@ -155,7 +167,7 @@ def change_columns(partitioned: bool) -> tuple[sql.Composable, tuple[str, ...]]:
 def _select(audit: sql.Identifier, partitioned: bool, *, join: bool = True) -> sql.Composed:
     """``SELECT`` of change columns from ``changes c``, joined to ``transactions t`` when ``join``
     (a filter reads the transaction)."""
-    columns = change_columns(partitioned)[0]
+    columns = change_columns(audit, partitioned)[0]
     if not join:
         return sql.SQL("SELECT {changes} FROM {audit}.changes c").format(changes=columns, audit=audit)
     return sql.SQL(

@@ -94,7 +94,7 @@ def _timeline_plan(
             where = partial(_within, filters, sql.SQL("c.captured_at < %(window_end)s"))
         statement = paging.page_statement(
             audit,
-            *change_columns(filters.partitioned),
+            *change_columns(audit, filters.partitioned),
             where,
             position,
             checked,

@@ -850,26 +850,97 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
      WHERE c.name <> ALL (exclude)
 $fn$;
 
--- j with each \u0000 escape written as an escaped backslash and "u0000", so that PostgreSQL's JSON
--- functions and jsonb, which refuse that escape, can read it.
-CREATE OR REPLACE FUNCTION @audit@.json_nul_escaped(j json) RETURNS json
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-    -- escaped backslashes set aside first, so that only real escapes are rewritten
-    SELECT replace(replace(replace(j::text, '\\', chr(1)), '\u0000', '\\u0000'), chr(1), '\\')::json
+-- Whether j holds a \u escape that this database cannot decode (json_escapes_readable() says which).
+CREATE OR REPLACE FUNCTION @audit@.json_unreadable(j json) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- in UTF-8 only \u0000 and half a surrogate pair can fail: j holding neither text (each half
+    -- of a whole pair counts) is told without the exception block
+    IF getdatabaseencoding() = 'UTF8' AND j::text !~ '[[.backslash.]]u(0000|[dD][89a-fA-F])' THEN
+        RETURN false;
+    END IF;
+    PERFORM j -> '';  -- reads every string of j
+    RETURN false;
+EXCEPTION WHEN untranslatable_character OR invalid_text_representation OR feature_not_supported
+               OR character_not_in_repertoire THEN
+    RETURN true;
+END
 $fn$;
 
--- The same for any j, j itself when it holds no \u0000. Without a pinned search_path (every name
--- carries its schema), so that PostgreSQL inlines it into the statement that calls it (drift-safe
--- capture code reads each row's key through it) and prepares only the test for every row.
-CREATE OR REPLACE FUNCTION @audit@.json_without_nul(j json) RETURNS json
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
-    SELECT CASE WHEN pg_catalog.strpos(j::text, '\u0000') OPERATOR(pg_catalog.=) 0 THEN j
-                ELSE @audit@.json_nul_escaped(j) END
+-- j with each \u escape that this database cannot decode written as text (an escaped backslash
+-- before its "uXXXX"): \u0000, half a surrogate pair, or a character the server's encoding lacks
+-- (in SQL_ASCII any beyond ASCII). PostgreSQL's json type stores such escapes, and its JSON
+-- functions and jsonb refuse them. j itself when every escape decodes. doubled: each escaped
+-- backslash also written as two, so that no two values come out the same (readers compare
+-- values so; a key then comes with each backslash doubled). Written without a backslash in a
+-- literal, so that standard_conforming_strings cannot change what it matches.
+CREATE OR REPLACE FUNCTION @audit@.json_escapes_readable(j json, doubled boolean) RETURNS json
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    -- a surrogate pair is one escape; chr(1) stands for each escaped backslash (JSON text holds
+    -- no raw control character), so that only real escapes match
+    escape constant text := '[[.backslash.]]u[dD][89abAB][[:xdigit:]]{2}[[.backslash.]]u[dD][c-fC-F][[:xdigit:]]{2}'
+                            '|[[.backslash.]]u[[:xdigit:]]{4}';
+    backslash constant text := chr(92);
+    t text;
+    bad text[] := '{}';
+    e text;
+BEGIN
+    IF NOT @audit@.json_unreadable(j) THEN
+        RETURN CASE WHEN doubled THEN replace(j::text, backslash || backslash, repeat(backslash, 4))::json ELSE j END;
+    END IF;
+    t := replace(j::text, backslash || backslash, chr(1));
+    FOR e IN SELECT DISTINCT m[1] FROM regexp_matches(t, escape, 'g') AS m LOOP
+        IF @audit@.json_unreadable(('"' || e || '"')::json) THEN
+            bad := bad || e;
+        END IF;
+    END LOOP;
+    -- each bad escape's backslashes as chr(2): one backslash when written, however doubled
+    SELECT string_agg(p.piece || coalesce(CASE WHEN x.e = ANY (bad) THEN replace(x.e, backslash, chr(2)) ELSE x.e END, ''),
+                      '' ORDER BY p.n)
+      INTO t
+      FROM unnest(regexp_split_to_array(t, escape)) WITH ORDINALITY AS p(piece, n)
+      LEFT JOIN (SELECT m.match[1] AS e, m.n
+                   FROM regexp_matches(t, escape, 'g') WITH ORDINALITY AS m(match, n)) AS x ON x.n = p.n;
+    t := replace(t, chr(2), backslash || backslash);
+    RETURN replace(t, chr(1), repeat(backslash, CASE WHEN doubled THEN 4 ELSE 2 END))::json;
+END
+$fn$;
+
+-- The same for any j, j itself when it holds no \u escape, or in UTF-8 none that can fail there
+-- (\u0000 or a surrogate's half: the text \ud or \uD, which also finds some that decode). Without
+-- a pinned search_path (every name carries its schema), so that PostgreSQL inlines it into the
+-- statement that calls it (drift-safe capture code reads each row's key through it) and prepares
+-- only the tests for every row: an escape beyond ASCII (as Python's json writes every such
+-- character) costs a row three more strpos() and no function call.
+CREATE OR REPLACE FUNCTION @audit@.json_readable(j json) RETURNS json
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$
+    SELECT CASE WHEN pg_catalog.strpos(j::text, E'\\u') OPERATOR(pg_catalog.=) 0 THEN j
+                WHEN pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.=) 'UTF8'
+                 AND pg_catalog.strpos(j::text, E'\\u0000') OPERATOR(pg_catalog.=) 0
+                 AND pg_catalog.strpos(j::text, E'\\ud') OPERATOR(pg_catalog.=) 0
+                 AND pg_catalog.strpos(j::text, E'\\uD') OPERATOR(pg_catalog.=) 0 THEN j
+                ELSE @audit@.json_escapes_readable(j, false) END
+$fn$;
+
+-- A key column's value (a json column, or a type holding one) as jsonb, which cannot hold every
+-- json value: its escapes made readable, or, holding a number beyond numeric's range or nested
+-- too deep, its JSON text as a string.
+CREATE OR REPLACE FUNCTION @audit@.json_key(j json) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN @audit@.json_readable(j)::jsonb;
+EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
+               OR character_not_in_repertoire OR feature_not_supported OR program_limit_exceeded
+               OR statement_too_complex THEN
+    RETURN to_jsonb(j::text);
+END
 $fn$;
 
 -- A row image as jsonb for drift-safe capture code that could not convert the row itself (a json
--- column holding \u0000, or a number beyond numeric's range): without the \u0000 escapes and, for
--- a column whose value jsonb still cannot hold, that value's JSON text as a string. Masks apply by
+-- column holding an escape this database cannot decode, or a number beyond numeric's range): its
+-- escapes made readable (json_readable()) and, for a column whose value jsonb still cannot hold,
+-- that value's JSON text as a string. Masks apply by
 -- name afterwards, as to any image.
 CREATE OR REPLACE FUNCTION @audit@.readable_jsonb(j json) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -878,14 +949,16 @@ DECLARE
     v json;
     image jsonb := '{}';
 BEGIN
-    RETURN @audit@.json_without_nul(j)::jsonb;
+    RETURN @audit@.json_readable(j)::jsonb;
 EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
-               OR character_not_in_repertoire OR program_limit_exceeded OR statement_too_complex THEN
-    FOR k, v IN SELECT e.key, e.value FROM json_each(@audit@.json_without_nul(j)) AS e LOOP
+               OR character_not_in_repertoire OR feature_not_supported OR program_limit_exceeded
+               OR statement_too_complex THEN
+    FOR k, v IN SELECT e.key, e.value FROM json_each(@audit@.json_readable(j)) AS e LOOP
         BEGIN
             image := image || jsonb_build_object(k, v::jsonb);
         EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
-                       OR character_not_in_repertoire OR program_limit_exceeded OR statement_too_complex THEN
+                       OR character_not_in_repertoire OR feature_not_supported OR program_limit_exceeded
+                       OR statement_too_complex THEN
             image := image || jsonb_build_object(k, v::text);
         END;
     END LOOP;
@@ -980,6 +1053,8 @@ DECLARE
     row_ref text := '"threadline row".*';
     safe_lateral text := '';
     containers text[] := '{}';
+    json_keys text[];
+    key_read text;
 BEGIN
     SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
            array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
@@ -1000,6 +1075,11 @@ BEGIN
         problem := 'key column(s) ' || array_to_string(ARRAY(SELECT unnest(key_columns) EXCEPT SELECT unnest(names) ORDER BY 1), ', ') || ' not found';
         RETURN;
     END IF;
+    -- key columns whose value may hold a json value (json itself, an array of it, a composite or a
+    -- domain holding one): jsonb, which stores the key, cannot hold every json value
+    SELECT coalesce(array_agg(DISTINCT c.name), '{}') INTO json_keys
+      FROM @audit@.table_columns(rel) AS c JOIN @audit@.column_types(rel) AS x ON x.attnum = c.attnum
+     WHERE c.name = ANY (key_columns) AND x.t = 'json'::regtype;
     FOR i IN 1 .. cardinality(names) LOOP
         IF names[i] <> ALL (exclude) THEN
             tracked := tracked || names[i];
@@ -1074,6 +1154,10 @@ BEGIN
                 pk_parts := pk_parts || format('%L, %s', same, @audit@.output_text_sql(format('%s.%I', n, same), same = ANY (containers)));
                 pk_old_parts := pk_old_parts || format('%L, %s', same, @audit@.output_text_sql(format('%s.%I', o, same), same = ANY (containers)));
                 pk_update_parts := pk_update_parts || format('%L, %s', same, @audit@.output_text_sql(format('%s.%I', n, same), same = ANY (containers)));
+            ELSIF same = ANY (json_keys) THEN
+                pk_parts := pk_parts || format('%L, %I.json_key(to_json(%s.%I))', same, audit, n, same);
+                pk_old_parts := pk_old_parts || format('%L, %I.json_key(to_json(%s.%I))', same, audit, o, same);
+                pk_update_parts := pk_update_parts || format('%L, %I.json_key(to_json(%s.%I))', same, audit, n, same);
             ELSE
                 pk_parts := pk_parts || format('%L, %s.%I', same, n, same);
                 pk_old_parts := pk_old_parts || format('%L, %s.%I', same, o, same);
@@ -1184,9 +1268,12 @@ BEGIN
                 pk_parts := pk_parts || format('%L, ''"[masked]"''::jsonb', same);
                 pk_old_parts := pk_old_parts || format('%L, ''"[masked]"''::jsonb', same);
             ELSIF cardinality(mask) + cardinality(exclude) = 0 THEN
-                -- the json image, whose JSON functions refuse a \u0000 escape anywhere in it
-                pk_parts := pk_parts || format('%L, %I.json_without_nul(%s.j) -> %L', same, audit, n, same);
-                pk_old_parts := pk_old_parts || format('%L, %I.json_without_nul(%s.j) -> %L', same, audit, o, same);
+                -- the json image, whose JSON functions refuse an escape anywhere in it that this
+                -- database cannot decode
+                key_read := CASE WHEN same = ANY (json_keys) THEN '%1$I.json_key(%1$I.json_readable(%2$s.j) -> %3$L)'
+                                 ELSE '%1$I.json_readable(%2$s.j) -> %3$L' END;
+                pk_parts := pk_parts || format('%L, %s', same, format(key_read, audit, n, same));
+                pk_old_parts := pk_old_parts || format('%L, %s', same, format(key_read, audit, o, same));
             ELSE
                 pk_parts := pk_parts || format('%L, %s.j -> %L', same, n, same);
                 pk_old_parts := pk_old_parts || format('%L, %s.j -> %L', same, o, same);
@@ -1304,7 +1391,8 @@ BEGIN
             dispatch,
             '  END IF;',
             '   EXCEPTION WHEN untranslatable_character OR numeric_value_out_of_range OR invalid_text_representation',
-            '                  OR character_not_in_repertoire OR statement_too_complex OR program_limit_exceeded THEN',
+            '                  OR character_not_in_repertoire OR feature_not_supported OR statement_too_complex',
+            '                  OR program_limit_exceeded THEN',
             fallback,
             '  END IF;',
             '   END;') END;

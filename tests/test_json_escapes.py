@@ -1,6 +1,7 @@
-"""Row images holding the JSON escape \\u0000 (a ``json`` column's value, which PostgreSQL's json
-type accepts with it while its json functions refuse to read it): every reader lists such changes
-with the right changed fields, as-of rebuilds their rows, and a revert refuses them clearly."""
+"""Row images holding a JSON escape the database cannot decode: \\u0000, or half a surrogate
+pair (a ``json`` column's value, which PostgreSQL's json type accepts with it while its json
+functions refuse to read it): every reader lists such changes with the right changed fields, as-of
+rebuilds their rows, and a revert refuses them clearly."""
 
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ import pytest
 
 import threadline
 from threadline import RevertError
+from threadline.core.printable import printable, printable_value
 
 Conn = psycopg.Connection[Any]
 
 NUL = "\\u0000"  # the escape as JSON text: 6 characters
 ROW = '{"s":"' + NUL + '"}'
+HIGH, LOW = "\\ud83d", "\\ude00"  # halves of a surrogate pair (together: U+1F600)
+
+# each escape as JSON text, and as Python decodes it
+ESCAPES = {"nul": (NUL, "\x00"), "half_pair": (HIGH, "\ud83d"), "low_half": (LOW, "\ude00")}
 
 # json texts that differ only in how backslashes and \u0000 escapes follow each other: pairwise
 # different as text, so an update from any one to another changes the column
@@ -38,6 +44,12 @@ TRICKY = [
     '{"' + NUL + '": 1}',  # NUL as a key
     '"u0000"',
     '"\\u0001"',
+    '"' + HIGH + '"',  # half a pair
+    '"\\\\' + HIGH[1:] + '"',  # a backslash, then the text ud83d
+    '"' + LOW + HIGH + '"',  # two halves in the wrong order
+    '"' + HIGH + LOW + '"',  # a whole pair
+    '"\U0001f600"',  # the same character, written as such
+    '{"' + HIGH + '": 1}',  # half a pair as a key
 ]
 
 
@@ -51,25 +63,31 @@ def _cli(*args: str, code: int = 0) -> str:
     return res.stderr if code else res.stdout
 
 
+@pytest.fixture(params=sorted(ESCAPES))
+def escape(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """An escape the database cannot decode, as JSON text and as Python decodes it."""
+    return ESCAPES[request.param]
+
+
 @pytest.fixture
-def jn(conn: Conn) -> str:
-    """A tracked table ``app.jn`` with a ``json`` column, its row 7 holding \\u0000 and updated
+def jn(conn: Conn, escape: tuple[str, str]) -> str:
+    """A tracked table ``app.jn`` with a ``json`` column, its row 7 holding ``escape`` and updated
     (its text column v) in a transaction of correlation id ``nul-1``."""
     conn.execute("CREATE TABLE app.jn (id int PRIMARY KEY, j json, v text)")
     threadline.ddl.track(conn, "app.jn")
     with threadline.context(correlation_id="nul-1"), threadline.transaction(conn):
-        conn.execute("INSERT INTO app.jn VALUES (7, %s::json, 'a')", [ROW])
+        conn.execute("INSERT INTO app.jn VALUES (7, %s::json, 'a')", ['{"s":"' + escape[0] + '"}'])
         conn.execute("UPDATE app.jn SET v = 'b' WHERE id = 7")
     return "app.jn"
 
 
-def test_history_timeline_and_trace_read_an_update_of_a_row_holding_nul(
-    conn: Conn, dsn: str, jn: str
+def test_history_timeline_and_trace_read_an_update_of_a_row_holding_the_escape(
+    conn: Conn, dsn: str, jn: str, escape: tuple[str, str]
 ) -> None:
     update, insert = threadline.history(conn, jn, 7)
     assert (update.op, update.changed_fields, insert.op) == ("update", ("v",), "insert")
-    assert update.after == {"id": 7, "j": {"s": "\x00"}, "v": "b"}
-    assert update.before == {"id": 7, "j": {"s": "\x00"}, "v": "a"}
+    assert update.after == {"id": 7, "j": {"s": escape[1]}, "v": "b"}
+    assert update.before == {"id": 7, "j": {"s": escape[1]}, "v": "a"}
     page = threadline.timeline(conn, table=jn)
     assert [(c.op, c.changed_fields) for c in page] == [("insert", None), ("update", ("v",))]
     assert [c.changed_fields for c in threadline.timeline(conn, correlation_id="nul-1")] == [None, ("v",)]
@@ -79,7 +97,7 @@ def test_history_timeline_and_trace_read_an_update_of_a_row_holding_nul(
         ("v",),
     ]
     assert threadline.as_of(conn, jn, 7, datetime.now(timezone.utc)) == update.after
-    assert threadline.as_of(conn, jn, 7, insert.captured_at) == {"id": 7, "j": {"s": "\x00"}, "v": "a"}
+    assert threadline.as_of(conn, jn, 7, insert.captured_at) == {"id": 7, "j": {"s": escape[1]}, "v": "a"}
 
     async def read(dsn: str) -> list[threadline.Change]:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
@@ -127,12 +145,14 @@ def test_changed_fields_of_a_multi_row_update_and_of_a_column_named_with_a_backs
     assert third == [("a\\b", 'q"x')]
 
 
-def test_export_writes_changes_holding_nul_in_every_format(conn: Conn, jn: str) -> None:
+def test_export_writes_changes_holding_the_escape_in_every_format(
+    conn: Conn, jn: str, escape: tuple[str, str]
+) -> None:
     out = io.StringIO()
     assert threadline.export(conn, out, "ndjson", table=jn) == 2
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(r["op"], r["changed_fields"]) for r in rows] == [("insert", None), ("update", ["v"])]
-    assert rows[1]["before"]["j"] == {"s": "\x00"} and rows[1]["after"]["v"] == "b"
+    assert rows[1]["before"]["j"] == {"s": escape[1]} and rows[1]["after"]["v"] == "b"
 
     out = io.StringIO()
     threadline.export(conn, out, "json", correlation_id="nul-1")
@@ -142,12 +162,15 @@ def test_export_writes_changes_holding_nul_in_every_format(conn: Conn, jn: str) 
     threadline.export(conn, out, "csv")
     data = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [(r["op"], r["changed_fields"]) for r in data] == [("insert", ""), ("update", '["v"]')]
-    assert json.loads(data[1]["after"])["j"] == {"s": "\x00"}
+    assert json.loads(data[1]["after"])["j"] == {"s": escape[1]}
 
 
-def test_the_cli_lists_and_exports_changes_holding_nul(dsn: str, jn: str) -> None:
+def test_the_cli_lists_and_exports_changes_holding_the_escape(
+    dsn: str, jn: str, escape: tuple[str, str]
+) -> None:
+    # half a pair decodes to a lone surrogate, which UTF-8 cannot encode: printed as its escape
     history = _cli("history", jn, "7", "--dsn", dsn)
-    assert "v: a → b" in history and '{"s": "\\u0000"}' in history
+    assert "v: a → b" in history and '{"s": "' + escape[0] + '"}' in history
     assert [c["changed_fields"] for c in json.loads(_cli("history", jn, "7", "--json", "--dsn", dsn))] == [
         ["v"],
         None,
@@ -160,19 +183,22 @@ def test_the_cli_lists_and_exports_changes_holding_nul(dsn: str, jn: str) -> Non
     assert [json.loads(line)["changed_fields"] for line in lines] == [None, ["v"]]
 
 
-def test_as_of_a_table_rebuilds_rows_known_from_their_next_change(conn: Conn, dsn: str) -> None:
+def test_as_of_a_table_rebuilds_rows_known_from_their_next_change(
+    conn: Conn, dsn: str, escape: tuple[str, str]
+) -> None:
     conn.execute("CREATE TABLE app.base (id int PRIMARY KEY, j json, n int)")
-    conn.execute("INSERT INTO app.base SELECT g, %s::json, g FROM generate_series(1, 4) g", [ROW])
+    row = '{"s":"' + escape[0] + '"}'
+    conn.execute("INSERT INTO app.base SELECT g, %s::json, g FROM generate_series(1, 4) g", [row])
     threadline.ddl.track(conn, "app.base")
     threadline.take_baseline(conn, "app.base")
     then = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
     conn.execute("UPDATE app.base SET n = n + 10 WHERE id < 3")  # two rows: before has n alone
     conn.execute("UPDATE app.base SET n = n + 10, j = '[]' WHERE id = 3")  # one row: whole images
     conn.execute("DELETE FROM app.base WHERE id = 4")
-    was = [{"id": i, "j": {"s": "\x00"}, "n": i} for i in range(1, 5)]
+    was = [{"id": i, "j": {"s": escape[1]}, "n": i} for i in range(1, 5)]
     assert list(threadline.as_of(conn, "app.base", at=then)) == was
     assert [threadline.as_of(conn, "app.base", i, then) for i in range(1, 5)] == was
-    now = [{"id": i, "j": [] if i == 3 else {"s": "\x00"}, "n": i + 10} for i in range(1, 4)]
+    now = [{"id": i, "j": [] if i == 3 else {"s": escape[1]}, "n": i + 10} for i in range(1, 4)]
     assert list(threadline.as_of(conn, "app.base", at=datetime.now(timezone.utc))) == now
 
     async def read(dsn: str) -> list[dict[str, Any]]:
@@ -184,7 +210,7 @@ def test_as_of_a_table_rebuilds_rows_known_from_their_next_change(conn: Conn, ds
     assert [json.loads(line) for line in out.splitlines()] == was
 
 
-def test_revert_refuses_changes_holding_nul_and_changes_nothing(conn: Conn, dsn: str, jn: str) -> None:
+def test_revert_refuses_changes_holding_the_escape_and_changes_nothing(conn: Conn, dsn: str, jn: str) -> None:
     tx = threadline.history(conn, jn, 7)[0].transaction_id
     with pytest.raises(RevertError) as refused:
         threadline.revert(conn, correlation_id="nul-1")
@@ -206,3 +232,10 @@ def test_revert_of_an_escaped_backslash_before_u0000_is_not_refused(conn: Conn) 
     result = threadline.revert(conn, correlation_id="lit-1")
     assert result.applied
     assert conn.execute("SELECT j::text, v FROM app.lit").fetchone() == ('{"s":"\\\\u0000"}', "a")
+
+
+def test_printable_writes_each_lone_surrogate_as_its_escape() -> None:
+    assert printable("a\ud83db\ude00\U0001f600\x00é") == "a\\ud83db\\ude00\U0001f600\x00é"
+    value = {"k\udfff": ["\ud800", {"x": "\udbff"}, 1, None], "n": 1.5}
+    assert printable_value(value) == {"k\\udfff": ["\\ud800", {"x": "\\udbff"}, 1, None], "n": 1.5}
+    json.dumps(printable_value(value), ensure_ascii=False).encode()  # UTF-8 takes it
