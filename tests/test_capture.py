@@ -1065,3 +1065,35 @@ def test_json_values_jsonb_cannot_hold_never_fail_the_write(conn: Conn, typed: b
     else:  # read through jsonb: the escape as text, the number as its JSON text
         assert rows[0]["after"]["body"] == {"s": "\\u0000"}
         assert rows[1]["after"]["body"] == '{"n":1e1000000}'
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "masked"])
+def test_a_json_value_written_differently_is_an_update(conn: Conn, typed: bool, mask: bool) -> None:
+    # jsonb writes these pairs alike (key order, spaces, escapes, number spellings): the json
+    # column's text changed all the same, and every code shape records the update
+    conn.execute("CREATE TABLE app.spelled (id int PRIMARY KEY, body json, secret text)")
+    pairs = [
+        ('{"a":1,"b":2}', '{"b":2,"a":1}'), ("[1, 2]", "[1,2]"), ('"\\u00e9"', '"é"'), ("100", "1e2"),
+        ('{"a":1,"a":2}', '{"a":2}'),
+    ]  # fmt: skip
+    conn.execute(
+        "INSERT INTO app.spelled SELECT i, v::json, 's' FROM unnest(%s::text[]) WITH ORDINALITY AS x(v, i)",
+        [[old for old, _ in pairs]],
+    )
+    ddl.track(conn, "app.spelled", mask=["secret"] if mask else None)
+    if not typed:
+        conn.execute(
+            "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = 'spelled'"
+        )
+    for i, (_, new) in enumerate(pairs, start=1):
+        conn.execute("UPDATE app.spelled SET body = %s::json WHERE id = %s", [new, i])  # one row
+    conn.execute("UPDATE app.spelled SET body = (body::text || ' ')::json")  # every row: only a space
+    conn.execute("UPDATE app.spelled SET body = %s::json, secret = 't' WHERE id = 1", ['{"a":1, "b":2}'])
+    rows = changes(conn)
+    assert [(r["op"], r["pk"]["id"]) for r in rows[: len(pairs)]] == [("update", i) for i in range(1, 6)]
+    assert all(r["changed_fields"] == ["body"] for r in rows[: len(pairs)])
+    assert [r["after"]["body"] for r in rows[: len(pairs)]] == [{"a": 1, "b": 2}, [1, 2], "é", 100, {"a": 2}]
+    # only the space after the value: an update too (readers name no changed field for it)
+    assert len(rows) == 2 * len(pairs) + 1
+    assert sorted(rows[-1]["changed_fields"]) == ["body", "secret"]

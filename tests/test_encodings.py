@@ -82,7 +82,7 @@ def test_a_sql_ascii_database_records_every_write() -> None:
 # pair and of either half alone (in a key too), and a number beyond numeric's range
 JSON_VALUES = [
     '{"s":"\\u00e9"}', '{"s":"\\u0000"}', '{"n":1e1000000}', '{"s":"\\ud83d\\ude00"}',
-    '{"s":"\\ud83d"}', '{"s":"\\ude00"}', '{"\\ud83d":1}', '{"s":"\\u0416"}',
+    '{"s":"\\ud83d"}', '{"s":"\\ude00"}', '{"\\ud83d":1}', '{"s":"\\u0416"}', ' [1e1000000, "\\ud83d"] ',
 ]  # fmt: skip
 
 

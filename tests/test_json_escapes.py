@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -239,3 +240,52 @@ def test_printable_writes_each_lone_surrogate_as_its_escape() -> None:
     value = {"k\udfff": ["\ud800", {"x": "\udbff"}, 1, None], "n": 1.5}
     assert printable_value(value) == {"k\\udfff": ["\\ud800", {"x": "\\udbff"}, 1, None], "n": 1.5}
     json.dumps(printable_value(value), ensure_ascii=False).encode()  # UTF-8 takes it
+
+
+def test_a_baseline_of_a_masked_table_holding_the_escape(conn: Conn, escape: tuple[str, str]) -> None:
+    # a masked table's snapshots are written without jsonb, as typed capture writes its images
+    conn.execute("CREATE TABLE app.snap (id int PRIMARY KEY, j json, secret text)")
+    conn.execute("INSERT INTO app.snap VALUES (1, %s::json, 'hidden')", ['{"s":"' + escape[0] + '"}'])
+    threadline.ddl.track(conn, "app.snap", mask=["secret"])
+    threadline.take_baseline(conn, "app.snap")
+    then = datetime.now(timezone.utc)
+    assert list(threadline.as_of(conn, "app.snap", at=then)) == [
+        {"id": 1, "j": {"s": escape[1]}, "secret": "[masked]"}
+    ]
+
+
+def test_readers_take_what_pythons_json_refuses(conn: Conn) -> None:
+    # an integer of more digits than Python converts, nesting deeper than its recursion limit, and
+    # a line break between a value's tokens (which must not split an ndjson line)
+    conn.execute("CREATE TABLE app.odd (id int PRIMARY KEY, j json, n numeric)")
+    threadline.ddl.track(conn, "app.odd")
+    deep = "[" * 3000 + "1" + "]" * 3000
+    big = "9" * 5000
+    with threadline.context(correlation_id="odd-1"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.odd VALUES (1, %s::json, %s::numeric)", [deep, big])
+        conn.execute("INSERT INTO app.odd VALUES (2, %s::json, 1)", ['{"a":\n1}'])
+        conn.execute("UPDATE app.odd SET n = n - 1")
+    (update, insert) = threadline.history(conn, "app.odd", 1)
+    assert insert.after == {"id": 1, "j": deep, "n": Decimal(big)}  # too deep: its text
+    assert (
+        update.changed_fields == ("n",)
+        and update.after is not None
+        and update.after["n"] == Decimal("9" * 4999 + "8")
+    )
+    assert len(threadline.timeline(conn, correlation_id="odd-1")) == 4
+    out = io.StringIO()
+    assert threadline.export(conn, out, "ndjson", correlation_id="odd-1") == 4
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and json.loads(lines[1])["after"]["j"] == {"a": 1}
+    out = io.StringIO()
+    threadline.export(conn, out, "json", correlation_id="odd-1", limit=2)  # pages by the last line
+    assert out.getvalue().count('"captured_at"') == 2
+
+
+def test_revert_refuses_a_table_keyed_by_json(conn: Conn) -> None:
+    conn.execute("CREATE TABLE app.jkey (id int, k json, v text)")
+    threadline.ddl.track(conn, "app.jkey", keys=["k"])
+    with threadline.context(correlation_id="jkey-1"), threadline.transaction(conn):
+        conn.execute("""INSERT INTO app.jkey VALUES (1, '{"a":1}', 'x')""")
+    with pytest.raises(RevertError, match="keyed by k, which may hold json"):
+        threadline.revert(conn, correlation_id="jkey-1", dry_run=True)

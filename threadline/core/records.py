@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from threadline.core.actor import ActorRef
+from threadline.core.json_text import loads_whole
 
 OPS = ("insert", "update", "delete", "truncate", "snapshot")
 """The operations a change can record (``snapshot``: a row recorded by a baseline)."""
@@ -45,16 +46,24 @@ def from_json(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        parsed, end = _scan(value, 0)
-    except StopIteration:
-        return _decode(value)
-    return parsed if end == len(value) else _decode(value)
+        try:
+            parsed, end = _scan(value, 0)
+        except StopIteration:
+            return _decode(value)
+        return parsed if end == len(value) else _decode(value)
+    except (ValueError, RecursionError):  # a long integer, or nesting too deep (see json_text)
+        return loads_whole(value)
 
 
 def exact_json(text: str | None) -> Any:
     """JSON text as Python values with every number exact (``Decimal`` for a fraction, so a
     numeric column's value is never rounded through a float); ``None`` for ``None``."""
-    return None if text is None else json.loads(text, parse_float=Decimal)
+    if text is None:
+        return None
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except (ValueError, RecursionError):  # a long integer, or nesting too deep (see json_text)
+        return loads_whole(text, parse_float=Decimal)
 
 
 def _actor(value: Any) -> ActorRef | None:

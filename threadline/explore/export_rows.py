@@ -19,7 +19,7 @@ from psycopg.adapt import Loader
 from psycopg.pq import Format
 
 from threadline.core.errors import InvalidFilter
-from threadline.core.records import iso
+from threadline.core.records import from_json, iso
 from threadline.explore import paging
 from threadline.explore.selection import Filters, changed_fields_sql, where_clause
 
@@ -174,6 +174,10 @@ def _parts(format: str, audit: sql.Identifier) -> tuple[sql.Composable, tuple[st
         return _select_list(format, audit), CSV_COLUMNS, sql.SQL("").format()
     # PostgreSQL writes each JSON object (keys in column order) and Python only moves text.
     lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS x").format(_select_list(format, audit))
+    if format == "ndjson":
+        # an image holds a json column's text as written, line breaks between its tokens included
+        # (json refuses one inside a string): as spaces, each object keeps to its line
+        return sql.SQL("translate(row_to_json(x)::text, E'\\n\\r', '  ') AS line"), ("line",), lateral
     return sql.SQL("row_to_json(x)::text AS line"), ("line",), lateral
 
 
@@ -233,7 +237,7 @@ def _csv_key(row: tuple[Any, ...], skip: int = _SKIP) -> tuple[datetime, int]:
 
 
 def _json_key(row: tuple[Any, ...], skip: int = _SKIP) -> tuple[datetime, int]:
-    value = json.loads(row[skip])
+    value = from_json(row[skip])  # an image may hold what json.loads refuses (see json_text)
     return _parse_time(value["captured_at"]), int(value["id"])
 
 

@@ -41,7 +41,10 @@ def resolve_tables(
                 " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0"
                 "        AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum) AS insertable,"
                 " ARRAY(SELECT x.name FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS as_text,"
-                " ARRAY(SELECT x.container FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS containers"
+                " ARRAY(SELECT x.container FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS containers,"
+                " ARRAY(SELECT DISTINCT a.attname::text FROM {a}.column_types(c.oid) AS y"
+                "        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = y.attnum"
+                "        WHERE y.t = 'json'::regtype AND a.attname = ANY (t.key_columns) ORDER BY 1) AS json_keys"
                 "  FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace"
                 "  LEFT JOIN {a}.tracked_tables t ON t.relid = c.oid WHERE c.oid = %(oid)s"
             ).format(a=audit),
@@ -51,6 +54,12 @@ def resolve_tables(
         if not info["key_columns"]:
             raise RevertError(
                 f"{info['regclass']} is not tracked now: track it again before reverting its changes"
+            )
+        if info["json_keys"]:
+            raise RevertError(
+                f"{info['regclass']} is keyed by {', '.join(info['json_keys'])}, which may hold json: json has"
+                " no equality, so a revert cannot find a row by its key; restore those rows by hand"
+                " (threadline history shows their values)"
             )
         out[(schema, name)] = RevertTable(
             regclass=info["regclass"],

@@ -938,7 +938,7 @@ $fn$;
 
 -- A key column's value (a json column, or a type holding one) as jsonb, which cannot hold every
 -- json value: its escapes made readable, or, holding a number beyond numeric's range or nested
--- too deep, its JSON text as a string.
+-- too deep, its JSON text as a string. Typed and drift-safe code give a row the same key.
 CREATE OR REPLACE FUNCTION @audit@.json_key(j json) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
@@ -946,7 +946,8 @@ BEGIN
 EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
                OR character_not_in_repertoire OR feature_not_supported OR program_limit_exceeded
                OR statement_too_complex THEN
-    RETURN to_jsonb(j::text);
+    -- as drift-safe code reads it out of the row's image: escapes made readable, no outer space
+    RETURN to_jsonb(btrim(@audit@.json_readable(j)::text, E' \t\n\r'));
 END
 $fn$;
 
@@ -1066,8 +1067,10 @@ DECLARE
     row_ref text := '"threadline row".*';
     safe_lateral text := '';
     containers text[] := '{}';
+    json_columns text[];
     json_keys text[];
     key_read text;
+    raw text := '';
 BEGIN
     SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
            array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
@@ -1088,11 +1091,13 @@ BEGIN
         problem := 'key column(s) ' || array_to_string(ARRAY(SELECT unnest(key_columns) EXCEPT SELECT unnest(names) ORDER BY 1), ', ') || ' not found';
         RETURN;
     END IF;
-    -- key columns whose value may hold a json value (json itself, an array of it, a composite or a
-    -- domain holding one): jsonb, which stores the key, cannot hold every json value
-    SELECT coalesce(array_agg(DISTINCT c.name), '{}') INTO json_keys
+    -- columns whose value may hold a json value (json itself, an array of it, a composite or a
+    -- domain holding one): jsonb, which stores the key and drift-safe code's images with masks,
+    -- cannot hold every json value, and writes it in a form of its own
+    SELECT coalesce(array_agg(DISTINCT c.name), '{}') INTO json_columns
       FROM @audit@.table_columns(rel) AS c JOIN @audit@.column_types(rel) AS x ON x.attnum = c.attnum
-     WHERE c.name = ANY (key_columns) AND x.t = 'json'::regtype;
+     WHERE x.t = 'json'::regtype;
+    json_keys := ARRAY(SELECT u.c FROM unnest(key_columns) AS u(c) WHERE u.c = ANY (json_columns));
     FOR i IN 1 .. cardinality(names) LOOP
         IF names[i] <> ALL (exclude) THEN
             tracked := tracked || names[i];
@@ -1274,7 +1279,11 @@ BEGIN
         -- masks or excludes the image is json and changed fields are derived when read; with them
         -- it is jsonb (masks apply by name), cast to json when stored, and changed_fields is stored.
         FOREACH same IN ARRAY tracked LOOP
-            changed := changed || format('CASE WHEN (%1$s.j -> %3$L)::text IS DISTINCT FROM (%2$s.j -> %3$L)::text THEN %3$L END', o, n, same);
+            changed := changed || format(CASE WHEN same = ANY (json_columns) AND cardinality(mask) + cardinality(exclude) > 0
+                                              THEN 'CASE WHEN (%4$I.json_readable(%1$s.r) -> %3$L)::text'
+                                                   ' IS DISTINCT FROM (%4$I.json_readable(%2$s.r) -> %3$L)::text THEN %3$L END'
+                                              ELSE 'CASE WHEN (%1$s.j -> %3$L)::text IS DISTINCT FROM (%2$s.j -> %3$L)::text THEN %3$L END' END,
+                                         o, n, same, audit);
         END LOOP;
         FOREACH same IN ARRAY key_columns LOOP
             IF same = ANY (mask || exclude) THEN  -- a key that became a hidden column: never its value
@@ -1334,15 +1343,26 @@ BEGIN
                                    @audit@.shown_columns(rel, '"threadline row"', '{}', '{}'));
             row_ref := '"threadline safe".*';
         END IF;
-        side_old := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j FROM threadline_old AS "threadline row"%s) AS %s', same, row_ref, safe_lateral, o);
-        side_new := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j FROM threadline_new AS "threadline row"%s) AS %s', same, row_ref, safe_lateral, n);
-        one_old := format('(SELECT %s(%s) AS j FROM threadline_old AS "threadline row"%s OFFSET 0) AS %s', same, row_ref, safe_lateral, o);
-        one_new := format('(SELECT %s(%s) AS j FROM threadline_new AS "threadline row"%s OFFSET 0) AS %s', same, row_ref, safe_lateral, n);
+        -- jsonb writes a json column's value in a form of its own (its spaces, key order, escapes
+        -- and number spellings undone): with masks, the row is also read as json (r), whose text
+        -- keeps each value as written, for the comparisons
+        IF guard_check IS NOT NULL AND tracked && json_columns THEN
+            raw := format(', to_json(%s) AS r', row_ref);
+        END IF;
+        side_old := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j%s FROM threadline_old AS "threadline row"%s) AS %s', same, row_ref, raw, safe_lateral, o);
+        side_new := format('(SELECT row_number() OVER () AS rn, %s(%s) AS j%s FROM threadline_new AS "threadline row"%s) AS %s', same, row_ref, raw, safe_lateral, n);
+        one_old := format('(SELECT %s(%s) AS j%s FROM threadline_old AS "threadline row"%s OFFSET 0) AS %s', same, row_ref, raw, safe_lateral, o);
+        one_new := format('(SELECT %s(%s) AS j%s FROM threadline_new AS "threadline row"%s OFFSET 0) AS %s', same, row_ref, raw, safe_lateral, n);
         -- compared as text: jsonb's = holds for numbers written differently (1.5 and 1.50), its
         -- text (keys in a fixed order) does not
-        any_changed := CASE WHEN cardinality(exclude) > 0
+        any_changed := CASE WHEN raw <> '' AND cardinality(exclude) = 0
+                            THEN format('%1$s.r::text IS DISTINCT FROM %2$s.r::text', o, n)
+                            WHEN cardinality(exclude) > 0
                             THEN format('(%1$s.j - %3$L::text[])::text IS DISTINCT FROM (%2$s.j - %3$L::text[])::text', o, n, exclude)
-                            WHEN guard_check IS NULL THEN format('%1$s.j::text IS DISTINCT FROM %2$s.j::text', o, n)
+                                 || CASE WHEN raw = '' THEN '' ELSE array_to_string(ARRAY(
+                                        SELECT format(' OR (%1$I.json_readable(%2$s.r) -> %4$L)::text'
+                                                      ' IS DISTINCT FROM (%1$I.json_readable(%3$s.r) -> %4$L)::text', audit, o, n, c)
+                                          FROM unnest(tracked) AS c WHERE c = ANY (json_columns)), '') END
                             ELSE format('%1$s.j::text IS DISTINCT FROM %2$s.j::text', o, n) END;
         IF guard_check IS NOT NULL THEN
             image_ins := image_ins || '::json';
@@ -2183,23 +2203,27 @@ BEGIN
                              AND m <> ALL (opts.exclude) ORDER BY m COLLATE "C");
     -- the table's alias is one no column can shadow, and its whole row is named as such (a
     -- column called like the alias would otherwise stand for the row)
-    image := CASE WHEN cardinality(opts.exclude) = 0 AND cardinality(present_mask) = 0 THEN 'to_json("threadline row".*)'
-                  ELSE format('(to_jsonb("threadline row".*)%s%s)::json',
-                              CASE WHEN cardinality(opts.exclude) > 0 THEN format(' - %L::text[]', opts.exclude) ELSE '' END,
-                              CASE WHEN cardinality(present_mask) > 0
-                                   THEN format(' || %L::jsonb', (SELECT jsonb_object_agg(m, '[masked]'::text) FROM unnest(present_mask) AS m)::text)
-                                   ELSE '' END) END;
-    -- values of types created in the database through their output function, as capture writes
-    -- them (see cast_exposed_columns()): a cast such a type carries never runs as the caller
-    IF EXISTS (SELECT FROM @audit@.cast_exposed_columns(target) AS x WHERE x.in_json) THEN
+    image := 'to_json("threadline row".*)';
+    -- the row as typed capture shows it: masked columns replaced, excluded ones left out, and
+    -- values of types created in the database through their output function (see
+    -- cast_exposed_columns(): a cast such a type carries never runs as the caller), in a lateral
+    -- sub-select whose whole row to_json() writes (never through jsonb, which cannot hold every
+    -- json value)
+    IF cardinality(opts.exclude) > 0 OR cardinality(present_mask) > 0
+       OR EXISTS (SELECT FROM @audit@.cast_exposed_columns(target) AS x WHERE x.in_json) THEN
         shown := format(' CROSS JOIN LATERAL (SELECT %s) AS "threadline shown"',
                         @audit@.shown_columns(target, '"threadline row"', present_mask, opts.exclude));
         image := 'to_json("threadline shown".*)';
     END IF;
+    -- the key as capture writes it (a column that may hold json through json_key())
     pk := 'jsonb_build_object(' || array_to_string(ARRAY(
               SELECT format('%L, %s', k, CASE WHEN x.in_json THEN @audit@.output_text_sql(format('"threadline row".%I', k), x.container)
+                                              WHEN EXISTS (SELECT FROM @audit@.column_types(target) AS y
+                                                            WHERE y.attnum = a.attnum AND y.t = 'json'::regtype)
+                                              THEN format('%I.json_key(to_json("threadline row".%I))', '@audit_name@', k)
                                               ELSE format('"threadline row".%I', k) END)
                 FROM unnest(b.key_columns) WITH ORDINALITY AS u(k, ord)
+                LEFT JOIN pg_attribute a ON a.attrelid = target AND a.attname = u.k AND a.attnum > 0 AND NOT a.attisdropped
                 LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = u.k ORDER BY u.ord), ', ') || ')';
     key_list := array_to_string(ARRAY(SELECT format('"threadline row".%I', k) FROM unnest(b.key_columns) AS k), ', ');
     IF b.last_key IS NOT NULL THEN
