@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -203,6 +204,30 @@ def test_history_key_types_text_uuid_and_numeric(conn: Conn) -> None:
     )
     with pytest.raises(InvalidKey, match="uuid"):
         threadline.history(conn, "app.things", {"code": "42", "ref": "zzz", "amount": 1})
+
+
+def test_history_of_number_keys_exact_and_not_finite(conn: Conn) -> None:
+    # a numeric key holds more digits than a float, and NaN and the infinities, which a change's
+    # pk holds as PostgreSQL writes them ("NaN", "Infinity", "-Infinity"); a float8 key likewise
+    conn.execute("CREATE TABLE app.measured (n numeric, f float8, PRIMARY KEY (n, f))")
+    threadline.ddl.track(conn, "app.measured")
+    conn.execute(
+        "INSERT INTO app.measured VALUES ('12345678901234567890.123', 1), ('NaN', 'Infinity'),"
+        " ('-Infinity', 'NaN'), (2.50, -0.5)"
+    )
+    for key in [
+        {"n": Decimal("12345678901234567890.123"), "f": 1},
+        {"n": "12345678901234567890.1230", "f": "1"},
+        {"n": Decimal("NaN"), "f": float("inf")},
+        {"n": "nan", "f": "Infinity"},
+        {"n": float("-inf"), "f": float("nan")},
+        {"n": "-Infinity", "f": Decimal("NaN")},
+        {"n": Decimal("2.5"), "f": -0.5},
+    ]:
+        assert [c.op for c in threadline.history(conn, "app.measured", key)] == ["insert"], key
+    assert threadline.history(conn, "app.measured", {"n": "12345678901234567890.124", "f": 1}) == []
+    with pytest.raises(InvalidKey, match="not a valid number"):
+        threadline.history(conn, "app.measured", {"n": "1.2.3", "f": 1})
 
 
 def test_history_of_a_dropped_table_needs_its_audit_rows(conn: Conn, story: Story) -> None:

@@ -29,7 +29,7 @@ from threadline.explore.selection import (
     transaction_join,
     truncate_change_join,
 )
-from threadline.explore.tables import key_condition, normalize_key, resolve_table
+from threadline.explore.tables import key_condition, key_json, normalize_key, resolve_table
 
 __all__ = ["row_as_of_plan"]
 
@@ -106,7 +106,7 @@ def row_as_of_plan(table: str, pk: Any, at: datetime, audit_schema: str) -> Plan
     ref = yield from resolve_table(table, audit_schema)
     key = normalize_key(ref, pk)
     row_of = f"{ref} ({_pk_text(key)})"
-    params: dict[str, Any] = {"pk": Jsonb(key), "at": moment}
+    params: dict[str, Any] = {"pk": Jsonb(key, dumps=key_json), "at": moment}
     partitioned = yield from partitioned_plan(audit_schema)
     rows = yield Query(
         _AS_OF_SQL.format(

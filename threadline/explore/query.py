@@ -43,7 +43,7 @@ from threadline.explore.selection import (
     where_clause,
     with_transactions,
 )
-from threadline.explore.tables import key_condition, normalize_key, resolve_table
+from threadline.explore.tables import key_condition, key_json, normalize_key, resolve_table
 from threadline.explore.trace_build import build_trace
 from threadline.explore.tracing import Trace
 
@@ -56,7 +56,7 @@ def _history_plan(table: str, pk: Any, limit: int | None, audit_schema: str) -> 
     limit = check_limit(limit, maximum=None)
     ref = yield from resolve_table(table, audit_schema)
     key = normalize_key(ref, pk)
-    params: dict[str, Any] = {"pk": Jsonb(key)}
+    params: dict[str, Any] = {"pk": Jsonb(key, dumps=key_json)}
     partitioned = yield from partitioned_plan(audit_schema)
     statement = _select(audit, partitioned, join=False) + sql.SQL(
         " WHERE {} AND {} ORDER BY c.captured_at DESC, c.id DESC"

@@ -3,11 +3,13 @@ the tracking registry, also for a table that is gone) and a row key normalised t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from psycopg import sql
@@ -199,16 +201,7 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
                 return int(value)
             raise ValueError
         if kind == "number":
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                return value
-            if isinstance(value, str):
-                text = value.strip()
-                if _INT_RE.match(text):
-                    return int(text)
-                number = float(text)
-                if math.isfinite(number):
-                    return number
-            raise ValueError
+            return _number(value)
         if kind == "uuid":
             return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
         if kind == "bool":
@@ -226,6 +219,43 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
     if isinstance(value, (str, int, float)):
         return value
     raise InvalidKey(f"{where}: {type(value).__name__} values are not supported; give the JSON form")
+
+
+def _number(value: Any) -> int | float | Decimal | str:
+    """A number key value as a change's ``pk`` holds it: an ``int`` or ``float`` as it is, a
+    ``Decimal`` (or a numeric string) exactly, and NaN or an infinity as the text PostgreSQL writes
+    for a non-finite ``numeric``, ``float8`` or ``real`` (``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``); :class:`ValueError` for anything else."""
+    if isinstance(value, str):
+        text = value.strip()
+        if _INT_RE.match(text):
+            return int(text)
+        try:
+            value = Decimal(text)
+        except ArithmeticError:
+            raise ValueError(text) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def key_json(key: Mapping[str, Any]) -> str:
+    """``key`` (from :func:`normalize_key`) as JSON text, a ``Decimal`` written with all its digits
+    (for psycopg's ``Jsonb(key, dumps=key_json)``)."""
+    return (
+        "{"
+        + ",".join(
+            json.dumps(k) + ":" + (str(v) if isinstance(v, Decimal) else json.dumps(v))
+            for k, v in key.items()
+        )
+        + "}"
+    )
 
 
 def normalize_key(table: TableRef, pk: Any) -> dict[str, Any]:

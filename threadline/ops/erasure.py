@@ -46,7 +46,7 @@ from threadline.core.fields import check_actor
 from threadline.core.records import exact_json
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore.actions import record_action
-from threadline.explore.tables import key_condition, normalize_key, resolve_table
+from threadline.explore.tables import key_condition, key_json, normalize_key, resolve_table
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.seal import append_link, lock_chain
 from threadline.propagation.psycopg import transaction
@@ -256,7 +256,7 @@ def _erase_row(
     table, pk = row
     ref = run(conn, resolve_table(table, audit_schema))
     key_values = normalize_key(ref, pk)
-    params: dict[str, Any] = {"pk": Jsonb(key_values)}
+    params: dict[str, Any] = {"pk": Jsonb(key_values, dumps=key_json)}
     found = cur.execute(
         sql.SQL(
             "SELECT c.transaction_id, c.id, c.after::text AS after, c.before::text AS before"
