@@ -42,9 +42,8 @@ def resolve_tables(
                 "        AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum) AS insertable,"
                 " ARRAY(SELECT x.name FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS as_text,"
                 " ARRAY(SELECT x.container FROM {a}.cast_exposed_columns(c.oid) AS x WHERE x.in_json) AS containers,"
-                " ARRAY(SELECT DISTINCT a.attname::text FROM {a}.column_types(c.oid) AS y"
-                "        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = y.attnum"
-                "        WHERE y.t = 'json'::regtype AND a.attname = ANY (t.key_columns) ORDER BY 1) AS json_keys"
+                " ARRAY(SELECT k FROM unnest({a}.json_columns(c.oid)) AS k WHERE k = ANY (t.key_columns) ORDER BY 1)"
+                "  AS json_keys"
                 "  FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace"
                 "  LEFT JOIN {a}.tracked_tables t ON t.relid = c.oid WHERE c.oid = %(oid)s"
             ).format(a=audit),

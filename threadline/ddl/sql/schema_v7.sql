@@ -762,6 +762,18 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT w.attnum, w.t, w.top, w.inside FROM walk w
 $fn$;
 
+-- The columns of a table whose value may hold a json value (json itself, an array of it, a
+-- composite or a domain holding one): jsonb cannot hold every json value, and writes one in a form
+-- of its own, so capture stores such a key through json_key() and compares such a column by its
+-- text; json has no equality, so revert cannot find a row keyed by one.
+CREATE OR REPLACE FUNCTION @audit@.json_columns(rel regclass) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(DISTINCT a.attname::text), '{}')
+      FROM @audit@.column_types(rel) AS x
+      JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = x.attnum
+     WHERE x.t = 'json'::regtype
+$fn$;
+
 -- Columns of a type created in the database (oid 16384 and above: enums, ranges, composites,
 -- extension types, arrays of them), whose owner may have given it a cast to text or json. Capture
 -- code runs as the audit schema's owner, and ::text or to_json() would call such a cast with that
@@ -1091,12 +1103,7 @@ BEGIN
         problem := 'key column(s) ' || array_to_string(ARRAY(SELECT unnest(key_columns) EXCEPT SELECT unnest(names) ORDER BY 1), ', ') || ' not found';
         RETURN;
     END IF;
-    -- columns whose value may hold a json value (json itself, an array of it, a composite or a
-    -- domain holding one): jsonb, which stores the key and drift-safe code's images with masks,
-    -- cannot hold every json value, and writes it in a form of its own
-    SELECT coalesce(array_agg(DISTINCT c.name), '{}') INTO json_columns
-      FROM @audit@.table_columns(rel) AS c JOIN @audit@.column_types(rel) AS x ON x.attnum = c.attnum
-     WHERE x.t = 'json'::regtype;
+    json_columns := @audit@.json_columns(rel);
     json_keys := ARRAY(SELECT u.c FROM unnest(key_columns) AS u(c) WHERE u.c = ANY (json_columns));
     FOR i IN 1 .. cardinality(names) LOOP
         IF names[i] <> ALL (exclude) THEN
@@ -2215,15 +2222,10 @@ BEGIN
                         @audit@.shown_columns(target, '"threadline row"', present_mask, opts.exclude));
         image := 'to_json("threadline shown".*)';
     END IF;
-    -- the key as capture writes it (a column that may hold json through json_key())
     pk := 'jsonb_build_object(' || array_to_string(ARRAY(
               SELECT format('%L, %s', k, CASE WHEN x.in_json THEN @audit@.output_text_sql(format('"threadline row".%I', k), x.container)
-                                              WHEN EXISTS (SELECT FROM @audit@.column_types(target) AS y
-                                                            WHERE y.attnum = a.attnum AND y.t = 'json'::regtype)
-                                              THEN format('%I.json_key(to_json("threadline row".%I))', '@audit_name@', k)
                                               ELSE format('"threadline row".%I', k) END)
                 FROM unnest(b.key_columns) WITH ORDINALITY AS u(k, ord)
-                LEFT JOIN pg_attribute a ON a.attrelid = target AND a.attname = u.k AND a.attnum > 0 AND NOT a.attisdropped
                 LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = u.k ORDER BY u.ord), ', ') || ')';
     key_list := array_to_string(ARRAY(SELECT format('"threadline row".%I', k) FROM unnest(b.key_columns) AS k), ', ');
     IF b.last_key IS NOT NULL THEN
