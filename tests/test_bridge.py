@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 
 import threadline
 from threadline import ActorRef, ThreadlineConnection
+from threadline.propagation.web import bind_actor
 
 from .conftest import changes, transactions
 
@@ -353,3 +354,102 @@ def test_a_transaction_block_sets_the_context_once(dsn: str, conn: Any, posts: s
                 app.execute("UPDATE app.posts SET views = 1 WHERE id = 1")
         set_locals = [m for m in sent if "SET LOCAL threadline.context" in m]
         assert len(set_locals) == 2, sent
+
+
+def _posts_by_actor(conn: psycopg.Connection[Any]) -> list[tuple[Any, Any]]:
+    return [(r["pk"]["id"], (r["actor"] or {}).get("id")) for r in changes(conn)]
+
+
+@pytest.mark.parametrize("cursor_class", [psycopg.Cursor, psycopg.ClientCursor])
+def test_autocommit_statements_refused_in_a_transaction_block_run_alone(
+    dsn: str, conn: Any, posts: str, cursor_class: Any
+) -> None:
+    conn.execute(
+        "CREATE PROCEDURE app.commits() LANGUAGE plpgsql AS $$"
+        " BEGIN INSERT INTO app.posts (id) VALUES (10); COMMIT; INSERT INTO app.posts (id) VALUES (11); END $$"
+    )
+    conn.execute("CREATE PROCEDURE app.writes() LANGUAGE sql AS $$ INSERT INTO app.posts (id) VALUES (12) $$")
+    with (
+        ThreadlineConnection.connect(dsn, autocommit=True, cursor_factory=cursor_class) as c,
+        threadline.context(actor="user:auto"),
+    ):
+        c.execute("INSERT INTO app.posts (id) VALUES (1)")
+        for statement in (
+            "VACUUM app.posts",
+            "/* a /* nested */ comment */ -- and a line\n create index CONCURRENTLY posts_title ON app.posts (title)",
+            "REINDEX TABLE CONCURRENTLY app.posts",
+            psycopg.sql.SQL("DROP INDEX CONCURRENTLY {}").format(
+                psycopg.sql.Identifier("app", "posts_title")
+            ),
+            b"CLUSTER",
+            "DISCARD ALL",
+        ):
+            c.execute(statement)
+        # A procedure that commits: sent with the context in one simple query (ClientCursor),
+        # PostgreSQL refuses its COMMIT, and it is called again alone; pipelined (Cursor), its
+        # first transaction carries the context, and the setting ends with it.
+        c.execute("CALL app.commits()")
+        c.execute("CALL app.writes()")  # no commit: carries the context
+        c.execute("INSERT INTO app.posts (id) VALUES (2)")
+    first = "auto" if cursor_class is psycopg.Cursor else None
+    assert sorted(_posts_by_actor(conn)) == [(1, "auto"), (2, "auto"), (10, first), (11, None), (12, "auto")]
+
+
+def test_a_context_that_ends_before_the_commit_leaves_the_transaction_attributed(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    with ThreadlineConnection.connect(dsn) as c:
+        with threadline.context(actor="user:a"):
+            c.execute("INSERT INTO app.posts (id) VALUES (1)")
+        c.execute("SELECT 1")  # no context now: nothing is sent
+        c.commit()
+        with threadline.context(actor="user:a"):
+            c.execute("INSERT INTO app.posts (id) VALUES (2)")
+        with threadline.context(actor="user:b"):
+            c.execute("SELECT 1")  # another context replaces it: the last one set wins
+        c.commit()
+    with psycopg.connect(dsn) as c:  # threadline.transaction(), nested blocks without a context
+        with threadline.transaction(c), threadline.context(actor="user:inner"), threadline.transaction(c):
+            c.execute("INSERT INTO app.posts (id) VALUES (3)")
+        with threadline.context(actor="user:outer"), threadline.transaction(c):
+            c.execute("INSERT INTO app.posts (id) VALUES (4)")
+            with threadline.transaction(c):
+                c.execute("INSERT INTO app.posts (id) VALUES (5)")
+            c.execute("INSERT INTO app.posts (id) VALUES (6)")
+
+    async def nested_async() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as ac:
+            async with threadline.transaction(ac):
+                with threadline.context(actor="user:async"):
+                    async with threadline.transaction(ac):
+                        await ac.execute("INSERT INTO app.posts (id) VALUES (7)")
+            with threadline.context(correlation_id="late"):
+                async with threadline.transaction(ac):
+                    bind_actor(ActorRef.user("late"))
+                    await threadline.apply_context_async(ac)
+                    await ac.execute("INSERT INTO app.posts (id) VALUES (8)")
+
+    asyncio.run(nested_async())
+    assert _posts_by_actor(conn) == [
+        (1, "a"), (2, "b"), (3, "inner"), (4, "outer"), (5, "outer"), (6, "outer"), (7, "async"), (8, "late")
+    ]  # fmt: skip
+
+
+def test_autocommit_copy_and_stream_carry_the_context(dsn: str, conn: Any, posts: str) -> None:
+    with ThreadlineConnection.connect(dsn, autocommit=True) as c, threadline.context(actor="user:bulk"):
+        with c.cursor().copy("COPY app.posts (id) FROM STDIN") as copy:
+            copy.write_row((1,))
+            copy.write_row((2,))
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        ids = [row[0] for row in c.cursor().stream("INSERT INTO app.posts (id) VALUES (3), (4) RETURNING id")]
+        assert ids == [3, 4]
+        rows = c.cursor().stream(
+            "INSERT INTO app.posts (id) SELECT g FROM generate_series(5, 6) g RETURNING id"
+        )
+        assert next(rows) == (5,)
+        rows.close()  # abandoned: the statement had finished, and commits as in autocommit
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        c.execute("INSERT INTO app.posts (id) VALUES (7)")
+    got = _posts_by_actor(conn)
+    assert sorted(got) == [(i, "bulk") for i in range(1, 8)]
+    assert len({r["transaction_id"] for r in changes(conn)}) == 4

@@ -23,6 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import threadline
 from threadline.explore.selection import changed_fields_sql
 
 DSN_ENV = "THREADLINE_TEST_CELERY_DSN"
@@ -114,11 +115,15 @@ def test_forwards_and_back_while_a_writer_keeps_writing(mig_dsn: str) -> None:
     writer.start()
     try:
         time.sleep(0.2)
-        out = migrate("shop")  # add a field, rename one, rename the model, remove a field
-        assert "Applying shop.0005_remove_note... OK" in out
+        # add a field, rename one, rename the model, remove a field, add an index concurrently
+        # (outside a transaction), under a context as manage.py gives its commands
+        with threadline.context(actor="system:deploy", origin="cli"):
+            out = migrate("shop")
+        assert "Applying shop.0005_remove_note... OK" in out and "Applying shop.0006_name_index... OK" in out
         time.sleep(0.2)
         assert _status(mig_dsn) == [("shop_purchase", "installed")]
-        migrate("shop", "0001")  # back through every step
+        with threadline.context(actor="system:deploy", origin="cli"):
+            migrate("shop", "0001")  # back through every step
         time.sleep(0.2)
         assert _status(mig_dsn) == [("shop_order", "installed")]
     finally:

@@ -224,3 +224,35 @@ def test_sync_engine_bridges_pooled_and_autocommit_connections(sa_dsn: str) -> N
     assert [r["name"] for r in rows] == ["autocommit-1", "autocommit-2", "in-tx"]
     assert all(r["actor"] == {"type": "user", "id": "ac"} for r in rows)
     assert len({r["tx"] for r in rows}) == 3
+
+
+def test_a_context_that_ends_before_the_commit_leaves_the_session_attributed(
+    engine: Any, sa_dsn: str
+) -> None:
+    start = mark(sa_dsn)
+    with Session(engine) as session:
+        with threadline.context(actor=ActorRef.user("ended"), correlation_id="sa-ended"):
+            session.add(Item(name="sync-ended"))
+            session.flush()
+        session.execute(select(1))  # no context now: the session's transaction keeps its own
+        session.commit()
+
+    async def run() -> None:
+        eng = create_async_engine(sa_url(sa_dsn), pool_size=2)
+        tl_sqlalchemy.install(eng)
+        try:
+            async with AsyncSession(eng) as session:
+                with threadline.context(actor=ActorRef.user("ended"), correlation_id="sa-ended"):
+                    session.add(Item(name="async-ended"))
+                    await session.flush()
+                await session.execute(text("SELECT 1"))
+                await session.commit()
+        finally:
+            await eng.dispose()
+
+    asyncio.run(run())
+    rows = rows_since(sa_dsn, start)
+    assert [(r["name"], r["correlation_id"], (r["actor"] or {}).get("id")) for r in rows] == [
+        ("sync-ended", "sa-ended", "ended"),
+        ("async-ended", "sa-ended", "ended"),
+    ]

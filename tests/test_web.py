@@ -362,6 +362,31 @@ def test_wsgi_context_is_reset_after_plain_streaming_and_failing_responses() -> 
         assert threadline.current() is outer
 
 
+class _CallbackOnClose:
+    """A body whose ``close()`` runs the app's close-time callbacks (as Flask's response does)."""
+
+    def __init__(self, seen: list[Any]) -> None:
+        self.seen = seen
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"done"
+
+    def close(self) -> None:
+        self.seen.append(threadline.current().correlation_id)
+
+
+def test_wsgi_body_close_runs_under_the_request_context() -> None:
+    seen: list[Any] = []
+
+    def app(environ: Any, start_response: Any) -> _CallbackOnClose:
+        start_response("200 OK", [])
+        return _CallbackOnClose(seen)
+
+    _, body = call_wsgi(WSGIMiddleware(app), {"X-Request-ID": "req-close"})
+    assert body == b"done" and seen == ["req-close"]  # exhausted first, then closed
+    assert threadline.current().is_empty
+
+
 def test_bind_actor_lasts_until_the_end_of_the_request() -> None:
     def app(environ: Any, start_response: Any) -> list[bytes]:
         bind_actor(ActorRef.user("late"))

@@ -30,6 +30,7 @@ from threadline.propagation.psycopg_setting import (
     payload_for,
     set_local_command,
 )
+from threadline.propagation.statement_kind import is_call, runs_outside_transaction, statement_text
 
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
@@ -92,6 +93,25 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
     def _execute_autocommit(
         self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
     ) -> ThreadlineCursor[Row]:
+        text = statement_text(query, conn)
+        if text is not None and runs_outside_transaction(text):
+            # VACUUM, CREATE INDEX CONCURRENTLY and the like: alone, as without threadline
+            super().execute(query, params, **kwargs)
+            return self
+        try:
+            return self._execute_with_context(conn, query, params, kwargs)
+        except psycopg.errors.InvalidTransactionTermination:
+            if text is None or not is_call(text) or conn.pgconn.transaction_status != _IDLE:
+                raise
+            # The procedure commits, which it may not do in the implicit transaction block that
+            # carried the context; that block rolled back whole. Called alone, its own
+            # transactions carry no context.
+            super().execute(query, params, **kwargs)
+            return self
+
+    def _execute_with_context(
+        self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
+    ) -> ThreadlineCursor[Row]:
         if isinstance(self, psycopg.ClientCursor) and not any(kwargs.values()) and conn._pipeline is None:
             # Parameters are bound client-side anyway: the setting and the statement go as one
             # simple query, which the server runs as one implicit transaction.
@@ -117,16 +137,40 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         super().executemany(query, params_seq, **kwargs)
 
     def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Row]:
-        """Like :meth:`psycopg.Cursor.stream`, with the current context applied first."""
+        """Like :meth:`psycopg.Cursor.stream`, with the current context applied first.
+
+        In autocommit mode with a context active, the statement runs in a transaction of its own,
+        committed when the rows are read or the iteration is abandoned (as autocommit would)."""
         conn = self.connection
         if isinstance(conn, ThreadlineConnection):
+            if conn._needs_pipeline():
+                return self._stream_in_transaction(conn, super().stream(query, params, **kwargs))
             conn._prepare_statement()
         return super().stream(query, params, **kwargs)
 
+    def _stream_in_transaction(self, conn: ThreadlineConnection[Any], rows: Iterator[Row]) -> Iterator[Row]:
+        # psycopg's stream() sends its query at the first next(): the transaction opens here
+        with conn.transaction():
+            conn._prepare_statement()
+            try:
+                yield from rows
+            except GeneratorExit:
+                # psycopg cancels a query still running when its generator closes (the
+                # transaction then rolls back); one that had finished commits
+                rows.close()  # type: ignore[attr-defined]
+
     @contextlib.contextmanager
     def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[psycopg.Copy]:
-        """Like :meth:`psycopg.Cursor.copy`, with the current context applied first."""
+        """Like :meth:`psycopg.Cursor.copy`, with the current context applied first.
+
+        In autocommit mode with a context active, the copy runs in a transaction of its own."""
         conn = self.connection
+        if isinstance(conn, ThreadlineConnection) and conn._needs_pipeline():
+            with conn.transaction():
+                conn._prepare_statement()
+                with super().copy(statement, params, **kwargs) as copy:
+                    yield copy
+            return
         if isinstance(conn, ThreadlineConnection):
             conn._prepare_statement()
         with super().copy(statement, params, **kwargs) as copy:
@@ -172,8 +216,10 @@ class ThreadlineConnection(psycopg.Connection[Row]):
     - In autocommit mode each statement runs in its own transaction with the context: a cursor
       that binds parameters client-side (``psycopg.ClientCursor``, Django's default) sends
       ``SET LOCAL`` and the statement as one simple query; other cursors pipeline ``set_config``
-      with the statement. ``executemany`` runs its batch in one transaction; use a transaction
-      for ``stream()`` and ``copy()``.
+      with the statement. ``executemany``, ``stream()`` and ``copy()`` run in one transaction of
+      their own. Statements that PostgreSQL refuses inside a transaction block (``VACUUM``,
+      ``CREATE INDEX CONCURRENTLY``, ``CREATE DATABASE``, ...) are sent alone, as is a ``CALL``
+      whose procedure commits (its writes then carry no context).
     - With no context active nothing is sent. Nothing outlives a transaction, so a connection
       returned to a pool never carries a previous request's context.
     - A cursor made directly (``psycopg.Cursor(conn)``, ``psycopg.ClientCursor(conn)``) instead
@@ -303,7 +349,9 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             self._applied = ctx
         elif status == _INTRANS:
             applied = self._applied
-            if applied is ctx or (applied is None and ctx.is_empty) or applied == ctx:
+            # A context that ended before the transaction did (an empty one now) leaves the one
+            # applied in place: only another context replaces it.
+            if applied is ctx or ctx.is_empty or applied == ctx:
                 return
             self._applied = ctx  # before: _start_query() must not send it a second time
             try:

@@ -82,17 +82,15 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         nested = conn.info.transaction_status == _INTRANS
         self._sync = conn.transaction(*self._args)
         tx = self._sync.__enter__()
-        if not isinstance(conn, ThreadlineConnection):
+        payload = context_payload()
+        # no context replaces none, nor the one an outer block applied
+        if payload and not isinstance(conn, ThreadlineConnection):
             try:
                 if nested:
-                    row = (
-                        psycopg.Cursor(conn)
-                        .execute(_SWAP_SQL, [payload_for(conn, context_payload())])
-                        .fetchone()
-                    )
+                    row = psycopg.Cursor(conn).execute(_SWAP_SQL, [payload_for(conn, payload)]).fetchone()
                     self._outer_value = row[0] or "" if row is not None else ""
                 else:
-                    psycopg.Cursor(conn).execute(set_local_command(conn, context_payload()))
+                    psycopg.Cursor(conn).execute(set_local_command(conn, payload))
             except BaseException as exc:
                 self._sync.__exit__(type(exc), exc, exc.__traceback__)
                 raise
@@ -108,12 +106,9 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         result = self._sync.__exit__(exc_type, exc, tb)
         conn = self._conn
         outer = self._outer_value
-        if (
-            isinstance(conn, psycopg.Connection)
-            and outer is not None
-            and conn.info.transaction_status == _INTRANS
-        ):
-            # a released savepoint keeps its setting: give the outer transaction its own back
+        if isinstance(conn, psycopg.Connection) and outer and conn.info.transaction_status == _INTRANS:
+            # a released savepoint keeps its setting: give the outer transaction its own back (an
+            # outer transaction without a context keeps the inner one: no context replaces one)
             psycopg.Cursor(conn).execute(set_local_command(conn, outer))
         return result
 
@@ -124,15 +119,16 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         nested = conn.info.transaction_status == _INTRANS
         self._async = conn.transaction(*self._args)
         tx = await self._async.__aenter__()
+        payload = context_payload()
+        if not payload:  # no context replaces none, nor the one an outer block applied
+            return tx
         try:
             if nested:
-                cur = await psycopg.AsyncCursor(conn).execute(
-                    _SWAP_SQL, [payload_for(conn, context_payload())]
-                )
+                cur = await psycopg.AsyncCursor(conn).execute(_SWAP_SQL, [payload_for(conn, payload)])
                 row = await cur.fetchone()
                 self._outer_value = row[0] or "" if row is not None else ""
             else:
-                await psycopg.AsyncCursor(conn).execute(set_local_command(conn, context_payload()))
+                await psycopg.AsyncCursor(conn).execute(set_local_command(conn, payload))
         except BaseException as exc:
             await self._async.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -148,10 +144,6 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         result = await self._async.__aexit__(exc_type, exc, tb)
         conn = self._conn
         outer = self._outer_value
-        if (
-            isinstance(conn, psycopg.AsyncConnection)
-            and outer is not None
-            and conn.info.transaction_status == _INTRANS
-        ):
+        if isinstance(conn, psycopg.AsyncConnection) and outer and conn.info.transaction_status == _INTRANS:
             await psycopg.AsyncCursor(conn).execute(set_local_command(conn, outer))
         return result

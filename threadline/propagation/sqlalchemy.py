@@ -141,7 +141,8 @@ def _before_async(
 def _apply_in_transaction(fairy: Any, ctx: AuditContext) -> None:
     info = fairy.info
     applied = info.get(_KEY)
-    if applied is ctx or (applied is None and ctx.is_empty) or (applied is not _UNKNOWN and applied == ctx):
+    # an empty context (one that ended before the transaction did) leaves the applied one in place
+    if applied is ctx or ctx.is_empty or (applied is not _UNKNOWN and applied == ctx):
         return
     # a cursor of its own: the statement's cursor may be a server-side (named) one, which can
     # only run the statement it was opened for

@@ -80,7 +80,8 @@ def _client_from_environ(environ: Any) -> str | None:
 
 
 class _ClosingBody:
-    """The WSGI body: runs under the request's context; restores the previous one when done."""
+    """The WSGI body: runs under the request's context, its ``close()`` too (where frameworks run
+    their close-time callbacks, Flask's ``call_on_close``); restores the previous one after it."""
 
     __slots__ = ("_body", "_iter", "_token")
 
@@ -95,11 +96,8 @@ class _ClosingBody:
     def __next__(self) -> bytes:
         if self._iter is None:
             self._iter = iter(self._body)
-        try:
-            return next(self._iter)
-        except BaseException:  # exhausted or failed: the context ends with the body
-            self._reset()
-            raise
+        # exhausted or failed, the body is still closed by the server (PEP 3333), under the context
+        return next(self._iter)
 
     def close(self) -> None:
         """Close the app's body (WSGI ``close()``), then restore the previous context."""

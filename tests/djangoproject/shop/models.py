@@ -1,5 +1,6 @@
 """A model whose whole life is in migrations (tests/djangoproject/shop/migrations): created and
-tracked, a field added, one renamed, the model renamed, a field removed."""
+tracked, a field added, one renamed, the model renamed, a field removed, an index added
+concurrently."""
 
 from __future__ import annotations
 
@@ -14,3 +15,4 @@ class Purchase(models.Model):
 
     class Meta:
         app_label = "shop"
+        indexes = [models.Index(fields=["name"], name="shop_purchase_name_idx")]
