@@ -235,3 +235,31 @@ def test_parse_when() -> None:
     assert parse_when("2024-05-01T12:00:00+02:00") == datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
     with pytest.raises(ValueError):
         parse_when("last tuesday")
+
+
+HOSTILE = "ok\r\x1b[2K\x1b[8mforged\u202eevil\x07\x9b31m"
+
+
+def test_captured_text_never_acts_on_the_terminal(dsn: str, conn: psycopg.Connection[Any], posts: str) -> None:
+    import threadline
+
+    conn.execute("CREATE TABLE app.notes (k text PRIMARY KEY, body text)")
+    threadline.ddl.track(conn, "app.notes")
+    with threadline.context(actor="user:1", correlation_id="req-term"), threadline.transaction(conn):
+        conn.execute("INSERT INTO app.notes VALUES (%s, %s)", [HOSTILE, "line1\nline2\ttab"])
+        conn.execute("UPDATE app.notes SET body = %s", [HOSTILE])
+    outputs = [
+        ok("timeline", "--correlation-id", "req-term", "--dsn", dsn),
+        ok("timeline", "--correlation-id", "req-term", "--json", "--dsn", dsn),
+        ok("history", "app.notes", HOSTILE, "--dsn", dsn),
+        ok("history", "app.notes", HOSTILE, "--as-of", "now", "--dsn", dsn),
+        ok("trace", "req-term", "--dsn", dsn),
+        run("revert", "--correlation-id", "req-term", "--dry-run", "--dsn", dsn).stdout,
+    ]
+    for out in outputs:
+        assert "forged" in out
+        assert not any(ch in out for ch in "\r\x1b\x07\x9b\u202e"), out
+        assert "\\u001b[2K" in out
+    assert "line1\\nline2\\ttab" in outputs[2]  # a value's line break stays within its line
+    exported = json.loads(ok("export", "--correlation-id", "req-term", "--format", "json", "--dsn", dsn))
+    assert [c["pk"]["k"] for c in exported["changes"]] == [HOSTILE, HOSTILE]  # exports keep every character

@@ -22,7 +22,7 @@ import pytest
 
 import threadline
 from threadline import RevertError
-from threadline.core.printable import printable, printable_value
+from threadline.core.printable import encodable, one_line, printable, printable_value
 
 Conn = psycopg.Connection[Any]
 
@@ -236,7 +236,9 @@ def test_revert_of_an_escaped_backslash_before_u0000_is_not_refused(conn: Conn) 
 
 
 def test_printable_writes_each_lone_surrogate_as_its_escape() -> None:
-    assert printable("a\ud83db\ude00\U0001f600\x00é") == "a\\ud83db\\ude00\U0001f600\x00é"
+    assert printable("a\ud83db\ude00\U0001f600\x00é\n\t") == "a\\ud83db\\ude00\U0001f600\\u0000é\n\t"
+    assert encodable("a\ud83db\x00\x1b\u202e") == "a\\ud83db\x00\x1b\u202e"  # exports keep the rest
+    assert one_line("a\nb\tc\rd") == "a\\nb\\tc\\u000dd"
     value = {"k\udfff": ["\ud800", {"x": "\udbff"}, 1, None], "n": 1.5}
     assert printable_value(value) == {"k\\udfff": ["\\ud800", {"x": "\\udbff"}, 1, None], "n": 1.5}
     json.dumps(printable_value(value), ensure_ascii=False).encode()  # UTF-8 takes it

@@ -13,6 +13,7 @@ from threadline.cli.demo import demo
 from threadline.cli.export import export
 from threadline.cli.help import ALL_EXAMPLES, audit_schema_option, examples
 from threadline.cli.ops import coverage, purge
+from threadline.cli.output import echo
 from threadline.cli.partitions import partitions
 from threadline.cli.read import actions, history, timeline, trace
 from threadline.cli.story import (
@@ -49,12 +50,12 @@ def main(argv: list[str] | None = None, prog_name: str = "threadline") -> None:
         cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else prog_name
-        click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
+        echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
-        click.echo("Aborted.", err=True)
+        echo("Aborted.", err=True)
         sys.exit(1)
 
 
@@ -120,22 +121,20 @@ def install(
             conn, audit_schema, app_role=app_role, partition_by=period, lock_timeout=lock_timeout
         )
     if not result.changed:
-        click.echo(f"schema {audit_schema} is up to date (version {result.version})")
+        echo(f"schema {audit_schema} is up to date (version {result.version})")
     elif result.previous_version is None:
-        click.echo(f"installed schema {audit_schema} (version {result.version})")
+        echo(f"installed schema {audit_schema} (version {result.version})")
     elif result.refreshed:
-        click.echo(
+        echo(
             f"brought schema {audit_schema} up to date with this release (version {result.version},"
             " written by another build of it)"
         )
     else:
-        click.echo(
-            f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}"
-        )
+        echo(f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}")
     if result.follows_ddl:
-        click.echo("capture code follows every ALTER TABLE by itself (DDL event triggers installed)")
+        echo("capture code follows every ALTER TABLE by itself (DDL event triggers installed)")
     else:
-        click.echo(
+        echo(
             "no DDL event triggers (they need a superuser): capture code is drift-safe, never fails a "
             "write after a schema change, and `threadline sync` brings it up to date"
         )
@@ -204,9 +203,7 @@ def track(
             try:
                 click.echo(triggers.track_sql(table, **options), nl=False)
                 if with_baseline:
-                    click.echo(
-                        baseline_sql(table, batch_size=batch_size, audit_schema=audit_schema), nl=False
-                    )
+                    echo(baseline_sql(table, batch_size=batch_size, audit_schema=audit_schema), nl=False)
             except (TrackingError, SchemaError) as exc:
                 raise click.UsageError(str(exc)) from exc
         return
@@ -237,16 +234,16 @@ def _print_track(result: registry.TrackResult) -> None:
         "regenerated": "regenerated capture of",
         "unchanged": "capture is current on",
     }
-    click.echo(f"{verb.get(result.action, result.action)} {name} ({result.mode} capture)")
+    echo(f"{verb.get(result.action, result.action)} {name} ({result.mode} capture)")
     for option, now in shown.items():
         was = before[option]
         text = ", ".join(now) or "-"
         if was is not None and tuple(was) != tuple(now):
-            click.echo(f"  {option}: {', '.join(was) or '-'} -> {text}")
+            echo(f"  {option}: {', '.join(was) or '-'} -> {text}")
         else:
-            click.echo(f"  {option}: {text}")
+            echo(f"  {option}: {text}")
     if result.unprotected:
-        click.echo(
+        echo(
             f"Warning: {name}: column(s) {', '.join(result.unprotected)} look secret and are neither "
             "masked nor excluded (--mask or --exclude them; --strict refuses this)",
             err=True,
@@ -277,15 +274,15 @@ def untrack(
     with connect(dsn) as conn:
         for table in tables:
             if triggers.untrack(conn, table, audit_schema=audit_schema):
-                click.echo(f"stopped tracking {table}")
+                echo(f"stopped tracking {table}")
             else:
-                click.echo(f"{table} was not tracked; nothing to do")
+                echo(f"{table} was not tracked; nothing to do")
         if prune:
             pruned = [a for a in triggers.sync(conn, audit_schema=audit_schema) if a.action == "pruned"]
             for action in pruned:
-                click.echo(f"pruned {_sync_name(action)} ({action.detail})")
+                echo(f"pruned {_sync_name(action)} ({action.detail})")
             if not pruned:
-                click.echo("nothing to prune")
+                echo("nothing to prune")
 
 
 def _sync_name(action: registry.SyncAction) -> str:
@@ -311,18 +308,16 @@ def sync(no_prune: bool, check: bool, dsn: str | None, audit_schema: str) -> Non
                 if t.status not in ("installed", "disabled")
             ]
             for t in stale:
-                click.echo(f"{t.name}: {t.status}" + (f" ({t.detail})" if t.detail else ""))
+                echo(f"{t.name}: {t.status}" + (f" ({t.detail})" if t.detail else ""))
             if stale:
                 sys.exit(1)
-            click.echo("every tracked table is installed and current")
+            echo("every tracked table is installed and current")
             return
         actions = triggers.sync(conn, prune=not no_prune, audit_schema=audit_schema)
     if not actions:
-        click.echo("no tracked tables")
+        echo("no tracked tables")
     for action in actions:
-        click.echo(
-            f"{_sync_name(action)}: {action.action}" + (f" ({action.detail})" if action.detail else "")
-        )
+        echo(f"{_sync_name(action)}: {action.action}" + (f" ({action.detail})" if action.detail else ""))
 
 
 # ---------------------------------------------------------------------------------------------

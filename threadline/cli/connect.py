@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
+from threadline.cli.output import echo
 from threadline.core.errors import SchemaError, ThreadlineError, TrackingError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,9 +41,9 @@ def resolve_dsn(dsn: str | None) -> str:
 
 def fail(message: str, hint: str | None = None) -> None:
     """Print ``Error: message`` (and a hint) to stderr and exit with status 1."""
-    click.echo(f"Error: {message}", err=True)
+    echo(f"Error: {message}", err=True)
     if hint:
-        click.echo(f"Hint: {hint}", err=True)
+        echo(f"Hint: {hint}", err=True)
     sys.exit(1)
 
 

@@ -15,6 +15,7 @@ import click
 
 from threadline.cli.connect import connect, dsn_option
 from threadline.cli.help import audit_schema_option, examples
+from threadline.cli.output import echo
 from threadline.core.errors import CoverageError, RetentionError, SchemaError
 from threadline.ddl import schema as ddl_schema
 from threadline.ops import health, retention
@@ -117,24 +118,24 @@ def purge(
         except RetentionError as exc:
             raise click.UsageError(str(exc)) from exc
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        echo(json.dumps(result.to_dict(), indent=2))
         return
     when = result.cutoff.isoformat(timespec="seconds")
     if result.dry_run:
-        click.echo(
+        echo(
             f"dry run: would purge {result.changes} changes, {result.transactions} "
             f"transactions and {result.task_runs} task runs from before {when}"
             + (f" ({result.partitions} partition period(s) dropped whole)" if result.partitions else "")
         )
         return
-    click.echo(
+    echo(
         f"purged {result.changes} changes, {result.transactions} transactions and {result.task_runs} "
         f"task runs from before {when} in {result.batches} batches"
         + (f" and {result.partitions} partition period(s) dropped whole" if result.partitions else "")
         + f" ({result.seconds:.1f} s)"
     )
     if not result.complete:
-        click.echo("stopped at --max-batches: run the command again to continue")
+        echo("stopped at --max-batches: run the command again to continue")
 
 
 @click.command(epilog=examples("coverage"))
@@ -184,7 +185,7 @@ def coverage(
         except CoverageError as exc:
             raise click.UsageError(str(exc)) from exc
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        echo(json.dumps(report.to_dict(), indent=2))
     else:
         _print_report(report, show_all)
     if not report.ok:
@@ -196,24 +197,22 @@ def _print_report(report: health.CoverageReport, show_all: bool) -> None:
     untracked = sum(1 for t in report.tables if t.status == "untracked")
     if shown:
         width = max(len(t.name) for t in shown)
-        click.echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT  BASELINE")
+        echo(f"{'TABLE'.ljust(width)}  STATUS     INSTALLED  ENABLED  CURRENT  BASELINE")
         for t in shown:
-            click.echo(
+            echo(
                 f"{t.name.ljust(width)}  {t.status.ljust(9)}  {'yes' if t.installed else 'no':<9}  "
                 f"{'yes' if t.enabled else 'no':<7}  {'yes' if t.current else 'no':<7}  {t.baseline or '-'}"
             )
             if t.status not in ("installed", "untracked"):
-                click.echo(
+                echo(
                     f"{''.ljust(width)}  {t.detail or t.status}"
                     + (f"; run: {t.restore}" if t.restore else "")
                 )
     else:
-        click.echo("no tracked tables")
+        echo("no tracked tables")
     if untracked and not show_all:
-        click.echo(
-            f"({untracked} untracked table{'s' if untracked != 1 else ''} not listed; --all lists them)"
-        )
-    click.echo("")
+        echo(f"({untracked} untracked table{'s' if untracked != 1 else ''} not listed; --all lists them)")
+    echo("")
     if report.contexts:
         rows = [
             (
@@ -228,10 +227,10 @@ def _print_report(report: health.CoverageReport, show_all: bool) -> None:
         ]
         headers = ("ORIGIN", "TASK", "TRANSACTIONS", "NO ACTOR", "NO CORRELATION", "INVALID")
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
         for r in rows:
-            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+            echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     else:
-        click.echo("no transactions recorded in the window")
+        echo("no transactions recorded in the window")
     for line in report.problems:
-        click.echo(f"NOT COVERED: {line}", err=True)
+        echo(f"NOT COVERED: {line}", err=True)

@@ -12,6 +12,7 @@ import click
 
 from threadline.cli.connect import connect, dsn_option, fail, when_option_value
 from threadline.cli.help import audit_schema_option, examples
+from threadline.cli.output import echo
 from threadline.core.errors import ConfigurationError
 from threadline.ddl.schema import DEFAULT_PARTITION_BY, PARTITION_PERIODS
 from threadline.ops import partitions as store
@@ -96,7 +97,7 @@ def partitions(
                     keep_old=keep_old,
                     progress=_progress(),
                 )
-                click.echo(
+                echo(
                     f"partitioned: {done.transactions} transactions and {done.changes} changes copied in "
                     f"{done.seconds:.1f} s (tables locked {done.switch_seconds * 1000:.0f} ms);"
                     f" {done.partitions} partitions"
@@ -106,13 +107,13 @@ def partitions(
                 store.set_partitions_ahead(conn, ahead, audit_schema)
             if create or (ahead is not None and not migrate):
                 made = store.create_partitions(conn, since=since, audit_schema=audit_schema)
-                click.echo(f"created {made} partition(s)")
+                echo(f"created {made} partition(s)")
             settings = store.partition_settings(conn, audit_schema)
             listed = store.partitions(conn, audit_schema)
         except ConfigurationError as exc:
             fail(str(exc))
     if as_json:
-        click.echo(
+        echo(
             json.dumps(
                 {
                     "period": settings and settings.period,
@@ -123,17 +124,17 @@ def partitions(
         )
         return
     if settings is None:
-        click.echo("the audit store is not partitioned (`threadline partitions --migrate` partitions it)")
+        echo("the audit store is not partitioned (`threadline partitions --migrate` partitions it)")
         return
     if migrate or create or ahead is not None:
         return
-    click.echo(f"partitioned by {settings.period}, {settings.ahead} period(s) kept ready ahead")
+    echo(f"partitioned by {settings.period}, {settings.ahead} period(s) kept ready ahead")
     for p in listed:
         span = "DEFAULT" if p.is_default else f"{p.range_from:%Y-%m-%d} .. {p.range_to:%Y-%m-%d}"
-        click.echo(f"{p.table:<13} {p.name:<28} {span:<24} {p.rows:>12,} rows {_size(p.bytes):>10}")
+        echo(f"{p.table:<13} {p.name:<28} {span:<24} {p.rows:>12,} rows {_size(p.bytes):>10}")
     stray = [p for p in listed if p.is_default and p.rows]
     if stray:
-        click.echo(
+        echo(
             f"the DEFAULT partition holds {sum(p.rows for p in stray)} row(s): run `threadline partitions --create"
             " --since <their oldest time>` to give them their periods",
             err=True,
@@ -143,6 +144,6 @@ def partitions(
 def _progress() -> Callable[[str, int], None]:
     def report(kind: str, rows: int) -> None:
         if sys.stderr.isatty():
-            click.echo(f"\r{kind}: {rows:,} copied", nl=False, err=True)
+            echo(f"\r{kind}: {rows:,} copied", nl=False, err=True)
 
     return report

@@ -12,9 +12,10 @@ import click
 
 from threadline.cli.connect import dsn_option, parse_key, when_option_value
 from threadline.cli.help import audit_schema_option, examples
+from threadline.cli.output import echo
 from threadline.cli.reading import actor_value, filter_options, reader
 from threadline.core.actor import ActorRef
-from threadline.core.printable import printable
+from threadline.core.printable import one_line
 from threadline.core.records import Change
 from threadline.explore import query, timeline_query
 from threadline.explore.actions import list_actions
@@ -33,7 +34,7 @@ def _time(value: datetime | None) -> str:
 
 def _value(value: Any, width: int = 60) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = printable(text).replace("\n", "\\n")
+    text = one_line(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -64,7 +65,7 @@ _CHANGE_HEADERS = ("CAPTURED (UTC)", "OP", "TABLE", "KEY", "ACTOR", "ORIGIN", "C
 
 
 def _echo_json(value: Any) -> None:
-    click.echo(printable(json.dumps(value, ensure_ascii=False, indent=2)))
+    echo(json.dumps(value, ensure_ascii=False, indent=2))
 
 
 @click.command(epilog=examples("timeline"))
@@ -107,11 +108,11 @@ def timeline(
         )
         return
     if not page:
-        click.echo("no changes match these filters")
+        echo("no changes match these filters")
         return
-    click.echo(_aligned(_CHANGE_HEADERS, [_change_row(c) for c in page]))
+    echo(_aligned(_CHANGE_HEADERS, [_change_row(c) for c in page]))
     if page.next_cursor:
-        click.echo(f"\nmore: add --after {page.next_cursor}")
+        echo(f"\nmore: add --after {page.next_cursor}")
 
 
 def _history_lines(change: Change) -> list[str]:
@@ -170,22 +171,22 @@ def history(
                 if as_json:
                     _echo_json({"row": None, "reason": str(exc)})
                 else:
-                    click.echo(str(exc))
+                    echo(str(exc))
                 return
             if as_json:
                 _echo_json({"row": row})
             else:
                 width = max((len(k) for k in row), default=0)
-                click.echo("\n".join(f"{k.ljust(width)}  {_value(v, 100)}" for k, v in row.items()))
+                echo("\n".join(f"{k.ljust(width)}  {_value(v, 100)}" for k, v in row.items()))
             return
         changes = query.history(conn, table, key, limit=limit, audit_schema=audit_schema)
     if as_json:
         _echo_json([c.to_dict() for c in changes])
         return
     if not changes:
-        click.echo(f"no captured changes for {table} {pk}")
+        echo(f"no captured changes for {table} {pk}")
         return
-    click.echo("\n".join(line for c in changes for line in _history_lines(c)))
+    echo("\n".join(line for c in changes for line in _history_lines(c)))
 
 
 @click.command(epilog=examples("trace"))
@@ -207,9 +208,9 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
     if as_json:
         _echo_json(found.to_dict())
     elif found.empty:
-        click.echo(f"nothing recorded for correlation id {correlation_id}")
+        echo(f"nothing recorded for correlation id {correlation_id}")
     else:
-        click.echo(found.render(max_changes=max_changes), nl=False)
+        echo(found.render(max_changes=max_changes), nl=False)
 
 
 @click.command(epilog=examples("actions"))
@@ -251,7 +252,7 @@ def actions(
         _echo_json([a.to_dict() for a in found])
         return
     if not found:
-        click.echo("no actions match these filters")
+        echo("no actions match these filters")
         return
     rows = [
         (
@@ -264,4 +265,4 @@ def actions(
         )
         for a in found
     ]
-    click.echo(_aligned(("RECORDED (UTC)", "NAME", "STATUS", "ACTOR", "CORRELATION", "REASON"), rows))
+    echo(_aligned(("RECORDED (UTC)", "NAME", "STATUS", "ACTOR", "CORRELATION", "REASON"), rows))

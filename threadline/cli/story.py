@@ -20,10 +20,11 @@ import psycopg
 
 from threadline.cli.connect import connect, dsn_option, fail, when_option_value
 from threadline.cli.help import audit_schema_option, examples
+from threadline.cli.output import echo
 from threadline.core.actor import ActorRef
 from threadline.core.context import context
 from threadline.core.errors import InvalidActor
-from threadline.core.printable import printable
+from threadline.core.printable import encodable
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as table_as_of
 from threadline.explore.revert import RevertError
@@ -106,7 +107,7 @@ def run_baseline(conn: psycopg.Connection[Any], table: str, batch_size: int, aud
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    click.echo(f"baseline of {result.table}: complete, {result.rows} rows")
+    echo(f"baseline of {result.table}: complete, {result.rows} rows")
 
 
 @click.command(epilog=examples("baseline"))
@@ -167,7 +168,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
     writer: Any = None
     for row in rows:
         if fmt == "ndjson":
-            out.write(printable(json.dumps(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
+            out.write(encodable(json.dumps(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
             continue
         if writer is None:
             writer = csv.DictWriter(out, fieldnames=list(row), extrasaction="ignore", restval="")
@@ -177,8 +178,8 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
 
 def _csv_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
-        return printable(json.dumps(value, ensure_ascii=False))
-    return printable(value) if isinstance(value, str) else value
+        return encodable(json.dumps(value, ensure_ascii=False))
+    return encodable(value) if isinstance(value, str) else value
 
 
 @click.command(epilog=examples("revert"))
@@ -240,8 +241,8 @@ def revert(
             )
         except RevertError as exc:
             fail(str(exc))
-    click.echo(result.plan.render())
+    echo(result.plan.render())
     if result.applied:
-        click.echo(f"reverted {len(result.plan.steps)} row(s); recorded as action {result.action_id}")
+        echo(f"reverted {len(result.plan.steps)} row(s); recorded as action {result.action_id}")
     else:
-        click.echo("dry run: nothing changed")
+        echo("dry run: nothing changed")

@@ -12,6 +12,7 @@ import click
 
 from threadline.cli.connect import connect, dsn_option, fail, parse_key
 from threadline.cli.help import audit_schema_option, examples
+from threadline.cli.output import echo
 from threadline.cli.story import actor_option, command_context
 from threadline.core.actor import ActorRef
 from threadline.core.errors import ConfigurationError, QueryError
@@ -45,8 +46,8 @@ def seal(batch_size: int, to_log: bool, dsn: str | None, audit_schema: str) -> N
     """
     with connect(dsn) as conn:
         result = seal_chain(conn, batch_size=batch_size, audit_schema=audit_schema)
-    click.echo(f"sealed {result.transactions} transaction(s) in {result.seals} seal(s)")
-    click.echo(f"head {result.head or '(no seal yet)'}")
+    echo(f"sealed {result.transactions} transaction(s) in {result.seals} seal(s)")
+    echo(f"head {result.head or '(no seal yet)'}")
     if to_log:
         logging.basicConfig()
         logger.warning(
@@ -64,7 +65,7 @@ def verify(expect_head: str | None, as_json: bool, dsn: str | None, audit_schema
     with connect(dsn) as conn:
         result = verify_chain(conn, expect_head=expect_head, audit_schema=audit_schema)
     if as_json:
-        click.echo(
+        echo(
             json.dumps(
                 {
                     "ok": result.ok,
@@ -81,7 +82,7 @@ def verify(expect_head: str | None, as_json: bool, dsn: str | None, audit_schema
             )
         )
     else:
-        click.echo(result.render())
+        echo(result.render())
     if not result.ok:
         sys.exit(1)
 
@@ -160,9 +161,9 @@ def erase(
         except (ConfigurationError, QueryError) as exc:
             fail(str(exc))
     verb = "would rewrite" if not result.applied else "rewrote"
-    click.echo(
+    echo(
         f"{result.target}: {verb} {result.transactions} transaction(s), {result.changes} change(s), "
         f"{result.actions} action(s), {result.task_runs} task run(s); {result.sealed} sealed"
     )
     if result.applied:
-        click.echo(f"recorded as action {result.action_id}")
+        echo(f"recorded as action {result.action_id}")

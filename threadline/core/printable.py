@@ -1,9 +1,16 @@
-"""Text every encoder takes, for display.
+"""Captured text made safe to show, and encodable.
 
-A JSON value captured from a ``json`` column may hold an escape of half a surrogate pair
+Captured values are whatever the application wrote. Shown raw on a terminal, a control character
+acts instead of showing: a carriage return or an ANSI escape (``\\x1b[2K``, erase the line) in a
+value could hide or forge a line an auditor reads, and a bidirectional override (U+202E) reorders
+what follows it. What shows captured text passes it through :func:`printable`, which writes each
+such character as its JSON escape (``\\u001b``); :func:`one_line` also escapes line breaks and
+tabs, for a value shown inside one line.
+
+A JSON value captured from a ``json`` column may also hold an escape of half a surrogate pair
 (``"\\ud83d"``, as JavaScript writes a string cut inside an emoji), which Python decodes to a lone
-surrogate: UTF-8 cannot encode it, so printing it or sending it in a web page would fail. The
-readers return values as recorded; what shows them passes them through :func:`printable` first.
+surrogate: UTF-8 cannot encode it, so writing it out would fail. Exports, which keep every other
+character as recorded, pass text through :func:`encodable`, which escapes lone surrogates only.
 """
 
 from __future__ import annotations
@@ -11,14 +18,51 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["printable", "printable_value"]
+__all__ = ["encodable", "one_line", "printable", "printable_value"]
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 controls but line feed and tab, DEL and C1, the bidirectional marks, embeddings, overrides
+# and isolates, the line and paragraph separators, and lone surrogates
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_UNSAFE_IN_A_LINE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def encodable(text: str) -> str:
+    """``text`` with each lone surrogate written as its JSON escape (``\\ud83d``)."""
+    return _LONE_SURROGATE.sub(_escape, text)
 
 
 def printable(text: str) -> str:
-    """``text`` with each lone surrogate written as its JSON escape (``\\ud83d``)."""
-    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    """``text`` with every character that would act on a terminal rather than show (controls
+    other than line feed and tab, bidirectional controls, line separators) and each lone surrogate
+    written as its JSON escape (``\\u001b``)."""
+    if text.isprintable():  # the common case, without a regex
+        return text
+    return _UNSAFE.sub(_escape, text)
+
+
+def one_line(text: str) -> str:
+    """:func:`printable`, with line feeds and tabs escaped too (``\\n``, ``\\t``)."""
+    if text.isprintable():
+        return text
+    return _UNSAFE_IN_A_LINE.sub(_one_line_escape, text)
+
+
+def _one_line_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\n":
+        return "\\n"
+    if char == "\t":
+        return "\\t"
+    return _escape(match)
 
 
 def printable_value(value: Any) -> Any:

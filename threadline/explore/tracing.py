@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from threadline.core.actor import ActorRef
-from threadline.core.printable import printable
+from threadline.core.printable import one_line
 from threadline.core.records import Action, Change, TaskRun, Transaction, iso
 
 REQUEST = "request"
@@ -199,7 +199,7 @@ def format_key(pk: Mapping[str, Any] | None) -> str:
     """``id=7`` or ``order_id=7,line_no=2``; empty for a truncate."""
     if not pk:
         return ""
-    return printable(",".join(f"{k}={v}" for k, v in pk.items()))
+    return one_line(",".join(f"{k}={v}" for k, v in pk.items()))
 
 
 def _offset(at: datetime | None, origin: datetime | None) -> str:
