@@ -240,7 +240,9 @@ def test_parse_when() -> None:
 HOSTILE = "ok\r\x1b[2K\x1b[8mforged\u202eevil\x07\x9b31m"
 
 
-def test_captured_text_never_acts_on_the_terminal(dsn: str, conn: psycopg.Connection[Any], posts: str) -> None:
+def test_captured_text_never_acts_on_the_terminal(
+    dsn: str, conn: psycopg.Connection[Any], posts: str
+) -> None:
     import threadline
 
     conn.execute("CREATE TABLE app.notes (k text PRIMARY KEY, body text)")
