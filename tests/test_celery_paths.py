@@ -24,7 +24,7 @@ import threadline
 from threadline import ActorRef
 
 from .celery_app import tasks
-from .celery_app.harness import Worker, env_var, setup_events_table, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_row_list, wait_rows
 
 USER = {"type": "user", "id": "7"}
 DEFAULT = tasks.DEFAULT_ACTOR.to_dict()
@@ -217,6 +217,34 @@ def test_link_and_link_error(env: Env, web: threadline.AuditContext) -> None:
     else:  # called in the failed task (Celery before 5.5): its context, unchanged
         assert job(rows[f"{p}-errback"]) == job(rows[f"{p}-bad"])
         assert_inherited(rows[f"{p}-errback"], web, causation=web.request_id)
+
+
+def test_failures_the_main_process_handles_send_their_errbacks_in_context(
+    env: Env, web: threadline.AuditContext
+) -> None:
+    # A chord member that expires waiting for its countdown is revoked by the worker's main
+    # process, which fails the chord and sends its error callback; a task over its hard time limit
+    # (prefork) is failed there too, and its link_error errback sent (or called) from there.
+    p = env.prefix()
+    header = [tasks.record.si(f"{p}-member"), tasks.record.si(f"{p}-late").set(countdown=2, expires=1)]
+    chord(header, tasks.record_many.s(label=f"{p}-body")).on_error(
+        tasks.errback.s(label=f"{p}-chord-errback")
+    ).delay()
+    labels = [f"{p}-member", f"{p}-chord-errback"]
+    if env.worker.pool == "prefork":
+        tasks.overrun.apply_async((f"{p}-overrun",), link_error=tasks.errback.s(label=f"{p}-limit-errback"))
+        labels += [f"{p}-overrun", f"{p}-limit-errback"]
+    # (Celery 5.6 and later call a timed-out task's errbacks twice: count each label once)
+    deadline = time.monotonic() + 60
+    found = wait_row_list(env.dsn, p, len(labels), timeout=60, worker=env.worker)
+    while {row["label"] for row in found} != set(labels) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = wait_row_list(env.dsn, p, len(labels), timeout=60, worker=env.worker)
+    assert {row["label"] for row in found} == set(labels)
+    for row in found:
+        assert (row["actor"], row["correlation_id"], row["context_error"]) == (
+            USER, web.correlation_id, None
+        ), row  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["flaky", "auto_flaky"])
@@ -412,6 +440,14 @@ def test_malformed_headers_never_crash_and_mark_the_transaction(env: Env) -> Non
     assert "unsupported version 99" in rows[f"{p}-unknown-version"]["context_error"]
     assert "not encoded by its publisher" in rows[f"{p}-publisher-error"]["context_error"]
     assert "bytes; the limit is" in rows[f"{p}-huge"]["context_error"]
+    # a task that retries after its header was refused: every attempt says why
+    retried = env.worker.publish_raw(tasks.NAME + "flaky", [f"{p}-retry", 1], {"threadline": "{not json"})
+    attempts = env.rows(f"{p}-retry", 2)
+    assert [
+        (attempts[f"{p}-retry:try{i}"]["actor"], attempts[f"{p}-retry:try{i}"]["context_error"])
+        for i in (0, 1)
+    ] == [(None, "incoming: header is not valid JSON")] * 2
+    assert attempts[f"{p}-retry:try1"]["correlation_id"] == retried
     # the worker is still healthy and later tasks are unaffected
     with threadline.context(actor="user:8", correlation_id=f"after-{p}"):
         tasks.record.delay(f"{p}-after")

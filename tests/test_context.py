@@ -269,8 +269,30 @@ def test_a_header_carrying_a_receiver_only_field_is_refused() -> None:
 
     with pytest.raises(InvalidContext, match="not carried"):
         carrier.extract({"threadline": '{"actor":{"id":"1","type":"user"},"incoming_error":"x","v":1}'})
+    with pytest.raises(InvalidContext, match="not carried"):
+        carrier.extract({"threadline": '{"incoming_error":"x","origin":"web","v":1}'})
+    # the header of a task that retries after its own was refused: why, beside its ids
+    retry = carrier.extract(
+        {"threadline": '{"correlation_id":"r-1","incoming_error":"header is not signed","v":1}'}
+    )
+    assert (retry.correlation_id, retry.actor, retry.incoming_error) == ("r-1", None, "header is not signed")
     with pytest.raises(InvalidContext):
         carrier.extract({"threadline": '{"correlation_id":"x\\ud800","v":1}'})
+
+
+def test_a_header_actor_is_validated_whatever_was_decoded_before() -> None:
+    from threadline.propagation import carrier
+
+    good = carrier.extract({"threadline": '{"actor":{"display":null,"id":"7","type":"user"},"v":1}'})
+    assert good.actor == ActorRef.user("7")
+    for actor in (
+        '{"type":"user","id":"7","x":"y"}',  # the same type and id as the one remembered
+        '{"type":["user"],"id":"1"}',
+        '{"type":"user","id":{"a":1}}',
+        '{"type":"user","id":"1","display":["x"]}',
+    ):
+        with pytest.raises(InvalidContext):
+            carrier.extract({"threadline": '{"actor":' + actor + ',"v":1}'})
 
 
 def test_one_context_object_entered_by_concurrent_tasks_and_nested_in_itself() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -131,6 +132,13 @@ def fail(label: str) -> None:
 def give_up(self: celery.Task, label: str) -> None:
     """Write nothing; retry twice, then fail (the retries are exhausted)."""
     raise self.retry(countdown=0, exc=LookupError(f"{label} is not there yet"))
+
+
+@threadline.task(time_limit=1)
+def overrun(label: str) -> None:
+    """Write a row, then outlive the hard time limit: the worker's main process fails it."""
+    write(label)
+    time.sleep(30)
 
 
 @threadline.task

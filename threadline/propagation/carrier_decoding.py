@@ -173,7 +173,7 @@ def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
     version = body.get("v")
     if version != VERSION or isinstance(version, bool):
         raise InvalidContext("v", f"unsupported version {version!r}; this release reads version {VERSION}")
-    if not _CARRIED.issuperset(body):
+    if not _CARRIED.issuperset(body) and not _retry_of_a_refused_header(body):
         names = sorted(str(name)[:40] for name in set(body) - _CARRIED)[:3]
         raise InvalidContext("header", f"has fields that are not carried: {names}")
     # Every field is validated and capped on its own (ids 256 characters, meta 4 KiB), which
@@ -193,13 +193,34 @@ def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
     actor = body.get("actor")
     if actor is not None:
         fields["actor"] = _actor(actor)
+    if "incoming_error" in body:
+        fields["incoming_error"] = check_text("incoming_error", body["incoming_error"])
     return fields
+
+
+def _retry_of_a_refused_header(body: Mapping[str, Any]) -> bool:
+    """True for the header a task sends when it retries after its own header was refused: why
+    (``incoming_error``) beside the ids it ran with, and no actor or meta, so that the retry's
+    transactions say why as well. Any other header that sets a receiver's field is refused."""
+    return (
+        _CARRIED_WITH_REASON.issuperset(body)
+        and "incoming_error" in body
+        and "actor" not in body
+        and "meta" not in body
+    )
 
 
 def _actor(data: object) -> ActorRef:
     """``ActorRef.from_dict``, remembering recent actors (the same few act in many messages)."""
-    if isinstance(data, dict) and len(data) <= 3:
-        key = (data.get("type"), data.get("id"), data.get("display"), len(data))
+    # only an actor of known keys holding texts is remembered, keyed by all it holds: anything
+    # else (an unknown key, a list where a text belongs) is validated, and refused, every time
+    if (
+        type(data) is dict
+        and len(data) <= 3
+        and _ACTOR_KEYS.issuperset(data)
+        and all(value is None or type(value) is str for value in data.values())
+    ):
+        key = tuple(sorted(data.items()))
         found = _actors.get(key)
         if found is not None:
             return found
@@ -211,4 +232,6 @@ def _actor(data: object) -> ActorRef:
     return ActorRef.from_dict(data)
 
 
+_ACTOR_KEYS = frozenset({"type", "id", "display"})
+_CARRIED_WITH_REASON = _CARRIED | {"incoming_error"}
 _actors: dict[tuple[object, ...], ActorRef] = {}

@@ -25,6 +25,7 @@ from threadline.core.context import _current, current
 from threadline.core.errors import ConfigurationError
 from threadline.propagation import carrier
 from threadline.propagation.celery_publish import SignaturePolicy, _before_publish, _Installation
+from threadline.propagation.celery_request import DEFAULT_REQUEST, REQUEST
 from threadline.propagation.celery_run_record import _record_run
 from threadline.propagation.celery_worker import _frames, _prerun
 from threadline.propagation.task_runs import TaskRunRecorder
@@ -118,8 +119,17 @@ def install(
         inst.accept_unbound = bool(accept_unbound_signatures)
         inst.recorder = recorder
         _connect(app, inst)
+        _use_request_class(app, REQUEST)
         _installations[app] = inst
     return app
+
+
+def _use_request_class(app: celery.Celery, wanted: str) -> None:
+    """Make the app's task base class handle failures with ``wanted`` (threadline's request class
+    on install, Celery's own on uninstall), unless it names a request class of the app's own."""
+    base = app.Task
+    if base.Request in (DEFAULT_REQUEST, REQUEST):
+        base.Request = wanted
 
 
 def uninstall(app: celery.Celery) -> bool:
@@ -142,6 +152,7 @@ def uninstall(app: celery.Celery) -> bool:
         if getattr(wrapper, "__threadline_installation__", None) is inst:
             del app.send_task
         inst.original_send_task = None  # a wrapper someone put around ours now passes straight through
+        _use_request_class(app, DEFAULT_REQUEST)
         inst.receivers.clear()
         inst.cache.clear()
         if inst.recorder is not None:

@@ -182,6 +182,9 @@ class Task(celery.Task):  # type: ignore[misc]
 
     threadline_default_actor: ClassVar[ActorRef | None] = None
     threadline_signature_policy: ClassVar[SignaturePolicy | None] = None
+    # failures the worker's main process handles (a hard time limit, a lost child, an expired
+    # chord member) send their errbacks under the task's context: see celery_request
+    Request = "threadline.propagation.celery_request:Request"
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Refuse to run the body when the incoming context was rejected by signature policy."""
