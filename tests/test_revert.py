@@ -741,3 +741,25 @@ def test_tables_with_columns_named_like_the_row_aliases_revert(conn: Conn) -> No
     )
     revert(conn, correlation_id="req-alias")
     assert rows(conn, ["app.aliased"]) == before
+
+
+def test_keys_no_unique_index_covers_are_warned_and_never_revert_the_wrong_row(conn: Conn) -> None:
+    conn.execute(
+        """
+        CREATE TABLE app.nk (a int, b text, c text);
+        INSERT INTO app.nk VALUES (1, 'x', 'orig'), (1, 'y', 'other');
+        """
+    )
+    tracked = track(conn, "app.nk", keys=["a"])
+    assert not tracked.keys_unique
+    write(conn, "req-nk", "UPDATE app.nk SET b = 'z' WHERE c = 'orig'")
+    before = contents(conn, ["app.nk"])
+    for overwrite in (False, True):
+        with pytest.raises(RevertError, match="more than one row with the key"):
+            revert(conn, correlation_id="req-nk", overwrite=overwrite)
+    assert contents(conn, ["app.nk"]) == before  # nothing changed
+    conn.execute("CREATE UNIQUE INDEX ON app.nk (a, c)")
+    assert track(conn, "app.nk", keys=["a", "c"]).keys_unique
+    out = run("track", "app.nk", "--keys", "a", "--dsn", conn.info.dsn)
+    assert out.returncode == 0
+    assert out.stderr.count("no unique index or primary key covers the key column(s) a") == 1, out.stderr

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -207,10 +210,10 @@ def track(
             except (TrackingError, SchemaError) as exc:
                 raise click.UsageError(str(exc)) from exc
         return
-    with connect(dsn) as conn, command_context("track", actor):
+    with connect(dsn) as conn, command_context("track", actor), _quiet(triggers.logger):
         for table in tables:
             result = triggers.track(conn, table, **options)
-            _print_track(result)
+            _print_track(result)  # prints the warnings the library logs, with what to do
             if with_baseline:
                 run_baseline(
                     conn, qualified_name(result.table_schema, result.table_name), batch_size, audit_schema
@@ -248,6 +251,24 @@ def _print_track(result: registry.TrackResult) -> None:
             "masked nor excluded (--mask or --exclude them; --strict refuses this)",
             err=True,
         )
+    if not result.keys_unique:
+        echo(
+            f"Warning: {name}: no unique index or primary key covers the key column(s)"
+            f" {', '.join(result.keys)}: rows that share a key share a history, and revert refuses them"
+            " (--keys naming columns a unique index covers)",
+            err=True,
+        )
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Hold back ``logger``'s warnings inside the block (the command prints its own)."""
+    held = logging.Filter(name="threadline.cli.held")  # lets through nothing from other names
+    logger.addFilter(held)
+    try:
+        yield
+    finally:
+        logger.removeFilter(held)
 
 
 @cli.command(epilog=examples("untrack"))

@@ -98,6 +98,9 @@ class TrackResult:
     unprotected: tuple[str, ...]
     """Columns whose name looks secret and that are neither masked nor excluded."""
     mode: str
+    keys_unique: bool = True
+    """False when no unique index (or primary key) covers the key columns: two rows may then
+    share a key, and their histories mix (``revert`` refuses such rows)."""
 
     @property
     def options_changed(self) -> bool:

@@ -221,6 +221,7 @@ def track(
         previous_mask=None if row[8] is None else tuple(row[8]),
         unprotected=tuple(row[9] or ()),
         mode=row[10],
+        keys_unique=_keys_unique(conn, rel_schema, rel_name, tuple(row[3])),
     )
     if result.unprotected:
         logger.warning(
@@ -229,7 +230,28 @@ def track(
             result.table_name,
             ", ".join(result.unprotected),
         )
+    if not result.keys_unique:
+        logger.warning(
+            "%s.%s: no unique index or primary key covers the key column(s) %s: rows that share a key"
+            " share a history, and revert refuses them",
+            result.table_schema,
+            result.table_name,
+            ", ".join(result.keys),
+        )
     return result
+
+
+def _keys_unique(conn: psycopg.Connection, schema: str, name: str, keys: tuple[str, ...]) -> bool:
+    """True when a unique index (or the primary key) without predicate covers columns among ``keys``."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i"
+        " WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisunique"
+        "   AND i.indpred IS NULL AND i.indexprs IS NULL"
+        "   AND ARRAY(SELECT a.attname::text FROM pg_attribute a"
+        "              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])) <@ %s::text[])",
+        [schema, name, list(keys)],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def untrack_sql(table: str, *, table_schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA) -> str:

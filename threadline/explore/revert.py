@@ -88,6 +88,11 @@ def _apply(cur: psycopg.Cursor[Any], row: RevertRow, step: RevertStep) -> None:
             ),
             params,
         )
+    if step.action != "insert" and cur.rowcount > 1:  # a row with the same key came in since the plan
+        raise RevertError(
+            f"{table.name} holds more than one row with the key {row.pk_text}: the key columns it is"
+            " tracked with are not unique; nothing was reverted"
+        )
 
 
 def _restored(table: RevertTable, step: RevertStep) -> tuple[sql.Composable, sql.Composable]:

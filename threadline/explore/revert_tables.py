@@ -123,8 +123,14 @@ def current_row(
         key_match(table),
         sql.SQL(" FOR UPDATE") if lock else sql.SQL(""),
     )
-    row = cur.execute(statement, {"pk": pk_text}).fetchone()
-    return None if row is None else dict(exact_json(row["row"]))
+    rows = cur.execute(statement, {"pk": pk_text}).fetchmany(2)
+    if len(rows) > 1:
+        raise RevertError(
+            f"{table.name} holds more than one row with the key {pk_text}: the key columns it is tracked"
+            " with are not unique, so revert cannot tell which row to restore; give it a key that a"
+            " unique index covers (threadline track --keys)"
+        )
+    return None if not rows else dict(exact_json(rows[0]["row"]))
 
 
 def image_sql(table: RevertTable, param: str) -> sql.Composable:
