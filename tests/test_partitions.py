@@ -261,6 +261,70 @@ def test_purge_by_partition_while_writers_keep_writing(store: str) -> None:
         assert verify(conn).ok
 
 
+def test_rows_move_out_of_the_default_partition_while_writers_keep_writing(store: str) -> None:
+    # The job that makes partitions did not run: this month's are missing and every write lands in
+    # the DEFAULT partitions. Making them, rows moved, must never fail a writer, whichever order
+    # its transaction locks the two tables in.
+    with psycopg.connect(store, autocommit=True) as conn:
+        this_month = _month(conn.execute("SELECT now()").fetchone()[0])  # type: ignore[index]
+        conn.execute(
+            f"DROP TABLE threadline.changes_p{this_month:%Y_%m}, threadline.transactions_p{this_month:%Y_%m}"
+        )
+    stop = threading.Event()
+    errors: list[str] = []
+    written = [0] * 6
+
+    def writer(i: int) -> None:
+        with threadline.ThreadlineConnection.connect(store) as w:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                key = i * 1_000_000 + n
+                try:
+                    with threadline.context(actor=f"user:{i}", correlation_id=f"w{i}"):
+                        w.execute("INSERT INTO items VALUES (%s, 'a')", [key])
+                        w.execute("UPDATE items SET v = 'b' WHERE id = %s", [key])  # looks its row up
+                        w.commit()
+                    written[i] += 2
+                except psycopg.Error as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    w.rollback()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        with psycopg.connect(store, autocommit=True) as conn:
+            for attempt in range(10):  # a writer holding a DEFAULT partition makes an attempt give way
+                try:
+                    made = partitions.create_partitions(conn, since=this_month, lock_timeout=0.5)
+                    break
+                except psycopg.errors.LockNotAvailable:
+                    assert attempt < 9
+            assert made == 2
+            time.sleep(0.5)  # writes go on into the new partitions
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    with psycopg.connect(store, autocommit=True) as conn:
+        assert [p.rows for p in partitions.partitions(conn) if p.is_default] == [0, 0]
+        homes = conn.execute(
+            "SELECT tableoid::regclass::text, count(*) FROM threadline.changes GROUP BY 1"
+        ).fetchall()
+        assert homes == [(f"threadline.changes_p{this_month:%Y_%m}", sum(written))]
+
+
+def test_a_since_that_reaches_back_too_far_is_refused_before_anything_is_made(store: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:
+        before = len(partitions.partitions(conn))
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="at most 480 are created at once"):
+            partitions.create_partitions(conn, since=datetime(1970, 1, 1, tzinfo=UTC))
+        assert len(partitions.partitions(conn)) == before
+
+
 def test_a_busy_partition_is_retried_under_lock_timeout(store: str) -> None:
     with psycopg.connect(store, autocommit=True) as conn:
         this_month = _fill_past_months(conn, months=2, per_month=2)

@@ -577,8 +577,17 @@ REVOKE EXECUTE ON FUNCTION @audit@.unsummarize_brin_tail(regclass) FROM PUBLIC;
 -- pg_partman are respected). Rows the DEFAULT partition holds for a new period are moved into it.
 -- Returns how many partitions it created (0 for plain tables). Run by the schema's owner, off the
 -- write path: by install, and then periodically (threadline partitions --create, or the Celery
--- beat task threadline.maintain_partitions). Each partition is created under lock_timeout, so a
--- long-running reader of a table makes it fail with lock_not_available, never wait for long.
+-- beat task threadline.maintain_partitions).
+--
+-- Attaching a partition locks the table's DEFAULT partition (its rows are checked against the new
+-- range), and writers lock the DEFAULT partitions of both tables in either order (a transaction's
+-- changes then its row, or its row's lookup then its changes). So, before anything is created,
+-- both DEFAULT partitions are locked (and both tables, when a period that has begun is made):
+-- the first lock waiting at most lock_timeout, while this transaction holds no table a writer
+-- needs, the others without waiting (lock_not_available when a writer holds one; the caller
+-- retries). A writer then only ever waits for this function, never the other way round: no
+-- deadlock can make an application's write fail, and no row can enter a DEFAULT partition between
+-- the move of its rows and the attach that would refuse them.
 DROP FUNCTION IF EXISTS @audit@.create_partitions(integer);
 CREATE OR REPLACE FUNCTION @audit@.create_partitions(ahead integer DEFAULT NULL, since timestamptz DEFAULT NULL)
 RETURNS integer
@@ -591,6 +600,10 @@ DECLARE
     upto timestamptz;
     part text;
     made integer := 0;
+    todo_tables text[] := '{}';
+    todo_from timestamptz[] := '{}';
+    todo_to timestamptz[] := '{}';
+    defaults text[];
 BEGIN
     SELECT * INTO cfg FROM @audit@.partitioning;
     IF NOT FOUND OR (SELECT c.relkind FROM pg_class c WHERE c.oid = '@audit@.changes'::regclass) <> 'p' THEN
@@ -614,21 +627,55 @@ BEGIN
         LOOP
             slot := @audit@.partition_slot(cfg.period, at);
             EXIT WHEN slot.lo > upto;
-            part := @audit@.partition_name(tbl, cfg.period, slot.lo);
             IF NOT EXISTS (SELECT 1 FROM @audit@.partitions() p
                             WHERE p.parent = tbl AND p.range_from < slot.hi AND p.range_to > slot.lo) THEN
-                EXECUTE format('CREATE TABLE @audit@.%I (LIKE @audit@.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
-                               part, tbl);
-                EXECUTE format('WITH moved AS (DELETE FROM @audit@.%I WHERE occurred_at >= $1 AND occurred_at < $2'
-                               ' RETURNING *) INSERT INTO @audit@.%I SELECT * FROM moved', tbl || '_default', part)
-                  USING slot.lo, slot.hi;
-                EXECUTE format('ALTER TABLE @audit@.%I ATTACH PARTITION @audit@.%I FOR VALUES FROM (%L) TO (%L)',
-                               tbl, part, slot.lo, slot.hi);
-                PERFORM @audit@.unsummarize_brin_tail(format('@audit@.%I', part)::regclass);
-                made := made + 1;
+                todo_tables := todo_tables || tbl;
+                todo_from := todo_from || slot.lo;
+                todo_to := todo_to || slot.hi;
             END IF;
             at := slot.hi;
         END LOOP;
+    END LOOP;
+    IF cardinality(todo_tables) = 0 THEN
+        RETURN made;
+    END IF;
+    -- each new partition holds its locks until commit: thousands would exhaust the lock table
+    IF cardinality(todo_tables) > 480 THEN
+        RAISE EXCEPTION 'since % reaches back % partitions to create; at most 480 are created at once',
+            since, cardinality(todo_tables)
+            USING ERRCODE = '22023',
+                  HINT = 'Create them in steps, from a later since back to the earliest, or give a later since.';
+    END IF;
+    defaults := ARRAY(SELECT format('@audit@.%I', p.partition) FROM @audit@.partitions() p
+                       WHERE p.range_from IS NULL ORDER BY p.parent DESC);  -- transactions, then changes
+    IF EXISTS (SELECT 1 FROM unnest(todo_from) AS f WHERE f <= now()) THEN
+        -- A period that has begun: writers route its rows into the DEFAULT partitions now. One that
+        -- routed a row there before the attach and waited for its lock would be refused after it
+        -- (the row then belongs to the new partition), so writers wait for the tables themselves,
+        -- and route their rows once the new partitions are there.
+        LOCK TABLE @audit@.transactions IN SHARE ROW EXCLUSIVE MODE;
+        LOCK TABLE @audit@.changes IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', array_to_string(defaults, ', '));
+    ELSE
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', defaults[1]);
+        IF cardinality(defaults) > 1 THEN
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', defaults[2]);
+        END IF;
+    END IF;
+    FOR i IN 1 .. cardinality(todo_tables) LOOP
+        tbl := todo_tables[i];
+        part := @audit@.partition_name(tbl, cfg.period, todo_from[i]);
+        EXECUTE format('CREATE TABLE @audit@.%I (LIKE @audit@.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                       part, tbl);
+        EXECUTE format('WITH moved AS (DELETE FROM @audit@.%I WHERE occurred_at >= $1 AND occurred_at < $2'
+                       ' RETURNING *) INSERT INTO @audit@.%I SELECT * FROM moved',
+                       (SELECT p.partition FROM @audit@.partitions() p WHERE p.parent = tbl AND p.range_from IS NULL),
+                       part)
+          USING todo_from[i], todo_to[i];
+        EXECUTE format('ALTER TABLE @audit@.%I ATTACH PARTITION @audit@.%I FOR VALUES FROM (%L) TO (%L)',
+                       tbl, part, todo_from[i], todo_to[i]);
+        PERFORM @audit@.unsummarize_brin_tail(format('@audit@.%I', part)::regclass);
+        made := made + 1;
     END LOOP;
     RETURN made;
 END
