@@ -1097,3 +1097,53 @@ def test_a_json_value_written_differently_is_an_update(conn: Conn, typed: bool, 
     # only the space after the value: an update too (readers name no changed field for it)
     assert len(rows) == 2 * len(pairs) + 1
     assert sorted(rows[-1]["changed_fields"]) == ["body", "secret"]
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+def test_a_column_hidden_in_one_table_of_an_inheritance_tree_is_hidden_in_all(
+    conn: Conn, typed: bool
+) -> None:
+    # A statement on a parent is captured by the parent's code alone, with its children's rows.
+    conn.execute(
+        """
+        CREATE TABLE app.people (id int PRIMARY KEY, kind text, ssn_note text);
+        CREATE TABLE app.patients (diagnosis text) INHERITS (app.people);
+        ALTER TABLE app.patients ADD PRIMARY KEY (id);
+        CREATE TABLE app.staff (badge text) INHERITS (app.people);
+        ALTER TABLE app.staff ADD PRIMARY KEY (id);
+        """
+    )
+    ddl.track(conn, "app.people")
+    ddl.track(conn, "app.patients", mask=["ssn_note", "diagnosis"])
+    ddl.track(conn, "app.staff", exclude=["badge"])
+    if not typed:
+        conn.execute("SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables")
+    conn.execute("INSERT INTO app.patients VALUES (7, 'patient', 'SSN-123', 'flu')")
+    conn.execute("INSERT INTO app.people VALUES (8, 'visitor', 'SSN-456')")
+    conn.execute("UPDATE app.people SET ssn_note = 'SSN-999' WHERE id IN (7, 8)")  # through the parent
+    conn.execute("DELETE FROM app.people WHERE id IN (7, 8)")
+    rows = changes(conn)
+    assert [(r["table_name"], r["op"]) for r in rows] == [
+        ("patients", "insert"), ("people", "insert"), ("people", "update"), ("people", "update"),
+        ("people", "delete"), ("people", "delete"),
+    ]  # fmt: skip
+    assert "SSN-" not in repr(rows) and "flu" not in repr(rows)
+    assert all(r["after"] is None or r["after"]["ssn_note"] == "[masked]" for r in rows)
+    (status,) = conn.execute(
+        "SELECT array_agg(DISTINCT status) FROM threadline.tracking_status()"
+    ).fetchone() or (None,)
+    assert status == ["installed"]
+    conn.execute("INSERT INTO app.patients VALUES (11, 'patient', 'SSN-321', 'cough')")
+    threadline.take_baseline(conn, "app.people")  # its snapshots mask what its relatives hide
+    assert "SSN-321" not in repr(changes(conn))
+    # a table that inherits a tracked one later takes the masks it shares
+    conn.execute("CREATE TABLE app.guests (id int PRIMARY KEY, kind text, ssn_note text, diagnosis text)")
+    ddl.track(conn, "app.guests")
+    conn.execute("ALTER TABLE app.guests INHERIT app.patients")
+    conn.execute("INSERT INTO app.guests VALUES (9, 'guest', 'SSN-777', 'cold')")
+    assert "SSN-777" not in repr(changes(conn))
+    # untracked, a table no longer hides its columns in its relatives
+    ddl.untrack(conn, "app.guests")
+    ddl.untrack(conn, "app.patients")
+    conn.execute("INSERT INTO app.people VALUES (10, 'visitor', 'open')")
+    assert changes(conn)[-1]["after"]["ssn_note"] == "open"

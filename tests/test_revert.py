@@ -763,3 +763,28 @@ def test_keys_no_unique_index_covers_are_warned_and_never_revert_the_wrong_row(c
     out = run("track", "app.nk", "--keys", "a", "--dsn", conn.info.dsn)
     assert out.returncode == 0
     assert out.stderr.count("no unique index or primary key covers the key column(s) a") == 1, out.stderr
+
+
+def test_a_table_with_inheritance_children_is_refused_and_a_child_keeps_the_masks_it_inherits(
+    conn: Conn,
+) -> None:
+    conn.execute(
+        """
+        CREATE TABLE app.par (id int PRIMARY KEY, note text);
+        CREATE TABLE app.chi (extra text) INHERITS (app.par);
+        ALTER TABLE app.chi ADD PRIMARY KEY (id);
+        INSERT INTO app.chi VALUES (2, 'secret note', 'x');
+        """
+    )
+    track(conn, "app.par", mask=["note"])
+    track(conn, "app.chi")
+    write(conn, "req-par", "DELETE FROM app.par WHERE id = 2")  # the child's row, through the parent
+    with pytest.raises(RevertError, match="has inheritance children"):
+        revert(conn, correlation_id="req-par")
+    conn.execute("INSERT INTO app.chi VALUES (3, 'another secret', 'y')")
+    write(conn, "req-chi", "UPDATE app.chi SET note = 'changed', extra = 'z' WHERE id = 3")
+    # the child's own change: its note is masked as the parent masks it, never restored as "[masked]"
+    with pytest.raises(HiddenColumns):
+        revert(conn, correlation_id="req-chi")
+    assert revert(conn, correlation_id="req-chi", skip_hidden=True).applied
+    assert conn.execute("SELECT note, extra FROM app.chi WHERE id = 3").fetchone() == ("changed", "y")

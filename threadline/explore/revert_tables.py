@@ -35,7 +35,8 @@ def resolve_tables(
         info = cur.execute(
             sql.SQL(
                 "SELECT format('%%I.%%I', ns.nspname, c.relname) AS regclass, ns.nspname AS s, c.relname AS n,"
-                " t.key_columns, t.mask, t.exclude,"
+                " t.key_columns, {a}.effective_mask(c.oid, t.exclude, t.mask) AS mask, t.exclude,"
+                " c.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) AS inherited,"
                 " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0"
                 "        AND NOT a.attisdropped ORDER BY a.attnum) AS columns,"
                 " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0"
@@ -53,6 +54,12 @@ def resolve_tables(
         if not info["key_columns"]:
             raise RevertError(
                 f"{info['regclass']} is not tracked now: track it again before reverting its changes"
+            )
+        if info["inherited"]:
+            raise RevertError(
+                f"{info['regclass']} has inheritance children: a change captured through it may be of a row"
+                " that lives in a child table, which a revert would restore into the parent, without the"
+                " child's own columns; restore those rows by hand (threadline history shows their values)"
             )
         if info["json_keys"]:
             raise RevertError(

@@ -1563,6 +1563,29 @@ $fn$;
 -- Options of a registry row carried across renamed columns: a column renamed since the code was
 -- generated (same attnum, new name) keeps its mask or exclusion under the new name (and the old
 -- name stays listed, so a column added later with it is covered too); given keys follow it.
+-- The tables that share rows with rel through classic inheritance: its ancestors, whose
+-- statements reach its rows, and its descendants, whose rows its statements reach. A statement on
+-- a parent is captured by the parent's code alone, with the rows of its children in it; so a
+-- column one of them masks or excludes is masked in the others' code too. (A partitioned table's
+-- partitions are not relatives: their rows are captured through it, under its own options.)
+CREATE OR REPLACE FUNCTION @audit@.inheritance_relatives(rel regclass) RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE up(oid) AS (
+        SELECT i.inhparent FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+         WHERE i.inhrelid = rel AND p.relkind = 'r'
+        UNION
+        SELECT i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.oid
+          JOIN pg_class p ON p.oid = i.inhparent
+         WHERE p.relkind = 'r'
+    ), down(oid) AS (
+        SELECT i.inhrelid FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+         WHERE i.inhparent = rel AND p.relkind = 'r'
+        UNION
+        SELECT i.inhrelid FROM down JOIN pg_inherits i ON i.inhparent = down.oid
+    )
+    SELECT ARRAY(SELECT oid FROM up UNION SELECT oid FROM down ORDER BY 1)
+$fn$;
+
 CREATE OR REPLACE FUNCTION @audit@.follow_renamed_columns(
     entry @audit@.tracked_tables, OUT keys text[], OUT exclude text[], OUT mask text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1596,6 +1619,25 @@ BEGIN
                  ORDER BY 1)
       INTO exclude, mask;
 END
+$fn$;
+
+-- The columns the capture code of rel masks: mask, and every other column of rel that a tracked
+-- inheritance relative masks or excludes (see inheritance_relatives). The registry keeps each
+-- table's own options; this is applied where the code is rendered.
+CREATE OR REPLACE FUNCTION @audit@.effective_mask(rel regclass, exclude text[], mask text[]) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = rel OR i.inhparent = rel)
+                THEN mask
+                ELSE ARRAY(SELECT DISTINCT (x COLLATE "C") FROM (
+                               SELECT unnest(mask)
+                               UNION ALL
+                               SELECT t.name FROM @audit@.table_columns(rel) AS t
+                                WHERE t.name <> ALL (exclude)
+                                  AND EXISTS (SELECT 1 FROM @audit@.tracked_tables o
+                                               WHERE o.relid::oid = ANY (@audit@.inheritance_relatives(rel))
+                                                 AND t.name = ANY (o.mask || o.exclude))) AS u(x)
+                           ORDER BY 1)
+           END
 $fn$;
 
 -- Bring one registry row's capture code in step with its table: follow renamed columns and a
@@ -1636,7 +1678,8 @@ BEGIN
         entry.relid, entry.function_name,
         CASE WHEN cardinality(opts.keys) = 0 AND cardinality(@audit@.primary_key_columns(entry.relid)) = 0
              THEN entry.key_columns ELSE opts.keys END,
-        opts.exclude, opts.mask, coalesce(typed, @audit@.follows_ddl()));
+        opts.exclude, @audit@.effective_mask(entry.relid, opts.exclude, opts.mask),
+        coalesce(typed, @audit@.follows_ddl()));
     IF r.problem IS NOT NULL THEN
         RAISE EXCEPTION 'threadline: cannot generate capture for %.%: %', live.table_schema, live.table_name, r.problem
             USING ERRCODE = 'invalid_table_definition',
@@ -1783,7 +1826,8 @@ BEGIN
             k := k + 1;
         END LOOP;
     END IF;
-    SELECT * INTO r FROM @audit@.render_capture(target, fn, new_keys, new_exclude, new_mask, typed);
+    SELECT * INTO r FROM @audit@.render_capture(target, fn, new_keys, new_exclude,
+                                                @audit@.effective_mask(target, new_exclude, new_mask), typed);
     IF r.problem = 'no primary key' THEN
         RAISE EXCEPTION 'threadline: %.% has no primary key', live.s, live.t
             USING ERRCODE = 'TL001', HINT = 'add one, or name the columns that identify a row with keys';
@@ -1810,6 +1854,9 @@ BEGIN
     IF action = 'tracked' THEN
         PERFORM @audit@.regenerate(entry.id, typed);
     END IF;
+    -- its inheritance relatives mask what it hides (see inheritance_relatives)
+    PERFORM @audit@.regenerate(o.id, typed) FROM @audit@.tracked_tables o
+      WHERE o.relid::oid = ANY (@audit@.inheritance_relatives(entry.relid)) ORDER BY o.id;
     SELECT e.table_schema, e.table_name, e.key_columns, e.exclude, e.mask, e.mode
       INTO table_schema, table_name, key_columns, exclude_columns, mask_columns, mode
       FROM @audit@.tracked_tables AS e WHERE e.id = entry.id;
@@ -1846,6 +1893,9 @@ BEGIN
         EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', entry.function_name);
         -- the baseline no longer describes the table once its changes stop being captured
         UPDATE @audit@.baselines AS x SET ended_at = now() WHERE x.tracked_id = entry.id AND x.ended_at IS NULL;
+        -- its inheritance relatives no longer mask what it hid
+        PERFORM @audit@.regenerate(o.id) FROM @audit@.tracked_tables o
+          WHERE o.relid::oid = ANY (@audit@.inheritance_relatives(target)) ORDER BY o.id;
     END IF;
     RETURN entry.id IS NOT NULL OR had_triggers;
 END
@@ -1904,7 +1954,7 @@ BEGIN
                 e.relid, e.function_name,
                 CASE WHEN cardinality(opts.keys) = 0 AND cardinality(@audit@.primary_key_columns(e.relid)) = 0
                      THEN e.key_columns ELSE opts.keys END,
-                opts.exclude, opts.mask, e.mode = 'typed');
+                opts.exclude, @audit@.effective_mask(e.relid, opts.exclude, opts.mask), e.mode = 'typed');
             missing := ARRAY(SELECT unnest(CASE WHEN cardinality(opts.keys) > 0 THEN opts.keys
                                                 WHEN cardinality(@audit@.primary_key_columns(e.relid)) > 0
                                                 THEN @audit@.primary_key_columns(e.relid)
@@ -2091,6 +2141,11 @@ BEGIN
         SELECT t.id, t.table_schema, t.table_name FROM @audit@.tracked_tables t
          WHERE t.relid::oid IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() AS d
                                  WHERE d.classid = 'pg_class'::regclass)
+            -- a table that now inherits (or is inherited by) a tracked one takes its masks
+            OR t.relid::oid IN (SELECT unnest(@audit@.inheritance_relatives(d.objid::regclass))
+                                  FROM pg_event_trigger_ddl_commands() AS d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0
+                                   AND d.object_type = 'table')
             OR NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                             WHERE c.oid = t.relid AND n.nspname = t.table_schema AND c.relname = t.table_name)
             OR @audit@.columns_snapshot(t.relid) IS DISTINCT FROM t.columns
@@ -2252,7 +2307,7 @@ BEGIN
            SET meta = coalesce(t.meta, '{}') || jsonb_build_object('baseline', format('%I.%I', live_schema, live_name))
          WHERE t.id = b.transaction_id AND t.occurred_at = now();
     END IF;
-    present_mask := ARRAY(SELECT m FROM unnest(opts.mask) AS m
+    present_mask := ARRAY(SELECT m FROM unnest(@audit@.effective_mask(target, opts.exclude, opts.mask)) AS m
                            WHERE m IN (SELECT c.name FROM @audit@.table_columns(target) AS c)
                              AND m <> ALL (opts.exclude) ORDER BY m COLLATE "C");
     -- the table's alias is one no column can shadow, and its whole row is named as such (a
