@@ -24,7 +24,12 @@ from threadline.core.actor import ActorRef
 from threadline.core.context import _current, current
 from threadline.core.errors import ConfigurationError
 from threadline.propagation import carrier
-from threadline.propagation.celery_publish import SignaturePolicy, _before_publish, _Installation
+from threadline.propagation.celery_publish import (
+    SignaturePolicy,
+    _before_publish,
+    _Installation,
+    _installations,
+)
 from threadline.propagation.celery_request import DEFAULT_REQUEST, REQUEST
 from threadline.propagation.celery_run_record import _record_run
 from threadline.propagation.celery_worker import _frames, _prerun
@@ -33,7 +38,6 @@ from threadline.propagation.task_runs import TaskRunRecorder
 _MIN_HEADER_BYTES = 256
 _MAX_HEADER_BYTES = 65536
 
-_installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
 _publishing: ContextVar[_Installation | None] = ContextVar("threadline_celery_publishing", default=None)
 _lock = threading.RLock()
 _shared_hook_connected = False

@@ -98,6 +98,10 @@ class _Installation:
         )
 
 
+# every installed app's installation (install() and uninstall() keep it)
+_installations: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
+
+
 def binding_subject(task_id: object, task_name: object) -> str | None:
     """What a signed header is bound to: the task id and the task name (a message that reuses an
     id for another task does not match)."""

@@ -21,7 +21,7 @@ from celery.app.task import Context
 from celery.worker.request import Request as CeleryRequest
 
 from threadline.core.context import AuditContext, _current, current
-from threadline.propagation.celery_publish import _short
+from threadline.propagation.celery_publish import _installations, _short
 from threadline.propagation.celery_worker import ORIGIN, _incoming_context, _read_header
 
 __all__ = ["DEFAULT_REQUEST", "REQUEST", "Request"]
@@ -73,8 +73,6 @@ def _task_context(request: Any) -> Iterator[None]:
 def _restored(request: Any) -> AuditContext | None:
     """The context the task ran (or would have run) under, or ``None`` when its app is not
     installed."""
-    from threadline.propagation.celery_install import _installations
-
     task = request.task
     inst = _installations.get(getattr(task, "_app", None))
     if inst is None:

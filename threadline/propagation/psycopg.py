@@ -25,12 +25,11 @@ Automatic mode is the one place threadline relies on psycopg internals, all of t
 from __future__ import annotations
 
 from threadline.propagation.psycopg_begin import begin_command, begin_with_context
+from threadline.propagation.psycopg_bridge import SavepointAwareCursor, bridge
 from threadline.propagation.psycopg_internals import (
-    SavepointAwareCursor,
     ThreadlineConnection,
     ThreadlineCursor,
     ThreadlineServerCursor,
-    bridge,
     threadline_cursor_class,
     threadline_server_cursor_class,
 )

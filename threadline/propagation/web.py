@@ -80,13 +80,16 @@ def _client_from_environ(environ: Any) -> str | None:
 
 
 class _ClosingBody:
-    """The WSGI body: runs under the request's context, its ``close()`` too (where frameworks run
-    their close-time callbacks, Flask's ``call_on_close``); restores the previous one after it."""
+    """The WSGI body: runs under the request's context, and so does its ``close()`` (where
+    frameworks run their close-time callbacks, Flask's ``call_on_close``). The previous context
+    is restored when the body is exhausted or fails, so that nothing leaks into the thread when a
+    caller never closes it (a test client), and again after ``close()``."""
 
-    __slots__ = ("_body", "_iter", "_token")
+    __slots__ = ("_body", "_ctx", "_iter", "_token")
 
-    def __init__(self, body: Iterable[bytes], token: Token[AuditContext]) -> None:
+    def __init__(self, body: Iterable[bytes], token: Token[AuditContext], ctx: AuditContext) -> None:
         self._body = body
+        self._ctx = ctx
         self._iter: Iterator[bytes] | None = None
         self._token: Token[AuditContext] | None = token
 
@@ -96,11 +99,17 @@ class _ClosingBody:
     def __next__(self) -> bytes:
         if self._iter is None:
             self._iter = iter(self._body)
-        # exhausted or failed, the body is still closed by the server (PEP 3333), under the context
-        return next(self._iter)
+        try:
+            return next(self._iter)
+        except BaseException:  # exhausted or failed: the context ends with the body
+            self._reset()
+            raise
 
     def close(self) -> None:
-        """Close the app's body (WSGI ``close()``), then restore the previous context."""
+        """Close the app's body (WSGI ``close()``) under the request's context, then restore the
+        previous context."""
+        if self._token is None:  # exhausted first, as servers do: back under it for the close
+            self._token = _current.set(self._ctx)
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
@@ -211,7 +220,7 @@ class WSGIMiddleware(_Middleware):
         if type(body) is list:  # already complete: nothing runs after this
             _current.reset(token)
             return body
-        return _ClosingBody(body, token)
+        return _ClosingBody(body, token, ctx)
 
 
 class ASGIMiddleware(_Middleware):
