@@ -47,10 +47,10 @@ from __future__ import annotations
 
 from threadline.propagation.carrier import HEADER
 from threadline.propagation.celery_decorator import task
-from threadline.propagation.celery_publish import _installations as _installations
 from threadline.propagation.celery_install import _uid as _uid
 from threadline.propagation.celery_install import install, installed, uninstall
 from threadline.propagation.celery_publish import SignaturePolicy
+from threadline.propagation.celery_publish import _installations as _installations
 from threadline.propagation.celery_publish import binding_subject as binding_subject
 from threadline.propagation.celery_worker import ORIGIN, Task
 
