@@ -123,10 +123,31 @@ def test_purge_refuses_bad_arguments(conn: psycopg.Connection[Any], posts: str) 
     for age in ("90", "ninety days", "-1d"):
         with pytest.raises(RetentionError):
             retention.purge(conn, age)
-    with pytest.raises(RetentionError, match="not on the search path"):
+    with pytest.raises(RetentionError, match="does not exist on the search path and has no audit rows"):
         retention.purge(conn, "1d", table="nope")
     with conn.transaction(), pytest.raises(RetentionError, match="own transaction"):
         retention.purge(conn, "1d")
+
+
+def test_purge_of_one_table_takes_its_changes_under_every_name_it_had(
+    conn: psycopg.Connection[Any],
+) -> None:
+    conn.execute("CREATE TABLE app.orders_v1 (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE app.keep (id int PRIMARY KEY)")
+    threadline.ddl.track(conn, "app.orders_v1")
+    threadline.ddl.track(conn, "app.keep")
+    conn.execute("INSERT INTO app.orders_v1 VALUES (1, 'a')")
+    conn.execute("ALTER TABLE app.orders_v1 RENAME TO orders")
+    conn.execute("INSERT INTO app.orders VALUES (2, 'b')")
+    conn.execute("INSERT INTO app.keep VALUES (1)")
+    for name in ("app.orders_v1", "app.orders"):  # either name stands for the table
+        dry = retention.purge(conn, timedelta(0), table=name, dry_run=True)
+        assert dry.changes == 2
+    done = retention.purge(conn, timedelta(0), table="app.orders")
+    assert done.changes == 2
+    left = conn.execute("SELECT table_name FROM threadline.changes ORDER BY id").fetchall()
+    assert left == [("keep",)]
+    assert list(threadline.history(conn, "app.orders", 1)) == []
 
 
 def test_purge_cli(dsn: str, conn: psycopg.Connection[Any], history: None) -> None:

@@ -33,11 +33,12 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from threadline.core.errors import RetentionError, TrackingError
+from threadline.core._run import run
+from threadline.core.errors import RetentionError, TableNotFound
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
-from threadline.ddl.registry import parse_table_name
 from threadline.ddl.schema import require_installed
 from threadline.explore.selection import truncate_change_join
+from threadline.explore.tables import TableRef, resolve_table
 from threadline.ops.observability import emit
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.partition_purge import drop_periods, droppable_periods
@@ -114,25 +115,15 @@ def _cutoff(conn: psycopg.Connection[Any], older_than: timedelta | datetime | st
     return cutoff
 
 
-def _table_filter(conn: psycopg.Connection[Any], table: str | None) -> tuple[str, str] | None:
+def _table_filter(conn: psycopg.Connection[Any], table: str | None, audit_schema: str) -> TableRef | None:
+    """The table ``table`` names, as the readers find it: every name its changes were recorded
+    under (renamed tables), and a dropped table through its audit rows."""
     if table is None:
         return None
     try:
-        table_schema, name = parse_table_name(table)
-    except TrackingError as exc:
+        return run(conn, resolve_table(table, audit_schema))
+    except TableNotFound as exc:
         raise RetentionError(str(exc)) from exc
-    if table_schema is None:
-        # the audit data may outlive the table: take the search path's first schema that has
-        # either the table or audit rows of a table by that name
-        row = conn.execute(
-            "SELECT s FROM unnest(current_schemas(false)) WITH ORDINALITY AS u(s, i)"
-            " WHERE to_regclass(format('%%I.%%I', s, %s::text)) IS NOT NULL ORDER BY i LIMIT 1",
-            [name],
-        ).fetchone()
-        if row is None:
-            raise RetentionError(f"table {name!r} is not on the search path: name it as schema.table")
-        table_schema = row[0]
-    return table_schema, name
 
 
 def purge(
@@ -182,18 +173,20 @@ def purge(
         if not dry_run:
             refuse_during_migration(conn, audit_schema, "purge")
         cutoff = _cutoff(conn, older_than)
-        target = _table_filter(conn, table)
+        target = _table_filter(conn, table, audit_schema)
         partitioned = is_partitioned(conn, audit_schema)
         periods = [] if target or not partitioned else droppable_periods(conn, audit_schema, cutoff)
     finally:
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.rollback()
     audit = sql.Identifier(audit_schema)
-    where_table = sql.SQL(" AND table_schema = %(ts)s AND table_name = %(tn)s" if target else "")
     params: dict[str, Any] = {"cutoff": cutoff}
-    if target:
-        params.update(ts=target[0], tn=target[1])
-    shown = f" of {target[0]}.{target[1]}" if target else ""
+    # the table under every name it had (each condition binds the same values into params)
+    where_table, where_c, where_x = (
+        (sql.SQL(" AND ") + target.condition(params, alias) if target else sql.SQL(""))
+        for alias in ("changes", "c", "x")
+    )
+    shown = f" of {target}" if target else ""
 
     if dry_run:
         with conn.transaction():
@@ -213,7 +206,7 @@ def purge(
                     " AND NOT (c.captured_at < %(cutoff)s{wc}))"
                 ).format(
                     a=audit,
-                    wc=sql.SQL(" AND c.table_schema = %(ts)s AND c.table_name = %(tn)s" if target else ""),
+                    wc=where_c,
                 ),
                 params,
             )
@@ -341,7 +334,7 @@ def purge(
         if not complete:
             logger.info("stopped after max_batches=%d; run purge again to continue", max_batches)
             break
-    _forget_purged_truncates(conn, audit, partitioned, where_table, params)
+    _forget_purged_truncates(conn, audit, partitioned, where_x, params)
     elapsed = time.monotonic() - started
     emit(
         "purge.done",
