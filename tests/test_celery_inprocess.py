@@ -7,6 +7,7 @@ import json
 import logging
 import pickle
 import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -354,6 +355,38 @@ def test_a_context_that_cannot_be_encoded_raises_in_the_caller(
         carrier.decode_wire(marker)
     with pytest.raises(queue.Empty):
         published_headers(memory_app)  # nothing else was published
+
+
+def test_a_publish_around_send_task_from_another_thread_carries_the_context(memory_app: Celery) -> None:
+    # The app is current in the thread that made it; a web server's request thread publishes.
+    others = [app for app in list(threadline.propagation.celery._installations) if app is not memory_app]
+    for app in others:  # the only app installed, as in most deployments
+        threadline.celery.uninstall(app)
+    try:
+        sent: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                message = memory_app.amqp.create_task_message(
+                    str(uuid.uuid4()), tasks.NAME + "record", ["x"], {}
+                )
+                with (
+                    threadline.context(actor="user:5", correlation_id="req-thread"),
+                    memory_app.producer_or_acquire() as producer,
+                ):
+                    memory_app.amqp.send_task_message(producer, tasks.NAME + "record", message)
+            except BaseException as exc:
+                sent.append(exc)
+
+        worker = threading.Thread(target=publish)
+        worker.start()
+        worker.join()
+        assert sent == []
+        header = json.loads(published_headers(memory_app)["threadline"])
+        assert (header["actor"], header["correlation_id"]) == ({"type": "user", "id": "5"}, "req-thread")
+    finally:
+        for app in others:
+            threadline.celery.install(app)
 
 
 # -- the header codec ------------------------------------------------------------------------------

@@ -360,7 +360,13 @@ def test_beat_style_roots(env: Env) -> None:
     assert threadline.current().is_empty
     plain = tasks.record.delay(f"{p}-root")
     tick = env.worker.publish_raw(tasks.NAME + "beat_tick", [f"{p}-tick"])  # a producer without threadline
-    rows = env.rows(p, 3)
+    # a header that names neither an actor nor a story (only meta): no incoming context either
+    metaonly = env.worker.publish_raw(
+        tasks.NAME + "record", [f"{p}-meta"], {"threadline": {"v": 1, "meta": {"k": 1}}}
+    )
+    rows = env.rows(p, 4)
+    meta = rows[f"{p}-meta"]
+    assert (meta["actor"], meta["correlation_id"], meta["context_error"]) == (DEFAULT, metaonly, None)
     root = rows[f"{p}-root"]
     assert (root["actor"], root["correlation_id"], root["causation_id"], root["origin"]) == (
         DEFAULT,

@@ -174,6 +174,23 @@ def test_reject_policy_fails_the_task_without_running_it(signed: Worker, celery_
     assert any(rejected in line and "refused" in line for line in signed.log().splitlines())
 
 
+def test_celery_ids_without_a_signed_header_join_no_story(signed: Worker, celery_dsn: str) -> None:
+    # A producer without a key sends no header, but Celery's own ids naming another story.
+    app = client(signed, [NEW_KEY])
+    p = f"claim-{uuid.uuid4().hex[:8]}"
+    claim = {"root_id": "victim-corr", "parent_id": "victim-req"}
+    claimed = signed.publish_raw(tasks.NAME + "record", [f"{p}-claim"], claim)
+    refused = signed.publish_raw(tasks.NAME + "guarded", [f"{p}-guarded"], claim)
+    with pytest.raises(UntrustedContext, match="no signed header"):
+        app.AsyncResult(refused).get(timeout=30)  # under "reject", not run
+    rows = wait_rows(celery_dsn, p, 1, worker=signed, settle=0.3)
+    row = rows[f"{p}-claim"]
+    assert (row["actor"], row["correlation_id"], row["causation_id"]) == (None, claimed, None)
+    assert row["context_error"].startswith("incoming: no signed header, yet its Celery ids name another task")
+    assert (row["job"]["root_id"], row["job"]["parent_id"]) == (claimed, None)
+    assert set(rows) == {f"{p}-claim"}
+
+
 def test_a_signed_header_is_bound_to_its_message_and_expires(signed: Worker, celery_dsn: str) -> None:
     client(signed, [NEW_KEY])
     p = f"replay-{uuid.uuid4().hex[:8]}"

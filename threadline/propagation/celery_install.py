@@ -217,7 +217,9 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
     def on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
         publishing = _publishing.get()
         if publishing is None:  # not sent through an installed app's send_task
-            if _current_app() is not inst.app():
+            # The signal does not say which app publishes: the current one (per thread), or the
+            # only app installed, whatever thread sends.
+            if _current_app() is not inst.app() and len(_installations) != 1:
                 return
         elif publishing is not inst:
             return

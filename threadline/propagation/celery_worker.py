@@ -103,8 +103,23 @@ def _incoming_context(
     # Celery sets parent_id to the publishing task; a task republishing itself (retry of a root
     # task, replace) names itself, and then the header says what caused it.
     cause = parent_id if parent_id is not None and parent_id != task_id else None
+    actor = getattr(task, "threadline_default_actor", None) or inst.default_actor
     if raw is None:
-        actor = getattr(task, "threadline_default_actor", None) or inst.default_actor
+        if inst.keys and (root_id != task_id or cause is not None):
+            # With signing keys, Celery's own root and parent ids, which no one signed, do not
+            # join another story: a producer without a key could name any.
+            reason = _short(
+                f"no signed header, yet its Celery ids name another task (root {root_id}, parent"
+                f" {parent_id}): they are not trusted"
+            )
+            job.update(parent_id=None, root_id=task_id)
+            rejected = None
+            if (getattr(task, "threadline_signature_policy", None) or inst.policy) == "reject" and isinstance(
+                task, Task
+            ):
+                rejected = reason
+            logger.warning("task %s[%s]: %s", task.name, task_id, reason)
+            return _build(correlation_id=task_id, job=job, incoming_error=reason), rejected
         return _build(actor=actor, correlation_id=root_id, causation_id=cause, job=job), None
     try:
         fields = carrier.decode_wire(
@@ -149,6 +164,10 @@ def _incoming_context(
     if cause is not None:
         fields["causation_id"] = cause
     if "correlation_id" not in fields:
+        if "actor" not in fields and actor is not None and "incoming_error" not in fields:
+            # a header that names neither an actor nor a story (only meta, say) is no incoming
+            # context: the task's default actor applies, as with no header
+            fields["actor"] = actor
         fields["correlation_id"] = root_id
     return AuditContext._unchecked(origin=ORIGIN, job=job, **fields), None  # validated: see _build
 
