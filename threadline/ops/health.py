@@ -68,7 +68,8 @@ class TableCoverage:
 
     @property
     def status(self) -> str:
-        """``installed``, ``outdated``, ``disabled``, ``missing``, ``orphaned`` or ``untracked``."""
+        """``installed``, ``outdated``, ``disabled``, ``missing``, ``orphaned``, ``replaced`` (an
+        untracked table named like a tracked table that was dropped) or ``untracked``."""
         if self.tracked_status is not None:
             return self.tracked_status
         return "orphaned" if self.triggers else "untracked"
@@ -122,6 +123,19 @@ def _baselines(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[s
     return {(nsp, rel): "complete" if done else "in progress" for nsp, rel, done in rows}
 
 
+def _dropped(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[str | None, str | None], Any]:
+    """When each dropped tracked table of a name (with masks or excludes) was dropped."""
+    row = conn.execute("SELECT to_regclass(format('%%I.dropped_tables', %s::text))", [audit_schema]).fetchone()
+    if not row or row[0] is None:
+        return {}
+    rows = conn.execute(
+        sql.SQL("SELECT table_schema, table_name, dropped_at FROM {}.dropped_tables").format(
+            sql.Identifier(audit_schema)
+        )
+    ).fetchall()
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
 def trigger_coverage(
     conn: psycopg.Connection[Any],
     *,
@@ -167,9 +181,28 @@ def trigger_coverage(
         if key not in found and (schemas is None or entry.table_schema in schemas):
             found[key] = {}  # gone from the catalog: orphaned capture code
     baselines = _baselines(conn, audit_schema)
+    replaced = _dropped(conn, audit_schema)
     out: list[TableCoverage] = []
     for (nsp, rel), ops in found.items():
         entry_or_none = registry.get((nsp, rel))
+        if entry_or_none is None and not ops and (nsp, rel) in replaced:
+            # a tracked table of this name was dropped (a migration rebuilt it): this one is not
+            out.append(
+                TableCoverage(
+                    table_schema=nsp,
+                    table_name=rel,
+                    installed=False,
+                    enabled=False,
+                    current=False,
+                    tracked_status="replaced",
+                    detail=(
+                        f"the tracked table of this name was dropped at {replaced[(nsp, rel)]:%Y-%m-%d %H:%M:%S%z};"
+                        " this one is not tracked (tracking it takes on the dropped table's masks)"
+                    ),
+                    restore=f"threadline track {qualified_name(nsp or '', rel or '')}",
+                )
+            )
+            continue
         out.append(
             TableCoverage(
                 table_schema=nsp,

@@ -738,6 +738,21 @@ CREATE TABLE IF NOT EXISTS @audit@.tracked_table_names (
 CREATE INDEX IF NOT EXISTS tracked_table_names_name_idx
     ON @audit@.tracked_table_names (table_name, table_schema);
 
+-- The masks and excludes of a tracked table that was dropped, by the name it had: a migration
+-- that rebuilds a table (a new table under the name, the rows copied, the old one dropped) must
+-- not lose them. track() of a table of that name takes them on (for the columns it has), and
+-- coverage names such a table while it is not tracked; untrack() of it forgets them.
+CREATE TABLE IF NOT EXISTS @audit@.dropped_tables (
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    exclude text[] NOT NULL,
+    mask text[] NOT NULL,
+    dropped_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_schema, table_name)
+);
+COMMENT ON TABLE @audit@.dropped_tables IS
+    'Masks and excludes of dropped tracked tables, taken on by a table tracked under the same name.';
+
 -- Columns of a table in order, and whether the capture code may compare them with = in
 -- pg_catalog (base or enum types with a default btree operator class there); others are
 -- compared by their text form.
@@ -1735,6 +1750,7 @@ DECLARE
     typed boolean := @audit@.follows_ddl();
     existed boolean;
     k integer := 0;
+    carried record;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('threadline track @audit_name@'));
     SELECT n.nspname::text AS s, c.relname::text AS t, c.relkind INTO live
@@ -1762,6 +1778,27 @@ BEGIN
         entry.keys := '{}';
         entry.exclude := '{}';
         entry.mask := '{}';
+        -- a tracked table of this name that was dropped (a migration that rebuilt it) hands its
+        -- masks and excludes on, for the columns this one has: from its record, or from its
+        -- registry row where no event trigger recorded the drop
+        SELECT x.exclude, x.mask INTO carried FROM (
+            SELECT d.exclude, d.mask, 1 AS o FROM @audit@.dropped_tables d
+             WHERE d.table_schema = live.s AND d.table_name = live.t
+            UNION ALL
+            SELECT e.exclude, e.mask, 2 FROM @audit@.tracked_tables e
+             WHERE e.table_schema = live.s AND e.table_name = live.t
+               AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = e.relid)) AS x
+         ORDER BY x.o LIMIT 1;
+        IF FOUND THEN
+            entry.exclude := ARRAY(SELECT x FROM unnest(carried.exclude) AS x WHERE x = ANY (names) ORDER BY x COLLATE "C");
+            entry.mask := ARRAY(SELECT x FROM unnest(carried.mask) AS x
+                                 WHERE x = ANY (names) AND x <> ALL (entry.exclude) ORDER BY x COLLATE "C");
+            IF cardinality(entry.exclude) + cardinality(entry.mask) > 0 THEN
+                RAISE NOTICE 'threadline: %.% takes on the masks (%) and excludes (%) of the tracked table of this name that was dropped',
+                    live.s, live.t, array_to_string(entry.mask, ', '), array_to_string(entry.exclude, ', ');
+            END IF;
+        END IF;
+        DELETE FROM @audit@.dropped_tables d WHERE d.table_schema = live.s AND d.table_name = live.t;
     END IF;
     -- every named column must exist (a typo must not leave a column unmasked)
     bad := ARRAY(SELECT x FROM unnest(coalesce(keys, '{}') || coalesce(exclude, '{}') || coalesce(mask, '{}')) AS x
@@ -1884,6 +1921,11 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '@audit_name@_capture_' || op, tbl);
     END LOOP;
     DELETE FROM @audit@.tracked_tables AS e WHERE e.relid = target RETURNING * INTO entry;
+    -- nor is it to take on the options of a dropped table of its name
+    DELETE FROM @audit@.dropped_tables AS d
+     WHERE (d.table_schema, d.table_name) = (SELECT n.nspname::text, c.relname::text
+                                               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                              WHERE c.oid = target);
     IF entry.id IS NOT NULL THEN
         -- its name now joins the names its history is found under
         INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
@@ -2165,13 +2207,19 @@ BEGIN
         RETURN;
     END IF;
     FOR r IN
-        SELECT t.id, t.function_name, d.schema_name, d.object_name
+        SELECT t.id, t.function_name, t.exclude, t.mask, d.schema_name, d.object_name
           FROM @audit@.tracked_tables t
           JOIN pg_event_trigger_dropped_objects() AS d
             ON d.objid = t.relid::oid AND d.classid = 'pg_class'::regclass AND d.objsubid = 0
     LOOP
         INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
         VALUES (r.id, r.schema_name, r.object_name) ON CONFLICT DO NOTHING;
+        -- under every name it had: a migration renames the old table away before it drops it
+        INSERT INTO @audit@.dropped_tables AS x (table_schema, table_name, exclude, mask)
+        SELECT n.table_schema, n.table_name, r.exclude, r.mask
+          FROM @audit@.tracked_table_names n WHERE n.tracked_id = r.id
+        ON CONFLICT (table_schema, table_name)
+        DO UPDATE SET exclude = EXCLUDED.exclude, mask = EXCLUDED.mask, dropped_at = now();
         DELETE FROM @audit@.tracked_tables WHERE id = r.id;
         EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', '@audit_name@', r.function_name);
     END LOOP;
