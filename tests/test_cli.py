@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from threadline import ddl
+from threadline.ops.partitions import is_partitioned
 
 from .conftest import changes
 
@@ -95,6 +96,7 @@ def test_bad_arguments_exit_2_with_one_line(dsn: str, conn: psycopg.Connection[A
         ("install", "--audit-schema", "Bad Name", "--dsn", dsn),
         ("track", "--dsn", dsn),
         ("frobnicate",),
+        ("erase", "--subject", "nocolon", "--reason", "x", "--dsn", dsn),
     ):
         res = run(*args)
         assert res.returncode == 2, (args, res)
@@ -106,6 +108,26 @@ def test_database_errors_exit_1_with_message_and_hint() -> None:
     res = run("install", "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
     assert res.returncode == 1
     assert res.stderr.startswith("Error: ") and "Hint: " in res.stderr
+
+
+def test_errors_say_what_to_do(dsn: str) -> None:
+    bad = run("timeline", "--dsn", "not a dsn")
+    assert bad.returncode == 1 and "Hint: give a PostgreSQL connection string" in bad.stderr
+    for args in (
+        ("seal",),
+        ("verify",),
+        ("partitions", "--create"),
+        ("erase", "--subject", "user:1", "--reason", "x"),
+    ):
+        res = run(*args, "--audit-schema", "not_installed_here", "--dsn", dsn)
+        assert res.returncode == 1, (args, res)
+        assert "run `threadline install`" in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    ok = run("verify", "--dsn", dsn)
+    assert ok.returncode == 0 and "head None" not in ok.stdout
+    with psycopg.connect(dsn) as conn:  # the other layout than the store's
+        other = "none" if is_partitioned(conn) else "month"
+    note = run("install", "--partition-by", other, "--dsn", dsn)
+    assert note.returncode == 0 and "applies to a new install only" in note.stderr
 
 
 def test_import_threadline_does_not_import_celery() -> None:

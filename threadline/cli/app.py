@@ -35,6 +35,7 @@ from threadline.ddl import registry, triggers
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl.names import qualified_name
 from threadline.ops.baseline import baseline_sql
+from threadline.ops.partitions import is_partitioned
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -134,6 +135,18 @@ def install(
         )
     else:
         echo(f"upgraded schema {audit_schema} from version {result.previous_version} to {result.version}")
+    if result.previous_version is not None:
+        given = click.get_current_context().get_parameter_source("partition_by")
+        if given is not None and given.name == "COMMANDLINE":
+            with connect(dsn) as conn:
+                parted = is_partitioned(conn, audit_schema)
+            if parted != (period is not None):
+                echo(
+                    f"--partition-by {partition_by} applies to a new install only: this store keeps its layout"
+                    f" ({'partitioned' if parted else 'plain tables'}"
+                    + ("; `threadline partitions --migrate` partitions it online)" if not parted else ")"),
+                    err=True,
+                )
     if result.follows_ddl:
         echo("capture code follows every ALTER TABLE by itself (DDL event triggers installed)")
     else:

@@ -52,7 +52,19 @@ def connect(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
     """Connect, and turn database and threadline errors into one clear line and an exit code."""
     url = resolve_dsn(dsn)
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
+        conn = psycopg.connect(url, autocommit=True)
+    except psycopg.ProgrammingError as exc:  # not a connection string at all
+        fail(
+            str(exc).strip().splitlines()[0],
+            "give a PostgreSQL connection string: postgresql://user@host:5432/dbname, or key=value pairs",
+        )
+    except psycopg.OperationalError as exc:
+        fail(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot connect",
+            "check the DSN and that PostgreSQL is running and reachable",
+        )
+    try:
+        with conn:
             yield conn
     except TrackingError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -64,6 +76,16 @@ def connect(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
         fail(
             str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot connect",
             "check the DSN and that PostgreSQL is running and reachable",
+        )
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.InvalidSchemaName,
+        psycopg.errors.UndefinedFunction,
+    ) as exc:
+        fail(
+            str(exc).strip().splitlines()[0],
+            "is the audit schema installed in this database? run `threadline install` (and give"
+            " --audit-schema when it is not named threadline); nothing changed",
         )
     except psycopg.Error as exc:
         diag = getattr(exc, "diag", None)

@@ -15,7 +15,7 @@ from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.output import echo
 from threadline.cli.story import actor_option, command_context
 from threadline.core.actor import ActorRef
-from threadline.core.errors import ConfigurationError, QueryError
+from threadline.core.errors import ConfigurationError, InvalidContext, QueryError
 from threadline.ops.erasure import POLICIES
 from threadline.ops.erasure import erase as erase_audit
 from threadline.ops.seal import seal as seal_chain
@@ -146,6 +146,12 @@ def erase(
     if row is not None:
         target: dict[str, Any] = {"row": (row[0], parse_key(row[1]))}
     else:
+        try:
+            ActorRef.parse(subject or "")
+        except InvalidContext as exc:
+            raise click.BadParameter(
+                f"{subject!r}: give the actor as TYPE:ID (user:42)", param_hint="--subject"
+            ) from exc
         target = {"actor": subject}
     with connect(dsn) as conn, command_context("erase", actor):
         try:

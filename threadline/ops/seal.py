@@ -83,7 +83,7 @@ class VerifyResult:
             return (
                 f"ok: {self.transactions} sealed transactions in {self.seals} links match"
                 + (f" ({', '.join(notes)})" if notes else "")
-                + f"; head {self.head}"
+                + (f"; head {self.head}" if self.head else "; nothing is sealed yet (threadline seal)")
             )
         return "\n".join(f"TAMPERED: {p}" for p in self.problems)
 
