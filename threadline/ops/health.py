@@ -124,8 +124,10 @@ def _baselines(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[s
 
 
 def _dropped(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[str | None, str | None], Any]:
-    """When each dropped tracked table of a name (with masks or excludes) was dropped."""
-    row = conn.execute("SELECT to_regclass(format('%%I.dropped_tables', %s::text))", [audit_schema]).fetchone()
+    """When each dropped tracked table of a name was dropped."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.dropped_tables', %s::text))", [audit_schema]
+    ).fetchone()
     if not row or row[0] is None:
         return {}
     rows = conn.execute(
