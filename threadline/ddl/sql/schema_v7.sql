@@ -1877,10 +1877,18 @@ BEGIN
         INSERT INTO @audit@.tracked_tables (relid, table_schema, table_name, function_name, mode, capture_version, fingerprint)
         VALUES (target, live.s, live.t, fn, '', 0, '')
         RETURNING * INTO entry;
-        UPDATE @audit@.tracked_table_names AS nm SET tracked_id = entry.id
-         WHERE nm.tracked_id IN (SELECT old.tracked_id FROM @audit@.tracked_table_names AS old
-                                  WHERE old.table_schema = live.s AND old.table_name = live.t
-                                    AND NOT EXISTS (SELECT 1 FROM @audit@.tracked_tables AS x WHERE x.id = old.tracked_id));
+        -- the names of every dropped table that had this name come to it (once each: two dropped
+        -- tables may have shared a name)
+        WITH moved AS (
+            DELETE FROM @audit@.tracked_table_names AS nm
+             WHERE nm.tracked_id IN (SELECT old.tracked_id FROM @audit@.tracked_table_names AS old
+                                      WHERE old.table_schema = live.s AND old.table_name = live.t
+                                        AND NOT EXISTS (SELECT 1 FROM @audit@.tracked_tables AS x WHERE x.id = old.tracked_id))
+            RETURNING nm.table_schema, nm.table_name, nm.first_seen)
+        INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name, first_seen)
+        SELECT entry.id, m.table_schema, m.table_name, min(m.first_seen) FROM moved AS m
+         GROUP BY m.table_schema, m.table_name
+        ON CONFLICT DO NOTHING;
     ELSE
         previous_keys := entry.key_columns;
         previous_exclude := entry.exclude;
