@@ -450,3 +450,23 @@ def test_a_role_that_cannot_see_the_audit_schema_changes_its_context_before_comm
     finally:
         conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
         conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+def test_an_auditor_without_grants_is_told_which_it_needs_and_reads_once_granted(
+    conn: psycopg.Connection[Any], dsn: str, posts: str
+) -> None:
+    role = f"tl_auditor_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier(role)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    try:
+        as_auditor = psycopg.conninfo.make_conninfo(dsn, user=role)
+        refused = run("timeline", "--limit", "1", "--dsn", as_auditor)
+        assert refused.returncode == 1 and "permission denied" in refused.stderr
+        assert "threadline install --app-role" in refused.stderr, refused.stderr
+        assert run("install", "--app-role", role, "--dsn", dsn).returncode == 0
+        for args in (("timeline", "--limit", "1"), ("verify",), ("coverage",)):
+            res = run(*args, "--dsn", as_auditor)
+            assert res.returncode in (0, 1) and "permission denied" not in res.stderr, (args, res.stderr)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(sql.SQL("DROP ROLE {}").format(ident))

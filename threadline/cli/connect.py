@@ -87,6 +87,13 @@ def connect(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
             "is the audit schema installed in this database? run `threadline install` (and give"
             " --audit-schema when it is not named threadline); nothing changed",
         )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        fail(
+            str(exc).strip().splitlines()[0],
+            "this role lacks the privilege: reading the trail needs the grants of `threadline install"
+            " --app-role <role>` (run by the audit schema's owner); tracking, purging and sealing are"
+            " the owner's",
+        )
     except psycopg.Error as exc:
         diag = getattr(exc, "diag", None)
         hint = getattr(diag, "message_hint", None) if diag else None
