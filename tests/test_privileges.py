@@ -41,6 +41,19 @@ def app_role(conn: psycopg.Connection[Any], posts: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def bare_role(conn: psycopg.Connection[Any]) -> Iterator[str]:
+    """A LOGIN role with no rights at all, dropped (with what it owns) after use."""
+    role = f"tl_bare_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier(role)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    try:
+        yield role
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+@pytest.fixture
 def app(dsn: str, app_role: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=app_role), autocommit=True) as c:
         yield c
@@ -404,69 +417,56 @@ def test_the_app_role_cannot_refresh_the_schema_and_is_told_who_can(
 
 
 def test_a_role_that_cannot_see_the_audit_schema_changes_its_context_before_commit(
-    conn: psycopg.Connection[Any], dsn: str, posts: str
+    conn: psycopg.Connection[Any], dsn: str, posts: str, bare_role: str
 ) -> None:
     # installed without an application role: the writer has rights on its table only, not even
     # USAGE on the audit schema; the commit-time check must still apply the last context
-    role = f"tl_bare_{uuid.uuid4().hex[:8]}"
-    ident = sql.Identifier(role)
-    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
-    try:
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA app TO {}").format(ident))
-        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON app.posts TO {}").format(ident))
-        conn.execute(sql.SQL("CREATE SCHEMA evil AUTHORIZATION {}").format(ident))
-        with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=role), autocommit=True) as bare:
-            assert bare.execute("SELECT has_schema_privilege('threadline', 'USAGE')").fetchone() == (False,)
-            # the check runs as the owner: what the writer's search_path finds first must not run
-            bare.execute("CREATE TABLE evil.calls (what text)")
-            for signature, body in [
-                ("eq(text, text) RETURNS boolean", "SELECT false"),
-                ("concat(text, bigint, text, text) RETURNS text", "SELECT ''"),
-                ("current_setting(text, boolean) RETURNS text", "SELECT ''"),
-            ]:
-                name = signature.split("(")[0]
-                bare.execute(
-                    f"CREATE FUNCTION evil.{signature} LANGUAGE sql"
-                    f" AS $$ INSERT INTO evil.calls VALUES ('{name}'); {body} $$"
-                )
-            bare.execute("CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq)")
-            bare.execute("SET search_path = evil, pg_catalog")
-            with bare.transaction():
-                bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_1])
-                bare.execute("INSERT INTO app.posts (id, title) VALUES (1, 'a')")
-                bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_2])
-            with bare.transaction():  # a cleared marker: the second row merges into the first
-                bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_1])
-                bare.execute("UPDATE app.posts SET title = 'b'")
-                bare.execute("SELECT set_config('threadline.txctx_threadline', '', true)")
-                bare.execute("UPDATE app.posts SET title = 'c'")
-        assert conn.execute("SELECT title FROM app.posts").fetchall() == [("c",)]
-        assert conn.execute("SELECT what FROM evil.calls").fetchall() == []
-        rows = conn.execute(
-            "SELECT t.actor ->> 'id', count(c.id) FROM threadline.transactions t"
-            " JOIN threadline.changes c ON c.transaction_id = t.id GROUP BY t.id, t.actor ORDER BY t.id"
-        ).fetchall()
-        assert rows == [("2", 1), ("1", 2)]
-    finally:
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
-        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+    role, ident = bare_role, sql.Identifier(bare_role)
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA app TO {}").format(ident))
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON app.posts TO {}").format(ident))
+    conn.execute(sql.SQL("CREATE SCHEMA evil AUTHORIZATION {}").format(ident))
+    with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user=role), autocommit=True) as bare:
+        assert bare.execute("SELECT has_schema_privilege('threadline', 'USAGE')").fetchone() == (False,)
+        # the check runs as the owner: what the writer's search_path finds first must not run
+        bare.execute("CREATE TABLE evil.calls (what text)")
+        for signature, body in [
+            ("eq(text, text) RETURNS boolean", "SELECT false"),
+            ("concat(text, bigint, text, text) RETURNS text", "SELECT ''"),
+            ("current_setting(text, boolean) RETURNS text", "SELECT ''"),
+        ]:
+            name = signature.split("(")[0]
+            bare.execute(
+                f"CREATE FUNCTION evil.{signature} LANGUAGE sql"
+                f" AS $$ INSERT INTO evil.calls VALUES ('{name}'); {body} $$"
+            )
+        bare.execute("CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq)")
+        bare.execute("SET search_path = evil, pg_catalog")
+        with bare.transaction():
+            bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_1])
+            bare.execute("INSERT INTO app.posts (id, title) VALUES (1, 'a')")
+            bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_2])
+        with bare.transaction():  # a cleared marker: the second row merges into the first
+            bare.execute("SELECT set_config('threadline.context', %s, true)", [CONTEXT_1])
+            bare.execute("UPDATE app.posts SET title = 'b'")
+            bare.execute("SELECT set_config('threadline.txctx_threadline', '', true)")
+            bare.execute("UPDATE app.posts SET title = 'c'")
+    assert conn.execute("SELECT title FROM app.posts").fetchall() == [("c",)]
+    assert conn.execute("SELECT what FROM evil.calls").fetchall() == []
+    rows = conn.execute(
+        "SELECT t.actor ->> 'id', count(c.id) FROM threadline.transactions t"
+        " JOIN threadline.changes c ON c.transaction_id = t.id GROUP BY t.id, t.actor ORDER BY t.id"
+    ).fetchall()
+    assert rows == [("2", 1), ("1", 2)]
 
 
 def test_an_auditor_without_grants_is_told_which_it_needs_and_reads_once_granted(
-    conn: psycopg.Connection[Any], dsn: str, posts: str
+    dsn: str, posts: str, bare_role: str
 ) -> None:
-    role = f"tl_auditor_{uuid.uuid4().hex[:8]}"
-    ident = sql.Identifier(role)
-    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
-    try:
-        as_auditor = psycopg.conninfo.make_conninfo(dsn, user=role)
-        refused = run("timeline", "--limit", "1", "--dsn", as_auditor)
-        assert refused.returncode == 1 and "permission denied" in refused.stderr
-        assert "threadline install --app-role" in refused.stderr, refused.stderr
-        assert run("install", "--app-role", role, "--dsn", dsn).returncode == 0
-        for args in (("timeline", "--limit", "1"), ("verify",), ("coverage",)):
-            res = run(*args, "--dsn", as_auditor)
-            assert res.returncode in (0, 1) and "permission denied" not in res.stderr, (args, res.stderr)
-    finally:
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
-        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+    as_auditor = psycopg.conninfo.make_conninfo(dsn, user=bare_role)
+    refused = run("timeline", "--limit", "1", "--dsn", as_auditor)
+    assert refused.returncode == 1 and "permission denied" in refused.stderr
+    assert "threadline install --app-role" in refused.stderr, refused.stderr
+    assert run("install", "--app-role", bare_role, "--dsn", dsn).returncode == 0
+    for args in (("timeline", "--limit", "1"), ("verify",), ("coverage",)):
+        res = run(*args, "--dsn", as_auditor)
+        assert res.returncode in (0, 1) and "permission denied" not in res.stderr, (args, res.stderr)
