@@ -22,16 +22,17 @@ from celery.worker.request import Request as CeleryRequest
 
 from threadline.core.context import AuditContext, _current, current
 from threadline.propagation.celery_publish import _installations, _short
-from threadline.propagation.celery_worker import ORIGIN, _incoming_context, _read_header
+from threadline.propagation.celery_worker import (
+    DEFAULT_REQUEST,
+    ORIGIN,
+    REQUEST,
+    _incoming_context,
+    _read_header,
+)
 
 __all__ = ["DEFAULT_REQUEST", "REQUEST", "Request"]
 
 logger = logging.getLogger("threadline.celery")
-
-REQUEST = "threadline.propagation.celery_request:Request"
-"""The request class as Celery names it (``Task.Request``)."""
-DEFAULT_REQUEST = "celery.worker.request:Request"
-"""Celery's own request class, as ``celery.Task.Request`` names it."""
 
 
 class Request(CeleryRequest):  # type: ignore[misc]

@@ -28,6 +28,10 @@ from threadline.propagation.celery_publish import (
 
 ORIGIN = "celery"
 """The ``origin`` of work done inside a Celery task."""
+REQUEST = "threadline.propagation.celery_request:Request"
+"""threadline's worker request class as Celery names it (``Task.Request``; see celery_request)."""
+DEFAULT_REQUEST = "celery.worker.request:Request"
+"""Celery's own request class, as ``celery.Task.Request`` names it."""
 
 logger = logging.getLogger("threadline.celery")
 
@@ -203,7 +207,7 @@ class Task(celery.Task):  # type: ignore[misc]
     threadline_signature_policy: ClassVar[SignaturePolicy | None] = None
     # failures the worker's main process handles (a hard time limit, a lost child, an expired
     # chord member) send their errbacks under the task's context: see celery_request
-    Request = "threadline.propagation.celery_request:Request"
+    Request = REQUEST
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Refuse to run the body when the incoming context was rejected by signature policy."""
