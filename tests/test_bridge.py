@@ -397,6 +397,35 @@ def test_autocommit_statements_refused_in_a_transaction_block_run_alone(
     assert got == [(1, "auto"), (2, "auto"), (10, first), (11, None), (12, "auto")]
 
 
+class _CountedSQL(psycopg.sql.SQL):
+    """A statement that counts how often it is rendered."""
+
+    renders = 0
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        type(self).renders += 1
+        return super().as_bytes(context)
+
+
+@pytest.mark.parametrize("cursor_class", [psycopg.Cursor, psycopg.ClientCursor])
+def test_an_autocommit_composed_statement_is_rendered_once(
+    dsn: str, conn: Any, posts: str, cursor_class: Any
+) -> None:
+    with (
+        ThreadlineConnection.connect(dsn, autocommit=True, cursor_factory=cursor_class) as c,
+        threadline.context(actor="user:composed"),
+    ):
+        _CountedSQL.renders = 0
+        c.execute(
+            psycopg.sql.Composed(
+                [_CountedSQL("INSERT INTO app.posts (id) VALUES ("), psycopg.sql.Literal(7), _CountedSQL(")")]
+            )
+        )
+        assert _CountedSQL.renders == 2  # each part once
+        c.execute(psycopg.sql.Composed([_CountedSQL("INSERT INTO app.posts (id) VALUES (%s)")]), [8])
+    assert sorted(_posts_by_actor(conn)) == [(7, "composed"), (8, "composed")]
+
+
 def test_a_context_that_ends_before_the_commit_leaves_the_transaction_attributed(
     dsn: str, conn: Any, posts: str
 ) -> None:

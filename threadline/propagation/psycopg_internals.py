@@ -92,6 +92,9 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
     def _execute_autocommit(
         self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
     ) -> ThreadlineCursor[Row]:
+        if isinstance(query, sql.Composable):
+            # rendered once here: psycopg takes the bytes as they are
+            query = query.as_bytes(conn)
         text = statement_text(query, conn)
         if text is not None and runs_outside_transaction(text):
             # VACUUM, CREATE INDEX CONCURRENTLY and the like: alone, as without threadline
