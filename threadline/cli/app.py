@@ -30,7 +30,7 @@ from threadline.cli.story import (
 )
 from threadline.cli.trust import erase, seal, verify
 from threadline.core.actor import ActorRef
-from threadline.core.errors import SchemaError, TrackingError
+from threadline.core.errors import SchemaError, TrackingError, UnknownTable
 from threadline.ddl import registry, triggers
 from threadline.ddl import schema as ddl_schema
 from threadline.ddl.names import qualified_name
@@ -287,13 +287,21 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
 @cli.command(epilog=examples("untrack"))
 @click.argument("tables", nargs=-1, metavar="[SCHEMA.]TABLE...")
 @click.option("--prune", is_flag=True, help="Also remove capture code whose table or registry row is gone.")
+@click.option(
+    "--forget",
+    is_flag=True,
+    help="Also forget the tables' masks and excludes (kept otherwise, for when they are tracked again).",
+)
 @dsn_option
 @audit_schema_option
 @click.option("--print-sql", is_flag=True, help="Print the SQL-API statement for a migration instead.")
 def untrack(
-    tables: tuple[str, ...], prune: bool, dsn: str | None, audit_schema: str, print_sql: bool
+    tables: tuple[str, ...], prune: bool, forget: bool, dsn: str | None, audit_schema: str, print_sql: bool
 ) -> None:
-    """Remove capture triggers from tables (audit rows already written stay)."""
+    """Remove capture triggers from tables (audit rows already written stay).
+
+    The tables' masks and excludes are kept: tracking a table again hides the same columns.
+    --forget drops them."""
     if not tables and not prune:
         raise click.UsageError("name at least one table, or pass --prune")
     if print_sql:
@@ -301,22 +309,35 @@ def untrack(
             raise click.UsageError("--prune looks at the database and cannot be printed: run it, or use sync")
         for table in tables:
             try:
-                click.echo(triggers.untrack_sql(table, audit_schema=audit_schema), nl=False)
+                click.echo(triggers.untrack_sql(table, audit_schema=audit_schema, forget=forget), nl=False)
             except (TrackingError, SchemaError) as exc:
                 raise click.UsageError(str(exc)) from exc
         return
     with connect(dsn) as conn:
         for table in tables:
-            if triggers.untrack(conn, table, audit_schema=audit_schema):
+            if triggers.untrack(conn, table, audit_schema=audit_schema, forget=forget):
                 echo(f"stopped tracking {table}")
             else:
-                echo(f"{table} was not tracked; nothing to do")
+                echo(f"{table} was not tracked" + ("; forgot what it kept" if forget else "; nothing to do"))
+            _echo_kept(conn, table, audit_schema)
         if prune:
             pruned = [a for a in triggers.sync(conn, audit_schema=audit_schema) if a.action == "pruned"]
             for action in pruned:
                 echo(f"pruned {_sync_name(action)} ({action.detail})")
             if not pruned:
                 echo("nothing to prune")
+
+
+def _echo_kept(conn: Any, table: str, audit_schema: str) -> None:
+    try:
+        mask, exclude = triggers.kept_options(conn, table, audit_schema=audit_schema)
+    except UnknownTable:
+        return  # a dropped table's registry row: nothing to track again
+    if mask or exclude:
+        echo(
+            f"  kept for when it is tracked again: masks {', '.join(mask) or '-'};"
+            f" excludes {', '.join(exclude) or '-'} (untrack --forget drops them)"
+        )
 
 
 def _sync_name(action: registry.SyncAction) -> str:

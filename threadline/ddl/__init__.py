@@ -27,6 +27,7 @@ from threadline.ddl.schema import (
     written_by_another_build,
 )
 from threadline.ddl.triggers import (
+    kept_options,
     sync,
     track,
     track_sql,
@@ -50,6 +51,7 @@ __all__ = [
     "install",
     "install_sql",
     "installed_version",
+    "kept_options",
     "parse_table_name",
     "require_installed",
     "sync",

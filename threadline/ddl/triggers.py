@@ -254,14 +254,14 @@ def _keys_unique(conn: psycopg.Connection, schema: str, name: str, keys: tuple[s
     return bool(row and row[0])
 
 
-def untrack_sql(table: str, *, table_schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA) -> str:
+def untrack_sql(
+    table: str, *, table_schema: str | None = None, audit_schema: str = DEFAULT_SCHEMA, forget: bool = False
+) -> str:
     """The SQL-API statement :func:`untrack` runs, for a migration (no database needed)."""
     check_schema_name(audit_schema)
     table_schema, table_name = _split(table, table_schema)
-    return (
-        _api_call("untrack", audit_schema, _table_literal(table_schema, table_name), {}).as_string(None)
-        + ";\n"
-    )
+    call = _api_call("untrack", audit_schema, _table_literal(table_schema, table_name), {"forget": forget})
+    return call.as_string(None) + ";\n"
 
 
 def untrack(
@@ -270,11 +270,14 @@ def untrack(
     *,
     table_schema: str | None = None,
     audit_schema: str = DEFAULT_SCHEMA,
+    forget: bool = False,
 ) -> bool:
     """Remove capture from ``table`` (audit rows stay); returns False if it was not tracked.
 
-    A table that is gone (dropped) but still registered is cleaned up by its last name; a name the
-    table no longer has is refused, naming where the table went.
+    The table's masks and excludes are kept: tracking it again (under any name) hides the same
+    columns, as :func:`kept_options` shows. ``forget=True`` drops them, and those that a dropped
+    tracked table of its name left. A table that is gone (dropped) but still registered is cleaned
+    up by its last name; a name the table no longer has is refused, naming where the table went.
     """
     require_installed(conn, audit_schema)
     table_schema, table_name = _split(table, table_schema)
@@ -284,9 +287,35 @@ def untrack(
         except UnknownTable:
             return _untrack_gone(conn, table_schema, table_name, audit_schema)
         row = conn.execute(
-            _api_call("untrack", audit_schema, _table_literal(rel_schema, rel_name), {})
+            _api_call("untrack", audit_schema, _table_literal(rel_schema, rel_name), {"forget": forget})
         ).fetchone()
     return bool(row and row[0])
+
+
+def kept_options(
+    conn: psycopg.Connection,
+    table: str,
+    *,
+    table_schema: str | None = None,
+    audit_schema: str = DEFAULT_SCHEMA,
+) -> tuple[list[str], list[str]]:
+    """The masks and excludes that tracking the untracked ``table`` would take on (``([], [])``
+    for none): its own, kept when it was untracked, or those of a dropped tracked table of its
+    name."""
+    check_schema_name(audit_schema)
+    table_schema, table_name = _split(table, table_schema)
+    rel_schema, rel_name, _ = _resolve(conn, table_name, table_schema)
+    row = conn.execute(
+        sql.SQL(
+            "WITH t AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            "            WHERE n.nspname = %(schema)s AND c.relname = %(name)s)"
+            " SELECT d.mask, d.exclude FROM {}.dropped_tables d, t"
+            "  WHERE (d.relid = t.oid AND d.untracked) OR (d.table_schema, d.table_name) = (%(schema)s, %(name)s)"
+            "  ORDER BY (d.relid = t.oid AND d.untracked) DESC LIMIT 1"
+        ).format(sql.Identifier(audit_schema)),
+        {"schema": rel_schema, "name": rel_name},
+    ).fetchone()
+    return (list(row[0]), list(row[1])) if row else ([], [])
 
 
 def _untrack_gone(

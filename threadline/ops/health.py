@@ -124,16 +124,18 @@ def _baselines(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[s
 
 
 def _dropped(conn: psycopg.Connection[Any], audit_schema: str) -> dict[tuple[str | None, str | None], Any]:
-    """When each dropped tracked table of a name was dropped."""
+    """When each dropped tracked table of a name was dropped (tables that were untracked, not
+    dropped, are left out: they keep their options for themselves)."""
     row = conn.execute(
         "SELECT to_regclass(format('%%I.dropped_tables', %s::text))", [audit_schema]
     ).fetchone()
     if not row or row[0] is None:
         return {}
     rows = conn.execute(
-        sql.SQL("SELECT table_schema, table_name, dropped_at FROM {}.dropped_tables").format(
-            sql.Identifier(audit_schema)
-        )
+        sql.SQL(
+            "SELECT d.table_schema, d.table_name, d.dropped_at FROM {}.dropped_tables d"
+            " WHERE NOT (d.untracked AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = d.relid))"
+        ).format(sql.Identifier(audit_schema))
     ).fetchall()
     return {(r[0], r[1]): r[2] for r in rows}
 

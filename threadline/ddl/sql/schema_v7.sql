@@ -741,7 +741,9 @@ CREATE INDEX IF NOT EXISTS tracked_table_names_name_idx
 -- The masks and excludes of a tracked table that was dropped, by the name it had: a migration
 -- that rebuilds a table (a new table under the name, the rows copied, the old one dropped) must
 -- not lose them. track() of a table of that name takes them on (for the columns it has), and
--- coverage names such a table while it is not tracked; untrack() of it forgets them.
+-- coverage names such a table while it is not tracked; untrack(forget => true) forgets them. A
+-- table that untrack() left in place keeps its own here too (relid set, untracked true), so that
+-- tracking it again, under any name, takes them on.
 CREATE TABLE IF NOT EXISTS @audit@.dropped_tables (
     table_schema text NOT NULL,
     table_name text NOT NULL,
@@ -750,8 +752,10 @@ CREATE TABLE IF NOT EXISTS @audit@.dropped_tables (
     dropped_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_schema, table_name)
 );
+ALTER TABLE @audit@.dropped_tables ADD COLUMN IF NOT EXISTS relid oid;
+ALTER TABLE @audit@.dropped_tables ADD COLUMN IF NOT EXISTS untracked boolean NOT NULL DEFAULT false;
 COMMENT ON TABLE @audit@.dropped_tables IS
-    'Masks and excludes of dropped tracked tables, taken on by a table tracked under the same name.';
+    'Masks and excludes of dropped or untracked tables, taken on when the table (or one of its name) is tracked.';
 
 -- Columns of a table in order, and whether the capture code may compare them with = in
 -- pg_catalog (base or enum types with a default btree operator class there); others are
@@ -1782,6 +1786,9 @@ BEGIN
         -- masks and excludes on, for the columns this one has: from its record, or from its
         -- registry row where no event trigger recorded the drop
         SELECT x.exclude, x.mask INTO carried FROM (
+            SELECT d.exclude, d.mask, 0 AS o FROM @audit@.dropped_tables d
+             WHERE d.relid = target::oid AND d.untracked
+            UNION ALL
             SELECT d.exclude, d.mask, 1 AS o FROM @audit@.dropped_tables d
              WHERE d.table_schema = live.s AND d.table_name = live.t
             UNION ALL
@@ -1794,11 +1801,12 @@ BEGIN
             entry.mask := ARRAY(SELECT x FROM unnest(carried.mask) AS x
                                  WHERE x = ANY (names) AND x <> ALL (entry.exclude) ORDER BY x COLLATE "C");
             IF cardinality(entry.exclude) + cardinality(entry.mask) > 0 THEN
-                RAISE NOTICE 'threadline: %.% takes on the masks (%) and excludes (%) of the tracked table of this name that was dropped',
+                RAISE NOTICE 'threadline: %.% takes on the masks (%) and excludes (%) it or the tracked table of this name had when it was untracked or dropped',
                     live.s, live.t, array_to_string(entry.mask, ', '), array_to_string(entry.exclude, ', ');
             END IF;
         END IF;
-        DELETE FROM @audit@.dropped_tables d WHERE d.table_schema = live.s AND d.table_name = live.t;
+        DELETE FROM @audit@.dropped_tables d
+         WHERE (d.table_schema = live.s AND d.table_name = live.t) OR (d.relid = target::oid AND d.untracked);
     END IF;
     -- every named column must exist (a typo must not leave a column unmasked)
     bad := ARRAY(SELECT x FROM unnest(coalesce(keys, '{}') || coalesce(exclude, '{}') || coalesce(mask, '{}')) AS x
@@ -1909,8 +1917,11 @@ BEGIN
 END
 $fn$;
 
--- Remove capture from a table (the audit rows stay). Returns false when it was not tracked.
-CREATE OR REPLACE FUNCTION @audit@.untrack(target regclass) RETURNS boolean
+-- Remove capture from a table (the audit rows stay). Returns false when it was not tracked. Its
+-- masks and excludes are kept (dropped_tables), so that tracking it again hides what it hid;
+-- forget => true drops them, and those a dropped table of its name left.
+DROP FUNCTION IF EXISTS @audit@.untrack(regclass);
+CREATE OR REPLACE FUNCTION @audit@.untrack(target regclass, forget boolean DEFAULT false) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     entry @audit@.tracked_tables;
@@ -1929,11 +1940,21 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '@audit_name@_capture_' || op, tbl);
     END LOOP;
     DELETE FROM @audit@.tracked_tables AS e WHERE e.relid = target RETURNING * INTO entry;
-    -- nor is it to take on the options of a dropped table of its name
-    DELETE FROM @audit@.dropped_tables AS d
-     WHERE (d.table_schema, d.table_name) = (SELECT n.nspname::text, c.relname::text
-                                               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                              WHERE c.oid = target);
+    IF forget THEN
+        -- nor is it to take on the options of a dropped table of its name
+        DELETE FROM @audit@.dropped_tables AS d
+         WHERE (d.relid = target::oid AND d.untracked)
+            OR (d.table_schema, d.table_name) = (SELECT n.nspname::text, c.relname::text
+                                                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                                  WHERE c.oid = target);
+    ELSIF cardinality(entry.exclude) + cardinality(entry.mask) > 0 THEN
+        INSERT INTO @audit@.dropped_tables AS x (table_schema, table_name, exclude, mask, relid, untracked)
+        SELECT n.nspname::text, c.relname::text, entry.exclude, entry.mask, target::oid, true
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target
+        ON CONFLICT (table_schema, table_name)
+        DO UPDATE SET exclude = EXCLUDED.exclude, mask = EXCLUDED.mask, relid = EXCLUDED.relid,
+                      untracked = true, dropped_at = now();
+    END IF;
     IF entry.id IS NOT NULL THEN
         -- its name now joins the names its history is found under
         INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
@@ -2249,7 +2270,7 @@ REVOKE EXECUTE ON FUNCTION @audit@.follow_drop() FROM PUBLIC;
 -- changing what is tracked is the owner's job (an application role could not create the code
 -- anyway); reading the status is anyone's
 REVOKE EXECUTE ON FUNCTION @audit@.track(regclass, text[], text[], text[], text[], text[], boolean) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION @audit@.untrack(regclass) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION @audit@.untrack(regclass, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION @audit@.sync(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION @audit@.regenerate(bigint, boolean, boolean) FROM PUBLIC;
 
