@@ -15,7 +15,7 @@ from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.output import echo
 from threadline.cli.story import actor_option, command_context
 from threadline.core.actor import ActorRef
-from threadline.core.errors import ConfigurationError, InvalidContext, QueryError
+from threadline.core.errors import ConfigurationError, InvalidContext, InvalidFilter, QueryError
 from threadline.ops.erasure import POLICIES
 from threadline.ops.erasure import erase as erase_audit
 from threadline.ops.seal import seal as seal_chain
@@ -164,6 +164,8 @@ def erase(
                 dry_run=dry_run,
                 audit_schema=audit_schema,
             )
+        except InvalidFilter as exc:  # a policy, column or subject that cannot be: exit 2
+            raise click.UsageError(str(exc)) from exc
         except (ConfigurationError, QueryError) as exc:
             fail(str(exc))
     verb = "would rewrite" if not result.applied else "rewrote"

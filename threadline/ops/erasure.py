@@ -46,7 +46,8 @@ from threadline.core.fields import check_actor
 from threadline.core.records import exact_json
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore.actions import record_action
-from threadline.explore.tables import key_condition, key_json, normalize_key, resolve_table
+from threadline.explore.tables import normalize_key, resolve_table
+from threadline.ops.erasure_rows import check_columns, row_changes
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.seal import append_link, lock_chain
 from threadline.propagation.psycopg import transaction
@@ -256,34 +257,20 @@ def _erase_row(
     table, pk = row
     ref = run(conn, resolve_table(table, audit_schema))
     key_values = normalize_key(ref, pk)
-    params: dict[str, Any] = {"pk": Jsonb(key_values, dumps=key_json)}
-    found = cur.execute(
-        sql.SQL(
-            "SELECT c.transaction_id, c.id, c.after::text AS after, c.before::text AS before"
-            "  FROM {}.changes c WHERE {} AND {} ORDER BY c.transaction_id, c.id"
-        ).format(audit, key_condition("%(pk)s::jsonb"), ref.condition(params)),
-        params,
-    ).fetchall()
+    found = row_changes(cur, audit, ref, key_values)
     target = f"{ref} ({', '.join(f'{k}={v}' for k, v in key_values.items())})"
-    tx_ids = sorted({r["transaction_id"] for r in found})
-    if dry_run:
-        return target, tx_ids, len(found), 0, 0
+    check_columns(cur, ref, key_values, columns, found)
+    rewrites = []
     for change in found:
-        patches = []
-        for side in ("after", "before"):
-            image = exact_json(change[side])
-            patch: dict[str, Any] = {}
-            if isinstance(image, dict):
-                for column, value in image.items():
-                    if column in key_values:
-                        continue
-                    rule = columns.get(column, policy)
-                    if _left_as_is(rule, value):
-                        continue
-                    patch[column] = _replacement(rule, value, key, f"{ref}.{column}")
-            patches.append(Jsonb(patch) if patch else None)
-        if patches == [None, None]:
-            continue
+        patches = [
+            _patch(change[side], key_values, policy, columns, key, f"{ref}") for side in ("after", "before")
+        ]
+        if patches != [None, None]:
+            rewrites.append((change, patches))
+    tx_ids = sorted({change["transaction_id"] for change, _ in rewrites})
+    if dry_run:
+        return target, tx_ids, len(rewrites), 0, 0
+    for change, patches in rewrites:
         # the images keep their column order; an update whose changed columns were computed
         # from its images keeps them as they were before the values were replaced
         cur.execute(
@@ -297,7 +284,29 @@ def _erase_row(
             ).format(a=audit, after=_patched("after", "a"), before=_patched("before", "b")),
             {"a": patches[0], "b": patches[1], "t": change["transaction_id"], "i": change["id"]},
         )
-    return target, tx_ids, len(found), 0, 0
+    return target, tx_ids, len(rewrites), 0, 0
+
+
+def _patch(
+    text: str | None,
+    key_values: dict[str, Any],
+    policy: str,
+    columns: dict[str, str],
+    key: bytes | str | None,
+    label: str,
+) -> Jsonb | None:
+    """The replacements for one image (``None`` when nothing in it changes)."""
+    image = exact_json(text) if text else None
+    patch: dict[str, Any] = {}
+    if isinstance(image, dict):
+        for column, value in image.items():
+            if column in key_values:
+                continue
+            rule = columns.get(column, policy)
+            if _left_as_is(rule, value):
+                continue
+            patch[column] = _replacement(rule, value, key, f"{label}.{column}")
+    return Jsonb(patch) if patch else None
 
 
 def _sealed(cur: psycopg.Cursor[Any], audit: sql.Identifier, tx_ids: list[int]) -> list[int]:
