@@ -5,7 +5,7 @@ keys between the tables. Applying the plan is :func:`threadline.explore.revert.r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -33,6 +33,7 @@ from threadline.explore.revert_tables import (
     relation_sql,
     rendered_image,
     resolve_tables,
+    unrestorable,
     visible_values,
 )
 from threadline.explore.selection import has_unreadable_escape, truncate_change_join
@@ -145,26 +146,25 @@ def plan_revert(
             # a change made while the table was not tracked, or by a session replica role
             conflicts.append(Conflict(table.name, row.pk, drift + ", with no captured change to explain it"))
         hidden = tuple(sorted(table.masked | table.excluded))
+        erased, gone = unrestorable(table, None if target is None else row.first["before"])
         if target is None and now is not None:
             steps.append((row, RevertStep(table.name, row.pk, "delete", {}, now)))
         elif target is not None and now is None:
             values = visible_values(table, target)
-            if hidden:
-                hidden_needed.append(
-                    f"{table.name} ({_key_text(row.pk)}): insert again without {', '.join(hidden)}"
-                )
-            steps.append(
-                (row, RevertStep(table.name, row.pk, "insert", values, None, hidden if hidden else ()))
-            )
+            if lost := _lost(hidden, erased, gone):
+                hidden_needed.append(f"{table.name} ({_key_text(row.pk)}): insert again without {lost}")
+            left_out = tuple(sorted({*hidden, *erased, *gone}))
+            steps.append((row, RevertStep(table.name, row.pk, "insert", values, None, left_out)))
         elif target is not None and now is not None:
             values = {k: v for k, v in visible_values(table, target).items() if now.get(k) != v}
             masked = tuple(sorted(row.changed & table.masked)) if row.masked_changed else ()
-            if masked:
-                hidden_needed.append(
-                    f"{table.name} ({_key_text(row.pk)}): update of masked {', '.join(masked)}"
-                )
-            if values or masked:
-                steps.append((row, RevertStep(table.name, row.pk, "update", values, now, masked)))
+            erased = [k for k in erased if k in row.changed]
+            gone = [k for k in gone if k in row.changed]
+            if lost := _lost(masked, erased, gone, "masked "):
+                hidden_needed.append(f"{table.name} ({_key_text(row.pk)}): update of {lost}")
+            left_out = tuple(sorted({*masked, *erased, *gone}))
+            if values or left_out:
+                steps.append((row, RevertStep(table.name, row.pk, "update", values, now, left_out)))
     if table_excluded := sorted({t.name for t in tables.values() if t.excluded}):
         notes.append(
             f"excluded columns of {', '.join(table_excluded)} were never recorded: changes to them are not reverted"
@@ -187,12 +187,24 @@ def plan_revert(
         )
     if hidden_needed and not skip_hidden:
         raise HiddenColumns(
-            "the revert would need values of masked or excluded columns, which were never recorded:\n"
+            "the revert would need values it does not have (masked or excluded columns were never"
+            " recorded, an erasure replaced erased values, and a column renamed or dropped since has"
+            " no place to go back to):\n"
             + "\n".join(f"  {h}" for h in hidden_needed)
             + "\nrevert with skip_hidden=True (--skip-hidden) to leave those columns as they are "
             "(their defaults for a row inserted again)"
         )
     return plan, [r for r, _ in ordered], tables
+
+
+def _lost(hidden: Sequence[str], erased: Sequence[str], gone: Sequence[str], label: str = "") -> str:
+    """The columns a step cannot restore, each group named for why."""
+    parts = [f"{label}{', '.join(hidden)}"] if hidden else []
+    if erased:
+        parts.append(f"erased {', '.join(erased)}")
+    if gone:
+        parts.append(f"{', '.join(gone)} (no longer a column of the table: renamed or dropped since)")
+    return "; ".join(parts)
 
 
 def _unreadable(text: str) -> bool:

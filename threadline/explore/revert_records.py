@@ -27,7 +27,8 @@ class RevertConflict(RevertError):
 
 
 class HiddenColumns(RevertError):
-    """Restoring would need values of masked or excluded columns, which were never recorded."""
+    """Restoring would need values the audit trail does not have: of masked or excluded columns
+    (never recorded), values an erasure replaced, or columns the table no longer has."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class RevertStep:
     current: Mapping[str, Any] | None
     """The row as it is now (``None`` when absent)."""
     hidden: tuple[str, ...] = ()
-    """Masked or excluded columns the step leaves as they are (or to their default on insert)."""
+    """Columns the step leaves as they are (or to their default on insert): masked or excluded,
+    erased, or no longer in the table."""
 
     def render(self) -> str:
         """One line (or a few) of the diff."""

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from threadline.core.erased import ERASED_JSON_TEXT, is_erased
 from threadline.core.records import exact_json
 from threadline.ddl.names import qualified_name
 from threadline.explore.revert_records import RevertError, RevertTable
@@ -147,8 +148,12 @@ def image_sql(table: RevertTable, param: str) -> sql.Composable:
     cannot take: the image is read into the table's row type only without them."""
     return sql.SQL(
         "(SELECT coalesce(json_object_agg(e.key, e.value), '{{}}') FROM json_each({}::json) AS e"
-        " WHERE e.key <> ALL ({}::text[]))"
-    ).format(sql.Placeholder(param), sql.Literal(sorted(table.masked | table.excluded)))
+        " WHERE e.key <> ALL ({}::text[]) AND e.value::text !~ {})"
+    ).format(
+        sql.Placeholder(param),
+        sql.Literal(sorted(table.masked | table.excluded)),
+        sql.Literal(ERASED_JSON_TEXT),
+    )
 
 
 def rendered_image(cur: psycopg.Cursor[Any], table: RevertTable, image_text: str | None) -> dict[str, Any]:
@@ -168,9 +173,24 @@ def rendered_image(cur: psycopg.Cursor[Any], table: RevertTable, image_text: str
 
 
 def visible_values(table: RevertTable, image: Mapping[str, Any]) -> dict[str, Any]:
-    """The image's values of the table's current columns that are neither masked nor excluded."""
+    """The image's values of the table's current columns that are neither masked nor excluded,
+    nor put there by an erasure."""
     return {
         k: v
         for k, v in image.items()
-        if k not in table.masked and k not in table.excluded and k in table.columns
+        if k not in table.masked and k not in table.excluded and k in table.columns and not is_erased(v)
     }
+
+
+def unrestorable(table: RevertTable, image: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+    """The columns of ``image`` a revert cannot restore beyond the masked and excluded ones: those
+    whose value an erasure replaced, and those the table no longer has (renamed or dropped)."""
+    erased, gone = [], []
+    for k, v in (image or {}).items():
+        if k in table.masked or k in table.excluded:
+            continue
+        if k not in table.columns:
+            gone.append(k)
+        elif is_erased(v):
+            erased.append(k)
+    return sorted(erased), sorted(gone)

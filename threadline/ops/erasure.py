@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +40,7 @@ from psycopg.types.json import Jsonb
 
 from threadline.core._run import run
 from threadline.core.actor import ActorRef
+from threadline.core.erased import PSEUDONYM, TOMBSTONE
 from threadline.core.errors import ConfigurationError, InvalidFilter
 from threadline.core.fields import check_actor
 from threadline.core.records import exact_json
@@ -55,9 +55,7 @@ from threadline.propagation.psycopg import transaction
 __all__ = ["POLICIES", "TOMBSTONE", "ErasureResult", "erase", "pseudonym"]
 
 POLICIES = ("erase", "pseudonymise", "keep")
-TOMBSTONE = "[erased]"
 KEY_ENV = "THREADLINE_ERASURE_KEY"
-_PSEUDONYM_RE = re.compile(r"^pseudo:[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -329,7 +327,7 @@ def _left_as_is(rule: str, value: Any) -> bool:
     pseudonymising) already a pseudonym."""
     if rule == "keep" or value is None or value in (TOMBSTONE, "[masked]"):
         return True
-    return rule == "pseudonymise" and isinstance(value, str) and bool(_PSEUDONYM_RE.match(value))
+    return rule == "pseudonymise" and isinstance(value, str) and bool(PSEUDONYM.match(value))
 
 
 def _patched(column: str, param: str) -> sql.Composable:
