@@ -18,6 +18,7 @@ from threadline.core.errors import InvalidFilter, TableNotFound
 from threadline.explore.export_rows import CSV_COLUMNS, EXPORT_VERSION, JSON_FIELDS, chunked_streaming
 
 from .story import Story
+from .test_cli import run
 
 Conn = psycopg.Connection[Any]
 
@@ -66,6 +67,24 @@ def test_exports_take_the_timeline_filters(conn: Conn, story: Story) -> None:
     middle = list(threadline.timeline(conn))[5].captured_at
     assert len(_ndjson(conn, since=middle)) == 5 and len(_ndjson(conn, until=middle)) == 5
     assert _ndjson(conn, correlation_id="nope") == []
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted(conn: Conn, story: Story, dsn: str) -> None:
+    with (
+        threadline.context(actor="user:=1+1", correlation_id='=HYPERLINK("http://x.example","y")'),
+        threadline.transaction(conn),
+    ):
+        conn.execute("INSERT INTO app.comments (id, post_id, body) VALUES (90, 1, '@SUM(A1)')")
+    out = io.StringIO()
+    threadline.export(conn, out, "csv", correlation_id='=HYPERLINK("http://x.example","y")')
+    (row,) = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert row["actor_id"] == "'=1+1" and row["correlation_id"] == '\'=HYPERLINK("http://x.example","y")'
+    assert json.loads(row["after"])["body"] == "@SUM(A1)"  # inside JSON text: not a cell of its own
+    (line,) = _ndjson(conn, correlation_id='=HYPERLINK("http://x.example","y")')
+    assert line["actor"]["id"] == "=1+1"  # the JSON formats keep the text as it is
+    threadline.take_baseline(conn, "app.comments")
+    res = run("as-of", "app.comments", "--at", "now", "--format", "csv", "--dsn", dsn)
+    assert res.returncode == 0 and "'@SUM(A1)" in res.stdout, res.stdout + res.stderr
 
 
 def test_json_document_wraps_rows_with_a_version(conn: Conn, story: Story) -> None:

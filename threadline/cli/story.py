@@ -24,7 +24,7 @@ from threadline.cli.output import echo
 from threadline.core.actor import ActorRef
 from threadline.core.context import context
 from threadline.core.errors import InvalidActor
-from threadline.core.printable import encodable
+from threadline.core.printable import encodable, spreadsheet_cell
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as table_as_of
 from threadline.explore.revert import RevertError
@@ -179,7 +179,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
 def _csv_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
         return encodable(json.dumps(value, ensure_ascii=False))
-    return encodable(value) if isinstance(value, str) else value
+    return spreadsheet_cell(encodable(value)) if isinstance(value, str) else value
 
 
 @click.command(epilog=examples("revert"))

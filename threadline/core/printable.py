@@ -11,6 +11,9 @@ A JSON value captured from a ``json`` column may also hold an escape of half a s
 (``"\\ud83d"``, as JavaScript writes a string cut inside an emoji), which Python decodes to a lone
 surrogate: UTF-8 cannot encode it, so writing it out would fail. Exports, which keep every other
 character as recorded, pass text through :func:`encodable`, which escapes lone surrogates only.
+A CSV export is opened in spreadsheets, which run a cell that starts with ``=``, ``+``, ``-`` or
+``@`` as a formula (``=HYPERLINK(...)`` in a correlation id taken from a request header):
+:func:`spreadsheet_cell` writes such a text cell, and one that starts with ``'``, after a ``'``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["encodable", "one_line", "printable", "printable_value"]
+__all__ = ["encodable", "one_line", "printable", "printable_value", "spreadsheet_cell"]
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # C0 controls but line feed and tab, DEL and C1, the bidirectional marks, embeddings, overrides
@@ -74,4 +77,16 @@ def printable_value(value: Any) -> Any:
         return {printable(k): printable_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [printable_value(v) for v in value]
+    return value
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """``value`` for a CSV cell: text that a spreadsheet would run as a formula gets a leading
+    ``'`` (as does text starting with ``'``, so one ``'`` removed gives the text back); other
+    values as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
     return value

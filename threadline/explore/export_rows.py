@@ -19,6 +19,7 @@ from psycopg.adapt import Loader
 from psycopg.pq import Format
 
 from threadline.core.errors import InvalidFilter
+from threadline.core.printable import spreadsheet_cell
 from threadline.core.records import from_json, iso
 from threadline.explore import paging
 from threadline.explore.selection import Filters, changed_fields_sql, where_clause
@@ -301,7 +302,7 @@ class _Writer:
 
     def rows(self, batch: Iterable[tuple[Any, ...]]) -> None:
         if self._csv is not None:
-            rows = list(batch)
+            rows = [tuple(spreadsheet_cell(v) for v in row) for row in batch]
             self._csv.writerows(rows)
             self.count += len(rows)
         elif self.format == "ndjson":
