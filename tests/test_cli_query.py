@@ -263,5 +263,20 @@ def test_captured_text_never_acts_on_the_terminal(
         assert not any(ch in out for ch in "\r\x1b\x07\x9b\u202e"), out
         assert "\\u001b[2K" in out
     assert "line1\\nline2\\ttab" in outputs[2]  # a value's line break stays within its line
+    # names and free text hold line breaks too: a table, a column, an action's reason
+    conn.execute('CREATE TABLE app."t\nrequest r-forged  web  admin:1" ("c\n    fake: x" int PRIMARY KEY)')
+    threadline.ddl.track(conn, 'app."t\nrequest r-forged  web  admin:1"')
+    with threadline.context(actor="user:1", correlation_id="req-nl"), threadline.transaction(conn):
+        conn.execute('INSERT INTO app."t\nrequest r-forged  web  admin:1" VALUES (1)')
+        threadline.record_action(conn, "note", reason="why\nrequest r-forged")
+    for args in (("timeline", "--correlation-id", "req-nl"), ("trace", "req-nl")):
+        out = ok(*args, "--dsn", dsn)
+        assert not [
+            line for line in out.splitlines() if line.lstrip("│├└─ ").startswith("request r-forged")
+        ], out
+    out = ok("history", 'app."t\nrequest r-forged  web  admin:1"', "1", "--dsn", dsn)
+    assert "fake: x" in out and not [line for line in out.splitlines() if line.strip().startswith("fake")], (
+        out
+    )
     exported = json.loads(ok("export", "--correlation-id", "req-term", "--format", "json", "--dsn", dsn))
     assert [c["pk"]["k"] for c in exported["changes"]] == [HOSTILE, HOSTILE]  # exports keep every character

@@ -51,10 +51,10 @@ def _change_row(change: Change) -> tuple[str, ...]:
     return (
         _time(change.captured_at),
         change.op,
-        change.table,
+        one_line(change.table),
         _value(format_key(change.pk), 40),
-        "" if tx is None or tx.actor is None else str(tx.actor),
-        "" if tx is None else tx.origin or "",
+        "" if tx is None or tx.actor is None else one_line(str(tx.actor)),
+        "" if tx is None else one_line(tx.origin or ""),
         "" if tx is None else _value(tx.correlation_id or "", 36),
         str(change.transaction_id),
         _value(fields, 50),
@@ -129,12 +129,13 @@ def _history_lines(change: Change) -> list[str]:
         )
         if p
     )
-    lines = [head]
+    lines = [one_line(head)]
     for item in diff(change):
+        field = one_line(item.field)
         if change.op == "update":
-            lines.append(f"    {item.field}: {_value(item.before)} → {_value(item.after)}")
+            lines.append(f"    {field}: {_value(item.before)} → {_value(item.after)}")
         else:
-            lines.append(f"    {item.field}: {_value(item.before if change.op == 'delete' else item.after)}")
+            lines.append(f"    {field}: {_value(item.before if change.op == 'delete' else item.after)}")
     return lines
 
 

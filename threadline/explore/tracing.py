@@ -340,4 +340,6 @@ def render(trace: Trace, *, max_changes: int | None = 10) -> str:
         emit(root, "", True, top=True)
     for action in trace.actions:
         lines.append(_action_line(action, origin))
-    return "\n".join(lines) + "\n"
+    # each line is one line whatever the captured text holds (a table name or a reason with a
+    # line break would otherwise start a forged line)
+    return "\n".join(one_line(line) for line in lines) + "\n"
