@@ -110,7 +110,10 @@ def parse_when(text: str, *, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc)
     match = _RELATIVE_RE.match(value)
     if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches before the year 1") from None
     if value == "now":
         return now
     try:
@@ -119,7 +122,12 @@ def parse_when(text: str, *, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"{text!r} is neither a relative time (90s, 30m, 2h, 1d, 2w) nor an ISO 8601 time"
         ) from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+    parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+    try:
+        parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range once taken to UTC") from None
+    return parsed
 
 
 def when_option_value(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

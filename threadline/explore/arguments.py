@@ -41,7 +41,10 @@ def check_time(name: str, value: datetime | None) -> datetime | None:
         raise InvalidFilter(
             f"{name} is a naive datetime; give a timezone-aware one (e.g. datetime.now(timezone.utc))"
         )
-    return utc(value)
+    try:
+        return utc(value)
+    except OverflowError:
+        raise InvalidFilter(f"{name} ({value.isoformat()}) is out of range once taken to UTC") from None
 
 
 def check_window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
@@ -50,6 +53,10 @@ def check_window(since: datetime | None, until: datetime | None) -> tuple[dateti
     if since is not None and until is not None and since > until:
         raise InvalidFilter(f"since ({iso(since)}) is after until ({iso(until)})")
     return since, until
+
+
+LIMIT_CEILING = 2**62
+"""The largest limit any reader takes (a bigint with room for the one more row a page asks for)."""
 
 
 def check_limit(limit: int | None, *, maximum: int | None = MAX_LIMIT, allow_none: bool = True) -> int | None:
@@ -62,6 +69,8 @@ def check_limit(limit: int | None, *, maximum: int | None = MAX_LIMIT, allow_non
         raise InvalidFilter(f"limit must be a positive integer, got {limit!r}")
     if maximum is not None and limit > maximum:
         raise InvalidFilter(f"limit {limit} is larger than {maximum}; page with the cursor instead")
+    if limit > LIMIT_CEILING:
+        raise InvalidFilter(f"limit {limit} is larger than {LIMIT_CEILING}; give None for no limit")
     return limit
 
 

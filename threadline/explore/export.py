@@ -52,12 +52,19 @@ from threadline.explore.export_rows import (
 )
 from threadline.explore.selection import Filters, filters_plan
 
+MAX_BATCH_SIZE = 1_000_000
+"""The largest batch an export fetches at once."""
+
 
 def _check(format: str, limit: int | None, audit_schema: str, batch_size: int) -> None:
     check_format(format)
     check_limit(limit, maximum=None)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidFilter(f"batch_size must be a positive integer, got {batch_size!r}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAX_BATCH_SIZE
+    ):
+        raise InvalidFilter(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, got {batch_size!r}")
     try:
         check_schema_name(audit_schema)
     except SchemaError as exc:

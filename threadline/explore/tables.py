@@ -99,7 +99,7 @@ SELECT n.nspname::text AS schema, c.relname::text AS name,
                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
               WHERE i.indrelid = c.oid AND i.indisprimary
               ORDER BY k.ord) AS primary_key,
-       (SELECT jsonb_object_agg(a.attname, (SELECT jsonb_build_array(ty.typname, ty.typcategory)
+       (SELECT jsonb_object_agg(a.attname, (SELECT jsonb_build_array(ty.typname, ty.typcategory, a.atttypmod)
                                               FROM pg_type ty WHERE ty.oid = a.atttypid))
           FROM pg_attribute a
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS column_types
@@ -116,14 +116,16 @@ SELECT c.table_schema AS schema, c.table_name AS name, c.pk,
        ARRAY(SELECT ARRAY[x.table_schema, x.table_name, x.valid_from::text, x.valid_until::text]
                FROM {audit}.table_names(c.table_schema, c.table_name) x) AS names
   FROM {audit}.changes c
- WHERE c.table_name = %(name)s
+ WHERE c.table_name = %(name)s AND c.pk IS NOT NULL
    AND (c.table_schema = %(schema)s::text
         OR (%(schema)s::text IS NULL AND c.table_schema = ANY (current_schemas(false))))
  LIMIT 1
 """
 
 
-def _kind(typname: str, category: str) -> str:
+def _kind(typname: str, category: str, typmod: int = -1) -> str:
+    if typname == "bpchar" and typmod > 4:
+        return f"char:{typmod - 4}"  # char(n): compared padded to n
     if typname in ("int2", "int4", "int8"):
         return "int"
     if typname in ("uuid", "bool"):
@@ -149,7 +151,7 @@ def resolve_table(table: str, audit_schema: str = DEFAULT_SCHEMA) -> Plan[TableR
     """Plan: find ``[schema.]table`` in the catalog (search path when unqualified), else in the
     audit data (a dropped table's history stays readable); :class:`TableNotFound` otherwise."""
     audit = audit_identifier(audit_schema)
-    if not isinstance(table, str):
+    if not isinstance(table, str) or "\x00" in table:
         raise TableNotFound(f"table must be a name like 'orders' or 'public.orders', got {table!r}")
     try:
         table_schema, table_name = parse_table_name(table)
@@ -182,6 +184,7 @@ def _names(rows: Any) -> tuple[tuple[str, str, str | None, str | None], ...]:
 
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
+_INT8 = 2**63
 
 
 def _coerce(table: TableRef, column: str, value: Any) -> Any:
@@ -191,15 +194,18 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
         raise InvalidKey(f"{where}: a key value cannot be None")
     if isinstance(value, bool) and kind != "bool":
         raise InvalidKey(f"{where}: got a bool, expected a {kind} value")
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidKey(f"{where}: a key value cannot hold NUL (\\x00), which PostgreSQL text cannot store")
     try:
         if kind == "int":
-            if isinstance(value, int):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            if isinstance(value, str) and _INT_RE.match(value.strip()):
-                return int(value)
-            raise ValueError
+            integral_float = isinstance(value, float) and value.is_integer()
+            if integral_float or (
+                isinstance(value, str) and _INT_RE.match(value.strip()) and len(value) < 40
+            ):
+                value = int(value)
+            if not isinstance(value, int) or not -_INT8 <= value < _INT8:
+                raise InvalidKey(f"{where}: expected an integer within the range of bigint")
+            return value
         if kind == "number":
             return _number(value)
         if kind == "uuid":
@@ -214,11 +220,28 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
             if isinstance(value, (str, int)):
                 return str(value)
             raise ValueError
+        if kind.startswith("char:"):
+            width = int(kind[5:])
+            text = str(value).rstrip(" ") if isinstance(value, (str, int)) else None
+            if text is None or len(text) > width:
+                raise InvalidKey(f"{where}: expected text of at most {width} characters (char({width}))")
+            return text.ljust(width)
+    except InvalidKey:
+        raise
     except ValueError:
-        raise InvalidKey(f"{where}: {value!r} is not a valid {kind} value") from None
+        raise InvalidKey(f"{where}: {_shown(value)} is not a valid {kind} value") from None
     if isinstance(value, (str, int, float)):
         return value
     raise InvalidKey(f"{where}: {type(value).__name__} values are not supported; give the JSON form")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or -_BIG_INT < value < _BIG_INT else "a very large int"
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+_INT_DIGITS = 4000
+_BIG_INT = 10**_INT_DIGITS
 
 
 def _number(value: Any) -> int | float | Decimal | str:
@@ -228,7 +251,7 @@ def _number(value: Any) -> int | float | Decimal | str:
     ``"-Infinity"``); :class:`ValueError` for anything else."""
     if isinstance(value, str):
         text = value.strip()
-        if _INT_RE.match(text):
+        if _INT_RE.match(text) and len(text) < _INT_DIGITS:
             return int(text)
         try:
             value = Decimal(text)
@@ -237,10 +260,12 @@ def _number(value: Any) -> int | float | Decimal | str:
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise ValueError(value)
     if isinstance(value, int):
-        return value
-    if math.isnan(value):
+        # past Python's limit on the digits of an int written as text: exactly, as a Decimal
+        return value if -_BIG_INT < value < _BIG_INT else Decimal(value)
+    # a Decimal beyond float's range is finite: ask it, not math (which converts it to a float)
+    if value.is_nan() if isinstance(value, Decimal) else math.isnan(value):
         return "NaN"
-    if math.isinf(value):
+    if value.is_infinite() if isinstance(value, Decimal) else math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"
     return value
 

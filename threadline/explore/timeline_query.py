@@ -149,7 +149,10 @@ def window_end(start: datetime | None, width: timedelta, until: datetime | None)
     past ``until`` (which bounds the read anyway)."""
     if start is None or width > LAST_WINDOW:
         return None
-    end = start + width
+    try:
+        end = start + width
+    except OverflowError:  # a start near the end of time: nothing lies past it anyway
+        return None
     return None if until is not None and end >= until else end
 
 

@@ -1,0 +1,96 @@
+"""Row keys given to the readers (``history``, ``as_of``) on the real database: each value finds
+the row PostgreSQL would find, or is refused with :class:`InvalidKey`."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+import threadline
+from threadline.core.errors import InvalidFilter, InvalidKey, TableNotFound
+
+from .test_cli import run
+
+
+def _write(conn: psycopg.Connection[Any], *statements: str) -> None:
+    with threadline.context(actor="user:1"), threadline.transaction(conn):
+        for statement in statements:
+            conn.execute(statement)
+
+
+def test_numeric_keys_beyond_float_range_find_their_own_row(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.big (k numeric PRIMARY KEY, v text)")
+    threadline.ddl.track(conn, "app.big")
+    huge = "9" * 5000
+    _write(
+        conn,
+        "INSERT INTO app.big VALUES ('Infinity', 'inf'), (1e400, 'e400')",
+        f"INSERT INTO app.big VALUES ({huge}, 'huge')",
+    )
+    assert [c.after["v"] for c in threadline.history(conn, "app.big", Decimal("1e400"))] == ["e400"]
+    assert [c.after["v"] for c in threadline.history(conn, "app.big", "1e400")] == ["e400"]
+    assert [c.after["v"] for c in threadline.history(conn, "app.big", "Infinity")] == ["inf"]
+    assert [c.after["v"] for c in threadline.history(conn, "app.big", huge)] == ["huge"]
+    assert [c.after["v"] for c in threadline.history(conn, "app.big", 10**5000 - 1)] == ["huge"]
+
+
+def test_char_keys_are_padded_as_postgresql_pads_them(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.codes (code char(5) PRIMARY KEY, v text)")
+    threadline.ddl.track(conn, "app.codes")
+    _write(conn, "INSERT INTO app.codes VALUES ('ab', 'x')")
+    for given in ("ab", "ab   ", "ab "):
+        assert [c.after["v"] for c in threadline.history(conn, "app.codes", given)] == ["x"]
+    with pytest.raises(InvalidKey, match=r"at most 5 characters"):
+        threadline.history(conn, "app.codes", "abcdef")
+
+
+def test_bad_key_values_are_refused_with_invalid_key(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.items (id bigint PRIMARY KEY, name text)")
+    conn.execute("CREATE TABLE app.named (name text PRIMARY KEY)")
+    threadline.ddl.track(conn, "app.items")
+    threadline.ddl.track(conn, "app.named")
+    for bad in (10**5000, 2**63, "9" * 40):
+        with pytest.raises(InvalidKey, match="range of bigint"):
+            threadline.history(conn, "app.items", bad)
+    with pytest.raises(InvalidKey, match="NUL"):
+        threadline.history(conn, "app.named", "a\x00b")
+
+
+def test_a_dropped_table_truncated_first_keeps_its_key_columns(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE app.gone (id int PRIMARY KEY, v text)")
+    threadline.ddl.track(conn, "app.gone")
+    _write(conn, "TRUNCATE app.gone")
+    _write(conn, "INSERT INTO app.gone VALUES (1, 'a')")
+    conn.execute("DROP TABLE app.gone")
+    assert [c.op for c in threadline.history(conn, "app.gone", 1)] == ["insert"]
+
+
+def test_arguments_out_of_range_are_refused_as_threadline_errors(
+    conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    conn.execute("CREATE TABLE app.items (id bigint PRIMARY KEY)")
+    threadline.ddl.track(conn, "app.items")
+    _write(conn, "INSERT INTO app.items VALUES (1)")
+    with pytest.raises(InvalidFilter, match="larger than"):
+        threadline.history(conn, "app.items", 1, limit=2**63)
+    with pytest.raises(InvalidFilter, match="larger than"):
+        threadline.export(conn, io.StringIO(), "csv", limit=2**63 - 1)
+    with pytest.raises(InvalidFilter, match="batch_size"):
+        threadline.export(conn, io.StringIO(), "csv", batch_size=2**40)
+    with pytest.raises(TableNotFound):
+        threadline.timeline(conn, table="app.\x00items")
+    end_of_time = datetime.max.replace(tzinfo=timezone.utc) - timedelta(minutes=30)
+    assert list(threadline.timeline(conn, table="app.items", since=end_of_time)) == []
+    with pytest.raises(InvalidFilter, match="out of range"):
+        threadline.timeline(conn, since=datetime.min.replace(tzinfo=timezone(timedelta(hours=1))))
+    for args in (
+        ("timeline", "--since", "99999999d"),
+        ("history", "app.items", "1", "--as-of", "0001-01-01T00:00:00+01:00"),
+    ):
+        res = run(*args, "--dsn", dsn)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
