@@ -10,13 +10,16 @@ module, not one test of it).
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -425,7 +428,7 @@ def test_take_baseline_operation(mig_dsn: str) -> None:
         expected = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
     operation = TakeBaseline("shop.Purchase", batch_size=2)
     assert operation.deconstruct() == (
-        "threadline.django.operations.TakeBaseline",
+        "TakeBaseline",
         ["shop.Purchase"],
         {"batch_size": 2},
     )
@@ -445,3 +448,30 @@ def test_take_baseline_operation(mig_dsn: str) -> None:
             [table],
         ).fetchone()
     assert expected is not None and done == (expected[0], True, expected[0], 0)
+
+
+def test_a_squashed_migration_keeps_its_track_operation(
+    mig_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.management import call_command
+    from django.test import override_settings
+
+    from threadline.django.operations import Track
+
+    package = tmp_path / "squashed_shop_migrations"
+    shutil.copytree(Path(__file__).parent / "djangoproject" / "shop" / "migrations", package)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with override_settings(MIGRATION_MODULES={"shop": package.name}):
+        call_command("squashmigrations", "shop", "0002", interactive=False, verbosity=0)
+        (written,) = package.glob("0001_squashed_0002_*.py")
+        assert "threadline.django.operations.Track(" in written.read_text()
+        module = importlib.import_module(f"{package.name}.{written.stem}")
+        (track,) = [op for op in module.Migration.operations if isinstance(op, Track)]
+        assert (track.model, track.mask) == ("shop.Order", ("card_number",))
+        migrate("shop", "zero")
+        assert ("shop_purchase", "installed") not in _status(mig_dsn)
+        out = migrate("shop")
+    assert f"Applying shop.{written.stem}... OK" in out
+    with psycopg.connect(mig_dsn) as conn:
+        (entry,) = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == "shop_purchase"]
+    assert entry.status == "installed" and entry.mask == ("card",)

@@ -53,13 +53,13 @@ class InstallAudit(Operation):
         self.app_role = app_role
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """How the migration writer spells this operation."""
+        """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {"version": self.version}
         if self.audit_schema != DEFAULT_SCHEMA:
             kwargs["audit_schema"] = self.audit_schema
         if self.app_role is not None:
             kwargs["app_role"] = self.app_role
-        return ("threadline.django.operations.InstallAudit", [], kwargs)
+        return (type(self).__name__, [], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """No model state changes."""
@@ -119,14 +119,14 @@ class _TableOperation(Operation):
         self.audit_schema = audit_schema
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """How the migration writer spells this operation."""
+        """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {}
         for name in ("mask", "exclude", "keys"):
             if getattr(self, name):
                 kwargs[name] = list(getattr(self, name))
         if self.audit_schema != DEFAULT_SCHEMA:
             kwargs["audit_schema"] = self.audit_schema
-        return (f"threadline.django.operations.{type(self).__name__}", [self.model], kwargs)
+        return (type(self).__name__, [self.model], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """No model state changes."""
@@ -230,13 +230,13 @@ class TakeBaseline(Operation):
         self.audit_schema = audit_schema
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """How the migration writer spells this operation."""
+        """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {}
         if self.batch_size != 10_000:
             kwargs["batch_size"] = self.batch_size
         if self.audit_schema != DEFAULT_SCHEMA:
             kwargs["audit_schema"] = self.audit_schema
-        return ("threadline.django.operations.TakeBaseline", [self.model], kwargs)
+        return (type(self).__name__, [self.model], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """No model state changes."""
