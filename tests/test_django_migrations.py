@@ -475,3 +475,53 @@ def test_a_squashed_migration_keeps_its_track_operation(
     with psycopg.connect(mig_dsn) as conn:
         (entry,) = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == "shop_purchase"]
     assert entry.status == "installed" and entry.mask == ("card",)
+
+
+class KeepTheAuditSchemaOut:
+    """A router that keeps threadline's migrations out of the ``other`` database."""
+
+    def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool | None:
+        return False if (db, app_label) == ("other", "threadline") else None
+
+
+def test_migrations_follow_the_database_routers(database: str, mig_dsn: str) -> None:
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connections
+    from django.test import override_settings
+
+    name = f"{connections.settings[ALIAS]['NAME']}_other"
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    connections.settings["other"] = {**connections.settings[ALIAS], "NAME": name}
+    other = psycopg.conninfo.make_conninfo(database, dbname=name)
+
+    def tables() -> list[str]:
+        with psycopg.connect(other) as conn:
+            rows = conn.execute(
+                "SELECT table_schema || '.' || table_name FROM information_schema.tables"
+                " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+            ).fetchall()
+        return [r[0] for r in rows if r[0] == "threadline.changes" or r[0].startswith("public.shop")]
+
+    def migrate_other(*args: str) -> None:
+        call_command("migrate", *args, database="other", stdout=io.StringIO(), verbosity=1)
+
+    try:
+        # the shop's models live in the migrations database: its Track and Untrack are skipped here
+        routers = [f"{__name__}.KeepTheAuditSchemaOut", *settings.DATABASE_ROUTERS]
+        with override_settings(DATABASE_ROUTERS=routers):
+            migrate_other()
+            assert tables() == []  # and no audit schema where the routers keep threadline out
+            migrate_other("threadline", "zero")
+        migrate_other()
+        assert tables() == ["threadline.changes"]
+        migrate_other("shop", "zero")
+        migrate_other("shop")
+        assert tables() == ["threadline.changes"]
+    finally:
+        connections["other"].close()
+        del connections.settings["other"]
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
