@@ -525,3 +525,52 @@ def test_migrations_follow_the_database_routers(database: str, mig_dsn: str) -> 
         del connections.settings["other"]
         with psycopg.connect(database, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_declarative_tracking_skips_what_the_migrated_state_lacks(
+    mig_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.conf import settings
+    from django.test import override_settings
+
+    from threadline.core.errors import ConfigurationError
+
+    def entry(table: str) -> Any:
+        with psycopg.connect(mig_dsn) as conn:
+            found = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == table]
+        return found[0] if found else None
+
+    before = entry("shop_purchase")
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        threadline.ddl.untrack(conn, "auth_user")
+    track = {
+        "blog.Shop": {"mask": ["address"]},  # a parent's field: its column is in the parent's table
+        "shop.Nope": {},
+        "shop.Purchase": {"mask": ["card_number", "note"]},  # no column "note" at this state
+        "auth.User": {"mask": ["password"]},
+    }
+    with (
+        override_settings(THREADLINE={**settings.THREADLINE, "TRACK": track}),
+        pytest.raises(ConfigurationError) as failed,
+    ):
+        migrate()
+    message = str(failed.value)
+    assert "'shop.Nope', which is not an installed model" in message
+    assert "names address, inherited from blog.Place" in message and "track 'blog.Place'" in message
+    # the bad entries stopped nothing: the last one is applied
+    assert entry("auth_user").status == "installed" and entry("auth_user").mask == ("password",)
+    # the entry naming a missing column is skipped whole, its table's tracking left as it was
+    assert entry("shop_purchase") == before and before.mask == ("card",)
+    assert "shop.Purchase: table shop_purchase in database 'migrations' has no column note" in caplog.text
+
+
+def test_the_check_names_a_parents_field_in_a_childs_entry(mig_dsn: str) -> None:
+    from django.conf import settings
+
+    def track(entries: dict[str, Any]) -> list[str]:
+        return _ids(THREADLINE={**settings.THREADLINE, "TRACK": entries})
+
+    assert "threadline.E003" in track({"blog.Shop": {"mask": ["address"]}})
+    assert "threadline.E003" not in track(
+        {"blog.Shop": {"exclude": ["owner"]}, "blog.Place": {"mask": ["address"]}}
+    )
