@@ -24,7 +24,9 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
+from threadline.core.errors import InvalidFilter
 from threadline.core.printable import printable_value
+from threadline.explore.arguments import check_text_filter
 from threadline.explore.diff import FieldChange, diff
 from threadline.explore.query import history, trace
 
@@ -147,12 +149,28 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
     def get_urls(self) -> list[Any]:
-        """``trace/<correlation id>/`` beside the search page."""
-        view = self.admin_site.admin_view(self.trace_view)
+        """The search page and ``trace/<correlation id>/``, nothing else: the model has no table,
+        so the admin's add, change, delete and history pages of an object do not exist (404)."""
+        site = self.admin_site
         return [
-            path("trace/<path:correlation_id>/", view, name="threadline_audittrail_trace"),
-            *super().get_urls(),
+            path(
+                "trace/<path:correlation_id>/",
+                site.admin_view(self.trace_view),
+                name="threadline_audittrail_trace",
+            ),
+            path("", site.admin_view(self.changelist_view), name="threadline_audittrail_changelist"),
         ]
+
+    def _search_page(self, request: HttpRequest, error: str | None = None) -> HttpResponse:
+        """The search form; with ``error``, a 400 that says what was wrong with the id."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Audit trail",
+            "opts": self.model._meta,
+            "error": error,
+        }
+        status = 200 if error is None else 400
+        return TemplateResponse(request, "threadline/admin/trace_search.html", context, status=status)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -161,10 +179,13 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if not self.has_view_permission(request):
             raise PermissionDenied
         wanted = (request.GET.get("correlation_id") or "").strip()
-        if wanted:
-            return HttpResponseRedirect(reverse("admin:threadline_audittrail_trace", args=[wanted]))
-        context = {**self.admin_site.each_context(request), "title": "Audit trail", "opts": self.model._meta}
-        return TemplateResponse(request, "threadline/admin/trace_search.html", context)
+        if not wanted:
+            return self._search_page(request)
+        try:
+            checked = check_text_filter("correlation_id", wanted)
+        except InvalidFilter as exc:
+            return self._search_page(request, f"No trace: {exc}.")
+        return HttpResponseRedirect(reverse("admin:threadline_audittrail_trace", args=[checked]))
 
     def trace_view(self, request: HttpRequest, correlation_id: str) -> HttpResponse:
         """Everything one correlation id caused, as a tree."""
@@ -173,7 +194,10 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         using = request.GET.get("database") or router.db_for_read(self.model)
         if using not in connections:
             raise Http404(f"no database {using!r}")
-        found = trace(connections[using], correlation_id, audit_schema=_audit_schema())
+        try:
+            found = trace(connections[using], correlation_id, audit_schema=_audit_schema())
+        except InvalidFilter as exc:
+            return self._search_page(request, f"No trace: {exc}.")
         # a story of thousands of changes stays a readable page: the first of each transaction
         # are listed, the count of the rest is shown
         context = {
