@@ -46,6 +46,20 @@ with threadline.context(actor="user:42", correlation_id="req-admin-1", request_i
 job = {"name": "shop.tasks.charge", "id": "task-1", "retries": 0, "root_id": "task-1"}
 with threadline.context(actor="user:42", correlation_id="req-admin-1", causation_id="r-1", origin="celery", job=job):
     Purchase.objects.filter(pk=p.pk).update(name="big mug")
+# the same story also changes a user (a model the auditor may not view) and a table no model maps
+from django.db import connection
+from threadline.django.database import dsn_for
+import psycopg
+with connection.cursor() as cursor:
+    cursor.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+with psycopg.connect(dsn_for("default"), autocommit=True) as conn:
+    threadline.ddl.track(conn, "auth_user", exclude=["password"])
+    threadline.ddl.track(conn, "ledger")
+User.objects.create_superuser("boss")
+with threadline.context(actor="user:42", correlation_id="req-admin-1", request_id="r-1", origin="web"):
+    User.objects.filter(username="clerk").update(first_name="Clara")
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO ledger VALUES (1, 'note')")
 print(p.pk)
 """
 
@@ -226,3 +240,17 @@ def test_the_audit_trail_has_no_object_pages_and_refuses_bad_ids(project: tuple[
         assert status == 400 and "No trace: correlation_id " in body, url
     assert "correlation_id is 300 characters long; the limit is " in pages[bad[2]][2]
     assert pages[f"{base}trace/req-admin-1/"][0] == 200
+
+
+def test_a_trace_shows_only_the_tables_the_user_may_view(project: tuple[str, int]) -> None:
+    database, _ = project
+    url = "/admin/threadline/audittrail/trace/req-admin-1/"
+    pages = {user: client_get(database, user, url)[url] for user in ("auditor", "boss")}
+    (status, _, auditor), (_, _, boss) = pages["auditor"], pages["boss"]
+    # the auditor may view purchases only: the user's change and the model-less table are left out
+    assert status == 200 and auditor.count('class="threadline-transaction"') == 2
+    assert "shop_purchase" in auditor and "auth_user" not in auditor and "first_name" not in auditor
+    assert "ledger" not in auditor
+    assert "Not shown: 2 changes of tables whose model you may not view" in auditor
+    assert boss.count('class="threadline-transaction"') == 4 and "Not shown" not in boss
+    assert "auth_user" in boss and "first_name" in boss and "ledger" in boss

@@ -8,7 +8,8 @@
   and changes).
 
 Both need the ``threadline.view_audit_trail`` permission ("Can view the audit trail"), on top of
-the view permission of the object's model for its history. Values are shown as they were
+the view permission of the object's model for its history; a trace shows only the changes of
+tables whose model the user may view (see :mod:`threadline.django.trace_access`). Values are shown as they were
 captured: masked columns show the mask, excluded ones are absent.
 """
 
@@ -26,6 +27,7 @@ from django.urls import path, reverse
 
 from threadline.core.errors import InvalidFilter
 from threadline.core.printable import printable_value
+from threadline.django.trace_access import visible_trace
 from threadline.explore.arguments import check_text_filter
 from threadline.explore.diff import FieldChange, diff
 from threadline.explore.query import history, trace
@@ -198,13 +200,16 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             found = trace(connections[using], correlation_id, audit_schema=_audit_schema())
         except InvalidFilter as exc:
             return self._search_page(request, f"No trace: {exc}.")
+        shown = visible_trace(request.user, found)
         # a story of thousands of changes stays a readable page: the first of each transaction
         # are listed, the count of the rest is shown
         context = {
             **self.admin_site.each_context(request),
             "title": f"Trace of {correlation_id}",
             "opts": self.model._meta,
-            "trace": found,
+            "trace": shown.trace,
+            "hidden_changes": shown.hidden_changes,
+            "hidden_actions": shown.hidden_actions,
             "correlation_id": correlation_id,
             "max_changes": self.threadline_max_changes,
         }
