@@ -150,10 +150,13 @@ print(json.dumps(pages))
 """
 
 
-def client_get(database: str, user: str, *urls: str) -> dict[str, tuple[int, str, str]]:
+def client_get(database: str, user: str, *urls: str, routed: bool = False) -> dict[str, tuple[int, str, str]]:
     """Each URL's status, redirect and body, fetched with Django's test client as ``user``
-    (exceptions are answered as the server would: 500)."""
+    (exceptions are answered as the server would: 500); ``routed``: with the database router
+    that reads the shop's models through another alias."""
     env = {**_env(database), "ADMIN_TEST_USER": user, "ADMIN_TEST_URLS": json.dumps(urls)}
+    if routed:
+        env["ADMIN_TEST_ROUTED"] = "1"
     res = subprocess.run(
         [sys.executable, "-m", "django", "shell", "-c", CLIENT],
         capture_output=True,
@@ -254,3 +257,12 @@ def test_a_trace_shows_only_the_tables_the_user_may_view(project: tuple[str, int
     assert "Not shown: 2 changes of tables whose model you may not view" in auditor
     assert boss.count('class="threadline-transaction"') == 4 and "Not shown" not in boss
     assert "auth_user" in boss and "first_name" in boss and "ledger" in boss
+
+
+def test_the_history_links_to_the_trace_in_the_objects_database(project: tuple[str, int]) -> None:
+    database, pk = project
+    url = f"/admin/shop/purchase/{pk}/audit-trail/"
+    plain = client_get(database, "auditor", url)[url][2]
+    routed = client_get(database, "auditor", url, routed=True)[url][2]
+    assert 'href="/admin/threadline/audittrail/trace/req-admin-1/"' in plain
+    assert 'href="/admin/threadline/audittrail/trace/req-admin-1/?database=migrations"' in routed

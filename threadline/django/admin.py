@@ -24,6 +24,7 @@ from django.db import connections, router
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.http import urlencode
 
 from threadline.core.errors import InvalidFilter
 from threadline.core.printable import printable_value
@@ -48,10 +49,17 @@ def _may_view(request: HttpRequest) -> bool:
     return bool(user.has_perm(PERMISSION))
 
 
-def _trace_url(correlation_id: str | None) -> str | None:
+def _trace_url(correlation_id: str | None, using: str) -> str | None:
+    """The trace page of ``correlation_id`` in database ``using`` (named when it is not the
+    database the trace page reads by default)."""
     if not correlation_id:
         return None
-    return reverse("admin:threadline_audittrail_trace", args=[correlation_id])
+    url = reverse("admin:threadline_audittrail_trace", args=[correlation_id])
+    from threadline.models import AuditTrail
+
+    if using != router.db_for_read(AuditTrail):
+        url += "?" + urlencode({"database": using})
+    return url
 
 
 class AuditHistoryMixin:
@@ -87,7 +95,8 @@ class AuditHistoryMixin:
         allowed = self.has_view_or_change_permission(request, obj)  # type: ignore[attr-defined]
         if not (allowed and _may_view(request)):
             raise PermissionDenied
-        conn = connections[router.db_for_read(model, instance=obj)]
+        using = router.db_for_read(model, instance=obj)
+        conn = connections[using]
         limit = self.threadline_history_limit
         changes = history(conn, model._meta.db_table, obj.pk, limit=limit + 1, audit_schema=_audit_schema())
         older = len(changes) > limit
@@ -105,7 +114,7 @@ class AuditHistoryMixin:
                     ],
                     "actor": None if tx is None or tx.actor is None else str(tx.actor),
                     "correlation_id": None if tx is None else tx.correlation_id,
-                    "trace_url": _trace_url(None if tx is None else tx.correlation_id),
+                    "trace_url": _trace_url(None if tx is None else tx.correlation_id, using),
                     "origin": None if tx is None else tx.origin,
                     "task": job.get("name"),
                     "context_error": None if tx is None else tx.context_error,
