@@ -238,6 +238,10 @@ def test_system_checks_name_each_set_up_mistake(mig_dsn: str) -> None:
     assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth, ours], THREADLINE={"ORM_BRIDGE": False}) == [
         "threadline.W003"
     ]
+    # a project's subclass of the middleware is the middleware
+    subclass = "tests.djangoproject.auth.ProjectThreadlineMiddleware"
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth, subclass]) == []
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[subclass, auth]) == ["threadline.E001"]
 
 
 def test_the_database_check_names_capture_that_is_not_installed(mig_dsn: str) -> None:

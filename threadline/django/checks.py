@@ -45,13 +45,25 @@ def _is_auth_middleware(path: str) -> bool:
         return False
 
 
+def _is_our_middleware(path: str) -> bool:
+    if path in MIDDLEWARE_NAMES:
+        return True
+    try:
+        from threadline.propagation.django import ThreadlineMiddleware
+
+        found = import_string(path)
+        return isinstance(found, type) and issubclass(found, ThreadlineMiddleware)
+    except Exception:  # a middleware that cannot be imported is Django's own check's business
+        return False
+
+
 def check_setup(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Middleware order, database drivers and the ORM bridge."""
     from threadline.propagation.django import default_actor_resolver, load_settings
 
     found: list[checks.CheckMessage] = []
     middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
-    ours = next((i for i, m in enumerate(middleware) if m in MIDDLEWARE_NAMES), None)
+    ours = next((i for i, m in enumerate(middleware) if _is_our_middleware(m)), None)
     auth = next((i for i, m in enumerate(middleware) if _is_auth_middleware(m)), None)
     conf = load_settings()
     if ours is None:
