@@ -578,3 +578,19 @@ def test_the_check_names_a_parents_field_in_a_childs_entry(mig_dsn: str) -> None
     assert "threadline.E003" not in track(
         {"blog.Shop": {"exclude": ["owner"]}, "blog.Place": {"mask": ["address"]}}
     )
+
+
+def test_call_command_runs_the_command_line_into_its_streams(mig_dsn: str) -> None:
+    from django.core.management import CommandError, call_command
+
+    out = io.StringIO()
+    call_command("threadline", "coverage", "--expect", "shop_purchase", "--database", ALIAS, stdout=out)
+    assert out.getvalue() == _cli("coverage", "--expect", "shop_purchase", "--dsn", mig_dsn).stdout
+    assert "shop_purchase" in out.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="exited with status 1"):
+        call_command(
+            "threadline", "coverage", "--expect", "shop_nothing", database=ALIAS, stdout=out, stderr=err
+        )
+    direct = _cli("coverage", "--expect", "shop_nothing", "--dsn", mig_dsn)
+    assert (out.getvalue(), err.getvalue()) == (direct.stdout, direct.stderr)
