@@ -1,11 +1,13 @@
 """The admin pages in a real browser: headless Chromium (Debian's ``chromium``) against
-``manage.py runserver`` with the test project's admin settings, logged in as a staff user.
+``manage.py runserver`` with the test project's admin settings, logged in as a staff user; and
+the pages a browser would not ask for, with Django's test client in ``manage.py shell``.
 
-Skipped only when no Chromium is installed (``.ci/run`` installs it).
+The browser tests are skipped only when no Chromium is installed (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "tests.djangoproject.admin_settings"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install -y chromium")
+browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install -y chromium")
 
 SETUP = """
 import threadline
@@ -44,6 +46,20 @@ with threadline.context(actor="user:42", correlation_id="req-admin-1", request_i
 job = {"name": "shop.tasks.charge", "id": "task-1", "retries": 0, "root_id": "task-1"}
 with threadline.context(actor="user:42", correlation_id="req-admin-1", causation_id="r-1", origin="celery", job=job):
     Purchase.objects.filter(pk=p.pk).update(name="big mug")
+# the same story also changes a user (a model the auditor may not view) and a table no model maps
+from django.db import connection
+from threadline.django.database import dsn_for
+import psycopg
+with connection.cursor() as cursor:
+    cursor.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+with psycopg.connect(dsn_for("default"), autocommit=True) as conn:
+    threadline.ddl.track(conn, "auth_user", exclude=["password"])
+    threadline.ddl.track(conn, "ledger")
+User.objects.create_superuser("boss")
+with threadline.context(actor="user:42", correlation_id="req-admin-1", request_id="r-1", origin="web"):
+    User.objects.filter(username="clerk").update(first_name="Clara")
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO ledger VALUES (1, 'note')")
 print(p.pk)
 """
 
@@ -76,8 +92,9 @@ def _django(database: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(database: str) -> Iterator[tuple[str, int]]:
-    """A migrated database with two staff users and a purchase's story, and a server on it."""
+def project(database: str) -> Iterator[tuple[str, int]]:
+    """A migrated database with two staff users and a purchase's story: the session database's
+    DSN (the settings derive the project's database from it) and the purchase's pk."""
     name = psycopg.conninfo.conninfo_to_dict(database)["dbname"] + "_mig"
     with psycopg.connect(database, autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -85,30 +102,71 @@ def server(database: str) -> Iterator[tuple[str, int]]:
     try:
         _django(database, "migrate", "--verbosity", "0")
         pk = int(_django(database, "shell", "-c", SETUP).strip().splitlines()[-1])
-        port = _free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}", "--noreload"],
-            env=_env(database),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
-                    time.sleep(0.2)
-            yield f"http://127.0.0.1:{port}", pk
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        yield database, pk
     finally:
         with psycopg.connect(database, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def server(project: tuple[str, int]) -> Iterator[tuple[str, int]]:
+    """``runserver`` on the project's database."""
+    database, pk = project
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        env=_env(database),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", pk
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+CLIENT = """
+import json, os
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+client = Client(raise_request_exception=False)
+client.force_login(get_user_model().objects.get(username=os.environ["ADMIN_TEST_USER"]))
+pages = {}
+for url in json.loads(os.environ["ADMIN_TEST_URLS"]):
+    response = client.get(url)
+    pages[url] = [response.status_code, response.get("Location", ""), response.content.decode()]
+print(json.dumps(pages))
+"""
+
+
+def client_get(database: str, user: str, *urls: str, routed: bool = False) -> dict[str, tuple[int, str, str]]:
+    """Each URL's status, redirect and body, fetched with Django's test client as ``user``
+    (exceptions are answered as the server would: 500); ``routed``: with the database router
+    that reads the shop's models through another alias."""
+    env = {**_env(database), "ADMIN_TEST_USER": user, "ADMIN_TEST_URLS": json.dumps(urls)}
+    if routed:
+        env["ADMIN_TEST_ROUTED"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-m", "django", "shell", "-c", CLIENT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    pages = json.loads(res.stdout.strip().splitlines()[-1])
+    return {url: (status, location, body) for url, (status, location, body) in pages.items()}
 
 
 def browse(base: str, user: str, page: str, screenshot: Path | None = None) -> str:
@@ -128,6 +186,7 @@ def browse(base: str, user: str, page: str, screenshot: Path | None = None) -> s
     return res.stdout
 
 
+@browser
 def test_an_objects_audit_trail_from_its_change_page(server: tuple[str, int], tmp_path: Path) -> None:
     base, pk = server
     change = browse(base, "auditor", f"/admin/shop/purchase/{pk}/change/")
@@ -145,6 +204,7 @@ def test_an_objects_audit_trail_from_its_change_page(server: tuple[str, int], tm
         shutil.copy(shot, Path(os.environ["THREADLINE_KEEP_SCREENSHOTS"]) / "admin-audit-trail.png")
 
 
+@browser
 def test_a_requests_trace_in_the_admin(server: tuple[str, int], tmp_path: Path) -> None:
     base, _ = server
     index = browse(base, "auditor", "/admin/")
@@ -160,9 +220,49 @@ def test_a_requests_trace_in_the_admin(server: tuple[str, int], tmp_path: Path) 
         shutil.copy(shot, Path(os.environ["THREADLINE_KEEP_SCREENSHOTS"]) / "admin-trace.png")
 
 
+@browser
 def test_without_the_permission_the_pages_are_refused(server: tuple[str, int]) -> None:
     base, pk = server
     page = browse(base, "clerk", f"/admin/shop/purchase/{pk}/audit-trail/")
     assert "403 Forbidden" in page and "big mug" not in page
     assert "403 Forbidden" in browse(base, "clerk", "/admin/threadline/audittrail/trace/req-admin-1/")
     assert "/admin/threadline/audittrail/" not in browse(base, "clerk", "/admin/")
+
+
+def test_the_audit_trail_has_no_object_pages_and_refuses_bad_ids(project: tuple[str, int]) -> None:
+    database, _ = project
+    base = "/admin/threadline/audittrail/"
+    objects = [f"{base}1/change/", f"{base}1/delete/", f"{base}1/history/", f"{base}add/"]
+    bad = [f"{base}trace/a%00b/", f"{base}trace/%E2%80%AEabc/", f"{base}trace/{'x' * 300}/"]
+    search = f"{base}?correlation_id=a%0Ab"
+    pages = client_get(database, "auditor", *objects, *bad, search, f"{base}trace/req-admin-1/")
+    for url in objects:
+        assert pages[url][0] == 404, url  # the model has no table: no object pages
+    for url in [*bad, search]:
+        status, _, body = pages[url]
+        assert status == 400 and "No trace: correlation_id " in body, url
+    assert "correlation_id is 300 characters long; the limit is " in pages[bad[2]][2]
+    assert pages[f"{base}trace/req-admin-1/"][0] == 200
+
+
+def test_a_trace_shows_only_the_tables_the_user_may_view(project: tuple[str, int]) -> None:
+    database, _ = project
+    url = "/admin/threadline/audittrail/trace/req-admin-1/"
+    pages = {user: client_get(database, user, url)[url] for user in ("auditor", "boss")}
+    (status, _, auditor), (_, _, boss) = pages["auditor"], pages["boss"]
+    # the auditor may view purchases only: the user's change and the model-less table are left out
+    assert status == 200 and auditor.count('class="threadline-transaction"') == 2
+    assert "shop_purchase" in auditor and "auth_user" not in auditor and "first_name" not in auditor
+    assert "ledger" not in auditor
+    assert "Not shown: 2 changes of tables whose model you may not view" in auditor
+    assert boss.count('class="threadline-transaction"') == 4 and "Not shown" not in boss
+    assert "auth_user" in boss and "first_name" in boss and "ledger" in boss
+
+
+def test_the_history_links_to_the_trace_in_the_objects_database(project: tuple[str, int]) -> None:
+    database, pk = project
+    url = f"/admin/shop/purchase/{pk}/audit-trail/"
+    plain = client_get(database, "auditor", url)[url][2]
+    routed = client_get(database, "auditor", url, routed=True)[url][2]
+    assert 'href="/admin/threadline/audittrail/trace/req-admin-1/"' in plain
+    assert 'href="/admin/threadline/audittrail/trace/req-admin-1/?database=migrations"' in routed

@@ -10,13 +10,16 @@ module, not one test of it).
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -235,6 +238,10 @@ def test_system_checks_name_each_set_up_mistake(mig_dsn: str) -> None:
     assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth, ours], THREADLINE={"ORM_BRIDGE": False}) == [
         "threadline.W003"
     ]
+    # a project's subclass of the middleware is the middleware
+    subclass = "tests.djangoproject.auth.ProjectThreadlineMiddleware"
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[auth, subclass]) == []
+    assert _ids(INSTALLED_APPS=apps, MIDDLEWARE=[subclass, auth]) == ["threadline.E001"]
 
 
 def test_the_database_check_names_capture_that_is_not_installed(mig_dsn: str) -> None:
@@ -425,7 +432,7 @@ def test_take_baseline_operation(mig_dsn: str) -> None:
         expected = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
     operation = TakeBaseline("shop.Purchase", batch_size=2)
     assert operation.deconstruct() == (
-        "threadline.django.operations.TakeBaseline",
+        "TakeBaseline",
         ["shop.Purchase"],
         {"batch_size": 2},
     )
@@ -445,3 +452,145 @@ def test_take_baseline_operation(mig_dsn: str) -> None:
             [table],
         ).fetchone()
     assert expected is not None and done == (expected[0], True, expected[0], 0)
+
+
+def test_a_squashed_migration_keeps_its_track_operation(
+    mig_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.management import call_command
+    from django.test import override_settings
+
+    from threadline.django.operations import Track
+
+    package = tmp_path / "squashed_shop_migrations"
+    shutil.copytree(Path(__file__).parent / "djangoproject" / "shop" / "migrations", package)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with override_settings(MIGRATION_MODULES={"shop": package.name}):
+        call_command("squashmigrations", "shop", "0002", interactive=False, verbosity=0)
+        (written,) = package.glob("0001_squashed_0002_*.py")
+        assert "threadline.django.operations.Track(" in written.read_text()
+        module = importlib.import_module(f"{package.name}.{written.stem}")
+        (track,) = [op for op in module.Migration.operations if isinstance(op, Track)]
+        assert (track.model, track.mask) == ("shop.Order", ("card_number",))
+        migrate("shop", "zero")
+        assert ("shop_purchase", "installed") not in _status(mig_dsn)
+        out = migrate("shop")
+    assert f"Applying shop.{written.stem}... OK" in out
+    with psycopg.connect(mig_dsn) as conn:
+        (entry,) = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == "shop_purchase"]
+    assert entry.status == "installed" and entry.mask == ("card",)
+
+
+class KeepTheAuditSchemaOut:
+    """A router that keeps threadline's migrations out of the ``other`` database."""
+
+    def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool | None:
+        return False if (db, app_label) == ("other", "threadline") else None
+
+
+def test_migrations_follow_the_database_routers(database: str, mig_dsn: str) -> None:
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connections
+    from django.test import override_settings
+
+    name = f"{connections.settings[ALIAS]['NAME']}_other"
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    connections.settings["other"] = {**connections.settings[ALIAS], "NAME": name}
+    other = psycopg.conninfo.make_conninfo(database, dbname=name)
+
+    def tables() -> list[str]:
+        with psycopg.connect(other) as conn:
+            rows = conn.execute(
+                "SELECT table_schema || '.' || table_name FROM information_schema.tables"
+                " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+            ).fetchall()
+        return [r[0] for r in rows if r[0] == "threadline.changes" or r[0].startswith("public.shop")]
+
+    def migrate_other(*args: str) -> None:
+        call_command("migrate", *args, database="other", stdout=io.StringIO(), verbosity=1)
+
+    try:
+        # the shop's models live in the migrations database: its Track and Untrack are skipped here
+        routers = [f"{__name__}.KeepTheAuditSchemaOut", *settings.DATABASE_ROUTERS]
+        with override_settings(DATABASE_ROUTERS=routers):
+            migrate_other()
+            assert tables() == []  # and no audit schema where the routers keep threadline out
+            migrate_other("threadline", "zero")
+        migrate_other()
+        assert tables() == ["threadline.changes"]
+        migrate_other("shop", "zero")
+        migrate_other("shop")
+        assert tables() == ["threadline.changes"]
+    finally:
+        connections["other"].close()
+        del connections.settings["other"]
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_declarative_tracking_skips_what_the_migrated_state_lacks(
+    mig_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.conf import settings
+    from django.test import override_settings
+
+    from threadline.core.errors import ConfigurationError
+
+    def entry(table: str) -> Any:
+        with psycopg.connect(mig_dsn) as conn:
+            found = [t for t in threadline.ddl.tracked_tables(conn) if t.table_name == table]
+        return found[0] if found else None
+
+    before = entry("shop_purchase")
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        threadline.ddl.untrack(conn, "auth_user")
+    track = {
+        "blog.Shop": {"mask": ["address"]},  # a parent's field: its column is in the parent's table
+        "shop.Nope": {},
+        "shop.Purchase": {"mask": ["card_number", "note"]},  # no column "note" at this state
+        "auth.User": {"mask": ["password"]},
+    }
+    with (
+        override_settings(THREADLINE={**settings.THREADLINE, "TRACK": track}),
+        pytest.raises(ConfigurationError) as failed,
+    ):
+        migrate()
+    message = str(failed.value)
+    assert "'shop.Nope', which is not an installed model" in message
+    assert "names address, inherited from blog.Place" in message and "track 'blog.Place'" in message
+    # the bad entries stopped nothing: the last one is applied
+    assert entry("auth_user").status == "installed" and entry("auth_user").mask == ("password",)
+    # the entry naming a missing column is skipped whole, its table's tracking left as it was
+    assert entry("shop_purchase") == before and before.mask == ("card",)
+    assert "shop.Purchase: table shop_purchase in database 'migrations' has no column note" in caplog.text
+
+
+def test_the_check_names_a_parents_field_in_a_childs_entry(mig_dsn: str) -> None:
+    from django.conf import settings
+
+    def track(entries: dict[str, Any]) -> list[str]:
+        return _ids(THREADLINE={**settings.THREADLINE, "TRACK": entries})
+
+    assert "threadline.E003" in track({"blog.Shop": {"mask": ["address"]}})
+    assert "threadline.E003" not in track(
+        {"blog.Shop": {"exclude": ["owner"]}, "blog.Place": {"mask": ["address"]}}
+    )
+
+
+def test_call_command_runs_the_command_line_into_its_streams(mig_dsn: str) -> None:
+    from django.core.management import CommandError, call_command
+
+    out = io.StringIO()
+    call_command("threadline", "coverage", "--expect", "shop_purchase", "--database", ALIAS, stdout=out)
+    assert out.getvalue() == _cli("coverage", "--expect", "shop_purchase", "--dsn", mig_dsn).stdout
+    assert "shop_purchase" in out.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="exited with status 1"):
+        call_command(
+            "threadline", "coverage", "--expect", "shop_nothing", database=ALIAS, stdout=out, stderr=err
+        )
+    direct = _cli("coverage", "--expect", "shop_nothing", "--dsn", mig_dsn)
+    assert (out.getvalue(), err.getvalue()) == (direct.stdout, direct.stderr)

@@ -3,6 +3,8 @@ admin, and every table in the ``migrations`` database."""
 
 from __future__ import annotations
 
+import os
+
 from tests.djangoproject.settings import *  # noqa: F403
 from tests.djangoproject.settings import DATABASES, INSTALLED_APPS
 
@@ -23,7 +25,11 @@ MIDDLEWARE = [
 ]
 ROOT_URLCONF = "tests.djangoproject.admin_urls"
 DATABASES = {"default": DATABASES["migrations"], "migrations": DATABASES["migrations"]}
-DATABASE_ROUTERS: list[str] = []
+# the admin tests' variant of several databases: the shop's and auth's models read through the
+# ``migrations`` alias (the same database), threadline's through ``default``
+DATABASE_ROUTERS: list[str] = (
+    ["tests.djangoproject.routers.MigrationsRouter"] if os.environ.get("ADMIN_TEST_ROUTED") else []
+)
 SILENCED_SYSTEM_CHECKS: list[str] = []
 STATIC_URL = "/static/"
 TEMPLATES = [

@@ -8,7 +8,8 @@
   and changes).
 
 Both need the ``threadline.view_audit_trail`` permission ("Can view the audit trail"), on top of
-the view permission of the object's model for its history. Values are shown as they were
+the view permission of the object's model for its history; a trace shows only the changes of
+tables whose model the user may view (see :mod:`threadline.django.trace_access`). Values are shown as they were
 captured: masked columns show the mask, excluded ones are absent.
 """
 
@@ -23,8 +24,12 @@ from django.db import connections, router
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.http import urlencode
 
+from threadline.core.errors import InvalidFilter
 from threadline.core.printable import printable_value
+from threadline.django.trace_access import visible_trace
+from threadline.explore.arguments import check_text_filter
 from threadline.explore.diff import FieldChange, diff
 from threadline.explore.query import history, trace
 
@@ -44,10 +49,17 @@ def _may_view(request: HttpRequest) -> bool:
     return bool(user.has_perm(PERMISSION))
 
 
-def _trace_url(correlation_id: str | None) -> str | None:
+def _trace_url(correlation_id: str | None, using: str) -> str | None:
+    """The trace page of ``correlation_id`` in database ``using`` (named when it is not the
+    database the trace page reads by default)."""
     if not correlation_id:
         return None
-    return reverse("admin:threadline_audittrail_trace", args=[correlation_id])
+    url = reverse("admin:threadline_audittrail_trace", args=[correlation_id])
+    from threadline.models import AuditTrail
+
+    if using != router.db_for_read(AuditTrail):
+        url += "?" + urlencode({"database": using})
+    return url
 
 
 class AuditHistoryMixin:
@@ -83,7 +95,8 @@ class AuditHistoryMixin:
         allowed = self.has_view_or_change_permission(request, obj)  # type: ignore[attr-defined]
         if not (allowed and _may_view(request)):
             raise PermissionDenied
-        conn = connections[router.db_for_read(model, instance=obj)]
+        using = router.db_for_read(model, instance=obj)
+        conn = connections[using]
         limit = self.threadline_history_limit
         changes = history(conn, model._meta.db_table, obj.pk, limit=limit + 1, audit_schema=_audit_schema())
         older = len(changes) > limit
@@ -101,7 +114,7 @@ class AuditHistoryMixin:
                     ],
                     "actor": None if tx is None or tx.actor is None else str(tx.actor),
                     "correlation_id": None if tx is None else tx.correlation_id,
-                    "trace_url": _trace_url(None if tx is None else tx.correlation_id),
+                    "trace_url": _trace_url(None if tx is None else tx.correlation_id, using),
                     "origin": None if tx is None else tx.origin,
                     "task": job.get("name"),
                     "context_error": None if tx is None else tx.context_error,
@@ -147,12 +160,28 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
     def get_urls(self) -> list[Any]:
-        """``trace/<correlation id>/`` beside the search page."""
-        view = self.admin_site.admin_view(self.trace_view)
+        """The search page and ``trace/<correlation id>/``, nothing else: the model has no table,
+        so the admin's add, change, delete and history pages of an object do not exist (404)."""
+        site = self.admin_site
         return [
-            path("trace/<path:correlation_id>/", view, name="threadline_audittrail_trace"),
-            *super().get_urls(),
+            path(
+                "trace/<path:correlation_id>/",
+                site.admin_view(self.trace_view),
+                name="threadline_audittrail_trace",
+            ),
+            path("", site.admin_view(self.changelist_view), name="threadline_audittrail_changelist"),
         ]
+
+    def _search_page(self, request: HttpRequest, error: str | None = None) -> HttpResponse:
+        """The search form; with ``error``, a 400 that says what was wrong with the id."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Audit trail",
+            "opts": self.model._meta,
+            "error": error,
+        }
+        status = 200 if error is None else 400
+        return TemplateResponse(request, "threadline/admin/trace_search.html", context, status=status)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -161,10 +190,13 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if not self.has_view_permission(request):
             raise PermissionDenied
         wanted = (request.GET.get("correlation_id") or "").strip()
-        if wanted:
-            return HttpResponseRedirect(reverse("admin:threadline_audittrail_trace", args=[wanted]))
-        context = {**self.admin_site.each_context(request), "title": "Audit trail", "opts": self.model._meta}
-        return TemplateResponse(request, "threadline/admin/trace_search.html", context)
+        if not wanted:
+            return self._search_page(request)
+        try:
+            checked = check_text_filter("correlation_id", wanted)
+        except InvalidFilter as exc:
+            return self._search_page(request, f"No trace: {exc}.")
+        return HttpResponseRedirect(reverse("admin:threadline_audittrail_trace", args=[checked]))
 
     def trace_view(self, request: HttpRequest, correlation_id: str) -> HttpResponse:
         """Everything one correlation id caused, as a tree."""
@@ -173,14 +205,20 @@ class AuditTrailAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         using = request.GET.get("database") or router.db_for_read(self.model)
         if using not in connections:
             raise Http404(f"no database {using!r}")
-        found = trace(connections[using], correlation_id, audit_schema=_audit_schema())
+        try:
+            found = trace(connections[using], correlation_id, audit_schema=_audit_schema())
+        except InvalidFilter as exc:
+            return self._search_page(request, f"No trace: {exc}.")
+        shown = visible_trace(request.user, found)
         # a story of thousands of changes stays a readable page: the first of each transaction
         # are listed, the count of the rest is shown
         context = {
             **self.admin_site.each_context(request),
             "title": f"Trace of {correlation_id}",
             "opts": self.model._meta,
-            "trace": found,
+            "trace": shown.trace,
+            "hidden_changes": shown.hidden_changes,
+            "hidden_actions": shown.hidden_actions,
             "correlation_id": correlation_id,
             "max_changes": self.threadline_max_changes,
         }

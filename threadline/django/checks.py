@@ -3,6 +3,7 @@
 =================  =====================================================================
 ``threadline.E001``  ``ThreadlineMiddleware`` runs before ``AuthenticationMiddleware``: no request has an actor
 ``threadline.E002``  a PostgreSQL database runs on psycopg2: its writes carry no context
+``threadline.E003``  a ``THREADLINE["TRACK"]`` entry of a child model names its parent's fields
 ``threadline.W001``  ``ThreadlineMiddleware`` is not in ``MIDDLEWARE``: web requests carry no context
 ``threadline.W002``  no ``AuthenticationMiddleware``: the default actor resolver finds no user
 ``threadline.W003``  ``ORM_BRIDGE`` is off: Django's own writes carry no context
@@ -44,13 +45,25 @@ def _is_auth_middleware(path: str) -> bool:
         return False
 
 
+def _is_our_middleware(path: str) -> bool:
+    if path in MIDDLEWARE_NAMES:
+        return True
+    try:
+        from threadline.propagation.django import ThreadlineMiddleware
+
+        found = import_string(path)
+        return isinstance(found, type) and issubclass(found, ThreadlineMiddleware)
+    except Exception:  # a middleware that cannot be imported is Django's own check's business
+        return False
+
+
 def check_setup(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Middleware order, database drivers and the ORM bridge."""
     from threadline.propagation.django import default_actor_resolver, load_settings
 
     found: list[checks.CheckMessage] = []
     middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
-    ours = next((i for i, m in enumerate(middleware) if m in MIDDLEWARE_NAMES), None)
+    ours = next((i for i, m in enumerate(middleware) if _is_our_middleware(m)), None)
     auth = next((i for i, m in enumerate(middleware) if _is_auth_middleware(m)), None)
     conf = load_settings()
     if ours is None:
@@ -92,6 +105,35 @@ def check_setup(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list
             )
         )
     found.extend(_database_drivers())
+    found.extend(_inherited_track_options(conf.track))
+    return found
+
+
+def _inherited_track_options(track: Any) -> list[checks.CheckMessage]:
+    """A ``TRACK`` entry of a model with multi-table inheritance that names its parent's fields:
+    their columns are in the parent's table, so the entry cannot mask or exclude them."""
+    from django.apps import apps
+
+    from threadline.django.tracking import inheritance_error, inherited_fields
+
+    found: list[checks.CheckMessage] = []
+    for label, options in track.items():
+        try:
+            model = apps.get_model(label)
+        except LookupError:  # applying the setting names it, after migrate
+            continue
+        for option in ("mask", "exclude", "keys"):
+            inherited = inherited_fields(model, options[option])
+            if inherited:
+                found.append(
+                    checks.Error(
+                        inheritance_error(label, option, inherited),
+                        hint="each table of a multi-table inheritance is tracked on its own: "
+                        "name a field in the entry of the model whose table holds it",
+                        obj=model,
+                        id="threadline.E003",
+                    )
+                )
     return found
 
 

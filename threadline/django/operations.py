@@ -12,6 +12,11 @@ it and the migration file never changes when threadline is upgraded::
 
 Model and field names are resolved against the migration state, so a ``Track`` follows
 ``db_table`` and ``db_column``; a name that is not a field is taken as a column name.
+
+Database routers are followed as by Django's own operations: ``Track``, ``Untrack`` and
+``TakeBaseline`` do nothing in a database the routers keep the model out of, and
+``InstallAudit`` installs the audit schema in each database the routers let the migration's app
+(``threadline`` for threadline's own migrations) migrate to, by default every one.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
+from django.db import router
 from django.db.migrations.operations.base import Operation
 
 from threadline.core.errors import ConfigurationError
@@ -53,25 +59,29 @@ class InstallAudit(Operation):
         self.app_role = app_role
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """How the migration writer spells this operation."""
+        """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {"version": self.version}
         if self.audit_schema != DEFAULT_SCHEMA:
             kwargs["audit_schema"] = self.audit_schema
         if self.app_role is not None:
             kwargs["app_role"] = self.app_role
-        return ("threadline.django.operations.InstallAudit", [], kwargs)
+        return (type(self).__name__, [], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """No model state changes."""
 
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        """Run the pinned install script."""
+        """Run the pinned install script (where the routers let ``app_label`` migrate)."""
+        if not router.allow_migrate(schema_editor.connection.alias, app_label):
+            return
         schema_editor.execute(
             install_sql(self.audit_schema, app_role=self.app_role, version=self.version), params=None
         )
 
     def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
         """Drop the audit schema, unless it holds audit rows."""
+        if not router.allow_migrate(schema_editor.connection.alias, app_label):
+            return
         schema_editor.execute(uninstall_sql(self.audit_schema), params=None)
 
     def describe(self) -> str:
@@ -119,22 +129,25 @@ class _TableOperation(Operation):
         self.audit_schema = audit_schema
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """How the migration writer spells this operation."""
+        """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {}
         for name in ("mask", "exclude", "keys"):
             if getattr(self, name):
                 kwargs[name] = list(getattr(self, name))
         if self.audit_schema != DEFAULT_SCHEMA:
             kwargs["audit_schema"] = self.audit_schema
-        return (f"threadline.django.operations.{type(self).__name__}", [self.model], kwargs)
+        return (type(self).__name__, [self.model], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """No model state changes."""
 
-    def _resolve(self, state: Any) -> tuple[str, dict[str, tuple[str, ...]]]:
-        """The model's table and its options as column names, in the migration ``state``."""
+    def _resolve(self, state: Any, alias: str) -> tuple[str, dict[str, tuple[str, ...]]] | None:
+        """The model's table and its options as column names, in the migration ``state``; ``None``
+        when the routers keep the model out of database ``alias``."""
         app_label, _, model_name = self.model.partition(".")
         model = state.apps.get_model(app_label, model_name)
+        if not self.allow_migrate_model(alias, model):
+            return None
         meta = model._meta
         columns = partial(column_names, model)
         return meta.db_table, {
@@ -144,7 +157,10 @@ class _TableOperation(Operation):
         }
 
     def _track(self, schema_editor: Any, state: Any) -> None:
-        table, options = self._resolve(state)
+        resolved = self._resolve(state, schema_editor.connection.alias)
+        if resolved is None:
+            return
+        table, options = resolved
         schema_editor.execute(
             track_sql(
                 table,
@@ -157,7 +173,10 @@ class _TableOperation(Operation):
         )
 
     def _untrack(self, schema_editor: Any, state: Any) -> None:
-        table, _ = self._resolve(state)
+        resolved = self._resolve(state, schema_editor.connection.alias)
+        if resolved is None:
+            return
+        table, _ = resolved
         schema_editor.execute(untrack_sql(table, audit_schema=self.audit_schema), params=None)
 
 
@@ -230,19 +249,19 @@ class TakeBaseline(Operation):
         self.audit_schema = audit_schema
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """How the migration writer spells this operation."""
+        """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {}
         if self.batch_size != 10_000:
             kwargs["batch_size"] = self.batch_size
         if self.audit_schema != DEFAULT_SCHEMA:
             kwargs["audit_schema"] = self.audit_schema
-        return ("threadline.django.operations.TakeBaseline", [self.model], kwargs)
+        return (type(self).__name__, [self.model], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """No model state changes."""
 
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        """Take the baseline, batch by batch."""
+        """Take the baseline, batch by batch (not where the routers keep the model out)."""
         connection = schema_editor.connection
         if connection.in_atomic_block:
             raise ConfigurationError(
@@ -250,7 +269,10 @@ class TakeBaseline(Operation):
                 "atomic = False"
             )
         label, _, name = self.model.partition(".")
-        table = to_state.apps.get_model(label, name)._meta.db_table
+        model = to_state.apps.get_model(label, name)
+        if not self.allow_migrate_model(connection.alias, model):
+            return
+        table = model._meta.db_table
         statement = f"SELECT finished FROM {quote_ident(self.audit_schema)}.baseline_batch(%s::regclass, %s)"
         target = quote_ident(table)
         while True:

@@ -14,3 +14,23 @@ class Post(models.Model):
     class Meta:
         db_table = "dj_posts"
         app_label = "blog"
+
+
+class Place(models.Model):
+    """A parent of multi-table inheritance (no table: only the system checks look at it)."""
+
+    address = models.CharField(max_length=200)
+
+    class Meta:
+        db_table = "dj_places"
+        app_label = "blog"
+
+
+class Shop(Place):
+    """A child of :class:`Place`: ``address`` is a column of ``dj_places``, not of ``dj_shops``."""
+
+    owner = models.CharField(max_length=200)
+
+    class Meta:
+        db_table = "dj_shops"
+        app_label = "blog"

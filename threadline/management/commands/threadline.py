@@ -7,6 +7,8 @@ subcommand or after it). ``manage.py threadline --help`` lists the subcommands.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -74,11 +76,20 @@ class Command(BaseCommand):
         sys.exit(code)
 
     def add_arguments(self, parser: Any) -> None:
-        """For ``call_command("threadline", ...)``: everything is passed through."""
-        parser.add_argument("args", nargs="*")
+        """For ``call_command("threadline", ...)``: the alias, then everything is passed through."""
+        parser.add_argument("--database", default=None, help="an alias from settings.DATABASES")
+        parser.add_argument("args", nargs=argparse.REMAINDER)
 
     def handle(self, *args: str, **options: Any) -> None:
-        """``call_command("threadline", "coverage", "--expect", "shop_order")``."""
-        code = run(list(args))
+        """``call_command("threadline", "coverage", "--expect", "shop_order", stdout=out)``: the
+        output goes to ``stdout=`` and ``stderr=`` when given."""
+        argv = list(args)
+        if options.get("database"):
+            argv = ["--database", options["database"], *argv]
+        with (
+            contextlib.redirect_stdout(options.get("stdout") or sys.stdout),
+            contextlib.redirect_stderr(options.get("stderr") or sys.stderr),
+        ):
+            code = run(argv)
         if code:
-            raise CommandError(f"threadline {' '.join(args)} exited with status {code}", returncode=code)
+            raise CommandError(f"threadline {' '.join(argv)} exited with status {code}", returncode=code)
