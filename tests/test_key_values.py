@@ -94,3 +94,31 @@ def test_arguments_out_of_range_are_refused_as_threadline_errors(
     ):
         res = run(*args, "--dsn", dsn)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+def test_a_timestamptz_key_is_one_key_whatever_zone_its_writers_set(
+    conn: psycopg.Connection[Any], typed: bool
+) -> None:
+    conn.execute("CREATE TABLE app.slots (at timestamptz PRIMARY KEY, v text)")
+    threadline.ddl.track(conn, "app.slots")
+    if not typed:
+        conn.execute("SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables")
+    for zone, statement in (
+        ("UTC", "INSERT INTO app.slots VALUES ('2024-05-01 12:00:00.5+00', 'a')"),
+        ("America/New_York", "UPDATE app.slots SET v = 'b'"),
+        ("Asia/Kolkata", "UPDATE app.slots SET v = 'c'"),
+    ):
+        conn.execute("SELECT set_config('TimeZone', %s, false)", [zone])
+        _write(conn, statement)
+    keys = conn.execute("SELECT DISTINCT pk::text FROM threadline.changes").fetchall()
+    assert keys == [('{"at": "2024-05-01T12:00:00.5+00:00"}',)]
+    at = datetime(2024, 5, 1, 17, 30, 0, 500000, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    for given in (at, "2024-05-01T08:00:00.5-04:00", "2024-05-01 12:00:00.5Z", "2024-05-01 08:00:00.5-04"):
+        assert [c.after["v"] for c in threadline.history(conn, "app.slots", given)] == ["c", "b", "a"]
+    assert threadline.as_of(conn, "app.slots", at, datetime.now(timezone.utc))["v"] == "c"
+    threadline.take_baseline(conn, "app.slots")
+    rows = list(threadline.as_of(conn, "app.slots", at=datetime.now(timezone.utc)))
+    assert [r["v"] for r in rows] == ["c"]
+    with pytest.raises(InvalidKey, match="timestamptz"):
+        threadline.history(conn, "app.slots", "yesterday-ish")

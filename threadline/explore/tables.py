@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -128,7 +129,7 @@ def _kind(typname: str, category: str, typmod: int = -1) -> str:
         return f"char:{typmod - 4}"  # char(n): compared padded to n
     if typname in ("int2", "int4", "int8"):
         return "int"
-    if typname in ("uuid", "bool"):
+    if typname in ("uuid", "bool", "timestamptz"):
         return typname
     if category == "N":
         return "number"
@@ -220,6 +221,8 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
             if isinstance(value, (str, int)):
                 return str(value)
             raise ValueError
+        if kind == "timestamptz":
+            return _utc_text(value)
         if kind.startswith("char:"):
             width = int(kind[5:])
             text = str(value).rstrip(" ") if isinstance(value, (str, int)) else None
@@ -238,6 +241,32 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
 def _shown(value: Any) -> str:
     text = repr(value) if not isinstance(value, int) or -_BIG_INT < value < _BIG_INT else "a very large int"
     return text if len(text) <= 80 else text[:79] + "…"
+
+
+_SHORT_OFFSET = re.compile(r"[+-]\d\d$")
+
+
+def _utc_text(value: Any) -> str:
+    """A ``timestamptz`` key value as capture writes it (in UTC, as ``to_json()`` prints it:
+    ``2024-05-01T12:00:00.5+00:00``), from an aware ``datetime`` or its ISO 8601 text."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("infinity", "-infinity"):
+            return text.lower()
+        text = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+        text = text + ":00" if _SHORT_OFFSET.search(text) else text
+        value = datetime.fromisoformat(text)  # ValueError: not a time
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(value)
+    try:
+        at = value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(value) from None
+    fraction = f".{at.microsecond:06d}".rstrip("0") if at.microsecond else ""
+    return (
+        f"{at.year:04d}-{at.month:02d}-{at.day:02d}T{at.hour:02d}:{at.minute:02d}:{at.second:02d}"
+        f"{fraction}+00:00"
+    )
 
 
 _INT_DIGITS = 4000

@@ -891,6 +891,16 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                                                'timestamp'::regtype, 'timestamptz'::regtype, 'interval'::regtype))
 $fn$;
 
+-- Whether any of a table's key columns holds a value whose text depends on the session's time
+-- zone (a timestamptz, or a type holding one): capture code then writes the table's values in
+-- UTC, so that one row keeps one key whichever zone its writers set.
+CREATE OR REPLACE FUNCTION @audit@.keys_follow_timezone(rel regclass, keys text[]) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k
+                     JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
+                    WHERE a.attname::text = ANY (keys) AND k.t = 'timestamptz'::regtype)
+$fn$;
+
 -- The SQL text of a value's text through its type's output function (see cast_exposed_columns()).
 CREATE OR REPLACE FUNCTION @audit@.output_text_sql(expr text, container boolean) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1566,7 +1576,8 @@ BEGIN
                -- the database, such a range) print their dates and intervals as the session says;
                -- to_json() writes them in ISO whatever it says
                || CASE WHEN (cardinality(json_exposed) > 0 OR safe_lateral <> '') AND @audit@.prints_dates(rel)
-                       THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres''' ELSE '' END,
+                       THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres''' ELSE '' END
+               || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END,
                tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
@@ -2323,7 +2334,7 @@ CREATE OR REPLACE FUNCTION @audit@.baseline_batch(
     OUT baseline_id bigint, OUT batch_rows integer, OUT total_rows bigint, OUT finished boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 -- the text of the values, as capture code writes it whatever the session prints (see render_capture)
-SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' AS $fn$
+SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' AS $fn$
 DECLARE
     e @audit@.tracked_tables;
     b @audit@.baselines;
