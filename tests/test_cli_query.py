@@ -187,6 +187,13 @@ def test_actions_list(story: Story) -> None:
     )
     assert [a["name"] for a in data] == ["sync.start"]
     assert ok("actions", "--actor", "user:404", "--dsn", story.dsn) == "no actions match these filters\n"
+    # a list cut by its limit says so, and where the next page starts
+    cut = run("actions", "--correlation-id", "req-1", "--limit", "1", "--dsn", story.dsn)
+    assert cut.returncode == 0 and len(cut.stdout.splitlines()) == 2, cut.stdout
+    since = cut.stderr.split("--since ")[1].split(",")[0]
+    rest = ok("actions", "--correlation-id", "req-1", "--since", since, "--dsn", story.dsn)
+    assert [line.split()[2] for line in rest.splitlines()[1:]] == ["sync.start"]
+    assert "more actions" not in run("actions", "--correlation-id", "req-1", "--dsn", story.dsn).stderr
 
 
 def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:

@@ -397,6 +397,9 @@ def test_diff_of_each_operation(conn: Conn, story: Story) -> None:
     conn.execute("TRUNCATE app.comments")
     (truncate,) = _all(conn, op="truncate")
     assert diff(truncate) == [] and truncate.pk is None
+    threadline.take_baseline(conn, "app.posts")  # a snapshot shows the row as it was then
+    snapshot = threadline.history(conn, "app.posts", 1)[0]
+    assert snapshot.op == "snapshot" and ("body", None, "edited") in diff(snapshot)
 
 
 # ---------------------------------------------------------------------------------------------

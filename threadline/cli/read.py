@@ -246,15 +246,27 @@ def actions(
             name=name,
             since=since,
             until=until,
-            limit=limit,
+            limit=min(limit + 1, MAX_LIMIT),  # one more: to tell whether the list was cut
             audit_schema=audit_schema,
         )
+    cut = len(found) > limit or len(found) == MAX_LIMIT
+    resume = found[limit] if len(found) > limit else found[-1] if found else None
+    found = found[:limit]
     if as_json:
         _echo_json([a.to_dict() for a in found])
-        return
-    if not found:
+    elif not found:
         echo("no actions match these filters")
-        return
+    else:
+        _echo_actions(found)
+    if cut and resume is not None:  # oldest first: the newest are the ones left out
+        echo(
+            f"more actions match (the first {limit} shown, oldest first): next page with"
+            f" --since {resume.inserted_at.isoformat()}, or narrow the filters",
+            err=True,
+        )
+
+
+def _echo_actions(found: Sequence[Any]) -> None:
     rows = [
         (
             _time(a.inserted_at),

@@ -24,6 +24,7 @@ def diff(change: Change) -> list[FieldChange]:
     - update: the changed fields, in the order captured, with their prior and new values;
     - insert: every field of the new row (``before`` is ``None``);
     - delete: every field of the deleted row (``after`` is ``None``);
+    - snapshot (a baseline's record of a row): every field of the row then (``before`` is ``None``);
     - truncate: ``[]`` (no row images are captured).
 
     Excluded columns are never present; masked ones show the placeholder on both sides.
@@ -37,7 +38,7 @@ def diff(change: Change) -> list[FieldChange]:
             else tuple(f for f, v in before.items() if f not in after or after[f] != v)
         )
         return [FieldChange(f, before.get(f), after.get(f)) for f in fields]
-    if change.op == "insert":
+    if change.op in ("insert", "snapshot"):
         return [FieldChange(f, None, v) for f, v in after.items()]
     if change.op == "delete":
         return [FieldChange(f, v, None) for f, v in before.items()]
