@@ -122,3 +122,19 @@ def test_a_timestamptz_key_is_one_key_whatever_zone_its_writers_set(
     assert [r["v"] for r in rows] == ["c"]
     with pytest.raises(InvalidKey, match="timestamptz"):
         threadline.history(conn, "app.slots", "yesterday-ish")
+
+
+def test_numbers_a_float_cannot_hold_are_read_exactly(conn: psycopg.Connection[Any], dsn: str) -> None:
+    conn.execute("CREATE TABLE app.ledger (id int PRIMARY KEY, amount numeric(30,2), rate float8)")
+    threadline.ddl.track(conn, "app.ledger")
+    _write(conn, "INSERT INTO app.ledger VALUES (1, 1234567890123456789012345678.91, 1.5)")
+    _write(conn, "UPDATE app.ledger SET amount = 1234567890123456789012345678.92")
+    update, insert = threadline.history(conn, "app.ledger", 1)
+    assert update.after is not None and update.before is not None and insert.after is not None
+    assert update.after["amount"] == Decimal("1234567890123456789012345678.92")
+    assert update.before["amount"] == Decimal("1234567890123456789012345678.91")
+    assert insert.after["rate"] == 1.5 and isinstance(insert.after["rate"], float)
+    out = run("history", "app.ledger", "1", "--dsn", dsn).stdout
+    assert "1234567890123456789012345678.91 → 1234567890123456789012345678.92" in out, out
+    data = run("history", "app.ledger", "1", "--json", "--dsn", dsn).stdout
+    assert '"amount": 1234567890123456789012345678.92' in data, data

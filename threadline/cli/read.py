@@ -3,7 +3,6 @@ trail in the terminal (as aligned text or JSON), registered on :data:`threadline
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -15,6 +14,7 @@ from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.output import echo
 from threadline.cli.reading import actor_value, filter_options, reader
 from threadline.core.actor import ActorRef
+from threadline.core.json_text import dumps_exact
 from threadline.core.printable import one_line
 from threadline.core.records import Change
 from threadline.explore import query, timeline_query
@@ -33,7 +33,7 @@ def _time(value: datetime | None) -> str:
 
 
 def _value(value: Any, width: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = value if isinstance(value, str) else dumps_exact(value, ensure_ascii=False, default=str)
     text = one_line(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -65,7 +65,7 @@ _CHANGE_HEADERS = ("CAPTURED (UTC)", "OP", "TABLE", "KEY", "ACTOR", "ORIGIN", "C
 
 
 def _echo_json(value: Any) -> None:
-    echo(json.dumps(value, ensure_ascii=False, indent=2))
+    echo(dumps_exact(value, ensure_ascii=False, indent=2))
 
 
 @click.command(epilog=examples("timeline"))

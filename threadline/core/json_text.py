@@ -6,16 +6,18 @@ things PostgreSQL stores: an integer of more digits than Python converts
 nesting deeper than its recursion limit (about 1,000 levels; PostgreSQL's ``json`` takes about
 14,500). :func:`loads_whole` decodes such a text all the same: a long integer as a ``Decimal``,
 and a value nested too deep as its JSON text (a string), the object around it decoded as usual.
+:func:`dumps_exact` writes such values back: a ``Decimal`` as the number it is.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["exact_int", "loads_whole"]
+__all__ = ["dumps_exact", "exact_int", "loads_whole"]
 
 
 def exact_int(text: str) -> int | Decimal:
@@ -90,3 +92,26 @@ def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
     while end > start and text[end - 1].isspace():
         end -= 1
     return start, end
+
+
+def dumps_exact(value: Any, **kwargs: Any) -> str:
+    """``json.dumps(value, **kwargs)`` that writes each ``Decimal`` as a JSON number with all its
+    digits (``json`` alone refuses it, and ``default=str`` would make it a string)."""
+    numbers: dict[str, str] = {}
+    nonce = uuid.uuid4().hex
+
+    def swapped(item: Any) -> Any:
+        if isinstance(item, Decimal) and item.is_finite():
+            token = f"{nonce}:{len(numbers)}"
+            numbers[json.dumps(token)] = str(item)
+            return token
+        if isinstance(item, dict):
+            return {k: swapped(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [swapped(v) for v in item]
+        return item
+
+    text = json.dumps(swapped(value), **kwargs)
+    for quoted, number in numbers.items():
+        text = text.replace(quoted, number, 1)
+    return text

@@ -36,8 +36,22 @@ def iso(value: datetime | None) -> str | None:
 
 # The C scanner behind json.loads, without its per-call whitespace handling: PostgreSQL's JSON
 # text has none around the value.
-_scan: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]
-_decode = json.JSONDecoder().decode
+def float_or_exact(text: str) -> float | Decimal:
+    """A JSON number with a fraction or an exponent: a ``float`` when one holds it exactly as
+    written (``1.5``, ``0.1``, ``12.50``), else a ``Decimal`` (a ``numeric`` of more digits than a
+    float keeps, or beyond its range), so that no value is shown rounded or as another value."""
+    value = float(text)
+    if len(text) <= 16 and "e" not in text and "E" not in text:
+        return value  # at most 15 digits, no exponent: a float holds it
+    exact = Decimal(text)
+    if value in (float("inf"), float("-inf")) or (value == 0.0 and exact != 0):
+        return exact
+    return value if Decimal(repr(value)) == exact else exact
+
+
+_DECODER = json.JSONDecoder(parse_float=float_or_exact)
+_scan: Callable[[str, int], tuple[Any, int]] = vars(_DECODER)["scan_once"]
+_decode = _DECODER.decode
 
 
 def from_json(value: Any) -> Any:
@@ -52,7 +66,7 @@ def from_json(value: Any) -> Any:
             return _decode(value)
         return parsed if end == len(value) else _decode(value)
     except (ValueError, RecursionError):  # a long integer, or nesting too deep (see json_text)
-        return loads_whole(value)
+        return loads_whole(value, parse_float=float_or_exact)
 
 
 def exact_json(text: str | None) -> Any:
