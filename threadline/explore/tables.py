@@ -204,8 +204,12 @@ def _coerce(table: TableRef, column: str, value: Any) -> Any:
                 isinstance(value, str) and _INT_RE.match(value.strip()) and len(value) < 40
             ):
                 value = int(value)
-            if not isinstance(value, int) or not -_INT8 <= value < _INT8:
-                raise InvalidKey(f"{where}: expected an integer within the range of bigint")
+            if not isinstance(value, int):
+                raise ValueError(value)
+            if not -_INT8 <= value < _INT8:
+                raise InvalidKey(
+                    f"{where}: {_shown(value)} is not a valid int value (beyond the range of bigint)"
+                )
             return value
         if kind == "number":
             return _number(value)
