@@ -156,12 +156,29 @@ def test_sqlmigrate_shows_the_pinned_sql(mig_dsn: str) -> None:
     assert "threadline audit schema, version 7" in out.getvalue()
 
 
-def test_back_to_zero_keeps_a_schema_that_holds_audit_rows(mig_dsn: str) -> None:
-    from django.db import connections, utils
+def _applied(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT app, name FROM django_migrations ORDER BY 1, 2").fetchall()
 
+
+def test_back_to_zero_keeps_a_schema_that_holds_audit_rows(mig_dsn: str) -> None:
+    from django.core.management import CommandError
+    from django.db import connections
+
+    migrate()  # every app, and the shop's model tracked by its migrations
+    applied, tracked = _applied(mig_dsn), _status(mig_dsn)
+    assert ("shop", "0006_name_index") in applied and tracked == [("shop_purchase", "installed")]
+    # refused before the shop's migrations (which depend on the install) are unapplied
+    with pytest.raises(CommandError, match="holds audit rows; it is not dropped") as refused:
+        migrate("threadline", "zero")
+    assert "(database 'migrations'); no migration was unapplied" in str(refused.value)
+    assert 'HINT: purge them first (threadline purge), or drop it by hand: DROP SCHEMA "threadline"' in str(
+        refused.value
+    )
+    assert _applied(mig_dsn) == applied and _status(mig_dsn) == tracked
     migrate("shop", "zero")  # untracks, then drops the table: the audit rows stay
     assert _status(mig_dsn) == []
-    with pytest.raises(utils.DatabaseError, match="holds audit rows; it is not dropped"):
+    with pytest.raises(CommandError, match="holds audit rows; it is not dropped"):
         migrate("threadline", "zero")
     connections[ALIAS].close()
     with psycopg.connect(mig_dsn, autocommit=True) as conn:
