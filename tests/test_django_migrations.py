@@ -351,6 +351,53 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     assert by_request[plain["X-Correlation-ID"]][3] == {"type": "anonymous"}
 
 
+def test_an_async_login_attributes_the_rest_of_the_request(mig_dsn: str) -> None:
+    import asyncio
+
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import AsyncClient, Client, override_settings
+
+    import threadline
+
+    user = get_user_model().objects.create_user("bea")
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        threadline.ddl.track(conn, "auth_user")
+    middleware = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "threadline.django.ThreadlineMiddleware",
+    ]
+    with override_settings(
+        MIDDLEWARE=middleware, SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"
+    ):
+        # an async view awaiting alogin, and the sync view's login() served by the async handler
+        logins = [
+            asyncio.run(AsyncClient().post(url, {"username": "bea"})) for url in ("/alogin/", "/login/")
+        ]
+    me = {"type": "user", "id": str(user.pk)}
+    assert [r.status_code for r in logins] == [200, 200]
+    assert [r.json()["ctx"]["actor"] for r in logins] == [me, me]  # threadline.current() in the view
+    with psycopg.connect(mig_dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.table_name, c.op, t.actor FROM threadline.changes c"
+            " JOIN threadline.transactions t ON t.id = c.transaction_id"
+            " WHERE t.correlation_id = %s ORDER BY c.id",
+            [logins[0]["X-Correlation-ID"]],
+        ).fetchall()
+    # the last_login update, then the view's own write after alogin
+    assert rows == [("auth_user", "update", me), ("shop_purchase", "insert", me)]
+    # login() with a resolver that queries the database (which it cannot do in an event loop)
+    resolver = {**settings.THREADLINE, "ACTOR_RESOLVER": "tests.djangoproject.auth.username_actor"}
+    with override_settings(
+        MIDDLEWARE=middleware,
+        SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
+        THREADLINE=resolver,
+    ):
+        login = Client().post("/login/", {"username": "bea"})
+    assert login.json()["ctx"]["actor"] == {"type": "user", "id": "bea"}
+
+
 def test_declarative_tracking_is_applied_after_every_migrate(mig_dsn: str) -> None:
     from django.conf import settings
     from django.test import override_settings
