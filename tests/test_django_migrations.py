@@ -156,12 +156,29 @@ def test_sqlmigrate_shows_the_pinned_sql(mig_dsn: str) -> None:
     assert "threadline audit schema, version 7" in out.getvalue()
 
 
-def test_back_to_zero_keeps_a_schema_that_holds_audit_rows(mig_dsn: str) -> None:
-    from django.db import connections, utils
+def _applied(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT app, name FROM django_migrations ORDER BY 1, 2").fetchall()
 
+
+def test_back_to_zero_keeps_a_schema_that_holds_audit_rows(mig_dsn: str) -> None:
+    from django.core.management import CommandError
+    from django.db import connections
+
+    migrate()  # every app, and the shop's model tracked by its migrations
+    applied, tracked = _applied(mig_dsn), _status(mig_dsn)
+    assert ("shop", "0006_name_index") in applied and tracked == [("shop_purchase", "installed")]
+    # refused before the shop's migrations (which depend on the install) are unapplied
+    with pytest.raises(CommandError, match="holds audit rows; it is not dropped") as refused:
+        migrate("threadline", "zero")
+    assert "(database 'migrations'); no migration was unapplied" in str(refused.value)
+    assert 'HINT: purge them first (threadline purge), or drop it by hand: DROP SCHEMA "threadline"' in str(
+        refused.value
+    )
+    assert _applied(mig_dsn) == applied and _status(mig_dsn) == tracked
     migrate("shop", "zero")  # untracks, then drops the table: the audit rows stay
     assert _status(mig_dsn) == []
-    with pytest.raises(utils.DatabaseError, match="holds audit rows; it is not dropped"):
+    with pytest.raises(CommandError, match="holds audit rows; it is not dropped"):
         migrate("threadline", "zero")
     connections[ALIAS].close()
     with psycopg.connect(mig_dsn, autocommit=True) as conn:
@@ -332,6 +349,53 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     assert by_request[login["X-Correlation-ID"]][3] == me  # the login request's own write
     assert by_request[api["X-Correlation-ID"]][3] == me
     assert by_request[plain["X-Correlation-ID"]][3] == {"type": "anonymous"}
+
+
+def test_an_async_login_attributes_the_rest_of_the_request(mig_dsn: str) -> None:
+    import asyncio
+
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import AsyncClient, Client, override_settings
+
+    import threadline
+
+    user = get_user_model().objects.create_user("bea")
+    with psycopg.connect(mig_dsn, autocommit=True) as conn:
+        threadline.ddl.track(conn, "auth_user")
+    middleware = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "threadline.django.ThreadlineMiddleware",
+    ]
+    with override_settings(
+        MIDDLEWARE=middleware, SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"
+    ):
+        # an async view awaiting alogin, and the sync view's login() served by the async handler
+        logins = [
+            asyncio.run(AsyncClient().post(url, {"username": "bea"})) for url in ("/alogin/", "/login/")
+        ]
+    me = {"type": "user", "id": str(user.pk)}
+    assert [r.status_code for r in logins] == [200, 200]
+    assert [r.json()["ctx"]["actor"] for r in logins] == [me, me]  # threadline.current() in the view
+    with psycopg.connect(mig_dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.table_name, c.op, t.actor FROM threadline.changes c"
+            " JOIN threadline.transactions t ON t.id = c.transaction_id"
+            " WHERE t.correlation_id = %s ORDER BY c.id",
+            [logins[0]["X-Correlation-ID"]],
+        ).fetchall()
+    # the last_login update, then the view's own write after alogin
+    assert rows == [("auth_user", "update", me), ("shop_purchase", "insert", me)]
+    # login() with a resolver that queries the database (which it cannot do in an event loop)
+    resolver = {**settings.THREADLINE, "ACTOR_RESOLVER": "tests.djangoproject.auth.username_actor"}
+    with override_settings(
+        MIDDLEWARE=middleware,
+        SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
+        THREADLINE=resolver,
+    ):
+        login = Client().post("/login/", {"username": "bea"})
+    assert login.json()["ctx"]["actor"] == {"type": "user", "id": "bea"}
 
 
 def test_declarative_tracking_is_applied_after_every_migrate(mig_dsn: str) -> None:

@@ -20,7 +20,8 @@ class ThreadlineConfig(AppConfig):
     verbose_name = "threadline audit trail"
 
     def ready(self) -> None:
-        """Validate ``settings.THREADLINE``, install the ORM bridge, register the system checks."""
+        """Validate ``settings.THREADLINE``, install the ORM bridge, register the system checks and
+        the refusal of a ``migrate`` that would drop an audit schema holding rows."""
         from django.apps import apps
         from django.core import checks
 
@@ -40,6 +41,11 @@ class ThreadlineConfig(AppConfig):
             from threadline.django.tracking import on_post_migrate
 
             post_migrate.connect(on_post_migrate, sender=self, dispatch_uid="threadline.track")
+        from django.db.models.signals import pre_migrate
+
+        from threadline.django.uninstall import refuse_uninstall_with_rows
+
+        pre_migrate.connect(refuse_uninstall_with_rows, sender=self, dispatch_uid="threadline.uninstall")
         checks.register(check_setup, checks.Tags.compatibility)
         checks.register(check_database, checks.Tags.database)
         if apps.is_installed("django.contrib.auth"):

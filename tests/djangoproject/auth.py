@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from threadline import ActorRef
 from threadline.django import ThreadlineMiddleware
 
 
@@ -38,3 +39,13 @@ class HeaderAuthenticationMiddleware:
 
 class ProjectThreadlineMiddleware(ThreadlineMiddleware):
     """A project's own subclass of threadline's middleware (the system checks know it)."""
+
+
+def username_actor(request: Any) -> ActorRef:
+    """An ``ACTOR_RESOLVER`` that queries the database: ``user:<username>``."""
+    from django.contrib.auth import get_user_model
+
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return ActorRef.anonymous()
+    return ActorRef.user(get_user_model().objects.values_list("username", flat=True).get(pk=user.pk))

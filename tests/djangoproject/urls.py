@@ -12,6 +12,7 @@ urlpatterns = [
     path("atomic/", views.atomic_post),
     path("stream/", views.stream),
     path("login/", shop_views.log_in),
+    path("alogin/", shop_views.alog_in),
     path("api/purchases/", shop_views.Purchases.as_view()),
     path("api/plain-purchases/", shop_views.PlainPurchases.as_view()),
 ]

@@ -208,7 +208,8 @@ def layout_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     return text[start : text.index("-- @layout end", start)]
 
 
-_UNINSTALL = """\
+# run alone by the Django integration before a migrate that would reverse an install
+_REFUSE_WITH_ROWS = """\
 -- remove the audit schema {schema}: refused while it holds audit rows
 DO $uninstall$
 BEGIN
@@ -223,6 +224,8 @@ BEGIN
     END IF;
 END
 $uninstall$;
+"""
+_DROP_SCHEMA = """\
 DROP EVENT TRIGGER IF EXISTS {name}_follow_ddl;
 DROP EVENT TRIGGER IF EXISTS {name}_follow_drop;
 DROP SCHEMA IF EXISTS {schema} CASCADE;
@@ -233,7 +236,7 @@ def uninstall_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     """DDL that removes the audit schema ``schema`` and every capture trigger, refused (the
     statement raises) while the schema holds audit rows: what reversing an install migration runs."""
     check_schema_name(audit_schema)
-    return _UNINSTALL.format(schema=f'"{audit_schema}"', name=audit_schema)
+    return (_REFUSE_WITH_ROWS + _DROP_SCHEMA).format(schema=f'"{audit_schema}"', name=audit_schema)
 
 
 def installed_version(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> int | None:

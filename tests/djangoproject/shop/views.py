@@ -1,9 +1,12 @@
-"""A login view and a DRF endpoint, both writing through the ORM (``migrations`` database)."""
+"""Login views (sync and async) and a DRF endpoint, writing through the ORM (``migrations``
+database)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.contrib import auth
 from django.contrib.auth import get_user_model, login
 from django.http import HttpRequest, JsonResponse
 from rest_framework.authentication import TokenAuthentication
@@ -22,6 +25,16 @@ def log_in(request: HttpRequest) -> JsonResponse:
     user = get_user_model().objects.get(username=request.POST["username"])
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     return JsonResponse({"ctx": threadline.current().to_dict()})
+
+
+async def alog_in(request: HttpRequest) -> JsonResponse:
+    """The async twin of :func:`log_in` (``alogin``; Django 4.2 has none: ``login`` in a thread),
+    then a write of the logged-in user's."""
+    user = await get_user_model().objects.aget(username=request.POST["username"])
+    alogin = getattr(auth, "alogin", None) or sync_to_async(login)
+    await alogin(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    purchase = await Purchase.objects.acreate(name="alogin", card_number="4111111111111111")
+    return JsonResponse({"ctx": threadline.current().to_dict(), "id": purchase.pk})
 
 
 class AuditedTokenAuthentication(ActorFromAuthentication, TokenAuthentication):
