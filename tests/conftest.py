@@ -87,7 +87,7 @@ def dsn(database: str) -> Iterator[str]:
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE threadline.changes, threadline.transactions, threadline.actions, threadline.task_runs,"
-            " threadline.baselines, threadline.seals, threadline.truncates"
+            " threadline.baselines, threadline.seals, threadline.seal_salts, threadline.truncates"
         )
         conn.execute("DROP SCHEMA IF EXISTS app CASCADE")
         conn.execute("CREATE SCHEMA app")

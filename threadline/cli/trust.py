@@ -173,3 +173,10 @@ def erase(
     )
     if result.applied:
         echo(f"recorded as action {result.action_id}")
+    if result.exposed:
+        click.echo(
+            f"warning: {result.exposed} of these transaction(s) were sealed before seals were salted"
+            " (format 1): their old digests stay in the seal chain, and a low-entropy erased value can"
+            " be recovered from them by trying guesses",
+            err=True,
+        )

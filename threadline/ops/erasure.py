@@ -48,7 +48,7 @@ from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore.actions import record_action
 from threadline.explore.tables import key_condition, key_json, normalize_key, resolve_table
 from threadline.ops.partition_migration import refuse_during_migration
-from threadline.ops.seal import append_link, lock_chain
+from threadline.ops.seal import append_link, lock_chain, unsalted
 from threadline.propagation.psycopg import transaction
 
 __all__ = ["POLICIES", "TOMBSTONE", "ErasureResult", "erase", "pseudonym"]
@@ -77,6 +77,9 @@ class ErasureResult:
     """Sealed transactions among them, whose new digests the erasure link records."""
     applied: bool
     action_id: int | None = None
+    exposed: int = 0
+    """Sealed transactions among them whose earlier digests a seal of format 1 (before salts)
+    recorded: those stay in the chain, testable against guesses of the values erased."""
 
 
 def _key(key: bytes | str | None) -> bytes:
@@ -179,9 +182,10 @@ def erase(
             )
         target, tx_ids, n_changes, n_actions, n_runs = outcome
         sealed = _sealed(cur, audit, tx_ids)
+        exposed = unsalted(cur, audit_schema, sealed)
         if dry_run:
             return ErasureResult(
-                target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), applied=False
+                target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), False, None, exposed
             )
         action = record_action(
             conn,
@@ -200,7 +204,9 @@ def erase(
         )
         if sealed:
             _link(cur, audit, audit_schema, tx_ids, action.id)
-    return ErasureResult(target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id)
+    return ErasureResult(
+        target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id, exposed
+    )
 
 
 def _erase_actor(

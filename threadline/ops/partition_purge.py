@@ -150,12 +150,19 @@ def _record_in_chain(cur: psycopg.Cursor[Any], audit_schema: str, tx_partition: 
         "           ORDER BY t.id LIMIT %(n)s),"
         " d AS (SELECT array_agg(id ORDER BY id) AS ids,"
         "              decode(repeat('00', %(size)s * count(*)::integer), 'hex') AS digests FROM gone)"
-        " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)"
-        " SELECT 'purge', prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
-        "        {a}.seal_hash('purge', prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, NULL)"
+        " INSERT INTO {a}.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash,"
+        "                        hash)"
+        " SELECT 'purge', 2, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
+        "        {a}.seal_hash('purge', 2, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, NULL, NULL)"
         "   FROM prev, d WHERE d.ids IS NOT NULL"
         " RETURNING cardinality(transaction_ids), transaction_ids[cardinality(transaction_ids)]"
     ).format(a=sql.Identifier(audit_schema), p=sql.Identifier(audit_schema, tx_partition))
+    # their salts go with them: the digests the seals recorded can no longer be tested
+    cur.execute(
+        sql.SQL("DELETE FROM {a}.seal_salts s USING {p} t WHERE s.transaction_id = t.id").format(
+            a=sql.Identifier(audit_schema), p=sql.Identifier(audit_schema, tx_partition)
+        )
+    )
     after = 0
     while True:
         row = cur.execute(statement, {"after": after, "n": LINK_SIZE, "size": DIGEST_SIZE}).fetchone()

@@ -31,7 +31,7 @@ from psycopg.rows import dict_row
 from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 
-__all__ = ["SealResult", "VerifyResult", "seal", "verify"]
+__all__ = ["SealResult", "VerifyResult", "seal", "unsalted", "verify"]
 
 logger = logging.getLogger("threadline.seal")
 
@@ -109,30 +109,38 @@ def append_link(
 ) -> int:
     """Append a link of ``kind`` recording the digests, as they are now, of those of
     ``transactions`` (``(id, xid)`` pairs) that the chain covers; :data:`DELETED` for one no longer
-    there. Returns how many it recorded (none: no link). The caller holds :func:`lock_chain`."""
+    there. Returns how many it recorded (none: no link). The caller holds :func:`lock_chain`.
+
+    The salts of all of ``transactions`` are deleted first, so the digests recorded before (of the
+    values rewritten or removed) can no longer be tested against guesses; each one still there gets
+    a new salt, for the new digest recorded."""
     if not transactions:
         return 0
     audit = audit_identifier(audit_schema)
+    ids = [t[0] for t in transactions]
+    cur.connection.execute(
+        sql.SQL("DELETE FROM {}.seal_salts WHERE transaction_id = ANY (%s)").format(audit), [ids]
+    )
     row = cur.connection.execute(
         sql.SQL(
             "WITH prev AS (SELECT * FROM {a}.seals ORDER BY id DESC LIMIT 1),"
             " covered AS (SELECT DISTINCT u.i FROM unnest(%(ids)s::bigint[], %(xids)s::text[]) AS u(i, x), prev"
             "              WHERE (u.x::xid8, u.i) <= (prev.last_xid, prev.last_id)),"
+            " fresh AS (SELECT f.id, f.digest FROM {a}.new_salts(ARRAY(SELECT c.i FROM covered c)) AS f),"
             " d AS (SELECT array_agg(c.i ORDER BY c.i) AS ids,"
-            "              string_agg(CASE WHEN t.id IS NULL THEN %(deleted)s ELSE {a}.transaction_digest(t) END,"
-            "                         ''::bytea ORDER BY c.i)"
-            "                AS digests"
-            "         FROM covered c LEFT JOIN {a}.transactions t ON t.id = c.i)"
-            " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,"
-            "                        action_id)"
-            " SELECT %(kind)s, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
-            "        {a}.seal_hash(%(kind)s, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, %(action)s),"
+            "              string_agg(coalesce(f.digest, %(deleted)s), ''::bytea ORDER BY c.i) AS digests"
+            "         FROM covered c LEFT JOIN fresh f ON f.id = c.i)"
+            " INSERT INTO {a}.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash,"
+            "                        hash, action_id)"
+            " SELECT %(kind)s, 2, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
+            "        {a}.seal_hash(%(kind)s, 2, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests,"
+            "                      %(action)s, NULL),"
             "        %(action)s"
             "   FROM prev, d WHERE d.ids IS NOT NULL"
             " RETURNING cardinality(transaction_ids)"
         ).format(a=audit),
         {
-            "ids": [t[0] for t in transactions],
+            "ids": ids,
             "xids": [str(t[1]) for t in transactions],
             "deleted": DELETED,
             "kind": kind,
@@ -140,6 +148,30 @@ def append_link(
         },
     ).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def unsalted(cur: psycopg.Cursor[Any], audit_schema: str, transaction_ids: list[int]) -> int:
+    """How many of ``transaction_ids`` have a digest recorded by a link of format 1 (made before
+    seals were salted): an erasure cannot hide those digests, which stay testable against guesses
+    of the values erased. Logs a warning naming the count when there are any."""
+    if not transaction_ids:
+        return 0
+    row = cur.connection.execute(
+        sql.SQL(
+            "SELECT count(DISTINCT x.tx) FROM {}.seals s, unnest(s.transaction_ids) AS x(tx)"
+            " WHERE s.format = 1 AND x.tx = ANY (%s)"
+        ).format(audit_identifier(audit_schema)),
+        [transaction_ids],
+    ).fetchone()
+    exposed = 0 if row is None else int(row[0])
+    if exposed:
+        logger.warning(
+            "%d of the transactions erased were sealed before seals were salted (format 1): their old"
+            " digests stay in the seal chain, and a low-entropy erased value (an id, a short code) can"
+            " be recovered from them by trying guesses",
+            exposed,
+        )
+    return exposed
 
 
 def seal(
@@ -188,16 +220,20 @@ def verify(
     cur = conn.cursor(row_factory=dict_row)
     columns = sql.SQL(
         "SELECT s.id, s.kind, s.last_xid::text AS last_xid, s.last_id, s.transaction_ids, s.digests,"
-        " s.prev_hash, s.hash, s.action_id,"
-        " s.hash = {a}.seal_hash(s.kind, s.prev_hash, s.last_xid, s.last_id, s.transaction_ids, s.digests,"
-        " s.action_id) AS intact"
+        " s.prev_hash, s.hash, s.action_id, s.format,"
+        " s.hash = {a}.seal_hash(s.kind, s.format, s.prev_hash, s.last_xid, s.last_id, s.transaction_ids,"
+        " s.digests, s.action_id, s.detail) AS intact"
         "  FROM {a}.seals s"
     ).format(a=audit)
     # the latest digest an erasure or a purge recorded for each sealed transaction it changed
-    recorded: dict[int, tuple[bytes, str]] = {}
+    recorded: dict[int, tuple[bytes, str, int]] = {}
     for link in cur.execute(sql.SQL("{} WHERE s.kind <> 'seal' ORDER BY s.id").format(columns)).fetchall():
         for i, tx in enumerate(link["transaction_ids"]):
-            recorded[tx] = (bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), link["kind"])
+            recorded[tx] = (
+                bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]),
+                link["kind"],
+                link["format"],
+            )
     page = sql.SQL("{} WHERE s.id > %s ORDER BY s.id LIMIT 100").format(columns)
 
     def chain() -> Iterator[dict[str, Any]]:
@@ -233,20 +269,31 @@ def verify(
             [prev_pos[0], prev_pos[1], link["last_xid"], link["last_id"]],
         ).fetchall()
         current = {r["id"]: bytes(r["digest"]) for r in now}
+        salted = _salted(cur, audit, current)
         for tx in sealed_ids:
             checked += 1
-            digest = current.get(tx)
-            if digest == stored[tx]:
+            # as the link that recorded it computed it: format 1 plain, format 2 salted
+            digest = {1: current.get(tx), 2: salted.get(tx)}
+            if digest[link["format"]] == stored[tx]:
                 continue
             known = recorded.get(tx)
-            if known is not None and known[0] == (DELETED if digest is None else digest):
+            if tx not in current:
+                expected: bytes | None = DELETED
+            else:
+                expected = None if known is None else digest[known[2]]
+            if known is not None and known[0] == expected:
                 if known[1] == "erasure":
                     rewritten += 1
                 else:
                     purged += 1
                 continue
-            if digest is None:
+            if tx not in current:
                 problems.append(f"transaction {tx} (sealed by seal {link['id']}) was deleted")
+            elif digest[2] is None and (link["format"] == 2 or known is not None):
+                problems.append(
+                    f"transaction {tx} (sealed by seal {link['id']}) has lost its salt, and no recorded"
+                    " erasure or purge accounts for it: its seal can no longer be checked"
+                )
             else:
                 problems.append(
                     f"transaction {tx} (sealed by seal {link['id']}) no longer matches: its row or its changes were changed"
@@ -281,6 +328,20 @@ def verify(
         problems=problems,
         purged=purged,
     )
+
+
+def _salted(
+    cur: psycopg.Cursor[dict[str, Any]], audit: sql.Identifier, digests: dict[int, bytes]
+) -> dict[int, bytes]:
+    """The salted digest (format 2) of each of ``digests`` (transaction id -> digest) that has a
+    salt, through ``salted_digests()`` (the salts stay unreadable to the caller)."""
+    if not digests:
+        return {}
+    rows = cur.execute(
+        sql.SQL("SELECT id, digest FROM {}.salted_digests(%s::bigint[], %s::bytea[])").format(audit),
+        [list(digests), list(digests.values())],
+    ).fetchall()
+    return {r["id"]: bytes(r["digest"]) for r in rows}
 
 
 def _stray_changes(

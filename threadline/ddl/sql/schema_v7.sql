@@ -2486,8 +2486,23 @@ CREATE TABLE IF NOT EXISTS @audit@.seals (
     action_id bigint,
     sealed_at timestamptz NOT NULL DEFAULT now()
 );
+-- what a link of format 2 says it did, in its hash (a purge: its cut-off and table)
+ALTER TABLE @audit@.seals ADD COLUMN IF NOT EXISTS detail text;
 COMMENT ON COLUMN @audit@.seals.digests IS
     'The 32-byte digest of each transaction (its row and its changes), in the order of transaction_ids.';
+COMMENT ON COLUMN @audit@.seals.format IS
+    '1: digests of the transactions as they are (seals made before salts); 2: each digest is salted with its transaction''s salt in seal_salts.';
+
+-- Format 2: the digest a link records for a transaction is sha256(salt || its digest), the salt
+-- drawn at random when the transaction is first sealed and kept here, readable by the owner only.
+-- An erasure or a purge deletes the salt of each sealed transaction it rewrites or removes (and
+-- draws a new one for the new digest it records), so the digest of the erased values can no
+-- longer be tested against guesses, by anyone. verify reads the salts through salted_digests().
+CREATE TABLE IF NOT EXISTS @audit@.seal_salts (
+    transaction_id bigint PRIMARY KEY,
+    salt bytea NOT NULL
+);
+REVOKE ALL ON @audit@.seal_salts FROM PUBLIC;
 
 -- The hash of a link of the chain: the previous link's hash, what the link is, the position it
 -- leaves the chain at, and its contents.
@@ -2501,6 +2516,31 @@ RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $f
                                        array_to_string(ids, ',')), 'UTF8')
                   || digests)
 $fn$;
+-- The hash of a link of either format: format 1 as above; format 2 also hashes the format itself
+-- (so a salted link cannot pass for an unsalted one) and the link's detail.
+CREATE OR REPLACE FUNCTION @audit@.seal_hash(kind text, format integer, prev_hash bytea, last_xid xid8,
+                                              last_id bigint, ids bigint[], digests bytea, action_id bigint,
+                                              detail text)
+RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT sha256(coalesce(prev_hash, ''::bytea)
+                  || convert_to(format('threadline %s %s;%s;%s;%s;%s;', kind, format, coalesce(action_id::text, ''),
+                                       coalesce(last_xid::text, ''), coalesce(last_id::text, ''),
+                                       array_to_string(ids, ','))
+                                || CASE WHEN format = 1 THEN '' ELSE quote_nullable(detail) || ';' END, 'UTF8')
+                  || digests)
+$fn$;
+
+-- The salted digest of each of the transactions given with their digest (as range_digests() gives
+-- them): none for a transaction without a salt. For verify, run by any role allowed to read the
+-- audit tables: it only salts digests it is given, and a salt that an erasure deleted is gone.
+CREATE OR REPLACE FUNCTION @audit@.salted_digests(ids bigint[], digests bytea[])
+RETURNS TABLE (id bigint, digest bytea)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT u.id, sha256(s.salt || u.d)
+      FROM unnest(ids, digests) AS u(id, d) JOIN @audit@.seal_salts s ON s.transaction_id = u.id
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.salted_digests(bigint[], bytea[]) FROM PUBLIC;
+
 
 -- One step of a hash chain: what digest_chain() folds its inputs with. Schema-qualified throughout
 -- instead of a SET search_path, which would make every step of a large transaction pay for it.
@@ -2608,18 +2648,25 @@ BEGIN
            AND t.xid < horizon AND (held IS NULL OR t.xid < held)
          ORDER BY t.xid, t.id
          LIMIT batch_size
+    ), salted AS (
+        -- each transaction's salt (format 2): 122 random bits, from the core's generator
+        INSERT INTO @audit@.seal_salts AS s (transaction_id, salt)
+        SELECT next.id, uuid_send(gen_random_uuid()) FROM next
+        ON CONFLICT (transaction_id) DO UPDATE SET salt = excluded.salt
+        RETURNING s.transaction_id, s.salt
     )
-    SELECT array_agg(id ORDER BY xid, id), string_agg(d, ''::bytea ORDER BY xid, id), sum(n),
-           (array_agg(xid ORDER BY xid DESC, id DESC))[1], (array_agg(id ORDER BY xid DESC, id DESC))[1]
+    SELECT array_agg(n.id ORDER BY n.xid, n.id), string_agg(sha256(x.salt || n.d), ''::bytea ORDER BY n.xid, n.id),
+           sum(n.n), (array_agg(n.xid ORDER BY n.xid DESC, n.id DESC))[1],
+           (array_agg(n.id ORDER BY n.xid DESC, n.id DESC))[1]
       INTO ids, full_digests, n_changes, top_xid, top_id
-      FROM next;
+      FROM next n JOIN salted x ON x.transaction_id = n.id;
     IF ids IS NULL THEN
         seal_id := prev.id; sealed := 0; head := encode(prev.hash, 'hex');
         RETURN;
     END IF;
-    INSERT INTO @audit@.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
-    VALUES ('seal', top_xid, top_id, ids, full_digests, n_changes, prev.hash,
-            @audit@.seal_hash('seal', prev.hash, top_xid, top_id, ids, full_digests, NULL))
+    INSERT INTO @audit@.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
+    VALUES ('seal', 2, top_xid, top_id, ids, full_digests, n_changes, prev.hash,
+            @audit@.seal_hash('seal', 2, prev.hash, top_xid, top_id, ids, full_digests, NULL, NULL))
     RETURNING id, cardinality(ids), encode(hash, 'hex') INTO seal_id, sealed, head;
 END
 $fn$;
@@ -2630,6 +2677,22 @@ $def$, '@same_start:tx@', CASE WHEN parted THEN ' AND c.occurred_at = tx.occurre
 END
 $layout$;
 REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
+-- New salts for the sealed transactions given (replacing any they had), and their salted digests
+-- as they are now; for a seal, an erasure or a purge, run by the owner.
+CREATE OR REPLACE FUNCTION @audit@.new_salts(ids bigint[])
+RETURNS TABLE (id bigint, digest bytea)
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH salted AS (
+        INSERT INTO @audit@.seal_salts AS s (transaction_id, salt)
+        SELECT t.id, uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())
+          FROM @audit@.transactions t WHERE t.id = ANY (ids)
+        ON CONFLICT (transaction_id) DO UPDATE SET salt = excluded.salt
+        RETURNING s.transaction_id, s.salt
+    )
+    SELECT t.id, sha256(x.salt || @audit@.transaction_digest(t))
+      FROM salted x JOIN @audit@.transactions t ON t.id = x.transaction_id
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.new_salts(bigint[]) FROM PUBLIC;
 -- the tables' BRIN indexes as unsummarize_brin_tail() leaves them, also those built by an earlier
 -- release or by a move to partitions
 SELECT @audit@.unsummarize_brin_tail('@audit@.transactions'), @audit@.unsummarize_brin_tail('@audit@.changes');

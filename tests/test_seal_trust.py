@@ -1,0 +1,114 @@
+"""The seal chain beyond edits of sealed rows, on the real database: salted digests (format 2)
+keep erased values from being recovered from the seals."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+import pytest
+
+import threadline
+from threadline.ops.erasure import erase
+from threadline.ops.seal import DIGEST_SIZE, seal, verify
+
+from .test_seal import _write
+
+
+@pytest.fixture
+def people(conn: psycopg.Connection[Any]) -> str:
+    conn.execute("CREATE TABLE app.people (id int PRIMARY KEY, email text, name text, score numeric(8,2))")
+    threadline.ddl.track(conn, "app.people")
+    return "app.people"
+
+
+LEGACY_SEAL = """
+INSERT INTO threadline.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
+SELECT 'seal', 1, n.top_xid, n.top_id, n.ids, n.ds, 0, NULL,
+       threadline.seal_hash('seal', NULL, n.top_xid, n.top_id, n.ids, n.ds, NULL)
+  FROM (SELECT array_agg(t.id ORDER BY t.xid, t.id) AS ids,
+               string_agg(threadline.transaction_digest(t), ''::bytea ORDER BY t.xid, t.id) AS ds,
+               max(t.xid) AS top_xid, (array_agg(t.id ORDER BY t.xid DESC, t.id DESC))[1] AS top_id
+          FROM threadline.transactions t) AS n
+"""
+"""The first seal of a chain as seals were made before salts (format 1, unsalted digests)."""
+
+
+def _sealed_digest(conn: psycopg.Connection[Any], tx: int) -> bytes:
+    """The digest the first seal covering ``tx`` recorded for it."""
+    row = conn.execute(
+        "SELECT substring(s.digests FROM (array_position(s.transaction_ids, %(tx)s::bigint) - 1) * %(n)s + 1"
+        " FOR %(n)s) FROM threadline.seals s WHERE s.kind = 'seal' AND %(tx)s = ANY (s.transaction_ids)",
+        {"tx": tx, "n": DIGEST_SIZE},
+    ).fetchone()
+    assert row is not None
+    return bytes(row[0])
+
+
+def _actor_tx(conn: psycopg.Connection[Any], actor_id: str) -> int:
+    row = conn.execute(
+        "SELECT min(id) FROM threadline.transactions WHERE actor ->> 'id' = %s", [actor_id]
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    return int(row[0])
+
+
+def test_an_erased_value_cannot_be_tested_against_the_seal(
+    conn: psycopg.Connection[Any], people: str
+) -> None:
+    _write(conn, 9)
+    seal(conn, batch_size=4)
+    tx = _actor_tx(conn, "1")
+    # the digest of the transaction as it was: what a reader could compute for a guessed actor id
+    row = conn.execute(
+        "SELECT threadline.transaction_digest(t) FROM threadline.transactions t WHERE t.id = %s", [tx]
+    ).fetchone()
+    assert row is not None
+    original = bytes(row[0])
+    stored = _sealed_digest(conn, tx)
+    assert stored != original, "the seal stores the unsalted digest: guesses can be tested against it"
+    erase(conn, actor="user:1", policy="pseudonymise", key="k", reason="request 9")
+    # no salt left, not even for the owner, turns the original content into the stored digest
+    assert conn.execute(
+        "SELECT count(*) FROM threadline.seal_salts s WHERE sha256(s.salt || %s) = %s", [original, stored]
+    ).fetchone() == (0,)
+    # guessing the erased id through transaction_digest() finds nothing
+    recovered = conn.execute(
+        "SELECT g FROM generate_series(0, 50) g, threadline.transactions t WHERE t.id = %s"
+        " AND threadline.transaction_digest(ROW(t.id, t.xid, t.occurred_at,"
+        "     jsonb_build_object('type', 'user', 'id', g::text), t.correlation_id, t.request_id, t.causation_id,"
+        "     t.origin, t.job, t.action_id, t.meta, t.context_error)::threadline.transactions) = %s",
+        [tx, stored],
+    ).fetchall()
+    assert recovered == []
+    result = verify(conn)
+    assert result.ok and result.erased >= 1, result.problems
+
+
+def test_a_missing_salt_is_tampering(conn: psycopg.Connection[Any], people: str) -> None:
+    _write(conn, 6)
+    seal(conn, batch_size=4)
+    tx = _actor_tx(conn, "2")
+    conn.execute("DELETE FROM threadline.seal_salts WHERE transaction_id = %s", [tx])
+    result = verify(conn)
+    assert not result.ok and result.problem_transaction == tx
+    assert "lost its salt" in (result.first_problem or "")
+
+
+def test_format_1_seals_keep_verifying_and_erasing_under_them_warns(
+    conn: psycopg.Connection[Any], people: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(conn, 6)
+    conn.execute(LEGACY_SEAL)
+    _write(conn, 3, start=7)
+    assert seal(conn).transactions == 3
+    assert conn.execute("SELECT array_agg(format ORDER BY id) FROM threadline.seals").fetchone() == ([1, 2],)
+    assert verify(conn).ok
+    with caplog.at_level(logging.WARNING, logger="threadline.seal"):
+        done = erase(conn, actor="user:1", policy="erase", reason="request 10")
+    # user:1 wrote transactions 1, 4 (format 1) and 7 (format 2)
+    assert done.sealed == 3 and done.exposed == 2
+    assert "sealed before seals were salted" in caplog.text
+    result = verify(conn)
+    assert result.ok and result.erased == 3, result.problems
