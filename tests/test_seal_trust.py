@@ -1,5 +1,6 @@
 """The seal chain beyond edits of sealed rows, on the real database: salted digests (format 2)
-keep erased values from being recovered from the seals."""
+keep erased values from being recovered from the seals; every transaction still running in the
+database holds sealing back."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import threadline
 from threadline.ops.erasure import erase
 from threadline.ops.seal import DIGEST_SIZE, seal, verify
 
+from .backends import ADMIN_DSN
 from .test_seal import _write
 
 
@@ -112,3 +114,29 @@ def test_format_1_seals_keep_verifying_and_erasing_under_them_warns(
     assert "sealed before seals were salted" in caplog.text
     result = verify(conn)
     assert result.ok and result.erased == 3, result.problems
+
+
+def test_a_transaction_that_took_its_xid_before_writing_holds_sealing_back(
+    conn: psycopg.Connection[Any], dsn: str, people: str
+) -> None:
+    _write(conn, 2)
+    with psycopg.connect(dsn) as early:
+        early.execute("SELECT pg_current_xact_id()")  # an xid, no lock in this database yet
+        _write(conn, 2, start=3)
+        assert seal(conn).transactions == 2  # up to the early one, whatever commits after it
+        early.execute("INSERT INTO app.people VALUES (100, 'late@example.com', 'L', 0)")
+        early.commit()
+    assert seal(conn).transactions == 3
+    result = verify(conn)
+    assert result.ok and result.transactions == 5, result.problems
+
+
+def test_a_transaction_of_another_database_does_not_hold_sealing_back(
+    conn: psycopg.Connection[Any], people: str
+) -> None:
+    _write(conn, 2)
+    with psycopg.connect(ADMIN_DSN) as elsewhere:
+        elsewhere.execute("SELECT pg_current_xact_id()")
+        _write(conn, 2, start=3)
+        assert seal(conn).transactions == 4
+        elsewhere.rollback()

@@ -2464,7 +2464,7 @@ $events$;
 
 -- Tamper evidence. A seal covers the next transactions in (xid, id) order, each with its changes,
 -- once they are final: every transaction with an xid below the oldest one still running in this
--- database has ended, so no row can join them afterwards (a baseline still being taken holds the seal back at
+-- database (pg_stat_activity.backend_xid, prepared transactions) has ended, so no row can join them afterwards (a baseline still being taken holds the seal back at
 -- its transaction, whose snapshots are still arriving). Each seal stores the transactions' ids, the
 -- digest of each (to name the first one that no longer matches) and a hash over them and the
 -- previous link's hash, so the seals form a chain: editing, deleting or inserting
@@ -2629,13 +2629,16 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('threadline seal @audit_name@'));
     -- The oldest transaction still running in this database (or prepared in it): it may yet write
     -- audit rows under its xid. Every xid below it has ended here; one assigned later is higher.
-    -- (A transaction that has written anything holds a lock in its database until it ends;
-    -- transactions of other databases do not hold sealing back.)
+    -- A backend's xid is read from pg_stat_activity, whatever the transaction did with it so far:
+    -- one that took its xid before writing (SELECT pg_current_xact_id()) holds no lock in this
+    -- database yet, and must hold sealing back all the same. backend_xid is shown to every role.
+    -- Transactions of other databases do not hold sealing back. A running transaction missing
+    -- from the view has ended since the snapshot, and the rows it wrote are visible below.
+    PERFORM pg_stat_clear_snapshot();  -- the view as it is now, not as read earlier in this transaction
     SELECT coalesce(min(x), pg_snapshot_xmax(snap)) INTO horizon
       FROM pg_snapshot_xip(snap) AS x
-     WHERE EXISTS (SELECT 1 FROM pg_locks t JOIN pg_locks r ON r.pid = t.pid
-                    WHERE t.locktype = 'transactionid' AND t.transactionid = xid(x)
-                      AND r.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))
+     WHERE xid(x) IN (SELECT a.backend_xid FROM pg_stat_activity a
+                       WHERE a.datid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))
         OR xid(x) IN (SELECT p.transaction FROM pg_prepared_xacts p WHERE p.database = current_database());
     SELECT * INTO prev FROM @audit@.seals ORDER BY id DESC LIMIT 1;
     SELECT min(t.xid) INTO held FROM @audit@.baselines b JOIN @audit@.transactions t ON t.id = b.transaction_id
