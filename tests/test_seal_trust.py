@@ -1,6 +1,6 @@
 """The seal chain beyond edits of sealed rows, on the real database: salted digests (format 2)
 keep erased values from being recovered from the seals; every transaction still running in the
-database holds sealing back."""
+database holds sealing back; a change of no transaction is caught."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from threadline.ops.erasure import erase
 from threadline.ops.seal import DIGEST_SIZE, seal, verify
 
 from .backends import ADMIN_DSN
+from .conftest import store_database
 from .test_seal import _write
 
 
@@ -140,3 +141,24 @@ def test_a_transaction_of_another_database_does_not_hold_sealing_back(
         _write(conn, 2, start=3)
         assert seal(conn).transactions == 4
         elsewhere.rollback()
+
+
+@pytest.mark.parametrize("layout", ["month", None], ids=["partitioned", "plain"])
+def test_a_change_of_a_transaction_that_does_not_exist_is_caught(layout: str | None) -> None:
+    for dsn in store_database(layout, prefix="threadline_orphan"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for i in range(3):
+                with threadline.transaction(conn):
+                    conn.execute("INSERT INTO items VALUES (%s, 'v')", [i])
+            seal(conn)
+            assert verify(conn).ok
+            # a change inserted into the sealed period, naming a transaction that never was
+            start = ", occurred_at" if layout else ""  # the partition key (and only there)
+            conn.execute(
+                "INSERT INTO threadline.changes (transaction_id, table_schema, table_name, op, pk, after,"
+                f" captured_at{start}) SELECT 424242, table_schema, table_name, 'update', pk, after,"
+                f" captured_at - interval '1 ms'{start} FROM threadline.changes ORDER BY id LIMIT 1"
+            )
+            result = verify(conn)
+            assert not result.ok and result.problem_transaction == 424242
+            assert "424242, which does not exist" in (result.first_problem or "")

@@ -306,10 +306,16 @@ def verify(
         prev_pos = (link["last_xid"], link["last_id"])
     if prev_pos[0] is not None:
         for stray in _stray_changes(cur, audit, prev_pos):
-            problems.append(
-                f"change {stray['id']} names sealed transaction {stray['transaction_id']} without its start time:"
-                " it was inserted or moved by hand"
-            )
+            if stray["orphan"]:
+                problems.append(
+                    f"change {stray['id']} names transaction {stray['transaction_id']}, which does not exist:"
+                    " it was inserted by hand, or its transaction was deleted"
+                )
+            else:
+                problems.append(
+                    f"change {stray['id']} names sealed transaction {stray['transaction_id']} without its"
+                    " start time: it was inserted or moved by hand"
+                )
             named = stray["transaction_id"] if named is None else named
     head = None if prev_hash is None else prev_hash.hex()
     if expect_head is not None and expect_head.lower() != head:
@@ -347,24 +353,36 @@ def _salted(
 def _stray_changes(
     cur: psycopg.Cursor[dict[str, Any]], audit: sql.Identifier, upto: tuple[str | None, int | None]
 ) -> list[dict[str, Any]]:
-    """In a partitioned store, changes of sealed transactions that do not carry their transaction's
-    start time: a transaction's digest reads its changes in its own partition only, so such a row
-    (which capture never writes) would otherwise escape it."""
+    """Changes that no transaction's digest reads: those whose transaction does not exist
+    (``orphan``; capture writes a transaction's row before its changes, and purges delete changes
+    first), and, in a partitioned store, those of sealed transactions that do not carry their
+    transaction's start time (a transaction's digest reads its changes in its own partition only,
+    so such a row, which capture never writes, would otherwise escape it)."""
     partitioned = cur.execute(
         sql.SQL("SELECT c.relkind = 'p' AS p FROM pg_class c WHERE c.oid = {}::regclass").format(
             sql.Literal(f"{audit.as_string(None)}.changes")
         )
     ).fetchone()
     if not partitioned or not partitioned["p"]:
-        return []
+        # one hash anti join over both tables
+        return cur.execute(
+            sql.SQL(
+                "SELECT c.id, c.transaction_id, true AS orphan FROM {a}.changes c"
+                " WHERE NOT EXISTS (SELECT 1 FROM {a}.transactions t WHERE t.id = c.transaction_id)"
+                " ORDER BY c.id LIMIT 10"
+            ).format(a=audit)
+        ).fetchall()
     return cur.execute(
         sql.SQL(
-            # one hash anti join over both tables (a lookup per change would search every partition)
-            "SELECT c.id, c.transaction_id FROM {a}.changes c"
+            # hash anti joins over both tables (a lookup per change would search every partition)
+            "SELECT c.id, c.transaction_id, NOT EXISTS (SELECT 1 FROM {a}.transactions t"
+            "                                            WHERE t.id = c.transaction_id) AS orphan"
+            "  FROM {a}.changes c"
             " WHERE NOT EXISTS (SELECT 1 FROM {a}.transactions t"
             "                    WHERE t.id = c.transaction_id AND t.occurred_at = c.occurred_at)"
-            "   AND EXISTS (SELECT 1 FROM {a}.transactions t"
-            "                WHERE t.id = c.transaction_id AND (t.xid, t.id) <= (%s::xid8, %s))"
+            "   AND (NOT EXISTS (SELECT 1 FROM {a}.transactions t WHERE t.id = c.transaction_id)"
+            "        OR EXISTS (SELECT 1 FROM {a}.transactions t"
+            "                    WHERE t.id = c.transaction_id AND (t.xid, t.id) <= (%s::xid8, %s)))"
             " ORDER BY c.id LIMIT 10"
         ).format(a=audit),
         list(upto),
