@@ -1,6 +1,7 @@
 """The seal chain beyond edits of sealed rows, on the real database: salted digests (format 2)
 keep erased values from being recovered from the seals; every transaction still running in the
-database holds sealing back; a change of no transaction is caught."""
+database holds sealing back; a change of no transaction is caught; erase and purge report the
+head they leave."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pytest
 
 import threadline
 from threadline.ops.erasure import erase
-from threadline.ops.seal import DIGEST_SIZE, seal, verify
+from threadline.ops.retention import purge
+from threadline.ops.seal import seal, verify
+from threadline.ops.seal_chain import DIGEST_SIZE
 
 from .backends import ADMIN_DSN
-from .conftest import store_database
+from .conftest import age_audit_rows, store_database
+from .test_cli import run
 from .test_seal import _write
 
 
@@ -162,3 +166,25 @@ def test_a_change_of_a_transaction_that_does_not_exist_is_caught(layout: str | N
             result = verify(conn)
             assert not result.ok and result.problem_transaction == 424242
             assert "424242, which does not exist" in (result.first_problem or "")
+
+
+def test_erase_and_purge_report_the_new_head(conn: psycopg.Connection[Any], dsn: str, people: str) -> None:
+    _write(conn, 6)
+    sealed = seal(conn)
+    done = erase(conn, actor="user:1", policy="erase", reason="request 11")
+    assert done.head is not None and done.head != sealed.head
+    assert verify(conn, expect_head=done.head).ok
+    assert not verify(conn, expect_head=sealed.head).ok  # the head kept before the erasure is not the end
+    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'id' = '2'")
+    purged = purge(conn, "30d")
+    assert purged.transactions == 2 and purged.head is not None and purged.head != done.head
+    assert verify(conn, expect_head=purged.head).ok
+    res = run("erase", "--subject", "user:0", "--reason", "request 12", "--dsn", dsn)
+    assert res.returncode == 0, res.stderr
+    head = res.stdout.split("head ")[1].strip()
+    assert verify(conn, expect_head=head).ok
+    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'type' = 'user'")
+    res = run("purge", "--older-than", "30d", "--dsn", dsn)
+    assert res.returncode == 0, res.stderr
+    head = res.stdout.split("head ")[1].strip()
+    assert head != done.head and verify(conn, expect_head=head).ok

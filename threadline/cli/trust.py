@@ -173,6 +173,8 @@ def erase(
     )
     if result.applied:
         echo(f"recorded as action {result.action_id}")
+    if result.head:
+        echo(f"head {result.head}")
     if result.exposed:
         click.echo(
             f"warning: {result.exposed} of these transaction(s) were sealed before seals were salted"

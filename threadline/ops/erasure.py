@@ -48,7 +48,7 @@ from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
 from threadline.explore.actions import record_action
 from threadline.explore.tables import key_condition, key_json, normalize_key, resolve_table
 from threadline.ops.partition_migration import refuse_during_migration
-from threadline.ops.seal import append_link, lock_chain, unsalted
+from threadline.ops.seal_chain import append_link, chain_head, lock_chain, unsalted
 from threadline.propagation.psycopg import transaction
 
 __all__ = ["POLICIES", "TOMBSTONE", "ErasureResult", "erase", "pseudonym"]
@@ -80,6 +80,9 @@ class ErasureResult:
     exposed: int = 0
     """Sealed transactions among them whose earlier digests a seal of format 1 (before salts)
     recorded: those stay in the chain, testable against guesses of the values erased."""
+    head: str | None = None
+    """The seal chain's head after the erasure link it appended (hex): keep it outside the
+    database in place of the head the last seal printed."""
 
 
 def _key(key: bytes | str | None) -> bytes:
@@ -202,10 +205,9 @@ def erase(
             },
             audit_schema=audit_schema,
         )
-        if sealed:
-            _link(cur, audit, audit_schema, tx_ids, action.id)
+        head = _link(cur, audit, audit_schema, tx_ids, action.id) if sealed else None
     return ErasureResult(
-        target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id, exposed
+        target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id, exposed, head
     )
 
 
@@ -340,10 +342,12 @@ def _patched(column: str, param: str) -> sql.Composable:
 
 def _link(
     cur: psycopg.Cursor[Any], audit: sql.Identifier, audit_schema: str, tx_ids: list[int], action_id: int
-) -> None:
-    """Append an erasure link: the new digests of the sealed transactions rewritten."""
+) -> str | None:
+    """Append an erasure link (the new digests of the sealed transactions rewritten); returns the
+    chain's new head."""
     rows = cur.execute(
         sql.SQL("SELECT id, xid::text AS xid FROM {}.transactions WHERE id = ANY (%s)").format(audit),
         [tx_ids],
     ).fetchall()
     append_link(cur, audit_schema, "erasure", [(r["id"], r["xid"]) for r in rows], action_id)
+    return chain_head(cur, audit_schema, "erasure")

@@ -26,7 +26,7 @@ from psycopg import sql
 
 from threadline.core.busy import TABLES_BUSY
 from threadline.ops.observability import emit
-from threadline.ops.seal import DIGEST_SIZE, lock_chain
+from threadline.ops.seal_chain import DIGEST_SIZE, lock_chain
 
 logger = logging.getLogger("threadline.retention")
 

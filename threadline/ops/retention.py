@@ -43,7 +43,7 @@ from threadline.ops.observability import emit
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.partition_purge import drop_periods, droppable_periods
 from threadline.ops.partitions import is_partitioned
-from threadline.ops.seal import append_link, lock_chain
+from threadline.ops.seal_chain import append_link, chain_head, lock_chain
 
 __all__ = ["PurgeResult", "parse_age", "purge"]
 
@@ -72,6 +72,9 @@ class PurgeResult:
     partitions: int = 0
     """Periods of a partitioned store whose partitions were dropped whole (their rows are counted
     in ``changes`` and ``transactions``)."""
+    head: str | None = None
+    """The seal chain's head after the purge (hex; ``None`` when nothing is sealed): the purge's
+    links moved it, so keep this one outside the database in place of the last seal's."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
@@ -85,6 +88,7 @@ class PurgeResult:
             "complete": self.complete,
             "task_runs": self.task_runs,
             "partitions": self.partitions,
+            "head": self.head,
         }
 
 
@@ -335,6 +339,10 @@ def purge(
             logger.info("stopped after max_batches=%d; run purge again to continue", max_batches)
             break
     _forget_purged_truncates(conn, audit, partitioned, where_x, params)
+    head = None
+    if sealed:
+        with conn.transaction():
+            head = chain_head(conn.cursor(), audit_schema, "purge")
     elapsed = time.monotonic() - started
     emit(
         "purge.done",
@@ -356,6 +364,7 @@ def purge(
         complete,
         task_runs=totals["task runs"],
         partitions=len(dropped),
+        head=head,
     )
 
 
