@@ -5,7 +5,9 @@ head they leave."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 import psycopg
@@ -170,21 +172,84 @@ def test_a_change_of_a_transaction_that_does_not_exist_is_caught(layout: str | N
 
 def test_erase_and_purge_report_the_new_head(conn: psycopg.Connection[Any], dsn: str, people: str) -> None:
     _write(conn, 6)
+    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'id' = '2'")
+    age_audit_rows(conn, "50 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'id' = '0'")
     sealed = seal(conn)
     done = erase(conn, actor="user:1", policy="erase", reason="request 11")
     assert done.head is not None and done.head != sealed.head
     assert verify(conn, expect_head=done.head).ok
     assert not verify(conn, expect_head=sealed.head).ok  # the head kept before the erasure is not the end
-    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'id' = '2'")
-    purged = purge(conn, "30d")
+    purged = purge(conn, "80d")
     assert purged.transactions == 2 and purged.head is not None and purged.head != done.head
     assert verify(conn, expect_head=purged.head).ok
     res = run("erase", "--subject", "user:0", "--reason", "request 12", "--dsn", dsn)
     assert res.returncode == 0, res.stderr
-    head = res.stdout.split("head ")[1].strip()
-    assert verify(conn, expect_head=head).ok
-    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'type' = 'user'")
+    erased_head = res.stdout.split("head ")[1].strip()
+    assert erased_head != purged.head and verify(conn, expect_head=erased_head).ok
     res = run("purge", "--older-than", "30d", "--dsn", dsn)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and "2 transactions" in res.stdout, res.stdout + res.stderr
     head = res.stdout.split("head ")[1].strip()
-    assert head != done.head and verify(conn, expect_head=head).ok
+    assert head != erased_head and verify(conn, expect_head=head).ok
+
+
+FORGED_PURGE = """
+WITH prev AS (SELECT * FROM threadline.seals ORDER BY id DESC LIMIT 1)
+INSERT INTO threadline.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,
+                              detail)
+SELECT 'purge', %(format)s, prev.last_xid, prev.last_id, ARRAY[%(tx)s]::bigint[], decode(repeat('00', 32), 'hex'),
+       0, prev.hash,
+       CASE WHEN %(format)s = 1
+            THEN threadline.seal_hash('purge', prev.hash, prev.last_xid, prev.last_id, ARRAY[%(tx)s]::bigint[],
+                                      decode(repeat('00', 32), 'hex'), NULL)
+            ELSE threadline.seal_hash('purge', 2, prev.hash, prev.last_xid, prev.last_id, ARRAY[%(tx)s]::bigint[],
+                                      decode(repeat('00', 32), 'hex'), NULL, %(detail)s, NULL) END,
+       %(detail)s
+  FROM prev
+"""
+"""A purge link made by hand, as the schema's owner could, excusing the deletion of ``tx``."""
+
+
+@pytest.mark.parametrize(
+    "format_, cutoff, says",
+    [
+        (1, None, "is of format 1 after links of format 2"),
+        (2, None, "does not say what it purged"),
+        (2, "2001-01-01T00:00:00+00:00", "not before its cut-off"),
+    ],
+    ids=["old-format", "no-cut-off", "cut-off-too-early"],
+)
+def test_a_hand_made_purge_link_is_caught(
+    conn: psycopg.Connection[Any], people: str, format_: int, cutoff: str | None, says: str
+) -> None:
+    _write(conn, 6)
+    seal(conn)
+    tx = _actor_tx(conn, "1")
+    conn.execute("DELETE FROM threadline.changes WHERE transaction_id = %s", [tx])
+    conn.execute("DELETE FROM threadline.transactions WHERE id = %s", [tx])
+    detail = None if cutoff is None else json.dumps({"cutoff": cutoff, "tables": None})
+    conn.execute(FORGED_PURGE, {"format": format_, "tx": tx, "detail": detail})
+    result = verify(conn)
+    assert not result.ok and says in " ".join(result.problems), result.problems
+
+
+def test_verify_lists_what_was_recorded_after_the_head_given(
+    conn: psycopg.Connection[Any], people: str
+) -> None:
+    _write(conn, 6)
+    age_audit_rows(conn, "100 days", "SELECT id FROM threadline.transactions WHERE actor ->> 'id' = '2'")
+    kept = seal(conn).head
+    assert kept is not None
+    erase(conn, actor="user:1", policy="erase", reason="request 12")
+    purge(conn, "30d", table="app.people")
+    _write(conn, 2, start=7)
+    seal(conn)
+    result = verify(conn, expect_head=kept)
+    assert not result.ok  # the chain must still end with the head given
+    erasure, purged, seals = result.after_head
+    assert re.match(r"link \d+: erasure at .*, 2 sealed transaction\(s\), recorded as action \d+$", erasure)
+    # the purge's two links (its changes, then its emptied transactions)
+    assert re.match(r"links \d+-\d+: purge at .*, 2 sealed transaction\(s\), cut-off ", purged), purged
+    assert purged.endswith("tables app.people")
+    assert seals == "1 seal(s) of 3 transaction(s)"  # the erasure's own transaction, and two written
+    assert f"recorded after the head kept outside the database:\n  {erasure}\n" in result.render()
+    assert verify(conn, expect_head=result.head).after_head == []

@@ -77,6 +77,7 @@ def verify(expect_head: str | None, as_json: bool, dsn: str | None, audit_schema
                     "first_problem": result.first_problem,
                     "problem_transaction": result.problem_transaction,
                     "problems": result.problems,
+                    "after_head": result.after_head,
                 },
                 indent=2,
             )

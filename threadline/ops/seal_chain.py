@@ -3,15 +3,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from threadline.ddl.names import check_schema_name
+from threadline.explore.tables import TableRef
 
-__all__ = ["DELETED", "DIGEST_SIZE", "append_link", "chain_head", "lock_chain", "unsalted"]
+__all__ = [
+    "DELETED",
+    "DIGEST_SIZE",
+    "append_link",
+    "chain_head",
+    "has_chain",
+    "lock_chain",
+    "purge_detail",
+    "unsalted",
+]
 
 logger = logging.getLogger("threadline.seal")
 
@@ -27,6 +39,13 @@ def audit_identifier(audit_schema: str) -> sql.Identifier:
     return sql.Identifier(audit_schema)
 
 
+def has_chain(conn: psycopg.Connection[Any], audit_schema: str) -> bool:
+    """Whether the schema has a seal chain (version 7 and later), so purges are recorded in it."""
+    with conn.transaction():
+        row = conn.execute("SELECT to_regclass(format('%%I.seals', %s::text))", [audit_schema]).fetchone()
+    return bool(row and row[0])
+
+
 def lock_chain(cur: psycopg.Cursor[Any], audit_schema: str) -> None:
     """Wait for, then hold until the transaction ends, the lock of the seal chain's writers: a
     seal, an erasure, a purge batch. Take it before reading what the chain covers."""
@@ -40,10 +59,12 @@ def append_link(
     kind: str,
     transactions: list[tuple[int, str]],
     action_id: int | None = None,
+    detail: str | None = None,
 ) -> int:
     """Append a link of ``kind`` recording the digests, as they are now, of those of
     ``transactions`` (``(id, xid)`` pairs) that the chain covers; :data:`DELETED` for one no longer
-    there. Returns how many it recorded (none: no link). The caller holds :func:`lock_chain`.
+    there. ``detail`` (a purge's :func:`purge_detail`) is kept in the link and its hash. Returns
+    how many it recorded (none: no link). The caller holds :func:`lock_chain`.
 
     The salts of all of ``transactions`` are deleted first, so the digests recorded before (of the
     values rewritten or removed) can no longer be tested against guesses; each one still there gets
@@ -65,11 +86,11 @@ def append_link(
             "              string_agg(coalesce(f.digest, %(deleted)s), ''::bytea ORDER BY c.i) AS digests"
             "         FROM covered c LEFT JOIN fresh f ON f.id = c.i)"
             " INSERT INTO {a}.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash,"
-            "                        hash, action_id)"
+            "                        hash, action_id, detail)"
             " SELECT %(kind)s, 2, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
             "        {a}.seal_hash(%(kind)s, 2, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests,"
-            "                      %(action)s, NULL),"
-            "        %(action)s"
+            "                      %(action)s, %(detail)s::text, NULL),"
+            "        %(action)s, %(detail)s::text"
             "   FROM prev, d WHERE d.ids IS NOT NULL"
             " RETURNING cardinality(transaction_ids)"
         ).format(a=audit),
@@ -79,9 +100,19 @@ def append_link(
             "deleted": DELETED,
             "kind": kind,
             "action": action_id,
+            "detail": detail,
         },
     ).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def purge_detail(cutoff: datetime, table: TableRef | None = None) -> str:
+    """What a purge link says it did, as the JSON text it keeps (in its hash): the cut-off, in UTC,
+    and the table it was limited to, if it was, under every name it had (``schema.name``)."""
+    tables = None if table is None else sorted({f"{n[0]}.{n[1]}" for n in table.names} or {str(table)})
+    return json.dumps(
+        {"cutoff": cutoff.astimezone(timezone.utc).isoformat(), "tables": tables}, sort_keys=True
+    )
 
 
 def chain_head(cur: psycopg.Cursor[Any], audit_schema: str, after: str | None = None) -> str | None:

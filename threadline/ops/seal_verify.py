@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -38,6 +40,10 @@ class VerifyResult:
     purged: int = 0
     """Sealed transactions deleted, or whose old changes were deleted, by a recorded purge (not a
     problem)."""
+    after_head: list[str] = field(default_factory=list)
+    """When the head given (``expect_head``) is an earlier link of the chain: the erasures and
+    purges recorded after it (when, what, how many transactions) and a count of the seals, in
+    words. The chain must still end with the head given to be ``ok``."""
 
     def render(self) -> str:
         """``ok: ...`` or the problems, one per line."""
@@ -49,7 +55,11 @@ class VerifyResult:
                 + (f" ({', '.join(notes)})" if notes else "")
                 + (f"; head {self.head}" if self.head else "; nothing is sealed yet (threadline seal)")
             )
-        return "\n".join(f"TAMPERED: {p}" for p in self.problems)
+        lines = [f"TAMPERED: {p}" for p in self.problems]
+        if self.after_head:
+            lines.append("recorded after the head kept outside the database:")
+            lines += [f"  {entry}" for entry in self.after_head]
+        return "\n".join(lines)
 
 
 def verify(
@@ -61,17 +71,28 @@ def verify(
     was cut (its latest seals removed) or replaced.
     """
     audit = audit_identifier(audit_schema)
-    cur = conn.cursor(row_factory=dict_row)
+    # binary results: times read whatever the session's DateStyle
+    cur = conn.cursor(row_factory=dict_row, binary=True)
     columns = sql.SQL(
         "SELECT s.id, s.kind, s.last_xid::text AS last_xid, s.last_id, s.transaction_ids, s.digests,"
-        " s.prev_hash, s.hash, s.action_id, s.format,"
+        " s.prev_hash, s.hash, s.action_id, s.format, s.detail, s.started, s.sealed_at,"
         " s.hash = {a}.seal_hash(s.kind, s.format, s.prev_hash, s.last_xid, s.last_id, s.transaction_ids,"
-        " s.digests, s.action_id, s.detail) AS intact"
+        " s.digests, s.action_id, s.detail, s.started) AS intact"
         "  FROM {a}.seals s"
     ).format(a=audit)
     # the latest digest an erasure or a purge recorded for each sealed transaction it changed
     recorded: dict[int, tuple[bytes, str, int]] = {}
+    # the cut-off of each purge link that says it removed (some of) a transaction
+    claims: dict[int, list[tuple[int, datetime]]] = {}
+    problems: list[str] = []
     for link in cur.execute(sql.SQL("{} WHERE s.kind <> 'seal' ORDER BY s.id").format(columns)).fetchall():
+        if link["kind"] == "purge" and link["format"] >= 2:
+            cutoff = _cutoff(link)
+            if cutoff is None:
+                problems.append(f"purge link {link['id']} does not say what it purged (no cut-off)")
+            else:
+                for tx in link["transaction_ids"]:
+                    claims.setdefault(tx, []).append((link["id"], cutoff))
         for i, tx in enumerate(link["transaction_ids"]):
             recorded[tx] = (
                 bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]),
@@ -87,8 +108,9 @@ def verify(
             yield from rows
             last = rows[-1]["id"]
 
-    problems: list[str] = []
     named: int | None = None
+    newest_format = 0
+    after: list[dict[str, Any]] | None = None
     prev_hash: bytes | None = None
     prev_pos: tuple[str | None, int | None] = (None, None)
     checked = rewritten = purged = links = 0
@@ -100,9 +122,28 @@ def verify(
             )
         if not link["intact"]:
             problems.append(f"seal {link['id']} was changed (its contents no longer give its hash)")
+        if link["format"] < newest_format:
+            problems.append(
+                f"{link['kind']} link {link['id']} is of format {link['format']} after links of format"
+                f" {newest_format}: this release never writes one, it was made by hand"
+            )
+        newest_format = max(newest_format, link["format"])
+        if after is not None:
+            after.append(link)
+        elif expect_head is not None and bytes(link["hash"]).hex() == expect_head.lower():
+            after = []
         prev_hash = bytes(link["hash"])
         if link["kind"] != "seal":
             continue
+        for i, tx in enumerate(link["transaction_ids"] if link["started"] is not None else ()):
+            for purge_id, cutoff in claims.get(tx, ()):
+                if link["started"][i] >= cutoff:
+                    problems.append(
+                        f"purge link {purge_id} says it removed transaction {tx}, which started at"
+                        f" {link['started'][i].isoformat()}, not before its cut-off {cutoff.isoformat()}:"
+                        " the link was made by hand"
+                    )
+                    named = tx if named is None else named
         sealed_ids: list[int] = list(link["transaction_ids"])
         stored = {
             tx: bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
@@ -177,7 +218,53 @@ def verify(
         problem_transaction=named,
         problems=problems,
         purged=purged,
+        after_head=_summaries(after) if head != (expect_head or "").lower() else [],
     )
+
+
+def _cutoff(link: dict[str, Any]) -> datetime | None:
+    """The cut-off a purge link of format 2 records (``None``: it records none)."""
+    try:
+        return datetime.fromisoformat(json.loads(link["detail"])["cutoff"])
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _summaries(links: list[dict[str, Any]] | None) -> list[str]:
+    """The erasures and purges among ``links``, one line each (the consecutive links of one purge
+    run together), and how many seals came with them."""
+    groups: list[list[dict[str, Any]]] = []
+    seals = sealed = 0
+    for link in links or ():
+        if link["kind"] == "seal":
+            seals, sealed = seals + 1, sealed + len(link["transaction_ids"])
+        elif (
+            groups
+            and link["kind"] == "purge"
+            and (groups[-1][-1]["kind"], groups[-1][-1]["detail"])
+            == (
+                "purge",
+                link["detail"],
+            )
+        ):
+            groups[-1].append(link)
+        else:
+            groups.append([link])
+    out = []
+    for group in groups:
+        first, count = group[0], len({tx for link in group for tx in link["transaction_ids"]})
+        ids = f"link {first['id']}" if len(group) == 1 else f"links {first['id']}-{group[-1]['id']}"
+        what = f"{ids}: {first['kind']} at {first['sealed_at'].isoformat(timespec='seconds')}, {count} sealed transaction(s)"
+        if first["kind"] == "erasure" and first["action_id"] is not None:
+            what += f", recorded as action {first['action_id']}"
+        if first["kind"] == "purge" and first["detail"]:
+            detail = json.loads(first["detail"])
+            what += f", cut-off {detail.get('cutoff')}"
+            what += f", tables {', '.join(detail['tables'])}" if detail.get("tables") else ""
+        out.append(what)
+    if seals:
+        out.append(f"{seals} seal(s) of {sealed} transaction(s)")
+    return out
 
 
 def _salted(

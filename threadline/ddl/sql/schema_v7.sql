@@ -2486,8 +2486,11 @@ CREATE TABLE IF NOT EXISTS @audit@.seals (
     action_id bigint,
     sealed_at timestamptz NOT NULL DEFAULT now()
 );
--- what a link of format 2 says it did, in its hash (a purge: its cut-off and table)
+-- in the hash of a link of format 2: what it says it did (a purge: its cut-off and tables, as
+-- JSON), and, for a seal, the start time of each transaction it covers, in the order of
+-- transaction_ids (verify checks that a purge removed only transactions older than its cut-off)
 ALTER TABLE @audit@.seals ADD COLUMN IF NOT EXISTS detail text;
+ALTER TABLE @audit@.seals ADD COLUMN IF NOT EXISTS started timestamptz[];
 COMMENT ON COLUMN @audit@.seals.digests IS
     'The 32-byte digest of each transaction (its row and its changes), in the order of transaction_ids.';
 COMMENT ON COLUMN @audit@.seals.format IS
@@ -2517,16 +2520,23 @@ RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $f
                   || digests)
 $fn$;
 -- The hash of a link of either format: format 1 as above; format 2 also hashes the format itself
--- (so a salted link cannot pass for an unsalted one) and the link's detail.
+-- (so a salted link cannot pass for an unsalted one), the link's detail and its start times (as
+-- microseconds since the epoch, whatever the session's time zone).
+DROP FUNCTION IF EXISTS @audit@.seal_hash(text, integer, bytea, xid8, bigint, bigint[], bytea, bigint, text);
 CREATE OR REPLACE FUNCTION @audit@.seal_hash(kind text, format integer, prev_hash bytea, last_xid xid8,
                                               last_id bigint, ids bigint[], digests bytea, action_id bigint,
-                                              detail text)
+                                              detail text, started timestamptz[])
 RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT sha256(coalesce(prev_hash, ''::bytea)
                   || convert_to(format('threadline %s %s;%s;%s;%s;%s;', kind, format, coalesce(action_id::text, ''),
                                        coalesce(last_xid::text, ''), coalesce(last_id::text, ''),
                                        array_to_string(ids, ','))
-                                || CASE WHEN format = 1 THEN '' ELSE quote_nullable(detail) || ';' END, 'UTF8')
+                                || CASE WHEN format = 1 THEN '' ELSE
+                                       quote_nullable(detail) || ';'
+                                       || coalesce((SELECT string_agg((extract(epoch FROM u.at) * 1000000)::bigint::text,
+                                                                      ',' ORDER BY u.o)
+                                                      FROM unnest(started) WITH ORDINALITY AS u(at, o)), '') || ';'
+                                   END, 'UTF8')
                   || digests)
 $fn$;
 
@@ -2621,6 +2631,7 @@ DECLARE
     n_changes bigint;
     top_xid xid8;
     top_id bigint;
+    starts timestamptz[];
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size USING ERRCODE = '22023';
@@ -2644,7 +2655,7 @@ BEGIN
     SELECT min(t.xid) INTO held FROM @audit@.baselines b JOIN @audit@.transactions t ON t.id = b.transaction_id
      WHERE b.finished_at IS NULL AND b.ended_at IS NULL;
     WITH next AS (
-        SELECT t.id, t.xid, @audit@.transaction_digest(t) AS d,
+        SELECT t.id, t.xid, t.occurred_at, @audit@.transaction_digest(t) AS d,
                (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id@same_start:t@) AS n
           FROM @audit@.transactions t
          WHERE (t.xid, t.id) > (coalesce(prev.last_xid, '0'::xid8), coalesce(prev.last_id, 0))
@@ -2660,16 +2671,17 @@ BEGIN
     )
     SELECT array_agg(n.id ORDER BY n.xid, n.id), string_agg(sha256(x.salt || n.d), ''::bytea ORDER BY n.xid, n.id),
            sum(n.n), (array_agg(n.xid ORDER BY n.xid DESC, n.id DESC))[1],
-           (array_agg(n.id ORDER BY n.xid DESC, n.id DESC))[1]
-      INTO ids, full_digests, n_changes, top_xid, top_id
+           (array_agg(n.id ORDER BY n.xid DESC, n.id DESC))[1], array_agg(n.occurred_at ORDER BY n.xid, n.id)
+      INTO ids, full_digests, n_changes, top_xid, top_id, starts
       FROM next n JOIN salted x ON x.transaction_id = n.id;
     IF ids IS NULL THEN
         seal_id := prev.id; sealed := 0; head := encode(prev.hash, 'hex');
         RETURN;
     END IF;
-    INSERT INTO @audit@.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
+    INSERT INTO @audit@.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,
+                               started)
     VALUES ('seal', 2, top_xid, top_id, ids, full_digests, n_changes, prev.hash,
-            @audit@.seal_hash('seal', 2, prev.hash, top_xid, top_id, ids, full_digests, NULL, NULL))
+            @audit@.seal_hash('seal', 2, prev.hash, top_xid, top_id, ids, full_digests, NULL, NULL, starts), starts)
     RETURNING id, cardinality(ids), encode(hash, 'hex') INTO seal_id, sealed, head;
 END
 $fn$;
