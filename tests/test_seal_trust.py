@@ -1,7 +1,7 @@
 """The seal chain beyond edits of sealed rows, on the real database: salted digests (format 2)
 keep erased values from being recovered from the seals; every transaction still running in the
 database holds sealing back; a change of no transaction is caught; erase and purge report the
-head they leave."""
+head they leave; purge links are checked against their cut-off; seal says what holds it back."""
 
 from __future__ import annotations
 
@@ -253,3 +253,23 @@ def test_verify_lists_what_was_recorded_after_the_head_given(
     assert seals == "1 seal(s) of 3 transaction(s)"  # the erasure's own transaction, and two written
     assert f"recorded after the head kept outside the database:\n  {erasure}\n" in result.render()
     assert verify(conn, expect_head=result.head).after_head == []
+
+
+def test_seal_says_which_baseline_holds_it_back(conn: psycopg.Connection[Any], dsn: str, people: str) -> None:
+    conn.execute("CREATE TABLE app.big (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO app.big SELECT generate_series(1, 30)")
+    threadline.ddl.track(conn, "app.big")
+    conn.execute("SELECT * FROM threadline.baseline_batch('app.big', 10)")  # started, not finished
+    _write(conn, 2)
+    result = seal(conn)
+    assert result.transactions == 0 and result.held_back is not None
+    assert re.match(
+        r"sealing is held back at transaction \d+ by the baseline of app\.big being taken since \S+"
+        r" \(10 rows so far; 2 later transaction\(s\) wait\): finish it with threadline baseline app\.big$",
+        result.held_back,
+    ), result.held_back
+    res = run("seal", "--dsn", dsn)
+    assert res.returncode == 0 and "held back at transaction" in res.stdout, res.stdout + res.stderr
+    threadline.take_baseline(conn, "app.big", batch_size=10)
+    done = seal(conn)
+    assert done.transactions == 3 and done.held_back is None

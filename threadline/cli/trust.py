@@ -48,6 +48,8 @@ def seal(batch_size: int, to_log: bool, dsn: str | None, audit_schema: str) -> N
         result = seal_chain(conn, batch_size=batch_size, audit_schema=audit_schema)
     echo(f"sealed {result.transactions} transaction(s) in {result.seals} seal(s)")
     echo(f"head {result.head or '(no seal yet)'}")
+    if result.held_back:
+        echo(result.held_back)
     if to_log:
         logging.basicConfig()
         logger.warning(

@@ -47,6 +47,9 @@ class SealResult:
     """Transactions they cover."""
     head: str | None
     """The hash at the head of the chain (hex): keep it outside the database."""
+    held_back: str | None = None
+    """Why transactions that have ended were left unsealed, in words: a baseline still being
+    taken (which table, since when) holds sealing back at its transaction; ``None`` otherwise."""
 
 
 def seal(
@@ -80,4 +83,33 @@ def seal(
         if progress is not None:
             progress(transactions)
     logger.info("sealed %d transactions in %d seals; head %s", transactions, seals, head)
-    return SealResult(seals, transactions, head)
+    held_back = _held_back(conn, audit)
+    if held_back:
+        logger.info("%s", held_back)
+    return SealResult(seals, transactions, head, held_back)
+
+
+def _held_back(conn: psycopg.Connection[Any], audit: sql.Identifier) -> str | None:
+    """The baseline in progress that holds sealing back, in words, when transactions after it
+    wait to be sealed."""
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL(
+                "SELECT b.table_schema, b.table_name, b.started_at, b.rows_done, t.id,"
+                "       (SELECT count(*) FROM {a}.transactions x WHERE x.xid > t.xid) AS waiting"
+                "  FROM {a}.baselines b JOIN {a}.transactions t ON t.id = b.transaction_id"
+                " WHERE b.finished_at IS NULL AND b.ended_at IS NULL"
+                "   AND NOT EXISTS (SELECT 1 FROM (SELECT s.last_xid, s.last_id FROM {a}.seals s"
+                "                                   ORDER BY s.id DESC LIMIT 1) AS p"
+                "                    WHERE (t.xid, t.id) <= (p.last_xid, p.last_id))"
+                " ORDER BY t.xid LIMIT 1"
+            ).format(a=audit)
+        ).fetchone()
+    if row is None:
+        return None
+    schema, table, since, done, tx, waiting = row
+    return (
+        f"sealing is held back at transaction {tx} by the baseline of {schema}.{table} being taken"
+        f" since {since.isoformat(timespec='seconds')} ({done} rows so far; {waiting} later transaction(s)"
+        f" wait): finish it with threadline baseline {schema}.{table}"
+    )
