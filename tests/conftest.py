@@ -87,7 +87,7 @@ def dsn(database: str) -> Iterator[str]:
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE threadline.changes, threadline.transactions, threadline.actions, threadline.task_runs,"
-            " threadline.baselines, threadline.seals, threadline.truncates"
+            " threadline.baselines, threadline.seals, threadline.seal_salts, threadline.truncates"
         )
         conn.execute("DROP SCHEMA IF EXISTS app CASCADE")
         # the masks a dropped (or untracked) table leaves for one of its name are not the next test's

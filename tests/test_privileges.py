@@ -470,3 +470,15 @@ def test_an_auditor_without_grants_is_told_which_it_needs_and_reads_once_granted
     for args in (("timeline", "--limit", "1"), ("verify",), ("coverage",)):
         res = run(*args, "--dsn", as_auditor)
         assert res.returncode in (0, 1) and "permission denied" not in res.stderr, (args, res.stderr)
+
+
+def test_the_app_role_verifies_without_reading_the_seal_salts(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any]
+) -> None:
+    from threadline.ops.seal import seal, verify
+
+    conn.execute("INSERT INTO app.posts (id, title) VALUES (1, 'x')")
+    seal(conn)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute("SELECT * FROM threadline.seal_salts")
+    assert verify(app).ok

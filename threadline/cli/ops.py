@@ -134,6 +134,8 @@ def purge(
         + (f" and {result.partitions} partition period(s) dropped whole" if result.partitions else "")
         + f" ({result.seconds:.1f} s)"
     )
+    if result.head:
+        echo(f"head {result.head}")
     if not result.complete:
         echo("stopped at --max-batches: run the command again to continue")
 

@@ -48,6 +48,8 @@ def seal(batch_size: int, to_log: bool, dsn: str | None, audit_schema: str) -> N
         result = seal_chain(conn, batch_size=batch_size, audit_schema=audit_schema)
     echo(f"sealed {result.transactions} transaction(s) in {result.seals} seal(s)")
     echo(f"head {result.head or '(no seal yet)'}")
+    if result.held_back:
+        echo(result.held_back)
     if to_log:
         logging.basicConfig()
         logger.warning(
@@ -77,6 +79,7 @@ def verify(expect_head: str | None, as_json: bool, dsn: str | None, audit_schema
                     "first_problem": result.first_problem,
                     "problem_transaction": result.problem_transaction,
                     "problems": result.problems,
+                    "after_head": result.after_head,
                 },
                 indent=2,
             )
@@ -175,3 +178,12 @@ def erase(
     )
     if result.applied:
         echo(f"recorded as action {result.action_id}")
+    if result.head:
+        echo(f"head {result.head}")
+    if result.exposed:
+        click.echo(
+            f"warning: {result.exposed} of these transaction(s) were sealed before seals were salted"
+            " (format 1): their old digests stay in the seal chain, and a low-entropy erased value can"
+            " be recovered from them by trying guesses",
+            err=True,
+        )

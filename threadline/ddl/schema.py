@@ -119,6 +119,9 @@ GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
 GRANT INSERT ON {schema}.actions TO {role};
 GRANT INSERT ON {schema}.task_runs TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.link_action(bigint) TO {role};
+-- the seals' salts stay the owner's; verify salts digests through salted_digests()
+REVOKE ALL ON {schema}.seal_salts FROM {role};
+GRANT EXECUTE ON FUNCTION {schema}.salted_digests(bigint[], bytea[]) TO {role};
 """
 
 

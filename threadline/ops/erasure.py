@@ -49,7 +49,7 @@ from threadline.explore.actions import record_action
 from threadline.explore.tables import normalize_key, resolve_table
 from threadline.ops.erasure_rows import check_columns, row_changes
 from threadline.ops.partition_migration import refuse_during_migration
-from threadline.ops.seal import append_link, lock_chain
+from threadline.ops.seal_chain import append_link, chain_head, lock_chain, unsalted
 from threadline.propagation.psycopg import transaction
 
 __all__ = ["POLICIES", "TOMBSTONE", "ErasureResult", "erase", "pseudonym"]
@@ -76,6 +76,12 @@ class ErasureResult:
     """Sealed transactions among them, whose new digests the erasure link records."""
     applied: bool
     action_id: int | None = None
+    exposed: int = 0
+    """Sealed transactions among them whose earlier digests a seal of format 1 (before salts)
+    recorded: those stay in the chain, testable against guesses of the values erased."""
+    head: str | None = None
+    """The seal chain's head after the erasure link it appended (hex): keep it outside the
+    database in place of the head the last seal printed."""
 
 
 def _key(key: bytes | str | None) -> bytes:
@@ -178,9 +184,10 @@ def erase(
             )
         target, tx_ids, n_changes, n_actions, n_runs = outcome
         sealed = _sealed(cur, audit, tx_ids)
+        exposed = unsalted(cur, audit_schema, sealed)
         if dry_run:
             return ErasureResult(
-                target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), applied=False
+                target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), False, None, exposed
             )
         action = record_action(
             conn,
@@ -197,9 +204,10 @@ def erase(
             },
             audit_schema=audit_schema,
         )
-        if sealed:
-            _link(cur, audit, audit_schema, tx_ids, action.id)
-    return ErasureResult(target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id)
+        head = _link(cur, audit, audit_schema, tx_ids, action.id) if sealed else None
+    return ErasureResult(
+        target, len(tx_ids), n_changes, n_actions, n_runs, len(sealed), True, action.id, exposed, head
+    )
 
 
 def _erase_actor(
@@ -341,10 +349,12 @@ def _patched(column: str, param: str) -> sql.Composable:
 
 def _link(
     cur: psycopg.Cursor[Any], audit: sql.Identifier, audit_schema: str, tx_ids: list[int], action_id: int
-) -> None:
-    """Append an erasure link: the new digests of the sealed transactions rewritten."""
+) -> str | None:
+    """Append an erasure link (the new digests of the sealed transactions rewritten); returns the
+    chain's new head."""
     rows = cur.execute(
         sql.SQL("SELECT id, xid::text AS xid FROM {}.transactions WHERE id = ANY (%s)").format(audit),
         [tx_ids],
     ).fetchall()
     append_link(cur, audit_schema, "erasure", [(r["id"], r["xid"]) for r in rows], action_id)
+    return chain_head(cur, audit_schema, "erasure")

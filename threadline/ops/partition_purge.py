@@ -26,7 +26,7 @@ from psycopg import sql
 
 from threadline.core.busy import TABLES_BUSY
 from threadline.ops.observability import emit
-from threadline.ops.seal import DIGEST_SIZE, lock_chain
+from threadline.ops.seal_chain import DIGEST_SIZE, lock_chain, purge_detail
 
 logger = logging.getLogger("threadline.retention")
 
@@ -88,10 +88,14 @@ def drop_periods(
     periods: list[DroppedPeriod],
     *,
     sealed: bool,
+    cutoff: datetime | None = None,
     lock_timeout: float = 1.0,
     attempts: int = 10,
 ) -> list[DroppedPeriod]:
-    """Drop each period's two partitions, one period per transaction; returns those dropped."""
+    """Drop each period's two partitions, one period per transaction; returns those dropped.
+
+    ``sealed``: record the sealed transactions dropped in the seal chain, as a purge up to
+    ``cutoff`` (the purge's cut-off, kept in its links)."""
     done = []
     for period in periods:
         for attempt in range(1, attempts + 1):
@@ -101,7 +105,8 @@ def drop_periods(
                     cur = conn.cursor()
                     if sealed:
                         lock_chain(cur, audit_schema)
-                        _record_in_chain(cur, audit_schema, period.transactions_partition)
+                        detail = None if cutoff is None else purge_detail(cutoff)
+                        _record_in_chain(cur, audit_schema, period.transactions_partition, detail)
                     cur.execute(
                         "SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout * 1000)}ms"]
                     )
@@ -140,7 +145,9 @@ def drop_periods(
     return done
 
 
-def _record_in_chain(cur: psycopg.Cursor[Any], audit_schema: str, tx_partition: str) -> None:
+def _record_in_chain(
+    cur: psycopg.Cursor[Any], audit_schema: str, tx_partition: str, detail: str | None
+) -> None:
     """Append ``purge`` links naming the sealed transactions of ``tx_partition`` (about to be
     dropped), :data:`~threadline.ops.seal.LINK_SIZE` per link, each recording them as deleted."""
     statement = sql.SQL(
@@ -150,15 +157,25 @@ def _record_in_chain(cur: psycopg.Cursor[Any], audit_schema: str, tx_partition: 
         "           ORDER BY t.id LIMIT %(n)s),"
         " d AS (SELECT array_agg(id ORDER BY id) AS ids,"
         "              decode(repeat('00', %(size)s * count(*)::integer), 'hex') AS digests FROM gone)"
-        " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)"
-        " SELECT 'purge', prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
-        "        {a}.seal_hash('purge', prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, NULL)"
+        " INSERT INTO {a}.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash,"
+        "                        hash, detail)"
+        " SELECT 'purge', 2, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
+        "        {a}.seal_hash('purge', 2, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, NULL,"
+        "                      %(detail)s::text, NULL), %(detail)s::text"
         "   FROM prev, d WHERE d.ids IS NOT NULL"
         " RETURNING cardinality(transaction_ids), transaction_ids[cardinality(transaction_ids)]"
     ).format(a=sql.Identifier(audit_schema), p=sql.Identifier(audit_schema, tx_partition))
+    # their salts go with them: the digests the seals recorded can no longer be tested
+    cur.execute(
+        sql.SQL("DELETE FROM {a}.seal_salts s USING {p} t WHERE s.transaction_id = t.id").format(
+            a=sql.Identifier(audit_schema), p=sql.Identifier(audit_schema, tx_partition)
+        )
+    )
     after = 0
     while True:
-        row = cur.execute(statement, {"after": after, "n": LINK_SIZE, "size": DIGEST_SIZE}).fetchone()
+        row = cur.execute(
+            statement, {"after": after, "n": LINK_SIZE, "size": DIGEST_SIZE, "detail": detail}
+        ).fetchone()
         if row is None or row[0] < LINK_SIZE:
             return
         after = row[1]

@@ -43,7 +43,7 @@ from threadline.ops.observability import emit
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.partition_purge import drop_periods, droppable_periods
 from threadline.ops.partitions import is_partitioned
-from threadline.ops.seal import append_link, lock_chain
+from threadline.ops.seal_chain import append_link, chain_head, has_chain, lock_chain, purge_detail
 
 __all__ = ["PurgeResult", "parse_age", "purge"]
 
@@ -72,6 +72,9 @@ class PurgeResult:
     partitions: int = 0
     """Periods of a partitioned store whose partitions were dropped whole (their rows are counted
     in ``changes`` and ``transactions``)."""
+    head: str | None = None
+    """The seal chain's head after the purge (hex; ``None`` when nothing is sealed): the purge's
+    links moved it, so keep this one outside the database in place of the last seal's."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
@@ -85,6 +88,7 @@ class PurgeResult:
             "complete": self.complete,
             "task_runs": self.task_runs,
             "partitions": self.partitions,
+            "head": self.head,
         }
 
 
@@ -249,9 +253,10 @@ def purge(
     )
     batches = 0
     complete = True
-    sealed = _has_seals(conn, audit_schema)
+    sealed = has_chain(conn, audit_schema)
     totals = {"changes": 0, "transactions": 0, "task runs": 0}
-    dropped = drop_periods(conn, audit_schema, periods, sealed=sealed)
+    dropped = drop_periods(conn, audit_schema, periods, sealed=sealed, cutoff=cutoff)
+    detail = purge_detail(cutoff, target)  # what each purge link says it did, checked by verify
     totals["changes"] += sum(p.changes for p in dropped)
     totals["transactions"] += sum(p.transactions for p in dropped)
     # partitioned, the bounds on the partition key (a change's transaction started before it was
@@ -312,7 +317,8 @@ def purge(
                     statement, {**params, "after_tx": after_tx, "after": after, "n": batch_size}
                 ).fetchone()
                 if sealed and row and row[3]:
-                    append_link(cur, audit_schema, "purge", list(zip(row[3], row[4], strict=True)))
+                    links = list(zip(row[3], row[4], strict=True))
+                    append_link(cur, audit_schema, "purge", links, detail=detail)
             deleted, last_tx, last = (row[0], row[1], row[2]) if row else (0, None, None)
             batches += 1
             totals[kind] += deleted
@@ -335,6 +341,10 @@ def purge(
             logger.info("stopped after max_batches=%d; run purge again to continue", max_batches)
             break
     _forget_purged_truncates(conn, audit, partitioned, where_x, params)
+    head = None
+    if sealed:
+        with conn.transaction():
+            head = chain_head(conn.cursor(), audit_schema, "purge")
     elapsed = time.monotonic() - started
     emit(
         "purge.done",
@@ -356,6 +366,7 @@ def purge(
         complete,
         task_runs=totals["task runs"],
         partitions=len(dropped),
+        head=head,
     )
 
 
@@ -377,13 +388,6 @@ def _forget_purged_truncates(
             params,
         ).rowcount
     logger.debug("forgot %d truncates whose changes were purged", deleted)
-
-
-def _has_seals(conn: psycopg.Connection[Any], audit_schema: str) -> bool:
-    """Whether the schema has a seal chain (version 7 and later), so purges are recorded in it."""
-    with conn.transaction():
-        row = conn.execute("SELECT to_regclass(format('%%I.seals', %s::text))", [audit_schema]).fetchone()
-    return bool(row and row[0])
 
 
 def _count(conn: psycopg.Connection[Any], query: sql.Composed, params: dict[str, Any]) -> int:

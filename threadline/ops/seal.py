@@ -20,24 +20,21 @@ so :func:`verify` tells it from tampering.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import pq, sql
-from psycopg.rows import dict_row
 
 from threadline.core.errors import ConfigurationError
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.names import DEFAULT_SCHEMA
+from threadline.ops.seal_chain import audit_identifier
+from threadline.ops.seal_verify import VerifyResult, verify
 
 __all__ = ["SealResult", "VerifyResult", "seal", "verify"]
 
 logger = logging.getLogger("threadline.seal")
-
-DIGEST_SIZE = 32
-DELETED = bytes(DIGEST_SIZE)
-"""The digest a purge link records for a sealed transaction it deleted."""
 
 
 @dataclass(frozen=True)
@@ -50,96 +47,9 @@ class SealResult:
     """Transactions they cover."""
     head: str | None
     """The hash at the head of the chain (hex): keep it outside the database."""
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """What :func:`verify` found."""
-
-    ok: bool
-    seals: int
-    """Links of the chain checked (seals, erasures and purges)."""
-    transactions: int
-    """Sealed transactions checked."""
-    erased: int
-    """Sealed transactions rewritten by a recorded erasure (not a problem)."""
-    head: str | None
-    """The hash at the head of the chain (hex)."""
-    first_problem: str | None = None
-    """The first problem in chain order, in words; ``None`` when ``ok``."""
-    problem_transaction: int | None = None
-    """The transaction it names, if it names one."""
-    problems: list[str] = field(default_factory=list)
-    """Every problem found, in chain order."""
-    purged: int = 0
-    """Sealed transactions deleted, or whose old changes were deleted, by a recorded purge (not a
-    problem)."""
-
-    def render(self) -> str:
-        """``ok: ...`` or the problems, one per line."""
-        if self.ok:
-            notes = [f"{self.erased} rewritten by recorded erasures"] if self.erased else []
-            notes += [f"{self.purged} removed by recorded purges"] if self.purged else []
-            return (
-                f"ok: {self.transactions} sealed transactions in {self.seals} links match"
-                + (f" ({', '.join(notes)})" if notes else "")
-                + (f"; head {self.head}" if self.head else "; nothing is sealed yet (threadline seal)")
-            )
-        return "\n".join(f"TAMPERED: {p}" for p in self.problems)
-
-
-def audit_identifier(audit_schema: str) -> sql.Identifier:
-    check_schema_name(audit_schema)
-    return sql.Identifier(audit_schema)
-
-
-def lock_chain(cur: psycopg.Cursor[Any], audit_schema: str) -> None:
-    """Wait for, then hold until the transaction ends, the lock of the seal chain's writers: a
-    seal, an erasure, a purge batch. Take it before reading what the chain covers."""
-    check_schema_name(audit_schema)
-    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"threadline seal {audit_schema}"])
-
-
-def append_link(
-    cur: psycopg.Cursor[Any],
-    audit_schema: str,
-    kind: str,
-    transactions: list[tuple[int, str]],
-    action_id: int | None = None,
-) -> int:
-    """Append a link of ``kind`` recording the digests, as they are now, of those of
-    ``transactions`` (``(id, xid)`` pairs) that the chain covers; :data:`DELETED` for one no longer
-    there. Returns how many it recorded (none: no link). The caller holds :func:`lock_chain`."""
-    if not transactions:
-        return 0
-    audit = audit_identifier(audit_schema)
-    row = cur.connection.execute(
-        sql.SQL(
-            "WITH prev AS (SELECT * FROM {a}.seals ORDER BY id DESC LIMIT 1),"
-            " covered AS (SELECT DISTINCT u.i FROM unnest(%(ids)s::bigint[], %(xids)s::text[]) AS u(i, x), prev"
-            "              WHERE (u.x::xid8, u.i) <= (prev.last_xid, prev.last_id)),"
-            " d AS (SELECT array_agg(c.i ORDER BY c.i) AS ids,"
-            "              string_agg(CASE WHEN t.id IS NULL THEN %(deleted)s ELSE {a}.transaction_digest(t) END,"
-            "                         ''::bytea ORDER BY c.i)"
-            "                AS digests"
-            "         FROM covered c LEFT JOIN {a}.transactions t ON t.id = c.i)"
-            " INSERT INTO {a}.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,"
-            "                        action_id)"
-            " SELECT %(kind)s, prev.last_xid, prev.last_id, d.ids, d.digests, 0, prev.hash,"
-            "        {a}.seal_hash(%(kind)s, prev.hash, prev.last_xid, prev.last_id, d.ids, d.digests, %(action)s),"
-            "        %(action)s"
-            "   FROM prev, d WHERE d.ids IS NOT NULL"
-            " RETURNING cardinality(transaction_ids)"
-        ).format(a=audit),
-        {
-            "ids": [t[0] for t in transactions],
-            "xids": [str(t[1]) for t in transactions],
-            "deleted": DELETED,
-            "kind": kind,
-            "action": action_id,
-        },
-    ).fetchone()
-    return 0 if row is None else int(row[0])
+    held_back: str | None = None
+    """Why transactions that have ended were left unsealed, in words: a baseline still being
+    taken (which table, since when) holds sealing back at its transaction; ``None`` otherwise."""
 
 
 def seal(
@@ -173,138 +83,33 @@ def seal(
         if progress is not None:
             progress(transactions)
     logger.info("sealed %d transactions in %d seals; head %s", transactions, seals, head)
-    return SealResult(seals, transactions, head)
+    held_back = _held_back(conn, audit)
+    if held_back:
+        logger.info("%s", held_back)
+    return SealResult(seals, transactions, head, held_back)
 
 
-def verify(
-    conn: psycopg.Connection[Any], *, expect_head: str | None = None, audit_schema: str = DEFAULT_SCHEMA
-) -> VerifyResult:
-    """Recompute the chain of seals and the digest of every sealed transaction.
-
-    ``expect_head``: the head hash kept outside the database; a chain that does not end with it
-    was cut (its latest seals removed) or replaced.
-    """
-    audit = audit_identifier(audit_schema)
-    cur = conn.cursor(row_factory=dict_row)
-    columns = sql.SQL(
-        "SELECT s.id, s.kind, s.last_xid::text AS last_xid, s.last_id, s.transaction_ids, s.digests,"
-        " s.prev_hash, s.hash, s.action_id,"
-        " s.hash = {a}.seal_hash(s.kind, s.prev_hash, s.last_xid, s.last_id, s.transaction_ids, s.digests,"
-        " s.action_id) AS intact"
-        "  FROM {a}.seals s"
-    ).format(a=audit)
-    # the latest digest an erasure or a purge recorded for each sealed transaction it changed
-    recorded: dict[int, tuple[bytes, str]] = {}
-    for link in cur.execute(sql.SQL("{} WHERE s.kind <> 'seal' ORDER BY s.id").format(columns)).fetchall():
-        for i, tx in enumerate(link["transaction_ids"]):
-            recorded[tx] = (bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), link["kind"])
-    page = sql.SQL("{} WHERE s.id > %s ORDER BY s.id LIMIT 100").format(columns)
-
-    def chain() -> Iterator[dict[str, Any]]:
-        """Every link in order, a page at a time (memory stays flat however long the chain)."""
-        last = 0
-        while rows := cur.execute(page, [last]).fetchall():
-            yield from rows
-            last = rows[-1]["id"]
-
-    problems: list[str] = []
-    named: int | None = None
-    prev_hash: bytes | None = None
-    prev_pos: tuple[str | None, int | None] = (None, None)
-    checked = rewritten = purged = links = 0
-    for link in chain():
-        links += 1
-        if (None if link["prev_hash"] is None else bytes(link["prev_hash"])) != prev_hash:
-            problems.append(
-                f"seal {link['id']} does not follow the link before it: a seal was removed or replaced"
-            )
-        if not link["intact"]:
-            problems.append(f"seal {link['id']} was changed (its contents no longer give its hash)")
-        prev_hash = bytes(link["hash"])
-        if link["kind"] != "seal":
-            continue
-        sealed_ids: list[int] = list(link["transaction_ids"])
-        stored = {
-            tx: bytes(link["digests"][i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
-            for i, tx in enumerate(sealed_ids)
-        }
-        now = cur.execute(
-            sql.SQL("SELECT id, digest FROM {}.range_digests(%s::xid8, %s, %s::xid8, %s)").format(audit),
-            [prev_pos[0], prev_pos[1], link["last_xid"], link["last_id"]],
-        ).fetchall()
-        current = {r["id"]: bytes(r["digest"]) for r in now}
-        for tx in sealed_ids:
-            checked += 1
-            digest = current.get(tx)
-            if digest == stored[tx]:
-                continue
-            known = recorded.get(tx)
-            if known is not None and known[0] == (DELETED if digest is None else digest):
-                if known[1] == "erasure":
-                    rewritten += 1
-                else:
-                    purged += 1
-                continue
-            if digest is None:
-                problems.append(f"transaction {tx} (sealed by seal {link['id']}) was deleted")
-            else:
-                problems.append(
-                    f"transaction {tx} (sealed by seal {link['id']}) no longer matches: its row or its changes were changed"
-                )
-            named = tx if named is None else named
-        for tx in current:
-            if tx not in stored:
-                problems.append(f"transaction {tx} was inserted into the range sealed by seal {link['id']}")
-                named = tx if named is None else named
-        prev_pos = (link["last_xid"], link["last_id"])
-    if prev_pos[0] is not None:
-        for stray in _stray_changes(cur, audit, prev_pos):
-            problems.append(
-                f"change {stray['id']} names sealed transaction {stray['transaction_id']} without its start time:"
-                " it was inserted or moved by hand"
-            )
-            named = stray["transaction_id"] if named is None else named
-    head = None if prev_hash is None else prev_hash.hex()
-    if expect_head is not None and expect_head.lower() != head:
-        problems.append(
-            f"the chain ends with {head or 'no seal'}, not with the head hash kept outside the database "
-            f"({expect_head}): seals were removed or the chain was replaced"
-        )
-    return VerifyResult(
-        ok=not problems,
-        seals=links,
-        transactions=checked,
-        erased=rewritten,
-        head=head,
-        first_problem=problems[0] if problems else None,
-        problem_transaction=named,
-        problems=problems,
-        purged=purged,
+def _held_back(conn: psycopg.Connection[Any], audit: sql.Identifier) -> str | None:
+    """The baseline in progress that holds sealing back, in words, when transactions after it
+    wait to be sealed."""
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL(
+                "SELECT b.table_schema, b.table_name, b.started_at, b.rows_done, t.id,"
+                "       (SELECT count(*) FROM {a}.transactions x WHERE x.xid > t.xid) AS waiting"
+                "  FROM {a}.baselines b JOIN {a}.transactions t ON t.id = b.transaction_id"
+                " WHERE b.finished_at IS NULL AND b.ended_at IS NULL"
+                "   AND NOT EXISTS (SELECT 1 FROM (SELECT s.last_xid, s.last_id FROM {a}.seals s"
+                "                                   ORDER BY s.id DESC LIMIT 1) AS p"
+                "                    WHERE (t.xid, t.id) <= (p.last_xid, p.last_id))"
+                " ORDER BY t.xid LIMIT 1"
+            ).format(a=audit)
+        ).fetchone()
+    if row is None:
+        return None
+    schema, table, since, done, tx, waiting = row
+    return (
+        f"sealing is held back at transaction {tx} by the baseline of {schema}.{table} being taken"
+        f" since {since.isoformat(timespec='seconds')} ({done} rows so far; {waiting} later transaction(s)"
+        f" wait): finish it with threadline baseline {schema}.{table}"
     )
-
-
-def _stray_changes(
-    cur: psycopg.Cursor[dict[str, Any]], audit: sql.Identifier, upto: tuple[str | None, int | None]
-) -> list[dict[str, Any]]:
-    """In a partitioned store, changes of sealed transactions that do not carry their transaction's
-    start time: a transaction's digest reads its changes in its own partition only, so such a row
-    (which capture never writes) would otherwise escape it."""
-    partitioned = cur.execute(
-        sql.SQL("SELECT c.relkind = 'p' AS p FROM pg_class c WHERE c.oid = {}::regclass").format(
-            sql.Literal(f"{audit.as_string(None)}.changes")
-        )
-    ).fetchone()
-    if not partitioned or not partitioned["p"]:
-        return []
-    return cur.execute(
-        sql.SQL(
-            # one hash anti join over both tables (a lookup per change would search every partition)
-            "SELECT c.id, c.transaction_id FROM {a}.changes c"
-            " WHERE NOT EXISTS (SELECT 1 FROM {a}.transactions t"
-            "                    WHERE t.id = c.transaction_id AND t.occurred_at = c.occurred_at)"
-            "   AND EXISTS (SELECT 1 FROM {a}.transactions t"
-            "                WHERE t.id = c.transaction_id AND (t.xid, t.id) <= (%s::xid8, %s))"
-            " ORDER BY c.id LIMIT 10"
-        ).format(a=audit),
-        list(upto),
-    ).fetchall()

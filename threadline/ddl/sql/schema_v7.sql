@@ -2496,7 +2496,7 @@ $events$;
 
 -- Tamper evidence. A seal covers the next transactions in (xid, id) order, each with its changes,
 -- once they are final: every transaction with an xid below the oldest one still running in this
--- database has ended, so no row can join them afterwards (a baseline still being taken holds the seal back at
+-- database (pg_stat_activity.backend_xid, prepared transactions) has ended, so no row can join them afterwards (a baseline still being taken holds the seal back at
 -- its transaction, whose snapshots are still arriving). Each seal stores the transactions' ids, the
 -- digest of each (to name the first one that no longer matches) and a hash over them and the
 -- previous link's hash, so the seals form a chain: editing, deleting or inserting
@@ -2518,8 +2518,26 @@ CREATE TABLE IF NOT EXISTS @audit@.seals (
     action_id bigint,
     sealed_at timestamptz NOT NULL DEFAULT now()
 );
+-- in the hash of a link of format 2: what it says it did (a purge: its cut-off and tables, as
+-- JSON), and, for a seal, the start time of each transaction it covers, in the order of
+-- transaction_ids (verify checks that a purge removed only transactions older than its cut-off)
+ALTER TABLE @audit@.seals ADD COLUMN IF NOT EXISTS detail text;
+ALTER TABLE @audit@.seals ADD COLUMN IF NOT EXISTS started timestamptz[];
 COMMENT ON COLUMN @audit@.seals.digests IS
     'The 32-byte digest of each transaction (its row and its changes), in the order of transaction_ids.';
+COMMENT ON COLUMN @audit@.seals.format IS
+    '1: digests of the transactions as they are (seals made before salts); 2: each digest is salted with its transaction''s salt in seal_salts.';
+
+-- Format 2: the digest a link records for a transaction is sha256(salt || its digest), the salt
+-- drawn at random when the transaction is first sealed and kept here, readable by the owner only.
+-- An erasure or a purge deletes the salt of each sealed transaction it rewrites or removes (and
+-- draws a new one for the new digest it records), so the digest of the erased values can no
+-- longer be tested against guesses, by anyone. verify reads the salts through salted_digests().
+CREATE TABLE IF NOT EXISTS @audit@.seal_salts (
+    transaction_id bigint PRIMARY KEY,
+    salt bytea NOT NULL
+);
+REVOKE ALL ON @audit@.seal_salts FROM PUBLIC;
 
 -- The hash of a link of the chain: the previous link's hash, what the link is, the position it
 -- leaves the chain at, and its contents.
@@ -2533,6 +2551,38 @@ RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $f
                                        array_to_string(ids, ',')), 'UTF8')
                   || digests)
 $fn$;
+-- The hash of a link of either format: format 1 as above; format 2 also hashes the format itself
+-- (so a salted link cannot pass for an unsalted one), the link's detail and its start times (as
+-- microseconds since the epoch, whatever the session's time zone).
+DROP FUNCTION IF EXISTS @audit@.seal_hash(text, integer, bytea, xid8, bigint, bigint[], bytea, bigint, text);
+CREATE OR REPLACE FUNCTION @audit@.seal_hash(kind text, format integer, prev_hash bytea, last_xid xid8,
+                                              last_id bigint, ids bigint[], digests bytea, action_id bigint,
+                                              detail text, started timestamptz[])
+RETURNS bytea LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT sha256(coalesce(prev_hash, ''::bytea)
+                  || convert_to(format('threadline %s %s;%s;%s;%s;%s;', kind, format, coalesce(action_id::text, ''),
+                                       coalesce(last_xid::text, ''), coalesce(last_id::text, ''),
+                                       array_to_string(ids, ','))
+                                || CASE WHEN format = 1 THEN '' ELSE
+                                       quote_nullable(detail) || ';'
+                                       || coalesce((SELECT string_agg((extract(epoch FROM u.at) * 1000000)::bigint::text,
+                                                                      ',' ORDER BY u.o)
+                                                      FROM unnest(started) WITH ORDINALITY AS u(at, o)), '') || ';'
+                                   END, 'UTF8')
+                  || digests)
+$fn$;
+
+-- The salted digest of each of the transactions given with their digest (as range_digests() gives
+-- them): none for a transaction without a salt. For verify, run by any role allowed to read the
+-- audit tables: it only salts digests it is given, and a salt that an erasure deleted is gone.
+CREATE OR REPLACE FUNCTION @audit@.salted_digests(ids bigint[], digests bytea[])
+RETURNS TABLE (id bigint, digest bytea)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT u.id, sha256(s.salt || u.d)
+      FROM unnest(ids, digests) AS u(id, d) JOIN @audit@.seal_salts s ON s.transaction_id = u.id
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.salted_digests(bigint[], bytea[]) FROM PUBLIC;
+
 
 -- One step of a hash chain: what digest_chain() folds its inputs with. Schema-qualified throughout
 -- instead of a SET search_path, which would make every step of a large transaction pay for it.
@@ -2613,6 +2663,7 @@ DECLARE
     n_changes bigint;
     top_xid xid8;
     top_id bigint;
+    starts timestamptz[];
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size USING ERRCODE = '22023';
@@ -2621,37 +2672,48 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('threadline seal @audit_name@'));
     -- The oldest transaction still running in this database (or prepared in it): it may yet write
     -- audit rows under its xid. Every xid below it has ended here; one assigned later is higher.
-    -- (A transaction that has written anything holds a lock in its database until it ends;
-    -- transactions of other databases do not hold sealing back.)
+    -- A backend's xid is read from pg_stat_activity, whatever the transaction did with it so far:
+    -- one that took its xid before writing (SELECT pg_current_xact_id()) holds no lock in this
+    -- database yet, and must hold sealing back all the same. backend_xid is shown to every role.
+    -- Transactions of other databases do not hold sealing back. A running transaction missing
+    -- from the view has ended since the snapshot, and the rows it wrote are visible below.
+    PERFORM pg_stat_clear_snapshot();  -- the view as it is now, not as read earlier in this transaction
     SELECT coalesce(min(x), pg_snapshot_xmax(snap)) INTO horizon
       FROM pg_snapshot_xip(snap) AS x
-     WHERE EXISTS (SELECT 1 FROM pg_locks t JOIN pg_locks r ON r.pid = t.pid
-                    WHERE t.locktype = 'transactionid' AND t.transactionid = xid(x)
-                      AND r.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))
+     WHERE xid(x) IN (SELECT a.backend_xid FROM pg_stat_activity a
+                       WHERE a.datid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))
         OR xid(x) IN (SELECT p.transaction FROM pg_prepared_xacts p WHERE p.database = current_database());
     SELECT * INTO prev FROM @audit@.seals ORDER BY id DESC LIMIT 1;
     SELECT min(t.xid) INTO held FROM @audit@.baselines b JOIN @audit@.transactions t ON t.id = b.transaction_id
      WHERE b.finished_at IS NULL AND b.ended_at IS NULL;
     WITH next AS (
-        SELECT t.id, t.xid, @audit@.transaction_digest(t) AS d,
+        SELECT t.id, t.xid, t.occurred_at, @audit@.transaction_digest(t) AS d,
                (SELECT count(*) FROM @audit@.changes c WHERE c.transaction_id = t.id@same_start:t@) AS n
           FROM @audit@.transactions t
          WHERE (t.xid, t.id) > (coalesce(prev.last_xid, '0'::xid8), coalesce(prev.last_id, 0))
            AND t.xid < horizon AND (held IS NULL OR t.xid < held)
          ORDER BY t.xid, t.id
          LIMIT batch_size
+    ), salted AS (
+        -- each transaction's salt (format 2): 122 random bits, from the core's generator
+        INSERT INTO @audit@.seal_salts AS s (transaction_id, salt)
+        SELECT next.id, uuid_send(gen_random_uuid()) FROM next
+        ON CONFLICT (transaction_id) DO UPDATE SET salt = excluded.salt
+        RETURNING s.transaction_id, s.salt
     )
-    SELECT array_agg(id ORDER BY xid, id), string_agg(d, ''::bytea ORDER BY xid, id), sum(n),
-           (array_agg(xid ORDER BY xid DESC, id DESC))[1], (array_agg(id ORDER BY xid DESC, id DESC))[1]
-      INTO ids, full_digests, n_changes, top_xid, top_id
-      FROM next;
+    SELECT array_agg(n.id ORDER BY n.xid, n.id), string_agg(sha256(x.salt || n.d), ''::bytea ORDER BY n.xid, n.id),
+           sum(n.n), (array_agg(n.xid ORDER BY n.xid DESC, n.id DESC))[1],
+           (array_agg(n.id ORDER BY n.xid DESC, n.id DESC))[1], array_agg(n.occurred_at ORDER BY n.xid, n.id)
+      INTO ids, full_digests, n_changes, top_xid, top_id, starts
+      FROM next n JOIN salted x ON x.transaction_id = n.id;
     IF ids IS NULL THEN
         seal_id := prev.id; sealed := 0; head := encode(prev.hash, 'hex');
         RETURN;
     END IF;
-    INSERT INTO @audit@.seals (kind, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash)
-    VALUES ('seal', top_xid, top_id, ids, full_digests, n_changes, prev.hash,
-            @audit@.seal_hash('seal', prev.hash, top_xid, top_id, ids, full_digests, NULL))
+    INSERT INTO @audit@.seals (kind, format, last_xid, last_id, transaction_ids, digests, changes, prev_hash, hash,
+                               started)
+    VALUES ('seal', 2, top_xid, top_id, ids, full_digests, n_changes, prev.hash,
+            @audit@.seal_hash('seal', 2, prev.hash, top_xid, top_id, ids, full_digests, NULL, NULL, starts), starts)
     RETURNING id, cardinality(ids), encode(hash, 'hex') INTO seal_id, sealed, head;
 END
 $fn$;
@@ -2662,6 +2724,22 @@ $def$, '@same_start:tx@', CASE WHEN parted THEN ' AND c.occurred_at = tx.occurre
 END
 $layout$;
 REVOKE EXECUTE ON FUNCTION @audit@.seal(integer) FROM PUBLIC;
+-- New salts for the sealed transactions given (replacing any they had), and their salted digests
+-- as they are now; for a seal, an erasure or a purge, run by the owner.
+CREATE OR REPLACE FUNCTION @audit@.new_salts(ids bigint[])
+RETURNS TABLE (id bigint, digest bytea)
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH salted AS (
+        INSERT INTO @audit@.seal_salts AS s (transaction_id, salt)
+        SELECT t.id, uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())
+          FROM @audit@.transactions t WHERE t.id = ANY (ids)
+        ON CONFLICT (transaction_id) DO UPDATE SET salt = excluded.salt
+        RETURNING s.transaction_id, s.salt
+    )
+    SELECT t.id, sha256(x.salt || @audit@.transaction_digest(t))
+      FROM salted x JOIN @audit@.transactions t ON t.id = x.transaction_id
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.new_salts(bigint[]) FROM PUBLIC;
 -- the tables' BRIN indexes as unsummarize_brin_tail() leaves them, also those built by an earlier
 -- release or by a move to partitions
 SELECT @audit@.unsummarize_brin_tail('@audit@.transactions'), @audit@.unsummarize_brin_tail('@audit@.changes');
