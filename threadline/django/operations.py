@@ -112,7 +112,8 @@ class _TableOperation(Operation):
     def __init__(
         self,
         model: str,
-        *,
+        # not keyword-only: Django before 5.1 writes only positional-or-keyword arguments into a
+        # migration it generates (squashmigrations), and would drop the options
         mask: Iterable[str] | str | None = None,
         exclude: Iterable[str] | str | None = None,
         keys: Iterable[str] | str | None = None,
@@ -237,7 +238,7 @@ class TakeBaseline(Operation):
     reduces_to_sql = False
     atomic = False
 
-    def __init__(self, model: str, *, batch_size: int = 10_000, audit_schema: str = DEFAULT_SCHEMA) -> None:
+    def __init__(self, model: str, batch_size: int = 10_000, audit_schema: str = DEFAULT_SCHEMA) -> None:
         app_label, dot, model_name = model.partition(".")
         if not dot or not app_label or not model_name:
             raise ConfigurationError(f"name the model as 'app_label.ModelName', got {model!r}")
