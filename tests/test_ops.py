@@ -140,14 +140,20 @@ def test_purge_of_one_table_takes_its_changes_under_every_name_it_had(
     conn.execute("ALTER TABLE app.orders_v1 RENAME TO orders")
     conn.execute("INSERT INTO app.orders VALUES (2, 'b')")
     conn.execute("INSERT INTO app.keep VALUES (1)")
+    with threadline.context(actor="admin:1"), threadline.transaction(conn):  # an action's transaction
+        threadline.record_action(conn, "note", reason="kept")
+    before = {r[0] for r in conn.execute("SELECT id FROM threadline.transactions").fetchall()}
     for name in ("app.orders_v1", "app.orders"):  # either name stands for the table
         dry = retention.purge(conn, timedelta(0), table=name, dry_run=True)
-        assert dry.changes == 2
+        assert (dry.changes, dry.transactions) == (2, 2)
     done = retention.purge(conn, timedelta(0), table="app.orders")
-    assert done.changes == 2
+    assert (done.changes, done.transactions) == (2, 2)
     left = conn.execute("SELECT table_name FROM threadline.changes ORDER BY id").fetchall()
     assert left == [("keep",)]
     assert list(threadline.history(conn, "app.orders", 1)) == []
+    # the transactions of the other table and of the action stay
+    after = {r[0] for r in conn.execute("SELECT id FROM threadline.transactions").fetchall()}
+    assert len(before) == 4 and len(before - after) == 2 and len(after) == 2, (before, after)
 
 
 def test_purge_cli(dsn: str, conn: psycopg.Connection[Any], history: None) -> None:

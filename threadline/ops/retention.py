@@ -43,6 +43,7 @@ from threadline.ops.observability import emit
 from threadline.ops.partition_migration import refuse_during_migration
 from threadline.ops.partition_purge import drop_periods, droppable_periods
 from threadline.ops.partitions import is_partitioned
+from threadline.ops.retention_counts import purge_counts
 from threadline.ops.seal_chain import append_link, chain_head, has_chain, lock_chain, purge_detail
 
 __all__ = ["PurgeResult", "parse_age", "purge"]
@@ -193,36 +194,7 @@ def purge(
     shown = f" of {target}" if target else ""
 
     if dry_run:
-        with conn.transaction():
-            changes = _count(
-                conn,
-                sql.SQL("SELECT count(*) FROM {a}.changes WHERE captured_at < %(cutoff)s{w}").format(
-                    a=audit, w=where_table
-                ),
-                params,
-            )
-            # transactions that would be left with no changes at all
-            transactions = _count(
-                conn,
-                sql.SQL(
-                    "SELECT count(*) FROM {a}.transactions t WHERE t.occurred_at < %(cutoff)s"
-                    " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id"
-                    " AND NOT (c.captured_at < %(cutoff)s{wc}))"
-                ).format(
-                    a=audit,
-                    wc=where_c,
-                ),
-                params,
-            )
-            runs = (
-                0
-                if target
-                else _count(
-                    conn,
-                    sql.SQL("SELECT count(*) FROM {a}.task_runs WHERE ended_at < %(cutoff)s").format(a=audit),
-                    params,
-                )
-            )
+        changes, transactions, runs = purge_counts(conn, audit, params, where_table, where_c, bool(target))
         elapsed = time.monotonic() - started
         logger.info(
             "dry run: would purge %d changes%s, %d transactions and %d task runs before %s"
@@ -286,13 +258,20 @@ def purge(
         ),
         "transactions": sql.SQL(
             "WITH batch AS (SELECT t.id FROM {a}.transactions t WHERE t.id > %(after)s"
-            " AND t.occurred_at < %(cutoff)s"
+            " AND t.occurred_at < %(cutoff)s{only}"
             " AND NOT EXISTS (SELECT 1 FROM {a}.changes c WHERE c.transaction_id = t.id{s})"
             " ORDER BY t.id LIMIT %(n)s), gone AS (DELETE FROM {a}.transactions t USING batch b"
             " WHERE t.id = b.id{tr} RETURNING t.id, t.xid) SELECT count(*), NULL::bigint, max(id),"
             " array_agg(id), array_agg(xid::text) FROM gone"
-        ).format(a=audit, s=same_start, tr=sql.SQL(" AND t.occurred_at < %(cutoff)s" if partitioned else "")),
+        ).format(
+            a=audit,
+            s=same_start,
+            tr=sql.SQL(" AND t.occurred_at < %(cutoff)s" if partitioned else ""),
+            # one table's purge deletes only the transactions it emptied of that table's changes
+            only=sql.SQL(" AND t.id = ANY (%(emptied)s::bigint[])" if target else ""),
+        ),
     }
+    emptied: set[int] = set()
     if not target:
         statements["task runs"] = sql.SQL(
             "WITH batch AS (SELECT r.id FROM {a}.task_runs r WHERE r.id > %(after)s"
@@ -314,8 +293,17 @@ def purge(
                     lock_chain(cur, audit_schema)  # no seal may read what this batch deletes
                 refuse_during_migration(conn, audit_schema, "purge")
                 row = cur.execute(
-                    statement, {**params, "after_tx": after_tx, "after": after, "n": batch_size}
+                    statement,
+                    {
+                        **params,
+                        "after_tx": after_tx,
+                        "after": after,
+                        "n": batch_size,
+                        "emptied": sorted(emptied),
+                    },
                 ).fetchone()
+                if target and kind == "changes" and row and row[3]:
+                    emptied.update(row[3])
                 if sealed and row and row[3]:
                     links = list(zip(row[3], row[4], strict=True))
                     append_link(cur, audit_schema, "purge", links, detail=detail)
@@ -388,8 +376,3 @@ def _forget_purged_truncates(
             params,
         ).rowcount
     logger.debug("forgot %d truncates whose changes were purged", deleted)
-
-
-def _count(conn: psycopg.Connection[Any], query: sql.Composed, params: dict[str, Any]) -> int:
-    row = conn.execute(query, params).fetchone()
-    return int(row[0]) if row else 0
