@@ -659,3 +659,49 @@ def test_call_command_runs_the_command_line_into_its_streams(mig_dsn: str) -> No
         )
     direct = _cli("coverage", "--expect", "shop_nothing", "--dsn", mig_dsn)
     assert (out.getvalue(), err.getvalue()) == (direct.stdout, direct.stderr)
+
+
+def test_the_audit_schema_setting_is_the_schema_every_part_uses(
+    database: str, mig_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.conf import settings
+    from django.core.checks import Tags, run_checks
+    from django.core.management import call_command
+    from django.db import connections
+    from django.test import override_settings
+
+    migrate()  # the migrations database: the default audit schema
+    name = f"{connections.settings[ALIAS]['NAME']}_schema"
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    connections.settings["schema"] = {**connections.settings[ALIAS], "NAME": name}
+    custom = {**settings.THREADLINE, "AUDIT_SCHEMA": "audit"}
+    try:
+        with override_settings(THREADLINE=custom):
+            call_command("migrate", database="schema", stdout=io.StringIO(), verbosity=0)
+            # the command line works in it too
+            call_command(
+                "threadline", "track", "public.django_migrations", database="schema", stdout=io.StringIO()
+            )
+            with psycopg.connect(psycopg.conninfo.make_conninfo(database, dbname=name)) as conn:
+                schemas = conn.execute(
+                    "SELECT nspname FROM pg_namespace WHERE nspname IN ('audit', 'threadline')"
+                ).fetchall()
+                assert schemas == [("audit",)]
+                tracked = {t.table_name for t in threadline.ddl.tracked_tables(conn, "audit")}
+                assert tracked == {"django_migrations"}, tracked
+            # the migrations database holds the default schema: the check says which is which,
+            # and TRACK, which would apply to the setting's schema, says it is not applied
+            messages = [
+                m for m in run_checks(tags=[Tags.database], databases=[ALIAS]) if m.id == "threadline.E004"
+            ]
+            assert len(messages) == 1 and "'audit'" in messages[0].msg, messages
+            caplog.set_level("WARNING", logger="threadline")
+            migrate("shop")
+            assert "THREADLINE['TRACK'] is not applied in database 'migrations'" in caplog.text
+    finally:
+        connections["schema"].close()
+        del connections.settings["schema"]
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -4,6 +4,7 @@
 ``threadline.E001``  ``ThreadlineMiddleware`` runs before ``AuthenticationMiddleware``: no request has an actor
 ``threadline.E002``  a PostgreSQL database runs on psycopg2: its writes carry no context
 ``threadline.E003``  a ``THREADLINE["TRACK"]`` entry of a child model names its parent's fields
+``threadline.E004``  (``--database``) ``THREADLINE["AUDIT_SCHEMA"]`` is not installed, another schema is
 ``threadline.W001``  ``ThreadlineMiddleware`` is not in ``MIDDLEWARE``: web requests carry no context
 ``threadline.W002``  no ``AuthenticationMiddleware``: the default actor resolver finds no user
 ``threadline.W003``  ``ORM_BRIDGE`` is off: Django's own writes carry no context
@@ -23,6 +24,8 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
+
+from threadline.ddl.names import DEFAULT_SCHEMA
 
 __all__ = ["check_database", "check_setup"]
 
@@ -176,16 +179,29 @@ def check_database(
     from threadline.core._connection import native
     from threadline.ddl.schema import installed_version, written_by_another_build
     from threadline.ddl.triggers import tracked_tables
+    from threadline.propagation.django import load_settings
 
+    schema = load_settings().audit_schema
     found: list[checks.CheckMessage] = []
     for alias in databases or ():
         wrapper = connections[alias]
         if wrapper.vendor != "postgresql":
             continue
         raw, _ = native(wrapper)
-        if installed_version(raw) is None:
+        if installed_version(raw, schema) is None:
+            if installed_version(raw) is not None and schema != DEFAULT_SCHEMA:
+                found.append(
+                    checks.Error(
+                        f"database {alias!r}: THREADLINE['AUDIT_SCHEMA'] is {schema!r}, which is not"
+                        f" installed there, but the audit schema {DEFAULT_SCHEMA!r} is: the admin and"
+                        " TRACK use the one the setting names",
+                        hint=f"set AUDIT_SCHEMA to {DEFAULT_SCHEMA!r}, or run: manage.py threadline install"
+                        f" --database {alias} --audit-schema {schema}",
+                        id="threadline.E004",
+                    )
+                )
             continue
-        if written_by_another_build(raw):
+        if written_by_another_build(raw, schema):
             found.append(
                 checks.Warning(
                     f"database {alias!r}: the audit schema was installed by another build of this "
@@ -194,7 +210,7 @@ def check_database(
                     id="threadline.W011",
                 )
             )
-        for table in tracked_tables(raw):
+        for table in tracked_tables(raw, schema):
             if table.status != "installed":
                 command = table.restore_command()
                 if command is not None and command.startswith("threadline "):

@@ -29,7 +29,7 @@ from django.db import router
 from django.db.migrations.operations.base import Operation
 
 from threadline.core.errors import ConfigurationError
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, quote_ident
+from threadline.ddl.names import check_schema_name, quote_ident
 from threadline.ddl.schema import PINNED_VERSIONS, install_sql, uninstall_sql
 from threadline.ddl.triggers import track_sql, untrack_sql
 from threadline.django.tracking import column_names
@@ -37,32 +37,55 @@ from threadline.django.tracking import column_names
 __all__ = ["InstallAudit", "TakeBaseline", "Track", "Untrack"]
 
 
-class InstallAudit(Operation):
+class _SchemaFromSettings:
+    """``audit_schema``: the one given to the operation, else ``THREADLINE["AUDIT_SCHEMA"]`` when
+    the migration runs (``threadline`` by default)."""
+
+    given_schema: str | None = None
+
+    def _given(self, audit_schema: str | None) -> None:
+        if audit_schema is not None:
+            check_schema_name(audit_schema)
+        self.given_schema = audit_schema
+
+    @property
+    def audit_schema(self) -> str:
+        """The audit schema the operation works in."""
+        if self.given_schema is not None:
+            return self.given_schema
+        from threadline.propagation.django import load_settings
+
+        return load_settings().audit_schema
+
+
+class InstallAudit(_SchemaFromSettings, Operation):
     """Install (or upgrade in place to) the pinned audit schema ``version``.
 
-    Reversing it drops the audit schema and every capture trigger, and is refused while the
-    schema holds audit rows (purge them, or drop the schema by hand).
+    ``audit_schema`` names the schema; without it, the one ``THREADLINE["AUDIT_SCHEMA"]`` names
+    when the migration runs (``threadline`` by default), so that threadline's own migrations
+    install the schema the admin, the checks and ``TRACK`` use. Reversing it drops the audit
+    schema and every capture trigger, and is refused while the schema holds audit rows (purge
+    them, or drop the schema by hand).
     """
 
     reversible = True
     reduces_to_sql = True
     atomic = True
 
-    def __init__(self, version: int, audit_schema: str = DEFAULT_SCHEMA, app_role: str | None = None) -> None:
+    def __init__(self, version: int, audit_schema: str | None = None, app_role: str | None = None) -> None:
         if version not in PINNED_VERSIONS:
             raise ConfigurationError(
                 f"audit schema version {version!r} is not one this threadline knows ({', '.join(map(str, PINNED_VERSIONS))})"
             )
-        check_schema_name(audit_schema)
+        self._given(audit_schema)
         self.version = version
-        self.audit_schema = audit_schema
         self.app_role = app_role
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
         """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {"version": self.version}
-        if self.audit_schema != DEFAULT_SCHEMA:
-            kwargs["audit_schema"] = self.audit_schema
+        if self.given_schema is not None:
+            kwargs["audit_schema"] = self.given_schema
         if self.app_role is not None:
             kwargs["app_role"] = self.app_role
         return (type(self).__name__, [], kwargs)
@@ -102,7 +125,7 @@ def _names(values: Iterable[str] | str | None) -> tuple[str, ...]:
     return tuple(values)
 
 
-class _TableOperation(Operation):
+class _TableOperation(_SchemaFromSettings, Operation):
     """Shared by :class:`Track` and :class:`Untrack`: one model and its options."""
 
     reversible = True
@@ -117,17 +140,16 @@ class _TableOperation(Operation):
         mask: Iterable[str] | str | None = None,
         exclude: Iterable[str] | str | None = None,
         keys: Iterable[str] | str | None = None,
-        audit_schema: str = DEFAULT_SCHEMA,
+        audit_schema: str | None = None,
     ) -> None:
         app_label, dot, model_name = model.partition(".")
         if not dot or not app_label or not model_name:
             raise ConfigurationError(f"name the model as 'app_label.ModelName', got {model!r}")
-        check_schema_name(audit_schema)
         self.model = model
         self.mask = _names(mask)
         self.exclude = _names(exclude)
         self.keys = _names(keys)
-        self.audit_schema = audit_schema
+        self._given(audit_schema)
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
         """The class name and arguments, as Django's migration writer expects them."""
@@ -135,8 +157,8 @@ class _TableOperation(Operation):
         for name in ("mask", "exclude", "keys"):
             if getattr(self, name):
                 kwargs[name] = list(getattr(self, name))
-        if self.audit_schema != DEFAULT_SCHEMA:
-            kwargs["audit_schema"] = self.audit_schema
+        if self.given_schema is not None:
+            kwargs["audit_schema"] = self.given_schema
         return (type(self).__name__, [self.model], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:
@@ -225,7 +247,7 @@ class Untrack(_TableOperation):
         return f"untrack_{self.model.partition('.')[2].lower()}"
 
 
-class TakeBaseline(Operation):
+class TakeBaseline(_SchemaFromSettings, Operation):
     """Record every row ``"app_label.Model"``'s table holds as the start of its history (see
     :func:`threadline.take_baseline`), in batches of ``batch_size`` rows that each commit.
 
@@ -238,24 +260,23 @@ class TakeBaseline(Operation):
     reduces_to_sql = False
     atomic = False
 
-    def __init__(self, model: str, batch_size: int = 10_000, audit_schema: str = DEFAULT_SCHEMA) -> None:
+    def __init__(self, model: str, batch_size: int = 10_000, audit_schema: str | None = None) -> None:
         app_label, dot, model_name = model.partition(".")
         if not dot or not app_label or not model_name:
             raise ConfigurationError(f"name the model as 'app_label.ModelName', got {model!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}")
-        check_schema_name(audit_schema)
         self.model = model
         self.batch_size = batch_size
-        self.audit_schema = audit_schema
+        self._given(audit_schema)
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
         """The class name and arguments, as Django's migration writer expects them."""
         kwargs: dict[str, Any] = {}
         if self.batch_size != 10_000:
             kwargs["batch_size"] = self.batch_size
-        if self.audit_schema != DEFAULT_SCHEMA:
-            kwargs["audit_schema"] = self.audit_schema
+        if self.given_schema is not None:
+            kwargs["audit_schema"] = self.given_schema
         return (type(self).__name__, [self.model], kwargs)
 
     def state_forwards(self, app_label: str, state: Any) -> None:

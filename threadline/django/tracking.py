@@ -158,7 +158,7 @@ def apply_tracking(
     failures are raised together as one :class:`ConfigurationError`.
     """
     import psycopg
-    from django.db import connections
+    from django.db import connections, router
 
     from threadline.core._connection import native
     from threadline.ddl.schema import installed_version
@@ -168,6 +168,16 @@ def apply_tracking(
         return []
     raw, _ = native(wrapper)
     if installed_version(raw, audit_schema) is None:
+        if router.allow_migrate(using, "threadline"):
+            logger.warning(
+                "THREADLINE['TRACK'] is not applied in database %r: its audit schema %r is not"
+                " installed there (THREADLINE['AUDIT_SCHEMA']; run manage.py migrate threadline, or"
+                " manage.py threadline install --database %s --audit-schema %s)",
+                using,
+                audit_schema,
+                using,
+                audit_schema,
+            )
         return []
     done = []
     failed = []

@@ -2,7 +2,8 @@
 
 Every subcommand and option of the ``threadline`` CLI, with the same output and exit codes; the
 database is ``DATABASES["default"]``, or the alias given with ``--database`` (before the
-subcommand or after it). ``manage.py threadline --help`` lists the subcommands.
+subcommand or after it), and the audit schema the one ``THREADLINE["AUDIT_SCHEMA"]`` names (or
+``--audit-schema``). ``manage.py threadline --help`` lists the subcommands.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from threadline import cli
 from threadline.core.errors import ConfigurationError
 from threadline.django.database import dsn_for
+from threadline.propagation.django import load_settings
 
 PROG = "manage.py threadline"
 
@@ -47,10 +49,12 @@ def run(argv: list[str]) -> int:
         sys.stderr.write(f"Error: {exc}\n")
         return 2
     wants_database = rest and rest[0] not in ("--help", "-h", "--version") and "--dsn" not in rest
-    previous = os.environ.get("THREADLINE_DSN")
+    previous = {name: os.environ.get(name) for name in ("THREADLINE_DSN", "THREADLINE_AUDIT_SCHEMA")}
     try:
         if wants_database:
             os.environ["THREADLINE_DSN"] = dsn_for(alias)
+        # the audit schema THREADLINE["AUDIT_SCHEMA"] names, unless --audit-schema names another
+        os.environ["THREADLINE_AUDIT_SCHEMA"] = load_settings().audit_schema
         cli.main(rest, prog_name=PROG)
     except ConfigurationError as exc:
         sys.stderr.write(f"Error: {exc}\n")
@@ -58,10 +62,11 @@ def run(argv: list[str]) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        if previous is None:
-            os.environ.pop("THREADLINE_DSN", None)
-        else:
-            os.environ["THREADLINE_DSN"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return 0
 
 
