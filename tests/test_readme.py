@@ -69,8 +69,8 @@ def test_plain_psycopg_quick_start_runs_as_written(readme_env: dict[str, str]) -
     done = subprocess.run([sys.executable, "-c", program], env=readme_env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "insert orders {'id': 7} None",
-        "update orders {'id': 7} ('status',)",
+        "insert orders {'id': 7} None user:42 req-1",
+        "update orders {'id': 7} ('status',) user:42 req-1",
     ]
     with psycopg.connect(readme_env["THREADLINE_DSN"]) as conn:
         row = conn.execute(

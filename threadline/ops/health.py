@@ -30,6 +30,17 @@ from threadline.ops.observability import emit
 
 logger = logging.getLogger("threadline.health")
 
+__all__ = [
+    "ContextCoverage",
+    "CoverageReport",
+    "TableCoverage",
+    "check_expected",
+    "context_coverage",
+    "coverage",
+    "tracking_problems",
+    "trigger_coverage",
+]
+
 _FIRING = ("O", "A")
 _TGENABLED = {"O": "origin", "A": "always", "R": "replica", "D": "disabled"}
 

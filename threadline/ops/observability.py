@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+__all__ = ["Event", "emit", "on_event"]
+
 logger = logging.getLogger("threadline.observability")
 
 
