@@ -1061,7 +1061,14 @@ EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid
         EXCEPTION WHEN numeric_value_out_of_range OR untranslatable_character OR invalid_text_representation
                        OR character_not_in_repertoire OR feature_not_supported OR program_limit_exceeded
                        OR statement_too_complex THEN
-            image := image || jsonb_build_object(k, v::text);
+            BEGIN
+                image := image || jsonb_build_object(k, v::text);
+            EXCEPTION WHEN program_limit_exceeded THEN
+                -- longer than a jsonb string may be (256 MB): the write goes on, the value is
+                -- named as not recorded
+                image := image || jsonb_build_object(
+                    k, format('[not recorded: %s bytes, more than a jsonb string holds]', octet_length(v::text)));
+            END;
         END;
     END LOOP;
     RETURN image;
@@ -1075,11 +1082,20 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT coalesce((SELECT jsonb_object_agg(k, '[masked]'::text) FROM jsonb_object_keys(j) AS k), j)
 $fn$;
 
--- The columns of a table as the registry records them: [[attnum, name, type], ...].
+-- The columns of a table as the registry records them: [[attnum, name, type], ...], and for a
+-- column of a type created in the database (a composite, a domain, an array of one) the types it
+-- holds as a fourth element: ALTER TYPE ... ADD ATTRIBUTE changes no column of the table but what
+-- its capture code must know (a value written through its output function, floats), so the
+-- event triggers see it as a change of the table.
 CREATE OR REPLACE FUNCTION @audit@.columns_snapshot(rel regclass) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT coalesce(jsonb_agg(jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod))
-                              ORDER BY a.attnum), '[]')
+    SELECT coalesce(jsonb_agg(
+               CASE WHEN a.atttypid < 16384
+                    THEN jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod))
+                    ELSE jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+                                           (SELECT string_agg(DISTINCT format_type(k.t, NULL), ',' ORDER BY format_type(k.t, NULL))
+                                              FROM @audit@.column_types(rel) AS k WHERE k.attnum = a.attnum))
+               END ORDER BY a.attnum), '[]')
       FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
 $fn$;
 
@@ -1160,11 +1176,10 @@ DECLARE
     key_read text;
     raw text := '';
 BEGIN
-    SELECT jsonb_agg(jsonb_build_array(c.attnum, c.name, c.type) ORDER BY c.attnum),
-           array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
-      INTO columns, names, by_text
+    SELECT array_agg(c.name ORDER BY c.attnum), array_agg(c.by_text ORDER BY c.attnum)
+      INTO names, by_text
       FROM @audit@.table_columns(rel) AS c;
-    columns := coalesce(columns, '[]');
+    columns := @audit@.columns_snapshot(rel);
     names := coalesce(names, '{}');
     IF typed AND names && ARRAY['threadline old', 'threadline new', 'threadline rn', 'threadline row', 'threadline raw', 'threadline image', 'threadline shown'] THEN
         problem := 'a column name starting with "threadline " is reserved';
@@ -1411,7 +1426,8 @@ BEGIN
               INTO guard_check
               FROM @audit@.table_columns(rel) AS c
              WHERE c.name = ANY (mask || exclude);
-            guard_check := '  drifted := ' || guard_check || ';';
+            -- (no hidden column present yet, e.g. one a relative masks: the names still mask)
+            guard_check := '  drifted := ' || coalesce(guard_check, 'false') || ';';
         END IF;
         same := CASE WHEN guard_check IS NULL THEN 'to_json' ELSE 'to_jsonb' END;
         -- Drift-safe code converts each row whole, which calls a cast to json that a column's type
@@ -1651,8 +1667,8 @@ BEGIN
 END
 $fn$;
 
--- The columns the capture code of rel masks: mask, and every other column of rel that a tracked
--- inheritance relative masks or excludes (see inheritance_relatives). The registry keeps each
+-- The columns the capture code of rel masks: mask, and every column name that a tracked
+-- inheritance relative masks or excludes (see inheritance_relatives), whether rel has it yet. The registry keeps each
 -- table's own options; this is applied where the code is rendered.
 CREATE OR REPLACE FUNCTION @audit@.effective_mask(rel regclass, exclude text[], mask text[]) RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1661,11 +1677,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                 ELSE ARRAY(SELECT DISTINCT (x COLLATE "C") FROM (
                                SELECT unnest(mask)
                                UNION ALL
-                               SELECT t.name FROM @audit@.table_columns(rel) AS t
-                                WHERE t.name <> ALL (exclude)
-                                  AND EXISTS (SELECT 1 FROM @audit@.tracked_tables o
-                                               WHERE o.relid::oid = ANY (@audit@.inheritance_relatives(rel))
-                                                 AND t.name = ANY (o.mask || o.exclude))) AS u(x)
+                               -- also the names this table does not have (yet): drift-safe code
+                               -- masks by name whatever columns the table has when it runs
+                               SELECT h.name FROM @audit@.tracked_tables o
+                                CROSS JOIN LATERAL unnest(o.mask || o.exclude) AS h(name)
+                                WHERE o.relid::oid = ANY (@audit@.inheritance_relatives(rel))
+                                  AND h.name <> ALL (exclude)) AS u(x)
                            ORDER BY 1)
            END
 $fn$;
@@ -1684,50 +1701,78 @@ DECLARE
     r record;
     live record;
     complete boolean;
+    locked boolean := false;
+    states record;
 BEGIN
-    -- the table first, then the registry row, as track() does: a DDL statement (which holds the
-    -- table) never waits for a registry row that a track() waiting for the table holds
-    SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id;
-    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = entry.relid AND c.relkind IN ('r', 'p')) THEN
-        RETURN 'orphaned';
-    END IF;
-    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', entry.relid);
-    SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN 'orphaned';
-    END IF;
-    SELECT n.nspname::text AS table_schema, c.relname::text AS table_name INTO live
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = entry.relid AND c.relkind IN ('r', 'p');
-    IF NOT FOUND THEN
-        RETURN 'orphaned';
-    END IF;
-    SELECT * INTO opts FROM @audit@.follow_renamed_columns(entry);
-    -- a primary key that was dropped: keep identifying rows by the columns last used
-    SELECT * INTO r FROM @audit@.render_capture(
-        entry.relid, entry.function_name,
-        CASE WHEN cardinality(opts.keys) = 0 AND cardinality(@audit@.primary_key_columns(entry.relid)) = 0
-             THEN entry.key_columns ELSE opts.keys END,
-        opts.exclude, @audit@.effective_mask(entry.relid, opts.exclude, opts.mask),
-        coalesce(typed, @audit@.follows_ddl()));
-    IF r.problem IS NOT NULL THEN
-        RAISE EXCEPTION 'threadline: cannot generate capture for %.%: %', live.table_schema, live.table_name, r.problem
-            USING ERRCODE = 'invalid_table_definition',
-                  HINT = 'fix the table, or track it again with --keys naming existing columns';
-    END IF;
-    SELECT count(*) = 4 INTO complete FROM pg_trigger tg
-      JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
-     WHERE tg.tgrelid = entry.relid AND pn.nspname = '@audit_name@' AND p.proname = entry.function_name
+    -- Rendered first without a lock: the event triggers run this for every tracked table after
+    -- any DDL of the database, and most of those find nothing changed, which must not lock the
+    -- table (a DDL statement that takes a weaker lock than threadline's would then block
+    -- writers, or deadlock with them). Only a change takes the lock and renders again under it:
+    -- the table first, then the registry row, as track() does, so a DDL statement (which holds the
+    -- table) never waits for a registry row that a track() waiting for the table holds.
+    LOOP
+        SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id;
+        IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = entry.relid AND c.relkind IN ('r', 'p')) THEN
+            RETURN 'orphaned';
+        END IF;
+        IF locked THEN
+            SELECT * INTO entry FROM @audit@.tracked_tables WHERE id = entry_id FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN 'orphaned';
+            END IF;
+        END IF;
+        SELECT n.nspname::text AS table_schema, c.relname::text AS table_name INTO live
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = entry.relid AND c.relkind IN ('r', 'p');
+        IF NOT FOUND THEN
+            RETURN 'orphaned';
+        END IF;
+        SELECT * INTO opts FROM @audit@.follow_renamed_columns(entry);
+        -- a primary key that was dropped: keep identifying rows by the columns last used
+        SELECT * INTO r FROM @audit@.render_capture(
+            entry.relid, entry.function_name,
+            CASE WHEN cardinality(opts.keys) = 0 AND cardinality(@audit@.primary_key_columns(entry.relid)) = 0
+                 THEN entry.key_columns ELSE opts.keys END,
+            opts.exclude, @audit@.effective_mask(entry.relid, opts.exclude, opts.mask),
+            coalesce(typed, @audit@.follows_ddl()));
+        IF r.problem IS NOT NULL THEN
+            RAISE EXCEPTION 'threadline: cannot generate capture for %.%: %', live.table_schema, live.table_name, r.problem
+                USING ERRCODE = 'invalid_table_definition',
+                      HINT = 'fix the table, or track it again with --keys naming existing columns';
+        END IF;
+        SELECT count(*) = 4 INTO complete FROM pg_trigger tg
+          JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+         WHERE tg.tgrelid = entry.relid AND pn.nspname = '@audit_name@' AND p.proname = entry.function_name
+           AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
+                             '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
+        IF NOT complete AND NOT repair THEN
+            RETURN 'incomplete';
+        END IF;
+        IF r.fingerprint = entry.fingerprint AND complete AND opts.keys = entry.keys
+           AND opts.exclude = entry.exclude AND opts.mask = entry.mask
+           AND live.table_schema = entry.table_schema AND live.table_name = entry.table_name THEN
+            IF r.columns IS NOT DISTINCT FROM entry.columns THEN
+                RETURN 'unchanged';
+            ELSIF locked THEN
+                -- the same code for other columns (int to bigint): the registry follows, so that
+                -- the next DDL of the database does not find the table changed again
+                UPDATE @audit@.tracked_tables SET columns = r.columns, updated_at = now() WHERE id = entry_id;
+                RETURN 'unchanged';
+            END IF;
+        END IF;
+        EXIT WHEN locked;
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', entry.relid);
+        locked := true;
+    END LOOP;
+    -- the capture triggers a user set to fire always, on replicas only, or not at all keep that
+    SELECT coalesce(array_agg(tg.tgname::text ORDER BY tg.tgname) FILTER (WHERE tg.tgenabled = 'A'), '{}') AS always,
+           coalesce(array_agg(tg.tgname::text ORDER BY tg.tgname) FILTER (WHERE tg.tgenabled = 'R'), '{}') AS replica,
+           coalesce(array_agg(tg.tgname::text ORDER BY tg.tgname) FILTER (WHERE tg.tgenabled = 'D'), '{}') AS disabled
+      INTO states
+      FROM pg_trigger tg
+     WHERE tg.tgrelid = entry.relid
        AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
                          '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
-    IF NOT complete AND NOT repair THEN
-        RETURN 'incomplete';
-    END IF;
-    IF r.fingerprint = entry.fingerprint AND complete AND opts.keys = entry.keys
-       AND opts.exclude = entry.exclude AND opts.mask = entry.mask
-       AND live.table_schema = entry.table_schema AND live.table_name = entry.table_name THEN
-        RETURN 'unchanged';
-    END IF;
     EXECUTE r.ddl;
     UPDATE @audit@.tracked_tables
        SET table_schema = live.table_schema, table_name = live.table_name, keys = opts.keys,
@@ -1737,9 +1782,31 @@ BEGIN
      WHERE id = entry_id;
     INSERT INTO @audit@.tracked_table_names (tracked_id, table_schema, table_name)
     VALUES (entry_id, live.table_schema, live.table_name) ON CONFLICT DO NOTHING;
+    -- after the registry is up to date: each ALTER TABLE fires the event triggers, which then find
+    -- the table unchanged
+    PERFORM @audit@.set_trigger_states(entry.relid, states.always, 'ENABLE ALWAYS');
+    PERFORM @audit@.set_trigger_states(entry.relid, states.replica, 'ENABLE REPLICA');
+    PERFORM @audit@.set_trigger_states(entry.relid, states.disabled, 'DISABLE');
     RETURN 'regenerated';
 END
 $fn$;
+
+-- Set the named triggers of a table to a firing state again (what regenerating its capture code,
+-- which replaces its triggers, would otherwise reset).
+CREATE OR REPLACE FUNCTION @audit@.set_trigger_states(rel regclass, triggers text[], state text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t text;
+BEGIN
+    IF state NOT IN ('ENABLE ALWAYS', 'ENABLE REPLICA', 'DISABLE') THEN
+        RAISE EXCEPTION 'threadline: unknown trigger state %', state USING ERRCODE = '22023';
+    END IF;
+    FOREACH t IN ARRAY triggers LOOP
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', rel, state, t);
+    END LOOP;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION @audit@.set_trigger_states(regclass, text[], text) FROM PUBLIC;
 
 -- The SQL API: track a table, or change its options. Options left NULL keep what is stored;
 -- mask and exclude add columns, unmask and include remove them (the only ways to reveal a column
@@ -1951,6 +2018,11 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '@audit_name@_capture_' || op, tbl);
     END LOOP;
     DELETE FROM @audit@.tracked_tables AS e WHERE e.relid = target RETURNING * INTO entry;
+    IF entry.id IS NOT NULL THEN
+        -- its options under the names its columns have now (drift-safe code follows a renamed
+        -- column by its number only when the code is generated again)
+        SELECT f.exclude, f.mask INTO entry.exclude, entry.mask FROM @audit@.follow_renamed_columns(entry) AS f;
+    END IF;
     IF forget THEN
         -- nor is it to take on the options of a dropped table of its name
         DELETE FROM @audit@.dropped_tables AS d
@@ -2109,6 +2181,18 @@ BEGIN
                 action := 'orphaned (kept)';
             ELSE
                 IF s.tracked_id IS NOT NULL THEN
+                    -- a dropped table's masks and excludes go on to a table tracked under one of its
+                    -- names (a migration that rebuilt it), as when the event triggers record the drop
+                    INSERT INTO @audit@.dropped_tables AS x (table_schema, table_name, exclude, mask)
+                    SELECT DISTINCT n.s, n.t, e.exclude, e.mask
+                      FROM @audit@.tracked_tables e
+                     CROSS JOIN LATERAL (SELECT e.table_schema AS s, e.table_name AS t
+                                         UNION SELECT k.table_schema, k.table_name
+                                           FROM @audit@.tracked_table_names k WHERE k.tracked_id = e.id) AS n
+                     WHERE e.id = s.tracked_id AND cardinality(e.exclude) + cardinality(e.mask) > 0
+                    ON CONFLICT ON CONSTRAINT dropped_tables_pkey
+                    DO UPDATE SET exclude = EXCLUDED.exclude, mask = EXCLUDED.mask, relid = NULL,
+                                  untracked = false, dropped_at = now();
                     DELETE FROM @audit@.tracked_tables WHERE id = s.tracked_id;
                 ELSIF s.table_name IS NOT NULL THEN
                     FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
