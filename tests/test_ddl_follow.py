@@ -151,3 +151,65 @@ def test_without_event_triggers_a_parent_gaining_a_childs_masked_column_masks_it
     conn.execute("UPDATE app.ip SET note = 'm'")  # through the parent: the parent's code
     assert "SECRET-1" not in repr(changes(conn))
     assert threadline.history(conn, "app.ip", 1)[0].after is not None
+
+
+def test_a_refresh_of_the_schema_while_writers_write_fails_no_write(dsn: str, conn: Any) -> None:
+    import threading
+
+    conn.execute("CREATE TABLE app.wa (id serial PRIMARY KEY, v int)")
+    conn.execute("CREATE TABLE app.wb (id serial PRIMARY KEY, v int)")
+    ddl.track(conn, "app.wa")
+    ddl.track(conn, "app.wb")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0]
+
+    def writer(first: str, second: str) -> None:
+        with psycopg.connect(dsn) as c:
+            while not stop.is_set():
+                try:
+                    with threadline.context(actor="user:w"), c.transaction():
+                        c.execute(f"INSERT INTO {first} (v) VALUES (1)")
+                        c.execute(f"INSERT INTO {second} (v) VALUES (2)")
+                    done[0] += 1
+                except BaseException as exc:  # every failure counts
+                    errors.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=pair) for pair in (("app.wa", "app.wb"), ("app.wb", "app.wa"))
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):  # a store written by another build of this version: install refreshes it
+            conn.execute(
+                "COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0'"
+            )
+            conn.execute(
+                "UPDATE threadline.tracked_tables SET fingerprint = 'another build'"
+            )  # code replaced
+            assert ddl.install(conn, attempts=100, lock_timeout=0.5).refreshed
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == [] and done[0] > 0
+    written = conn.execute("SELECT (SELECT count(*) FROM app.wa) + (SELECT count(*) FROM app.wb)").fetchone()
+    assert written == (conn.execute("SELECT count(*) FROM threadline.changes").fetchone() or (0,))
+
+
+def test_a_baseline_is_refused_in_sql_while_the_store_moves_to_partitions(conn: Any) -> None:
+    conn.execute("CREATE TABLE app.bl (id int PRIMARY KEY)")
+    ddl.track(conn, "app.bl")
+    conn.execute("CREATE TABLE threadline.transactions_partitioned (LIKE threadline.transactions)")
+    try:
+        with (
+            pytest.raises(
+                psycopg.errors.ObjectNotInPrerequisiteState, match="being moved to the partitioned layout"
+            ),
+            conn.transaction(),
+        ):
+            conn.execute("SELECT * FROM threadline.baseline_batch('app.bl'::regclass, 10)")
+    finally:
+        conn.execute("DROP TABLE threadline.transactions_partitioned")
+    conn.execute("SELECT * FROM threadline.baseline_batch('app.bl'::regclass, 10)")

@@ -1,6 +1,29 @@
 -- threadline audit schema, version 7
 CREATE SCHEMA IF NOT EXISTS @audit@;
 
+-- An upgrade or a refresh alters the audit tables, then regenerates the capture code of every
+-- tracked table, which locks each table. A writer holds its table and then writes the audit
+-- tables: taking the audit tables first would make a deadlock whose victim may be the writer. So
+-- every table with capture code of this schema is locked first: the first lock waits (holding
+-- nothing), the others are taken only if free, else the script stops with lock_not_available
+-- and install() tries again (writers never wait for a lock held here while this waits).
+DO $tracked_first$
+DECLARE
+    r record;
+    first boolean := true;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT tg.tgrelid FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+         WHERE tg.tgname = '@audit_name@_capture_insert' AND c.relkind IN ('r', 'p')
+         ORDER BY tg.tgrelid
+    LOOP
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE%s', r.tgrelid::regclass,
+                       CASE WHEN first THEN '' ELSE ' NOWAIT' END);
+        first := false;
+    END LOOP;
+END
+$tracked_first$;
+
 CREATE TABLE IF NOT EXISTS @audit@.schema_version (
     version integer PRIMARY KEY,
     installed_at timestamptz NOT NULL DEFAULT now()
@@ -2446,6 +2469,14 @@ BEGIN
     END IF;
     -- one batch of a table at a time; a second taker waits for the batch, then continues after it
     PERFORM pg_advisory_xact_lock(hashtext('threadline baseline @audit_name@'), e.id::integer);
+    -- a move to partitions copies rows behind it and would miss snapshots written meanwhile: it
+    -- creates its tables under this lock, so the test below holds until this batch ends
+    PERFORM pg_advisory_xact_lock(hashtext('threadline seal @audit_name@'));
+    IF to_regclass('@audit_name@.transactions_partitioned') IS NOT NULL THEN
+        RAISE EXCEPTION 'a baseline is refused while the audit store of schema % is being moved to the partitioned layout',
+            '@audit_name@'
+            USING ERRCODE = '55000', HINT = 'finish the move first (threadline partitions --migrate), then take the baseline';
+    END IF;
     SELECT * INTO b FROM @audit@.baselines AS x WHERE x.tracked_id = e.id AND x.ended_at IS NULL;
     IF FOUND AND b.finished_at IS NOT NULL THEN
         baseline_id := b.id; batch_rows := 0; total_rows := b.rows_done; finished := true;
