@@ -525,6 +525,7 @@ def test_pg_partman_can_take_the_partitions_over(store: str) -> None:
         mine = {p.name for p in partitions.partitions(conn)}
         # the documented hand-over: pg_partman brings its own DEFAULT partition
         with conn.transaction():
+            conn.execute("LOCK TABLE threadline.changes, threadline.transactions IN ACCESS EXCLUSIVE MODE")
             for table in ("transactions", "changes"):
                 conn.execute(
                     sql.SQL("DROP TABLE {}").format(sql.Identifier("threadline", f"{table}_default"))

@@ -17,6 +17,7 @@ import click
 import psycopg
 
 from threadline.cli.output import echo
+from threadline.core.busy import TABLES_BUSY
 from threadline.core.errors import SchemaError, ThreadlineError, TrackingError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -72,6 +73,13 @@ def connect(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
         fail(str(exc))
     except ThreadlineError as exc:
         fail(str(exc))
+    except TABLES_BUSY as exc:  # operational errors too, but the connection is fine
+        fail(
+            str(exc).strip().splitlines()[0],
+            "another session (the application's writers, or a long transaction) held a table this"
+            " needs for longer than it waits: the step that waited was rolled back; run the command"
+            " again, at a quieter time",
+        )
     except psycopg.OperationalError as exc:
         fail(
             str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot connect",

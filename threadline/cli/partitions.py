@@ -6,19 +6,25 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
+from typing import Any
 
 import click
+import psycopg
 
 from threadline.cli.connect import connect, dsn_option, fail, when_option_value
 from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.output import echo
+from threadline.core.busy import TABLES_BUSY
 from threadline.core.errors import ConfigurationError
 from threadline.ddl.schema import DEFAULT_PARTITION_BY, PARTITION_PERIODS
 from threadline.ops import partitions as store
 from threadline.ops.partition_migration import migrate_to_partitioned
 
 __all__ = ["partitions"]
+
+ATTEMPTS = 5
+"""Attempts of ``--create`` when writers hold the audit tables."""
 
 
 def _size(n: int) -> str:
@@ -59,6 +65,15 @@ def _size(n: int) -> str:
     help="With --migrate: rows copied per transaction.",
 )
 @click.option("--keep-old", is_flag=True, help="With --migrate: keep the old tables (as *_plain).")
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --create (or --ahead): wait at most this long for each lock of the audit tables (the application's "
+    f"writes queue behind it), and try again up to {ATTEMPTS} times.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the partitions as JSON.")
 @dsn_option
 @audit_schema_option
@@ -70,6 +85,7 @@ def partitions(
     partition_by: str,
     batch_size: int,
     keep_old: bool,
+    lock_timeout: float,
     as_json: bool,
     dsn: str | None,
     audit_schema: str,
@@ -106,7 +122,7 @@ def partitions(
             if ahead is not None and not migrate:
                 store.set_partitions_ahead(conn, ahead, audit_schema)
             if create or (ahead is not None and not migrate):
-                made = store.create_partitions(conn, since=since, audit_schema=audit_schema)
+                made = _create(conn, since, audit_schema, lock_timeout)
                 echo(f"created {made} partition(s)")
             settings = store.partition_settings(conn, audit_schema)
             listed = store.partitions(conn, audit_schema)
@@ -128,9 +144,9 @@ def partitions(
         return
     if migrate or create or ahead is not None:
         return
-    echo(f"partitioned by {settings.period}, {settings.ahead} period(s) kept ready ahead")
+    echo(f"partitioned by {settings.period}, {settings.ahead} period(s) kept ready ahead (bounds in UTC)")
     for p in listed:
-        span = "DEFAULT" if p.is_default else f"{p.range_from:%Y-%m-%d} .. {p.range_to:%Y-%m-%d}"
+        span = "DEFAULT" if p.is_default else f"{_utc(p.range_from)} .. {_utc(p.range_to)}"
         echo(f"{p.table:<13} {p.name:<28} {span:<24} {p.rows:>12,} rows {_size(p.bytes):>10}")
     stray = [p for p in listed if p.is_default and p.rows]
     if stray:
@@ -139,6 +155,31 @@ def partitions(
             " --since <their oldest time>` to give them their periods",
             err=True,
         )
+
+
+def _create(
+    conn: psycopg.Connection[Any], since: datetime | None, audit_schema: str, lock_timeout: float
+) -> int:
+    """``create_partitions``, its failure to get the tables' locks told as what it is."""
+    try:
+        return store.create_partitions(
+            conn, since=since, audit_schema=audit_schema, lock_timeout=lock_timeout, attempts=ATTEMPTS
+        )
+    except TABLES_BUSY as exc:
+        fail(
+            f"the audit tables stayed busy: {ATTEMPTS} attempts could not take their locks within"
+            f" {lock_timeout:g} s each ({str(exc).strip().splitlines()[0]}); no partition was made",
+            "the application's writers (or a long transaction) hold them: run it again, at a quieter"
+            " time, or give it longer with --lock-timeout (the writes queue behind it that long)",
+        )
+        raise AssertionError("unreachable") from exc
+
+
+def _utc(at: datetime | None) -> str:
+    """A partition bound as the periods are cut: in UTC, with the time when it is not midnight."""
+    assert at is not None
+    at = at.astimezone(timezone.utc)
+    return f"{at:%Y-%m-%d}" if at.time() == datetime.min.time() else f"{at:%Y-%m-%d %H:%M:%S}"
 
 
 def _progress() -> Callable[[str, int], None]:

@@ -23,7 +23,6 @@ from threadline.ddl.schema import (
     install_sql,
     installed_version,
     require_installed,
-    uninstall_sql,
     written_by_another_build,
 )
 from threadline.ddl.triggers import (
@@ -35,6 +34,7 @@ from threadline.ddl.triggers import (
     untrack,
     untrack_sql,
 )
+from threadline.ddl.uninstall import uninstall_sql
 
 __all__ = [
     "CAPTURE_VERSION",

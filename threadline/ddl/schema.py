@@ -20,6 +20,7 @@ from threadline.ddl.names import (
     DEFAULT_SCHEMA,
     check_schema_name,
 )
+from threadline.ddl.uninstall import uninstall_sql as uninstall_sql  # its home before ddl.uninstall
 
 SCHEMA_VERSION = 7
 """Version of the audit schema this release installs."""
@@ -209,37 +210,6 @@ def layout_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     text = install_sql(audit_schema)
     start = text.index("-- @layout:")
     return text[start : text.index("-- @layout end", start)]
-
-
-# run alone by the Django integration before a migrate that would reverse an install
-_REFUSE_WITH_ROWS = """\
--- remove the audit schema {schema}: refused while it holds audit rows
-DO $uninstall$
-BEGIN
-    IF to_regnamespace('{name}') IS NULL THEN
-        RETURN;
-    END IF;
-    IF EXISTS (SELECT FROM {schema}.changes) OR EXISTS (SELECT FROM {schema}.transactions)
-       OR EXISTS (SELECT FROM {schema}.actions) THEN
-        RAISE EXCEPTION 'threadline: the audit schema {name} holds audit rows; it is not dropped'
-            USING ERRCODE = 'dependent_objects_still_exist',
-                  HINT = 'purge them first (threadline purge), or drop it by hand: DROP SCHEMA {schema} CASCADE';
-    END IF;
-END
-$uninstall$;
-"""
-_DROP_SCHEMA = """\
-DROP EVENT TRIGGER IF EXISTS {name}_follow_ddl;
-DROP EVENT TRIGGER IF EXISTS {name}_follow_drop;
-DROP SCHEMA IF EXISTS {schema} CASCADE;
-"""
-
-
-def uninstall_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
-    """DDL that removes the audit schema ``schema`` and every capture trigger, refused (the
-    statement raises) while the schema holds audit rows: what reversing an install migration runs."""
-    check_schema_name(audit_schema)
-    return (_REFUSE_WITH_ROWS + _DROP_SCHEMA).format(schema=f'"{audit_schema}"', name=audit_schema)
 
 
 def installed_version(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> int | None:

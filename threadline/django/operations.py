@@ -30,8 +30,9 @@ from django.db.migrations.operations.base import Operation
 
 from threadline.core.errors import ConfigurationError
 from threadline.ddl.names import check_schema_name, quote_ident
-from threadline.ddl.schema import PINNED_VERSIONS, install_sql, uninstall_sql
+from threadline.ddl.schema import PINNED_VERSIONS, install_sql
 from threadline.ddl.triggers import track_sql, untrack_sql
+from threadline.ddl.uninstall import uninstall_sql
 from threadline.django.tracking import column_names
 
 __all__ = ["InstallAudit", "TakeBaseline", "Track", "Untrack"]
@@ -64,8 +65,9 @@ class InstallAudit(_SchemaFromSettings, Operation):
     ``audit_schema`` names the schema; without it, the one ``THREADLINE["AUDIT_SCHEMA"]`` names
     when the migration runs (``threadline`` by default), so that threadline's own migrations
     install the schema the admin, the checks and ``TRACK`` use. Reversing it drops the audit
-    schema and every capture trigger, and is refused while the schema holds audit rows (purge
-    them, or drop the schema by hand).
+    schema and every capture trigger, and is refused while the schema holds audit records
+    (changes, transactions, actions, task runs, baselines or seals: purge them, delete what a
+    purge keeps, or drop the schema by hand).
     """
 
     reversible = True

@@ -18,7 +18,7 @@ from typing import Any
 from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
 
-from threadline.ddl.schema import _REFUSE_WITH_ROWS
+from threadline.ddl.uninstall import refuse_with_rows_sql
 from threadline.django.operations import InstallAudit
 
 __all__ = ["refuse_uninstall_with_rows"]
@@ -48,7 +48,7 @@ def refuse_uninstall_with_rows(
     for schema in _reversed_schemas(plan or (), using):
         try:
             with connections[using].cursor() as cursor:
-                cursor.execute(_REFUSE_WITH_ROWS.format(schema=f'"{schema}"', name=schema))
+                cursor.execute(refuse_with_rows_sql(schema))
         except DatabaseError as exc:
             cause = exc.__cause__
             state = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)

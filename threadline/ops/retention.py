@@ -153,8 +153,9 @@ def purge(
 
     In a partitioned store (and without ``table``), the periods that lie wholly before the
     cut-off are dropped first, a period's two partitions in one short transaction
-    (:mod:`threadline.ops.partition_purge`); only the period the cut-off falls in is deleted in
-    batches. ``PurgeResult.partitions`` counts the periods dropped.
+    (:mod:`threadline.ops.partition_purge`); only the period the cut-off falls in, and a period
+    holding a change captured after the cut-off (by a transaction that ran across it), are
+    deleted in batches. ``PurgeResult.partitions`` counts the periods dropped.
     """
     check_schema_name(audit_schema)
     if (
