@@ -36,28 +36,27 @@ MIDDLEWARE_NAMES = (
 AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 
 
-def _is_auth_middleware(path: str) -> bool:
-    if path == AUTH_MIDDLEWARE:
+def _names_a_subclass(path: str, names: tuple[str, ...], base: Any) -> bool:
+    """Whether the ``MIDDLEWARE`` entry ``path`` is one of ``names`` or a subclass of ``base``."""
+    if path in names:
         return True
     try:
-        from django.contrib.auth.middleware import AuthenticationMiddleware
-
         found = import_string(path)
-        return isinstance(found, type) and issubclass(found, AuthenticationMiddleware)
+        return isinstance(found, type) and issubclass(found, base)
     except Exception:  # a middleware that cannot be imported is Django's own check's business
         return False
+
+
+def _is_auth_middleware(path: str) -> bool:
+    from django.contrib.auth.middleware import AuthenticationMiddleware
+
+    return _names_a_subclass(path, (AUTH_MIDDLEWARE,), AuthenticationMiddleware)
 
 
 def _is_our_middleware(path: str) -> bool:
-    if path in MIDDLEWARE_NAMES:
-        return True
-    try:
-        from threadline.propagation.django import ThreadlineMiddleware
+    from threadline.propagation.django import ThreadlineMiddleware
 
-        found = import_string(path)
-        return isinstance(found, type) and issubclass(found, ThreadlineMiddleware)
-    except Exception:  # a middleware that cannot be imported is Django's own check's business
-        return False
+    return _names_a_subclass(path, MIDDLEWARE_NAMES, ThreadlineMiddleware)
 
 
 def check_setup(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
