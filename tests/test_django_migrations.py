@@ -60,6 +60,17 @@ def mig_dsn(database: str) -> Iterator[str]:
             os.environ[DSN_ENV] = old
 
 
+# a project that logs users in: sessions in signed cookies, threadline after authentication
+LOGIN_SETTINGS: dict[str, Any] = {
+    "MIDDLEWARE": [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "threadline.django.ThreadlineMiddleware",
+    ],
+    "SESSION_ENGINE": "django.contrib.sessions.backends.signed_cookies",
+}
+
+
 def migrate(*args: str) -> str:
     from django.core.management import call_command
 
@@ -321,14 +332,7 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     token = Token.objects.create(user=user)
     with psycopg.connect(mig_dsn, autocommit=True) as conn:
         threadline.ddl.track(conn, "auth_user")
-    middleware = [
-        "django.contrib.sessions.middleware.SessionMiddleware",
-        "django.contrib.auth.middleware.AuthenticationMiddleware",
-        "threadline.django.ThreadlineMiddleware",
-    ]
-    with override_settings(
-        MIDDLEWARE=middleware, SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"
-    ):
+    with override_settings(**LOGIN_SETTINGS):
         login = Client().post("/login/", {"username": "ann"})
         api = Client().post("/api/purchases/", HTTP_AUTHORIZATION=f"Token {token.key}")
         plain = Client().post("/api/plain-purchases/", HTTP_AUTHORIZATION=f"Token {token.key}")
@@ -363,14 +367,7 @@ def test_an_async_login_attributes_the_rest_of_the_request(mig_dsn: str) -> None
     user = get_user_model().objects.create_user("bea")
     with psycopg.connect(mig_dsn, autocommit=True) as conn:
         threadline.ddl.track(conn, "auth_user")
-    middleware = [
-        "django.contrib.sessions.middleware.SessionMiddleware",
-        "django.contrib.auth.middleware.AuthenticationMiddleware",
-        "threadline.django.ThreadlineMiddleware",
-    ]
-    with override_settings(
-        MIDDLEWARE=middleware, SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"
-    ):
+    with override_settings(**LOGIN_SETTINGS):
         # an async view awaiting alogin, and the sync view's login() served by the async handler
         logins = [
             asyncio.run(AsyncClient().post(url, {"username": "bea"})) for url in ("/alogin/", "/login/")
@@ -389,11 +386,7 @@ def test_an_async_login_attributes_the_rest_of_the_request(mig_dsn: str) -> None
     assert rows == [("auth_user", "update", me), ("shop_purchase", "insert", me)]
     # login() with a resolver that queries the database (which it cannot do in an event loop)
     resolver = {**settings.THREADLINE, "ACTOR_RESOLVER": "tests.djangoproject.auth.username_actor"}
-    with override_settings(
-        MIDDLEWARE=middleware,
-        SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
-        THREADLINE=resolver,
-    ):
+    with override_settings(**LOGIN_SETTINGS, THREADLINE=resolver):
         login = Client().post("/login/", {"username": "bea"})
     assert login.json()["ctx"]["actor"] == {"type": "user", "id": "bea"}
 
