@@ -1,9 +1,10 @@
 """``threadline partitions`` as a real subprocess: ``--create`` under a writer that holds the audit
 tables says so (not that the database is unreachable), and the listing shows the bounds in UTC,
-as the periods are cut, whatever the session's time zone."""
+as the periods are cut, whatever the session's time zone (the JSON listing too)."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -70,3 +71,10 @@ def test_the_listing_shows_bounds_in_utc_whatever_the_time_zone(daily: str) -> N
         assert (lo, hi) == (f"{day}", f"{day.fromordinal(day.toordinal() + 1)}"), (name, lo, hi)
     assert f"changes_p{today:%Y_%m_%d}" in spans and f"transactions_p{today:%Y_%m_%d}" in spans
     assert lines[0] == "partitioned by day, 3 period(s) kept ready ahead (bounds in UTC)"
+    as_json = run("partitions", "--json", "--dsn", daily, env={"PGTZ": "America/Adak"})
+    assert as_json.returncode == 0, as_json
+    listed = json.loads(as_json.stdout)["partitions"]
+    bounds = {p["name"]: (p["from"], p["to"]) for p in listed if p["from"] is not None}
+    assert bounds.keys() == spans.keys()
+    for name, (lo, hi) in spans.items():
+        assert bounds[name] == (f"{lo}T00:00:00+00:00", f"{hi}T00:00:00+00:00"), (name, bounds[name])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -81,11 +81,16 @@ class Partition:
         return {
             "table": self.table,
             "name": self.name,
-            "from": None if self.range_from is None else self.range_from.isoformat(),
-            "to": None if self.range_to is None else self.range_to.isoformat(),
+            "from": _utc_iso(self.range_from),
+            "to": _utc_iso(self.range_to),
             "rows": self.rows,
             "bytes": self.bytes,
         }
+
+
+def _utc_iso(at: datetime | None) -> str | None:
+    """A bound in ISO 8601, in UTC as the periods are cut, whatever the session's time zone."""
+    return None if at is None else at.astimezone(timezone.utc).isoformat()
 
 
 def audit_identifier(audit_schema: str) -> sql.Identifier:
