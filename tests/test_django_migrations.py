@@ -355,6 +355,28 @@ def test_login_and_drf_authentication_attribute_the_rest_of_the_request(mig_dsn:
     assert by_request[plain["X-Correlation-ID"]][3] == {"type": "anonymous"}
 
 
+def test_the_logout_request_stays_the_users_who_asked_for_it(mig_dsn: str) -> None:
+    from django.contrib.auth import get_user_model
+    from django.test import Client, override_settings
+
+    migrate()
+    user = get_user_model().objects.create_user("cid")
+    with override_settings(**LOGIN_SETTINGS):
+        client = Client()
+        client.force_login(user)
+        out = client.post("/logout/")
+        after = client.post("/logout/")  # the session is gone: this one is anonymous
+    me = {"type": "user", "id": str(user.pk)}
+    assert out.json()["ctx"]["actor"] == me and after.json()["ctx"]["actor"] == {"type": "anonymous"}
+    with psycopg.connect(mig_dsn) as conn:
+        actors = conn.execute(
+            "SELECT c.after->>'id', t.actor FROM threadline.changes c"
+            " JOIN threadline.transactions t ON t.id = c.transaction_id"
+            " WHERE c.table_name = 'shop_purchase' AND c.after->>'name' = 'logout' ORDER BY c.id"
+        ).fetchall()
+    assert actors == [(str(out.json()["id"]), me), (str(after.json()["id"]), {"type": "anonymous"})]
+
+
 def test_an_async_login_attributes_the_rest_of_the_request(mig_dsn: str) -> None:
     import asyncio
 

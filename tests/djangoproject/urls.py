@@ -13,6 +13,7 @@ urlpatterns = [
     path("stream/", views.stream),
     path("login/", shop_views.log_in),
     path("alogin/", shop_views.alog_in),
+    path("logout/", shop_views.log_out),
     path("api/purchases/", shop_views.Purchases.as_view()),
     path("api/plain-purchases/", shop_views.PlainPurchases.as_view()),
 ]

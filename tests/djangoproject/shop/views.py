@@ -1,4 +1,4 @@
-"""Login views (sync and async) and a DRF endpoint, writing through the ORM (``migrations``
+"""Login views (sync and async), a logout view and a DRF endpoint, writing through the ORM (``migrations``
 database)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.contrib import auth
-from django.contrib.auth import get_user_model, login
+from django.contrib.auth import get_user_model, login, logout
 from django.http import HttpRequest, JsonResponse
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.permissions import IsAuthenticated
@@ -34,6 +34,13 @@ async def alog_in(request: HttpRequest) -> JsonResponse:
     alogin = getattr(auth, "alogin", None) or sync_to_async(login)
     await alogin(request, user, backend="django.contrib.auth.backends.ModelBackend")
     purchase = await Purchase.objects.acreate(name="alogin", card_number="4111111111111111")
+    return JsonResponse({"ctx": threadline.current().to_dict(), "id": purchase.pk})
+
+
+def log_out(request: HttpRequest) -> JsonResponse:
+    """Log the user out, then write: the request is still the user's who asked for it."""
+    logout(request)
+    purchase = Purchase.objects.create(name="logout", card_number="4111111111111111")
     return JsonResponse({"ctx": threadline.current().to_dict(), "id": purchase.pk})
 
 
