@@ -198,6 +198,46 @@ def test_a_refresh_of_the_schema_while_writers_write_fails_no_write(dsn: str, co
     assert written == (conn.execute("SELECT count(*) FROM threadline.changes").fetchone() or (0,))
 
 
+def test_a_refresh_never_makes_a_writer_holding_a_tracked_table_a_deadlock_victim(
+    dsn: str, conn: Any
+) -> None:
+    import threading
+    import time
+
+    conn.execute("CREATE TABLE app.da (id serial PRIMARY KEY, v int)")
+    ddl.track(conn, "app.da")
+    # a store written by another build of this version: install replaces the capture code
+    conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0'")
+    conn.execute("UPDATE threadline.tracked_tables SET fingerprint = 'another build'")
+    refreshed: list[Any] = []
+    with psycopg.connect(dsn, autocommit=True) as installer, psycopg.connect(dsn) as writer:
+        # the writer checks for a deadlock first, so that it would be the one cancelled
+        writer.execute("SET deadlock_timeout = '20ms'")
+        installer.execute("SET deadlock_timeout = '2s'")
+        # the writer holds the table as between its row write and its capture's insert
+        writer.execute("LOCK TABLE app.da IN ROW EXCLUSIVE MODE")
+        refresh = threading.Thread(
+            target=lambda: refreshed.append(ddl.install(installer, attempts=1, lock_timeout=30))
+        )
+        refresh.start()
+        pid = installer.info.backend_pid
+        for _ in range(500):
+            waiting = conn.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", [pid]
+            ).fetchone()
+            if waiting == (True,) or not refresh.is_alive():
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the refresh never waited for the writer")
+        with threadline.context(actor="user:w"):
+            writer.execute("INSERT INTO app.da (v) VALUES (1)")  # its capture writes the audit tables
+            writer.commit()
+        refresh.join()
+    assert refreshed and refreshed[0].refreshed
+    assert conn.execute("SELECT count(*) FROM threadline.changes WHERE table_name = 'da'").fetchone() == (1,)
+
+
 def test_a_baseline_is_refused_in_sql_while_the_store_moves_to_partitions(conn: Any) -> None:
     conn.execute("CREATE TABLE app.bl (id int PRIMARY KEY)")
     ddl.track(conn, "app.bl")
