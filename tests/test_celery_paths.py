@@ -323,6 +323,26 @@ def test_trace_names_every_task_and_gives_each_attempt_its_outcome(
     assert "attempt 3 failed" in text and "(unknown name)" not in text
 
 
+def test_a_retry_count_out_of_range_never_holds_up_the_task_runs(env: Env) -> None:
+    # A message may say any retry count: one over the column's range is recorded at its bound,
+    # and the runs recorded after it are written too.
+    p = env.prefix()
+    counts = {"wrapped": 2**40, "negative": -(2**40)}  # the low 32 bits would read 0
+    if not env.worker.broker.startswith("amqp"):  # AMQP tables carry 64-bit integers at most
+        counts["huge"] = 10**30
+    ids = {
+        env.worker.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], retries=count): name
+        for name, count in counts.items()
+    }
+    after = env.worker.publish_raw(tasks.NAME + "record", [f"{p}-after"])
+    env.rows(p, len(ids) + 1)
+    runs = _task_runs(env.dsn, {*ids, after}, len(ids) + 1)
+    assert {ids.get(r["task_id"], "after"): (r["attempt"], r["outcome"]) for r in runs} == {
+        **{name: (2**31 - 1 if count > 0 else -(2**31), "succeeded") for name, count in counts.items()},
+        "after": (0, "succeeded"),
+    }
+
+
 def test_child_task_enqueued_inside_a_task(env: Env, web: threadline.AuditContext) -> None:
     p = env.prefix()
     parent = tasks.spawn.delay(p)

@@ -215,7 +215,12 @@ class Worker:
             threadline.celery.uninstall(app)
 
     def publish_raw(
-        self, name: str, args: list[Any], headers: dict[str, Any] | None = None, task_id: str | None = None
+        self,
+        name: str,
+        args: list[Any],
+        headers: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        retries: int = 0,
     ) -> str:
         """Publish a task message straight to the broker with kombu: no Celery signals run.
 
@@ -223,7 +228,7 @@ class Worker:
         """
         builder = Celery(set_as_current=False)  # only its message format is used: never finalized
         task_id = task_id or str(uuid.uuid4())
-        message = builder.amqp.as_task_v2(task_id, name, args, {}, root_id=task_id)
+        message = builder.amqp.as_task_v2(task_id, name, args, {}, root_id=task_id, retries=retries)
         message_headers = dict(message.headers)
         message_headers.update(headers or {})
         with brokers.connection(self.broker) as conn:  # the filesystem fallback takes it too
