@@ -19,7 +19,7 @@ from threadline.core import codec
 from threadline.propagation import carrier
 
 from .celery_app import tasks
-from .celery_app.harness import Worker, env_var, setup_events_table, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_row_list, wait_rows
 
 NEW_KEY = "new-signing-key-0123456789abcdef"
 OLD_KEY = "old-signing-key-0123456789abcdef"
@@ -265,3 +265,33 @@ def test_unbound_signatures_are_accepted_only_when_asked_for() -> None:
         carrier.decode_wire(unbound["threadline"], keys=keys, message_id="t\x1fx")
     fields = carrier.decode_wire(unbound["threadline"], keys=keys, message_id="t\x1fx", require_binding=False)
     assert fields["actor"] == ActorRef.user("7")
+
+
+def test_a_beat_entry_signed_with_the_key_is_bound_to_each_message(
+    signed: Worker, celery_dsn: str, tmp_path: Path
+) -> None:
+    # A beat entry's header is signed once, bound to no message; beat, installed with the key,
+    # binds it to each task it sends. A header signed with another key is still refused.
+    nightly = threadline.AuditContext(actor=ActorRef.system("nightly"), correlation_id="nightly-run")
+    runs = {
+        "ours": threadline.inject({}, nightly, signing_key=NEW_KEY),
+        "theirs": threadline.inject({}, nightly, signing_key=OTHER_KEY),
+    }
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, headers in runs.items():
+        label = f"beat-{name}-{uuid.uuid4().hex[:8]}"
+        beat = signed.start_beat(label, tmp_path, headers)
+        try:
+            found = wait_row_list(celery_dsn, label, 2, worker=signed)
+        finally:
+            Worker.stop_process(beat)
+        rows[name] = [r for r in found if r["label"] == label]
+    for tick in rows["ours"]:
+        assert (tick["actor"], tick["correlation_id"], tick["context_error"]) == (
+            {"type": "system", "id": "nightly"},
+            "nightly-run",
+            None,
+        ), tick
+    for tick in rows["theirs"]:
+        assert tick["actor"] is None, tick
+        assert "matches none of the signing keys" in tick["context_error"], tick

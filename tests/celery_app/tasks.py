@@ -34,6 +34,7 @@ def make_app(
     *,
     signing_keys: list[str] | None = None,
     beat_label: str | None = None,
+    beat_headers: dict[str, Any] | None = None,
     install: bool = True,
     record_task_runs: str | None = None,
 ) -> Celery:
@@ -50,7 +51,12 @@ def make_app(
     )
     if beat_label:
         app.conf.beat_schedule = {
-            "tick": {"task": NAME + "beat_tick", "schedule": 0.5, "args": (beat_label,)},
+            "tick": {
+                "task": NAME + "beat_tick",
+                "schedule": 0.5,
+                "args": (beat_label,),
+                "options": {"headers": beat_headers or {}},
+            },
         }
     if install:
         threadline.celery.install(
