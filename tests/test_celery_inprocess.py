@@ -324,6 +324,37 @@ def test_task_decorator_keeps_the_request_class_a_base_names() -> None:
         threadline.celery.uninstall(app)
 
 
+def test_worker_start_gives_tasks_on_a_base_of_their_own_the_request_class_and_uninstall_takes_it_back() -> (
+    None
+):
+    app = Celery("own-base", broker="memory://", set_as_current=False)
+    threadline.celery.install(app)
+
+    class Own(CeleryTask):  # type: ignore[misc]
+        pass
+
+    @app.task(base=Own)
+    def started_plain() -> None: ...
+
+    @app.task(base=Own, Request=f"{__name__}:_OwnRequest")
+    def started_named() -> None: ...
+
+    class Worker:  # what worker_init is sent by: the worker, which has the app
+        pass
+
+    Worker.app = app  # type: ignore[attr-defined]
+    try:
+        app.finalize()
+        assert started_plain.Request == celery_request.DEFAULT_REQUEST
+        signals.worker_init.send(sender=Worker())
+        assert symbol_by_name(started_plain.Request) is celery_request.Request
+        assert symbol_by_name(started_named.Request) is _OwnRequest
+    finally:
+        threadline.celery.uninstall(app)
+    assert started_plain.Request == celery_request.DEFAULT_REQUEST
+    assert symbol_by_name(started_named.Request) is _OwnRequest
+
+
 # -- publishing ------------------------------------------------------------------------------------
 
 

@@ -247,6 +247,33 @@ def test_failures_the_main_process_handles_send_their_errbacks_in_context(
         ), row  # fmt: skip
 
 
+def test_main_process_failures_of_tasks_on_a_base_of_their_own_keep_the_context(
+    env: Env, web: threadline.AuditContext
+) -> None:
+    # The same failures, of plain Celery tasks whose base class is the application's own.
+    p = env.prefix()
+    late = tasks.own_base_record.si(f"{p}-late").set(countdown=2, expires=1)
+    chord([tasks.record.si(f"{p}-member"), late], tasks.record_many.s(label=f"{p}-body")).on_error(
+        tasks.errback.s(label=f"{p}-chord-errback")
+    ).delay()
+    labels = {f"{p}-member", f"{p}-chord-errback"}
+    if env.worker.pool == "prefork":
+        tasks.own_base_overrun.apply_async(
+            (f"{p}-overrun",), link_error=tasks.errback.s(label=f"{p}-limit-errback")
+        )
+        labels |= {f"{p}-overrun", f"{p}-limit-errback"}
+    found = wait_row_list(env.dsn, p, len(labels), timeout=60, worker=env.worker)
+    deadline = time.monotonic() + 60
+    while {row["label"] for row in found} != labels and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = wait_row_list(env.dsn, p, len(labels), timeout=60, worker=env.worker)
+    assert {row["label"] for row in found} == labels
+    for row in found:
+        assert (row["actor"], row["correlation_id"], row["context_error"]) == (
+            USER, web.correlation_id, None
+        ), row  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["flaky", "auto_flaky"])
 def test_retries_keep_context_and_cause(env: Env, web: threadline.AuditContext, name: str) -> None:
     p = env.prefix()

@@ -94,6 +94,23 @@ def plain_record(label: str) -> dict[str, Any]:
     return write(label)
 
 
+class OwnBase(celery.Task):  # type: ignore[misc]
+    """A task base class of the application's own (not threadline's, not the app's)."""
+
+
+@celery.shared_task(base=OwnBase)
+def own_base_record(label: str) -> dict[str, Any]:
+    """A plain Celery task on a base of its own: the signals still carry its context."""
+    return write(label)
+
+
+@celery.shared_task(base=OwnBase, time_limit=1)
+def own_base_overrun(label: str) -> None:
+    """Like overrun, on a base of its own."""
+    write(label)
+    time.sleep(30)
+
+
 @threadline.task
 def record_many(results: list[Any], label: str) -> str:
     """Chord callback: write one row."""
