@@ -148,11 +148,15 @@ def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
 def _bind_given(inst: _Installation, headers: dict[str, Any]) -> None:
     """Bind to this message a header the sender gave (a beat entry's ``headers`` option) signed
     with the app's key and bound to no message, as ``threadline.inject(..., signing_key=...)``
-    writes it: a worker trusts a signed header only on the message it is bound to. Any other
-    header is sent as it is, for the worker to judge."""
+    writes it (or already bound to this message): a worker trusts a signed header only on the
+    message it is bound to. Any other header is sent as it is, for the worker to judge."""
     try:
         given = carrier.decode_wire(
-            headers[HEADER], keys=inst.keys, max_bytes=inst.max_header_bytes, require_binding=False
+            headers[HEADER],
+            keys=inst.keys,
+            max_bytes=inst.max_header_bytes,
+            message_id=binding_subject(headers.get("id"), headers.get("task")),
+            require_binding=False,
         )
         if "incoming_error" in given:  # only a retry sends one, under its task's context
             return
