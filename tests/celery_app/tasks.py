@@ -66,10 +66,12 @@ def make_app(
 
 
 def _conn() -> ThreadlineConnection[Any]:
+    # One per thread and per process: a pool child forked after the worker's main process wrote
+    # (an errback called there in place) must not share that process's connection.
     conn: ThreadlineConnection[Any] | None = getattr(_local, "conn", None)
-    if conn is None or conn.closed:
+    if conn is None or conn.closed or getattr(_local, "pid", None) != os.getpid():
         conn = ThreadlineConnection.connect(os.environ[DSN_ENV], autocommit=True)
-        _local.conn = conn
+        _local.conn, _local.pid = conn, os.getpid()
     return conn
 
 
