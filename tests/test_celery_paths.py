@@ -469,6 +469,20 @@ BAD_HEADERS: dict[str, Any] = {
 }
 
 
+def test_a_failing_task_with_a_malformed_header_is_reported_once(env: Env) -> None:
+    p = env.prefix()
+    task_id = env.worker.publish_raw(tasks.NAME + "fail", [f"{p}-fail"], {"threadline": "{not json"})
+    env.rows(p, 1)
+    env.app.AsyncResult(task_id).get(timeout=30, propagate=False)
+    time.sleep(1)  # the worker's main process handles the failure after the result is stored
+    warnings = [
+        line
+        for line in env.worker.log().splitlines()
+        if task_id in line and "invalid incoming audit context" in line
+    ]
+    assert len(warnings) == 1, warnings
+
+
 def test_malformed_headers_never_crash_and_mark_the_transaction(env: Env) -> None:
     p = env.prefix()
     bad = dict(BAD_HEADERS)
