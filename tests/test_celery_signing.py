@@ -191,6 +191,36 @@ def test_celery_ids_without_a_signed_header_join_no_story(signed: Worker, celery
     assert set(rows) == {f"{p}-claim"}
 
 
+def test_celery_ids_beside_an_untrusted_header_join_no_story_nor_do_their_retries(
+    signed: Worker, celery_dsn: str
+) -> None:
+    # The same claim with a header the worker refuses, and tasks that retry after such a start:
+    # every attempt stays out of the claimed story.
+    client(signed, [NEW_KEY])
+    p = f"claim-{uuid.uuid4().hex[:8]}"
+    claim = {"root_id": "victim-corr", "parent_id": "victim-req"}
+    unsigned = {"threadline": json.dumps(ADMIN)}
+    ids = {
+        f"{p}-junk": signed.publish_raw(
+            tasks.NAME + "record", [f"{p}-junk"], {**claim, "threadline": "junk"}
+        ),
+        f"{p}-unsigned": signed.publish_raw(tasks.NAME + "record", [f"{p}-unsigned"], {**claim, **unsigned}),
+        f"{p}-wrong-key": signed.publish_raw(
+            tasks.NAME + "record", [f"{p}-wrong-key"], {**claim, "threadline": forged(ADMIN, OTHER_KEY)}
+        ),
+    }
+    for name, headers in (("no-header", claim), ("unsigned-retry", {**claim, **unsigned})):
+        task_id = signed.publish_raw(tasks.NAME + "flaky", [f"{p}-{name}", 1], headers)
+        ids.update({f"{p}-{name}:try0": task_id, f"{p}-{name}:try1": task_id})
+    rows = wait_rows(celery_dsn, p, len(ids), worker=signed)
+    assert set(rows) == set(ids)
+    for label, row in rows.items():
+        task_id = ids[label]
+        assert (row["actor"], row["correlation_id"], row["causation_id"]) == (None, task_id, None), row
+        assert (row["job"]["root_id"], row["job"]["parent_id"]) == (task_id, None), row
+        assert row["context_error"].startswith("incoming: "), row
+
+
 def test_a_signed_header_is_bound_to_its_message_and_expires(signed: Worker, celery_dsn: str) -> None:
     client(signed, [NEW_KEY])
     p = f"replay-{uuid.uuid4().hex[:8]}"

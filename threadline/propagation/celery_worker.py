@@ -166,7 +166,15 @@ def _incoming_context(
                 task_id,
                 reason,
             )
+        if inst.keys:  # nor do they for a message whose header is not trusted
+            job.update(parent_id=None, root_id=task_id)
+            return _build(correlation_id=task_id, job=job, incoming_error=reason), rejected
         return _build(correlation_id=root_id, causation_id=cause, job=job, incoming_error=reason), rejected
+    if inst.keys and "incoming_error" in fields:
+        # the retry of a task whose own message was not trusted: its Celery ids are still those
+        # of that message (the retry's signed header carries the story it ran in)
+        job.update(parent_id=None, root_id=task_id)
+        root_id, cause = task_id, None
     if cause is not None:
         fields["causation_id"] = cause
     if "correlation_id" not in fields:
