@@ -16,6 +16,7 @@ import pytest
 from celery import Celery, chain, signals
 from celery import Task as CeleryTask
 from kombu import Connection
+from kombu.utils.imports import symbol_by_name
 
 import threadline
 from threadline import (
@@ -27,7 +28,7 @@ from threadline import (
     UntrustedContext,
 )
 from threadline.core import codec
-from threadline.propagation import carrier
+from threadline.propagation import carrier, celery_request
 from threadline.propagation import celery as tc
 
 from .celery_app import tasks
@@ -294,6 +295,64 @@ def test_task_decorator_forms() -> None:
     with pytest.raises(ConfigurationError):
         threadline.task(signature_policy="maybe")
     threadline.celery.uninstall(app)
+
+
+class _OwnRequest(celery_request.Request):
+    """A request class an application names on its own task base."""
+
+
+def test_task_decorator_keeps_the_request_class_a_base_names() -> None:
+    app = Celery("requests", broker="memory://", set_as_current=False)
+
+    class Own(CeleryTask):  # type: ignore[misc]
+        Request = f"{__name__}:_OwnRequest"
+
+    class Plain(CeleryTask):  # type: ignore[misc]
+        pass
+
+    @threadline.task(app=app, base=Own)
+    def own() -> None: ...
+
+    @threadline.task(app=app, base=Plain)
+    def plain() -> None: ...
+
+    try:
+        # what the worker resolves for each message of the task
+        assert symbol_by_name(own.Request) is _OwnRequest
+        assert symbol_by_name(plain.Request) is celery_request.Request
+    finally:
+        threadline.celery.uninstall(app)
+
+
+def test_worker_start_gives_tasks_on_a_base_of_their_own_the_request_class_and_uninstall_takes_it_back() -> (
+    None
+):
+    app = Celery("own-base", broker="memory://", set_as_current=False)
+    threadline.celery.install(app)
+
+    class Own(CeleryTask):  # type: ignore[misc]
+        pass
+
+    @app.task(base=Own)
+    def started_plain() -> None: ...
+
+    @app.task(base=Own, Request=f"{__name__}:_OwnRequest")
+    def started_named() -> None: ...
+
+    class Worker:  # what worker_init is sent by: the worker, which has the app
+        pass
+
+    Worker.app = app  # type: ignore[attr-defined]
+    try:
+        app.finalize()
+        assert started_plain.Request == celery_request.DEFAULT_REQUEST
+        signals.worker_init.send(sender=Worker())
+        assert symbol_by_name(started_plain.Request) is celery_request.Request
+        assert symbol_by_name(started_named.Request) is _OwnRequest
+    finally:
+        threadline.celery.uninstall(app)
+    assert started_plain.Request == celery_request.DEFAULT_REQUEST
+    assert symbol_by_name(started_named.Request) is _OwnRequest
 
 
 # -- publishing ------------------------------------------------------------------------------------

@@ -247,6 +247,33 @@ def test_failures_the_main_process_handles_send_their_errbacks_in_context(
         ), row  # fmt: skip
 
 
+def test_main_process_failures_of_tasks_on_a_base_of_their_own_keep_the_context(
+    env: Env, web: threadline.AuditContext
+) -> None:
+    # The same failures, of plain Celery tasks whose base class is the application's own.
+    p = env.prefix()
+    late = tasks.own_base_record.si(f"{p}-late").set(countdown=2, expires=1)
+    chord([tasks.record.si(f"{p}-member"), late], tasks.record_many.s(label=f"{p}-body")).on_error(
+        tasks.errback.s(label=f"{p}-chord-errback")
+    ).delay()
+    labels = {f"{p}-member", f"{p}-chord-errback"}
+    if env.worker.pool == "prefork":
+        tasks.own_base_overrun.apply_async(
+            (f"{p}-overrun",), link_error=tasks.errback.s(label=f"{p}-limit-errback")
+        )
+        labels |= {f"{p}-overrun", f"{p}-limit-errback"}
+    found = wait_row_list(env.dsn, p, len(labels), timeout=60, worker=env.worker)
+    deadline = time.monotonic() + 60
+    while {row["label"] for row in found} != labels and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = wait_row_list(env.dsn, p, len(labels), timeout=60, worker=env.worker)
+    assert {row["label"] for row in found} == labels
+    for row in found:
+        assert (row["actor"], row["correlation_id"], row["context_error"]) == (
+            USER, web.correlation_id, None
+        ), row  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["flaky", "auto_flaky"])
 def test_retries_keep_context_and_cause(env: Env, web: threadline.AuditContext, name: str) -> None:
     p = env.prefix()
@@ -321,6 +348,26 @@ def test_trace_names_every_task_and_gives_each_attempt_its_outcome(
     text = trace.render()
     assert f"task {tasks.NAME}give_up [{gave_up.id}]  failed  3 attempts  (no audited writes)" in text
     assert "attempt 3 failed" in text and "(unknown name)" not in text
+
+
+def test_a_retry_count_out_of_range_never_holds_up_the_task_runs(env: Env) -> None:
+    # A message may say any retry count: one over the column's range is recorded at its bound,
+    # and the runs recorded after it are written too.
+    p = env.prefix()
+    counts = {"wrapped": 2**40, "negative": -(2**40)}  # the low 32 bits would read 0
+    if not env.worker.broker.startswith("amqp"):  # AMQP tables carry 64-bit integers at most
+        counts["huge"] = 10**30
+    ids = {
+        env.worker.publish_raw(tasks.NAME + "record", [f"{p}-{name}"], retries=count): name
+        for name, count in counts.items()
+    }
+    after = env.worker.publish_raw(tasks.NAME + "record", [f"{p}-after"])
+    env.rows(p, len(ids) + 1)
+    runs = _task_runs(env.dsn, {*ids, after}, len(ids) + 1)
+    assert {ids.get(r["task_id"], "after"): (r["attempt"], r["outcome"]) for r in runs} == {
+        **{name: (2**31 - 1 if count > 0 else -(2**31), "succeeded") for name, count in counts.items()},
+        "after": (0, "succeeded"),
+    }
 
 
 def test_child_task_enqueued_inside_a_task(env: Env, web: threadline.AuditContext) -> None:
@@ -420,6 +467,20 @@ BAD_HEADERS: dict[str, Any] = {
     "c1-control": {"v": 1, "actor": {"type": "admin", "id": "1\x85"}},
     "sender-sets-incoming-error": {"v": 1, "actor": {"type": "admin", "id": "1"}, "incoming_error": "forged"},
 }
+
+
+def test_a_failing_task_with_a_malformed_header_is_reported_once(env: Env) -> None:
+    p = env.prefix()
+    task_id = env.worker.publish_raw(tasks.NAME + "fail", [f"{p}-fail"], {"threadline": "{not json"})
+    env.rows(p, 1)
+    env.app.AsyncResult(task_id).get(timeout=30, propagate=False)
+    time.sleep(1)  # the worker's main process handles the failure after the result is stored
+    warnings = [
+        line
+        for line in env.worker.log().splitlines()
+        if task_id in line and "invalid incoming audit context" in line
+    ]
+    assert len(warnings) == 1, warnings
 
 
 def test_malformed_headers_never_crash_and_mark_the_transaction(env: Env) -> None:

@@ -19,7 +19,7 @@ from threadline.core import codec
 from threadline.propagation import carrier
 
 from .celery_app import tasks
-from .celery_app.harness import Worker, env_var, setup_events_table, wait_rows
+from .celery_app.harness import Worker, env_var, setup_events_table, wait_row_list, wait_rows
 
 NEW_KEY = "new-signing-key-0123456789abcdef"
 OLD_KEY = "old-signing-key-0123456789abcdef"
@@ -191,6 +191,36 @@ def test_celery_ids_without_a_signed_header_join_no_story(signed: Worker, celery
     assert set(rows) == {f"{p}-claim"}
 
 
+def test_celery_ids_beside_an_untrusted_header_join_no_story_nor_do_their_retries(
+    signed: Worker, celery_dsn: str
+) -> None:
+    # The same claim with a header the worker refuses, and tasks that retry after such a start:
+    # every attempt stays out of the claimed story.
+    client(signed, [NEW_KEY])
+    p = f"claim-{uuid.uuid4().hex[:8]}"
+    claim = {"root_id": "victim-corr", "parent_id": "victim-req"}
+    unsigned = {"threadline": json.dumps(ADMIN)}
+    ids = {
+        f"{p}-junk": signed.publish_raw(
+            tasks.NAME + "record", [f"{p}-junk"], {**claim, "threadline": "junk"}
+        ),
+        f"{p}-unsigned": signed.publish_raw(tasks.NAME + "record", [f"{p}-unsigned"], {**claim, **unsigned}),
+        f"{p}-wrong-key": signed.publish_raw(
+            tasks.NAME + "record", [f"{p}-wrong-key"], {**claim, "threadline": forged(ADMIN, OTHER_KEY)}
+        ),
+    }
+    for name, headers in (("no-header", claim), ("unsigned-retry", {**claim, **unsigned})):
+        task_id = signed.publish_raw(tasks.NAME + "flaky", [f"{p}-{name}", 1], headers)
+        ids.update({f"{p}-{name}:try0": task_id, f"{p}-{name}:try1": task_id})
+    rows = wait_rows(celery_dsn, p, len(ids), worker=signed)
+    assert set(rows) == set(ids)
+    for label, row in rows.items():
+        task_id = ids[label]
+        assert (row["actor"], row["correlation_id"], row["causation_id"]) == (None, task_id, None), row
+        assert (row["job"]["root_id"], row["job"]["parent_id"]) == (task_id, None), row
+        assert row["context_error"].startswith("incoming: "), row
+
+
 def test_a_signed_header_is_bound_to_its_message_and_expires(signed: Worker, celery_dsn: str) -> None:
     client(signed, [NEW_KEY])
     p = f"replay-{uuid.uuid4().hex[:8]}"
@@ -265,3 +295,33 @@ def test_unbound_signatures_are_accepted_only_when_asked_for() -> None:
         carrier.decode_wire(unbound["threadline"], keys=keys, message_id="t\x1fx")
     fields = carrier.decode_wire(unbound["threadline"], keys=keys, message_id="t\x1fx", require_binding=False)
     assert fields["actor"] == ActorRef.user("7")
+
+
+def test_a_beat_entry_signed_with_the_key_is_bound_to_each_message(
+    signed: Worker, celery_dsn: str, tmp_path: Path
+) -> None:
+    # A beat entry's header is signed once, bound to no message; beat, installed with the key,
+    # binds it to each task it sends. A header signed with another key is still refused.
+    nightly = threadline.AuditContext(actor=ActorRef.system("nightly"), correlation_id="nightly-run")
+    runs = {
+        "ours": threadline.inject({}, nightly, signing_key=NEW_KEY),
+        "theirs": threadline.inject({}, nightly, signing_key=OTHER_KEY),
+    }
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, headers in runs.items():
+        label = f"beat-{name}-{uuid.uuid4().hex[:8]}"
+        beat = signed.start_beat(label, tmp_path, headers)
+        try:
+            found = wait_row_list(celery_dsn, label, 2, worker=signed)
+        finally:
+            Worker.stop_process(beat)
+        rows[name] = [r for r in found if r["label"] == label]
+    for tick in rows["ours"]:
+        assert (tick["actor"], tick["correlation_id"], tick["context_error"]) == (
+            {"type": "system", "id": "nightly"},
+            "nightly-run",
+            None,
+        ), tick
+    for tick in rows["theirs"]:
+        assert tick["actor"] is None, tick
+        assert "matches none of the signing keys" in tick["context_error"], tick

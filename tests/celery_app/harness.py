@@ -10,6 +10,7 @@ Each worker consumes a queue named uniquely for this test session.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -134,9 +135,15 @@ class Worker:
         self.stop()
         raise AssertionError(f"celery worker did not start:\n{self.log()[-4000:]}")
 
-    def start_beat(self, label: str, tmp: Path) -> subprocess.Popen[bytes]:
-        """Start ``celery beat`` publishing ``beat_tick(label)`` to this worker's queue."""
-        env_extra = {"THREADLINE_TEST_CELERY_BEAT_LABEL": label}
+    def start_beat(
+        self, label: str, tmp: Path, headers: dict[str, Any] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``celery beat`` publishing ``beat_tick(label)`` to this worker's queue (with
+        these message headers, the entry's ``headers`` option)."""
+        env_extra = {
+            "THREADLINE_TEST_CELERY_BEAT_LABEL": label,
+            "THREADLINE_TEST_CELERY_BEAT_HEADERS": json.dumps(headers or {}),
+        }
         args = [
             sys.executable, "-m", "celery", "-A", "tests.celery_app.worker", "beat",
             "-s", str(tmp / f"beat-{self.queue}"), "-l", "INFO", "--max-interval", "1",
@@ -215,7 +222,12 @@ class Worker:
             threadline.celery.uninstall(app)
 
     def publish_raw(
-        self, name: str, args: list[Any], headers: dict[str, Any] | None = None, task_id: str | None = None
+        self,
+        name: str,
+        args: list[Any],
+        headers: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        retries: int = 0,
     ) -> str:
         """Publish a task message straight to the broker with kombu: no Celery signals run.
 
@@ -223,7 +235,7 @@ class Worker:
         """
         builder = Celery(set_as_current=False)  # only its message format is used: never finalized
         task_id = task_id or str(uuid.uuid4())
-        message = builder.amqp.as_task_v2(task_id, name, args, {}, root_id=task_id)
+        message = builder.amqp.as_task_v2(task_id, name, args, {}, root_id=task_id, retries=retries)
         message_headers = dict(message.headers)
         message_headers.update(headers or {})
         with brokers.connection(self.broker) as conn:  # the filesystem fallback takes it too

@@ -34,6 +34,7 @@ def make_app(
     *,
     signing_keys: list[str] | None = None,
     beat_label: str | None = None,
+    beat_headers: dict[str, Any] | None = None,
     install: bool = True,
     record_task_runs: str | None = None,
 ) -> Celery:
@@ -50,7 +51,12 @@ def make_app(
     )
     if beat_label:
         app.conf.beat_schedule = {
-            "tick": {"task": NAME + "beat_tick", "schedule": 0.5, "args": (beat_label,)},
+            "tick": {
+                "task": NAME + "beat_tick",
+                "schedule": 0.5,
+                "args": (beat_label,),
+                "options": {"headers": beat_headers or {}},
+            },
         }
     if install:
         threadline.celery.install(
@@ -60,10 +66,12 @@ def make_app(
 
 
 def _conn() -> ThreadlineConnection[Any]:
+    # One per thread and per process: a pool child forked after the worker's main process wrote
+    # (an errback called there in place) must not share that process's connection.
     conn: ThreadlineConnection[Any] | None = getattr(_local, "conn", None)
-    if conn is None or conn.closed:
+    if conn is None or conn.closed or getattr(_local, "pid", None) != os.getpid():
         conn = ThreadlineConnection.connect(os.environ[DSN_ENV], autocommit=True)
-        _local.conn = conn
+        _local.conn, _local.pid = conn, os.getpid()
     return conn
 
 
@@ -86,6 +94,23 @@ def record(label: str) -> dict[str, Any]:
 def plain_record(label: str) -> dict[str, Any]:
     """A plain Celery task (not a threadline Task): the signals still carry its context."""
     return write(label)
+
+
+class OwnBase(celery.Task):  # type: ignore[misc]
+    """A task base class of the application's own (not threadline's, not the app's)."""
+
+
+@celery.shared_task(base=OwnBase)
+def own_base_record(label: str) -> dict[str, Any]:
+    """A plain Celery task on a base of its own: the signals still carry its context."""
+    return write(label)
+
+
+@celery.shared_task(base=OwnBase, time_limit=1)
+def own_base_overrun(label: str) -> None:
+    """Like overrun, on a base of its own."""
+    write(label)
+    time.sleep(30)
 
 
 @threadline.task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -19,6 +20,7 @@ app = make_app(
     os.environ["THREADLINE_TEST_CELERY_QUEUE"],
     signing_keys=_keys.split(",") if _keys else None,
     beat_label=os.environ.get("THREADLINE_TEST_CELERY_BEAT_LABEL"),
+    beat_headers=json.loads(os.environ.get("THREADLINE_TEST_CELERY_BEAT_HEADERS") or "{}"),
     # every test worker records its task runs: each path runs with the recorder on
     record_task_runs=os.environ["THREADLINE_TEST_CELERY_DSN"],
 )

@@ -17,7 +17,7 @@ from threadline.propagation.celery_install import (
     _install_on_every_app,
 )
 from threadline.propagation.celery_publish import SignaturePolicy
-from threadline.propagation.celery_worker import Task
+from threadline.propagation.celery_worker import DEFAULT_REQUEST, REQUEST, Task
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,7 +39,8 @@ def task(
     - ``default_actor``: the actor when the task is started with no incoming context (beat);
     - ``signature_policy``: ``"strip"`` or ``"reject"``, overriding the app's.
 
-    A ``base`` that is not a :class:`Task` is combined with it.
+    A ``base`` that is not a :class:`Task` is combined with it; a ``Request`` class it names
+    stays the task's request class (it should subclass threadline's, see ``docs/celery.md``).
     """
     actor = fields.check_actor(default_actor)
     policy = None if signature_policy is None else _check_policy(signature_policy)
@@ -52,7 +53,11 @@ def task(
         elif not isinstance(base, type):
             raise TypeError(f"base must be a Task class, got {base!r}")
         elif not issubclass(base, Task):
-            opts["base"] = type(base.__name__, (Task, base), {"__module__": base.__module__})
+            attrs: dict[str, Any] = {"__module__": base.__module__}
+            request = getattr(base, "Request", DEFAULT_REQUEST)
+            if request not in (DEFAULT_REQUEST, REQUEST):  # a request class of its own stays
+                attrs["Request"] = request
+            opts["base"] = type(base.__name__, (Task, base), attrs)
         if actor is not None:
             opts["threadline_default_actor"] = actor
         if policy is not None:

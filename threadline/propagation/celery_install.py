@@ -134,6 +134,19 @@ def _use_request_class(app: celery.Celery, wanted: str) -> None:
     base = app.Task
     if base.Request in (DEFAULT_REQUEST, REQUEST):
         base.Request = wanted
+    if wanted == DEFAULT_REQUEST and app.finalized:
+        _use_request_class_per_task(app, wanted)
+
+
+def _use_request_class_per_task(app: celery.Celery, wanted: str) -> None:
+    """The same for each task of the app whose base class is not the app's (``base=`` a class of
+    the application's own) and names no request class of its own: set on the task itself, as the
+    worker reads it when it starts consuming."""
+    for task in list(app.tasks.values()):
+        if wanted == REQUEST and task.Request == DEFAULT_REQUEST:
+            task.Request = REQUEST
+        elif wanted == DEFAULT_REQUEST and vars(task).get("Request") == REQUEST:
+            del task.Request
 
 
 def uninstall(app: celery.Celery) -> bool:
@@ -247,6 +260,11 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
             if frame.token is not None:
                 _current.reset(frame.token)
 
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        # after the worker imported the task modules, before it reads each task's request class
+        if getattr(sender, "app", None) is inst.app():
+            _use_request_class_per_task(sender.app, REQUEST)
+
     def on_process_shutdown(**_: Any) -> None:
         recorder = inst.recorder
         if recorder is not None:
@@ -256,6 +274,7 @@ def _connect(app: celery.Celery, inst: _Installation) -> None:
         (signals.before_task_publish, on_publish),
         (signals.task_prerun, on_prerun),
         (signals.task_postrun, on_postrun),
+        (signals.worker_init, on_worker_init),
         (signals.worker_process_shutdown, on_process_shutdown),
         (signals.worker_shutdown, on_process_shutdown),
     ):

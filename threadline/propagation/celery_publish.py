@@ -126,6 +126,8 @@ def _due(eta: object) -> float | None:
 def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
     ctx = current()
     if ctx.is_empty:
+        if inst.keys and headers.get(HEADER) is not None:
+            _bind_given(inst, headers)
         return
     try:
         headers[HEADER] = inst.header_for(
@@ -141,6 +143,38 @@ def _before_publish(inst: _Installation, headers: dict[str, Any]) -> None:
             exc,
         )
         headers[HEADER] = fields.dumps({"v": fields.VERSION, carrier.ERROR_FIELD: _short(str(exc))})
+
+
+def _bind_given(inst: _Installation, headers: dict[str, Any]) -> None:
+    """Bind to this message a header the sender gave (a beat entry's ``headers`` option) signed
+    with the app's key and bound to no message, as ``threadline.inject(..., signing_key=...)``
+    writes it (or already bound to this message): a worker trusts a signed header only on the
+    message it is bound to. Any other header is sent as it is, for the worker to judge."""
+    try:
+        given = carrier.decode_wire(
+            headers[HEADER],
+            keys=inst.keys,
+            max_bytes=inst.max_header_bytes,
+            message_id=binding_subject(headers.get("id"), headers.get("task")),
+            require_binding=False,
+        )
+        if "incoming_error" in given:  # only a retry sends one, under its task's context
+            return
+        headers[HEADER] = inst.header_for(
+            AuditContext(**given),
+            headers.get("id"),
+            headers.get("parent_id"),
+            headers.get("task"),
+            headers.get("eta"),
+        )
+    except InvalidContext as exc:  # UntrustedContext too: left for the worker to refuse
+        logger.warning(
+            "task %s[%s] is published with a %s header the worker will not trust: %s",
+            headers.get("task"),
+            headers.get("id"),
+            carrier.HEADER,
+            exc,
+        )
 
 
 _safe_id = carrier.safe_id

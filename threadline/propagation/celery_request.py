@@ -80,7 +80,8 @@ def _restored(request: Any) -> AuditContext | None:
         return None
     try:
         context = Context(request.request_dict)
-        ctx, _ = _incoming_context(inst, task, context, _read_header(context))
+        # the task's own run reported an untrusted context already (or will, if it runs)
+        ctx, _ = _incoming_context(inst, task, context, _read_header(context), report=False)
         return ctx
     except Exception as exc:  # never let the context fail Celery's own failure handling
         logger.exception("task %s[%s]: could not restore the audit context", task.name, request.id)

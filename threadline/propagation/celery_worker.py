@@ -90,9 +90,13 @@ def _prerun(inst: _Installation, task: Any, task_id: object) -> None:
 
 
 def _incoming_context(
-    inst: _Installation, task: Any, request: Any, raw: object
+    inst: _Installation, task: Any, request: Any, raw: object, report: bool = True
 ) -> tuple[AuditContext, str | None]:
-    """The task's context, and the reason to refuse running it (signature policy "reject")."""
+    """The task's context, and the reason to refuse running it (signature policy "reject").
+
+    ``report``: log why an incoming context is not trusted (once per task: not when the worker's
+    main process restores it again to handle the task's failure)."""
+    log = logger if report else _QUIET
     task_id = _safe_id(request.id)
     root_id = _safe_id(request.root_id) or task_id
     parent_id = _safe_id(request.parent_id)
@@ -122,7 +126,7 @@ def _incoming_context(
                 task, Task
             ):
                 rejected = reason
-            logger.warning("task %s[%s]: %s", task.name, task_id, reason)
+            log.warning("task %s[%s]: %s", task.name, task_id, reason)
             return _build(correlation_id=task_id, job=job, incoming_error=reason), rejected
         return _build(actor=actor, correlation_id=root_id, causation_id=cause, job=job), None
     try:
@@ -146,11 +150,9 @@ def _incoming_context(
         if isinstance(exc, UntrustedContext) and policy == "reject":
             if isinstance(task, Task):
                 rejected = reason
-                logger.warning(
-                    "task %s[%s] refused: %s (signature policy 'reject')", task.name, task_id, reason
-                )
+                log.warning("task %s[%s] refused: %s (signature policy 'reject')", task.name, task_id, reason)
             else:
-                logger.error(
+                log.error(
                     "task %s[%s]: %s; signature policy 'reject' needs tasks built on threadline.celery.Task, "
                     "so it runs without the inherited audit context instead",
                     task.name,
@@ -158,13 +160,21 @@ def _incoming_context(
                     reason,
                 )
         else:
-            logger.warning(
+            log.warning(
                 "task %s[%s]: invalid incoming audit context: %s; it runs without the inherited context",
                 task.name,
                 task_id,
                 reason,
             )
+        if inst.keys:  # nor do they for a message whose header is not trusted
+            job.update(parent_id=None, root_id=task_id)
+            return _build(correlation_id=task_id, job=job, incoming_error=reason), rejected
         return _build(correlation_id=root_id, causation_id=cause, job=job, incoming_error=reason), rejected
+    if inst.keys and "incoming_error" in fields:
+        # the retry of a task whose own message was not trusted: its Celery ids are still those
+        # of that message (the retry's signed header carries the story it ran in)
+        job.update(parent_id=None, root_id=task_id)
+        root_id, cause = task_id, None
     if cause is not None:
         fields["causation_id"] = cause
     if "correlation_id" not in fields:
@@ -174,6 +184,18 @@ def _incoming_context(
             fields["actor"] = actor
         fields["correlation_id"] = root_id
     return AuditContext._unchecked(origin=ORIGIN, job=job, **fields), None  # validated: see _build
+
+
+class _Quiet:
+    """What :func:`_incoming_context` logs to when told not to report."""
+
+    def warning(self, *args: Any) -> None:
+        """Log nothing."""
+
+    error = warning
+
+
+_QUIET = _Quiet()
 
 
 def _build(**fields: Any) -> AuditContext:
