@@ -370,9 +370,10 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         cached = self.__dict__.get("_set_local_cache")
         if cached is None or cached[0] is not ctx:
             command = b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = "
-            # the plain value (never an enricher's): the cache outlives an enricher's uninstall
+            # the plain value (never an enricher's): the cache outlives an enricher's uninstall;
+            # escaped as payload_for() does, so a database of another encoding takes any context
             payload = "" if ctx.is_empty else ctx.to_json()
-            cached = (ctx, command + sql.Literal(payload).as_bytes(self))
+            cached = (ctx, command + sql.Literal(payload_for(self, payload)).as_bytes(self))
             self._set_local_cache = cached
         return cached[1]
 
