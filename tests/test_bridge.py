@@ -484,3 +484,21 @@ def test_autocommit_copy_and_stream_carry_the_context(dsn: str, conn: Any, posts
     got = _posts_by_actor(conn)
     assert sorted(got) == [(i, "bulk") for i in range(1, 8)]
     assert len({r["transaction_id"] for r in changes(conn)}) == 4
+
+
+def test_every_two_phase_transaction_carries_the_context(dsn: str, conn: Any, posts: str) -> None:
+    # tpc_begin() opens the transaction with psycopg's own BEGIN: what was applied to the one
+    # before must not be taken for this one's (committed in one phase: the test server may allow
+    # no prepared transactions)
+    with (
+        ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor) as app,
+        threadline.context(actor="user:tpc"),
+    ):
+        for i in range(1, 4):
+            app.tpc_begin(app.xid(1, f"threadline-tpc-{i}", "b"))
+            app.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+            if i == 2:
+                app.tpc_rollback()
+            else:
+                app.tpc_commit()
+    assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "tpc"}] * 2

@@ -274,6 +274,11 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         self._applied = None
         super().rollback()
 
+    def tpc_begin(self, xid: psycopg.Xid | str) -> None:
+        """Begin a two-phase transaction; the context is applied at its first statement."""
+        self._applied = None  # psycopg's BEGIN opens it: whatever was applied ended before
+        super().tpc_begin(xid)
+
     @contextlib.contextmanager
     def transaction(
         self, savepoint_name: str | None = None, force_rollback: bool = False
