@@ -502,3 +502,28 @@ def test_every_two_phase_transaction_carries_the_context(dsn: str, conn: Any, po
             else:
                 app.tpc_commit()
     assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "tpc"}] * 2
+
+
+def test_a_context_changed_in_a_pipeline_applies_before_the_next_sync(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    # until a pipeline syncs the server reports no transaction status (ACTIVE): a context that
+    # becomes current between two queued statements is still applied to the transaction
+    with ThreadlineConnection.connect(dsn) as app:
+        with app.pipeline():
+            with threadline.context(actor="user:first"):
+                app.execute("INSERT INTO app.posts (id) VALUES (1)")
+            with threadline.context(actor="user:second"):
+                app.execute("INSERT INTO app.posts (id) VALUES (2)")
+        app.commit()
+    with ThreadlineConnection.connect(dsn, autocommit=True) as app, app.pipeline():
+        app.execute("INSERT INTO app.posts (id) VALUES (3)")  # no context: nothing sent
+        with threadline.context(actor="user:third"):
+            app.execute("INSERT INTO app.posts (id) VALUES (4)")
+        with app.transaction():
+            app.execute("INSERT INTO app.posts (id) VALUES (5)")
+            with threadline.context(actor="user:fourth"):
+                app.execute("INSERT INTO app.posts (id) VALUES (6)")
+    rows = changes(conn)
+    # the last context set before the commit is the transaction's
+    assert [r["actor"]["id"] for r in rows] == ["second", "second", "third", "third", "fourth", "fourth"]

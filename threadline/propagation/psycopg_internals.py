@@ -33,6 +33,7 @@ from threadline.propagation.statement_kind import is_call, runs_outside_transact
 
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
+_ACTIVE = pq.TransactionStatus.ACTIVE
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 
 
@@ -92,6 +93,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
     def _execute_autocommit(
         self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
     ) -> ThreadlineCursor[Row]:
+        conn._applied = None  # no transaction is open: none carries a context yet
         if isinstance(query, sql.Composable):
             # rendered once here: psycopg takes the bytes as they are
             query = query.as_bytes(conn)
@@ -354,7 +356,9 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             else:
                 _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
             self._applied = ctx
-        elif status == _INTRANS:
+        elif status == _INTRANS or (status == _ACTIVE and self._pipeline is not None):
+            # (a pipeline is ACTIVE until its next sync: what it queued runs in one transaction,
+            # psycopg's, a transaction() block's or, in autocommit mode, an implicit one)
             applied = self._applied
             # A context that ended before the transaction did (an empty one now) leaves the one
             # applied in place: only another context replaces it.
@@ -362,7 +366,11 @@ class ThreadlineConnection(psycopg.Connection[Row]):
                 return
             self._applied = ctx  # before: _start_query() must not send it a second time
             try:
-                psycopg.Cursor(self).execute(self._set_local(ctx))
+                if status == _ACTIVE and self._autocommit and not self._num_transactions:
+                    # SET LOCAL does not reach an implicit transaction: set_config() does
+                    psycopg.Cursor(self).execute(SET_CONTEXT_SQL, [payload_for(self, context_payload(ctx))])
+                else:
+                    psycopg.Cursor(self).execute(self._set_local(ctx))
             except BaseException:
                 self._applied = applied
                 raise
