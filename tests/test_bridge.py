@@ -527,3 +527,29 @@ def test_a_context_changed_in_a_pipeline_applies_before_the_next_sync(
     rows = changes(conn)
     # the last context set before the commit is the transaction's
     assert [r["actor"]["id"] for r in rows] == ["second", "second", "third", "third", "fourth", "fourth"]
+
+
+def test_transaction_and_apply_context_in_pipeline_mode(dsn: str, conn: Any, posts: str) -> None:
+    # in a pipeline the transaction is open while the server still reports ACTIVE
+    with psycopg.connect(dsn) as app, app.pipeline():
+        with threadline.context(actor="user:outer"), threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id) VALUES (1)")
+            with threadline.context(actor="user:inner"), threadline.transaction(app):
+                app.execute("INSERT INTO app.posts (id) VALUES (2)")
+            assert '"outer"' in app.execute(SHOW).fetchone()[0]  # given back
+        with threadline.context(actor="user:anonymous"), threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id) VALUES (3)")
+            bind_actor("user:late")
+            threadline.apply_context(app)
+
+    async def late_actor() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn, aconn.pipeline():
+            with threadline.context(actor="user:anonymous"):
+                async with threadline.transaction(aconn):
+                    await aconn.execute("INSERT INTO app.posts (id) VALUES (4)")
+                    bind_actor("user:late-async")
+                    await threadline.apply_context_async(aconn)
+
+    asyncio.run(late_actor())
+    actors = [r["actor"]["id"] for r in changes(conn)]
+    assert actors == ["outer", "outer", "late", "late-async"]
