@@ -340,10 +340,17 @@ def test_a_cursor_built_directly_carries_the_context_in_a_transaction(
         tl.commit()
         with tl.transaction():  # an explicit transaction, first statement from a direct cursor
             cursor_class(tl).execute(query, [3])
+        with tl.pipeline():  # nothing is sent synchronously: the setting is queued after BEGIN
+            cursor_class(tl).execute(query, [4])
+            with threadline.context(actor=ActorRef.user("6")):
+                cursor_class(tl).execute(query, [5])
+        tl.commit()
     rows = transactions(conn)
-    assert len(rows) == 2 and all(r["actor"] == {"type": "user", "id": "5"} for r in rows), rows
+    assert [r["actor"]["id"] for r in rows] == ["5", "5", "6"], rows
     assert all(r["correlation_id"] == "direct" for r in rows)
-    assert [c["transaction_id"] for c in changes(conn)] == [rows[0]["id"], rows[0]["id"], rows[1]["id"]]
+    assert [c["transaction_id"] for c in changes(conn)] == [
+        rows[0]["id"], rows[0]["id"], rows[1]["id"], rows[2]["id"], rows[2]["id"]
+    ]  # fmt: skip
 
 
 def test_a_transaction_block_sets_the_context_once(dsn: str, conn: Any, posts: str, tmp_path: Any) -> None:

@@ -324,8 +324,16 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             return
         ctx = _current.get()
         status = self.pgconn.transaction_status
-        if ctx.is_empty or self._autocommit or self._pipeline is not None:
+        if ctx.is_empty or self._autocommit:
             yield from super()._start_query()
+            return
+        if self._pipeline is not None:
+            # nothing may be sent synchronously: the setting is queued after psycopg's own BEGIN
+            applied = None if status == _IDLE else self._applied
+            yield from super()._start_query()
+            if applied is not ctx and applied != ctx:
+                self._applied = ctx
+                yield from self._exec_command(self._set_local(ctx))
             return
         if status == _IDLE:
             command = self._get_tx_start_command() + b"; " + self._set_local(ctx)
@@ -346,22 +354,15 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         status = self.pgconn.transaction_status
         if status == _IDLE:
             self._applied = None
-            if ctx.is_empty or self._autocommit:
-                return
-            if self._pipeline is not None:
-                # in pipeline mode nothing may be sent synchronously: psycopg queues its own BEGIN
-                # and the setting follows it in the same pipeline (still no extra round trip)
-                self._applied = ctx  # before: _start_query() must not send it a second time
-                psycopg.Cursor(self).execute(self._set_local(ctx))
-            else:
-                _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
+            if ctx.is_empty or self._autocommit or self._pipeline is not None:
+                return  # in pipeline mode _start_query() queues the setting after psycopg's BEGIN
+            _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
             self._applied = ctx
         elif status == _INTRANS or (status == _ACTIVE and self._pipeline is not None):
-            # (a pipeline is ACTIVE until its next sync: what it queued runs in one transaction,
-            # psycopg's, a transaction() block's or, in autocommit mode, an implicit one)
+            # (a pipeline is ACTIVE until its next sync, in a transaction: psycopg's, a transaction()
+            # block's, in autocommit mode an implicit one). A context that ended before the
+            # transaction did (an empty one now) leaves the one applied: only another replaces it.
             applied = self._applied
-            # A context that ended before the transaction did (an empty one now) leaves the one
-            # applied in place: only another context replaces it.
             if applied is ctx or ctx.is_empty or applied == ctx:
                 return
             self._applied = ctx  # before: _start_query() must not send it a second time
