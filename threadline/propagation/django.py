@@ -46,6 +46,7 @@ connection pool. Without a current context nothing at all is sent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ __all__ = [
     "load_settings",
     "uninstall",
 ]
+
+logger = logging.getLogger("threadline.web")
 
 _KEYS = {
     "CORRELATION_HEADERS",
@@ -124,6 +127,16 @@ def default_actor_resolver(request: Any) -> ActorRef | None:
     runs after :class:`ThreadlineMiddleware`).
     """
     return _actor_of(getattr(request, "user", None))
+
+
+async def _default_actor_async(request: Any) -> ActorRef | None:
+    """:func:`default_actor_resolver` in async code, with ``request.auser()`` awaited; as for any
+    resolver, a failure is logged and the request runs without an actor."""
+    try:
+        return _actor_of(await request.auser())
+    except Exception:
+        logger.exception("threadline: the actor resolver failed; the request runs without an actor")
+        return None
 
 
 def _actor_of(user: Any) -> ActorRef | None:
@@ -279,7 +292,7 @@ class ThreadlineMiddleware:
         code: the default resolver awaits ``request.auser()``, a custom one runs in a thread.
         """
         if self.actor_resolver is default_actor_resolver and hasattr(request, "auser"):
-            actor: ActorRef | str | None = _actor_of(await request.auser())
+            actor: ActorRef | str | None = await _default_actor_async(request)
         else:
             actor = await sync_to_async(_resolve_actor)(self.actor_resolver, request)
         token = _current.set(self._context(request, actor))
