@@ -560,3 +560,34 @@ def test_transaction_and_apply_context_in_pipeline_mode(dsn: str, conn: Any, pos
     asyncio.run(late_actor())
     actors = [r["actor"]["id"] for r in changes(conn)]
     assert actors == ["outer", "outer", "late", "late-async"]
+
+
+def test_a_thread_sharing_the_connection_never_writes_outside_the_transaction(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    # thread A's client-side-bound statement opens the transaction itself (BEGIN in its own
+    # query); a statement of thread B sent meanwhile must still open one, or it would commit alone
+    # and survive the rollback below
+    with ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor) as app:
+        building, sent = threading.Event(), threading.Event()
+        set_local = app._set_local
+
+        def slow_set_local(ctx: Any) -> bytes:  # thread A, between deciding to send BEGIN and sending it
+            building.set()
+            assert sent.wait(10)
+            return set_local(ctx)
+
+        app._set_local = slow_set_local  # type: ignore[method-assign]
+
+        def thread_a() -> None:
+            with threadline.context(actor="user:a"):
+                app.execute("INSERT INTO app.posts (id) VALUES (1)")
+
+        a = threading.Thread(target=thread_a)
+        a.start()
+        assert building.wait(10)
+        app.execute("INSERT INTO app.posts (id) VALUES (2)")  # thread B, no context
+        sent.set()
+        a.join(10)
+        app.rollback()
+    assert conn.execute("SELECT count(*) FROM app.posts").fetchone() == (0,)

@@ -10,6 +10,7 @@ and 3.3.9 (``make test-matrix`` runs both), and the dependency range stops befor
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +75,8 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
             super().execute(query, params)
         finally:
             self._statement_prefix = None
-            conn._begin_in_statement = False
+            if conn._begin_in_statement == threading.get_ident():
+                conn._begin_in_statement = None
         for _ in prefix:
             self.nextset()
         return self
@@ -85,7 +87,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         # The first statement of an implicit transaction, bound client-side: BEGIN, SET LOCAL and
         # the statement go as one simple query, where psycopg would have sent BEGIN alone first.
         ctx = _current.get()
-        conn._begin_in_statement = True
+        conn._begin_in_statement = threading.get_ident()
         self._execute_prefixed(conn, [conn._get_tx_start_command(), conn._set_local(ctx)], query, params)
         conn._applied = ctx
         return self
@@ -243,8 +245,8 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         self.server_cursor_factory = threadline_server_cursor_class(self.server_cursor_factory)
         self._applied: AuditContext | None = None
 
-    # set while a cursor sends BEGIN itself, in front of the statement (see ThreadlineCursor)
-    _begin_in_statement = False
+    # the thread whose cursor sends BEGIN in front of its statement (threads may share a connection)
+    _begin_in_statement: int | None = None
 
     @property
     def cursor_factory(self) -> type[psycopg.Cursor[Any]]:
@@ -316,11 +318,10 @@ class ThreadlineConnection(psycopg.Connection[Row]):
 
     def _start_query(self) -> PQGen[None]:
         # psycopg calls this before every statement of any cursor, to open the implicit
-        # transaction. Threadline's cursors have opened it already (with the context); a cursor
-        # made directly (psycopg.Cursor(conn), psycopg.ClientCursor(conn)) has not: its
-        # transaction opens here, with BEGIN and SET LOCAL in one message (inside a transaction()
-        # block, SET LOCAL alone). In autocommit mode it gets no context: see the class docs.
-        if self._begin_in_statement:
+        # transaction. Threadline's cursors have opened it already (with the context); one made
+        # directly (psycopg.Cursor(conn)) has not: its transaction opens here, with BEGIN and SET
+        # LOCAL in one message (in a transaction() block, SET LOCAL alone; autocommit: nothing).
+        if self._begin_in_statement == threading.get_ident():
             return
         ctx = _current.get()
         status = self.pgconn.transaction_status
@@ -393,8 +394,7 @@ class ThreadlineConnection(psycopg.Connection[Row]):
 
 
 def _kept(tx: psycopg.Transaction | None) -> bool:
-    """True when the transaction block ``tx`` was left without rolling back. psycopg before 3.3
-    does not tell (``Transaction.status`` is new in 3.3): the answer is then no, and the context is
-    applied again at the next statement (one more ``SET LOCAL``, never a missing one)."""
+    """True when the block ``tx`` was left without rolling back; no where psycopg (before 3.3, without
+    ``Transaction.status``) does not tell: one more ``SET LOCAL`` then, never a missing one."""
     status = getattr(tx, "status", None)
     return status is not None and status.name in ("ACTIVE", "COMMITTED")
