@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -591,3 +592,35 @@ def test_a_thread_sharing_the_connection_never_writes_outside_the_transaction(
         a.join(10)
         app.rollback()
     assert conn.execute("SELECT count(*) FROM app.posts").fetchone() == (0,)
+
+
+def test_a_context_over_the_carriers_cap_never_fails_the_write(dsn: str, conn: Any, posts: str) -> None:
+    # every field within its cap, the whole over max_encoded_bytes (the cap of Celery headers and
+    # carriers): the database takes it; over the trigger's own 16 KiB it is recorded as invalid
+    big = {"meta": {"m": "x" * 4000}, "job": {"j": "y" * 4000}, "correlation_id": "c" * 256}
+    with threadline.context(actor="user:big", **big):
+        for i, (autocommit, cursor_factory) in enumerate(
+            itertools.product([False, True], [psycopg.Cursor, psycopg.ClientCursor]), start=1
+        ):
+            with ThreadlineConnection.connect(
+                dsn, autocommit=autocommit, cursor_factory=cursor_factory
+            ) as app:
+                app.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+        with psycopg.connect(dsn) as plain, threadline.transaction(plain):
+            plain.execute("INSERT INTO app.posts (id) VALUES (100)")
+    previous = threadline.core.fields.limits()
+    threadline.core.fields.set_limits(max_meta_bytes=9000, max_encoded_bytes=20000)
+    try:
+        with (
+            threadline.context(actor="user:huge", meta={"m": "x" * 8900}, job={"j": "y" * 8900}),
+            ThreadlineConnection.connect(dsn) as app,
+        ):
+            app.execute("INSERT INTO app.posts (id) VALUES (200)")
+    finally:
+        threadline.core.fields.set_limits(
+            max_meta_bytes=previous.max_meta_bytes, max_encoded_bytes=previous.max_encoded_bytes
+        )
+    rows = changes(conn)
+    assert [r["actor"] for r in rows[:-1]] == [{"type": "user", "id": "big"}] * 5
+    assert all(r["meta"] == big["meta"] and r["context_error"] is None for r in rows[:-1])
+    assert rows[-1]["actor"] is None and rows[-1]["context_error"] == "context is larger than 16384 bytes"

@@ -20,7 +20,6 @@ from psycopg.abc import PQGen
 from psycopg.rows import Row
 
 from threadline.core.context import AuditContext, _current
-from threadline.ddl.names import CONTEXT_SETTING
 from threadline.propagation.combined_classes import _combined
 from threadline.propagation.psycopg_begin import _exec_begin
 from threadline.propagation.psycopg_setting import (
@@ -29,6 +28,7 @@ from threadline.propagation.psycopg_setting import (
     payload_enricher,
     payload_for,
     set_local_command,
+    setting_json,
 )
 from threadline.propagation.statement_kind import is_call, runs_outside_transaction, statement_text
 
@@ -384,11 +384,8 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             return set_local_command(self, context_payload(ctx))
         cached = self.__dict__.get("_set_local_cache")
         if cached is None or cached[0] is not ctx:
-            command = b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = "
-            # the plain value (never an enricher's): the cache outlives an enricher's uninstall;
-            # escaped as payload_for() does, so a database of another encoding takes any context
-            payload = "" if ctx.is_empty else ctx.to_json()
-            cached = (ctx, command + sql.Literal(payload_for(self, payload)).as_bytes(self))
+            # the plain value (never an enricher's): the cache outlives an enricher's uninstall
+            cached = (ctx, set_local_command(self, "" if ctx.is_empty else setting_json(ctx)))
             self._set_local_cache = cached
         return cached[1]
 
