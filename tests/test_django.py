@@ -270,6 +270,9 @@ def test_settings_are_validated(django_dsn: str) -> None:
         {"ACTOR_RESOLVER": "no.such.resolver"},
         {"ACTOR_RESOLVER": 42},
         {"MAX_ID_LENGTH": 5000},
+        {"ORM_BRIDGE": "false"},
+        {"CORRELATION_FROM_TRACEPARENT": "no"},
+        {"CLIENT_ADDRESS": None},
     ):
         with override_settings(THREADLINE=bad), pytest.raises(ConfigurationError):
             ThreadlineMiddleware(lambda request: None)

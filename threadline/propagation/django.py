@@ -193,6 +193,13 @@ def parse_track_setting(value: Any) -> dict[str, dict[str, tuple[str, ...]]]:
     return out
 
 
+def _flag(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):  # "false" (from an environment variable, say) would be true
+        raise ConfigurationError(f"THREADLINE[{key!r}] must be True or False, got {value!r}")
+    return value
+
+
 def load_settings() -> ThreadlineSettings:
     """Read and validate ``settings.THREADLINE`` (missing: every default)."""
     raw = getattr(settings, "THREADLINE", None) or {}
@@ -222,14 +229,14 @@ def load_settings() -> ThreadlineSettings:
         correlation_headers=tuple(headers),
         response_header=raw.get("RESPONSE_HEADER", DEFAULT_RESPONSE_HEADER),
         max_id_length=raw.get("MAX_ID_LENGTH", DEFAULT_MAX_ID_LENGTH),
-        correlation_from_traceparent=bool(raw.get("CORRELATION_FROM_TRACEPARENT", False)),
+        correlation_from_traceparent=_flag(raw, "CORRELATION_FROM_TRACEPARENT", False),
         actor_resolver=resolver,
-        client_address=bool(raw.get("CLIENT_ADDRESS", True)),
-        orm_bridge=bool(raw.get("ORM_BRIDGE", True)),
-        command_context=bool(raw.get("COMMAND_CONTEXT", True)),
+        client_address=_flag(raw, "CLIENT_ADDRESS", True),
+        orm_bridge=_flag(raw, "ORM_BRIDGE", True),
+        command_context=_flag(raw, "COMMAND_CONTEXT", True),
         command_actor=_command_actor(raw.get("COMMAND_ACTOR")),
         track=parse_track_setting(raw.get("TRACK")),
-        track_on_migrate=bool(raw.get("TRACK_ON_MIGRATE", True)),
+        track_on_migrate=_flag(raw, "TRACK_ON_MIGRATE", True),
         audit_schema=_audit_schema(raw.get("AUDIT_SCHEMA", "threadline")),
     )
     _policy(conf)  # validates
