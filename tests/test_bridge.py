@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -340,10 +341,17 @@ def test_a_cursor_built_directly_carries_the_context_in_a_transaction(
         tl.commit()
         with tl.transaction():  # an explicit transaction, first statement from a direct cursor
             cursor_class(tl).execute(query, [3])
+        with tl.pipeline():  # nothing is sent synchronously: the setting is queued after BEGIN
+            cursor_class(tl).execute(query, [4])
+            with threadline.context(actor=ActorRef.user("6")):
+                cursor_class(tl).execute(query, [5])
+        tl.commit()
     rows = transactions(conn)
-    assert len(rows) == 2 and all(r["actor"] == {"type": "user", "id": "5"} for r in rows), rows
+    assert [r["actor"]["id"] for r in rows] == ["5", "5", "6"], rows
     assert all(r["correlation_id"] == "direct" for r in rows)
-    assert [c["transaction_id"] for c in changes(conn)] == [rows[0]["id"], rows[0]["id"], rows[1]["id"]]
+    assert [c["transaction_id"] for c in changes(conn)] == [
+        rows[0]["id"], rows[0]["id"], rows[1]["id"], rows[2]["id"], rows[2]["id"]
+    ]  # fmt: skip
 
 
 def test_a_transaction_block_sets_the_context_once(dsn: str, conn: Any, posts: str, tmp_path: Any) -> None:
@@ -484,3 +492,135 @@ def test_autocommit_copy_and_stream_carry_the_context(dsn: str, conn: Any, posts
     got = _posts_by_actor(conn)
     assert sorted(got) == [(i, "bulk") for i in range(1, 8)]
     assert len({r["transaction_id"] for r in changes(conn)}) == 4
+
+
+def test_every_two_phase_transaction_carries_the_context(dsn: str, conn: Any, posts: str) -> None:
+    # tpc_begin() opens the transaction with psycopg's own BEGIN: what was applied to the one
+    # before must not be taken for this one's (committed in one phase: the test server may allow
+    # no prepared transactions)
+    with (
+        ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor) as app,
+        threadline.context(actor="user:tpc"),
+    ):
+        for i in range(1, 4):
+            app.tpc_begin(app.xid(1, f"threadline-tpc-{i}", "b"))
+            app.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+            if i == 2:
+                app.tpc_rollback()
+            else:
+                app.tpc_commit()
+    assert [r["actor"] for r in changes(conn)] == [{"type": "user", "id": "tpc"}] * 2
+
+
+def test_a_context_changed_in_a_pipeline_applies_before_the_next_sync(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    # until a pipeline syncs the server reports no transaction status (ACTIVE): a context that
+    # becomes current between two queued statements is still applied to the transaction
+    with ThreadlineConnection.connect(dsn) as app:
+        with app.pipeline():
+            with threadline.context(actor="user:first"):
+                app.execute("INSERT INTO app.posts (id) VALUES (1)")
+            with threadline.context(actor="user:second"):
+                app.execute("INSERT INTO app.posts (id) VALUES (2)")
+        app.commit()
+    with ThreadlineConnection.connect(dsn, autocommit=True) as app, app.pipeline():
+        app.execute("INSERT INTO app.posts (id) VALUES (3)")  # no context: nothing sent
+        with threadline.context(actor="user:third"):
+            app.execute("INSERT INTO app.posts (id) VALUES (4)")
+        with app.transaction():
+            app.execute("INSERT INTO app.posts (id) VALUES (5)")
+            with threadline.context(actor="user:fourth"):
+                app.execute("INSERT INTO app.posts (id) VALUES (6)")
+    rows = changes(conn)
+    # the last context set before the commit is the transaction's
+    assert [r["actor"]["id"] for r in rows] == ["second", "second", "third", "third", "fourth", "fourth"]
+
+
+def test_transaction_and_apply_context_in_pipeline_mode(dsn: str, conn: Any, posts: str) -> None:
+    # in a pipeline the transaction is open while the server still reports ACTIVE
+    with psycopg.connect(dsn) as app, app.pipeline():
+        with threadline.context(actor="user:outer"), threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id) VALUES (1)")
+            with threadline.context(actor="user:inner"), threadline.transaction(app):
+                app.execute("INSERT INTO app.posts (id) VALUES (2)")
+            assert '"outer"' in app.execute(SHOW).fetchone()[0]  # given back
+        with threadline.context(actor="user:anonymous"), threadline.transaction(app):
+            app.execute("INSERT INTO app.posts (id) VALUES (3)")
+            bind_actor("user:late")
+            threadline.apply_context(app)
+
+    async def late_actor() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn, aconn.pipeline():
+            with threadline.context(actor="user:anonymous"):
+                async with threadline.transaction(aconn):
+                    await aconn.execute("INSERT INTO app.posts (id) VALUES (4)")
+                    bind_actor("user:late-async")
+                    await threadline.apply_context_async(aconn)
+
+    asyncio.run(late_actor())
+    actors = [r["actor"]["id"] for r in changes(conn)]
+    assert actors == ["outer", "outer", "late", "late-async"]
+
+
+def test_a_thread_sharing_the_connection_never_writes_outside_the_transaction(
+    dsn: str, conn: Any, posts: str
+) -> None:
+    # thread A's client-side-bound statement opens the transaction itself (BEGIN in its own
+    # query); a statement of thread B sent meanwhile must still open one, or it would commit alone
+    # and survive the rollback below
+    with ThreadlineConnection.connect(dsn, cursor_factory=psycopg.ClientCursor) as app:
+        building, sent = threading.Event(), threading.Event()
+        set_local = app._set_local
+
+        def slow_set_local(ctx: Any) -> bytes:  # thread A, between deciding to send BEGIN and sending it
+            building.set()
+            assert sent.wait(10)
+            return set_local(ctx)
+
+        app._set_local = slow_set_local  # type: ignore[method-assign]
+
+        def thread_a() -> None:
+            with threadline.context(actor="user:a"):
+                app.execute("INSERT INTO app.posts (id) VALUES (1)")
+
+        a = threading.Thread(target=thread_a)
+        a.start()
+        assert building.wait(10)
+        app.execute("INSERT INTO app.posts (id) VALUES (2)")  # thread B, no context
+        sent.set()
+        a.join(10)
+        app.rollback()
+    assert conn.execute("SELECT count(*) FROM app.posts").fetchone() == (0,)
+
+
+def test_a_context_over_the_carriers_cap_never_fails_the_write(dsn: str, conn: Any, posts: str) -> None:
+    # every field within its cap, the whole over max_encoded_bytes (the cap of Celery headers and
+    # carriers): the database takes it; over the trigger's own 16 KiB it is recorded as invalid
+    big = {"meta": {"m": "x" * 4000}, "job": {"j": "y" * 4000}, "correlation_id": "c" * 256}
+    with threadline.context(actor="user:big", **big):
+        for i, (autocommit, cursor_factory) in enumerate(
+            itertools.product([False, True], [psycopg.Cursor, psycopg.ClientCursor]), start=1
+        ):
+            with ThreadlineConnection.connect(
+                dsn, autocommit=autocommit, cursor_factory=cursor_factory
+            ) as app:
+                app.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+        with psycopg.connect(dsn) as plain, threadline.transaction(plain):
+            plain.execute("INSERT INTO app.posts (id) VALUES (100)")
+    previous = threadline.core.fields.limits()
+    threadline.core.fields.set_limits(max_meta_bytes=9000, max_encoded_bytes=20000)
+    try:
+        with (
+            threadline.context(actor="user:huge", meta={"m": "x" * 8900}, job={"j": "y" * 8900}),
+            ThreadlineConnection.connect(dsn) as app,
+        ):
+            app.execute("INSERT INTO app.posts (id) VALUES (200)")
+    finally:
+        threadline.core.fields.set_limits(
+            max_meta_bytes=previous.max_meta_bytes, max_encoded_bytes=previous.max_encoded_bytes
+        )
+    rows = changes(conn)
+    assert [r["actor"] for r in rows[:-1]] == [{"type": "user", "id": "big"}] * 5
+    assert all(r["meta"] == big["meta"] and r["context_error"] is None for r in rows[:-1])
+    assert rows[-1]["actor"] is None and rows[-1]["context_error"] == "context is larger than 16384 bytes"

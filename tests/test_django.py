@@ -270,6 +270,9 @@ def test_settings_are_validated(django_dsn: str) -> None:
         {"ACTOR_RESOLVER": "no.such.resolver"},
         {"ACTOR_RESOLVER": 42},
         {"MAX_ID_LENGTH": 5000},
+        {"ORM_BRIDGE": "false"},
+        {"CORRELATION_FROM_TRACEPARENT": "no"},
+        {"CLIENT_ADDRESS": None},
     ):
         with override_settings(THREADLINE=bad), pytest.raises(ConfigurationError):
             ThreadlineMiddleware(lambda request: None)
@@ -315,6 +318,42 @@ def test_async_requests_load_the_user_without_sync_database_access(django_dsn: s
         del type(request).user  # type: ignore[attr-defined]
     assert response.status_code == 200
     assert seen[0].actor == ActorRef.user("42") and seen[0].origin == "web"
+
+
+@pytest.mark.parametrize("failure", ["database", "actor"])
+def test_async_requests_survive_a_failing_user_lookup(
+    django_dsn: str, failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As in sync code, a user that cannot be loaded (or is no valid actor) never fails the
+    request: it runs without an actor, and the failure is logged."""
+    import asyncio
+
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from threadline.propagation.django import ThreadlineMiddleware
+
+    seen: list[threadline.AuditContext] = []
+
+    async def view(request: Any) -> HttpResponse:
+        seen.append(threadline.current())
+        return HttpResponse("ok")
+
+    class User:
+        pk = "x" * 300  # longer than an actor id may be
+        is_authenticated = True
+
+    async def auser() -> User:
+        if failure == "database":
+            raise psycopg.OperationalError("the session store is down")
+        return User()
+
+    request = RequestFactory().get("/")
+    request.auser = auser
+    response = asyncio.run(ThreadlineMiddleware(view)(request))
+    assert response.status_code == 200
+    assert seen[0].actor is None and seen[0].origin == "web"
+    assert "actor resolver failed" in caplog.text
 
 
 @pytest.mark.parametrize("alias", ["default", "serverside"])

@@ -41,6 +41,31 @@ def test_a_store_in_another_encoding_records_every_write(encoding: str) -> None:
     assert rows[3] == (("4", "req-4", "Илья", None) if encoding == "WIN1251" else ("4", *invalid))
 
 
+def test_automatic_mode_in_another_encoding_never_fails_the_write() -> None:
+    # ThreadlineConnection (what the Django and SQLAlchemy bridges make of their connections), in a
+    # transaction and in autocommit mode, binding server-side and client-side: an actor the
+    # database cannot hold makes the context invalid, recorded as such, never a failed write
+    modes = list(itertools.product([False, True], [psycopg.Cursor, psycopg.ClientCursor]))
+    for dsn in store_database(None, prefix="threadline_encoding", encoding="LATIN1"):
+        for i, (autocommit, cursor_factory) in enumerate(modes, start=1):
+            with (
+                threadline.ThreadlineConnection.connect(
+                    dsn, autocommit=autocommit, cursor_factory=cursor_factory
+                ) as conn,
+                threadline.context(actor=ActorRef.user("علي"), correlation_id=f"req-{i}"),
+            ):
+                conn.execute("INSERT INTO items VALUES (%s, 'v')", [i])
+                conn.execute("UPDATE items SET v = 'w' WHERE id = %s", [i])
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT c.pk ->> 'id', t.actor, t.context_error"
+                "  FROM threadline.changes c JOIN threadline.transactions t ON t.id = c.transaction_id"
+                " ORDER BY c.id"
+            ).fetchall()
+    assert [row[0] for row in rows] == [str(i) for i, _ in enumerate(modes, start=1) for _ in "iu"]
+    assert {row[1:] for row in rows} == {(None, "context is not valid JSON")}
+
+
 def test_a_sql_ascii_database_records_every_write() -> None:
     # SQL_ASCII has no encoding to convert a \u escape into: over a connection in SQL_ASCII (the
     # default there) the bridges send characters beyond ASCII as such escapes, and the context is

@@ -28,7 +28,7 @@ from threadline.propagation.web import ASGIMiddleware, WSGIMiddleware, bind_acto
 from .celery_app.harness import Worker, env_var
 from .test_sqlalchemy import sa_url
 from .webapps import tasks
-from .webapps.support import assert_web_then_worker, setup_posts, start_worker, story
+from .webapps.support import assert_web_then_worker, serve_wsgi, setup_posts, start_worker, story
 
 INSERT = text("INSERT INTO web_t.posts (title) VALUES (:title) RETURNING id")
 
@@ -75,6 +75,42 @@ def test_flask_recipe(celery_app: Any, fw_dsn: str) -> None:
     assert resp.json is not None and resp.json["ctx"]["actor"] == {"type": "user", "id": "11"}
     assert_web_then_worker(story(fw_dsn, corr, 2), {"type": "user", "id": "11"}, corr)
     assert threadline.current().is_empty
+    engine.dispose()
+
+
+def test_flask_close_callbacks_keep_the_bound_actor(fw_dsn: str) -> None:
+    # served over real HTTP: the server exhausts the body, then closes it, which runs Flask's
+    # call_on_close callbacks; a write there is the request's, by the actor bound in before_request
+    engine = create_engine(sa_url(fw_dsn))
+    tl_sqlalchemy.install(engine)
+    app = Flask(__name__)
+    app.wsgi_app = WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+
+    @app.before_request
+    def authenticate() -> None:
+        bind_actor(ActorRef.user(request.headers["X-User"]))
+
+    def write() -> None:
+        with engine.begin() as conn:
+            conn.execute(INSERT, {"title": "on-close"})
+
+    @app.get("/download")
+    def download() -> Any:
+        response = app.response_class(iter([b"chunk"]) if request.args.get("stream") else b"done")
+        response.call_on_close(write)
+        return response
+
+    corrs = [f"flask-close-{uuid.uuid4().hex}" for _ in range(2)]
+    with serve_wsgi(app) as url:
+        for corr, query in zip(corrs, ["", "?stream=1"], strict=True):
+            with httpx.Client() as client:
+                resp = client.get(
+                    url + "/download" + query, headers={"X-Correlation-ID": corr, "X-User": "31"}
+                )
+                assert resp.status_code == 200
+    for corr in corrs:
+        (row,) = story(fw_dsn, corr, 1)
+        assert row["actor"] == {"type": "user", "id": "31"}, row
     engine.dispose()
 
 

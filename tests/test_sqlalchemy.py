@@ -4,6 +4,7 @@ engines, Core and ORM sessions."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -256,3 +257,14 @@ def test_a_context_that_ends_before_the_commit_leaves_the_session_attributed(
         ("sync-ended", "sa-ended", "ended"),
         ("async-ended", "sa-ended", "ended"),
     ]
+
+
+def test_every_two_phase_transaction_carries_the_context(engine: Any) -> None:
+    # SQLAlchemy's psycopg dialect begins them with tpc_begin() on the pooled connection (rolled
+    # back here before the prepare: the test server may allow no prepared transactions)
+    with threadline.context(actor=ActorRef.user("2pc")), engine.connect() as conn:
+        for i in range(3):
+            tx = conn.begin_twophase(f"threadline-sa-{uuid.uuid4().hex}")
+            seen = conn.exec_driver_sql("SELECT current_setting('threadline.context', true)").scalar()
+            assert '"2pc"' in (seen or ""), (i, seen)
+            tx.rollback()

@@ -144,9 +144,9 @@ def _enrich(ctx: AuditContext) -> str:
         span_context = _state["get_current_span"]().get_span_context()
         valid = span_context.is_valid
     except Exception:  # a tracing problem must never fail a database write
-        return ctx.to_json()
+        return tl_psycopg.setting_json(ctx)
     if not valid:
-        return ctx.to_json()
+        return tl_psycopg.setting_json(ctx)
     trace_id, span_id = span_context.trace_id, span_context.span_id
     last = _last
     if last is not None and last[0] is ctx and last[1] == trace_id and last[2] == span_id:
@@ -157,8 +157,9 @@ def _enrich(ctx: AuditContext) -> str:
 
 
 def _with_ids(ctx: AuditContext, trace_id: str, span_id: str) -> str:
-    """``ctx``'s canonical JSON with ``meta["otel"]`` set; ``ctx.to_json()`` when that would not
-    pass the context's checks."""
+    """``ctx``'s canonical JSON with ``meta["otel"]`` set; without them
+    (:func:`~threadline.propagation.psycopg.setting_json`) when that would not pass the context's
+    checks."""
     meta = {} if ctx.meta is None else dict(ctx.meta)
     meta[META_KEY] = {"trace_id": trace_id, "span_id": span_id}
     try:
@@ -176,7 +177,7 @@ def _with_ids(ctx: AuditContext, trace_id: str, span_id: str) -> str:
                 "threadline: a transaction is recorded without its OpenTelemetry span ids: %s (logged once)",
                 exc,
             )
-        return ctx.to_json()
+        return tl_psycopg.setting_json(ctx)
     return text
 
 

@@ -46,6 +46,7 @@ connection pool. Without a current context nothing at all is sent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ __all__ = [
     "load_settings",
     "uninstall",
 ]
+
+logger = logging.getLogger("threadline.web")
 
 _KEYS = {
     "CORRELATION_HEADERS",
@@ -124,6 +127,16 @@ def default_actor_resolver(request: Any) -> ActorRef | None:
     runs after :class:`ThreadlineMiddleware`).
     """
     return _actor_of(getattr(request, "user", None))
+
+
+async def _default_actor_async(request: Any) -> ActorRef | None:
+    """:func:`default_actor_resolver` in async code, with ``request.auser()`` awaited; as for any
+    resolver, a failure is logged and the request runs without an actor."""
+    try:
+        return _actor_of(await request.auser())
+    except Exception:
+        logger.exception("threadline: the actor resolver failed; the request runs without an actor")
+        return None
 
 
 def _actor_of(user: Any) -> ActorRef | None:
@@ -180,6 +193,13 @@ def parse_track_setting(value: Any) -> dict[str, dict[str, tuple[str, ...]]]:
     return out
 
 
+def _flag(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):  # "false" (from an environment variable, say) would be true
+        raise ConfigurationError(f"THREADLINE[{key!r}] must be True or False, got {value!r}")
+    return value
+
+
 def load_settings() -> ThreadlineSettings:
     """Read and validate ``settings.THREADLINE`` (missing: every default)."""
     raw = getattr(settings, "THREADLINE", None) or {}
@@ -209,14 +229,14 @@ def load_settings() -> ThreadlineSettings:
         correlation_headers=tuple(headers),
         response_header=raw.get("RESPONSE_HEADER", DEFAULT_RESPONSE_HEADER),
         max_id_length=raw.get("MAX_ID_LENGTH", DEFAULT_MAX_ID_LENGTH),
-        correlation_from_traceparent=bool(raw.get("CORRELATION_FROM_TRACEPARENT", False)),
+        correlation_from_traceparent=_flag(raw, "CORRELATION_FROM_TRACEPARENT", False),
         actor_resolver=resolver,
-        client_address=bool(raw.get("CLIENT_ADDRESS", True)),
-        orm_bridge=bool(raw.get("ORM_BRIDGE", True)),
-        command_context=bool(raw.get("COMMAND_CONTEXT", True)),
+        client_address=_flag(raw, "CLIENT_ADDRESS", True),
+        orm_bridge=_flag(raw, "ORM_BRIDGE", True),
+        command_context=_flag(raw, "COMMAND_CONTEXT", True),
         command_actor=_command_actor(raw.get("COMMAND_ACTOR")),
         track=parse_track_setting(raw.get("TRACK")),
-        track_on_migrate=bool(raw.get("TRACK_ON_MIGRATE", True)),
+        track_on_migrate=_flag(raw, "TRACK_ON_MIGRATE", True),
         audit_schema=_audit_schema(raw.get("AUDIT_SCHEMA", "threadline")),
     )
     _policy(conf)  # validates
@@ -279,7 +299,7 @@ class ThreadlineMiddleware:
         code: the default resolver awaits ``request.auser()``, a custom one runs in a thread.
         """
         if self.actor_resolver is default_actor_resolver and hasattr(request, "auser"):
-            actor: ActorRef | str | None = _actor_of(await request.auser())
+            actor: ActorRef | str | None = await _default_actor_async(request)
         else:
             actor = await sync_to_async(_resolve_actor)(self.actor_resolver, request)
         token = _current.set(self._context(request, actor))

@@ -40,6 +40,7 @@ from threadline.propagation.psycopg_setting import (
     payload_enricher,
     set_local_command,
     set_payload_enricher,
+    setting_json,
 )
 from threadline.propagation.psycopg_transaction import apply_context, apply_context_async, transaction
 
@@ -59,6 +60,7 @@ __all__ = [
     "payload_enricher",
     "set_local_command",
     "set_payload_enricher",
+    "setting_json",
     "threadline_cursor_class",
     "threadline_server_cursor_class",
     "transaction",

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import pq
 
 from threadline.core.context import AuditContext
-from threadline.propagation.psycopg_setting import payload_enricher, set_local_command
+from threadline.propagation.psycopg_setting import payload_enricher, set_local_command, setting_json
 
 _IDLE = pq.TransactionStatus.IDLE
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
@@ -37,7 +37,7 @@ def begin_command(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], 
     For integrations that open transactions themselves (ORM bridges); see :func:`begin_with_context`.
     """
     enrich = payload_enricher()
-    payload = ctx.to_json() if enrich is None or ctx.is_empty else enrich(ctx)
+    payload = setting_json(ctx) if enrich is None or ctx.is_empty else enrich(ctx)
     return _begin_statement_sql(conn).encode() + b"; " + set_local_command(conn, payload)
 
 

@@ -10,6 +10,7 @@ and 3.3.9 (``make test-matrix`` runs both), and the dependency range stops befor
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,6 @@ from psycopg.abc import PQGen
 from psycopg.rows import Row
 
 from threadline.core.context import AuditContext, _current
-from threadline.ddl.names import CONTEXT_SETTING
 from threadline.propagation.combined_classes import _combined
 from threadline.propagation.psycopg_begin import _exec_begin
 from threadline.propagation.psycopg_setting import (
@@ -28,11 +28,13 @@ from threadline.propagation.psycopg_setting import (
     payload_enricher,
     payload_for,
     set_local_command,
+    setting_json,
 )
 from threadline.propagation.statement_kind import is_call, runs_outside_transaction, statement_text
 
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
+_ACTIVE = pq.TransactionStatus.ACTIVE
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 
 
@@ -73,7 +75,8 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
             super().execute(query, params)
         finally:
             self._statement_prefix = None
-            conn._begin_in_statement = False
+            if conn._begin_in_statement == threading.get_ident():
+                conn._begin_in_statement = None
         for _ in prefix:
             self.nextset()
         return self
@@ -84,7 +87,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
         # The first statement of an implicit transaction, bound client-side: BEGIN, SET LOCAL and
         # the statement go as one simple query, where psycopg would have sent BEGIN alone first.
         ctx = _current.get()
-        conn._begin_in_statement = True
+        conn._begin_in_statement = threading.get_ident()
         self._execute_prefixed(conn, [conn._get_tx_start_command(), conn._set_local(ctx)], query, params)
         conn._applied = ctx
         return self
@@ -92,6 +95,7 @@ class ThreadlineCursor(psycopg.Cursor[Row]):
     def _execute_autocommit(
         self, conn: ThreadlineConnection[Any], query: Any, params: Any, kwargs: dict[str, Any]
     ) -> ThreadlineCursor[Row]:
+        conn._applied = None  # no transaction is open: none carries a context yet
         if isinstance(query, sql.Composable):
             # rendered once here: psycopg takes the bytes as they are
             query = query.as_bytes(conn)
@@ -241,8 +245,8 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         self.server_cursor_factory = threadline_server_cursor_class(self.server_cursor_factory)
         self._applied: AuditContext | None = None
 
-    # set while a cursor sends BEGIN itself, in front of the statement (see ThreadlineCursor)
-    _begin_in_statement = False
+    # the thread whose cursor sends BEGIN in front of its statement (threads may share a connection)
+    _begin_in_statement: int | None = None
 
     @property
     def cursor_factory(self) -> type[psycopg.Cursor[Any]]:
@@ -273,6 +277,11 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         """Roll back, forgetting the context applied to the finished transaction."""
         self._applied = None
         super().rollback()
+
+    def tpc_begin(self, xid: psycopg.Xid | str) -> None:
+        """Begin a two-phase transaction; the context is applied at its first statement."""
+        self._applied = None  # psycopg's BEGIN opens it: whatever was applied ended before
+        super().tpc_begin(xid)
 
     @contextlib.contextmanager
     def transaction(
@@ -309,16 +318,23 @@ class ThreadlineConnection(psycopg.Connection[Row]):
 
     def _start_query(self) -> PQGen[None]:
         # psycopg calls this before every statement of any cursor, to open the implicit
-        # transaction. Threadline's cursors have opened it already (with the context); a cursor
-        # made directly (psycopg.Cursor(conn), psycopg.ClientCursor(conn)) has not: its
-        # transaction opens here, with BEGIN and SET LOCAL in one message (inside a transaction()
-        # block, SET LOCAL alone). In autocommit mode it gets no context: see the class docs.
-        if self._begin_in_statement:
+        # transaction. Threadline's cursors have opened it already (with the context); one made
+        # directly (psycopg.Cursor(conn)) has not: its transaction opens here, with BEGIN and SET
+        # LOCAL in one message (in a transaction() block, SET LOCAL alone; autocommit: nothing).
+        if self._begin_in_statement == threading.get_ident():
             return
         ctx = _current.get()
         status = self.pgconn.transaction_status
-        if ctx.is_empty or self._autocommit or self._pipeline is not None:
+        if ctx.is_empty or self._autocommit:
             yield from super()._start_query()
+            return
+        if self._pipeline is not None:
+            # nothing may be sent synchronously: the setting is queued after psycopg's own BEGIN
+            applied = None if status == _IDLE else self._applied
+            yield from super()._start_query()
+            if applied is not ctx and applied != ctx:
+                self._applied = ctx
+                yield from self._exec_command(self._set_local(ctx))
             return
         if status == _IDLE:
             command = self._get_tx_start_command() + b"; " + self._set_local(ctx)
@@ -339,25 +355,24 @@ class ThreadlineConnection(psycopg.Connection[Row]):
         status = self.pgconn.transaction_status
         if status == _IDLE:
             self._applied = None
-            if ctx.is_empty or self._autocommit:
-                return
-            if self._pipeline is not None:
-                # in pipeline mode nothing may be sent synchronously: psycopg queues its own BEGIN
-                # and the setting follows it in the same pipeline (still no extra round trip)
-                self._applied = ctx  # before: _start_query() must not send it a second time
-                psycopg.Cursor(self).execute(self._set_local(ctx))
-            else:
-                _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
+            if ctx.is_empty or self._autocommit or self._pipeline is not None:
+                return  # in pipeline mode _start_query() queues the setting after psycopg's BEGIN
+            _exec_begin(self, self._get_tx_start_command() + b"; " + self._set_local(ctx))
             self._applied = ctx
-        elif status == _INTRANS:
+        elif status == _INTRANS or (status == _ACTIVE and self._pipeline is not None):
+            # (a pipeline is ACTIVE until its next sync, in a transaction: psycopg's, a transaction()
+            # block's, in autocommit mode an implicit one). A context that ended before the
+            # transaction did (an empty one now) leaves the one applied: only another replaces it.
             applied = self._applied
-            # A context that ended before the transaction did (an empty one now) leaves the one
-            # applied in place: only another context replaces it.
             if applied is ctx or ctx.is_empty or applied == ctx:
                 return
             self._applied = ctx  # before: _start_query() must not send it a second time
             try:
-                psycopg.Cursor(self).execute(self._set_local(ctx))
+                if status == _ACTIVE and self._autocommit and not self._num_transactions:
+                    # SET LOCAL does not reach an implicit transaction: set_config() does
+                    psycopg.Cursor(self).execute(SET_CONTEXT_SQL, [payload_for(self, context_payload(ctx))])
+                else:
+                    psycopg.Cursor(self).execute(self._set_local(ctx))
             except BaseException:
                 self._applied = applied
                 raise
@@ -369,17 +384,14 @@ class ThreadlineConnection(psycopg.Connection[Row]):
             return set_local_command(self, context_payload(ctx))
         cached = self.__dict__.get("_set_local_cache")
         if cached is None or cached[0] is not ctx:
-            command = b"SET LOCAL " + CONTEXT_SETTING.encode() + b" = "
             # the plain value (never an enricher's): the cache outlives an enricher's uninstall
-            payload = "" if ctx.is_empty else ctx.to_json()
-            cached = (ctx, command + sql.Literal(payload).as_bytes(self))
+            cached = (ctx, set_local_command(self, "" if ctx.is_empty else setting_json(ctx)))
             self._set_local_cache = cached
         return cached[1]
 
 
 def _kept(tx: psycopg.Transaction | None) -> bool:
-    """True when the transaction block ``tx`` was left without rolling back. psycopg before 3.3
-    does not tell (``Transaction.status`` is new in 3.3): the answer is then no, and the context is
-    applied again at the next statement (one more ``SET LOCAL``, never a missing one)."""
+    """True when the block ``tx`` was left without rolling back; no where psycopg (before 3.3, without
+    ``Transaction.status``) does not tell: one more ``SET LOCAL`` then, never a missing one."""
     status = getattr(tx, "status", None)
     return status is not None and status.name in ("ACTIVE", "COMMITTED")

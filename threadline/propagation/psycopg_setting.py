@@ -14,7 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from threadline.core import fields
 from threadline.core.context import AuditContext, current
+from threadline.core.errors import InvalidContext
 from threadline.ddl.names import CONTEXT_SETTING
 
 SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
@@ -23,6 +25,16 @@ SET_CONTEXT_SQL = "SELECT set_config('" + CONTEXT_SETTING + "', %s, true)"
 
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def setting_json(ctx: AuditContext) -> str:
+    """``ctx``'s canonical JSON, the setting's value: also when it encodes to more than
+    ``max_encoded_bytes``, the cap of carriers and headers, which is not the database's. The capture
+    trigger applies its own (16 KiB) and records a larger context as invalid: never a failed write."""
+    try:
+        return ctx.to_json()
+    except InvalidContext:  # over the carriers' cap: encoded again, without it
+        return fields.dumps(ctx.to_dict())
 
 
 def payload_for(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], payload: str) -> str:
@@ -62,7 +74,7 @@ _payload_enricher: PayloadEnricher | None = None
 
 def set_payload_enricher(enricher: PayloadEnricher | None) -> PayloadEnricher | None:
     """Make ``enricher`` compute the database setting of every non-empty context from now on
-    (``None``: back to ``ctx.to_json()``); returns the one it replaces.
+    (``None``: back to :func:`setting_json`); returns the one it replaces.
 
     The hook of integrations that add transaction-level data the context itself does not carry
     (:mod:`threadline.otel` adds the active span's ids to ``meta``). It is called each time a
@@ -86,4 +98,4 @@ def context_payload(ctx: AuditContext | None = None) -> str:
     if ctx.is_empty:
         return ""
     enrich = _payload_enricher
-    return ctx.to_json() if enrich is None else enrich(ctx)
+    return setting_json(ctx) if enrich is None else enrich(ctx)

@@ -29,6 +29,14 @@ _SWAP_SQL = (
     "SELECT current_setting('" + CONTEXT_SETTING + "', true), set_config('" + CONTEXT_SETTING + "', %s, true)"
 )
 _INTRANS = pq.TransactionStatus.INTRANS
+_ACTIVE = pq.TransactionStatus.ACTIVE
+
+
+def _in_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """True when a transaction is open on ``conn``; in pipeline mode the server reports ACTIVE
+    until the next sync, while the statements queued meanwhile run in the open transaction."""
+    status = conn.info.transaction_status
+    return status == _INTRANS or (status == _ACTIVE and conn.pgconn.pipeline_status != pq.PipelineStatus.OFF)
 
 
 def apply_context(conn: psycopg.Connection[Any], ctx: AuditContext | None = None) -> None:
@@ -37,7 +45,7 @@ def apply_context(conn: psycopg.Connection[Any], ctx: AuditContext | None = None
     Must be called inside a transaction; in autocommit mode outside a transaction block the
     setting would end with its own statement, so that is refused.
     """
-    if conn.info.transaction_status != _INTRANS:
+    if not _in_transaction(conn):
         raise psycopg.ProgrammingError(
             "apply_context() needs an open transaction: use threadline.transaction(conn)"
         )
@@ -46,7 +54,7 @@ def apply_context(conn: psycopg.Connection[Any], ctx: AuditContext | None = None
 
 async def apply_context_async(conn: psycopg.AsyncConnection[Any], ctx: AuditContext | None = None) -> None:
     """Async twin of :func:`apply_context`."""
-    if conn.info.transaction_status != _INTRANS:
+    if not _in_transaction(conn):
         raise psycopg.ProgrammingError(
             "apply_context_async() needs an open transaction: use threadline.transaction(conn)"
         )
@@ -79,7 +87,7 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         conn = self._conn
         if not isinstance(conn, psycopg.Connection):
             raise TypeError("use `async with threadline.transaction(conn)` for an AsyncConnection")
-        nested = conn.info.transaction_status == _INTRANS
+        nested = _in_transaction(conn)
         self._sync = conn.transaction(*self._args)
         tx = self._sync.__enter__()
         payload = context_payload()
@@ -106,7 +114,7 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         result = self._sync.__exit__(exc_type, exc, tb)
         conn = self._conn
         outer = self._outer_value
-        if isinstance(conn, psycopg.Connection) and outer and conn.info.transaction_status == _INTRANS:
+        if isinstance(conn, psycopg.Connection) and outer and _in_transaction(conn):
             # a released savepoint keeps its setting: give the outer transaction its own back (an
             # outer transaction without a context keeps the inner one: no context replaces one)
             psycopg.Cursor(conn).execute(set_local_command(conn, outer))
@@ -116,7 +124,7 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         conn = self._conn
         if not isinstance(conn, psycopg.AsyncConnection):
             raise TypeError("use `with threadline.transaction(conn)` for a synchronous Connection")
-        nested = conn.info.transaction_status == _INTRANS
+        nested = _in_transaction(conn)
         self._async = conn.transaction(*self._args)
         tx = await self._async.__aenter__()
         payload = context_payload()
@@ -144,6 +152,6 @@ class transaction:  # noqa: N801 - used like psycopg's conn.transaction()
         result = await self._async.__aexit__(exc_type, exc, tb)
         conn = self._conn
         outer = self._outer_value
-        if isinstance(conn, psycopg.AsyncConnection) and outer and conn.info.transaction_status == _INTRANS:
+        if isinstance(conn, psycopg.AsyncConnection) and outer and _in_transaction(conn):
             await psycopg.AsyncCursor(conn).execute(set_local_command(conn, outer))
         return result

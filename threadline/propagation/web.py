@@ -102,6 +102,8 @@ class _ClosingBody:
         try:
             return next(self._iter)
         except BaseException:  # exhausted or failed: the context ends with the body
+            if self._token is not None:  # close() runs under it as the app left it (bind_actor)
+                self._ctx = _current.get()
             self._reset()
             raise
 
