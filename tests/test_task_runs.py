@@ -1,4 +1,5 @@
-"""The task-run recorder against the real database: batches, a database that is away, forks.
+"""The task-run recorder against the real database: batches, a database that is away, rows the
+table refuses, forks.
 
 The worker-side behaviour (every Celery path, both pools, both brokers) is covered by
 ``test_celery_paths.py``, whose workers all record their runs.
@@ -117,6 +118,41 @@ def test_a_forked_child_writes_its_own_rows_only(conn: Conn, dsn: str) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert recorder.close()
     assert sorted(_ids(conn)) == ["child", "parent", "parent-late"]
+
+
+def test_a_row_the_table_refuses_is_left_out_and_the_rows_beside_it_are_written(
+    conn: Conn, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = TaskRunRecorder(dsn, flush_interval=60)  # flushed by hand below
+    bad = [
+        _row("no-number", attempt="three"),  # type: ignore[arg-type]  # refused by the COPY's client side
+        _row("nul\x00in-id"),  # refused by the server
+        ("short",),  # not a row at all
+    ]
+    with caplog.at_level(logging.ERROR, logger="threadline.celery"):
+        recorder.record(_row("before"))
+        for row in bad:
+            recorder.record(row)
+        recorder.record(_row("after", attempt=2**40))  # out of int4: recorded at its bound
+        assert recorder.flush()
+    assert _ids(conn) == ["before", "after"] and recorder.rejected == 3
+    attempts = conn.execute("SELECT attempt FROM threadline.task_runs ORDER BY id").fetchall()
+    assert attempts == [(0,), (2**31 - 1,)]
+    left_out = [r.getMessage() for r in caplog.records if "cannot be recorded" in r.getMessage()]
+    assert len(left_out) == 3 and "task shop.charge[no-number]" in left_out[0]
+    recorder.record(_row("later"))
+    assert recorder.close() and _ids(conn) == ["before", "after", "later"]
+
+
+def test_a_recorder_no_longer_used_is_freed() -> None:
+    import gc
+    import weakref
+
+    recorder = TaskRunRecorder("postgresql://")
+    gone = weakref.ref(recorder)
+    del recorder
+    gc.collect()
+    assert gone() is None  # its fork hook does not keep it
 
 
 def test_bad_options_are_refused() -> None:

@@ -38,7 +38,7 @@ def _record_run(recorder: TaskRunRecorder, frame: _Frame, task: Any, state: obje
             (
                 task_id or "(no id)",
                 _task_name(task),
-                _attempt(retries),
+                retries if type(retries) is int else 0,  # out of range: the recorder bounds it
                 outcome,
                 error,
                 ctx.correlation_id,
@@ -53,18 +53,6 @@ def _record_run(recorder: TaskRunRecorder, frame: _Frame, task: Any, state: obje
         )
     except Exception:  # the record is a convenience: it must never fail the task
         logger.exception("task %s: could not record its run", getattr(task, "name", "?"))
-
-
-_INT4 = 2**31 - 1
-
-
-def _attempt(retries: object) -> int:
-    """Celery's retry count as the ``attempt`` column holds it: a message may carry any number
-    (a forged one, or another producer's), and one out of the column's range would never be
-    written, holding up every row queued after it."""
-    if type(retries) is not int:
-        return 0
-    return max(-_INT4 - 1, min(retries, _INT4))
 
 
 _actor_texts: dict[ActorRef, str] = {}

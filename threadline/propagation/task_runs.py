@@ -12,7 +12,9 @@ queue (about a microsecond), and a thread of the worker process writes the queue
 that cannot be reached delays the rows (they are kept, up to ``max_pending`` of them, and written
 when it is back) and is logged; it never fails a task. A worker process killed outright loses the
 rows of its last ``flush_interval``; the attempts of those tasks that wrote something still
-appear in the trace, without an outcome.
+appear in the trace, without an outcome. A row the table can never take (a value out of a
+column's range, text PostgreSQL refuses) is logged as an error and counted in
+:attr:`TaskRunRecorder.rejected`; the rows beside it are written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -72,12 +75,16 @@ _BATCH = 1000
 _TYPES = ["text", "text", "int4", "text", "text", "text", "text", "text", "text", "bytea", "text",
           "timestamptz", "timestamptz"]  # fmt: skip
 _JSONB_VERSION = b"\x01"
+_INT4 = 2**31 - 1
 
 
 def _binary_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A queued row as the binary COPY takes it: the actor's JSON text as jsonb bytes, Unix
-    times (``float``) as aware datetimes."""
+    """A queued row as the binary COPY takes it: an attempt out of ``int4``'s range at its bound,
+    the actor's JSON text as jsonb bytes, Unix times (``float``) as aware datetimes."""
     values = list(row)
+    attempt = values[2]
+    if type(attempt) is int and not -_INT4 - 1 <= attempt <= _INT4:
+        values[2] = max(-_INT4 - 1, min(attempt, _INT4))  # the binary dump would keep its low bits
     actor = values[9]
     if isinstance(actor, str):
         values[9] = _JSONB_VERSION + actor.encode()
@@ -85,6 +92,27 @@ def _binary_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
         if isinstance(values[i], float):
             values[i] = datetime.fromtimestamp(values[i], timezone.utc)
     return tuple(values)
+
+
+def _rows_fault(exc: Exception) -> bool:
+    """Whether a failed write was the rows' fault (a value the table or the COPY refuses), not
+    the database's: such a row is refused again however often it is sent."""
+    if isinstance(exc, psycopg.Error):
+        return isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
+    return isinstance(exc, (ValueError, TypeError, OverflowError, IndexError))
+
+
+def _label(row: object) -> str:
+    """The task's name and id of a queued row, for a log line, whatever the row holds."""
+    values = row if isinstance(row, tuple) else ()
+    name, task_id = (values[1:2] or ("?",))[0], (values[:1] or ("?",))[0]
+    return f"task {str(name)[:200]}[{str(task_id)[:200]}]"
+
+
+def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 class TaskRunRecorder:
@@ -131,8 +159,13 @@ class TaskRunRecorder:
         self._failing = False
         self.dropped = 0
         """Rows dropped because more than ``max_pending`` were waiting for the database."""
+        self.rejected = 0
+        """Rows the table refused (each logged as an error): they could never be written."""
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)
+        # A fork hook cannot be removed: it holds the recorder weakly, so a recorder that is
+        # replaced (install() again) can be freed.
+        reset = weakref.WeakMethod(self._reset)
+        os.register_at_fork(after_in_child=lambda: _call(reset))
 
     def _reset(self) -> None:
         # A new process (or a fork's child): no thread, no connection, fresh locks (a lock held
@@ -181,6 +214,10 @@ class TaskRunRecorder:
                 try:
                     self._write(batch)
                 except Exception as exc:  # never let the record fail or stop a worker
+                    if self._conn is not None and _rows_fault(exc):
+                        batch = self._write_each(batch)
+                        if not batch:
+                            continue
                     self._pending.extendleft(reversed(batch))
                     self._disconnect()
                     if not self._failing:
@@ -200,13 +237,33 @@ class TaskRunRecorder:
     def _write(self, batch: list[tuple[Any, ...]]) -> None:
         conn = self._conn
         if conn is None or conn.closed:
-            conn = self._conn = self._connect()
+            self._conn = None
+            conn = self._connect()
             conn.autocommit = False
-        with conn.cursor() as cur, cur.copy(self._copy) as copy:
-            copy.set_types(_TYPES)
-            for row in batch:
-                copy.write_row(_binary_row(row))
-        conn.commit()
+            self._conn = conn
+        try:
+            with conn.cursor() as cur, cur.copy(self._copy) as copy:
+                copy.set_types(_TYPES)
+                for row in batch:
+                    copy.write_row(_binary_row(row))
+            conn.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+
+    def _write_each(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Write a refused batch row by row, leaving out the rows the table refuses; the rows not
+        written when the database itself fails."""
+        for i, row in enumerate(batch):
+            try:
+                self._write([row])
+            except Exception as exc:
+                if self._conn is None or not _rows_fault(exc):
+                    return batch[i:]
+                self.rejected += 1
+                logger.error("a task run cannot be recorded, left out (%s): %s", _label(row), exc)
+        return []
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
