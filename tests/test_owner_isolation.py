@@ -13,6 +13,7 @@ from psycopg import sql
 
 from threadline import ddl
 from threadline.core.errors import TrackingError
+from threadline.ops import health
 from threadline.ops.baseline import take_baseline
 
 Conn = psycopg.Connection[Any]
@@ -121,3 +122,34 @@ def test_a_baseline_by_an_owner_that_a_policy_applies_to_fails_without_running_i
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(audit)))
         conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
         conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+def test_a_capture_trigger_calls_the_capture_function_or_coverage_says_so(
+    conn: Conn, other_role: str
+) -> None:
+    # A table's owner may replace its triggers. Pointing a capture trigger's name at a trigger
+    # function of the audit schema that PUBLIC may execute would leave coverage counting it.
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA threadline TO {}").format(sql.Identifier(other_role)))
+    _as(conn, other_role, "CREATE TABLE app.owned (id int PRIMARY KEY, v text)")
+    ddl.track(conn, "app.owned")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        _as(
+            conn,
+            other_role,
+            "CREATE OR REPLACE TRIGGER threadline_capture_insert AFTER INSERT ON app.owned"
+            " FOR EACH ROW EXECUTE FUNCTION threadline.refresh_transaction_context()",
+        )
+    # such a trigger, however it came there, is reported and replaced by sync
+    conn.execute(
+        "CREATE OR REPLACE TRIGGER threadline_capture_insert AFTER INSERT ON app.owned"
+        " FOR EACH ROW EXECUTE FUNCTION threadline.refresh_transaction_context()"
+    )
+    (entry,) = [t for t in ddl.tracked_tables(conn) if t.table_name == "owned"]
+    assert entry.status == "missing" and "call another function" in (entry.detail or "")
+    problems = health.check_expected(conn, health.trigger_coverage(conn), ["app.owned"])
+    assert problems and "missing" in problems[0]
+    ddl.sync(conn)
+    conn.execute("INSERT INTO app.owned VALUES (1, 'recorded')")
+    assert conn.execute(
+        "SELECT count(*) FROM threadline.changes WHERE table_name = 'owned' AND op = 'insert'"
+    ).fetchone() == (1,)

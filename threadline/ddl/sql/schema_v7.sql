@@ -506,6 +506,10 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+-- A trigger fires whoever may execute its function; only creating one needs EXECUTE. Were this
+-- function executable by PUBLIC, a tracked table's owner could point a capture trigger's name at
+-- it, and the table's writes would go unrecorded while that name is there.
+REVOKE EXECUTE ON FUNCTION @audit@.refresh_transaction_context() FROM PUBLIC;
 
 -- Link an action to the current transaction's row (only that row, only once): what an
 -- application role without UPDATE on the audit tables calls to record a linked action.
@@ -2109,18 +2113,21 @@ BEGIN
             CONTINUE;
         END IF;
         table_schema := live.s; table_name := live.t;
-        SELECT count(*) FILTER (WHERE tg.tgname IS NOT NULL) AS n,
+        -- a capture trigger counts when it calls the table's capture function (a trigger of the
+        -- same name that calls another function records nothing)
+        SELECT count(*) FILTER (WHERE p.proname = e.function_name AND pn.nspname = '@audit_name@') AS n,
                count(*) FILTER (WHERE tg.tgenabled IN ('D', 'R')) AS off,
                EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
                         WHERE pn.nspname = '@audit_name@' AND p.proname = e.function_name) AS fn
           INTO trig
           FROM pg_trigger tg
+          JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
          WHERE tg.tgrelid = e.relid
            AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
                              '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
         IF trig.n < 4 OR NOT trig.fn THEN
             status := 'missing';
-            detail := CASE WHEN trig.fn THEN (4 - trig.n) || ' of 4 capture triggers are missing'
+            detail := CASE WHEN trig.fn THEN (4 - trig.n) || ' of 4 capture triggers are missing or call another function'
                            ELSE 'the capture function is missing' END;
         ELSIF trig.off > 0 THEN
             status := 'disabled';
