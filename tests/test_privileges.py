@@ -207,19 +207,40 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         [app_role],
     ).fetchall()
     assert granted == [
-        ("actions", "INSERT,SELECT"),
+        ("actions", "SELECT"),  # and INSERT on the columns an action gives (see below)
         ("baselines", "SELECT"),
         ("changes", "SELECT"),
         ("dropped_tables", "SELECT"),
         ("partitioning", "SELECT"),
         ("schema_version", "SELECT"),
         ("seals", "SELECT"),
-        ("task_runs", "INSERT,SELECT"),
+        ("task_runs", "SELECT"),
         ("tracked_table_names", "SELECT"),
         ("tracked_tables", "SELECT"),
         ("transactions", "SELECT"),
         ("truncates", "SELECT"),
     ]
+
+
+def test_app_role_cannot_choose_ids_or_backdate_actions(app: psycopg.Connection[Any]) -> None:
+    # an id taken ahead of the identity would make the next inserts fail; a time given would
+    # backdate an action
+    for statement in (
+        "INSERT INTO threadline.actions (id, name) OVERRIDING SYSTEM VALUE VALUES (1000000, 'ahead')",
+        "INSERT INTO threadline.actions (name, inserted_at) VALUES ('old', now() - interval '1 year')",
+        "INSERT INTO threadline.task_runs (id, task_id, outcome, ended_at) OVERRIDING SYSTEM VALUE"
+        " VALUES (1000000, 't', 'succeeded', now())",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute(statement)
+    # what the application records still goes in
+    action = threadline.record_action(app, "publish", actor=ActorRef.user("1"), reason="r")
+    assert action.id is not None
+    app.execute(
+        "INSERT INTO threadline.task_runs (task_id, name, attempt, outcome, error, correlation_id,"
+        " causation_id, parent_id, root_id, actor, worker, started_at, ended_at)"
+        " VALUES ('t', 'n', 0, 'succeeded', NULL, 'c', NULL, NULL, NULL, NULL, 'w', now(), now())"
+    )
 
 
 def test_app_defined_functions_never_run_inside_capture(

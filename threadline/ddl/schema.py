@@ -117,8 +117,12 @@ REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role};
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
-GRANT INSERT ON {schema}.actions TO {role};
-GRANT INSERT ON {schema}.task_runs TO {role};
+-- the columns a recorded action or task run gives: the ids and actions.inserted_at stay the
+-- database's (an id chosen ahead would make later inserts fail, a time chosen would backdate)
+GRANT INSERT (name, actor, status, verb, category, reason, comment, correlation_id, request_id, job_id,
+              meta) ON {schema}.actions TO {role};
+GRANT INSERT (task_id, name, attempt, outcome, error, correlation_id, causation_id, parent_id, root_id,
+              actor, worker, started_at, ended_at) ON {schema}.task_runs TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.link_action(bigint) TO {role};
 -- the seals' salts stay the owner's; verify salts digests through salted_digests()
 REVOKE ALL ON {schema}.seal_salts FROM {role};
