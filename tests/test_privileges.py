@@ -503,3 +503,38 @@ def test_the_app_role_verifies_without_reading_the_seal_salts(
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.execute("SELECT * FROM threadline.seal_salts")
     assert verify(app).ok
+
+
+def test_install_runs_nothing_of_a_schema_on_the_installers_search_path(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    # PostgreSQL 15 gives the public schema to the database's owner, often the application's
+    # role: functions it plants there that fit a call better than the built-in would run as the
+    # role that installs (a superuser) when public is on that role's search_path
+    conn.execute(sql.SQL("CREATE SCHEMA appowned AUTHORIZATION {}").format(sql.Identifier(app_role)))
+    try:
+        app.execute("CREATE TABLE appowned.calls (who text, what text)")
+        app.execute("GRANT INSERT ON appowned.calls TO PUBLIC")
+        for signature, call in [
+            ("format(f text, a text)", "pg_catalog.format(f, a)"),
+            ("format(f text, a regclass, b text)", "pg_catalog.format(f, a, b)"),
+            ("format(f text, a text, b text)", "pg_catalog.format(f, a, b)"),
+        ]:
+            app.execute(
+                f"CREATE FUNCTION appowned.{signature} RETURNS text"
+                f" LANGUAGE sql AS $$ INSERT INTO appowned.calls VALUES (current_user, {signature!r});"
+                f" SELECT {call} $$"
+            )
+        conn.execute("SET search_path = appowned, pg_catalog, app")
+        # a refresh runs the whole script (as an upgrade does), also its uninstall refusal
+        conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+        assert ddl.install(conn, app_role=app_role).refreshed
+        with conn.transaction():
+            conn.execute(ddl.install_sql().encode())
+            conn.execute(ddl.uninstall.refuse_with_rows_sql("no_such_audit_schema").encode())
+            assert conn.execute("SHOW search_path").fetchone() == ("appowned, pg_catalog, app",)
+        assert conn.execute("SHOW search_path").fetchone() == ("appowned, pg_catalog, app",)
+        assert conn.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+    finally:
+        conn.execute("RESET search_path")
+        conn.execute("DROP SCHEMA appowned CASCADE")

@@ -19,6 +19,7 @@ from threadline.core.errors import ConfigurationError, PrivilegeError, SchemaErr
 from threadline.ddl.names import (
     DEFAULT_SCHEMA,
     check_schema_name,
+    with_pinned_search_path,
 )
 from threadline.ddl.uninstall import uninstall_sql as uninstall_sql  # its home before ddl.uninstall
 
@@ -199,7 +200,7 @@ def install_sql(
     grants = "" if app_role is None else privileges_sql(app_role, audit_schema)
     # the name is a validated lowercase identifier: quoting it is all an identifier needs
     period = "NULL" if partition_by is None else f"'{partition_by}'"
-    return (
+    return with_pinned_search_path(
         text.replace("@audit@", f'"{audit_schema}"')
         .replace("@audit_name@", audit_schema)
         .replace("@partition_by@", period)
@@ -213,7 +214,7 @@ def layout_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     application table."""
     text = install_sql(audit_schema)
     start = text.index("-- @layout:")
-    return text[start : text.index("-- @layout end", start)]
+    return with_pinned_search_path(text[start : text.index("-- @layout end", start)])
 
 
 def installed_version(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> int | None:
@@ -288,6 +289,11 @@ def _install_once(
 ) -> InstallResult:
     """One attempt of :func:`install`, in one transaction (a savepoint inside the caller's)."""
     with conn.transaction():
+        # names resolve in pg_catalog until the end (see with_pinned_search_path)
+        path = conn.execute(
+            "SELECT pg_catalog.current_setting('search_path'),"
+            " pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
+        ).fetchone()
         # another install of this schema runs to its end first (it holds no lock of the tables
         # the application writes while it waits here)
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('threadline install ' || %s))", [audit_schema])
@@ -315,6 +321,7 @@ def _install_once(
             sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(audit_schema))
         ).fetchone()
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [caller_timeout])
+        conn.execute("SELECT set_config('search_path', %s, true)", [path[0] if path else ""])
     return InstallResult(audit_schema, previous, SCHEMA_VERSION, bool(follows and follows[0]), refreshed)
 
 
