@@ -1188,6 +1188,10 @@ DECLARE
     pairs text;
     cv constant integer := 7;
     txid constant text := '"threadline capture".tx';
+    -- the id and the table's names, beside the table's columns in typed code's statements: the
+    -- trigger's variables qualified with the function's name, which a column named tg_table_name
+    -- would otherwise make ambiguous (and every write fail)
+    origin text := format('"threadline capture".tx, %1$I.tg_table_schema, %1$I.tg_table_name', fn);
     dispatch text;
     marker_set text;
     declared text := '';
@@ -1357,7 +1361,7 @@ BEGIN
             upd := upd || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
                 CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
+                format('    SELECT %s, ''update'', i.pk, i.after, i.before, i.changed_fields', origin),
                 format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
                 format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
                 format('              FROM %s OFFSET 0) AS i',
@@ -1371,7 +1375,7 @@ BEGIN
                 -- On one row the comparisons' set-up would cost more than the image (about 60,000
                 -- instructions). Readers take the whole row as after || before (before_row()).
                 WHEN pairing = 'many' THEN concat_ws(E'\n',
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, (''{'' || i.d || ''}'')::json, NULL::text[]', txid),
+                format('    SELECT %s, ''update'', i.pk, i.after, (''{'' || i.d || ''}'')::json, NULL::text[]', origin),
                 -- (concat_ws() takes at most 99 values; array_to_string() skips NULLs as well)
                 format('      FROM (SELECT %s AS pk, %s AS after, %s AS d', pk_update, after_update,
                        CASE WHEN cardinality(delta) < 100 THEN format('concat_ws('','', %s)', array_to_string(delta, ', '))
@@ -1382,7 +1386,7 @@ BEGIN
                 '     WHERE i.d <> '''';')
                 -- a single row without masks: the two images compared as text
                 ELSE concat_ws(E'\n',
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', %s, %s, %s, NULL::text[]', txid, pk_update, after_update, before),
+                format('    SELECT %s, ''update'', %s, %s, %s, NULL::text[]', origin, pk_update, after_update, before),
                 format('      FROM %s, %s', one_old, one_new),
                 format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END);
         END LOOP;
@@ -1391,11 +1395,11 @@ BEGIN
             format(pairs, upd[1], upd[2]),
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
+            format('    SELECT %s, ''insert'', %s, %s', origin, pk, image_ins),
             format('      FROM threadline_new AS %s%s;', n, lateral_ins),
             '  ELSIF TG_OP = ''DELETE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
+            format('    SELECT %s, ''delete'', %s, %s', origin, pk_old, image_del),
             format('      FROM threadline_old AS %s%s;', o, lateral_del));
         body := 'BEGIN';
     ELSE
