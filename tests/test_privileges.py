@@ -538,3 +538,21 @@ def test_install_runs_nothing_of_a_schema_on_the_installers_search_path(
     finally:
         conn.execute("RESET search_path")
         conn.execute("DROP SCHEMA appowned CASCADE")
+
+
+def test_install_waits_for_no_table_whose_trigger_only_has_a_capture_triggers_name(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    # an upgrade first locks the tables whose capture code it replaces: a role that may create a
+    # table must not hold every upgrade back with a trigger of that name on a table it locks
+    conn.execute(sql.SQL("GRANT CREATE ON SCHEMA app TO {}").format(sql.Identifier(app_role)))
+    app.execute("CREATE TABLE app.trap (id int)")
+    app.execute("CREATE FUNCTION app.nop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+    app.execute(
+        "CREATE TRIGGER threadline_capture_insert AFTER INSERT ON app.trap FOR EACH STATEMENT"
+        " EXECUTE FUNCTION app.nop()"
+    )
+    conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+    with app.transaction():
+        app.execute("LOCK TABLE app.trap IN ACCESS EXCLUSIVE MODE")
+        assert ddl.install(conn, lock_timeout=0.2, attempts=1).refreshed

@@ -6,7 +6,9 @@ CREATE SCHEMA IF NOT EXISTS @audit@;
 -- tables: taking the audit tables first would make a deadlock whose victim may be the writer. So
 -- every table with capture code of this schema is locked first: the first lock waits (holding
 -- nothing), the others are taken only if free, else the script stops with lock_not_available
--- and install() tries again (writers never wait for a lock held here while this waits).
+-- and install() tries again (writers never wait for a lock held here while this waits). Only
+-- triggers that call a function of this schema count: any role that may create a table could
+-- otherwise hold every upgrade back with a trigger of that name on a table it keeps locked.
 DO $tracked_first$
 DECLARE
     r record;
@@ -14,7 +16,9 @@ DECLARE
 BEGIN
     FOR r IN
         SELECT DISTINCT tg.tgrelid FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+          JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
          WHERE tg.tgname = '@audit_name@_capture_insert' AND c.relkind IN ('r', 'p')
+           AND pn.nspname = '@audit_name@'
          ORDER BY tg.tgrelid
     LOOP
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE%s', r.tgrelid::regclass,
