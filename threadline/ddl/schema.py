@@ -183,7 +183,9 @@ def install_sql(
 ) -> str:
     """The complete, idempotent DDL of the audit schema named ``schema``, at ``version``, as text.
 
-    Needs no database: paste it into an Alembic or Django migration, or pipe it to ``psql``. The
+    Needs no database: paste it into an Alembic or Django migration, or pipe it to ``psql
+    --single-transaction``: it resolves every name in ``pg_catalog`` for as long as it runs
+    (:func:`~threadline.ddl.names.with_pinned_search_path`), a setting local to its transaction. The
     script of a pinned version (:data:`PINNED_VERSIONS`) never changes in later releases, so a
     migration written with ``version=7`` keeps producing the same SQL; upgrading is a new
     migration with the newer version. It upgrades any earlier version in place. With
