@@ -647,6 +647,28 @@ def test_bulk_statement_pairs_every_row(conn: Conn) -> None:
         ddl.track(conn, "big")
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_columns_named_like_the_triggers_variables(conn: Conn, masked: bool) -> None:
+    # typed code reads the table's names from the trigger's variables beside the table's columns
+    conn.execute(
+        "CREATE TABLE app.named (id int PRIMARY KEY, tg_table_name text, tg_table_schema text,"
+        " tg_op text, tx int, raw text, j int, n int)"
+    )
+    ddl.track(conn, "named", mask=["raw"] if masked else None)
+    conn.execute(
+        "INSERT INTO app.named VALUES (1, 'a', 'b', 'c', 1, 'r', 2, 3), (2, 'a', 'b', 'c', 1, 'r', 2, 3)"
+    )
+    conn.execute("UPDATE app.named SET tg_table_name = 'z' WHERE id = 1")
+    conn.execute("UPDATE app.named SET tx = tx + 1")
+    conn.execute("DELETE FROM app.named WHERE id = 2")
+    rows = changes(conn)
+    assert [(r["table_schema"], r["table_name"], r["op"]) for r in rows] == [
+        ("app", "named", "insert"), ("app", "named", "insert"), ("app", "named", "update"),
+        ("app", "named", "update"), ("app", "named", "update"), ("app", "named", "delete"),
+    ]  # fmt: skip
+    assert rows[2]["after"]["tg_table_name"] == "z" and rows[0]["after"]["tg_table_schema"] == "b"
+
+
 def test_hostile_identifiers_mixed_case_and_other_schemas(conn: Conn) -> None:
     conn.execute('CREATE SCHEMA "Odd Schema"')
     conn.execute(

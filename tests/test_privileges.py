@@ -207,19 +207,40 @@ def test_install_cli_grants(dsn: str, app_role: str, conn: psycopg.Connection[An
         [app_role],
     ).fetchall()
     assert granted == [
-        ("actions", "INSERT,SELECT"),
+        ("actions", "SELECT"),  # and INSERT on the columns an action gives (see below)
         ("baselines", "SELECT"),
         ("changes", "SELECT"),
         ("dropped_tables", "SELECT"),
         ("partitioning", "SELECT"),
         ("schema_version", "SELECT"),
         ("seals", "SELECT"),
-        ("task_runs", "INSERT,SELECT"),
+        ("task_runs", "SELECT"),
         ("tracked_table_names", "SELECT"),
         ("tracked_tables", "SELECT"),
         ("transactions", "SELECT"),
         ("truncates", "SELECT"),
     ]
+
+
+def test_app_role_cannot_choose_ids_or_backdate_actions(app: psycopg.Connection[Any]) -> None:
+    # an id taken ahead of the identity would make the next inserts fail; a time given would
+    # backdate an action
+    for statement in (
+        "INSERT INTO threadline.actions (id, name) OVERRIDING SYSTEM VALUE VALUES (1000000, 'ahead')",
+        "INSERT INTO threadline.actions (name, inserted_at) VALUES ('old', now() - interval '1 year')",
+        "INSERT INTO threadline.task_runs (id, task_id, outcome, ended_at) OVERRIDING SYSTEM VALUE"
+        " VALUES (1000000, 't', 'succeeded', now())",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute(statement)
+    # what the application records still goes in
+    action = threadline.record_action(app, "publish", actor=ActorRef.user("1"), reason="r")
+    assert action.id is not None
+    app.execute(
+        "INSERT INTO threadline.task_runs (task_id, name, attempt, outcome, error, correlation_id,"
+        " causation_id, parent_id, root_id, actor, worker, started_at, ended_at)"
+        " VALUES ('t', 'n', 0, 'succeeded', NULL, 'c', NULL, NULL, NULL, NULL, 'w', now(), now())"
+    )
 
 
 def test_app_defined_functions_never_run_inside_capture(
@@ -482,3 +503,56 @@ def test_the_app_role_verifies_without_reading_the_seal_salts(
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.execute("SELECT * FROM threadline.seal_salts")
     assert verify(app).ok
+
+
+def test_install_runs_nothing_of_a_schema_on_the_installers_search_path(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    # PostgreSQL 15 gives the public schema to the database's owner, often the application's
+    # role: functions it plants there that fit a call better than the built-in would run as the
+    # role that installs (a superuser) when public is on that role's search_path
+    conn.execute(sql.SQL("CREATE SCHEMA appowned AUTHORIZATION {}").format(sql.Identifier(app_role)))
+    try:
+        app.execute("CREATE TABLE appowned.calls (who text, what text)")
+        app.execute("GRANT INSERT ON appowned.calls TO PUBLIC")
+        for signature, call in [
+            ("format(f text, a text)", "pg_catalog.format(f, a)"),
+            ("format(f text, a regclass, b text)", "pg_catalog.format(f, a, b)"),
+            ("format(f text, a text, b text)", "pg_catalog.format(f, a, b)"),
+        ]:
+            app.execute(
+                f"CREATE FUNCTION appowned.{signature} RETURNS text"
+                f" LANGUAGE sql AS $$ INSERT INTO appowned.calls VALUES (current_user, {signature!r});"
+                f" SELECT {call} $$"
+            )
+        conn.execute("SET search_path = appowned, pg_catalog, app")
+        # a refresh runs the whole script (as an upgrade does), also its uninstall refusal
+        conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+        assert ddl.install(conn, app_role=app_role).refreshed
+        with conn.transaction():
+            conn.execute(ddl.install_sql().encode())
+            conn.execute(ddl.uninstall.refuse_with_rows_sql("no_such_audit_schema").encode())
+            assert conn.execute("SHOW search_path").fetchone() == ("appowned, pg_catalog, app",)
+        assert conn.execute("SHOW search_path").fetchone() == ("appowned, pg_catalog, app",)
+        assert conn.execute("SELECT who, what FROM appowned.calls").fetchall() == []
+    finally:
+        conn.execute("RESET search_path")
+        conn.execute("DROP SCHEMA appowned CASCADE")
+
+
+def test_install_waits_for_no_table_whose_trigger_only_has_a_capture_triggers_name(
+    app: psycopg.Connection[Any], conn: psycopg.Connection[Any], app_role: str
+) -> None:
+    # an upgrade first locks the tables whose capture code it replaces: a role that may create a
+    # table must not hold every upgrade back with a trigger of that name on a table it locks
+    conn.execute(sql.SQL("GRANT CREATE ON SCHEMA app TO {}").format(sql.Identifier(app_role)))
+    app.execute("CREATE TABLE app.trap (id int)")
+    app.execute("CREATE FUNCTION app.nop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+    app.execute(
+        "CREATE TRIGGER threadline_capture_insert AFTER INSERT ON app.trap FOR EACH STATEMENT"
+        " EXECUTE FUNCTION app.nop()"
+    )
+    conn.execute("COMMENT ON TABLE threadline.schema_version IS 'threadline audit schema 7, script 0000'")
+    with app.transaction():
+        app.execute("LOCK TABLE app.trap IN ACCESS EXCLUSIVE MODE")
+        assert ddl.install(conn, lock_timeout=0.2, attempts=1).refreshed

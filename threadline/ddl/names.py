@@ -57,3 +57,29 @@ def quote_ident(name: str) -> str:
 def qualified_name(schema: str | None, name: str | None) -> str:
     """``schema.table`` for display, each part quoted when it needs to be."""
     return f"{quote_ident(schema or '')}.{quote_ident(name or '')}"
+
+
+SEARCH_PATH_SETTING = "threadline.search_path"
+"""Transaction-local setting where a script of :func:`with_pinned_search_path` keeps the
+session's ``search_path`` while it runs."""
+
+
+def with_pinned_search_path(script: str) -> str:
+    """``script`` run with ``search_path`` set to ``pg_catalog, pg_temp`` and the session's path
+    set again after it, transaction-locally (run it in one transaction).
+
+    A function or operator that another role created in a schema on the session's path, with
+    argument types that fit a call better than the built-in's (``format(text, text)`` against
+    ``format(text, VARIADIC "any")``), would otherwise be chosen, and run with the rights of
+    the role running the script: the owner of the audit schema, often a superuser. In PostgreSQL
+    15 the ``public`` schema belongs to the database's owner, often the application's role."""
+    return (
+        "-- every name resolves in pg_catalog while this runs: no function or operator of a schema\n"
+        "-- on the session's search_path can run with this role's rights\n"
+        f"SELECT pg_catalog.set_config('{SEARCH_PATH_SETTING}', pg_catalog.current_setting('search_path'), true),\n"
+        "       pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);\n"
+        f"{script.rstrip()}\n"
+        "-- the session's search_path again\n"
+        "SELECT pg_catalog.set_config('search_path',"
+        f" pg_catalog.current_setting('{SEARCH_PATH_SETTING}'), true);\n"
+    )

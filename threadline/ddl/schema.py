@@ -19,6 +19,7 @@ from threadline.core.errors import ConfigurationError, PrivilegeError, SchemaErr
 from threadline.ddl.names import (
     DEFAULT_SCHEMA,
     check_schema_name,
+    with_pinned_search_path,
 )
 from threadline.ddl.uninstall import uninstall_sql as uninstall_sql  # its home before ddl.uninstall
 
@@ -117,8 +118,12 @@ REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role};
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
-GRANT INSERT ON {schema}.actions TO {role};
-GRANT INSERT ON {schema}.task_runs TO {role};
+-- the columns a recorded action or task run gives: the ids and actions.inserted_at stay the
+-- database's (an id chosen ahead would make later inserts fail, a time chosen would backdate)
+GRANT INSERT (name, actor, status, verb, category, reason, comment, correlation_id, request_id, job_id,
+              meta) ON {schema}.actions TO {role};
+GRANT INSERT (task_id, name, attempt, outcome, error, correlation_id, causation_id, parent_id, root_id,
+              actor, worker, started_at, ended_at) ON {schema}.task_runs TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.link_action(bigint) TO {role};
 -- the seals' salts stay the owner's; verify salts digests through salted_digests()
 REVOKE ALL ON {schema}.seal_salts FROM {role};
@@ -178,7 +183,9 @@ def install_sql(
 ) -> str:
     """The complete, idempotent DDL of the audit schema named ``schema``, at ``version``, as text.
 
-    Needs no database: paste it into an Alembic or Django migration, or pipe it to ``psql``. The
+    Needs no database: paste it into an Alembic or Django migration, or pipe it to ``psql
+    --single-transaction``: it resolves every name in ``pg_catalog`` for as long as it runs
+    (:func:`~threadline.ddl.names.with_pinned_search_path`), a setting local to its transaction. The
     script of a pinned version (:data:`PINNED_VERSIONS`) never changes in later releases, so a
     migration written with ``version=7`` keeps producing the same SQL; upgrading is a new
     migration with the newer version. It upgrades any earlier version in place. With
@@ -195,7 +202,7 @@ def install_sql(
     grants = "" if app_role is None else privileges_sql(app_role, audit_schema)
     # the name is a validated lowercase identifier: quoting it is all an identifier needs
     period = "NULL" if partition_by is None else f"'{partition_by}'"
-    return (
+    return with_pinned_search_path(
         text.replace("@audit@", f'"{audit_schema}"')
         .replace("@audit_name@", audit_schema)
         .replace("@partition_by@", period)
@@ -209,7 +216,7 @@ def layout_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     application table."""
     text = install_sql(audit_schema)
     start = text.index("-- @layout:")
-    return text[start : text.index("-- @layout end", start)]
+    return with_pinned_search_path(text[start : text.index("-- @layout end", start)])
 
 
 def installed_version(conn: psycopg.Connection, audit_schema: str = DEFAULT_SCHEMA) -> int | None:
@@ -284,6 +291,11 @@ def _install_once(
 ) -> InstallResult:
     """One attempt of :func:`install`, in one transaction (a savepoint inside the caller's)."""
     with conn.transaction():
+        # names resolve in pg_catalog until the end (see with_pinned_search_path)
+        path = conn.execute(
+            "SELECT pg_catalog.current_setting('search_path'),"
+            " pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
+        ).fetchone()
         # another install of this schema runs to its end first (it holds no lock of the tables
         # the application writes while it waits here)
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('threadline install ' || %s))", [audit_schema])
@@ -311,6 +323,7 @@ def _install_once(
             sql.SQL("SELECT {}.follows_ddl()").format(sql.Identifier(audit_schema))
         ).fetchone()
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [caller_timeout])
+        conn.execute("SELECT set_config('search_path', %s, true)", [path[0] if path else ""])
     return InstallResult(audit_schema, previous, SCHEMA_VERSION, bool(follows and follows[0]), refreshed)
 
 

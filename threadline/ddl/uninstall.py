@@ -10,7 +10,7 @@ deleted with SQL (or the schema dropped by hand) by whoever means to lose them.
 
 from __future__ import annotations
 
-from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name
+from threadline.ddl.names import DEFAULT_SCHEMA, check_schema_name, with_pinned_search_path
 
 __all__ = ["refuse_with_rows_sql", "uninstall_sql"]
 
@@ -61,7 +61,7 @@ def refuse_with_rows_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:
     the audit schema holds audit records, and does nothing otherwise or when there is no such
     schema: the refusal of :func:`uninstall_sql`, which Django runs before unapplying anything."""
     check_schema_name(audit_schema)
-    return _REFUSE_WITH_ROWS.format(schema=f'"{audit_schema}"', name=audit_schema)
+    return with_pinned_search_path(_REFUSE_WITH_ROWS.format(schema=f'"{audit_schema}"', name=audit_schema))
 
 
 def uninstall_sql(audit_schema: str = DEFAULT_SCHEMA) -> str:

@@ -6,7 +6,9 @@ CREATE SCHEMA IF NOT EXISTS @audit@;
 -- tables: taking the audit tables first would make a deadlock whose victim may be the writer. So
 -- every table with capture code of this schema is locked first: the first lock waits (holding
 -- nothing), the others are taken only if free, else the script stops with lock_not_available
--- and install() tries again (writers never wait for a lock held here while this waits).
+-- and install() tries again (writers never wait for a lock held here while this waits). Only
+-- triggers that call a function of this schema count: any role that may create a table could
+-- otherwise hold every upgrade back with a trigger of that name on a table it keeps locked.
 DO $tracked_first$
 DECLARE
     r record;
@@ -14,7 +16,9 @@ DECLARE
 BEGIN
     FOR r IN
         SELECT DISTINCT tg.tgrelid FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+          JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
          WHERE tg.tgname = '@audit_name@_capture_insert' AND c.relkind IN ('r', 'p')
+           AND pn.nspname = '@audit_name@'
          ORDER BY tg.tgrelid
     LOOP
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE%s', r.tgrelid::regclass,
@@ -506,6 +510,10 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+-- A trigger fires whoever may execute its function; only creating one needs EXECUTE. Were this
+-- function executable by PUBLIC, a tracked table's owner could point a capture trigger's name at
+-- it, and the table's writes would go unrecorded while that name is there.
+REVOKE EXECUTE ON FUNCTION @audit@.refresh_transaction_context() FROM PUBLIC;
 
 -- Link an action to the current transaction's row (only that row, only once): what an
 -- application role without UPDATE on the audit tables calls to record a linked action.
@@ -1184,6 +1192,10 @@ DECLARE
     pairs text;
     cv constant integer := 7;
     txid constant text := '"threadline capture".tx';
+    -- the id and the table's names, beside the table's columns in typed code's statements: the
+    -- trigger's variables qualified with the function's name, which a column named tg_table_name
+    -- would otherwise make ambiguous (and every write fail)
+    origin text := format('"threadline capture".tx, %1$I.tg_table_schema, %1$I.tg_table_name', fn);
     dispatch text;
     marker_set text;
     declared text := '';
@@ -1353,7 +1365,7 @@ BEGIN
             upd := upd || concat_ws(E'\n',
                 format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after, before, changed_fields)', audit),
                 CASE WHEN cardinality(present_mask) > 0 THEN concat_ws(E'\n',
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, i.before, i.changed_fields', txid),
+                format('    SELECT %s, ''update'', i.pk, i.after, i.before, i.changed_fields', origin),
                 format('      FROM (SELECT %s AS pk, %s AS after, %s AS before,', pk_update, after_update, before),
                 format('                   array_remove(ARRAY[%s]::text[], NULL) AS changed_fields', array_to_string(changed, ', ')),
                 format('              FROM %s OFFSET 0) AS i',
@@ -1367,7 +1379,7 @@ BEGIN
                 -- On one row the comparisons' set-up would cost more than the image (about 60,000
                 -- instructions). Readers take the whole row as after || before (before_row()).
                 WHEN pairing = 'many' THEN concat_ws(E'\n',
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', i.pk, i.after, (''{'' || i.d || ''}'')::json, NULL::text[]', txid),
+                format('    SELECT %s, ''update'', i.pk, i.after, (''{'' || i.d || ''}'')::json, NULL::text[]', origin),
                 -- (concat_ws() takes at most 99 values; array_to_string() skips NULLs as well)
                 format('      FROM (SELECT %s AS pk, %s AS after, %s AS d', pk_update, after_update,
                        CASE WHEN cardinality(delta) < 100 THEN format('concat_ws('','', %s)', array_to_string(delta, ', '))
@@ -1378,7 +1390,7 @@ BEGIN
                 '     WHERE i.d <> '''';')
                 -- a single row without masks: the two images compared as text
                 ELSE concat_ws(E'\n',
-                format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''update'', %s, %s, %s, NULL::text[]', txid, pk_update, after_update, before),
+                format('    SELECT %s, ''update'', %s, %s, %s, NULL::text[]', origin, pk_update, after_update, before),
                 format('      FROM %s, %s', one_old, one_new),
                 format('     WHERE %s::text IS DISTINCT FROM %s::text;', after_update, before)) END);
         END LOOP;
@@ -1387,11 +1399,11 @@ BEGIN
             format(pairs, upd[1], upd[2]),
             '  ELSIF TG_OP = ''INSERT'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, after)', audit),
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''insert'', %s, %s', txid, pk, image_ins),
+            format('    SELECT %s, ''insert'', %s, %s', origin, pk, image_ins),
             format('      FROM threadline_new AS %s%s;', n, lateral_ins),
             '  ELSIF TG_OP = ''DELETE'' THEN',
             format('    INSERT INTO %I.changes (transaction_id, table_schema, table_name, op, pk, before)', audit),
-            format('    SELECT %s, TG_TABLE_SCHEMA, TG_TABLE_NAME, ''delete'', %s, %s', txid, pk_old, image_del),
+            format('    SELECT %s, ''delete'', %s, %s', origin, pk_old, image_del),
             format('      FROM threadline_old AS %s%s;', o, lateral_del));
         body := 'BEGIN';
     ELSE
@@ -2109,18 +2121,21 @@ BEGIN
             CONTINUE;
         END IF;
         table_schema := live.s; table_name := live.t;
-        SELECT count(*) FILTER (WHERE tg.tgname IS NOT NULL) AS n,
+        -- a capture trigger counts when it calls the table's capture function (a trigger of the
+        -- same name that calls another function records nothing)
+        SELECT count(*) FILTER (WHERE p.proname = e.function_name AND pn.nspname = '@audit_name@') AS n,
                count(*) FILTER (WHERE tg.tgenabled IN ('D', 'R')) AS off,
                EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
                         WHERE pn.nspname = '@audit_name@' AND p.proname = e.function_name) AS fn
           INTO trig
           FROM pg_trigger tg
+          JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
          WHERE tg.tgrelid = e.relid
            AND tg.tgname IN ('@audit_name@_capture_insert', '@audit_name@_capture_update',
                              '@audit_name@_capture_delete', '@audit_name@_capture_truncate');
         IF trig.n < 4 OR NOT trig.fn THEN
             status := 'missing';
-            detail := CASE WHEN trig.fn THEN (4 - trig.n) || ' of 4 capture triggers are missing'
+            detail := CASE WHEN trig.fn THEN (4 - trig.n) || ' of 4 capture triggers are missing or call another function'
                            ELSE 'the capture function is missing' END;
         ELSIF trig.off > 0 THEN
             status := 'disabled';
@@ -2441,7 +2456,11 @@ CREATE OR REPLACE FUNCTION @audit@.baseline_batch(
     OUT baseline_id bigint, OUT batch_rows integer, OUT total_rows bigint, OUT finished boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 -- the text of the values, as capture code writes it whatever the session prints (see render_capture)
-SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' AS $fn$
+SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC'
+-- a row-level security policy that applies to the caller makes the read fail instead of hiding
+-- rows from the baseline, and its expression (the table owner's code) never runs with the rights
+-- of the caller, the schema's owner
+SET row_security = off AS $fn$
 DECLARE
     e @audit@.tracked_tables;
     b @audit@.baselines;
@@ -2485,6 +2504,19 @@ BEGIN
     SELECT nc.nspname, c.relname INTO live_schema, live_name
       FROM pg_class c JOIN pg_namespace nc ON nc.oid = c.relnamespace WHERE c.oid = target;
     SELECT * INTO opts FROM @audit@.follow_renamed_columns(e);
+    -- A batch after the first reads the last key back as constants of the key's types, a domain
+    -- key as its base type: making a value a domain checks it, and its checks' expressions (the
+    -- domain owner's code) would run with the rights of the caller, the schema's owner. A
+    -- domain inside a key's type (an array, a composite or a range of it) cannot be so avoided.
+    IF EXISTS (SELECT FROM @audit@.column_types(target) AS k
+                 JOIN pg_attribute a ON a.attrelid = target AND a.attnum = k.attnum
+                 JOIN pg_type ty ON ty.oid = k.t
+                WHERE a.attname::text = ANY (coalesce(b.key_columns, e.key_columns))
+                  AND ty.typtype = 'd' AND NOT k.top) THEN
+        RAISE EXCEPTION 'a key column of % holds a domain inside an array, a composite or a range', target
+            USING ERRCODE = '55000',
+                  HINT = 'A baseline would check the domain''s constraints as the schema''s owner: track the table with keys of other types.';
+    END IF;
     IF b.id IS NULL THEN
         hidden_keys := ARRAY(SELECT unnest(e.key_columns) INTERSECT SELECT unnest(opts.mask || opts.exclude));
         IF cardinality(hidden_keys) > 0 THEN
@@ -2547,7 +2579,14 @@ BEGIN
           FROM unnest(b.key_columns) WITH ORDINALITY AS k(name, ord)
           JOIN pg_attribute a ON a.attrelid = target AND a.attname = k.name AND a.attnum > 0 AND NOT a.attisdropped
           LEFT JOIN @audit@.cast_exposed_columns(target) AS x ON x.name = k.name
-         CROSS JOIN LATERAL format_type(a.atttypid, a.atttypmod) AS t(name);
+         CROSS JOIN LATERAL (
+               WITH RECURSIVE down(t, m) AS (
+                   SELECT a.atttypid, a.atttypmod
+                   UNION ALL
+                   SELECT ty.typbasetype, CASE WHEN down.m <> -1 THEN down.m ELSE ty.typtypmod END
+                     FROM down JOIN pg_type ty ON ty.oid = down.t WHERE ty.typtype = 'd')
+               SELECT format_type(down.t, down.m) FROM down JOIN pg_type ty ON ty.oid = down.t
+                WHERE ty.typtype <> 'd') AS t(name);
         EXECUTE format('SELECT %s FROM jsonb_to_record($1) AS l(%s)', last_row, key_defs)
           INTO last_row USING b.last_key;
     END IF;
