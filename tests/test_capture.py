@@ -835,7 +835,12 @@ def test_install_brings_a_store_of_an_earlier_build_of_this_version_up_to_date(
 ) -> None:
     # an earlier build of the current version: other function bodies and capture code, and the
     # comment its script left; its version number is this build's
-    (fn,) = conn.execute("SELECT function_name FROM threadline.tracked_tables").fetchone() or ()
+    (fn,) = (
+        conn.execute(
+            "SELECT function_name FROM threadline.tracked_tables WHERE table_schema = 'app' AND table_name = 'posts'"
+        ).fetchone()
+        or ()
+    )
     conn.execute(
         "CREATE OR REPLACE FUNCTION threadline.insert_transaction_row() RETURNS bigint LANGUAGE sql AS"
         " $$ INSERT INTO threadline.transactions (context_error) VALUES ('earlier build') RETURNING id $$"
@@ -951,7 +956,12 @@ def test_context_parsing_catches_only_the_errors_of_unacceptable_json(conn: Conn
     # the exception block around the jsonb cast names the conditions a bad text raises; an
     # unexpected error (say, out of memory) must surface instead of being recorded as bad JSON.
     # The capture code holds the usual context's path inline, exception block included.
-    (capture,) = conn.execute("SELECT function_name FROM threadline.tracked_tables").fetchone() or ()
+    (capture,) = (
+        conn.execute(
+            "SELECT function_name FROM threadline.tracked_tables WHERE table_schema = 'app' AND table_name = 'posts'"
+        ).fetchone()
+        or ()
+    )
     for fn in ("insert_transaction_row(bigint)", "parse_context(text)", f"{capture}()"):
         (src,) = conn.execute(
             "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)", [f"threadline.{fn}"]

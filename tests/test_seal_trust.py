@@ -249,7 +249,8 @@ def test_verify_lists_what_was_recorded_after_the_head_given(
     assert re.match(r"link \d+: erasure at .*, 2 sealed transaction\(s\), recorded as action \d+$", erasure)
     # the purge's two links (its changes, then its emptied transactions)
     assert re.match(r"links \d+-\d+: purge at .*, 2 sealed transaction\(s\), cut-off ", purged), purged
-    assert purged.endswith("tables app.people")
+    # (with the names the table had: a table of this name dropped by an earlier test may add its own)
+    assert re.search(r"tables app\.people(, |$)", purged), purged
     assert seals == "1 seal(s) of 3 transaction(s)"  # the erasure's own transaction, and two written
     assert f"recorded after the head kept outside the database:\n  {erasure}\n" in result.render()
     assert verify(conn, expect_head=result.head).after_head == []
