@@ -202,6 +202,25 @@ def test_export_with_a_limit_resumes_where_it_stopped(conn: Conn, dsn: str, item
     assert ids == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("limit", [2, 100])
+def test_a_reader_that_wrote_in_its_own_transaction_does_not_read_its_rows_again(
+    dsn: str, items: None, limit: int
+) -> None:
+    # its own rows are visible to it but missing from its snapshot's in-progress list: once
+    # committed they are not another's late rows
+    with psycopg.connect(dsn) as writer:  # not in autocommit: one transaction until commit()
+        writer.execute("INSERT INTO app.items SELECT g, 'mine' FROM generate_series(1, 3) g")
+        seen, cursor = _follow(writer, None, limit)
+        exported = threadline.export(writer, io.StringIO(), "csv", table="app.items")
+        writer.commit()
+        again, _ = _follow(writer, cursor, limit)
+        out = io.StringIO()
+        assert threadline.export(writer, out, "csv", table="app.items", after=exported.cursor) == 0, (
+            out.getvalue()
+        )
+    assert (seen, again, int(exported)) == ([1, 2, 3], [], 3)
+
+
 def test_cursor_checks(conn: Conn, items: None) -> None:
     fp = _fingerprint(conn)
     position = paging.Position(None, None, (paging.Watched(7), paging.Watched(9, 3, 4)))
