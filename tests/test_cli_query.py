@@ -150,6 +150,25 @@ def test_export_to_files_and_stdout(story: Story, tmp_path: Path) -> None:
     assert empty.returncode == 0 and empty.stdout == "" and "no changes match these filters" in empty.stderr
 
 
+def test_an_export_refused_for_a_bad_argument_leaves_the_output_file_as_it_was(
+    story: Story, tmp_path: Path
+) -> None:
+    target = tmp_path / "earlier.csv"
+    target.write_text("an earlier export\n")
+    for bad in (
+        ("--after", "garbage"),
+        ("--table", "app.nope"),
+        ("--since", "2024-02-01", "--until", "2024-01-01"),
+    ):
+        res = run("export", *bad, "--output", str(target), "--dsn", story.dsn)
+        assert res.returncode == 2, res.stderr
+        assert target.read_text() == "an earlier export\n"
+    res = run(
+        "export", "--format", "ndjson", "--correlation-id", "nope", "-o", str(target), "--dsn", story.dsn
+    )
+    assert res.returncode == 0 and target.read_text() == ""  # an empty export empties it
+
+
 def test_export_with_a_cursor_file_writes_each_change_once(story: Story, tmp_path: Path) -> None:
     state = tmp_path / "export.cursor"
     args = ("export", "--format", "ndjson", "--correlation-id", "req-1", "--cursor-file", str(state))
