@@ -204,21 +204,22 @@ def test_export_with_a_limit_resumes_where_it_stopped(conn: Conn, dsn: str, item
 
 @pytest.mark.parametrize("limit", [2, 100])
 def test_a_reader_that_wrote_in_its_own_transaction_does_not_read_its_rows_again(
-    dsn: str, items: None, limit: int
+    conn: Conn, dsn: str, items: None, limit: int
 ) -> None:
-    # its own rows are visible to it but missing from its snapshot's in-progress list: once
-    # committed they are not another's late rows
+    # its own rows are visible to it though it still runs: once it commits they are not late
+    # rows, neither to its own snapshot (which does not list it) nor to another reader's (which does)
     with psycopg.connect(dsn) as writer:  # not in autocommit: one transaction until commit()
         writer.execute("INSERT INTO app.items SELECT g, 'mine' FROM generate_series(1, 3) g")
         seen, cursor = _follow(writer, None, limit)
         exported = threadline.export(writer, io.StringIO(), "csv", table="app.items")
+        meanwhile, handed = _follow(conn, cursor, limit)  # another reader, while it still runs
         writer.commit()
         again, _ = _follow(writer, cursor, limit)
+        later, _ = _follow(conn, handed, limit)
         out = io.StringIO()
-        assert threadline.export(writer, out, "csv", table="app.items", after=exported.cursor) == 0, (
-            out.getvalue()
-        )
-    assert (seen, again, int(exported)) == ([1, 2, 3], [], 3)
+        nothing = threadline.export(writer, out, "csv", table="app.items", after=exported.cursor)
+    assert (seen, meanwhile, again, later) == ([1, 2, 3], [], [], [])
+    assert (int(exported), int(nothing)) == (3, 0), out.getvalue()
 
 
 def test_cursor_checks(conn: Conn, items: None) -> None:
