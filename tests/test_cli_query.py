@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import threadline
 from threadline.cli.connect import parse_when
 
 from .story import Story
@@ -306,3 +307,38 @@ def test_captured_text_never_acts_on_the_terminal(
     )
     exported = json.loads(ok("export", "--correlation-id", "req-term", "--format", "json", "--dsn", dsn))
     assert [c["pk"]["k"] for c in exported["changes"]] == [HOSTILE, HOSTILE]  # exports keep every character
+
+
+def test_trace_of_a_long_chain_of_tasks(conn: psycopg.Connection[Any], dsn: str, posts: str) -> None:
+    # each step of a chain names the one before as its parent: the tree is as deep as the chain
+    steps = 600
+    for i in range(steps):
+        job = {
+            "name": "pipeline.step",
+            "id": f"step-{i}",
+            "retries": 0,
+            "parent_id": f"step-{i - 1}" if i else None,
+            "root_id": "step-0",
+        }
+        with (
+            threadline.context(correlation_id="long-chain", origin="celery", job=job),
+            threadline.transaction(conn),
+        ):
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+    found = threadline.trace(conn, "long-chain")
+    assert [node.id for node in found.walk()] == [f"step-{i}" for i in range(steps)]
+    assert found.render(max_changes=0).count("task pipeline.step") == steps
+    text = ok("trace", "long-chain", "--dsn", dsn)
+    assert text.count("task pipeline.step") == steps and text.count("insert app.posts") == steps
+    shown = ok("trace", "long-chain", "--json", "--dsn", dsn)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 4 * steps)  # json reads a nested value by recursion too
+    try:
+        tree = json.loads(shown)
+    finally:
+        sys.setrecursionlimit(limit)
+    depth, node = 1, tree["roots"][0]
+    while node["children"]:
+        (node,) = node["children"]
+        depth += 1
+    assert (depth, node["id"], tree["change_count"]) == (steps, f"step-{steps - 1}", steps)
