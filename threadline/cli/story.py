@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import getpass
-import json
 import os
 import sys
 import uuid
@@ -24,6 +23,7 @@ from threadline.cli.output import echo
 from threadline.core.actor import ActorRef
 from threadline.core.context import context
 from threadline.core.errors import InvalidActor
+from threadline.core.json_text import dumps_exact
 from threadline.core.printable import encodable, spreadsheet_cell
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as table_as_of
@@ -168,7 +168,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
     writer: Any = None
     for row in rows:
         if fmt == "ndjson":
-            out.write(encodable(json.dumps(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
+            out.write(encodable(dumps_exact(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
             continue
         if writer is None:
             writer = csv.DictWriter(out, fieldnames=list(row), extrasaction="ignore", restval="")
@@ -178,7 +178,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
 
 def _csv_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
-        return encodable(json.dumps(value, ensure_ascii=False))
+        return encodable(dumps_exact(value, ensure_ascii=False))
     return spreadsheet_cell(encodable(value)) if isinstance(value, str) else value
 
 
