@@ -235,6 +235,8 @@ def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:
         ("export", "--format", "xml", "--dsn", dsn),
         ("export", "--output", "/nonexistent/dir/x.csv", "--dsn", dsn),
         ("trace", "", "--dsn", dsn),
+        ("as-of", "app.nope", "--at", "now", "--dsn", dsn),
+        ("as-of", "app.posts", "--at", "now", "--audit-schema", "Bad Name", "--dsn", dsn),
         ("actions", "--until", "soon", "--dsn", dsn),
         ("timeline",),  # no DSN anywhere
     ):

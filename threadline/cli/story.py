@@ -20,6 +20,7 @@ import psycopg
 from threadline.cli.connect import connect, dsn_option, fail, when_option_value
 from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.output import echo
+from threadline.cli.reading import reader
 from threadline.core.actor import ActorRef
 from threadline.core.context import context
 from threadline.core.errors import InvalidActor
@@ -150,7 +151,7 @@ def as_of(table: str, at: datetime, fmt: str, dsn: str | None, audit_schema: str
     Rows are streamed in key order. The table needs a baseline taken before that time
     (threadline baseline). Masked columns show the placeholder; excluded ones are absent.
     """
-    with connect(dsn) as conn:
+    with reader(dsn, audit_schema) as conn:
         try:
             rows = table_as_of(conn, table, at=at, audit_schema=audit_schema)
         except AsOfError as exc:
