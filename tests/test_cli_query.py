@@ -231,6 +231,8 @@ def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:
         ("history", "app.posts", "abc", "--dsn", dsn),
         ("history", "app.line_items", "7", "--dsn", dsn),
         ("history", "app.posts", "=1", "--dsn", dsn),
+        ("history", "app.posts", "id=1,id=2", "--dsn", dsn),
+        ("history", "app.posts", '{"id": 1, "id": 2}', "--dsn", dsn),
         ("history", "app.posts", "--dsn", dsn),
         ("export", "--format", "xml", "--dsn", dsn),
         ("export", "--output", "/nonexistent/dir/x.csv", "--dsn", dsn),
