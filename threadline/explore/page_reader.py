@@ -139,15 +139,11 @@ class Reader:
         if self._last_forward is not None:
             raw_at, ident = self._last_forward
             at = raw_at if self._load_at is None else self._load_at(raw_at)
-        # A transaction still running keeps its progress (rows of its own that it returned while
-        # reading in it), also one at or above xmax, which the in-progress list leaves out.
-        kept = {w.xid: w for w in old.watched if w.xid in running or w.xid >= snapshot.xmax}
-        following = [*kept.values(), *(Watched(x) for x in running if x not in kept)]
+        following = [Watched(x) for x in running]
         if snapshot.own is not None:
-            # The reader's own transaction, which wrote: its rows were visible to it and returned,
-            # though it is still running. Marked as seen, neither its snapshot's xmax nor a later
-            # reader's in-progress list has them read again as late rows once it commits.
-            following = [w for w in following if w.xid != snapshot.own]
+            # The reader's own transaction, which wrote: its rows were visible to it and returned
+            # up to the position, though it still runs (and its snapshot does not list it): marked
+            # as seen, they are not read again as late rows once it commits.
             following.append(Watched(snapshot.own, SEEN, SEEN))
         following.sort(key=lambda w: w.xid)
         more = self._forward_fetched > self._forward_taken
