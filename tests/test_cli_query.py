@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import threadline
 from threadline.cli.connect import parse_when
 
 from .story import Story
@@ -150,6 +151,25 @@ def test_export_to_files_and_stdout(story: Story, tmp_path: Path) -> None:
     assert empty.returncode == 0 and empty.stdout == "" and "no changes match these filters" in empty.stderr
 
 
+def test_an_export_refused_for_a_bad_argument_leaves_the_output_file_as_it_was(
+    story: Story, tmp_path: Path
+) -> None:
+    target = tmp_path / "earlier.csv"
+    target.write_text("an earlier export\n")
+    for bad in (
+        ("--after", "garbage"),
+        ("--table", "app.nope"),
+        ("--since", "2024-02-01", "--until", "2024-01-01"),
+    ):
+        res = run("export", *bad, "--output", str(target), "--dsn", story.dsn)
+        assert res.returncode == 2, res.stderr
+        assert target.read_text() == "an earlier export\n"
+    res = run(
+        "export", "--format", "ndjson", "--correlation-id", "nope", "-o", str(target), "--dsn", story.dsn
+    )
+    assert res.returncode == 0 and target.read_text() == ""  # an empty export empties it
+
+
 def test_export_with_a_cursor_file_writes_each_change_once(story: Story, tmp_path: Path) -> None:
     state = tmp_path / "export.cursor"
     args = ("export", "--format", "ndjson", "--correlation-id", "req-1", "--cursor-file", str(state))
@@ -211,10 +231,14 @@ def test_bad_arguments_exit_2_with_one_line(story: Story) -> None:
         ("history", "app.posts", "abc", "--dsn", dsn),
         ("history", "app.line_items", "7", "--dsn", dsn),
         ("history", "app.posts", "=1", "--dsn", dsn),
+        ("history", "app.posts", "id=1,id=2", "--dsn", dsn),
+        ("history", "app.posts", '{"id": 1, "id": 2}', "--dsn", dsn),
         ("history", "app.posts", "--dsn", dsn),
         ("export", "--format", "xml", "--dsn", dsn),
         ("export", "--output", "/nonexistent/dir/x.csv", "--dsn", dsn),
         ("trace", "", "--dsn", dsn),
+        ("as-of", "app.nope", "--at", "now", "--dsn", dsn),
+        ("as-of", "app.posts", "--at", "now", "--audit-schema", "Bad Name", "--dsn", dsn),
         ("actions", "--until", "soon", "--dsn", dsn),
         ("timeline",),  # no DSN anywhere
     ):
@@ -287,3 +311,38 @@ def test_captured_text_never_acts_on_the_terminal(
     )
     exported = json.loads(ok("export", "--correlation-id", "req-term", "--format", "json", "--dsn", dsn))
     assert [c["pk"]["k"] for c in exported["changes"]] == [HOSTILE, HOSTILE]  # exports keep every character
+
+
+def test_trace_of_a_long_chain_of_tasks(conn: psycopg.Connection[Any], dsn: str, posts: str) -> None:
+    # each step of a chain names the one before as its parent: the tree is as deep as the chain
+    steps = 600
+    for i in range(steps):
+        job = {
+            "name": "pipeline.step",
+            "id": f"step-{i}",
+            "retries": 0,
+            "parent_id": f"step-{i - 1}" if i else None,
+            "root_id": "step-0",
+        }
+        with (
+            threadline.context(correlation_id="long-chain", origin="celery", job=job),
+            threadline.transaction(conn),
+        ):
+            conn.execute("INSERT INTO app.posts (id) VALUES (%s)", [i])
+    found = threadline.trace(conn, "long-chain")
+    assert [node.id for node in found.walk()] == [f"step-{i}" for i in range(steps)]
+    assert found.render(max_changes=0).count("task pipeline.step") == steps
+    text = ok("trace", "long-chain", "--dsn", dsn)
+    assert text.count("task pipeline.step") == steps and text.count("insert app.posts") == steps
+    shown = ok("trace", "long-chain", "--json", "--dsn", dsn)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 4 * steps)  # json reads a nested value by recursion too
+    try:
+        tree = json.loads(shown)
+    finally:
+        sys.setrecursionlimit(limit)
+    depth, node = 1, tree["roots"][0]
+    while node["children"]:
+        (node,) = node["children"]
+        depth += 1
+    assert (depth, node["id"], tree["change_count"]) == (steps, f"step-{steps - 1}", steps)

@@ -142,3 +142,29 @@ def test_numbers_a_float_cannot_hold_are_read_exactly(conn: psycopg.Connection[A
     assert "1234567890123456789012345678.91 → 1234567890123456789012345678.92" in out, out
     data = run("history", "app.ledger", "1", "--json", "--dsn", dsn).stdout
     assert '"amount": 1234567890123456789012345678.92' in data, data
+
+
+def test_a_whole_table_as_it_was_reads_numbers_exactly(conn: psycopg.Connection[Any], dsn: str) -> None:
+    conn.execute("CREATE TABLE app.book (id int PRIMARY KEY, amount numeric, rate float8, doc json)")
+    conn.execute(
+        "INSERT INTO app.book VALUES (1, 1234567890123456789012345678.91, 1.5, '{\"x\": 1e400}'), (2, 0.1, 2.5, NULL)"
+    )
+    threadline.ddl.track(conn, "app.book")
+    threadline.take_baseline(conn, "app.book")  # row 2 is known from its snapshot
+    _write(conn, "INSERT INTO app.book VALUES (3, 98765432109876543210.5, 0.25, '[1e400]')")
+    then = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # row 1 from its next change
+    _write(conn, "UPDATE app.book SET amount = amount + 1 WHERE id = 1")
+    rows = list(threadline.as_of(conn, "app.book", at=then))
+    assert [(r["amount"], r["rate"], r["doc"]) for r in rows] == [
+        (Decimal("1234567890123456789012345678.91"), 1.5, {"x": Decimal("1e400")}),
+        (0.1, 2.5, None),
+        (Decimal("98765432109876543210.5"), 0.25, [Decimal("1e400")]),
+    ]
+    assert isinstance(rows[0]["rate"], float)
+    shown = run("as-of", "app.book", "--at", then.isoformat(), "--dsn", dsn)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0] == (
+        '{"id":1,"amount":1234567890123456789012345678.91,"rate":1.5,"doc":{"x":1E+400}}'
+    )
+    table = run("as-of", "app.book", "--at", then.isoformat(), "--format", "csv", "--dsn", dsn).stdout
+    assert table.splitlines()[3] == "3,98765432109876543210.5,0.25,[1E+400]", table

@@ -202,6 +202,44 @@ def test_export_with_a_limit_resumes_where_it_stopped(conn: Conn, dsn: str, item
     assert ids == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("limit", [2, 100])
+def test_a_reader_that_wrote_in_its_own_transaction_does_not_read_its_rows_again(
+    dsn: str, items: None, limit: int
+) -> None:
+    # its own rows are visible to it though it still runs, and its snapshot does not list it:
+    # once it commits they are not late rows. Its snapshot is taken before it writes, so its
+    # transaction id is at or above the snapshot's xmax whatever other sessions do meanwhile.
+    with psycopg.connect(dsn) as writer:  # not in autocommit: one transaction until commit()
+        writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        writer.execute("SELECT 1")
+        writer.execute("INSERT INTO app.items SELECT g, 'mine' FROM generate_series(1, 3) g")
+        # (read again as late rows, they would fill every next page: give up after a while)
+        seen, cursor = _follow(writer, None, limit, until=time.monotonic() + 5)
+        exported = threadline.export(writer, io.StringIO(), "csv", table="app.items")
+        writer.commit()
+        again, _ = _follow(writer, cursor, limit, until=time.monotonic() + 5)
+        out = io.StringIO()
+        nothing = threadline.export(writer, out, "csv", table="app.items", after=exported.cursor)
+    assert (seen, again) == ([1, 2, 3], [])
+    assert (int(exported), int(nothing)) == (3, 0), out.getvalue()
+
+
+def test_a_cursor_from_inside_a_writing_transaction_followed_elsewhere_misses_nothing(
+    conn: Conn, dsn: str, items: None
+) -> None:
+    with psycopg.connect(dsn) as writer:
+        writer.execute("INSERT INTO app.items SELECT g, 'mine' FROM generate_series(1, 3) g")
+        page = threadline.timeline(writer, table="app.items", limit=2)
+        assert [c.pk["id"] for c in page] == [1, 2]
+        _write(dsn, 4)  # committed after the writer's row 3 was captured
+        # another reader, while the writer still runs, pages past its row 3 (not visible to it)
+        meanwhile, cursor = _follow(conn, page.cursor, 2)
+        writer.commit()
+    later, _ = _follow(conn, cursor, 2)
+    assert meanwhile == [4]
+    assert set(later) >= {3}  # late, once committed (its rows seen by itself may come again)
+
+
 def test_cursor_checks(conn: Conn, items: None) -> None:
     fp = _fingerprint(conn)
     position = paging.Position(None, None, (paging.Watched(7), paging.Watched(9, 3, 4)))

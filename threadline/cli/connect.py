@@ -153,20 +153,33 @@ def parse_key(text: str) -> Any:
     value = text.strip()
     if value.startswith("{"):
         try:
-            parsed = json.loads(value)
+            parsed = json.loads(value, object_pairs_hook=_key_object)
         except ValueError as exc:
             raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PK") from exc
         if not isinstance(parsed, dict):
             raise click.BadParameter("a JSON key must be an object", param_hint="PK")
         return parsed
     if "=" in value:
-        out: dict[str, str] = {}
+        pairs: list[tuple[str, str]] = []
         for part in value.split(","):
             name, sep, item = part.partition("=")
             if not sep or not name.strip():
                 raise click.BadParameter(
                     f"{text!r}: write a composite key as col=value,col=value", param_hint="PK"
                 )
-            out[name.strip()] = item.strip()
-        return out
+            pairs.append((name.strip(), item.strip()))
+        try:
+            return _key_object(pairs)
+        except ValueError as exc:
+            raise click.BadParameter(f"{text!r}: {exc}", param_hint="PK") from exc
     return value
+
+
+def _key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key's columns and values; a column given twice is refused (which value was meant?)."""
+    out: dict[str, Any] = {}
+    for name, item in pairs:
+        if name in out:
+            raise ValueError(f"column {name!r} is given twice")
+        out[name] = item
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -85,12 +85,12 @@ def export(
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(1)
         else:
+            out = _OutputFile(output)
             try:
-                out = open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            except OSError as exc:
-                raise click.UsageError(f"cannot write {output}: {exc.strerror}") from exc
-            with out:
                 count = export_changes(conn, out, fmt, **options)
+                out.open()  # an empty export still makes (or empties) the file
+            finally:
+                out.close()
     where = "stdout" if output == "-" else output
     if count:
         click.echo(f"exported {count} change{'s' if count != 1 else ''} as {fmt} to {where}", err=True)
@@ -100,6 +100,33 @@ def export(
         _write_cursor_file(cursor_file, count.cursor)
     else:
         click.echo(f"resume: --after {count.cursor}", err=True)
+
+
+class _OutputFile:
+    """The ``--output`` file, opened (and emptied) at its first write: an export refused for a bad
+    argument, which is refused before anything is written, leaves an existing file as it was."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+
+    def open(self) -> TextIO:
+        """The file, opened for writing at the first call."""
+        if self._file is None:
+            try:
+                self._file = open(self.path, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            except OSError as exc:
+                raise click.UsageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        return self._file
+
+    def write(self, text: str) -> int:
+        """Write ``text``, opening the file first if need be."""
+        return self.open().write(text)
+
+    def close(self) -> None:
+        """Close the file if it was opened."""
+        if self._file is not None:
+            self._file.close()
 
 
 def _read_cursor_file(path: str) -> str | None:

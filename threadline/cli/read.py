@@ -3,7 +3,9 @@ trail in the terminal (as aligned text or JSON), registered on :data:`threadline
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +25,7 @@ from threadline.explore.arguments import MAX_LIMIT
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as row_as_of
 from threadline.explore.diff import diff
-from threadline.explore.tracing import format_key
+from threadline.explore.tracing import Trace, format_key
 
 __all__ = ["actions", "history", "timeline", "trace"]
 
@@ -207,11 +209,35 @@ def trace(correlation_id: str, max_changes: int, as_json: bool, dsn: str | None,
     with reader(dsn, audit_schema) as conn:
         found = query.trace(conn, correlation_id, audit_schema=audit_schema)
     if as_json:
-        _echo_json(found.to_dict())
+        with _nesting(_depth(found)):
+            _echo_json(found.to_dict())
     elif found.empty:
         echo(f"nothing recorded for correlation id {correlation_id}")
     else:
         echo(found.render(max_changes=max_changes), nl=False)
+
+
+def _depth(found: Trace) -> int:
+    """How many nodes deep the trace's tree is (a chain of tasks is as deep as it is long)."""
+    deepest = 0
+    stack = [(root, 1) for root in found.roots]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in node.children)
+    return deepest
+
+
+@contextmanager
+def _nesting(depth: int) -> Iterator[None]:
+    """Room for JSON ``depth`` trace nodes deep: ``json`` writes (and :func:`dumps_exact` reads)
+    each nested value by recursion, a few calls per node."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 8 * depth)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 @click.command(epilog=examples("actions"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import getpass
-import json
 import os
 import sys
 import uuid
@@ -21,9 +20,11 @@ import psycopg
 from threadline.cli.connect import connect, dsn_option, fail, when_option_value
 from threadline.cli.help import audit_schema_option, examples
 from threadline.cli.output import echo
+from threadline.cli.reading import reader
 from threadline.core.actor import ActorRef
 from threadline.core.context import context
 from threadline.core.errors import InvalidActor
+from threadline.core.json_text import dumps_exact
 from threadline.core.printable import encodable, spreadsheet_cell
 from threadline.explore.as_of_query import AsOfError
 from threadline.explore.as_of_query import as_of as table_as_of
@@ -150,7 +151,7 @@ def as_of(table: str, at: datetime, fmt: str, dsn: str | None, audit_schema: str
     Rows are streamed in key order. The table needs a baseline taken before that time
     (threadline baseline). Masked columns show the placeholder; excluded ones are absent.
     """
-    with connect(dsn) as conn:
+    with reader(dsn, audit_schema) as conn:
         try:
             rows = table_as_of(conn, table, at=at, audit_schema=audit_schema)
         except AsOfError as exc:
@@ -168,7 +169,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
     writer: Any = None
     for row in rows:
         if fmt == "ndjson":
-            out.write(encodable(json.dumps(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
+            out.write(encodable(dumps_exact(row, ensure_ascii=False, separators=(",", ":"))) + "\n")
             continue
         if writer is None:
             writer = csv.DictWriter(out, fieldnames=list(row), extrasaction="ignore", restval="")
@@ -178,7 +179,7 @@ def _write_rows(out: Any, rows: Iterator[dict[str, Any]], fmt: str) -> None:
 
 def _csv_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
-        return encodable(json.dumps(value, ensure_ascii=False))
+        return encodable(dumps_exact(value, ensure_ascii=False))
     return spreadsheet_cell(encodable(value)) if isinstance(value, str) else value
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from threadline.core._connection import ConnectionLike, json_adapters, native
+from threadline.core._connection import ConnectionLike, native
 from threadline.core._run import Plan, Query, run
-from threadline.core.records import iso
+from threadline.core.records import from_json, iso
 from threadline.explore.arguments import audit_identifier, check_time
 from threadline.explore.as_of_errors import NoBaseline
 from threadline.explore.export_rows import chunked_streaming
@@ -31,7 +31,8 @@ __all__ = ["table_as_of_plan", "table_rows", "table_rows_async"]
 # change is that change's before image completed from its after image (before_row()), which json
 # functions cannot do on an image holding an escape the database cannot decode (a json column's
 # value with \u0000 or half a surrogate pair): such a row comes as its two images instead,
-# completed in Python (:func:`_before_row`).
+# completed in Python (:func:`_before_row`). Images come as text, parsed as every reader parses
+# them (:func:`~threadline.core.records.from_json`: a number a float cannot hold is a Decimal).
 _TABLE_AS_OF_SQL = sql.SQL("""
 WITH b AS (
     SELECT c.transaction_id, c.started_at, c.tracked_since
@@ -59,8 +60,8 @@ WITH b AS (
               CASE WHEN k.class = 1 THEN c.captured_at END, CASE WHEN k.class = 1 THEN c.id END,
               c.id DESC
 )
-SELECT CASE WHEN p.class <> 1 THEN p.after WHEN NOT n.unreadable THEN {audit}.before_row(p.before, p.after) END,
-       CASE WHEN n.unreadable THEN p.before END, CASE WHEN n.unreadable THEN p.after END
+SELECT (CASE WHEN p.class <> 1 THEN p.after WHEN NOT n.unreadable THEN {audit}.before_row(p.before, p.after) END)::text,
+       (CASE WHEN n.unreadable THEN p.before END)::text, (CASE WHEN n.unreadable THEN p.after END)::text
   FROM pick p CROSS JOIN LATERAL (SELECT p.class = 1 AND coalesce({unreadable}, false) AS unreadable) n, tr, b
  WHERE CASE p.class
          WHEN 0 THEN p.op <> 'delete' AND (tr.at IS NULL OR tr.at < p.captured_at)
@@ -128,20 +129,25 @@ def table_rows(
 def _stream_rows(
     conn: ConnectionLike, statement: sql.Composed, params: dict[str, Any]
 ) -> Generator[dict[str, Any], None, None]:
-    raw, from_django = native(conn)
+    raw, _ = native(conn)
     # a plain psycopg cursor in streaming mode: rows arrive as the server sends them, so memory
     # stays flat however large the table (the server sorts the changes by key, spilling to disk)
     with psycopg.Cursor(raw) as cur:
-        if from_django:
-            json_adapters(cur.adapters)
         for image, before, after in cur.stream(statement, params, size=_stream_size()):
-            yield dict(image) if image is not None else _before_row(before, after)
+            yield _row(image, before, after)
 
 
 def _stream_size() -> int:
     """Rows per chunk of the stream: 1,000 where libpq streams in chunks (17 and later), else one
     at a time (libpq's single-row mode), which every libpq supports."""
     return 1000 if chunked_streaming() else 1
+
+
+def _row(image: str | None, before: str | None, after: str | None) -> dict[str, Any]:
+    """A row of the statement: its image, else its next change's two images completed."""
+    if image is not None:
+        return dict(from_json(image))
+    return _before_row(from_json(before), from_json(after))
 
 
 def _before_row(before: Any, after: Any) -> dict[str, Any]:
@@ -158,4 +164,4 @@ async def table_rows_async(
     """The rows that ``statement`` (from :func:`table_as_of_plan`) reads, streamed from ``conn``."""
     async with psycopg.AsyncCursor(conn) as cur:
         async for image, before, after in cur.stream(statement, params, size=_stream_size()):
-            yield dict(image) if image is not None else _before_row(before, after)
+            yield _row(image, before, after)

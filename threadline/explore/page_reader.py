@@ -11,15 +11,21 @@ from typing import Any
 from threadline.explore.page_cursor import Position, Watched
 from threadline.explore.page_statements import FORWARD, LATE
 
-__all__ = ["Reader", "Snapshot", "parse_snapshot"]
+__all__ = ["SEEN", "Reader", "Snapshot", "parse_snapshot"]
+
+
+SEEN = 2**63 - 1
+"""The progress of a watched transaction whose rows at or before the position were all returned."""
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What the closing row says of the page's snapshot: ``xmax`` and the in-progress list."""
+    """What the closing row says of the page's snapshot: ``xmax``, the in-progress list, and the
+    reader's own transaction when it has written (``own``)."""
 
     xmax: int
     in_progress: frozenset[int]
+    own: int | None = None
 
 
 class Reader:
@@ -133,11 +139,19 @@ class Reader:
         if self._last_forward is not None:
             raw_at, ident = self._last_forward
             at = raw_at if self._load_at is None else self._load_at(raw_at)
-        watched = tuple(Watched(x) for x in sorted(running))
-        return Position(at, ident, watched, snapshot.xmax), self._forward_fetched > self._forward_taken
+        following = [Watched(x) for x in running]
+        if snapshot.own is not None:
+            # The reader's own transaction, which wrote: its rows were visible to it and returned
+            # up to the position, though it still runs (and its snapshot does not list it): marked
+            # as seen, they are not read again as late rows once it commits.
+            following.append(Watched(snapshot.own, SEEN, SEEN))
+        following.sort(key=lambda w: w.xid)
+        more = self._forward_fetched > self._forward_taken
+        return Position(at, ident, tuple(following), snapshot.xmax), more
 
 
 def parse_snapshot(text: str) -> Snapshot:
-    """The closing row's ``xmax:xip,...`` text."""
-    xmax, _, listed = text.partition(":")
-    return Snapshot(int(xmax), frozenset(int(x) for x in listed.split(",") if x))
+    """The closing row's ``xmax:xip,...[:own]`` text."""
+    xmax, _, rest = text.partition(":")
+    listed, _, own = rest.partition(":")
+    return Snapshot(int(xmax), frozenset(int(x) for x in listed.split(",") if x), int(own) if own else None)

@@ -24,7 +24,8 @@ __all__ = [
 
 KEY_COLUMNS = ("phase", "k_xid", "k_tid", "k_at", "k_id", "k_xip")
 """Columns every row of a page statement starts with: the phase (0 late, 1 in position order,
-2 the closing row that carries the snapshot's in-progress transactions) and the row's keys."""
+2 the closing row that carries the snapshot's in-progress transactions, and the reader's own
+transaction when it has written) and the row's keys."""
 
 LATE, FORWARD, CLOSING = 0, 1, 2
 """The phases of a page statement's rows (its first key column)."""
@@ -163,7 +164,8 @@ def page_statement(
             "(SELECT 2 AS phase, NULL::bigint AS k_xid, NULL::bigint AS k_tid, NULL::timestamptz AS k_at,"
             " NULL::bigint AS k_id,"
             " (SELECT pg_snapshot_xmax(q.s)::text || ':' || coalesce((SELECT string_agg(x::text, ',')"
-            " FROM pg_snapshot_xip(q.s) AS x), '') FROM (SELECT pg_current_snapshot() AS s) AS q) AS k_xip,"
+            " FROM pg_snapshot_xip(q.s) AS x), '') || coalesce(':' || pg_current_xact_id_if_assigned()::text, '')"
+            " FROM (SELECT pg_current_snapshot() AS s) AS q) AS k_xip,"
             " NULL::timestamptz AS s_at, NULL::bigint AS s_id{nulls})"
         ).format(nulls=sql.SQL("").join(sql.SQL(", NULL AS {}").format(sql.Identifier(n)) for n in names))
     )

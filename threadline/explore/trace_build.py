@@ -201,7 +201,7 @@ def build_trace(
             owner.actions.append(action)
     loose = tuple(loose_actions)
 
-    roots = tuple(sorted((_freeze(n) for n in order if n.parent is None), key=_start_key))
+    roots = tuple(sorted(_freeze_all([n for n in order if n.parent is None]), key=_start_key))
     starts = [r.span_started_at for r in roots if r.span_started_at is not None]
     ends = [r.span_ended_at for r in roots if r.span_ended_at is not None]
     tx_count = sum(len(n.transactions) for n in order)
@@ -221,8 +221,23 @@ def _start_key(node: TraceNode) -> tuple[bool, datetime | str]:
     return (node.span_started_at is None, node.span_started_at or "")
 
 
-def _freeze(node: _Node) -> TraceNode:
-    children = tuple(sorted((_freeze(c) for c in node.children), key=_start_key))
+def _freeze_all(roots: list[_Node]) -> list[TraceNode]:
+    """The trees under ``roots`` frozen, each node after its children: in a loop, as a chain of
+    thousands of tasks makes a tree as deep."""
+    frozen: dict[int, TraceNode] = {}
+    stack = [(node, False) for node in roots]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            frozen[id(node)] = _freeze(node, [frozen[id(c)] for c in node.children])
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in node.children)
+    return [frozen[id(node)] for node in roots]
+
+
+def _freeze(node: _Node, frozen_children: list[TraceNode]) -> TraceNode:
+    children = tuple(sorted(frozen_children, key=_start_key))
     txs = tuple(sorted(node.transactions, key=lambda t: (t.started_at, t.transaction.id)))
     started = min((t.started_at for t in txs), default=None)
     ended = max((t.ended_at for t in txs), default=None)

@@ -100,12 +100,26 @@ class TraceNode:
 
     def walk(self) -> Iterator[TraceNode]:
         """This node and every node under it, depth first."""
-        yield self
-        for child in self.children:
-            yield from child.walk()
+        stack = [self]
+        while stack:  # a loop: a chain of thousands of tasks makes a tree as deep
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form, children nested."""
+        top = self._own_dict()
+        stack = [(self, top)]
+        while stack:
+            node, shown = stack.pop()
+            for child in node.children:
+                nested = child._own_dict()
+                shown["children"].append(nested)
+                stack.append((child, nested))
+        return top
+
+    def _own_dict(self) -> dict[str, Any]:
+        """The JSON-compatible form of this node, its children still to add."""
         return {
             "kind": self.kind,
             "id": self.id,
@@ -121,7 +135,7 @@ class TraceNode:
             "span_ended_at": iso(self.span_ended_at),
             "transactions": [t.to_dict() for t in self.transactions],
             "actions": [a.to_dict() for a in self.actions],
-            "children": [c.to_dict() for c in self.children],
+            "children": [],
         }
 
 
@@ -309,23 +323,25 @@ def render(trace: Trace, *, max_changes: int | None = 10) -> str:
         out.sort(key=lambda x: (x[0] is None, x[0] or origin or datetime.min, x[1]))
         return out
 
-    def emit(obj: object, prefix: str, last: bool, top: bool = False) -> None:
+    # depth first, in a loop: a chain of thousands of tasks makes a tree as deep; each entry is
+    # what to write, the node it belongs to, the prefix of its line, whether it is the last
+    # under that node, and whether it is a root
+    stack: list[tuple[object, TraceNode | None, str, bool, bool]] = [
+        (root, None, "", True, True) for root in reversed(trace.roots)
+    ]
+    while stack:
+        obj, node, prefix, last, top = stack.pop()
         branch = "" if top else ("└─ " if last else "├─ ")
         inner = prefix + ("" if top else ("   " if last else "│  "))
         if isinstance(obj, TraceNode):
             lines.append(prefix + branch + _node_line(obj, origin))
-            parts = items(obj)
-            for n, (_, _, sub) in enumerate(parts):
-                emit_sub(sub, obj, inner, n == len(parts) - 1)
-        elif isinstance(obj, Action):
-            lines.append(prefix + branch + _action_line(obj, origin))
-        elif isinstance(obj, TaskRun):
-            lines.append(prefix + branch + _run_line(obj, origin))
-
-    def emit_sub(obj: object, node: TraceNode, prefix: str, last: bool) -> None:
-        if isinstance(obj, TraceTransaction):
-            lines.append(prefix + ("└─ " if last else "├─ ") + _tx_line(obj, node, origin))
-            inner = prefix + ("   " if last else "│  ")
+            parts = [sub for _, _, sub in items(obj)]
+            stack.extend(
+                (sub, obj, inner, n == len(parts) - 1, False) for n, sub in reversed(list(enumerate(parts)))
+            )
+        elif isinstance(obj, TraceTransaction):
+            assert node is not None
+            lines.append(prefix + branch + _tx_line(obj, node, origin))
             shown = obj.changes if max_changes is None else obj.changes[:max_changes]
             hidden = len(obj.changes) - len(shown)
             for n, change in enumerate(shown):
@@ -333,11 +349,10 @@ def render(trace: Trace, *, max_changes: int | None = 10) -> str:
                 lines.append(inner + ("└─ " if end else "├─ ") + _change_line(change))
             if hidden:
                 lines.append(inner + f"└─ … {hidden} more change{'s' if hidden != 1 else ''}")
-        else:
-            emit(obj, prefix, last)
-
-    for root in trace.roots:
-        emit(root, "", True, top=True)
+        elif isinstance(obj, Action):
+            lines.append(prefix + branch + _action_line(obj, origin))
+        elif isinstance(obj, TaskRun):
+            lines.append(prefix + branch + _run_line(obj, origin))
     for action in trace.actions:
         lines.append(_action_line(action, origin))
     # each line is one line whatever the captured text holds (a table name or a reason with a
