@@ -142,3 +142,29 @@ def test_numbers_a_float_cannot_hold_are_read_exactly(conn: psycopg.Connection[A
     assert "1234567890123456789012345678.91 → 1234567890123456789012345678.92" in out, out
     data = run("history", "app.ledger", "1", "--json", "--dsn", dsn).stdout
     assert '"amount": 1234567890123456789012345678.92' in data, data
+
+
+def test_keys_of_numeric_types_written_as_json_strings_find_their_row(
+    conn: psycopg.Connection[Any],
+) -> None:
+    # oid, money and the reg* types are numeric, but to_json() writes them as strings: a key
+    # given for one must be looked up as the string, whether given as a number or as text
+    conn.execute("CREATE TABLE app.by_oid (k oid PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE app.by_money (k money PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE app.by_reg (k regclass PRIMARY KEY, v text)")
+    for table in ("app.by_oid", "app.by_money", "app.by_reg"):
+        threadline.ddl.track(conn, table)
+    _write(
+        conn,
+        "INSERT INTO app.by_oid VALUES (4294967295, 'oid')",
+        "INSERT INTO app.by_money VALUES ('1.50', 'money')",
+        "INSERT INTO app.by_reg VALUES ('pg_class', 'reg')",
+    )
+    for table, key in (
+        ("app.by_oid", 4294967295),
+        ("app.by_oid", "4294967295"),
+        ("app.by_money", "$1.50"),
+        ("app.by_reg", "pg_class"),
+    ):
+        assert [c.op for c in threadline.history(conn, table, key)] == ["insert"], (table, key)
+    assert threadline.as_of(conn, "app.by_oid", 4294967295, datetime.now(timezone.utc))["v"] == "oid"
