@@ -2525,15 +2525,20 @@ BEGIN
                 USING ERRCODE = '55000', HINT = 'Track the table with keys naming other columns.';
         END IF;
         -- rows are read in key order, a batch after the last key: keys two rows share could be
-        -- split across a batch boundary and skipped
+        -- split across a batch boundary and skipped, and so would a row whose key holds a NULL
+        -- (compared with it, the next key is neither greater nor smaller), which a unique index
+        -- over a column that may be NULL lets any number of rows share
         IF NOT EXISTS (SELECT 1 FROM pg_index i
                         WHERE i.indrelid = target AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
                           AND i.indexprs IS NULL
                           AND ARRAY(SELECT a.attname::text FROM pg_attribute a
-                                     WHERE a.attrelid = target AND a.attnum = ANY (i.indkey::int2[])) <@ e.key_columns) THEN
-            RAISE EXCEPTION 'the key column(s) % of % are not unique (no unique index or primary key on them)',
+                                     WHERE a.attrelid = target AND a.attnum = ANY (i.indkey::int2[])) <@ e.key_columns
+                          AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                                           WHERE a.attrelid = target AND a.attnum = ANY (i.indkey::int2[])
+                                             AND NOT a.attnotnull)) THEN
+            RAISE EXCEPTION 'the key column(s) % of % are not unique (no unique index or primary key on NOT NULL columns among them)',
                 array_to_string(e.key_columns, ', '), target
-                USING ERRCODE = '55000', HINT = 'A baseline reads rows in key order and needs a unique key: track the table with keys a unique index covers.';
+                USING ERRCODE = '55000', HINT = 'A baseline reads rows in key order and needs a unique key: track the table with NOT NULL keys a unique index covers.';
         END IF;
         INSERT INTO @audit@.baselines (tracked_id, tracked_since, table_schema, table_name, transaction_id, key_columns)
         VALUES (e.id, e.tracked_at, live_schema, live_name, @audit@.transaction_row(), e.key_columns)
