@@ -932,6 +932,17 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                     WHERE a.attname::text = ANY (keys) AND k.t = 'timestamptz'::regtype)
 $fn$;
 
+-- Whether any of a table's key columns holds a value of one of the types (or a type holding one):
+-- a bytea prints as the session's bytea_output says (hex or escape), an interval as its
+-- IntervalStyle says, so capture code of a table keyed by one sets them for itself, and one row
+-- keeps one key whatever its writers set.
+CREATE OR REPLACE FUNCTION @audit@.keys_hold(rel regclass, keys text[], types regtype[]) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k
+                     JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
+                    WHERE a.attname::text = ANY (keys) AND k.t = ANY (types::oid[]))
+$fn$;
+
 -- The SQL text of a value's text through its type's output function (see cast_exposed_columns()).
 CREATE OR REPLACE FUNCTION @audit@.output_text_sql(expr text, container boolean) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1627,8 +1638,12 @@ BEGIN
                -- the database, such a range) print their dates and intervals as the session says;
                -- to_json() writes them in ISO whatever it says
                || CASE WHEN (cardinality(json_exposed) > 0 OR safe_lateral <> '') AND @audit@.prints_dates(rel)
-                       THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres''' ELSE '' END
-               || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END,
+                       THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres'''
+                       WHEN @audit@.keys_hold(rel, key_columns, ARRAY['interval'::regtype])
+                       THEN ' SET IntervalStyle = ''postgres''' ELSE '' END
+               || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END
+               || CASE WHEN @audit@.keys_hold(rel, key_columns, ARRAY['bytea'::regtype])
+                       THEN ' SET bytea_output = ''hex''' ELSE '' END,
                tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
@@ -2457,6 +2472,7 @@ CREATE OR REPLACE FUNCTION @audit@.baseline_batch(
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 -- the text of the values, as capture code writes it whatever the session prints (see render_capture)
 SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC'
+SET bytea_output = 'hex'
 -- a row-level security policy that applies to the caller makes the read fail instead of hiding
 -- rows from the baseline, and its expression (the table owner's code) never runs with the rights
 -- of the caller, the schema's owner
