@@ -128,6 +128,48 @@ def test_a_timestamptz_key_is_one_key_whatever_zone_its_writers_set(
         threadline.history(conn, "app.slots", "yesterday-ish")
 
 
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+def test_bytea_and_interval_keys_are_one_key_whatever_their_writers_print(
+    conn: psycopg.Connection[Any], typed: bool
+) -> None:
+    # bytea_output and IntervalStyle change how such a key prints: without a setting of its own
+    # the capture code would record one row under as many keys as its writers had settings
+    conn.execute("CREATE TABLE app.blobs (k bytea PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE app.spans (k interval PRIMARY KEY, v text)")
+    threadline.ddl.track(conn, "app.blobs")
+    threadline.ddl.track(conn, "app.spans")
+    if not typed:
+        conn.execute("SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables")
+    _write(
+        conn,
+        "INSERT INTO app.blobs VALUES ('\\x41ff', 'a')",
+        "INSERT INTO app.spans VALUES ('1 day 2 hours', 'a')",
+    )
+    for output, style, v in (("escape", "iso_8601", "b"), ("hex", "sql_standard", "c")):
+        conn.execute(
+            "SELECT set_config('bytea_output', %s, false), set_config('IntervalStyle', %s, false)",
+            [output, style],
+        )
+        _write(conn, f"UPDATE app.blobs SET v = '{v}'", f"UPDATE app.spans SET v = '{v}'")
+    conn.execute("RESET bytea_output")
+    conn.execute("RESET IntervalStyle")
+    keys = conn.execute(
+        "SELECT table_name, array_agg(DISTINCT pk::text) FROM threadline.changes GROUP BY 1 ORDER BY 1"
+    )
+    assert keys.fetchall() == [("blobs", ['{"k": "\\\\x41ff"}']), ("spans", ['{"k": "1 day 02:00:00"}'])]
+    assert [c.after["v"] for c in threadline.history(conn, "app.blobs", "\\x41ff")] == ["c", "b", "a"]
+    assert [c.after["v"] for c in threadline.history(conn, "app.spans", "1 day 02:00:00")] == ["c", "b", "a"]
+    conn.execute("SET bytea_output = 'escape'")
+    threadline.take_baseline(conn, "app.blobs")
+    conn.execute("RESET bytea_output")
+    assert [c.op for c in threadline.history(conn, "app.blobs", "\\x41ff")] == [
+        "snapshot",
+        "update",
+        "update",
+        "insert",
+    ]
+
+
 def test_numbers_a_float_cannot_hold_are_read_exactly(conn: psycopg.Connection[Any], dsn: str) -> None:
     conn.execute("CREATE TABLE app.ledger (id int PRIMARY KEY, amount numeric(30,2), rate float8)")
     threadline.ddl.track(conn, "app.ledger")
@@ -168,3 +210,29 @@ def test_a_whole_table_as_it_was_reads_numbers_exactly(conn: psycopg.Connection[
     )
     table = run("as-of", "app.book", "--at", then.isoformat(), "--format", "csv", "--dsn", dsn).stdout
     assert table.splitlines()[3] == "3,98765432109876543210.5,0.25,[1E+400]", table
+
+
+def test_keys_of_numeric_types_written_as_json_strings_find_their_row(
+    conn: psycopg.Connection[Any],
+) -> None:
+    # oid, money and the reg* types are numeric, but to_json() writes them as strings: a key
+    # given for one must be looked up as the string, whether given as a number or as text
+    conn.execute("CREATE TABLE app.by_oid (k oid PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE app.by_money (k money PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE app.by_reg (k regclass PRIMARY KEY, v text)")
+    for table in ("app.by_oid", "app.by_money", "app.by_reg"):
+        threadline.ddl.track(conn, table)
+    _write(
+        conn,
+        "INSERT INTO app.by_oid VALUES (4294967295, 'oid')",
+        "INSERT INTO app.by_money VALUES ('1.50', 'money')",
+        "INSERT INTO app.by_reg VALUES ('pg_class', 'reg')",
+    )
+    for table, key in (
+        ("app.by_oid", 4294967295),
+        ("app.by_oid", "4294967295"),
+        ("app.by_money", "$1.50"),
+        ("app.by_reg", "pg_class"),
+    ):
+        assert [c.op for c in threadline.history(conn, table, key)] == ["insert"], (table, key)
+    assert threadline.as_of(conn, "app.by_oid", 4294967295, datetime.now(timezone.utc))["v"] == "oid"

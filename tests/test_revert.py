@@ -798,10 +798,26 @@ def test_keys_no_unique_index_covers_are_warned_and_never_revert_the_wrong_row(c
             revert(conn, correlation_id="req-nk", overwrite=overwrite)
     assert contents(conn, ["app.nk"]) == before  # nothing changed
     conn.execute("CREATE UNIQUE INDEX ON app.nk (a, c)")
+    assert not track(conn, "app.nk", keys=["a", "c"]).keys_unique  # NULLs may share a key
+    conn.execute("ALTER TABLE app.nk ALTER COLUMN a SET NOT NULL, ALTER COLUMN c SET NOT NULL")
     assert track(conn, "app.nk", keys=["a", "c"]).keys_unique
     out = run("track", "app.nk", "--keys", "a", "--dsn", conn.info.dsn)
     assert out.returncode == 0
     assert out.stderr.count("no unique index or primary key covers the key column(s) a") == 1, out.stderr
+
+
+def test_a_row_whose_key_holds_null_is_refused_and_never_duplicated(conn: Conn) -> None:
+    # a unique index lets rows share a key that holds a NULL, and no key with a NULL equals the
+    # row's: revert would find no row, take it for deleted, and insert a second one
+    conn.execute("CREATE TABLE app.nullkey (a int, b int, v text, UNIQUE (a, b))")
+    conn.execute("INSERT INTO app.nullkey VALUES (1, NULL, 'orig'), (2, 2, 'other')")
+    assert not track(conn, "app.nullkey", keys=["a", "b"]).keys_unique
+    write(conn, "req-nullkey", "UPDATE app.nullkey SET v = 'changed' WHERE a = 1")
+    before = contents(conn, ["app.nullkey"])
+    for overwrite in (False, True):
+        with pytest.raises(RevertError, match="holds NULL"):
+            revert(conn, correlation_id="req-nullkey", overwrite=overwrite)
+    assert contents(conn, ["app.nullkey"]) == before  # nothing changed, no second row
 
 
 def test_a_table_with_inheritance_children_is_refused_and_a_child_keeps_the_masks_it_inherits(

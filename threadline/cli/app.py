@@ -267,8 +267,9 @@ def _print_track(result: registry.TrackResult) -> None:
     if not result.keys_unique:
         echo(
             f"Warning: {name}: no unique index or primary key covers the key column(s)"
-            f" {', '.join(result.keys)}: rows that share a key share a history, and revert refuses them"
-            " (--keys naming columns a unique index covers)",
+            f" {', '.join(result.keys)} (an index over columns that may be NULL does not): rows that share"
+            " a key share a history, and revert refuses them (--keys naming NOT NULL columns a unique"
+            " index covers)",
             err=True,
         )
 

@@ -232,8 +232,8 @@ def track(
         )
     if not result.keys_unique:
         logger.warning(
-            "%s.%s: no unique index or primary key covers the key column(s) %s: rows that share a key"
-            " share a history, and revert refuses them",
+            "%s.%s: no unique index or primary key covers the key column(s) %s (an index over columns"
+            " that may be NULL does not): rows that share a key share a history, and revert refuses them",
             result.table_schema,
             result.table_name,
             ", ".join(result.keys),
@@ -242,13 +242,16 @@ def track(
 
 
 def _keys_unique(conn: psycopg.Connection, schema: str, name: str, keys: tuple[str, ...]) -> bool:
-    """True when a unique index (or the primary key) without predicate covers columns among ``keys``."""
+    """True when a unique index (or the primary key) without predicate covers columns among ``keys``,
+    all of them ``NOT NULL`` (a unique index holds any number of rows whose key holds a NULL)."""
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_index i"
         " WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisunique"
         "   AND i.indpred IS NULL AND i.indexprs IS NULL"
         "   AND ARRAY(SELECT a.attname::text FROM pg_attribute a"
-        "              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])) <@ %s::text[])",
+        "              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])) <@ %s::text[]"
+        "   AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indrelid"
+        "                      AND a.attnum = ANY (i.indkey::int2[]) AND NOT a.attnotnull))",
         [schema, name, list(keys)],
     ).fetchone()
     return bool(row and row[0])

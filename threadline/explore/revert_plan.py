@@ -106,6 +106,11 @@ def plan_revert(
             raise HiddenColumns(
                 f"{table.name}: a row's key is masked, so the row cannot be found to revert it"
             )
+        if any(v is None for v in pk.values()):  # NULL equals no key: the row would never be found
+            raise RevertError(
+                f"{table.name}: the key of the row {c['pk_text']} holds NULL, so the row cannot be found"
+                " to revert it (track the table with NOT NULL keys a unique index covers)"
+            )
         row_key = (table.regclass, c["pk_text"])  # jsonb's text: keys sorted, numbers exact
         row = rows.get(row_key)
         if row is None:

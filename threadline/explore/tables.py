@@ -131,6 +131,8 @@ def _kind(typname: str, category: str, typmod: int = -1) -> str:
         return "int"
     if typname in ("uuid", "bool", "timestamptz"):
         return typname
+    if typname in ("oid", "money") or (category == "N" and typname.startswith("reg")):
+        return "text"  # numeric types, which JSON writes as strings
     if category == "N":
         return "number"
     if category == "S":
