@@ -128,6 +128,36 @@ def test_a_timestamptz_key_is_one_key_whatever_zone_its_writers_set(
         threadline.history(conn, "app.slots", "yesterday-ish")
 
 
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "drift_safe"])
+def test_a_bytea_key_is_one_key_whatever_bytea_output_its_writers_set(
+    conn: psycopg.Connection[Any], typed: bool
+) -> None:
+    conn.execute("CREATE TABLE app.blobs (k bytea PRIMARY KEY, v int, b bytea)")
+    threadline.ddl.track(conn, "app.blobs")
+    if not typed:
+        conn.execute("SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables")
+    for output, statement in (
+        ("hex", "INSERT INTO app.blobs VALUES ('\\x0102', 1, 'ab')"),
+        ("escape", "UPDATE app.blobs SET v = 2"),
+        ("escape", "UPDATE app.blobs SET b = 'cd'"),
+    ):
+        conn.execute("SELECT set_config('bytea_output', %s, false)", [output])
+        _write(conn, statement)
+    conn.execute("RESET bytea_output")
+    keys = conn.execute("SELECT DISTINCT pk::text FROM threadline.changes").fetchall()
+    assert keys == [('{"k": "\\\\x0102"}',)]
+    found = threadline.history(conn, "app.blobs", "\\x0102")
+    assert [(c.after or {}).get("b") for c in found] == ["\\x6364", "\\x6162", "\\x6162"]
+    assert [c.changed_fields for c in found[:2]] == [("b",), ("v",)]  # the bytes alone, never the text
+    conn.execute("SET bytea_output = escape")
+    threadline.take_baseline(conn, "app.blobs")
+    conn.execute("RESET bytea_output")
+    snap = conn.execute(
+        "SELECT after::text FROM threadline.changes WHERE op = 'snapshot' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    assert snap is not None and '"b": "\\\\x6364"' in snap[0].replace('":"', '": "')
+
+
 def test_numbers_a_float_cannot_hold_are_read_exactly(conn: psycopg.Connection[Any], dsn: str) -> None:
     conn.execute("CREATE TABLE app.ledger (id int PRIMARY KEY, amount numeric(30,2), rate float8)")
     threadline.ddl.track(conn, "app.ledger")

@@ -922,6 +922,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                                                'timestamp'::regtype, 'timestamptz'::regtype, 'interval'::regtype))
 $fn$;
 
+-- True when a column holds a bytea (itself, or in a type that holds one): its text follows the
+-- session's bytea_output (hex, or escape, which prints the same bytes otherwise), so one row's
+-- key and images would depend on the writer's setting. Capture code of such a table writes hex.
+CREATE OR REPLACE FUNCTION @audit@.prints_bytes(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k WHERE k.t = 'bytea'::regtype)
+$fn$;
+
 -- Whether any of a table's key columns holds a value whose text depends on the session's time
 -- zone (a timestamptz, or a type holding one): capture code then writes the table's values in
 -- UTC, so that one row keeps one key whichever zone its writers set.
@@ -1628,7 +1636,8 @@ BEGIN
                -- to_json() writes them in ISO whatever it says
                || CASE WHEN (cardinality(json_exposed) > 0 OR safe_lateral <> '') AND @audit@.prints_dates(rel)
                        THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres''' ELSE '' END
-               || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END,
+               || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END
+               || CASE WHEN NOT typed OR @audit@.prints_bytes(rel) THEN ' SET bytea_output = ''hex''' ELSE '' END,
                tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
@@ -2457,6 +2466,7 @@ CREATE OR REPLACE FUNCTION @audit@.baseline_batch(
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 -- the text of the values, as capture code writes it whatever the session prints (see render_capture)
 SET extra_float_digits = 1 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC'
+SET bytea_output = 'hex'
 -- a row-level security policy that applies to the caller makes the read fail instead of hiding
 -- rows from the baseline, and its expression (the table owner's code) never runs with the rights
 -- of the caller, the schema's owner
