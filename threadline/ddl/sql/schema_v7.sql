@@ -1637,7 +1637,7 @@ BEGIN
                || CASE WHEN (cardinality(json_exposed) > 0 OR safe_lateral <> '') AND @audit@.prints_dates(rel)
                        THEN ' SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres''' ELSE '' END
                || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END
-               || CASE WHEN NOT typed OR @audit@.prints_bytes(rel) THEN ' SET bytea_output = ''hex''' ELSE '' END,
+               || CASE WHEN @audit@.prints_bytes(rel) THEN ' SET bytea_output = ''hex''' ELSE '' END,
                tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
