@@ -87,6 +87,22 @@ def test_the_first_action_of_a_transaction_is_the_linked_one(conn: Conn, posts: 
     assert names == ["a", "b"]
 
 
+def test_actions_of_one_transaction_page_through_after_the_last_id(conn: Conn) -> None:
+    with threadline.transaction(conn):  # one transaction: every action has the same inserted_at
+        ids = [threadline.record_action(conn, f"bulk.{i}").id for i in range(5)]
+    seen: list[int] = []
+    after = None
+    while page := threadline.list_actions(conn, limit=2, after=after):
+        seen += [a.id for a in page]
+        after = page[-1].id
+    assert seen == ids
+    with pytest.raises(InvalidFilter, match="there is no action"):
+        threadline.list_actions(conn, after=max(ids) + 1000)
+    for bad in (0, -1, True, "3"):
+        with pytest.raises(InvalidFilter, match="after must be the id of an action"):
+            threadline.list_actions(conn, after=bad)  # type: ignore[arg-type]
+
+
 def test_an_action_without_audited_writes_keeps_its_transaction_context(conn: Conn, posts: str) -> None:
     with threadline.context(actor="user:5", correlation_id="c-5", origin="web"), threadline.transaction(conn):
         action = threadline.record_action(conn, "report.view")

@@ -210,9 +210,11 @@ def test_actions_list(story: Story) -> None:
     # a list cut by its limit says so, and where the next page starts
     cut = run("actions", "--correlation-id", "req-1", "--limit", "1", "--dsn", story.dsn)
     assert cut.returncode == 0 and len(cut.stdout.splitlines()) == 2, cut.stdout
-    since = cut.stderr.split("--since ")[1].split(",")[0]
-    rest = ok("actions", "--correlation-id", "req-1", "--since", since, "--dsn", story.dsn)
+    after = cut.stderr.split("--after ")[1].split(",")[0]
+    rest = ok("actions", "--correlation-id", "req-1", "--after", after, "--dsn", story.dsn)
     assert [line.split()[2] for line in rest.splitlines()[1:]] == ["sync.start"]
+    gone = run("actions", "--after", str(2**62), "--dsn", story.dsn)
+    assert gone.returncode == 2 and f"there is no action {2**62}" in gone.stderr, gone
     assert "more actions" not in run("actions", "--correlation-id", "req-1", "--dsn", story.dsn).stderr
 
 

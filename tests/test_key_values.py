@@ -133,8 +133,9 @@ def test_bytea_and_interval_keys_are_one_key_whatever_their_writers_print(
     conn: psycopg.Connection[Any], typed: bool
 ) -> None:
     # bytea_output and IntervalStyle change how such a key prints: without a setting of its own
-    # the capture code would record one row under as many keys as its writers had settings
-    conn.execute("CREATE TABLE app.blobs (k bytea PRIMARY KEY, v text)")
+    # the capture code would record one row under as many keys as its writers had settings (and
+    # images of a bytea column that differ where the bytes do not)
+    conn.execute("CREATE TABLE app.blobs (k bytea PRIMARY KEY, v text, b bytea)")
     conn.execute("CREATE TABLE app.spans (k interval PRIMARY KEY, v text)")
     threadline.ddl.track(conn, "app.blobs")
     threadline.ddl.track(conn, "app.spans")
@@ -142,7 +143,7 @@ def test_bytea_and_interval_keys_are_one_key_whatever_their_writers_print(
         conn.execute("SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables")
     _write(
         conn,
-        "INSERT INTO app.blobs VALUES ('\\x41ff', 'a')",
+        "INSERT INTO app.blobs VALUES ('\\x41ff', 'a', 'ab')",
         "INSERT INTO app.spans VALUES ('1 day 2 hours', 'a')",
     )
     for output, style, v in (("escape", "iso_8601", "b"), ("hex", "sql_standard", "c")):
@@ -157,11 +158,18 @@ def test_bytea_and_interval_keys_are_one_key_whatever_their_writers_print(
         "SELECT table_name, array_agg(DISTINCT pk::text) FROM threadline.changes GROUP BY 1 ORDER BY 1"
     )
     assert keys.fetchall() == [("blobs", ['{"k": "\\\\x41ff"}']), ("spans", ['{"k": "1 day 02:00:00"}'])]
-    assert [c.after["v"] for c in threadline.history(conn, "app.blobs", "\\x41ff")] == ["c", "b", "a"]
+    found = threadline.history(conn, "app.blobs", "\\x41ff")
+    assert [(c.after["v"], c.after["b"]) for c in found] == [
+        ("c", "\\x6162"),
+        ("b", "\\x6162"),
+        ("a", "\\x6162"),
+    ]
     assert [c.after["v"] for c in threadline.history(conn, "app.spans", "1 day 02:00:00")] == ["c", "b", "a"]
     conn.execute("SET bytea_output = 'escape'")
     threadline.take_baseline(conn, "app.blobs")
     conn.execute("RESET bytea_output")
+    snapshot = threadline.history(conn, "app.blobs", "\\x41ff")[0]
+    assert snapshot.after is not None and snapshot.after["b"] == "\\x6162"
     assert [c.op for c in threadline.history(conn, "app.blobs", "\\x41ff")] == [
         "snapshot",
         "update",

@@ -249,6 +249,12 @@ def _nesting(depth: int) -> Iterator[None]:
 )
 @click.option("--until", metavar="WHEN", callback=when_option_value, help="Recorded before (2h, ISO time).")
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100, show_default=True)
+@click.option(
+    "--after",
+    type=click.IntRange(1, 2**63 - 1),
+    metavar="ID",
+    help="Start after the action of this id (the last one of the previous page).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @dsn_option
 @audit_schema_option
@@ -259,6 +265,7 @@ def actions(
     since: datetime | None,
     until: datetime | None,
     limit: int,
+    after: int | None,
     as_json: bool,
     dsn: str | None,
     audit_schema: str,
@@ -274,9 +281,9 @@ def actions(
             until=until,
             limit=min(limit + 1, MAX_LIMIT),  # one more: to tell whether the list was cut
             audit_schema=audit_schema,
+            after=after,
         )
     cut = len(found) > limit or len(found) == MAX_LIMIT
-    resume = found[limit] if len(found) > limit else found[-1] if found else None
     found = found[:limit]
     if as_json:
         _echo_json([a.to_dict() for a in found])
@@ -284,10 +291,10 @@ def actions(
         echo("no actions match these filters")
     else:
         _echo_actions(found)
-    if cut and resume is not None:  # oldest first: the newest are the ones left out
+    if cut and found:  # oldest first: the newest are the ones left out
         echo(
             f"more actions match (the first {limit} shown, oldest first): next page with"
-            f" --since {resume.inserted_at.isoformat()}, or narrow the filters",
+            f" --after {found[-1].id}, or narrow the filters",
             err=True,
         )
 

@@ -228,6 +228,7 @@ def _list_plan(
     until: datetime | None,
     limit: int,
     audit_schema: str,
+    after: int | None = None,
 ) -> Plan[list[Action]]:
     try:
         audit = sql.Identifier(check_schema_name(audit_schema))
@@ -260,6 +261,16 @@ def _list_plan(
     if until is not None:
         params["until"] = until
         conds.append(sql.SQL("inserted_at < %(until)s"))
+    if after is not None:
+        if isinstance(after, bool) or not isinstance(after, int) or not 1 <= after < 2**63:
+            raise InvalidFilter(f"after must be the id of an action (a positive integer), got {after!r}")
+        found = yield Query(
+            sql.SQL("SELECT inserted_at FROM {}.actions WHERE id = %(id)s").format(audit), {"id": after}
+        )
+        if not found:
+            raise InvalidFilter(f"after: there is no action {after} (purged since?): start again with since=")
+        params.update(after_at=found[0]["inserted_at"], after_id=after)
+        conds.append(sql.SQL("(inserted_at, id) > (%(after_at)s, %(after_id)s)"))
     where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
     rows = yield Query(
         sql.SQL("SELECT " + _COLUMNS + " FROM {}.actions").format(audit)
@@ -280,10 +291,15 @@ def list_actions(
     until: datetime | None = None,
     limit: int = 100,
     audit_schema: str = DEFAULT_SCHEMA,
+    after: int | None = None,
 ) -> list[Action]:
     """Recorded actions, oldest first, filtered like :func:`threadline.timeline`:
-    "which refunds did admin:7 issue this week?"."""
-    return run(conn, _list_plan(correlation_id, actor, name, since, until, limit, audit_schema))
+    "which refunds did admin:7 issue this week?".
+
+    ``after``: the id of the last action of the previous page; the page starts after it (in
+    ``inserted_at``, then id, order), so actions recorded in one transaction, which share their
+    time, page through as well. :class:`InvalidFilter` when no action has that id."""
+    return run(conn, _list_plan(correlation_id, actor, name, since, until, limit, audit_schema, after))
 
 
 async def list_actions_async(
@@ -296,6 +312,9 @@ async def list_actions_async(
     until: datetime | None = None,
     limit: int = 100,
     audit_schema: str = DEFAULT_SCHEMA,
+    after: int | None = None,
 ) -> list[Action]:
     """Async twin of :func:`list_actions`."""
-    return await run_async(conn, _list_plan(correlation_id, actor, name, since, until, limit, audit_schema))
+    return await run_async(
+        conn, _list_plan(correlation_id, actor, name, since, until, limit, audit_schema, after)
+    )

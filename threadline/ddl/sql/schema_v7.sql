@@ -922,6 +922,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                                                'timestamp'::regtype, 'timestamptz'::regtype, 'interval'::regtype))
 $fn$;
 
+-- True when a column holds a bytea (itself, or in a type that holds one): its text follows the
+-- session's bytea_output (hex, or escape, which prints the same bytes otherwise), so one row's
+-- key and images would depend on the writer's setting. Capture code of such a table writes hex.
+CREATE OR REPLACE FUNCTION @audit@.prints_bytes(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k WHERE k.t = 'bytea'::regtype)
+$fn$;
+
 -- Whether any of a table's key columns holds a value whose text depends on the session's time
 -- zone (a timestamptz, or a type holding one): capture code then writes the table's values in
 -- UTC, so that one row keeps one key whichever zone its writers set.
@@ -933,9 +941,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 $fn$;
 
 -- Whether any of a table's key columns holds a value of one of the types (or a type holding one):
--- a bytea prints as the session's bytea_output says (hex or escape), an interval as its
--- IntervalStyle says, so capture code of a table keyed by one sets them for itself, and one row
--- keeps one key whatever its writers set.
+-- an interval prints as the session's IntervalStyle says, so capture code of a table keyed by one
+-- sets it for itself, and one row keeps one key whatever its writers set.
 CREATE OR REPLACE FUNCTION @audit@.keys_hold(rel regclass, keys text[], types regtype[]) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT EXISTS (SELECT FROM @audit@.column_types(rel) AS k
@@ -1674,8 +1681,7 @@ BEGIN
                        WHEN @audit@.keys_hold(rel, key_columns, ARRAY['interval'::regtype])
                        THEN ' SET IntervalStyle = ''postgres''' ELSE '' END
                || CASE WHEN @audit@.keys_follow_timezone(rel, key_columns) THEN ' SET TimeZone = ''UTC''' ELSE '' END
-               || CASE WHEN @audit@.keys_hold(rel, key_columns, ARRAY['bytea'::regtype])
-                       THEN ' SET bytea_output = ''hex''' ELSE '' END,
+               || CASE WHEN @audit@.prints_bytes(rel) THEN ' SET bytea_output = ''hex''' ELSE '' END,
                tag, body, tag),
         format('COMMENT ON FUNCTION %I.%I() IS %L', audit, fn,
                format('threadline capture code, generated from %I.tracked_tables', audit)),
