@@ -49,11 +49,17 @@ def celery_app(fw_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         worker.stop()
 
 
-def test_flask_recipe(celery_app: Any, fw_dsn: str) -> None:
-    engine = create_engine(sa_url(fw_dsn))
+def _flask_app(dsn: str) -> tuple[Any, Flask]:
+    """A SQLAlchemy engine with the bridge installed, and a Flask app behind the WSGI middleware."""
+    engine = create_engine(sa_url(dsn))
     tl_sqlalchemy.install(engine)
     app = Flask(__name__)
     app.wsgi_app = WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    return engine, app
+
+
+def test_flask_recipe(celery_app: Any, fw_dsn: str) -> None:
+    engine, app = _flask_app(fw_dsn)
 
     @app.before_request
     def authenticate() -> None:
@@ -81,10 +87,7 @@ def test_flask_recipe(celery_app: Any, fw_dsn: str) -> None:
 def test_flask_close_callbacks_keep_the_bound_actor(fw_dsn: str) -> None:
     # served over real HTTP: the server exhausts the body, then closes it, which runs Flask's
     # call_on_close callbacks; a write there is the request's, by the actor bound in before_request
-    engine = create_engine(sa_url(fw_dsn))
-    tl_sqlalchemy.install(engine)
-    app = Flask(__name__)
-    app.wsgi_app = WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    engine, app = _flask_app(fw_dsn)
 
     @app.before_request
     def authenticate() -> None:

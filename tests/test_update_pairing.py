@@ -165,6 +165,16 @@ def _logged_plans(conn: psycopg.Connection[Any]) -> list[str]:
     return plans
 
 
+def _track_as(conn: psycopg.Connection[Any], table: str, shape: str) -> None:
+    """Track ``table`` with capture code of ``shape``: typed or drift-safe, ``secret`` masked or not."""
+    ddl.track(conn, table, mask=["secret"] if shape.endswith("_masked") else None)
+    if shape.startswith("drift_safe"):
+        conn.execute(
+            "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
+            [table],
+        )
+
+
 @pytest.mark.parametrize("shape", ["typed", "typed_masked", "drift_safe", "drift_safe_masked"])
 def test_a_bulk_update_after_single_row_ones_is_paired_without_a_nested_loop(
     server: tuple[str, int], shape: str
@@ -181,12 +191,7 @@ def test_a_bulk_update_after_single_row_ones_is_paired_without_a_nested_loop(
                 " INSERT INTO {t} SELECT g, 'row-' || g, 's' || g, g FROM generate_series(1, 3000) g"
             ).format(t=sql.Identifier(table))
         )
-        ddl.track(setup, table, mask=["secret"] if shape.endswith("_masked") else None)
-        if shape.startswith("drift_safe"):
-            setup.execute(
-                "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
-                [table],
-            )
+        _track_as(setup, table, shape)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for i in range(1, 8):  # enough runs for PostgreSQL to settle on one plan per statement
             conn.execute(
@@ -244,12 +249,7 @@ def test_a_moved_row_whose_insert_a_partition_trigger_skips_is_recorded_as_delet
                 f=sql.Identifier(f"{table}_skip"),
             )
         )
-        ddl.track(conn, table, mask=["secret"] if shape.endswith("_masked") else None)
-        if shape.startswith("drift_safe"):
-            conn.execute(
-                "SELECT threadline.regenerate(id, false) FROM threadline.tracked_tables WHERE table_name = %s",
-                [table],
-            )
+        _track_as(conn, table, shape)
         conn.execute("DELETE FROM threadline.changes WHERE table_name = %s", [table])
         conn.execute(sql.SQL("UPDATE {} SET r = r + 10 WHERE id <= 3").format(sql.Identifier(table)))
         conn.execute(sql.SQL("UPDATE {} SET r = r + 10 WHERE id = 5").format(sql.Identifier(table)))
