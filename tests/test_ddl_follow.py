@@ -156,8 +156,12 @@ def test_without_event_triggers_a_parent_gaining_a_childs_masked_column_masks_it
 def test_a_refresh_of_the_schema_while_writers_write_fails_no_write(dsn: str, conn: Any) -> None:
     import threading
 
+    # another tracked table comes first in the refresh's lock order: the written ones are taken
+    # after it, between two of the writers' transactions
+    conn.execute("CREATE TABLE app.w0 (id int PRIMARY KEY)")
     conn.execute("CREATE TABLE app.wa (id serial PRIMARY KEY, v int)")
     conn.execute("CREATE TABLE app.wb (id serial PRIMARY KEY, v int)")
+    ddl.track(conn, "app.w0")
     ddl.track(conn, "app.wa")
     ddl.track(conn, "app.wb")
     stop = threading.Event()
@@ -214,8 +218,9 @@ def test_a_refresh_never_makes_a_writer_holding_a_tracked_table_a_deadlock_victi
     conn.execute("UPDATE threadline.tracked_tables SET fingerprint = 'another build'")
     refreshed: list[Any] = []
     with psycopg.connect(dsn, autocommit=True) as installer, psycopg.connect(dsn) as writer:
-        # the writer checks for a deadlock first, so that it would be the one cancelled
-        writer.execute("SET deadlock_timeout = '20ms'")
+        # the writer checks for a deadlock first, so that it would be the one cancelled (after
+        # the refresh's brief waits, which are shorter than half the refresh's own delay)
+        writer.execute("SET deadlock_timeout = '200ms'")
         installer.execute("SET deadlock_timeout = '2s'")
         # the writer holds the table as between its row write and its capture's insert
         writer.execute("LOCK TABLE app.da IN ROW EXCLUSIVE MODE")

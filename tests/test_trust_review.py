@@ -261,4 +261,4 @@ def test_cli_erase_reports_a_bad_subject_or_table(
 
 def test_cli_as_of_reports_an_unknown_table(conn: psycopg.Connection[Any], dsn: str) -> None:
     res = run("as-of", "app.nothing", "--at", "1h", "--dsn", dsn)
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "nothing" in res.stderr, res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "nothing" in res.stderr, res.stderr

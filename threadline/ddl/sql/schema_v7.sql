@@ -5,14 +5,19 @@ CREATE SCHEMA IF NOT EXISTS @audit@;
 -- tracked table, which locks each table. A writer holds its table and then writes the audit
 -- tables: taking the audit tables first would make a deadlock whose victim may be the writer. So
 -- every table with capture code of this schema is locked first: the first lock waits (holding
--- nothing), the others are taken only if free, else the script stops with lock_not_available
--- and install() tries again (writers never wait for a lock held here while this waits). Only
--- triggers that call a function of this schema count: any role that may create a table could
--- otherwise hold every upgrade back with a trigger of that name on a table it keeps locked.
+-- nothing); each of the others waits briefly, less than half the deadlock check's delay, so that
+-- the wait ends before a writer waiting for a lock held here is checked for a deadlock (a
+-- writer's transaction is short: a brief wait finds the table free between two of them, where
+-- taking it only if free at once kept failing under steady writes). When a brief wait runs out
+-- the script stops with lock_not_available and install() tries again. Only triggers that call a
+-- function of this schema count: any role that may create a table could otherwise hold every
+-- upgrade back with a trigger of that name on a table it keeps locked.
 DO $tracked_first$
 DECLARE
     r record;
     first boolean := true;
+    wait_for text := current_setting('lock_timeout');
+    brief integer := greatest(1, least(50, (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 500)::integer));
 BEGIN
     FOR r IN
         SELECT DISTINCT tg.tgrelid FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
@@ -21,10 +26,13 @@ BEGIN
            AND pn.nspname = '@audit_name@'
          ORDER BY tg.tgrelid
     LOOP
-        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE%s', r.tgrelid::regclass,
-                       CASE WHEN first THEN '' ELSE ' NOWAIT' END);
-        first := false;
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', r.tgrelid::regclass);
+        IF first THEN
+            PERFORM set_config('lock_timeout', brief || 'ms', true);
+            first := false;
+        END IF;
     END LOOP;
+    PERFORM set_config('lock_timeout', wait_for, true);
 END
 $tracked_first$;
 
